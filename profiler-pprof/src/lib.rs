@@ -1,0 +1,1 @@
+//! pprof (profile.proto) types and codecs shared by the agent and the server.
