@@ -1,1 +1,132 @@
-fn main() {}
+//! `profiler-agent`: eBPF continuous profiler agent.
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+use clap::{Args, Parser, Subcommand};
+use profiler_agent::{
+    record::{DEFAULT_OFF_CPU_BUDGET, RecordOptions, record},
+    sample::{OffCpuOptions, SamplerOptions},
+};
+
+/// eBPF profiler agent: samples on-CPU stacks (cpu-clock perf events) and off-CPU waits
+/// (sched_switch) of every process on this host, with very low overhead. Needs root.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Profile for a fixed time, then write folded stacks and/or an SVG flame graph.
+    ///
+    /// Folded lines are `process;user frames...;kernel frames_[k] count`, root first.
+    /// With --off-cpu, every stack starts with its kind (`[on-cpu]`, `[off-cpu:sleep]`, ...)
+    /// and values are nanoseconds (on-CPU samples × sampling period).
+    Record(RecordArgs),
+}
+
+#[derive(Args)]
+struct RecordArgs {
+    /// How long to record, e.g. `10s`, `2m`.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// On-CPU sampling frequency per CPU, in Hz (a prime-ish value such as 99 avoids
+    /// lock-step with periodic work).
+    #[arg(long, short = 'F', default_value_t = 99)]
+    frequency: u64,
+    /// Only profile this process id (filtered in the kernel).
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Only keep processes or threads with this name (comm).
+    #[arg(long)]
+    comm: Option<String>,
+    /// Write folded stacks here.
+    #[arg(long, short = 'o')]
+    output: Option<PathBuf>,
+    /// Write an SVG flame graph here.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+    /// Write counters (samples, losses, effective sampling) as JSON here.
+    #[arg(long)]
+    stats: Option<PathBuf>,
+    /// Also record off-CPU time: where threads wait, and why.
+    #[arg(long)]
+    off_cpu: bool,
+    /// Ignore off-CPU waits shorter than this.
+    #[arg(long, default_value = "1ms", value_parser = humantime::parse_duration)]
+    off_cpu_min_block: Duration,
+    /// Highest share of context switches to record (1 = all); rate control may lower it.
+    #[arg(long, default_value_t = 1.0)]
+    off_cpu_sampling: f64,
+    /// Recorded context switches per second that rate control stays under.
+    #[arg(long, default_value_t = DEFAULT_OFF_CPU_BUDGET)]
+    off_cpu_budget: u64,
+    /// How often the kernel maps are drained.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    window: Duration,
+    /// Distinct (thread, stack) entries per window before samples are counted as lost.
+    #[arg(long, default_value_t = SamplerOptions::default().max_stack_keys)]
+    max_stack_keys: u32,
+    /// Distinct stacks per window before stacks are counted as lost.
+    #[arg(long, default_value_t = SamplerOptions::default().max_stacks)]
+    max_stacks: u32,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Record(args) => run_record(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_record(args: RecordArgs) -> anyhow::Result<()> {
+    if args.output.is_none() && args.svg.is_none() && args.stats.is_none() {
+        anyhow::bail!("nothing to write: pass --output, --svg and/or --stats");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    let options = RecordOptions {
+        duration: args.duration,
+        window: args.window.max(Duration::from_millis(100)),
+        sampler: SamplerOptions {
+            frequency_hz: args.frequency,
+            pid: args.pid,
+            off_cpu: args.off_cpu.then(|| OffCpuOptions {
+                min_block: args.off_cpu_min_block,
+                sample_probability: args.off_cpu_sampling,
+            }),
+            max_stack_keys: args.max_stack_keys,
+            max_stacks: args.max_stacks,
+            ..SamplerOptions::default()
+        },
+        comm: args.comm,
+        folded: args.output,
+        svg: args.svg,
+        stats: args.stats,
+        off_cpu_budget: args.off_cpu_budget,
+    };
+    record(&options, stop)?;
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! The profiler agent as a library: one module per pipeline stage
+//! (sample -> symbolize -> aggregate -> render), driven by [`record`].
+
+pub mod aggregate;
+pub mod classify;
+pub mod process;
+pub mod record;
+pub mod render;
+pub mod sample;
+pub mod symbolize;

@@ -1,0 +1,264 @@
+//! What the symbolizer needs from a process, captured while it is alive: its name and
+//! its executable mappings, with an open handle on each mapped file. A process that
+//! exits before its samples are symbolized is resolved from this snapshot; files that
+//! were deleted or live in another mount namespace stay readable through the handle.
+
+use std::{
+    collections::HashMap,
+    fs::{self, File},
+    os::unix::fs::MetadataExt as _,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+/// One executable, file-backed mapping.
+#[derive(Clone, Debug)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    pub file_offset: u64,
+    pub file: Arc<MappedFile>,
+}
+
+/// A mapped binary, identified by device and inode so each is opened and parsed once.
+#[derive(Debug)]
+pub struct MappedFile {
+    /// `/proc/self/fd/N` of our open handle: stable for as long as we hold it.
+    pub handle_path: PathBuf,
+    /// File name as the process mapped it, for `[unknown]` frames.
+    pub name: String,
+    _handle: File,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProcessInfo {
+    pub name: String,
+    pub mappings: Arc<[Mapping]>,
+    pub last_seen: Instant,
+    pub alive: bool,
+}
+
+impl ProcessInfo {
+    pub fn mapping_for(&self, addr: u64) -> Option<&Mapping> {
+        let index = self.mappings.partition_point(|m| m.start <= addr);
+        let mapping = self.mappings.get(index.checked_sub(1)?)?;
+        (addr < mapping.end).then_some(mapping)
+    }
+}
+
+/// Bounded cache of process snapshots, shared by the watcher and the symbolizer.
+#[derive(Clone, Default)]
+pub struct ProcessTable {
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    processes: HashMap<u32, ProcessInfo>,
+    files: HashMap<(u64, u64), Arc<MappedFile>>,
+    hits: u64,
+    misses: u64,
+}
+
+/// Snapshots of exited processes are kept this long after death, so the window they died
+/// in can still be symbolized.
+const DEAD_PROCESS_TTL: Duration = Duration::from_secs(120);
+/// Hard bound on tracked processes; the oldest dead ones go first.
+const MAX_PROCESSES: usize = 8192;
+
+impl ProcessTable {
+    /// Snapshots every process not seen before; refreshes none. Meant to run often.
+    pub fn discover(&self) {
+        let Ok(dir) = fs::read_dir("/proc") else { return };
+        let pids: Vec<u32> = dir
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        let known: Vec<u32> = {
+            let inner = self.inner.lock().unwrap();
+            pids.iter().copied().filter(|pid| !inner.processes.contains_key(pid)).collect()
+        };
+        for pid in known {
+            self.refresh(pid);
+        }
+    }
+
+    /// Re-reads a live process (its mappings may have changed: dlopen, exec); keeps the
+    /// old snapshot and marks it dead when the process is gone.
+    pub fn refresh(&self, pid: u32) {
+        let snapshot = read_process(pid, &self.inner);
+        let mut inner = self.inner.lock().unwrap();
+        match snapshot {
+            Some(info) => {
+                inner.processes.insert(pid, info);
+            }
+            None => {
+                if let Some(info) = inner.processes.get_mut(&pid) {
+                    info.alive = false;
+                }
+            }
+        }
+    }
+
+    pub fn get(&self, pid: u32) -> Option<ProcessInfo> {
+        let mut inner = self.inner.lock().unwrap();
+        let found = inner.processes.get(&pid).cloned();
+        if found.is_some() {
+            inner.hits += 1;
+        } else {
+            inner.misses += 1;
+        }
+        found
+    }
+
+    /// (hits, misses) of snapshot look-ups.
+    pub fn cache_stats(&self) -> (u64, u64) {
+        let inner = self.inner.lock().unwrap();
+        (inner.hits, inner.misses)
+    }
+
+    /// Drops snapshots of processes dead for a while and files no snapshot maps any more.
+    pub fn evict(&self) {
+        let mut inner = self.inner.lock().unwrap();
+        let now = Instant::now();
+        for (pid, info) in inner.processes.iter_mut() {
+            if info.alive && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                info.alive = false;
+                info.last_seen = now;
+            }
+        }
+        inner
+            .processes
+            .retain(|_, info| info.alive || now.duration_since(info.last_seen) < DEAD_PROCESS_TTL);
+        if inner.processes.len() > MAX_PROCESSES {
+            let mut by_age: Vec<(Instant, u32)> =
+                inner.processes.iter().map(|(pid, info)| (info.last_seen, *pid)).collect();
+            by_age.sort();
+            let excess = inner.processes.len() - MAX_PROCESSES;
+            for (_, pid) in by_age.into_iter().take(excess) {
+                inner.processes.remove(&pid);
+            }
+        }
+        // A file is in use while some snapshot holds it besides this table.
+        inner.files.retain(|_, file| Arc::strong_count(file) > 1);
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap().processes.len()
+    }
+}
+
+fn read_process(pid: u32, inner: &Mutex<Inner>) -> Option<ProcessInfo> {
+    let name = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?.trim_end().to_string();
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let mut mappings = Vec::new();
+    for line in maps.lines() {
+        let Some(parsed) = parse_maps_line(line) else { continue };
+        let file = {
+            let existing = inner.lock().unwrap().files.get(&(parsed.dev, parsed.inode)).cloned();
+            match existing {
+                Some(file) => file,
+                None => {
+                    let Some(file) = open_mapped_file(pid, &parsed) else { continue };
+                    let file = Arc::new(file);
+                    inner.lock().unwrap().files.insert((parsed.dev, parsed.inode), file.clone());
+                    file
+                }
+            }
+        };
+        mappings.push(Mapping {
+            start: parsed.start,
+            end: parsed.end,
+            file_offset: parsed.offset,
+            file,
+        });
+    }
+    mappings.sort_by_key(|m| m.start);
+    Some(ProcessInfo { name, mappings: mappings.into(), last_seen: Instant::now(), alive: true })
+}
+
+struct MapsLine<'a> {
+    start: u64,
+    end: u64,
+    offset: u64,
+    dev: u64,
+    inode: u64,
+    path: &'a str,
+}
+
+/// Parses an executable, file-backed line of /proc/PID/maps.
+fn parse_maps_line(line: &str) -> Option<MapsLine<'_>> {
+    let mut fields = line.splitn(6, ' ');
+    let range = fields.next()?;
+    let perms = fields.next()?;
+    let offset = fields.next()?;
+    let dev = fields.next()?;
+    let inode: u64 = fields.next()?.parse().ok()?;
+    let path = fields.next().unwrap_or("").trim_start();
+    if !perms.contains('x') || inode == 0 || !path.starts_with('/') {
+        return None;
+    }
+    let (start, end) = range.split_once('-')?;
+    let (major, minor) = dev.split_once(':')?;
+    Some(MapsLine {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        offset: u64::from_str_radix(offset, 16).ok()?,
+        dev: (u64::from_str_radix(major, 16).ok()? << 32) | u64::from_str_radix(minor, 16).ok()?,
+        inode,
+        path,
+    })
+}
+
+/// Opens the mapped file through `map_files`, which works for deleted files and other
+/// mount namespaces, falling back to the path seen from the process's root.
+fn open_mapped_file(pid: u32, line: &MapsLine<'_>) -> Option<MappedFile> {
+    let via_map_files = format!("/proc/{pid}/map_files/{:x}-{:x}", line.start, line.end);
+    let via_root = format!("/proc/{pid}/root{}", line.path.trim_end_matches(" (deleted)"));
+    let handle = File::open(&via_map_files).or_else(|_| File::open(&via_root)).ok()?;
+    let meta = handle.metadata().ok()?;
+    if meta.ino() != line.inode {
+        return None;
+    }
+    let name = line
+        .path
+        .trim_end_matches(" (deleted)")
+        .rsplit('/')
+        .next()
+        .unwrap_or(line.path)
+        .to_string();
+    Some(MappedFile {
+        handle_path: PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&handle))),
+        name,
+        _handle: handle,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_executable_file_mappings_only() {
+        let exec = "55d4c2a00000-55d4c2a21000 r-xp 00002000 fd:01 1835041                    /usr/bin/cat";
+        let parsed = parse_maps_line(exec).unwrap();
+        assert_eq!(parsed.start, 0x55d4c2a00000);
+        assert_eq!(parsed.end, 0x55d4c2a21000);
+        assert_eq!(parsed.offset, 0x2000);
+        assert_eq!(parsed.dev, (0xfd << 32) | 1);
+        assert_eq!(parsed.path, "/usr/bin/cat");
+        assert!(parse_maps_line("7ffd1000-7ffd2000 r-xp 00000000 00:00 0   [vdso]").is_none());
+        assert!(parse_maps_line("55d4c2a00000-55d4c2a21000 r--p 00000000 fd:01 1835041   /usr/bin/cat").is_none());
+    }
+
+    #[test]
+    fn snapshot_of_self_resolves_own_code() {
+        let table = ProcessTable::default();
+        let pid = std::process::id();
+        table.refresh(pid);
+        let info = table.get(pid).expect("own process snapshot");
+        let addr = snapshot_of_self_resolves_own_code as usize as u64;
+        let mapping = info.mapping_for(addr).expect("own code is mapped");
+        assert!(mapping.file.handle_path.exists());
+    }
+}

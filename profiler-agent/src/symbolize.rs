@@ -1,0 +1,259 @@
+//! Symbolize stage: turns address stacks into frame names.
+//!
+//! blazesym's `Symbolizer` is `!Send`, so it lives on a thread of its own and windows are
+//! handed to it over a channel. It caches parsed binaries by path; on top of that, frame
+//! names are cached per (binary, file offset) and kernel address.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, mpsc},
+    thread,
+};
+
+use anyhow::anyhow;
+use blazesym::symbolize::{
+    Input, Symbolized, Symbolizer as Blazesym,
+    source::{Elf, Kernel, Source},
+};
+use profiler_common::StackKey;
+
+use crate::{
+    process::{ProcessInfo, ProcessTable},
+    sample::{RawSample, RawValue},
+};
+
+/// A sample with its stack as frame names, root first: user frames (outermost first)
+/// and then kernel frames, suffixed `_[k]`.
+#[derive(Clone, Debug)]
+pub struct SymbolizedSample {
+    pub key: StackKey,
+    pub process: String,
+    pub user_frames: Vec<Arc<str>>,
+    pub kernel_frames: Vec<Arc<str>>,
+    pub value: RawValue,
+}
+
+pub const UNKNOWN: &str = "[unknown]";
+pub const KERNEL_SUFFIX: &str = "_[k]";
+
+/// Entries of the frame-name caches before they are reset; bounds agent memory.
+const MAX_CACHED_FRAMES: usize = 200_000;
+
+type Job = (Vec<RawSample>, mpsc::Sender<Vec<SymbolizedSample>>);
+
+/// Handle on the symbolizer thread. Dropping it stops the thread.
+pub struct Symbolizer {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Symbolizer {
+    pub fn spawn(processes: ProcessTable) -> anyhow::Result<Self> {
+        let (jobs, receiver) = mpsc::channel::<Job>();
+        let thread = thread::Builder::new().name("symbolizer".into()).spawn(move || {
+            let mut state = State::new(processes);
+            for (samples, reply) in receiver {
+                let _ = reply.send(state.symbolize(samples));
+            }
+        })?;
+        Ok(Self { jobs: Some(jobs), thread: Some(thread) })
+    }
+
+    pub fn symbolize(&self, samples: Vec<RawSample>) -> anyhow::Result<Vec<SymbolizedSample>> {
+        let (reply, result) = mpsc::channel();
+        self.jobs
+            .as_ref()
+            .ok_or_else(|| anyhow!("symbolizer stopped"))?
+            .send((samples, reply))
+            .map_err(|_| anyhow!("symbolizer thread died"))?;
+        result.recv().map_err(|_| anyhow!("symbolizer thread died"))
+    }
+}
+
+impl Drop for Symbolizer {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct State {
+    blazesym: Blazesym,
+    processes: ProcessTable,
+    user_names: HashMap<(PathBuf, u64), Arc<str>>,
+    kernel_names: HashMap<u64, Arc<str>>,
+    unknown: Arc<str>,
+    unknown_kernel: Arc<str>,
+}
+
+impl State {
+    fn new(processes: ProcessTable) -> Self {
+        Self {
+            blazesym: Blazesym::builder().enable_code_info(false).enable_inlined_fns(false).build(),
+            processes,
+            user_names: HashMap::new(),
+            kernel_names: HashMap::new(),
+            unknown: Arc::from(UNKNOWN),
+            unknown_kernel: Arc::from(format!("{UNKNOWN}{KERNEL_SUFFIX}")),
+        }
+    }
+
+    fn symbolize(&mut self, samples: Vec<RawSample>) -> Vec<SymbolizedSample> {
+        if self.user_names.len() + self.kernel_names.len() > MAX_CACHED_FRAMES {
+            self.user_names.clear();
+            self.kernel_names.clear();
+        }
+        // Live processes get a fresh snapshot (new libraries); dead ones keep their last.
+        let mut tgids: Vec<u32> = samples.iter().map(|s| s.key.tgid).collect();
+        tgids.sort_unstable();
+        tgids.dedup();
+        let mut snapshots = HashMap::new();
+        for tgid in tgids {
+            if let Some(info) = self.snapshot(tgid) {
+                snapshots.insert(tgid, info);
+            }
+        }
+        self.resolve_kernel(&samples);
+        self.resolve_user(&samples, &snapshots);
+
+        samples
+            .into_iter()
+            .map(|sample| {
+                let info = snapshots.get(&sample.key.tgid);
+                let process = info.map_or_else(|| comm_name(&sample.key.comm), |i| i.name.clone());
+                let user_frames = sample
+                    .user
+                    .as_deref()
+                    .map(|addrs| {
+                        addrs
+                            .iter()
+                            .enumerate()
+                            .rev()
+                            .map(|(depth, &addr)| self.user_name(info, call_site(depth, addr)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let kernel_frames = sample
+                    .kernel
+                    .as_deref()
+                    .map(|addrs| {
+                        addrs
+                            .iter()
+                            .enumerate()
+                            .rev()
+                            .map(|(depth, &addr)| {
+                                self.kernel_names
+                                    .get(&call_site(depth, addr))
+                                    .cloned()
+                                    .unwrap_or_else(|| self.unknown_kernel.clone())
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                SymbolizedSample { key: sample.key, process, user_frames, kernel_frames, value: sample.value }
+            })
+            .collect()
+    }
+
+    fn snapshot(&self, tgid: u32) -> Option<ProcessInfo> {
+        self.processes.refresh(tgid);
+        self.processes.get(tgid)
+    }
+
+    fn resolve_kernel(&mut self, samples: &[RawSample]) {
+        let mut addrs: Vec<u64> = samples
+            .iter()
+            .filter_map(|s| s.kernel.as_deref())
+            .flat_map(|addrs| addrs.iter().enumerate().map(|(depth, &addr)| call_site(depth, addr)))
+            .filter(|addr| !self.kernel_names.contains_key(addr))
+            .collect();
+        if addrs.is_empty() {
+            return;
+        }
+        addrs.sort_unstable();
+        addrs.dedup();
+        let mut kernel = Kernel::default();
+        kernel.vmlinux = blazesym::MaybeDefault::None;
+        kernel.debug_syms = false;
+        let source = Source::Kernel(kernel);
+        let names = match self.blazesym.symbolize(&source, Input::AbsAddr(&addrs)) {
+            Ok(names) => names,
+            Err(err) => {
+                tracing::warn!("kernel symbolization failed: {err}");
+                return;
+            }
+        };
+        for (addr, symbol) in addrs.into_iter().zip(names) {
+            let name = match symbol {
+                Symbolized::Sym(sym) => Arc::from(format!("{}{KERNEL_SUFFIX}", sym.name)),
+                Symbolized::Unknown(_) => self.unknown_kernel.clone(),
+            };
+            self.kernel_names.insert(addr, name);
+        }
+    }
+
+    fn resolve_user(&mut self, samples: &[RawSample], snapshots: &HashMap<u32, ProcessInfo>) {
+        // Group the file offsets still missing from the cache by binary.
+        let mut wanted: HashMap<PathBuf, Vec<u64>> = HashMap::new();
+        for sample in samples {
+            let (Some(addrs), Some(info)) = (sample.user.as_deref(), snapshots.get(&sample.key.tgid)) else {
+                continue;
+            };
+            for (depth, &addr) in addrs.iter().enumerate() {
+                let addr = call_site(depth, addr);
+                if let Some(mapping) = info.mapping_for(addr) {
+                    let offset = addr - mapping.start + mapping.file_offset;
+                    let path = mapping.file.handle_path.clone();
+                    if !self.user_names.contains_key(&(path.clone(), offset)) {
+                        wanted.entry(path).or_default().push(offset);
+                    }
+                }
+            }
+        }
+        for (path, mut offsets) in wanted {
+            offsets.sort_unstable();
+            offsets.dedup();
+            let mut elf = Elf::new(&path);
+            elf.debug_syms = false;
+            let source = Source::Elf(elf);
+            let names = match self.blazesym.symbolize(&source, Input::FileOffset(&offsets)) {
+                Ok(names) => names,
+                Err(err) => {
+                    tracing::debug!("symbolizing {}: {err}", path.display());
+                    Vec::new()
+                }
+            };
+            let mut names = names.into_iter();
+            for offset in offsets {
+                if let Some(Symbolized::Sym(sym)) = names.next() {
+                    self.user_names.insert((path.clone(), offset), Arc::from(sym.name.as_ref()));
+                }
+            }
+        }
+    }
+
+    fn user_name(&self, info: Option<&ProcessInfo>, addr: u64) -> Arc<str> {
+        let Some(mapping) = info.and_then(|info| info.mapping_for(addr)) else {
+            return self.unknown.clone();
+        };
+        let offset = addr - mapping.start + mapping.file_offset;
+        match self.user_names.get(&(mapping.file.handle_path.clone(), offset)) {
+            Some(name) => name.clone(),
+            None => Arc::from(format!("{UNKNOWN} ({})", mapping.file.name)),
+        }
+    }
+}
+
+/// Return addresses point after the call; look up the call instruction instead, except
+/// for the leaf, which is the interrupted instruction itself.
+fn call_site(depth: usize, addr: u64) -> u64 {
+    if depth == 0 { addr } else { addr.saturating_sub(1) }
+}
+
+pub fn comm_name(comm: &[u8]) -> String {
+    let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..len]).into_owned()
+}

@@ -1,0 +1,170 @@
+//! Test workload with known hot and waiting functions. Built with frame pointers (see
+//! .cargo/config.toml) so user stacks are complete. Prints a JSON report on stdout.
+//!
+//! Modes:
+//! - `burn SECONDS`: one thread spins in `burn_cpu` (which calls `step_a`, `step_b`,
+//!   `step_c` in a 5:3:2 ratio) until it has used SECONDS of CPU time.
+//! - `mixed SECONDS [EXTRA_BURNERS]`: threads `wl-burn` (burn_cpu), `wl-sleep`
+//!   (nanosleep loop in wait_sleep) and `wl-disk` (write + fsync + read in wait_disk) for
+//!   SECONDS of wall time; EXTRA_BURNERS more spinning threads oversubscribe the CPUs.
+//! - `hash ITERATIONS THREADS`: fixed amount of hashing per thread, for overhead benchmarks.
+//!
+//! The workload waits for a line on stdin before starting when `--wait` is first, so a
+//! profiler can attach to its pid first.
+
+use std::{
+    hint::black_box,
+    io::{BufRead as _, Read as _, Seek as _, Write as _},
+    time::{Duration, Instant},
+};
+
+#[inline(never)]
+fn step(rounds: u64, seed: u64) -> u64 {
+    let mut x = seed;
+    for _ in 0..rounds {
+        x = black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407));
+        x ^= x >> 29;
+    }
+    x
+}
+
+#[inline(never)]
+fn step_a(seed: u64) -> u64 {
+    step(50_000, seed)
+}
+
+#[inline(never)]
+fn step_b(seed: u64) -> u64 {
+    step(30_000, seed)
+}
+
+#[inline(never)]
+fn step_c(seed: u64) -> u64 {
+    step(20_000, seed)
+}
+
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn process_cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Spins until `cpu` of this thread's CPU time is used or `wall` has passed.
+#[inline(never)]
+fn burn_cpu(cpu: Duration, wall: Duration) -> Duration {
+    let start_cpu = thread_cpu_time();
+    let start = Instant::now();
+    let mut x = 1u64;
+    while thread_cpu_time() - start_cpu < cpu && start.elapsed() < wall {
+        x = step_a(x);
+        x = step_b(x);
+        x = step_c(x);
+    }
+    black_box(x);
+    thread_cpu_time() - start_cpu
+}
+
+/// Sleeps in 10 ms naps until `wall` has passed; returns the time spent.
+#[inline(never)]
+fn wait_sleep(wall: Duration) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < wall {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    start.elapsed()
+}
+
+/// Synchronous writes with fsync and reads back, until `wall` has passed.
+#[inline(never)]
+fn wait_disk(wall: Duration) -> anyhow::Result<Duration> {
+    let mut file = tempfile::tempfile_in(std::env::var("WORKLOAD_DIR").unwrap_or_else(|_| "/var/tmp".into()))?;
+    let block = vec![0x5au8; 64 * 1024];
+    let mut read_back = vec![0u8; block.len()];
+    let start = Instant::now();
+    while start.elapsed() < wall {
+        file.write_all(&block)?;
+        file.sync_all()?;
+        file.seek(std::io::SeekFrom::Start(0))?;
+        file.read_exact(&mut read_back)?;
+        file.seek(std::io::SeekFrom::End(0))?;
+        if file.stream_position()? > 64 << 20 {
+            file.set_len(0)?;
+            file.seek(std::io::SeekFrom::Start(0))?;
+        }
+    }
+    Ok(start.elapsed())
+}
+
+#[inline(never)]
+fn hash_rounds(iterations: u64, seed: u64) -> u64 {
+    step(iterations, seed)
+}
+
+fn named<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    std::thread::Builder::new().name(name.into()).spawn(f).expect("spawn")
+}
+
+fn gettid() -> i64 {
+    unsafe { libc::syscall(libc::SYS_gettid) }
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--wait") {
+        args.remove(0);
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+    }
+    let arg = |i: usize, default: f64| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
+    let started = Instant::now();
+    let report = match args.first().map(String::as_str) {
+        Some("burn") => {
+            let seconds = Duration::from_secs_f64(arg(1, 3.0));
+            let burner = named("wl-burn", move || (gettid(), burn_cpu(seconds, seconds * 3)));
+            let (tid, cpu) = burner.join().expect("burner");
+            serde_json::json!({ "burn_tid": tid, "burn_cpu_s": cpu.as_secs_f64() })
+        }
+        Some("mixed") => {
+            let wall = Duration::from_secs_f64(arg(1, 5.0));
+            let extra = arg(2, 0.0) as usize;
+            let burner = named("wl-burn", move || (gettid(), burn_cpu(wall * 10, wall)));
+            let sleeper = named("wl-sleep", move || (gettid(), wait_sleep(wall)));
+            let disk = named("wl-disk", move || (gettid(), wait_disk(wall)));
+            let extras: Vec<_> = (0..extra).map(|_| named("wl-extra", move || burn_cpu(wall * 10, wall))).collect();
+            let (burn_tid, burn_cpu_time) = burner.join().expect("burner");
+            let (sleep_tid, sleep_wall) = sleeper.join().expect("sleeper");
+            let (disk_tid, disk_wall) = disk.join().expect("disk");
+            let disk_wall = disk_wall?;
+            for extra in extras {
+                extra.join().expect("extra burner");
+            }
+            serde_json::json!({
+                "burn_tid": burn_tid, "burn_cpu_s": burn_cpu_time.as_secs_f64(),
+                "sleep_tid": sleep_tid, "sleep_wall_s": sleep_wall.as_secs_f64(),
+                "disk_tid": disk_tid, "disk_wall_s": disk_wall.as_secs_f64(),
+            })
+        }
+        Some("hash") => {
+            let iterations = arg(1, 2e8) as u64;
+            let threads = arg(2, 2.0) as u64;
+            let workers: Vec<_> = (0..threads).map(|t| named("wl-hash", move || hash_rounds(iterations, t))).collect();
+            for worker in workers {
+                black_box(worker.join().expect("hasher"));
+            }
+            serde_json::json!({})
+        }
+        _ => anyhow::bail!("usage: workload [--wait] burn SECONDS | mixed SECONDS [EXTRA_BURNERS] | hash ITERATIONS THREADS"),
+    };
+    let mut report = report;
+    report["pid"] = std::process::id().into();
+    report["wall_s"] = started.elapsed().as_secs_f64().into();
+    report["process_cpu_s"] = process_cpu_time().as_secs_f64().into();
+    println!("{report}");
+    Ok(())
+}
