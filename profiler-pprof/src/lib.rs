@@ -1,1 +1,386 @@
 //! pprof (profile.proto) types and codecs shared by the agent and the server.
+//!
+//! Stacks cross this crate's API root-first (`main;work;leaf`), the way folded
+//! files and flame graphs read; pprof itself stores location ids leaf-first,
+//! so the conversion lives here and nowhere else.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+
+use prost::Message;
+
+/// Generated from `proto/profile.proto`.
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/perftools.profiles.rs"));
+}
+
+pub use proto::{Function, Label, Line, Location, Mapping, Profile, Sample, ValueType};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("gzip stream is corrupt or truncated: {0}")]
+    Gzip(std::io::Error),
+    #[error("profile decompresses to more than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("invalid protobuf: {0}")]
+    Protobuf(#[from] prost::DecodeError),
+    #[error("invalid profile: {0}")]
+    Invalid(String),
+}
+
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// Decodes a gzip-compressed (or, lacking the gzip magic, raw) profile.
+///
+/// `max_decompressed` bounds memory use against decompression bombs: reading
+/// stops one byte past the limit, so a bomb costs at most `limit` bytes.
+pub fn decode_gzip(bytes: &[u8], max_decompressed: usize) -> Result<Profile, Error> {
+    if !bytes.starts_with(&GZIP_MAGIC) {
+        if bytes.len() > max_decompressed {
+            return Err(Error::TooLarge { limit: max_decompressed });
+        }
+        return Ok(Profile::decode(bytes)?);
+    }
+    let mut out = Vec::new();
+    // MultiGzDecoder: `gzip a b > c` style concatenated members are valid gzip.
+    flate2::read::MultiGzDecoder::new(bytes)
+        .take(max_decompressed as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(Error::Gzip)?;
+    if out.len() > max_decompressed {
+        return Err(Error::TooLarge { limit: max_decompressed });
+    }
+    Ok(Profile::decode(out.as_slice())?)
+}
+
+/// Serializes and gzips a profile, as `go tool pprof` expects on disk.
+pub fn encode_gzip(profile: &Profile) -> Vec<u8> {
+    let raw = profile.encode_to_vec();
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(raw.len() / 4 + 64),
+        flate2::Compression::default(),
+    );
+    enc.write_all(&raw).expect("writing to a Vec cannot fail");
+    enc.finish().expect("writing to a Vec cannot fail")
+}
+
+/// Builds a profile from root-first stacks, deduplicating strings, functions
+/// and locations (one location per distinct function name: the builder has
+/// no addresses, so a name is the identity).
+pub struct ProfileBuilder {
+    profile: Profile,
+    strings: HashMap<String, i64>,
+    locations: HashMap<i64, u64>,
+}
+
+impl ProfileBuilder {
+    /// `sample_types` are (type, unit) pairs, one per value of each sample.
+    pub fn new(sample_types: &[(&str, &str)]) -> Self {
+        let mut b = ProfileBuilder {
+            profile: Profile::default(),
+            strings: HashMap::new(),
+            locations: HashMap::new(),
+        };
+        b.intern("");
+        for (ty, unit) in sample_types {
+            let vt = b.value_type(ty, unit);
+            b.profile.sample_type.push(vt);
+        }
+        b
+    }
+
+    /// Sets the sampling period, e.g. ("cpu", "nanoseconds", 10_000_000) for 100 Hz.
+    pub fn period(mut self, ty: &str, unit: &str, period: i64) -> Self {
+        self.profile.period_type = Some(self.value_type(ty, unit));
+        self.profile.period = period;
+        self
+    }
+
+    pub fn time(mut self, time_nanos: i64, duration_nanos: i64) -> Self {
+        self.profile.time_nanos = time_nanos;
+        self.profile.duration_nanos = duration_nanos;
+        self
+    }
+
+    /// Adds one sample; `frames` are root-first, `labels` are string labels.
+    pub fn add<S: AsRef<str>>(&mut self, frames: &[S], values: &[i64], labels: &[(&str, &str)]) {
+        let location_id = frames
+            .iter()
+            .rev()
+            .map(|f| self.location(f.as_ref()))
+            .collect();
+        let label = labels
+            .iter()
+            .map(|(k, v)| Label {
+                key: self.intern(k),
+                str: self.intern(v),
+                ..Label::default()
+            })
+            .collect();
+        self.profile.sample.push(Sample {
+            location_id,
+            value: values.to_vec(),
+            label,
+        });
+    }
+
+    pub fn build(self) -> Profile {
+        self.profile
+    }
+
+    fn intern(&mut self, s: &str) -> i64 {
+        if let Some(&i) = self.strings.get(s) {
+            return i;
+        }
+        let i = self.profile.string_table.len() as i64;
+        self.profile.string_table.push(s.to_owned());
+        self.strings.insert(s.to_owned(), i);
+        i
+    }
+
+    fn value_type(&mut self, ty: &str, unit: &str) -> ValueType {
+        ValueType {
+            r#type: self.intern(ty),
+            unit: self.intern(unit),
+        }
+    }
+
+    fn location(&mut self, name: &str) -> u64 {
+        let name = self.intern(name);
+        if let Some(&id) = self.locations.get(&name) {
+            return id;
+        }
+        // Ids are 1-based: 0 means "unset" in profile.proto.
+        let id = self.profile.function.len() as u64 + 1;
+        self.profile.function.push(Function {
+            id,
+            name,
+            system_name: name,
+            ..Function::default()
+        });
+        self.profile.location.push(Location {
+            id,
+            line: vec![Line {
+                function_id: id,
+                ..Line::default()
+            }],
+            ..Location::default()
+        });
+        self.locations.insert(name, id);
+        id
+    }
+}
+
+/// Builds a single-value profile from folded-style stacks.
+pub fn from_folded(
+    stacks: &[(Vec<String>, i64)],
+    sample_type: &str,
+    unit: &str,
+    period: i64,
+) -> Profile {
+    let mut b = ProfileBuilder::new(&[(sample_type, unit)]).period(sample_type, unit, period);
+    for (frames, value) in stacks {
+        b.add(frames, &[*value], &[]);
+    }
+    b.build()
+}
+
+/// One decoded sample, frames root-first, inlined frames expanded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackSample {
+    pub frames: Vec<String>,
+    pub values: Vec<i64>,
+    /// String labels only; numeric labels have no natural series identity.
+    pub labels: Vec<(String, String)>,
+}
+
+/// Looks up strings and locations of a profile by index, validating as it goes
+/// so hostile profiles yield errors, not panics.
+pub struct Resolver<'a> {
+    profile: &'a Profile,
+    functions: HashMap<u64, &'a Function>,
+    mappings: HashMap<u64, &'a Mapping>,
+    // Root-first frames of each location, computed once per location id.
+    locations: HashMap<u64, Vec<String>>,
+    raw_locations: HashMap<u64, &'a Location>,
+}
+
+impl<'a> Resolver<'a> {
+    pub fn new(profile: &'a Profile) -> Self {
+        Resolver {
+            profile,
+            functions: profile.function.iter().map(|f| (f.id, f)).collect(),
+            mappings: profile.mapping.iter().map(|m| (m.id, m)).collect(),
+            raw_locations: profile.location.iter().map(|l| (l.id, l)).collect(),
+            locations: HashMap::new(),
+        }
+    }
+
+    pub fn string(&self, idx: i64) -> Result<&'a str, Error> {
+        usize::try_from(idx)
+            .ok()
+            .and_then(|i| self.profile.string_table.get(i))
+            .map(String::as_str)
+            .ok_or_else(|| Error::Invalid(format!("string index {idx} out of range")))
+    }
+
+    /// (type, unit) of each sample value.
+    pub fn sample_types(&self) -> Result<Vec<(&'a str, &'a str)>, Error> {
+        self.profile
+            .sample_type
+            .iter()
+            .map(|vt| Ok((self.string(vt.r#type)?, self.string(vt.unit)?)))
+            .collect()
+    }
+
+    /// Appends the root-first frames of `sample` to `out`.
+    pub fn frames(&mut self, sample: &Sample, out: &mut Vec<String>) -> Result<(), Error> {
+        for &id in sample.location_id.iter().rev() {
+            if !self.locations.contains_key(&id) {
+                let frames = self.resolve_location(id)?;
+                self.locations.insert(id, frames);
+            }
+            out.extend(self.locations[&id].iter().cloned());
+        }
+        Ok(())
+    }
+
+    pub fn labels(&self, sample: &Sample) -> Result<Vec<(String, String)>, Error> {
+        let mut out = Vec::new();
+        for l in &sample.label {
+            if l.str != 0 {
+                out.push((self.string(l.key)?.to_owned(), self.string(l.str)?.to_owned()));
+            }
+        }
+        Ok(out)
+    }
+
+    fn resolve_location(&self, id: u64) -> Result<Vec<String>, Error> {
+        let loc = self
+            .raw_locations
+            .get(&id)
+            .ok_or_else(|| Error::Invalid(format!("sample references unknown location {id}")))?;
+        if loc.line.is_empty() {
+            // Unsymbolized: the address is the best name we have.
+            let module = self
+                .mappings
+                .get(&loc.mapping_id)
+                .map(|m| self.string(m.filename))
+                .transpose()?
+                .filter(|s| !s.is_empty());
+            return Ok(vec![match module {
+                Some(m) => format!("{m}+0x{:x}", loc.address),
+                None => format!("0x{:x}", loc.address),
+            }]);
+        }
+        // line[0] is the innermost inlined callee; reverse to get root-first.
+        loc.line
+            .iter()
+            .rev()
+            .map(|line| {
+                let f = self.functions.get(&line.function_id).ok_or_else(|| {
+                    Error::Invalid(format!("location {id} references unknown function"))
+                })?;
+                let name = self.string(f.name)?;
+                let name = if name.is_empty() { self.string(f.system_name)? } else { name };
+                Ok(if name.is_empty() { "?".to_owned() } else { name.to_owned() })
+            })
+            .collect()
+    }
+}
+
+/// Decodes every sample of a profile into root-first stacks.
+pub fn to_stacks(profile: &Profile) -> Result<Vec<StackSample>, Error> {
+    let mut r = Resolver::new(profile);
+    profile
+        .sample
+        .iter()
+        .map(|s| {
+            let mut frames = Vec::with_capacity(s.location_id.len());
+            r.frames(s, &mut frames)?;
+            Ok(StackSample {
+                frames,
+                values: s.value.clone(),
+                labels: r.labels(s)?,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stacks() -> Vec<(Vec<String>, i64)> {
+        let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        vec![
+            (s(&["main", "work", "leaf"]), 30),
+            (s(&["main", "work"]), 5),
+            (s(&["main", "idle"]), 7),
+        ]
+    }
+
+    #[test]
+    fn folded_roundtrip_through_gzip() {
+        let p = from_folded(&stacks(), "cpu", "nanoseconds", 10_000_000);
+        // main, work, leaf, idle: one function/location each.
+        assert_eq!(p.function.len(), 4);
+        assert_eq!(p.location.len(), 4);
+        let bytes = encode_gzip(&p);
+        assert_eq!(&bytes[..2], &GZIP_MAGIC);
+        let back = decode_gzip(&bytes, 1 << 20).unwrap();
+        assert_eq!(back, p);
+        let got: Vec<_> = to_stacks(&back)
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.frames, s.values[0]))
+            .collect();
+        assert_eq!(got, stacks());
+        // pprof wants the leaf first.
+        let leaf = p.sample[0].location_id[0];
+        let leaf_fn = &p.function[(leaf - 1) as usize];
+        assert_eq!(p.string_table[leaf_fn.name as usize], "leaf");
+    }
+
+    #[test]
+    fn accepts_uncompressed() {
+        let p = from_folded(&stacks(), "samples", "count", 1);
+        assert_eq!(decode_gzip(&p.encode_to_vec(), 1 << 20).unwrap(), p);
+    }
+
+    #[test]
+    fn rejects_bombs_and_garbage() {
+        let zeros = vec![0u8; 1 << 20];
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        enc.write_all(&zeros).unwrap();
+        let bomb = enc.finish().unwrap();
+        assert!(matches!(decode_gzip(&bomb, 1000), Err(Error::TooLarge { limit: 1000 })));
+
+        let good = encode_gzip(&from_folded(&stacks(), "cpu", "nanoseconds", 1));
+        assert!(matches!(decode_gzip(&good[..good.len() / 2], 1 << 20), Err(Error::Gzip(_))));
+        assert!(matches!(decode_gzip(b"\xff\xff\xff\xff", 1 << 20), Err(Error::Protobuf(_))));
+    }
+
+    #[test]
+    fn dangling_references_are_errors() {
+        let mut p = from_folded(&stacks(), "cpu", "nanoseconds", 1);
+        p.sample[0].location_id.push(999);
+        assert!(matches!(to_stacks(&p), Err(Error::Invalid(_))));
+        p.sample[0].location_id.pop();
+        p.function[0].name = 1000;
+        assert!(matches!(to_stacks(&p), Err(Error::Invalid(_))));
+    }
+
+    #[test]
+    fn inlined_lines_expand_root_first() {
+        let mut p = from_folded(&stacks(), "cpu", "nanoseconds", 1);
+        // The leaf's location now also carries "idle" as the caller it was
+        // inlined into: line[0] is the callee.
+        let leaf = p.sample[0].location_id[0];
+        let idle = p.sample[2].location_id[0];
+        let loc = p.location.iter_mut().find(|l| l.id == leaf).unwrap();
+        loc.line.push(Line { function_id: idle, ..Line::default() });
+        let s = to_stacks(&p).unwrap();
+        assert_eq!(s[0].frames, ["main", "work", "idle", "leaf"]);
+    }
+}
