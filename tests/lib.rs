@@ -1,1 +1,144 @@
-//! Helpers for the end-to-end tests: locating the built binaries and running them.
+//! Helpers for the end-to-end tests: locating the built binaries, running the agent as a
+//! real process, and reading folded stacks.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+/// `target/<profile>` of the running test binary.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+/// A binary of the workspace; the test fails with a clear message if it is not built.
+pub fn binary(name: &str) -> PathBuf {
+    let path = target_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (`cargo build --workspace --bins`, done by `cargo xtask test`)",
+        path.display()
+    );
+    path
+}
+
+/// Serializes the tests of one binary that sample the whole host: they would otherwise
+/// see each other's workloads and compete for the two CPUs.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The BPF tests need root; never skip silently.
+pub fn require_root() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "these end-to-end tests load BPF programs and must run as root (sudo cargo xtask test)"
+    );
+}
+
+/// A running `profiler-agent record`, started and attached.
+pub struct Agent {
+    child: Child,
+    stderr_lines: mpsc::Receiver<String>,
+}
+
+impl Agent {
+    /// Starts `profiler-agent record ARGS` and waits until its programs are attached.
+    pub fn record(args: &[&str]) -> Agent {
+        require_root();
+        let mut child = Command::new(binary("profiler-agent"))
+            .arg("record")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn profiler-agent");
+        let stderr = child.stderr.take().expect("stderr");
+        let (send, stderr_lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[agent] {line}");
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let agent = Agent { child, stderr_lines };
+        loop {
+            match agent.stderr_lines.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) if line.contains("sampling started") => return agent,
+                Ok(_) => continue,
+                Err(_) => panic!("profiler-agent did not start sampling (BPF could not load?); see its stderr above"),
+            }
+        }
+    }
+
+    /// Waits for the agent to finish its recording and checks it succeeded.
+    pub fn wait(mut self) {
+        let status = self.child.wait().expect("wait for agent");
+        while self.stderr_lines.try_recv().is_ok() {}
+        assert!(status.success(), "profiler-agent failed: {status}");
+    }
+}
+
+/// Runs the test workload to completion and returns its JSON report.
+pub fn run_workload(args: &[&str]) -> serde_json::Value {
+    let output = Command::new(binary("workload"))
+        .args(args)
+        .env("WORKLOAD_DIR", std::env::temp_dir())
+        .output()
+        .expect("run workload");
+    assert!(output.status.success(), "workload failed: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("workload report")
+}
+
+/// Folded stacks: frames root first, and the value.
+pub fn read_folded(path: &Path) -> Vec<(Vec<String>, u64)> {
+    let text = std::fs::read_to_string(path).expect("read folded output");
+    parse_folded(&text)
+}
+
+pub fn parse_folded(text: &str) -> Vec<(Vec<String>, u64)> {
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let (stack, value) = line.rsplit_once(' ').expect("folded line has a value");
+            (stack.split(';').map(str::to_string).collect(), value.parse().expect("folded value"))
+        })
+        .collect()
+}
+
+/// Sum of values of the stacks for which `keep` holds.
+pub fn sum_where(stacks: &[(Vec<String>, u64)], keep: impl Fn(&[String]) -> bool) -> u64 {
+    stacks.iter().filter(|(frames, _)| keep(frames)).map(|(_, v)| v).sum()
+}
+
+/// Rust symbol names without the legacy `::h<hash>` suffix, so different symbolizers agree.
+pub fn normalize_function(name: &str) -> String {
+    let name = name.strip_suffix("_[k]").unwrap_or(name);
+    match name.rfind("::h") {
+        Some(i) if name.len() - i == 19 && name[i + 3..].chars().all(|c| c.is_ascii_hexdigit()) => name[..i].to_string(),
+        _ => name.to_string(),
+    }
+}
+
+/// Share of self (leaf) value per function, over the stacks rooted at `process`.
+pub fn self_shares(stacks: &[(Vec<String>, u64)], process: &str) -> HashMap<String, f64> {
+    let mut by_leaf: HashMap<String, u64> = HashMap::new();
+    let mut total = 0;
+    for (frames, value) in stacks {
+        let Some(pos) = frames.iter().position(|f| f == process) else { continue };
+        let leaf = frames.last().filter(|_| frames.len() > pos + 1).map_or("[process]".to_string(), |f| normalize_function(f));
+        *by_leaf.entry(leaf).or_default() += value;
+        total += value;
+    }
+    by_leaf.into_iter().map(|(name, v)| (name, v as f64 / total.max(1) as f64)).collect()
+}

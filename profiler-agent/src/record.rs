@@ -73,6 +73,8 @@ pub struct RecordSummary {
 
 pub fn record(options: &RecordOptions, stop: Arc<AtomicBool>) -> anyhow::Result<RecordSummary> {
     let mut sampler = Sampler::start(&options.sampler)?;
+    // Tests and scripts wait for this line before starting their workload.
+    tracing::info!(frequency_hz = options.sampler.frequency_hz, off_cpu = options.sampler.off_cpu.is_some(), "sampling started");
     let processes = ProcessTable::default();
     let watcher = spawn_process_watcher(processes.clone(), stop.clone())?;
     let symbolizer = Symbolizer::spawn(processes.clone())?;

@@ -1,0 +1,107 @@
+//! On-CPU sampling, end to end: real BPF programs on this kernel, a real workload.
+
+use std::{
+    io::Write as _,
+    process::{Command, Stdio},
+};
+
+use profiler_tests::{Agent, binary, exclusive, parse_folded, read_folded, require_root, self_shares, sum_where};
+
+const HZ: f64 = 99.0;
+
+#[test]
+fn burn_cpu_dominates_and_sample_count_matches_cpu_time() {
+    let _serial = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let folded = dir.path().join("out.folded");
+    let svg = dir.path().join("out.svg");
+    let agent = Agent::record(&["--duration", "6s", "-o", folded.to_str().unwrap(), "--svg", svg.to_str().unwrap()]);
+    let report = profiler_tests::run_workload(&["burn", "3"]);
+    agent.wait();
+
+    let stacks = read_folded(&folded);
+    let process_cpu_s = report["process_cpu_s"].as_f64().unwrap();
+    let ours = |frames: &[String]| frames.first().map(String::as_str) == Some("workload");
+    let total = sum_where(&stacks, ours) as f64;
+    let in_burn = sum_where(&stacks, |f| ours(f) && f.iter().any(|frame| frame == "workload::burn_cpu")) as f64;
+    let expected = HZ * process_cpu_s;
+    eprintln!("samples {total}, expected {expected:.0} (99 Hz × {process_cpu_s:.2} s CPU), in burn_cpu {:.1}%", 100.0 * in_burn / total);
+    assert!(in_burn / total >= 0.80, "only {:.1}% of samples in burn_cpu", 100.0 * in_burn / total);
+    assert!((total - expected).abs() <= 0.15 * expected, "{total} samples, expected {expected:.0} ± 15%");
+
+    // Kernel frames, when present, come after user frames and carry the _[k] suffix.
+    for (frames, _) in &stacks {
+        if let Some(first_kernel) = frames.iter().position(|f| f.ends_with("_[k]")) {
+            assert!(frames[first_kernel..].iter().all(|f| f.ends_with("_[k]")), "user frame after kernel frames: {frames:?}");
+        }
+    }
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<?xml") && svg.contains("burn_cpu"), "SVG lacks burn_cpu");
+}
+
+/// The same run, sampled by us and by `perf record -F 99 -g`: the five hottest functions
+/// (self time) must have the same share within 5 percentage points. 16 CPU-seconds give
+/// ~1600 samples each, so sampling noise on a share stays under 2 points.
+#[test]
+fn top_functions_agree_with_perf() {
+    let _serial = exclusive();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let folded = dir.path().join("ours.folded");
+    let perf_data = dir.path().join("perf.data");
+
+    let mut workload = Command::new(binary("workload"))
+        .args(["--wait", "burn", "8", "2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = workload.id().to_string();
+    let agent = Agent::record(&["--duration", "11s", "--pid", &pid, "-o", folded.to_str().unwrap()]);
+    let mut perf = Command::new("perf")
+        .args(["record", "-F", "99", "-g", "-p", &pid, "-o", perf_data.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("perf is required (Debian package linux-perf; `cargo xtask setup` installs it)");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    workload.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    assert!(workload.wait().unwrap().success());
+    let perf_status = perf.wait().unwrap();
+    assert!(perf_status.success(), "perf record failed");
+    agent.wait();
+
+    let script = Command::new("perf")
+        .args(["script", "-i", perf_data.to_str().unwrap()])
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(script.status.success(), "perf script failed");
+    let mut collapsed = Vec::new();
+    let mut options = inferno::collapse::perf::Options::default();
+    options.annotate_kernel = true;
+    inferno::collapse::Collapse::collapse(
+        &mut inferno::collapse::perf::Folder::from(options),
+        &script.stdout[..],
+        &mut collapsed,
+    )
+    .unwrap();
+    let theirs = parse_folded(&String::from_utf8(collapsed).unwrap());
+    // perf names the root after the thread; we name it after the process.
+    let theirs_shares = self_shares(&theirs, "wl-burn");
+    let ours_shares = self_shares(&read_folded(&folded), "workload");
+
+    let mut top: Vec<(&String, &f64)> = theirs_shares.iter().collect();
+    top.sort_by(|a, b| b.1.total_cmp(a.1));
+    assert!(!top.is_empty(), "perf recorded nothing for the workload");
+    for (function, perf_share) in top.into_iter().take(5) {
+        let our_share = ours_shares.get(function).copied().unwrap_or(0.0);
+        eprintln!("{function}: perf {:.1}%, ours {:.1}%", perf_share * 100.0, our_share * 100.0);
+        assert!(
+            (perf_share - our_share).abs() <= 0.05,
+            "{function}: perf {:.1}% vs ours {:.1}%",
+            perf_share * 100.0,
+            our_share * 100.0
+        );
+    }
+}
