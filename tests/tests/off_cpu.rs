@@ -1,0 +1,163 @@
+//! Off-CPU time with wait reasons, end to end: real sched_switch tracing, real waits.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use profiler_tests::{Agent, binary, exclusive, read_folded, require_root, sum_where};
+
+/// Every switch traced (no sampling), so the figures are exact up to the 1 ms floor.
+const EXACT: &[&str] = &["--off-cpu", "--off-cpu-sampling", "1", "--off-cpu-budget", "100000000"];
+
+fn has(frames: &[String], name: &str) -> bool {
+    frames.iter().any(|f| f == name)
+}
+
+fn kind(frames: &[String]) -> &str {
+    frames.first().map(String::as_str).unwrap_or("")
+}
+
+fn within(actual: f64, expected: f64, tolerance: f64) -> bool {
+    (actual - expected).abs() <= tolerance * expected
+}
+
+#[test]
+fn waits_are_measured_and_classified() {
+    let _serial = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let folded = dir.path().join("out.folded");
+    let svg = dir.path().join("out.svg");
+    let mut args = vec!["--duration", "8s", "-o", folded.to_str().unwrap(), "--svg", svg.to_str().unwrap()];
+    args.extend_from_slice(EXACT);
+    let agent = Agent::record(&args);
+    let report = profiler_tests::run_workload(&["mixed", "5"]);
+    agent.wait();
+
+    let stacks = read_folded(&folded);
+    let ours = |f: &[String]| f.get(1).map(String::as_str) == Some("workload");
+    let off = |f: &[String]| kind(f).starts_with("[off-cpu:");
+
+    let sleep_off = sum_where(&stacks, |f| ours(f) && off(f) && has(f, "workload::wait_sleep")) as f64 / 1e9;
+    let sleep_wall = report["sleep_wall_s"].as_f64().unwrap();
+    eprintln!("wait_sleep off-CPU {sleep_off:.3} s, wall {sleep_wall:.3} s");
+    assert!(within(sleep_off, sleep_wall, 0.10), "wait_sleep off-CPU {sleep_off:.3} s vs wall {sleep_wall:.3} s");
+
+    let sleep_as_sleep = sum_where(&stacks, |f| ours(f) && kind(f) == "[off-cpu:sleep]" && has(f, "workload::wait_sleep")) as f64 / 1e9;
+    assert!(sleep_as_sleep >= 0.9 * sleep_off, "only {sleep_as_sleep:.3} s of wait_sleep classified sleep");
+
+    let burn_on = sum_where(&stacks, |f| ours(f) && kind(f) == "[on-cpu]" && has(f, "workload::burn_cpu")) as f64 / 1e9;
+    let burn_cpu = report["burn_cpu_s"].as_f64().unwrap();
+    eprintln!("burn_cpu on-CPU {burn_on:.3} s, CPU time {burn_cpu:.3} s");
+    assert!(within(burn_on, burn_cpu, 0.15), "burn_cpu on-CPU {burn_on:.3} s vs CPU time {burn_cpu:.3} s");
+
+    let disk_off = sum_where(&stacks, |f| ours(f) && off(f) && has(f, "workload::wait_disk")) as f64;
+    let disk_blocked = sum_where(&stacks, |f| ours(f) && kind(f).starts_with("[off-cpu:blocked-") && has(f, "workload::wait_disk")) as f64;
+    eprintln!("wait_disk off-CPU {:.3} s, blocked-* {:.3} s", disk_off / 1e9, disk_blocked / 1e9);
+    assert!(disk_off > 0.0 && disk_blocked >= 0.5 * disk_off, "wait_disk not mostly blocked-*: {disk_blocked} of {disk_off} ns");
+
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.contains("[off-cpu:sleep]") && svg.contains("[on-cpu]"), "hot/cold SVG lacks kind frames");
+}
+
+#[test]
+fn oversubscribed_thread_shows_runnable_time() {
+    let _serial = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let folded = dir.path().join("out.folded");
+    let mut args = vec!["--duration", "7s", "-o", folded.to_str().unwrap()];
+    args.extend_from_slice(EXACT);
+    let agent = Agent::record(&args);
+    // Three spinning threads on this machine's two CPUs: each waits for a CPU a third of the time.
+    let report = profiler_tests::run_workload(&["mixed", "4", "2"]);
+    agent.wait();
+    let stacks = read_folded(&folded);
+    let runnable = sum_where(&stacks, |f| f.get(1).map(String::as_str) == Some("workload") && kind(f) == "[off-cpu:runnable]" && has(f, "workload::burn_cpu")) as f64 / 1e9;
+    let wall = report["wall_s"].as_f64().unwrap();
+    eprintln!("burn_cpu runnable {runnable:.3} s over {wall:.3} s");
+    let cpus = std::thread::available_parallelism().unwrap().get() as f64;
+    if cpus <= 2.0 {
+        assert!(runnable >= 0.1 * wall, "burn_cpu waited for a CPU only {runnable:.3} s");
+    } else {
+        assert!(runnable > 0.0, "no runnable time at all");
+    }
+}
+
+/// bpftrace sums the same sched_switch off-CPU time per thread, with the same 1 ms floor,
+/// over the same run: per-thread totals must agree within 10%.
+#[test]
+fn off_cpu_totals_agree_with_bpftrace() {
+    let _serial = exclusive();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let folded = dir.path().join("out.folded");
+
+    let mut workload = Command::new(binary("workload"))
+        .args(["--wait", "mixed", "5"])
+        .env("WORKLOAD_DIR", std::env::temp_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = workload.id().to_string();
+    let script = dir.path().join("offcpu.bt");
+    std::fs::write(
+        &script,
+        r#"tracepoint:sched:sched_switch
+{
+  if (pid == $1) { @start[args->prev_pid] = nsecs; }
+  $s = @start[args->next_pid];
+  if ($s != 0) {
+    $d = nsecs - $s;
+    if ($d >= 1000000) { @off[args->next_pid] = sum($d); }
+    delete(@start[args->next_pid]);
+  }
+}
+"#,
+    )
+    .unwrap();
+    let mut bpftrace = Command::new("bpftrace")
+        .arg(&script)
+        .arg(&pid)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("bpftrace is required (Debian package bpftrace; `cargo xtask setup` installs it)");
+    let mut bpftrace_out = BufReader::new(bpftrace.stdout.take().unwrap());
+    let mut line = String::new();
+    bpftrace_out.read_line(&mut line).unwrap();
+    assert!(line.contains("Attaching"), "bpftrace did not start: {line}");
+
+    let mut args = vec!["--duration", "9s", "--pid", &pid, "-o", folded.to_str().unwrap()];
+    args.extend_from_slice(EXACT);
+    let agent = Agent::record(&args);
+    std::thread::sleep(Duration::from_millis(500));
+    workload.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let output = workload.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    unsafe { libc::kill(bpftrace.id() as i32, libc::SIGINT) };
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut bpftrace_out, &mut rest).unwrap();
+    bpftrace.wait().unwrap();
+    agent.wait();
+
+    // Lines like `@off[12345]: 4998712345`.
+    let theirs = |tid: i64| -> f64 {
+        rest.lines()
+            .find_map(|l| l.strip_prefix(&format!("@off[{tid}]: ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let stacks = read_folded(&folded);
+    for (function, tid_field) in [("workload::wait_sleep", "sleep_tid"), ("workload::wait_disk", "disk_tid")] {
+        let ours = sum_where(&stacks, |f| kind(f).starts_with("[off-cpu:") && has(f, function)) as f64;
+        let tid = report[tid_field].as_i64().unwrap();
+        let reference = theirs(tid);
+        eprintln!("{function}: ours {:.3} s, bpftrace {:.3} s", ours / 1e9, reference / 1e9);
+        assert!(reference > 0.0, "bpftrace saw no off-CPU time for {function} (tid {tid})");
+        assert!(within(ours, reference, 0.10), "{function}: ours {ours} ns vs bpftrace {reference} ns");
+    }
+}
