@@ -1,1 +1,171 @@
-pub fn placeholder() {}
+//! Collection server of the continuous profiler: ingest (pprof, folded,
+//! Pyroscope-compatible) -> embedded store (WAL + Parquet + redb) -> merged
+//! flame graphs, diffs, top tables and exports over HTTP.
+//!
+//! The binary is a thin wrapper around [`run`]; tests and benchmarks use
+//! [`start`] to get a server on an ephemeral port.
+
+pub mod api;
+pub mod config;
+pub mod ingest;
+pub mod metrics;
+pub mod query;
+pub mod render;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::store::{EmbeddedStore, Store, StoreOptions};
+
+pub fn store_options(cfg: &Config) -> StoreOptions {
+    let s = &cfg.storage;
+    let hours = |h: u64| (h as i64).saturating_mul(3_600_000);
+    StoreOptions {
+        segment_span_ms: s.segment_span_ms,
+        retention_ms: (s.retention_hours > 0).then(|| hours(s.retention_hours)),
+        downsample: [(s.downsample_1m_after_hours, 60_000), (s.downsample_10m_after_hours, 600_000)]
+            .into_iter()
+            .filter(|(h, _)| *h > 0)
+            .map(|(h, res)| (hours(h), res))
+            .collect(),
+    }
+}
+
+/// A running server; dropping it without [`Server::shutdown`] leaves the
+/// tasks running until the runtime ends.
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    /// Stops accepting, drains in-flight requests, flushes the store.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.task.await.context("server task panicked")?
+    }
+}
+
+/// Opens the store (replaying the WAL), binds and serves in the background.
+pub async fn start(cfg: Config) -> anyhow::Result<Server> {
+    if cfg.tokens.is_empty() {
+        tracing::warn!("no ingest tokens configured: ingest authentication is DISABLED");
+    }
+    let dir = cfg.data_dir.clone();
+    let opts = store_options(&cfg);
+    let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&dir, opts))
+        .await?
+        .with_context(|| format!("opening store in {}", cfg.data_dir.display()))?;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let state = api::AppState {
+        store: store.clone(),
+        config: Arc::new(cfg),
+        metrics: Arc::new(metrics::Metrics::default()),
+    };
+    let (stop, stopped) = watch::channel(false);
+    let background = tokio::spawn(background(state.clone(), stopped.clone()));
+    let app = api::router(state.clone());
+    let mut stopped_http = stopped;
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped_http.wait_for(|s| *s).await;
+            })
+            .await
+            .context("serving HTTP")?;
+        background.await.context("background task panicked")?;
+        tokio::task::spawn_blocking(move || store.flush()).await?.context("final flush")?;
+        tracing::info!("store flushed; bye");
+        Ok(())
+    });
+    tracing::info!(%addr, "listening");
+    Ok(Server { addr, stop, task })
+}
+
+/// Periodic flushes (by age or size) and retention/downsampling passes.
+async fn background(s: api::AppState, mut stopped: watch::Receiver<bool>) {
+    let st = &s.config.storage;
+    let flush_every = Duration::from_secs(st.flush_interval_secs);
+    let maintain_every = Duration::from_secs(st.maintenance_interval_secs.max(1));
+    let (mut last_flush, mut last_maintain) = (Instant::now(), Instant::now());
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.wait_for(|s| *s) => return,
+        }
+        let rows = s.store.buffered_rows();
+        if rows > 0 && (rows >= st.flush_rows || last_flush.elapsed() >= flush_every) {
+            last_flush = Instant::now();
+            let store = s.store.clone();
+            match tokio::task::spawn_blocking(move || store.flush()).await {
+                Ok(Ok(())) => {
+                    s.metrics.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(Err(e)) => {
+                    s.metrics.flush_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(error = %format!("{e:#}"), "flush failed; data stays in WAL, will retry");
+                }
+                Err(e) => tracing::error!(error = %e, "flush task panicked"),
+            }
+        }
+        if last_maintain.elapsed() >= maintain_every {
+            last_maintain = Instant::now();
+            let store = s.store.clone();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            match tokio::task::spawn_blocking(move || store.maintain(now)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "maintenance failed"),
+                Err(e) => tracing::error!(error = %e, "maintenance task panicked"),
+            }
+        }
+    }
+}
+
+/// Serves until SIGTERM or ctrl-c, then shuts down gracefully.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let server = start(cfg).await?;
+    // Line-oriented marker for supervisors and tests that start on port 0.
+    println!("listening on {}", server.addr);
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

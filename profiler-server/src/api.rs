@@ -1,0 +1,571 @@
+//! API stage: the axum router, request parsing, auth and error mapping.
+//!
+//! Every handler does its store and CPU work on `spawn_blocking`; bad input
+//! becomes a 4xx `{"error": "..."}` and never takes the server down.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, MatchedPath, RawQuery, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tower_http::compression::predicate::{NotForContentType, Predicate};
+use tower_http::compression::{CompressionLayer, DefaultPredicate};
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::ingest::{self, BatchBuilder, Rejected, Target};
+use crate::metrics::Metrics;
+use crate::query::{self, Tree};
+use crate::render;
+use crate::store::{GroupBy, Labels, Matcher, Selector, Store};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn bad(message: impl Into<String>) -> ApiError {
+        ApiError { status: StatusCode::BAD_REQUEST, message: message.into() }
+    }
+    fn internal(e: impl std::fmt::Display) -> ApiError {
+        tracing::error!(error = %e, "internal error");
+        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: "internal error; see server log".into() }
+    }
+}
+
+impl From<Rejected> for ApiError {
+    fn from(r: Rejected) -> ApiError {
+        let status = match r {
+            Rejected::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Rejected::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        };
+        ApiError { status, message: r.to_string() }
+    }
+}
+
+impl From<profiler_pprof::Error> for ApiError {
+    fn from(e: profiler_pprof::Error) -> ApiError {
+        match e {
+            profiler_pprof::Error::TooLarge { .. } => {
+                ApiError { status: StatusCode::PAYLOAD_TOO_LARGE, message: e.to_string() }
+            }
+            e => ApiError::bad(e.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(state: AppState) -> Router {
+    let ingest = Router::new()
+        .route("/api/v1/ingest", post(ingest_native))
+        .route("/ingest", post(ingest_pyroscope))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(axum::extract::DefaultBodyLimit::max(state.config.limits.max_body_bytes));
+    let queries = Router::new()
+        .route("/api/v1/services", get(services))
+        .route("/api/v1/labels", get(labels))
+        .route("/api/v1/label_values", get(label_values))
+        .route("/api/v1/timeline", get(timeline))
+        .route("/api/v1/flamegraph", get(flamegraph))
+        .route("/api/v1/folded", get(folded))
+        .route("/api/v1/pprof", get(pprof))
+        .route("/api/v1/svg", get(svg))
+        .route("/api/v1/diff", get(diff))
+        .route("/api/v1/top", get(top))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }));
+    ingest
+        .merge(queries)
+        .fallback(|| async { ApiError { status: StatusCode::NOT_FOUND, message: "no such route".into() } })
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(CompressionLayer::new().compress_when(
+            DefaultPredicate::new().and(NotForContentType::const_new("application/octet-stream")),
+        ))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    s.metrics.record_request(&route, resp.status().as_u16(), start.elapsed());
+    resp
+}
+
+async fn auth(State(s): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    if s.config.tokens.is_empty() {
+        return next.run(req).await;
+    }
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match token {
+        Some(t) if s.config.tokens.iter().any(|k| constant_time_eq(k.as_bytes(), t.as_bytes())) => next.run(req).await,
+        Some(_) => ApiError { status: StatusCode::UNAUTHORIZED, message: "invalid bearer token".into() }.into_response(),
+        None => ApiError { status: StatusCode::UNAUTHORIZED, message: "missing `Authorization: Bearer <token>` header".into() }
+            .into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(ApiError::internal)?
+}
+
+/// Decoded query string; repeated keys are kept in order.
+struct Params(Vec<(String, String)>);
+
+impl Params {
+    fn new(q: Option<String>) -> Params {
+        Params(form_urlencoded::parse(q.unwrap_or_default().as_bytes()).into_owned().collect())
+    }
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
+    }
+    fn req(&self, k: &str) -> ApiResult<&str> {
+        self.get(k).ok_or_else(|| ApiError::bad(format!("missing query parameter `{k}`")))
+    }
+    fn num<T: std::str::FromStr>(&self, k: &str, default: T) -> ApiResult<T> {
+        match self.get(k) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| ApiError::bad(format!("`{k}`: {v:?} is not a valid number"))),
+        }
+    }
+    fn flag(&self, k: &str, default: bool) -> ApiResult<bool> {
+        match self.get(k) {
+            None => Ok(default),
+            Some("true" | "1") => Ok(true),
+            Some("false" | "0") => Ok(false),
+            Some(v) => Err(ApiError::bad(format!("`{k}`: {v:?} is not true/false"))),
+        }
+    }
+    /// Unix milliseconds, or `now`, `now-<n><s|m|h|d>`.
+    fn time(&self, k: &str, now: i64, default: i64) -> ApiResult<i64> {
+        match self.get(k) {
+            None => Ok(default),
+            Some(v) => parse_time(v, now).ok_or_else(|| {
+                ApiError::bad(format!("`{k}`: {v:?} is neither unix milliseconds nor now[-<n>(s|m|h|d)]"))
+            }),
+        }
+    }
+}
+
+fn parse_time(v: &str, now: i64) -> Option<i64> {
+    if let Ok(ms) = v.parse::<i64>() {
+        return Some(ms);
+    }
+    let rest = v.strip_prefix("now")?;
+    if rest.is_empty() {
+        return Some(now);
+    }
+    let rel = rest.strip_prefix('-')?;
+    let (n, unit) = rel.split_at(rel.len().checked_sub(1)?);
+    let n: i64 = n.parse().ok()?;
+    let mult = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    Some(now - n.checked_mul(mult)?)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+const RESERVED: [&str; 7] = ["service", "kind", "from", "until", "sample_type", "label", "format"];
+
+/// Ingest labels: any non-reserved parameter `name=value`, and `label=name:value`
+/// (for names that collide with reserved parameters).
+fn ingest_labels(p: &Params) -> ApiResult<Labels> {
+    let mut labels = Labels::new();
+    for (k, v) in &p.0 {
+        if k == "label" {
+            let (n, val) = v.split_once(':').ok_or_else(|| ApiError::bad(format!("label {v:?} is not name:value")))?;
+            labels.insert(n.to_owned(), val.to_owned());
+        } else if !RESERVED.contains(&k.as_str()) {
+            labels.insert(k.clone(), v.clone());
+        }
+    }
+    Ok(labels)
+}
+
+fn align(ts_ms: i64, window: i64) -> i64 {
+    ts_ms.div_euclid(window) * window
+}
+
+fn body_bytes(r: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Bytes> {
+    r.map_err(|e| ApiError { status: e.status(), message: format!("reading request body: {}", e.body_text()) })
+}
+
+/// Decompresses a gzip body (folded text may be gzipped too) within the bomb limit.
+fn maybe_gunzip(body: &[u8], max: usize) -> ApiResult<Vec<u8>> {
+    use std::io::Read;
+    if !body.starts_with(&[0x1f, 0x8b]) {
+        return Ok(body.to_vec());
+    }
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(body)
+        .take(max as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| ApiError::bad(format!("gzip stream is corrupt or truncated: {e}")))?;
+    if out.len() > max {
+        return Err(Rejected::TooLarge(format!("body decompresses to more than {max} bytes")).into());
+    }
+    Ok(out)
+}
+
+#[derive(serde::Serialize)]
+struct IngestSummary {
+    rows: usize,
+    stacks: usize,
+    series: usize,
+}
+
+fn store_batch(s: &AppState, b: BatchBuilder, body_len: usize) -> ApiResult<Json<IngestSummary>> {
+    let batch = b.finish();
+    let summary = IngestSummary { rows: batch.rows.len(), stacks: batch.stacks.len(), series: batch.series.len() };
+    s.store.append(batch).map_err(ApiError::internal)?;
+    s.metrics.ingested_rows.fetch_add(summary.rows as u64, std::sync::atomic::Ordering::Relaxed);
+    s.metrics.ingested_bytes.fetch_add(body_len as u64, std::sync::atomic::Ordering::Relaxed);
+    Ok(Json(summary))
+}
+
+async fn ingest_native(
+    State(s): State<AppState>,
+    RawQuery(q): RawQuery,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> ApiResult<Json<IngestSummary>> {
+    let body = body_bytes(body)?;
+    let p = Params::new(q);
+    blocking(move || {
+        let service = p.req("service")?.to_owned();
+        let labels = ingest_labels(&p)?;
+        let limits = &s.config.limits;
+        let window = s.config.storage.window_ms;
+        let from = p.time("from", now_ms(), now_ms())?;
+        let target = |kind: String| Target { service: service.clone(), kind, ts_ms: align(from, window), labels: labels.clone() };
+        if p.get("format") == Some("folded") {
+            let kind = p.req("kind")?.to_owned();
+            let text = maybe_gunzip(&body, limits.max_decompressed_bytes)?;
+            let mut b = BatchBuilder::new(limits, target(kind))?;
+            ingest::folded(&text, 1, &mut b)?;
+            return store_batch(&s, b, body.len());
+        }
+        if p.get("format").is_some_and(|f| f != "pprof") {
+            return Err(ApiError::bad("`format` must be pprof (default) or folded"));
+        }
+        let profile = profiler_pprof::decode_gzip(&body, limits.max_decompressed_bytes)?;
+        let idx = ingest::pick_sample_type(&profile, p.get("sample_type"), p.get("kind"))?;
+        let kind = match p.get("kind") {
+            Some(k) => k.to_owned(),
+            None => ingest::sample_type_name(&profile, idx)?,
+        };
+        let mut t = target(kind);
+        if p.get("from").is_none() && profile.time_nanos > 0 {
+            t.ts_ms = align(profile.time_nanos / 1_000_000, window);
+        }
+        let mut b = BatchBuilder::new(limits, t)?;
+        ingest::pprof(&profile, idx, &mut b)?;
+        store_batch(&s, b, body.len())
+    })
+    .await
+}
+
+/// Pyroscope's `/ingest`: `name=app.cpu{k=v}`, `from`/`until` in unix
+/// seconds, `format=folded|pprof`, `sampleRate`, `units`; the body is raw
+/// (folded text or pprof) or multipart with a `profile` part.
+async fn ingest_pyroscope(State(s): State<AppState>, RawQuery(q): RawQuery, req: Request) -> ApiResult<Json<IngestSummary>> {
+    let p = Params::new(q);
+    let is_multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let body = if is_multipart {
+        let mut mp = axum::extract::Multipart::from_request(req, &s)
+            .await
+            .map_err(|e| ApiError { status: e.status(), message: e.body_text() })?;
+        let mut profile = None;
+        while let Some(field) = mp.next_field().await.map_err(|e| ApiError { status: e.status(), message: e.body_text() })? {
+            if field.name() == Some("profile") {
+                profile = Some(field.bytes().await.map_err(|e| ApiError { status: e.status(), message: e.body_text() })?);
+            }
+        }
+        profile.ok_or_else(|| ApiError::bad("multipart body has no `profile` part"))?
+    } else {
+        body_bytes(Bytes::from_request(req, &s).await)?
+    };
+    blocking(move || {
+        let (service, kind, labels) = ingest::pyroscope_name(p.req("name")?)?;
+        let limits = &s.config.limits;
+        let from_s: i64 = p.num("from", now_ms() / 1000)?;
+        let target = Target {
+            service,
+            kind: kind.clone(),
+            ts_ms: align(from_s.saturating_mul(1000), s.config.storage.window_ms),
+            labels,
+        };
+        let mut b = BatchBuilder::new(limits, target)?;
+        let format = if is_multipart { "pprof" } else { p.get("format").unwrap_or("folded") };
+        match format {
+            "folded" | "lines" => {
+                let rate: i64 = p.num("sampleRate", 100)?;
+                if rate <= 0 {
+                    return Err(ApiError::bad("`sampleRate` must be positive"));
+                }
+                let samples = p.get("units").is_none_or(|u| u == "samples");
+                let scale = if samples && ingest::is_time_kind(&kind) { 1_000_000_000 / rate } else { 1 };
+                let text = maybe_gunzip(&body, limits.max_decompressed_bytes)?;
+                ingest::folded(&text, scale, &mut b)?;
+            }
+            "pprof" => {
+                let profile = profiler_pprof::decode_gzip(&body, limits.max_decompressed_bytes)?;
+                let idx = ingest::pick_sample_type(&profile, p.get("sample_type"), Some(&kind))?;
+                ingest::pprof(&profile, idx, &mut b)?;
+            }
+            other => return Err(ApiError::bad(format!("unsupported format {other:?}; use folded or pprof"))),
+        }
+        store_batch(&s, b, body.len())
+    })
+    .await
+}
+
+/// The common selection parameters of query routes.
+fn selector(p: &Params, from_key: &str, until_key: &str) -> ApiResult<Selector> {
+    let now = now_ms();
+    let service = p.req("service")?.to_owned();
+    let until = p.time(until_key, now, now)?;
+    let from = p.time(from_key, now, until - 3_600_000)?;
+    if from >= until {
+        return Err(ApiError::bad(format!("`{from_key}` must be before `{until_key}`")));
+    }
+    let kinds = p.get("kinds").or(p.get("kind")).map(|k| {
+        k.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect::<Vec<_>>()
+    });
+    let mut matchers = Vec::new();
+    for m in p.get("filter").unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        matchers.push(if let Some((k, v)) = m.split_once("!=") {
+            Matcher::Ne(k.trim().to_owned(), v.trim().to_owned())
+        } else if let Some((k, v)) = m.split_once('=') {
+            Matcher::Eq(k.trim().to_owned(), v.trim().to_owned())
+        } else {
+            return Err(ApiError::bad(format!("filter {m:?} is not name=value or name!=value")));
+        });
+    }
+    Ok(Selector { service, from_ms: from, until_ms: until, kinds, matchers })
+}
+
+async fn services(State(s): State<AppState>) -> ApiResult<Json<Vec<String>>> {
+    blocking(move || Ok(Json(s.store.services()))).await
+}
+
+async fn labels(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<Vec<String>>> {
+    let p = Params::new(q);
+    let service = p.req("service")?.to_owned();
+    blocking(move || {
+        let mut names: Vec<String> =
+            s.store.series(&service).iter().flat_map(|l| l.keys().cloned()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        names.retain(|n| n != "service");
+        Ok(Json(names))
+    })
+    .await
+}
+
+async fn label_values(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<Vec<String>>> {
+    let p = Params::new(q);
+    let service = p.req("service")?.to_owned();
+    let name = p.req("name")?.to_owned();
+    blocking(move || {
+        let values: std::collections::BTreeSet<String> =
+            s.store.series(&service).iter().filter_map(|l| l.get(&name).cloned()).collect();
+        Ok(Json(values.into_iter().collect()))
+    })
+    .await
+}
+
+async fn timeline(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<query::Timeline>> {
+    let p = Params::new(q);
+    let sel = selector(&p, "from", "until")?;
+    let window = s.config.storage.window_ms;
+    // Default: about 200 points, in whole windows.
+    let default_step = (((sel.until_ms - sel.from_ms) / 200).max(window) / window) * window;
+    let step: i64 = p.num("step", default_step)?;
+    if step <= 0 || (sel.until_ms - sel.from_ms) / step > 100_000 {
+        return Err(ApiError::bad("`step` must be positive and give at most 100000 points"));
+    }
+    blocking(move || {
+        let agg = s.store.aggregate(&sel, GroupBy::Time { step_ms: step }).map_err(ApiError::internal)?;
+        Ok(Json(query::timeline(&agg, sel.from_ms, sel.until_ms, step)))
+    })
+    .await
+}
+
+fn tree_params(p: &Params) -> ApiResult<(usize, f64)> {
+    let max_nodes: usize = p.num("max_nodes", 2048)?;
+    let min_share: f64 = p.num("min_share", 0.0)?;
+    if !(0.0..=1.0).contains(&min_share) {
+        return Err(ApiError::bad("`min_share` must be within 0..=1"));
+    }
+    Ok((max_nodes.max(1), min_share))
+}
+
+async fn flamegraph(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<query::FlameNode>> {
+    let p = Params::new(q);
+    let sel = selector(&p, "from", "until")?;
+    let (max_nodes, min_share) = tree_params(&p)?;
+    blocking(move || {
+        let agg = s.store.aggregate(&sel, GroupBy::Stack).map_err(ApiError::internal)?;
+        let kind_roots = agg.values().filter(|m| !m.is_empty()).count() > 1;
+        let tree = Tree::build(&*s.store, &[&agg], kind_roots);
+        Ok(Json(tree.to_json(max_nodes, min_share, false)))
+    })
+    .await
+}
+
+async fn folded(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Response> {
+    let p = Params::new(q);
+    let sel = selector(&p, "from", "until")?;
+    // Inverse of Pyroscope ingest: nanoseconds back to samples at this rate.
+    let rate: i64 = p.num("sample_rate", 0)?;
+    let divisor = if rate > 0 { 1_000_000_000 / rate } else { 1 };
+    blocking(move || {
+        let agg = s.store.aggregate(&sel, GroupBy::Stack).map_err(ApiError::internal)?;
+        let text = render::folded(&query::stacks(&*s.store, &agg), divisor);
+        Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+    })
+    .await
+}
+
+async fn pprof(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Response> {
+    let p = Params::new(q);
+    let sel = selector(&p, "from", "until")?;
+    blocking(move || {
+        let agg = s.store.aggregate(&sel, GroupBy::Stack).map_err(ApiError::internal)?;
+        let bytes = render::pprof(&query::stacks(&*s.store, &agg), sel.until_ms - sel.from_ms, sel.until_ms);
+        Ok((
+            [
+                (header::CONTENT_TYPE, "application/octet-stream"),
+                (header::CONTENT_DISPOSITION, "attachment; filename=\"profile.pb.gz\""),
+            ],
+            bytes,
+        )
+            .into_response())
+    })
+    .await
+}
+
+async fn svg(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Response> {
+    let p = Params::new(q);
+    let sel = selector(&p, "from", "until")?;
+    let title = p.get("title").map_or_else(|| sel.service.clone(), str::to_owned);
+    blocking(move || {
+        let agg = s.store.aggregate(&sel, GroupBy::Stack).map_err(ApiError::internal)?;
+        let bytes = render::svg(&query::stacks(&*s.store, &agg), &title).map_err(ApiError::internal)?;
+        Ok(([(header::CONTENT_TYPE, "image/svg+xml")], bytes).into_response())
+    })
+    .await
+}
+
+async fn diff(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<query::FlameNode>> {
+    let p = Params::new(q);
+    let target = selector(&p, "from", "until")?;
+    let base = selector(&p, "base_from", "base_until")?;
+    if p.get("base_from").is_none() || p.get("base_until").is_none() {
+        return Err(ApiError::bad("diff needs `base_from` and `base_until`"));
+    }
+    let normalize = p.flag("normalize", true)?;
+    let (max_nodes, min_share) = tree_params(&p)?;
+    blocking(move || {
+        let (a, b) = std::thread::scope(|sc| {
+            let h = sc.spawn(|| s.store.aggregate(&base, GroupBy::Stack));
+            let a = s.store.aggregate(&target, GroupBy::Stack);
+            (a, h.join().expect("diff scan panicked"))
+        });
+        let (a, b) = (a.map_err(ApiError::internal)?, b.map_err(ApiError::internal)?);
+        let kinds: std::collections::HashSet<&String> = a.keys().chain(b.keys()).collect();
+        let mut tree = Tree::build(&*s.store, &[&a, &b], kinds.len() > 1);
+        if normalize {
+            tree.normalize_base();
+        }
+        Ok(Json(tree.to_json(max_nodes, min_share, true)))
+    })
+    .await
+}
+
+async fn top(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<serde_json::Value>> {
+    let p = Params::new(q);
+    let sel = selector(&p, "from", "until")?;
+    let limit: usize = p.num("limit", 50)?;
+    let by_total = match p.get("by").unwrap_or("self") {
+        "self" => false,
+        "total" => true,
+        other => return Err(ApiError::bad(format!("`by` must be self or total, not {other:?}"))),
+    };
+    blocking(move || {
+        let agg = s.store.aggregate(&sel, GroupBy::Stack).map_err(ApiError::internal)?;
+        let total: i64 = agg.values().flat_map(|m| m.values()).sum();
+        let functions = query::top(&*s.store, &agg, by_total, limit);
+        Ok(Json(json!({ "by": if by_total { "total" } else { "self" }, "total": total, "functions": functions })))
+    })
+    .await
+}
+
+async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
+    blocking(move || {
+        let text = s.metrics.render(s.store.disk_bytes(), s.store.buffered_rows());
+        Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_times() {
+        assert_eq!(parse_time("123", 1000), Some(123));
+        assert_eq!(parse_time("now", 1000), Some(1000));
+        assert_eq!(parse_time("now-1s", 5000), Some(4000));
+        assert_eq!(parse_time("now-2h", 10_000_000), Some(10_000_000 - 7_200_000));
+        assert_eq!(parse_time("now-1x", 0), None);
+        assert_eq!(parse_time("yesterday", 0), None);
+    }
+}

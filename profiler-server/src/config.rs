@@ -1,0 +1,172 @@
+//! Configuration: a TOML file with defaults for every field, overridden by flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+/// Collection server for the continuous profiler: ingests pprof and folded
+/// profiles, stores them in an embedded WAL + Parquet store and serves
+/// merged flame graphs, diffs and exports over HTTP.
+#[derive(Debug, clap::Parser)]
+#[command(name = "profiler-server", version)]
+pub struct Args {
+    /// Directory holding the WAL, Parquet segments and the catalog.
+    #[arg(long, env = "PROFILER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:4040 (port 0 picks a free port).
+    #[arg(long, env = "PROFILER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// TOML configuration file; flags override its values.
+    #[arg(long, env = "PROFILER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Ingest bearer token (repeatable); adds to the tokens from the file.
+    #[arg(long = "token", env = "PROFILER_TOKENS", value_delimiter = ',')]
+    pub tokens: Vec<String>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Accepted ingest bearer tokens; empty disables authentication.
+    pub tokens: Vec<String>,
+    pub limits: Limits,
+    pub storage: Storage,
+}
+
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest accepted request body (compressed), bytes.
+    pub max_body_bytes: usize,
+    /// Largest accepted decompressed profile, bytes.
+    pub max_decompressed_bytes: usize,
+    /// Distinct label sets (series) one request may create.
+    pub max_series_per_request: usize,
+    /// Labels one series may carry.
+    pub max_labels_per_series: usize,
+    pub max_label_name_len: usize,
+    pub max_label_value_len: usize,
+    /// Frames kept per stack; deeper stacks are cut at the leaf end.
+    pub max_stack_depth: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Storage {
+    /// Seconds between flushes of the WAL-backed buffer to Parquet.
+    pub flush_interval_secs: u64,
+    /// Buffered rows that trigger an early flush.
+    pub flush_rows: usize,
+    /// Ingest timestamps are aligned down to this window, milliseconds.
+    pub window_ms: i64,
+    /// Time span of one Parquet segment, milliseconds.
+    pub segment_span_ms: i64,
+    /// Segments entirely older than this are deleted, hours (0 = keep forever).
+    pub retention_hours: u64,
+    /// Data older than this many hours is downsampled to 1-minute windows.
+    pub downsample_1m_after_hours: u64,
+    /// Data older than this many hours is downsampled to 10-minute windows.
+    pub downsample_10m_after_hours: u64,
+    /// Seconds between retention/downsampling passes.
+    pub maintenance_interval_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:4040".parse().expect("valid literal"),
+            data_dir: PathBuf::from("profiler-data"),
+            tokens: Vec::new(),
+            limits: Limits::default(),
+            storage: Storage::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 16 << 20,
+            max_decompressed_bytes: 256 << 20,
+            max_series_per_request: 10_000,
+            max_labels_per_series: 64,
+            max_label_name_len: 128,
+            max_label_value_len: 1024,
+            max_stack_depth: 1024,
+        }
+    }
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            flush_interval_secs: 60,
+            flush_rows: 2_000_000,
+            window_ms: 10_000,
+            segment_span_ms: 600_000,
+            retention_hours: 24 * 14,
+            downsample_1m_after_hours: 6,
+            downsample_10m_after_hours: 48,
+            maintenance_interval_secs: 300,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// File (if any) first, then flags on top.
+    pub fn from_args(args: &Args) -> anyhow::Result<Config> {
+        let mut cfg = match &args.config {
+            Some(p) => Config::load(p)?,
+            None => Config::default(),
+        };
+        if let Some(d) = &args.data_dir {
+            cfg.data_dir = d.clone();
+        }
+        if let Some(l) = args.listen {
+            cfg.listen = l;
+        }
+        cfg.tokens.extend(args.tokens.iter().filter(|t| !t.is_empty()).cloned());
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let s = &self.storage;
+        anyhow::ensure!(s.window_ms > 0, "storage.window_ms must be positive");
+        anyhow::ensure!(
+            s.segment_span_ms >= s.window_ms && s.segment_span_ms % s.window_ms == 0,
+            "storage.segment_span_ms must be a positive multiple of window_ms"
+        );
+        anyhow::ensure!(s.flush_interval_secs > 0, "storage.flush_interval_secs must be positive");
+        anyhow::ensure!(self.limits.max_body_bytes > 0, "limits.max_body_bytes must be positive");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_are_rejected_and_defaults_fill_gaps() {
+        let cfg: Config = toml::from_str("tokens = [\"t\"]\n[limits]\nmax_body_bytes = 10\n").unwrap();
+        assert_eq!(cfg.tokens, ["t"]);
+        assert_eq!(cfg.limits.max_body_bytes, 10);
+        assert_eq!(cfg.limits.max_decompressed_bytes, 256 << 20);
+        assert!(toml::from_str::<Config>("listn = \"127.0.0.1:1\"").is_err());
+        assert!(toml::from_str::<Config>("[storage]\nflush_secs = 1").is_err());
+    }
+}

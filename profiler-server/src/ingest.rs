@@ -1,0 +1,379 @@
+//! Ingest stage: turns pprof and folded payloads into store batches,
+//! enforcing the per-request limits. Everything here is pure CPU work on
+//! untrusted input and returns `Rejected` (a 4xx) for anything malformed.
+
+use std::collections::HashMap;
+use profiler_pprof::{Profile, Resolver};
+
+use crate::config::Limits;
+use crate::store::{series_id, stack_id, Batch, Frames, Labels, Row};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum Rejected {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+fn bad(msg: impl Into<String>) -> Rejected {
+    Rejected::BadRequest(msg.into())
+}
+
+/// Kinds whose values are durations, stored in nanoseconds.
+pub fn is_time_kind(kind: &str) -> bool {
+    matches!(kind, "on-cpu" | "cpu" | "wall" | "itimer")
+        || kind.starts_with("off-cpu")
+        || kind.ends_with("_duration")
+}
+
+/// Unit of a kind's stored values, for exports.
+pub fn unit_of(kind: &str) -> &'static str {
+    if is_time_kind(kind) {
+        "nanoseconds"
+    } else if kind.ends_with("_space") || kind.ends_with("bytes") {
+        "bytes"
+    } else {
+        "count"
+    }
+}
+
+pub fn validate_label(limits: &Limits, name: &str, value: &str) -> Result<(), Rejected> {
+    if name.is_empty() || name.len() > limits.max_label_name_len {
+        return Err(bad(format!(
+            "label name {:?} must be 1..={} bytes",
+            truncate(name, 64),
+            limits.max_label_name_len
+        )));
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | ':' | '/')) {
+        return Err(bad(format!("label name {:?} has characters outside [A-Za-z0-9_.:/-]", truncate(name, 64))));
+    }
+    if value.len() > limits.max_label_value_len {
+        return Err(bad(format!(
+            "value of label {name:?} is longer than {} bytes",
+            limits.max_label_value_len
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(bad(format!("value of label {name:?} contains control characters")));
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Where a request's samples go: service, kind, window start and the
+/// request-level labels (without `service`, which is added here).
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub service: String,
+    pub kind: String,
+    pub ts_ms: i64,
+    pub labels: Labels,
+}
+
+/// Accumulates samples of one request, interning stacks and series and
+/// summing duplicate (series, stack) pairs.
+pub struct BatchBuilder<'a> {
+    limits: &'a Limits,
+    target: Target,
+    base: Labels,
+    base_id: u64,
+    stacks: HashMap<u64, Frames>,
+    series: HashMap<u64, Labels>,
+    rows: HashMap<(u64, u64), i64>,
+}
+
+impl<'a> BatchBuilder<'a> {
+    pub fn new(limits: &'a Limits, target: Target) -> Result<Self, Rejected> {
+        if target.service.is_empty() {
+            return Err(bad("service name is empty"));
+        }
+        validate_label(limits, "service", &target.service)?;
+        if target.kind.is_empty() || target.kind.len() > limits.max_label_name_len {
+            return Err(bad("kind must be 1..=max_label_name_len bytes"));
+        }
+        if target.labels.len() + 1 > limits.max_labels_per_series {
+            return Err(bad(format!("more than {} labels", limits.max_labels_per_series)));
+        }
+        for (k, v) in &target.labels {
+            validate_label(limits, k, v)?;
+        }
+        let mut base = target.labels.clone();
+        base.insert("service".into(), target.service.clone());
+        let base_id = series_id(&base);
+        let mut b = BatchBuilder {
+            limits,
+            target,
+            base: base.clone(),
+            base_id,
+            stacks: HashMap::new(),
+            series: HashMap::new(),
+            rows: HashMap::new(),
+        };
+        b.series.insert(base_id, base);
+        Ok(b)
+    }
+
+    /// Adds a root-first stack; `extra` are per-sample labels (request labels win).
+    pub fn add<S: AsRef<str>>(&mut self, frames: &[S], extra: &[(String, String)], value: i64) -> Result<(), Rejected> {
+        if value == 0 {
+            return Ok(());
+        }
+        let frames = &frames[..frames.len().min(self.limits.max_stack_depth)];
+        if frames.is_empty() {
+            return Err(bad("empty stack"));
+        }
+        let sid = stack_id(frames);
+        self.stacks
+            .entry(sid)
+            .or_insert_with(|| frames.iter().map(|f| f.as_ref().to_owned()).collect::<Vec<_>>().into());
+        let series = if extra.is_empty() { self.base_id } else { self.series_for(extra)? };
+        let slot = self.rows.entry((series, sid)).or_insert(0);
+        *slot = slot.saturating_add(value);
+        Ok(())
+    }
+
+    fn series_for(&mut self, extra: &[(String, String)]) -> Result<u64, Rejected> {
+        let mut labels = self.base.clone();
+        for (k, v) in extra {
+            if !labels.contains_key(k) {
+                validate_label(self.limits, k, v)?;
+                labels.insert(k.clone(), v.clone());
+            }
+        }
+        if labels.len() > self.limits.max_labels_per_series {
+            return Err(bad(format!("more than {} labels in one series", self.limits.max_labels_per_series)));
+        }
+        let id = series_id(&labels);
+        if !self.series.contains_key(&id) {
+            if self.series.len() >= self.limits.max_series_per_request {
+                return Err(bad(format!(
+                    "more than {} distinct label sets (series) in one request",
+                    self.limits.max_series_per_request
+                )));
+            }
+            self.series.insert(id, labels);
+        }
+        Ok(id)
+    }
+
+    pub fn finish(self) -> Batch {
+        let ts_ms = self.target.ts_ms;
+        let used: std::collections::HashSet<u64> = self.rows.keys().map(|(s, _)| *s).collect();
+        Batch {
+            service: self.target.service,
+            kind: self.target.kind,
+            stacks: self.stacks.into_iter().collect(),
+            series: self.series.into_iter().filter(|(id, _)| used.contains(id)).collect(),
+            rows: self
+                .rows
+                .into_iter()
+                .map(|((series_id, stack_id), value)| Row { ts_ms, series_id, stack_id, value })
+                .collect(),
+        }
+    }
+}
+
+/// Parses folded text (`frame;frame;leaf <count>` per line), multiplying each
+/// count by `scale`.
+pub fn folded(body: &[u8], scale: i64, b: &mut BatchBuilder) -> Result<(), Rejected> {
+    let text = std::str::from_utf8(body).map_err(|e| bad(format!("folded body is not UTF-8: {e}")))?;
+    let mut frames: Vec<&str> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (stack, count) = line
+            .rsplit_once(' ')
+            .ok_or_else(|| bad(format!("line {}: expected `stack count`", n + 1)))?;
+        let count: i64 = count
+            .trim()
+            .parse()
+            .map_err(|_| bad(format!("line {}: count {:?} is not an integer", n + 1, truncate(count, 32))))?;
+        frames.clear();
+        frames.extend(stack.split(';'));
+        b.add(&frames, &[], count.saturating_mul(scale))?;
+    }
+    Ok(())
+}
+
+/// Index of the sample type to ingest: by name if given, else the one named
+/// like the kind, else (for time kinds or no kind) the first with a time
+/// unit, else the first.
+pub fn pick_sample_type(profile: &Profile, name: Option<&str>, kind: Option<&str>) -> Result<usize, Rejected> {
+    let r = Resolver::new(profile);
+    let types = r.sample_types().map_err(|e| bad(e.to_string()))?;
+    if types.is_empty() {
+        return Err(bad("profile has no sample types"));
+    }
+    if let Some(name) = name {
+        return types
+            .iter()
+            .position(|(t, _)| *t == name)
+            .ok_or_else(|| bad(format!("profile has no sample type {name:?}; it has {:?}", types.iter().map(|t| t.0).collect::<Vec<_>>())));
+    }
+    if let Some(i) = kind.and_then(|k| types.iter().position(|(t, _)| *t == k)) {
+        return Ok(i);
+    }
+    if kind.is_none_or(is_time_kind) {
+        if let Some(i) = types.iter().position(|(_, u)| time_scale(u).is_some()) {
+            return Ok(i);
+        }
+    }
+    Ok(0)
+}
+
+fn time_scale(unit: &str) -> Option<i64> {
+    Some(match unit {
+        "nanoseconds" | "ns" => 1,
+        "microseconds" | "us" => 1_000,
+        "milliseconds" | "ms" => 1_000_000,
+        "seconds" | "s" => 1_000_000_000,
+        _ => return None,
+    })
+}
+
+/// Name of sample type `idx` (the default kind for pprof ingest).
+pub fn sample_type_name(profile: &Profile, idx: usize) -> Result<String, Rejected> {
+    let r = Resolver::new(profile);
+    let types = r.sample_types().map_err(|e| bad(e.to_string()))?;
+    Ok(types[idx].0.to_owned())
+}
+
+/// Adds every sample of a pprof profile, value `idx`, converted to
+/// nanoseconds when the unit is a time or a count of nanosecond periods.
+pub fn pprof(profile: &Profile, idx: usize, b: &mut BatchBuilder) -> Result<(), Rejected> {
+    let mut r = Resolver::new(profile);
+    let types = r.sample_types().map_err(|e| bad(e.to_string()))?;
+    let unit = types[idx].1;
+    let period_unit = match &profile.period_type {
+        Some(pt) => r.string(pt.unit).map_err(|e| bad(e.to_string()))?,
+        None => "",
+    };
+    let scale = match time_scale(unit) {
+        Some(s) => s,
+        None if matches!(unit, "count" | "samples") && profile.period > 0 => {
+            time_scale(period_unit).map_or(1, |s| s.saturating_mul(profile.period))
+        }
+        None => 1,
+    };
+    let mut frames = Vec::new();
+    for s in &profile.sample {
+        if s.value.len() != types.len() {
+            return Err(bad(format!("sample has {} values, profile has {} sample types", s.value.len(), types.len())));
+        }
+        frames.clear();
+        r.frames(s, &mut frames).map_err(|e| bad(e.to_string()))?;
+        let labels = r.labels(s).map_err(|e| bad(e.to_string()))?;
+        b.add(&frames, &labels, s.value[idx].saturating_mul(scale))?;
+    }
+    Ok(())
+}
+
+/// Splits a Pyroscope application name `app.cpu{k=v,k2=v2}` into service,
+/// kind (the suffix after the last dot; `cpu` if none) and labels.
+pub fn pyroscope_name(name: &str) -> Result<(String, String, Labels), Rejected> {
+    let (app, tags) = match name.find('{') {
+        Some(i) => {
+            let tags = name[i + 1..]
+                .strip_suffix('}')
+                .ok_or_else(|| bad("name: unterminated `{` label list"))?;
+            (&name[..i], tags)
+        }
+        None => (name, ""),
+    };
+    let (service, kind) = match app.rsplit_once('.') {
+        Some((s, k)) if !s.is_empty() && !k.is_empty() => (s, k),
+        _ => (app, "cpu"),
+    };
+    let mut labels = Labels::new();
+    for kv in tags.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (k, v) = kv.split_once('=').ok_or_else(|| bad(format!("name: label {:?} is not k=v", truncate(kv, 64))))?;
+        let k = k.trim();
+        // Pyroscope's reserved labels (__name__, __session_id__) are not dimensions.
+        if k.starts_with("__") {
+            continue;
+        }
+        labels.insert(k.to_owned(), v.trim().to_owned());
+    }
+    Ok((service.to_owned(), kind.to_owned(), labels))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target() -> Target {
+        Target { service: "app".into(), kind: "cpu".into(), ts_ms: 10_000, labels: Labels::new() }
+    }
+
+    #[test]
+    fn folded_sums_duplicates_and_reports_line_numbers() {
+        let limits = Limits::default();
+        let mut b = BatchBuilder::new(&limits, target()).unwrap();
+        folded(b"a;b 2\n\na;b 3\r\na;c 1\n", 10, &mut b).unwrap();
+        let batch = b.finish();
+        assert_eq!(batch.stacks.len(), 2);
+        assert_eq!(batch.series.len(), 1);
+        let mut values: Vec<i64> = batch.rows.iter().map(|r| r.value).collect();
+        values.sort();
+        assert_eq!(values, [10, 50]);
+
+        let mut b = BatchBuilder::new(&limits, target()).unwrap();
+        assert_eq!(folded(b"a;b 2\na;b x\n", 1, &mut b), Err(bad("line 2: count \"x\" is not an integer")));
+    }
+
+    #[test]
+    fn series_limit_is_enforced() {
+        let limits = Limits { max_series_per_request: 3, ..Limits::default() };
+        let mut b = BatchBuilder::new(&limits, target()).unwrap();
+        let mut err = None;
+        for i in 0..10 {
+            if let Err(e) = b.add(&["f"], &[("tid".into(), i.to_string())], 1) {
+                err = Some(e);
+                break;
+            }
+        }
+        assert!(matches!(err, Some(Rejected::BadRequest(m)) if m.contains("distinct label sets")));
+    }
+
+    #[test]
+    fn pyroscope_names() {
+        let (s, k, l) = pyroscope_name("my.app.cpu{env=prod, __session_id__=x,region=eu}").unwrap();
+        assert_eq!((s.as_str(), k.as_str()), ("my.app", "cpu"));
+        assert_eq!(l, Labels::from([("env".into(), "prod".into()), ("region".into(), "eu".into())]));
+        assert_eq!(pyroscope_name("app").unwrap().1, "cpu");
+        assert!(pyroscope_name("app.cpu{a=b").is_err());
+    }
+
+    #[test]
+    fn pprof_count_with_period_becomes_nanoseconds() {
+        let stacks = vec![(vec!["main".to_string(), "f".to_string()], 3)];
+        let mut p = profiler_pprof::from_folded(&stacks, "samples", "count", 10_000_000);
+        p.period_type = Some(profiler_pprof::ValueType { r#type: 1, unit: p.string_table.len() as i64 });
+        p.string_table.push("nanoseconds".into());
+        let limits = Limits::default();
+        let idx = pick_sample_type(&p, None, Some("cpu")).unwrap();
+        let mut b = BatchBuilder::new(&limits, target()).unwrap();
+        pprof(&p, idx, &mut b).unwrap();
+        assert_eq!(b.finish().rows[0].value, 30_000_000);
+    }
+
+    #[test]
+    fn labels_are_validated() {
+        let l = Limits::default();
+        assert!(validate_label(&l, "host", "a").is_ok());
+        assert!(validate_label(&l, "", "a").is_err());
+        assert!(validate_label(&l, "a b", "a").is_err());
+        assert!(validate_label(&l, "host", &"x".repeat(2000)).is_err());
+        assert!(validate_label(&l, "host", "a\nb").is_err());
+    }
+}

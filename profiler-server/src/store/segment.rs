@@ -1,0 +1,264 @@
+//! Immutable Parquet segments: rows of one (service, kind) over one time span.
+//!
+//! Rows are sorted by (stack_id, series_id, ts_ms): stack and series ids then
+//! form long runs that dictionary + RLE encoding shrink to almost nothing, the
+//! timestamps within a run are an arithmetic progression (delta encoding), and
+//! zstd squeezes what is left, mostly the values.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use arrow::array::{Array, ArrayRef, Int64Array, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::{ArrowWriter, ProjectionMask};
+use parquet::basic::{Compression, Encoding, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
+use serde::{Deserialize, Serialize};
+
+use super::{GroupBy, Row};
+
+const TS: usize = 0;
+const SERIES: usize = 1;
+const STACK: usize = 2;
+const VALUE: usize = 3;
+
+/// Catalog entry of a segment file (stored as JSON in redb).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SegmentMeta {
+    pub id: u64,
+    pub service: String,
+    pub kind: String,
+    /// Smallest and largest row timestamp (inclusive).
+    pub min_ts: i64,
+    pub max_ts: i64,
+    pub rows: u64,
+    pub bytes: u64,
+    /// Width of the time windows the rows were aggregated into, ms.
+    pub resolution_ms: i64,
+}
+
+impl SegmentMeta {
+    pub fn file_name(&self) -> String {
+        format!("seg-{:016x}.parquet", self.id)
+    }
+}
+
+fn schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new("ts_ms", DataType::Int64, false),
+        Field::new("series_id", DataType::UInt64, false),
+        Field::new("stack_id", DataType::UInt64, false),
+        Field::new("value", DataType::Int64, false),
+    ]))
+}
+
+/// Sorts rows and merges duplicates of (stack, series, ts) in place.
+pub fn normalize(rows: &mut Vec<Row>) {
+    rows.sort_unstable_by_key(|r| (r.stack_id, r.series_id, r.ts_ms));
+    rows.dedup_by(|next, kept| {
+        if (next.stack_id, next.series_id, next.ts_ms) == (kept.stack_id, kept.series_id, kept.ts_ms) {
+            kept.value += next.value;
+            true
+        } else {
+            false
+        }
+    });
+}
+
+/// Writes normalized rows to `path` (via a temporary file and rename, then
+/// fsync) and returns the file size.
+pub fn write(path: &Path, rows: &[Row]) -> anyhow::Result<u64> {
+    let col = |f: fn(&Row) -> i64| Int64Array::from_iter_values(rows.iter().map(f));
+    let ucol = |f: fn(&Row) -> u64| UInt64Array::from_iter_values(rows.iter().map(f));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(col(|r| r.ts_ms)),
+        Arc::new(ucol(|r| r.series_id)),
+        Arc::new(ucol(|r| r.stack_id)),
+        Arc::new(col(|r| r.value)),
+    ];
+    let batch = RecordBatch::try_new(schema(), columns)?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+        .set_dictionary_enabled(true)
+        // Timestamps are runs of evenly spaced values: delta beats a dictionary.
+        .set_column_dictionary_enabled(ColumnPath::from("ts_ms"), false)
+        .set_column_encoding(ColumnPath::from("ts_ms"), Encoding::DELTA_BINARY_PACKED)
+        .set_max_row_group_size(1 << 20)
+        .build();
+    let tmp = path.with_extension("tmp");
+    let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut w = ArrowWriter::try_new(file, schema(), Some(props))?;
+    w.write(&batch)?;
+    let file = w.into_inner()?;
+    file.sync_all()?;
+    let bytes = file.metadata()?.len();
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(bytes)
+}
+
+/// Reads all rows of a segment (used by downsampling).
+pub fn read_all(path: &Path) -> anyhow::Result<Vec<Row>> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)?
+        .with_batch_size(1 << 16)
+        .build()?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch?;
+        let ts = i64s(&batch, TS)?;
+        let series = u64s(&batch, SERIES)?;
+        let stack = u64s(&batch, STACK)?;
+        let value = i64s(&batch, VALUE)?;
+        for i in 0..batch.num_rows() {
+            out.push(Row {
+                ts_ms: ts.value(i),
+                series_id: series.value(i),
+                stack_id: stack.value(i),
+                value: value.value(i),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// What to read from a segment: a time range (None if the segment lies
+/// entirely inside it) and a series whitelist (None = all).
+pub struct Scan<'a> {
+    pub time: Option<(i64, i64)>,
+    pub series: Option<&'a HashSet<u64>>,
+    pub by: GroupBy,
+    pub from_ms: i64,
+}
+
+/// Sums a segment's values into `out` by stack id or time bucket, decoding
+/// only the columns the scan needs.
+pub fn aggregate(path: &Path, scan: &Scan, out: &mut HashMap<u64, i64>) -> anyhow::Result<()> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)?;
+    let need_ts = scan.time.is_some() || matches!(scan.by, GroupBy::Time { .. });
+    let need_stack = scan.by == GroupBy::Stack;
+    let mut cols = vec![VALUE];
+    if need_ts {
+        cols.push(TS);
+    }
+    if scan.series.is_some() {
+        cols.push(SERIES);
+    }
+    if need_stack {
+        cols.push(STACK);
+    }
+    cols.sort_unstable();
+    let pos = |c: usize| cols.iter().position(|&x| x == c);
+    let mask = ProjectionMask::roots(builder.parquet_schema(), cols.iter().copied());
+    let reader = builder.with_projection(mask).with_batch_size(1 << 16).build()?;
+    let (lo, hi) = scan.time.unwrap_or((i64::MIN, i64::MAX));
+    let step = match scan.by {
+        GroupBy::Time { step_ms } => step_ms,
+        GroupBy::Stack => 1,
+    };
+    // Consecutive rows mostly share a stack (sort order), so a one-entry cache
+    // in front of the hash map saves most lookups.
+    let mut cur_key = u64::MAX;
+    let mut cur_sum = 0i64;
+    let flush = |key: u64, sum: i64, out: &mut HashMap<u64, i64>| {
+        if sum != 0 {
+            *out.entry(key).or_insert(0) += sum;
+        }
+    };
+    for batch in reader {
+        let batch = batch?;
+        let value = i64s(&batch, pos(VALUE).expect("value is always read"))?;
+        let ts = pos(TS).map(|p| i64s(&batch, p)).transpose()?;
+        let series = pos(SERIES).map(|p| u64s(&batch, p)).transpose()?;
+        let stack = pos(STACK).map(|p| u64s(&batch, p)).transpose()?;
+        for i in 0..batch.num_rows() {
+            if let Some(ts) = ts {
+                let t = ts.value(i);
+                if t < lo || t >= hi {
+                    continue;
+                }
+            }
+            if let (Some(s), Some(allowed)) = (series, scan.series) {
+                if !allowed.contains(&s.value(i)) {
+                    continue;
+                }
+            }
+            let key = match (stack, ts) {
+                (Some(stack), _) => stack.value(i),
+                (None, Some(ts)) => bucket(ts.value(i), scan.from_ms, step),
+                (None, None) => unreachable!("time grouping always reads ts"),
+            };
+            if key != cur_key {
+                flush(cur_key, cur_sum, out);
+                cur_key = key;
+                cur_sum = 0;
+            }
+            cur_sum += value.value(i);
+        }
+    }
+    flush(cur_key, cur_sum, out);
+    Ok(())
+}
+
+pub fn bucket(ts: i64, from: i64, step: i64) -> u64 {
+    (from + (ts - from).div_euclid(step) * step) as u64
+}
+
+fn i64s(b: &RecordBatch, i: usize) -> anyhow::Result<&Int64Array> {
+    b.column(i)
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .context("segment column is not Int64")
+}
+
+fn u64s(b: &RecordBatch, i: usize) -> anyhow::Result<&UInt64Array> {
+    b.column(i)
+        .as_any()
+        .downcast_ref::<UInt64Array>()
+        .context("segment column is not UInt64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_then_aggregate_with_pruning() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.parquet");
+        let mut rows = Vec::new();
+        for ts in 0..10 {
+            for stack in 0..3u64 {
+                rows.push(Row { ts_ms: ts * 1000, series_id: stack % 2, stack_id: stack, value: 1 });
+            }
+        }
+        rows.push(Row { ts_ms: 0, series_id: 0, stack_id: 0, value: 5 });
+        normalize(&mut rows);
+        assert_eq!(rows.len(), 30);
+        write(&path, &rows).unwrap();
+        assert_eq!(read_all(&path).unwrap(), rows);
+
+        let mut out = HashMap::new();
+        let all = Scan { time: None, series: None, by: GroupBy::Stack, from_ms: 0 };
+        aggregate(&path, &all, &mut out).unwrap();
+        assert_eq!(out, HashMap::from([(0, 15), (1, 10), (2, 10)]));
+
+        let only = HashSet::from([1u64]);
+        let mut out = HashMap::new();
+        let part = Scan { time: Some((2000, 5000)), series: Some(&only), by: GroupBy::Stack, from_ms: 0 };
+        aggregate(&path, &part, &mut out).unwrap();
+        assert_eq!(out, HashMap::from([(1, 3)]));
+
+        let mut out = HashMap::new();
+        let t = Scan { time: Some((0, 4000)), series: None, by: GroupBy::Time { step_ms: 2000 }, from_ms: 0 };
+        aggregate(&path, &t, &mut out).unwrap();
+        assert_eq!(out, HashMap::from([(0, 11), (2000, 6)]));
+    }
+}
