@@ -24,6 +24,9 @@ pub struct Mapping {
 /// A mapped binary, identified by device and inode so each is opened and parsed once.
 #[derive(Debug)]
 pub struct MappedFile {
+    /// (device, inode): the file's identity, unlike `handle_path`, whose fd number is
+    /// reused once the handle is closed.
+    pub id: (u64, u64),
     /// `/proc/self/fd/N` of our open handle: stable for as long as we hold it.
     pub handle_path: PathBuf,
     /// File name as the process mapped it, for `[unknown]` frames.
@@ -228,6 +231,7 @@ fn open_mapped_file(pid: u32, line: &MapsLine<'_>) -> Option<MappedFile> {
         .unwrap_or(line.path)
         .to_string();
     Some(MappedFile {
+        id: (line.dev, line.inode),
         handle_path: PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&handle))),
         name,
         _handle: handle,

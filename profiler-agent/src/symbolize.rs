@@ -83,7 +83,7 @@ impl Drop for Symbolizer {
 struct State {
     blazesym: Blazesym,
     processes: ProcessTable,
-    user_names: HashMap<(PathBuf, u64), Arc<str>>,
+    user_names: HashMap<((u64, u64), u64), Arc<str>>,
     kernel_names: HashMap<u64, Arc<str>>,
     unknown: Arc<str>,
     unknown_kernel: Arc<str>,
@@ -197,7 +197,7 @@ impl State {
 
     fn resolve_user(&mut self, samples: &[RawSample], snapshots: &HashMap<u32, ProcessInfo>) {
         // Group the file offsets still missing from the cache by binary.
-        let mut wanted: HashMap<PathBuf, Vec<u64>> = HashMap::new();
+        let mut wanted: HashMap<(u64, u64), (PathBuf, Vec<u64>)> = HashMap::new();
         for sample in samples {
             let (Some(addrs), Some(info)) = (sample.user.as_deref(), snapshots.get(&sample.key.tgid)) else {
                 continue;
@@ -206,14 +206,14 @@ impl State {
                 let addr = call_site(depth, addr);
                 if let Some(mapping) = info.mapping_for(addr) {
                     let offset = addr - mapping.start + mapping.file_offset;
-                    let path = mapping.file.handle_path.clone();
-                    if !self.user_names.contains_key(&(path.clone(), offset)) {
-                        wanted.entry(path).or_default().push(offset);
+                    let file = &mapping.file;
+                    if !self.user_names.contains_key(&(file.id, offset)) {
+                        wanted.entry(file.id).or_insert_with(|| (file.handle_path.clone(), Vec::new())).1.push(offset);
                     }
                 }
             }
         }
-        for (path, mut offsets) in wanted {
+        for (id, (path, mut offsets)) in wanted {
             offsets.sort_unstable();
             offsets.dedup();
             let mut elf = Elf::new(&path);
@@ -229,7 +229,7 @@ impl State {
             let mut names = names.into_iter();
             for offset in offsets {
                 if let Some(Symbolized::Sym(sym)) = names.next() {
-                    self.user_names.insert((path.clone(), offset), Arc::from(sym.name.as_ref()));
+                    self.user_names.insert((id, offset), Arc::from(sym.name.as_ref()));
                 }
             }
         }
@@ -240,7 +240,7 @@ impl State {
             return self.unknown.clone();
         };
         let offset = addr - mapping.start + mapping.file_offset;
-        match self.user_names.get(&(mapping.file.handle_path.clone(), offset)) {
+        match self.user_names.get(&(mapping.file.id, offset)) {
             Some(name) => name.clone(),
             None => Arc::from(format!("{UNKNOWN} ({})", mapping.file.name)),
         }

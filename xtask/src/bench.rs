@@ -1,0 +1,253 @@
+//! Overhead benchmarks. Machines are noisy, so every figure is a ratio against a baseline
+//! measured in the same round, rounds are interleaved, and the median is reported.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::Subcommand;
+
+use crate::{cargo, root};
+
+#[derive(Subcommand)]
+pub enum Bench {
+    /// On-CPU sampling at 99 Hz vs no profiler, perf record and bpftrace, on a CPU-bound
+    /// hashing workload on every core; plus the agent's own CPU and peak RSS.
+    AgentOverhead {
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Hash rounds per thread (sets the workload's length).
+        #[arg(long, default_value_t = 3_000_000_000)]
+        iterations: u64,
+    },
+    /// Off-CPU tracing on `perf bench sched pipe` (context-switch heavy, the worst case):
+    /// default settings, every switch traced, and the bpftrace equivalent.
+    SchedPipe {
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long, default_value_t = 200_000)]
+        loops: u64,
+    },
+    /// The collection server's ingest and query benchmark.
+    Server,
+}
+
+pub fn run(bench: Bench) -> anyhow::Result<()> {
+    match bench {
+        Bench::AgentOverhead { rounds, iterations } => agent_overhead(rounds, iterations),
+        Bench::SchedPipe { rounds, loops } => sched_pipe(rounds, loops),
+        Bench::Server => cargo(&["bench", "-p", "profiler-server", "--bench", "server"]),
+    }
+}
+
+fn release_binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
+    cargo(&["build", "--release", "-p", "profiler-agent", "-p", "profiler-tests", "--bins"])?;
+    let dir = root().join("target/release");
+    Ok((dir.join("profiler-agent"), dir.join("workload")))
+}
+
+/// A profiler to run in the background for the length of one measurement: its command
+/// line and the text it prints once attached (perf prints nothing: it gets a second).
+struct Profiler(Vec<String>, Option<&'static str>);
+
+struct Running {
+    child: Child,
+    started: Instant,
+    /// CPU seconds used before the measurement (start-up), excluded from `cpu_per_s`.
+    cpu_at_start: f64,
+}
+
+impl Profiler {
+    /// Starts the profiler and waits until it reports it is attached (`ready` on stderr or
+    /// stdout), so start-up cost is not part of the measurement.
+    fn start(&self) -> anyhow::Result<Running> {
+        let Profiler(argv, ready) = self;
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", argv[0]))?;
+        let (send, recv) = std::sync::mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let send = send.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = send.send(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Some(ready) = ready {
+            match recv.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) if line.contains(ready) => break,
+                Ok(_) => {}
+                Err(_) => bail!("{} did not become ready", argv[0]),
+            }
+        }
+        if ready.is_none() {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        // Let it settle (first drains, symbol loading) before measuring steady state.
+        std::thread::sleep(Duration::from_secs(2));
+        let cpu_at_start = process_cpu_seconds(child.id())?;
+        Ok(Running { child, started: Instant::now(), cpu_at_start })
+    }
+}
+
+impl Drop for Running {
+    /// A failed round must not leave a profiler attached to the host.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// CPU seconds and peak RSS (KiB) of a profiler process, stopped with SIGINT.
+struct Usage {
+    cpu_per_s: f64,
+    max_rss_kib: i64,
+}
+
+fn stop(running: Running) -> anyhow::Result<Usage> {
+    let pid = running.child.id() as i32;
+    // Reaped here with wait4 for its rusage; the guard must not signal a reused pid.
+    let running = std::mem::ManuallyDrop::new(running);
+    let wall = running.started.elapsed().as_secs_f64();
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::wait4(pid, &mut status, 0, &mut usage) } < 0 {
+        bail!("wait4 failed");
+    }
+    let cpu = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let steady = cpu(usage.ru_utime) + cpu(usage.ru_stime) - running.cpu_at_start;
+    Ok(Usage { cpu_per_s: steady / wall, max_rss_kib: usage.ru_maxrss })
+}
+
+/// utime + stime of a live process, from /proc/PID/stat.
+fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised comm, which may itself contain spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')').context("malformed stat")?.1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    Ok(ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn timed(command: &mut Command) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let status = command.stdout(Stdio::null()).status()?;
+    if !status.success() {
+        bail!("{command:?} failed");
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+struct Contender {
+    name: &'static str,
+    profiler: Profiler,
+    slowdowns: Vec<f64>,
+    usage: Vec<Usage>,
+}
+
+fn compare(contenders: &mut [Contender], rounds: usize, workload: impl Fn() -> anyhow::Result<f64>) -> anyhow::Result<()> {
+    workload()?; // warm caches
+    for round in 0..rounds {
+        let baseline = workload()?;
+        for contender in contenders.iter_mut() {
+            let running = contender.profiler.start()?;
+            let elapsed = workload()?;
+            contender.usage.push(stop(running)?);
+            contender.slowdowns.push(elapsed / baseline - 1.0);
+        }
+        eprintln!("round {}/{rounds}: baseline {baseline:.3} s", round + 1);
+    }
+    println!("{:<28} {:>16} {:>14} {:>14}", "profiler", "median slowdown", "own CPU/s", "peak RSS");
+    for contender in contenders.iter_mut() {
+        let slowdown = median(&mut contender.slowdowns);
+        let mut cpu: Vec<f64> = contender.usage.iter().map(|u| u.cpu_per_s).collect();
+        let rss = contender.usage.iter().map(|u| u.max_rss_kib).max().unwrap_or(0);
+        let cpu = if cpu.is_empty() { "-".to_string() } else { format!("{:.2} ms", median(&mut cpu) * 1e3) };
+        println!("{:<28} {:>15.2}% {:>14} {:>11.1} MB", contender.name, slowdown * 100.0, cpu, rss as f64 / 1024.0);
+    }
+    Ok(())
+}
+
+fn argv(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|s| s.to_string()).collect()
+}
+
+fn agent_overhead(rounds: usize, iterations: u64) -> anyhow::Result<()> {
+    let (agent, workload) = release_binaries()?;
+    let agent = agent.to_string_lossy().into_owned();
+    let cpus = std::thread::available_parallelism()?.get().to_string();
+    let perf_data = std::env::temp_dir().join("xtask-bench-perf.data");
+    let mut contenders = [
+        Contender {
+            name: "profiler-agent 99 Hz",
+            profiler: Profiler(argv(&[&agent, "record", "--duration", "1h", "--frequency", "99", "-o", "/dev/null"]), Some("sampling started")),
+            slowdowns: vec![],
+            usage: vec![],
+        },
+        Contender {
+            name: "perf record -F 99 -a -g",
+            profiler: Profiler(argv(&["perf", "record", "-F", "99", "-a", "-g", "-o", perf_data.to_str().unwrap(), "--", "sleep", "3600"]), None),
+            slowdowns: vec![],
+            usage: vec![],
+        },
+        Contender {
+            name: "bpftrace profile:hz:99",
+            profiler: Profiler(argv(&["bpftrace", "-e", "profile:hz:99 { @[kstack, ustack, pid] = count(); }"]), Some("Attaching")),
+            slowdowns: vec![],
+            usage: vec![],
+        },
+    ];
+    println!("agent overhead: hashing {iterations} rounds on each of {cpus} threads, {rounds} interleaved rounds");
+    compare(&mut contenders, rounds, || timed(Command::new(&workload).args(["hash", &iterations.to_string(), &cpus])))?;
+    let _ = std::fs::remove_file(perf_data);
+    Ok(())
+}
+
+fn sched_pipe(rounds: usize, loops: u64) -> anyhow::Result<()> {
+    let (agent, _) = release_binaries()?;
+    let agent = agent.to_string_lossy().into_owned();
+    let offcpu_bt = r#"tracepoint:sched:sched_switch { if (args->prev_pid != 0) { @start[args->prev_pid] = nsecs; @ks[args->prev_pid] = kstack; @us[args->prev_pid] = ustack; } $s = @start[args->next_pid]; if ($s != 0) { @[@ks[args->next_pid], @us[args->next_pid]] = sum(nsecs - $s); delete(@start[args->next_pid]); } }"#;
+    let mut contenders = [
+        Contender {
+            name: "agent --off-cpu (default)",
+            profiler: Profiler(argv(&[&agent, "record", "--duration", "1h", "--off-cpu", "-o", "/dev/null"]), Some("sampling started")),
+            slowdowns: vec![],
+            usage: vec![],
+        },
+        Contender {
+            name: "agent --off-cpu every switch",
+            profiler: Profiler(
+                argv(&[&agent, "record", "--duration", "1h", "--off-cpu", "--off-cpu-sampling", "1", "--off-cpu-budget", "100000000", "-o", "/dev/null"]),
+                Some("sampling started"),
+            ),
+            slowdowns: vec![],
+            usage: vec![],
+        },
+        Contender {
+            name: "bpftrace offcputime",
+            profiler: Profiler(argv(&["bpftrace", "-e", offcpu_bt]), Some("Attaching")),
+            slowdowns: vec![],
+            usage: vec![],
+        },
+    ];
+    println!("sched pipe: `perf bench sched pipe -l {loops}`, {rounds} interleaved rounds");
+    compare(&mut contenders, rounds, || timed(Command::new("perf").args(["bench", "sched", "pipe", "-l", &loops.to_string()])))
+}

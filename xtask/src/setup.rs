@@ -1,0 +1,90 @@
+//! `cargo xtask setup`: everything the build and the tests need, installed once.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::run as exec;
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> anyhow::Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    debian_packages()?;
+    tracefs()?;
+    println!("setup: done");
+    Ok(())
+}
+
+fn output(command: &mut Command) -> Option<String> {
+    let out = command.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed"])).unwrap_or_default();
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    println!("setup: installing rust-src (the BPF build compiles core from source)");
+    exec(Command::new("rustup").args(["component", "add", "rust-src"]))
+}
+
+/// bpf-linker linked against rustc's own LLVM: Debian's LLVM is too old for it.
+fn bpf_linker() -> anyhow::Result<()> {
+    if let Some(version) = output(Command::new("bpf-linker").arg("--version")) {
+        if version.contains(BPF_LINKER_VERSION) {
+            return Ok(());
+        }
+    }
+    println!("setup: building bpf-linker {BPF_LINKER_VERSION} against rustc's libLLVM (about a minute)");
+    let sysroot = output(Command::new("rustc").args(["--print", "sysroot"])).context("rustc --print sysroot")?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    let llvm = std::fs::read_dir(&lib)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM-") && n.ends_with(".so"))))
+        .with_context(|| format!("no libLLVM in {}", lib.display()))?;
+    let prefix = std::env::temp_dir().join("profiler-llvm-prefix");
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)?;
+    for name in ["libLLVM.so".to_string(), llvm.file_name().unwrap().to_string_lossy().into_owned()] {
+        let link = prefix_lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&llvm, &link)?;
+    }
+    exec(Command::new("cargo")
+        .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--no-default-features", "--features", "llvm-22"])
+        .env("LLVM_PREFIX", &prefix))
+}
+
+/// perf and bpftrace are the reference tools of the cross-check tests and benchmarks.
+fn debian_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = [("perf", "linux-perf"), ("bpftrace", "bpftrace"), ("setpriv", "util-linux"), ("unshare", "util-linux")]
+        .into_iter()
+        .filter(|(binary, _)| output(Command::new("sh").args(["-c", &format!("command -v {binary}")])).is_none())
+        .map(|(_, package)| package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("missing Debian packages {missing:?}; run `cargo xtask setup` as root");
+    }
+    println!("setup: installing {missing:?}");
+    exec(Command::new("apt-get").arg("update").arg("-qq"))?;
+    exec(Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// The off-CPU program attaches to a tracepoint, found through tracefs.
+fn tracefs() -> anyhow::Result<()> {
+    if Path::new("/sys/kernel/tracing/events").exists() {
+        return Ok(());
+    }
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("tracefs is not mounted; run `cargo xtask setup` as root");
+    }
+    println!("setup: mounting tracefs on /sys/kernel/tracing");
+    exec(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))
+}
