@@ -120,6 +120,7 @@ pub fn record(options: &RecordOptions, stop: Arc<AtomicBool>) -> anyhow::Result<
     for stat in Stat::ALL {
         summary.counters.insert(stat.name(), totals.get(stat));
     }
+    summary.counters.insert("long_wait_stack_missing", sampler.long_waits_unresolved());
     summary.off_cpu_effective_sampling = rate.map(|r| r.effective());
     summary.on_cpu_total = profile.total(|k| k == crate::aggregate::Kind::OnCpu);
     summary.off_cpu_total_ns = profile.total(|k| k != crate::aggregate::Kind::OnCpu);
@@ -159,7 +160,8 @@ fn report(summary: &RecordSummary) {
             effective_sampling = effective,
             below_min_block = c("offcpu_below_min"),
             lost_map_full = c("offcpu_map_full") + c("switch_out_map_full"),
-            stale_stacks = c("offcpu_stale_stack"),
+            long_waits = c("offcpu_long_waits"),
+            long_waits_without_stack = c("long_wait_stack_missing"),
             "off-CPU tracing done"
         );
     }

@@ -8,7 +8,9 @@
 //!
 //! Off-CPU waits span flips: a wait that started in generation g and ends in g+1 is added
 //! to buffer g, whose stack map stays intact until the next drain reads those late
-//! entries and only then clears it.
+//! entries and only then clears it. Before clearing it, the drain also saves the stacks
+//! of threads that went off-CPU in g and are still waiting; when such a long wait ends,
+//! the kernel tags its entry (`STATE_LONG_WAIT`) and the saved stacks are used.
 
 use std::{collections::HashMap, path::Path, thread, time::Duration};
 
@@ -21,7 +23,7 @@ use aya::{
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
 };
-use profiler_common::{Config, OffCpuValue, Stat, StackKey, maps};
+use profiler_common::{Config, OffCpuValue, STATE_LONG_WAIT, Stat, StackKey, SwitchOut, maps};
 
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
 
@@ -135,6 +137,11 @@ pub struct Sampler {
     stacks: [StackTraceMap<MapData>; 2],
     on_cpu: [BpfHashMap<MapData, StackKey, u64>; 2],
     off_cpu: [BpfHashMap<MapData, StackKey, OffCpuValue>; 2],
+    switched_out: BpfHashMap<MapData, u32, SwitchOut>,
+    /// Stacks of threads still off-CPU whose stack map was cleared, by (tid, generation).
+    long_waits: HashMap<(u32, u32), (Option<Addrs>, Option<Addrs>)>,
+    /// Long waits whose saved stacks were missing (the thread was not seen by a drain).
+    long_waits_unresolved: u64,
     last_stats: StatCounts,
     max_stack_keys: u32,
     pub period_ns: u64,
@@ -216,6 +223,9 @@ impl Sampler {
             stacks: [take(&mut bpf, maps::STACKS[0])?, take(&mut bpf, maps::STACKS[1])?],
             on_cpu: [take(&mut bpf, maps::ONCPU[0])?, take(&mut bpf, maps::ONCPU[1])?],
             off_cpu: [take(&mut bpf, maps::OFFCPU[0])?, take(&mut bpf, maps::OFFCPU[1])?],
+            switched_out: take(&mut bpf, maps::SWITCH_OUT)?,
+            long_waits: HashMap::new(),
+            long_waits_unresolved: 0,
             _bpf: bpf,
             last_stats: StatCounts::default(),
             max_stack_keys: options.max_stack_keys,
@@ -239,6 +249,7 @@ impl Sampler {
         let mut window = RawWindow::default();
         let mut resolver = StackResolver::default();
 
+        let still_waiting = self.save_long_waits(idle, &mut resolver)?;
         // Waits that began two generations ago and ended after the last drain were added to
         // the idle buffer; its stack map is still theirs until it is cleared just below.
         self.drain_off_cpu(idle, &mut resolver, &mut window.samples)?;
@@ -252,11 +263,46 @@ impl Sampler {
         let on_cpu_len = self.drain_on_cpu(filling, &mut resolver, &mut window.samples)?;
         let off_cpu_len = self.drain_off_cpu(filling, &mut resolver, &mut window.samples)?;
         window.map_fill = on_cpu_len.max(off_cpu_len) as f64 / self.max_stack_keys.max(1) as f64;
+        // Saved stacks of waits that ended were used above; the rest still wait.
+        if let Some(still_waiting) = still_waiting {
+            self.long_waits.retain(|key, _| still_waiting.contains(key));
+        }
 
         let stats = self.read_stats()?;
         window.stats = stats.delta_since(&self.last_stats);
         self.last_stats = stats;
         Ok(window)
+    }
+
+    /// Saves the stacks of threads that went off-CPU in the idle buffer's generation and
+    /// are still waiting, before that buffer's stack map is cleared. Returns every
+    /// (tid, generation) still off-CPU, or `None` when off-CPU tracing is off.
+    fn save_long_waits(
+        &mut self,
+        idle: usize,
+        resolver: &mut StackResolver,
+    ) -> anyhow::Result<Option<std::collections::HashSet<(u32, u32)>>> {
+        if self.config.offcpu_sample_threshold == 0 {
+            return Ok(None);
+        }
+        let Some(idle_generation) = self.config.generation.checked_sub(1) else { return Ok(None) };
+        let mut waiting = std::collections::HashSet::new();
+        for entry in self.switched_out.iter() {
+            // Entries may vanish while we iterate: those threads just woke up.
+            let Ok((tid, out)) = entry else { continue };
+            let key = (tid, out.generation as u32);
+            waiting.insert(key);
+            if out.generation == idle_generation && !self.long_waits.contains_key(&key) {
+                let stack_key = StackKey {
+                    user_stack_id: out.user_stack_id,
+                    kernel_stack_id: out.kernel_stack_id,
+                    ..zero_key()
+                };
+                let stacks = resolver.resolve(&self.stacks[idle], idle, &stack_key);
+                self.long_waits.insert(key, stacks);
+            }
+        }
+        Ok(Some(waiting))
     }
 
     fn drain_on_cpu(
@@ -290,8 +336,18 @@ impl Sampler {
             map.remove(key).ok();
         }
         let len = entries.len();
-        for (key, value) in entries {
-            let (user, kernel) = resolver.resolve(&self.stacks[buffer], buffer, &key);
+        for (mut key, value) in entries {
+            let (user, kernel) = if key.state & STATE_LONG_WAIT != 0 {
+                let saved = self.long_waits.remove(&(key.pid, key._pad));
+                if saved.is_none() {
+                    self.long_waits_unresolved += 1;
+                }
+                key.state &= !STATE_LONG_WAIT;
+                key._pad = 0;
+                saved.unwrap_or((None, None))
+            } else {
+                resolver.resolve(&self.stacks[buffer], buffer, &key)
+            };
             out.push(RawSample {
                 key,
                 user,
@@ -300,6 +356,11 @@ impl Sampler {
             });
         }
         Ok(len)
+    }
+
+    /// Long waits that ended without saved stacks (reported as `[unknown]` frames).
+    pub fn long_waits_unresolved(&self) -> u64 {
+        self.long_waits_unresolved
     }
 
     /// Running total of one counter since the programs were loaded.
@@ -315,6 +376,10 @@ impl Sampler {
         }
         Ok(counts)
     }
+}
+
+fn zero_key() -> StackKey {
+    StackKey { tgid: 0, pid: 0, user_stack_id: -1, kernel_stack_id: -1, state: 0, _pad: 0, comm: [0; 16] }
 }
 
 /// Reads each stack id once per buffer and drain.

@@ -19,6 +19,7 @@ pub struct StackKey {
     /// `prev_state` of the switch-out as reported by the sched_switch tracepoint,
     /// with [`STATE_PREEMPTED`] set when the task was still runnable. Zero for on-CPU.
     pub state: u32,
+    /// Zero, except for [`STATE_LONG_WAIT`] entries.
     pub _pad: u32,
     /// The thread's comm at sample time, so exited processes keep a name.
     pub comm: [u8; TASK_COMM_LEN],
@@ -49,6 +50,10 @@ pub struct SwitchOut {
 
 /// Set in [`StackKey::state`] for a task switched out while still runnable (preempted).
 pub const STATE_PREEMPTED: u32 = 1 << 31;
+/// Set in [`StackKey::state`] for a wait that outlived the stack map its stack ids point
+/// into; `_pad` then holds the low 32 bits of the switch-out generation and the agent
+/// finds the stacks it saved from `SWITCH_OUT` under (pid, generation).
+pub const STATE_LONG_WAIT: u32 = 1 << 30;
 /// Task states of the sched_switch tracepoint (TASK_REPORT bits).
 pub const TASK_INTERRUPTIBLE: u32 = 0x1;
 pub const TASK_UNINTERRUPTIBLE: u32 = 0x2;
@@ -86,7 +91,7 @@ pub enum Stat {
     SwitchOutMapFull,
     OffCpuMapFull,
     OffCpuBelowMin,
-    OffCpuStale,
+    OffCpuLongWait,
 }
 
 impl Stat {
@@ -101,7 +106,7 @@ impl Stat {
         Stat::SwitchOutMapFull,
         Stat::OffCpuMapFull,
         Stat::OffCpuBelowMin,
-        Stat::OffCpuStale,
+        Stat::OffCpuLongWait,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -115,7 +120,7 @@ impl Stat {
             Stat::SwitchOutMapFull => "switch_out_map_full",
             Stat::OffCpuMapFull => "offcpu_map_full",
             Stat::OffCpuBelowMin => "offcpu_below_min",
-            Stat::OffCpuStale => "offcpu_stale_stack",
+            Stat::OffCpuLongWait => "offcpu_long_waits",
         }
     }
 }

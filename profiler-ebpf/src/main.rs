@@ -23,7 +23,7 @@ mod programs {
         programs::{tracing::StackIdContext, PerfEventContext, TracePointContext},
     };
     use profiler_common::{
-        Config, OffCpuValue, Stat, StackKey, SwitchOut, EXIT_DEAD, EXIT_ZOMBIE, STATE_PREEMPTED,
+        Config, OffCpuValue, Stat, StackKey, SwitchOut, EXIT_DEAD, EXIT_ZOMBIE, STATE_LONG_WAIT, STATE_PREEMPTED,
         TASK_COMM_LEN,
     };
 
@@ -50,7 +50,6 @@ mod programs {
     static SWITCH_OUT: LruHashMap<u32, SwitchOut> = LruHashMap::with_max_entries(32768, 0);
 
     const EFAULT: i64 = 14;
-    const ENOENT: i64 = 2;
     const EEXIST: i64 = 17;
 
     #[inline(always)]
@@ -234,14 +233,15 @@ mod programs {
             comm: out.comm,
         };
         // Stack ids live in the stack map of the switch-out's generation. One flip back, that
-        // map is still intact and the agent drains its aggregate before clearing it; older
-        // stack maps are gone, so keep the time but not the stack.
+        // map is still intact and the agent drains its aggregate before clearing it. Older
+        // maps are gone, but the agent saved the stacks of threads still switched out before
+        // clearing them: tag the entry so it can find them.
         let generation = if out.generation + 1 >= current {
             out.generation
         } else {
-            count(Stat::OffCpuStale);
-            key.user_stack_id = -(ENOENT as i32);
-            key.kernel_stack_id = -(ENOENT as i32);
+            count(Stat::OffCpuLongWait);
+            key.state |= STATE_LONG_WAIT;
+            key._pad = out.generation as u32;
             current
         };
         let totals = if generation & 1 == 0 { &OFFCPU_0 } else { &OFFCPU_1 };

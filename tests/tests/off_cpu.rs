@@ -57,6 +57,12 @@ fn waits_are_measured_and_classified() {
     eprintln!("wait_disk off-CPU {:.3} s, blocked-* {:.3} s", disk_off / 1e9, disk_blocked / 1e9);
     assert!(disk_off > 0.0 && disk_blocked >= 0.5 * disk_off, "wait_disk not mostly blocked-*: {disk_blocked} of {disk_off} ns");
 
+    // The main thread waits in pthread_join for the whole run: one wait spanning several
+    // drain windows, which must keep its stack and reason.
+    let join = sum_where(&stacks, |f| ours(f) && kind(f) == "[off-cpu:blocked-lock]" && has(f, "futex_wait_[k]")) as f64 / 1e9;
+    eprintln!("main thread join wait {join:.3} s");
+    assert!(join >= 0.8 * sleep_wall, "long futex wait lost its stack or reason: {join:.3} s");
+
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.contains("[off-cpu:sleep]") && svg.contains("[on-cpu]"), "hot/cold SVG lacks kind frames");
 }
