@@ -7,4 +7,5 @@ pub mod process;
 pub mod record;
 pub mod render;
 pub mod sample;
+pub mod session;
 pub mod symbolize;
