@@ -126,21 +126,39 @@ impl<'a> BatchBuilder<'a> {
         if value == 0 {
             return Ok(());
         }
+        let stack = self.stack(frames)?;
+        let series = self.series_for(extra)?;
+        self.add_row(series, stack, value);
+        Ok(())
+    }
+
+    /// Interns a root-first stack, returning its id. A sample without
+    /// frames still counts, under `[unknown]`.
+    pub fn stack<S: AsRef<str>>(&mut self, frames: &[S]) -> Result<u64, Rejected> {
         let frames = &frames[..frames.len().min(self.limits.max_stack_depth)];
         if frames.is_empty() {
-            return Err(bad("empty stack"));
+            return self.stack(&["[unknown]"]);
         }
         let sid = stack_id(frames);
         self.stacks
             .entry(sid)
             .or_insert_with(|| frames.iter().map(|f| f.as_ref().to_owned()).collect::<Vec<_>>().into());
-        let series = if extra.is_empty() { self.base_id } else { self.series_for(extra)? };
-        let slot = self.rows.entry((series, sid)).or_insert(0);
-        *slot = slot.saturating_add(value);
-        Ok(())
+        Ok(sid)
     }
 
-    fn series_for(&mut self, extra: &[(String, String)]) -> Result<u64, Rejected> {
+    /// Adds `value` to the row of an interned series and stack.
+    pub fn add_row(&mut self, series: u64, stack: u64, value: i64) {
+        if value != 0 {
+            let slot = self.rows.entry((series, stack)).or_insert(0);
+            *slot = slot.saturating_add(value);
+        }
+    }
+
+    /// Interns the series of the request labels plus `extra`, returning its id.
+    pub fn series_for(&mut self, extra: &[(String, String)]) -> Result<u64, Rejected> {
+        if extra.is_empty() {
+            return Ok(self.base_id);
+        }
         let mut labels = self.base.clone();
         for (k, v) in extra {
             if !labels.contains_key(k) {
@@ -265,15 +283,40 @@ pub fn pprof(profile: &Profile, idx: usize, b: &mut BatchBuilder) -> Result<(), 
         }
         None => 1,
     };
+    // Samples repeat location lists and label sets (one per series x stack),
+    // so each distinct one is resolved and interned once.
+    let mut stacks: HashMap<&[u64], u64> = HashMap::new();
+    let mut series: HashMap<Vec<(i64, i64)>, u64> = HashMap::new();
     let mut frames = Vec::new();
     for s in &profile.sample {
         if s.value.len() != types.len() {
             return Err(bad(format!("sample has {} values, profile has {} sample types", s.value.len(), types.len())));
         }
-        frames.clear();
-        r.frames(s, &mut frames).map_err(|e| bad(e.to_string()))?;
-        let labels = r.labels(s).map_err(|e| bad(e.to_string()))?;
-        b.add(&frames, &labels, s.value[idx].saturating_mul(scale))?;
+        let value = s.value[idx].saturating_mul(scale);
+        if value == 0 {
+            continue;
+        }
+        let stack = match stacks.get(s.location_id.as_slice()) {
+            Some(&id) => id,
+            None => {
+                frames.clear();
+                r.frames(s, &mut frames).map_err(|e| bad(e.to_string()))?;
+                let id = b.stack(&frames)?;
+                stacks.insert(&s.location_id, id);
+                id
+            }
+        };
+        let key: Vec<(i64, i64)> = s.label.iter().filter(|l| l.str != 0).map(|l| (l.key, l.str)).collect();
+        let series_id = match series.get(&key) {
+            Some(&id) => id,
+            None => {
+                let labels = r.labels(s).map_err(|e| bad(e.to_string()))?;
+                let id = b.series_for(&labels)?;
+                series.insert(key, id);
+                id
+            }
+        };
+        b.add_row(series_id, stack, value);
     }
     Ok(())
 }
