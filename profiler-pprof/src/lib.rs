@@ -37,7 +37,9 @@ const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 pub fn decode_gzip(bytes: &[u8], max_decompressed: usize) -> Result<Profile, Error> {
     if !bytes.starts_with(&GZIP_MAGIC) {
         if bytes.len() > max_decompressed {
-            return Err(Error::TooLarge { limit: max_decompressed });
+            return Err(Error::TooLarge {
+                limit: max_decompressed,
+            });
         }
         return Ok(Profile::decode(bytes)?);
     }
@@ -48,7 +50,9 @@ pub fn decode_gzip(bytes: &[u8], max_decompressed: usize) -> Result<Profile, Err
         .read_to_end(&mut out)
         .map_err(Error::Gzip)?;
     if out.len() > max_decompressed {
-        return Err(Error::TooLarge { limit: max_decompressed });
+        return Err(Error::TooLarge {
+            limit: max_decompressed,
+        });
     }
     Ok(Profile::decode(out.as_slice())?)
 }
@@ -249,7 +253,10 @@ impl<'a> Resolver<'a> {
         let mut out = Vec::new();
         for l in &sample.label {
             if l.str != 0 {
-                out.push((self.string(l.key)?.to_owned(), self.string(l.str)?.to_owned()));
+                out.push((
+                    self.string(l.key)?.to_owned(),
+                    self.string(l.str)?.to_owned(),
+                ));
             }
         }
         Ok(out)
@@ -282,8 +289,16 @@ impl<'a> Resolver<'a> {
                     Error::Invalid(format!("location {id} references unknown function"))
                 })?;
                 let name = self.string(f.name)?;
-                let name = if name.is_empty() { self.string(f.system_name)? } else { name };
-                Ok(if name.is_empty() { "?".to_owned() } else { name.to_owned() })
+                let name = if name.is_empty() {
+                    self.string(f.system_name)?
+                } else {
+                    name
+                };
+                Ok(if name.is_empty() {
+                    "?".to_owned()
+                } else {
+                    name.to_owned()
+                })
             })
             .collect()
     }
@@ -354,11 +369,20 @@ mod tests {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
         enc.write_all(&zeros).unwrap();
         let bomb = enc.finish().unwrap();
-        assert!(matches!(decode_gzip(&bomb, 1000), Err(Error::TooLarge { limit: 1000 })));
+        assert!(matches!(
+            decode_gzip(&bomb, 1000),
+            Err(Error::TooLarge { limit: 1000 })
+        ));
 
         let good = encode_gzip(&from_folded(&stacks(), "cpu", "nanoseconds", 1));
-        assert!(matches!(decode_gzip(&good[..good.len() / 2], 1 << 20), Err(Error::Gzip(_))));
-        assert!(matches!(decode_gzip(b"\xff\xff\xff\xff", 1 << 20), Err(Error::Protobuf(_))));
+        assert!(matches!(
+            decode_gzip(&good[..good.len() / 2], 1 << 20),
+            Err(Error::Gzip(_))
+        ));
+        assert!(matches!(
+            decode_gzip(b"\xff\xff\xff\xff", 1 << 20),
+            Err(Error::Protobuf(_))
+        ));
     }
 
     #[test]
@@ -379,7 +403,10 @@ mod tests {
         let leaf = p.sample[0].location_id[0];
         let idle = p.sample[2].location_id[0];
         let loc = p.location.iter_mut().find(|l| l.id == leaf).unwrap();
-        loc.line.push(Line { function_id: idle, ..Line::default() });
+        loc.line.push(Line {
+            function_id: idle,
+            ..Line::default()
+        });
         let s = to_stacks(&p).unwrap();
         assert_eq!(s[0].frames, ["main", "work", "idle", "leaf"]);
     }

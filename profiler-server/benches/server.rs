@@ -9,8 +9,8 @@ use profiler_server::config::Limits;
 use profiler_server::ingest::{self, BatchBuilder, Target};
 use profiler_server::query::{self, Tree};
 use profiler_server::store::{
-    series_id, stack_id, Aggregate, Batch, EmbeddedStore, Frames, GroupBy, Labels, Matcher, Row, Selector, Store,
-    StoreOptions,
+    series_id, stack_id, Aggregate, Batch, EmbeddedStore, Frames, GroupBy, Labels, Matcher, Row,
+    Selector, Store, StoreOptions,
 };
 
 const SERIES: usize = 100;
@@ -32,13 +32,17 @@ impl Rng {
 /// 250 stacks 8..32 deep over a pool of function names, sharing prefixes
 /// the way real call trees do.
 fn stacks(rng: &mut Rng) -> Vec<Frames> {
-    let names: Vec<String> = (0..400).map(|i| format!("crate::module_{}::function_{i}", i % 17)).collect();
+    let names: Vec<String> = (0..400)
+        .map(|i| format!("crate::module_{}::function_{i}", i % 17))
+        .collect();
     (0..STACKS)
         .map(|i| {
             let depth = 8 + (rng.next() % 24) as usize;
             let mut f = vec!["main".to_string(), format!("worker_{}", i % 8)];
             for d in 2..depth {
-                f.push(names[((i / 4) * 7 + d * 13 + (rng.next() % 3) as usize) % names.len()].clone());
+                f.push(
+                    names[((i / 4) * 7 + d * 13 + (rng.next() % 3) as usize) % names.len()].clone(),
+                );
             }
             Arc::from(f)
         })
@@ -57,27 +61,50 @@ fn series() -> Vec<Labels> {
         .collect()
 }
 
-fn window_batch(ts: i64, stacks: &[Frames], series: &[Labels], rng: &mut Rng, dicts: bool) -> Batch {
+fn window_batch(
+    ts: i64,
+    stacks: &[Frames],
+    series: &[Labels],
+    rng: &mut Rng,
+    dicts: bool,
+) -> Batch {
     let st: Vec<u64> = stacks.iter().map(|s| stack_id(s)).collect();
     let se: Vec<u64> = series.iter().map(series_id).collect();
     let mut rows = Vec::with_capacity(SERIES * STACKS);
     for &series_id in &se {
         for &stack_id in &st {
             // 1..8 samples of 10 ms.
-            rows.push(Row { ts_ms: ts, series_id, stack_id, value: ((rng.next() % 8) as i64 + 1) * 10_000_000 });
+            rows.push(Row {
+                ts_ms: ts,
+                series_id,
+                stack_id,
+                value: ((rng.next() % 8) as i64 + 1) * 10_000_000,
+            });
         }
     }
     Batch {
         service: "bench".into(),
         kind: "on-cpu".into(),
-        stacks: if dicts { st.iter().copied().zip(stacks.iter().cloned()).collect() } else { vec![] },
-        series: if dicts { se.iter().copied().zip(series.iter().cloned()).collect() } else { vec![] },
+        stacks: if dicts {
+            st.iter().copied().zip(stacks.iter().cloned()).collect()
+        } else {
+            vec![]
+        },
+        series: if dicts {
+            se.iter().copied().zip(series.iter().cloned()).collect()
+        } else {
+            vec![]
+        },
         rows,
     }
 }
 
 fn opts() -> StoreOptions {
-    StoreOptions { segment_span_ms: 600_000, retention_ms: None, downsample: vec![] }
+    StoreOptions {
+        segment_span_ms: 600_000,
+        retention_ms: None,
+        downsample: vec![],
+    }
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -97,7 +124,13 @@ fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
 }
 
 fn sel(from: i64, until: i64) -> Selector {
-    Selector { service: "bench".into(), from_ms: from, until_ms: until, kinds: None, matchers: vec![] }
+    Selector {
+        service: "bench".into(),
+        from_ms: from,
+        until_ms: until,
+        kinds: None,
+        matchers: vec![],
+    }
 }
 
 fn main() {
@@ -109,7 +142,9 @@ fn main() {
     // --- ingest: store.append (WAL write + fsync + buffer), one thread ---
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(dir.path(), opts()).unwrap();
-    let batches: Vec<Batch> = (0..40).map(|w| window_batch(T0 + w * WINDOW_MS, &stacks, &series, &mut rng, true)).collect();
+    let batches: Vec<Batch> = (0..40)
+        .map(|w| window_batch(T0 + w * WINDOW_MS, &stacks, &series, &mut rng, true))
+        .collect();
     let rows: usize = batches.iter().map(|b| b.rows.len()).sum();
     let t = Instant::now();
     for b in batches {
@@ -139,7 +174,12 @@ fn main() {
     let mut ingested = 0;
     for w in 0..n {
         let p = profiler_pprof::decode_gzip(&gz, 256 << 20).unwrap();
-        let target = Target { service: "bench2".into(), kind: "on-cpu".into(), ts_ms: T0 + w * WINDOW_MS, labels: Labels::new() };
+        let target = Target {
+            service: "bench2".into(),
+            kind: "on-cpu".into(),
+            ts_ms: T0 + w * WINDOW_MS,
+            labels: Labels::new(),
+        };
         let mut b = BatchBuilder::new(&limits, target).unwrap();
         ingest::pprof(&p, 0, &mut b).unwrap();
         let batch = b.finish();
@@ -163,7 +203,15 @@ fn main() {
     let t = Instant::now();
     for w in 0..windows {
         // Dictionaries ride along on the first window only, like a warm agent.
-        store.append(window_batch(T0 + w * WINDOW_MS, &stacks, &series, &mut rng, w == 0)).unwrap();
+        store
+            .append(window_batch(
+                T0 + w * WINDOW_MS,
+                &stacks,
+                &series,
+                &mut rng,
+                w == 0,
+            ))
+            .unwrap();
     }
     let load = t.elapsed();
     let total_rows = windows as usize * SERIES * STACKS;
@@ -192,7 +240,10 @@ fn main() {
         let tree = Tree::build(&store, &[&agg], false);
         serde_json::to_string(&tree.to_json(2048, 0.0, false)).unwrap()
     });
-    println!("flame graph, 1 h:           {d:>10.2?}  (goal < 150 ms; {} KiB JSON)", json.len() / 1024);
+    println!(
+        "flame graph, 1 h:           {d:>10.2?}  (goal < 150 ms; {} KiB JSON)",
+        json.len() / 1024
+    );
 
     let (d, _) = time(7, || store.aggregate(&whole, GroupBy::Stack).unwrap());
     println!("  of which scan+aggregate:  {d:>10.2?}");
@@ -202,7 +253,10 @@ fn main() {
     let (d, _) = time(7, || {
         let (a, b): (Aggregate, Aggregate) = std::thread::scope(|s| {
             let h = s.spawn(|| store.aggregate(&first, GroupBy::Stack).unwrap());
-            (store.aggregate(&second, GroupBy::Stack).unwrap(), h.join().unwrap())
+            (
+                store.aggregate(&second, GroupBy::Stack).unwrap(),
+                h.join().unwrap(),
+            )
         });
         let mut tree = Tree::build(&store, &[&a, &b], false);
         tree.normalize_base();
@@ -214,7 +268,10 @@ fn main() {
         let agg = store.aggregate(&whole, GroupBy::Stack).unwrap();
         query::top(&store, &agg, false, 50)
     });
-    println!("top functions by self:      {d:>10.2?}  (goal < 150 ms; #1 {})", top[0].name);
+    println!(
+        "top functions by self:      {d:>10.2?}  (goal < 150 ms; #1 {})",
+        top[0].name
+    );
 
     let mut filtered = whole.clone();
     filtered.matchers = vec![Matcher::Eq("host".into(), "host-3".into())];
@@ -226,8 +283,13 @@ fn main() {
     println!("flame graph scan, 20 min:   {d:>10.2?}  (partial segments: reads the ts column)");
 
     let (d, tl) = time(5, || {
-        let agg = store.aggregate(&whole, GroupBy::Time { step_ms: 60_000 }).unwrap();
+        let agg = store
+            .aggregate(&whole, GroupBy::Time { step_ms: 60_000 })
+            .unwrap();
         query::timeline(&agg, whole.from_ms, whole.until_ms, 60_000)
     });
-    println!("timeline, 1 h @ 1 min:      {d:>10.2?}  ({} points)", tl.series["on-cpu"].len());
+    println!(
+        "timeline, 1 h @ 1 min:      {d:>10.2?}  ({} points)",
+        tl.series["on-cpu"].len()
+    );
 }

@@ -40,11 +40,17 @@ pub struct ApiError {
 
 impl ApiError {
     fn bad(message: impl Into<String>) -> ApiError {
-        ApiError { status: StatusCode::BAD_REQUEST, message: message.into() }
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
     }
     fn internal(e: impl std::fmt::Display) -> ApiError {
         tracing::error!(error = %e, "internal error");
-        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: "internal error; see server log".into() }
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: "internal error; see server log".into(),
+        }
     }
 }
 
@@ -54,16 +60,20 @@ impl From<Rejected> for ApiError {
             Rejected::BadRequest(_) => StatusCode::BAD_REQUEST,
             Rejected::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         };
-        ApiError { status, message: r.to_string() }
+        ApiError {
+            status,
+            message: r.to_string(),
+        }
     }
 }
 
 impl From<profiler_pprof::Error> for ApiError {
     fn from(e: profiler_pprof::Error) -> ApiError {
         match e {
-            profiler_pprof::Error::TooLarge { .. } => {
-                ApiError { status: StatusCode::PAYLOAD_TOO_LARGE, message: e.to_string() }
-            }
+            profiler_pprof::Error::TooLarge { .. } => ApiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                message: e.to_string(),
+            },
             e => ApiError::bad(e.to_string()),
         }
     }
@@ -82,7 +92,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/ingest", post(ingest_native))
         .route("/ingest", post(ingest_pyroscope))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
-        .layer(axum::extract::DefaultBodyLimit::max(state.config.limits.max_body_bytes));
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.config.limits.max_body_bytes,
+        ));
     let queries = Router::new()
         .route("/api/v1/services", get(services))
         .route("/api/v1/labels", get(labels))
@@ -98,7 +110,12 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }));
     ingest
         .merge(queries)
-        .fallback(|| async { ApiError { status: StatusCode::NOT_FOUND, message: "no such route".into() } })
+        .fallback(|| async {
+            ApiError {
+                status: StatusCode::NOT_FOUND,
+                message: "no such route".into(),
+            }
+        })
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(CompressionLayer::new().compress_when(
             DefaultPredicate::new().and(NotForContentType::const_new("application/octet-stream")),
@@ -115,7 +132,8 @@ async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response 
         .to_owned();
     let start = Instant::now();
     let resp = next.run(req).await;
-    s.metrics.record_request(&route, resp.status().as_u16(), start.elapsed());
+    s.metrics
+        .record_request(&route, resp.status().as_u16(), start.elapsed());
     resp
 }
 
@@ -129,10 +147,24 @@ async fn auth(State(s): State<AppState>, headers: HeaderMap, req: Request, next:
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match token {
-        Some(t) if s.config.tokens.iter().any(|k| constant_time_eq(k.as_bytes(), t.as_bytes())) => next.run(req).await,
-        Some(_) => ApiError { status: StatusCode::UNAUTHORIZED, message: "invalid bearer token".into() }.into_response(),
-        None => ApiError { status: StatusCode::UNAUTHORIZED, message: "missing `Authorization: Bearer <token>` header".into() }
-            .into_response(),
+        Some(t)
+            if s.config
+                .tokens
+                .iter()
+                .any(|k| constant_time_eq(k.as_bytes(), t.as_bytes())) =>
+        {
+            next.run(req).await
+        }
+        Some(_) => ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: "invalid bearer token".into(),
+        }
+        .into_response(),
+        None => ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: "missing `Authorization: Bearer <token>` header".into(),
+        }
+        .into_response(),
     }
 }
 
@@ -140,8 +172,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f).await.map_err(ApiError::internal)?
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(ApiError::internal)?
 }
 
 /// Decoded query string; repeated keys are kept in order.
@@ -149,18 +185,29 @@ struct Params(Vec<(String, String)>);
 
 impl Params {
     fn new(q: Option<String>) -> Params {
-        Params(form_urlencoded::parse(q.unwrap_or_default().as_bytes()).into_owned().collect())
+        Params(
+            form_urlencoded::parse(q.unwrap_or_default().as_bytes())
+                .into_owned()
+                .collect(),
+        )
     }
     fn get(&self, k: &str) -> Option<&str> {
-        self.0.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
+        self.0
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
     }
     fn req(&self, k: &str) -> ApiResult<&str> {
-        self.get(k).ok_or_else(|| ApiError::bad(format!("missing query parameter `{k}`")))
+        self.get(k)
+            .ok_or_else(|| ApiError::bad(format!("missing query parameter `{k}`")))
     }
     fn num<T: std::str::FromStr>(&self, k: &str, default: T) -> ApiResult<T> {
         match self.get(k) {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|_| ApiError::bad(format!("`{k}`: {v:?} is not a valid number"))),
+            Some(v) => v
+                .parse()
+                .map_err(|_| ApiError::bad(format!("`{k}`: {v:?} is not a valid number"))),
         }
     }
     fn flag(&self, k: &str, default: bool) -> ApiResult<bool> {
@@ -176,7 +223,9 @@ impl Params {
         match self.get(k) {
             None => Ok(default),
             Some(v) => parse_time(v, now).ok_or_else(|| {
-                ApiError::bad(format!("`{k}`: {v:?} is neither unix milliseconds nor now[-<n>(s|m|h|d)]"))
+                ApiError::bad(format!(
+                    "`{k}`: {v:?} is neither unix milliseconds nor now[-<n>(s|m|h|d)]"
+                ))
             }),
         }
     }
@@ -209,7 +258,15 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-const RESERVED: [&str; 7] = ["service", "kind", "from", "until", "sample_type", "label", "format"];
+const RESERVED: [&str; 7] = [
+    "service",
+    "kind",
+    "from",
+    "until",
+    "sample_type",
+    "label",
+    "format",
+];
 
 /// Ingest labels: any non-reserved parameter `name=value`, and `label=name:value`
 /// (for names that collide with reserved parameters).
@@ -217,7 +274,9 @@ fn ingest_labels(p: &Params) -> ApiResult<Labels> {
     let mut labels = Labels::new();
     for (k, v) in &p.0 {
         if k == "label" {
-            let (n, val) = v.split_once(':').ok_or_else(|| ApiError::bad(format!("label {v:?} is not name:value")))?;
+            let (n, val) = v
+                .split_once(':')
+                .ok_or_else(|| ApiError::bad(format!("label {v:?} is not name:value")))?;
             labels.insert(n.to_owned(), val.to_owned());
         } else if !RESERVED.contains(&k.as_str()) {
             labels.insert(k.clone(), v.clone());
@@ -231,7 +290,10 @@ fn align(ts_ms: i64, window: i64) -> i64 {
 }
 
 fn body_bytes(r: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Bytes> {
-    r.map_err(|e| ApiError { status: e.status(), message: format!("reading request body: {}", e.body_text()) })
+    r.map_err(|e| ApiError {
+        status: e.status(),
+        message: format!("reading request body: {}", e.body_text()),
+    })
 }
 
 /// Decompresses a gzip body (folded text may be gzipped too) within the bomb limit.
@@ -246,7 +308,9 @@ fn maybe_gunzip(body: &[u8], max: usize) -> ApiResult<Vec<u8>> {
         .read_to_end(&mut out)
         .map_err(|e| ApiError::bad(format!("gzip stream is corrupt or truncated: {e}")))?;
     if out.len() > max {
-        return Err(Rejected::TooLarge(format!("body decompresses to more than {max} bytes")).into());
+        return Err(
+            Rejected::TooLarge(format!("body decompresses to more than {max} bytes")).into(),
+        );
     }
     Ok(out)
 }
@@ -260,10 +324,18 @@ struct IngestSummary {
 
 fn store_batch(s: &AppState, b: BatchBuilder, body_len: usize) -> ApiResult<Json<IngestSummary>> {
     let batch = b.finish();
-    let summary = IngestSummary { rows: batch.rows.len(), stacks: batch.stacks.len(), series: batch.series.len() };
+    let summary = IngestSummary {
+        rows: batch.rows.len(),
+        stacks: batch.stacks.len(),
+        series: batch.series.len(),
+    };
     s.store.append(batch).map_err(ApiError::internal)?;
-    s.metrics.ingested_rows.fetch_add(summary.rows as u64, std::sync::atomic::Ordering::Relaxed);
-    s.metrics.ingested_bytes.fetch_add(body_len as u64, std::sync::atomic::Ordering::Relaxed);
+    s.metrics
+        .ingested_rows
+        .fetch_add(summary.rows as u64, std::sync::atomic::Ordering::Relaxed);
+    s.metrics
+        .ingested_bytes
+        .fetch_add(body_len as u64, std::sync::atomic::Ordering::Relaxed);
     Ok(Json(summary))
 }
 
@@ -280,7 +352,12 @@ async fn ingest_native(
         let limits = &s.config.limits;
         let window = s.config.storage.window_ms;
         let from = p.time("from", now_ms(), now_ms())?;
-        let target = |kind: String| Target { service: service.clone(), kind, ts_ms: align(from, window), labels: labels.clone() };
+        let target = |kind: String| Target {
+            service: service.clone(),
+            kind,
+            ts_ms: align(from, window),
+            labels: labels.clone(),
+        };
         if p.get("format") == Some("folded") {
             let kind = p.req("kind")?.to_owned();
             let text = maybe_gunzip(&body, limits.max_decompressed_bytes)?;
@@ -311,7 +388,11 @@ async fn ingest_native(
 /// Pyroscope's `/ingest`: `name=app.cpu{k=v}`, `from`/`until` in unix
 /// seconds, `format=folded|pprof`, `sampleRate`, `units`; the body is raw
 /// (folded text or pprof) or multipart with a `profile` part.
-async fn ingest_pyroscope(State(s): State<AppState>, RawQuery(q): RawQuery, req: Request) -> ApiResult<Json<IngestSummary>> {
+async fn ingest_pyroscope(
+    State(s): State<AppState>,
+    RawQuery(q): RawQuery,
+    req: Request,
+) -> ApiResult<Json<IngestSummary>> {
     let p = Params::new(q);
     let is_multipart = req
         .headers()
@@ -321,11 +402,20 @@ async fn ingest_pyroscope(State(s): State<AppState>, RawQuery(q): RawQuery, req:
     let body = if is_multipart {
         let mut mp = axum::extract::Multipart::from_request(req, &s)
             .await
-            .map_err(|e| ApiError { status: e.status(), message: e.body_text() })?;
+            .map_err(|e| ApiError {
+                status: e.status(),
+                message: e.body_text(),
+            })?;
         let mut profile = None;
-        while let Some(field) = mp.next_field().await.map_err(|e| ApiError { status: e.status(), message: e.body_text() })? {
+        while let Some(field) = mp.next_field().await.map_err(|e| ApiError {
+            status: e.status(),
+            message: e.body_text(),
+        })? {
             if field.name() == Some("profile") {
-                profile = Some(field.bytes().await.map_err(|e| ApiError { status: e.status(), message: e.body_text() })?);
+                profile = Some(field.bytes().await.map_err(|e| ApiError {
+                    status: e.status(),
+                    message: e.body_text(),
+                })?);
             }
         }
         profile.ok_or_else(|| ApiError::bad("multipart body has no `profile` part"))?
@@ -343,7 +433,11 @@ async fn ingest_pyroscope(State(s): State<AppState>, RawQuery(q): RawQuery, req:
             labels,
         };
         let mut b = BatchBuilder::new(limits, target)?;
-        let format = if is_multipart { "pprof" } else { p.get("format").unwrap_or("folded") };
+        let format = if is_multipart {
+            "pprof"
+        } else {
+            p.get("format").unwrap_or("folded")
+        };
         match format {
             "folded" | "lines" => {
                 let rate: i64 = p.num("sampleRate", 100)?;
@@ -351,7 +445,11 @@ async fn ingest_pyroscope(State(s): State<AppState>, RawQuery(q): RawQuery, req:
                     return Err(ApiError::bad("`sampleRate` must be positive"));
                 }
                 let samples = p.get("units").is_none_or(|u| u == "samples");
-                let scale = if samples && ingest::is_time_kind(&kind) { 1_000_000_000 / rate } else { 1 };
+                let scale = if samples && ingest::is_time_kind(&kind) {
+                    1_000_000_000 / rate
+                } else {
+                    1
+                };
                 let text = maybe_gunzip(&body, limits.max_decompressed_bytes)?;
                 ingest::folded(&text, scale, &mut b)?;
             }
@@ -360,7 +458,11 @@ async fn ingest_pyroscope(State(s): State<AppState>, RawQuery(q): RawQuery, req:
                 let idx = ingest::pick_sample_type(&profile, p.get("sample_type"), Some(&kind))?;
                 ingest::pprof(&profile, idx, &mut b)?;
             }
-            other => return Err(ApiError::bad(format!("unsupported format {other:?}; use folded or pprof"))),
+            other => {
+                return Err(ApiError::bad(format!(
+                    "unsupported format {other:?}; use folded or pprof"
+                )))
+            }
         }
         store_batch(&s, b, body.len())
     })
@@ -374,22 +476,42 @@ fn selector(p: &Params, from_key: &str, until_key: &str) -> ApiResult<Selector> 
     let until = p.time(until_key, now, now)?;
     let from = p.time(from_key, now, until - 3_600_000)?;
     if from >= until {
-        return Err(ApiError::bad(format!("`{from_key}` must be before `{until_key}`")));
+        return Err(ApiError::bad(format!(
+            "`{from_key}` must be before `{until_key}`"
+        )));
     }
     let kinds = p.get("kinds").or(p.get("kind")).map(|k| {
-        k.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect::<Vec<_>>()
+        k.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
     });
     let mut matchers = Vec::new();
-    for m in p.get("filter").unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    for m in p
+        .get("filter")
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         matchers.push(if let Some((k, v)) = m.split_once("!=") {
             Matcher::Ne(k.trim().to_owned(), v.trim().to_owned())
         } else if let Some((k, v)) = m.split_once('=') {
             Matcher::Eq(k.trim().to_owned(), v.trim().to_owned())
         } else {
-            return Err(ApiError::bad(format!("filter {m:?} is not name=value or name!=value")));
+            return Err(ApiError::bad(format!(
+                "filter {m:?} is not name=value or name!=value"
+            )));
         });
     }
-    Ok(Selector { service, from_ms: from, until_ms: until, kinds, matchers })
+    Ok(Selector {
+        service,
+        from_ms: from,
+        until_ms: until,
+        kinds,
+        matchers,
+    })
 }
 
 async fn services(State(s): State<AppState>) -> ApiResult<Json<Vec<String>>> {
@@ -400,27 +522,43 @@ async fn labels(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<J
     let p = Params::new(q);
     let service = p.req("service")?.to_owned();
     blocking(move || {
-        let mut names: Vec<String> =
-            s.store.series(&service).iter().flat_map(|l| l.keys().cloned()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let mut names: Vec<String> = s
+            .store
+            .series(&service)
+            .iter()
+            .flat_map(|l| l.keys().cloned())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         names.retain(|n| n != "service");
         Ok(Json(names))
     })
     .await
 }
 
-async fn label_values(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<Vec<String>>> {
+async fn label_values(
+    State(s): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<Vec<String>>> {
     let p = Params::new(q);
     let service = p.req("service")?.to_owned();
     let name = p.req("name")?.to_owned();
     blocking(move || {
-        let values: std::collections::BTreeSet<String> =
-            s.store.series(&service).iter().filter_map(|l| l.get(&name).cloned()).collect();
+        let values: std::collections::BTreeSet<String> = s
+            .store
+            .series(&service)
+            .iter()
+            .filter_map(|l| l.get(&name).cloned())
+            .collect();
         Ok(Json(values.into_iter().collect()))
     })
     .await
 }
 
-async fn timeline(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<query::Timeline>> {
+async fn timeline(
+    State(s): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<query::Timeline>> {
     let p = Params::new(q);
     let sel = selector(&p, "from", "until")?;
     let window = s.config.storage.window_ms;
@@ -428,10 +566,15 @@ async fn timeline(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult
     let default_step = (((sel.until_ms - sel.from_ms) / 200).max(window) / window) * window;
     let step: i64 = p.num("step", default_step)?;
     if step <= 0 || (sel.until_ms - sel.from_ms) / step > 100_000 {
-        return Err(ApiError::bad("`step` must be positive and give at most 100000 points"));
+        return Err(ApiError::bad(
+            "`step` must be positive and give at most 100000 points",
+        ));
     }
     blocking(move || {
-        let agg = s.store.aggregate(&sel, GroupBy::Time { step_ms: step }).map_err(ApiError::internal)?;
+        let agg = s
+            .store
+            .aggregate(&sel, GroupBy::Time { step_ms: step })
+            .map_err(ApiError::internal)?;
         Ok(Json(query::timeline(&agg, sel.from_ms, sel.until_ms, step)))
     })
     .await
@@ -446,12 +589,18 @@ fn tree_params(p: &Params) -> ApiResult<(usize, f64)> {
     Ok((max_nodes.max(1), min_share))
 }
 
-async fn flamegraph(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<query::FlameNode>> {
+async fn flamegraph(
+    State(s): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<query::FlameNode>> {
     let p = Params::new(q);
     let sel = selector(&p, "from", "until")?;
     let (max_nodes, min_share) = tree_params(&p)?;
     blocking(move || {
-        let agg = s.store.aggregate(&sel, GroupBy::Stack).map_err(ApiError::internal)?;
+        let agg = s
+            .store
+            .aggregate(&sel, GroupBy::Stack)
+            .map_err(ApiError::internal)?;
         let kind_roots = agg.values().filter(|m| !m.is_empty()).count() > 1;
         let tree = Tree::build(&*s.store, &[&agg], kind_roots);
         Ok(Json(tree.to_json(max_nodes, min_share, false)))
@@ -466,7 +615,10 @@ async fn folded(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<R
     let rate: i64 = p.num("sample_rate", 0)?;
     let divisor = if rate > 0 { 1_000_000_000 / rate } else { 1 };
     blocking(move || {
-        let agg = s.store.aggregate(&sel, GroupBy::Stack).map_err(ApiError::internal)?;
+        let agg = s
+            .store
+            .aggregate(&sel, GroupBy::Stack)
+            .map_err(ApiError::internal)?;
         let text = render::folded(&query::stacks(&*s.store, &agg), divisor);
         Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
     })
@@ -477,12 +629,22 @@ async fn pprof(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Re
     let p = Params::new(q);
     let sel = selector(&p, "from", "until")?;
     blocking(move || {
-        let agg = s.store.aggregate(&sel, GroupBy::Stack).map_err(ApiError::internal)?;
-        let bytes = render::pprof(&query::stacks(&*s.store, &agg), sel.until_ms - sel.from_ms, sel.until_ms);
+        let agg = s
+            .store
+            .aggregate(&sel, GroupBy::Stack)
+            .map_err(ApiError::internal)?;
+        let bytes = render::pprof(
+            &query::stacks(&*s.store, &agg),
+            sel.until_ms - sel.from_ms,
+            sel.until_ms,
+        );
         Ok((
             [
                 (header::CONTENT_TYPE, "application/octet-stream"),
-                (header::CONTENT_DISPOSITION, "attachment; filename=\"profile.pb.gz\""),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"profile.pb.gz\"",
+                ),
             ],
             bytes,
         )
@@ -494,16 +656,25 @@ async fn pprof(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Re
 async fn svg(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Response> {
     let p = Params::new(q);
     let sel = selector(&p, "from", "until")?;
-    let title = p.get("title").map_or_else(|| sel.service.clone(), str::to_owned);
+    let title = p
+        .get("title")
+        .map_or_else(|| sel.service.clone(), str::to_owned);
     blocking(move || {
-        let agg = s.store.aggregate(&sel, GroupBy::Stack).map_err(ApiError::internal)?;
-        let bytes = render::svg(&query::stacks(&*s.store, &agg), &title).map_err(ApiError::internal)?;
+        let agg = s
+            .store
+            .aggregate(&sel, GroupBy::Stack)
+            .map_err(ApiError::internal)?;
+        let bytes =
+            render::svg(&query::stacks(&*s.store, &agg), &title).map_err(ApiError::internal)?;
         Ok(([(header::CONTENT_TYPE, "image/svg+xml")], bytes).into_response())
     })
     .await
 }
 
-async fn diff(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<query::FlameNode>> {
+async fn diff(
+    State(s): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<query::FlameNode>> {
     let p = Params::new(q);
     let target = selector(&p, "from", "until")?;
     let base = selector(&p, "base_from", "base_until")?;
@@ -518,7 +689,10 @@ async fn diff(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Jso
             let a = s.store.aggregate(&target, GroupBy::Stack);
             (a, h.join().expect("diff scan panicked"))
         });
-        let (a, b) = (a.map_err(ApiError::internal)?, b.map_err(ApiError::internal)?);
+        let (a, b) = (
+            a.map_err(ApiError::internal)?,
+            b.map_err(ApiError::internal)?,
+        );
         let kinds: std::collections::HashSet<&String> = a.keys().chain(b.keys()).collect();
         let mut tree = Tree::build(&*s.store, &[&a, &b], kinds.len() > 1);
         if normalize {
@@ -529,14 +703,21 @@ async fn diff(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Jso
     .await
 }
 
-async fn top(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<serde_json::Value>> {
+async fn top(
+    State(s): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<serde_json::Value>> {
     let p = Params::new(q);
     let sel = selector(&p, "from", "until")?;
     let limit: usize = p.num("limit", 50)?;
     let by_total = match p.get("by").unwrap_or("self") {
         "self" => false,
         "total" => true,
-        other => return Err(ApiError::bad(format!("`by` must be self or total, not {other:?}"))),
+        other => {
+            return Err(ApiError::bad(format!(
+                "`by` must be self or total, not {other:?}"
+            )))
+        }
     };
     blocking(move || {
         let agg = s.store.aggregate(&sel, GroupBy::Stack).map_err(ApiError::internal)?;
@@ -549,7 +730,9 @@ async fn top(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json
 
 async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
     blocking(move || {
-        let text = s.metrics.render(s.store.disk_bytes(), s.store.buffered_rows());
+        let text = s
+            .metrics
+            .render(s.store.disk_bytes(), s.store.buffered_rows());
         Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
     })
     .await
@@ -564,7 +747,10 @@ mod tests {
         assert_eq!(parse_time("123", 1000), Some(123));
         assert_eq!(parse_time("now", 1000), Some(1000));
         assert_eq!(parse_time("now-1s", 5000), Some(4000));
-        assert_eq!(parse_time("now-2h", 10_000_000), Some(10_000_000 - 7_200_000));
+        assert_eq!(
+            parse_time("now-2h", 10_000_000),
+            Some(10_000_000 - 7_200_000)
+        );
         assert_eq!(parse_time("now-1x", 0), None);
         assert_eq!(parse_time("yesterday", 0), None);
     }

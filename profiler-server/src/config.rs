@@ -138,7 +138,8 @@ impl Config {
         if let Some(l) = args.listen {
             cfg.listen = l;
         }
-        cfg.tokens.extend(args.tokens.iter().filter(|t| !t.is_empty()).cloned());
+        cfg.tokens
+            .extend(args.tokens.iter().filter(|t| !t.is_empty()).cloned());
         cfg.validate()?;
         Ok(cfg)
     }
@@ -150,8 +151,14 @@ impl Config {
             s.segment_span_ms >= s.window_ms && s.segment_span_ms % s.window_ms == 0,
             "storage.segment_span_ms must be a positive multiple of window_ms"
         );
-        anyhow::ensure!(s.flush_interval_secs > 0, "storage.flush_interval_secs must be positive");
-        anyhow::ensure!(self.limits.max_body_bytes > 0, "limits.max_body_bytes must be positive");
+        anyhow::ensure!(
+            s.flush_interval_secs > 0,
+            "storage.flush_interval_secs must be positive"
+        );
+        anyhow::ensure!(
+            self.limits.max_body_bytes > 0,
+            "limits.max_body_bytes must be positive"
+        );
         Ok(())
     }
 }
@@ -162,7 +169,8 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_rejected_and_defaults_fill_gaps() {
-        let cfg: Config = toml::from_str("tokens = [\"t\"]\n[limits]\nmax_body_bytes = 10\n").unwrap();
+        let cfg: Config =
+            toml::from_str("tokens = [\"t\"]\n[limits]\nmax_body_bytes = 10\n").unwrap();
         assert_eq!(cfg.tokens, ["t"]);
         assert_eq!(cfg.limits.max_body_bytes, 10);
         assert_eq!(cfg.limits.max_decompressed_bytes, 256 << 20);

@@ -2,8 +2,8 @@
 //! enforcing the per-request limits. Everything here is pure CPU work on
 //! untrusted input and returns `Rejected` (a 4xx) for anything malformed.
 
-use std::collections::HashMap;
 use profiler_pprof::{Profile, Resolver};
+use std::collections::HashMap;
 
 use crate::config::Limits;
 use crate::store::{series_id, stack_id, Batch, Frames, Labels, Row};
@@ -46,8 +46,14 @@ pub fn validate_label(limits: &Limits, name: &str, value: &str) -> Result<(), Re
             limits.max_label_name_len
         )));
     }
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | ':' | '/')) {
-        return Err(bad(format!("label name {:?} has characters outside [A-Za-z0-9_.:/-]", truncate(name, 64))));
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | ':' | '/'))
+    {
+        return Err(bad(format!(
+            "label name {:?} has characters outside [A-Za-z0-9_.:/-]",
+            truncate(name, 64)
+        )));
     }
     if value.len() > limits.max_label_value_len {
         return Err(bad(format!(
@@ -56,7 +62,9 @@ pub fn validate_label(limits: &Limits, name: &str, value: &str) -> Result<(), Re
         )));
     }
     if value.chars().any(char::is_control) {
-        return Err(bad(format!("value of label {name:?} contains control characters")));
+        return Err(bad(format!(
+            "value of label {name:?} contains control characters"
+        )));
     }
     Ok(())
 }
@@ -100,7 +108,10 @@ impl<'a> BatchBuilder<'a> {
             return Err(bad("kind must be 1..=max_label_name_len bytes"));
         }
         if target.labels.len() + 1 > limits.max_labels_per_series {
-            return Err(bad(format!("more than {} labels", limits.max_labels_per_series)));
+            return Err(bad(format!(
+                "more than {} labels",
+                limits.max_labels_per_series
+            )));
         }
         for (k, v) in &target.labels {
             validate_label(limits, k, v)?;
@@ -122,7 +133,12 @@ impl<'a> BatchBuilder<'a> {
     }
 
     /// Adds a root-first stack; `extra` are per-sample labels (request labels win).
-    pub fn add<S: AsRef<str>>(&mut self, frames: &[S], extra: &[(String, String)], value: i64) -> Result<(), Rejected> {
+    pub fn add<S: AsRef<str>>(
+        &mut self,
+        frames: &[S],
+        extra: &[(String, String)],
+        value: i64,
+    ) -> Result<(), Rejected> {
         if value == 0 {
             return Ok(());
         }
@@ -140,9 +156,13 @@ impl<'a> BatchBuilder<'a> {
             return self.stack(&["[unknown]"]);
         }
         let sid = stack_id(frames);
-        self.stacks
-            .entry(sid)
-            .or_insert_with(|| frames.iter().map(|f| f.as_ref().to_owned()).collect::<Vec<_>>().into());
+        self.stacks.entry(sid).or_insert_with(|| {
+            frames
+                .iter()
+                .map(|f| f.as_ref().to_owned())
+                .collect::<Vec<_>>()
+                .into()
+        });
         Ok(sid)
     }
 
@@ -167,7 +187,10 @@ impl<'a> BatchBuilder<'a> {
             }
         }
         if labels.len() > self.limits.max_labels_per_series {
-            return Err(bad(format!("more than {} labels in one series", self.limits.max_labels_per_series)));
+            return Err(bad(format!(
+                "more than {} labels in one series",
+                self.limits.max_labels_per_series
+            )));
         }
         let id = series_id(&labels);
         if !self.series.contains_key(&id) {
@@ -189,11 +212,20 @@ impl<'a> BatchBuilder<'a> {
             service: self.target.service,
             kind: self.target.kind,
             stacks: self.stacks.into_iter().collect(),
-            series: self.series.into_iter().filter(|(id, _)| used.contains(id)).collect(),
+            series: self
+                .series
+                .into_iter()
+                .filter(|(id, _)| used.contains(id))
+                .collect(),
             rows: self
                 .rows
                 .into_iter()
-                .map(|((series_id, stack_id), value)| Row { ts_ms, series_id, stack_id, value })
+                .map(|((series_id, stack_id), value)| Row {
+                    ts_ms,
+                    series_id,
+                    stack_id,
+                    value,
+                })
                 .collect(),
         }
     }
@@ -202,7 +234,8 @@ impl<'a> BatchBuilder<'a> {
 /// Parses folded text (`frame;frame;leaf <count>` per line), multiplying each
 /// count by `scale`.
 pub fn folded(body: &[u8], scale: i64, b: &mut BatchBuilder) -> Result<(), Rejected> {
-    let text = std::str::from_utf8(body).map_err(|e| bad(format!("folded body is not UTF-8: {e}")))?;
+    let text =
+        std::str::from_utf8(body).map_err(|e| bad(format!("folded body is not UTF-8: {e}")))?;
     let mut frames: Vec<&str> = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim_end_matches('\r');
@@ -212,10 +245,13 @@ pub fn folded(body: &[u8], scale: i64, b: &mut BatchBuilder) -> Result<(), Rejec
         let (stack, count) = line
             .rsplit_once(' ')
             .ok_or_else(|| bad(format!("line {}: expected `stack count`", n + 1)))?;
-        let count: i64 = count
-            .trim()
-            .parse()
-            .map_err(|_| bad(format!("line {}: count {:?} is not an integer", n + 1, truncate(count, 32))))?;
+        let count: i64 = count.trim().parse().map_err(|_| {
+            bad(format!(
+                "line {}: count {:?} is not an integer",
+                n + 1,
+                truncate(count, 32)
+            ))
+        })?;
         frames.clear();
         frames.extend(stack.split(';'));
         b.add(&frames, &[], count.saturating_mul(scale))?;
@@ -226,17 +262,23 @@ pub fn folded(body: &[u8], scale: i64, b: &mut BatchBuilder) -> Result<(), Rejec
 /// Index of the sample type to ingest: by name if given, else the one named
 /// like the kind, else (for time kinds or no kind) the first with a time
 /// unit, else the first.
-pub fn pick_sample_type(profile: &Profile, name: Option<&str>, kind: Option<&str>) -> Result<usize, Rejected> {
+pub fn pick_sample_type(
+    profile: &Profile,
+    name: Option<&str>,
+    kind: Option<&str>,
+) -> Result<usize, Rejected> {
     let r = Resolver::new(profile);
     let types = r.sample_types().map_err(|e| bad(e.to_string()))?;
     if types.is_empty() {
         return Err(bad("profile has no sample types"));
     }
     if let Some(name) = name {
-        return types
-            .iter()
-            .position(|(t, _)| *t == name)
-            .ok_or_else(|| bad(format!("profile has no sample type {name:?}; it has {:?}", types.iter().map(|t| t.0).collect::<Vec<_>>())));
+        return types.iter().position(|(t, _)| *t == name).ok_or_else(|| {
+            bad(format!(
+                "profile has no sample type {name:?}; it has {:?}",
+                types.iter().map(|t| t.0).collect::<Vec<_>>()
+            ))
+        });
     }
     if let Some(i) = kind.and_then(|k| types.iter().position(|(t, _)| *t == k)) {
         return Ok(i);
@@ -290,7 +332,11 @@ pub fn pprof(profile: &Profile, idx: usize, b: &mut BatchBuilder) -> Result<(), 
     let mut frames = Vec::new();
     for s in &profile.sample {
         if s.value.len() != types.len() {
-            return Err(bad(format!("sample has {} values, profile has {} sample types", s.value.len(), types.len())));
+            return Err(bad(format!(
+                "sample has {} values, profile has {} sample types",
+                s.value.len(),
+                types.len()
+            )));
         }
         let value = s.value[idx].saturating_mul(scale);
         if value == 0 {
@@ -306,7 +352,12 @@ pub fn pprof(profile: &Profile, idx: usize, b: &mut BatchBuilder) -> Result<(), 
                 id
             }
         };
-        let key: Vec<(i64, i64)> = s.label.iter().filter(|l| l.str != 0).map(|l| (l.key, l.str)).collect();
+        let key: Vec<(i64, i64)> = s
+            .label
+            .iter()
+            .filter(|l| l.str != 0)
+            .map(|l| (l.key, l.str))
+            .collect();
         let series_id = match series.get(&key) {
             Some(&id) => id,
             None => {
@@ -339,7 +390,9 @@ pub fn pyroscope_name(name: &str) -> Result<(String, String, Labels), Rejected> 
     };
     let mut labels = Labels::new();
     for kv in tags.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (k, v) = kv.split_once('=').ok_or_else(|| bad(format!("name: label {:?} is not k=v", truncate(kv, 64))))?;
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| bad(format!("name: label {:?} is not k=v", truncate(kv, 64))))?;
         let k = k.trim();
         // Pyroscope's reserved labels (__name__, __session_id__) are not dimensions.
         if k.starts_with("__") {
@@ -355,7 +408,12 @@ mod tests {
     use super::*;
 
     fn target() -> Target {
-        Target { service: "app".into(), kind: "cpu".into(), ts_ms: 10_000, labels: Labels::new() }
+        Target {
+            service: "app".into(),
+            kind: "cpu".into(),
+            ts_ms: 10_000,
+            labels: Labels::new(),
+        }
     }
 
     #[test]
@@ -371,12 +429,18 @@ mod tests {
         assert_eq!(values, [10, 50]);
 
         let mut b = BatchBuilder::new(&limits, target()).unwrap();
-        assert_eq!(folded(b"a;b 2\na;b x\n", 1, &mut b), Err(bad("line 2: count \"x\" is not an integer")));
+        assert_eq!(
+            folded(b"a;b 2\na;b x\n", 1, &mut b),
+            Err(bad("line 2: count \"x\" is not an integer"))
+        );
     }
 
     #[test]
     fn series_limit_is_enforced() {
-        let limits = Limits { max_series_per_request: 3, ..Limits::default() };
+        let limits = Limits {
+            max_series_per_request: 3,
+            ..Limits::default()
+        };
         let mut b = BatchBuilder::new(&limits, target()).unwrap();
         let mut err = None;
         for i in 0..10 {
@@ -392,7 +456,13 @@ mod tests {
     fn pyroscope_names() {
         let (s, k, l) = pyroscope_name("my.app.cpu{env=prod, __session_id__=x,region=eu}").unwrap();
         assert_eq!((s.as_str(), k.as_str()), ("my.app", "cpu"));
-        assert_eq!(l, Labels::from([("env".into(), "prod".into()), ("region".into(), "eu".into())]));
+        assert_eq!(
+            l,
+            Labels::from([
+                ("env".into(), "prod".into()),
+                ("region".into(), "eu".into())
+            ])
+        );
         assert_eq!(pyroscope_name("app").unwrap().1, "cpu");
         assert!(pyroscope_name("app.cpu{a=b").is_err());
     }
@@ -401,7 +471,10 @@ mod tests {
     fn pprof_count_with_period_becomes_nanoseconds() {
         let stacks = vec![(vec!["main".to_string(), "f".to_string()], 3)];
         let mut p = profiler_pprof::from_folded(&stacks, "samples", "count", 10_000_000);
-        p.period_type = Some(profiler_pprof::ValueType { r#type: 1, unit: p.string_table.len() as i64 });
+        p.period_type = Some(profiler_pprof::ValueType {
+            r#type: 1,
+            unit: p.string_table.len() as i64,
+        });
         p.string_table.push("nanoseconds".into());
         let limits = Limits::default();
         let idx = pick_sample_type(&p, None, Some("cpu")).unwrap();

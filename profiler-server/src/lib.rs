@@ -30,11 +30,14 @@ pub fn store_options(cfg: &Config) -> StoreOptions {
     StoreOptions {
         segment_span_ms: s.segment_span_ms,
         retention_ms: (s.retention_hours > 0).then(|| hours(s.retention_hours)),
-        downsample: [(s.downsample_1m_after_hours, 60_000), (s.downsample_10m_after_hours, 600_000)]
-            .into_iter()
-            .filter(|(h, _)| *h > 0)
-            .map(|(h, res)| (hours(h), res))
-            .collect(),
+        downsample: [
+            (s.downsample_1m_after_hours, 60_000),
+            (s.downsample_10m_after_hours, 600_000),
+        ]
+        .into_iter()
+        .filter(|(h, _)| *h > 0)
+        .map(|(h, res)| (hours(h), res))
+        .collect(),
     }
 }
 
@@ -86,7 +89,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             .await
             .context("serving HTTP")?;
         background.await.context("background task panicked")?;
-        tokio::task::spawn_blocking(move || store.flush()).await?.context("final flush")?;
+        tokio::task::spawn_blocking(move || store.flush())
+            .await?
+            .context("final flush")?;
         tracing::info!("store flushed; bye");
         Ok(())
     });
@@ -112,10 +117,14 @@ async fn background(s: api::AppState, mut stopped: watch::Receiver<bool>) {
             let store = s.store.clone();
             match tokio::task::spawn_blocking(move || store.flush()).await {
                 Ok(Ok(())) => {
-                    s.metrics.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    s.metrics
+                        .flushes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 Ok(Err(e)) => {
-                    s.metrics.flush_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    s.metrics
+                        .flush_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::error!(error = %format!("{e:#}"), "flush failed; data stays in WAL, will retry");
                 }
                 Err(e) => tracing::error!(error = %e, "flush task panicked"),

@@ -47,24 +47,73 @@ impl Metrics {
         let c = |o: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         };
-        c(&mut o, "profiler_ingested_rows_total", "Sample rows accepted.", self.ingested_rows.load(Ordering::Relaxed));
-        c(&mut o, "profiler_ingested_bytes_total", "Request body bytes accepted.", self.ingested_bytes.load(Ordering::Relaxed));
-        c(&mut o, "profiler_flushes_total", "Buffer flushes to segments.", self.flushes.load(Ordering::Relaxed));
-        c(&mut o, "profiler_flush_errors_total", "Failed flushes.", self.flush_errors.load(Ordering::Relaxed));
+        c(
+            &mut o,
+            "profiler_ingested_rows_total",
+            "Sample rows accepted.",
+            self.ingested_rows.load(Ordering::Relaxed),
+        );
+        c(
+            &mut o,
+            "profiler_ingested_bytes_total",
+            "Request body bytes accepted.",
+            self.ingested_bytes.load(Ordering::Relaxed),
+        );
+        c(
+            &mut o,
+            "profiler_flushes_total",
+            "Buffer flushes to segments.",
+            self.flushes.load(Ordering::Relaxed),
+        );
+        c(
+            &mut o,
+            "profiler_flush_errors_total",
+            "Failed flushes.",
+            self.flush_errors.load(Ordering::Relaxed),
+        );
         let _ = writeln!(o, "# HELP profiler_disk_bytes Bytes used by WAL, segments and catalog.\n# TYPE profiler_disk_bytes gauge\nprofiler_disk_bytes {disk_bytes}");
         let _ = writeln!(o, "# HELP profiler_buffered_rows Rows in the WAL-backed buffer.\n# TYPE profiler_buffered_rows gauge\nprofiler_buffered_rows {buffered_rows}");
         let _ = writeln!(o, "# HELP profiler_http_requests_total HTTP requests by route and status.\n# TYPE profiler_http_requests_total counter");
-        for ((route, status), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(o, "profiler_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+        for ((route, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                o,
+                "profiler_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
         }
         let _ = writeln!(o, "# HELP profiler_http_request_seconds HTTP request latency by route.\n# TYPE profiler_http_request_seconds histogram");
-        for (route, h) in self.latency.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for (route, h) in self
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             for (i, b) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(o, "profiler_http_request_seconds_bucket{{route=\"{route}\",le=\"{b}\"}} {}", h.counts[i]);
+                let _ = writeln!(
+                    o,
+                    "profiler_http_request_seconds_bucket{{route=\"{route}\",le=\"{b}\"}} {}",
+                    h.counts[i]
+                );
             }
-            let _ = writeln!(o, "profiler_http_request_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(o, "profiler_http_request_seconds_sum{{route=\"{route}\"}} {}", h.sum);
-            let _ = writeln!(o, "profiler_http_request_seconds_count{{route=\"{route}\"}} {}", h.count);
+            let _ = writeln!(
+                o,
+                "profiler_http_request_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                o,
+                "profiler_http_request_seconds_sum{{route=\"{route}\"}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                o,
+                "profiler_http_request_seconds_count{{route=\"{route}\"}} {}",
+                h.count
+            );
         }
         o
     }

@@ -47,7 +47,13 @@ impl Tree {
     /// so on- and off-CPU time never merge.
     pub fn build(store: &dyn Store, slots: &[&Aggregate], kind_roots: bool) -> Tree {
         let mut t = Tree {
-            nodes: vec![Node { name: "root".into(), kind: None, total: [0; 2], self_: [0; 2], children: vec![] }],
+            nodes: vec![Node {
+                name: "root".into(),
+                kind: None,
+                total: [0; 2],
+                self_: [0; 2],
+                children: vec![],
+            }],
             index: HashMap::new(),
         };
         for (slot, agg) in slots.iter().enumerate().take(2) {
@@ -74,7 +80,13 @@ impl Tree {
             return i;
         }
         let i = self.nodes.len();
-        self.nodes.push(Node { name: name.to_owned(), kind: None, total: [0; 2], self_: [0; 2], children: vec![] });
+        self.nodes.push(Node {
+            name: name.to_owned(),
+            kind: None,
+            total: [0; 2],
+            self_: [0; 2],
+            children: vec![],
+        });
         self.nodes[parent].children.push(i);
         self.index.insert((parent, name.to_owned()), i);
         i
@@ -117,7 +129,12 @@ impl Tree {
 
     fn emit(&self, i: usize, threshold: i64, diff: bool, size: &dyn Fn(&Node) -> i64) -> FlameNode {
         let n = &self.nodes[i];
-        let mut kids: Vec<usize> = n.children.iter().copied().filter(|&c| size(&self.nodes[c]) > 0).collect();
+        let mut kids: Vec<usize> = n
+            .children
+            .iter()
+            .copied()
+            .filter(|&c| size(&self.nodes[c]) > 0)
+            .collect();
         kids.sort_by(|a, b| self.nodes[*a].name.cmp(&self.nodes[*b].name));
         let mut children = Vec::new();
         let mut pruned = ([0i64; 2], false);
@@ -198,7 +215,11 @@ pub fn top(store: &dyn Store, agg: &Aggregate, by_total: bool, limit: usize) -> 
     }
     let mut out: Vec<TopEntry> = m
         .into_iter()
-        .map(|(name, (s, t))| TopEntry { name: name.to_owned(), self_value: s, total: t })
+        .map(|(name, (s, t))| TopEntry {
+            name: name.to_owned(),
+            self_value: s,
+            total: t,
+        })
         .collect();
     out.sort_by(|a, b| {
         let key = |e: &TopEntry| if by_total { e.total } else { e.self_value };
@@ -232,5 +253,10 @@ pub fn timeline(agg: &Aggregate, from: i64, until: i64, step: i64) -> Timeline {
             (kind.clone(), v)
         })
         .collect();
-    Timeline { from, until, step, series }
+    Timeline {
+        from,
+        until,
+        step,
+        series,
+    }
 }

@@ -8,10 +8,18 @@ use crate::ingest::unit_of;
 use crate::store::Frames;
 
 /// Stacks of several kinds are told apart by a synthetic `[kind]` root frame.
-fn prefixed<'a>(kind: &'a str, frames: &'a Frames, tag: bool) -> impl Iterator<Item = std::borrow::Cow<'a, str>> {
+fn prefixed<'a>(
+    kind: &'a str,
+    frames: &'a Frames,
+    tag: bool,
+) -> impl Iterator<Item = std::borrow::Cow<'a, str>> {
     tag.then(|| std::borrow::Cow::Owned(format!("[{kind}]")))
         .into_iter()
-        .chain(frames.iter().map(|f| std::borrow::Cow::Borrowed(f.as_str())))
+        .chain(
+            frames
+                .iter()
+                .map(|f| std::borrow::Cow::Borrowed(f.as_str())),
+        )
 }
 
 fn several_kinds(stacks: &[(String, Frames, i64)]) -> bool {
@@ -47,7 +55,10 @@ pub fn pprof(stacks: &[(String, Frames, i64)], duration_ms: i64, end_ms: i64) ->
     let unit = unit_of(kind);
     let mut b = profiler_pprof::ProfileBuilder::new(&[(ty, unit)])
         .period(ty, unit, 1)
-        .time((end_ms - duration_ms).saturating_mul(1_000_000), duration_ms.saturating_mul(1_000_000));
+        .time(
+            (end_ms - duration_ms).saturating_mul(1_000_000),
+            duration_ms.saturating_mul(1_000_000),
+        );
     let mut frames: Vec<std::borrow::Cow<str>> = Vec::new();
     for (kind, f, v) in stacks {
         frames.clear();
@@ -73,7 +84,9 @@ pub fn svg(stacks: &[(String, Frames, i64)], title: &str) -> anyhow::Result<Vec<
         if *v <= 0 {
             continue;
         }
-        let reason = kind.strip_prefix("off-cpu").map(|r| r.trim_start_matches(':'));
+        let reason = kind
+            .strip_prefix("off-cpu")
+            .map(|r| r.trim_start_matches(':'));
         let mut line = String::new();
         for (i, frame) in prefixed(kind, frames, tag).enumerate() {
             if i > 0 {
@@ -83,7 +96,8 @@ pub fn svg(stacks: &[(String, Frames, i64)], title: &str) -> anyhow::Result<Vec<
             match reason {
                 None => line.push_str(&frame),
                 Some(reason) => {
-                    let name = format!("{frame}{}_[w]", "\u{200b}".repeat(reason_index(reason) + 1));
+                    let name =
+                        format!("{frame}{}_[w]", "\u{200b}".repeat(reason_index(reason) + 1));
                     if named.insert(name.clone()) {
                         palette.insert(&name, cool_color(reason, &frame));
                     }
@@ -98,7 +112,10 @@ pub fn svg(stacks: &[(String, Frames, i64)], title: &str) -> anyhow::Result<Vec<
     lines.sort_unstable();
     let mut opts = flamegraph::Options::default();
     opts.title = title.to_owned();
-    opts.count_name = stacks.first().map_or("samples", |s| unit_of(&s.0)).to_owned();
+    opts.count_name = stacks
+        .first()
+        .map_or("samples", |s| unit_of(&s.0))
+        .to_owned();
     opts.colors = Palette::Basic(BasicPalette::Hot);
     opts.hash = true;
     opts.deterministic = true;
@@ -116,10 +133,21 @@ pub fn svg(stacks: &[(String, Frames, i64)], title: &str) -> anyhow::Result<Vec<
     Ok(out)
 }
 
-const REASONS: [&str; 7] = ["runnable", "blocked-io", "blocked-lock", "blocked-net", "sleep", "idle-poll", "other"];
+const REASONS: [&str; 7] = [
+    "runnable",
+    "blocked-io",
+    "blocked-lock",
+    "blocked-net",
+    "sleep",
+    "idle-poll",
+    "other",
+];
 
 fn reason_index(reason: &str) -> usize {
-    REASONS.iter().position(|r| *r == reason).unwrap_or(REASONS.len())
+    REASONS
+        .iter()
+        .position(|r| *r == reason)
+        .unwrap_or(REASONS.len())
 }
 
 fn cool_color(reason: &str, frame: &str) -> flamegraph::color::Color {
@@ -133,8 +161,15 @@ fn cool_color(reason: &str, frame: &str) -> flamegraph::color::Color {
         _ => (120, 140, 170),
     };
     // Vary neighbours a little so adjacent frames stay distinguishable.
-    let jitter = (frame.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32)) % 40) as u8;
-    flamegraph::color::Color { r: r.saturating_add(jitter / 2), g: g.saturating_add(jitter), b }
+    let jitter = (frame
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32))
+        % 40) as u8;
+    flamegraph::color::Color {
+        r: r.saturating_add(jitter / 2),
+        g: g.saturating_add(jitter),
+        b,
+    }
 }
 
 #[cfg(test)]
@@ -148,9 +183,15 @@ mod tests {
 
     #[test]
     fn folded_tags_kinds_only_when_mixed() {
-        let one = vec![("on-cpu".to_string(), f(&["b", "c"]), 20), ("on-cpu".to_string(), f(&["a"]), 10)];
+        let one = vec![
+            ("on-cpu".to_string(), f(&["b", "c"]), 20),
+            ("on-cpu".to_string(), f(&["a"]), 10),
+        ];
         assert_eq!(folded(&one, 10), "a 1\nb;c 2\n");
-        let two = vec![("on-cpu".to_string(), f(&["a"]), 1), ("off-cpu:sleep".to_string(), f(&["a"]), 2)];
+        let two = vec![
+            ("on-cpu".to_string(), f(&["a"]), 1),
+            ("off-cpu:sleep".to_string(), f(&["a"]), 2),
+        ];
         assert_eq!(folded(&two, 1), "[off-cpu:sleep];a 2\n[on-cpu];a 1\n");
     }
 
@@ -164,7 +205,10 @@ mod tests {
         assert!(svg.contains("[off-cpu:sleep]"));
         assert!(!svg.contains("_[w]"));
         let cool = svg.matches(",240)").count();
-        assert!(cool >= 3, "expected the sleep frames in the sleep hue, got {cool}");
+        assert!(
+            cool >= 3,
+            "expected the sleep frames in the sleep hue, got {cool}"
+        );
         assert!(svg.contains("burn"));
     }
 }

@@ -23,10 +23,19 @@ impl Env {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let srv = rt.block_on(profiler_server::start(cfg)).unwrap();
         let base = format!("http://{}", srv.addr);
-        Env { rt, srv: Some(srv), base, _dir: dir }
+        Env {
+            rt,
+            srv: Some(srv),
+            base,
+            _dir: dir,
+        }
     }
     fn post(&self, path: &str, body: &str) {
-        let r = reqwest::blocking::Client::new().post(format!("{}{path}", self.base)).body(body.to_owned()).send().unwrap();
+        let r = reqwest::blocking::Client::new()
+            .post(format!("{}{path}", self.base))
+            .body(body.to_owned())
+            .send()
+            .unwrap();
         assert_eq!(r.status(), 200, "{}", r.text().unwrap());
     }
     fn get(&self, path: &str) -> reqwest::blocking::Response {
@@ -50,18 +59,32 @@ impl Drop for Env {
 const T0: i64 = 1_700_000_000_000;
 
 fn ingest(e: &Env, ts: i64, kind: &str, host: &str, folded: &str) {
-    e.post(&format!("/api/v1/ingest?service=api&kind={kind}&format=folded&from={ts}&host={host}"), folded);
+    e.post(
+        &format!("/api/v1/ingest?service=api&kind={kind}&format=folded&from={ts}&host={host}"),
+        folded,
+    );
 }
 
 fn child<'a>(v: &'a Value, name: &str) -> &'a Value {
-    v["children"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no {name} in {v}"))
+    v["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {v}"))
 }
 
 #[test]
 fn query_routes() {
     let e = Env::new();
     ingest(&e, T0, "on-cpu", "a", "main;a 10\nmain;b 30\n");
-    ingest(&e, T0 + 10_000, "on-cpu", "b", "main;a 30\nmain;b 10\nmain;b;c 20\n");
+    ingest(
+        &e,
+        T0 + 10_000,
+        "on-cpu",
+        "b",
+        "main;a 30\nmain;b 10\nmain;b;c 20\n",
+    );
     ingest(&e, T0 + 20_000, "off-cpu:sleep", "a", "main;nap 50\n");
     let q = format!("service=api&from={T0}&until={}", T0 + 60_000);
 
@@ -69,23 +92,45 @@ fn query_routes() {
     let fg = e.json(&format!("/api/v1/flamegraph?{q}"));
     assert_eq!(fg["value"], 150);
     let on = child(&fg, "[on-cpu]");
-    assert_eq!((on["value"].as_i64(), on["kind"].as_str()), (Some(100), Some("on-cpu")));
+    assert_eq!(
+        (on["value"].as_i64(), on["kind"].as_str()),
+        (Some(100), Some("on-cpu"))
+    );
     assert_eq!(child(&fg, "[off-cpu:sleep]")["value"], 50);
 
     // Kind and label selection.
-    let fg = e.json(&format!("/api/v1/flamegraph?{q}&kinds=on-cpu&filter=host=b"));
+    let fg = e.json(&format!(
+        "/api/v1/flamegraph?{q}&kinds=on-cpu&filter=host=b"
+    ));
     let main = child(&fg, "main");
     assert_eq!(main["value"], 60);
     let b = child(main, "b");
-    assert_eq!((b["value"].as_i64(), b["self"].as_i64()), (Some(30), Some(10)));
+    assert_eq!(
+        (b["value"].as_i64(), b["self"].as_i64()),
+        (Some(30), Some(10))
+    );
 
     // Pruning keeps totals exact.
-    let fg = e.json(&format!("/api/v1/flamegraph?{q}&kinds=on-cpu&min_share=0.3"));
+    let fg = e.json(&format!(
+        "/api/v1/flamegraph?{q}&kinds=on-cpu&min_share=0.3"
+    ));
     let main = child(&fg, "main");
-    let names: BTreeSet<&str> = main["children"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
-    assert_eq!(names, BTreeSet::from(["a", "b"]), "a (40 of 100) and b (60) are above 30%: {main}");
+    let names: BTreeSet<&str> = main["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        BTreeSet::from(["a", "b"]),
+        "a (40 of 100) and b (60) are above 30%: {main}"
+    );
     let pruned = &child(main, "b")["children"];
-    assert_eq!(pruned, &serde_json::json!([{"name": "[pruned]", "value": 20, "self": 20, "children": []}]));
+    assert_eq!(
+        pruned,
+        &serde_json::json!([{"name": "[pruned]", "value": 20, "self": 20, "children": []}])
+    );
 
     // Top by self and by total.
     let top = e.json(&format!("/api/v1/top?{q}&kinds=on-cpu&by=total&limit=2"));
@@ -94,14 +139,29 @@ fn query_routes() {
     assert_eq!(top["functions"].as_array().unwrap().len(), 2);
     let top = e.json(&format!("/api/v1/top?{q}&kinds=on-cpu"));
     // a and b tie on self (40); ties go alphabetically.
-    assert_eq!(top["functions"][0], serde_json::json!({"name": "a", "self": 40, "total": 40}));
-    assert_eq!(top["functions"][1], serde_json::json!({"name": "b", "self": 40, "total": 60}));
-    assert_eq!(top["functions"][2], serde_json::json!({"name": "c", "self": 20, "total": 20}));
+    assert_eq!(
+        top["functions"][0],
+        serde_json::json!({"name": "a", "self": 40, "total": 40})
+    );
+    assert_eq!(
+        top["functions"][1],
+        serde_json::json!({"name": "b", "self": 40, "total": 60})
+    );
+    assert_eq!(
+        top["functions"][2],
+        serde_json::json!({"name": "c", "self": 20, "total": 20})
+    );
 
     // Timeline buckets.
     let tl = e.json(&format!("/api/v1/timeline?{q}&step=10000"));
-    assert_eq!(tl["series"]["on-cpu"], serde_json::json!([40, 60, 0, 0, 0, 0]));
-    assert_eq!(tl["series"]["off-cpu:sleep"], serde_json::json!([0, 0, 50, 0, 0, 0]));
+    assert_eq!(
+        tl["series"]["on-cpu"],
+        serde_json::json!([40, 60, 0, 0, 0, 0])
+    );
+    assert_eq!(
+        tl["series"]["off-cpu:sleep"],
+        serde_json::json!([0, 0, 50, 0, 0, 0])
+    );
 
     // Diff: window 2 (target) against window 1 (base), normalized to equal totals.
     let d = e.json(&format!(
@@ -111,14 +171,20 @@ fn query_routes() {
         T0 + 10_000
     ));
     let a = child(child(&d, "main"), "a");
-    assert_eq!((a["value"].as_i64(), a["base"].as_i64()), (Some(30), Some(10)));
+    assert_eq!(
+        (a["value"].as_i64(), a["base"].as_i64()),
+        (Some(30), Some(10))
+    );
     let d = e.json(&format!(
         "/api/v1/diff?service=api&kinds=on-cpu&from={}&until={}&base_from={T0}&base_until={}",
         T0 + 10_000,
         T0 + 20_000,
         T0 + 10_000
     ));
-    assert_eq!((d["value"].as_i64(), d["base"].as_i64()), (Some(60), Some(60)));
+    assert_eq!(
+        (d["value"].as_i64(), d["base"].as_i64()),
+        (Some(60), Some(60))
+    );
     assert_eq!(child(child(&d, "main"), "a")["base"], 15);
 
     // SVG and mixed-kind folded.
@@ -128,6 +194,9 @@ fn query_routes() {
     assert!(folded.contains("[off-cpu:sleep];main;nap 50\n"), "{folded}");
     assert!(folded.contains("[on-cpu];main;b;c 20\n"), "{folded}");
 
-    let values: Vec<String> = e.get("/api/v1/label_values?service=api&name=host").json().unwrap();
+    let values: Vec<String> = e
+        .get("/api/v1/label_values?service=api&name=host")
+        .json()
+        .unwrap();
     assert_eq!(values, ["a", "b"]);
 }

@@ -64,56 +64,143 @@ fn hostile_requests_get_4xx_and_server_survives() {
     assert!(bomb.len() < 8 << 20, "bomb is {} bytes", bomb.len());
 
     let cases = vec![
-        Case { name: "no token", body: good.clone(), token: None, status: 401, reason: "Bearer" },
-        Case { name: "wrong token", body: good.clone(), token: Some("bad"), status: 401, reason: "invalid bearer token" },
-        Case { name: "truncated gzip", body: good[..good.len() / 2].to_vec(), token: Some("good-token"), status: 400, reason: "gzip" },
-        Case { name: "invalid protobuf", body: vec![0xff; 64], token: Some("good-token"), status: 400, reason: "protobuf" },
-        Case { name: "1 GiB gzip bomb", body: bomb, token: Some("good-token"), status: 413, reason: "decompresses to more than" },
-        Case { name: "10^6 distinct labels", body: many_labels(1_000_000), token: Some("good-token"), status: 400, reason: "distinct label sets" },
-        Case { name: "oversized body", body: vec![7u8; 17 << 20], token: Some("good-token"), status: 413, reason: "length limit" },
+        Case {
+            name: "no token",
+            body: good.clone(),
+            token: None,
+            status: 401,
+            reason: "Bearer",
+        },
+        Case {
+            name: "wrong token",
+            body: good.clone(),
+            token: Some("bad"),
+            status: 401,
+            reason: "invalid bearer token",
+        },
+        Case {
+            name: "truncated gzip",
+            body: good[..good.len() / 2].to_vec(),
+            token: Some("good-token"),
+            status: 400,
+            reason: "gzip",
+        },
+        Case {
+            name: "invalid protobuf",
+            body: vec![0xff; 64],
+            token: Some("good-token"),
+            status: 400,
+            reason: "protobuf",
+        },
+        Case {
+            name: "1 GiB gzip bomb",
+            body: bomb,
+            token: Some("good-token"),
+            status: 413,
+            reason: "decompresses to more than",
+        },
+        Case {
+            name: "10^6 distinct labels",
+            body: many_labels(1_000_000),
+            token: Some("good-token"),
+            status: 400,
+            reason: "distinct label sets",
+        },
+        Case {
+            name: "oversized body",
+            body: vec![7u8; 17 << 20],
+            token: Some("good-token"),
+            status: 413,
+            reason: "length limit",
+        },
     ];
     let t0 = now_ms();
     for case in cases {
-        let mut req = c.post(srv.url(&format!("/api/v1/ingest?service=victim&from={t0}"))).body(case.body);
+        let mut req = c
+            .post(srv.url(&format!("/api/v1/ingest?service=victim&from={t0}")))
+            .body(case.body);
         if let Some(t) = case.token {
             req = req.bearer_auth(t);
         }
-        let r = req.send().unwrap_or_else(|e| panic!("{}: request failed: {e}", case.name));
+        let r = req
+            .send()
+            .unwrap_or_else(|e| panic!("{}: request failed: {e}", case.name));
         assert_eq!(r.status().as_u16(), case.status, "{}", case.name);
-        let body: serde_json::Value = r.json().unwrap_or_else(|e| panic!("{}: not JSON: {e}", case.name));
-        let msg = body["error"].as_str().unwrap_or_else(|| panic!("{}: no error field in {body}", case.name));
-        assert!(msg.contains(case.reason), "{}: {msg:?} lacks {:?}", case.name, case.reason);
+        let body: serde_json::Value = r
+            .json()
+            .unwrap_or_else(|e| panic!("{}: not JSON: {e}", case.name));
+        let msg = body["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{}: no error field in {body}", case.name));
+        assert!(
+            msg.contains(case.reason),
+            "{}: {msg:?} lacks {:?}",
+            case.name,
+            case.reason
+        );
         let h = c.get(srv.url("/healthz")).send().unwrap();
         assert_eq!(h.status(), 200, "healthz after {}", case.name);
     }
 
     // Other malformed requests: bad labels, folded syntax, query parameters.
     for (url, body, reason) in [
-        ("/api/v1/ingest?service=v&format=folded&kind=on-cpu&bad%20name=x", "a 1", "label name"),
-        ("/api/v1/ingest?service=v&format=folded&kind=on-cpu", "a;b notanumber", "line 1"),
+        (
+            "/api/v1/ingest?service=v&format=folded&kind=on-cpu&bad%20name=x",
+            "a 1",
+            "label name",
+        ),
+        (
+            "/api/v1/ingest?service=v&format=folded&kind=on-cpu",
+            "a;b notanumber",
+            "line 1",
+        ),
         ("/ingest?name=v.cpu%7Bbroken", "a 1", "unterminated"),
         ("/api/v1/ingest?format=folded&kind=x", "a 1", "service"),
     ] {
-        let r = c.post(srv.url(url)).bearer_auth("good-token").body(body).send().unwrap();
+        let r = c
+            .post(srv.url(url))
+            .bearer_auth("good-token")
+            .body(body)
+            .send()
+            .unwrap();
         assert_eq!(r.status(), 400, "{url}");
-        let msg = r.json::<serde_json::Value>().unwrap()["error"].as_str().unwrap().to_owned();
+        let msg = r.json::<serde_json::Value>().unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         assert!(msg.contains(reason), "{url}: {msg}");
     }
-    for url in ["/api/v1/flamegraph?service=v&from=later", "/api/v1/top?service=v&by=color", "/api/v1/diff?service=v"] {
+    for url in [
+        "/api/v1/flamegraph?service=v&from=later",
+        "/api/v1/top?service=v&by=color",
+        "/api/v1/diff?service=v",
+    ] {
         let r = c.get(srv.url(url)).send().unwrap();
         assert_eq!(r.status(), 400, "{url}");
     }
 
     // Nothing from the rejected requests was stored, and good input still works.
-    let r = c.post(srv.url(&format!("/api/v1/ingest?service=victim&from={t0}"))).bearer_auth("good-token").body(good).send().unwrap();
+    let r = c
+        .post(srv.url(&format!("/api/v1/ingest?service=victim&from={t0}")))
+        .bearer_auth("good-token")
+        .body(good)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 200);
     let f = c
-        .get(srv.url(&format!("/api/v1/folded?service=victim&from={}&until={}", t0 - 60_000, t0 + 60_000)))
+        .get(srv.url(&format!(
+            "/api/v1/folded?service=victim&from={}&until={}",
+            t0 - 60_000,
+            t0 + 60_000
+        )))
         .send()
         .unwrap()
         .text()
         .unwrap();
     assert_eq!(f, "main;work 10\n");
     let m = c.get(srv.url("/metrics")).send().unwrap().text().unwrap();
-    assert!(m.contains("profiler_http_requests_total{route=\"/api/v1/ingest\",status=\"413\"} 2"), "{m}");
+    assert!(
+        m.contains("profiler_http_requests_total{route=\"/api/v1/ingest\",status=\"413\"} 2"),
+        "{m}"
+    );
 }

@@ -14,7 +14,11 @@ fn acked_samples_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     // Tiny flush thresholds so WAL rotation and segment writes happen mid-run.
     let cfg = dir.path().join("server.toml");
-    std::fs::write(&cfg, "[storage]\nflush_interval_secs = 1\nflush_rows = 50\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "[storage]\nflush_interval_secs = 1\nflush_rows = 50\n",
+    )
+    .unwrap();
     let data = dir.path().join("data");
     let cfg_arg = cfg.to_str().unwrap().to_owned();
     let srv = Proc::spawn(&data, &["--config", &cfg_arg]);
@@ -53,30 +57,54 @@ fn acked_samples_survive_kill_9() {
         t.join().unwrap();
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 100, "too few acked requests ({}) to mean anything", acked.len());
+    assert!(
+        acked.len() > 100,
+        "too few acked requests ({}) to mean anything",
+        acked.len()
+    );
     let segments = std::fs::read_dir(data.join("segments")).unwrap().count();
-    assert!(segments > 0, "expected flushes to have happened before the kill");
+    assert!(
+        segments > 0,
+        "expected flushes to have happened before the kill"
+    );
 
     let srv = Proc::spawn(&data, &["--config", &cfg_arg]);
     let c = client();
     let out = c
-        .get(srv.url(&format!("/api/v1/folded?service=crash&from={}&until={}", t0 - 60_000, t0 + 60_000)))
+        .get(srv.url(&format!(
+            "/api/v1/folded?service=crash&from={}&until={}",
+            t0 - 60_000,
+            t0 + 60_000
+        )))
         .send()
         .unwrap()
         .text()
         .unwrap();
-    let got: HashMap<&str, i64> =
-        out.lines().map(|l| l.rsplit_once(' ').unwrap()).map(|(s, v)| (s, v.parse().unwrap())).collect();
+    let got: HashMap<&str, i64> = out
+        .lines()
+        .map(|l| l.rsplit_once(' ').unwrap())
+        .map(|(s, v)| (s, v.parse().unwrap()))
+        .collect();
     let mut missing = 0;
     for (stack, v) in &acked {
         if stack == "main;shared" {
             // Requests in flight at the kill may or may not have landed.
-            assert!(got[stack.as_str()] >= *v, "shared total {} < acked {}", got[stack.as_str()], v);
+            assert!(
+                got[stack.as_str()] >= *v,
+                "shared total {} < acked {}",
+                got[stack.as_str()],
+                v
+            );
         } else if got.get(stack.as_str()) != Some(v) {
             missing += 1;
         }
     }
-    assert_eq!(missing, 0, "{missing} of {} acked stacks lost or changed", acked.len());
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} acked stacks lost or changed",
+        acked.len()
+    );
     // Nothing was counted twice: unacked requests add at most one value each.
     let extra = got.len() as i64 - acked.len() as i64;
     assert!((0..=4).contains(&extra), "unexpected extra stacks: {extra}");

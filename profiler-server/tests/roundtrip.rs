@@ -43,41 +43,80 @@ fn pyroscope_folded_in_equals_folded_out() {
 
     let check = |srv: &Proc| {
         let q = query("shop", from, until);
-        let out = c.get(srv.url(&format!("/api/v1/folded?{q}&sample_rate=100"))).send().unwrap().text().unwrap();
+        let out = c
+            .get(srv.url(&format!("/api/v1/folded?{q}&sample_rate=100")))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
         assert_eq!(out, FOLDED);
         // Stored as nanoseconds: 100 Hz -> 10 ms per sample.
-        let ns = c.get(srv.url(&format!("/api/v1/folded?{q}"))).send().unwrap().text().unwrap();
-        assert_eq!(common::folded_total(&ns), common::folded_total(FOLDED) * 10_000_000);
+        let ns = c
+            .get(srv.url(&format!("/api/v1/folded?{q}")))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        assert_eq!(
+            common::folded_total(&ns),
+            common::folded_total(FOLDED) * 10_000_000
+        );
 
-        let tree: serde_json::Value =
-            c.get(srv.url(&format!("/api/v1/flamegraph?{q}&filter=env=prod"))).send().unwrap().json().unwrap();
+        let tree: serde_json::Value = c
+            .get(srv.url(&format!("/api/v1/flamegraph?{q}&filter=env=prod")))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
         assert_eq!(tree["value"], 154 * 10_000_000i64);
         assert_eq!(tree["children"][0]["name"], "main");
-        let none: serde_json::Value =
-            c.get(srv.url(&format!("/api/v1/flamegraph?{q}&filter=env=dev"))).send().unwrap().json().unwrap();
+        let none: serde_json::Value = c
+            .get(srv.url(&format!("/api/v1/flamegraph?{q}&filter=env=dev")))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
         assert_eq!(none["value"], 0);
 
-        let labels: Vec<String> =
-            c.get(srv.url("/api/v1/labels?service=shop")).send().unwrap().json().unwrap();
+        let labels: Vec<String> = c
+            .get(srv.url("/api/v1/labels?service=shop"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
         assert_eq!(labels, ["env", "host"]);
-        let services: Vec<String> = c.get(srv.url("/api/v1/services")).send().unwrap().json().unwrap();
+        let services: Vec<String> = c
+            .get(srv.url("/api/v1/services"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
         assert_eq!(services, ["shop"]);
     };
     check(&srv);
     // SIGTERM flushes the buffer into Parquet; the restarted server reads it from there.
     srv.terminate();
-    let segments = std::fs::read_dir(dir.path().join("segments")).unwrap().count();
+    let segments = std::fs::read_dir(dir.path().join("segments"))
+        .unwrap()
+        .count();
     assert!(segments >= 1, "shutdown should have written a segment");
     let srv = Proc::spawn(dir.path(), &[]);
     check(&srv);
 }
 
 fn crafted_profile() -> (profiler_pprof::Profile, i64) {
-    let mut b = ProfileBuilder::new(&[("samples", "count"), ("cpu", "nanoseconds")]).period("cpu", "nanoseconds", 10_000_000);
+    let mut b = ProfileBuilder::new(&[("samples", "count"), ("cpu", "nanoseconds")]).period(
+        "cpu",
+        "nanoseconds",
+        10_000_000,
+    );
     let stacks: [(&[&str], i64); 4] = [
         (&["runtime.main", "main.main", "main.burnA"], 40),
         (&["runtime.main", "main.main", "main.burnB"], 25),
-        (&["runtime.main", "main.main", "main.burnB", "runtime.memmove"], 5),
+        (
+            &["runtime.main", "main.main", "main.burnB", "runtime.memmove"],
+            5,
+        ),
         (&["runtime.goexit", "runtime.gcBgMarkWorker"], 3),
     ];
     let mut total = 0;
@@ -90,16 +129,33 @@ fn crafted_profile() -> (profiler_pprof::Profile, i64) {
 
 /// `go tool pprof -top` headline total, e.g. "730ms".
 fn go_total(go: &Path, profile: &Path) -> String {
-    let out = Command::new(go).args(["tool", "pprof", "-top"]).arg(profile).output().unwrap();
+    let out = Command::new(go)
+        .args(["tool", "pprof", "-top"])
+        .arg(profile)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "go tool pprof failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "go tool pprof failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     text.lines()
-        .find_map(|l| l.split(" of ").nth(1)?.strip_suffix(" total").map(str::to_owned))
+        .find_map(|l| {
+            l.split(" of ")
+                .nth(1)?
+                .strip_suffix(" total")
+                .map(str::to_owned)
+        })
         .unwrap_or_else(|| panic!("no total in:\n{text}"))
 }
 
 fn flat_of(go: &Path, profile: &Path, func: &str) -> String {
-    let out = Command::new(go).args(["tool", "pprof", "-top"]).arg(profile).output().unwrap();
+    let out = Command::new(go)
+        .args(["tool", "pprof", "-top"])
+        .arg(profile)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.lines()
         .find(|l| l.split_whitespace().last() == Some(func))
@@ -108,7 +164,10 @@ fn flat_of(go: &Path, profile: &Path, func: &str) -> String {
 }
 
 fn require_go() -> std::path::PathBuf {
-    let go = Command::new("sh").args(["-c", "command -v go"]).output().unwrap();
+    let go = Command::new("sh")
+        .args(["-c", "command -v go"])
+        .output()
+        .unwrap();
     let path = String::from_utf8_lossy(&go.stdout).trim().to_owned();
     assert!(
         go.status.success() && !path.is_empty(),
@@ -134,14 +193,41 @@ fn crafted_pprof_exports_same_totals() {
     assert_eq!(r.status(), 200, "{}", r.text().unwrap());
 
     let q = query("svc", t0 - 60_000, t0 + 60_000);
-    let exported = c.get(srv.url(&format!("/api/v1/pprof?{q}"))).send().unwrap().bytes().unwrap();
+    let exported = c
+        .get(srv.url(&format!("/api/v1/pprof?{q}")))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
     let back = profiler_pprof::decode_gzip(&exported, 1 << 30).unwrap();
-    let sum: i64 = profiler_pprof::to_stacks(&back).unwrap().iter().map(|s| s.values[0]).sum();
+    let sum: i64 = profiler_pprof::to_stacks(&back)
+        .unwrap()
+        .iter()
+        .map(|s| s.values[0])
+        .sum();
     assert_eq!(sum, total);
     // The default kind is the time-valued sample type's name.
-    let tl: serde_json::Value = c.get(srv.url(&format!("/api/v1/timeline?{q}&step=60000"))).send().unwrap().json().unwrap();
-    assert_eq!(tl["series"]["cpu"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).sum::<i64>(), total);
-    let labels: Vec<String> = c.get(srv.url("/api/v1/label_values?service=svc&name=thread")).send().unwrap().json().unwrap();
+    let tl: serde_json::Value = c
+        .get(srv.url(&format!("/api/v1/timeline?{q}&step=60000")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        tl["series"]["cpu"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .sum::<i64>(),
+        total
+    );
+    let labels: Vec<String> = c
+        .get(srv.url("/api/v1/label_values?service=svc&name=thread"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(labels, ["worker"]);
 
     let tmp = tempfile::tempdir().unwrap();
@@ -149,19 +235,37 @@ fn crafted_pprof_exports_same_totals() {
     std::fs::write(&orig, profiler_pprof::encode_gzip(&profile)).unwrap();
     std::fs::write(&ours, &exported).unwrap();
     assert_eq!(go_total(&go, &orig), go_total(&go, &ours));
-    assert_eq!(flat_of(&go, &orig, "main.burnA"), flat_of(&go, &ours, "main.burnA"));
+    assert_eq!(
+        flat_of(&go, &orig, "main.burnA"),
+        flat_of(&go, &ours, "main.burnA")
+    );
 
     // Pyroscope clients send pprof as multipart with a `profile` part.
-    let form = reqwest::blocking::multipart::Form::new()
-        .part("profile", reqwest::blocking::multipart::Part::bytes(profiler_pprof::encode_gzip(&profile)).file_name("profile.pprof"));
+    let form = reqwest::blocking::multipart::Form::new().part(
+        "profile",
+        reqwest::blocking::multipart::Part::bytes(profiler_pprof::encode_gzip(&profile))
+            .file_name("profile.pprof"),
+    );
     let r = c
-        .post(srv.url(&format!("/ingest?name=gosvc.cpu&from={}&until={}", t0 / 1000, t0 / 1000 + 10)))
+        .post(srv.url(&format!(
+            "/ingest?name=gosvc.cpu&from={}&until={}",
+            t0 / 1000,
+            t0 / 1000 + 10
+        )))
         .bearer_auth("s3cret")
         .multipart(form)
         .send()
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().unwrap());
-    let f = c.get(srv.url(&format!("/api/v1/folded?{}", query("gosvc", t0 - 60_000, t0 + 60_000)))).send().unwrap().text().unwrap();
+    let f = c
+        .get(srv.url(&format!(
+            "/api/v1/folded?{}",
+            query("gosvc", t0 - 60_000, t0 + 60_000)
+        )))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     assert_eq!(common::folded_total(&f), total);
 }
 
@@ -210,7 +314,11 @@ fn real_go_pprof_exports_same_totals() {
         .env("GO111MODULE", "off")
         .output()
         .unwrap();
-    assert!(out.status.success(), "go run failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "go run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let c = client();
@@ -224,12 +332,18 @@ fn real_go_pprof_exports_same_totals() {
     assert_eq!(r.status(), 200, "{}", r.text().unwrap());
     let ours = tmp.path().join("ours.pb.gz");
     let bytes = c
-        .get(srv.url(&format!("/api/v1/pprof?{}", query("goapp", t0 - 60_000, t0 + 60_000))))
+        .get(srv.url(&format!(
+            "/api/v1/pprof?{}",
+            query("goapp", t0 - 60_000, t0 + 60_000)
+        )))
         .send()
         .unwrap()
         .bytes()
         .unwrap();
     std::fs::write(&ours, &bytes).unwrap();
     assert_eq!(go_total(&go, &orig), go_total(&go, &ours));
-    assert_eq!(flat_of(&go, &orig, "main.burnA"), flat_of(&go, &ours, "main.burnA"));
+    assert_eq!(
+        flat_of(&go, &orig, "main.burnA"),
+        flat_of(&go, &ours, "main.burnA")
+    );
 }

@@ -142,14 +142,22 @@ impl EmbeddedStore {
                 let (_, v) = e?;
                 segments.push(serde_json::from_str::<SegmentMeta>(v.value())?);
             }
-            flushed_upto = txn.open_table(META)?.get(WAL_FLUSHED_UPTO)?.map(|v| v.value()).unwrap_or(0);
+            flushed_upto = txn
+                .open_table(META)?
+                .get(WAL_FLUSHED_UPTO)?
+                .map(|v| v.value())
+                .unwrap_or(0);
         }
 
         // Files a crash left behind before their catalog commit.
         let known: HashSet<String> = segments.iter().map(|s| s.file_name()).collect();
         for e in std::fs::read_dir(&seg_dir)? {
             let p = e?.path();
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+            let name = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_owned();
             if !known.contains(&name) {
                 tracing::info!(file = %p.display(), "removing uncataloged segment file");
                 std::fs::remove_file(&p)?;
@@ -179,7 +187,11 @@ impl EmbeddedStore {
             db,
             sync_lock: Mutex::new(()),
             synced: AtomicU64::new(0),
-            wal: Mutex::new(WalState { writer, appended: 0, len: 0 }),
+            wal: Mutex::new(WalState {
+                writer,
+                appended: 0,
+                len: 0,
+            }),
             mem: RwLock::new(mem),
             segments: RwLock::new(segments),
             dict: RwLock::new(dict),
@@ -215,14 +227,20 @@ impl EmbeddedStore {
         w.len = 0;
         let buf = std::mem::take(&mut mem.active);
         mem.active_rows = 0;
-        mem.flushing.push(Pending { wal_upto: old, buf: Arc::new(buf) });
+        mem.flushing.push(Pending {
+            wal_upto: old,
+            buf: Arc::new(buf),
+        });
         Ok(())
     }
 
     fn persist(&self, p: &Pending) -> anyhow::Result<()> {
         let (stack_ids, series_ids) = {
             let mut d = write(&self.dict);
-            (std::mem::take(&mut d.new_stacks), std::mem::take(&mut d.new_series))
+            (
+                std::mem::take(&mut d.new_stacks),
+                std::mem::take(&mut d.new_series),
+            )
         };
         let mut written = Vec::new();
         let res = self.persist_inner(p, &stack_ids, &series_ids, &mut written);
@@ -253,7 +271,10 @@ impl EmbeddedStore {
         for ((service, kind), rows) in p.buf.iter() {
             let mut by_span: HashMap<i64, Vec<Row>> = HashMap::new();
             for r in rows {
-                by_span.entry(r.ts_ms.div_euclid(span)).or_default().push(*r);
+                by_span
+                    .entry(r.ts_ms.div_euclid(span))
+                    .or_default()
+                    .push(*r);
             }
             for (_, mut rows) in by_span {
                 segment::normalize(&mut rows);
@@ -339,7 +360,11 @@ impl EmbeddedStore {
         let mut groups: HashMap<(String, String, i64), Vec<SegmentMeta>> = HashMap::new();
         for m in read(&self.segments).iter() {
             if m.max_ts < now_ms - after_ms && m.resolution_ms < res_ms {
-                let key = (m.service.clone(), m.kind.clone(), m.min_ts.div_euclid(group_span));
+                let key = (
+                    m.service.clone(),
+                    m.kind.clone(),
+                    m.min_ts.div_euclid(group_span),
+                );
                 groups.entry(key).or_default().push(m.clone());
             }
         }
@@ -372,7 +397,10 @@ fn apply(mem: &mut Mem, dict: &mut Dict, b: Batch) {
         dict.add_series(id, Arc::new(labels), false);
     }
     mem.active_rows += b.rows.len();
-    mem.active.entry((b.service, b.kind)).or_default().extend(b.rows);
+    mem.active
+        .entry((b.service, b.kind))
+        .or_default()
+        .extend(b.rows);
 }
 
 fn encode_frames(frames: &[String]) -> Vec<u8> {
@@ -394,7 +422,13 @@ fn decode_frames(mut b: &[u8]) -> Option<Frames> {
     Some(out.into())
 }
 
-fn scan_rows(rows: &[Row], sel: &Selector, allowed: Option<&HashSet<u64>>, by: GroupBy, out: &mut HashMap<u64, i64>) {
+fn scan_rows(
+    rows: &[Row],
+    sel: &Selector,
+    allowed: Option<&HashSet<u64>>,
+    by: GroupBy,
+    out: &mut HashMap<u64, i64>,
+) {
     for r in rows {
         if r.ts_ms < sel.from_ms || r.ts_ms >= sel.until_ms {
             continue;
@@ -479,14 +513,17 @@ impl Store for EmbeddedStore {
         if segs.is_empty() {
             return Ok(out);
         }
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(segs.len());
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(segs.len());
         // Deal the largest segments out first so threads finish together.
         let mut order: Vec<&SegmentMeta> = segs.iter().collect();
         order.sort_by_key(|m| std::cmp::Reverse(m.rows));
         let partials = std::thread::scope(|s| {
             let handles: Vec<_> = (0..threads)
                 .map(|t| {
-                    let mine: Vec<&SegmentMeta> = order.iter().skip(t).step_by(threads).copied().collect();
+                    let mine: Vec<&SegmentMeta> =
+                        order.iter().skip(t).step_by(threads).copied().collect();
                     let allowed = allowed.as_ref();
                     s.spawn(move || -> anyhow::Result<Aggregate> {
                         let mut part = Aggregate::new();
@@ -503,14 +540,19 @@ impl Store for EmbeddedStore {
                                 Ok(()) => {}
                                 // Compacted or expired after we listed it.
                                 Err(e) if is_not_found(&e) => {}
-                                Err(e) => return Err(e.context(format!("reading segment {}", m.id))),
+                                Err(e) => {
+                                    return Err(e.context(format!("reading segment {}", m.id)))
+                                }
                             }
                         }
                         Ok(part)
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("scan thread panicked")).collect::<Vec<_>>()
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("scan thread panicked"))
+                .collect::<Vec<_>>()
         });
         for p in partials {
             super::merge_into(&mut out, p?);
@@ -542,7 +584,10 @@ impl Store for EmbeddedStore {
         let _f = lock(&self.flush_lock);
         self.rotate()?;
         loop {
-            let next = read(&self.mem).flushing.first().map(|p| Pending { wal_upto: p.wal_upto, buf: p.buf.clone() });
+            let next = read(&self.mem).flushing.first().map(|p| Pending {
+                wal_upto: p.wal_upto,
+                buf: p.buf.clone(),
+            });
             let Some(p) = next else { break };
             let rows: usize = p.buf.values().map(Vec::len).sum();
             self.persist(&p)?;
@@ -559,8 +604,11 @@ impl Store for EmbeddedStore {
     fn maintain(&self, now_ms: i64) -> anyhow::Result<()> {
         let _f = lock(&self.flush_lock);
         if let Some(ret) = self.opts.retention_ms {
-            let expired: Vec<SegmentMeta> =
-                read(&self.segments).iter().filter(|m| m.max_ts < now_ms - ret).cloned().collect();
+            let expired: Vec<SegmentMeta> = read(&self.segments)
+                .iter()
+                .filter(|m| m.max_ts < now_ms - ret)
+                .cloned()
+                .collect();
             if !expired.is_empty() {
                 tracing::info!(segments = expired.len(), "deleting segments past retention");
                 self.swap_segments(&expired, Vec::new())?;
@@ -591,17 +639,22 @@ impl Store for EmbeddedStore {
 
 fn is_not_found(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{stack_id, series_id};
+    use crate::store::{series_id, stack_id};
 
     fn opts() -> StoreOptions {
-        StoreOptions { segment_span_ms: 600_000, retention_ms: Some(86_400_000), downsample: vec![(3_600_000, 60_000)] }
+        StoreOptions {
+            segment_span_ms: 600_000,
+            retention_ms: Some(86_400_000),
+            downsample: vec![(3_600_000, 60_000)],
+        }
     }
 
     fn batch(ts: i64, value: i64) -> Batch {
@@ -613,13 +666,28 @@ mod tests {
             kind: "on-cpu".into(),
             stacks: vec![(st, frames)],
             series: vec![(se, labels)],
-            rows: vec![Row { ts_ms: ts, series_id: se, stack_id: st, value }],
+            rows: vec![Row {
+                ts_ms: ts,
+                series_id: se,
+                stack_id: st,
+                value,
+            }],
         }
     }
 
     fn total(s: &EmbeddedStore, from: i64, until: i64) -> i64 {
-        let sel = Selector { service: "svc".into(), from_ms: from, until_ms: until, kinds: None, matchers: vec![] };
-        s.aggregate(&sel, GroupBy::Stack).unwrap().values().flat_map(|m| m.values()).sum()
+        let sel = Selector {
+            service: "svc".into(),
+            from_ms: from,
+            until_ms: until,
+            kinds: None,
+            matchers: vec![],
+        };
+        s.aggregate(&sel, GroupBy::Stack)
+            .unwrap()
+            .values()
+            .flat_map(|m| m.values())
+            .sum()
     }
 
     #[test]
@@ -643,14 +711,22 @@ mod tests {
         assert_eq!(total(&s, 20_000, 50_000), 3);
         drop(s);
         let s = EmbeddedStore::open(dir.path(), opts()).unwrap();
-        assert_eq!(total(&s, 0, i64::MAX), 17, "no double counting after flush + replay");
+        assert_eq!(
+            total(&s, 0, i64::MAX),
+            17,
+            "no double counting after flush + replay"
+        );
         s.flush().unwrap();
         assert_eq!(wal::list(&dir.path().join("wal")).unwrap().len(), 1);
 
         // Everything older than an hour at `now` goes to 1-minute windows.
         s.maintain(4 * 3_600_000).unwrap();
         assert_eq!(total(&s, 0, i64::MAX), 17);
-        assert_eq!(total(&s, 0, 30_000), 6, "windows 0..50 s now all sit at minute 0");
+        assert_eq!(
+            total(&s, 0, 30_000),
+            6,
+            "windows 0..50 s now all sit at minute 0"
+        );
         // And past retention everything goes.
         s.maintain(100 * 3_600_000).unwrap();
         assert_eq!(total(&s, 0, i64::MAX), 0);

@@ -89,7 +89,9 @@ pub struct Selector {
 
 impl Selector {
     pub fn wants_kind(&self, kind: &str) -> bool {
-        self.kinds.as_ref().is_none_or(|ks| ks.iter().any(|k| k == kind))
+        self.kinds
+            .as_ref()
+            .is_none_or(|ks| ks.iter().any(|k| k == kind))
     }
 }
 
@@ -97,7 +99,9 @@ impl Selector {
 pub enum GroupBy {
     Stack,
     /// Buckets of `step_ms` starting at the selector's `from_ms`.
-    Time { step_ms: i64 },
+    Time {
+        step_ms: i64,
+    },
 }
 
 /// kind -> (stack id or bucket start) -> summed value.
@@ -139,6 +143,9 @@ mod tests {
     fn stack_ids_respect_frame_boundaries() {
         assert_ne!(stack_id(&["a;b"]), stack_id(&["a", "b"]));
         assert_ne!(stack_id(&["a", "b"]), stack_id(&["b", "a"]));
-        assert_eq!(stack_id(&["a", "b"]), stack_id(&["a".to_string(), "b".to_string()]));
+        assert_eq!(
+            stack_id(&["a", "b"]),
+            stack_id(&["a".to_string(), "b".to_string()])
+        );
     }
 }

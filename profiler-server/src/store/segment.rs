@@ -62,7 +62,9 @@ fn schema() -> Arc<Schema> {
 pub fn normalize(rows: &mut Vec<Row>) {
     rows.sort_unstable_by_key(|r| (r.stack_id, r.series_id, r.ts_ms));
     rows.dedup_by(|next, kept| {
-        if (next.stack_id, next.series_id, next.ts_ms) == (kept.stack_id, kept.series_id, kept.ts_ms) {
+        if (next.stack_id, next.series_id, next.ts_ms)
+            == (kept.stack_id, kept.series_id, kept.ts_ms)
+        {
             kept.value += next.value;
             true
         } else {
@@ -157,7 +159,10 @@ pub fn aggregate(path: &Path, scan: &Scan, out: &mut HashMap<u64, i64>) -> anyho
     cols.sort_unstable();
     let pos = |c: usize| cols.iter().position(|&x| x == c);
     let mask = ProjectionMask::roots(builder.parquet_schema(), cols.iter().copied());
-    let reader = builder.with_projection(mask).with_batch_size(1 << 16).build()?;
+    let reader = builder
+        .with_projection(mask)
+        .with_batch_size(1 << 16)
+        .build()?;
     let (lo, hi) = scan.time.unwrap_or((i64::MIN, i64::MAX));
     let step = match scan.by {
         GroupBy::Time { step_ms } => step_ms,
@@ -236,28 +241,53 @@ mod tests {
         let mut rows = Vec::new();
         for ts in 0..10 {
             for stack in 0..3u64 {
-                rows.push(Row { ts_ms: ts * 1000, series_id: stack % 2, stack_id: stack, value: 1 });
+                rows.push(Row {
+                    ts_ms: ts * 1000,
+                    series_id: stack % 2,
+                    stack_id: stack,
+                    value: 1,
+                });
             }
         }
-        rows.push(Row { ts_ms: 0, series_id: 0, stack_id: 0, value: 5 });
+        rows.push(Row {
+            ts_ms: 0,
+            series_id: 0,
+            stack_id: 0,
+            value: 5,
+        });
         normalize(&mut rows);
         assert_eq!(rows.len(), 30);
         write(&path, &rows).unwrap();
         assert_eq!(read_all(&path).unwrap(), rows);
 
         let mut out = HashMap::new();
-        let all = Scan { time: None, series: None, by: GroupBy::Stack, from_ms: 0 };
+        let all = Scan {
+            time: None,
+            series: None,
+            by: GroupBy::Stack,
+            from_ms: 0,
+        };
         aggregate(&path, &all, &mut out).unwrap();
         assert_eq!(out, HashMap::from([(0, 15), (1, 10), (2, 10)]));
 
         let only = HashSet::from([1u64]);
         let mut out = HashMap::new();
-        let part = Scan { time: Some((2000, 5000)), series: Some(&only), by: GroupBy::Stack, from_ms: 0 };
+        let part = Scan {
+            time: Some((2000, 5000)),
+            series: Some(&only),
+            by: GroupBy::Stack,
+            from_ms: 0,
+        };
         aggregate(&path, &part, &mut out).unwrap();
         assert_eq!(out, HashMap::from([(1, 3)]));
 
         let mut out = HashMap::new();
-        let t = Scan { time: Some((0, 4000)), series: None, by: GroupBy::Time { step_ms: 2000 }, from_ms: 0 };
+        let t = Scan {
+            time: Some((0, 4000)),
+            series: None,
+            by: GroupBy::Time { step_ms: 2000 },
+            from_ms: 0,
+        };
         aggregate(&path, &t, &mut out).unwrap();
         assert_eq!(out, HashMap::from([(0, 11), (2000, 6)]));
     }

@@ -107,7 +107,11 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 pub fn encode(b: &Batch) -> Vec<u8> {
-    let frames: usize = b.stacks.iter().map(|(_, f)| f.iter().map(|s| s.len() + 4).sum::<usize>()).sum();
+    let frames: usize = b
+        .stacks
+        .iter()
+        .map(|(_, f)| f.iter().map(|s| s.len() + 4).sum::<usize>())
+        .sum();
     let mut out = Vec::with_capacity(64 + frames + b.rows.len() * 32);
     out.push(1u8);
     put_str(&mut out, &b.service);
@@ -193,7 +197,9 @@ pub fn decode(payload: &[u8]) -> Option<Batch> {
     for _ in 0..n {
         let id = c.u64()?;
         let nl = c.count(8)?;
-        let labels = (0..nl).map(|_| Some((c.str()?, c.str()?))).collect::<Option<Labels>>()?;
+        let labels = (0..nl)
+            .map(|_| Some((c.str()?, c.str()?)))
+            .collect::<Option<Labels>>()?;
         series.push((id, labels));
     }
     let n = c.count(32)?;
@@ -206,7 +212,13 @@ pub fn decode(payload: &[u8]) -> Option<Batch> {
             value: c.u64()? as i64,
         });
     }
-    c.0.is_empty().then_some(Batch { service, kind, stacks, series, rows })
+    c.0.is_empty().then_some(Batch {
+        service,
+        kind,
+        stacks,
+        series,
+        rows,
+    })
 }
 
 /// Appends framed records; `sync` makes everything written so far durable.
@@ -240,7 +252,12 @@ mod tests {
             kind: "on-cpu".into(),
             stacks: vec![(7, Arc::from(vec!["a".to_string(), "b".to_string()]))],
             series: vec![(9, Labels::from([("host".to_string(), "h".to_string())]))],
-            rows: vec![Row { ts_ms: 10_000, series_id: 9, stack_id: 7, value: -3 }],
+            rows: vec![Row {
+                ts_ms: 10_000,
+                series_id: 9,
+                stack_id: 7,
+                value: -3,
+            }],
         }
     }
 
@@ -256,7 +273,10 @@ mod tests {
         let path = file_name(dir.path(), 1);
         assert_eq!(replay(&path, |b| got.push(b)).unwrap(), 2);
         assert_eq!(got, vec![batch(), batch()]);
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 * rec.len() as u64);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            2 * rec.len() as u64
+        );
         assert_eq!(list(dir.path()).unwrap(), vec![(1, path)]);
     }
 

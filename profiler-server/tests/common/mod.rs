@@ -24,13 +24,18 @@ impl Proc {
             .spawn()
             .expect("spawn profiler-server");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let addr = line
             .trim()
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_owned();
-        Proc { child, base: format!("http://{addr}") }
+        Proc {
+            child,
+            base: format!("http://{addr}"),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -46,7 +51,11 @@ impl Proc {
     /// SIGTERM and wait for a clean exit.
     pub fn terminate(mut self) {
         let pid = self.child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
         let status = self.child.wait().unwrap();
         assert!(status.success(), "server exited with {status}");
     }
@@ -60,14 +69,22 @@ impl Drop for Proc {
 }
 
 pub fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
 }
 
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 /// Sum of all values of a folded export.
 pub fn folded_total(text: &str) -> i64 {
-    text.lines().map(|l| l.rsplit_once(' ').unwrap().1.parse::<i64>().unwrap()).sum()
+    text.lines()
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<i64>().unwrap())
+        .sum()
 }
