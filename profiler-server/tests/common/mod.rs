@@ -68,8 +68,11 @@ impl Drop for Proc {
     }
 }
 
+/// No connection reuse: after an early 413 the server closes a connection
+/// whose body it did not read, and a pooled client would race that close.
 pub fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
+        .pool_max_idle_per_host(0)
         .timeout(Duration::from_secs(120))
         .build()
         .unwrap()
