@@ -3,9 +3,15 @@
 
 pub mod aggregate;
 pub mod classify;
+pub mod config;
+pub mod daemon;
+pub mod identity;
+pub mod metrics;
 pub mod process;
 pub mod record;
 pub mod render;
 pub mod sample;
 pub mod session;
+pub mod ship;
+pub mod spool;
 pub mod symbolize;

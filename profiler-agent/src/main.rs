@@ -9,6 +9,7 @@ use std::{
 
 use clap::{Args, Parser, Subcommand};
 use profiler_agent::{
+    config::AgentConfig,
     record::{DEFAULT_OFF_CPU_BUDGET, RecordOptions, record},
     sample::{OffCpuOptions, SamplerOptions},
 };
@@ -30,6 +31,38 @@ enum Command {
     /// With --off-cpu, every stack starts with its kind (`[on-cpu]`, `[off-cpu:sleep]`, ...)
     /// and values are nanoseconds (on-CPU samples × sampling period).
     Record(RecordArgs),
+    /// Profile continuously in fixed windows and ship each window to the collection server.
+    ///
+    /// Every process gets a service name from its cgroup (systemd unit, container,
+    /// Kubernetes pod) or executable, unless a rule in the config says otherwise. Windows
+    /// the server does not acknowledge are spooled on disk (bounded) and replayed in
+    /// order. SIGTERM ships or spools the current window before exiting. Needs root.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// TOML configuration (see deploy/agent.toml); flags below override it.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Collection server base URL, e.g. http://profiler:4040.
+    #[arg(long)]
+    server_url: Option<String>,
+    /// Bearer token for the server's ingest API.
+    #[arg(long, env = "PROFILER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Window length (e.g. 10s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    window: Option<Duration>,
+    /// Directory of the on-disk spool.
+    #[arg(long)]
+    spool_dir: Option<PathBuf>,
+    /// Address of the /metrics endpoint ("" disables it).
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Turn off-CPU tracing on or off.
+    #[arg(long)]
+    off_cpu: Option<bool>,
 }
 
 #[derive(Args)]
@@ -89,6 +122,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Record(args) => run_record(args),
+        Command::Run(args) => run_daemon(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -97,6 +131,33 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
+    let mut config = match (&args.config, &args.server_url) {
+        (Some(path), _) => AgentConfig::load(path)?,
+        (None, Some(url)) => AgentConfig::load_str(&format!("[server]\nurl = {url:?}\n"))?,
+        (None, None) => anyhow::bail!("pass --config FILE or --server-url URL"),
+    };
+    if let Some(url) = args.server_url {
+        config.server.url = url;
+    }
+    if let Some(token) = args.token {
+        config.server.token = Some(token);
+    }
+    if let Some(window) = args.window {
+        config.sampling.window = window;
+    }
+    if let Some(dir) = args.spool_dir {
+        config.spool.dir = dir;
+    }
+    if let Some(listen) = args.metrics_listen {
+        config.metrics.listen = listen;
+    }
+    if let Some(off_cpu) = args.off_cpu {
+        config.off_cpu.enabled = off_cpu;
+    }
+    profiler_agent::daemon::run(config)
 }
 
 fn run_record(args: RecordArgs) -> anyhow::Result<()> {

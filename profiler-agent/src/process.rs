@@ -37,6 +37,12 @@ pub struct MappedFile {
 #[derive(Clone, Debug)]
 pub struct ProcessInfo {
     pub name: String,
+    /// Path of the executable; empty for kernel threads.
+    pub exe: String,
+    /// Arguments joined by spaces.
+    pub cmdline: String,
+    /// cgroup v2 path (or the systemd hierarchy's path on cgroup v1).
+    pub cgroup: String,
     pub mappings: Arc<[Mapping]>,
     pub last_seen: Instant,
     pub alive: bool,
@@ -177,7 +183,41 @@ fn read_process(pid: u32, inner: &Mutex<Inner>) -> Option<ProcessInfo> {
         });
     }
     mappings.sort_by_key(|m| m.start);
-    Some(ProcessInfo { name, mappings: mappings.into(), last_seen: Instant::now(), alive: true })
+    let exe = fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_string())
+        .unwrap_or_default();
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| String::from_utf8_lossy(&raw).trim_end_matches('\0').replace('\0', " "))
+        .unwrap_or_default();
+    let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).map(|text| cgroup_path(&text)).unwrap_or_default();
+    Some(ProcessInfo {
+        name,
+        exe,
+        cmdline,
+        cgroup,
+        mappings: mappings.into(),
+        last_seen: Instant::now(),
+        alive: true,
+    })
+}
+
+/// The unified (v2) hierarchy's path, else the systemd one's, else the first.
+fn cgroup_path(text: &str) -> String {
+    let entries: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            Some((controllers, path))
+        })
+        .collect();
+    entries
+        .iter()
+        .find(|(controllers, _)| controllers.is_empty())
+        .or_else(|| entries.iter().find(|(controllers, _)| *controllers == "name=systemd"))
+        .or(entries.first())
+        .map(|(_, path)| path.to_string())
+        .unwrap_or_default()
 }
 
 struct MapsLine<'a> {
@@ -241,6 +281,13 @@ fn open_mapped_file(pid: u32, line: &MapsLine<'_>) -> Option<MappedFile> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn picks_the_unified_cgroup_path() {
+        assert_eq!(cgroup_path("0::/system.slice/checkout.service\n"), "/system.slice/checkout.service");
+        let v1 = "12:cpu,cpuacct:/docker/abc\n1:name=systemd:/system.slice/docker-abc.scope\n";
+        assert_eq!(cgroup_path(v1), "/system.slice/docker-abc.scope");
+    }
 
     #[test]
     fn parses_executable_file_mappings_only() {

@@ -1,0 +1,254 @@
+//! `profiler-agent run` configuration: a TOML file (unknown keys are errors) with
+//! defaults for everything but the server URL. Validated completely at start-up.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, bail};
+use regex::Regex;
+use serde::Deserialize;
+
+use crate::{identity::Rule, record::DEFAULT_OFF_CPU_BUDGET, sample::{OffCpuOptions, SamplerOptions}};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub sampling: SamplingConfig,
+    #[serde(default)]
+    pub off_cpu: OffCpuConfig,
+    #[serde(default)]
+    pub spool: SpoolConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Labels added to every profile of this host (e.g. `env = "prod"`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Base URL of the collection server, e.g. `http://profiler:4040`.
+    pub url: String,
+    /// Bearer token for ingest.
+    pub token: Option<String>,
+    /// Per-request timeout.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Attempts per window before it is spooled.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    pub frequency_hz: u64,
+    pub max_stack_keys: u32,
+    pub max_stacks: u32,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        let sampler = SamplerOptions::default();
+        Self {
+            window: Duration::from_secs(10),
+            frequency_hz: sampler.frequency_hz,
+            max_stack_keys: sampler.max_stack_keys,
+            max_stacks: sampler.max_stacks,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OffCpuConfig {
+    pub enabled: bool,
+    #[serde(with = "humantime_serde")]
+    pub min_block: Duration,
+    /// Highest share of switches recorded; rate control may lower it to meet `budget`.
+    pub sampling: f64,
+    /// Recorded switches per second.
+    pub budget: u64,
+}
+
+impl Default for OffCpuConfig {
+    fn default() -> Self {
+        let defaults = OffCpuOptions::default();
+        Self { enabled: true, min_block: defaults.min_block, sampling: defaults.sample_probability, budget: DEFAULT_OFF_CPU_BUDGET }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Windows that could not be shipped wait here, oldest dropped first past `max_bytes`.
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self { dir: PathBuf::from("/var/lib/profiler-agent/spool"), max_bytes: 256 << 20 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where /metrics is served; empty to disable.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:9464".into() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub comm: Option<String>,
+    pub exe: Option<String>,
+    pub cmdline: Option<String>,
+    pub cgroup: Option<String>,
+    pub service: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_attempts() -> u32 {
+    4
+}
+
+impl AgentConfig {
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        Self::load_str(&text).with_context(|| format!("config {}", path.display()))
+    }
+
+    pub fn load_str(text: &str) -> anyhow::Result<Self> {
+        toml::from_str(text).map_err(|err| anyhow::anyhow!("{}", err.message()))
+    }
+
+    pub fn sampler_options(&self) -> SamplerOptions {
+        SamplerOptions {
+            frequency_hz: self.sampling.frequency_hz,
+            pid: None,
+            off_cpu: self.off_cpu.enabled.then(|| OffCpuOptions {
+                min_block: self.off_cpu.min_block,
+                sample_probability: self.off_cpu.sampling,
+            }),
+            max_stack_keys: self.sampling.max_stack_keys,
+            max_stacks: self.sampling.max_stacks,
+            ..SamplerOptions::default()
+        }
+    }
+
+    pub fn metrics_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        if self.metrics.listen.is_empty() {
+            return Ok(None);
+        }
+        let addr = self.metrics.listen.parse().with_context(|| format!("metrics.listen {:?} is not an address", self.metrics.listen))?;
+        Ok(Some(addr))
+    }
+
+    /// Compiles the rules; a bad regex names the rule and the field.
+    pub fn rules(&self) -> anyhow::Result<Vec<Rule>> {
+        self.rules
+            .iter()
+            .enumerate()
+            .map(|(i, rule)| {
+                let compile = |field: &str, pattern: &Option<String>| -> anyhow::Result<Option<Regex>> {
+                    pattern
+                        .as_deref()
+                        .map(|p| Regex::new(p).map_err(|err| anyhow::anyhow!("rules[{i}].{field}: bad regex {p:?}: {err}")))
+                        .transpose()
+                };
+                if rule.service.is_none() && rule.labels.is_empty() {
+                    bail!("rules[{i}] sets neither a service nor labels");
+                }
+                Ok(Rule {
+                    comm: compile("comm", &rule.comm)?,
+                    exe: compile("exe", &rule.exe)?,
+                    cmdline: compile("cmdline", &rule.cmdline)?,
+                    cgroup: compile("cgroup", &rule.cgroup)?,
+                    service: rule.service.clone(),
+                    labels: rule.labels.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Everything that can be checked before sampling starts.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.rules()?;
+        self.metrics_addr()?;
+        validate_url(&self.server.url)?;
+        if self.sampling.window < Duration::from_secs(1) {
+            bail!("sampling.window must be at least 1s");
+        }
+        if self.spool.max_bytes == 0 {
+            bail!("spool.max_bytes must be positive");
+        }
+        if self.server.max_attempts == 0 {
+            bail!("server.max_attempts must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// The URL must parse and its host must resolve; a server that is merely down is not a
+/// configuration error (windows are spooled until it is back).
+fn validate_url(url: &str) -> anyhow::Result<()> {
+    let parsed = reqwest::Url::parse(url).map_err(|err| anyhow::anyhow!("server.url {url:?} is not a URL: {err}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        bail!("server.url {url:?} must be http or https");
+    }
+    let host = parsed.host_str().ok_or_else(|| anyhow::anyhow!("server.url {url:?} has no host"))?;
+    let port = parsed.port_or_known_default().unwrap_or(80);
+    std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .map_err(|err| anyhow::anyhow!("server.url host {host:?} does not resolve: {err}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> anyhow::Result<AgentConfig> {
+        let config = AgentConfig::load_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = parse("[server]\nurl = \"http://127.0.0.1:4040\"\n").unwrap();
+        assert_eq!(config.sampling.window, Duration::from_secs(10));
+        assert!(config.off_cpu.enabled);
+        assert_eq!(config.server.max_attempts, 4);
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        let err = parse("[server]\nurl = \"http://127.0.0.1:1\"\nbogus = 1\n").unwrap_err().to_string();
+        assert!(err.contains("unknown field `bogus`"), "{err}");
+        let err = parse("[server]\nurl = \"http://127.0.0.1:1\"\n[[rules]]\ncomm = \"(unclosed\"\nservice = \"x\"\n").unwrap_err().to_string();
+        assert!(err.contains("rules[0].comm: bad regex"), "{err}");
+        let err = parse("[server]\nurl = \"http://no-such-host.invalid:4040\"\n").unwrap_err().to_string();
+        assert!(err.contains("does not resolve"), "{err}");
+        let err = parse("[server]\nurl = \"ftp://127.0.0.1\"\n").unwrap_err().to_string();
+        assert!(err.contains("must be http"), "{err}");
+    }
+}

@@ -1,0 +1,304 @@
+//! `profiler-agent run`: continuous profiling in fixed windows, shipped to the server.
+//!
+//! Threads and tasks: the sampling thread owns the BPF session and turns each window into
+//! payloads; a tokio task ships them (retries, then the spool) and replays the spool when
+//! the server is back; another serves /metrics. SIGTERM ends the current window early,
+//! and its payloads are shipped or spooled before exit.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+
+use crate::{
+    aggregate::Kind,
+    classify::classify,
+    config::AgentConfig,
+    identity::{Identity, Rule, identify, unknown_process},
+    metrics::Metrics,
+    sample::RawValue,
+    session::{Session, Window},
+    ship::{Payload, ShipError, Shipper, Stacks, WindowMeta, build_payload},
+    spool::Spool,
+    symbolize::comm_name,
+};
+use profiler_common::Stat;
+
+/// Windows queued between sampling and shipping before they go straight to the spool.
+const QUEUE_WINDOWS: usize = 4;
+/// How often the spool is retried while the server is away.
+const REPLAY_INTERVAL: Duration = Duration::from_secs(5);
+
+pub fn run(config: AgentConfig) -> anyhow::Result<()> {
+    config.validate()?;
+    let rules = config.rules()?;
+    let host_labels = host_labels(&config.labels);
+    let spool = Arc::new(Mutex::new(Spool::open(&config.spool.dir, config.spool.max_bytes)?));
+    let metrics = Arc::new(Metrics::default());
+    let shipper = Shipper::new(&config.server.url, config.server.token.clone(), config.server.timeout, config.server.max_attempts)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let stop = Arc::new(AtomicBool::new(false));
+
+    runtime.block_on(async {
+        if let Some(addr) = config.metrics_addr()? {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics on {addr}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+            let metrics = metrics.clone();
+            let app = axum::Router::new().route("/metrics", axum::routing::get(move || {
+                let metrics = metrics.clone();
+                async move { ([("content-type", "text/plain; version=0.0.4")], metrics.render()) }
+            }));
+            tokio::spawn(async move {
+                if let Err(err) = axum::serve(listener, app).await {
+                    tracing::error!("metrics server failed: {err}");
+                }
+            });
+        }
+        spawn_signal_handler(stop.clone())?;
+
+        let session = Session::start(&config.sampler_options(), config.off_cpu.budget)?;
+        tracing::info!(server = %config.server.url, window = ?config.sampling.window, "agent running");
+        let (sender, receiver) = mpsc::channel(QUEUE_WINDOWS);
+        let sampling = {
+            let (stop, spool, metrics) = (stop.clone(), spool.clone(), metrics.clone());
+            let window = config.sampling.window;
+            std::thread::Builder::new().name("sampling".into()).spawn(move || {
+                sampling_loop(session, window, &rules, &host_labels, sender, &stop, &spool, &metrics)
+            })?
+        };
+        ship_loop(receiver, &shipper, &spool, &metrics).await;
+        sampling.join().map_err(|_| anyhow::anyhow!("sampling thread panicked"))?
+    })
+}
+
+fn spawn_signal_handler(stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        tracing::info!("stopping: finishing the current window");
+        stop.store(true, Relaxed);
+    });
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sampling_loop(
+    mut session: Session,
+    window: Duration,
+    rules: &[Rule],
+    host_labels: &BTreeMap<String, String>,
+    sender: mpsc::Sender<Vec<Payload>>,
+    stop: &AtomicBool,
+    spool: &Mutex<Spool>,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
+    let window_ms = window.as_millis() as u64;
+    let mut start_ms = now_ms();
+    loop {
+        // Windows end on wall-clock multiples of their length, like the server's buckets.
+        let end_ms = (start_ms / window_ms + 1) * window_ms;
+        let until = Instant::now() + Duration::from_millis(end_ms.saturating_sub(now_ms()));
+        let drained = session.next_window(until, stop)?;
+        let end_ms = now_ms().min(end_ms).max(start_ms + 1);
+        record_window_metrics(&session, &drained, metrics);
+        let meta = WindowMeta { start_ms, end_ms, period_ns: session.period_ns() };
+        let payloads = build_payloads(&session, &drained, rules, host_labels, &meta);
+        metrics.profiles_produced.fetch_add(payloads.len() as u64, Relaxed);
+        metrics.value_produced_ns.fetch_add(payloads.iter().map(|p| p.value).sum(), Relaxed);
+        if let Err(err) = sender.try_send(payloads) {
+            let payloads = match err {
+                mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p) => p,
+            };
+            // The shipper is stuck retrying: keep memory bounded, let the spool hold it.
+            tracing::warn!("ship queue full; spooling window directly");
+            let mut spool = spool.lock().unwrap();
+            for payload in &payloads {
+                spool_payload(&mut spool, payload, metrics);
+            }
+        }
+        start_ms = end_ms;
+        if stop.load(Relaxed) {
+            return Ok(());
+        }
+    }
+}
+
+fn record_window_metrics(session: &Session, window: &Window, metrics: &Metrics) {
+    let stats = &window.stats;
+    metrics.windows.fetch_add(1, Relaxed);
+    metrics.samples.fetch_add(stats.get(Stat::Samples), Relaxed);
+    metrics.samples_lost.fetch_add(stats.get(Stat::SampleMapFull), Relaxed);
+    metrics.stacks_lost.fetch_add(stats.get(Stat::UserStackLost) + stats.get(Stat::KernelStackLost), Relaxed);
+    metrics.switches.fetch_add(stats.get(Stat::Switches), Relaxed);
+    metrics.switches_recorded.fetch_add(stats.get(Stat::SwitchOutsRecorded), Relaxed);
+    metrics.off_cpu_lost.fetch_add(stats.get(Stat::OffCpuMapFull) + stats.get(Stat::SwitchOutMapFull), Relaxed);
+    metrics.map_fill_permille.store((window.map_fill * 1000.0) as u64, Relaxed);
+    if let Some(sampling) = session.off_cpu_effective_sampling() {
+        metrics.off_cpu_sampling_permille.store((sampling * 1000.0) as u64, Relaxed);
+    }
+    let (hits, misses) = session.processes().cache_stats();
+    metrics.symbol_cache_hits.store(hits, Relaxed);
+    metrics.symbol_cache_misses.store(misses, Relaxed);
+}
+
+/// One payload per (service, labels, kind), values in nanoseconds.
+fn build_payloads(
+    session: &Session,
+    window: &Window,
+    rules: &[Rule],
+    host_labels: &BTreeMap<String, String>,
+    meta: &WindowMeta,
+) -> Vec<Payload> {
+    let mut identities: HashMap<u32, Arc<Identity>> = HashMap::new();
+    let mut groups: BTreeMap<(Arc<Identity>, Kind), Stacks> = BTreeMap::new();
+    for sample in &window.samples {
+        let identity = identities
+            .entry(sample.key.tgid)
+            .or_insert_with(|| {
+                Arc::new(match session.processes().get(sample.key.tgid) {
+                    Some(process) => identify(&process, rules),
+                    None => unknown_process(&comm_name(&sample.key.comm)),
+                })
+            })
+            .clone();
+        let (kind, ns) = match sample.value {
+            RawValue::OnCpuSamples(count) => (Kind::OnCpu, count * meta.period_ns),
+            RawValue::OffCpu { ns, .. } => (Kind::OffCpu(classify(sample.key.state, &sample.kernel_frames)), ns),
+        };
+        if ns == 0 {
+            continue;
+        }
+        let mut frames = Vec::with_capacity(1 + sample.user_frames.len() + sample.kernel_frames.len());
+        frames.push(Arc::from(sample.process.as_str()));
+        frames.extend(sample.user_frames.iter().cloned());
+        frames.extend(sample.kernel_frames.iter().cloned());
+        *groups.entry((identity, kind)).or_default().entry(frames).or_default() += ns;
+    }
+    groups
+        .iter()
+        .map(|((identity, kind), stacks)| build_payload(identity, host_labels, *kind, stacks, meta))
+        .collect()
+}
+
+/// Runs blocking spool I/O off the async thread.
+async fn with_spool<T: Send + 'static>(spool: &Arc<Mutex<Spool>>, f: impl FnOnce(&mut Spool) -> T + Send + 'static) -> T {
+    let spool = spool.clone();
+    tokio::task::spawn_blocking(move || f(&mut spool.lock().unwrap())).await.expect("spool task panicked")
+}
+
+fn spool_payload(spool: &mut Spool, payload: &Payload, metrics: &Metrics) {
+    match spool.push(payload) {
+        Ok(dropped) => {
+            metrics.profiles_spooled.fetch_add(1, Relaxed);
+            if dropped.profiles > 0 {
+                tracing::warn!(profiles = dropped.profiles, ns = dropped.value, "spool full: dropped the oldest profiles");
+                metrics.profiles_dropped.fetch_add(dropped.profiles, Relaxed);
+                metrics.value_dropped_ns.fetch_add(dropped.value, Relaxed);
+            }
+        }
+        Err(err) => {
+            tracing::error!("could not spool a profile, dropping it: {err:#}");
+            metrics.profiles_dropped.fetch_add(1, Relaxed);
+            metrics.value_dropped_ns.fetch_add(payload.value, Relaxed);
+        }
+    }
+    metrics.spool_profiles.store(spool.len() as u64, Relaxed);
+    metrics.spool_bytes.store(spool.bytes(), Relaxed);
+}
+
+async fn ship_loop(mut receiver: mpsc::Receiver<Vec<Payload>>, shipper: &Shipper, spool: &Arc<Mutex<Spool>>, metrics: &Arc<Metrics>) {
+    let mut replay = tokio::time::interval(REPLAY_INTERVAL);
+    loop {
+        tokio::select! {
+            batch = receiver.recv() => {
+                let Some(batch) = batch else { break };
+                for payload in batch {
+                    ship_or_spool(payload, shipper, spool, metrics).await;
+                }
+            }
+            _ = replay.tick() => {}
+        }
+        replay_spool(shipper, spool, metrics).await;
+    }
+    // The sampling thread is done: one last try for the spool, the rest stays on disk.
+    replay_spool(shipper, spool, metrics).await;
+    let left = with_spool(spool, |s| s.len()).await;
+    tracing::info!(spooled = left, "agent stopped");
+}
+
+async fn ship_or_spool(payload: Payload, shipper: &Shipper, spool: &Arc<Mutex<Spool>>, metrics: &Arc<Metrics>) {
+    // Older windows wait in the spool: queue behind them to keep the order.
+    if with_spool(spool, |s| s.is_empty()).await {
+        match shipper.send_with_retries(&payload).await {
+            Ok(()) => return shipped(&payload, metrics),
+            Err(ShipError::Rejected(err)) => return rejected(&payload, err, metrics),
+            Err(ShipError::Retryable(err)) => tracing::warn!("server unreachable, spooling: {err:#}"),
+        }
+    }
+    let metrics = metrics.clone();
+    with_spool(spool, move |s| spool_payload(s, &payload, &metrics)).await;
+}
+
+fn shipped(payload: &Payload, metrics: &Metrics) {
+    metrics.profiles_shipped.fetch_add(1, Relaxed);
+    metrics.value_shipped_ns.fetch_add(payload.value, Relaxed);
+    metrics.bytes_shipped.fetch_add(payload.body.len() as u64, Relaxed);
+}
+
+fn rejected(payload: &Payload, err: anyhow::Error, metrics: &Metrics) {
+    tracing::error!(query = %payload.query, "server rejected a profile: {err:#}");
+    metrics.profiles_rejected.fetch_add(1, Relaxed);
+}
+
+/// Sends spooled windows oldest first, one attempt each, until one fails.
+async fn replay_spool(shipper: &Shipper, spool: &Arc<Mutex<Spool>>, metrics: &Arc<Metrics>) {
+    loop {
+        let Some(payload) = with_spool(spool, |s| s.oldest()).await else { break };
+        match shipper.send(&payload).await {
+            Ok(()) => shipped(&payload, metrics),
+            Err(ShipError::Rejected(err)) => rejected(&payload, err, metrics),
+            Err(ShipError::Retryable(_)) => break,
+        }
+        let metrics = metrics.clone();
+        with_spool(spool, move |s| {
+            if let Err(err) = s.remove_oldest() {
+                tracing::error!("removing a shipped profile from the spool: {err:#}");
+            }
+            metrics.spool_profiles.store(s.len() as u64, Relaxed);
+            metrics.spool_bytes.store(s.bytes(), Relaxed);
+        })
+        .await;
+    }
+}
+
+/// host, kernel and CPU count from sysinfo, plus the configured labels (which win).
+fn host_labels(configured: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    if let Ok(host) = sysinfo::System::host_name() {
+        labels.insert("host".to_string(), host);
+    }
+    if let Ok(kernel) = sysinfo::System::kernel_version() {
+        labels.insert("kernel".to_string(), kernel);
+    }
+    if let Ok(cpus) = std::thread::available_parallelism() {
+        labels.insert("cpus".to_string(), cpus.to_string());
+    }
+    labels.extend(configured.iter().map(|(k, v)| (k.clone(), v.clone())));
+    labels
+}

@@ -1,0 +1,88 @@
+//! The agent's own counters, served in Prometheus text format on /metrics.
+
+use std::{
+    fmt::Write as _,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+};
+
+#[derive(Default)]
+pub struct Metrics {
+    pub windows: AtomicU64,
+    pub samples: AtomicU64,
+    pub samples_lost: AtomicU64,
+    pub stacks_lost: AtomicU64,
+    pub switches: AtomicU64,
+    pub switches_recorded: AtomicU64,
+    pub off_cpu_lost: AtomicU64,
+    /// Fill of the busiest BPF aggregate map in the last window, in 1/1000.
+    pub map_fill_permille: AtomicU64,
+    /// Off-CPU sampling share in the last window, in 1/1000.
+    pub off_cpu_sampling_permille: AtomicU64,
+    pub profiles_produced: AtomicU64,
+    pub profiles_shipped: AtomicU64,
+    pub profiles_spooled: AtomicU64,
+    pub profiles_dropped: AtomicU64,
+    pub profiles_rejected: AtomicU64,
+    pub value_produced_ns: AtomicU64,
+    pub value_shipped_ns: AtomicU64,
+    pub value_dropped_ns: AtomicU64,
+    pub bytes_shipped: AtomicU64,
+    pub spool_profiles: AtomicU64,
+    pub spool_bytes: AtomicU64,
+    pub symbol_cache_hits: AtomicU64,
+    pub symbol_cache_misses: AtomicU64,
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+            let _ = writeln!(out, "# HELP profiler_agent_{name} {help}\n# TYPE profiler_agent_{name} {kind}\nprofiler_agent_{name} {value}");
+        };
+        let get = |counter: &AtomicU64| counter.load(Relaxed) as f64;
+        metric("windows_total", "counter", "Windows drained from the kernel.", get(&self.windows));
+        metric("samples_total", "counter", "On-CPU samples taken.", get(&self.samples));
+        metric("samples_lost_total", "counter", "On-CPU samples lost to a full aggregate map.", get(&self.samples_lost));
+        metric("stacks_lost_total", "counter", "Stacks that could not be recorded (stack map full or collision).", get(&self.stacks_lost));
+        metric("switches_total", "counter", "Context switches seen by the off-CPU program.", get(&self.switches));
+        metric("switches_recorded_total", "counter", "Context switches recorded (sampled).", get(&self.switches_recorded));
+        metric("off_cpu_lost_total", "counter", "Off-CPU waits lost to full maps.", get(&self.off_cpu_lost));
+        metric("map_fill_ratio", "gauge", "Fill of the busiest BPF aggregate map in the last window.", get(&self.map_fill_permille) / 1000.0);
+        metric("off_cpu_sampling_ratio", "gauge", "Share of context switches recorded.", get(&self.off_cpu_sampling_permille) / 1000.0);
+        metric("profiles_produced_total", "counter", "Profiles (one per service, labels and kind per window) produced.", get(&self.profiles_produced));
+        metric("profiles_shipped_total", "counter", "Profiles acknowledged by the server.", get(&self.profiles_shipped));
+        metric("profiles_spooled_total", "counter", "Profiles written to the on-disk spool.", get(&self.profiles_spooled));
+        metric("profiles_dropped_total", "counter", "Profiles dropped because the spool was full.", get(&self.profiles_dropped));
+        metric("profiles_rejected_total", "counter", "Profiles the server refused (4xx).", get(&self.profiles_rejected));
+        metric("value_produced_nanoseconds_total", "counter", "Profiled time produced.", get(&self.value_produced_ns));
+        metric("value_shipped_nanoseconds_total", "counter", "Profiled time acknowledged by the server.", get(&self.value_shipped_ns));
+        metric("value_dropped_nanoseconds_total", "counter", "Profiled time dropped with full-spool profiles.", get(&self.value_dropped_ns));
+        metric("bytes_shipped_total", "counter", "Compressed profile bytes acknowledged by the server.", get(&self.bytes_shipped));
+        metric("spool_profiles", "gauge", "Profiles waiting in the spool.", get(&self.spool_profiles));
+        metric("spool_bytes", "gauge", "Bytes in the spool.", get(&self.spool_bytes));
+        metric("symbol_cache_hits_total", "counter", "Process snapshot look-ups that hit.", get(&self.symbol_cache_hits));
+        metric("symbol_cache_misses_total", "counter", "Process snapshot look-ups that missed.", get(&self.symbol_cache_misses));
+        let (cpu_seconds, rss_bytes) = own_usage();
+        metric("cpu_seconds_total", "counter", "CPU time used by the agent.", cpu_seconds);
+        metric("resident_memory_bytes", "gauge", "Resident memory of the agent.", rss_bytes);
+        out
+    }
+}
+
+/// (CPU seconds, resident bytes) of this process.
+fn own_usage() -> (f64, f64) {
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            Some((fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?) / ticks)
+        })
+        .unwrap_or(0.0);
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as f64;
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |pages| pages * page);
+    (cpu, rss)
+}
