@@ -142,3 +142,125 @@ pub fn self_shares(stacks: &[(Vec<String>, u64)], process: &str) -> HashMap<Stri
     }
     by_leaf.into_iter().map(|(name, v)| (name, v as f64 / total.max(1) as f64)).collect()
 }
+
+/// A port that was free a moment ago (the server must come back on the same one).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Reads lines from a child's stream on a thread, echoing them to the test's stderr.
+fn forward_lines(stream: impl std::io::Read + Send + 'static, prefix: &'static str) -> mpsc::Receiver<String> {
+    let (send, receive) = mpsc::channel();
+    std::thread::spawn(move || {
+        // Keep draining after the receiver is gone: a closed pipe would kill the child.
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            eprintln!("[{prefix}] {line}");
+            let _ = send.send(line);
+        }
+    });
+    receive
+}
+
+fn wait_for_line(lines: &mpsc::Receiver<String>, needle: &str, what: &str) -> String {
+    loop {
+        match lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(_) => continue,
+            Err(_) => panic!("{what} never printed {needle:?}; see its output above"),
+        }
+    }
+}
+
+/// A real `profiler-server` on its own data directory.
+pub struct Server {
+    child: Child,
+    pub url: String,
+}
+
+impl Server {
+    pub fn start(data_dir: &Path, port: u16) -> Server {
+        let mut child = Command::new(binary("profiler-server"))
+            .args(["--data-dir", data_dir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn profiler-server");
+        let lines = forward_lines(child.stdout.take().unwrap(), "server");
+        forward_lines(child.stderr.take().unwrap(), "server");
+        wait_for_line(&lines, "listening on", "profiler-server");
+        Server { child, url: format!("http://127.0.0.1:{port}") }
+    }
+
+    pub fn get_json(&self, path_and_query: &str) -> serde_json::Value {
+        let response = reqwest::blocking::get(format!("{}{path_and_query}", self.url)).expect("query server");
+        assert!(response.status().is_success(), "GET {path_and_query}: {}", response.status());
+        response.json().expect("JSON reply")
+    }
+
+    /// SIGTERM and wait: the server flushes and exits.
+    pub fn stop(mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `profiler-agent run`.
+pub struct Daemon {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    pub metrics_url: String,
+}
+
+impl Daemon {
+    pub fn start(config: &Path) -> Daemon {
+        require_root();
+        let mut child = Command::new(binary("profiler-agent"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn profiler-agent run");
+        let lines = forward_lines(child.stderr.take().unwrap(), "agent");
+        let metrics = wait_for_line(&lines, "metrics listening", "profiler-agent");
+        let addr = metrics.rsplit("addr=").next().unwrap().trim().to_string();
+        wait_for_line(&lines, "agent running", "profiler-agent");
+        Daemon { child, lines, metrics_url: format!("http://{addr}/metrics") }
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::blocking::get(&self.metrics_url).expect("agent metrics").text().unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("profiler_agent_{name} ")))
+            .unwrap_or_else(|| panic!("no metric {name}"))
+            .parse()
+            .unwrap()
+    }
+
+    /// SIGTERM, then the fields of its final "agent stopped" line.
+    pub fn stop(mut self) -> HashMap<String, u64> {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let line = wait_for_line(&self.lines, "agent stopped", "profiler-agent");
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "agent exited with {status}");
+        line.split_whitespace()
+            .filter_map(|field| field.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

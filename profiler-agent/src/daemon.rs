@@ -97,6 +97,10 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
+/// The kernel maps are drained this often within a window: stack maps then hold one
+/// second of distinct stacks, which keeps hash collisions (lost stacks) rare.
+const DRAIN_INTERVAL: Duration = Duration::from_secs(1);
+
 #[allow(clippy::too_many_arguments)]
 fn sampling_loop(
     mut session: Session,
@@ -113,12 +117,20 @@ fn sampling_loop(
     loop {
         // Windows end on wall-clock multiples of their length, like the server's buckets.
         let end_ms = (start_ms / window_ms + 1) * window_ms;
-        let until = Instant::now() + Duration::from_millis(end_ms.saturating_sub(now_ms()));
-        let drained = session.next_window(until, stop)?;
+        let mut groups = WindowGroups::default();
+        loop {
+            let remaining = Duration::from_millis(end_ms.saturating_sub(now_ms()));
+            let drained = session.next_window(Instant::now() + remaining.min(DRAIN_INTERVAL), stop)?;
+            record_drain_metrics(&session, &drained, metrics);
+            groups.add(&session, &drained, rules);
+            if now_ms() >= end_ms || stop.load(Relaxed) {
+                break;
+            }
+        }
         let end_ms = now_ms().min(end_ms).max(start_ms + 1);
-        record_window_metrics(&session, &drained, metrics);
         let meta = WindowMeta { start_ms, end_ms, period_ns: session.period_ns() };
-        let payloads = build_payloads(&session, &drained, rules, host_labels, &meta);
+        let payloads = groups.payloads(host_labels, &meta);
+        metrics.windows.fetch_add(1, Relaxed);
         metrics.profiles_produced.fetch_add(payloads.len() as u64, Relaxed);
         metrics.value_produced_ns.fetch_add(payloads.iter().map(|p| p.value).sum(), Relaxed);
         if let Err(err) = sender.try_send(payloads) {
@@ -139,9 +151,8 @@ fn sampling_loop(
     }
 }
 
-fn record_window_metrics(session: &Session, window: &Window, metrics: &Metrics) {
+fn record_drain_metrics(session: &Session, window: &Window, metrics: &Metrics) {
     let stats = &window.stats;
-    metrics.windows.fetch_add(1, Relaxed);
     metrics.samples.fetch_add(stats.get(Stat::Samples), Relaxed);
     metrics.samples_lost.fetch_add(stats.get(Stat::SampleMapFull), Relaxed);
     metrics.stacks_lost.fetch_add(stats.get(Stat::UserStackLost) + stats.get(Stat::KernelStackLost), Relaxed);
@@ -157,43 +168,48 @@ fn record_window_metrics(session: &Session, window: &Window, metrics: &Metrics) 
     metrics.symbol_cache_misses.store(misses, Relaxed);
 }
 
-/// One payload per (service, labels, kind), values in nanoseconds.
-fn build_payloads(
-    session: &Session,
-    window: &Window,
-    rules: &[Rule],
-    host_labels: &BTreeMap<String, String>,
-    meta: &WindowMeta,
-) -> Vec<Payload> {
-    let mut identities: HashMap<u32, Arc<Identity>> = HashMap::new();
-    let mut groups: BTreeMap<(Arc<Identity>, Kind), Stacks> = BTreeMap::new();
-    for sample in &window.samples {
-        let identity = identities
-            .entry(sample.key.tgid)
-            .or_insert_with(|| {
-                Arc::new(match session.processes().get(sample.key.tgid) {
-                    Some(process) => identify(&process, rules),
-                    None => unknown_process(&comm_name(&sample.key.comm)),
+/// A window's stacks grouped per (service, labels, kind), values in nanoseconds.
+#[derive(Default)]
+struct WindowGroups {
+    identities: HashMap<u32, Arc<Identity>>,
+    groups: BTreeMap<(Arc<Identity>, Kind), Stacks>,
+}
+
+impl WindowGroups {
+    fn add(&mut self, session: &Session, drained: &Window, rules: &[Rule]) {
+        let period_ns = session.period_ns();
+        for sample in &drained.samples {
+            let identity = self
+                .identities
+                .entry(sample.key.tgid)
+                .or_insert_with(|| {
+                    Arc::new(match session.processes().get(sample.key.tgid) {
+                        Some(process) => identify(&process, rules),
+                        None => unknown_process(&comm_name(&sample.key.comm)),
+                    })
                 })
-            })
-            .clone();
-        let (kind, ns) = match sample.value {
-            RawValue::OnCpuSamples(count) => (Kind::OnCpu, count * meta.period_ns),
-            RawValue::OffCpu { ns, .. } => (Kind::OffCpu(classify(sample.key.state, &sample.kernel_frames)), ns),
-        };
-        if ns == 0 {
-            continue;
+                .clone();
+            let (kind, ns) = match sample.value {
+                RawValue::OnCpuSamples(count) => (Kind::OnCpu, count * period_ns),
+                RawValue::OffCpu { ns, .. } => (Kind::OffCpu(classify(sample.key.state, &sample.kernel_frames)), ns),
+            };
+            if ns == 0 {
+                continue;
+            }
+            let mut frames = Vec::with_capacity(1 + sample.user_frames.len() + sample.kernel_frames.len());
+            frames.push(Arc::from(sample.process.as_str()));
+            frames.extend(sample.user_frames.iter().cloned());
+            frames.extend(sample.kernel_frames.iter().cloned());
+            *self.groups.entry((identity, kind)).or_default().entry(frames).or_default() += ns;
         }
-        let mut frames = Vec::with_capacity(1 + sample.user_frames.len() + sample.kernel_frames.len());
-        frames.push(Arc::from(sample.process.as_str()));
-        frames.extend(sample.user_frames.iter().cloned());
-        frames.extend(sample.kernel_frames.iter().cloned());
-        *groups.entry((identity, kind)).or_default().entry(frames).or_default() += ns;
     }
-    groups
-        .iter()
-        .map(|((identity, kind), stacks)| build_payload(identity, host_labels, *kind, stacks, meta))
-        .collect()
+
+    fn payloads(&self, host_labels: &BTreeMap<String, String>, meta: &WindowMeta) -> Vec<Payload> {
+        self.groups
+            .iter()
+            .map(|((identity, kind), stacks)| build_payload(identity, host_labels, *kind, stacks, meta))
+            .collect()
+    }
 }
 
 /// Runs blocking spool I/O off the async thread.
@@ -239,7 +255,20 @@ async fn ship_loop(mut receiver: mpsc::Receiver<Vec<Payload>>, shipper: &Shipper
     // The sampling thread is done: one last try for the spool, the rest stays on disk.
     replay_spool(shipper, spool, metrics).await;
     let left = with_spool(spool, |s| s.len()).await;
-    tracing::info!(spooled = left, "agent stopped");
+    let count = |counter: &std::sync::atomic::AtomicU64| counter.load(Relaxed);
+    tracing::info!(
+        windows = count(&metrics.windows),
+        profiles_produced = count(&metrics.profiles_produced),
+        profiles_shipped = count(&metrics.profiles_shipped),
+        profiles_spooled = count(&metrics.profiles_spooled),
+        profiles_dropped = count(&metrics.profiles_dropped),
+        profiles_rejected = count(&metrics.profiles_rejected),
+        value_produced_ns = count(&metrics.value_produced_ns),
+        value_shipped_ns = count(&metrics.value_shipped_ns),
+        value_dropped_ns = count(&metrics.value_dropped_ns),
+        left_in_spool = left,
+        "agent stopped"
+    );
 }
 
 async fn ship_or_spool(payload: Payload, shipper: &Shipper, spool: &Arc<Mutex<Spool>>, metrics: &Arc<Metrics>) {

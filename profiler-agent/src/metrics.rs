@@ -62,27 +62,36 @@ impl Metrics {
         metric("spool_bytes", "gauge", "Bytes in the spool.", get(&self.spool_bytes));
         metric("symbol_cache_hits_total", "counter", "Process snapshot look-ups that hit.", get(&self.symbol_cache_hits));
         metric("symbol_cache_misses_total", "counter", "Process snapshot look-ups that missed.", get(&self.symbol_cache_misses));
-        let (cpu_seconds, rss_bytes) = own_usage();
-        metric("cpu_seconds_total", "counter", "CPU time used by the agent.", cpu_seconds);
-        metric("resident_memory_bytes", "gauge", "Resident memory of the agent.", rss_bytes);
+        let usage = own_usage();
+        metric("cpu_seconds_total", "counter", "CPU time used by the agent.", usage.cpu_seconds);
+        metric("resident_memory_bytes", "gauge", "Resident memory of the agent, including mapped binaries.", usage.rss_bytes);
+        metric("resident_anonymous_bytes", "gauge", "Resident memory of the agent that is its own heap (RssAnon).", usage.anon_bytes);
         out
     }
 }
 
-/// (CPU seconds, resident bytes) of this process.
-fn own_usage() -> (f64, f64) {
+struct Usage {
+    cpu_seconds: f64,
+    rss_bytes: f64,
+    anon_bytes: f64,
+}
+
+fn own_usage() -> Usage {
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let cpu = std::fs::read_to_string("/proc/self/stat")
+    let cpu_seconds = std::fs::read_to_string("/proc/self/stat")
         .ok()
         .and_then(|stat| {
             let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
             Some((fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?) / ticks)
         })
         .unwrap_or(0.0);
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as f64;
-    let rss = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map_or(0.0, |pages| pages * page);
-    (cpu, rss)
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |field: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<f64>().ok())
+            .map_or(0.0, |kib| kib * 1024.0)
+    };
+    Usage { cpu_seconds, rss_bytes: kib("VmRSS:"), anon_bytes: kib("RssAnon:") }
 }

@@ -201,7 +201,8 @@ fn read_process(pid: u32, inner: &Mutex<Inner>) -> Option<ProcessInfo> {
     })
 }
 
-/// The unified (v2) hierarchy's path, else the systemd one's, else the first.
+/// The unified (v2) hierarchy's path, else the systemd one's, else any: the first that
+/// is not the root (hybrid hosts may leave the unified hierarchy flat).
 fn cgroup_path(text: &str) -> String {
     let entries: Vec<(&str, &str)> = text
         .lines()
@@ -210,6 +211,7 @@ fn cgroup_path(text: &str) -> String {
             let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
             Some((controllers, path))
         })
+        .filter(|(_, path)| *path != "/")
         .collect();
     entries
         .iter()
@@ -285,7 +287,7 @@ mod tests {
     #[test]
     fn picks_the_unified_cgroup_path() {
         assert_eq!(cgroup_path("0::/system.slice/checkout.service\n"), "/system.slice/checkout.service");
-        let v1 = "12:cpu,cpuacct:/docker/abc\n1:name=systemd:/system.slice/docker-abc.scope\n";
+        let v1 = "12:cpu,cpuacct:/docker/abc\n1:name=systemd:/system.slice/docker-abc.scope\n0::/\n";
         assert_eq!(cgroup_path(v1), "/system.slice/docker-abc.scope");
     }
 

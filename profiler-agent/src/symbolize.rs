@@ -39,6 +39,9 @@ pub const KERNEL_SUFFIX: &str = "_[k]";
 
 /// Entries of the frame-name caches before they are reset; bounds agent memory.
 const MAX_CACHED_FRAMES: usize = 200_000;
+/// blazesym keeps every binary it parsed open and mapped. Past this many binaries since
+/// the last reset, it is rebuilt, so hosts with binary churn (CI, builds) stay bounded.
+const MAX_PARSED_BINARIES: usize = 128;
 
 type Job = (Vec<RawSample>, mpsc::Sender<Vec<SymbolizedSample>>);
 
@@ -84,6 +87,7 @@ struct State {
     blazesym: Blazesym,
     processes: ProcessTable,
     user_names: HashMap<((u64, u64), u64), Arc<str>>,
+    parsed_binaries: std::collections::HashSet<(u64, u64)>,
     kernel_names: HashMap<u64, Arc<str>>,
     unknown: Arc<str>,
     unknown_kernel: Arc<str>,
@@ -92,9 +96,10 @@ struct State {
 impl State {
     fn new(processes: ProcessTable) -> Self {
         Self {
-            blazesym: Blazesym::builder().enable_code_info(false).enable_inlined_fns(false).build(),
+            blazesym: new_blazesym(),
             processes,
             user_names: HashMap::new(),
+            parsed_binaries: Default::default(),
             kernel_names: HashMap::new(),
             unknown: Arc::from(UNKNOWN),
             unknown_kernel: Arc::from(format!("{UNKNOWN}{KERNEL_SUFFIX}")),
@@ -102,9 +107,13 @@ impl State {
     }
 
     fn symbolize(&mut self, samples: Vec<RawSample>) -> Vec<SymbolizedSample> {
-        if self.user_names.len() + self.kernel_names.len() > MAX_CACHED_FRAMES {
+        if self.user_names.len() + self.kernel_names.len() > MAX_CACHED_FRAMES
+            || self.parsed_binaries.len() > MAX_PARSED_BINARIES
+        {
             self.user_names.clear();
             self.kernel_names.clear();
+            self.parsed_binaries.clear();
+            self.blazesym = new_blazesym();
         }
         // Live processes get a fresh snapshot (new libraries); dead ones keep their last.
         let mut tgids: Vec<u32> = samples.iter().map(|s| s.key.tgid).collect();
@@ -214,6 +223,7 @@ impl State {
             }
         }
         for (id, (path, mut offsets)) in wanted {
+            self.parsed_binaries.insert(id);
             offsets.sort_unstable();
             offsets.dedup();
             let mut elf = Elf::new(&path);
@@ -245,6 +255,11 @@ impl State {
             None => Arc::from(format!("{UNKNOWN} ({})", mapping.file.name)),
         }
     }
+}
+
+/// Function names only: line numbers and inlined frames would cost DWARF parsing.
+fn new_blazesym() -> Blazesym {
+    Blazesym::builder().enable_code_info(false).enable_inlined_fns(false).build()
 }
 
 /// Return addresses point after the call; look up the call instruction instead, except

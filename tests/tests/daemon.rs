@@ -1,0 +1,178 @@
+//! The agent as a daemon shipping to a real server over loopback.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use profiler_tests::{Daemon, Server, binary, exclusive, free_port, require_root};
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+fn config(dir: &std::path::Path, server_url: &str, spool_bytes: u64) -> std::path::PathBuf {
+    let path = dir.join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[server]
+url = "{server_url}"
+timeout = "2s"
+max_attempts = 2
+
+[sampling]
+window = "2s"
+
+[spool]
+dir = "{}"
+max_bytes = {spool_bytes}
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[labels]
+env = "test"
+"#,
+            dir.join("spool").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Tree nodes named `name`, anywhere under `node`: their summed value.
+fn value_of(node: &serde_json::Value, name: &str) -> u64 {
+    let own = if node["name"] == name { node["value"].as_u64().unwrap_or(0) } else { 0 };
+    own + node["children"].as_array().map_or(0, |children| children.iter().map(|c| value_of(c, name)).sum())
+}
+
+#[test]
+fn workload_in_checkout_service_cgroup_shows_up_as_checkout() {
+    let _serial = exclusive();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), free_port());
+    let daemon = Daemon::start(&config(dir.path(), &server.url, 64 << 20));
+    let started = now_ms();
+
+    // A cgroup named like a systemd unit, in the unified hierarchy (or the only one).
+    let root = if std::path::Path::new("/sys/fs/cgroup/unified").exists() { "/sys/fs/cgroup/unified" } else { "/sys/fs/cgroup" };
+    let cgroup = format!("{root}/checkout.service");
+    std::fs::create_dir_all(&cgroup).expect("create cgroup checkout.service");
+    let status = Command::new("sh")
+        .args(["-c", &format!("echo $$ > {cgroup}/cgroup.procs && exec {} mixed 4 >/dev/null", binary("workload").display())])
+        .env("WORKLOAD_DIR", std::env::temp_dir())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::thread::sleep(Duration::from_secs(5));
+    let _ = std::fs::remove_dir(&cgroup);
+
+    let services = server.get_json("/api/v1/services");
+    assert!(services.as_array().unwrap().iter().any(|s| s == "checkout"), "no checkout service in {services}");
+    let range = format!("service=checkout&from={}&until={}", started - 20_000, now_ms() + 20_000);
+    let on_cpu = server.get_json(&format!("/api/v1/flamegraph?{range}&kinds=on-cpu&max_nodes=100000"));
+    let sleep = server.get_json(&format!("/api/v1/flamegraph?{range}&kinds=off-cpu:sleep&max_nodes=100000"));
+    let burn = value_of(&on_cpu, "workload::burn_cpu") as f64 / 1e9;
+    let slept = value_of(&sleep, "workload::wait_sleep") as f64 / 1e9;
+    eprintln!("checkout: burn_cpu on-CPU {burn:.2} s, wait_sleep off-CPU {slept:.2} s");
+    assert!(burn > 1.0, "burn_cpu on-CPU only {burn:.2} s");
+    assert!(slept > 3.0, "wait_sleep off-CPU only {slept:.2} s");
+    let labels = server.get_json("/api/v1/labels?service=checkout");
+    assert!(labels.as_array().unwrap().iter().any(|l| l == "systemd_unit"), "labels {labels}");
+    daemon.stop();
+}
+
+/// Sum over every service of everything the server holds in the range.
+fn server_total(server: &Server, from: u64, until: u64) -> u64 {
+    let services = server.get_json("/api/v1/services");
+    services
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|service| {
+            let query = form_urlencoded::Serializer::new(String::new())
+                .append_pair("service", service.as_str().unwrap())
+                .append_pair("from", &from.to_string())
+                .append_pair("until", &until.to_string())
+                .append_pair("limit", "1")
+                .finish();
+            let top = server.get_json(&format!("/api/v1/top?{query}"));
+            top["total"].as_u64().unwrap()
+        })
+        .sum()
+}
+
+#[test]
+fn a_minute_of_server_outage_loses_nothing() {
+    let _serial = exclusive();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let data = dir.path().join("server");
+    let server = Server::start(&data, port);
+    let daemon = Daemon::start(&config(dir.path(), &server.url, 256 << 20));
+    let started = now_ms();
+    std::thread::sleep(Duration::from_secs(6));
+
+    server.stop();
+    std::thread::sleep(Duration::from_secs(60));
+    assert!(daemon.metric("spool_profiles") > 0.0, "nothing was spooled during the outage");
+    let server = Server::start(&data, port);
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while daemon.metric("spool_profiles") > 0.0 {
+        assert!(Instant::now() < deadline, "spool not drained a minute after the server came back");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let counters = daemon.stop();
+    eprintln!("agent counters: {counters:?}");
+    assert_eq!(counters["profiles_dropped"], 0);
+    assert_eq!(counters["left_in_spool"], 0);
+    assert!(counters["profiles_spooled"] > 0);
+    assert!(counters["windows"] >= 30, "the agent ran ~70 s in 2 s windows");
+    assert_eq!(counters["profiles_shipped"], counters["profiles_produced"]);
+    assert_eq!(counters["value_shipped_ns"], counters["value_produced_ns"]);
+
+    let total = server_total(&server, started - 60_000, now_ms() + 60_000);
+    assert_eq!(total, counters["value_shipped_ns"], "server holds {total} ns, agent shipped {}", counters["value_shipped_ns"]);
+}
+
+#[test]
+fn a_full_spool_drops_oldest_and_says_so() {
+    let _serial = exclusive();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens there: every window goes to a spool that holds only a few.
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let daemon = Daemon::start(&config(dir.path(), &url, 20_000));
+    std::thread::sleep(Duration::from_secs(9));
+    let counters = daemon.stop();
+    eprintln!("agent counters: {counters:?}");
+    assert!(counters["profiles_dropped"] > 0, "a 20 kB spool should have overflowed");
+    assert_eq!(counters["profiles_shipped"], 0);
+    assert_eq!(counters["profiles_spooled"], counters["profiles_produced"]);
+    assert_eq!(counters["profiles_spooled"], counters["profiles_dropped"] + counters["left_in_spool"]);
+    let on_disk: u64 = std::fs::read_dir(dir.path().join("spool")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    assert!(on_disk <= 20_000, "spool holds {on_disk} bytes");
+}
+
+#[test]
+fn bad_configs_fail_at_start_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[server]\nurl = \"http://127.0.0.1:1\"\nspeed = 3\n", "unknown field `speed`"),
+        ("[server]\nurl = \"http://127.0.0.1:1\"\n[[rules]]\nexe = \"[oops\"\nservice = \"x\"\n", "rules[0].exe: bad regex"),
+        ("[server]\nurl = \"http://no-such-host.invalid:4040\"\n", "does not resolve"),
+        ("[server]\nurl = \"not a url\"\n", "is not a URL"),
+    ];
+    for (text, needle) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let output = Command::new(binary("profiler-agent")).args(["run", "--config", path.to_str().unwrap()]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "accepted bad config {text:?}");
+        assert!(stderr.contains(needle), "error for {text:?} should mention {needle:?}: {stderr}");
+    }
+}
