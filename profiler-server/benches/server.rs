@@ -73,12 +73,15 @@ fn window_batch(
     let mut rows = Vec::with_capacity(SERIES * STACKS);
     for &series_id in &se {
         for &stack_id in &st {
-            // 1..8 samples of 10 ms.
+            // Heavy-tailed sample counts (1..~900 samples of 10 ms), like
+            // a few hot stacks among many cold ones.
+            let r = rng.next();
+            let samples = 1 + (r % 8) as i64 * (1i64 << ((r >> 8) % 8));
             rows.push(Row {
                 ts_ms: ts,
                 series_id,
                 stack_id,
-                value: ((rng.next() % 8) as i64 + 1) * 10_000_000,
+                value: samples * 10_000_000,
             });
         }
     }
@@ -292,4 +295,26 @@ fn main() {
         "timeline, 1 h @ 1 min:      {d:>10.2?}  ({} points)",
         tl.series["on-cpu"].len()
     );
+
+    // The same flame graph through HTTP (JSON encoding, compression off).
+    drop(store);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cfg = profiler_server::config::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_owned(),
+        ..Default::default()
+    };
+    let srv = rt.block_on(profiler_server::start(cfg)).unwrap();
+    let url = format!(
+        "http://{}/api/v1/flamegraph?service=bench&from={T0}&until={}",
+        srv.addr,
+        T0 + HOUR_MS
+    );
+    let c = reqwest::blocking::Client::new();
+    let (d, body) = time(7, || c.get(&url).send().unwrap().bytes().unwrap());
+    println!(
+        "flame graph via HTTP, 1 h:  {d:>10.2?}  ({} KiB)",
+        body.len() / 1024
+    );
+    rt.block_on(srv.shutdown()).unwrap();
 }

@@ -10,7 +10,11 @@ use serde::Deserialize;
 /// profiles, stores them in an embedded WAL + Parquet store and serves
 /// merged flame graphs, diffs and exports over HTTP.
 #[derive(Debug, clap::Parser)]
-#[command(name = "profiler-server", version)]
+#[command(
+    name = "profiler-server",
+    version,
+    after_help = "Examples:\n  profiler-server --data-dir /var/lib/profiler --listen 0.0.0.0:4040 --token $TOKEN\n  profiler-server --config server.toml --print-config\n\nAPI: see profiler-server/README.md (ingest: POST /api/v1/ingest, Pyroscope POST /ingest;\nqueries: /api/v1/{services,labels,label_values,timeline,flamegraph,diff,top,folded,pprof,svg})."
+)]
 pub struct Args {
     /// Directory holding the WAL, Parquet segments and the catalog.
     #[arg(long, env = "PROFILER_DATA_DIR")]

@@ -172,6 +172,7 @@ pub fn aggregate(path: &Path, scan: &Scan, out: &mut HashMap<u64, i64>) -> anyho
     // in front of the hash map saves most lookups.
     let mut cur_key = u64::MAX;
     let mut cur_sum = 0i64;
+    let mut last_series = (u64::MAX, false);
     let flush = |key: u64, sum: i64, out: &mut HashMap<u64, i64>| {
         if sum != 0 {
             *out.entry(key).or_insert(0) += sum;
@@ -191,7 +192,12 @@ pub fn aggregate(path: &Path, scan: &Scan, out: &mut HashMap<u64, i64>) -> anyho
                 }
             }
             if let (Some(s), Some(allowed)) = (series, scan.series) {
-                if !allowed.contains(&s.value(i)) {
+                // Series come in runs (sort order), so remember the last verdict.
+                let id = s.value(i);
+                if id != last_series.0 {
+                    last_series = (id, allowed.contains(&id));
+                }
+                if !last_series.1 {
                     continue;
                 }
             }
