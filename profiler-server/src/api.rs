@@ -451,7 +451,11 @@ async fn ingest_pyroscope(
                     1
                 };
                 let text = maybe_gunzip(&body, limits.max_decompressed_bytes)?;
-                ingest::folded(&text, scale, &mut b)?;
+                if format == "lines" {
+                    ingest::lines(&text, scale, &mut b)?;
+                } else {
+                    ingest::folded(&text, scale, &mut b)?;
+                }
             }
             "pprof" => {
                 let profile = profiler_pprof::decode_gzip(&body, limits.max_decompressed_bytes)?;

@@ -259,6 +259,24 @@ pub fn folded(body: &[u8], scale: i64, b: &mut BatchBuilder) -> Result<(), Rejec
     Ok(())
 }
 
+/// Parses Pyroscope's `lines` format: one stack per line, each one sample.
+pub fn lines(body: &[u8], scale: i64, b: &mut BatchBuilder) -> Result<(), Rejected> {
+    let text =
+        std::str::from_utf8(body).map_err(|e| bad(format!("lines body is not UTF-8: {e}")))?;
+    let mut frames: Vec<&str> = Vec::new();
+    for line in text.lines().map(|l| l.trim_end_matches('\r')) {
+        if line.trim().is_empty() {
+            continue;
+        }
+        frames.clear();
+        frames.extend(line.split(';'));
+        let stack = b.stack(&frames)?;
+        let series = b.series_for(&[])?;
+        b.add_row(series, stack, scale);
+    }
+    Ok(())
+}
+
 /// Index of the sample type to ingest: by name if given, else the one named
 /// like the kind, else (for time kinds or no kind) the first with a time
 /// unit, else the first.
@@ -433,6 +451,16 @@ mod tests {
             folded(b"a;b 2\na;b x\n", 1, &mut b),
             Err(bad("line 2: count \"x\" is not an integer"))
         );
+    }
+
+    #[test]
+    fn lines_count_one_sample_each() {
+        let limits = Limits::default();
+        let mut b = BatchBuilder::new(&limits, target()).unwrap();
+        lines(b"a;b\na;b\na;c\n", 5, &mut b).unwrap();
+        let mut values: Vec<i64> = b.finish().rows.iter().map(|r| r.value).collect();
+        values.sort();
+        assert_eq!(values, [5, 10]);
     }
 
     #[test]
