@@ -233,6 +233,14 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_config_parses() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
+        let config = AgentConfig::load(&path).unwrap();
+        config.rules().unwrap();
+        assert_eq!(config.sampling.window, Duration::from_secs(10));
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let config = parse("[server]\nurl = \"http://127.0.0.1:4040\"\n").unwrap();
         assert_eq!(config.sampling.window, Duration::from_secs(10));

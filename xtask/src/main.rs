@@ -1,6 +1,7 @@
 //! Developer tasks: `cargo xtask setup | test | bench ...`.
 
 mod bench;
+mod demo;
 mod setup;
 
 use std::process::Command;
@@ -27,6 +28,14 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Run the whole product on this host: server (embedded store), agent, a demo
+    /// workload, and the web UI address. Needs root. Ctrl-C stops everything.
+    Demo {
+        #[arg(long, default_value_t = 4040)]
+        port: u16,
+        #[arg(long, default_value = "target/demo-data")]
+        data_dir: std::path::PathBuf,
+    },
     /// Benchmarks that print figures.
     Bench {
         #[command(subcommand)]
@@ -43,6 +52,7 @@ fn main() -> anyhow::Result<()> {
             test.extend(args.iter().map(String::as_str));
             cargo(&test)
         }
+        Task::Demo { port, data_dir } => demo::run(demo::Options { port, data_dir: root().join(data_dir) }),
         Task::Bench { bench } => bench::run(bench),
     }
 }

@@ -59,9 +59,17 @@ fn bpf_linker() -> anyhow::Result<()> {
         .env("LLVM_PREFIX", &prefix))
 }
 
-/// perf and bpftrace are the reference tools of the cross-check tests and benchmarks.
+/// perf and bpftrace are the reference tools of the cross-check tests and benchmarks;
+/// Go's pprof tool checks the server's pprof exports.
 fn debian_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = [("perf", "linux-perf"), ("bpftrace", "bpftrace"), ("setpriv", "util-linux"), ("unshare", "util-linux")]
+    let missing: Vec<&str> = [
+        ("perf", "linux-perf"),
+        ("bpftrace", "bpftrace"),
+        ("setpriv", "util-linux"),
+        ("unshare", "util-linux"),
+        ("go", "golang-go"),
+        ("gzip", "gzip"),
+    ]
         .into_iter()
         .filter(|(binary, _)| output(Command::new("sh").args(["-c", &format!("command -v {binary}")])).is_none())
         .map(|(_, package)| package)
