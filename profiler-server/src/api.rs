@@ -30,6 +30,7 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
+    pub schedules: Arc<crate::schedule::Schedules>,
 }
 
 #[derive(Debug)]
@@ -110,6 +111,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }));
     ingest
         .merge(queries)
+        .merge(crate::schedule_api::routes(state.clone()))
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -137,7 +139,7 @@ async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response 
     resp
 }
 
-async fn auth(State(s): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+pub(crate) async fn auth(State(s): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
     if s.config.tokens.is_empty() {
         return next.run(req).await;
     }

@@ -11,6 +11,8 @@ pub mod ingest;
 pub mod metrics;
 pub mod query;
 pub mod render;
+pub mod schedule;
+pub mod schedule_api;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -72,10 +74,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
+    let schedules = Arc::new(schedule::Schedules::open(&cfg.data_dir, schedule::RunLimits::default())?);
     let state = api::AppState {
         store: store.clone(),
         config: Arc::new(cfg),
         metrics: Arc::new(metrics::Metrics::default()),
+        schedules,
     };
     let (stop, stopped) = watch::channel(false);
     let background = tokio::spawn(background(state.clone(), stopped.clone()));
