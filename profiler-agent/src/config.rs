@@ -7,7 +7,7 @@ use anyhow::{Context as _, bail};
 use regex::Regex;
 use serde::Deserialize;
 
-use crate::{identity::Rule, record::DEFAULT_OFF_CPU_BUDGET, sample::{OffCpuOptions, SamplerOptions}};
+use crate::{identity::Rule, record::DEFAULT_OFF_CPU_BUDGET, sample::{OffCpuOptions, SamplerOptions}, session::Settings};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,6 +21,8 @@ pub struct AgentConfig {
     pub spool: SpoolConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// Labels added to every profile of this host (e.g. `env = "prod"`).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -41,6 +43,24 @@ pub struct ServerConfig {
     /// Attempts per window before it is spooled.
     #[serde(default = "default_attempts")]
     pub max_attempts: u32,
+    /// How often deep-profile runs are polled from the server ("0s" disables).
+    #[serde(default = "default_poll", with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+/// What a deep-profile run may ask of this host, whatever the server says.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_frequency_hz: u64,
+    #[serde(with = "humantime_serde")]
+    pub max_run_duration: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_frequency_hz: 999, max_run_duration: Duration::from_secs(3600) }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +151,10 @@ fn default_attempts() -> u32 {
     4
 }
 
+fn default_poll() -> Duration {
+    Duration::from_secs(5)
+}
+
 impl AgentConfig {
     pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
@@ -153,6 +177,12 @@ impl AgentConfig {
             max_stacks: self.sampling.max_stacks,
             ..SamplerOptions::default()
         }
+    }
+
+    /// The settings outside deep-profile runs.
+    pub fn baseline_settings(&self) -> Settings {
+        let options = self.sampler_options();
+        Settings { frequency_hz: options.frequency_hz, off_cpu: options.off_cpu, off_cpu_budget: self.off_cpu.budget }
     }
 
     pub fn metrics_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
@@ -200,6 +230,9 @@ impl AgentConfig {
         }
         if self.spool.max_bytes == 0 {
             bail!("spool.max_bytes must be positive");
+        }
+        if self.limits.max_frequency_hz == 0 || self.limits.max_frequency_hz > 10_000 {
+            bail!("limits.max_frequency_hz must be in 1..=10000");
         }
         if self.server.max_attempts == 0 {
             bail!("server.max_attempts must be at least 1");

@@ -20,11 +20,12 @@ use tokio::sync::mpsc;
 use crate::{
     aggregate::Kind,
     classify::classify,
-    config::AgentConfig,
+    config::{AgentConfig, LimitsConfig},
     identity::{Identity, Rule, identify, unknown_process},
     metrics::Metrics,
+    runs::{Applied, Poller, Report, RunControl},
     sample::RawValue,
-    session::{Session, Window},
+    session::{Session, Settings, Window},
     ship::{Payload, ShipError, Shipper, Stacks, WindowMeta, build_payload},
     spool::Spool,
     symbolize::comm_name,
@@ -65,12 +66,26 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
 
         let session = Session::start(&config.sampler_options(), config.off_cpu.budget)?;
         tracing::info!(server = %config.server.url, window = ?config.sampling.window, "agent running");
+        let control = RunControl::default();
+        let (report_sender, report_receiver) = mpsc::unbounded_channel();
+        if !config.server.poll_interval.is_zero() {
+            let poller = Poller {
+                client: reqwest::Client::builder().timeout(config.server.timeout).build()?,
+                base_url: config.server.url.trim_end_matches('/').to_string(),
+                token: config.server.token.clone(),
+                host: host_labels.get("host").cloned().unwrap_or_default(),
+                labels: host_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                interval: config.server.poll_interval,
+            };
+            tokio::spawn(poller.run(control.clone(), report_receiver));
+        }
         let (sender, receiver) = mpsc::channel(QUEUE_WINDOWS);
         let sampling = {
             let (stop, spool, metrics) = (stop.clone(), spool.clone(), metrics.clone());
+            let runs = RunSwitch { control, reports: report_sender, baseline: config.baseline_settings(), limits: config.limits };
             let window = config.sampling.window;
             std::thread::Builder::new().name("sampling".into()).spawn(move || {
-                sampling_loop(session, window, &rules, &host_labels, sender, &stop, &spool, &metrics)
+                sampling_loop(session, window, &rules, &host_labels, runs, sender, &stop, &spool, &metrics)
             })?
         };
         ship_loop(receiver, &shipper, &spool, &metrics).await;
@@ -101,12 +116,53 @@ fn now_ms() -> u64 {
 /// second of distinct stacks, which keeps hash collisions (lost stacks) rare.
 const DRAIN_INTERVAL: Duration = Duration::from_secs(1);
 
+/// What the sampling thread needs to follow deep-profile runs.
+struct RunSwitch {
+    control: RunControl,
+    reports: mpsc::UnboundedSender<Report>,
+    baseline: Settings,
+    limits: LimitsConfig,
+}
+
+impl RunSwitch {
+    /// Switches settings when a run starts or ends (right after a drain).
+    fn follow(&self, applied: &mut Applied, session: &mut Session) {
+        let mut reports = Vec::new();
+        if let Some(next) = applied.step(self.control.wanted(), now_ms() as i64, &self.limits, &mut reports) {
+            match next {
+                None => {
+                    if let Err(err) = session.apply(&self.baseline) {
+                        tracing::error!("returning to baseline settings: {err:#}");
+                    }
+                }
+                Some(run) => {
+                    tracing::info!(run = %run.id, "deep-profile run starting");
+                    match session.apply(&run.settings(&self.baseline, &self.limits)) {
+                        Ok(()) => applied.started(run, &mut reports),
+                        Err(err) => {
+                            tracing::error!(run = %run.id, "deep-profile run failed: {err:#}");
+                            applied.failed(run, &err, &mut reports);
+                            if let Err(err) = session.apply(&self.baseline) {
+                                tracing::error!("returning to baseline settings: {err:#}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for report in reports {
+            let _ = self.reports.send(report);
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn sampling_loop(
     mut session: Session,
     window: Duration,
     rules: &[Rule],
     host_labels: &BTreeMap<String, String>,
+    runs: RunSwitch,
     sender: mpsc::Sender<Vec<Payload>>,
     stop: &AtomicBool,
     spool: &Mutex<Spool>,
@@ -114,6 +170,7 @@ fn sampling_loop(
 ) -> anyhow::Result<()> {
     let window_ms = window.as_millis() as u64;
     let mut start_ms = now_ms();
+    let mut applied = Applied::new();
     loop {
         // Windows end on wall-clock multiples of their length, like the server's buckets.
         let end_ms = (start_ms / window_ms + 1) * window_ms;
@@ -123,6 +180,7 @@ fn sampling_loop(
             let drained = session.next_window(Instant::now() + remaining.min(DRAIN_INTERVAL), stop)?;
             record_drain_metrics(&session, &drained, metrics);
             groups.add(&session, &drained, rules);
+            runs.follow(&mut applied, &mut session);
             if now_ms() >= end_ms || stop.load(Relaxed) {
                 break;
             }
@@ -130,6 +188,7 @@ fn sampling_loop(
         let end_ms = now_ms().min(end_ms).max(start_ms + 1);
         let meta = WindowMeta { start_ms, end_ms, period_ns: session.period_ns() };
         let payloads = groups.payloads(host_labels, &meta);
+        *runs.control.services.lock().unwrap() = groups.services();
         metrics.windows.fetch_add(1, Relaxed);
         metrics.profiles_produced.fetch_add(payloads.len() as u64, Relaxed);
         metrics.value_produced_ns.fetch_add(payloads.iter().map(|p| p.value).sum(), Relaxed);
@@ -202,6 +261,10 @@ impl WindowGroups {
             frames.extend(sample.kernel_frames.iter().cloned());
             *self.groups.entry((identity, kind)).or_default().entry(frames).or_default() += ns;
         }
+    }
+
+    fn services(&self) -> std::collections::BTreeSet<String> {
+        self.identities.values().map(|identity| identity.service.clone()).collect()
     }
 
     fn payloads(&self, host_labels: &BTreeMap<String, String>, meta: &WindowMeta) -> Vec<Payload> {

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod process;
 pub mod record;
 pub mod render;
+pub mod runs;
 pub mod sample;
 pub mod session;
 pub mod ship;

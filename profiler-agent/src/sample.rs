@@ -20,7 +20,8 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, StackTraceMap},
     programs::{
         PerfEvent, TracePoint,
-        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+        perf_event::{PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent},
+        trace_point::TracePointLinkId,
     },
 };
 use profiler_common::{Config, OffCpuValue, STATE_LONG_WAIT, Stat, StackKey, SwitchOut, maps};
@@ -60,7 +61,7 @@ impl Default for SamplerOptions {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct OffCpuOptions {
     /// Waits shorter than this are dropped in the kernel.
     pub min_block: Duration,
@@ -129,8 +130,7 @@ impl StatCounts {
 }
 
 pub struct Sampler {
-    // Dropping `Ebpf` detaches the programs.
-    _bpf: Ebpf,
+    bpf: Ebpf,
     config_map: Array<MapData, Config>,
     config: Config,
     stats: PerCpuArray<MapData, u64>,
@@ -144,6 +144,9 @@ pub struct Sampler {
     long_waits_unresolved: u64,
     last_stats: StatCounts,
     max_stack_keys: u32,
+    perf_links: Vec<PerfEventLinkId>,
+    off_cpu_link: Option<TracePointLinkId>,
+    off_cpu_loaded: bool,
     pub period_ns: u64,
 }
 
@@ -164,24 +167,9 @@ impl Sampler {
             .load(BPF_OBJECT)
             .map_err(|err| anyhow!("loading the BPF programs failed: {}", chain(&err)))?;
 
-        let (threshold, weight) = match &options.off_cpu {
-            Some(off) => sampling_threshold(off.sample_probability)?,
-            None => (0, 0),
-        };
-        let config = Config {
-            generation: 0,
-            filter_tgid: options.pid.unwrap_or(0),
-            offcpu_sample_threshold: threshold,
-            offcpu_weight_q16: weight,
-            offcpu_min_ns: options
-                .off_cpu
-                .as_ref()
-                .map_or(0, |off| off.min_block.as_nanos() as u64),
-        };
+        let config = Config { filter_tgid: options.pid.unwrap_or(0), ..Config::default() };
         let mut config_map: Array<MapData, Config> = take(&mut bpf, maps::CONFIG)?;
         config_map.set(0, config, 0).context("writing the BPF config")?;
-
-        let period_ns = 1_000_000_000 / options.frequency_hz.max(1);
         let program: &mut PerfEvent = bpf
             .program_mut("on_cpu_sample")
             .ok_or_else(|| anyhow!("BPF object has no on_cpu_sample program"))?
@@ -189,34 +177,8 @@ impl Sampler {
         program
             .load()
             .map_err(|err| anyhow!("the kernel rejected the on-CPU program: {}", chain(&err)))?;
-        let cpus = aya::util::online_cpus().map_err(|(path, err)| anyhow!("reading {path}: {err}"))?;
-        for cpu in cpus {
-            // cpu-clock counts nanoseconds, so a fixed period gives exactly `frequency_hz`
-            // samples per second of CPU time, and count × period converts to time.
-            program
-                .attach(
-                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
-                    PerfEventScope::AllProcessesOneCpu { cpu },
-                    SamplePolicy::Period(period_ns),
-                    false,
-                )
-                .map_err(|err| anyhow!("attaching to cpu-clock on CPU {cpu}: {}", chain(&err)))?;
-        }
 
-        if options.off_cpu.is_some() {
-            let program: &mut TracePoint = bpf
-                .program_mut("sched_switch")
-                .ok_or_else(|| anyhow!("BPF object has no sched_switch program"))?
-                .try_into()?;
-            program
-                .load()
-                .map_err(|err| anyhow!("the kernel rejected the off-CPU program: {}", chain(&err)))?;
-            program
-                .attach("sched", "sched_switch")
-                .map_err(|err| anyhow!("attaching to sched/sched_switch: {}", chain(&err)))?;
-        }
-
-        Ok(Self {
+        let mut sampler = Self {
             config_map,
             config,
             stats: take(&mut bpf, maps::STATS)?,
@@ -226,11 +188,89 @@ impl Sampler {
             switched_out: take(&mut bpf, maps::SWITCH_OUT)?,
             long_waits: HashMap::new(),
             long_waits_unresolved: 0,
-            _bpf: bpf,
+            bpf,
             last_stats: StatCounts::default(),
             max_stack_keys: options.max_stack_keys,
-            period_ns,
-        })
+            perf_links: Vec::new(),
+            off_cpu_link: None,
+            off_cpu_loaded: false,
+            period_ns: 0,
+        };
+        sampler.set_frequency(options.frequency_hz)?;
+        sampler.set_off_cpu(options.off_cpu.as_ref())?;
+        Ok(sampler)
+    }
+
+    /// (Re)attaches the on-CPU program at a new frequency. Call right after a drain: the
+    /// samples already counted were taken at the old period.
+    pub fn set_frequency(&mut self, frequency_hz: u64) -> anyhow::Result<()> {
+        check_frequency(frequency_hz)?;
+        let period_ns = 1_000_000_000 / frequency_hz;
+        let program: &mut PerfEvent = self
+            .bpf
+            .program_mut("on_cpu_sample")
+            .ok_or_else(|| anyhow!("BPF object has no on_cpu_sample program"))?
+            .try_into()?;
+        for link in self.perf_links.drain(..) {
+            program.detach(link)?;
+        }
+        let cpus = aya::util::online_cpus().map_err(|(path, err)| anyhow!("reading {path}: {err}"))?;
+        for cpu in cpus {
+            // cpu-clock counts nanoseconds, so a fixed period gives exactly `frequency_hz`
+            // samples per second of CPU time, and count × period converts to time.
+            let link = program
+                .attach(
+                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    SamplePolicy::Period(period_ns),
+                    false,
+                )
+                .map_err(|err| anyhow!("attaching to cpu-clock on CPU {cpu}: {}", chain(&err)))?;
+            self.perf_links.push(link);
+        }
+        self.period_ns = period_ns;
+        Ok(())
+    }
+
+    /// Turns off-CPU tracing on (with these settings) or off.
+    pub fn set_off_cpu(&mut self, options: Option<&OffCpuOptions>) -> anyhow::Result<()> {
+        let program: &mut TracePoint = self
+            .bpf
+            .program_mut("sched_switch")
+            .ok_or_else(|| anyhow!("BPF object has no sched_switch program"))?
+            .try_into()?;
+        match options {
+            Some(off) => {
+                let (threshold, weight) = sampling_threshold(off.sample_probability)?;
+                self.config.offcpu_sample_threshold = threshold;
+                self.config.offcpu_weight_q16 = weight;
+                self.config.offcpu_min_ns = off.min_block.as_nanos() as u64;
+                self.config_map.set(0, self.config, 0)?;
+                if self.off_cpu_link.is_none() {
+                    if !tracefs_has_sched_switch() {
+                        bail!("tracefs is not mounted (need /sys/kernel/tracing/events/sched/sched_switch); mount it with `mount -t tracefs nodev /sys/kernel/tracing`");
+                    }
+                    if !self.off_cpu_loaded {
+                        program
+                            .load()
+                            .map_err(|err| anyhow!("the kernel rejected the off-CPU program: {}", chain(&err)))?;
+                        self.off_cpu_loaded = true;
+                    }
+                    let link = program
+                        .attach("sched", "sched_switch")
+                        .map_err(|err| anyhow!("attaching to sched/sched_switch: {}", chain(&err)))?;
+                    self.off_cpu_link = Some(link);
+                }
+            }
+            None => {
+                if let Some(link) = self.off_cpu_link.take() {
+                    program.detach(link)?;
+                }
+                self.config.offcpu_sample_threshold = 0;
+                self.config_map.set(0, self.config, 0)?;
+            }
+        }
+        Ok(())
     }
 
     /// Changes the share of switch-outs that are recorded (rate control).
@@ -467,9 +507,7 @@ fn preflight(options: &SamplerOptions) -> anyhow::Result<()> {
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         bail!("this kernel has no BTF (/sys/kernel/btf/vmlinux is missing); a kernel built with CONFIG_DEBUG_INFO_BTF=y is required");
     }
-    if options.frequency_hz == 0 || options.frequency_hz > 10_000 {
-        bail!("sampling frequency must be between 1 and 10000 Hz, got {}", options.frequency_hz);
-    }
+    check_frequency(options.frequency_hz)?;
     if let Some(pid) = options.pid {
         if !Path::new(&format!("/proc/{pid}")).exists() {
             bail!("no process with pid {pid}");
@@ -477,6 +515,13 @@ fn preflight(options: &SamplerOptions) -> anyhow::Result<()> {
     }
     if options.off_cpu.is_some() && !tracefs_has_sched_switch() {
         bail!("tracefs is not mounted (need /sys/kernel/tracing/events/sched/sched_switch); mount it with `mount -t tracefs nodev /sys/kernel/tracing`");
+    }
+    Ok(())
+}
+
+fn check_frequency(frequency_hz: u64) -> anyhow::Result<()> {
+    if frequency_hz == 0 || frequency_hz > 10_000 {
+        bail!("sampling frequency must be between 1 and 10000 Hz, got {frequency_hz}");
     }
     Ok(())
 }

@@ -20,6 +20,15 @@ use crate::{
     symbolize::{SymbolizedSample, Symbolizer},
 };
 
+/// What a session samples; a deep-profile run changes it for a while.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub frequency_hz: u64,
+    pub off_cpu: Option<OffCpuOptions>,
+    /// Recorded switch-outs per second that rate control stays under.
+    pub off_cpu_budget: u64,
+}
+
 /// One drained and symbolized window.
 pub struct Window {
     pub samples: Vec<SymbolizedSample>,
@@ -84,6 +93,18 @@ impl Session {
         let samples = self.symbolizer.symbolize(raw.samples)?;
         self.processes.evict();
         Ok(Window { samples, stats: raw.stats, map_fill: raw.map_fill })
+    }
+
+    /// Switches to other settings. Call right after a window was drained, so the counts
+    /// already taken convert with the period they were taken at.
+    pub fn apply(&mut self, settings: &Settings) -> anyhow::Result<()> {
+        if self.sampler.period_ns != 1_000_000_000 / settings.frequency_hz.max(1) {
+            self.sampler.set_frequency(settings.frequency_hz)?;
+        }
+        self.sampler.set_off_cpu(settings.off_cpu.as_ref())?;
+        self.rate = settings.off_cpu.as_ref().map(|off| RateControl::new(off, settings.off_cpu_budget));
+        tracing::info!(frequency_hz = settings.frequency_hz, off_cpu = settings.off_cpu.is_some(), "sampling settings changed");
+        Ok(())
     }
 
     pub fn period_ns(&self) -> u64 {

@@ -1,0 +1,134 @@
+//! Scheduled deep-profile runs, from the server's API to the agent's sampling rate.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use profiler_tests::{Daemon, Server, binary, exclusive, free_port, require_root};
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn post_json(url: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let response = reqwest::blocking::Client::new().post(url).json(&body).send().unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().unwrap_or(serde_json::Value::Null))
+}
+
+/// On-CPU samples per second the agent takes over `seconds`.
+fn sample_rate(daemon: &Daemon, seconds: u64) -> f64 {
+    let before = daemon.metric("samples_total");
+    std::thread::sleep(Duration::from_secs(seconds));
+    (daemon.metric("samples_total") - before) / seconds as f64
+}
+
+#[test]
+fn scheduled_run_raises_the_rate_then_returns_to_baseline() {
+    let _serial = exclusive();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), free_port());
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nurl = \"{}\"\npoll_interval = \"1s\"\n[sampling]\nwindow = \"2s\"\n[off_cpu]\nenabled = false\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+            server.url,
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&config);
+
+    // Two threads spinning for the whole test, as the service `deep`: the sample rate is
+    // then frequency × 2 CPUs, before, during and after the run.
+    let root = if std::path::Path::new("/sys/fs/cgroup/unified").exists() { "/sys/fs/cgroup/unified" } else { "/sys/fs/cgroup" };
+    let cgroup = format!("{root}/deep.service");
+    std::fs::create_dir_all(&cgroup).unwrap();
+    let _burners = Kill(
+        Command::new("sh")
+            .args(["-c", &format!("echo $$ > {cgroup}/cgroup.procs && exec {} burn 60 2", binary("workload").display())])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    let baseline = sample_rate(&daemon, 4);
+
+    // Misconfigured schedules are refused with a reason.
+    let schedules = format!("{}/api/v1/schedules", server.url);
+    let spec = |cron: &str, duration: u64, service: &str| {
+        serde_json::json!({
+            "name": "deep", "cron": cron, "timezone": "UTC", "duration_s": duration,
+            "selector": { "service": service },
+            "settings": { "frequency_hz": 499, "off_cpu": true, "off_cpu_sampling": 1.0 }
+        })
+    };
+    for (body, needle) in [
+        (spec("not a cron", 10, "deep"), "bad cron"),
+        (spec("* * * * *", 0, "deep"), "at least 1"),
+        (spec("* * * * *", 100_000, "deep"), "exceeds the limit"),
+        (spec("* * * * *", 10, "no-such-service"), "unknown service"),
+    ] {
+        let (status, reply) = post_json(&schedules, body);
+        assert_eq!(status, 400, "{reply}");
+        assert!(reply["error"].as_str().unwrap().contains(needle), "{reply} should mention {needle}");
+    }
+
+    // A run starting in a few seconds, for 10 s, at 499 Hz with off-CPU on.
+    let start = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 5;
+    let (s, m, h) = (start % 60, start / 60 % 60, start / 3600 % 24);
+    let (status, schedule) = post_json(&schedules, spec(&format!("{s} {m} {h} * * *"), 10, "deep"));
+    assert_eq!(status, 201, "{schedule}");
+
+    // Poll (1 s) + drain (1 s) latency, then measure inside the run.
+    let until_start = start as f64 - SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+    std::thread::sleep(Duration::from_secs_f64(until_start.max(0.0) + 3.0));
+    let during = sample_rate(&daemon, 5);
+    std::thread::sleep(Duration::from_secs(6));
+    let after = sample_rate(&daemon, 4);
+    eprintln!("samples/s: baseline {baseline:.0}, during the run {during:.0}, after {after:.0}");
+    let ratio = during / baseline;
+    assert!((4.0..=6.0).contains(&ratio), "run rate {during:.0}/s is {ratio:.2}× baseline {baseline:.0}/s, want ~5×");
+    assert!((0.7..=1.4).contains(&(after / baseline)), "after the run {after:.0}/s vs baseline {baseline:.0}/s");
+
+    // The run is recorded, done, and its profile (with off-CPU time) is queryable.
+    let runs = server.get_json("/api/v1/runs");
+    let run = runs.as_array().unwrap().iter().find(|r| r["schedule_id"] == schedule["id"]).expect("run recorded").clone();
+    let id = run["id"].as_str().unwrap().to_string();
+    let mut state = run["state"].clone();
+    for _ in 0..20 {
+        if state == "done" {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        state = server.get_json(&format!("/api/v1/runs/{id}"))["state"].clone();
+    }
+    assert_eq!(state, "done", "run {id} not marked done");
+    let tree = server.get_json(&format!("/api/v1/runs/{id}/flamegraph"));
+    assert!(tree["value"].as_u64().unwrap() > 0, "empty run profile");
+    let kinds: Vec<String> = tree["children"].as_array().unwrap().iter().filter_map(|c| c["kind"].as_str().map(String::from)).collect();
+    assert!(kinds.iter().any(|k| k.starts_with("off-cpu")), "no off-CPU time in the run's profile: {kinds:?}");
+
+    // "Profile now": an ad-hoc run the agent picks up within a poll.
+    let (status, adhoc) = post_json(
+        &format!("{}/api/v1/runs", server.url),
+        serde_json::json!({ "selector": { "service": "deep" }, "duration_s": 4, "settings": { "frequency_hz": 199, "off_cpu": false } }),
+    );
+    assert_eq!(status, 201, "{adhoc}");
+    let adhoc_id = adhoc["id"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_secs(8));
+    let adhoc = server.get_json(&format!("/api/v1/runs/{adhoc_id}"));
+    assert_eq!(adhoc["state"], "done", "{adhoc}");
+    assert!(adhoc["hosts"].as_object().unwrap().values().all(|h| h["state"] == "done"), "{adhoc}");
+
+    daemon.stop();
+    let _ = std::fs::remove_dir(&cgroup);
+}
