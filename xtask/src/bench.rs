@@ -32,6 +32,12 @@ pub enum Bench {
         #[arg(long, default_value_t = 200_000)]
         loops: u64,
     },
+    /// The daemon in steady state on a busy host: agent CPU per second, peak RSS, bytes
+    /// shipped per window per service, against a real server on loopback.
+    Daemon {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
     /// The collection server's ingest and query benchmark.
     Server,
 }
@@ -40,6 +46,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::AgentOverhead { rounds, iterations } => agent_overhead(rounds, iterations),
         Bench::SchedPipe { rounds, loops } => sched_pipe(rounds, loops),
+        Bench::Daemon { minutes } => daemon(minutes),
         Bench::Server => cargo(&["bench", "-p", "profiler-server", "--bench", "server"]),
     }
 }
@@ -250,4 +257,79 @@ fn sched_pipe(rounds: usize, loops: u64) -> anyhow::Result<()> {
     ];
     println!("sched pipe: `perf bench sched pipe -l {loops}`, {rounds} interleaved rounds");
     compare(&mut contenders, rounds, || timed(Command::new("perf").args(["bench", "sched", "pipe", "-l", &loops.to_string()])))
+}
+
+/// Scrapes one value from a Prometheus text page.
+fn scrape(url: &str, name: &str) -> anyhow::Result<f64> {
+    let out = Command::new("curl").args(["-sf", url]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .with_context(|| format!("no {name} at {url}"))
+}
+
+fn status_kib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn daemon(minutes: u64) -> anyhow::Result<()> {
+    cargo(&["build", "--release", "--workspace", "--bins"])?;
+    let bin = root().join("target/release");
+    let dir = std::env::temp_dir().join(format!("xtask-bench-daemon-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let port = 24040;
+    let mut server = Command::new(bin.join("profiler-server"))
+        .args(["--data-dir", dir.join("server").to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!("[server]\nurl = \"http://127.0.0.1:{port}\"\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:29464\"\n", dir.join("spool").display()),
+    )?;
+    let agent = Profiler(argv(&[bin.join("profiler-agent").to_str().unwrap(), "run", "--config", config.to_str().unwrap()]), Some("agent running")).start()?;
+    let agent_pid = agent.child.id();
+    // A busy host: three spinning threads on the CPUs, a sleeper and synchronous disk I/O.
+    let mut load = Command::new(bin.join("workload"))
+        .args(["mixed", &(minutes * 60 + 30).to_string(), "2"])
+        .env("WORKLOAD_DIR", &dir)
+        .stdout(Stdio::null())
+        .spawn()?;
+    let metrics = "http://127.0.0.1:29464/metrics";
+    let start_cpu = scrape(metrics, "profiler_agent_cpu_seconds_total")?;
+    let start_bytes = scrape(metrics, "profiler_agent_bytes_shipped_total")?;
+    let start_profiles = scrape(metrics, "profiler_agent_profiles_shipped_total")?;
+    let start_windows = scrape(metrics, "profiler_agent_windows_total")?;
+    let started = Instant::now();
+    let mut peak_anon: f64 = 0.0;
+    while started.elapsed() < Duration::from_secs(minutes * 60) {
+        std::thread::sleep(Duration::from_secs(5));
+        peak_anon = peak_anon.max(status_kib(agent_pid, "RssAnon:"));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = scrape(metrics, "profiler_agent_cpu_seconds_total")? - start_cpu;
+    let bytes = scrape(metrics, "profiler_agent_bytes_shipped_total")? - start_bytes;
+    let profiles = scrape(metrics, "profiler_agent_profiles_shipped_total")? - start_profiles;
+    let windows = scrape(metrics, "profiler_agent_windows_total")? - start_windows;
+    let switches = scrape(metrics, "profiler_agent_off_cpu_sampling_ratio")?;
+    let peak_rss = status_kib(agent_pid, "VmHWM:");
+    let usage = stop(agent)?;
+    let _ = load.kill();
+    let _ = load.wait();
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("daemon steady state: {minutes} min, off-CPU on (default settings), 10 s windows, busy host");
+    println!("  agent CPU:                 {:.1} ms per second ({:.2}% of one CPU)", cpu / seconds * 1e3, cpu / seconds * 100.0);
+    println!("  peak RSS (VmHWM):          {:.1} MB (heap RssAnon peak {:.1} MB)", peak_rss / 1024.0, peak_anon / 1024.0);
+    println!("  shipped:                   {:.0} bytes per window, {:.0} bytes per profile, {:.1} profiles (service x kind) per window", bytes / windows.max(1.0), bytes / profiles.max(1.0), profiles / windows.max(1.0));
+    println!("  off-CPU sampling at end:   {:.3}", switches);
+    println!("  (agent CPU over the whole run incl. start-up: {:.1} ms/s)", usage.cpu_per_s * 1e3);
+    Ok(())
 }
