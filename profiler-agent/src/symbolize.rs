@@ -133,35 +133,10 @@ impl State {
             .map(|sample| {
                 let info = snapshots.get(&sample.key.tgid);
                 let process = info.map_or_else(|| comm_name(&sample.key.comm), |i| i.name.clone());
-                let user_frames = sample
-                    .user
-                    .as_deref()
-                    .map(|addrs| {
-                        addrs
-                            .iter()
-                            .enumerate()
-                            .rev()
-                            .map(|(depth, &addr)| self.user_name(info, call_site(depth, addr)))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let kernel_frames = sample
-                    .kernel
-                    .as_deref()
-                    .map(|addrs| {
-                        addrs
-                            .iter()
-                            .enumerate()
-                            .rev()
-                            .map(|(depth, &addr)| {
-                                self.kernel_names
-                                    .get(&call_site(depth, addr))
-                                    .cloned()
-                                    .unwrap_or_else(|| self.unknown_kernel.clone())
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let user_frames = root_first(sample.user.as_deref(), |addr| self.user_name(info, addr));
+                let kernel_frames = root_first(sample.kernel.as_deref(), |addr| {
+                    self.kernel_names.get(&addr).cloned().unwrap_or_else(|| self.unknown_kernel.clone())
+                });
                 SymbolizedSample { key: sample.key, process, user_frames, kernel_frames, value: sample.value }
             })
             .collect()
@@ -255,6 +230,11 @@ impl State {
             None => Arc::from(format!("{UNKNOWN} ({})", mapping.file.name)),
         }
     }
+}
+
+/// Names of a leaf-first address stack, root first, each looked up at its call site.
+fn root_first(addrs: Option<&[u64]>, mut name: impl FnMut(u64) -> Arc<str>) -> Vec<Arc<str>> {
+    addrs.map_or_else(Vec::new, |addrs| addrs.iter().enumerate().rev().map(|(depth, &addr)| name(call_site(depth, addr))).collect())
 }
 
 /// Function names only: line numbers and inlined frames would cost DWARF parsing.
