@@ -111,6 +111,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }));
     ingest
         .merge(queries)
+        .merge(crate::ui::routes())
         .merge(crate::schedule_api::routes(state.clone()))
         .fallback(|| async {
             ApiError {

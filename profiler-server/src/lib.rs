@@ -14,6 +14,7 @@ pub mod render;
 pub mod schedule;
 pub mod schedule_api;
 pub mod store;
+pub mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

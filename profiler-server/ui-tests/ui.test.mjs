@@ -1,0 +1,427 @@
+// End-to-end tests of the web UI: a real profiler-server binary with known
+// ingested data, driven through Debian's chromium with playwright-core.
+//
+//   PROFILER_SERVER_BIN=target/debug/profiler-server node --test ui.test.mjs
+//
+// Screenshots go to ./artifacts/.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdtempSync, mkdirSync, existsSync, rmSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { createInterface } from 'node:readline';
+import { chromium } from 'playwright-core';
+
+const HERE = dirname(fileURLToPath(import.meta.url));
+const ART = join(HERE, 'artifacts');
+const BIN = process.env.PROFILER_SERVER_BIN || '/work/target-ui/debug/profiler-server';
+const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
+const S = 1_000_000_000; // ns
+
+let server, base, dataDir, profileDir, browser;
+const NOW = Date.now();
+const TARGET_AT = NOW - 20 * 60_000; // inside now-30m
+const BASE_AT = NOW - 50 * 60_000; // inside the previous 30 minutes
+
+async function startServer() {
+  if (!existsSync(BIN)) throw new Error(`profiler-server binary not found at ${BIN} (build it, or set PROFILER_SERVER_BIN)`);
+  dataDir = mkdtempSync(join(tmpdir(), 'ui-test-data-'));
+  const p = spawn(BIN, ['--data-dir', dataDir, '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, RUST_LOG: 'warn' } });
+  let stderr = '';
+  p.stderr.on('data', (d) => (stderr += d));
+  const addr = await new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error('server did not print `listening on` within 30 s; stderr:\n' + stderr)), 30_000);
+    p.on('exit', (c) => { clearTimeout(t); reject(new Error(`server exited with ${c}; stderr:\n${stderr}`)); });
+    createInterface({ input: p.stdout }).on('line', (l) => {
+      const m = /^listening on (\S+)/.exec(l);
+      if (m) { clearTimeout(t); resolve(m[1]); }
+    });
+  });
+  server = p;
+  return `http://${addr}`;
+}
+
+async function ingest(params, folded) {
+  const q = new URLSearchParams({ format: 'folded', ...params });
+  const r = await fetch(`${base}/api/v1/ingest?${q}`, { method: 'POST', body: folded });
+  const text = await r.text();
+  assert.equal(r.status, 200, `ingest ${q}: ${text}`);
+  return JSON.parse(text);
+}
+
+const lines = (rows) => rows.map(([stack, v]) => `${stack} ${v}`).join('\n') + '\n';
+
+async function ingestFixtures() {
+  const t = String(TARGET_AT), b = String(BASE_AT);
+  await ingest({ service: 'cart', kind: 'on-cpu', from: t, host: 'web-1' }, lines([['main;checkout', 1 * S]]));
+  await ingest({ service: 'shop', kind: 'on-cpu', from: t, host: 'web-1', container: 'api' }, lines([
+    ['main;server;handle;parse_json', 3 * S],
+    ['main;server;handle;render', 1 * S],
+    ['main;gc', 1 * S],
+  ]));
+  await ingest({ service: 'shop', kind: 'on-cpu', from: t, host: 'web-2', container: 'batch' }, lines([
+    ['main;server;handle;parse_json', 1 * S],
+    ['main;batch;compress', 2 * S],
+  ]));
+  await ingest({ service: 'shop', kind: 'off-cpu:blocked-io', from: t, host: 'web-1', container: 'api' }, lines([['main;server;handle;read_file', 2 * S]]));
+  await ingest({ service: 'shop', kind: 'off-cpu:blocked-lock', from: t, host: 'web-2', container: 'batch' }, lines([['main;server;handle;mutex_lock', S / 2]]));
+  await ingest({ service: 'shop', kind: 'off-cpu:idle-poll', from: t, host: 'web-1', container: 'api' }, lines([['main;event_loop;epoll_wait', 10 * S]]));
+  // Base period for the diff: parse_json grew, gc shrank, render unchanged.
+  await ingest({ service: 'shop', kind: 'on-cpu', from: b, host: 'web-1', container: 'api' }, lines([
+    ['main;server;handle;parse_json', 1 * S],
+    ['main;server;handle;render', 1 * S],
+    ['main;gc', 3 * S],
+  ]));
+}
+
+before(async () => {
+  if (!existsSync(CHROMIUM)) {
+    throw new Error(`chromium not found at ${CHROMIUM}: install it with \`apt-get install -y chromium\` (or set CHROMIUM_BIN)`);
+  }
+  mkdirSync(ART, { recursive: true });
+  base = await startServer();
+  await ingestFixtures();
+  profileDir = mkdtempSync(join(tmpdir(), 'ui-test-chromium-'));
+  // A fresh --user-data-dir: playwright passes profileDir as chromium's --user-data-dir.
+  browser = await chromium.launchPersistentContext(profileDir, {
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync'],
+    viewport: { width: 1400, height: 1000 },
+    acceptDownloads: true,
+  });
+});
+
+after(async () => {
+  await browser?.close().catch(() => {});
+  if (server) {
+    server.kill('SIGTERM');
+    await new Promise((r) => { server.on('exit', r); setTimeout(r, 10_000); });
+  }
+  for (const d of [dataDir, profileDir]) if (d) rmSync(d, { recursive: true, force: true });
+});
+
+async function newPage() {
+  const page = await browser.newPage();
+  page.consoleErrors = [];
+  page.on('console', (m) => { if (m.type() === 'error') page.consoleErrors.push(m.text()); });
+  page.on('pageerror', (e) => page.consoleErrors.push(String(e)));
+  return page;
+}
+
+/** Waits until the UI finished the load after `prev` loads (or any, when prev is undefined). */
+async function settled(page, prev) {
+  await page.waitForFunction((p) => window.__ui && window.__ui.loads > (p ?? 0) && document.body.dataset.status !== 'loading', prev, { timeout: 30_000 });
+}
+const loads = (page) => page.evaluate(() => window.__ui.loads);
+const rects = (page, name, g = 'flame') => page.evaluate(([n, g]) => (g === 'flame' ? window.__ui.flame : window.__ui.sandwich[g]).rects(n), [name, g]);
+const oneRect = async (page, name, g, kind) => {
+  const r = (await rects(page, name, g)).filter((x) => !kind || x.kind === kind);
+  assert.equal(r.length, 1, `exactly one visible frame ${name}, got ${JSON.stringify(r)}`);
+  return r[0];
+};
+const near = (a, b, tol, msg) => assert.ok(Math.abs(a - b) <= tol, `${msg}: ${a} vs ${b} (±${tol})`);
+
+async function clickFrame(page, name, opts = {}) {
+  const r = await oneRect(page, name, opts.graph, opts.kind);
+  const box = await page.locator(opts.graph ? `#sandwich-${opts.graph} canvas` : '#flame canvas').boundingBox();
+  await page.mouse.click(box.x + r.x + r.w / 2, box.y + r.y + 9, { modifiers: opts.modifiers });
+}
+
+test('browse: service list, flame graph widths and colours, zoom, search, top table, sandwich', async () => {
+  const page = await newPage();
+  await page.goto(`${base}/#from=now-30m`);
+  await settled(page);
+  // Services are listed; the first one is opened by default.
+  const services = await page.locator('#service-list li').allTextContents();
+  assert.deepEqual(services, ['cart', 'shop']);
+  assert.equal(await page.locator('#service-title').textContent(), 'cart');
+  // Search the list, open shop.
+  await page.fill('#service-search', 'sh');
+  assert.deepEqual(await page.locator('#service-list li').allTextContents(), ['shop']);
+  let n = await loads(page);
+  await page.click('#service-list li:text("shop")');
+  await settled(page, n);
+  assert.match(page.url(), /service=shop/);
+  assert.deepEqual(await page.evaluate(() => window.__ui.errors), []);
+
+  // Default view hides idle-poll: on-cpu 8 s, blocked-io 2 s, blocked-lock 0.5 s.
+  const W = (await oneRect(page, 'root')).w;
+  const onCpu = await oneRect(page, '[on-cpu]');
+  near(onCpu.w / W, 8 / 10.5, 0.01, '[on-cpu] share');
+  near((await oneRect(page, '[off-cpu:blocked-io]')).w / W, 2 / 10.5, 0.01, 'blocked-io share');
+  assert.equal((await rects(page, 'epoll_wait')).length, 0, 'idle-poll hidden by default');
+  const parse = await oneRect(page, 'parse_json');
+  const render = await oneRect(page, 'render');
+  near(parse.w / render.w, 4, 0.1, 'parse_json : render width');
+  near(parse.w / W, 4 / 10.5, 0.01, 'parse_json share');
+  // Warm on-CPU, cool off-CPU colours; flame orientation: deeper frames higher up.
+  assert.match(parse.color, /^rgb\(/);
+  assert.match((await oneRect(page, 'read_file')).color, /^hsl\(2[01]\d/);
+  assert.match((await oneRect(page, 'mutex_lock')).color, /^hsl\(2[67]\d/);
+  assert.ok(parse.y < onCpu.y, 'flame graph grows upwards');
+  await page.screenshot({ path: join(ART, '01-flamegraph.png'), fullPage: true });
+
+  // Tooltip on hover.
+  const box = await page.locator('#flame canvas').boundingBox();
+  await page.mouse.move(box.x + parse.x + parse.w / 2, box.y + parse.y + 9);
+  const tip = await page.locator('#tooltip').textContent();
+  assert.match(tip, /parse_json/);
+  assert.match(tip, /total: 4\.00 s \(38\.1% of all\)/);
+  assert.match(tip, /self: 4\.00 s/);
+  await page.screenshot({ path: join(ART, '02-tooltip.png') });
+
+  // Zoom into handle (under on-cpu): parse_json 4 s of handle's 5 s on-CPU.
+  await clickFrame(page, 'handle', { kind: 'on-cpu' });
+  await page.waitForTimeout(500);
+  const z = await rects(page, 'parse_json');
+  near(z[0].w / W, 4 / 5, 0.01, 'parse_json share of zoomed handle');
+  assert.match(await page.locator('#breadcrumb').textContent(), /all.*\[on-cpu\].*main.*server.*handle/);
+  assert.match(decodeURIComponent(page.url()), /zoom=\[on-cpu\];main;server;handle/);
+  await page.screenshot({ path: join(ART, '03-zoomed.png') });
+  // Zoom state survives a reload (shareable URL).
+  const zoomedUrl = page.url();
+  const p2 = await newPage();
+  await p2.goto(zoomedUrl);
+  await settled(p2);
+  near((await rects(p2, 'parse_json'))[0].w / W, 4 / 5, 0.01, 'restored zoom');
+  await p2.close();
+  // Breadcrumb back to all.
+  await page.click('#breadcrumb button:text("all")');
+  await page.waitForTimeout(450);
+  near((await oneRect(page, 'parse_json')).w / W, 4 / 10.5, 0.01, 'zoomed out');
+
+  // Search: highlighted matches and matched share.
+  await page.fill('#search', 'parse|render');
+  await page.waitForFunction(() => /of total/.test(document.getElementById('match-info').textContent));
+  assert.match(await page.locator('#match-info').textContent(), /2 frames · 47\.6% of total/);
+  assert.equal((await oneRect(page, 'parse_json')).color, 'match');
+  assert.equal((await oneRect(page, 'gc')).color, 'dim');
+  assert.match(decodeURIComponent(page.url()), /q=parse\|render/);
+  await page.screenshot({ path: join(ART, '04-search.png'), fullPage: true });
+
+  // Top table: parse_json first by self; click highlights it in the graph.
+  const first = await page.locator('#top-table tbody tr').first().locator('td').allTextContents();
+  assert.equal(first[0], 'parse_json');
+  assert.equal(first[1], '4.00 s');
+  await page.click('#top-table td.fn:text("render")');
+  await page.waitForFunction(() => /1 frame/.test(document.getElementById('match-info').textContent));
+  assert.equal((await oneRect(page, 'render')).color, 'match');
+  assert.equal((await oneRect(page, 'parse_json')).color, 'dim');
+  assert.equal(await page.locator('#top-table tr.selected td.fn').textContent(), 'render');
+  // Sort by total: main (10.5 s) first.
+  n = await loads(page);
+  await page.click('#top-table th[data-sort=total]');
+  await page.waitForFunction(() => document.querySelector('#top-table tbody td.fn')?.textContent === 'main');
+  assert.match(page.url(), /sort=total/);
+
+  // Sandwich for handle: callers server <- main <- [kind]; callees parse_json, render, read_file, mutex_lock.
+  await page.click('#top-table tr[data-fn=handle] button');
+  await page.waitForFunction(() => !document.getElementById('tab-sandwich').hidden);
+  const callers = await page.evaluate(() => window.__ui.sandwich.callers.rects().map((r) => r.name));
+  assert.deepEqual(callers.slice(0, 2), ['handle', 'server']);
+  const callees = await page.evaluate(() => window.__ui.sandwich.callees.rects().map((r) => r.name));
+  for (const c of ['parse_json', 'render', 'read_file', 'mutex_lock']) assert.ok(callees.includes(c), `callee ${c} in ${callees}`);
+  const hw = (await oneRect(page, 'handle', 'callees')).w;
+  near((await oneRect(page, 'parse_json', 'callees')).w / hw, 4 / 7.5, 0.01, 'sandwich callee share');
+  await page.locator('#tab-sandwich').screenshot({ path: join(ART, '05-sandwich.png') });
+
+  // Kind filter and idle toggle.
+  n = await loads(page);
+  await page.selectOption('#kind-filter', 'off');
+  await settled(page, n);
+  assert.equal((await rects(page, 'parse_json')).length, 0);
+  assert.equal((await rects(page, 'read_file')).length, 1);
+  assert.equal((await rects(page, 'epoll_wait')).length, 0);
+  n = await loads(page);
+  await page.uncheck('#hide-idle');
+  await settled(page, n);
+  const W2 = (await oneRect(page, 'root')).w;
+  near((await oneRect(page, 'epoll_wait')).w / W2, 10 / 12.5, 0.01, 'idle-poll share when shown');
+  n = await loads(page);
+  await page.check('#icicle');
+  const ic = await oneRect(page, 'epoll_wait');
+  assert.ok(ic.y > (await oneRect(page, 'root')).y, 'icicle grows downwards');
+  await page.screenshot({ path: join(ART, '06-offcpu-icicle.png'), fullPage: true });
+  assert.deepEqual(page.consoleErrors, []);
+  await page.close();
+});
+
+test('label filter, diff view and exports', async () => {
+  const page = await newPage();
+  await page.goto(`${base}/#service=shop&from=now-30m&idle=0`);
+  await settled(page);
+  // Label filter host=web-2 via the label pickers.
+  await page.selectOption('#label-name', 'host');
+  await page.waitForFunction(() => [...document.querySelectorAll('#label-value option')].some((o) => o.value === 'web-2'));
+  const values = await page.locator('#label-value option').allTextContents();
+  assert.deepEqual(values.slice(1), ['web-1', 'web-2']);
+  await page.selectOption('#label-value', 'web-2');
+  let n = await loads(page);
+  await page.click('#label-add');
+  await settled(page, n);
+  assert.match(decodeURIComponent(page.url()), /filter=host=web-2/);
+  assert.match(await page.locator('#filters').textContent(), /host=web-2/);
+  assert.equal((await rects(page, 'gc')).length, 0, 'gc only runs on web-1');
+  assert.equal((await rects(page, 'compress')).length, 1);
+  const W = (await oneRect(page, 'root')).w;
+  near((await oneRect(page, 'compress')).w / W, 2 / 3.5, 0.01, 'compress share on web-2');
+  await page.screenshot({ path: join(ART, '07-label-filter.png'), fullPage: true });
+
+  // Export SVG of the filtered view: a download with an inferno SVG.
+  const [dl] = await Promise.all([page.waitForEvent('download'), page.click('#export-svg')]);
+  const svgPath = join(ART, 'export.svg');
+  await dl.saveAs(svgPath);
+  const svg = readFileSync(svgPath, 'utf8');
+  assert.match(svg, /<svg/);
+  assert.match(svg, /compress/);
+  assert.doesNotMatch(svg, /gc/);
+  // Folded and pprof links answer 200 with the right content.
+  for (const [id, check] of [['export-folded', (b) => assert.match(b.toString(), /main;batch;compress 2000000000/)], ['export-pprof', (b) => assert.deepEqual([...b.subarray(0, 2)], [0x1f, 0x8b])]]) {
+    const href = await page.getAttribute(`#${id}`, 'href');
+    const r = await fetch(new URL(href, base));
+    assert.equal(r.status, 200, id);
+    check(Buffer.from(await r.arrayBuffer()));
+  }
+  // Remove the filter chip.
+  n = await loads(page);
+  await page.click('#filters .chip button');
+  await settled(page, n);
+  assert.equal((await rects(page, 'gc')).length, 1);
+
+  // Diff: web-1 on-CPU, target now-30m..now vs the previous 30 minutes (the default base).
+  n = await loads(page);
+  await page.selectOption('#kind-filter', 'on');
+  await settled(page, n);
+  await page.selectOption('#label-name', 'host');
+  await page.waitForFunction(() => [...document.querySelectorAll('#label-value option')].some((o) => o.value === 'web-1'));
+  await page.selectOption('#label-value', 'web-1');
+  n = await loads(page);
+  await page.click('#label-add');
+  await settled(page, n);
+  n = await loads(page);
+  await page.click('#view-mode button[data-view=diff]');
+  await settled(page, n);
+  assert.match(page.url(), /view=diff/);
+  const grew = await oneRect(page, 'parse_json');
+  const shrank = await oneRect(page, 'gc');
+  const same = await oneRect(page, 'render');
+  assert.match(grew.color, /^hsl\(0,/, 'parse_json grew: red');
+  assert.match(shrank.color, /^hsl\(215,/, 'gc shrank: blue');
+  assert.equal(same.color, '#dcdcdc', 'render unchanged: not coloured');
+  const box = await page.locator('#flame canvas').boundingBox();
+  await page.mouse.move(box.x + grew.x + grew.w / 2, box.y + grew.y + 9);
+  assert.match(await page.locator('#tooltip').textContent(), /change: \+2\.00 s \(\+200\.0%\)/);
+  await page.screenshot({ path: join(ART, '08-diff.png'), fullPage: true });
+  // A high significance threshold uncolours small changes.
+  await page.fill('#threshold', '50');
+  await page.dispatchEvent('#threshold', 'change');
+  assert.equal((await oneRect(page, 'parse_json')).color, '#dcdcdc');
+  // The diff view restores from its URL in a new page.
+  const url = page.url();
+  const p2 = await newPage();
+  await p2.goto(url);
+  await settled(p2);
+  assert.equal(await p2.locator('#view-mode button.active').textContent(), 'Diff');
+  assert.equal(await p2.inputValue('#kind-filter'), 'on');
+  assert.equal((await oneRect(p2, 'parse_json')).color, '#dcdcdc');
+  assert.deepEqual(page.consoleErrors.filter((e) => !/favicon/.test(e)), []);
+  await p2.close();
+  await page.close();
+});
+
+test('timeline: per-kind series and drag to select a range', async () => {
+  const page = await newPage();
+  await page.goto(`${base}/#service=shop&from=now-1h&idle=0`);
+  await settled(page);
+  const legend = await page.locator('#legend').textContent();
+  for (const k of ['on-cpu', 'off-cpu:blocked-io', 'off-cpu:blocked-lock', 'off-cpu:idle-poll']) assert.ok(legend.includes(k), `legend has ${k}: ${legend}`);
+  // on-CPU over the hour: 8 s (target) + 5 s (base).
+  assert.match(legend, /on-cpu 13\.00 s/);
+  // Drag over the right half (the target window at now-20m, not the base at now-50m).
+  const box = await page.locator('#timeline canvas').boundingBox();
+  const n = await loads(page);
+  await page.mouse.move(box.x + 46 + (box.width - 46) * 0.55, box.y + 50);
+  await page.mouse.down();
+  await page.mouse.move(box.x + 46 + (box.width - 46) * 0.8, box.y + 50, { steps: 5 });
+  await page.mouse.up();
+  await settled(page, n);
+  const st = await page.evaluate(() => window.__ui.state);
+  assert.match(st.from, /^\d+$/);
+  assert.ok(Number(st.from) < TARGET_AT && Number(st.until) > TARGET_AT, 'selection covers the target window');
+  assert.match(await page.locator('#legend').textContent(), /on-cpu 8\.00 s/);
+  await page.screenshot({ path: join(ART, '09-timeline-drag.png'), fullPage: true });
+  await page.close();
+});
+
+test('a failing query shows the error, not a blank page', async () => {
+  const page = await newPage();
+  await page.goto(`${base}/#service=shop&from=yesterday`);
+  await page.waitForFunction(() => document.body.dataset.status === 'error');
+  const err = await page.locator('#errors').textContent();
+  assert.match(err, /GET \/api\/v1\/(timeline|flamegraph|top) failed: HTTP 400 Bad Request: `from`: "yesterday" is neither unix milliseconds/);
+  assert.match(await page.locator('#flame-status').textContent(), /HTTP 400/);
+  assert.ok(await page.locator('#service-list li').count() >= 2, 'rest of the page still works');
+  await page.screenshot({ path: join(ART, '10-error.png'), fullPage: true });
+  // Unknown UI file and API route: JSON errors.
+  const r = await fetch(`${base}/ui/nope.js`);
+  assert.equal(r.status, 404);
+  await page.close();
+});
+
+test('assets are served with content types and cache validators', async () => {
+  const r = await fetch(`${base}/`);
+  assert.equal(r.status, 200);
+  assert.match(r.headers.get('content-type'), /^text\/html/);
+  assert.equal(r.headers.get('cache-control'), 'no-cache');
+  const js = await fetch(`${base}/ui/app.js`);
+  assert.match(js.headers.get('content-type'), /^text\/javascript/);
+  const etag = js.headers.get('etag');
+  assert.ok(etag);
+  const again = await fetch(`${base}/ui/app.js`, { headers: { 'if-none-match': etag } });
+  assert.equal(again.status, 304);
+  assert.match((await fetch(`${base}/ui/style.css`)).headers.get('content-type'), /^text\/css/);
+});
+
+test('performance: 50k-node flame graph renders and zooms smoothly', async () => {
+  // 50 x 20 x 50 tree: 51,050 frames below main (50,000 leaves), one stack per leaf.
+  const rows = [];
+  let v = 1;
+  for (let a = 0; a < 50; a++) for (let b = 0; b < 20; b++) for (let c = 0; c < 50; c++) {
+    rows.push([`main;mod${a}::service_fn_${a};mod${a}::handler_${a}_${b};leaf_${a}_${b}_${c}`, 1_000_000 + ((v = (v * 48271) % 2147483647) % 5_000_000)]);
+  }
+  await ingest({ service: 'zz-big', kind: 'on-cpu', from: String(TARGET_AT), host: 'perf' }, lines(rows));
+  const page = await newPage();
+  await page.goto(`${base}/#service=zz-big&from=now-30m&nodes=60000`);
+  await settled(page);
+  const first = await page.evaluate(() => window.__ui.perf.firstRender);
+  assert.ok(first.nodes > 51000, `nodes rendered: ${first.nodes}`);
+  // Zoom into one service function and measure the animation frames.
+  await page.evaluate(() => { window.__ui.flame.perf.zoomFrames = []; });
+  await clickFrame(page, 'mod7::service_fn_7', {});
+  await page.waitForTimeout(800);
+  const frames = await page.evaluate(() => window.__ui.flame.perf.zoomFrames);
+  assert.ok(frames.length >= 3, `zoom animated over ${frames.length} frames`);
+  const draws = frames.map((f) => f.draw);
+  const intervals = frames.slice(1).map((f) => f.interval);
+  const avg = (a) => a.reduce((x, y) => x + y, 0) / a.length;
+  const fullDraw = await page.evaluate(() => {
+    const f = window.__ui.flame;
+    f.zoomTo(0, false);
+    const t = [];
+    for (let i = 0; i < 10; i++) { const s = performance.now(); f.draw(); t.push(performance.now() - s); }
+    return t.reduce((a, b) => a + b) / t.length;
+  });
+  await page.screenshot({ path: join(ART, '11-50k-nodes.png') });
+  console.log(`PERF 50k-node flame graph: ${first.nodes} nodes; first render ${first.toScreenMs} ms after the query started ` +
+    `(fetch+JSON ${first.fetchMs} ms, flatten ${first.flattenMs} ms, draw ${first.drawMs} ms), ${first.sinceNavigationMs} ms after navigation; ` +
+    `zoom animation ${frames.length} frames, draw avg ${avg(draws).toFixed(2)} ms / max ${Math.max(...draws).toFixed(2)} ms, ` +
+    `frame interval avg ${avg(intervals).toFixed(1)} ms / max ${Math.max(...intervals).toFixed(1)} ms; full unzoomed redraw avg ${fullDraw.toFixed(2)} ms`);
+  assert.ok(first.drawMs < 500, `first draw ${first.drawMs} ms`);
+  assert.ok(Math.max(...draws) < 100, `zoom frame draw max ${Math.max(...draws)} ms`);
+  await page.close();
+});

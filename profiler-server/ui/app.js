@@ -1,0 +1,522 @@
+// Profiler web UI: wires the service list, time range, timeline, flame graph
+// (flame/icicle/diff), label filters, top table, sandwich view and exports.
+// The whole view state lives in the URL hash, so a link restores the view.
+
+import { getJson, resolveTime, fmtTime, fmtValue, pct, el, escapeRegExp, OFF_REASONS } from './util.js';
+import { FlameGraph, flatten, sandwich } from './flame.js';
+import { Timeline, kindOrder } from './timeline.js';
+
+const $ = (id) => document.getElementById(id);
+
+const DEFAULTS = {
+  service: '', from: 'now-1h', until: 'now', view: 'flame', kf: 'both', idle: '1', icicle: '0',
+  nodes: '5000', filter: '', q: '', zoom: '', bfrom: '', buntil: '', norm: '1', thr: '0.5',
+  tab: 'top', fn: '', sort: 'self',
+};
+const PRESETS = [['15m', 'now-15m'], ['1h', 'now-1h'], ['6h', 'now-6h'], ['24h', 'now-24h'], ['7d', 'now-7d']];
+
+const state = { ...DEFAULTS };
+const ui = {
+  state,
+  perf: { firstRender: null, lastRender: null },
+  loads: 0,
+  errors: [],
+  flame: null,
+  timeline: null,
+};
+window.__ui = ui;
+
+function readHash() {
+  const p = new URLSearchParams(location.hash.replace(/^#/, ''));
+  for (const k of Object.keys(DEFAULTS)) state[k] = p.has(k) ? p.get(k) : DEFAULTS[k];
+}
+
+function writeHash() {
+  const p = new URLSearchParams();
+  for (const [k, v] of Object.entries(state)) if (v !== DEFAULTS[k]) p.set(k, v);
+  const h = '#' + p.toString();
+  if (location.hash !== h) history.replaceState(null, '', h === '#' ? location.pathname : h);
+}
+
+// ---------------------------------------------------------------- errors
+
+function showError(err, where) {
+  const msg = err instanceof Error ? err.message : String(err);
+  console.error(msg);
+  ui.errors.push(msg);
+  const box = $('errors');
+  box.hidden = false;
+  box.append(el('div', { class: 'error' }, el('span', { text: msg }),
+    el('button', { text: '✕', title: 'dismiss', onclick: (e) => { e.target.parentElement.remove(); if (!box.children.length) box.hidden = true; } })));
+  if (where) {
+    where.className = 'status error';
+    where.textContent = msg;
+  }
+  document.body.dataset.status = 'error';
+}
+
+function clearErrors() {
+  $('errors').textContent = '';
+  $('errors').hidden = true;
+  ui.errors = [];
+}
+
+window.addEventListener('error', (e) => {
+  if (/ResizeObserver loop/.test(e.message)) return; // benign
+  showError(e.error || e.message);
+});
+window.addEventListener('unhandledrejection', (e) => showError(e.reason));
+
+// ---------------------------------------------------------------- selection
+
+function range() {
+  const now = Date.now();
+  return { from: resolveTime(state.from, now), until: resolveTime(state.until, now) };
+}
+
+function baseRange() {
+  if (state.bfrom && state.buntil) return { from: resolveTime(state.bfrom), until: resolveTime(state.buntil) };
+  const { from, until } = range();
+  return { from: from - (until - from), until: from };
+}
+
+/** Kinds for the graph, from those the timeline saw; null = all. */
+function selectedKinds(available) {
+  const hideIdle = state.idle === '1';
+  if (state.kf === 'both' && !hideIdle) return null;
+  let ks = available.length ? available : ['on-cpu', ...OFF_REASONS.map((r) => 'off-cpu:' + r)];
+  ks = ks.filter((k) => {
+    const off = k.startsWith('off-cpu');
+    if (hideIdle && k === 'off-cpu:idle-poll') return false;
+    if (state.kf === 'on') return !off;
+    if (state.kf === 'off') return off;
+    return true;
+  });
+  return ks;
+}
+
+function selParams(kinds, { from, until } = {}) {
+  const p = { service: state.service, from: from ?? state.from, until: until ?? state.until };
+  if (state.filter) p.filter = state.filter;
+  if (kinds) p.kinds = kinds.join(',');
+  return p;
+}
+
+// ---------------------------------------------------------------- widgets
+
+let flame, timeline, callersG, calleesG;
+let lastKinds = null;
+let reloadSeq = 0;
+let topRows = [];
+let topTotal = 0;
+
+function setupWidgets() {
+  flame = new FlameGraph($('flame'), {
+    breadcrumb: $('breadcrumb'),
+    tooltip: $('tooltip'),
+    onZoom: (path) => { state.zoom = path.join(';'); writeHash(); applySearch(); },
+    onSelect: (i) => openSandwich(flame.f.name[i]),
+  });
+  ui.flame = flame;
+  timeline = new Timeline($('timeline'), $('legend'), {
+    onSelect: (a, b) => {
+      const dragBase = state.view === 'diff' && document.querySelector('input[name=drag]:checked')?.value === 'base';
+      if (dragBase) { state.bfrom = String(a); state.buntil = String(b); }
+      else { state.from = String(a); state.until = String(b); state.zoom = ''; }
+      changed(true);
+    },
+  });
+  ui.timeline = timeline;
+  callersG = new FlameGraph($('sandwich-callers'), { tooltip: $('tooltip'), onSelect: (i) => openSandwich(callersG.f.name[i]) });
+  calleesG = new FlameGraph($('sandwich-callees'), { tooltip: $('tooltip'), onSelect: (i) => openSandwich(calleesG.f.name[i]) });
+  calleesG.setIcicle(true);
+  ui.sandwich = { callers: callersG, callees: calleesG };
+
+  for (const [label, v] of PRESETS) {
+    $('presets').append(el('button', { text: label, 'data-range': v, onclick: () => { state.from = v; state.until = 'now'; state.zoom = ''; changed(true); } }));
+  }
+  $('custom-apply').onclick = () => {
+    const a = Date.parse($('custom-from').value), b = Date.parse($('custom-until').value);
+    if (!isFinite(a) || !isFinite(b) || a >= b) return showError('custom range: "from" must be a valid time before "to"');
+    state.from = String(a); state.until = String(b); state.zoom = '';
+    changed(true);
+  };
+  $('service-search').oninput = renderServices;
+  for (const b of document.querySelectorAll('#view-mode button')) {
+    b.onclick = () => { state.view = b.dataset.view; state.zoom = ''; changed(true); };
+  }
+  $('kind-filter').onchange = (e) => { state.kf = e.target.value; state.zoom = ''; changed(true); };
+  $('hide-idle').onchange = (e) => { state.idle = e.target.checked ? '1' : '0'; state.zoom = ''; changed(true); };
+  $('icicle').onchange = (e) => { state.icicle = e.target.checked ? '1' : '0'; flame.setIcicle(state.icicle === '1'); writeHash(); };
+  $('max-nodes').onchange = (e) => { state.nodes = e.target.value; changed(true); };
+  $('normalize').onchange = (e) => { state.norm = e.target.checked ? '1' : '0'; changed(true); };
+  $('threshold').onchange = (e) => { state.thr = e.target.value; flame.setDiffThreshold(Number(state.thr) / 100); writeHash(); };
+  $('base-prev').onclick = () => { state.bfrom = ''; state.buntil = ''; changed(true); };
+  $('label-name').onchange = loadLabelValues;
+  $('label-add').onclick = () => {
+    const k = $('label-name').value, v = $('label-value').value, op = $('label-op').value;
+    if (!k || !v) return;
+    const fs = state.filter ? state.filter.split(',') : [];
+    fs.push(`${k}${op}${v}`);
+    state.filter = [...new Set(fs)].join(',');
+    state.zoom = '';
+    changed(true);
+  };
+  let searchTimer;
+  $('search').oninput = (e) => {
+    clearTimeout(searchTimer);
+    searchTimer = setTimeout(() => { state.q = e.target.value; writeHash(); applySearch(); }, 120);
+  };
+  for (const b of document.querySelectorAll('.tabs button')) {
+    b.onclick = () => { state.tab = b.dataset.tab; writeHash(); renderTabs(); };
+  }
+  for (const th of document.querySelectorAll('#top-table th[data-sort]')) {
+    th.onclick = () => {
+      const s = th.dataset.sort;
+      if (s === state.sort) return;
+      state.sort = s;
+      writeHash();
+      if (s === 'name') renderTop(); else loadTop(lastKinds);
+    };
+  }
+  $('sandwich-fn').onchange = (e) => openSandwich(e.target.value);
+  $('share').onclick = async () => {
+    writeHash();
+    try { await navigator.clipboard.writeText(location.href); $('share').textContent = '✓ copied'; }
+    catch { prompt('Link to this view:', location.href); }
+    setTimeout(() => ($('share').textContent = 'share link'), 1500);
+  };
+  window.addEventListener('hashchange', () => {
+    const before = JSON.stringify(state);
+    readHash();
+    if (JSON.stringify(state) !== before) { syncControls(); reload(); }
+  });
+}
+
+function syncControls() {
+  $('service-title').textContent = state.service || '(no service)';
+  for (const b of document.querySelectorAll('#presets button')) b.classList.toggle('active', b.dataset.range === state.from && state.until === 'now');
+  for (const b of document.querySelectorAll('#view-mode button')) b.classList.toggle('active', b.dataset.view === state.view);
+  for (const e of document.querySelectorAll('.diff-only')) e.hidden = state.view !== 'diff';
+  $('kind-filter').value = state.kf;
+  $('hide-idle').checked = state.idle === '1';
+  $('icicle').checked = state.icicle === '1';
+  flame.setIcicle(state.icicle === '1');
+  if (![...$('max-nodes').options].some((o) => o.value === state.nodes)) $('max-nodes').append(el('option', { value: state.nodes, text: state.nodes }));
+  $('max-nodes').value = state.nodes;
+  $('normalize').checked = state.norm === '1';
+  $('threshold').value = state.thr;
+  flame.diffThreshold = Number(state.thr) / 100;
+  if ($('search').value !== state.q) $('search').value = state.q;
+  const { from, until } = range();
+  const local = (ms) => (isFinite(ms) ? new Date(ms - new Date(ms).getTimezoneOffset() * 60000).toISOString().slice(0, 19) : '');
+  $('custom-from').value = local(from);
+  $('custom-until').value = local(until);
+  $('range-text').textContent = isFinite(from) && isFinite(until) ? `${fmtTime(from)} → ${fmtTime(until)}` : `${state.from} → ${state.until}`;
+  const b = baseRange();
+  $('base-text').textContent = `${fmtTime(b.from)} → ${fmtTime(b.until)}${state.bfrom ? '' : ' (previous period)'}`;
+  $('filters').textContent = '';
+  for (const f of state.filter ? state.filter.split(',') : []) {
+    $('filters').append(el('span', { class: 'chip' }, f, el('button', {
+      text: '✕', title: 'remove filter ' + f,
+      onclick: () => { state.filter = state.filter.split(',').filter((x) => x !== f).join(','); changed(true); },
+    })));
+  }
+  renderServices();
+  renderTabs();
+  updateExports();
+}
+
+function changed(reloadData) {
+  writeHash();
+  syncControls();
+  if (reloadData) reload();
+}
+
+// ---------------------------------------------------------------- services & labels
+
+let services = [];
+
+async function loadServices() {
+  try {
+    services = await getJson('/api/v1/services');
+  } catch (e) {
+    showError(e);
+    services = [];
+  }
+  renderServices();
+}
+
+function renderServices() {
+  const q = $('service-search').value.toLowerCase();
+  const ul = $('service-list');
+  ul.textContent = '';
+  const shown = services.filter((s) => s.toLowerCase().includes(q));
+  for (const s of shown) {
+    ul.append(el('li', {
+      class: s === state.service ? 'active' : '', text: s, title: s,
+      onclick: () => {
+        if (s === state.service) return;
+        Object.assign(state, { service: s, zoom: '', q: '', fn: '', filter: '', bfrom: '', buntil: '' });
+        labelsFor = null;
+        changed(true);
+      },
+    }));
+  }
+  if (!shown.length) ul.append(el('li', { class: 'muted', text: services.length ? 'no match' : 'no services yet' }));
+}
+
+let labelsFor = null;
+
+async function loadLabels() {
+  if (labelsFor === state.service) return;
+  labelsFor = state.service;
+  const sel = $('label-name');
+  sel.textContent = '';
+  sel.append(el('option', { value: '', text: 'label…' }));
+  $('label-value').textContent = '';
+  $('label-value').append(el('option', { value: '', text: 'value…' }));
+  try {
+    const names = await getJson('/api/v1/labels', { service: state.service });
+    for (const n of names) sel.append(el('option', { value: n, text: n }));
+  } catch (e) {
+    labelsFor = null;
+    showError(e);
+  }
+}
+
+async function loadLabelValues() {
+  const name = $('label-name').value;
+  const sel = $('label-value');
+  sel.textContent = '';
+  sel.append(el('option', { value: '', text: 'value…' }));
+  if (!name) return;
+  try {
+    const values = await getJson('/api/v1/label_values', { service: state.service, name });
+    for (const v of values) sel.append(el('option', { value: v, text: v }));
+    if (values.length === 1) sel.value = values[0];
+  } catch (e) {
+    showError(e);
+  }
+}
+
+// ---------------------------------------------------------------- data
+
+async function reload() {
+  const seq = ++reloadSeq;
+  clearErrors();
+  updateExports();
+  if (!state.service) {
+    document.body.dataset.status = 'ready';
+    $('flame-status').className = 'status';
+    $('flame-status').textContent = services.length ? 'Pick a service on the left.' : 'No services yet: ingest profiles with POST /api/v1/ingest.';
+    return;
+  }
+  document.body.dataset.status = 'loading';
+  loadLabels();
+  const status = $('flame-status');
+  status.className = 'status';
+  status.textContent = 'Loading…';
+  const { from, until } = range();
+  const diff = state.view === 'diff';
+  const base = baseRange();
+  // Timeline over the target range (and the base one in diff mode), all kinds.
+  let tl = null;
+  try {
+    const tFrom = diff ? Math.min(from, base.from) : state.from;
+    const tUntil = diff ? Math.max(until, base.until) : state.until;
+    tl = await getJson('/api/v1/timeline', selParams(null, { from: tFrom, until: tUntil }));
+  } catch (e) {
+    if (seq !== reloadSeq) return;
+    showError(e);
+  }
+  if (seq !== reloadSeq) return;
+  const available = tl ? Object.keys(tl.series).filter((k) => tl.series[k].some((v) => v)).sort(kindOrder) : [];
+  const kinds = selectedKinds(available);
+  lastKinds = kinds;
+  if (tl) {
+    timeline.setData(tl, kinds ? new Set(kinds) : null);
+    timeline.setOverlays(diff ? [
+      { from: base.from, until: base.until, color: 'rgba(60,110,230,0.13)', label: 'base' },
+      { from, until, color: 'rgba(230,90,40,0.10)', label: 'target' },
+    ] : []);
+  }
+  updateExports();
+  if (kinds && !kinds.length) {
+    flame.setData(flatten({ name: 'root', value: 0, self: 0, children: [] }));
+    status.textContent = 'No data for the selected kinds in this range.';
+    renderTopRows([], 0);
+    finishLoad(seq);
+    return;
+  }
+  const defaultKind = kinds && kinds.length === 1 ? kinds[0]
+    : (kinds ? available.filter((k) => kinds.includes(k)) : available).length === 1 ? (kinds ? available.filter((k) => kinds.includes(k)) : available)[0] : null;
+  const t0 = performance.now();
+  const treeP = diff
+    ? getJson('/api/v1/diff', { ...selParams(kinds), base_from: base.from, base_until: base.until, normalize: state.norm === '1', max_nodes: state.nodes })
+    : getJson('/api/v1/flamegraph', { ...selParams(kinds), max_nodes: state.nodes });
+  const topP = loadTop(kinds, seq);
+  try {
+    const tree = await treeP;
+    if (seq !== reloadSeq) return;
+    const t1 = performance.now();
+    const f = flatten(tree, { diff, defaultKind });
+    const t2 = performance.now();
+    flame.setData(f);
+    if (state.zoom) flame.zoomTo(flame.find(state.zoom.split(';')), false);
+    // Measure until the frame is actually on screen.
+    await new Promise((r) => requestAnimationFrame(() => r()));
+    const t3 = performance.now();
+    const rec = { nodes: f.n, fetchMs: +(t1 - t0).toFixed(1), flattenMs: +(t2 - t1).toFixed(1), drawMs: +flame.perf.lastDraw.toFixed(1), toScreenMs: +(t3 - t0).toFixed(1), sinceNavigationMs: +t3.toFixed(1) };
+    ui.perf.lastRender = rec;
+    if (!ui.perf.firstRender) ui.perf.firstRender = rec;
+    status.textContent = tree.value === 0 && !(tree.base > 0) ? 'No samples in this range' + (state.filter ? ' with these label filters.' : '.') : '';
+    applySearch();
+    renderSandwich();
+  } catch (e) {
+    if (seq !== reloadSeq) return;
+    flame.setData(flatten({ name: 'root', value: 0, self: 0, children: [] }));
+    showError(e, status);
+  }
+  await topP;
+  finishLoad(seq);
+}
+
+function finishLoad(seq) {
+  if (seq !== reloadSeq) return;
+  ui.loads++;
+  if (document.body.dataset.status !== 'error') document.body.dataset.status = 'ready';
+}
+
+async function loadTop(kinds, seq = reloadSeq) {
+  const by = state.sort === 'total' ? 'total' : 'self';
+  try {
+    const r = await getJson('/api/v1/top', { ...selParams(kinds), by, limit: 200 });
+    if (seq !== reloadSeq) return;
+    renderTopRows(r.functions, r.total);
+  } catch (e) {
+    if (seq !== reloadSeq) return;
+    renderTopRows([], 0);
+    showError(e);
+  }
+}
+
+function renderTopRows(rows, total) {
+  topRows = rows;
+  topTotal = total;
+  const dl = $('sandwich-names');
+  dl.textContent = '';
+  for (const r of rows.slice(0, 200)) dl.append(el('option', { value: r.name }));
+  renderTop();
+}
+
+function renderTop() {
+  const tbody = document.querySelector('#top-table tbody');
+  tbody.textContent = '';
+  const rows = topRows.slice();
+  if (state.sort === 'name') rows.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  else rows.sort((a, b) => b[state.sort] - a[state.sort] || (a.name < b.name ? -1 : 1));
+  for (const th of document.querySelectorAll('#top-table th[data-sort]')) th.classList.toggle('sorted', th.dataset.sort === state.sort);
+  const sel = exactName(state.q);
+  const t = topTotal || 1;
+  for (const r of rows) {
+    tbody.append(el('tr', { class: r.name === sel ? 'selected' : '', 'data-fn': r.name },
+      el('td', { class: 'fn', text: r.name, title: 'highlight in the flame graph', onclick: () => highlight(r.name) }),
+      el('td', { class: 'num', text: fmtValue(r.self) }),
+      el('td', { class: 'num' }, el('span', { class: 'bar', style: `width:${Math.round((r.self / t) * 60)}px` }), pct(r.self / t)),
+      el('td', { class: 'num', text: fmtValue(r.total) }),
+      el('td', { class: 'num', text: pct(r.total / t) }),
+      el('td', {}, el('button', { class: 'mini', text: 'sandwich', title: 'sandwich view: callers and callees', onclick: () => openSandwich(r.name) })),
+    ));
+  }
+  if (!rows.length) tbody.append(el('tr', {}, el('td', { colspan: 6, class: 'muted', text: 'no functions' })));
+  $('tab-info').textContent = rows.length ? `${rows.length} functions, total ${fmtValue(topTotal)}` : '';
+}
+
+function exactName(q) {
+  const m = /^\^(.*)\$$/.exec(q || '');
+  return m ? m[1].replace(/\\(.)/g, '$1') : null;
+}
+
+function highlight(name) {
+  state.q = '^' + escapeRegExp(name) + '$';
+  $('search').value = state.q;
+  writeHash();
+  applySearch();
+  renderTop();
+}
+
+function applySearch() {
+  const info = $('match-info');
+  if (!flame.f) return;
+  if (!state.q) {
+    flame.setSearch(null);
+    info.textContent = '';
+    ui.match = null;
+    return;
+  }
+  let re;
+  try { re = new RegExp(state.q, 'i'); } catch { re = null; }
+  const needle = state.q.toLowerCase();
+  const r = flame.setSearch(re ? (n) => re.test(n) : (n) => n.toLowerCase().includes(needle));
+  ui.match = r;
+  info.textContent = r.count
+    ? `${r.count} frame${r.count > 1 ? 's' : ''} · ${pct(r.share)} of total${flame.zoom ? ` · ${pct(r.shareOfZoom)} of zoom` : ''}`
+    : 'no match';
+}
+
+function openSandwich(name) {
+  if (!name) return;
+  state.fn = name;
+  state.tab = 'sandwich';
+  writeHash();
+  renderTabs();
+  $('tab-sandwich').scrollIntoView({ block: 'nearest' });
+}
+
+function renderTabs() {
+  for (const b of document.querySelectorAll('.tabs button')) b.classList.toggle('active', b.dataset.tab === state.tab);
+  $('tab-top').hidden = state.tab !== 'top';
+  $('tab-sandwich').hidden = state.tab !== 'sandwich';
+  if (state.tab === 'sandwich') renderSandwich();
+}
+
+function renderSandwich() {
+  if (state.tab !== 'sandwich' || !flame.f) return;
+  $('sandwich-fn').value = state.fn;
+  if (!state.fn) return;
+  const s = sandwich(flame.f, state.fn);
+  ui.sandwichTrees = s;
+  callersG.setData(flatten(s.callers));
+  calleesG.setData(flatten(s.callees));
+  $('tab-info').textContent = s.callers.value ? `${state.fn}: ${fmtValue(s.callers.value, s.callers.kind)} (${pct(s.callers.value / (flame.f.total[0] || 1))} of total)` : `${state.fn}: not in the graph`;
+}
+
+function updateExports() {
+  const kinds = lastKinds;
+  const p = (extra) => new URLSearchParams({ ...selParams(kinds), ...extra }).toString();
+  $('export-svg').href = '/api/v1/svg?' + p({ title: `${state.service} ${state.from}..${state.until}` });
+  $('export-folded').href = '/api/v1/folded?' + p({});
+  $('export-pprof').href = '/api/v1/pprof?' + p({});
+  const safe = (state.service || 'profile').replace(/[^\w.-]+/g, '_');
+  $('export-svg').setAttribute('download', `${safe}.svg`);
+  $('export-folded').setAttribute('download', `${safe}.folded.txt`);
+  $('export-pprof').setAttribute('download', `${safe}.pb.gz`);
+}
+
+// ---------------------------------------------------------------- start
+
+async function main() {
+  readHash();
+  setupWidgets();
+  syncControls();
+  await loadServices();
+  if (!state.service && services.length) {
+    state.service = services[0];
+    writeHash();
+  }
+  syncControls();
+  await reload();
+}
+
+main().catch((e) => showError(e, $('flame-status')));
