@@ -190,6 +190,10 @@ test('browse: service list, flame graph widths and colours, zoom, search, top ta
   await settled(p2);
   near((await rects(p2, 'parse_json'))[0].w / W, 4 / 5, 0.01, 'restored zoom');
   await p2.close();
+  // Escape zooms out one level (to server).
+  await page.keyboard.press('Escape');
+  await page.waitForTimeout(450);
+  assert.match(decodeURIComponent(page.url()), /zoom=\[on-cpu\];main;server(&|$)/);
   // Breadcrumb back to all.
   await page.click('#breadcrumb button:text("all")');
   await page.waitForTimeout(450);
@@ -227,6 +231,7 @@ test('browse: service list, flame graph widths and colours, zoom, search, top ta
   const callees = await page.evaluate(() => window.__ui.sandwich.callees.rects().map((r) => r.name));
   for (const c of ['parse_json', 'render', 'read_file', 'mutex_lock']) assert.ok(callees.includes(c), `callee ${c} in ${callees}`);
   const hw = (await oneRect(page, 'handle', 'callees')).w;
+  assert.notEqual((await oneRect(page, 'handle', 'callees')).color, '#c9c9c9', 'sandwich root coloured like a frame');
   near((await oneRect(page, 'parse_json', 'callees')).w / hw, 4 / 7.5, 0.01, 'sandwich callee share');
   await page.locator('#tab-sandwich').screenshot({ path: join(ART, '05-sandwich.png') });
 
@@ -355,13 +360,23 @@ test('timeline: per-kind series and drag to select a range', async () => {
   assert.ok(Number(st.from) < TARGET_AT && Number(st.until) > TARGET_AT, 'selection covers the target window');
   assert.match(await page.locator('#legend').textContent(), /on-cpu 8\.00 s/);
   await page.screenshot({ path: join(ART, '09-timeline-drag.png'), fullPage: true });
+  // Custom range (local time inputs): only the base window at now-50m.
+  const local = (ms) => new Date(ms - new Date(ms).getTimezoneOffset() * 60000).toISOString().slice(0, 19);
+  await page.fill('#custom-from', local(BASE_AT - 5 * 60_000));
+  await page.fill('#custom-until', local(BASE_AT + 5 * 60_000));
+  const n2 = await loads(page);
+  await page.click('#custom-apply');
+  await settled(page, n2);
+  assert.match(await page.locator('#legend').textContent(), /on-cpu 5\.00 s/);
+  const W = (await oneRect(page, 'root')).w;
+  near((await oneRect(page, 'gc')).w / W, 3 / 5, 0.01, 'gc share in the base window');
   await page.close();
 });
 
 test('a failing query shows the error, not a blank page', async () => {
   const page = await newPage();
   await page.goto(`${base}/#service=shop&from=yesterday`);
-  await page.waitForFunction(() => document.body.dataset.status === 'error');
+  await page.waitForFunction(() => window.__ui?.loads > 0 && document.body.dataset.status === 'error');
   const err = await page.locator('#errors').textContent();
   assert.match(err, /GET \/api\/v1\/(timeline|flamegraph|top) failed: HTTP 400 Bad Request: `from`: "yesterday" is neither unix milliseconds/);
   assert.match(await page.locator('#flame-status').textContent(), /HTTP 400/);

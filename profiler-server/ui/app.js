@@ -11,7 +11,7 @@ const $ = (id) => document.getElementById(id);
 const DEFAULTS = {
   service: '', from: 'now-1h', until: 'now', view: 'flame', kf: 'both', idle: '1', icicle: '0',
   nodes: '5000', filter: '', q: '', zoom: '', bfrom: '', buntil: '', norm: '1', thr: '0.5',
-  tab: 'top', fn: '', sort: 'self',
+  tab: 'top', fn: '', sort: 'self', minshare: '',
 };
 const PRESETS = [['15m', 'now-15m'], ['1h', 'now-1h'], ['6h', 'now-6h'], ['24h', 'now-24h'], ['7d', 'now-7d']];
 
@@ -186,6 +186,10 @@ function setupWidgets() {
     catch { prompt('Link to this view:', location.href); }
     setTimeout(() => ($('share').textContent = 'share link'), 1500);
   };
+  document.addEventListener('keydown', (e) => {
+    if (e.key !== 'Escape' || /^(INPUT|SELECT|TEXTAREA)$/.test(document.activeElement?.tagName)) return;
+    flame.zoomOut();
+  });
   window.addEventListener('hashchange', () => {
     const before = JSON.stringify(state);
     readHash();
@@ -329,6 +333,8 @@ async function reload() {
   } catch (e) {
     if (seq !== reloadSeq) return;
     showError(e);
+    timeline.setData({ from, until, step: 1, series: {} }, null);
+    $('legend').textContent = 'timeline unavailable (see the error above)';
   }
   if (seq !== reloadSeq) return;
   const available = tl ? Object.keys(tl.series).filter((k) => tl.series[k].some((v) => v)).sort(kindOrder) : [];
@@ -353,8 +359,8 @@ async function reload() {
     : (kinds ? available.filter((k) => kinds.includes(k)) : available).length === 1 ? (kinds ? available.filter((k) => kinds.includes(k)) : available)[0] : null;
   const t0 = performance.now();
   const treeP = diff
-    ? getJson('/api/v1/diff', { ...selParams(kinds), base_from: base.from, base_until: base.until, normalize: state.norm === '1', max_nodes: state.nodes })
-    : getJson('/api/v1/flamegraph', { ...selParams(kinds), max_nodes: state.nodes });
+    ? getJson('/api/v1/diff', { ...selParams(kinds), base_from: base.from, base_until: base.until, normalize: state.norm === '1', max_nodes: state.nodes, ...(state.minshare ? { min_share: state.minshare } : {}) })
+    : getJson('/api/v1/flamegraph', { ...selParams(kinds), max_nodes: state.nodes, ...(state.minshare ? { min_share: state.minshare } : {}) });
   const topP = loadTop(kinds, seq);
   try {
     const tree = await treeP;

@@ -104,6 +104,11 @@ export class FlameGraph {
     this.ro.observe(host);
   }
 
+  /** Zoom out one level (Escape / Backspace in the app). */
+  zoomOut() {
+    if (this.f && this.zoom > 0) this.zoomTo(this.f.parent[this.zoom]);
+  }
+
   setData(f) {
     this.f = f;
     this.colors = new Array(f.n);
@@ -236,7 +241,7 @@ export class FlameGraph {
     let c = this.colors[i];
     if (c) return c;
     const name = f.name[i];
-    if (i === 0) c = '#c9c9c9';
+    if (i === 0 && name === 'root') c = '#c9c9c9';
     else if (name === '[pruned]') c = '#d8d8d8';
     else if (f.diff) c = this.diffColor(i);
     else if (name.startsWith('[') && f.kind[i] && name === `[${f.kind[i]}]`) c = kindColor(f.kind[i]);
