@@ -124,6 +124,8 @@ const oneRect = async (page, name, g, kind) => {
   assert.equal(r.length, 1, `exactly one visible frame ${name}, got ${JSON.stringify(r)}`);
   return r[0];
 };
+/** Waits for the zoom animation started by the last click/key to end. */
+const zoomDone = (page) => page.waitForFunction(() => !window.__ui.flame.anim, null, { timeout: 10_000 });
 const near = (a, b, tol, msg) => assert.ok(Math.abs(a - b) <= tol, `${msg}: ${a} vs ${b} (±${tol})`);
 
 async function clickFrame(page, name, opts = {}) {
@@ -177,7 +179,7 @@ test('browse: service list, flame graph widths and colours, zoom, search, top ta
 
   // Zoom into handle (under on-cpu): parse_json 4 s of handle's 5 s on-CPU.
   await clickFrame(page, 'handle', { kind: 'on-cpu' });
-  await page.waitForTimeout(500);
+  await zoomDone(page);
   const z = await rects(page, 'parse_json');
   near(z[0].w / W, 4 / 5, 0.01, 'parse_json share of zoomed handle');
   assert.match(await page.locator('#breadcrumb').textContent(), /all.*\[on-cpu\].*main.*server.*handle/);
@@ -192,11 +194,11 @@ test('browse: service list, flame graph widths and colours, zoom, search, top ta
   await p2.close();
   // Escape zooms out one level (to server).
   await page.keyboard.press('Escape');
-  await page.waitForTimeout(450);
+  await zoomDone(page);
   assert.match(decodeURIComponent(page.url()), /zoom=\[on-cpu\];main;server(&|$)/);
   // Breadcrumb back to all.
   await page.click('#breadcrumb button:text("all")');
-  await page.waitForTimeout(450);
+  await zoomDone(page);
   near((await oneRect(page, 'parse_json')).w / W, 4 / 10.5, 0.01, 'zoomed out');
 
   // Search: highlighted matches and matched share.
@@ -418,7 +420,7 @@ test('performance: 50k-node flame graph renders and zooms smoothly', async () =>
   // Zoom into one service function and measure the animation frames.
   await page.evaluate(() => { window.__ui.flame.perf.zoomFrames = []; });
   await clickFrame(page, 'mod7::service_fn_7', {});
-  await page.waitForTimeout(800);
+  await zoomDone(page);
   const frames = await page.evaluate(() => window.__ui.flame.perf.zoomFrames);
   assert.ok(frames.length >= 3, `zoom animated over ${frames.length} frames`);
   const draws = frames.map((f) => f.draw);
