@@ -349,6 +349,18 @@ test('timeline: per-kind series and drag to select a range', async () => {
   for (const k of ['on-cpu', 'off-cpu:blocked-io', 'off-cpu:blocked-lock', 'off-cpu:idle-poll']) assert.ok(legend.includes(k), `legend has ${k}: ${legend}`);
   // on-CPU over the hour: 8 s (target) + 5 s (base).
   assert.match(legend, /on-cpu 13\.00 s/);
+  // Hover the target window's step: tooltip per kind.
+  const tx = await page.evaluate((t) => {
+    const tl = window.__ui.timeline;
+    const { from, step } = tl.data;
+    return tl.px(from + (Math.floor((t - from) / step) + 0.5) * step);
+  }, TARGET_AT);
+  const tbox = await page.locator('#timeline canvas').boundingBox();
+  await page.mouse.move(tbox.x + tx, tbox.y + 60);
+  const ttip = await page.locator('#tooltip').textContent();
+  assert.match(ttip, /on-cpu: 8\.00 s/);
+  assert.match(ttip, /off-cpu:idle-poll: 10\.00 s/);
+  await page.screenshot({ path: join(ART, '09a-timeline-tooltip.png') });
   // Drag over the right half (the target window at now-20m, not the base at now-50m).
   const box = await page.locator('#timeline canvas').boundingBox();
   const n = await loads(page);

@@ -119,6 +119,7 @@ function setupWidgets() {
   });
   ui.flame = flame;
   timeline = new Timeline($('timeline'), $('legend'), {
+    tooltip: $('tooltip'),
     onSelect: (a, b) => {
       const dragBase = state.view === 'diff' && document.querySelector('input[name=drag]:checked')?.value === 'base';
       if (dragBase) { state.bfrom = String(a); state.buntil = String(b); }
@@ -187,8 +188,9 @@ function setupWidgets() {
     setTimeout(() => ($('share').textContent = 'share link'), 1500);
   };
   document.addEventListener('keydown', (e) => {
-    if (e.key !== 'Escape' || /^(INPUT|SELECT|TEXTAREA)$/.test(document.activeElement?.tagName)) return;
-    flame.zoomOut();
+    if (/^(INPUT|SELECT|TEXTAREA)$/.test(document.activeElement?.tagName)) return;
+    if (e.key === 'Escape') flame.zoomOut();
+    else if (e.key === '/') { e.preventDefault(); $('search').focus(); }
   });
   window.addEventListener('hashchange', () => {
     const before = JSON.stringify(state);

@@ -3,6 +3,7 @@
 
 import { kindColor, fmtTime, fmtNs, el } from './util.js';
 
+
 const H = 120, PAD_L = 46, PAD_B = 18, PAD_T = 6;
 
 export function kindOrder(a, b) {
@@ -11,7 +12,8 @@ export function kindOrder(a, b) {
 }
 
 export class Timeline {
-  constructor(host, legend, { onSelect } = {}) {
+  constructor(host, legend, { onSelect, tooltip } = {}) {
+    this.tooltip = tooltip;
     this.host = host;
     this.legend = legend;
     this.onSelect = onSelect;
@@ -27,6 +29,8 @@ export class Timeline {
       this.drag = { x0: this.mx(e), x1: this.mx(e) };
       this.draw();
     });
+    this.canvas.addEventListener('mousemove', (e) => this.hoverTip(e));
+    this.canvas.addEventListener('mouseleave', () => { if (this.tooltip) this.tooltip.hidden = true; });
     window.addEventListener('mousemove', (e) => {
       if (!this.drag) return;
       this.drag.x1 = this.mx(e);
@@ -60,6 +64,24 @@ export class Timeline {
     const W = this.host.clientWidth;
     const { from, until } = this.data;
     return PAD_L + ((t - from) / (until - from)) * (W - PAD_L);
+  }
+
+  /** Tooltip: the step under the mouse, per kind. */
+  hoverTip(e) {
+    const tip = this.tooltip;
+    if (!tip || !this.data || this.drag) return;
+    const { from, step, series } = this.data;
+    const i = Math.floor((this.t(this.mx(e)) - from) / step);
+    const rows = this.kinds.filter((k) => series[k][i]);
+    tip.textContent = '';
+    tip.append(el('div', { class: 'tt-name', text: `${fmtTime(from + i * step)} (+${fmtNs(step * 1e6)})` }));
+    for (const k of rows) tip.append(el('div', {}, el('span', { style: `color:${kindColor(k)}`, text: '■ ' }), `${k}: ${fmtNs(series[k][i])}`));
+    if (!rows.length) tip.append(el('div', { class: 'tt-hint', text: 'no samples' }));
+    tip.append(el('div', { class: 'tt-hint', text: 'drag to select a range' }));
+    tip.hidden = false;
+    const x = e.clientX + 14 + tip.offsetWidth > window.innerWidth ? e.clientX - tip.offsetWidth - 14 : e.clientX + 14;
+    tip.style.left = x + 'px';
+    tip.style.top = e.clientY + 14 + 'px';
   }
 
   setData(data, active) {
