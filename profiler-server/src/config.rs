@@ -42,6 +42,46 @@ pub struct Config {
     pub tokens: Vec<String>,
     pub limits: Limits,
     pub storage: Storage,
+    /// Used when `storage.backend = "clickhouse"`.
+    pub clickhouse: ClickHouse,
+}
+
+/// Which store holds the profiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub enum Backend {
+    /// WAL + Parquet + redb in `data_dir` (one instance).
+    #[serde(rename = "embedded")]
+    Embedded,
+    /// A ClickHouse database shared by any number of instances.
+    #[serde(rename = "clickhouse")]
+    ClickHouse,
+}
+
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouse {
+    /// HTTP interface (port 8123, or 8443 with https).
+    pub url: String,
+    /// Created if missing; letters, digits and `_`.
+    pub database: String,
+    pub user: String,
+    /// Also from the PROFILER_CLICKHOUSE_PASSWORD environment variable.
+    pub password: String,
+    /// TTL of the 1-minute rollup, days (0 = forever); raw samples use
+    /// `storage.retention_hours`.
+    pub rollup_retention_days: u64,
+}
+
+impl Default for ClickHouse {
+    fn default() -> Self {
+        ClickHouse {
+            url: "http://127.0.0.1:8123".into(),
+            database: "profiler".into(),
+            user: "default".into(),
+            password: String::new(),
+            rollup_retention_days: 90,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
@@ -64,6 +104,8 @@ pub struct Limits {
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Storage {
+    /// `embedded` (default) or `clickhouse` (see the `[clickhouse]` table).
+    pub backend: Backend,
     /// Seconds between flushes of the WAL-backed buffer to Parquet.
     pub flush_interval_secs: u64,
     /// Buffered rows that trigger an early flush.
@@ -90,6 +132,7 @@ impl Default for Config {
             tokens: Vec::new(),
             limits: Limits::default(),
             storage: Storage::default(),
+            clickhouse: ClickHouse::default(),
         }
     }
 }
@@ -111,6 +154,7 @@ impl Default for Limits {
 impl Default for Storage {
     fn default() -> Self {
         Storage {
+            backend: Backend::Embedded,
             flush_interval_secs: 60,
             flush_rows: 2_000_000,
             window_ms: 10_000,
@@ -141,6 +185,9 @@ impl Config {
         }
         if let Some(l) = args.listen {
             cfg.listen = l;
+        }
+        if let Ok(p) = std::env::var("PROFILER_CLICKHOUSE_PASSWORD") {
+            cfg.clickhouse.password = p;
         }
         cfg.tokens
             .extend(args.tokens.iter().filter(|t| !t.is_empty()).cloned());
@@ -180,5 +227,20 @@ mod tests {
         assert_eq!(cfg.limits.max_decompressed_bytes, 256 << 20);
         assert!(toml::from_str::<Config>("listn = \"127.0.0.1:1\"").is_err());
         assert!(toml::from_str::<Config>("[storage]\nflush_secs = 1").is_err());
+        assert_eq!(cfg.storage.backend, Backend::Embedded);
+    }
+
+    #[test]
+    fn clickhouse_backend_is_selected_by_config() {
+        let cfg: Config = toml::from_str(
+            "[storage]\nbackend = \"clickhouse\"\n[clickhouse]\nurl = \"http://ch:8123\"\ndatabase = \"prof\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.storage.backend, Backend::ClickHouse);
+        assert_eq!(cfg.clickhouse.url, "http://ch:8123");
+        assert_eq!(cfg.clickhouse.database, "prof");
+        assert_eq!(cfg.clickhouse.user, "default");
+        assert!(toml::from_str::<Config>("[storage]\nbackend = \"mysql\"").is_err());
+        assert!(toml::from_str::<Config>("[clickhouse]\nhost = \"x\"").is_err());
     }
 }

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::store::{EmbeddedStore, Store, StoreOptions};
+use crate::store::{ClickHouseOptions, ClickHouseStore, EmbeddedStore, Store, StoreOptions};
 
 pub fn store_options(cfg: &Config) -> StoreOptions {
     let s = &cfg.storage;
@@ -42,6 +42,31 @@ pub fn store_options(cfg: &Config) -> StoreOptions {
         .map(|(h, res)| (hours(h), res))
         .collect(),
     }
+}
+
+/// Opens the configured backend (embedded: replays the WAL; ClickHouse:
+/// connects and runs the schema migrations).
+pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match cfg.storage.backend {
+        config::Backend::Embedded => Arc::new(
+            EmbeddedStore::open(&cfg.data_dir, store_options(cfg))
+                .with_context(|| format!("opening store in {}", cfg.data_dir.display()))?,
+        ),
+        config::Backend::ClickHouse => {
+            let ch = &cfg.clickhouse;
+            let s = &cfg.storage;
+            let hours = |h: u64| (h as i64).saturating_mul(3_600_000);
+            Arc::new(ClickHouseStore::open(ClickHouseOptions {
+                url: ch.url.clone(),
+                database: ch.database.clone(),
+                user: (!ch.user.is_empty()).then(|| ch.user.clone()),
+                password: (!ch.password.is_empty()).then(|| ch.password.clone()),
+                retention_ms: (s.retention_hours > 0).then(|| hours(s.retention_hours)),
+                rollup_retention_ms: (ch.rollup_retention_days > 0)
+                    .then(|| hours(ch.rollup_retention_days.saturating_mul(24))),
+            })?)
+        }
+    })
 }
 
 /// A running server; dropping it without [`Server::shutdown`] leaves the
@@ -65,12 +90,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     if cfg.tokens.is_empty() {
         tracing::warn!("no ingest tokens configured: ingest authentication is DISABLED");
     }
-    let dir = cfg.data_dir.clone();
-    let opts = store_options(&cfg);
-    let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&dir, opts))
-        .await?
-        .with_context(|| format!("opening store in {}", cfg.data_dir.display()))?;
-    let store: Arc<dyn Store> = Arc::new(store);
+    let store = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || open_store(&cfg)).await??
+    };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;

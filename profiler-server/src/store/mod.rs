@@ -1,5 +1,6 @@
 //! Store stage: the data model and the `Store` trait, with the embedded
-//! WAL + Parquet + redb implementation as the default backend.
+//! WAL + Parquet + redb implementation as the default backend and ClickHouse
+//! as the scale-out one.
 //!
 //! A row is (service, kind, ts_ms, series_id, stack_id, value). `service` and
 //! `kind` partition the data (files, buffers), so rows themselves carry only
@@ -7,6 +8,7 @@
 //! unique across services) but not `kind`: the same process produces on-CPU and
 //! off-CPU rows under one series.
 
+mod clickhouse;
 mod embedded;
 mod segment;
 mod wal;
@@ -14,6 +16,7 @@ mod wal;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+pub use clickhouse::{ClickHouseOptions, ClickHouseStore};
 pub use embedded::{EmbeddedStore, StoreOptions};
 
 pub type Labels = BTreeMap<String, String>;

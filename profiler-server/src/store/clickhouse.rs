@@ -1,0 +1,693 @@
+//! ClickHouse store: the scale-out backend. Any number of server instances
+//! write to and read from one ClickHouse database over its HTTP interface
+//! (the official `clickhouse` crate).
+//!
+//! Tables (created by versioned, idempotent migrations at start-up):
+//! - `stacks` (ReplacingMergeTree, ORDER BY (service, stack_id)): frames of a
+//!   content-hashed stack id; every instance computes the same id for the
+//!   same frames, so duplicates written by several instances are identical
+//!   and collapse on merge (readers take `any(frames)` per id).
+//! - `series` (ReplacingMergeTree, ORDER BY (service, series_id)): label sets.
+//! - `samples` (MergeTree, PARTITION BY toDate(ts), ORDER BY (service, kind,
+//!   ts, series_id, stack_id), Delta/T64/ZSTD codecs, TTL = retention).
+//! - `samples_1m` (SummingMergeTree, 1-minute rollup with its own longer TTL)
+//!   fed by the materialized view `samples_1m_mv`. Queries read raw samples
+//!   for the part of the range inside raw retention and the rollup for the
+//!   part before it, so long ranges keep working after the raw TTL.
+//!
+//! `append` returns once ClickHouse acknowledged the inserts (durability is
+//! ClickHouse's). Every table name is qualified with the database, and the
+//! database name is restricted to `[A-Za-z0-9_]`.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+
+use anyhow::Context;
+use clickhouse::{Client, Row};
+use serde::{Deserialize, Serialize};
+
+use super::{Aggregate, Batch, Frames, GroupBy, Labels, Matcher, Selector, Store};
+
+#[derive(Debug, Clone)]
+pub struct ClickHouseOptions {
+    /// HTTP interface, e.g. `http://127.0.0.1:8123`.
+    pub url: String,
+    pub database: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// Raw samples TTL; None keeps them forever.
+    pub retention_ms: Option<i64>,
+    /// 1-minute rollup TTL; None keeps it forever.
+    pub rollup_retention_ms: Option<i64>,
+}
+
+/// Schema versions, applied in order; every statement is idempotent so
+/// instances starting together cannot trip over each other. `{db}`,
+/// `{samples_ttl}` and `{rollup_ttl}` are substituted.
+const MIGRATIONS: &[(u32, &[&str])] = &[(
+    1,
+    &[
+        "CREATE TABLE IF NOT EXISTS {db}.stacks (
+            service LowCardinality(String),
+            stack_id UInt64,
+            frames Array(String) CODEC(ZSTD(3)),
+            INDEX stack_id_idx stack_id TYPE bloom_filter GRANULARITY 4
+        ) ENGINE = ReplacingMergeTree ORDER BY (service, stack_id)",
+        "CREATE TABLE IF NOT EXISTS {db}.series (
+            service LowCardinality(String),
+            series_id UInt64,
+            label_names Array(String),
+            label_values Array(String)
+        ) ENGINE = ReplacingMergeTree ORDER BY (service, series_id)",
+        "CREATE TABLE IF NOT EXISTS {db}.samples (
+            service LowCardinality(String),
+            kind LowCardinality(String),
+            ts DateTime64(3) CODEC(Delta, ZSTD(1)),
+            series_id UInt64 CODEC(ZSTD(1)),
+            stack_id UInt64 CODEC(ZSTD(1)),
+            value Int64 CODEC(T64, ZSTD(1))
+        ) ENGINE = MergeTree
+        PARTITION BY toDate(ts)
+        ORDER BY (service, kind, ts, series_id, stack_id)
+        {samples_ttl}",
+        "CREATE TABLE IF NOT EXISTS {db}.samples_1m (
+            service LowCardinality(String),
+            kind LowCardinality(String),
+            minute DateTime CODEC(Delta, ZSTD(1)),
+            series_id UInt64 CODEC(ZSTD(1)),
+            stack_id UInt64 CODEC(ZSTD(1)),
+            value Int64 CODEC(T64, ZSTD(1))
+        ) ENGINE = SummingMergeTree(value)
+        PARTITION BY toYYYYMM(minute)
+        ORDER BY (service, kind, minute, series_id, stack_id)
+        {rollup_ttl}",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.samples_1m_mv TO {db}.samples_1m AS
+        SELECT service, kind, toStartOfMinute(ts) AS minute, series_id, stack_id,
+               sum(value) AS value
+        FROM {db}.samples
+        GROUP BY service, kind, minute, series_id, stack_id",
+    ],
+)];
+
+#[derive(Row, Serialize)]
+struct SampleRow<'a> {
+    service: &'a str,
+    kind: &'a str,
+    ts: i64,
+    series_id: u64,
+    stack_id: u64,
+    value: i64,
+}
+
+#[derive(Row, Serialize)]
+struct StackRow<'a> {
+    service: &'a str,
+    stack_id: u64,
+    frames: &'a [String],
+}
+
+#[derive(Row, Serialize)]
+struct SeriesRow<'a> {
+    service: &'a str,
+    series_id: u64,
+    label_names: Vec<&'a str>,
+    label_values: Vec<&'a str>,
+}
+
+#[derive(Row, Deserialize)]
+struct AggRow {
+    kind: String,
+    key: u64,
+    v: i64,
+}
+
+#[derive(Row, Deserialize)]
+struct FramesRow {
+    stack_id: u64,
+    frames: Vec<String>,
+}
+
+#[derive(Row, Deserialize)]
+struct LabelsRow {
+    label_names: Vec<String>,
+    label_values: Vec<String>,
+}
+
+#[derive(Row, Deserialize)]
+struct NameRow {
+    name: String,
+}
+
+#[derive(Row, Deserialize)]
+struct VersionRow {
+    version: u32,
+}
+
+#[derive(Row, Deserialize)]
+struct BytesRow {
+    bytes: u64,
+}
+
+/// A bound argument of a `?` placeholder.
+enum Arg {
+    S(String),
+    I(i64),
+}
+
+/// SQL text with `?` placeholders and their values, bound in order by the
+/// crate (which escapes them).
+#[derive(Default)]
+struct Sql {
+    text: String,
+    args: Vec<Arg>,
+}
+
+impl Sql {
+    fn push(&mut self, s: &str) -> &mut Self {
+        self.text.push_str(s);
+        self
+    }
+    fn s(&mut self, v: &str) -> &mut Self {
+        self.text.push('?');
+        self.args.push(Arg::S(v.to_owned()));
+        self
+    }
+    fn i(&mut self, v: i64) -> &mut Self {
+        self.text.push('?');
+        self.args.push(Arg::I(v));
+        self
+    }
+    fn query(self, client: &Client) -> clickhouse::query::Query {
+        let mut q = client.query(&self.text);
+        for a in self.args {
+            q = match a {
+                Arg::S(s) => q.bind(s),
+                Arg::I(i) => q.bind(i),
+            };
+        }
+        q
+    }
+}
+
+// DateTime64(3) covers 1900..2299; clamp so open-ended ranges stay valid.
+const MIN_TS: i64 = -2_208_988_800_000;
+const MAX_TS: i64 = 10_413_792_000_000;
+
+pub struct ClickHouseStore {
+    client: Client,
+    db: String,
+    opts: ClickHouseOptions,
+    rt: Option<tokio::runtime::Runtime>,
+    /// Stack frames seen (written or read) by this instance.
+    stacks: RwLock<HashMap<u64, Frames>>,
+    /// (service, id) already inserted by this instance, to skip re-sending
+    /// dictionaries with every batch.
+    written_stacks: Mutex<HashSet<(String, u64)>>,
+    written_series: Mutex<HashSet<u64>>,
+}
+
+impl Drop for ClickHouseStore {
+    fn drop(&mut self) {
+        // May be dropped inside an async context, where a blocking runtime
+        // shutdown would panic.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn valid_ident(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn ttl(column: &str, ms: Option<i64>) -> String {
+    match ms {
+        Some(ms) if ms > 0 => {
+            let secs = (ms / 1000).max(1);
+            format!("TTL toDateTime({column}) + INTERVAL {secs} SECOND SETTINGS ttl_only_drop_parts = 1")
+        }
+        _ => String::new(),
+    }
+}
+
+fn matcher_sql(sql: &mut Sql, m: &Matcher) {
+    let (k, v, neg) = match m {
+        Matcher::Eq(k, v) => (k, v, false),
+        Matcher::Ne(k, v) => (k, v, true),
+    };
+    sql.push(if neg { " AND NOT (" } else { " AND (" })
+        .push("has(label_names, ")
+        .s(k)
+        .push(") AND label_values[indexOf(label_names, ")
+        .s(k)
+        .push(")] = ")
+        .s(v)
+        .push(")");
+}
+
+impl ClickHouseStore {
+    /// Connects, creates the database and runs pending migrations.
+    pub fn open(opts: ClickHouseOptions) -> anyhow::Result<ClickHouseStore> {
+        anyhow::ensure!(
+            valid_ident(&opts.database),
+            "clickhouse.database {:?} must be letters, digits and _",
+            opts.database
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("clickhouse")
+            .enable_all()
+            .build()?;
+        let mut client = Client::default().with_url(&opts.url);
+        if let Some(u) = &opts.user {
+            client = client.with_user(u);
+        }
+        if let Some(p) = &opts.password {
+            client = client.with_password(p);
+        }
+        let store = ClickHouseStore {
+            client,
+            db: opts.database.clone(),
+            opts,
+            rt: Some(rt),
+            stacks: RwLock::new(HashMap::new()),
+            written_stacks: Mutex::new(HashSet::new()),
+            written_series: Mutex::new(HashSet::new()),
+        };
+        store
+            .migrate()
+            .with_context(|| format!("ClickHouse at {}: running migrations", store.opts.url))?;
+        Ok(store)
+    }
+
+    /// Runs a future on the store's own runtime and waits for it; safe from
+    /// plain threads and `spawn_blocking` alike.
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = anyhow::Result<T>> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.rt
+            .as_ref()
+            .expect("runtime lives until drop")
+            .spawn(async move {
+                let _ = tx.send(f.await);
+            });
+        rx.recv().context("ClickHouse task was dropped")?
+    }
+
+    fn execute(&self, sql: String) -> anyhow::Result<()> {
+        let c = self.client.clone();
+        self.run(async move {
+            c.query(&sql)
+                .execute()
+                .await
+                .with_context(|| format!("executing {}", sql.lines().next().unwrap_or("")))
+        })
+    }
+
+    fn migrate(&self) -> anyhow::Result<()> {
+        let db = &self.db;
+        self.execute(format!("CREATE DATABASE IF NOT EXISTS {db}"))?;
+        self.execute(format!(
+            "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (
+                version UInt32, applied_at DateTime DEFAULT now()
+            ) ENGINE = ReplacingMergeTree ORDER BY version"
+        ))?;
+        let c = self.client.clone();
+        let q = format!("SELECT max(version) AS version FROM {db}.schema_migrations");
+        let current = self.run(async move {
+            Ok(c.query(&q).fetch_all::<VersionRow>().await?)
+        })?;
+        let current = current.first().map_or(0, |r| r.version);
+        let samples_ttl = ttl("ts", self.opts.retention_ms);
+        let rollup_ttl = ttl("minute", self.opts.rollup_retention_ms);
+        for (version, stmts) in MIGRATIONS {
+            if *version <= current {
+                continue;
+            }
+            for s in *stmts {
+                let sql = s
+                    .replace("{db}", db)
+                    .replace("{samples_ttl}", &samples_ttl)
+                    .replace("{rollup_ttl}", &rollup_ttl);
+                self.execute(sql)?;
+            }
+            self.execute(format!(
+                "INSERT INTO {db}.schema_migrations (version) VALUES ({version})"
+            ))?;
+            tracing::info!(version, database = %db, "ClickHouse schema migrated");
+        }
+        Ok(())
+    }
+
+    /// Start of the range still held in raw samples (minute aligned), if
+    /// raw samples expire.
+    fn raw_cutoff(&self) -> Option<i64> {
+        let ret = self.opts.retention_ms?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        Some((now - ret).div_euclid(60_000) * 60_000 + 60_000)
+    }
+
+    fn aggregate_part(
+        &self,
+        sel: &Selector,
+        by: Option<GroupBy>,
+        from: i64,
+        until: i64,
+        rollup: bool,
+    ) -> anyhow::Result<Vec<AggRow>> {
+        let db = &self.db;
+        let (table, ts_ms, ts_col, to_ts) = if rollup {
+            (
+                "samples_1m",
+                "toInt64(toUnixTimestamp(minute)) * 1000",
+                "minute",
+                "toDateTime(intDiv(toInt64(?), 1000))",
+            )
+        } else {
+            (
+                "samples",
+                "toUnixTimestamp64Milli(ts)",
+                "ts",
+                "fromUnixTimestamp64Milli(toInt64(?))",
+            )
+        };
+        let mut sql = Sql::default();
+        sql.push("SELECT toString(kind) AS kind, ");
+        match by {
+            // Kinds only: which kinds have rows in the range at all.
+            None => {
+                sql.push("toUInt64(0)");
+            }
+            Some(GroupBy::Stack) => {
+                sql.push("stack_id");
+            }
+            Some(GroupBy::Time { step_ms }) => {
+                sql.push("toUInt64(toInt64(")
+                    .i(sel.from_ms)
+                    .push(") + intDiv(")
+                    .push(ts_ms)
+                    .push(" - toInt64(")
+                    .i(sel.from_ms)
+                    .push("), toInt64(")
+                    .i(step_ms)
+                    .push(")) * toInt64(")
+                    .i(step_ms)
+                    .push("))");
+            }
+        }
+        sql.push(&format!(" AS key, sum(value) AS v FROM {db}.{table} WHERE service = "))
+            .s(&sel.service)
+            .push(&format!(" AND {ts_col} >= "));
+        // `to_ts` holds one placeholder.
+        let (a, b) = to_ts.split_once('?').expect("placeholder");
+        sql.push(a).i(from.clamp(MIN_TS, MAX_TS)).push(b);
+        sql.push(&format!(" AND {ts_col} < "));
+        sql.push(a).i(until.clamp(MIN_TS, MAX_TS)).push(b);
+        if let Some(kinds) = &sel.kinds {
+            sql.push(" AND kind IN (");
+            for (i, k) in kinds.iter().enumerate() {
+                if i > 0 {
+                    sql.push(", ");
+                }
+                sql.s(k);
+            }
+            if kinds.is_empty() {
+                sql.push("NULL");
+            }
+            sql.push(")");
+        }
+        if !sel.matchers.is_empty() {
+            sql.push(&format!(
+                " AND series_id IN (SELECT series_id FROM {db}.series WHERE service = "
+            ))
+            .s(&sel.service);
+            for m in &sel.matchers {
+                matcher_sql(&mut sql, m);
+            }
+            sql.push(")");
+        }
+        sql.push(if by.is_some() { " GROUP BY kind, key" } else { " GROUP BY kind" });
+        let q = sql.query(&self.client);
+        self.run(async move { Ok(q.fetch_all::<AggRow>().await?) })
+    }
+
+    /// Loads frames of stacks this instance has not seen yet, in bulk, so
+    /// `stack()` after `aggregate()` never asks per id.
+    fn prefetch_stacks(&self, service: &str, ids: impl Iterator<Item = u64>) -> anyhow::Result<()> {
+        let missing: Vec<u64> = {
+            let s = self.stacks.read().unwrap_or_else(|e| e.into_inner());
+            ids.filter(|id| !s.contains_key(id)).collect()
+        };
+        for chunk in missing.chunks(20_000) {
+            let mut sql = Sql::default();
+            sql.push(&format!(
+                "SELECT stack_id, any(frames) AS frames FROM {}.stacks WHERE service = ",
+                self.db
+            ))
+            .s(service)
+            .push(" AND stack_id IN (");
+            let list: Vec<String> = chunk.iter().map(u64::to_string).collect();
+            sql.push(&list.join(",")).push(") GROUP BY stack_id");
+            let q = sql.query(&self.client);
+            let rows = self.run(async move { Ok(q.fetch_all::<FramesRow>().await?) })?;
+            let mut s = self.stacks.write().unwrap_or_else(|e| e.into_inner());
+            for r in rows {
+                s.insert(r.stack_id, r.frames.into());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Store for ClickHouseStore {
+    fn append(&self, batch: Batch) -> anyhow::Result<()> {
+        let new_stacks: Vec<(u64, Frames)> = {
+            let w = self.written_stacks.lock().unwrap_or_else(|e| e.into_inner());
+            batch
+                .stacks
+                .iter()
+                .filter(|(id, _)| !w.contains(&(batch.service.clone(), *id)))
+                .cloned()
+                .collect()
+        };
+        let new_series: Vec<(u64, Labels)> = {
+            let w = self.written_series.lock().unwrap_or_else(|e| e.into_inner());
+            batch
+                .series
+                .iter()
+                .filter(|(id, _)| !w.contains(id))
+                .cloned()
+                .collect()
+        };
+        {
+            let mut s = self.stacks.write().unwrap_or_else(|e| e.into_inner());
+            for (id, f) in &batch.stacks {
+                s.entry(*id).or_insert_with(|| f.clone());
+            }
+        }
+        let (c, db) = (self.client.clone(), self.db.clone());
+        let (stack_ids, series_ids): (Vec<u64>, Vec<u64>) = (
+            new_stacks.iter().map(|(id, _)| *id).collect(),
+            new_series.iter().map(|(id, _)| *id).collect(),
+        );
+        let service = batch.service.clone();
+        self.run(async move {
+            // Dictionaries first: a reader never sees a sample whose stack
+            // or series is missing.
+            if !new_stacks.is_empty() {
+                let mut ins = c
+                    .insert_unescaped::<StackRow<'_>>(&format!("{db}.stacks"))
+                    .await?;
+                for (id, frames) in &new_stacks {
+                    ins.write(&StackRow {
+                        service: &batch.service,
+                        stack_id: *id,
+                        frames,
+                    })
+                    .await?;
+                }
+                ins.end().await.context("inserting stacks")?;
+            }
+            if !new_series.is_empty() {
+                let mut ins = c
+                    .insert_unescaped::<SeriesRow<'_>>(&format!("{db}.series"))
+                    .await?;
+                for (id, labels) in &new_series {
+                    let service = labels.get("service").map_or(batch.service.as_str(), |s| s);
+                    ins.write(&SeriesRow {
+                        service,
+                        series_id: *id,
+                        label_names: labels.keys().map(String::as_str).collect(),
+                        label_values: labels.values().map(String::as_str).collect(),
+                    })
+                    .await?;
+                }
+                ins.end().await.context("inserting series")?;
+            }
+            if !batch.rows.is_empty() {
+                let mut ins = c
+                    .insert_unescaped::<SampleRow<'_>>(&format!("{db}.samples"))
+                    .await?;
+                for r in &batch.rows {
+                    ins.write(&SampleRow {
+                        service: &batch.service,
+                        kind: &batch.kind,
+                        ts: r.ts_ms.clamp(MIN_TS, MAX_TS),
+                        series_id: r.series_id,
+                        stack_id: r.stack_id,
+                        value: r.value,
+                    })
+                    .await?;
+                }
+                ins.end().await.context("inserting samples")?;
+            }
+            Ok(())
+        })?;
+        self.written_stacks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(stack_ids.into_iter().map(|id| (service.clone(), id)));
+        self.written_series
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(series_ids);
+        Ok(())
+    }
+
+    fn aggregate(&self, sel: &Selector, by: GroupBy) -> anyhow::Result<Aggregate> {
+        let mut parts = Vec::new();
+        match self.raw_cutoff() {
+            Some(cut) if sel.from_ms < cut => {
+                parts.push((sel.from_ms, sel.until_ms.min(cut), true));
+                if sel.until_ms > cut {
+                    parts.push((cut, sel.until_ms, false));
+                }
+            }
+            _ => parts.push((sel.from_ms, sel.until_ms, false)),
+        }
+        let mut out = Aggregate::new();
+        for &(from, until, rollup) in &parts {
+            for r in self.aggregate_part(sel, Some(by), from, until, rollup)? {
+                *out.entry(r.kind).or_default().entry(r.key).or_insert(0) += r.v;
+            }
+        }
+        if !sel.matchers.is_empty() {
+            // Like the embedded store, a kind with data in the range is
+            // present (possibly empty) even when the label filter removes
+            // all its rows: diffs and flame graphs decide on `[kind]` roots
+            // by the kinds present.
+            let unfiltered = Selector {
+                matchers: Vec::new(),
+                ..sel.clone()
+            };
+            for &(from, until, rollup) in &parts {
+                for r in self.aggregate_part(&unfiltered, None, from, until, rollup)? {
+                    out.entry(r.kind).or_default();
+                }
+            }
+        }
+        if by == GroupBy::Stack {
+            let ids: HashSet<u64> = out.values().flat_map(|m| m.keys().copied()).collect();
+            self.prefetch_stacks(&sel.service, ids.into_iter())?;
+        }
+        Ok(out)
+    }
+
+    fn stack(&self, id: u64) -> Option<Frames> {
+        if let Some(f) = self
+            .stacks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+        {
+            return Some(f.clone());
+        }
+        let q = self
+            .client
+            .query(&format!(
+                "SELECT stack_id, any(frames) AS frames FROM {}.stacks WHERE stack_id = ? GROUP BY stack_id",
+                self.db
+            ))
+            .bind(id);
+        match self.run(async move { Ok(q.fetch_all::<FramesRow>().await?) }) {
+            Ok(rows) => {
+                let r = rows.into_iter().next()?;
+                let f: Frames = r.frames.into();
+                self.stacks
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id, f.clone());
+                Some(f)
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), stack = id, "loading stack");
+                None
+            }
+        }
+    }
+
+    fn services(&self) -> Vec<String> {
+        let q = self.client.query(&format!(
+            "SELECT DISTINCT toString(service) AS name FROM {}.series ORDER BY name",
+            self.db
+        ));
+        match self.run(async move { Ok(q.fetch_all::<NameRow>().await?) }) {
+            Ok(v) => v.into_iter().map(|r| r.name).collect(),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "listing services");
+                Vec::new()
+            }
+        }
+    }
+
+    fn series(&self, service: &str) -> Vec<Arc<Labels>> {
+        let q = self
+            .client
+            .query(&format!(
+                "SELECT any(label_names) AS label_names, any(label_values) AS label_values
+                 FROM {}.series WHERE service = ? GROUP BY series_id",
+                self.db
+            ))
+            .bind(service);
+        match self.run(async move { Ok(q.fetch_all::<LabelsRow>().await?) }) {
+            Ok(v) => v
+                .into_iter()
+                .map(|r| Arc::new(r.label_names.into_iter().zip(r.label_values).collect()))
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "listing series");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Nothing is buffered here: every append is already in ClickHouse.
+    fn flush(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    fn buffered_rows(&self) -> usize {
+        0
+    }
+
+    /// Retention and rollups are ClickHouse's job (TTL, materialized view).
+    fn maintain(&self, _now_ms: i64) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    fn disk_bytes(&self) -> u64 {
+        let q = self
+            .client
+            .query("SELECT toUInt64(sum(bytes_on_disk)) AS bytes FROM system.parts WHERE database = ? AND active")
+            .bind(self.db.clone());
+        self.run(async move { Ok(q.fetch_all::<BytesRow>().await?) })
+            .ok()
+            .and_then(|v| v.first().map(|r| r.bytes))
+            .unwrap_or(0)
+    }
+}
