@@ -1,0 +1,232 @@
+//! ClickHouse backend beyond the shared query suite: several server
+//! instances on one database, restarts and migrations, the 1-minute rollup.
+//! Runs real ClickHouse SQL through the chdb bridge (`pip install chdb`).
+
+mod chdb_bridge;
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{client, folded_total, now_ms, Proc};
+use profiler_server::config::Config;
+use serde_json::{json, Value};
+
+const MIN: i64 = 60_000;
+
+/// Runs SQL on the bridge directly (TabSeparated reply).
+fn sql(bridge: &chdb_bridge::Bridge, q: &str) -> String {
+    let r = client().post(&bridge.url).body(q.to_owned()).send().unwrap();
+    let status = r.status();
+    let text = r.text().unwrap();
+    assert!(status.is_success(), "{q}: {text}");
+    text
+}
+
+fn write_config(dir: &std::path::Path, bridge: &chdb_bridge::Bridge, db: &str, extra: &str) -> String {
+    let path = dir.join("server.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[storage]\nbackend = \"clickhouse\"\n{extra}\n[clickhouse]\nurl = \"{}\"\ndatabase = \"{db}\"\n",
+            bridge.url
+        ),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+fn ingest(p: &Proc, query: &str, body: &str) {
+    let r = client()
+        .post(p.url(&format!("/api/v1/ingest?{query}")))
+        .body(body.to_owned())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().unwrap());
+}
+
+fn get(p: &Proc, path: &str) -> String {
+    let r = client().get(p.url(path)).send().unwrap();
+    assert_eq!(r.status(), 200, "{path}");
+    r.text().unwrap()
+}
+
+#[test]
+fn two_instances_share_one_database() {
+    let bridge = chdb_bridge::shared();
+    let db = chdb_bridge::fresh_database("scaleout");
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let cfg = write_config(dirs[0].path(), bridge, &db, "");
+    // Started together: both run the (idempotent) migrations at once.
+    let (a, b) = std::thread::scope(|s| {
+        let ha = s.spawn(|| Proc::spawn(dirs[0].path(), &["--config", &cfg]));
+        let hb = s.spawn(|| Proc::spawn(dirs[1].path(), &["--config", &cfg]));
+        (ha.join().unwrap(), hb.join().unwrap())
+    });
+    assert_ne!(a.base, b.base);
+    let t0 = (now_ms() - 30 * MIN).div_euclid(MIN) * MIN;
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    for i in 0..12i64 {
+        let p = if i % 2 == 0 { &a } else { &b };
+        // The same stacks and series reach both instances: the content-hashed
+        // ids agree, so dictionaries written twice collapse.
+        let host = format!("h{}", i % 3);
+        let body = format!("main;serve;parse {}\nmain;serve;reply {}\nmain;gc 1\n", i + 1, 2 * i);
+        ingest(
+            p,
+            &format!("service=web&kind=on-cpu&format=folded&from={}&host={host}", t0 + i * 10_000),
+            &body,
+        );
+        *expected.entry("main;serve;parse".into()).or_default() += i + 1;
+        *expected.entry("main;serve;reply".into()).or_default() += 2 * i;
+        *expected.entry("main;gc".into()).or_default() += 1;
+    }
+    ingest(&b, &format!("service=batch&kind=off-cpu:sleep&format=folded&from={t0}"), "main;wait 9\n");
+    let want: String = expected.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
+    let range = format!("from={}&until={}", t0, t0 + 10 * MIN);
+    for p in [&a, &b] {
+        assert_eq!(get(p, "/api/v1/services"), r#"["batch","web"]"#);
+        assert_eq!(get(p, "/api/v1/label_values?service=web&name=host"), r#"["h0","h1","h2"]"#);
+        assert_eq!(get(p, &format!("/api/v1/folded?service=web&{range}")), want);
+        assert_eq!(
+            folded_total(&get(p, &format!("/api/v1/folded?service=web&{range}&filter=host=h1"))),
+            (1..12).step_by(3).map(|i| i + 1 + 2 * i + 1).sum::<i64>()
+        );
+        assert_eq!(get(p, &format!("/api/v1/folded?service=batch&{range}")), "main;wait 9\n");
+    }
+    // Flame graphs and tops agree between the instances.
+    for route in [
+        format!("/api/v1/flamegraph?service=web&{range}"),
+        format!("/api/v1/top?service=web&{range}&by=total"),
+        format!("/api/v1/timeline?service=web&{range}&step=30000"),
+    ] {
+        assert_eq!(get(&a, &route), get(&b, &route), "{route}");
+    }
+    // Stacks were written by both, yet every id has one set of frames.
+    let dup = sql(
+        bridge,
+        &format!("SELECT count() FROM (SELECT stack_id FROM {db}.stacks GROUP BY stack_id HAVING uniqExact(frames) > 1)"),
+    );
+    assert_eq!(dup.trim(), "0");
+    a.terminate();
+    b.terminate();
+}
+
+struct InProc {
+    rt: tokio::runtime::Runtime,
+    srv: Option<profiler_server::Server>,
+    base: String,
+}
+
+impl InProc {
+    fn start(cfg: Config) -> InProc {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let srv = rt.block_on(profiler_server::start(cfg)).unwrap();
+        InProc {
+            base: format!("http://{}", srv.addr),
+            rt,
+            srv: Some(srv),
+        }
+    }
+    fn post(&self, path: &str, body: &str) {
+        let r = client()
+            .post(format!("{}{path}", self.base))
+            .body(body.to_owned())
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().unwrap());
+    }
+    fn json(&self, path: &str) -> Value {
+        let r = client().get(format!("{}{path}", self.base)).send().unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        r.json().unwrap()
+    }
+    fn stop(mut self) {
+        let s = self.srv.take().unwrap();
+        self.rt.block_on(s.shutdown()).unwrap();
+    }
+}
+
+fn ch_config(bridge: &chdb_bridge::Bridge, db: &str, dir: &std::path::Path) -> Config {
+    chdb_bridge::clickhouse_config(
+        Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.to_owned(),
+            ..Config::default()
+        },
+        bridge,
+        db,
+    )
+}
+
+#[test]
+fn restart_keeps_data_and_migrations_run_once() {
+    let bridge = chdb_bridge::shared();
+    let db = chdb_bridge::fresh_database("restart");
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = (now_ms() - 10 * MIN).div_euclid(MIN) * MIN;
+    let s = InProc::start(ch_config(bridge, &db, dir.path()));
+    s.post(
+        &format!("/api/v1/ingest?service=svc&kind=on-cpu&format=folded&from={t0}"),
+        "main;work 12\n",
+    );
+    s.stop();
+    let s = InProc::start(ch_config(bridge, &db, dir.path()));
+    let f = s.json(&format!("/api/v1/flamegraph?service=svc&from={t0}&until={}", t0 + MIN));
+    assert_eq!(f["value"], 12);
+    s.stop();
+    assert_eq!(
+        sql(bridge, &format!("SELECT count(), max(version) FROM {db}.schema_migrations")).trim(),
+        "1\t1"
+    );
+    let tables = sql(
+        bridge,
+        &format!("SELECT name, engine FROM system.tables WHERE database = '{db}' ORDER BY name"),
+    );
+    assert_eq!(
+        tables,
+        "samples\tMergeTree\nsamples_1m\tSummingMergeTree\nsamples_1m_mv\tMaterializedView\n\
+         schema_migrations\tReplacingMergeTree\nseries\tReplacingMergeTree\nstacks\tReplacingMergeTree\n"
+    );
+    let ddl = sql(bridge, &format!("SHOW CREATE TABLE {db}.samples FORMAT TabSeparatedRaw"));
+    for want in ["PARTITION BY toDate(ts)", "TTL", "CODEC(Delta", "CODEC(T64"] {
+        assert!(ddl.contains(want), "{want} missing from {ddl}");
+    }
+}
+
+#[test]
+fn ranges_past_raw_retention_are_read_from_the_rollup() {
+    let bridge = chdb_bridge::shared();
+    let db = chdb_bridge::fresh_database("rollup");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ch_config(bridge, &db, dir.path());
+    cfg.storage.retention_hours = 1;
+    let s = InProc::start(cfg);
+    let old = (now_ms() - 3 * 3_600_000).div_euclid(MIN) * MIN;
+    let recent = (now_ms() - 10 * MIN).div_euclid(MIN) * MIN;
+    for (at, body) in [
+        (old, "main;a 5\nmain;b 1\n"),
+        (old + 20_000, "main;a 7\n"),
+        (old + 70_000, "main;b 2\n"),
+        (recent, "main;a 100\n"),
+    ] {
+        s.post(
+            &format!("/api/v1/ingest?service=svc&kind=on-cpu&format=folded&from={at}&host=x"),
+            body,
+        );
+    }
+    // The rollup holds one row per (minute, series, stack).
+    assert_eq!(
+        sql(bridge, &format!("SELECT toUnixTimestamp(minute) * 1000 - {old}, sum(value) FROM {db}.samples_1m WHERE stack_id IN (SELECT stack_id FROM {db}.stacks WHERE frames = ['main', 'a']) GROUP BY minute ORDER BY minute")),
+        format!("0\t12\n{}\t100\n", recent - old)
+    );
+    let from = old - 5 * MIN;
+    let until = now_ms();
+    let f = s.json(&format!("/api/v1/flamegraph?service=svc&from={from}&until={until}&filter=host=x"));
+    assert_eq!(f["value"], 115);
+    let t = s.json(&format!(
+        "/api/v1/timeline?service=svc&from={old}&until={}&step=60000",
+        old + 3 * MIN
+    ));
+    assert_eq!(t["series"], json!({"on-cpu": [13, 2, 0]}));
+    s.stop();
+}
