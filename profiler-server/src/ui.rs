@@ -74,17 +74,16 @@ async fn asset(Path(file): Path<String>, headers: HeaderMap) -> Response {
 }
 
 fn etag(content: &str) -> String {
-    format!("\"{:016x}\"", xxhash_rust::xxh3::xxh3_64(content.as_bytes()))
+    format!(
+        "\"{:016x}\"",
+        xxhash_rust::xxh3::xxh3_64(content.as_bytes())
+    )
 }
 
 fn serve(name: &str, headers: &HeaderMap) -> Response {
     let Some(&(_, ctype, content)) = ASSETS.iter().find(|(n, _, _)| *n == name) else {
-        return (
-            StatusCode::NOT_FOUND,
-            [(header::CONTENT_TYPE, "application/json")],
-            format!("{{\"error\":\"no such UI file: {}\"}}", name.escape_default()),
-        )
-            .into_response();
+        let error = serde_json::json!({ "error": format!("no such UI file: {name}") });
+        return (StatusCode::NOT_FOUND, axum::Json(error)).into_response();
     };
     let tag = etag(content);
     let common = [

@@ -354,7 +354,7 @@ test('timeline: per-kind series and drag to select a range', async () => {
     const tl = window.__ui.timeline;
     const { from, step } = tl.data;
     return tl.px(from + (Math.floor((t - from) / step) + 0.5) * step);
-  }, TARGET_AT);
+  }, TARGET_AT - (TARGET_AT % 10_000)); // ingest aligns timestamps down to the 10 s window
   const tbox = await page.locator('#timeline canvas').boundingBox();
   await page.mouse.move(tbox.x + tx, tbox.y + 60);
   const ttip = await page.locator('#tooltip').textContent();
