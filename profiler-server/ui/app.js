@@ -363,7 +363,8 @@ async function reload() {
   const treeP = diff
     ? getJson('/api/v1/diff', { ...selParams(kinds), base_from: base.from, base_until: base.until, normalize: state.norm === '1', max_nodes: state.nodes, ...(state.minshare ? { min_share: state.minshare } : {}) })
     : getJson('/api/v1/flamegraph', { ...selParams(kinds), max_nodes: state.nodes, ...(state.minshare ? { min_share: state.minshare } : {}) });
-  const topP = loadTop(kinds, seq);
+  // The top table waits for the tree so both don't compete for the server's cores.
+  const topP = treeP.then(() => loadTop(kinds, seq), () => loadTop(kinds, seq));
   try {
     const tree = await treeP;
     if (seq !== reloadSeq) return;
