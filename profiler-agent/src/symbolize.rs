@@ -39,9 +39,11 @@ pub const KERNEL_SUFFIX: &str = "_[k]";
 
 /// Entries of the frame-name caches before they are reset; bounds agent memory.
 const MAX_CACHED_FRAMES: usize = 200_000;
-/// blazesym keeps every binary it parsed open and mapped. Past this many binaries since
-/// the last reset, it is rebuilt, so hosts with binary churn (CI, builds) stay bounded.
-const MAX_PARSED_BINARIES: usize = 128;
+/// blazesym keeps every binary it parsed open, mapped and indexed (a large binary's
+/// symbol index is megabytes). Past this many binaries since the last reset it is rebuilt,
+/// so hosts with binary churn (CI, builds) keep a bounded footprint; the frame-name
+/// cache survives resets, so only new addresses cost a re-parse.
+const MAX_PARSED_BINARIES: usize = 32;
 
 type Job = (Vec<RawSample>, mpsc::Sender<Vec<SymbolizedSample>>);
 
@@ -107,11 +109,11 @@ impl State {
     }
 
     fn symbolize(&mut self, samples: Vec<RawSample>) -> Vec<SymbolizedSample> {
-        if self.user_names.len() + self.kernel_names.len() > MAX_CACHED_FRAMES
-            || self.parsed_binaries.len() > MAX_PARSED_BINARIES
-        {
+        if self.user_names.len() + self.kernel_names.len() > MAX_CACHED_FRAMES {
             self.user_names.clear();
             self.kernel_names.clear();
+        }
+        if self.parsed_binaries.len() > MAX_PARSED_BINARIES {
             self.parsed_binaries.clear();
             self.blazesym = new_blazesym();
         }

@@ -63,6 +63,8 @@ struct Profiler(Vec<String>, Option<&'static str>);
 
 struct Running {
     child: Child,
+    /// Highest RssAnon seen (KiB): the profiler's own memory, without mapped binaries.
+    peak_anon_kib: std::sync::Arc<std::sync::atomic::AtomicU64>,
     started: Instant,
     /// CPU seconds used before the measurement (start-up), excluded from `cpu_per_s`.
     cpu_at_start: f64,
@@ -106,7 +108,16 @@ impl Profiler {
         // Let it settle (first drains, symbol loading) before measuring steady state.
         std::thread::sleep(Duration::from_secs(2));
         let cpu_at_start = process_cpu_seconds(child.id())?;
-        Ok(Running { child, started: Instant::now(), cpu_at_start })
+        let peak_anon_kib = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (peak, pid) = (peak_anon_kib.clone(), child.id());
+        std::thread::spawn(move || {
+            // Ends when the process is gone and its status file with it.
+            while std::path::Path::new(&format!("/proc/{pid}/status")).exists() {
+                peak.fetch_max(status_kib(pid, "RssAnon:") as u64, std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        Ok(Running { child, peak_anon_kib, started: Instant::now(), cpu_at_start })
     }
 }
 
@@ -122,6 +133,7 @@ impl Drop for Running {
 struct Usage {
     cpu_per_s: f64,
     max_rss_kib: i64,
+    peak_anon_kib: u64,
 }
 
 fn stop(running: Running) -> anyhow::Result<Usage> {
@@ -137,7 +149,8 @@ fn stop(running: Running) -> anyhow::Result<Usage> {
     }
     let cpu = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     let steady = cpu(usage.ru_utime) + cpu(usage.ru_stime) - running.cpu_at_start;
-    Ok(Usage { cpu_per_s: steady / wall, max_rss_kib: usage.ru_maxrss })
+    let peak_anon_kib = running.peak_anon_kib.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(Usage { cpu_per_s: steady / wall, max_rss_kib: usage.ru_maxrss, peak_anon_kib })
 }
 
 /// utime + stime of a live process, from /proc/PID/stat.
@@ -182,13 +195,21 @@ fn compare(contenders: &mut [Contender], rounds: usize, workload: impl Fn() -> a
         }
         eprintln!("round {}/{rounds}: baseline {baseline:.3} s", round + 1);
     }
-    println!("{:<28} {:>16} {:>14} {:>14}", "profiler", "median slowdown", "own CPU/s", "peak RSS");
+    println!("{:<28} {:>16} {:>14} {:>14} {:>16}", "profiler", "median slowdown", "own CPU/s", "peak RSS", "peak heap (anon)");
     for contender in contenders.iter_mut() {
         let slowdown = median(&mut contender.slowdowns);
         let mut cpu: Vec<f64> = contender.usage.iter().map(|u| u.cpu_per_s).collect();
         let rss = contender.usage.iter().map(|u| u.max_rss_kib).max().unwrap_or(0);
+        let anon = contender.usage.iter().map(|u| u.peak_anon_kib).max().unwrap_or(0);
         let cpu = if cpu.is_empty() { "-".to_string() } else { format!("{:.2} ms", median(&mut cpu) * 1e3) };
-        println!("{:<28} {:>15.2}% {:>14} {:>11.1} MB", contender.name, slowdown * 100.0, cpu, rss as f64 / 1024.0);
+        println!(
+            "{:<28} {:>15.2}% {:>14} {:>11.1} MB {:>13.1} MB",
+            contender.name,
+            slowdown * 100.0,
+            cpu,
+            rss as f64 / 1024.0,
+            anon as f64 / 1024.0
+        );
     }
     Ok(())
 }
