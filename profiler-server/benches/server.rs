@@ -1,6 +1,10 @@
 //! `cargo bench -p profiler-server --bench server`: ingest throughput of the
 //! embedded store and query latency on one hour of one service
 //! (100 series x 250 stacks every 10 s, about 9M rows), plus bytes per row.
+//!
+//! `BENCH_CLICKHOUSE=1 cargo bench -p profiler-server --bench server` also
+//! loads the same hour into ClickHouse (chdb behind tests/chdb_bridge, needs
+//! python3 with chdb) and prints both backends side by side.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,9 +13,12 @@ use profiler_server::config::Limits;
 use profiler_server::ingest::{self, BatchBuilder, Target};
 use profiler_server::query::{self, Tree};
 use profiler_server::store::{
-    series_id, stack_id, Aggregate, Batch, EmbeddedStore, Frames, GroupBy, Labels, Matcher, Row,
-    Selector, Store, StoreOptions,
+    series_id, stack_id, Aggregate, Batch, ClickHouseOptions, ClickHouseStore, EmbeddedStore,
+    Frames, GroupBy, Labels, Matcher, Row, Selector, Store, StoreOptions,
 };
+
+#[path = "../tests/chdb_bridge/mod.rs"]
+mod chdb_bridge;
 
 const SERIES: usize = 100;
 const STACKS: usize = 250;
@@ -136,6 +143,71 @@ fn sel(from: i64, until: i64) -> Selector {
     }
 }
 
+/// Query latencies (medians) on one hour of the bench service.
+struct Figures {
+    flame: Duration,
+    flame_json_bytes: usize,
+    scan: Duration,
+    diff: Duration,
+    top: Duration,
+    top_name: String,
+    filtered: Duration,
+    partial: Duration,
+    timeline: Duration,
+    timeline_points: usize,
+}
+
+fn measure(store: &dyn Store) -> Figures {
+    let whole = sel(T0, T0 + HOUR_MS);
+    let (flame, json) = time(7, || {
+        let agg = store.aggregate(&whole, GroupBy::Stack).unwrap();
+        let tree = Tree::build(store, &[&agg], false);
+        serde_json::to_string(&tree.to_json(2048, 0.0, false)).unwrap()
+    });
+    let (scan, _) = time(7, || store.aggregate(&whole, GroupBy::Stack).unwrap());
+    let first = sel(T0, T0 + HOUR_MS / 2);
+    let second = sel(T0 + HOUR_MS / 2, T0 + HOUR_MS);
+    let (diff, _) = time(7, || {
+        let (a, b): (Aggregate, Aggregate) = std::thread::scope(|s| {
+            let h = s.spawn(|| store.aggregate(&first, GroupBy::Stack).unwrap());
+            (
+                store.aggregate(&second, GroupBy::Stack).unwrap(),
+                h.join().unwrap(),
+            )
+        });
+        let mut tree = Tree::build(store, &[&a, &b], false);
+        tree.normalize_base();
+        serde_json::to_string(&tree.to_json(2048, 0.0, true)).unwrap()
+    });
+    let (top, top_fns) = time(7, || {
+        let agg = store.aggregate(&whole, GroupBy::Stack).unwrap();
+        query::top(store, &agg, false, 50)
+    });
+    let mut filtered_sel = whole.clone();
+    filtered_sel.matchers = vec![Matcher::Eq("host".into(), "host-3".into())];
+    let (filtered, _) = time(5, || store.aggregate(&filtered_sel, GroupBy::Stack).unwrap());
+    let partial_sel = sel(T0 + 5 * 60_000, T0 + 25 * 60_000);
+    let (partial, _) = time(5, || store.aggregate(&partial_sel, GroupBy::Stack).unwrap());
+    let (timeline, tl) = time(5, || {
+        let agg = store
+            .aggregate(&whole, GroupBy::Time { step_ms: 60_000 })
+            .unwrap();
+        query::timeline(&agg, whole.from_ms, whole.until_ms, 60_000)
+    });
+    Figures {
+        flame,
+        flame_json_bytes: json.len(),
+        scan,
+        diff,
+        top,
+        top_name: top_fns[0].name.clone(),
+        filtered,
+        partial,
+        timeline,
+        timeline_points: tl.series["on-cpu"].len(),
+    }
+}
+
 fn main() {
     // `cargo bench` passes --bench; any other argument is a filter we ignore.
     let mut rng = Rng(0x9e3779b97f4a7c15);
@@ -237,63 +309,29 @@ fn main() {
         store.disk_bytes() as f64 / total_rows as f64
     );
 
-    let whole = sel(T0, T0 + HOUR_MS);
-    let (d, json) = time(7, || {
-        let agg = store.aggregate(&whole, GroupBy::Stack).unwrap();
-        let tree = Tree::build(&store, &[&agg], false);
-        serde_json::to_string(&tree.to_json(2048, 0.0, false)).unwrap()
-    });
+    let f = measure(&store);
     println!(
-        "flame graph, 1 h:           {d:>10.2?}  (goal < 150 ms; {} KiB JSON)",
-        json.len() / 1024
+        "flame graph, 1 h:           {:>10.2?}  (goal < 150 ms; {} KiB JSON)",
+        f.flame,
+        f.flame_json_bytes / 1024
     );
-
-    let (d, _) = time(7, || store.aggregate(&whole, GroupBy::Stack).unwrap());
-    println!("  of which scan+aggregate:  {d:>10.2?}");
-
-    let first = sel(T0, T0 + HOUR_MS / 2);
-    let second = sel(T0 + HOUR_MS / 2, T0 + HOUR_MS);
-    let (d, _) = time(7, || {
-        let (a, b): (Aggregate, Aggregate) = std::thread::scope(|s| {
-            let h = s.spawn(|| store.aggregate(&first, GroupBy::Stack).unwrap());
-            (
-                store.aggregate(&second, GroupBy::Stack).unwrap(),
-                h.join().unwrap(),
-            )
-        });
-        let mut tree = Tree::build(&store, &[&a, &b], false);
-        tree.normalize_base();
-        serde_json::to_string(&tree.to_json(2048, 0.0, true)).unwrap()
-    });
-    println!("diff of two half-hours:     {d:>10.2?}  (goal < 250 ms)");
-
-    let (d, top) = time(7, || {
-        let agg = store.aggregate(&whole, GroupBy::Stack).unwrap();
-        query::top(&store, &agg, false, 50)
-    });
+    println!("  of which scan+aggregate:  {:>10.2?}", f.scan);
+    println!("diff of two half-hours:     {:>10.2?}  (goal < 250 ms)", f.diff);
     println!(
-        "top functions by self:      {d:>10.2?}  (goal < 150 ms; #1 {})",
-        top[0].name
+        "top functions by self:      {:>10.2?}  (goal < 150 ms; #1 {})",
+        f.top, f.top_name
     );
-
-    let mut filtered = whole.clone();
-    filtered.matchers = vec![Matcher::Eq("host".into(), "host-3".into())];
-    let (d, _) = time(5, || store.aggregate(&filtered, GroupBy::Stack).unwrap());
-    println!("flame graph scan, host=h:   {d:>10.2?}  (label filter: reads the series column)");
-
-    let partial = sel(T0 + 5 * 60_000, T0 + 25 * 60_000);
-    let (d, _) = time(5, || store.aggregate(&partial, GroupBy::Stack).unwrap());
-    println!("flame graph scan, 20 min:   {d:>10.2?}  (partial segments: reads the ts column)");
-
-    let (d, tl) = time(5, || {
-        let agg = store
-            .aggregate(&whole, GroupBy::Time { step_ms: 60_000 })
-            .unwrap();
-        query::timeline(&agg, whole.from_ms, whole.until_ms, 60_000)
-    });
     println!(
-        "timeline, 1 h @ 1 min:      {d:>10.2?}  ({} points)",
-        tl.series["on-cpu"].len()
+        "flame graph scan, host=h:   {:>10.2?}  (label filter: reads the series column)",
+        f.filtered
+    );
+    println!(
+        "flame graph scan, 20 min:   {:>10.2?}  (partial segments: reads the ts column)",
+        f.partial
+    );
+    println!(
+        "timeline, 1 h @ 1 min:      {:>10.2?}  ({} points)",
+        f.timeline, f.timeline_points
     );
 
     // The same flame graph through HTTP (JSON encoding, compression off).
@@ -317,4 +355,61 @@ fn main() {
         body.len() / 1024
     );
     rt.block_on(srv.shutdown()).unwrap();
+
+    if std::env::var_os("BENCH_CLICKHOUSE").is_some_and(|v| v != "0") {
+        clickhouse(&stacks, &series, total_rows, &f);
+    } else {
+        println!("(ClickHouse figures: BENCH_CLICKHOUSE=1, needs python3 with chdb)");
+    }
+}
+
+/// The same hour in ClickHouse (real engine: chdb behind the test bridge,
+/// one process on this machine), printed next to the embedded store.
+fn clickhouse(stacks: &[Frames], series: &[Labels], total_rows: usize, emb: &Figures) {
+    let bridge = chdb_bridge::start();
+    let store = ClickHouseStore::open(ClickHouseOptions {
+        url: bridge.url.clone(),
+        database: "bench".into(),
+        user: None,
+        password: None,
+        retention_ms: None,
+        rollup_retention_ms: None,
+    })
+    .unwrap();
+    let mut rng = Rng(0x2545f4914f6cdd1d);
+    let windows = HOUR_MS / WINDOW_MS;
+    let t = Instant::now();
+    for w in 0..windows {
+        store
+            .append(window_batch(T0 + w * WINDOW_MS, stacks, series, &mut rng, w == 0))
+            .unwrap();
+    }
+    let load = t.elapsed();
+    println!(
+        "ClickHouse load 1 h:        {total_rows} rows in {load:.2?} ({:.0} rows/s, one INSERT per 10 s window, via the chdb bridge)",
+        total_rows as f64 / load.as_secs_f64()
+    );
+    let bytes = store.disk_bytes();
+    println!(
+        "ClickHouse on disk:         {:.3} bytes/row (all tables incl. the 1-minute rollup, {} bytes)",
+        bytes as f64 / total_rows as f64,
+        bytes
+    );
+    let ch = measure(&store);
+    println!();
+    println!("1 h, {total_rows} rows         embedded     ClickHouse (chdb bridge)");
+    let rows: [(&str, Duration, Duration); 7] = [
+        ("flame graph", emb.flame, ch.flame),
+        ("  scan+aggregate", emb.scan, ch.scan),
+        ("diff of half-hours", emb.diff, ch.diff),
+        ("top by self", emb.top, ch.top),
+        ("scan, host=h", emb.filtered, ch.filtered),
+        ("scan, 20 min", emb.partial, ch.partial),
+        ("timeline @ 1 min", emb.timeline, ch.timeline),
+    ];
+    for (name, e, c) in rows {
+        println!("{name:<26}{e:>10.2?}   {c:>10.2?}");
+    }
+    assert_eq!(emb.top_name, ch.top_name, "both backends agree on the top function");
+    drop(store);
 }
