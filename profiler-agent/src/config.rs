@@ -169,7 +169,7 @@ impl AgentConfig {
         SamplerOptions {
             frequency_hz: self.sampling.frequency_hz,
             pid: None,
-            off_cpu: self.off_cpu.enabled.then(|| OffCpuOptions {
+            off_cpu: self.off_cpu.enabled.then_some(OffCpuOptions {
                 min_block: self.off_cpu.min_block,
                 sample_probability: self.off_cpu.sampling,
             }),

@@ -170,7 +170,7 @@ fn sampling_loop(
 ) -> anyhow::Result<()> {
     let window_ms = window.as_millis() as u64;
     let mut start_ms = now_ms();
-    let mut applied = Applied::new();
+    let mut applied = Applied::default();
     loop {
         // Windows end on wall-clock multiples of their length, like the server's buckets.
         let end_ms = (start_ms / window_ms + 1) * window_ms;

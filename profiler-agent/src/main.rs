@@ -174,7 +174,7 @@ fn run_record(args: RecordArgs) -> anyhow::Result<()> {
         sampler: SamplerOptions {
             frequency_hz: args.frequency,
             pid: args.pid,
-            off_cpu: args.off_cpu.then(|| OffCpuOptions {
+            off_cpu: args.off_cpu.then_some(OffCpuOptions {
                 min_block: args.off_cpu_min_block,
                 sample_probability: args.off_cpu_sampling,
             }),

@@ -151,10 +151,6 @@ impl ProcessTable {
         // A file is in use while some snapshot holds it besides this table.
         inner.files.retain(|_, file| Arc::strong_count(file) > 1);
     }
-
-    pub fn len(&self) -> usize {
-        self.inner.lock().unwrap().processes.len()
-    }
 }
 
 fn read_process(pid: u32, inner: &Mutex<Inner>) -> Option<ProcessInfo> {
@@ -310,7 +306,7 @@ mod tests {
         let pid = std::process::id();
         table.refresh(pid);
         let info = table.get(pid).expect("own process snapshot");
-        let addr = snapshot_of_self_resolves_own_code as usize as u64;
+        let addr = snapshot_of_self_resolves_own_code as *const () as u64;
         let mapping = info.mapping_for(addr).expect("own code is mapped");
         assert!(mapping.file.handle_path.exists());
     }

@@ -180,16 +180,13 @@ impl Poller {
 }
 
 /// The sampling thread's side: which run is applied, and the switches between runs.
+#[derive(Default)]
 pub struct Applied {
     run: Option<Run>,
     failed: BTreeSet<String>,
 }
 
 impl Applied {
-    pub fn new() -> Self {
-        Self { run: None, failed: BTreeSet::new() }
-    }
-
     /// Given what the server wants and the time, returns the settings to switch to (if they
     /// change) and records the reports to send.
     pub fn step(
@@ -237,7 +234,7 @@ mod tests {
         assert_eq!(settings.off_cpu_budget, u64::MAX);
         assert_eq!(run("a", 60_000).local_end_ms(&limits), 10_000, "cut to max_run_duration");
 
-        let mut applied = Applied::new();
+        let mut applied = Applied::default();
         let mut reports = Vec::new();
         let switch = applied.step(Some(run("a", 60_000)), 1_000, &limits, &mut reports).expect("starts");
         applied.started(switch.unwrap(), &mut reports);

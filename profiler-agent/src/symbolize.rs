@@ -161,10 +161,7 @@ impl State {
         }
         addrs.sort_unstable();
         addrs.dedup();
-        let mut kernel = Kernel::default();
-        kernel.vmlinux = blazesym::MaybeDefault::None;
-        kernel.debug_syms = false;
-        let source = Source::Kernel(kernel);
+        let source = Source::Kernel(Kernel { vmlinux: blazesym::MaybeDefault::None, debug_syms: false, ..Kernel::default() });
         let names = match self.blazesym.symbolize(&source, Input::AbsAddr(&addrs)) {
             Ok(names) => names,
             Err(err) => {

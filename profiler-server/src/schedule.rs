@@ -314,7 +314,7 @@ impl Schedules {
             let _ = self.save(&book);
         }
         let mut runs: Vec<Run> = book.runs.iter().cloned().map(|r| r.with_state(now)).collect();
-        runs.sort_by(|a, b| b.start_ms.cmp(&a.start_ms));
+        runs.sort_by_key(|r| std::cmp::Reverse(r.start_ms));
         runs
     }
 

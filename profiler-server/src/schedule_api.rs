@@ -50,9 +50,9 @@ fn internal(err: anyhow::Error) -> Response {
     error(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see server log")
 }
 
-/// JSON bodies with a clear 400 for anything malformed or unknown.
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|err| error(StatusCode::BAD_REQUEST, format!("invalid request body: {err}")))
+/// JSON bodies; anything malformed or unknown gets a 400 with serde's reason.
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|err| format!("invalid request body: {err}"))
 }
 
 async fn known_services(state: &AppState) -> Vec<String> {
@@ -67,7 +67,7 @@ async fn list_schedules(State(state): State<AppState>) -> Response {
 async fn create_schedule(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
     let spec: ScheduleSpec = match parse(&body) {
         Ok(spec) => spec,
-        Err(response) => return response,
+        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
     };
     if let Err(reason) = state.schedules.validate(&spec, &known_services(&state).await) {
         return error(StatusCode::BAD_REQUEST, reason);
@@ -81,7 +81,7 @@ async fn create_schedule(State(state): State<AppState>, body: axum::body::Bytes)
 async fn replace_schedule(State(state): State<AppState>, Path(id): Path<u64>, body: axum::body::Bytes) -> Response {
     let spec: ScheduleSpec = match parse(&body) {
         Ok(spec) => spec,
-        Err(response) => return response,
+        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
     };
     if let Err(reason) = state.schedules.validate(&spec, &known_services(&state).await) {
         return error(StatusCode::BAD_REQUEST, reason);
@@ -104,7 +104,7 @@ async fn delete_schedule(State(state): State<AppState>, Path(id): Path<u64>) -> 
 async fn profile_now(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
     let spec: AdHocSpec = match parse(&body) {
         Ok(spec) => spec,
-        Err(response) => return response,
+        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
     };
     match state.schedules.profile_now(spec, &known_services(&state).await) {
         Err(reason) => error(StatusCode::BAD_REQUEST, reason),

@@ -50,7 +50,11 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "--workspace", "--bins"])?;
             let mut test = vec!["test", "--workspace"];
             test.extend(args.iter().map(String::as_str));
-            cargo(&test)
+            cargo(&test)?;
+            // The web UI in a real browser, against the server binary just built.
+            run(Command::new("bash")
+                .arg(root().join("profiler-server/ui-tests/run.sh"))
+                .env("PROFILER_SERVER_BIN", root().join("target/debug/profiler-server")))
         }
         Task::Demo { port, data_dir } => demo::run(demo::Options { port, data_dir: root().join(data_dir) }),
         Task::Bench { bench } => bench::run(bench),

@@ -60,7 +60,8 @@ fn bpf_linker() -> anyhow::Result<()> {
 }
 
 /// perf and bpftrace are the reference tools of the cross-check tests and benchmarks;
-/// Go's pprof tool checks the server's pprof exports.
+/// Go's pprof tool checks the server's pprof exports; chromium and node run the web UI's
+/// browser tests.
 fn debian_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = [
         ("perf", "linux-perf"),
@@ -69,6 +70,10 @@ fn debian_packages() -> anyhow::Result<()> {
         ("unshare", "util-linux"),
         ("go", "golang-go"),
         ("gzip", "gzip"),
+        ("chromium", "chromium"),
+        ("node", "nodejs"),
+        ("npm", "npm"),
+        ("curl", "curl"),
     ]
         .into_iter()
         .filter(|(binary, _)| output(Command::new("sh").args(["-c", &format!("command -v {binary}")])).is_none())
