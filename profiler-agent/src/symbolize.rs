@@ -44,6 +44,9 @@ const MAX_CACHED_FRAMES: usize = 200_000;
 /// so hosts with binary churn (CI, builds) keep a bounded footprint; the frame-name
 /// cache survives resets, so only new addresses cost a re-parse.
 const MAX_PARSED_BINARIES: usize = 32;
+/// ...and at least this often, which returns the pages of binaries mapped for parsing
+/// (file-backed, but resident and charged to the agent) to the system.
+const BLAZESYM_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(300);
 
 type Job = (Vec<RawSample>, mpsc::Sender<Vec<SymbolizedSample>>);
 
@@ -90,6 +93,7 @@ struct State {
     processes: ProcessTable,
     user_names: HashMap<((u64, u64), u64), Arc<str>>,
     parsed_binaries: std::collections::HashSet<(u64, u64)>,
+    blazesym_since: std::time::Instant,
     kernel_names: HashMap<u64, Arc<str>>,
     unknown: Arc<str>,
     unknown_kernel: Arc<str>,
@@ -102,6 +106,7 @@ impl State {
             processes,
             user_names: HashMap::new(),
             parsed_binaries: Default::default(),
+            blazesym_since: std::time::Instant::now(),
             kernel_names: HashMap::new(),
             unknown: Arc::from(UNKNOWN),
             unknown_kernel: Arc::from(format!("{UNKNOWN}{KERNEL_SUFFIX}")),
@@ -113,9 +118,10 @@ impl State {
             self.user_names.clear();
             self.kernel_names.clear();
         }
-        if self.parsed_binaries.len() > MAX_PARSED_BINARIES {
+        if self.parsed_binaries.len() > MAX_PARSED_BINARIES || self.blazesym_since.elapsed() > BLAZESYM_MAX_AGE {
             self.parsed_binaries.clear();
             self.blazesym = new_blazesym();
+            self.blazesym_since = std::time::Instant::now();
         }
         // Live processes get a fresh snapshot (new libraries); dead ones keep their last.
         let mut tgids: Vec<u32> = samples.iter().map(|s| s.key.tgid).collect();
