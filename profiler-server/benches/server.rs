@@ -185,7 +185,9 @@ fn measure(store: &dyn Store) -> Figures {
     });
     let mut filtered_sel = whole.clone();
     filtered_sel.matchers = vec![Matcher::Eq("host".into(), "host-3".into())];
-    let (filtered, _) = time(5, || store.aggregate(&filtered_sel, GroupBy::Stack).unwrap());
+    let (filtered, _) = time(5, || {
+        store.aggregate(&filtered_sel, GroupBy::Stack).unwrap()
+    });
     let partial_sel = sel(T0 + 5 * 60_000, T0 + 25 * 60_000);
     let (partial, _) = time(5, || store.aggregate(&partial_sel, GroupBy::Stack).unwrap());
     let (timeline, tl) = time(5, || {
@@ -316,7 +318,10 @@ fn main() {
         f.flame_json_bytes / 1024
     );
     println!("  of which scan+aggregate:  {:>10.2?}", f.scan);
-    println!("diff of two half-hours:     {:>10.2?}  (goal < 250 ms)", f.diff);
+    println!(
+        "diff of two half-hours:     {:>10.2?}  (goal < 250 ms)",
+        f.diff
+    );
     println!(
         "top functions by self:      {:>10.2?}  (goal < 150 ms; #1 {})",
         f.top, f.top_name
@@ -381,7 +386,13 @@ fn clickhouse(stacks: &[Frames], series: &[Labels], total_rows: usize, emb: &Fig
     let t = Instant::now();
     for w in 0..windows {
         store
-            .append(window_batch(T0 + w * WINDOW_MS, stacks, series, &mut rng, w == 0))
+            .append(window_batch(
+                T0 + w * WINDOW_MS,
+                stacks,
+                series,
+                &mut rng,
+                w == 0,
+            ))
             .unwrap();
     }
     let load = t.elapsed();
@@ -410,6 +421,9 @@ fn clickhouse(stacks: &[Frames], series: &[Labels], total_rows: usize, emb: &Fig
     for (name, e, c) in rows {
         println!("{name:<26}{e:>10.2?}   {c:>10.2?}");
     }
-    assert_eq!(emb.top_name, ch.top_name, "both backends agree on the top function");
+    assert_eq!(
+        emb.top_name, ch.top_name,
+        "both backends agree on the top function"
+    );
     drop(store);
 }

@@ -15,14 +15,23 @@ const MIN: i64 = 60_000;
 
 /// Runs SQL on the bridge directly (TabSeparated reply).
 fn sql(bridge: &chdb_bridge::Bridge, q: &str) -> String {
-    let r = client().post(&bridge.url).body(q.to_owned()).send().unwrap();
+    let r = client()
+        .post(&bridge.url)
+        .body(q.to_owned())
+        .send()
+        .unwrap();
     let status = r.status();
     let text = r.text().unwrap();
     assert!(status.is_success(), "{q}: {text}");
     text
 }
 
-fn write_config(dir: &std::path::Path, bridge: &chdb_bridge::Bridge, db: &str, extra: &str) -> String {
+fn write_config(
+    dir: &std::path::Path,
+    bridge: &chdb_bridge::Bridge,
+    db: &str,
+    extra: &str,
+) -> String {
     let path = dir.join("server.toml");
     std::fs::write(
         &path,
@@ -70,28 +79,48 @@ fn two_instances_share_one_database() {
         // The same stacks and series reach both instances: the content-hashed
         // ids agree, so dictionaries written twice collapse.
         let host = format!("h{}", i % 3);
-        let body = format!("main;serve;parse {}\nmain;serve;reply {}\nmain;gc 1\n", i + 1, 2 * i);
+        let body = format!(
+            "main;serve;parse {}\nmain;serve;reply {}\nmain;gc 1\n",
+            i + 1,
+            2 * i
+        );
         ingest(
             p,
-            &format!("service=web&kind=on-cpu&format=folded&from={}&host={host}", t0 + i * 10_000),
+            &format!(
+                "service=web&kind=on-cpu&format=folded&from={}&host={host}",
+                t0 + i * 10_000
+            ),
             &body,
         );
         *expected.entry("main;serve;parse".into()).or_default() += i + 1;
         *expected.entry("main;serve;reply".into()).or_default() += 2 * i;
         *expected.entry("main;gc".into()).or_default() += 1;
     }
-    ingest(&b, &format!("service=batch&kind=off-cpu:sleep&format=folded&from={t0}"), "main;wait 9\n");
+    ingest(
+        &b,
+        &format!("service=batch&kind=off-cpu:sleep&format=folded&from={t0}"),
+        "main;wait 9\n",
+    );
     let want: String = expected.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
     let range = format!("from={}&until={}", t0, t0 + 10 * MIN);
     for p in [&a, &b] {
         assert_eq!(get(p, "/api/v1/services"), r#"["batch","web"]"#);
-        assert_eq!(get(p, "/api/v1/label_values?service=web&name=host"), r#"["h0","h1","h2"]"#);
+        assert_eq!(
+            get(p, "/api/v1/label_values?service=web&name=host"),
+            r#"["h0","h1","h2"]"#
+        );
         assert_eq!(get(p, &format!("/api/v1/folded?service=web&{range}")), want);
         assert_eq!(
-            folded_total(&get(p, &format!("/api/v1/folded?service=web&{range}&filter=host=h1"))),
+            folded_total(&get(
+                p,
+                &format!("/api/v1/folded?service=web&{range}&filter=host=h1")
+            )),
             (1..12).step_by(3).map(|i| i + 1 + 2 * i + 1).sum::<i64>()
         );
-        assert_eq!(get(p, &format!("/api/v1/folded?service=batch&{range}")), "main;wait 9\n");
+        assert_eq!(
+            get(p, &format!("/api/v1/folded?service=batch&{range}")),
+            "main;wait 9\n"
+        );
     }
     // Flame graphs and tops agree between the instances.
     for route in [
@@ -171,11 +200,18 @@ fn restart_keeps_data_and_migrations_run_once() {
     );
     s.stop();
     let s = InProc::start(ch_config(bridge, &db, dir.path()));
-    let f = s.json(&format!("/api/v1/flamegraph?service=svc&from={t0}&until={}", t0 + MIN));
+    let f = s.json(&format!(
+        "/api/v1/flamegraph?service=svc&from={t0}&until={}",
+        t0 + MIN
+    ));
     assert_eq!(f["value"], 12);
     s.stop();
     assert_eq!(
-        sql(bridge, &format!("SELECT count(), max(version) FROM {db}.schema_migrations")).trim(),
+        sql(
+            bridge,
+            &format!("SELECT count(), max(version) FROM {db}.schema_migrations")
+        )
+        .trim(),
         "1\t1"
     );
     let tables = sql(
@@ -187,7 +223,10 @@ fn restart_keeps_data_and_migrations_run_once() {
         "samples\tMergeTree\nsamples_1m\tSummingMergeTree\nsamples_1m_mv\tMaterializedView\n\
          schema_migrations\tReplacingMergeTree\nseries\tReplacingMergeTree\nstacks\tReplacingMergeTree\n"
     );
-    let ddl = sql(bridge, &format!("SHOW CREATE TABLE {db}.samples FORMAT TabSeparatedRaw"));
+    let ddl = sql(
+        bridge,
+        &format!("SHOW CREATE TABLE {db}.samples FORMAT TabSeparatedRaw"),
+    );
     for want in ["PARTITION BY toDate(ts)", "TTL", "CODEC(Delta", "CODEC(T64"] {
         assert!(ddl.contains(want), "{want} missing from {ddl}");
     }
@@ -221,7 +260,9 @@ fn ranges_past_raw_retention_are_read_from_the_rollup() {
     );
     let from = old - 5 * MIN;
     let until = now_ms();
-    let f = s.json(&format!("/api/v1/flamegraph?service=svc&from={from}&until={until}&filter=host=x"));
+    let f = s.json(&format!(
+        "/api/v1/flamegraph?service=svc&from={from}&until={until}&filter=host=x"
+    ));
     assert_eq!(f["value"], 115);
     let t = s.json(&format!(
         "/api/v1/timeline?service=svc&from={old}&until={}&step=60000",

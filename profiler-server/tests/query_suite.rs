@@ -76,7 +76,9 @@ impl Srv {
 
     fn folded(&self, service: &str, kind: &str, at: i64, labels: &str, text: &str) {
         self.post(
-            &format!("/api/v1/ingest?service={service}&kind={kind}&format=folded&from={at}{labels}"),
+            &format!(
+                "/api/v1/ingest?service={service}&kind={kind}&format=folded&from={at}{labels}"
+            ),
             text.as_bytes().to_vec(),
         );
     }
@@ -92,7 +94,13 @@ impl Srv {
             "&host=a&pid=1",
             "main;api;handle 30\nmain;api;db 20\nmain;gc 5\n",
         );
-        self.folded("shop", "on-cpu", t0 + MIN, "&host=b&pid=2", "main;api;handle 10\nmain;idle 1\n");
+        self.folded(
+            "shop",
+            "on-cpu",
+            t0 + MIN,
+            "&host=b&pid=2",
+            "main;api;handle 10\nmain;idle 1\n",
+        );
         self.folded(
             "shop",
             "off-cpu:blocked-io",
@@ -107,13 +115,22 @@ impl Srv {
             "&host=a&pid=1",
             "main;api;handle 50\nmain;api;render 25\n",
         );
-        self.folded("auth", "on-cpu", t0 + 3 * MIN, "&region=eu", "main;login 7\n");
+        self.folded(
+            "auth",
+            "on-cpu",
+            t0 + 3 * MIN,
+            "&region=eu",
+            "main;login 7\n",
+        );
         // pprof with a sample label: a series of its own (host=b, pid=2, worker=w1).
         let mut pb = profiler_pprof::ProfileBuilder::new(&[("cpu", "nanoseconds")]);
         pb.add(&["main", "api", "handle"], &[4], &[("worker", "w1")]);
         pb.add(&["main", "api", "db"], &[6], &[("worker", "w1")]);
         self.post(
-            &format!("/api/v1/ingest?service=shop&kind=on-cpu&from={}&host=b&pid=2", t0 + 11 * MIN),
+            &format!(
+                "/api/v1/ingest?service=shop&kind=on-cpu&from={}&host=b&pid=2",
+                t0 + 11 * MIN
+            ),
             profiler_pprof::encode_gzip(&pb.build()),
         );
     }
@@ -156,7 +173,10 @@ fn flatten(node: &Value, prefix: &str, out: &mut BTreeMap<String, (i64, i64)>) {
     };
     out.insert(
         path.clone(),
-        (node["value"].as_i64().unwrap(), node["self"].as_i64().unwrap()),
+        (
+            node["value"].as_i64().unwrap(),
+            node["self"].as_i64().unwrap(),
+        ),
     );
     for c in node["children"].as_array().unwrap() {
         flatten(c, &path, out);
@@ -194,7 +214,10 @@ fn label_values(s: &Srv) {
 }
 
 fn timeline(s: &Srv) {
-    let t = s.json(&format!("/api/v1/timeline?service=shop&{}&step=60000", s.range()));
+    let t = s.json(&format!(
+        "/api/v1/timeline?service=shop&{}&step=60000",
+        s.range()
+    ));
     assert_eq!(t["step"], 60000);
     let mut on = vec![0; 15];
     on[0] = 55;
@@ -225,14 +248,20 @@ fn flamegraph(s: &Srv) {
     assert_eq!(m["root;[on-cpu];main;api;db"], (26, 26));
     assert_eq!(m["root;[off-cpu:blocked-io];main;api;db;read"], (40, 40));
     // One kind: no [kind] level.
-    let f = s.json(&format!("/api/v1/flamegraph?service=shop&{}&kinds=on-cpu", s.range()));
+    let f = s.json(&format!(
+        "/api/v1/flamegraph?service=shop&{}&kinds=on-cpu",
+        s.range()
+    ));
     let mut m = BTreeMap::new();
     flatten(&f, "", &mut m);
     assert_eq!(m["root;main"], (151, 0));
     assert_eq!(m["root;main;api"], (145, 0));
     // Label filters: equal, not equal, a pprof sample label.
     let v = |q: &str| {
-        s.json(&format!("/api/v1/flamegraph?service=shop&{}&{q}", s.range()))["value"]
+        s.json(&format!(
+            "/api/v1/flamegraph?service=shop&{}&{q}",
+            s.range()
+        ))["value"]
             .as_i64()
             .unwrap()
     };
@@ -249,7 +278,10 @@ fn flamegraph(s: &Srv) {
     ));
     assert_eq!(f["value"], 106);
     // Another service, pruning.
-    assert_eq!(s.json(&format!("/api/v1/flamegraph?service=auth&{}", s.range()))["value"], 7);
+    assert_eq!(
+        s.json(&format!("/api/v1/flamegraph?service=auth&{}", s.range()))["value"],
+        7
+    );
     let f = s.json(&format!(
         "/api/v1/flamegraph?service=shop&{}&kinds=on-cpu&min_share=0.2",
         s.range()
@@ -268,7 +300,10 @@ fn diff(s: &Srv) {
         s.t0 + 5 * MIN
     );
     let d = s.json(&format!("{q}&normalize=false"));
-    assert_eq!((d["value"].as_i64(), d["base"].as_i64()), (Some(85), Some(66)));
+    assert_eq!(
+        (d["value"].as_i64(), d["base"].as_i64()),
+        (Some(85), Some(66))
+    );
     let main = &d["children"][0];
     assert_eq!(main["name"], "main");
     let api = &main["children"][0];
@@ -278,7 +313,10 @@ fn diff(s: &Srv) {
         .iter()
         .find(|c| c["name"] == "handle")
         .unwrap();
-    assert_eq!((handle["value"].as_i64(), handle["base"].as_i64()), (Some(54), Some(40)));
+    assert_eq!(
+        (handle["value"].as_i64(), handle["base"].as_i64()),
+        (Some(54), Some(40))
+    );
     let render = api["children"]
         .as_array()
         .unwrap()
@@ -303,7 +341,10 @@ fn top(s: &Srv) {
         t["functions"][1],
         json!({"name": "read", "self": 40, "total": 40})
     );
-    let t = s.json(&format!("/api/v1/top?service=shop&{}&by=total&limit=3", s.range()));
+    let t = s.json(&format!(
+        "/api/v1/top?service=shop&{}&by=total&limit=3",
+        s.range()
+    ));
     let names: Vec<&str> = t["functions"]
         .as_array()
         .unwrap()
@@ -316,11 +357,17 @@ fn top(s: &Srv) {
 
 fn folded(s: &Srv) {
     assert_eq!(
-        s.text(&format!("/api/v1/folded?service=shop&{}&kinds=on-cpu", s.range())),
+        s.text(&format!(
+            "/api/v1/folded?service=shop&{}&kinds=on-cpu",
+            s.range()
+        )),
         "main;api;db 26\nmain;api;handle 94\nmain;api;render 25\nmain;gc 5\nmain;idle 1\n"
     );
     let all = s.text(&format!("/api/v1/folded?service=shop&{}", s.range()));
-    assert!(all.contains("[off-cpu:blocked-io];main;api;db;read 40\n"), "{all}");
+    assert!(
+        all.contains("[off-cpu:blocked-io];main;api;db;read 40\n"),
+        "{all}"
+    );
     assert!(all.contains("[on-cpu];main;api;handle 94\n"), "{all}");
     assert_eq!(
         s.text(&format!("/api/v1/folded?service=auth&{}", s.range())),
@@ -330,7 +377,10 @@ fn folded(s: &Srv) {
 
 fn pprof_totals(s: &Srv) {
     let bytes = s
-        .get(&format!("/api/v1/pprof?service=shop&{}&kinds=on-cpu", s.range()))
+        .get(&format!(
+            "/api/v1/pprof?service=shop&{}&kinds=on-cpu",
+            s.range()
+        ))
         .bytes()
         .unwrap();
     let p = profiler_pprof::decode_gzip(&bytes, 64 << 20).unwrap();
@@ -352,7 +402,17 @@ macro_rules! suite {
     };
 }
 
-suite!(services, labels, label_values, timeline, flamegraph, diff, top, folded, pprof_totals);
+suite!(
+    services,
+    labels,
+    label_values,
+    timeline,
+    flamegraph,
+    diff,
+    top,
+    folded,
+    pprof_totals
+);
 
 /// Every route, same data, both backends: identical replies.
 #[test]

@@ -317,9 +317,7 @@ impl ClickHouseStore {
         ))?;
         let c = self.client.clone();
         let q = format!("SELECT max(version) AS version FROM {db}.schema_migrations");
-        let current = self.run(async move {
-            Ok(c.query(&q).fetch_all::<VersionRow>().await?)
-        })?;
+        let current = self.run(async move { Ok(c.query(&q).fetch_all::<VersionRow>().await?) })?;
         let current = current.first().map_or(0, |r| r.version);
         let samples_ttl = ttl("ts", self.opts.retention_ms);
         let rollup_ttl = ttl("minute", self.opts.rollup_retention_ms);
@@ -400,9 +398,11 @@ impl ClickHouseStore {
                     .push("))");
             }
         }
-        sql.push(&format!(" AS key, sum(value) AS v FROM {db}.{table} WHERE service = "))
-            .s(&sel.service)
-            .push(&format!(" AND {ts_col} >= "));
+        sql.push(&format!(
+            " AS key, sum(value) AS v FROM {db}.{table} WHERE service = "
+        ))
+        .s(&sel.service)
+        .push(&format!(" AND {ts_col} >= "));
         // `to_ts` holds one placeholder.
         let (a, b) = to_ts.split_once('?').expect("placeholder");
         sql.push(a).i(from.clamp(MIN_TS, MAX_TS)).push(b);
@@ -431,7 +431,11 @@ impl ClickHouseStore {
             }
             sql.push(")");
         }
-        sql.push(if by.is_some() { " GROUP BY kind, key" } else { " GROUP BY kind" });
+        sql.push(if by.is_some() {
+            " GROUP BY kind, key"
+        } else {
+            " GROUP BY kind"
+        });
         let q = sql.query(&self.client);
         self.run(async move { Ok(q.fetch_all::<AggRow>().await?) })
     }
@@ -467,7 +471,10 @@ impl ClickHouseStore {
 impl Store for ClickHouseStore {
     fn append(&self, batch: Batch) -> anyhow::Result<()> {
         let new_stacks: Vec<(u64, Frames)> = {
-            let w = self.written_stacks.lock().unwrap_or_else(|e| e.into_inner());
+            let w = self
+                .written_stacks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             batch
                 .stacks
                 .iter()
@@ -476,7 +483,10 @@ impl Store for ClickHouseStore {
                 .collect()
         };
         let new_series: Vec<(u64, Labels)> = {
-            let w = self.written_series.lock().unwrap_or_else(|e| e.into_inner());
+            let w = self
+                .written_series
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             batch
                 .series
                 .iter()
