@@ -36,6 +36,11 @@ const ASSETS: &[(&str, &str, &str)] = &[
         include_str!("../ui/timeline.js"),
     ),
     (
+        "deep.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../ui/deep.js"),
+    ),
+    (
         "util.js",
         "text/javascript; charset=utf-8",
         include_str!("../ui/util.js"),

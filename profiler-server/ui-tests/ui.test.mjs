@@ -27,9 +27,19 @@ const TARGET_AT = NOW - 20 * 60_000; // inside now-30m
 const BASE_AT = NOW - 50 * 60_000; // inside the previous 30 minutes
 
 async function startServer() {
+  const s = await spawnServer();
+  dataDir = s.dir;
+  server = s.proc;
+  return s.url;
+}
+
+/** Starts a profiler-server on port 0 with a fresh data dir (extra args e.g. --token). */
+async function spawnServer(extra = []) {
   if (!existsSync(BIN)) throw new Error(`profiler-server binary not found at ${BIN} (build it, or set PROFILER_SERVER_BIN)`);
-  dataDir = mkdtempSync(join(tmpdir(), 'ui-test-data-'));
-  const p = spawn(BIN, ['--data-dir', dataDir, '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, RUST_LOG: 'warn' } });
+  const dir = mkdtempSync(join(tmpdir(), 'ui-test-data-'));
+  const env = { ...process.env, RUST_LOG: 'warn' };
+  delete env.PROFILER_TOKENS;
+  const p = spawn(BIN, ['--data-dir', dir, '--listen', '127.0.0.1:0', ...extra], { stdio: ['ignore', 'pipe', 'pipe'], env });
   let stderr = '';
   p.stderr.on('data', (d) => (stderr += d));
   const addr = await new Promise((resolve, reject) => {
@@ -40,8 +50,14 @@ async function startServer() {
       if (m) { clearTimeout(t); resolve(m[1]); }
     });
   });
-  server = p;
-  return `http://${addr}`;
+  return { proc: p, url: `http://${addr}`, dir };
+}
+
+async function stopServer(s) {
+  if (!s) return;
+  s.proc.kill('SIGTERM');
+  await new Promise((r) => { s.proc.on('exit', r); setTimeout(r, 10_000); });
+  rmSync(s.dir, { recursive: true, force: true });
 }
 
 async function ingest(params, folded) {
@@ -453,4 +469,259 @@ test('performance: 50k-node flame graph renders and zooms smoothly', async () =>
   assert.ok(first.drawMs < 500, `first draw ${first.drawMs} ms`);
   assert.ok(Math.max(...draws) < 100, `zoom frame draw max ${Math.max(...draws)} ms`);
   await page.close();
+});
+
+// ---------------------------------------------------------------- deep profiles
+
+/** Opens the Deep profiles page and waits for its first load. */
+async function openDeep(url) {
+  const page = await newPage();
+  await page.goto(url);
+  await page.waitForFunction(() => window.__ui?.deep?.loads > 0, null, { timeout: 30_000 });
+  return page;
+}
+const deepLoads = (page) => page.evaluate(() => window.__ui.deep.loads);
+const api = async (path, opts) => {
+  const r = await fetch(`${base}${path}`, opts);
+  const text = await r.text();
+  return { status: r.status, body: text ? JSON.parse(text) : null };
+};
+
+test('deep profiles: create, list, reject a bad cron, edit and delete a schedule through the form', async () => {
+  const page = await openDeep(`${base}/#page=deep`);
+  assert.equal(await page.locator('#page-deep').isVisible(), true);
+  assert.equal(await page.locator('#page-flame').isVisible(), false, 'flame page hidden');
+  assert.equal(await page.locator('#page-nav button.active').textContent(), 'Deep profiles');
+  assert.match(await page.locator('#schedules-table tbody').textContent(), /No schedules yet/);
+  // Known services are offered in the selector's datalist.
+  const offered = await page.$$eval('#deep-services option', (os) => os.map((o) => o.value));
+  assert.ok(offered.includes('shop') && offered.includes('cart'), `services offered: ${offered}`);
+
+  // Create.
+  const form = '#schedule-form';
+  await page.fill(`${form} [name=name]`, 'nightly shop');
+  await page.fill(`${form} [name=cron]`, '0 3 * * *');
+  await page.fill(`${form} [name=timezone]`, 'Europe/Paris');
+  await page.fill(`${form} [name=duration_s]`, '600');
+  await page.fill(`${form} [name=service]`, 'shop');
+  await page.fill(`${form} [name=labels]`, 'container=api');
+  await page.fill(`${form} [name=frequency_hz]`, '499');
+  await page.click('#schedule-submit');
+  const row = page.locator('#schedules-table tr[data-name="nightly shop"]');
+  await row.waitFor();
+  const cells = await row.locator('td').allTextContents();
+  assert.equal(cells[0], 'nightly shop');
+  assert.equal(cells[1], '0 3 * * *');
+  assert.equal(cells[2], 'Europe/Paris');
+  assert.equal(cells[3], '10 min');
+  assert.equal(cells[4], 'service=shop, container=api');
+  assert.equal(cells[5], '499 Hz, off-CPU');
+  assert.equal(cells[6], 'yes');
+  assert.match(cells[7], /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(in [\d.]+ (h|min|d)\)$/);
+  assert.match(await page.locator('#schedule-msg').textContent(), /Created schedule "nightly shop"; next start/);
+  assert.equal(await page.inputValue(`${form} [name=name]`), '', 'form reset after create');
+  let list = (await api('/api/v1/schedules')).body;
+  assert.equal(list.length, 1);
+  assert.deepEqual({ ...list[0], id: 0, next_start_ms: 0 }, {
+    id: 0, name: 'nightly shop', cron: '0 3 * * *', timezone: 'Europe/Paris', duration_s: 600,
+    selector: { service: 'shop', labels: { container: 'api' } }, settings: { frequency_hz: 499, off_cpu: true, off_cpu_sampling: 1 },
+    enabled: true, next_start_ms: 0,
+  });
+  // The next start is 03:00 in Paris.
+  const paris = new Intl.DateTimeFormat('en-GB', { timeZone: 'Europe/Paris', hour: '2-digit', minute: '2-digit' }).format(new Date(list[0].next_start_ms));
+  assert.equal(paris, '03:00');
+  await page.screenshot({ path: join(ART, '12-deep-schedules.png'), fullPage: true });
+
+  // A bad cron: the server's reason shows inline, the field is marked, nothing is created.
+  await page.fill(`${form} [name=name]`, 'broken');
+  await page.fill(`${form} [name=cron]`, '61 3 * * *');
+  await page.fill(`${form} [name=service]`, 'shop');
+  await page.click('#schedule-submit');
+  const err = page.locator('#schedule-error');
+  await err.waitFor({ state: 'visible' });
+  assert.match(await err.textContent(), /^POST \/api\/v1\/schedules failed: HTTP 400 Bad Request: bad cron expression "61 3 \* \* \*"/);
+  assert.equal(await page.getAttribute(`${form} [name=cron]`, 'class'), 'invalid');
+  await page.locator('#schedule-form').screenshot({ path: join(ART, '13-deep-bad-cron.png') });
+  assert.equal((await api('/api/v1/schedules')).body.length, 1);
+  // Other server reasons show the same way: unknown service, unknown time zone.
+  await page.fill(`${form} [name=cron]`, '0 3 * * *');
+  assert.equal(await page.getAttribute(`${form} [name=cron]`, 'class'), '', 'editing clears the mark');
+  await page.fill(`${form} [name=service]`, 'ghost');
+  await page.click('#schedule-submit');
+  await page.waitForFunction(() => /unknown service "ghost"/.test(document.getElementById('schedule-error').textContent));
+  await page.fill(`${form} [name=service]`, 'shop');
+  await page.fill(`${form} [name=timezone]`, 'Mars/Olympus');
+  await page.click('#schedule-submit');
+  await page.waitForFunction(() => /unknown time zone "Mars\/Olympus"/.test(document.getElementById('schedule-error').textContent));
+  // Client-side check for a malformed number/label before any request.
+  await page.fill(`${form} [name=timezone]`, 'UTC');
+  await page.fill(`${form} [name=labels]`, 'oops');
+  await page.click('#schedule-submit');
+  await page.waitForFunction(() => /label "oops" is not k=v/.test(document.getElementById('schedule-error').textContent));
+  assert.equal((await api('/api/v1/schedules')).body.length, 1);
+
+  // Edit: the form fills with the schedule; save with a shorter duration, disabled.
+  await row.locator('button:text("Edit")').click();
+  assert.match(await page.locator('#schedule-form-title').textContent(), /Edit schedule "nightly shop"/);
+  assert.equal(await page.inputValue(`${form} [name=cron]`), '0 3 * * *');
+  assert.equal(await page.inputValue(`${form} [name=timezone]`), 'Europe/Paris');
+  assert.equal(await page.inputValue(`${form} [name=labels]`), 'container=api');
+  assert.equal(await page.isHidden('#schedule-error'), true, 'old error cleared');
+  await page.fill(`${form} [name=duration_s]`, '120');
+  await page.fill(`${form} [name=cron]`, '*/30 9-17 * * 1-5');
+  await page.uncheck(`${form} [name=enabled]`);
+  await page.click('#schedule-submit');
+  await page.waitForFunction(() => /Saved schedule/.test(document.getElementById('schedule-msg').textContent));
+  const edited = await row.locator('td').allTextContents();
+  assert.equal(edited[1], '*/30 9-17 * * 1-5');
+  assert.equal(edited[3], '2 min');
+  assert.equal(edited[6], 'no');
+  assert.equal(edited[7], '(disabled)');
+  list = (await api('/api/v1/schedules')).body;
+  assert.equal(list.length, 1);
+  assert.equal(list[0].enabled, false);
+  assert.equal(list[0].duration_s, 120);
+  assert.equal(await page.locator('#schedule-submit').textContent(), 'Create schedule', 'back to create mode');
+
+  // Delete (after confirming).
+  let asked = '';
+  page.once('dialog', (d) => { asked = d.message(); d.accept(); });
+  await row.locator('button:text("Delete")').click();
+  await row.waitFor({ state: 'detached' });
+  assert.match(asked, /Delete schedule "nightly shop"/);
+  assert.match(await page.locator('#schedules-table tbody').textContent(), /No schedules yet/);
+  assert.deepEqual((await api('/api/v1/schedules')).body, []);
+  assert.deepEqual(page.consoleErrors.filter((e) => !/status of 400/.test(e)), []);
+  await page.close();
+});
+
+test('deep profiles: profile now for a known service, runs table with per-host states, link to the flame graph', async () => {
+  const page = await openDeep(`${base}/#page=deep`);
+  const form = '#now-form';
+  // Unknown service: the server's reason inline.
+  await page.fill(`${form} [name=value]`, 'ghost');
+  await page.click('#now-submit');
+  await page.waitForFunction(() => !document.getElementById('now-error').hidden);
+  assert.match(await page.locator('#now-error').textContent(), /POST \/api\/v1\/runs failed: HTTP 400 Bad Request: unknown service "ghost"/);
+  // Too long: limit from the server.
+  await page.fill(`${form} [name=value]`, 'shop');
+  await page.fill(`${form} [name=duration_s]`, '99999');
+  await page.click('#now-submit');
+  await page.waitForFunction(() => /exceeds the limit/.test(document.getElementById('now-error').textContent));
+  // shop has ingested data: the run starts.
+  await page.fill(`${form} [name=duration_s]`, '45');
+  await page.fill(`${form} [name=frequency_hz]`, '199');
+  await page.uncheck(`${form} [name=off_cpu]`);
+  const before = Date.now();
+  await page.click('#now-submit');
+  await page.waitForFunction(() => /Started run/.test(document.getElementById('now-msg').textContent));
+  assert.equal(await page.isHidden('#now-error'), true);
+  const runs = (await api('/api/v1/runs')).body;
+  assert.equal(runs.length, 1);
+  const run = runs[0];
+  assert.deepEqual(run.selector, { service: 'shop' });
+  assert.deepEqual(run.settings, { frequency_hz: 199, off_cpu: false, off_cpu_sampling: 1 });
+  assert.ok(run.start_ms >= before - 1000 && run.end_ms === run.start_ms + 45_000);
+  const row = page.locator(`#runs-table tr[data-id="${run.id}"]`);
+  await row.waitFor();
+  let cells = await row.locator('td').allTextContents();
+  assert.equal(cells[0], 'running');
+  assert.equal(cells[1], 'profile now');
+  assert.equal(cells[2], 'service=shop');
+  assert.equal(cells[3], '199 Hz, no off-CPU');
+  assert.match(cells[6], /no agent reported yet/);
+  const color = (sel) => row.locator(sel).first().evaluate((e) => getComputedStyle(e).backgroundColor);
+  assert.equal(await color('td:first-child .badge'), 'rgb(47, 111, 214)', 'running: blue');
+  // The flame-graph link uses the UI's hash state: service and the run's window.
+  const href = await row.locator('a.flame-link').getAttribute('href');
+  assert.equal(href, `#service=shop&from=${run.start_ms}&until=${run.end_ms}`);
+
+  // Agents report per host; one fails -> the run is failed (red), with the host's message.
+  const report = (host, state, message = '') => api(`/api/v1/agent/runs/${run.id}?` + new URLSearchParams({ host, state, message }), { method: 'POST' });
+  assert.equal((await report('web-1', 'running')).status, 204);
+  assert.equal((await report('web-2', 'failed', 'perf_event_open: permission denied')).status, 204);
+  let n = await deepLoads(page);
+  await page.click('#deep-refresh');
+  await page.waitForFunction((p) => window.__ui.deep.loads > p, n);
+  cells = await row.locator('td').allTextContents();
+  assert.equal(cells[0], 'failed');
+  assert.match(cells[6], /web-1 running/);
+  assert.match(cells[6], /web-2 failed perf_event_open: permission denied/);
+  assert.equal(await color('td:first-child .badge'), 'rgb(198, 40, 40)', 'failed: red');
+  assert.equal(await row.locator('.hosts .host:has-text("web-1") .badge').evaluate((e) => getComputedStyle(e).backgroundColor), 'rgb(47, 111, 214)');
+  assert.match(await page.locator('#runs-info').textContent(), /1 failed/);
+  await page.screenshot({ path: join(ART, '14-deep-runs.png'), fullPage: true });
+
+  // A host-only run has no service to link to; says so instead.
+  await page.selectOption(`${form} [name=target]`, 'host');
+  await page.fill(`${form} [name=value]`, 'web-1');
+  await page.click('#now-submit');
+  await page.waitForFunction(() => document.querySelectorAll('#runs-table tbody tr').length === 2);
+  assert.match(await page.locator('#runs-table tbody tr', { hasText: 'host=web-1' }).textContent(), /no service selected/);
+
+  // Runs refresh by themselves while the page is open.
+  n = await deepLoads(page);
+  await page.waitForFunction((p) => window.__ui.deep.loads > p, n, { timeout: 15_000 });
+
+  // Following the link opens the flame-graph page on the run's window.
+  n = await loads(page);
+  await row.locator('a.flame-link').click();
+  await settled(page, n);
+  const st = await page.evaluate(() => window.__ui.state);
+  assert.equal(st.page, 'flame');
+  assert.equal(st.service, 'shop');
+  assert.equal(st.from, String(run.start_ms));
+  assert.equal(st.until, String(run.end_ms));
+  assert.equal(await page.locator('#page-flame').isVisible(), true);
+  assert.equal(await page.locator('#page-deep').isVisible(), false);
+  assert.equal(await page.locator('#service-title').textContent(), 'shop');
+  assert.deepEqual(await page.evaluate(() => window.__ui.errors), []);
+  // And the nav goes back.
+  await page.click('#page-nav button[data-page=deep]');
+  await page.locator('#runs-table').waitFor();
+  assert.match(page.url(), /page=deep/);
+  assert.deepEqual(page.consoleErrors.filter((e) => !/status of 400/.test(e)), []);
+  await page.close();
+});
+
+test('deep profiles: writes send the API token from the panel (sessionStorage, never the URL)', async () => {
+  const s = await spawnServer(['--token', 'sekret']);
+  try {
+    const r = await fetch(`${s.url}/api/v1/ingest?` + new URLSearchParams({ format: 'folded', service: 'api', kind: 'on-cpu', host: 'h1' }), {
+      method: 'POST', body: 'main;serve 1000000\n', headers: { Authorization: 'Bearer sekret' },
+    });
+    assert.equal(r.status, 200, await r.text());
+    const page = await newPage();
+    await page.goto(`${s.url}/#page=deep`);
+    await page.waitForFunction(() => window.__ui?.deep?.loads > 0);
+    await page.fill('#now-form [name=value]', 'api');
+    await page.click('#now-submit');
+    await page.waitForFunction(() => !document.getElementById('now-error').hidden);
+    assert.match(await page.locator('#now-error').textContent(),
+      /POST \/api\/v1\/runs failed: HTTP 401 Unauthorized: missing `Authorization: Bearer <token>` header \(enter the API token at the top of this page\)/);
+    await page.fill('#deep-token', 'wrong');
+    await page.click('#now-submit');
+    await page.waitForFunction(() => /invalid bearer token \(check the API token/.test(document.getElementById('now-error').textContent));
+    await page.fill('#deep-token', 'sekret');
+    await page.click('#now-submit');
+    await page.waitForFunction(() => /Started run/.test(document.getElementById('now-msg').textContent));
+    await page.locator('#runs-table tbody tr[data-state]').waitFor();
+    // Schedules too.
+    await page.fill('#schedule-form [name=name]', 'hourly');
+    await page.fill('#schedule-form [name=cron]', '0 * * * *');
+    await page.fill('#schedule-form [name=service]', 'api');
+    await page.click('#schedule-submit');
+    await page.locator('#schedules-table tr[data-name=hourly]').waitFor();
+    assert.doesNotMatch(page.url(), /sekret/);
+    assert.equal(await page.evaluate(() => sessionStorage.getItem('profiler.apiToken')), 'sekret');
+    assert.equal(await page.evaluate(() => localStorage.length), 0);
+    // Kept for the tab: a reload still has it.
+    await page.reload();
+    await page.waitForFunction(() => window.__ui?.deep?.loads > 0);
+    assert.equal(await page.inputValue('#deep-token'), 'sekret');
+    await page.screenshot({ path: join(ART, '15-deep-token.png'), fullPage: true });
+    await page.close();
+  } finally {
+    await stopServer(s);
+  }
 });

@@ -1,17 +1,19 @@
 // Profiler web UI: wires the service list, time range, timeline, flame graph
 // (flame/icicle/diff), label filters, top table, sandwich view and exports.
 // The whole view state lives in the URL hash, so a link restores the view.
+// The "Deep profiles" page (schedules and runs) lives in deep.js.
 
 import { getJson, resolveTime, fmtTime, fmtValue, pct, el, escapeRegExp, OFF_REASONS } from './util.js';
 import { FlameGraph, flatten, sandwich } from './flame.js';
 import { Timeline, kindOrder } from './timeline.js';
+import { DeepProfiles } from './deep.js';
 
 const $ = (id) => document.getElementById(id);
 
 const DEFAULTS = {
   service: '', from: 'now-1h', until: 'now', view: 'flame', kf: 'both', idle: '1', icicle: '0',
   nodes: '5000', filter: '', q: '', zoom: '', bfrom: '', buntil: '', norm: '1', thr: '0.5',
-  tab: 'top', fn: '', sort: 'self', minshare: '',
+  tab: 'top', fn: '', sort: 'self', minshare: '', page: 'flame',
 };
 const PRESETS = [['15m', 'now-15m'], ['1h', 'now-1h'], ['6h', 'now-6h'], ['24h', 'now-24h'], ['7d', 'now-7d']];
 
@@ -104,7 +106,7 @@ function selParams(kinds, { from, until } = {}) {
 
 // ---------------------------------------------------------------- widgets
 
-let flame, timeline, callersG, calleesG;
+let flame, timeline, callersG, calleesG, deep;
 let lastKinds = null;
 let reloadSeq = 0;
 let topRows = [];
@@ -132,6 +134,11 @@ function setupWidgets() {
   calleesG = new FlameGraph($('sandwich-callees'), { tooltip: $('tooltip'), onSelect: (i) => openSandwich(calleesG.f.name[i]) });
   calleesG.setIcicle(true);
   ui.sandwich = { callers: callersG, callees: calleesG };
+  deep = new DeepProfiles({ showError });
+  ui.deep = deep;
+  for (const b of document.querySelectorAll('#page-nav button')) {
+    b.onclick = () => { if (state.page !== b.dataset.page) { state.page = b.dataset.page; writeHash(); syncControls(); } };
+  }
 
   for (const [label, v] of PRESETS) {
     $('presets').append(el('button', { text: label, 'data-range': v, onclick: () => { state.from = v; state.until = 'now'; state.zoom = ''; changed(true); } }));
@@ -199,7 +206,18 @@ function setupWidgets() {
   });
 }
 
+function syncPage() {
+  const isDeep = state.page === 'deep';
+  for (const b of document.querySelectorAll('#page-nav button')) b.classList.toggle('active', b.dataset.page === state.page);
+  for (const e of document.querySelectorAll('.flame-page')) e.hidden = isDeep;
+  $('page-deep').hidden = !isDeep;
+  document.title = isDeep ? 'Deep profiles · Profiler' : 'Profiler';
+  if (isDeep && !deep.visible) deep.show();
+  else if (!isDeep && deep.visible) deep.hide();
+}
+
 function syncControls() {
+  syncPage();
   $('service-title').textContent = state.service || '(no service)';
   for (const b of document.querySelectorAll('#presets button')) b.classList.toggle('active', b.dataset.range === state.from && state.until === 'now');
   for (const b of document.querySelectorAll('#view-mode button')) b.classList.toggle('active', b.dataset.view === state.view);

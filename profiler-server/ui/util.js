@@ -116,6 +116,41 @@ export async function getJson(path, params) {
   }
 }
 
+/**
+ * Send a JSON write (POST/PUT/DELETE) with an optional bearer token. Resolves to the
+ * reply's JSON (null for 204); failures carry the status and the server's {"error"} text
+ * (`err.reason` alone, for showing next to a form field).
+ */
+export async function sendJson(method, path, body, token) {
+  const what = `${method} ${path}`;
+  const headers = {};
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  if (token) headers.Authorization = 'Bearer ' + token;
+  let resp;
+  try {
+    resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  } catch (e) {
+    const err = new HttpError(what, 'network error', String(e.message || e));
+    err.reason = String(e.message || e);
+    throw err;
+  }
+  const text = await resp.text();
+  if (!resp.ok) {
+    let msg = text;
+    try { msg = JSON.parse(text).error ?? text; } catch { /* not JSON */ }
+    const err = new HttpError(what, `${resp.status} ${resp.statusText}`.trim(), msg);
+    err.reason = msg;
+    err.code = resp.status;
+    throw err;
+  }
+  if (!text) return null;
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    throw new HttpError(what, resp.status, 'reply is not JSON: ' + e.message);
+  }
+}
+
 /** `now`, `now-15m`, unix ms -> unix ms (the server's syntax). */
 export function resolveTime(v, now = Date.now()) {
   if (v === undefined || v === null || v === '') return now;
