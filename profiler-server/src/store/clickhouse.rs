@@ -115,9 +115,14 @@ struct SeriesRow<'a> {
     label_values: Vec<&'a str>,
 }
 
-#[derive(Row, Deserialize)]
 struct AggRow {
     kind: String,
+    key: u64,
+    v: i64,
+}
+
+#[derive(Row, Deserialize)]
+struct KeyRow {
     key: u64,
     v: i64,
 }
@@ -350,13 +355,18 @@ impl ClickHouseStore {
         Some((now - ret).div_euclid(60_000) * 60_000 + 60_000)
     }
 
-    fn aggregate_part(
+    /// One query over raw samples or the rollup in `[from, until)`:
+    /// `kind` None lists the kinds with rows (label filter ignored); Some
+    /// sums that kind's values by `by`. One query per kind keeps the GROUP
+    /// BY key a single UInt64, several times faster in ClickHouse than
+    /// grouping by (kind, key), and `kind` leads the sort key after
+    /// `service`, so each query reads only its own rows.
+    fn select_part(
         &self,
         sel: &Selector,
-        by: Option<GroupBy>,
-        from: i64,
-        until: i64,
-        rollup: bool,
+        by: GroupBy,
+        kind: Option<&str>,
+        (from, until, rollup): (i64, i64, bool),
     ) -> anyhow::Result<Vec<AggRow>> {
         let db = &self.db;
         let (table, ts_ms, ts_col, to_ts) = if rollup {
@@ -375,17 +385,15 @@ impl ClickHouseStore {
             )
         };
         let mut sql = Sql::default();
-        sql.push("SELECT toString(kind) AS kind, ");
-        match by {
-            // Kinds only: which kinds have rows in the range at all.
-            None => {
-                sql.push("toUInt64(0)");
+        match (kind, by) {
+            (None, _) => {
+                sql.push("SELECT DISTINCT toString(kind) AS name");
             }
-            Some(GroupBy::Stack) => {
-                sql.push("stack_id");
+            (Some(_), GroupBy::Stack) => {
+                sql.push("SELECT stack_id AS key, sum(value) AS v");
             }
-            Some(GroupBy::Time { step_ms }) => {
-                sql.push("toUInt64(toInt64(")
+            (Some(_), GroupBy::Time { step_ms }) => {
+                sql.push("SELECT toUInt64(toInt64(")
                     .i(sel.from_ms)
                     .push(") + intDiv(")
                     .push(ts_ms)
@@ -395,32 +403,37 @@ impl ClickHouseStore {
                     .i(step_ms)
                     .push(")) * toInt64(")
                     .i(step_ms)
-                    .push("))");
+                    .push(")) AS key, sum(value) AS v");
             }
         }
-        sql.push(&format!(
-            " AS key, sum(value) AS v FROM {db}.{table} WHERE service = "
-        ))
-        .s(&sel.service)
-        .push(&format!(" AND {ts_col} >= "));
+        sql.push(&format!(" FROM {db}.{table} WHERE service = "))
+            .s(&sel.service)
+            .push(&format!(" AND {ts_col} >= "));
         // `to_ts` holds one placeholder.
         let (a, b) = to_ts.split_once('?').expect("placeholder");
         sql.push(a).i(from.clamp(MIN_TS, MAX_TS)).push(b);
         sql.push(&format!(" AND {ts_col} < "));
         sql.push(a).i(until.clamp(MIN_TS, MAX_TS)).push(b);
-        if let Some(kinds) = &sel.kinds {
-            sql.push(" AND kind IN (");
-            for (i, k) in kinds.iter().enumerate() {
-                if i > 0 {
-                    sql.push(", ");
+        let Some(kind) = kind else {
+            if let Some(kinds) = &sel.kinds {
+                sql.push(" AND kind IN (NULL");
+                for k in kinds {
+                    sql.push(", ").s(k);
                 }
-                sql.s(k);
+                sql.push(")");
             }
-            if kinds.is_empty() {
-                sql.push("NULL");
-            }
-            sql.push(")");
-        }
+            let q = sql.query(&self.client);
+            let rows = self.run(async move { Ok(q.fetch_all::<NameRow>().await?) })?;
+            return Ok(rows
+                .into_iter()
+                .map(|r| AggRow {
+                    kind: r.name,
+                    key: 0,
+                    v: 0,
+                })
+                .collect());
+        };
+        sql.push(" AND kind = ").s(kind);
         if !sel.matchers.is_empty() {
             sql.push(&format!(
                 " AND series_id IN (SELECT series_id FROM {db}.series WHERE service = "
@@ -431,13 +444,17 @@ impl ClickHouseStore {
             }
             sql.push(")");
         }
-        sql.push(if by.is_some() {
-            " GROUP BY kind, key"
-        } else {
-            " GROUP BY kind"
-        });
+        sql.push(" GROUP BY key");
         let q = sql.query(&self.client);
-        self.run(async move { Ok(q.fetch_all::<AggRow>().await?) })
+        let rows = self.run(async move { Ok(q.fetch_all::<KeyRow>().await?) })?;
+        Ok(rows
+            .into_iter()
+            .map(|r| AggRow {
+                kind: kind.to_owned(),
+                key: r.key,
+                v: r.v,
+            })
+            .collect())
     }
 
     /// Loads frames of stacks this instance has not seen yet, in bulk, so
@@ -581,23 +598,16 @@ impl Store for ClickHouseStore {
             _ => parts.push((sel.from_ms, sel.until_ms, false)),
         }
         let mut out = Aggregate::new();
-        for &(from, until, rollup) in &parts {
-            for r in self.aggregate_part(sel, Some(by), from, until, rollup)? {
-                *out.entry(r.kind).or_default().entry(r.key).or_insert(0) += r.v;
-            }
-        }
-        if !sel.matchers.is_empty() {
-            // Like the embedded store, a kind with data in the range is
-            // present (possibly empty) even when the label filter removes
-            // all its rows: diffs and flame graphs decide on `[kind]` roots
-            // by the kinds present.
-            let unfiltered = Selector {
-                matchers: Vec::new(),
-                ..sel.clone()
-            };
-            for &(from, until, rollup) in &parts {
-                for r in self.aggregate_part(&unfiltered, None, from, until, rollup)? {
-                    out.entry(r.kind).or_default();
+        for &part in &parts {
+            // Like the embedded store, every kind with data in the range is
+            // present, possibly empty when the label filter removes all its
+            // rows: diffs and flame graphs decide on `[kind]` roots by the
+            // kinds present.
+            for k in self.select_part(sel, by, None, part)? {
+                let rows = self.select_part(sel, by, Some(&k.kind), part)?;
+                let dst = out.entry(k.kind).or_default();
+                for r in rows {
+                    *dst.entry(r.key).or_insert(0) += r.v;
                 }
             }
         }
