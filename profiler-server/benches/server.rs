@@ -379,6 +379,7 @@ fn clickhouse(stacks: &[Frames], series: &[Labels], total_rows: usize, emb: &Fig
         password: None,
         retention_ms: None,
         rollup_retention_ms: None,
+        async_insert: false,
     })
     .unwrap();
     let mut rng = Rng(0x2545f4914f6cdd1d);

@@ -70,6 +70,9 @@ pub struct ClickHouse {
     /// TTL of the 1-minute rollup, days (0 = forever); raw samples use
     /// `storage.retention_hours`.
     pub rollup_retention_days: u64,
+    /// Let ClickHouse batch small INSERTs (async_insert, waiting for the
+    /// write before acknowledging an ingest).
+    pub async_insert: bool,
 }
 
 impl Default for ClickHouse {
@@ -80,6 +83,7 @@ impl Default for ClickHouse {
             user: "default".into(),
             password: String::new(),
             rollup_retention_days: 90,
+            async_insert: true,
         }
     }
 }

@@ -64,6 +64,7 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
                 retention_ms: (s.retention_hours > 0).then(|| hours(s.retention_hours)),
                 rollup_retention_ms: (ch.rollup_retention_days > 0)
                     .then(|| hours(ch.rollup_retention_days.saturating_mul(24))),
+                async_insert: ch.async_insert,
             })?)
         }
     })

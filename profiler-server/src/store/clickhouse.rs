@@ -40,6 +40,10 @@ pub struct ClickHouseOptions {
     pub retention_ms: Option<i64>,
     /// 1-minute rollup TTL; None keeps it forever.
     pub rollup_retention_ms: Option<i64>,
+    /// Server-side batching of the many small INSERTs that many instances
+    /// and agents make (`async_insert=1, wait_for_async_insert=1`: an ingest
+    /// is still acknowledged only once its rows are written).
+    pub async_insert: bool,
 }
 
 /// Schema versions, applied in order; every statement is idempotent so
@@ -201,6 +205,8 @@ const MAX_TS: i64 = 10_413_792_000_000;
 
 pub struct ClickHouseStore {
     client: Client,
+    /// `client` with the insert settings.
+    insert_client: Client,
     db: String,
     opts: ClickHouseOptions,
     rt: Option<tokio::runtime::Runtime>,
@@ -271,8 +277,17 @@ impl ClickHouseStore {
         if let Some(p) = &opts.password {
             client = client.with_password(p);
         }
+        let insert_client = if opts.async_insert {
+            client
+                .clone()
+                .with_setting("async_insert", "1")
+                .with_setting("wait_for_async_insert", "1")
+        } else {
+            client.clone()
+        };
         let store = ClickHouseStore {
             client,
+            insert_client,
             db: opts.database.clone(),
             opts,
             rt: Some(rt),
@@ -517,7 +532,7 @@ impl Store for ClickHouseStore {
                 s.entry(*id).or_insert_with(|| f.clone());
             }
         }
-        let (c, db) = (self.client.clone(), self.db.clone());
+        let (c, db) = (self.insert_client.clone(), self.db.clone());
         let (stack_ids, series_ids): (Vec<u64>, Vec<u64>) = (
             new_stacks.iter().map(|(id, _)| *id).collect(),
             new_series.iter().map(|(id, _)| *id).collect(),
