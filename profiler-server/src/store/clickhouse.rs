@@ -726,3 +726,36 @@ impl Store for ClickHouseStore {
             .unwrap_or(0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_names_are_plain_identifiers() {
+        let opts = |db: &str| ClickHouseOptions {
+            url: "http://127.0.0.1:1".into(),
+            database: db.into(),
+            user: None,
+            password: None,
+            retention_ms: None,
+            rollup_retention_ms: None,
+            async_insert: false,
+        };
+        for bad in ["", "a.b", "x; DROP TABLE y", "a b", "`q`"] {
+            let e = ClickHouseStore::open(opts(bad)).err().expect(bad);
+            assert!(e.to_string().contains("letters, digits"), "{e}");
+        }
+        assert!(valid_ident("profiler_2"));
+    }
+
+    #[test]
+    fn ttl_clauses() {
+        assert_eq!(ttl("ts", None), "");
+        assert_eq!(ttl("ts", Some(0)), "");
+        assert_eq!(
+            ttl("ts", Some(3_600_000)),
+            "TTL toDateTime(ts) + INTERVAL 3600 SECOND SETTINGS ttl_only_drop_parts = 1"
+        );
+    }
+}
