@@ -572,6 +572,7 @@ test('deep profiles: create, list, reject a bad cron, edit and delete a schedule
   await page.uncheck(`${form} [name=enabled]`);
   await page.click('#schedule-submit');
   await page.waitForFunction(() => /Saved schedule/.test(document.getElementById('schedule-msg').textContent));
+  await page.waitForFunction(() => document.querySelector('#schedules-table tr[data-name="nightly shop"] td.mono')?.textContent === '*/30 9-17 * * 1-5');
   const edited = await row.locator('td').allTextContents();
   assert.equal(edited[1], '*/30 9-17 * * 1-5');
   assert.equal(edited[3], '2 min');
@@ -676,6 +677,7 @@ test('deep profiles: profile now for a known service, runs table with per-host s
   assert.equal(await page.locator('#page-deep').isVisible(), false);
   assert.equal(await page.locator('#service-title').textContent(), 'shop');
   assert.deepEqual(await page.evaluate(() => window.__ui.errors), []);
+  await page.screenshot({ path: join(ART, '16-deep-run-flamegraph.png'), fullPage: true });
   // And the nav goes back.
   await page.click('#page-nav button[data-page=deep]');
   await page.locator('#runs-table').waitFor();
@@ -724,4 +726,32 @@ test('deep profiles: writes send the API token from the panel (sessionStorage, n
   } finally {
     await stopServer(s);
   }
+});
+
+test('deep profiles: a failing API shows what failed, the rest of the page works', async () => {
+  const page = await newPage();
+  await page.route('**/api/v1/runs', (route) => (route.request().method() === 'GET'
+    ? route.fulfill({ status: 503, contentType: 'application/json', body: JSON.stringify({ error: 'schedule store unavailable' }) })
+    : route.continue()));
+  // Opened from the flame view of shop: "profile now" starts from that service.
+  await page.goto(`${base}/#service=shop&page=deep`);
+  await page.waitForFunction(() => window.__ui?.deep?.loads > 0);
+  assert.equal(await page.inputValue('#now-form [name=value]'), 'shop');
+  await page.locator('#runs-error').waitFor({ state: 'visible' });
+  assert.equal(await page.locator('#runs-error').textContent(), 'GET /api/v1/runs failed: HTTP 503 Service Unavailable: schedule store unavailable');
+  assert.equal(await page.isHidden('#schedules-error'), true);
+  assert.match(await page.locator('#schedules-table tbody').textContent(), /No schedules yet|hourly|nightly/);
+  // The host target relabels the field.
+  await page.selectOption('#now-form [name=target]', 'host');
+  assert.equal(await page.locator('#now-target-label').textContent(), 'Host');
+  assert.equal(await page.inputValue('#now-form [name=value]'), '', 'the service name is not kept as a host name');
+  await page.screenshot({ path: join(ART, '17-deep-error.png'), fullPage: true });
+  // Once the server answers again, the next refresh clears the error.
+  await page.unroute('**/api/v1/runs');
+  const n = await deepLoads(page);
+  await page.click('#deep-refresh');
+  await page.waitForFunction((p) => window.__ui.deep.loads > p, n);
+  assert.equal(await page.isHidden('#runs-error'), true);
+  assert.ok(await page.locator('#runs-table tbody tr[data-state]').count() >= 1, 'runs listed again');
+  await page.close();
 });

@@ -134,7 +134,7 @@ function setupWidgets() {
   calleesG = new FlameGraph($('sandwich-callees'), { tooltip: $('tooltip'), onSelect: (i) => openSandwich(calleesG.f.name[i]) });
   calleesG.setIcicle(true);
   ui.sandwich = { callers: callersG, callees: calleesG };
-  deep = new DeepProfiles({ showError });
+  deep = new DeepProfiles({ showError, currentService: () => state.service });
   ui.deep = deep;
   for (const b of document.querySelectorAll('#page-nav button')) {
     b.onclick = () => { if (state.page !== b.dataset.page) { state.page = b.dataset.page; writeHash(); syncControls(); } };

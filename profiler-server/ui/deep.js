@@ -73,8 +73,9 @@ function stateBadge(state) {
 }
 
 export class DeepProfiles {
-  constructor({ showError }) {
+  constructor({ showError, currentService }) {
     this.showError = showError;
+    this.currentService = currentService || (() => '');
     this.schedules = [];
     this.runs = [];
     this.services = [];
@@ -107,6 +108,8 @@ export class DeepProfiles {
     nowForm.elements.target.onchange = () => {
       const svc = nowForm.elements.target.value === 'service';
       nowForm.elements.value.placeholder = svc ? 'service name' : 'host name';
+      $('now-target-label').textContent = svc ? 'Service' : 'Host';
+      nowForm.elements.value.value = '';
       if (svc) nowForm.elements.value.setAttribute('list', 'deep-services');
       else nowForm.elements.value.removeAttribute('list');
     };
@@ -117,10 +120,16 @@ export class DeepProfiles {
     try { names = names.concat(Intl.supportedValuesOf('timeZone')); } catch { /* old browser */ }
     for (const z of names) zones.append(el('option', { value: z }));
     document.addEventListener('visibilitychange', () => this.schedule());
+    let tz = '';
+    try { tz = Intl.DateTimeFormat().resolvedOptions().timeZone; } catch { /* unknown */ }
+    $('deep-tz').textContent = `· times in ${tz || 'your browser\'s time zone'}`;
   }
 
   show() {
     this.visible = true;
+    // Profile now: start from the service open in the flame-graph view.
+    const f = $('now-form').elements;
+    if (!f.value.value && f.target.value === 'service') f.value.value = this.currentService() || '';
     this.load();
   }
 
@@ -332,10 +341,10 @@ export class DeepProfiles {
         ? await sendJson('POST', '/api/v1/schedules', spec, this.token)
         : await sendJson('PUT', `/api/v1/schedules/${editing}`, spec, this.token);
       this.resetScheduleForm();
+      await this.load();
       const msg = $('schedule-msg');
       msg.className = 'msg-ok';
       msg.textContent = `${editing === null ? 'Created' : 'Saved'} schedule "${s.name}"` + (s.next_start_ms ? `; next start ${fmtTime(s.next_start_ms)}` : '');
-      await this.load();
     } catch (e) {
       this.formError('schedule', e.message + this.authHint(e), e.code === 400 ? DeepProfiles.fieldOf(e.reason) : null);
     } finally {
@@ -350,10 +359,10 @@ export class DeepProfiles {
       await sendJson('DELETE', `/api/v1/schedules/${s.id}`, undefined, this.token);
       box.hidden = true;
       if (this.editing === s.id) this.resetScheduleForm();
+      await this.load();
       const msg = $('schedule-msg');
       msg.className = 'msg-ok';
       msg.textContent = `Deleted schedule "${s.name}"`;
-      await this.load();
     } catch (e) {
       box.hidden = false;
       box.textContent = e.message + this.authHint(e);
@@ -376,10 +385,10 @@ export class DeepProfiles {
     try {
       const run = await sendJson('POST', '/api/v1/runs', body, this.token);
       this.formError('now', null);
+      await this.load();
       const msg = $('now-msg');
       msg.className = 'msg-ok';
       msg.textContent = `Started run ${run.id}: ${target} ${value} until ${fmtTime(run.end_ms).slice(11)}`;
-      await this.load();
     } catch (e) {
       const field = e.code === 400 ? DeepProfiles.fieldOf(e.reason, 'value') : null;
       this.formError('now', e.message + this.authHint(e), field === 'service' ? 'value' : field);
