@@ -214,7 +214,8 @@ pub struct ClickHouseStore {
     stacks: RwLock<HashMap<u64, Frames>>,
     /// (service, id) already inserted by this instance, to skip re-sending
     /// dictionaries with every batch.
-    written_stacks: Mutex<HashSet<(String, u64)>>,
+    /// (xxh3 of the service, stack id).
+    written_stacks: Mutex<HashSet<(u64, u64)>>,
     written_series: Mutex<HashSet<u64>>,
 }
 
@@ -502,6 +503,7 @@ impl ClickHouseStore {
 
 impl Store for ClickHouseStore {
     fn append(&self, batch: Batch) -> anyhow::Result<()> {
+        let svc = xxhash_rust::xxh3::xxh3_64(batch.service.as_bytes());
         let new_stacks: Vec<(u64, Frames)> = {
             let w = self
                 .written_stacks
@@ -510,7 +512,7 @@ impl Store for ClickHouseStore {
             batch
                 .stacks
                 .iter()
-                .filter(|(id, _)| !w.contains(&(batch.service.clone(), *id)))
+                .filter(|(id, _)| !w.contains(&(svc, *id)))
                 .cloned()
                 .collect()
         };
@@ -537,7 +539,6 @@ impl Store for ClickHouseStore {
             new_stacks.iter().map(|(id, _)| *id).collect(),
             new_series.iter().map(|(id, _)| *id).collect(),
         );
-        let service = batch.service.clone();
         self.run(async move {
             // Dictionaries first: a reader never sees a sample whose stack
             // or series is missing.
@@ -593,7 +594,7 @@ impl Store for ClickHouseStore {
         self.written_stacks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .extend(stack_ids.into_iter().map(|id| (service.clone(), id)));
+            .extend(stack_ids.into_iter().map(|id| (svc, id)));
         self.written_series
             .lock()
             .unwrap_or_else(|e| e.into_inner())
