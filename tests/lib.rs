@@ -81,6 +81,14 @@ impl Agent {
         }
     }
 
+    /// Ends the recording now (SIGINT: the agent drains and writes its output), however
+    /// long it was asked to record: a loaded machine may stretch the workload.
+    pub fn finish(self) {
+        std::thread::sleep(Duration::from_millis(300));
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.wait();
+    }
+
     /// Waits for the agent to finish its recording and checks it succeeded.
     pub fn wait(mut self) {
         let status = self.child.wait().expect("wait for agent");
@@ -263,4 +271,9 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Where to create test cgroups: the unified hierarchy of a hybrid host, else the root.
+pub fn cgroup_root() -> &'static str {
+    if Path::new("/sys/fs/cgroup/unified").exists() { "/sys/fs/cgroup/unified" } else { "/sys/fs/cgroup" }
 }

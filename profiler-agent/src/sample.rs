@@ -351,11 +351,7 @@ impl Sampler {
         resolver: &mut StackResolver,
         out: &mut Vec<RawSample>,
     ) -> anyhow::Result<usize> {
-        let map = &mut self.on_cpu[buffer];
-        let entries = map.iter().collect::<Result<Vec<_>, _>>().context("reading on-CPU counts")?;
-        for (key, _) in &entries {
-            map.remove(key).ok();
-        }
+        let entries = take_all(&mut self.on_cpu[buffer]).context("reading on-CPU counts")?;
         let len = entries.len();
         for (key, count) in entries {
             let (user, kernel) = resolver.resolve(&self.stacks[buffer], buffer, &key);
@@ -370,11 +366,7 @@ impl Sampler {
         resolver: &mut StackResolver,
         out: &mut Vec<RawSample>,
     ) -> anyhow::Result<usize> {
-        let map = &mut self.off_cpu[buffer];
-        let entries = map.iter().collect::<Result<Vec<_>, _>>().context("reading off-CPU times")?;
-        for (key, _) in &entries {
-            map.remove(key).ok();
-        }
+        let entries = take_all(&mut self.off_cpu[buffer]).context("reading off-CPU times")?;
         let len = entries.len();
         for (mut key, value) in entries {
             let (user, kernel) = if key.state & STATE_LONG_WAIT != 0 {
@@ -416,6 +408,15 @@ impl Sampler {
         }
         Ok(counts)
     }
+}
+
+/// Reads and empties an aggregate map that no program writes to any more.
+fn take_all<V: aya::Pod>(map: &mut BpfHashMap<MapData, StackKey, V>) -> Result<Vec<(StackKey, V)>, aya::maps::MapError> {
+    let entries = map.iter().collect::<Result<Vec<_>, _>>()?;
+    for (key, _) in &entries {
+        map.remove(key).ok();
+    }
+    Ok(entries)
 }
 
 fn zero_key() -> StackKey {

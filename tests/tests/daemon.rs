@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use profiler_tests::{Daemon, Server, binary, exclusive, free_port, require_root};
+use profiler_tests::{cgroup_root, Daemon, Server, binary, exclusive, free_port, require_root};
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
@@ -57,8 +57,7 @@ fn workload_in_checkout_service_cgroup_shows_up_as_checkout() {
     let started = now_ms();
 
     // A cgroup named like a systemd unit, in the unified hierarchy (or the only one).
-    let root = if std::path::Path::new("/sys/fs/cgroup/unified").exists() { "/sys/fs/cgroup/unified" } else { "/sys/fs/cgroup" };
-    let cgroup = format!("{root}/checkout.service");
+    let cgroup = format!("{}/checkout.service", cgroup_root());
     std::fs::create_dir_all(&cgroup).expect("create cgroup checkout.service");
     let status = Command::new("sh")
         .args(["-c", &format!("echo $$ > {cgroup}/cgroup.procs && exec {} mixed 4 >/dev/null", binary("workload").display())])

@@ -29,11 +29,11 @@ fn waits_are_measured_and_classified() {
     let dir = tempfile::tempdir().unwrap();
     let folded = dir.path().join("out.folded");
     let svg = dir.path().join("out.svg");
-    let mut args = vec!["--duration", "8s", "-o", folded.to_str().unwrap(), "--svg", svg.to_str().unwrap()];
+    let mut args = vec!["--duration", "300s", "-o", folded.to_str().unwrap(), "--svg", svg.to_str().unwrap()];
     args.extend_from_slice(EXACT);
     let agent = Agent::record(&args);
     let report = profiler_tests::run_workload(&["mixed", "5"]);
-    agent.wait();
+    agent.finish();
 
     let stacks = read_folded(&folded);
     let ours = |f: &[String]| f.get(1).map(String::as_str) == Some("workload");
@@ -72,12 +72,12 @@ fn oversubscribed_thread_shows_runnable_time() {
     let _serial = exclusive();
     let dir = tempfile::tempdir().unwrap();
     let folded = dir.path().join("out.folded");
-    let mut args = vec!["--duration", "7s", "-o", folded.to_str().unwrap()];
+    let mut args = vec!["--duration", "300s", "-o", folded.to_str().unwrap()];
     args.extend_from_slice(EXACT);
     let agent = Agent::record(&args);
     // Three spinning threads on this machine's two CPUs: each waits for a CPU a third of the time.
     let report = profiler_tests::run_workload(&["mixed", "4", "2"]);
-    agent.wait();
+    agent.finish();
     let stacks = read_folded(&folded);
     let runnable = sum_where(&stacks, |f| f.get(1).map(String::as_str) == Some("workload") && kind(f) == "[off-cpu:runnable]" && has(f, "workload::burn_cpu")) as f64 / 1e9;
     let wall = report["wall_s"].as_f64().unwrap();
@@ -135,7 +135,7 @@ fn off_cpu_totals_agree_with_bpftrace() {
     bpftrace_out.read_line(&mut line).unwrap();
     assert!(line.contains("Attaching"), "bpftrace did not start: {line}");
 
-    let mut args = vec!["--duration", "9s", "--pid", &pid, "-o", folded.to_str().unwrap()];
+    let mut args = vec!["--duration", "300s", "--pid", &pid, "-o", folded.to_str().unwrap()];
     args.extend_from_slice(EXACT);
     let agent = Agent::record(&args);
     std::thread::sleep(Duration::from_millis(500));
@@ -148,7 +148,7 @@ fn off_cpu_totals_agree_with_bpftrace() {
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut bpftrace_out, &mut rest).unwrap();
     bpftrace.wait().unwrap();
-    agent.wait();
+    agent.finish();
 
     // Lines like `@off[12345]: 4998712345`.
     let theirs = |tid: i64| -> f64 {

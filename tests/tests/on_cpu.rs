@@ -15,9 +15,9 @@ fn burn_cpu_dominates_and_sample_count_matches_cpu_time() {
     let dir = tempfile::tempdir().unwrap();
     let folded = dir.path().join("out.folded");
     let svg = dir.path().join("out.svg");
-    let agent = Agent::record(&["--duration", "6s", "-o", folded.to_str().unwrap(), "--svg", svg.to_str().unwrap()]);
+    let agent = Agent::record(&["--duration", "300s", "-o", folded.to_str().unwrap(), "--svg", svg.to_str().unwrap()]);
     let report = profiler_tests::run_workload(&["burn", "3"]);
-    agent.wait();
+    agent.finish();
 
     let stacks = read_folded(&folded);
     let process_cpu_s = report["process_cpu_s"].as_f64().unwrap();
@@ -57,7 +57,7 @@ fn top_functions_agree_with_perf() {
         .spawn()
         .unwrap();
     let pid = workload.id().to_string();
-    let agent = Agent::record(&["--duration", "11s", "--pid", &pid, "-o", folded.to_str().unwrap()]);
+    let agent = Agent::record(&["--duration", "300s", "--pid", &pid, "-o", folded.to_str().unwrap()]);
     let mut perf = Command::new("perf")
         .args(["record", "-F", "99", "-g", "-p", &pid, "-o", perf_data.to_str().unwrap()])
         .stdout(Stdio::null())
@@ -69,7 +69,7 @@ fn top_functions_agree_with_perf() {
     assert!(workload.wait().unwrap().success());
     let perf_status = perf.wait().unwrap();
     assert!(perf_status.success(), "perf record failed");
-    agent.wait();
+    agent.finish();
 
     let script = Command::new("perf")
         .args(["script", "-i", perf_data.to_str().unwrap()])

@@ -5,7 +5,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use profiler_tests::{Daemon, Server, binary, exclusive, free_port, require_root};
+use profiler_tests::{cgroup_root, Daemon, Server, binary, exclusive, free_port, require_root};
 
 struct Kill(Child);
 
@@ -49,8 +49,7 @@ fn scheduled_run_raises_the_rate_then_returns_to_baseline() {
 
     // Two threads spinning for the whole test, as the service `deep`: the sample rate is
     // then frequency × 2 CPUs, before, during and after the run.
-    let root = if std::path::Path::new("/sys/fs/cgroup/unified").exists() { "/sys/fs/cgroup/unified" } else { "/sys/fs/cgroup" };
-    let cgroup = format!("{root}/deep.service");
+    let cgroup = format!("{}/deep.service", cgroup_root());
     std::fs::create_dir_all(&cgroup).unwrap();
     let _burners = Kill(
         Command::new("sh")

@@ -12,6 +12,7 @@ pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
     debian_packages()?;
+    python_packages()?;
     tracefs()?;
     println!("setup: done");
     Ok(())
@@ -88,6 +89,16 @@ fn debian_packages() -> anyhow::Result<()> {
     println!("setup: installing {missing:?}");
     exec(Command::new("apt-get").arg("update").arg("-qq"))?;
     exec(Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// chdb embeds the ClickHouse engine the ClickHouse backend's tests run against.
+fn python_packages() -> anyhow::Result<()> {
+    if output(Command::new("python3").args(["-c", "import chdb"])).is_some() {
+        return Ok(());
+    }
+    println!("setup: installing chdb (ClickHouse engine for the ClickHouse backend's tests)");
+    let requirements = crate::root().join("profiler-server/tests/chdb_bridge/requirements.txt");
+    exec(Command::new("python3").args(["-m", "pip", "install", "--quiet", "-r"]).arg(requirements))
 }
 
 /// The off-CPU program attaches to a tracepoint, found through tracefs.
