@@ -187,16 +187,7 @@ fn hostile_requests_get_4xx_and_server_survives() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 200);
-    let f = c
-        .get(srv.url(&format!(
-            "/api/v1/folded?service=victim&from={}&until={}",
-            t0 - 60_000,
-            t0 + 60_000
-        )))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let f = srv.folded_around(&c, "victim", t0);
     assert_eq!(f, "main;work 10\n");
     let m = c.get(srv.url("/metrics")).send().unwrap().text().unwrap();
     assert!(

@@ -70,16 +70,7 @@ fn acked_samples_survive_kill_9() {
 
     let srv = Proc::spawn(&data, &["--config", &cfg_arg]);
     let c = client();
-    let out = c
-        .get(srv.url(&format!(
-            "/api/v1/folded?service=crash&from={}&until={}",
-            t0 - 60_000,
-            t0 + 60_000
-        )))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let out = srv.folded_around(&c, "crash", t0);
     let got: HashMap<&str, i64> = out
         .lines()
         .map(|l| l.rsplit_once(' ').unwrap())

@@ -43,6 +43,12 @@ impl Proc {
     }
 
     /// SIGKILL: no flush, no graceful anything.
+    /// The service's folded export over the two minutes around `t0` (unix ms).
+    pub fn folded_around(&self, client: &reqwest::blocking::Client, service: &str, t0: i64) -> String {
+        let path = format!("/api/v1/folded?service={service}&from={}&until={}", t0 - 60_000, t0 + 60_000);
+        client.get(self.url(&path)).send().unwrap().text().unwrap()
+    }
+
     pub fn kill9(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
