@@ -135,11 +135,12 @@ fn folded_safe(c: char) -> char {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use profiler_common::{STATE_PREEMPTED, StackKey, TASK_INTERRUPTIBLE};
+    use profiler_common::{STATE_PREEMPTED, TASK_INTERRUPTIBLE};
+    use crate::sample::SampleKey;
 
     fn sample(state: u32, user: &[&str], kernel: &[&str], value: RawValue) -> SymbolizedSample {
         SymbolizedSample {
-            key: StackKey { tgid: 1, pid: 1, user_stack_id: 0, kernel_stack_id: 0, state, _pad: 0, comm: *b"worker\0\0\0\0\0\0\0\0\0\0" },
+            key: SampleKey { tgid: 1, pid: 1, state, comm: *b"worker\0\0\0\0\0\0\0\0\0\0" },
             process: "app".into(),
             user_frames: user.iter().map(|f| Arc::from(*f)).collect(),
             kernel_frames: kernel.iter().map(|f| Arc::from(*f)).collect(),

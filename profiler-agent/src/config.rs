@@ -70,7 +70,8 @@ pub struct SamplingConfig {
     pub window: Duration,
     pub frequency_hz: u64,
     pub max_stack_keys: u32,
-    pub max_stacks: u32,
+    pub user_stack_bytes: u32,
+    pub ring_buffer_bytes: u32,
 }
 
 impl Default for SamplingConfig {
@@ -80,7 +81,8 @@ impl Default for SamplingConfig {
             window: Duration::from_secs(10),
             frequency_hz: sampler.frequency_hz,
             max_stack_keys: sampler.max_stack_keys,
-            max_stacks: sampler.max_stacks,
+            user_stack_bytes: sampler.user_stack_bytes,
+            ring_buffer_bytes: sampler.ring_buffer_bytes,
         }
     }
 }
@@ -174,7 +176,8 @@ impl AgentConfig {
                 sample_probability: self.off_cpu.sampling,
             }),
             max_stack_keys: self.sampling.max_stack_keys,
-            max_stacks: self.sampling.max_stacks,
+            user_stack_bytes: self.sampling.user_stack_bytes,
+            ring_buffer_bytes: self.sampling.ring_buffer_bytes,
             ..SamplerOptions::default()
         }
     }

@@ -213,11 +213,11 @@ fn sampling_loop(
 fn record_drain_metrics(session: &Session, window: &Window, metrics: &Metrics) {
     let stats = &window.stats;
     metrics.samples.fetch_add(stats.get(Stat::Samples), Relaxed);
-    metrics.samples_lost.fetch_add(stats.get(Stat::SampleMapFull), Relaxed);
+    metrics.samples_lost.fetch_add(stats.get(Stat::SampleRingFull), Relaxed);
     metrics.stacks_lost.fetch_add(stats.get(Stat::UserStackLost) + stats.get(Stat::KernelStackLost), Relaxed);
     metrics.switches.fetch_add(stats.get(Stat::Switches), Relaxed);
     metrics.switches_recorded.fetch_add(stats.get(Stat::SwitchOutsRecorded), Relaxed);
-    metrics.off_cpu_lost.fetch_add(stats.get(Stat::OffCpuMapFull) + stats.get(Stat::SwitchOutMapFull), Relaxed);
+    metrics.off_cpu_lost.fetch_add(stats.get(Stat::OffCpuRingFull) + stats.get(Stat::SwitchOutMapFull), Relaxed);
     metrics.map_fill_permille.store((window.map_fill * 1000.0) as u64, Relaxed);
     if let Some(sampling) = session.off_cpu_effective_sampling() {
         metrics.off_cpu_sampling_permille.store((sampling * 1000.0) as u64, Relaxed);

@@ -16,3 +16,4 @@ pub mod session;
 pub mod ship;
 pub mod spool;
 pub mod symbolize;
+pub mod unwind;

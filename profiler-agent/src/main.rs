@@ -107,9 +107,10 @@ struct RecordArgs {
     /// Distinct (thread, stack) entries per window before samples are counted as lost.
     #[arg(long, default_value_t = SamplerOptions::default().max_stack_keys)]
     max_stack_keys: u32,
-    /// Distinct stacks per window before stacks are counted as lost.
-    #[arg(long, default_value_t = SamplerOptions::default().max_stacks)]
-    max_stacks: u32,
+    /// Bytes of user stack copied per sample for unwinding (at most 16384). Deeper
+    /// stacks are cut where the copy ends.
+    #[arg(long, default_value_t = SamplerOptions::default().user_stack_bytes)]
+    user_stack_bytes: u32,
 }
 
 fn main() -> ExitCode {
@@ -179,7 +180,7 @@ fn run_record(args: RecordArgs) -> anyhow::Result<()> {
                 sample_probability: args.off_cpu_sampling,
             }),
             max_stack_keys: args.max_stack_keys,
-            max_stacks: args.max_stacks,
+            user_stack_bytes: args.user_stack_bytes,
             ..SamplerOptions::default()
         },
         comm: args.comm,

@@ -1,38 +1,52 @@
-//! Sample stage: loads the BPF programs, attaches them, and drains the in-kernel
-//! aggregates window by window.
+//! Sample stage: loads the BPF programs, attaches them, reads their records from the
+//! ring buffer, unwinds user stacks and aggregates each window.
 //!
-//! The aggregates and stack maps are double-buffered: the programs write into buffer
-//! `generation % 2`. A drain flips the generation, waits a grace period so programs that
-//! read the old generation finish, and then reads and clears the idle buffer. Samples
-//! taken during a drain land in the other buffer and are never lost.
-//!
-//! Off-CPU waits span flips: a wait that started in generation g and ends in g+1 is added
-//! to buffer g, whose stack map stays intact until the next drain reads those late
-//! entries and only then clears it. Before clearing it, the drain also saves the stacks
-//! of threads that went off-CPU in g and are still waiting; when such a long wait ends,
-//! the kernel tags its entry (`STATE_LONG_WAIT`) and the saved stacks are used.
+//! Every on-CPU sample and every recorded switch-out arrives as a stack snapshot; a
+//! reader thread drains the ring buffer every few milliseconds, so the buffer only needs
+//! to absorb a short burst. Samples are unwound as they arrive, while the process and its
+//! mappings are still there. A switch-out's snapshot waits for the record of its end: a
+//! short wait drops it unread (most switch-outs), a long one is unwound and added to the
+//! window in which it ended, weighted by the inverse of the sampling probability. Waits
+//! still pending after [`COMPACT_AFTER`] are unwound early, so raw copies never pile up.
 
-use std::{collections::HashMap, path::Path, thread, time::Duration};
-
-use anyhow::{Context as _, anyhow, bail};
-use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, StackTraceMap},
-    programs::{
-        PerfEvent, TracePoint,
-        perf_event::{PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent},
-        trace_point::TracePointLinkId,
-    },
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{mpsc, Arc},
+    thread,
+    time::{Duration, Instant},
 };
-use profiler_common::{Config, OffCpuValue, STATE_LONG_WAIT, Stat, StackKey, SwitchOut, maps};
+
+use anyhow::{anyhow, bail, Context as _};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        perf_event::{
+            PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
+        },
+        trace_point::TracePointLinkId,
+        PerfEvent, TracePoint,
+    },
+    Ebpf, EbpfLoader,
+};
+use profiler_common::{
+    maps, Config, StackSnapshot, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE, EVENT_SWITCH_OUT,
+    EVENT_WAIT_END, MAX_STACK_DEPTH, MAX_USER_STACK, TASK_COMM_LEN, USER_STACK_CHUNK,
+};
+
+use crate::{
+    process::ProcessTable,
+    unwind::{Outcome, UnwindCounts, Unwinder},
+};
 
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
 
-/// Programs run to completion with preemption disabled; this is ample for any that read
-/// the previous generation to finish writing.
-const FLIP_GRACE: Duration = Duration::from_millis(5);
+/// How often the reader thread drains the ring buffer.
+const POLL: Duration = Duration::from_millis(10);
+/// Switch-outs still waiting after this long are unwound and kept compact.
+const COMPACT_AFTER: Duration = Duration::from_millis(200);
 
-/// What to sample and how much kernel memory the maps may use.
+/// What to sample and how much memory the agent and the kernel may use for it.
 #[derive(Clone, Debug)]
 pub struct SamplerOptions {
     /// On-CPU sampling frequency per CPU, in Hz.
@@ -40,10 +54,13 @@ pub struct SamplerOptions {
     /// Only this process when set.
     pub pid: Option<u32>,
     pub off_cpu: Option<OffCpuOptions>,
-    /// Entries of each aggregate map (per buffer).
+    /// Distinct stacks aggregated per window; samples of further stacks are counted lost.
     pub max_stack_keys: u32,
-    /// Entries of each stack map (per buffer).
-    pub max_stacks: u32,
+    /// Bytes of user stack copied per snapshot (rounded down to 1 KiB, at most 16 KiB).
+    /// Deeper stacks are unwound as far as the copy reaches.
+    pub user_stack_bytes: u32,
+    /// Size of the kernel ring buffer the snapshots pass through, in bytes (a power of two).
+    pub ring_buffer_bytes: u32,
     /// Threads that can be off-CPU at once and still be attributed.
     pub max_switched_out: u32,
 }
@@ -55,7 +72,8 @@ impl Default for SamplerOptions {
             pid: None,
             off_cpu: None,
             max_stack_keys: 16384,
-            max_stacks: 16384,
+            user_stack_bytes: MAX_USER_STACK as u32,
+            ring_buffer_bytes: 8 << 20,
             max_switched_out: 65536,
         }
     }
@@ -63,7 +81,7 @@ impl Default for SamplerOptions {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct OffCpuOptions {
-    /// Waits shorter than this are dropped in the kernel.
+    /// Waits shorter than this are dropped.
     pub min_block: Duration,
     /// Probability of recording a switch-out, in (0, 1]. Recorded waits are weighted by its
     /// inverse, so totals stay unbiased.
@@ -79,13 +97,26 @@ impl Default for OffCpuOptions {
     }
 }
 
-/// An address stack, leaf first, as the kernel records it.
-pub type Addrs = std::sync::Arc<[u64]>;
+/// An address stack, leaf first: the sampled instruction, then return addresses.
+pub type Addrs = Arc<[u64]>;
 
-/// One aggregated entry of a window, with stacks resolved to addresses.
+/// Who a sample belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SampleKey {
+    pub tgid: u32,
+    /// Thread id.
+    pub pid: u32,
+    /// `prev_state` of the switch-out (see [`profiler_common::StackSnapshot::state`]);
+    /// zero for on-CPU samples.
+    pub state: u32,
+    /// The thread's comm at sample time, so exited processes keep a name.
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+/// One aggregated entry of a window.
 #[derive(Clone, Debug)]
 pub struct RawSample {
-    pub key: StackKey,
+    pub key: SampleKey,
     pub user: Option<Addrs>,
     pub kernel: Option<Addrs>,
     pub value: RawValue,
@@ -102,7 +133,9 @@ pub enum RawValue {
 pub struct RawWindow {
     pub samples: Vec<RawSample>,
     pub stats: StatCounts,
-    /// Fill of the busiest aggregate map, in [0, 1].
+    /// Unwinding results of the window.
+    pub unwind: UnwindCounts,
+    /// Share of `max_stack_keys` used, in [0, 1].
     pub map_fill: f64,
 }
 
@@ -134,14 +167,8 @@ pub struct Sampler {
     config_map: Array<MapData, Config>,
     config: Config,
     stats: PerCpuArray<MapData, u64>,
-    stacks: [StackTraceMap<MapData>; 2],
-    on_cpu: [BpfHashMap<MapData, StackKey, u64>; 2],
-    off_cpu: [BpfHashMap<MapData, StackKey, OffCpuValue>; 2],
     switched_out: BpfHashMap<MapData, u32, SwitchOut>,
-    /// Stacks of threads still off-CPU whose stack map was cleared, by (tid, generation).
-    long_waits: HashMap<(u32, u32), (Option<Addrs>, Option<Addrs>)>,
-    /// Long waits whose saved stacks were missing (the thread was not seen by a drain).
-    long_waits_unresolved: u64,
+    reader: Reader,
     last_stats: StatCounts,
     max_stack_keys: u32,
     perf_links: Vec<PerfEventLinkId>,
@@ -153,23 +180,24 @@ pub struct Sampler {
 impl Sampler {
     /// Loads and attaches the programs. Fails with a one-line reason when the host cannot
     /// run them (not root, no BTF, no tracefs).
-    pub fn start(options: &SamplerOptions) -> anyhow::Result<Self> {
+    pub fn start(options: &SamplerOptions, processes: ProcessTable) -> anyhow::Result<Self> {
         preflight(options)?;
         let mut loader = EbpfLoader::new();
-        for name in maps::ONCPU.iter().chain(&maps::OFFCPU) {
-            loader.map_max_entries(name, options.max_stack_keys);
-        }
-        for name in maps::STACKS {
-            loader.map_max_entries(name, options.max_stacks);
-        }
         loader.map_max_entries(maps::SWITCH_OUT, options.max_switched_out);
+        loader.map_max_entries(maps::EVENTS, options.ring_buffer_bytes);
         let mut bpf = loader
             .load(BPF_OBJECT)
             .map_err(|err| anyhow!("loading the BPF programs failed: {}", chain(&err)))?;
 
-        let config = Config { filter_tgid: options.pid.unwrap_or(0), ..Config::default() };
+        let config = Config {
+            filter_tgid: options.pid.unwrap_or(0),
+            user_stack_bytes: user_stack_bytes(options.user_stack_bytes),
+            ..Config::default()
+        };
         let mut config_map: Array<MapData, Config> = take(&mut bpf, maps::CONFIG)?;
-        config_map.set(0, config, 0).context("writing the BPF config")?;
+        config_map
+            .set(0, config, 0)
+            .context("writing the BPF config")?;
         let program: &mut PerfEvent = bpf
             .program_mut("on_cpu_sample")
             .ok_or_else(|| anyhow!("BPF object has no on_cpu_sample program"))?
@@ -177,17 +205,20 @@ impl Sampler {
         program
             .load()
             .map_err(|err| anyhow!("the kernel rejected the on-CPU program: {}", chain(&err)))?;
+        let ring: RingBuf<MapData> = take(&mut bpf, maps::EVENTS)?;
+        let reader = Reader::spawn(
+            ring,
+            Unwinder::new(processes),
+            options.max_stack_keys as usize,
+            options.max_switched_out as usize,
+        )?;
 
         let mut sampler = Self {
             config_map,
             config,
             stats: take(&mut bpf, maps::STATS)?,
-            stacks: [take(&mut bpf, maps::STACKS[0])?, take(&mut bpf, maps::STACKS[1])?],
-            on_cpu: [take(&mut bpf, maps::ONCPU[0])?, take(&mut bpf, maps::ONCPU[1])?],
-            off_cpu: [take(&mut bpf, maps::OFFCPU[0])?, take(&mut bpf, maps::OFFCPU[1])?],
             switched_out: take(&mut bpf, maps::SWITCH_OUT)?,
-            long_waits: HashMap::new(),
-            long_waits_unresolved: 0,
+            reader,
             bpf,
             last_stats: StatCounts::default(),
             max_stack_keys: options.max_stack_keys,
@@ -214,7 +245,8 @@ impl Sampler {
         for link in self.perf_links.drain(..) {
             program.detach(link)?;
         }
-        let cpus = aya::util::online_cpus().map_err(|(path, err)| anyhow!("reading {path}: {err}"))?;
+        let cpus =
+            aya::util::online_cpus().map_err(|(path, err)| anyhow!("reading {path}: {err}"))?;
         for cpu in cpus {
             // cpu-clock counts nanoseconds, so a fixed period gives exactly `frequency_hz`
             // samples per second of CPU time, and count × period converts to time.
@@ -251,20 +283,26 @@ impl Sampler {
                         bail!("tracefs is not mounted (need /sys/kernel/tracing/events/sched/sched_switch); mount it with `mount -t tracefs nodev /sys/kernel/tracing`");
                     }
                     if !self.off_cpu_loaded {
-                        program
-                            .load()
-                            .map_err(|err| anyhow!("the kernel rejected the off-CPU program: {}", chain(&err)))?;
+                        program.load().map_err(|err| {
+                            anyhow!("the kernel rejected the off-CPU program: {}", chain(&err))
+                        })?;
                         self.off_cpu_loaded = true;
                     }
-                    let link = program
-                        .attach("sched", "sched_switch")
-                        .map_err(|err| anyhow!("attaching to sched/sched_switch: {}", chain(&err)))?;
+                    let link = program.attach("sched", "sched_switch").map_err(|err| {
+                        anyhow!("attaching to sched/sched_switch: {}", chain(&err))
+                    })?;
                     self.off_cpu_link = Some(link);
                 }
             }
             None => {
                 if let Some(link) = self.off_cpu_link.take() {
                     program.detach(link)?;
+                    // Threads switched out before the detach would otherwise, after a
+                    // re-attach, count the whole time in between as one wait.
+                    let tids: Vec<u32> = self.switched_out.keys().filter_map(Result::ok).collect();
+                    for tid in tids {
+                        self.switched_out.remove(&tid).ok();
+                    }
                 }
                 self.config.offcpu_sample_threshold = 0;
                 self.config_map.set(0, self.config, 0)?;
@@ -284,121 +322,31 @@ impl Sampler {
 
     /// Ends the current window and returns everything aggregated in it.
     pub fn drain(&mut self) -> anyhow::Result<RawWindow> {
-        let filling = (self.config.generation % 2) as usize;
-        let idle = 1 - filling;
-        let mut window = RawWindow::default();
-        let mut resolver = StackResolver::default();
-
-        let still_waiting = self.save_long_waits(idle, &mut resolver)?;
-        // Waits that began two generations ago and ended after the last drain were added to
-        // the idle buffer; its stack map is still theirs until it is cleared just below.
-        self.drain_off_cpu(idle, &mut resolver, &mut window.samples)?;
-        clear_stacks(&mut self.stacks[idle])?;
-        resolver.forget(idle);
-
-        self.config.generation += 1;
-        self.config_map.set(0, self.config, 0)?;
-        thread::sleep(FLIP_GRACE);
-
-        let on_cpu_len = self.drain_on_cpu(filling, &mut resolver, &mut window.samples)?;
-        let off_cpu_len = self.drain_off_cpu(filling, &mut resolver, &mut window.samples)?;
-        window.map_fill = on_cpu_len.max(off_cpu_len) as f64 / self.max_stack_keys.max(1) as f64;
-        // Saved stacks of waits that ended were used above; the rest still wait.
-        if let Some(still_waiting) = still_waiting {
-            self.long_waits.retain(|key, _| still_waiting.contains(key));
-        }
-
+        let (samples, unwind) = self.reader.take_window()?;
         let stats = self.read_stats()?;
-        window.stats = stats.delta_since(&self.last_stats);
+        let window = RawWindow {
+            map_fill: samples.len() as f64 / self.max_stack_keys.max(1) as f64,
+            samples,
+            stats: stats.delta_since(&self.last_stats),
+            unwind,
+        };
         self.last_stats = stats;
         Ok(window)
     }
 
-    /// Saves the stacks of threads that went off-CPU in the idle buffer's generation and
-    /// are still waiting, before that buffer's stack map is cleared. Returns every
-    /// (tid, generation) still off-CPU, or `None` when off-CPU tracing is off.
-    fn save_long_waits(
-        &mut self,
-        idle: usize,
-        resolver: &mut StackResolver,
-    ) -> anyhow::Result<Option<std::collections::HashSet<(u32, u32)>>> {
-        if self.config.offcpu_sample_threshold == 0 {
-            return Ok(None);
-        }
-        let Some(idle_generation) = self.config.generation.checked_sub(1) else { return Ok(None) };
-        let mut waiting = std::collections::HashSet::new();
-        for entry in self.switched_out.iter() {
-            // Entries may vanish while we iterate: those threads just woke up.
-            let Ok((tid, out)) = entry else { continue };
-            let key = (tid, out.generation as u32);
-            waiting.insert(key);
-            if out.generation == idle_generation && !self.long_waits.contains_key(&key) {
-                let stack_key = StackKey {
-                    user_stack_id: out.user_stack_id,
-                    kernel_stack_id: out.kernel_stack_id,
-                    ..zero_key()
-                };
-                let stacks = resolver.resolve(&self.stacks[idle], idle, &stack_key);
-                self.long_waits.insert(key, stacks);
-            }
-        }
-        Ok(Some(waiting))
-    }
-
-    fn drain_on_cpu(
-        &mut self,
-        buffer: usize,
-        resolver: &mut StackResolver,
-        out: &mut Vec<RawSample>,
-    ) -> anyhow::Result<usize> {
-        let entries = take_all(&mut self.on_cpu[buffer]).context("reading on-CPU counts")?;
-        let len = entries.len();
-        for (key, count) in entries {
-            let (user, kernel) = resolver.resolve(&self.stacks[buffer], buffer, &key);
-            out.push(RawSample { key, user, kernel, value: RawValue::OnCpuSamples(count) });
-        }
-        Ok(len)
-    }
-
-    fn drain_off_cpu(
-        &mut self,
-        buffer: usize,
-        resolver: &mut StackResolver,
-        out: &mut Vec<RawSample>,
-    ) -> anyhow::Result<usize> {
-        let entries = take_all(&mut self.off_cpu[buffer]).context("reading off-CPU times")?;
-        let len = entries.len();
-        for (mut key, value) in entries {
-            let (user, kernel) = if key.state & STATE_LONG_WAIT != 0 {
-                let saved = self.long_waits.remove(&(key.pid, key._pad));
-                if saved.is_none() {
-                    self.long_waits_unresolved += 1;
-                }
-                key.state &= !STATE_LONG_WAIT;
-                key._pad = 0;
-                saved.unwrap_or((None, None))
-            } else {
-                resolver.resolve(&self.stacks[buffer], buffer, &key)
-            };
-            out.push(RawSample {
-                key,
-                user,
-                kernel,
-                value: RawValue::OffCpu { ns: value.total_ns, waits: value.count },
-            });
-        }
-        Ok(len)
-    }
-
-    /// Long waits that ended without saved stacks (reported as `[unknown]` frames).
-    pub fn long_waits_unresolved(&self) -> u64 {
-        self.long_waits_unresolved
-    }
-
     /// Running total of one counter since the programs were loaded.
     pub fn stat_total(&self, stat: Stat) -> anyhow::Result<u64> {
-        let per_cpu = self.stats.get(&(stat as u32), 0).context("reading BPF stats")?;
+        let per_cpu = self
+            .stats
+            .get(&(stat as u32), 0)
+            .context("reading BPF stats")?;
         Ok(per_cpu.iter().sum())
+    }
+
+    /// Records the agent itself lost: stacks beyond `max_stack_keys`, wait ends whose
+    /// snapshot was missing.
+    pub fn agent_losses(&self) -> AgentLosses {
+        self.reader.losses()
     }
 
     fn read_stats(&self) -> anyhow::Result<StatCounts> {
@@ -410,59 +358,304 @@ impl Sampler {
     }
 }
 
-/// Reads and empties an aggregate map that no program writes to any more.
-fn take_all<V: aya::Pod>(map: &mut BpfHashMap<MapData, StackKey, V>) -> Result<Vec<(StackKey, V)>, aya::maps::MapError> {
-    let entries = map.iter().collect::<Result<Vec<_>, _>>()?;
-    for (key, _) in &entries {
-        map.remove(key).ok();
-    }
-    Ok(entries)
+fn user_stack_bytes(requested: u32) -> u32 {
+    let bytes = (requested as usize).min(MAX_USER_STACK);
+    (bytes - bytes % USER_STACK_CHUNK) as u32
 }
 
-fn zero_key() -> StackKey {
-    StackKey { tgid: 0, pid: 0, user_stack_id: -1, kernel_stack_id: -1, state: 0, _pad: 0, comm: [0; 16] }
+/// Losses on the agent's side of the ring buffer, since start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentLosses {
+    /// Samples or waits of stacks beyond `max_stack_keys` in their window.
+    pub aggregate_full: u64,
+    /// Wait ends whose switch-out snapshot never arrived (ring buffer full at switch-out).
+    pub wait_without_snapshot: u64,
+    /// Records too short for their kind (never expected; counted rather than trusted).
+    pub malformed: u64,
 }
 
-/// Reads each stack id once per buffer and drain.
-#[derive(Default)]
-struct StackResolver {
-    cache: HashMap<(usize, i32), Option<Addrs>>,
+type Aggregate = HashMap<(SampleKey, Option<Addrs>, Option<Addrs>), RawValue>;
+type Reply = mpsc::Sender<(Vec<RawSample>, UnwindCounts)>;
+
+/// The thread that owns the ring buffer and the unwinder.
+struct Reader {
+    requests: Option<mpsc::Sender<Reply>>,
+    losses: Arc<std::sync::Mutex<AgentLosses>>,
+    thread: Option<thread::JoinHandle<()>>,
 }
 
-impl StackResolver {
-    fn resolve(
-        &mut self,
-        map: &StackTraceMap<MapData>,
-        buffer: usize,
-        key: &StackKey,
-    ) -> (Option<Addrs>, Option<Addrs>) {
-        let mut lookup = |id: i32| -> Option<Addrs> {
-            if id < 0 {
-                return None;
-            }
-            self.cache
-                .entry((buffer, id))
-                .or_insert_with(|| {
-                    map.get(&(id as u32), 0)
-                        .ok()
-                        .map(|trace| trace.frames().iter().map(|frame| frame.ip).collect())
-                })
-                .clone()
+impl Reader {
+    fn spawn(
+        ring: RingBuf<MapData>,
+        unwinder: Unwinder,
+        max_keys: usize,
+        max_pending: usize,
+    ) -> anyhow::Result<Self> {
+        let (requests, receiver) = mpsc::channel::<Reply>();
+        let losses = Arc::new(std::sync::Mutex::new(AgentLosses::default()));
+        let mut state = ReaderState {
+            unwinder,
+            window: Aggregate::new(),
+            pending: HashMap::new(),
+            max_keys,
+            max_pending,
+            losses: AgentLosses::default(),
+            shared_losses: losses.clone(),
+            counted: UnwindCounts::default(),
         };
-        (lookup(key.user_stack_id), lookup(key.kernel_stack_id))
+        let thread = thread::Builder::new()
+            .name("bpf-reader".into())
+            .spawn(move || {
+                let mut ring = ring;
+                loop {
+                    let request = receiver.recv_timeout(POLL);
+                    state.read_ring(&mut ring);
+                    state.compact();
+                    match request {
+                        Ok(reply) => {
+                            let _ = reply.send(state.take_window());
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            })?;
+        Ok(Self {
+            requests: Some(requests),
+            losses,
+            thread: Some(thread),
+        })
     }
 
-    fn forget(&mut self, buffer: usize) {
-        self.cache.retain(|(b, _), _| *b != buffer);
+    fn take_window(&self) -> anyhow::Result<(Vec<RawSample>, UnwindCounts)> {
+        let (reply, result) = mpsc::channel();
+        self.requests
+            .as_ref()
+            .ok_or_else(|| anyhow!("ring buffer reader stopped"))?
+            .send(reply)
+            .map_err(|_| anyhow!("ring buffer reader died"))?;
+        result
+            .recv()
+            .map_err(|_| anyhow!("ring buffer reader died"))
+    }
+
+    fn losses(&self) -> AgentLosses {
+        *self.losses.lock().unwrap()
     }
 }
 
-fn clear_stacks(map: &mut StackTraceMap<MapData>) -> anyhow::Result<()> {
-    let ids = map.stack_ids().collect::<Result<Vec<_>, _>>().context("listing stack ids")?;
-    for id in ids {
-        map.remove(&id).ok();
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
-    Ok(())
+}
+
+/// A recorded switch-out waiting for its end.
+struct PendingWait {
+    ts_ns: u64,
+    key: SampleKey,
+    kernel: Option<Addrs>,
+    user: PendingStack,
+    arrived: Instant,
+}
+
+enum PendingStack {
+    /// The registers and stack copy, not unwound yet: most waits are short and dropped.
+    Raw {
+        ip: u64,
+        sp: u64,
+        bp: u64,
+        stack: Box<[u8]>,
+    },
+    Unwound(Option<Addrs>),
+}
+
+struct ReaderState {
+    unwinder: Unwinder,
+    window: Aggregate,
+    pending: HashMap<u32, PendingWait>,
+    max_keys: usize,
+    max_pending: usize,
+    losses: AgentLosses,
+    shared_losses: Arc<std::sync::Mutex<AgentLosses>>,
+    /// Unwinder counts at the last window's end.
+    counted: UnwindCounts,
+}
+
+impl ReaderState {
+    fn read_ring(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(record) = ring.next() {
+            self.handle(&record);
+        }
+        *self.shared_losses.lock().unwrap() = self.losses;
+    }
+
+    fn handle(&mut self, record: &[u8]) {
+        let kind = record
+            .get(..4)
+            .map(|b| u32::from_ne_bytes(b.try_into().unwrap()));
+        match kind {
+            Some(EVENT_SAMPLE) | Some(EVENT_SWITCH_OUT)
+                if record.len() >= size_of::<StackSnapshot>() =>
+            {
+                // SAFETY: StackSnapshot is plain old data and the record is at least as long.
+                let snapshot = unsafe { &*(record.as_ptr() as *const StackSnapshot) };
+                self.snapshot(snapshot);
+            }
+            Some(EVENT_WAIT_END) if record.len() >= size_of::<WaitEnd>() => {
+                // SAFETY: as above; read unaligned since the record is only 8-byte aligned.
+                let end = unsafe { std::ptr::read_unaligned(record.as_ptr() as *const WaitEnd) };
+                self.wait_end(&end);
+            }
+            _ => self.losses.malformed += 1,
+        }
+    }
+
+    fn snapshot(&mut self, snapshot: &StackSnapshot) {
+        let key = SampleKey {
+            tgid: snapshot.tgid,
+            pid: snapshot.tid,
+            state: snapshot.state,
+            comm: snapshot.comm,
+        };
+        let kernel_frames = (snapshot.kernel_len as usize / 8).min(MAX_STACK_DEPTH);
+        let kernel: Option<Addrs> =
+            (kernel_frames > 0).then(|| Arc::from(&snapshot.kernel[..kernel_frames]));
+        let stack = &snapshot.user_stack[..(snapshot.user_len as usize).min(MAX_USER_STACK)];
+        if snapshot.kind == EVENT_SAMPLE {
+            let user = self.unwind(snapshot.tgid, snapshot.ip, snapshot.sp, snapshot.bp, stack);
+            self.add(key, user, kernel, RawValue::OnCpuSamples(1));
+            return;
+        }
+        if self.pending.len() >= self.max_pending && !self.pending.contains_key(&snapshot.tid) {
+            self.losses.aggregate_full += 1;
+            return;
+        }
+        // A thread has one switch-out at a time: a newer one replaces an entry whose end
+        // was lost.
+        self.pending.insert(
+            snapshot.tid,
+            PendingWait {
+                ts_ns: snapshot.ts_ns,
+                key,
+                kernel,
+                user: PendingStack::Raw {
+                    ip: snapshot.ip,
+                    sp: snapshot.sp,
+                    bp: snapshot.bp,
+                    stack: stack.into(),
+                },
+                arrived: Instant::now(),
+            },
+        );
+    }
+
+    fn wait_end(&mut self, end: &WaitEnd) {
+        let Some(wait) = self.pending.remove(&end.tid) else {
+            self.losses.wait_without_snapshot += 1;
+            return;
+        };
+        if wait.ts_ns != end.out_ts_ns {
+            self.losses.wait_without_snapshot += 1;
+            return;
+        }
+        if end.elapsed_ns == 0 {
+            return;
+        }
+        let user = match wait.user {
+            PendingStack::Raw { ip, sp, bp, stack } => {
+                self.unwind(wait.key.tgid, ip, sp, bp, &stack)
+            }
+            PendingStack::Unwound(user) => user,
+        };
+        let ns = (end.elapsed_ns as u128 * end.weight_q16 as u128 >> 16) as u64;
+        self.add(
+            wait.key,
+            user,
+            wait.kernel,
+            RawValue::OffCpu { ns, waits: 1 },
+        );
+    }
+
+    fn unwind(&mut self, tgid: u32, ip: u64, sp: u64, bp: u64, stack: &[u8]) -> Option<Addrs> {
+        let (frames, outcome) = self.unwinder.unwind(tgid, ip, sp, bp, stack);
+        (outcome != Outcome::Empty).then(|| Arc::from(frames))
+    }
+
+    /// Unwinds long waits now, while their process is surely still known, and frees
+    /// their stack copies.
+    fn compact(&mut self) {
+        let now = Instant::now();
+        let old: Vec<u32> = self
+            .pending
+            .iter()
+            .filter(|(_, wait)| {
+                matches!(wait.user, PendingStack::Raw { .. }) && now - wait.arrived > COMPACT_AFTER
+            })
+            .map(|(tid, _)| *tid)
+            .collect();
+        for tid in old {
+            let wait = self.pending.get_mut(&tid).expect("listed above");
+            let PendingStack::Raw { ip, sp, bp, stack } =
+                std::mem::replace(&mut wait.user, PendingStack::Unwound(None))
+            else {
+                continue;
+            };
+            let tgid = wait.key.tgid;
+            let user = self.unwind(tgid, ip, sp, bp, &stack);
+            if let Some(wait) = self.pending.get_mut(&tid) {
+                wait.user = PendingStack::Unwound(user);
+            }
+        }
+    }
+
+    fn add(&mut self, key: SampleKey, user: Option<Addrs>, kernel: Option<Addrs>, value: RawValue) {
+        let len = self.window.len();
+        let entry = (key, user, kernel);
+        if let Some(total) = self.window.get_mut(&entry) {
+            *total = match (*total, value) {
+                (RawValue::OnCpuSamples(a), RawValue::OnCpuSamples(b)) => {
+                    RawValue::OnCpuSamples(a + b)
+                }
+                (RawValue::OffCpu { ns, waits }, RawValue::OffCpu { ns: more, waits: w }) => {
+                    RawValue::OffCpu {
+                        ns: ns + more,
+                        waits: waits + w,
+                    }
+                }
+                // On-CPU samples have state 0, so their keys never meet off-CPU keys.
+                (other, _) => other,
+            };
+        } else if len < self.max_keys {
+            self.window.insert(entry, value);
+        } else {
+            self.losses.aggregate_full += 1;
+        }
+    }
+
+    fn take_window(&mut self) -> (Vec<RawSample>, UnwindCounts) {
+        let samples = self
+            .window
+            .drain()
+            .map(|((key, user, kernel), value)| RawSample {
+                key,
+                user,
+                kernel,
+                value,
+            })
+            .collect();
+        let now = self.unwinder.counts;
+        let delta = UnwindCounts {
+            complete: now.complete - self.counted.complete,
+            truncated: now.truncated - self.counted.truncated,
+            binaries_unreadable: now.binaries_unreadable - self.counted.binaries_unreadable,
+        };
+        self.counted = now;
+        (samples, delta)
+    }
 }
 
 /// Threshold on `bpf_get_prandom_u32()` and the matching weight (1/p in Q16).
@@ -485,7 +678,9 @@ where
     T: TryFrom<aya::maps::Map>,
     <T as TryFrom<aya::maps::Map>>::Error: std::error::Error + Send + Sync + 'static,
 {
-    let map = bpf.take_map(name).ok_or_else(|| anyhow!("BPF object has no map {name}"))?;
+    let map = bpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("BPF object has no map {name}"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
@@ -530,5 +725,9 @@ fn check_frequency(frequency_hz: u64) -> anyhow::Result<()> {
 fn tracefs_has_sched_switch() -> bool {
     ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
         .iter()
-        .any(|root| Path::new(root).join("events/sched/sched_switch/id").exists())
+        .any(|root| {
+            Path::new(root)
+                .join("events/sched/sched_switch/id")
+                .exists()
+        })
 }

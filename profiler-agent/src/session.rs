@@ -18,6 +18,7 @@ use crate::{
     process::ProcessTable,
     sample::{OffCpuOptions, Sampler, SamplerOptions, StatCounts},
     symbolize::{SymbolizedSample, Symbolizer},
+    unwind::UnwindCounts,
 };
 
 /// What a session samples; a deep-profile run changes it for a while.
@@ -45,6 +46,7 @@ pub struct Session {
     totals: StatCounts,
     windows: u64,
     max_map_fill: f64,
+    unwind: UnwindCounts,
 }
 
 /// How often rate control looks at the switch rate while waiting for a window to end.
@@ -52,8 +54,8 @@ const TICK: Duration = Duration::from_millis(250);
 
 impl Session {
     pub fn start(options: &SamplerOptions, off_cpu_budget: u64) -> anyhow::Result<Self> {
-        let sampler = Sampler::start(options)?;
         let processes = ProcessTable::default();
+        let sampler = Sampler::start(options, processes.clone())?;
         let watcher = spawn_process_watcher(processes.clone())?;
         let symbolizer = Symbolizer::spawn(processes.clone())?;
         let rate = options.off_cpu.as_ref().map(|off| RateControl::new(off, off_cpu_budget));
@@ -68,6 +70,7 @@ impl Session {
             totals: StatCounts::default(),
             windows: 0,
             max_map_fill: 0.0,
+            unwind: UnwindCounts::default(),
         })
     }
 
@@ -88,8 +91,11 @@ impl Session {
         self.windows += 1;
         self.max_map_fill = self.max_map_fill.max(raw.map_fill);
         if raw.map_fill > 0.9 {
-            tracing::warn!(fill = raw.map_fill, "BPF aggregate map nearly full; raise max_stack_keys or shorten the window");
+            tracing::warn!(fill = raw.map_fill, "window aggregate nearly full; raise max_stack_keys or shorten the window");
         }
+        self.unwind.complete += raw.unwind.complete;
+        self.unwind.truncated += raw.unwind.truncated;
+        self.unwind.binaries_unreadable += raw.unwind.binaries_unreadable;
         let samples = self.symbolizer.symbolize(raw.samples)?;
         self.processes.evict();
         Ok(Window { samples, stats: raw.stats, map_fill: raw.map_fill })
@@ -127,7 +133,13 @@ impl Session {
     pub fn counters(&self) -> BTreeMap<&'static str, u64> {
         let mut counters: BTreeMap<&'static str, u64> =
             Stat::ALL.iter().map(|stat| (stat.name(), self.totals.get(*stat))).collect();
-        counters.insert("long_wait_stack_missing", self.sampler.long_waits_unresolved());
+        let losses = self.sampler.agent_losses();
+        counters.insert("aggregate_full", losses.aggregate_full);
+        counters.insert("wait_without_snapshot", losses.wait_without_snapshot);
+        counters.insert("malformed_records", losses.malformed);
+        counters.insert("stacks_unwound", self.unwind.complete);
+        counters.insert("stacks_truncated", self.unwind.truncated);
+        counters.insert("binaries_unreadable", self.unwind.binaries_unreadable);
         counters
     }
 

@@ -16,18 +16,17 @@ use blazesym::symbolize::{
     Input, Symbolized, Symbolizer as Blazesym,
     source::{Elf, Kernel, Source},
 };
-use profiler_common::StackKey;
 
 use crate::{
     process::{ProcessInfo, ProcessTable},
-    sample::{RawSample, RawValue},
+    sample::{RawSample, RawValue, SampleKey},
 };
 
 /// A sample with its stack as frame names, root first: user frames (outermost first)
 /// and then kernel frames, suffixed `_[k]`.
 #[derive(Clone, Debug)]
 pub struct SymbolizedSample {
-    pub key: StackKey,
+    pub key: SampleKey,
     pub process: String,
     pub user_frames: Vec<Arc<str>>,
     pub kernel_frames: Vec<Arc<str>>,

@@ -7,53 +7,73 @@ pub const TASK_COMM_LEN: usize = 16;
 /// Maximum frames the kernel records per stack (PERF_MAX_STACK_DEPTH).
 pub const MAX_STACK_DEPTH: usize = 127;
 
-/// One aggregation key for both on-CPU samples and off-CPU waits.
-/// Negative stack ids carry the kernel's error code (e.g. -EFAULT: no user stack).
+/// Bytes of user stack one snapshot can hold. Copied from the stack pointer upwards, so
+/// the user-space unwinder can walk `.eh_frame` rules of code without frame pointers.
+pub const MAX_USER_STACK: usize = 16384;
+/// The copy falls back to chunks of this size when the whole range is not readable (the
+/// top of a stack mapping is closer than the configured size).
+pub const USER_STACK_CHUNK: usize = 1024;
+
+/// Kinds of ring buffer records; each record starts with its kind as a `u32`.
+pub const EVENT_SAMPLE: u32 = 1;
+pub const EVENT_SWITCH_OUT: u32 = 2;
+pub const EVENT_WAIT_END: u32 = 3;
+
+/// A thread's stacks at one moment: an on-CPU sample, or a switch-out whose wait is
+/// measured later by an [`WaitEnd`] record with the same (`tid`, `ts_ns`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct StackKey {
+#[derive(Clone, Copy)]
+pub struct StackSnapshot {
+    /// [`EVENT_SAMPLE`] or [`EVENT_SWITCH_OUT`].
+    pub kind: u32,
+    pub tid: u32,
     pub tgid: u32,
-    pub pid: u32,
-    pub user_stack_id: i32,
-    pub kernel_stack_id: i32,
-    /// `prev_state` of the switch-out as reported by the sched_switch tracepoint,
-    /// with [`STATE_PREEMPTED`] set when the task was still runnable. Zero for on-CPU.
+    /// `prev_state` of the switch-out as the sched_switch tracepoint reports it, with
+    /// [`STATE_PREEMPTED`] set when the task was still runnable. Zero for samples.
     pub state: u32,
-    /// Zero, except for [`STATE_LONG_WAIT`] entries.
-    pub _pad: u32,
-    /// The thread's comm at sample time, so exited processes keep a name.
+    /// `bpf_ktime_get_ns()` when taken.
+    pub ts_ns: u64,
+    /// The thread's comm at that moment, so exited processes keep a name.
     pub comm: [u8; TASK_COMM_LEN],
+    /// User registers (saved at kernel entry), zero for kernel threads.
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    /// Bytes of `kernel` written by `bpf_get_stack` (a multiple of 8).
+    pub kernel_len: u32,
+    /// Bytes of `user_stack` copied from `sp` upwards.
+    pub user_len: u32,
+    /// Kernel return addresses, leaf first.
+    pub kernel: [u64; MAX_STACK_DEPTH],
+    pub user_stack: [u8; MAX_USER_STACK],
 }
 
-/// Off-CPU aggregate value: scaled nanoseconds and the number of (sampled) waits.
+/// The end of a recorded wait: sent at switch-in of a thread whose switch-out was
+/// recorded, whatever the wait's length, so the agent can drop the snapshot of short ones.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OffCpuValue {
-    pub total_ns: u64,
-    pub count: u64,
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WaitEnd {
+    /// [`EVENT_WAIT_END`].
+    pub kind: u32,
+    pub tid: u32,
+    /// `ts_ns` of the matching [`StackSnapshot`].
+    pub out_ts_ns: u64,
+    /// Wall time off-CPU; zero when shorter than `offcpu_min_ns`.
+    pub elapsed_ns: u64,
+    /// Weight of this wait in 1/65536 units: 65536 / sampling probability.
+    pub weight_q16: u64,
 }
 
-/// What a thread was doing when it left the CPU, kept until it comes back.
+/// What the kernel keeps per switched-out thread until it comes back.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct SwitchOut {
     pub ts_ns: u64,
-    pub generation: u64,
-    /// Weight of this wait in 1/65536 units: 65536 / sampling probability.
     pub weight_q16: u64,
-    pub tgid: u32,
-    pub user_stack_id: i32,
-    pub kernel_stack_id: i32,
-    pub state: u32,
-    pub comm: [u8; TASK_COMM_LEN],
 }
 
-/// Set in [`StackKey::state`] for a task switched out while still runnable (preempted).
+/// Set in [`StackSnapshot::state`] for a task switched out while still runnable (preempted).
 pub const STATE_PREEMPTED: u32 = 1 << 31;
-/// Set in [`StackKey::state`] for a wait that outlived the stack map its stack ids point
-/// into; `_pad` then holds the low 32 bits of the switch-out generation and the agent
-/// finds the stacks it saved from `SWITCH_OUT` under (pid, generation).
-pub const STATE_LONG_WAIT: u32 = 1 << 30;
 /// Task states of the sched_switch tracepoint (TASK_REPORT bits).
 pub const TASK_INTERRUPTIBLE: u32 = 0x1;
 pub const TASK_UNINTERRUPTIBLE: u32 = 0x2;
@@ -66,8 +86,6 @@ pub const TASK_REPORT_IDLE: u32 = 0x80;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Config {
-    /// Generation of the double buffers: buffer `generation % 2` is being filled.
-    pub generation: u64,
     /// Only this process is recorded when non-zero.
     pub filter_tgid: u32,
     /// Switch-outs are recorded when `bpf_get_prandom_u32() <= offcpu_sample_threshold`.
@@ -76,6 +94,10 @@ pub struct Config {
     pub offcpu_weight_q16: u64,
     /// Waits shorter than this are not aggregated.
     pub offcpu_min_ns: u64,
+    /// Bytes of user stack copied per snapshot, a multiple of [`USER_STACK_CHUNK`] up to
+    /// [`MAX_USER_STACK`]; zero keeps only the registers.
+    pub user_stack_bytes: u32,
+    pub _pad: u32,
 }
 
 /// Indices of the per-CPU `STATS` counters.
@@ -83,44 +105,45 @@ pub struct Config {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
     Samples = 0,
-    SampleMapFull,
+    /// Samples lost because the ring buffer was full.
+    SampleRingFull,
+    /// Snapshots whose user stack could not be copied at all.
     UserStackLost,
     KernelStackLost,
     Switches,
     SwitchOutsRecorded,
+    /// Switch-outs not recorded because `SWITCH_OUT` was full.
     SwitchOutMapFull,
-    OffCpuMapFull,
+    /// Switch-outs or wait ends lost because the ring buffer was full.
+    OffCpuRingFull,
     OffCpuBelowMin,
-    OffCpuLongWait,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 9;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Samples,
-        Stat::SampleMapFull,
+        Stat::SampleRingFull,
         Stat::UserStackLost,
         Stat::KernelStackLost,
         Stat::Switches,
         Stat::SwitchOutsRecorded,
         Stat::SwitchOutMapFull,
-        Stat::OffCpuMapFull,
+        Stat::OffCpuRingFull,
         Stat::OffCpuBelowMin,
-        Stat::OffCpuLongWait,
     ];
 
     pub const fn name(self) -> &'static str {
         match self {
             Stat::Samples => "samples",
-            Stat::SampleMapFull => "sample_map_full",
+            Stat::SampleRingFull => "sample_ring_full",
             Stat::UserStackLost => "user_stack_lost",
             Stat::KernelStackLost => "kernel_stack_lost",
             Stat::Switches => "switches",
             Stat::SwitchOutsRecorded => "switch_outs_recorded",
             Stat::SwitchOutMapFull => "switch_out_map_full",
-            Stat::OffCpuMapFull => "offcpu_map_full",
+            Stat::OffCpuRingFull => "offcpu_ring_full",
             Stat::OffCpuBelowMin => "offcpu_below_min",
-            Stat::OffCpuLongWait => "offcpu_long_waits",
         }
     }
 }
@@ -129,9 +152,7 @@ impl Stat {
 pub mod maps {
     pub const CONFIG: &str = "CONFIG";
     pub const STATS: &str = "STATS";
-    pub const STACKS: [&str; 2] = ["STACKS_0", "STACKS_1"];
-    pub const ONCPU: [&str; 2] = ["ONCPU_0", "ONCPU_1"];
-    pub const OFFCPU: [&str; 2] = ["OFFCPU_0", "OFFCPU_1"];
+    pub const EVENTS: &str = "EVENTS";
     pub const SWITCH_OUT: &str = "SWITCH_OUT";
 }
 
@@ -139,8 +160,6 @@ pub mod maps {
 mod pod {
     use super::*;
     // SAFETY: all are #[repr(C)] plain integers with explicit padding.
-    unsafe impl aya::Pod for StackKey {}
-    unsafe impl aya::Pod for OffCpuValue {}
     unsafe impl aya::Pod for SwitchOut {}
     unsafe impl aya::Pod for Config {}
 }

@@ -1,30 +1,39 @@
-//! BPF side of the profiler: on-CPU sampling from the cpu-clock perf event and off-CPU
-//! accounting from the sched_switch tracepoint. Both aggregate in the kernel into
-//! double-buffered maps; the agent flips `CONFIG.generation` and drains the idle buffer.
+//! BPF side of the profiler: on-CPU samples from the cpu-clock perf event and off-CPU
+//! waits from the sched_switch tracepoint.
+//!
+//! Each sample and each recorded switch-out is a [`StackSnapshot`] in the `EVENTS` ring
+//! buffer: the kernel stack, the user registers and a copy of the top of the user stack.
+//! The agent unwinds the user stack from `.eh_frame`, so code built without frame pointers
+//! (gcc/clang `-O2`, Rust release builds, the C library) keeps its callers. A recorded
+//! wait is closed by a small [`WaitEnd`] record at switch-in.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
-// The BPF target has no `AtomicU64::fetch_add`; the intrinsic lowers to BPF_XADD.
-#![cfg_attr(target_arch = "bpf", allow(internal_features), feature(core_intrinsics))]
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
 
 #[cfg(target_arch = "bpf")]
 mod programs {
-    use core::intrinsics::{atomic_xadd, AtomicOrdering};
+    use core::ffi::c_void;
 
     use aya_ebpf::{
-        bindings::BPF_F_USER_STACK,
+        bindings::BPF_RB_NO_WAKEUP,
         helpers::{
             bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns,
+            bpf_probe_read_kernel,
+            generated::{
+                bpf_get_current_task_btf, bpf_get_stack, bpf_probe_read_user, bpf_task_pt_regs,
+            },
         },
         macros::{map, perf_event, tracepoint},
-        maps::{Array, HashMap, LruHashMap, PerCpuArray, StackTrace},
-        programs::{tracing::StackIdContext, PerfEventContext, TracePointContext},
+        maps::{Array, HashMap, PerCpuArray, RingBuf},
+        programs::{PerfEventContext, TracePointContext},
+        EbpfContext,
     };
     use profiler_common::{
-        Config, OffCpuValue, Stat, StackKey, SwitchOut, EXIT_DEAD, EXIT_ZOMBIE, STATE_LONG_WAIT, STATE_PREEMPTED,
-        TASK_COMM_LEN,
+        Config, StackSnapshot, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE, EVENT_SWITCH_OUT,
+        EVENT_WAIT_END, EXIT_DEAD, EXIT_ZOMBIE, MAX_STACK_DEPTH, MAX_USER_STACK, STATE_PREEMPTED,
+        USER_STACK_CHUNK,
     };
 
     // Sizes are defaults; the agent overrides them at load time.
@@ -33,24 +42,24 @@ mod programs {
     #[map]
     static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
     #[map]
-    static STACKS_0: StackTrace = StackTrace::with_max_entries(16384, 0);
-    #[map]
-    static STACKS_1: StackTrace = StackTrace::with_max_entries(16384, 0);
-    #[map]
-    static ONCPU_0: HashMap<StackKey, u64> = HashMap::with_max_entries(10240, 0);
-    #[map]
-    static ONCPU_1: HashMap<StackKey, u64> = HashMap::with_max_entries(10240, 0);
-    #[map]
-    static OFFCPU_0: HashMap<StackKey, OffCpuValue> = HashMap::with_max_entries(10240, 0);
-    #[map]
-    static OFFCPU_1: HashMap<StackKey, OffCpuValue> = HashMap::with_max_entries(10240, 0);
+    static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
     /// Keyed by thread id and shared by all CPUs, so a thread that wakes up on another CPU
-    /// still finds its switch-out. LRU: threads that die off-CPU cannot fill it.
+    /// still finds its switch-out. Not an LRU: evicting the longest sleepers would bias
+    /// the profile silently; a full map is counted instead and the agent clears entries
+    /// of threads that died off-CPU.
     #[map]
-    static SWITCH_OUT: LruHashMap<u32, SwitchOut> = LruHashMap::with_max_entries(32768, 0);
+    static SWITCH_OUT: HashMap<u32, SwitchOut> = HashMap::with_max_entries(32768, 0);
 
     const EFAULT: i64 = 14;
-    const EEXIST: i64 = 17;
+    /// Records are consumed by polling; a wake-up per record would cost more than the record.
+    const NO_WAKEUP: u64 = BPF_RB_NO_WAKEUP as u64;
+
+    // x86_64 `struct pt_regs` (arch/x86/include/asm/ptrace.h), in u64 words.
+    const PT_REGS_WORDS: usize = 21;
+    const REG_BP: usize = 4;
+    const REG_IP: usize = 16;
+    const REG_CS: usize = 17;
+    const REG_SP: usize = 19;
 
     #[inline(always)]
     fn count(stat: Stat) {
@@ -60,47 +69,94 @@ mod programs {
     }
 
     #[inline(always)]
-    fn atomic_add(dst: *mut u64, value: u64) {
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(dst, value) };
-    }
-
-    #[inline(always)]
     fn config() -> Option<&'static Config> {
         CONFIG.get(0)
     }
 
+    /// Fills a reserved snapshot with the current task's stacks. `ctx` is the program's
+    /// context, from which `bpf_get_stack` takes the kernel stack.
     #[inline(always)]
-    fn stacks(generation: u64) -> &'static StackTrace {
-        if generation & 1 == 0 { &STACKS_0 } else { &STACKS_1 }
-    }
-
-    #[inline(always)]
-    fn comm() -> [u8; TASK_COMM_LEN] {
-        bpf_get_current_comm().unwrap_or([0; TASK_COMM_LEN])
-    }
-
-    /// Stack id, or the negated errno. An empty stack (-EFAULT: a user-mode sample has no
-    /// kernel stack, a kernel thread no user stack) is normal; anything else is a loss.
-    #[inline(always)]
-    fn stack_id<C: StackIdContext>(ctx: &C, map: &StackTrace, flags: u64, lost: Stat) -> i32 {
-        match ctx.get_stackid(map, flags) {
-            Ok(id) => id as i32,
-            Err(err) => {
-                if -(err as i64) != EFAULT {
-                    count(lost);
-                }
-                err
-            }
+    fn fill_snapshot(ctx: *mut c_void, cfg: &Config, snapshot: *mut StackSnapshot) {
+        let snapshot = unsafe { &mut *snapshot };
+        snapshot.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        let kernel_len = unsafe {
+            bpf_get_stack(
+                ctx,
+                snapshot.kernel.as_mut_ptr() as *mut c_void,
+                (MAX_STACK_DEPTH * 8) as u32,
+                0,
+            )
+        };
+        snapshot.kernel_len = if kernel_len > 0 { kernel_len as u32 } else { 0 };
+        if kernel_len < 0 && -kernel_len != EFAULT {
+            count(Stat::KernelStackLost);
         }
+
+        // The user registers the task entered the kernel with (syscall, interrupt or
+        // fault), wherever in the kernel it is now.
+        let regs: [u64; PT_REGS_WORDS] = unsafe {
+            let task = bpf_get_current_task_btf();
+            let pt_regs = bpf_task_pt_regs(task) as *const [u64; PT_REGS_WORDS];
+            bpf_probe_read_kernel(pt_regs).unwrap_or([0; PT_REGS_WORDS])
+        };
+        snapshot.user_len = 0;
+        // Kernel threads have no user mode to return to.
+        if regs[REG_CS] & 3 != 3 {
+            snapshot.ip = 0;
+            snapshot.sp = 0;
+            snapshot.bp = 0;
+            return;
+        }
+        snapshot.ip = regs[REG_IP];
+        snapshot.sp = regs[REG_SP];
+        snapshot.bp = regs[REG_BP];
+        snapshot.user_len = copy_user_stack(cfg, snapshot);
+        if snapshot.user_len == 0 {
+            count(Stat::UserStackLost);
+        }
+    }
+
+    /// Copies `user_stack_bytes` from the user stack pointer up. When the range runs past
+    /// the end of the stack mapping, copies chunk by chunk as far as it is readable.
+    #[inline(always)]
+    fn copy_user_stack(cfg: &Config, snapshot: &mut StackSnapshot) -> u32 {
+        let wanted = (cfg.user_stack_bytes as usize).min(MAX_USER_STACK);
+        if wanted == 0 {
+            return 0;
+        }
+        let dst = snapshot.user_stack.as_mut_ptr();
+        let src = snapshot.sp as *const c_void;
+        if unsafe { bpf_probe_read_user(dst as *mut c_void, wanted as u32, src) } == 0 {
+            return wanted as u32;
+        }
+        let mut copied = 0usize;
+        for chunk in 0..MAX_USER_STACK / USER_STACK_CHUNK {
+            let offset = chunk * USER_STACK_CHUNK;
+            if offset >= wanted {
+                break;
+            }
+            let ok = unsafe {
+                bpf_probe_read_user(
+                    dst.add(offset) as *mut c_void,
+                    USER_STACK_CHUNK as u32,
+                    (snapshot.sp as usize + offset) as *const c_void,
+                )
+            } == 0;
+            if !ok {
+                break;
+            }
+            copied = offset + USER_STACK_CHUNK;
+        }
+        copied as u32
     }
 
     #[perf_event]
     pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
         let pid_tgid = bpf_get_current_pid_tgid();
         let tgid = (pid_tgid >> 32) as u32;
-        let pid = pid_tgid as u32;
+        let tid = pid_tgid as u32;
         // The idle task is not CPU use.
-        if pid == 0 {
+        if tid == 0 {
             return 0;
         }
         let Some(cfg) = config() else { return 0 };
@@ -108,46 +164,21 @@ mod programs {
             return 0;
         }
         count(Stat::Samples);
-        let generation = cfg.generation;
-        let stacks = stacks(generation);
-        let key = StackKey {
-            tgid,
-            pid,
-            user_stack_id: stack_id(&ctx, stacks, BPF_F_USER_STACK as u64, Stat::UserStackLost),
-            kernel_stack_id: stack_id(&ctx, stacks, 0, Stat::KernelStackLost),
-            state: 0,
-            _pad: 0,
-            comm: comm(),
+        let Some(mut entry) = EVENTS.reserve::<StackSnapshot>(0) else {
+            count(Stat::SampleRingFull);
+            return 0;
         };
-        let counts = if generation & 1 == 0 { &ONCPU_0 } else { &ONCPU_1 };
-        add_count(counts, &key);
+        let snapshot = entry.as_mut_ptr();
+        unsafe {
+            (*snapshot).kind = EVENT_SAMPLE;
+            (*snapshot).tid = tid;
+            (*snapshot).tgid = tgid;
+            (*snapshot).state = 0;
+            (*snapshot).ts_ns = bpf_ktime_get_ns();
+        }
+        fill_snapshot(ctx.as_ptr(), cfg, snapshot);
+        entry.submit(NO_WAKEUP);
         0
-    }
-
-    #[inline(always)]
-    fn add_count(counts: &HashMap<StackKey, u64>, key: &StackKey) {
-        if let Some(value) = counts.get_ptr_mut(key) {
-            atomic_add(value, 1);
-            return;
-        }
-        match counts.insert(key, 1, aya_ebpf::bindings::BPF_NOEXIST as u64) {
-            Ok(()) => {}
-            // Another CPU inserted the same key in between.
-            Err(err) if -(err as i64) == EEXIST => {
-                if let Some(value) = counts.get_ptr_mut(key) {
-                    atomic_add(value, 1);
-                }
-            }
-            Err(_) => count(Stat::SampleMapFull),
-        }
-    }
-
-    /// `ns * weight / 65536` without 128-bit arithmetic (BPF has none). Waits are clamped to
-    /// 2^44 ns (~4.9 h) so the product fits for any weight up to 2^32.
-    #[inline(always)]
-    fn scale_q16(ns: u64, weight_q16: u64) -> u64 {
-        let ns = if ns > 1 << 44 { 1 << 44 } else { ns };
-        (ns >> 16) * weight_q16 + (((ns & 0xffff) * weight_q16) >> 16)
     }
 
     // Field offsets of sched/sched_switch (see its tracefs `format`; stable ABI).
@@ -175,7 +206,7 @@ mod programs {
 
     /// `current` is still the task leaving the CPU, so its stacks can be taken here.
     #[inline(always)]
-    fn switch_out(ctx: &TracePointContext, cfg: &Config, now: u64, pid: u32) {
+    fn switch_out(ctx: &TracePointContext, cfg: &Config, now: u64, tid: u32) {
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         if cfg.filter_tgid != 0 && cfg.filter_tgid != tgid {
             return;
@@ -194,75 +225,54 @@ mod programs {
         } else {
             (raw_state & 0xff) as u32
         };
-        let generation = cfg.generation;
-        let stacks = stacks(generation);
         let out = SwitchOut {
             ts_ns: now,
-            generation,
             weight_q16: cfg.offcpu_weight_q16,
-            tgid,
-            user_stack_id: stack_id(ctx, stacks, BPF_F_USER_STACK as u64, Stat::UserStackLost),
-            kernel_stack_id: stack_id(ctx, stacks, 0, Stat::KernelStackLost),
-            state,
-            comm: comm(),
         };
-        match SWITCH_OUT.insert(&pid, &out, 0) {
-            Ok(()) => count(Stat::SwitchOutsRecorded),
-            Err(_) => count(Stat::SwitchOutMapFull),
+        if SWITCH_OUT.insert(&tid, &out, 0).is_err() {
+            count(Stat::SwitchOutMapFull);
+            return;
         }
+        let Some(mut entry) = EVENTS.reserve::<StackSnapshot>(0) else {
+            // Without its snapshot the wait cannot be attributed: forget it.
+            let _ = SWITCH_OUT.remove(&tid);
+            count(Stat::OffCpuRingFull);
+            return;
+        };
+        let snapshot = entry.as_mut_ptr();
+        unsafe {
+            (*snapshot).kind = EVENT_SWITCH_OUT;
+            (*snapshot).tid = tid;
+            (*snapshot).tgid = tgid;
+            (*snapshot).state = state;
+            (*snapshot).ts_ns = now;
+        }
+        fill_snapshot(ctx.as_ptr(), cfg, snapshot);
+        entry.submit(NO_WAKEUP);
+        count(Stat::SwitchOutsRecorded);
     }
 
     #[inline(always)]
-    fn switch_in(cfg: &Config, now: u64, pid: u32) {
-        let Some(out) = (unsafe { SWITCH_OUT.get(&pid) }) else { return };
+    fn switch_in(cfg: &Config, now: u64, tid: u32) {
+        let Some(out) = (unsafe { SWITCH_OUT.get(&tid) }) else {
+            return;
+        };
         let out = *out;
-        let _ = SWITCH_OUT.remove(&pid);
-        let elapsed = now.saturating_sub(out.ts_ns);
+        let _ = SWITCH_OUT.remove(&tid);
+        let mut elapsed = now.saturating_sub(out.ts_ns);
         if elapsed < cfg.offcpu_min_ns {
             count(Stat::OffCpuBelowMin);
-            return;
+            elapsed = 0;
         }
-        let current = cfg.generation;
-        let mut key = StackKey {
-            tgid: out.tgid,
-            pid,
-            user_stack_id: out.user_stack_id,
-            kernel_stack_id: out.kernel_stack_id,
-            state: out.state,
-            _pad: 0,
-            comm: out.comm,
+        let end = WaitEnd {
+            kind: EVENT_WAIT_END,
+            tid,
+            out_ts_ns: out.ts_ns,
+            elapsed_ns: elapsed,
+            weight_q16: out.weight_q16,
         };
-        // Stack ids live in the stack map of the switch-out's generation. One flip back, that
-        // map is still intact and the agent drains its aggregate before clearing it. Older
-        // maps are gone, but the agent saved the stacks of threads still switched out before
-        // clearing them: tag the entry so it can find them.
-        let generation = if out.generation + 1 >= current {
-            out.generation
-        } else {
-            count(Stat::OffCpuLongWait);
-            key.state |= STATE_LONG_WAIT;
-            key._pad = out.generation as u32;
-            current
-        };
-        let totals = if generation & 1 == 0 { &OFFCPU_0 } else { &OFFCPU_1 };
-        let ns = scale_q16(elapsed, out.weight_q16);
-        if let Some(value) = totals.get_ptr_mut(&key) {
-            unsafe {
-                atomic_add(&raw mut (*value).total_ns, ns);
-                atomic_add(&raw mut (*value).count, 1);
-            }
-            return;
-        }
-        let value = OffCpuValue { total_ns: ns, count: 1 };
-        if totals.insert(&key, &value, aya_ebpf::bindings::BPF_NOEXIST as u64).is_err() {
-            if let Some(value) = totals.get_ptr_mut(&key) {
-                unsafe {
-                    atomic_add(&raw mut (*value).total_ns, ns);
-                    atomic_add(&raw mut (*value).count, 1);
-                }
-            } else {
-                count(Stat::OffCpuMapFull);
-            }
+        if EVENTS.output::<WaitEnd>(&end, NO_WAKEUP).is_err() {
+            count(Stat::OffCpuRingFull);
         }
     }
 
