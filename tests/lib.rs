@@ -151,6 +151,126 @@ pub fn self_shares(stacks: &[(Vec<String>, u64)], process: &str) -> HashMap<Stri
     by_leaf.into_iter().map(|(name, v)| (name, v as f64 / total.max(1) as f64)).collect()
 }
 
+/// Share of the total value of the stacks whose root satisfies `root` that has each
+/// function anywhere on the stack (inclusive time), each function counted once per stack.
+pub fn inclusive_shares(stacks: &[(Vec<String>, u64)], root: impl Fn(&str) -> bool) -> HashMap<String, f64> {
+    let mut by_function: HashMap<String, u64> = HashMap::new();
+    let mut total = 0;
+    for (frames, value) in stacks {
+        if !frames.first().is_some_and(|f| root(f)) {
+            continue;
+        }
+        total += value;
+        let mut seen: Vec<String> = frames[1..].iter().map(|f| normalize_function(f)).collect();
+        seen.sort();
+        seen.dedup();
+        for function in seen {
+            *by_function.entry(function).or_default() += value;
+        }
+    }
+    by_function.into_iter().map(|(name, v)| (name, v as f64 / total.max(1) as f64)).collect()
+}
+
+/// `perf script` of a perf.data file, collapsed by inferno: frames root first, the root
+/// named after the thread.
+pub fn perf_folded(perf_data: &Path) -> Vec<(Vec<String>, u64)> {
+    let script = Command::new("perf")
+        .args(["script", "-i"])
+        .arg(perf_data)
+        .stderr(Stdio::null())
+        .output()
+        .expect("perf is required (Debian package linux-perf; `cargo xtask setup` installs it)");
+    assert!(script.status.success(), "perf script failed");
+    let mut collapsed = Vec::new();
+    let mut options = inferno::collapse::perf::Options::default();
+    options.annotate_kernel = true;
+    inferno::collapse::Collapse::collapse(&mut inferno::collapse::perf::Folder::from(options), &script.stdout[..], &mut collapsed)
+        .unwrap();
+    parse_folded(&String::from_utf8(collapsed).unwrap())
+}
+
+/// `perf record -F 99 ARGS -p PID`, running until [`PerfRecord::finish`].
+pub struct PerfRecord {
+    child: Child,
+}
+
+impl PerfRecord {
+    pub fn start(pid: u32, output: &Path, args: &[&str]) -> PerfRecord {
+        let child = Command::new("perf")
+            .args(["record", "-q", "-F", "99"])
+            .args(args)
+            .args(["-p", &pid.to_string(), "-o"])
+            .arg(output)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("perf is required (Debian package linux-perf; `cargo xtask setup` installs it)");
+        PerfRecord { child }
+    }
+
+    /// Waits for perf to end (it does when the process it follows exits).
+    pub fn finish(mut self) {
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "perf record failed: {status}");
+    }
+}
+
+/// A bpftrace reference for off-CPU time: the same sched_switch sum per thread of one
+/// process, with the same 1 ms floor, to compare with our figures on the same run.
+pub struct BpftraceOffCpu {
+    child: Child,
+    stdout: BufReader<std::process::ChildStdout>,
+    _script: tempfile::NamedTempFile,
+}
+
+impl BpftraceOffCpu {
+    pub fn start(pid: u32) -> BpftraceOffCpu {
+        let script = tempfile::Builder::new().suffix(".bt").tempfile().unwrap();
+        std::fs::write(
+            script.path(),
+            r#"tracepoint:sched:sched_switch
+{
+  if (pid == $1) { @start[args->prev_pid] = nsecs; }
+  $s = @start[args->next_pid];
+  if ($s != 0) {
+    $d = nsecs - $s;
+    if ($d >= 1000000) { @off[args->next_pid] = sum($d); }
+    delete(@start[args->next_pid]);
+  }
+}
+"#,
+        )
+        .unwrap();
+        let mut child = Command::new("bpftrace")
+            .arg(script.path())
+            .arg(pid.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("bpftrace is required (Debian package bpftrace; `cargo xtask setup` installs it)");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert!(line.contains("Attaching"), "bpftrace did not start: {line}");
+        BpftraceOffCpu { child, stdout, _script: script }
+    }
+
+    /// Stops bpftrace and returns its off-CPU nanoseconds per thread id.
+    pub fn finish(mut self) -> HashMap<i64, f64> {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut self.stdout, &mut rest).unwrap();
+        self.child.wait().unwrap();
+        // Lines like `@off[12345]: 4998712345`.
+        rest.lines()
+            .filter_map(|line| {
+                let (tid, value) = line.strip_prefix("@off[")?.split_once("]: ")?;
+                Some((tid.parse().ok()?, value.trim().parse().ok()?))
+            })
+            .collect()
+    }
+}
+
 /// A port that was free a moment ago (the server must come back on the same one).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

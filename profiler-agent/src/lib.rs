@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod identity;
 pub mod metrics;
+pub mod perf_map;
 pub mod process;
 pub mod record;
 pub mod render;

@@ -73,7 +73,7 @@ impl Default for SamplerOptions {
             off_cpu: None,
             max_stack_keys: 16384,
             user_stack_bytes: MAX_USER_STACK as u32,
-            ring_buffer_bytes: 8 << 20,
+            ring_buffer_bytes: 16 << 20,
             max_switched_out: 65536,
         }
     }

@@ -2,7 +2,11 @@
 //!
 //! blazesym's `Symbolizer` is `!Send`, so it lives on a thread of its own and windows are
 //! handed to it over a channel. It caches parsed binaries by path; on top of that, frame
-//! names are cached per (binary, file offset) and kernel address.
+//! names are cached per (binary, file offset) and kernel address. Addresses outside every
+//! mapped file (JIT code) are named from the process's perf map, when it writes one.
+//!
+//! A frame that cannot be named stays visible as `[unknown] (binary+0xOFFSET)`: the file
+//! offset, unlike the virtual address, is the same in every process and after restarts.
 
 use std::{
     collections::HashMap,
@@ -18,6 +22,7 @@ use blazesym::symbolize::{
 };
 
 use crate::{
+    perf_map::PerfMaps,
     process::{ProcessInfo, ProcessTable},
     sample::{RawSample, RawValue, SampleKey},
 };
@@ -94,6 +99,7 @@ struct State {
     parsed_binaries: std::collections::HashSet<(u64, u64)>,
     blazesym_since: std::time::Instant,
     kernel_names: HashMap<u64, Arc<str>>,
+    perf_maps: PerfMaps,
     unknown: Arc<str>,
     unknown_kernel: Arc<str>,
 }
@@ -107,6 +113,7 @@ impl State {
             parsed_binaries: Default::default(),
             blazesym_since: std::time::Instant::now(),
             kernel_names: HashMap::new(),
+            perf_maps: PerfMaps::default(),
             unknown: Arc::from(UNKNOWN),
             unknown_kernel: Arc::from(format!("{UNKNOWN}{KERNEL_SUFFIX}")),
         }
@@ -140,7 +147,8 @@ impl State {
             .map(|sample| {
                 let info = snapshots.get(&sample.key.tgid);
                 let process = info.map_or_else(|| comm_name(&sample.key.comm), |i| i.name.clone());
-                let user_frames = root_first(sample.user.as_deref(), |addr| self.user_name(info, addr));
+                let tgid = sample.key.tgid;
+                let user_frames = root_first(sample.user.as_deref(), |addr| self.user_name(tgid, info, addr));
                 let kernel_frames = root_first(sample.kernel.as_deref(), |addr| {
                     self.kernel_names.get(&addr).cloned().unwrap_or_else(|| self.unknown_kernel.clone())
                 });
@@ -190,15 +198,21 @@ impl State {
             let (Some(addrs), Some(info)) = (sample.user.as_deref(), snapshots.get(&sample.key.tgid)) else {
                 continue;
             };
+            let mut outside_files = false;
             for (depth, &addr) in addrs.iter().enumerate() {
                 let addr = call_site(depth, addr);
-                if let Some(mapping) = info.mapping_for(addr) {
+                let mapping = info.mapping_for(addr);
+                outside_files |= mapping.is_none();
+                if let Some(mapping) = mapping {
                     let offset = addr - mapping.start + mapping.file_offset;
                     let file = &mapping.file;
                     if !self.user_names.contains_key(&(file.id, offset)) {
                         wanted.entry(file.id).or_insert_with(|| (file.handle_path.clone(), Vec::new())).1.push(offset);
                     }
                 }
+            }
+            if outside_files {
+                self.perf_maps.load(sample.key.tgid);
             }
         }
         for (id, (path, mut offsets)) in wanted {
@@ -224,14 +238,14 @@ impl State {
         }
     }
 
-    fn user_name(&self, info: Option<&ProcessInfo>, addr: u64) -> Arc<str> {
+    fn user_name(&self, tgid: u32, info: Option<&ProcessInfo>, addr: u64) -> Arc<str> {
         let Some(mapping) = info.and_then(|info| info.mapping_for(addr)) else {
-            return self.unknown.clone();
+            return self.perf_maps.lookup(tgid, addr).unwrap_or_else(|| self.unknown.clone());
         };
         let offset = addr - mapping.start + mapping.file_offset;
         match self.user_names.get(&(mapping.file.id, offset)) {
             Some(name) => name.clone(),
-            None => Arc::from(format!("{UNKNOWN} ({})", mapping.file.name)),
+            None => Arc::from(format!("{UNKNOWN} ({}+{offset:#x})", mapping.file.name)),
         }
     }
 }

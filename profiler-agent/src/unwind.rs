@@ -33,6 +33,9 @@ const MAX_PROCESSES: usize = 1024;
 /// is re-read at most this often.
 const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Mappings are page-aligned (x86_64 user space uses 4 KiB pages).
+const PAGE: u64 = 4096;
+
 /// How far an unwind got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -95,9 +98,10 @@ impl Binary {
         let debug_frame = section(".debug_frame").map(|(data, _)| data);
         let segments = elf
             .segments()
-            .filter_map(|segment| {
+            .filter(|segment| matches!(segment.flags(), object::SegmentFlags::Elf { p_flags } if p_flags & object::elf::PF_X != 0))
+            .map(|segment| {
                 let (offset, size) = segment.file_range();
-                Some((offset, segment.address(), size)).filter(|_| size > 0)
+                (offset, segment.address(), size)
             })
             .collect();
         Some(Self {
@@ -125,11 +129,15 @@ impl Binary {
     /// The address the binary's virtual address 0 is loaded at, in a process that maps
     /// `mapping` of it.
     fn base_avma(&self, mapping: &Mapping) -> Option<u64> {
+        // The kernel maps whole pages: the mapping starts at the page holding the
+        // segment's first byte, which may lie before the segment (lld, Rust binaries).
         let (offset, vaddr, _) = self
             .segments
             .iter()
-            .find(|(offset, _, size)| (*offset..offset + size).contains(&mapping.file_offset))?;
-        let svma = mapping.file_offset - offset + vaddr;
+            .find(|(offset, _, size)| (offset & !(PAGE - 1)..offset + size).contains(&mapping.file_offset))?;
+        // A mapping may also start inside the segment (a runtime that remapped part of
+        // its text, as Node.js does onto huge pages).
+        let svma = vaddr.wrapping_add(mapping.file_offset.wrapping_sub(*offset));
         mapping.start.checked_sub(svma)
     }
 }

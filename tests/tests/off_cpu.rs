@@ -1,12 +1,12 @@
 //! Off-CPU time with wait reasons, end to end: real sched_switch tracing, real waits.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::Write as _,
     process::{Command, Stdio},
     time::Duration,
 };
 
-use profiler_tests::{Agent, binary, exclusive, read_folded, require_root, sum_where};
+use profiler_tests::{Agent, BpftraceOffCpu, binary, exclusive, read_folded, require_root, sum_where};
 
 /// Every switch traced (no sampling), so the figures are exact up to the 1 ms floor.
 const EXACT: &[&str] = &["--off-cpu", "--off-cpu-sampling", "1", "--off-cpu-budget", "100000000"];
@@ -107,33 +107,7 @@ fn off_cpu_totals_agree_with_bpftrace() {
         .spawn()
         .unwrap();
     let pid = workload.id().to_string();
-    let script = dir.path().join("offcpu.bt");
-    std::fs::write(
-        &script,
-        r#"tracepoint:sched:sched_switch
-{
-  if (pid == $1) { @start[args->prev_pid] = nsecs; }
-  $s = @start[args->next_pid];
-  if ($s != 0) {
-    $d = nsecs - $s;
-    if ($d >= 1000000) { @off[args->next_pid] = sum($d); }
-    delete(@start[args->next_pid]);
-  }
-}
-"#,
-    )
-    .unwrap();
-    let mut bpftrace = Command::new("bpftrace")
-        .arg(&script)
-        .arg(&pid)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("bpftrace is required (Debian package bpftrace; `cargo xtask setup` installs it)");
-    let mut bpftrace_out = BufReader::new(bpftrace.stdout.take().unwrap());
-    let mut line = String::new();
-    bpftrace_out.read_line(&mut line).unwrap();
-    assert!(line.contains("Attaching"), "bpftrace did not start: {line}");
+    let bpftrace = BpftraceOffCpu::start(workload.id());
 
     let mut args = vec!["--duration", "300s", "--pid", &pid, "-o", folded.to_str().unwrap()];
     args.extend_from_slice(EXACT);
@@ -144,24 +118,14 @@ fn off_cpu_totals_agree_with_bpftrace() {
     assert!(output.status.success());
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    unsafe { libc::kill(bpftrace.id() as i32, libc::SIGINT) };
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut bpftrace_out, &mut rest).unwrap();
-    bpftrace.wait().unwrap();
+    let theirs = bpftrace.finish();
     agent.finish();
 
-    // Lines like `@off[12345]: 4998712345`.
-    let theirs = |tid: i64| -> f64 {
-        rest.lines()
-            .find_map(|l| l.strip_prefix(&format!("@off[{tid}]: ")))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
     let stacks = read_folded(&folded);
     for (function, tid_field) in [("workload::wait_sleep", "sleep_tid"), ("workload::wait_disk", "disk_tid")] {
         let ours = sum_where(&stacks, |f| kind(f).starts_with("[off-cpu:") && has(f, function)) as f64;
         let tid = report[tid_field].as_i64().unwrap();
-        let reference = theirs(tid);
+        let reference = theirs.get(&tid).copied().unwrap_or(0.0);
         eprintln!("{function}: ours {:.3} s, bpftrace {:.3} s", ours / 1e9, reference / 1e9);
         assert!(reference > 0.0, "bpftrace saw no off-CPU time for {function} (tid {tid})");
         assert!(within(ours, reference, 0.10), "{function}: ours {ours} ns vs bpftrace {reference} ns");

@@ -5,7 +5,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use profiler_tests::{Agent, binary, exclusive, parse_folded, read_folded, require_root, self_shares, sum_where};
+use profiler_tests::{Agent, PerfRecord, binary, exclusive, perf_folded, read_folded, require_root, self_shares, sum_where};
 
 const HZ: f64 = 99.0;
 
@@ -58,35 +58,14 @@ fn top_functions_agree_with_perf() {
         .unwrap();
     let pid = workload.id().to_string();
     let agent = Agent::record(&["--duration", "300s", "--pid", &pid, "-o", folded.to_str().unwrap()]);
-    let mut perf = Command::new("perf")
-        .args(["record", "-F", "99", "-g", "-p", &pid, "-o", perf_data.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("perf is required (Debian package linux-perf; `cargo xtask setup` installs it)");
+    let perf = PerfRecord::start(workload.id(), &perf_data, &["-g"]);
     std::thread::sleep(std::time::Duration::from_millis(1500));
     workload.stdin.take().unwrap().write_all(b"go\n").unwrap();
     assert!(workload.wait().unwrap().success());
-    let perf_status = perf.wait().unwrap();
-    assert!(perf_status.success(), "perf record failed");
+    perf.finish();
     agent.finish();
 
-    let script = Command::new("perf")
-        .args(["script", "-i", perf_data.to_str().unwrap()])
-        .stderr(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(script.status.success(), "perf script failed");
-    let mut collapsed = Vec::new();
-    let mut options = inferno::collapse::perf::Options::default();
-    options.annotate_kernel = true;
-    inferno::collapse::Collapse::collapse(
-        &mut inferno::collapse::perf::Folder::from(options),
-        &script.stdout[..],
-        &mut collapsed,
-    )
-    .unwrap();
-    let theirs = parse_folded(&String::from_utf8(collapsed).unwrap());
+    let theirs = perf_folded(&perf_data);
     // perf names the root after the thread; we name it after the process.
     let theirs_shares = self_shares(&theirs, "wl-burn");
     let ours_shares = self_shares(&read_folded(&folded), "workload");

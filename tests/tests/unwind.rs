@@ -1,0 +1,242 @@
+//! Complete stacks on code built the way production code is, without frame pointers:
+//! C at `-O2` and a Rust release build, checked against `perf record --call-graph dwarf`
+//! on the same run; off-CPU waits through the C library, checked against bpftrace; and
+//! frames of JIT-compiled code named from perf maps (Node.js, Python 3.12+).
+
+use std::{
+    collections::HashMap,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use profiler_tests::{
+    Agent, BpftraceOffCpu, PerfRecord, binary, exclusive, inclusive_shares, perf_folded, read_folded, require_root,
+    sum_where,
+};
+
+/// Builds `native/workload.c` with gcc at -O2 and explicitly without frame pointers.
+fn native_workload(dir: &Path) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("native/workload.c");
+    let output = dir.join("native");
+    let status = Command::new("gcc")
+        .args(["-O2", "-g", "-fomit-frame-pointer", "-pthread", "-o"])
+        .arg(&output)
+        .arg(&source)
+        .status()
+        .expect("gcc is required to build the native test workload");
+    assert!(status.success(), "building {} failed", source.display());
+    output
+}
+
+/// Starts `program --wait ARGS`; it begins when [`go`] writes to its stdin.
+fn waiting(program: &Path, args: &[&str]) -> Child {
+    Command::new(program)
+        .arg("--wait")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("starting {}: {err}", program.display()))
+}
+
+fn go(mut child: Child) -> serde_json::Value {
+    std::thread::sleep(Duration::from_millis(1500));
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "workload failed");
+    serde_json::from_slice(&output.stdout).expect("workload report")
+}
+
+/// Records one run of `program` with our agent and with `perf --call-graph dwarf`, and
+/// returns both inclusive shares per function over the process's on-CPU samples.
+fn on_cpu_with_perf_dwarf(program: &Path, args: &[&str], process: &str) -> (HashMap<String, f64>, HashMap<String, f64>) {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let folded = dir.path().join("ours.folded");
+    let perf_data = dir.path().join("perf.data");
+    let workload = waiting(program, args);
+    let pid = workload.id().to_string();
+    let agent = Agent::record(&["--duration", "300s", "--pid", &pid, "-o", folded.to_str().unwrap()]);
+    let perf = PerfRecord::start(workload.id(), &perf_data, &["--call-graph", "dwarf"]);
+    go(workload);
+    perf.finish();
+    agent.finish();
+    let ours = inclusive_shares(&read_folded(&folded), |root| root == process);
+    // perf names the root after the thread; it only followed this process.
+    let theirs = inclusive_shares(&perf_folded(&perf_data), |_| true);
+    (ours, theirs)
+}
+
+fn compare(functions: &[&str], ours: &HashMap<String, f64>, theirs: &HashMap<String, f64>) {
+    for function in functions {
+        let (our, their) = (ours.get(*function).copied().unwrap_or(0.0), theirs.get(*function).copied().unwrap_or(0.0));
+        eprintln!("{function}: perf --call-graph dwarf {:.1}%, ours {:.1}%", their * 100.0, our * 100.0);
+    }
+    for function in functions {
+        let (our, their) = (ours.get(*function).copied().unwrap_or(0.0), theirs.get(*function).copied().unwrap_or(0.0));
+        assert!(their > 0.0, "perf never saw {function}: the workload did not run as expected");
+        assert!((our - their).abs() <= 0.05, "{function}: perf {:.1}% vs ours {:.1}%", their * 100.0, our * 100.0);
+    }
+}
+
+#[test]
+fn c_without_frame_pointers_matches_perf_dwarf() {
+    let _serial = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let program = native_workload(dir.path());
+    let (ours, theirs) = on_cpu_with_perf_dwarf(&program, &["cpu", "8"], "native");
+    compare(&["cpu", "alpha", "beta", "gamma_rec", "spin"], &ours, &theirs);
+    // alpha only calls spin: with frame pointers missing, it vanished from every stack.
+    assert!(ours["alpha"] >= 0.2, "alpha in only {:.1}% of samples", ours["alpha"] * 100.0);
+    // The busy thread is the only one on CPU; its entry function must be on its stacks.
+    assert!(ours["cpu"] >= 0.9, "thread entry `cpu` in only {:.1}% of samples", ours["cpu"] * 100.0);
+}
+
+#[test]
+fn rust_release_build_matches_perf_dwarf() {
+    let _serial = exclusive();
+    let (ours, theirs) = on_cpu_with_perf_dwarf(&binary("workload"), &["burn", "8", "1"], "workload");
+    compare(&["workload::burn_cpu", "workload::step_a", "workload::step_b", "workload::step_c"], &ours, &theirs);
+    let entry = ours.get("workload::burn_cpu").copied().unwrap_or(0.0);
+    assert!(entry >= 0.9, "thread entry burn_cpu in only {:.1}% of samples", entry * 100.0);
+}
+
+/// Each thread waits through a different libc wrapper; libc has no frame pointers, so the
+/// workload function that called it is only found by unwinding libc's `.eh_frame`.
+#[test]
+fn off_cpu_waits_through_libc_keep_their_caller() {
+    let _serial = exclusive();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let program = native_workload(dir.path());
+    let folded = dir.path().join("out.folded");
+    let workload = waiting(&program, &["waits", "5", dir.path().to_str().unwrap()]);
+    let pid = workload.id().to_string();
+    let bpftrace = BpftraceOffCpu::start(workload.id());
+    let agent = Agent::record(&[
+        "--duration",
+        "300s",
+        "--pid",
+        &pid,
+        "-o",
+        folded.to_str().unwrap(),
+        "--off-cpu",
+        "--off-cpu-sampling",
+        "1",
+        "--off-cpu-budget",
+        "100000000",
+    ]);
+    let report = go(workload);
+    std::thread::sleep(Duration::from_millis(300));
+    let theirs = bpftrace.finish();
+    agent.finish();
+
+    let stacks = read_folded(&folded);
+    let off = |frames: &[String]| frames.first().is_some_and(|kind| kind.starts_with("[off-cpu:"));
+    for (function, thread) in [
+        ("wait_nanosleep", "sleeper_tid"),
+        ("wait_mutex", "locker_tid"),
+        ("wait_pipe", "piper_tid"),
+        ("wait_fdatasync", "syncer_tid"),
+    ] {
+        let ours = sum_where(&stacks, |f| off(f) && f.iter().any(|frame| frame == function)) as f64;
+        let tid = report[thread].as_i64().unwrap();
+        let reference = theirs.get(&tid).copied().unwrap_or(0.0);
+        eprintln!("{function}: ours {:.3} s under the function, bpftrace {:.3} s for the thread", ours / 1e9, reference / 1e9);
+        assert!(reference > 0.0, "bpftrace saw no off-CPU time for {function}'s thread {tid}");
+        assert!(ours >= 0.9 * reference, "{function}: only {:.1}% of its thread's off-CPU time", 100.0 * ours / reference);
+        assert!(ours <= 1.1 * reference, "{function}: {ours} ns vs bpftrace {reference} ns");
+    }
+}
+
+/// Share of a process's on-CPU samples with a frame containing `name`.
+fn share_with_frame(stacks: &[(Vec<String>, u64)], process: &str, name: &str) -> f64 {
+    let ours = |f: &[String]| f.first().is_some_and(|root| root == process);
+    let total = sum_where(stacks, ours) as f64;
+    let with = sum_where(stacks, |f| ours(f) && f.iter().any(|frame| frame.contains(name))) as f64;
+    eprintln!("{process}: {with} of {total} samples have a frame with {name}");
+    if total == 0.0 { 0.0 } else { with / total }
+}
+
+/// Records an interpreter running `script` (which waits for a line on stdin, then burns
+/// CPU in a function called `hot_spot_for_the_profiler`) and returns our folded stacks.
+fn record_runtime(command: &mut Command) -> Vec<(Vec<String>, u64)> {
+    let dir = tempfile::tempdir().unwrap();
+    let folded = dir.path().join("out.folded");
+    let child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("start runtime");
+    let pid = child.id();
+    let agent = Agent::record(&["--duration", "300s", "--pid", &pid.to_string(), "-o", folded.to_str().unwrap()]);
+    go(child);
+    agent.finish();
+    let _ = std::fs::remove_file(format!("/tmp/perf-{pid}.map"));
+    read_folded(&folded)
+}
+
+#[test]
+fn node_jit_frames_are_named_from_its_perf_map() {
+    let _serial = exclusive();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("hot.js");
+    std::fs::write(
+        &script,
+        r#"function hot_spot_for_the_profiler(n) {
+  let x = 0;
+  for (let i = 0; i < n; i++) x = (x * 31 + i) % 1000003;
+  return x;
+}
+process.stdin.once('data', () => {
+  const end = Date.now() + 4000;
+  let total = 0;
+  while (Date.now() < end) total += hot_spot_for_the_profiler(1e6);
+  console.log(JSON.stringify({ total }));
+  process.exit(0);
+});
+"#,
+    )
+    .unwrap();
+    let stacks = record_runtime(Command::new("node").arg("--perf-basic-prof").arg(&script));
+    let share = share_with_frame(&stacks, "node", "hot_spot_for_the_profiler");
+    assert!(share >= 0.5, "JavaScript function named in only {:.1}% of node's samples", share * 100.0);
+}
+
+/// Python writes perf maps with `-X perf` since 3.12. Debian 12 ships 3.11: the test then
+/// says so and checks nothing.
+#[test]
+fn python_frames_are_named_from_its_perf_map() {
+    let _serial = exclusive();
+    let Some(python) = ["python3.14", "python3.13", "python3.12", "python3"].into_iter().find(|python| {
+        Command::new(python)
+            .args(["-c", "import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)"])
+            .status()
+            .is_ok_and(|status| status.success())
+    }) else {
+        eprintln!("SKIPPED python_frames_are_named_from_its_perf_map: no Python 3.12+ on PATH (`-X perf` needs 3.12; Debian 12's python3 is 3.11)");
+        return;
+    };
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("hot.py");
+    std::fs::write(
+        &script,
+        r#"import sys, time
+def hot_spot_for_the_profiler(n):
+    x = 0
+    for i in range(n):
+        x = (x * 31 + i) % 1000003
+    return x
+sys.stdin.readline()
+end = time.time() + 4
+while time.time() < end:
+    hot_spot_for_the_profiler(100000)
+print("{}")
+"#,
+    )
+    .unwrap();
+    let stacks = record_runtime(Command::new(python).args(["-X", "perf"]).arg(&script));
+    let process = stacks.iter().filter_map(|(f, _)| f.first()).find(|root| root.starts_with("python")).cloned().unwrap_or_default();
+    let share = share_with_frame(&stacks, &process, "hot_spot_for_the_profiler");
+    assert!(share >= 0.5, "Python function named in only {:.1}% of samples", share * 100.0);
+}
