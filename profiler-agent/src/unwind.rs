@@ -80,16 +80,9 @@ impl Binary {
         let section = |name: &str| -> Option<(Section, Range<u64>)> {
             let section = elf.section_by_name(name)?;
             let (offset, size) = section.file_range()?;
-            let range = offset as usize..(offset + size) as usize;
-            (range.end <= map.len()).then(|| {
-                (
-                    Section {
-                        map: map.clone(),
-                        range,
-                    },
-                    section.address()..section.address() + section.size(),
-                )
-            })
+            let range = usize::try_from(offset).ok()?..usize::try_from(offset.checked_add(size)?).ok()?;
+            let svma = section.address()..section.address().checked_add(section.size())?;
+            (range.end <= map.len()).then(|| (Section { map: map.clone(), range }, svma))
         };
         let (text, text_svma) = section(".text").unzip();
         let (eh_frame, eh_frame_svma) = section(".eh_frame").unzip();
