@@ -219,6 +219,9 @@ fn record_drain_metrics(session: &Session, window: &Window, metrics: &Metrics) {
     metrics.switches_recorded.fetch_add(stats.get(Stat::SwitchOutsRecorded), Relaxed);
     metrics.off_cpu_lost.fetch_add(stats.get(Stat::OffCpuRingFull) + stats.get(Stat::SwitchOutMapFull), Relaxed);
     metrics.map_fill_permille.store((window.map_fill * 1000.0) as u64, Relaxed);
+    metrics.stacks_unwound.fetch_add(window.unwind.complete, Relaxed);
+    metrics.stacks_truncated.fetch_add(window.unwind.truncated, Relaxed);
+    metrics.stacks_partly_unknown.fetch_add(window.partly_unknown, Relaxed);
     if let Some(sampling) = session.off_cpu_effective_sampling() {
         metrics.off_cpu_sampling_permille.store((sampling * 1000.0) as u64, Relaxed);
     }

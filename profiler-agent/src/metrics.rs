@@ -14,7 +14,10 @@ pub struct Metrics {
     pub switches: AtomicU64,
     pub switches_recorded: AtomicU64,
     pub off_cpu_lost: AtomicU64,
-    /// Fill of the busiest BPF aggregate map in the last window, in 1/1000.
+    pub stacks_unwound: AtomicU64,
+    pub stacks_truncated: AtomicU64,
+    pub stacks_partly_unknown: AtomicU64,
+    /// Share of `max_stack_keys` used by the last window, in 1/1000.
     pub map_fill_permille: AtomicU64,
     /// Off-CPU sampling share in the last window, in 1/1000.
     pub off_cpu_sampling_permille: AtomicU64,
@@ -42,12 +45,15 @@ impl Metrics {
         let get = |counter: &AtomicU64| counter.load(Relaxed) as f64;
         metric("windows_total", "counter", "Windows drained from the kernel.", get(&self.windows));
         metric("samples_total", "counter", "On-CPU samples taken.", get(&self.samples));
-        metric("samples_lost_total", "counter", "On-CPU samples lost to a full aggregate map.", get(&self.samples_lost));
-        metric("stacks_lost_total", "counter", "Stacks that could not be recorded (stack map full or collision).", get(&self.stacks_lost));
+        metric("samples_lost_total", "counter", "On-CPU samples lost to a full ring buffer.", get(&self.samples_lost));
+        metric("stacks_lost_total", "counter", "Kernel or user stacks that could not be copied.", get(&self.stacks_lost));
+        metric("stacks_unwound_total", "counter", "User stacks unwound to their outermost frame.", get(&self.stacks_unwound));
+        metric("stacks_truncated_total", "counter", "User stacks whose unwinding stopped early (stack copy too short, no rule).", get(&self.stacks_truncated));
+        metric("stacks_partly_unknown_total", "counter", "Aggregated stacks with at least one frame that has no name.", get(&self.stacks_partly_unknown));
         metric("switches_total", "counter", "Context switches seen by the off-CPU program.", get(&self.switches));
         metric("switches_recorded_total", "counter", "Context switches recorded (sampled).", get(&self.switches_recorded));
-        metric("off_cpu_lost_total", "counter", "Off-CPU waits lost to full maps.", get(&self.off_cpu_lost));
-        metric("map_fill_ratio", "gauge", "Fill of the busiest BPF aggregate map in the last window.", get(&self.map_fill_permille) / 1000.0);
+        metric("off_cpu_lost_total", "counter", "Off-CPU waits lost to a full ring buffer or switch-out map.", get(&self.off_cpu_lost));
+        metric("map_fill_ratio", "gauge", "Share of max_stack_keys used by the last window.", get(&self.map_fill_permille) / 1000.0);
         metric("off_cpu_sampling_ratio", "gauge", "Share of context switches recorded.", get(&self.off_cpu_sampling_permille) / 1000.0);
         metric("profiles_produced_total", "counter", "Profiles (one per service, labels and kind per window) produced.", get(&self.profiles_produced));
         metric("profiles_shipped_total", "counter", "Profiles acknowledged by the server.", get(&self.profiles_shipped));

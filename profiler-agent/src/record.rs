@@ -49,7 +49,8 @@ impl Default for RecordOptions {
     }
 }
 
-/// Each recorded switch-out costs two stack walks (~1-3 µs); 4000/s keeps that near 1% of one CPU.
+/// Each recorded switch-out copies the kernel stack and 16 KiB of user stack into the ring
+/// buffer (a few µs, see the README's figures); 4000/s keeps that near 1% of one CPU.
 pub const DEFAULT_OFF_CPU_BUDGET: u64 = 4000;
 
 /// What happened during a recording, for humans (logged) and tests (`--stats` JSON).
@@ -119,9 +120,12 @@ fn report(summary: &RecordSummary) {
     let c = |name| summary.counters.get(name).copied().unwrap_or(0);
     tracing::info!(
         samples = c("samples"),
-        lost_map_full = c("sample_map_full"),
+        lost_ring_full = c("sample_ring_full"),
         user_stacks_lost = c("user_stack_lost"),
         kernel_stacks_lost = c("kernel_stack_lost"),
+        stacks_unwound = c("stacks_unwound"),
+        stacks_truncated = c("stacks_truncated"),
+        stacks_partly_unknown = c("stacks_partly_unknown"),
         windows = summary.windows,
         "on-CPU sampling done"
     );
@@ -131,9 +135,8 @@ fn report(summary: &RecordSummary) {
             recorded = c("switch_outs_recorded"),
             effective_sampling = effective,
             below_min_block = c("offcpu_below_min"),
-            lost_map_full = c("offcpu_map_full") + c("switch_out_map_full"),
-            long_waits = c("offcpu_long_waits"),
-            long_waits_without_stack = c("long_wait_stack_missing"),
+            lost = c("offcpu_ring_full") + c("switch_out_map_full"),
+            waits_without_snapshot = c("wait_without_snapshot"),
             "off-CPU tracing done"
         );
     }

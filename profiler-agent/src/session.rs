@@ -35,6 +35,9 @@ pub struct Window {
     pub samples: Vec<SymbolizedSample>,
     pub stats: StatCounts,
     pub map_fill: f64,
+    pub unwind: UnwindCounts,
+    /// Aggregated stacks with at least one user frame that has no name.
+    pub partly_unknown: u64,
 }
 
 pub struct Session {
@@ -47,6 +50,7 @@ pub struct Session {
     windows: u64,
     max_map_fill: f64,
     unwind: UnwindCounts,
+    partly_unknown: u64,
 }
 
 /// How often rate control looks at the switch rate while waiting for a window to end.
@@ -71,6 +75,7 @@ impl Session {
             windows: 0,
             max_map_fill: 0.0,
             unwind: UnwindCounts::default(),
+            partly_unknown: 0,
         })
     }
 
@@ -98,7 +103,12 @@ impl Session {
         self.unwind.binaries_unreadable += raw.unwind.binaries_unreadable;
         let samples = self.symbolizer.symbolize(raw.samples)?;
         self.processes.evict();
-        Ok(Window { samples, stats: raw.stats, map_fill: raw.map_fill })
+        let partly_unknown = samples
+            .iter()
+            .filter(|sample| sample.user_frames.iter().any(|frame| frame.starts_with(crate::symbolize::UNKNOWN)))
+            .count() as u64;
+        self.partly_unknown += partly_unknown;
+        Ok(Window { samples, stats: raw.stats, map_fill: raw.map_fill, unwind: raw.unwind, partly_unknown })
     }
 
     /// Switches to other settings. Call right after a window was drained, so the counts
@@ -140,6 +150,7 @@ impl Session {
         counters.insert("stacks_unwound", self.unwind.complete);
         counters.insert("stacks_truncated", self.unwind.truncated);
         counters.insert("binaries_unreadable", self.unwind.binaries_unreadable);
+        counters.insert("stacks_partly_unknown", self.partly_unknown);
         counters
     }
 
