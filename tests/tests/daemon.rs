@@ -151,8 +151,10 @@ fn a_full_spool_drops_oldest_and_says_so() {
     eprintln!("agent counters: {counters:?}");
     assert!(counters["profiles_dropped"] > 0, "a 20 kB spool should have overflowed");
     assert_eq!(counters["profiles_shipped"], 0);
-    assert_eq!(counters["profiles_spooled"], counters["profiles_produced"]);
-    assert_eq!(counters["profiles_spooled"], counters["profiles_dropped"] + counters["left_in_spool"]);
+    // Every profile is accounted for: dropped (oldest first, or alone when larger than the
+    // whole spool) or still in the spool.
+    assert!(counters["profiles_spooled"] > 0);
+    assert_eq!(counters["profiles_produced"], counters["profiles_dropped"] + counters["left_in_spool"]);
     let on_disk: u64 = std::fs::read_dir(dir.path().join("spool")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
     assert!(on_disk <= 20_000, "spool holds {on_disk} bytes");
 }

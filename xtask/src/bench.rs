@@ -23,6 +23,9 @@ pub enum Bench {
         /// Hash rounds per thread (sets the workload's length).
         #[arg(long, default_value_t = 3_000_000_000)]
         iterations: u64,
+        /// Another build of the agent to measure in the same rounds (before/after a change).
+        #[arg(long)]
+        baseline_agent: Option<PathBuf>,
     },
     /// Off-CPU tracing on `perf bench sched pipe` (context-switch heavy, the worst case):
     /// default settings, every switch traced, and the bpftrace equivalent.
@@ -31,6 +34,9 @@ pub enum Bench {
         rounds: usize,
         #[arg(long, default_value_t = 200_000)]
         loops: u64,
+        /// Another build of the agent to measure in the same rounds (before/after a change).
+        #[arg(long)]
+        baseline_agent: Option<PathBuf>,
     },
     /// The daemon in steady state on a busy host: agent CPU per second, peak RSS, bytes
     /// shipped per window per service, against a real server on loopback.
@@ -44,8 +50,10 @@ pub enum Bench {
 
 pub fn run(bench: Bench) -> anyhow::Result<()> {
     match bench {
-        Bench::AgentOverhead { rounds, iterations } => agent_overhead(rounds, iterations),
-        Bench::SchedPipe { rounds, loops } => sched_pipe(rounds, loops),
+        Bench::AgentOverhead { rounds, iterations, baseline_agent } => {
+            with_bpf_stats(|| agent_overhead(rounds, iterations, baseline_agent))
+        }
+        Bench::SchedPipe { rounds, loops, baseline_agent } => with_bpf_stats(|| sched_pipe(rounds, loops, baseline_agent)),
         Bench::Daemon { minutes } => daemon(minutes),
         Bench::Server => cargo(&["bench", "-p", "profiler-server", "--bench", "server"]),
     }
@@ -129,15 +137,55 @@ impl Drop for Running {
     }
 }
 
+/// Turns on the kernel's BPF run-time statistics for `body`, so the cost of every BPF
+/// program is measured exactly (run_time_ns / run_cnt), and restores the setting after.
+fn with_bpf_stats(body: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    let before = std::fs::read_to_string(SYSCTL).unwrap_or_default();
+    if std::fs::write(SYSCTL, "1").is_err() {
+        eprintln!("cannot enable {SYSCTL}: in-kernel cost per run is not reported");
+    }
+    let result = body();
+    if !before.trim().is_empty() {
+        let _ = std::fs::write(SYSCTL, before.trim());
+    }
+    result
+}
+
+/// Nanoseconds per run of each BPF program a process holds, by program type, from the
+/// `run_time_ns` and `run_cnt` of its descriptors' fdinfo.
+fn bpf_costs(pid: u32) -> Vec<(&'static str, f64, u64)> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return Vec::new() };
+    let mut costs = Vec::new();
+    for fd in fds.filter_map(Result::ok) {
+        let Ok(info) = std::fs::read_to_string(fd.path()) else { continue };
+        let field = |name: &str| info.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok());
+        let (Some(kind), Some(ns), Some(runs)) = (field("prog_type:"), field("run_time_ns:"), field("run_cnt:")) else { continue };
+        let kind = match kind {
+            5 => "tracepoint",
+            7 => "perf_event",
+            17 => "raw_tracepoint",
+            _ => "other",
+        };
+        if runs > 0 {
+            costs.push((kind, ns as f64 / runs as f64, runs));
+        }
+    }
+    costs
+}
+
 /// CPU seconds and peak RSS (KiB) of a profiler process, stopped with SIGINT.
 struct Usage {
     cpu_per_s: f64,
     max_rss_kib: i64,
     peak_anon_kib: u64,
+    /// ns per run and runs, per BPF program type.
+    bpf: Vec<(&'static str, f64, u64)>,
 }
 
 fn stop(running: Running) -> anyhow::Result<Usage> {
     let pid = running.child.id() as i32;
+    let bpf = bpf_costs(pid as u32);
     // Reaped here with wait4 for its rusage; the guard must not signal a reused pid.
     let running = std::mem::ManuallyDrop::new(running);
     let wall = running.started.elapsed().as_secs_f64();
@@ -150,7 +198,7 @@ fn stop(running: Running) -> anyhow::Result<Usage> {
     let cpu = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     let steady = cpu(usage.ru_utime) + cpu(usage.ru_stime) - running.cpu_at_start;
     let peak_anon_kib = running.peak_anon_kib.load(std::sync::atomic::Ordering::Relaxed);
-    Ok(Usage { cpu_per_s: steady / wall, max_rss_kib: usage.ru_maxrss, peak_anon_kib })
+    Ok(Usage { cpu_per_s: steady / wall, max_rss_kib: usage.ru_maxrss, peak_anon_kib, bpf })
 }
 
 /// utime + stime of a live process, from /proc/PID/stat.
@@ -195,20 +243,35 @@ fn compare(contenders: &mut [Contender], rounds: usize, workload: impl Fn() -> a
         }
         eprintln!("round {}/{rounds}: baseline {baseline:.3} s", round + 1);
     }
-    println!("{:<28} {:>16} {:>14} {:>14} {:>16}", "profiler", "median slowdown", "own CPU/s", "peak RSS", "peak heap (anon)");
+    println!(
+        "{:<30} {:>16} {:>14} {:>14} {:>16}  {}",
+        "profiler", "median slowdown", "own CPU/s", "peak RSS", "peak heap (anon)", "in-kernel ns/run (median)"
+    );
     for contender in contenders.iter_mut() {
         let slowdown = median(&mut contender.slowdowns);
         let mut cpu: Vec<f64> = contender.usage.iter().map(|u| u.cpu_per_s).collect();
         let rss = contender.usage.iter().map(|u| u.max_rss_kib).max().unwrap_or(0);
         let anon = contender.usage.iter().map(|u| u.peak_anon_kib).max().unwrap_or(0);
         let cpu = if cpu.is_empty() { "-".to_string() } else { format!("{:.2} ms", median(&mut cpu) * 1e3) };
+        let mut kinds: Vec<&str> = contender.usage.iter().flat_map(|u| u.bpf.iter().map(|(kind, _, _)| *kind)).collect();
+        kinds.sort();
+        kinds.dedup();
+        let bpf: Vec<String> = kinds
+            .into_iter()
+            .map(|kind| {
+                let mut per_run: Vec<f64> =
+                    contender.usage.iter().flat_map(|u| u.bpf.iter().filter(|(k, _, _)| *k == kind).map(|(_, ns, _)| *ns)).collect();
+                format!("{kind} {:.0}", median(&mut per_run))
+            })
+            .collect();
         println!(
-            "{:<28} {:>15.2}% {:>14} {:>11.1} MB {:>13.1} MB",
+            "{:<30} {:>15.2}% {:>14} {:>11.1} MB {:>13.1} MB  {}",
             contender.name,
             slowdown * 100.0,
             cpu,
             rss as f64 / 1024.0,
-            anon as f64 / 1024.0
+            anon as f64 / 1024.0,
+            if bpf.is_empty() { "-".to_string() } else { bpf.join(", ") }
         );
     }
     Ok(())
@@ -218,12 +281,12 @@ fn argv(parts: &[&str]) -> Vec<String> {
     parts.iter().map(|s| s.to_string()).collect()
 }
 
-fn agent_overhead(rounds: usize, iterations: u64) -> anyhow::Result<()> {
+fn agent_overhead(rounds: usize, iterations: u64, baseline_agent: Option<PathBuf>) -> anyhow::Result<()> {
     let (agent, workload) = release_binaries()?;
     let agent = agent.to_string_lossy().into_owned();
     let cpus = std::thread::available_parallelism()?.get().to_string();
     let perf_data = std::env::temp_dir().join("xtask-bench-perf.data");
-    let mut contenders = [
+    let mut contenders = vec![
         Contender {
             name: "profiler-agent 99 Hz",
             profiler: Profiler(argv(&[&agent, "record", "--duration", "1h", "--frequency", "99", "-o", "/dev/null"]), Some("sampling started")),
@@ -243,17 +306,26 @@ fn agent_overhead(rounds: usize, iterations: u64) -> anyhow::Result<()> {
             usage: vec![],
         },
     ];
+    if let Some(baseline) = baseline_agent {
+        let baseline = baseline.to_string_lossy().into_owned();
+        contenders.push(Contender {
+            name: "baseline agent 99 Hz",
+            profiler: Profiler(argv(&[&baseline, "record", "--duration", "1h", "--frequency", "99", "-o", "/dev/null"]), Some("sampling started")),
+            slowdowns: vec![],
+            usage: vec![],
+        });
+    }
     println!("agent overhead: hashing {iterations} rounds on each of {cpus} threads, {rounds} interleaved rounds");
     compare(&mut contenders, rounds, || timed(Command::new(&workload).args(["hash", &iterations.to_string(), &cpus])))?;
     let _ = std::fs::remove_file(perf_data);
     Ok(())
 }
 
-fn sched_pipe(rounds: usize, loops: u64) -> anyhow::Result<()> {
+fn sched_pipe(rounds: usize, loops: u64, baseline_agent: Option<PathBuf>) -> anyhow::Result<()> {
     let (agent, _) = release_binaries()?;
     let agent = agent.to_string_lossy().into_owned();
     let offcpu_bt = r#"tracepoint:sched:sched_switch { if (args->prev_pid != 0) { @start[args->prev_pid] = nsecs; @ks[args->prev_pid] = kstack; @us[args->prev_pid] = ustack; } $s = @start[args->next_pid]; if ($s != 0) { @[@ks[args->next_pid], @us[args->next_pid]] = sum(nsecs - $s); delete(@start[args->next_pid]); } }"#;
-    let mut contenders = [
+    let mut contenders = vec![
         Contender {
             name: "agent --off-cpu (default)",
             profiler: Profiler(argv(&[&agent, "record", "--duration", "1h", "--off-cpu", "-o", "/dev/null"]), Some("sampling started")),
@@ -276,8 +348,21 @@ fn sched_pipe(rounds: usize, loops: u64) -> anyhow::Result<()> {
             usage: vec![],
         },
     ];
-    println!("sched pipe: `perf bench sched pipe -l {loops}`, {rounds} interleaved rounds");
-    compare(&mut contenders, rounds, || timed(Command::new("perf").args(["bench", "sched", "pipe", "-l", &loops.to_string()])))
+    if let Some(baseline) = baseline_agent {
+        let baseline = baseline.to_string_lossy().into_owned();
+        contenders.push(Contender {
+            name: "baseline agent --off-cpu",
+            profiler: Profiler(argv(&[&baseline, "record", "--duration", "1h", "--off-cpu", "-o", "/dev/null"]), Some("sampling started")),
+            slowdowns: vec![],
+            usage: vec![],
+        });
+    }
+    // Both ends on one CPU: unpinned, the scheduler's placement varies more between runs
+    // than any profiler's cost.
+    println!("sched pipe: `taskset -c 0 perf bench sched pipe -l {loops}`, {rounds} interleaved rounds");
+    compare(&mut contenders, rounds, || {
+        timed(Command::new("taskset").args(["-c", "0", "perf", "bench", "sched", "pipe", "-l", &loops.to_string()]))
+    })
 }
 
 /// Scrapes one value from a Prometheus text page.
