@@ -206,9 +206,15 @@ impl Sampler {
             .load()
             .map_err(|err| anyhow!("the kernel rejected the on-CPU program: {}", chain(&err)))?;
         let ring: RingBuf<MapData> = take(&mut bpf, maps::EVENTS)?;
+        let stack_bytes = StackBytes {
+            map: take(&mut bpf, maps::STACK_BYTES)?,
+            learnt: HashMap::new(),
+            max: config.user_stack_bytes,
+        };
         let reader = Reader::spawn(
             ring,
             Unwinder::new(processes),
+            stack_bytes,
             options.max_stack_keys as usize,
             options.max_switched_out as usize,
         )?;
@@ -388,6 +394,7 @@ impl Reader {
     fn spawn(
         ring: RingBuf<MapData>,
         unwinder: Unwinder,
+        stack_bytes: StackBytes,
         max_keys: usize,
         max_pending: usize,
     ) -> anyhow::Result<Self> {
@@ -395,6 +402,7 @@ impl Reader {
         let losses = Arc::new(std::sync::Mutex::new(AgentLosses::default()));
         let mut state = ReaderState {
             unwinder,
+            stack_bytes,
             window: Aggregate::new(),
             pending: HashMap::new(),
             max_keys,
@@ -453,6 +461,37 @@ impl Drop for Reader {
     }
 }
 
+/// How much user stack each thread needs copied, told to the BPF programs through
+/// `STACK_BYTES`. Grows only (a deeper call next time still fits), in whole chunks, with
+/// room to spare; a copy found too short goes straight to the maximum.
+struct StackBytes {
+    map: BpfHashMap<MapData, u32, u32>,
+    /// What the map holds, so it is only written on change.
+    learnt: HashMap<u32, u32>,
+    max: u32,
+}
+
+/// Room above the deepest byte a thread's unwind read, for deeper calls.
+const STACK_MARGIN: u64 = 2048;
+/// Threads whose learnt size is mirrored; the kernel map is an LRU of its own.
+const MAX_LEARNT_THREADS: usize = 65536;
+
+impl StackBytes {
+    fn learn(&mut self, tid: u32, read: u64) {
+        let chunk = USER_STACK_CHUNK as u64;
+        let wanted = read.saturating_add(STACK_MARGIN).div_ceil(chunk).saturating_mul(chunk).min(self.max as u64) as u32;
+        if self.learnt.get(&tid).is_some_and(|&known| known >= wanted) {
+            return;
+        }
+        if self.learnt.len() >= MAX_LEARNT_THREADS {
+            self.learnt.clear();
+        }
+        self.learnt.insert(tid, wanted);
+        // A failed write only means the thread keeps getting full copies.
+        let _ = self.map.insert(tid, wanted, 0);
+    }
+}
+
 /// A recorded switch-out waiting for its end.
 struct PendingWait {
     ts_ns: u64,
@@ -475,6 +514,7 @@ enum PendingStack {
 
 struct ReaderState {
     unwinder: Unwinder,
+    stack_bytes: StackBytes,
     window: Aggregate,
     pending: HashMap<u32, PendingWait>,
     max_keys: usize,
@@ -526,7 +566,7 @@ impl ReaderState {
             (kernel_frames > 0).then(|| Arc::from(&snapshot.kernel[..kernel_frames]));
         let stack = &snapshot.user_stack[..(snapshot.user_len as usize).min(MAX_USER_STACK)];
         if snapshot.kind == EVENT_SAMPLE {
-            let user = self.unwind(snapshot.tgid, snapshot.ip, snapshot.sp, snapshot.bp, stack);
+            let user = self.unwind(snapshot.tgid, snapshot.tid, snapshot.ip, snapshot.sp, snapshot.bp, stack);
             self.add(key, user, kernel, RawValue::OnCpuSamples(1));
             return;
         }
@@ -567,7 +607,7 @@ impl ReaderState {
         }
         let user = match wait.user {
             PendingStack::Raw { ip, sp, bp, stack } => {
-                self.unwind(wait.key.tgid, ip, sp, bp, &stack)
+                self.unwind(wait.key.tgid, end.tid, ip, sp, bp, &stack)
             }
             PendingStack::Unwound(user) => user,
         };
@@ -580,8 +620,13 @@ impl ReaderState {
         );
     }
 
-    fn unwind(&mut self, tgid: u32, ip: u64, sp: u64, bp: u64, stack: &[u8]) -> Option<Addrs> {
+    fn unwind(&mut self, tgid: u32, tid: u32, ip: u64, sp: u64, bp: u64, stack: &[u8]) -> Option<Addrs> {
         let (frames, outcome) = self.unwinder.unwind(tgid, ip, sp, bp, stack);
+        match outcome {
+            Outcome::Complete { stack_bytes } => self.stack_bytes.learn(tid, stack_bytes),
+            Outcome::CopyTooShort => self.stack_bytes.learn(tid, u64::MAX),
+            Outcome::Truncated | Outcome::Empty => {}
+        }
         (outcome != Outcome::Empty).then(|| Arc::from(frames))
     }
 
@@ -605,7 +650,7 @@ impl ReaderState {
                 continue;
             };
             let tgid = wait.key.tgid;
-            let user = self.unwind(tgid, ip, sp, bp, &stack);
+            let user = self.unwind(tgid, tid, ip, sp, bp, &stack);
             if let Some(wait) = self.pending.get_mut(&tid) {
                 wait.user = PendingStack::Unwound(user);
             }

@@ -39,10 +39,12 @@ const PAGE: u64 = 4096;
 /// How far an unwind got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Reached the outermost frame.
-    Complete,
-    /// Stopped early: the stack copy ended, or a frame had no usable rule.
+    /// Reached the outermost frame, reading this many bytes of the stack copy.
+    Complete { stack_bytes: u64 },
+    /// Stopped early: a frame had no usable rule, or the stack was deeper than allowed.
     Truncated,
+    /// Stopped where the stack copy ended: the copy was too short for this stack.
+    CopyTooShort,
     /// Not a user stack (kernel thread) or nothing was copied.
     Empty,
 }
@@ -84,7 +86,7 @@ impl Binary {
             let svma = section.address()..section.address().checked_add(section.size())?;
             (range.end <= map.len()).then(|| (Section { map: map.clone(), range }, svma))
         };
-        let (text, text_svma) = section(".text").unzip();
+        let text_svma = section(".text").map(|(_, svma)| svma);
         let (eh_frame, eh_frame_svma) = section(".eh_frame").unzip();
         let (eh_frame_hdr, eh_frame_hdr_svma) = section(".eh_frame_hdr").unzip();
         let got_svma = section(".got").map(|(_, svma)| svma);
@@ -101,7 +103,10 @@ impl Binary {
             sections: ExplicitModuleSectionInfo {
                 base_svma: 0,
                 text_svma,
-                text,
+                // Without the code bytes framehop cannot analyse prologues, which CFI from
+                // gcc, clang and rustc describes anyway; mapping them would add every
+                // sampled code page to the agent's resident memory.
+                text: None,
                 got_svma,
                 eh_frame_svma,
                 eh_frame,
@@ -182,7 +187,9 @@ impl Unwinder {
         if ip == 0 {
             return (Vec::new(), Outcome::Empty);
         }
+        let mut highest_read = sp;
         let mut read_stack = |addr: u64| -> Result<u64, ()> {
+            highest_read = highest_read.max(addr.saturating_add(8));
             let offset = addr.checked_sub(sp).ok_or(())? as usize;
             let bytes = stack
                 .get(offset..offset.checked_add(8).ok_or(())?)
@@ -209,12 +216,20 @@ impl Unwinder {
                         break Outcome::Truncated;
                     }
                 }
-                Ok(None) => break Outcome::Complete,
+                Ok(None) => break Outcome::Complete { stack_bytes: 0 },
+                Err(framehop::Error::CouldNotReadStack(addr)) if addr >= sp.saturating_add(stack.len() as u64) => {
+                    break Outcome::CopyTooShort;
+                }
                 Err(_) => break Outcome::Truncated,
             }
         };
+        drop(iter);
+        let outcome = match outcome {
+            Outcome::Complete { .. } => Outcome::Complete { stack_bytes: highest_read - sp },
+            other => other,
+        };
         match outcome {
-            Outcome::Complete => self.counts.complete += 1,
+            Outcome::Complete { .. } => self.counts.complete += 1,
             _ => self.counts.truncated += 1,
         }
         (frames, outcome)

@@ -154,6 +154,7 @@ pub mod maps {
     pub const STATS: &str = "STATS";
     pub const EVENTS: &str = "EVENTS";
     pub const SWITCH_OUT: &str = "SWITCH_OUT";
+    pub const STACK_BYTES: &str = "STACK_BYTES";
 }
 
 #[cfg(feature = "user")]

@@ -26,7 +26,7 @@ mod programs {
             },
         },
         macros::{map, perf_event, tracepoint},
-        maps::{Array, HashMap, PerCpuArray, RingBuf},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
         programs::{PerfEventContext, TracePointContext},
         EbpfContext,
     };
@@ -49,6 +49,11 @@ mod programs {
     /// of threads that died off-CPU.
     #[map]
     static SWITCH_OUT: HashMap<u32, SwitchOut> = HashMap::with_max_entries(32768, 0);
+    /// Bytes of user stack each thread needs copied, learnt by the agent from complete
+    /// unwinds: most threads use a few KiB, and the copy is most of a snapshot's cost.
+    /// Threads not in it (new, or evicted) get `Config::user_stack_bytes`.
+    #[map]
+    static STACK_BYTES: LruHashMap<u32, u32> = LruHashMap::with_max_entries(65536, 0);
 
     const EFAULT: i64 = 14;
     /// Records are consumed by polling; a wake-up per record would cost more than the record.
@@ -76,7 +81,7 @@ mod programs {
     /// Fills a reserved snapshot with the current task's stacks. `ctx` is the program's
     /// context, from which `bpf_get_stack` takes the kernel stack.
     #[inline(always)]
-    fn fill_snapshot(ctx: *mut c_void, cfg: &Config, snapshot: *mut StackSnapshot) {
+    fn fill_snapshot(ctx: *mut c_void, cfg: &Config, tid: u32, snapshot: *mut StackSnapshot) {
         let snapshot = unsafe { &mut *snapshot };
         snapshot.comm = bpf_get_current_comm().unwrap_or([0; 16]);
         let kernel_len = unsafe {
@@ -110,17 +115,19 @@ mod programs {
         snapshot.ip = regs[REG_IP];
         snapshot.sp = regs[REG_SP];
         snapshot.bp = regs[REG_BP];
-        snapshot.user_len = copy_user_stack(cfg, snapshot);
+        snapshot.user_len = copy_user_stack(cfg, tid, snapshot);
         if snapshot.user_len == 0 {
             count(Stat::UserStackLost);
         }
     }
 
-    /// Copies `user_stack_bytes` from the user stack pointer up. When the range runs past
-    /// the end of the stack mapping, copies chunk by chunk as far as it is readable.
+    /// Copies what the thread needs (at most `user_stack_bytes`) from the user stack
+    /// pointer up. When the range runs past the end of the stack mapping, copies chunk by
+    /// chunk as far as it is readable.
     #[inline(always)]
-    fn copy_user_stack(cfg: &Config, snapshot: &mut StackSnapshot) -> u32 {
-        let wanted = (cfg.user_stack_bytes as usize).min(MAX_USER_STACK);
+    fn copy_user_stack(cfg: &Config, tid: u32, snapshot: &mut StackSnapshot) -> u32 {
+        let needed = unsafe { STACK_BYTES.get(&tid) }.copied().unwrap_or(u32::MAX);
+        let wanted = (cfg.user_stack_bytes.min(needed) as usize).min(MAX_USER_STACK);
         if wanted == 0 {
             return 0;
         }
@@ -176,7 +183,7 @@ mod programs {
             (*snapshot).state = 0;
             (*snapshot).ts_ns = bpf_ktime_get_ns();
         }
-        fill_snapshot(ctx.as_ptr(), cfg, snapshot);
+        fill_snapshot(ctx.as_ptr(), cfg, tid, snapshot);
         entry.submit(NO_WAKEUP);
         0
     }
@@ -247,7 +254,7 @@ mod programs {
             (*snapshot).state = state;
             (*snapshot).ts_ns = now;
         }
-        fill_snapshot(ctx.as_ptr(), cfg, snapshot);
+        fill_snapshot(ctx.as_ptr(), cfg, tid, snapshot);
         entry.submit(NO_WAKEUP);
         count(Stat::SwitchOutsRecorded);
     }
