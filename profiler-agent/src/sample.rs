@@ -59,7 +59,9 @@ pub struct SamplerOptions {
     /// Bytes of user stack copied per snapshot (rounded down to 1 KiB, at most 16 KiB).
     /// Deeper stacks are unwound as far as the copy reaches.
     pub user_stack_bytes: u32,
-    /// Size of the kernel ring buffer the snapshots pass through, in bytes (a power of two).
+    /// Size of the kernel ring buffer the snapshots pass through, in bytes: a power of two,
+    /// or 0 for 1 MiB per CPU between 4 and 64 MiB. The agent maps it, so it counts in the
+    /// agent's resident memory once written.
     pub ring_buffer_bytes: u32,
     /// Threads that can be off-CPU at once and still be attributed.
     pub max_switched_out: u32,
@@ -73,7 +75,7 @@ impl Default for SamplerOptions {
             off_cpu: None,
             max_stack_keys: 16384,
             user_stack_bytes: MAX_USER_STACK as u32,
-            ring_buffer_bytes: 16 << 20,
+            ring_buffer_bytes: 0,
             max_switched_out: 65536,
         }
     }
@@ -184,7 +186,7 @@ impl Sampler {
         preflight(options)?;
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(maps::SWITCH_OUT, options.max_switched_out);
-        loader.map_max_entries(maps::EVENTS, options.ring_buffer_bytes);
+        loader.map_max_entries(maps::EVENTS, ring_buffer_bytes(options.ring_buffer_bytes)?);
         let mut bpf = loader
             .load(BPF_OBJECT)
             .map_err(|err| anyhow!("loading the BPF programs failed: {}", chain(&err)))?;
@@ -362,6 +364,17 @@ impl Sampler {
         }
         Ok(counts)
     }
+}
+
+fn ring_buffer_bytes(requested: u32) -> anyhow::Result<u32> {
+    if requested == 0 {
+        let cpus = aya::util::online_cpus().map_or(1, |cpus| cpus.len()) as u32;
+        return Ok(cpus.saturating_mul(1 << 20).clamp(4 << 20, 64 << 20).next_power_of_two());
+    }
+    if !requested.is_power_of_two() || requested < 4096 {
+        bail!("ring_buffer_bytes must be a power of two of at least 4096 (or 0 for automatic), got {requested}");
+    }
+    Ok(requested)
 }
 
 fn user_stack_bytes(requested: u32) -> u32 {

@@ -362,3 +362,66 @@ impl Unwinder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The registers and stack of this very thread, as the BPF programs would copy them.
+    /// Read through `process_vm_readv`, which stops at the end of the stack mapping
+    /// instead of faulting.
+    #[inline(never)]
+    fn snapshot_here() -> (u64, u64, u64, Vec<u8>) {
+        let (ip, sp, bp): (u64, u64, u64);
+        unsafe {
+            std::arch::asm!("lea {ip}, [rip]", "mov {sp}, rsp", "mov {bp}, rbp", ip = out(reg) ip, sp = out(reg) sp, bp = out(reg) bp);
+        }
+        let mut stack = vec![0u8; profiler_common::MAX_USER_STACK];
+        let mut copied = 0;
+        for chunk in stack.chunks_mut(profiler_common::USER_STACK_CHUNK) {
+            let local = libc::iovec { iov_base: chunk.as_mut_ptr().cast(), iov_len: chunk.len() };
+            let remote = libc::iovec { iov_base: (sp as usize + copied) as *mut _, iov_len: chunk.len() };
+            let read = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+            if read != chunk.len() as isize {
+                break;
+            }
+            copied += chunk.len();
+        }
+        stack.truncate(copied);
+        (ip, sp, bp, stack)
+    }
+
+    #[inline(never)]
+    fn middle() -> (u64, u64, u64, Vec<u8>) {
+        std::hint::black_box(snapshot_here())
+    }
+
+    #[inline(never)]
+    fn outer() -> (u64, u64, u64, Vec<u8>) {
+        std::hint::black_box(middle())
+    }
+
+    #[test]
+    fn unwinds_this_thread_through_its_callers_to_the_root() {
+        let (ip, sp, bp, stack) = std::thread::spawn(outer).join().unwrap();
+        let mut unwinder = Unwinder::new(ProcessTable::default());
+        let (frames, outcome) = unwinder.unwind(std::process::id(), ip, sp, bp, &stack);
+        // Each address belongs to the nearest of these functions that starts below it.
+        let functions = [("snapshot_here", snapshot_here as *const () as u64), ("middle", middle as *const () as u64), ("outer", outer as *const () as u64)];
+        let owner = |addr: u64| functions.iter().filter(|(_, start)| (*start..start + 4096).contains(&addr)).max_by_key(|(_, start)| *start).map(|(name, _)| *name);
+        let names: Vec<Option<&str>> = frames.iter().take(3).map(|&addr| owner(addr)).collect();
+        assert_eq!(names, [Some("snapshot_here"), Some("middle"), Some("outer")], "{frames:x?}");
+        assert!(matches!(outcome, Outcome::Complete { stack_bytes } if stack_bytes > 0), "{outcome:?}");
+        assert_eq!(unwinder.counts.complete, 1);
+    }
+
+    #[test]
+    fn a_copy_too_short_is_told_apart() {
+        let (ip, sp, bp, stack) = std::thread::spawn(outer).join().unwrap();
+        let mut unwinder = Unwinder::new(ProcessTable::default());
+        let (_, outcome) = unwinder.unwind(std::process::id(), ip, sp, bp, &stack[..64]);
+        assert_eq!(outcome, Outcome::CopyTooShort);
+        let (frames, outcome) = unwinder.unwind(std::process::id(), 0, 0, 0, &[]);
+        assert_eq!((frames.len(), outcome), (0, Outcome::Empty));
+    }
+}
