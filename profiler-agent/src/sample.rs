@@ -624,7 +624,7 @@ impl ReaderState {
             }
             PendingStack::Unwound(user) => user,
         };
-        let ns = (end.elapsed_ns as u128 * end.weight_q16 as u128 >> 16) as u64;
+        let ns = ((end.elapsed_ns as u128 * end.weight_q16 as u128) >> 16) as u64;
         self.add(
             wait.key,
             user,

@@ -223,7 +223,6 @@ impl Unwinder {
                 Err(_) => break Outcome::Truncated,
             }
         };
-        drop(iter);
         let outcome = match outcome {
             Outcome::Complete { .. } => Outcome::Complete { stack_bytes: highest_read - sp },
             other => other,

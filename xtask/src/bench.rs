@@ -244,8 +244,8 @@ fn compare(contenders: &mut [Contender], rounds: usize, workload: impl Fn() -> a
         eprintln!("round {}/{rounds}: baseline {baseline:.3} s", round + 1);
     }
     println!(
-        "{:<30} {:>16} {:>14} {:>14} {:>16}  {}",
-        "profiler", "median slowdown", "own CPU/s", "peak RSS", "peak heap (anon)", "in-kernel ns/run (median)"
+        "{:<30} {:>16} {:>14} {:>14} {:>16}  in-kernel ns/run (median)",
+        "profiler", "median slowdown", "own CPU/s", "peak RSS", "peak heap (anon)"
     );
     for contender in contenders.iter_mut() {
         let slowdown = median(&mut contender.slowdowns);
