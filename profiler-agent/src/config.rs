@@ -72,6 +72,7 @@ pub struct SamplingConfig {
     pub max_stack_keys: u32,
     pub user_stack_bytes: u32,
     pub ring_buffer_bytes: u32,
+    pub bpf_stats: bool,
 }
 
 impl Default for SamplingConfig {
@@ -83,6 +84,7 @@ impl Default for SamplingConfig {
             max_stack_keys: sampler.max_stack_keys,
             user_stack_bytes: sampler.user_stack_bytes,
             ring_buffer_bytes: sampler.ring_buffer_bytes,
+            bpf_stats: sampler.bpf_stats,
         }
     }
 }
@@ -178,6 +180,7 @@ impl AgentConfig {
             max_stack_keys: self.sampling.max_stack_keys,
             user_stack_bytes: self.sampling.user_stack_bytes,
             ring_buffer_bytes: self.sampling.ring_buffer_bytes,
+            bpf_stats: self.sampling.bpf_stats,
             ..SamplerOptions::default()
         }
     }

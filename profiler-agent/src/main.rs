@@ -111,6 +111,10 @@ struct RecordArgs {
     /// stacks are cut where the copy ends.
     #[arg(long, default_value_t = SamplerOptions::default().user_stack_bytes)]
     user_stack_bytes: u32,
+    /// Leave the kernel's BPF run-time statistics off (they cost two clock reads per
+    /// program run; without them the programs' cost is not reported).
+    #[arg(long)]
+    no_bpf_stats: bool,
 }
 
 fn main() -> ExitCode {
@@ -181,6 +185,7 @@ fn run_record(args: RecordArgs) -> anyhow::Result<()> {
             }),
             max_stack_keys: args.max_stack_keys,
             user_stack_bytes: args.user_stack_bytes,
+            bpf_stats: !args.no_bpf_stats,
             ..SamplerOptions::default()
         },
         comm: args.comm,

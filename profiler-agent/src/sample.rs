@@ -30,7 +30,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use profiler_common::{
-    maps, Config, StackSnapshot, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE, EVENT_SWITCH_OUT,
+    maps, Config, SnapshotHeader, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE, EVENT_SWITCH_OUT,
     EVENT_WAIT_END, MAX_STACK_DEPTH, MAX_USER_STACK, TASK_COMM_LEN, USER_STACK_CHUNK,
 };
 
@@ -63,6 +63,9 @@ pub struct SamplerOptions {
     /// or 0 for 1 MiB per CPU between 4 and 64 MiB. The agent maps it, so it counts in the
     /// agent's resident memory once written.
     pub ring_buffer_bytes: u32,
+    /// Keep the kernel's BPF run-time statistics on (`BPF_ENABLE_STATS`), so the agent
+    /// can report what its programs cost. Costs two clock reads per program run.
+    pub bpf_stats: bool,
     /// Threads that can be off-CPU at once and still be attributed.
     pub max_switched_out: u32,
 }
@@ -76,6 +79,7 @@ impl Default for SamplerOptions {
             max_stack_keys: 16384,
             user_stack_bytes: MAX_USER_STACK as u32,
             ring_buffer_bytes: 0,
+            bpf_stats: true,
             max_switched_out: 65536,
         }
     }
@@ -176,8 +180,20 @@ pub struct Sampler {
     perf_links: Vec<PerfEventLinkId>,
     off_cpu_link: Option<TracePointLinkId>,
     off_cpu_loaded: bool,
+    /// Holds the kernel's BPF run-time statistics on while the sampler lives.
+    _run_stats: Option<std::os::fd::OwnedFd>,
     pub period_ns: u64,
 }
+
+/// In-kernel cost of one of the agent's BPF programs since it was loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramCost {
+    pub run_time_ns: u64,
+    pub runs: u64,
+}
+
+/// The agent's BPF programs, by name.
+pub const PROGRAMS: [&str; 2] = ["on_cpu_sample", "sched_switch"];
 
 impl Sampler {
     /// Loads and attaches the programs. Fails with a one-line reason when the host cannot
@@ -233,6 +249,7 @@ impl Sampler {
             perf_links: Vec::new(),
             off_cpu_link: None,
             off_cpu_loaded: false,
+            _run_stats: options.bpf_stats.then(run_stats).flatten(),
             period_ns: 0,
         };
         sampler.set_frequency(options.frequency_hz)?;
@@ -351,6 +368,20 @@ impl Sampler {
         Ok(per_cpu.iter().sum())
     }
 
+    /// Run time and runs of each loaded program, when BPF statistics are on.
+    pub fn program_costs(&self) -> Vec<(&'static str, ProgramCost)> {
+        if self._run_stats.is_none() {
+            return Vec::new();
+        }
+        PROGRAMS
+            .into_iter()
+            .filter_map(|name| {
+                let info = self.bpf.program(name)?.info().ok()?;
+                Some((name, ProgramCost { run_time_ns: info.run_time().as_nanos() as u64, runs: info.run_count() }))
+            })
+            .collect()
+    }
+
     /// Records the agent itself lost: stacks beyond `max_stack_keys`, wait ends whose
     /// snapshot was missing.
     pub fn agent_losses(&self) -> AgentLosses {
@@ -363,6 +394,16 @@ impl Sampler {
             counts.0[stat as usize] = self.stat_total(stat)?;
         }
         Ok(counts)
+    }
+}
+
+fn run_stats() -> Option<std::os::fd::OwnedFd> {
+    match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+        Ok(fd) => Some(fd),
+        Err(err) => {
+            tracing::warn!("cannot enable BPF run-time statistics, the programs' cost is not reported: {err}");
+            None
+        }
     }
 }
 
@@ -552,11 +593,16 @@ impl ReaderState {
             .map(|b| u32::from_ne_bytes(b.try_into().unwrap()));
         match kind {
             Some(EVENT_SAMPLE) | Some(EVENT_SWITCH_OUT)
-                if record.len() >= size_of::<StackSnapshot>() =>
+                if record.len() >= size_of::<SnapshotHeader>() =>
             {
-                // SAFETY: StackSnapshot is plain old data and the record is at least as long.
-                let snapshot = unsafe { &*(record.as_ptr() as *const StackSnapshot) };
-                self.snapshot(snapshot);
+                // SAFETY: the header is plain old data, the record at least as long, and
+                // records are 8-byte aligned like the header.
+                let header = unsafe { &*(record.as_ptr() as *const SnapshotHeader) };
+                let stack = &record[size_of::<SnapshotHeader>()..];
+                match stack.get(..header.user_len as usize) {
+                    Some(stack) => self.snapshot(header, stack),
+                    None => self.losses.malformed += 1,
+                }
             }
             Some(EVENT_WAIT_END) if record.len() >= size_of::<WaitEnd>() => {
                 // SAFETY: as above; read unaligned since the record is only 8-byte aligned.
@@ -567,7 +613,7 @@ impl ReaderState {
         }
     }
 
-    fn snapshot(&mut self, snapshot: &StackSnapshot) {
+    fn snapshot(&mut self, snapshot: &SnapshotHeader, stack: &[u8]) {
         let key = SampleKey {
             tgid: snapshot.tgid,
             pid: snapshot.tid,
@@ -577,7 +623,6 @@ impl ReaderState {
         let kernel_frames = (snapshot.kernel_len as usize / 8).min(MAX_STACK_DEPTH);
         let kernel: Option<Addrs> =
             (kernel_frames > 0).then(|| Arc::from(&snapshot.kernel[..kernel_frames]));
-        let stack = &snapshot.user_stack[..(snapshot.user_len as usize).min(MAX_USER_STACK)];
         if snapshot.kind == EVENT_SAMPLE {
             let user = self.unwind(snapshot.tgid, snapshot.tid, snapshot.ip, snapshot.sp, snapshot.bp, stack);
             self.add(key, user, kernel, RawValue::OnCpuSamples(1));

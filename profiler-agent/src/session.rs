@@ -16,7 +16,7 @@ use profiler_common::Stat;
 
 use crate::{
     process::ProcessTable,
-    sample::{OffCpuOptions, Sampler, SamplerOptions, StatCounts},
+    sample::{OffCpuOptions, ProgramCost, Sampler, SamplerOptions, StatCounts},
     symbolize::{SymbolizedSample, Symbolizer},
     unwind::UnwindCounts,
 };
@@ -123,6 +123,11 @@ impl Session {
         Ok(())
     }
 
+    /// In-kernel cost of each loaded BPF program since start (empty without BPF statistics).
+    pub fn program_costs(&self) -> Vec<(&'static str, ProgramCost)> {
+        self.sampler.program_costs()
+    }
+
     pub fn period_ns(&self) -> u64 {
         self.sampler.period_ns
     }
@@ -151,6 +156,14 @@ impl Session {
         counters.insert("stacks_truncated", self.unwind.truncated);
         counters.insert("binaries_unreadable", self.unwind.binaries_unreadable);
         counters.insert("stacks_partly_unknown", self.partly_unknown);
+        for (name, cost) in self.sampler.program_costs() {
+            let (time, runs) = match name {
+                "on_cpu_sample" => ("bpf_on_cpu_sample_run_time_ns", "bpf_on_cpu_sample_runs"),
+                _ => ("bpf_sched_switch_run_time_ns", "bpf_sched_switch_runs"),
+            };
+            counters.insert(time, cost.run_time_ns);
+            counters.insert(runs, cost.runs);
+        }
         counters
     }
 

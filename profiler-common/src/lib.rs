@@ -19,11 +19,18 @@ pub const EVENT_SAMPLE: u32 = 1;
 pub const EVENT_SWITCH_OUT: u32 = 2;
 pub const EVENT_WAIT_END: u32 = 3;
 
+/// Sizes of user stack a snapshot record can carry. Ring buffer records have a fixed size
+/// per type, so a thread that needs a 3 KiB copy takes a 4 KiB record, not a 16 KiB one:
+/// four times as many snapshots fit in the buffer.
+pub const USER_STACK_CLASSES: [usize; 3] = [4096, 8192, MAX_USER_STACK];
+
 /// A thread's stacks at one moment: an on-CPU sample, or a switch-out whose wait is
-/// measured later by an [`WaitEnd`] record with the same (`tid`, `ts_ns`).
+/// measured later by an [`WaitEnd`] record with the same (`tid`, `ts_ns`). The copy of
+/// the user stack follows this header in the same record, `N` bytes of one of
+/// [`USER_STACK_CLASSES`], of which `user_len` are valid.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct StackSnapshot {
+pub struct SnapshotHeader {
     /// [`EVENT_SAMPLE`] or [`EVENT_SWITCH_OUT`].
     pub kind: u32,
     pub tid: u32,
@@ -41,11 +48,18 @@ pub struct StackSnapshot {
     pub bp: u64,
     /// Bytes of `kernel` written by `bpf_get_stack` (a multiple of 8).
     pub kernel_len: u32,
-    /// Bytes of `user_stack` copied from `sp` upwards.
+    /// Bytes of user stack copied from `sp` upwards, after the header.
     pub user_len: u32,
     /// Kernel return addresses, leaf first.
     pub kernel: [u64; MAX_STACK_DEPTH],
-    pub user_stack: [u8; MAX_USER_STACK],
+}
+
+/// A snapshot record: the header and room for `N` bytes of user stack.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StackSnapshot<const N: usize> {
+    pub header: SnapshotHeader,
+    pub user_stack: [u8; N],
 }
 
 /// The end of a recorded wait: sent at switch-in of a thread whose switch-out was
@@ -56,7 +70,7 @@ pub struct WaitEnd {
     /// [`EVENT_WAIT_END`].
     pub kind: u32,
     pub tid: u32,
-    /// `ts_ns` of the matching [`StackSnapshot`].
+    /// `ts_ns` of the matching [`SnapshotHeader`].
     pub out_ts_ns: u64,
     /// Wall time off-CPU; zero when shorter than `offcpu_min_ns`.
     pub elapsed_ns: u64,
@@ -72,7 +86,7 @@ pub struct SwitchOut {
     pub weight_q16: u64,
 }
 
-/// Set in [`StackSnapshot::state`] for a task switched out while still runnable (preempted).
+/// Set in [`SnapshotHeader::state`] for a task switched out while still runnable (preempted).
 pub const STATE_PREEMPTED: u32 = 1 << 31;
 /// Task states of the sched_switch tracepoint (TASK_REPORT bits).
 pub const TASK_INTERRUPTIBLE: u32 = 0x1;

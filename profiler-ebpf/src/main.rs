@@ -31,7 +31,7 @@ mod programs {
         EbpfContext,
     };
     use profiler_common::{
-        Config, StackSnapshot, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE, EVENT_SWITCH_OUT,
+        Config, StackSnapshot, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE, EVENT_SWITCH_OUT, USER_STACK_CLASSES,
         EVENT_WAIT_END, EXIT_DEAD, EXIT_ZOMBIE, MAX_STACK_DEPTH, MAX_USER_STACK, STATE_PREEMPTED,
         USER_STACK_CHUNK,
     };
@@ -78,21 +78,50 @@ mod programs {
         CONFIG.get(0)
     }
 
-    /// Fills a reserved snapshot with the current task's stacks. `ctx` is the program's
-    /// context, from which `bpf_get_stack` takes the kernel stack.
+    /// Who a snapshot is of, and why it is taken.
+    struct Subject {
+        kind: u32,
+        tid: u32,
+        tgid: u32,
+        state: u32,
+        ts_ns: u64,
+    }
+
+    /// Sends the current task's stacks in a record of the smallest class that holds the
+    /// user stack this thread needs. False when the ring buffer is full. `ctx` is the
+    /// program's context, from which `bpf_get_stack` takes the kernel stack.
     #[inline(always)]
-    fn fill_snapshot(ctx: *mut c_void, cfg: &Config, tid: u32, snapshot: *mut StackSnapshot) {
-        let snapshot = unsafe { &mut *snapshot };
-        snapshot.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    fn emit_snapshot(ctx: *mut c_void, cfg: &Config, subject: &Subject) -> bool {
+        let needed = unsafe { STACK_BYTES.get(&subject.tid) }.copied().unwrap_or(u32::MAX);
+        let wanted = (cfg.user_stack_bytes.min(needed) as usize).min(MAX_USER_STACK);
+        if wanted == 0 {
+            emit::<0>(ctx, subject)
+        } else if wanted <= USER_STACK_CLASSES[0] {
+            emit::<{ USER_STACK_CLASSES[0] }>(ctx, subject)
+        } else if wanted <= USER_STACK_CLASSES[1] {
+            emit::<{ USER_STACK_CLASSES[1] }>(ctx, subject)
+        } else {
+            emit::<{ USER_STACK_CLASSES[2] }>(ctx, subject)
+        }
+    }
+
+    /// Copies exactly the class size `N`: a constant length the verifier can check against
+    /// the record (a variable one, merged across classes by the compiler, it cannot).
+    #[inline(always)]
+    fn emit<const N: usize>(ctx: *mut c_void, subject: &Subject) -> bool {
+        let Some(mut entry) = EVENTS.reserve::<StackSnapshot<N>>(0) else { return false };
+        let snapshot = unsafe { &mut *entry.as_mut_ptr() };
+        let header = &mut snapshot.header;
+        header.kind = subject.kind;
+        header.tid = subject.tid;
+        header.tgid = subject.tgid;
+        header.state = subject.state;
+        header.ts_ns = subject.ts_ns;
+        header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
         let kernel_len = unsafe {
-            bpf_get_stack(
-                ctx,
-                snapshot.kernel.as_mut_ptr() as *mut c_void,
-                (MAX_STACK_DEPTH * 8) as u32,
-                0,
-            )
+            bpf_get_stack(ctx, header.kernel.as_mut_ptr() as *mut c_void, (MAX_STACK_DEPTH * 8) as u32, 0)
         };
-        snapshot.kernel_len = if kernel_len > 0 { kernel_len as u32 } else { 0 };
+        header.kernel_len = if kernel_len > 0 { kernel_len as u32 } else { 0 };
         if kernel_len < 0 && -kernel_len != EFAULT {
             count(Stat::KernelStackLost);
         }
@@ -104,49 +133,44 @@ mod programs {
             let pt_regs = bpf_task_pt_regs(task) as *const [u64; PT_REGS_WORDS];
             bpf_probe_read_kernel(pt_regs).unwrap_or([0; PT_REGS_WORDS])
         };
-        snapshot.user_len = 0;
+        header.user_len = 0;
         // Kernel threads have no user mode to return to.
         if regs[REG_CS] & 3 != 3 {
-            snapshot.ip = 0;
-            snapshot.sp = 0;
-            snapshot.bp = 0;
-            return;
+            header.ip = 0;
+            header.sp = 0;
+            header.bp = 0;
+        } else {
+            header.ip = regs[REG_IP];
+            header.sp = regs[REG_SP];
+            header.bp = regs[REG_BP];
+            header.user_len = copy_user_stack(&mut snapshot.user_stack, regs[REG_SP]);
+            if header.user_len == 0 && N > 0 {
+                count(Stat::UserStackLost);
+            }
         }
-        snapshot.ip = regs[REG_IP];
-        snapshot.sp = regs[REG_SP];
-        snapshot.bp = regs[REG_BP];
-        snapshot.user_len = copy_user_stack(cfg, tid, snapshot);
-        if snapshot.user_len == 0 {
-            count(Stat::UserStackLost);
-        }
+        entry.submit(NO_WAKEUP);
+        true
     }
 
-    /// Copies what the thread needs (at most `user_stack_bytes`) from the user stack
-    /// pointer up. When the range runs past the end of the stack mapping, copies chunk by
-    /// chunk as far as it is readable.
+    /// Copies `N` bytes from the user stack pointer up. When the range runs past the end
+    /// of the stack mapping, copies chunk by chunk as far as it is readable.
     #[inline(always)]
-    fn copy_user_stack(cfg: &Config, tid: u32, snapshot: &mut StackSnapshot) -> u32 {
-        let needed = unsafe { STACK_BYTES.get(&tid) }.copied().unwrap_or(u32::MAX);
-        let wanted = (cfg.user_stack_bytes.min(needed) as usize).min(MAX_USER_STACK);
-        if wanted == 0 {
+    fn copy_user_stack<const N: usize>(dst: &mut [u8; N], sp: u64) -> u32 {
+        if N == 0 {
             return 0;
         }
-        let dst = snapshot.user_stack.as_mut_ptr();
-        let src = snapshot.sp as *const c_void;
-        if unsafe { bpf_probe_read_user(dst as *mut c_void, wanted as u32, src) } == 0 {
-            return wanted as u32;
+        let dst = dst.as_mut_ptr();
+        if unsafe { bpf_probe_read_user(dst as *mut c_void, N as u32, sp as *const c_void) } == 0 {
+            return N as u32;
         }
         let mut copied = 0usize;
-        for chunk in 0..MAX_USER_STACK / USER_STACK_CHUNK {
+        for chunk in 0..N / USER_STACK_CHUNK {
             let offset = chunk * USER_STACK_CHUNK;
-            if offset >= wanted {
-                break;
-            }
             let ok = unsafe {
                 bpf_probe_read_user(
                     dst.add(offset) as *mut c_void,
                     USER_STACK_CHUNK as u32,
-                    (snapshot.sp as usize + offset) as *const c_void,
+                    (sp as usize + offset) as *const c_void,
                 )
             } == 0;
             if !ok {
@@ -171,20 +195,10 @@ mod programs {
             return 0;
         }
         count(Stat::Samples);
-        let Some(mut entry) = EVENTS.reserve::<StackSnapshot>(0) else {
+        let subject = Subject { kind: EVENT_SAMPLE, tid, tgid, state: 0, ts_ns: unsafe { bpf_ktime_get_ns() } };
+        if !emit_snapshot(ctx.as_ptr(), cfg, &subject) {
             count(Stat::SampleRingFull);
-            return 0;
-        };
-        let snapshot = entry.as_mut_ptr();
-        unsafe {
-            (*snapshot).kind = EVENT_SAMPLE;
-            (*snapshot).tid = tid;
-            (*snapshot).tgid = tgid;
-            (*snapshot).state = 0;
-            (*snapshot).ts_ns = bpf_ktime_get_ns();
         }
-        fill_snapshot(ctx.as_ptr(), cfg, tid, snapshot);
-        entry.submit(NO_WAKEUP);
         0
     }
 
@@ -240,22 +254,13 @@ mod programs {
             count(Stat::SwitchOutMapFull);
             return;
         }
-        let Some(mut entry) = EVENTS.reserve::<StackSnapshot>(0) else {
+        let subject = Subject { kind: EVENT_SWITCH_OUT, tid, tgid, state, ts_ns: now };
+        if !emit_snapshot(ctx.as_ptr(), cfg, &subject) {
             // Without its snapshot the wait cannot be attributed: forget it.
             let _ = SWITCH_OUT.remove(&tid);
             count(Stat::OffCpuRingFull);
             return;
-        };
-        let snapshot = entry.as_mut_ptr();
-        unsafe {
-            (*snapshot).kind = EVENT_SWITCH_OUT;
-            (*snapshot).tid = tid;
-            (*snapshot).tgid = tgid;
-            (*snapshot).state = state;
-            (*snapshot).ts_ns = now;
         }
-        fill_snapshot(ctx.as_ptr(), cfg, tid, snapshot);
-        entry.submit(NO_WAKEUP);
         count(Stat::SwitchOutsRecorded);
     }
 

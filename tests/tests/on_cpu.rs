@@ -84,3 +84,22 @@ fn top_functions_agree_with_perf() {
         );
     }
 }
+
+/// The agent reports what its BPF programs cost in the kernel (BPF run-time statistics):
+/// one run per sample, and a run time that is neither zero nor absurd.
+#[test]
+fn in_kernel_cost_is_reported() {
+    let _serial = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let stats = dir.path().join("stats.json");
+    let agent = Agent::record(&["--duration", "300s", "-o", "/dev/null", "--stats", stats.to_str().unwrap()]);
+    profiler_tests::run_workload(&["burn", "1"]);
+    agent.finish();
+    let stats: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+    let counter = |name: &str| stats["counters"][name].as_u64().unwrap_or_else(|| panic!("no counter {name} in {stats}"));
+    let (runs, time_ns, samples) = (counter("bpf_on_cpu_sample_runs"), counter("bpf_on_cpu_sample_run_time_ns"), counter("samples"));
+    eprintln!("on_cpu_sample: {runs} runs, {:.0} ns per run, {samples} samples", time_ns as f64 / runs.max(1) as f64);
+    assert!(runs >= samples && samples > 0, "{runs} runs for {samples} samples");
+    let per_run = time_ns as f64 / runs as f64;
+    assert!(per_run > 100.0 && per_run < 1e6, "{per_run} ns per run");
+}
