@@ -62,7 +62,8 @@ impl Session {
         let sampler = Sampler::start(options, processes.clone())?;
         let watcher = spawn_process_watcher(processes.clone())?;
         let symbolizer = Symbolizer::spawn(processes.clone())?;
-        let rate = options.off_cpu.as_ref().map(|off| RateControl::new(off, off_cpu_budget));
+        let switches = sampler.stat_total(Stat::Switches)?;
+        let rate = options.off_cpu.as_ref().map(|off| RateControl::new(off, off_cpu_budget, switches));
         // Tests and scripts wait for this line before starting their workload.
         tracing::info!(frequency_hz = options.frequency_hz, off_cpu = options.off_cpu.is_some(), "sampling started");
         Ok(Self {
@@ -118,7 +119,10 @@ impl Session {
             self.sampler.set_frequency(settings.frequency_hz)?;
         }
         self.sampler.set_off_cpu(settings.off_cpu.as_ref())?;
-        self.rate = settings.off_cpu.as_ref().map(|off| RateControl::new(off, settings.off_cpu_budget));
+        // The kernel's switch counter is cumulative: rate control starts from its value now,
+        // or its first tick would see every switch since start as one second's worth.
+        let switches = self.sampler.stat_total(Stat::Switches)?;
+        self.rate = settings.off_cpu.as_ref().map(|off| RateControl::new(off, settings.off_cpu_budget, switches));
         tracing::info!(frequency_hz = settings.frequency_hz, off_cpu = settings.off_cpu.is_some(), "sampling settings changed");
         Ok(())
     }
@@ -186,13 +190,13 @@ struct RateControl {
 }
 
 impl RateControl {
-    fn new(options: &OffCpuOptions, budget: u64) -> Self {
+    fn new(options: &OffCpuOptions, budget: u64, switches_so_far: u64) -> Self {
         Self {
             budget_per_s: budget.max(1) as f64,
             max_probability: options.sample_probability,
             probability: options.sample_probability,
             last: Instant::now(),
-            last_switches: 0,
+            last_switches: switches_so_far,
             weighted: 0.0,
             switches_total: 0.0,
         }

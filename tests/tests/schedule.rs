@@ -23,10 +23,20 @@ fn post_json(url: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
 }
 
 /// On-CPU samples per second the agent takes over `seconds`.
-fn sample_rate(daemon: &Daemon, seconds: u64) -> f64 {
-    let before = daemon.metric("samples_total");
-    std::thread::sleep(Duration::from_secs(seconds));
-    (daemon.metric("samples_total") - before) / seconds as f64
+/// Samples per second over `windows` whole windows. The agent's counters move once per
+/// window, so the count runs from one drain to another: over a fixed number of seconds it
+/// would catch one window more or less depending on the phase.
+fn sample_rate(daemon: &Daemon, windows: u64) -> f64 {
+    let drain_after = |seen: f64| loop {
+        let drained = daemon.metric("windows_total");
+        if drained > seen {
+            return (drained, daemon.metric("samples_total"), std::time::Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (first, samples_before, start) = drain_after(daemon.metric("windows_total"));
+    let (_, samples_after, end) = drain_after(first + windows as f64 - 1.0);
+    (samples_after - samples_before) / (end - start).as_secs_f64()
 }
 
 #[test]
@@ -59,7 +69,7 @@ fn scheduled_run_raises_the_rate_then_returns_to_baseline() {
             .unwrap(),
     );
     std::thread::sleep(Duration::from_secs(5));
-    let baseline = sample_rate(&daemon, 4);
+    let baseline = sample_rate(&daemon, 2);
 
     // Misconfigured schedules are refused with a reason.
     let schedules = format!("{}/api/v1/schedules", server.url);
@@ -90,9 +100,9 @@ fn scheduled_run_raises_the_rate_then_returns_to_baseline() {
     // Poll (1 s) + drain (1 s) latency, then measure inside the run.
     let until_start = start as f64 - SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
     std::thread::sleep(Duration::from_secs_f64(until_start.max(0.0) + 3.0));
-    let during = sample_rate(&daemon, 5);
+    let during = sample_rate(&daemon, 2);
     std::thread::sleep(Duration::from_secs(6));
-    let after = sample_rate(&daemon, 4);
+    let after = sample_rate(&daemon, 2);
     eprintln!("samples/s: baseline {baseline:.0}, during the run {during:.0}, after {after:.0}");
     let ratio = during / baseline;
     assert!((4.0..=6.0).contains(&ratio), "run rate {during:.0}/s is {ratio:.2}× baseline {baseline:.0}/s, want ~5×");
