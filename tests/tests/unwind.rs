@@ -97,7 +97,9 @@ fn c_without_frame_pointers_matches_perf_dwarf() {
 #[test]
 fn rust_release_build_matches_perf_dwarf() {
     let _serial = exclusive();
-    let (ours, theirs) = on_cpu_with_perf_dwarf(&binary("workload"), &["burn", "8", "1"], "workload");
+    // Two threads: twice the samples, at two phases of the workload's loop, which a
+    // single thread sampled at a fixed period can alias with.
+    let (ours, theirs) = on_cpu_with_perf_dwarf(&binary("workload"), &["burn", "8", "2"], "workload");
     compare(&["workload::burn_cpu", "workload::step_a", "workload::step_b", "workload::step_c"], &ours, &theirs);
     let entry = ours.get("workload::burn_cpu").copied().unwrap_or(0.0);
     assert!(entry >= 0.9, "thread entry burn_cpu in only {:.1}% of samples", entry * 100.0);
