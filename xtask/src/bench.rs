@@ -32,7 +32,8 @@ pub enum Bench {
     SchedPipe {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
-        #[arg(long, default_value_t = 200_000)]
+        /// Round trips per run; pinned to one CPU, a million take about two seconds.
+        #[arg(long, default_value_t = 1_000_000)]
         loops: u64,
         /// Another build of the agent to measure in the same rounds (before/after a change).
         #[arg(long)]
