@@ -112,8 +112,9 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
-/// The kernel maps are drained this often within a window: stack maps then hold one
-/// second of distinct stacks, which keeps hash collisions (lost stacks) rare.
+/// The agent's aggregate is drained and symbolized this often within a window:
+/// `max_stack_keys` then bounds one second of distinct stacks, and processes are
+/// symbolized while their snapshots are fresh.
 const DRAIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What the sampling thread needs to follow deep-profile runs.

@@ -43,8 +43,11 @@ static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 
 /// How often the reader thread drains the ring buffer.
 const POLL: Duration = Duration::from_millis(10);
-/// Switch-outs still waiting after this long are unwound and kept compact.
+/// Switch-outs still waiting after this long are unwound and kept compact...
 const COMPACT_AFTER: Duration = Duration::from_millis(200);
+/// ...and sooner when their stack copies add up to this much (many threads blocking at
+/// once), so the agent's memory stays bounded whatever the host does.
+const MAX_RAW_BYTES: usize = 16 << 20;
 
 /// What to sample and how much memory the agent and the kernel may use for it.
 #[derive(Clone, Debug)]
@@ -459,6 +462,8 @@ impl Reader {
             stack_bytes,
             window: Aggregate::new(),
             pending: HashMap::new(),
+            raw_order: std::collections::VecDeque::new(),
+            raw_bytes: 0,
             max_keys,
             max_pending,
             losses: AgentLosses::default(),
@@ -552,7 +557,6 @@ struct PendingWait {
     key: SampleKey,
     kernel: Option<Addrs>,
     user: PendingStack,
-    arrived: Instant,
 }
 
 enum PendingStack {
@@ -571,6 +575,11 @@ struct ReaderState {
     stack_bytes: StackBytes,
     window: Aggregate,
     pending: HashMap<u32, PendingWait>,
+    /// Pending waits still holding a stack copy, oldest first: (arrival, tid, ts_ns).
+    /// Entries whose wait ended or was compacted are skipped when reached.
+    raw_order: std::collections::VecDeque<(Instant, u32, u64)>,
+    /// Bytes of stack copies held by pending waits.
+    raw_bytes: usize,
     max_keys: usize,
     max_pending: usize,
     losses: AgentLosses,
@@ -634,21 +643,24 @@ impl ReaderState {
         }
         // A thread has one switch-out at a time: a newer one replaces an entry whose end
         // was lost.
-        self.pending.insert(
-            snapshot.tid,
-            PendingWait {
-                ts_ns: snapshot.ts_ns,
-                key,
-                kernel,
-                user: PendingStack::Raw {
-                    ip: snapshot.ip,
-                    sp: snapshot.sp,
-                    bp: snapshot.bp,
-                    stack: stack.into(),
-                },
-                arrived: Instant::now(),
-            },
-        );
+        self.raw_bytes += stack.len();
+        self.raw_order.push_back((Instant::now(), snapshot.tid, snapshot.ts_ns));
+        let wait = PendingWait {
+            ts_ns: snapshot.ts_ns,
+            key,
+            kernel,
+            user: PendingStack::Raw { ip: snapshot.ip, sp: snapshot.sp, bp: snapshot.bp, stack: stack.into() },
+        };
+        if let Some(replaced) = self.pending.insert(snapshot.tid, wait) {
+            self.release(&replaced);
+        }
+    }
+
+    /// Accounts for a pending wait that leaves with its stack copy.
+    fn release(&mut self, wait: &PendingWait) {
+        if let PendingStack::Raw { stack, .. } = &wait.user {
+            self.raw_bytes -= stack.len();
+        }
     }
 
     fn wait_end(&mut self, end: &WaitEnd) {
@@ -656,6 +668,7 @@ impl ReaderState {
             self.losses.wait_without_snapshot += 1;
             return;
         };
+        self.release(&wait);
         if wait.ts_ns != end.out_ts_ns {
             self.losses.wait_without_snapshot += 1;
             return;
@@ -692,22 +705,24 @@ impl ReaderState {
     /// their stack copies.
     fn compact(&mut self) {
         let now = Instant::now();
-        let old: Vec<u32> = self
-            .pending
-            .iter()
-            .filter(|(_, wait)| {
-                matches!(wait.user, PendingStack::Raw { .. }) && now - wait.arrived > COMPACT_AFTER
-            })
-            .map(|(tid, _)| *tid)
-            .collect();
-        for tid in old {
-            let wait = self.pending.get_mut(&tid).expect("listed above");
-            let PendingStack::Raw { ip, sp, bp, stack } =
-                std::mem::replace(&mut wait.user, PendingStack::Unwound(None))
+        while let Some(&(arrived, tid, ts_ns)) = self.raw_order.front() {
+            if now - arrived <= COMPACT_AFTER && self.raw_bytes <= MAX_RAW_BYTES {
+                break;
+            }
+            self.raw_order.pop_front();
+            let Some(wait) = self
+                .pending
+                .get_mut(&tid)
+                .filter(|wait| wait.ts_ns == ts_ns && matches!(wait.user, PendingStack::Raw { .. }))
             else {
                 continue;
             };
+            let PendingStack::Raw { ip, sp, bp, stack } = std::mem::replace(&mut wait.user, PendingStack::Unwound(None))
+            else {
+                unreachable!("checked above");
+            };
             let tgid = wait.key.tgid;
+            self.raw_bytes -= stack.len();
             let user = self.unwind(tgid, tid, ip, sp, bp, &stack);
             if let Some(wait) = self.pending.get_mut(&tid) {
                 wait.user = PendingStack::Unwound(user);
