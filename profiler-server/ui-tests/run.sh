@@ -14,11 +14,8 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
   echo "ui-tests: FAIL: node and npm are required (apt-get install -y nodejs npm)" >&2
   exit 1
 fi
-BIN="${PROFILER_SERVER_BIN:-/work/target-ui/debug/profiler-server}"
-# Without PROFILER_SERVER_BIN, fall back to the workspace's own target dir.
-if [ -z "${PROFILER_SERVER_BIN:-}" ] && [ ! -x "$BIN" ] && [ -x ../../target/debug/profiler-server ]; then
-  BIN="$(cd ../../target/debug && pwd)/profiler-server"
-fi
+# Without PROFILER_SERVER_BIN, the workspace's own debug build.
+BIN="${PROFILER_SERVER_BIN:-$(cd ../.. && pwd)/target/debug/profiler-server}"
 if [ ! -x "$BIN" ]; then
   echo "ui-tests: FAIL: profiler-server binary not found at $BIN (cargo build -p profiler-server, then set PROFILER_SERVER_BIN)" >&2
   exit 1
