@@ -226,11 +226,9 @@ fn record_drain_metrics(session: &Session, window: &Window, metrics: &Metrics) {
     if let Some(sampling) = session.off_cpu_effective_sampling() {
         metrics.off_cpu_sampling_permille.store((sampling * 1000.0) as u64, Relaxed);
     }
-    for (name, cost) in session.program_costs() {
-        if let Some(index) = crate::sample::PROGRAMS.iter().position(|known| *known == name) {
-            metrics.bpf_run_time_ns[index].store(cost.run_time_ns, Relaxed);
-            metrics.bpf_runs[index].store(cost.runs, Relaxed);
-        }
+    for (program, cost) in session.program_costs() {
+        metrics.bpf_run_time_ns[program].store(cost.run_time_ns, Relaxed);
+        metrics.bpf_runs[program].store(cost.runs, Relaxed);
     }
     let (hits, misses) = session.processes().cache_stats();
     metrics.symbol_cache_hits.store(hits, Relaxed);

@@ -371,16 +371,18 @@ impl Sampler {
         Ok(per_cpu.iter().sum())
     }
 
-    /// Run time and runs of each loaded program, when BPF statistics are on.
-    pub fn program_costs(&self) -> Vec<(&'static str, ProgramCost)> {
+    /// Run time and runs of each loaded program, by index in [`PROGRAMS`], when BPF
+    /// statistics are on.
+    pub fn program_costs(&self) -> Vec<(usize, ProgramCost)> {
         if self._run_stats.is_none() {
             return Vec::new();
         }
         PROGRAMS
             .into_iter()
-            .filter_map(|name| {
+            .enumerate()
+            .filter_map(|(index, name)| {
                 let info = self.bpf.program(name)?.info().ok()?;
-                Some((name, ProgramCost { run_time_ns: info.run_time().as_nanos() as u64, runs: info.run_count() }))
+                Some((index, ProgramCost { run_time_ns: info.run_time().as_nanos() as u64, runs: info.run_count() }))
             })
             .collect()
     }
@@ -766,11 +768,7 @@ impl ReaderState {
             })
             .collect();
         let now = self.unwinder.counts;
-        let delta = UnwindCounts {
-            complete: now.complete - self.counted.complete,
-            truncated: now.truncated - self.counted.truncated,
-            binaries_unreadable: now.binaries_unreadable - self.counted.binaries_unreadable,
-        };
+        let delta = now.since(&self.counted);
         self.counted = now;
         (samples, delta)
     }

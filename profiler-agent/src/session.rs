@@ -53,6 +53,12 @@ pub struct Session {
     partly_unknown: u64,
 }
 
+/// `--stats` counters of each program in [`crate::sample::PROGRAMS`]: run time, runs.
+const PROGRAM_COUNTERS: [(&str, &str); 2] = [
+    ("bpf_on_cpu_sample_run_time_ns", "bpf_on_cpu_sample_runs"),
+    ("bpf_sched_switch_run_time_ns", "bpf_sched_switch_runs"),
+];
+
 /// How often rate control looks at the switch rate while waiting for a window to end.
 const TICK: Duration = Duration::from_millis(250);
 
@@ -99,9 +105,7 @@ impl Session {
         if raw.map_fill > 0.9 {
             tracing::warn!(fill = raw.map_fill, "window aggregate nearly full; raise max_stack_keys or shorten the window");
         }
-        self.unwind.complete += raw.unwind.complete;
-        self.unwind.truncated += raw.unwind.truncated;
-        self.unwind.binaries_unreadable += raw.unwind.binaries_unreadable;
+        self.unwind.add(&raw.unwind);
         let samples = self.symbolizer.symbolize(raw.samples)?;
         self.processes.evict();
         let partly_unknown = samples
@@ -127,8 +131,9 @@ impl Session {
         Ok(())
     }
 
-    /// In-kernel cost of each loaded BPF program since start (empty without BPF statistics).
-    pub fn program_costs(&self) -> Vec<(&'static str, ProgramCost)> {
+    /// In-kernel cost of each loaded BPF program since start, by index in
+    /// [`crate::sample::PROGRAMS`] (empty without BPF statistics).
+    pub fn program_costs(&self) -> Vec<(usize, ProgramCost)> {
         self.sampler.program_costs()
     }
 
@@ -160,11 +165,8 @@ impl Session {
         counters.insert("stacks_truncated", self.unwind.truncated);
         counters.insert("binaries_unreadable", self.unwind.binaries_unreadable);
         counters.insert("stacks_partly_unknown", self.partly_unknown);
-        for (name, cost) in self.sampler.program_costs() {
-            let (time, runs) = match name {
-                "on_cpu_sample" => ("bpf_on_cpu_sample_run_time_ns", "bpf_on_cpu_sample_runs"),
-                _ => ("bpf_sched_switch_run_time_ns", "bpf_sched_switch_runs"),
-            };
+        for (program, cost) in self.sampler.program_costs() {
+            let (time, runs) = PROGRAM_COUNTERS[program];
             counters.insert(time, cost.run_time_ns);
             counters.insert(runs, cost.runs);
         }

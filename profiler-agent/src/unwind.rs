@@ -156,6 +156,22 @@ pub struct UnwindCounts {
     pub binaries_unreadable: u64,
 }
 
+impl UnwindCounts {
+    pub fn add(&mut self, other: &UnwindCounts) {
+        self.complete += other.complete;
+        self.truncated += other.truncated;
+        self.binaries_unreadable += other.binaries_unreadable;
+    }
+
+    pub fn since(&self, earlier: &UnwindCounts) -> UnwindCounts {
+        UnwindCounts {
+            complete: self.complete - earlier.complete,
+            truncated: self.truncated - earlier.truncated,
+            binaries_unreadable: self.binaries_unreadable - earlier.binaries_unreadable,
+        }
+    }
+}
+
 pub struct Unwinder {
     processes: ProcessTable,
     binaries: HashMap<(u64, u64), Option<Binary>>,
