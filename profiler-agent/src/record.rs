@@ -49,8 +49,9 @@ impl Default for RecordOptions {
     }
 }
 
-/// Each recorded switch-out copies the kernel stack and 16 KiB of user stack into the ring
-/// buffer (a few µs, see the README's figures); 4000/s keeps that near 1% of one CPU.
+/// Each recorded switch-out copies the kernel stack and the thread's user stack (4 to
+/// 16 KiB) into the ring buffer, about 2 µs (see the README's figures); 4000/s keeps that
+/// near 1% of one CPU.
 pub const DEFAULT_OFF_CPU_BUDGET: u64 = 4000;
 
 /// What happened during a recording, for humans (logged) and tests (`--stats` JSON).
