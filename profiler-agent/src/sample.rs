@@ -43,6 +43,8 @@ static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 
 /// How often the reader thread drains the ring buffer.
 const POLL: Duration = Duration::from_millis(10);
+/// Records handled per poll at most: far more than a poll's worth at any sampling budget.
+const MAX_RECORDS_PER_POLL: usize = 65536;
 /// Switch-outs still waiting after this long are unwound and kept compact...
 const COMPACT_AFTER: Duration = Duration::from_millis(200);
 /// ...and sooner when their stack copies add up to this much (many threads blocking at
@@ -435,7 +437,8 @@ pub struct AgentLosses {
     pub aggregate_full: u64,
     /// Wait ends whose switch-out snapshot never arrived (ring buffer full at switch-out).
     pub wait_without_snapshot: u64,
-    /// Records too short for their kind (never expected; counted rather than trusted).
+    /// Records too short for their kind, or whose unwinding panicked (a binary that broke
+    /// the unwinder): never expected, counted rather than trusted.
     pub malformed: u64,
 }
 
@@ -591,8 +594,11 @@ struct ReaderState {
 }
 
 impl ReaderState {
+    /// Handles what the ring holds, up to [`MAX_RECORDS_PER_POLL`] so a flood of records
+    /// cannot hold off the end of a window.
     fn read_ring(&mut self, ring: &mut RingBuf<MapData>) {
-        while let Some(record) = ring.next() {
+        for _ in 0..MAX_RECORDS_PER_POLL {
+            let Some(record) = ring.next() else { break };
             self.handle(&record);
         }
         *self.shared_losses.lock().unwrap() = self.losses;
@@ -694,7 +700,14 @@ impl ReaderState {
     }
 
     fn unwind(&mut self, tgid: u32, tid: u32, ip: u64, sp: u64, bp: u64, stack: &[u8]) -> Option<Addrs> {
-        let (frames, outcome) = self.unwinder.unwind(tgid, ip, sp, bp, stack);
+        // Unwinding parses the binaries of every process on the host, some of them hostile:
+        // a parser panic costs that one stack, not the agent.
+        let unwinder = &mut self.unwinder;
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unwinder.unwind(tgid, ip, sp, bp, stack)));
+        let Ok((frames, outcome)) = unwound else {
+            self.losses.malformed += 1;
+            return Some(Arc::from([ip].as_slice()));
+        };
         match outcome {
             Outcome::Complete { stack_bytes } => self.stack_bytes.learn(tid, stack_bytes),
             Outcome::CopyTooShort => self.stack_bytes.learn(tid, u64::MAX),
