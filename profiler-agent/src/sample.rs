@@ -229,8 +229,12 @@ impl Sampler {
             .load()
             .map_err(|err| anyhow!("the kernel rejected the on-CPU program: {}", chain(&err)))?;
         let ring: RingBuf<MapData> = take(&mut bpf, maps::EVENTS)?;
+        let mut stack_bytes_map: BpfHashMap<MapData, u32, u32> = take(&mut bpf, maps::STACK_BYTES)?;
         let stack_bytes = StackBytes {
-            map: take(&mut bpf, maps::STACK_BYTES)?,
+            // A failed write only means the thread keeps getting full copies.
+            write: Box::new(move |tid, bytes| {
+                let _ = stack_bytes_map.insert(tid, bytes, 0);
+            }),
             learnt: HashMap::new(),
             max: config.user_stack_bytes,
         };
@@ -462,19 +466,7 @@ impl Reader {
     ) -> anyhow::Result<Self> {
         let (requests, receiver) = mpsc::channel::<Reply>();
         let losses = Arc::new(std::sync::Mutex::new(AgentLosses::default()));
-        let mut state = ReaderState {
-            unwinder,
-            stack_bytes,
-            window: Aggregate::new(),
-            pending: HashMap::new(),
-            raw_order: std::collections::VecDeque::new(),
-            raw_bytes: 0,
-            max_keys,
-            max_pending,
-            losses: AgentLosses::default(),
-            shared_losses: losses.clone(),
-            counted: UnwindCounts::default(),
-        };
+        let mut state = ReaderState::new(unwinder, stack_bytes, max_keys, max_pending, losses.clone());
         let thread = thread::Builder::new()
             .name("bpf-reader".into())
             .spawn(move || {
@@ -529,7 +521,8 @@ impl Drop for Reader {
 /// `STACK_BYTES`. Grows only (a deeper call next time still fits), in whole chunks, with
 /// room to spare; a copy found too short goes straight to the maximum.
 struct StackBytes {
-    map: BpfHashMap<MapData, u32, u32>,
+    /// Writes one thread's size into the kernel's `STACK_BYTES` map.
+    write: Box<dyn FnMut(u32, u32) + Send>,
     /// What the map holds, so it is only written on change.
     learnt: HashMap<u32, u32>,
     max: u32,
@@ -551,8 +544,7 @@ impl StackBytes {
             self.learnt.clear();
         }
         self.learnt.insert(tid, wanted);
-        // A failed write only means the thread keeps getting full copies.
-        let _ = self.map.insert(tid, wanted, 0);
+        (self.write)(tid, wanted);
     }
 }
 
@@ -594,6 +586,28 @@ struct ReaderState {
 }
 
 impl ReaderState {
+    fn new(
+        unwinder: Unwinder,
+        stack_bytes: StackBytes,
+        max_keys: usize,
+        max_pending: usize,
+        shared_losses: Arc<std::sync::Mutex<AgentLosses>>,
+    ) -> Self {
+        Self {
+            unwinder,
+            stack_bytes,
+            window: Aggregate::new(),
+            pending: HashMap::new(),
+            raw_order: std::collections::VecDeque::new(),
+            raw_bytes: 0,
+            max_keys,
+            max_pending,
+            losses: AgentLosses::default(),
+            shared_losses,
+            counted: UnwindCounts::default(),
+        }
+    }
+
     /// Handles what the ring holds, up to [`MAX_RECORDS_PER_POLL`] so a flood of records
     /// cannot hold off the end of a window.
     fn read_ring(&mut self, ring: &mut RingBuf<MapData>) {
@@ -859,4 +873,120 @@ fn tracefs_has_sched_switch() -> bool {
                 .join("events/sched/sched_switch/id")
                 .exists()
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (tid, bytes) written to the kernel's `STACK_BYTES`, in order.
+    type Writes = Arc<std::sync::Mutex<Vec<(u32, u32)>>>;
+
+    fn state(max_keys: usize) -> (ReaderState, Writes) {
+        let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = writes.clone();
+        let stack_bytes = StackBytes {
+            write: Box::new(move |tid, bytes| seen.lock().unwrap().push((tid, bytes))),
+            learnt: HashMap::new(),
+            max: MAX_USER_STACK as u32,
+        };
+        let unwinder = Unwinder::new(ProcessTable::default());
+        (ReaderState::new(unwinder, stack_bytes, max_keys, 65536, Default::default()), writes)
+    }
+
+    /// A ring record as the BPF programs write it: the header, then `stack_len` bytes of
+    /// user stack, in 8-byte aligned memory like the ring buffer's.
+    fn snapshot(kind: u32, tid: u32, ts_ns: u64, kernel: &[u64], stack_len: usize) -> Vec<u64> {
+        let words = (size_of::<SnapshotHeader>() + stack_len).div_ceil(8);
+        let mut record = vec![0u64; words];
+        // SAFETY: the buffer is at least a header long and 8-byte aligned.
+        let header = unsafe { &mut *(record.as_mut_ptr() as *mut SnapshotHeader) };
+        header.kind = kind;
+        header.tid = tid;
+        header.tgid = tid;
+        header.state = if kind == EVENT_SWITCH_OUT { profiler_common::TASK_INTERRUPTIBLE } else { 0 };
+        header.ts_ns = ts_ns;
+        header.kernel[..kernel.len()].copy_from_slice(kernel);
+        header.kernel_len = (kernel.len() * 8) as u32;
+        // No user registers: nothing to unwind, the bookkeeping is what is tested.
+        header.user_len = stack_len as u32;
+        record
+    }
+
+    fn bytes(record: &[u64]) -> &[u8] {
+        unsafe { std::slice::from_raw_parts(record.as_ptr() as *const u8, record.len() * 8) }
+    }
+
+    fn wait_end(tid: u32, out_ts_ns: u64, elapsed_ns: u64, weight_q16: u64) -> Vec<u64> {
+        let end = WaitEnd { kind: EVENT_WAIT_END, tid, out_ts_ns, elapsed_ns, weight_q16 };
+        let mut record = vec![0u64; size_of::<WaitEnd>() / 8];
+        unsafe { std::ptr::write(record.as_mut_ptr() as *mut WaitEnd, end) };
+        record
+    }
+
+    #[test]
+    fn long_waits_are_weighted_short_ones_dropped_and_losses_counted() {
+        let (mut state, _) = state(100);
+        state.handle(bytes(&snapshot(EVENT_SWITCH_OUT, 7, 1000, &[0xffff_1000], 4096)));
+        assert_eq!(state.raw_bytes, 4096);
+        // Recorded with probability 1/2 (weight 2 in Q16): 5 ms counts as 10 ms.
+        state.handle(bytes(&wait_end(7, 1000, 5_000_000, 2 << 16)));
+        state.handle(bytes(&snapshot(EVENT_SWITCH_OUT, 8, 2000, &[0xffff_1000], 4096)));
+        state.handle(bytes(&wait_end(8, 2000, 0, 1 << 16)));
+        state.handle(bytes(&wait_end(9, 3000, 5_000_000, 1 << 16)));
+        state.handle(bytes(&snapshot(EVENT_SWITCH_OUT, 10, 4000, &[], 0)));
+        state.handle(bytes(&wait_end(10, 3999, 5_000_000, 1 << 16)));
+        state.handle(&[1, 0, 0, 0, 0]);
+
+        let (samples, _) = state.take_window();
+        assert_eq!(samples.len(), 1, "{samples:?}");
+        assert_eq!(samples[0].key.pid, 7);
+        assert_eq!(samples[0].value, RawValue::OffCpu { ns: 10_000_000, waits: 1 });
+        assert_eq!(samples[0].kernel.as_deref(), Some(&[0xffff_1000][..]));
+        assert_eq!(state.losses.wait_without_snapshot, 2, "no snapshot for tid 9, wrong one for tid 10");
+        assert_eq!(state.losses.malformed, 1);
+        assert!(state.pending.is_empty());
+        assert_eq!(state.raw_bytes, 0);
+    }
+
+    #[test]
+    fn stack_copies_of_waits_stay_under_their_memory_bound() {
+        let (mut state, _) = state(100);
+        let per_wait = MAX_USER_STACK;
+        let waits = 2 * MAX_RAW_BYTES / per_wait;
+        for tid in 0..waits as u32 {
+            state.handle(bytes(&snapshot(EVENT_SWITCH_OUT, tid + 1, 1, &[], per_wait)));
+        }
+        assert!(state.raw_bytes > MAX_RAW_BYTES);
+        state.compact();
+        assert!(state.raw_bytes <= MAX_RAW_BYTES, "{} bytes of copies kept", state.raw_bytes);
+        assert_eq!(state.pending.len(), waits, "compaction keeps every wait, only without its copy");
+        // A compacted wait still ends and counts.
+        state.handle(bytes(&wait_end(1, 1, 2_000_000, 1 << 16)));
+        let (samples, _) = state.take_window();
+        assert_eq!(samples.iter().map(|s| s.value).collect::<Vec<_>>(), [RawValue::OffCpu { ns: 2_000_000, waits: 1 }]);
+    }
+
+    #[test]
+    fn samples_aggregate_per_stack_up_to_the_key_limit() {
+        let (mut state, _) = state(2);
+        for kernel in [[1u64], [1], [2], [3]] {
+            state.handle(bytes(&snapshot(EVENT_SAMPLE, 5, 0, &kernel, 0)));
+        }
+        let (mut samples, _) = state.take_window();
+        samples.sort_by_key(|s| s.kernel.as_deref().map(<[u64]>::to_vec));
+        let values: Vec<RawValue> = samples.iter().map(|s| s.value).collect();
+        assert_eq!(values, [RawValue::OnCpuSamples(2), RawValue::OnCpuSamples(1)]);
+        assert_eq!(state.losses.aggregate_full, 1, "the third distinct stack is over the limit");
+    }
+
+    #[test]
+    fn learnt_stack_sizes_grow_in_chunks_with_a_margin() {
+        let (mut state, writes) = state(10);
+        state.stack_bytes.learn(1, 100);
+        state.stack_bytes.learn(1, 50);
+        state.stack_bytes.learn(1, 3000);
+        state.stack_bytes.learn(2, u64::MAX);
+        assert_eq!(*writes.lock().unwrap(), [(1, 3072), (1, 5120), (2, MAX_USER_STACK as u32)]);
+    }
 }
