@@ -100,6 +100,8 @@ struct State {
     blazesym_since: std::time::Instant,
     kernel_names: HashMap<u64, Arc<str>>,
     perf_maps: PerfMaps,
+    /// Separate debug files of stripped binaries, by binary; `None` when there is none.
+    debug_files: HashMap<(u64, u64), Option<DebugFile>>,
     unknown: Arc<str>,
     unknown_kernel: Arc<str>,
 }
@@ -114,6 +116,7 @@ impl State {
             blazesym_since: std::time::Instant::now(),
             kernel_names: HashMap::new(),
             perf_maps: PerfMaps::default(),
+            debug_files: HashMap::new(),
             unknown: Arc::from(UNKNOWN),
             unknown_kernel: Arc::from(format!("{UNKNOWN}{KERNEL_SUFFIX}")),
         }
@@ -126,6 +129,7 @@ impl State {
         }
         if self.parsed_binaries.len() > MAX_PARSED_BINARIES || self.blazesym_since.elapsed() > BLAZESYM_MAX_AGE {
             self.parsed_binaries.clear();
+            self.debug_files.clear();
             self.blazesym = new_blazesym();
             self.blazesym_since = std::time::Instant::now();
         }
@@ -230,10 +234,42 @@ impl State {
                 }
             };
             let mut names = names.into_iter();
+            let mut unnamed = Vec::new();
             for offset in offsets {
-                if let Some(Symbolized::Sym(sym)) = names.next() {
-                    self.user_names.insert((id, offset), Arc::from(sym.name.as_ref()));
+                match names.next() {
+                    Some(Symbolized::Sym(sym)) => {
+                        self.user_names.insert((id, offset), Arc::from(sym.name.as_ref()));
+                    }
+                    _ => unnamed.push(offset),
                 }
+            }
+            if !unnamed.is_empty() {
+                self.resolve_from_debug_file(id, &path, &unnamed);
+            }
+        }
+    }
+
+    /// Names what the stripped binary's own (dynamic) symbols could not, from its separate
+    /// debug file: the C library's internals (`start_thread`, `__lll_lock_wait`) on a host
+    /// with `libc6-dbg`.
+    fn resolve_from_debug_file(&mut self, id: (u64, u64), binary: &std::path::Path, offsets: &[u64]) {
+        let debug = self.debug_files.entry(id).or_insert_with(|| DebugFile::find(binary));
+        let Some(debug) = debug else { return };
+        let (offsets, addrs): (Vec<u64>, Vec<u64>) =
+            offsets.iter().filter_map(|&offset| Some((offset, debug.virtual_address(offset)?))).unzip();
+        let debug_path = debug.path.clone();
+        let mut elf = Elf::new(&debug_path);
+        elf.debug_syms = false;
+        let names = match self.blazesym.symbolize(&Source::Elf(elf), Input::VirtOffset(&addrs)) {
+            Ok(names) => names,
+            Err(err) => {
+                tracing::debug!("symbolizing {} from {}: {err}", binary.display(), debug_path.display());
+                return;
+            }
+        };
+        for (offset, name) in offsets.into_iter().zip(names) {
+            if let Symbolized::Sym(sym) = name {
+                self.user_names.insert((id, offset), Arc::from(sym.name.as_ref()));
             }
         }
     }
@@ -269,4 +305,53 @@ fn call_site(depth: usize, addr: u64) -> u64 {
 pub fn comm_name(comm: &[u8]) -> String {
     let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..len]).into_owned()
+}
+
+/// Where distributions install separate debug files by build id (Debian's `-dbg` and
+/// `-dbgsym` packages, Fedora's `-debuginfo`), as gdb and perf look them up.
+const DEBUG_ROOT: &str = "/usr/lib/debug/.build-id";
+
+/// The separate debug file of a stripped binary.
+struct DebugFile {
+    path: PathBuf,
+    /// (file offset, virtual address, file size) of the binary's loadable segments: the
+    /// debug file's symbols are at virtual addresses, samples at file offsets.
+    segments: Vec<(u64, u64, u64)>,
+}
+
+impl DebugFile {
+    /// The debug file of `binary` when it has no symbol table of its own and one is
+    /// installed under its build id.
+    fn find(binary: &std::path::Path) -> Option<Self> {
+        use object::{Object as _, ObjectSegment as _};
+        let file = std::fs::File::open(binary).ok()?;
+        // SAFETY: read-only; a binary changed underneath can only yield wrong names.
+        let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+        let elf = object::File::parse(&map[..]).ok()?;
+        if elf.section_by_name(".symtab").is_some() {
+            return None;
+        }
+        let build_id = elf.build_id().ok()??;
+        let hex: String = build_id.iter().map(|byte| format!("{byte:02x}")).collect();
+        if hex.len() < 4 {
+            return None;
+        }
+        let path = PathBuf::from(format!("{DEBUG_ROOT}/{}/{}.debug", &hex[..2], &hex[2..]));
+        if !path.is_file() {
+            return None;
+        }
+        let segments = elf
+            .segments()
+            .map(|segment| {
+                let (offset, size) = segment.file_range();
+                (offset, segment.address(), size)
+            })
+            .collect();
+        Some(Self { path, segments })
+    }
+
+    fn virtual_address(&self, offset: u64) -> Option<u64> {
+        let (start, vaddr, _) = self.segments.iter().find(|(start, _, size)| (*start..start + size).contains(&offset))?;
+        Some(vaddr + (offset - start))
+    }
 }

@@ -151,6 +151,18 @@ fn off_cpu_waits_through_libc_keep_their_caller() {
         assert!(ours >= 0.9 * reference, "{function}: only {:.1}% of its thread's off-CPU time", 100.0 * ours / reference);
         assert!(ours <= 1.1 * reference, "{function}: {ours} ns vs bpftrace {reference} ns");
     }
+
+    // libc is stripped; its internal functions are named from libc6-dbg's debug file
+    // (which `cargo xtask setup` installs), found by build id as perf and gdb find it.
+    if !Path::new("/usr/share/doc/libc6-dbg").exists() {
+        let _ = writeln!(std::io::stderr(), "SKIPPED libc internal names: libc6-dbg is not installed");
+        return;
+    }
+    let sleeping = sum_where(&stacks, |f| off(f) && f.iter().any(|frame| frame == "wait_nanosleep")) as f64;
+    let named = sum_where(&stacks, |f| {
+        off(f) && f.iter().any(|frame| frame == "wait_nanosleep") && f.iter().any(|frame| frame == "start_thread")
+    }) as f64;
+    assert!(named >= 0.9 * sleeping, "start_thread named in only {:.1}% of wait_nanosleep's time", 100.0 * named / sleeping);
 }
 
 /// Share of a process's on-CPU samples with a frame containing `name`.

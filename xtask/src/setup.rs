@@ -62,7 +62,8 @@ fn bpf_linker() -> anyhow::Result<()> {
 
 /// perf and bpftrace are the reference tools of the cross-check tests and benchmarks;
 /// Go's pprof tool checks the server's pprof exports; chromium and node run the web UI's
-/// browser tests.
+/// browser tests; libc6-dbg lets the tests check libc's internal frames are named from
+/// a separate debug file. Each entry is a command or a path the package installs.
 fn debian_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = [
         ("perf", "linux-perf"),
@@ -75,9 +76,10 @@ fn debian_packages() -> anyhow::Result<()> {
         ("node", "nodejs"),
         ("npm", "npm"),
         ("curl", "curl"),
+        ("/usr/share/doc/libc6-dbg", "libc6-dbg"),
     ]
         .into_iter()
-        .filter(|(binary, _)| output(Command::new("sh").args(["-c", &format!("command -v {binary}")])).is_none())
+        .filter(|(binary, _)| output(Command::new("sh").args(["-c", &format!("command -v {binary} || test -e {binary}")])).is_none())
         .map(|(_, package)| package)
         .collect();
     if missing.is_empty() {
