@@ -5,6 +5,7 @@ pub mod aggregate;
 pub mod classify;
 pub mod config;
 pub mod daemon;
+pub mod elf_layout;
 pub mod identity;
 pub mod metrics;
 pub mod perf_map;

@@ -117,7 +117,7 @@ pub struct SampleKey {
     pub tgid: u32,
     /// Thread id.
     pub pid: u32,
-    /// `prev_state` of the switch-out (see [`profiler_common::StackSnapshot::state`]);
+    /// `prev_state` of the switch-out (see [`profiler_common::SnapshotHeader::state`]);
     /// zero for on-CPU samples.
     pub state: u32,
     /// The thread's comm at sample time, so exited processes keep a name.
@@ -186,7 +186,7 @@ pub struct Sampler {
     off_cpu_link: Option<TracePointLinkId>,
     off_cpu_loaded: bool,
     /// Holds the kernel's BPF run-time statistics on while the sampler lives.
-    _run_stats: Option<std::os::fd::OwnedFd>,
+    run_stats: Option<std::os::fd::OwnedFd>,
     pub period_ns: u64,
 }
 
@@ -258,7 +258,7 @@ impl Sampler {
             perf_links: Vec::new(),
             off_cpu_link: None,
             off_cpu_loaded: false,
-            _run_stats: options.bpf_stats.then(run_stats).flatten(),
+            run_stats: options.bpf_stats.then(enable_run_stats).flatten(),
             period_ns: 0,
         };
         sampler.set_frequency(options.frequency_hz)?;
@@ -380,7 +380,7 @@ impl Sampler {
     /// Run time and runs of each loaded program, by index in [`PROGRAMS`], when BPF
     /// statistics are on.
     pub fn program_costs(&self) -> Vec<(usize, ProgramCost)> {
-        if self._run_stats.is_none() {
+        if self.run_stats.is_none() {
             return Vec::new();
         }
         PROGRAMS
@@ -408,7 +408,7 @@ impl Sampler {
     }
 }
 
-fn run_stats() -> Option<std::os::fd::OwnedFd> {
+fn enable_run_stats() -> Option<std::os::fd::OwnedFd> {
     match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
         Ok(fd) => Some(fd),
         Err(err) => {

@@ -22,6 +22,7 @@ use blazesym::symbolize::{
 };
 
 use crate::{
+    elf_layout::CodeSegments,
     perf_map::PerfMaps,
     process::{ProcessInfo, ProcessTable},
     sample::{RawSample, RawValue, SampleKey},
@@ -256,7 +257,7 @@ impl State {
         let debug = self.debug_files.entry(id).or_insert_with(|| DebugFile::find(binary));
         let Some(debug) = debug else { return };
         let (offsets, addrs): (Vec<u64>, Vec<u64>) =
-            offsets.iter().filter_map(|&offset| Some((offset, debug.virtual_address(offset)?))).unzip();
+            offsets.iter().filter_map(|&offset| Some((offset, debug.segments.virtual_address(offset)?))).unzip();
         let debug_path = debug.path.clone();
         let mut elf = Elf::new(&debug_path);
         elf.debug_syms = false;
@@ -314,16 +315,15 @@ const DEBUG_ROOT: &str = "/usr/lib/debug/.build-id";
 /// The separate debug file of a stripped binary.
 struct DebugFile {
     path: PathBuf,
-    /// (file offset, virtual address, file size) of the binary's loadable segments: the
-    /// debug file's symbols are at virtual addresses, samples at file offsets.
-    segments: Vec<(u64, u64, u64)>,
+    /// The debug file's symbols are at virtual addresses, samples at file offsets.
+    segments: CodeSegments,
 }
 
 impl DebugFile {
     /// The debug file of `binary` when it has no symbol table of its own and one is
     /// installed under its build id.
     fn find(binary: &std::path::Path) -> Option<Self> {
-        use object::{Object as _, ObjectSegment as _};
+        use object::Object as _;
         let file = std::fs::File::open(binary).ok()?;
         // SAFETY: read-only; a binary changed underneath can only yield wrong names.
         let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
@@ -340,18 +340,6 @@ impl DebugFile {
         if !path.is_file() {
             return None;
         }
-        let segments = elf
-            .segments()
-            .map(|segment| {
-                let (offset, size) = segment.file_range();
-                (offset, segment.address(), size)
-            })
-            .collect();
-        Some(Self { path, segments })
-    }
-
-    fn virtual_address(&self, offset: u64) -> Option<u64> {
-        let (start, vaddr, _) = self.segments.iter().find(|(start, _, size)| (*start..start + size).contains(&offset))?;
-        Some(vaddr + (offset - start))
+        Some(Self { path, segments: CodeSegments::of(&elf) })
     }
 }

@@ -20,10 +20,13 @@ use framehop::{
     ExplicitModuleSectionInfo, Module, Unwinder as _,
 };
 use memmap2::Mmap;
-use object::{Object as _, ObjectSection as _, ObjectSegment as _};
+use object::{Object as _, ObjectSection as _};
 use profiler_common::MAX_STACK_DEPTH;
 
-use crate::process::{Mapping, ProcessInfo, ProcessTable};
+use crate::{
+    elf_layout::CodeSegments,
+    process::{Mapping, ProcessInfo, ProcessTable},
+};
 
 /// Binaries kept mapped with their unwind sections located.
 const MAX_BINARIES: usize = 256;
@@ -32,9 +35,6 @@ const MAX_PROCESSES: usize = 1024;
 /// A process whose instruction pointer falls outside every known mapping (dlopen, JIT)
 /// is re-read at most this often.
 const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Mappings are page-aligned (x86_64 user space uses 4 KiB pages).
-const PAGE: u64 = 4096;
 
 /// How far an unwind got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,8 +66,7 @@ impl Deref for Section {
 /// What framehop needs of one binary, located once.
 struct Binary {
     sections: ExplicitModuleSectionInfo<Section>,
-    /// (file offset, virtual address, file size) of each loadable segment.
-    segments: Vec<(u64, u64, u64)>,
+    segments: CodeSegments,
     last_used: Instant,
 }
 
@@ -91,14 +90,7 @@ impl Binary {
         let (eh_frame_hdr, eh_frame_hdr_svma) = section(".eh_frame_hdr").unzip();
         let got_svma = section(".got").map(|(_, svma)| svma);
         let debug_frame = section(".debug_frame").map(|(data, _)| data);
-        let segments = elf
-            .segments()
-            .filter(|segment| matches!(segment.flags(), object::SegmentFlags::Elf { p_flags } if p_flags & object::elf::PF_X != 0))
-            .map(|segment| {
-                let (offset, size) = segment.file_range();
-                (offset, segment.address(), size)
-            })
-            .collect();
+        let segments = CodeSegments::of(&elf);
         Some(Self {
             sections: ExplicitModuleSectionInfo {
                 base_svma: 0,
@@ -127,16 +119,7 @@ impl Binary {
     /// The address the binary's virtual address 0 is loaded at, in a process that maps
     /// `mapping` of it.
     fn base_avma(&self, mapping: &Mapping) -> Option<u64> {
-        // The kernel maps whole pages: the mapping starts at the page holding the
-        // segment's first byte, which may lie before the segment (lld, Rust binaries).
-        let (offset, vaddr, _) = self
-            .segments
-            .iter()
-            .find(|(offset, _, size)| (offset & !(PAGE - 1)..offset + size).contains(&mapping.file_offset))?;
-        // A mapping may also start inside the segment (a runtime that remapped part of
-        // its text, as Node.js does onto huge pages).
-        let svma = vaddr.wrapping_add(mapping.file_offset.wrapping_sub(*offset));
-        mapping.start.checked_sub(svma)
+        mapping.start.checked_sub(self.segments.virtual_address(mapping.file_offset)?)
     }
 }
 
