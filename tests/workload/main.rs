@@ -29,19 +29,20 @@ fn step(rounds: u64, seed: u64) -> u64 {
     x
 }
 
+/// `scale` is in eighths, so an iteration's length varies while the 5:3:2 ratio holds.
 #[inline(never)]
-fn step_a(seed: u64) -> u64 {
-    step(50_000, seed)
+fn step_a(seed: u64, scale: u64) -> u64 {
+    step(50_000 * scale / 8, seed)
 }
 
 #[inline(never)]
-fn step_b(seed: u64) -> u64 {
-    step(30_000, seed)
+fn step_b(seed: u64, scale: u64) -> u64 {
+    step(30_000 * scale / 8, seed)
 }
 
 #[inline(never)]
-fn step_c(seed: u64) -> u64 {
-    step(20_000, seed)
+fn step_c(seed: u64, scale: u64) -> u64 {
+    step(20_000 * scale / 8, seed)
 }
 
 fn thread_cpu_time() -> Duration {
@@ -63,9 +64,12 @@ fn burn_cpu(cpu: Duration, wall: Duration) -> Duration {
     let start = Instant::now();
     let mut x = 1u64;
     while thread_cpu_time() - start_cpu < cpu && start.elapsed() < wall {
-        x = step_a(x);
-        x = step_b(x);
-        x = step_c(x);
+        // A loop of fixed length can alias with a fixed sampling period and put most
+        // samples in one step; a random length (4/8 to 12/8) spreads them by time spent.
+        let scale = 4 + (x >> 32) % 9;
+        x = step_a(x, scale);
+        x = step_b(x, scale);
+        x = step_c(x, scale);
     }
     black_box(x);
     thread_cpu_time() - start_cpu
