@@ -7,7 +7,7 @@ use anyhow::{Context as _, bail};
 use regex::Regex;
 use serde::Deserialize;
 
-use crate::{identity::Rule, record::DEFAULT_OFF_CPU_BUDGET, sample::{OffCpuOptions, SamplerOptions}, session::Settings};
+use crate::{identity::Rule, sample::{OffCpuOptions, SamplerOptions}, session::{OffCpuBudget, Settings}};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -99,12 +99,22 @@ pub struct OffCpuConfig {
     pub sampling: f64,
     /// Recorded switches per second.
     pub budget: u64,
+    /// In-kernel CPU time per second spent recording switch-outs.
+    #[serde(with = "humantime_serde")]
+    pub cpu_budget: Duration,
 }
 
 impl Default for OffCpuConfig {
     fn default() -> Self {
         let defaults = OffCpuOptions::default();
-        Self { enabled: true, min_block: defaults.min_block, sampling: defaults.sample_probability, budget: DEFAULT_OFF_CPU_BUDGET }
+        let budget = OffCpuBudget::default();
+        Self {
+            enabled: true,
+            min_block: defaults.min_block,
+            sampling: defaults.sample_probability,
+            budget: budget.switches_per_s,
+            cpu_budget: budget.kernel_cpu_per_s,
+        }
     }
 }
 
@@ -114,6 +124,12 @@ pub struct SpoolConfig {
     /// Windows that could not be shipped wait here, oldest dropped first past `max_bytes`.
     pub dir: PathBuf,
     pub max_bytes: u64,
+}
+
+impl OffCpuConfig {
+    pub fn budget(&self) -> OffCpuBudget {
+        OffCpuBudget { switches_per_s: self.budget, kernel_cpu_per_s: self.cpu_budget }
+    }
 }
 
 impl Default for SpoolConfig {
@@ -188,7 +204,7 @@ impl AgentConfig {
     /// The settings outside deep-profile runs.
     pub fn baseline_settings(&self) -> Settings {
         let options = self.sampler_options();
-        Settings { frequency_hz: options.frequency_hz, off_cpu: options.off_cpu, off_cpu_budget: self.off_cpu.budget }
+        Settings { frequency_hz: options.frequency_hz, off_cpu: options.off_cpu, off_cpu_budget: self.off_cpu.budget() }
     }
 
     pub fn metrics_addr(&self) -> anyhow::Result<Option<SocketAddr>> {

@@ -64,7 +64,7 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
         spawn_signal_handler(stop.clone())?;
 
-        let session = Session::start(&config.sampler_options(), config.off_cpu.budget)?;
+        let session = Session::start(&config.sampler_options(), config.off_cpu.budget())?;
         tracing::info!(server = %config.server.url, window = ?config.sampling.window, "agent running");
         let control = RunControl::default();
         let (report_sender, report_receiver) = mpsc::unbounded_channel();

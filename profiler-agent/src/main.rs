@@ -10,7 +10,8 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use profiler_agent::{
     config::AgentConfig,
-    record::{DEFAULT_OFF_CPU_BUDGET, RecordOptions, record},
+    record::{RecordOptions, record},
+    session::OffCpuBudget,
     sample::{OffCpuOptions, SamplerOptions},
 };
 
@@ -99,8 +100,12 @@ struct RecordArgs {
     #[arg(long, default_value_t = 1.0)]
     off_cpu_sampling: f64,
     /// Recorded context switches per second that rate control stays under.
-    #[arg(long, default_value_t = DEFAULT_OFF_CPU_BUDGET)]
+    #[arg(long, default_value_t = OffCpuBudget::default().switches_per_s)]
     off_cpu_budget: u64,
+    /// In-kernel CPU time per second that recording switch-outs may take (summed over all
+    /// CPUs); rate control lowers the share recorded to stay under it.
+    #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
+    off_cpu_cpu_budget: Duration,
     /// How often the kernel maps are drained.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     window: Duration,
@@ -192,7 +197,7 @@ fn run_record(args: RecordArgs) -> anyhow::Result<()> {
         folded: args.output,
         svg: args.svg,
         stats: args.stats,
-        off_cpu_budget: args.off_cpu_budget,
+        off_cpu_budget: OffCpuBudget { switches_per_s: args.off_cpu_budget, kernel_cpu_per_s: args.off_cpu_cpu_budget },
     };
     record(&options, stop)?;
     Ok(())

@@ -17,7 +17,7 @@ use crate::{
     aggregate::{AggregateOptions, Kind, Profile, Units},
     render::{RenderOptions, write_svg},
     sample::SamplerOptions,
-    session::Session,
+    session::{OffCpuBudget, Session},
 };
 
 #[derive(Clone, Debug)]
@@ -30,8 +30,7 @@ pub struct RecordOptions {
     pub folded: Option<PathBuf>,
     pub svg: Option<PathBuf>,
     pub stats: Option<PathBuf>,
-    /// Recorded switch-outs per second that rate control aims to stay under.
-    pub off_cpu_budget: u64,
+    pub off_cpu_budget: OffCpuBudget,
 }
 
 impl Default for RecordOptions {
@@ -44,15 +43,10 @@ impl Default for RecordOptions {
             folded: None,
             svg: None,
             stats: None,
-            off_cpu_budget: DEFAULT_OFF_CPU_BUDGET,
+            off_cpu_budget: OffCpuBudget::default(),
         }
     }
 }
-
-/// Each recorded switch-out copies the kernel stack and the thread's user stack (4 to
-/// 16 KiB) into the ring buffer, about 2 µs (see the README's figures); 4000/s keeps that
-/// near 1% of one CPU.
-pub const DEFAULT_OFF_CPU_BUDGET: u64 = 4000;
 
 /// What happened during a recording, for humans (logged) and tests (`--stats` JSON).
 #[derive(Debug, Serialize)]

@@ -12,7 +12,7 @@ use std::{
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use crate::{config::LimitsConfig, sample::OffCpuOptions, session::Settings};
+use crate::{config::LimitsConfig, sample::OffCpuOptions, session::{OffCpuBudget, Settings}};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct RunSettings {
@@ -41,7 +41,7 @@ impl Run {
             frequency_hz: self.settings.frequency_hz.clamp(1, limits.max_frequency_hz),
             off_cpu,
             // "Every switch" means exactly that: no rate control.
-            off_cpu_budget: if self.settings.off_cpu_sampling >= 1.0 { u64::MAX } else { baseline.off_cpu_budget },
+            off_cpu_budget: if self.settings.off_cpu_sampling >= 1.0 { OffCpuBudget::UNLIMITED } else { baseline.off_cpu_budget },
         }
     }
 
@@ -228,10 +228,10 @@ mod tests {
     #[test]
     fn runs_start_end_on_the_local_clock_and_respect_limits() {
         let limits = LimitsConfig { max_frequency_hz: 999, max_run_duration: Duration::from_secs(10) };
-        let baseline = Settings { frequency_hz: 99, off_cpu: None, off_cpu_budget: 4000 };
+        let baseline = Settings { frequency_hz: 99, off_cpu: None, off_cpu_budget: OffCpuBudget::default() };
         let settings = run("a", 60_000).settings(&baseline, &limits);
         assert_eq!(settings.frequency_hz, 999, "clamped to the host's limit");
-        assert_eq!(settings.off_cpu_budget, u64::MAX);
+        assert_eq!(settings.off_cpu_budget, OffCpuBudget::UNLIMITED);
         assert_eq!(run("a", 60_000).local_end_ms(&limits), 10_000, "cut to max_run_duration");
 
         let mut applied = Applied::default();

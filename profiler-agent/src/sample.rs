@@ -24,13 +24,13 @@ use aya::{
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
-        trace_point::TracePointLinkId,
-        PerfEvent, TracePoint,
+        raw_trace_point::RawTracePointLinkId,
+        PerfEvent, RawTracePoint,
     },
     Ebpf, EbpfLoader,
 };
 use profiler_common::{
-    maps, Config, SnapshotHeader, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE, EVENT_SWITCH_OUT,
+    maps, Config, SnapshotHeader, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE, EVENT_SWITCH_OUT, PENDING_SLOTS,
     EVENT_WAIT_END, MAX_STACK_DEPTH, MAX_USER_STACK, TASK_COMM_LEN, USER_STACK_CHUNK,
 };
 
@@ -178,12 +178,13 @@ pub struct Sampler {
     config_map: Array<MapData, Config>,
     config: Config,
     stats: PerCpuArray<MapData, u64>,
-    switched_out: BpfHashMap<MapData, u32, SwitchOut>,
+    switched_out: BpfHashMap<MapData, u64, SwitchOut>,
+    pending: Array<MapData, u64>,
     reader: Reader,
     last_stats: StatCounts,
     max_stack_keys: u32,
     perf_links: Vec<PerfEventLinkId>,
-    off_cpu_link: Option<TracePointLinkId>,
+    off_cpu_link: Option<RawTracePointLinkId>,
     off_cpu_loaded: bool,
     /// Holds the kernel's BPF run-time statistics on while the sampler lives.
     run_stats: Option<std::os::fd::OwnedFd>,
@@ -202,7 +203,7 @@ pub const PROGRAMS: [&str; 2] = ["on_cpu_sample", "sched_switch"];
 
 impl Sampler {
     /// Loads and attaches the programs. Fails with a one-line reason when the host cannot
-    /// run them (not root, no BTF, no tracefs).
+    /// run them (not root, no BTF).
     pub fn start(options: &SamplerOptions, processes: ProcessTable) -> anyhow::Result<Self> {
         preflight(options)?;
         let mut loader = EbpfLoader::new();
@@ -251,6 +252,7 @@ impl Sampler {
             config,
             stats: take(&mut bpf, maps::STATS)?,
             switched_out: take(&mut bpf, maps::SWITCH_OUT)?,
+            pending: take(&mut bpf, maps::PENDING)?,
             reader,
             bpf,
             last_stats: StatCounts::default(),
@@ -300,7 +302,7 @@ impl Sampler {
 
     /// Turns off-CPU tracing on (with these settings) or off.
     pub fn set_off_cpu(&mut self, options: Option<&OffCpuOptions>) -> anyhow::Result<()> {
-        let program: &mut TracePoint = self
+        let program: &mut RawTracePoint = self
             .bpf
             .program_mut("sched_switch")
             .ok_or_else(|| anyhow!("BPF object has no sched_switch program"))?
@@ -313,17 +315,17 @@ impl Sampler {
                 self.config.offcpu_min_ns = off.min_block.as_nanos() as u64;
                 self.config_map.set(0, self.config, 0)?;
                 if self.off_cpu_link.is_none() {
-                    if !tracefs_has_sched_switch() {
-                        bail!("tracefs is not mounted (need /sys/kernel/tracing/events/sched/sched_switch); mount it with `mount -t tracefs nodev /sys/kernel/tracing`");
-                    }
                     if !self.off_cpu_loaded {
                         program.load().map_err(|err| {
                             anyhow!("the kernel rejected the off-CPU program: {}", chain(&err))
                         })?;
                         self.off_cpu_loaded = true;
                     }
-                    let link = program.attach("sched", "sched_switch").map_err(|err| {
-                        anyhow!("attaching to sched/sched_switch: {}", chain(&err))
+                    let link = program.attach("sched_switch").map_err(|err| {
+                        anyhow!(
+                            "attaching to the sched_switch raw tracepoint (needs Linux 5.18 or later, which passes prev_state): {}",
+                            chain(&err)
+                        )
                     })?;
                     self.off_cpu_link = Some(link);
                 }
@@ -331,16 +333,25 @@ impl Sampler {
             None => {
                 if let Some(link) = self.off_cpu_link.take() {
                     program.detach(link)?;
-                    // Threads switched out before the detach would otherwise, after a
-                    // re-attach, count the whole time in between as one wait.
-                    let tids: Vec<u32> = self.switched_out.keys().filter_map(Result::ok).collect();
-                    for tid in tids {
-                        self.switched_out.remove(&tid).ok();
-                    }
+                    self.forget_switch_outs()?;
                 }
                 self.config.offcpu_sample_threshold = 0;
                 self.config_map.set(0, self.config, 0)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Empties `SWITCH_OUT` and `PENDING` once the program is detached: threads switched
+    /// out before the detach would otherwise, after a re-attach, count the whole time in
+    /// between as one wait.
+    fn forget_switch_outs(&mut self) -> anyhow::Result<()> {
+        let tasks: Vec<u64> = self.switched_out.keys().filter_map(Result::ok).collect();
+        for task in tasks {
+            self.switched_out.remove(&task).ok();
+        }
+        for slot in 0..PENDING_SLOTS {
+            self.pending.set(slot, 0, 0).context("clearing PENDING")?;
         }
         Ok(())
     }
@@ -441,6 +452,9 @@ pub struct AgentLosses {
     pub aggregate_full: u64,
     /// Wait ends whose switch-out snapshot never arrived (ring buffer full at switch-out).
     pub wait_without_snapshot: u64,
+    /// Switch-outs of a thread that arrived while its previous one still waited for its
+    /// end (whose end record was lost): the older wait is dropped.
+    pub switch_out_without_end: u64,
     /// Records too short for their kind, or whose unwinding panicked (a binary that broke
     /// the unwinder): never expected, counted rather than trusted.
     pub malformed: u64,
@@ -674,6 +688,7 @@ impl ReaderState {
             user: PendingStack::Raw { ip: snapshot.ip, sp: snapshot.sp, bp: snapshot.bp, stack: stack.into() },
         };
         if let Some(replaced) = self.pending.insert(snapshot.tid, wait) {
+            self.losses.switch_out_without_end += 1;
             self.release(&replaced);
         }
     }
@@ -686,15 +701,13 @@ impl ReaderState {
     }
 
     fn wait_end(&mut self, end: &WaitEnd) {
-        let Some(wait) = self.pending.remove(&end.tid) else {
-            self.losses.wait_without_snapshot += 1;
-            return;
-        };
-        self.release(&wait);
-        if wait.ts_ns != end.out_ts_ns {
+        // A different switch-out pending for the thread is a newer one, still waiting.
+        if self.pending.get(&end.tid).is_none_or(|wait| wait.ts_ns != end.out_ts_ns) {
             self.losses.wait_without_snapshot += 1;
             return;
         }
+        let wait = self.pending.remove(&end.tid).expect("checked above");
+        self.release(&wait);
         if end.elapsed_ns == 0 {
             return;
         }
@@ -852,9 +865,6 @@ fn preflight(options: &SamplerOptions) -> anyhow::Result<()> {
             bail!("no process with pid {pid}");
         }
     }
-    if options.off_cpu.is_some() && !tracefs_has_sched_switch() {
-        bail!("tracefs is not mounted (need /sys/kernel/tracing/events/sched/sched_switch); mount it with `mount -t tracefs nodev /sys/kernel/tracing`");
-    }
     Ok(())
 }
 
@@ -863,16 +873,6 @@ fn check_frequency(frequency_hz: u64) -> anyhow::Result<()> {
         bail!("sampling frequency must be between 1 and 10000 Hz, got {frequency_hz}");
     }
     Ok(())
-}
-
-fn tracefs_has_sched_switch() -> bool {
-    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-        .iter()
-        .any(|root| {
-            Path::new(root)
-                .join("events/sched/sched_switch/id")
-                .exists()
-        })
 }
 
 #[cfg(test)]
@@ -936,14 +936,24 @@ mod tests {
         state.handle(bytes(&wait_end(9, 3000, 5_000_000, 1 << 16)));
         state.handle(bytes(&snapshot(EVENT_SWITCH_OUT, 10, 4000, &[], 0)));
         state.handle(bytes(&wait_end(10, 3999, 5_000_000, 1 << 16)));
+        // The end of an older wait does not take the newer one with it.
+        state.handle(bytes(&wait_end(10, 4000, 3_000_000, 1 << 16)));
+        // A switch-in the kernel never reported: the older wait is dropped, counted.
+        state.handle(bytes(&snapshot(EVENT_SWITCH_OUT, 11, 5000, &[0xffff_1000], 4096)));
+        state.handle(bytes(&snapshot(EVENT_SWITCH_OUT, 11, 6000, &[], 0)));
+        state.handle(bytes(&wait_end(11, 6000, 0, 1 << 16)));
         state.handle(&[1, 0, 0, 0, 0]);
 
-        let (samples, _) = state.take_window();
-        assert_eq!(samples.len(), 1, "{samples:?}");
+        let (mut samples, _) = state.take_window();
+        samples.sort_by_key(|sample| sample.key.pid);
+        assert_eq!(samples.len(), 2, "{samples:?}");
         assert_eq!(samples[0].key.pid, 7);
         assert_eq!(samples[0].value, RawValue::OffCpu { ns: 10_000_000, waits: 1 });
         assert_eq!(samples[0].kernel.as_deref(), Some(&[0xffff_1000][..]));
+        assert_eq!(samples[1].key.pid, 10);
+        assert_eq!(samples[1].value, RawValue::OffCpu { ns: 3_000_000, waits: 1 });
         assert_eq!(state.losses.wait_without_snapshot, 2, "no snapshot for tid 9, wrong one for tid 10");
+        assert_eq!(state.losses.switch_out_without_end, 1);
         assert_eq!(state.losses.malformed, 1);
         assert!(state.pending.is_empty());
         assert_eq!(state.raw_bytes, 0);

@@ -26,8 +26,33 @@ use crate::{
 pub struct Settings {
     pub frequency_hz: u64,
     pub off_cpu: Option<OffCpuOptions>,
-    /// Recorded switch-outs per second that rate control stays under.
-    pub off_cpu_budget: u64,
+    pub off_cpu_budget: OffCpuBudget,
+}
+
+/// What off-CPU recording may cost per second; rate control lowers the share of
+/// switch-outs recorded until both hold. The unsampled path (every switch, about 100 ns)
+/// is not in it: no sampling probability can lower that.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OffCpuBudget {
+    /// Recorded switch-outs per second: each one is a ring buffer record to read and,
+    /// for long waits, a stack to unwind in the agent.
+    pub switches_per_s: u64,
+    /// In-kernel CPU time per second spent recording switch-outs (stack copies), across
+    /// all CPUs, as measured by the BPF program itself.
+    pub kernel_cpu_per_s: Duration,
+}
+
+impl OffCpuBudget {
+    /// No rate control: "every switch" means exactly that.
+    pub const UNLIMITED: Self = Self { switches_per_s: u64::MAX, kernel_cpu_per_s: Duration::MAX };
+}
+
+impl Default for OffCpuBudget {
+    /// A recorded switch-out copies the kernel stack and 4 to 16 KiB of user stack, 1 to
+    /// 3 µs (see the README's figures): 4000/s and 10 ms/s both keep it near 1% of one CPU.
+    fn default() -> Self {
+        Self { switches_per_s: 4000, kernel_cpu_per_s: Duration::from_millis(10) }
+    }
 }
 
 /// One drained and symbolized window.
@@ -63,13 +88,15 @@ const PROGRAM_COUNTERS: [(&str, &str); 2] = [
 const TICK: Duration = Duration::from_millis(250);
 
 impl Session {
-    pub fn start(options: &SamplerOptions, off_cpu_budget: u64) -> anyhow::Result<Self> {
+    pub fn start(options: &SamplerOptions, off_cpu_budget: OffCpuBudget) -> anyhow::Result<Self> {
         let processes = ProcessTable::default();
         let sampler = Sampler::start(options, processes.clone())?;
         let watcher = spawn_process_watcher(processes.clone())?;
         let symbolizer = Symbolizer::spawn(processes.clone())?;
-        let switches = sampler.stat_total(Stat::Switches)?;
-        let rate = options.off_cpu.as_ref().map(|off| RateControl::new(off, off_cpu_budget, switches));
+        let rate = match options.off_cpu.as_ref() {
+            Some(off) => Some(RateControl::new(off, off_cpu_budget, RateCounters::read(&sampler)?)),
+            None => None,
+        };
         // Tests and scripts wait for this line before starting their workload.
         tracing::info!(frequency_hz = options.frequency_hz, off_cpu = options.off_cpu.is_some(), "sampling started");
         Ok(Self {
@@ -94,7 +121,11 @@ impl Session {
                 break;
             }
             if let Some(rate) = self.rate.as_mut() {
-                rate.tick(&mut self.sampler)?;
+                if rate.due() {
+                    if let Some(probability) = rate.tick(RateCounters::read(&self.sampler)?, Instant::now()) {
+                        self.sampler.set_off_cpu_probability(probability)?;
+                    }
+                }
             }
             thread::sleep(TICK.min(until - now));
         }
@@ -123,10 +154,12 @@ impl Session {
             self.sampler.set_frequency(settings.frequency_hz)?;
         }
         self.sampler.set_off_cpu(settings.off_cpu.as_ref())?;
-        // The kernel's switch counter is cumulative: rate control starts from its value now,
+        // The kernel's counters are cumulative: rate control starts from their values now,
         // or its first tick would see every switch since start as one second's worth.
-        let switches = self.sampler.stat_total(Stat::Switches)?;
-        self.rate = settings.off_cpu.as_ref().map(|off| RateControl::new(off, settings.off_cpu_budget, switches));
+        self.rate = match settings.off_cpu.as_ref() {
+            Some(off) => Some(RateControl::new(off, settings.off_cpu_budget, RateCounters::read(&self.sampler)?)),
+            None => None,
+        };
         tracing::info!(frequency_hz = settings.frequency_hz, off_cpu = settings.off_cpu.is_some(), "sampling settings changed");
         Ok(())
     }
@@ -160,6 +193,7 @@ impl Session {
         let losses = self.sampler.agent_losses();
         counters.insert("aggregate_full", losses.aggregate_full);
         counters.insert("wait_without_snapshot", losses.wait_without_snapshot);
+        counters.insert("switch_out_without_end", losses.switch_out_without_end);
         counters.insert("malformed_records", losses.malformed);
         counters.insert("stacks_unwound", self.unwind.complete);
         counters.insert("stacks_truncated", self.unwind.truncated);
@@ -179,51 +213,82 @@ impl Session {
     }
 }
 
-/// Keeps recorded switch-outs per second under a budget by lowering the sampling
-/// probability; recorded waits carry 1/p as weight, so estimates stay unbiased.
+/// The cumulative kernel counters rate control follows.
+#[derive(Clone, Copy, Debug, Default)]
+struct RateCounters {
+    switches: u64,
+    record_ns: u64,
+}
+
+impl RateCounters {
+    fn read(sampler: &Sampler) -> anyhow::Result<Self> {
+        Ok(Self { switches: sampler.stat_total(Stat::Switches)?, record_ns: sampler.stat_total(Stat::SwitchOutRecordNs)? })
+    }
+}
+
+/// Keeps off-CPU recording under its [`OffCpuBudget`] by lowering the sampling
+/// probability; recorded waits carry the probability they were recorded at, so totals
+/// stay unbiased while it moves.
 struct RateControl {
-    budget_per_s: f64,
+    budget: OffCpuBudget,
     max_probability: f64,
     probability: f64,
     last: Instant,
-    last_switches: u64,
+    last_counters: RateCounters,
     weighted: f64,
     switches_total: f64,
 }
 
+/// The lowest probability rate control goes to: one switch in 10,000.
+const MIN_PROBABILITY: f64 = 1e-4;
+
 impl RateControl {
-    fn new(options: &OffCpuOptions, budget: u64, switches_so_far: u64) -> Self {
+    fn new(options: &OffCpuOptions, budget: OffCpuBudget, counters_now: RateCounters) -> Self {
         Self {
-            budget_per_s: budget.max(1) as f64,
+            budget,
             max_probability: options.sample_probability,
             probability: options.sample_probability,
             last: Instant::now(),
-            last_switches: switches_so_far,
+            last_counters: counters_now,
             weighted: 0.0,
             switches_total: 0.0,
         }
     }
 
-    fn tick(&mut self, sampler: &mut Sampler) -> anyhow::Result<()> {
-        let elapsed = self.last.elapsed().as_secs_f64();
-        if elapsed < 1.0 {
-            return Ok(());
-        }
-        let switches = sampler.stat_total(Stat::Switches)?;
-        let delta = switches.saturating_sub(self.last_switches) as f64;
-        self.weighted += delta * self.probability;
-        self.switches_total += delta;
-        self.last_switches = switches;
-        self.last = Instant::now();
-        let rate = delta / elapsed;
-        let target = (self.budget_per_s / rate.max(1.0)).min(self.max_probability).max(1e-4);
+    /// Whether a second has passed since the last tick.
+    fn due(&self) -> bool {
+        self.last.elapsed() >= Duration::from_secs(1)
+    }
+
+    /// Takes the counters' values at `now`; returns the probability to switch to, if it
+    /// changes.
+    fn tick(&mut self, counters: RateCounters, now: Instant) -> Option<f64> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64().max(1e-3);
+        let switches = counters.switches.saturating_sub(self.last_counters.switches) as f64;
+        let record_ns = counters.record_ns.saturating_sub(self.last_counters.record_ns) as f64;
+        self.weighted += switches * self.probability;
+        self.switches_total += switches;
+        self.last_counters = counters;
+        self.last = now;
+
+        let switch_rate = switches / elapsed;
+        let by_count = self.budget.switches_per_s as f64 / switch_rate.max(1.0);
+        // Recording cost is proportional to the probability it was recorded at.
+        let cpu_rate = record_ns / elapsed;
+        let by_cpu = if cpu_rate > 0.0 {
+            self.probability * self.budget.kernel_cpu_per_s.as_nanos() as f64 / cpu_rate
+        } else {
+            f64::INFINITY
+        };
+        let target = by_count.min(by_cpu).min(self.max_probability).max(MIN_PROBABILITY);
         // Move fast when over budget, slowly back up, to avoid oscillating.
         let next = if target < self.probability { target } else { (self.probability * 2.0).min(target) };
         if (next - self.probability).abs() > self.probability * 0.05 {
-            sampler.set_off_cpu_probability(next)?;
             self.probability = next;
+            Some(next)
+        } else {
+            None
         }
-        Ok(())
     }
 
     fn effective(&self) -> f64 {
@@ -255,5 +320,56 @@ impl Drop for WatcherGuard {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_switch() -> OffCpuOptions {
+        OffCpuOptions { sample_probability: 1.0, ..OffCpuOptions::default() }
+    }
+
+    /// A deep-profile run starts and ends with new settings while the kernel's counters
+    /// keep counting from the agent's start: the first tick must see one second's
+    /// switches, not every switch since start.
+    #[test]
+    fn settings_switch_keeps_the_estimate() {
+        let since_start = RateCounters { switches: 3_000_000_000, record_ns: 40_000_000_000 };
+        let mut rate = RateControl::new(&every_switch(), OffCpuBudget::default(), since_start);
+        let second_later = RateCounters { switches: since_start.switches + 1000, record_ns: since_start.record_ns + 2_000_000 };
+        let change = rate.tick(second_later, rate.last + Duration::from_secs(1));
+        assert_eq!(change, None, "1000 switches/s at 2 ms/s is within budget");
+        assert!((rate.effective() - 1.0).abs() <= 0.1, "weights would be off by {}x", 1.0 / rate.effective());
+    }
+
+    #[test]
+    fn switch_rate_over_budget_lowers_the_probability() {
+        let mut rate = RateControl::new(&every_switch(), OffCpuBudget::default(), RateCounters::default());
+        let change = rate.tick(RateCounters { switches: 40_000, record_ns: 0 }, rate.last + Duration::from_secs(1));
+        assert_eq!(change, Some(0.1));
+    }
+
+    /// Switch rate within budget, but the recorded switch-outs are expensive (deep stacks):
+    /// the in-kernel CPU budget binds.
+    #[test]
+    fn in_kernel_cpu_over_budget_lowers_the_probability() {
+        let budget = OffCpuBudget { switches_per_s: 4000, kernel_cpu_per_s: Duration::from_millis(10) };
+        let mut rate = RateControl::new(&every_switch(), budget, RateCounters::default());
+        let change = rate.tick(RateCounters { switches: 2000, record_ns: 40_000_000 }, rate.last + Duration::from_secs(1));
+        let probability = change.expect("40 ms/s is over a 10 ms/s budget");
+        assert!((probability - 0.25).abs() < 1e-9, "{probability}");
+        // At the lower probability the cost fits, and nothing changes.
+        let next = rate.last_counters;
+        let within = RateCounters { switches: next.switches + 2000, record_ns: next.record_ns + 10_000_000 };
+        assert_eq!(rate.tick(within, rate.last + Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn unlimited_budget_never_samples() {
+        let mut rate = RateControl::new(&every_switch(), OffCpuBudget::UNLIMITED, RateCounters::default());
+        let busy = RateCounters { switches: 2_000_000, record_ns: 4_000_000_000 };
+        assert_eq!(rate.tick(busy, rate.last + Duration::from_secs(1)), None);
     }
 }

@@ -35,8 +35,8 @@ pub struct SnapshotHeader {
     pub kind: u32,
     pub tid: u32,
     pub tgid: u32,
-    /// `prev_state` of the switch-out as the sched_switch tracepoint reports it, with
-    /// [`STATE_PREEMPTED`] set when the task was still runnable. Zero for samples.
+    /// State of the switch-out as the sched_switch tracepoint reports it (see
+    /// [`reported_state`]). Zero for samples.
     pub state: u32,
     /// `bpf_ktime_get_ns()` when taken.
     pub ts_ns: u64,
@@ -78,12 +78,30 @@ pub struct WaitEnd {
     pub weight_q16: u64,
 }
 
-/// What the kernel keeps per switched-out thread until it comes back.
+/// What the kernel keeps per recorded switch-out until the thread comes back, keyed by
+/// the address of its `task_struct`: the raw tracepoint hands over `next` as that
+/// pointer, so the switch-in needs no read of `next->pid`. A task cannot be freed while
+/// off-CPU (it runs to exit), so the key stays unique for the entry's life.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct SwitchOut {
     pub ts_ns: u64,
     pub weight_q16: u64,
+    pub tid: u32,
+    pub _pad: u32,
+}
+
+/// Slots of the `PENDING` pre-check: counts of recorded switch-outs per hash of the task
+/// address. A switch-in whose slot is zero has nothing to look up, which is most of them
+/// when switch-outs are sampled; a non-zero slot costs one hash lookup.
+pub const PENDING_SLOTS: u32 = 16384;
+
+/// The `PENDING` slot of a task, from the address of its `task_struct`.
+#[inline(always)]
+pub const fn pending_slot(task: u64) -> u32 {
+    // Fibonacci hashing: task_structs sit at regular slab offsets, the top bits of the
+    // product mix all of the address.
+    ((task >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - PENDING_SLOTS.trailing_zeros())) as u32
 }
 
 /// Set in [`SnapshotHeader::state`] for a task switched out while still runnable (preempted).
@@ -95,6 +113,40 @@ pub const EXIT_DEAD: u32 = 0x10;
 pub const EXIT_ZOMBIE: u32 = 0x20;
 pub const TASK_PARKED: u32 = 0x40;
 pub const TASK_REPORT_IDLE: u32 = 0x80;
+
+/// `task_struct::__state` values the raw tracepoint passes as `prev_state`.
+pub const RAW_TASK_DEAD: u64 = 0x80;
+const RAW_TASK_IDLE: u64 = 0x402;
+const RAW_TASK_RTLOCK_WAIT: u64 = 0x1000;
+/// TASK_REPORT: the state bits the tracepoint reports.
+const RAW_TASK_REPORT: u64 = 0x7f;
+
+/// The state the sched_switch tracepoint reports for a switch-out, computed from the raw
+/// tracepoint's arguments the way the kernel's `__trace_sched_switch_state` does: the
+/// highest TASK_REPORT bit of `__state`, TASK_IDLE as [`TASK_REPORT_IDLE`], a task still
+/// runnable as [`STATE_PREEMPTED`].
+#[inline(always)]
+pub const fn reported_state(raw_state: u64, preempted: bool) -> u32 {
+    if preempted || raw_state == 0 {
+        return STATE_PREEMPTED;
+    }
+    if raw_state == RAW_TASK_IDLE {
+        return TASK_REPORT_IDLE;
+    }
+    if raw_state == RAW_TASK_RTLOCK_WAIT {
+        return TASK_UNINTERRUPTIBLE;
+    }
+    let report = raw_state & RAW_TASK_REPORT;
+    if report == 0 {
+        return STATE_PREEMPTED;
+    }
+    // Branches rather than a leading-zero count, which BPF has no instruction for.
+    let mut bit = 0x40;
+    while bit > 1 && report & bit == 0 {
+        bit >>= 1;
+    }
+    bit as u32
+}
 
 /// Runtime settings, written by the agent into `CONFIG[0]`.
 #[repr(C)]
@@ -131,10 +183,16 @@ pub enum Stat {
     /// Switch-outs or wait ends lost because the ring buffer was full.
     OffCpuRingFull,
     OffCpuBelowMin,
+    /// Nanoseconds spent in the BPF program recording sampled switch-outs (the part of
+    /// the off-CPU cost that the sampling probability controls).
+    SwitchOutRecordNs,
+    /// Recorded switch-outs whose switch-in the kernel never reported: found at the task's
+    /// next switch-out and dropped, since the wait's end is unknown.
+    SwitchInMissed,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 11;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Samples,
         Stat::SampleRingFull,
@@ -145,6 +203,8 @@ impl Stat {
         Stat::SwitchOutMapFull,
         Stat::OffCpuRingFull,
         Stat::OffCpuBelowMin,
+        Stat::SwitchOutRecordNs,
+        Stat::SwitchInMissed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -158,6 +218,8 @@ impl Stat {
             Stat::SwitchOutMapFull => "switch_out_map_full",
             Stat::OffCpuRingFull => "offcpu_ring_full",
             Stat::OffCpuBelowMin => "offcpu_below_min",
+            Stat::SwitchOutRecordNs => "switch_out_record_ns",
+            Stat::SwitchInMissed => "switch_in_missed",
         }
     }
 }
@@ -169,6 +231,7 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     pub const SWITCH_OUT: &str = "SWITCH_OUT";
     pub const STACK_BYTES: &str = "STACK_BYTES";
+    pub const PENDING: &str = "PENDING";
 }
 
 #[cfg(feature = "user")]
@@ -177,4 +240,38 @@ mod pod {
     // SAFETY: all are #[repr(C)] plain integers with explicit padding.
     unsafe impl aya::Pod for SwitchOut {}
     unsafe impl aya::Pod for Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_states_report_like_the_tracepoint() {
+        assert_eq!(reported_state(0x1, false), TASK_INTERRUPTIBLE);
+        assert_eq!(reported_state(0x2, false), TASK_UNINTERRUPTIBLE);
+        // TASK_KILLABLE = TASK_WAKEKILL | TASK_UNINTERRUPTIBLE.
+        assert_eq!(reported_state(0x102, false), TASK_UNINTERRUPTIBLE);
+        assert_eq!(reported_state(0x402, false), TASK_REPORT_IDLE);
+        assert_eq!(reported_state(0x1000, false), TASK_UNINTERRUPTIBLE);
+        assert_eq!(reported_state(0x40, false), TASK_PARKED);
+        // __TASK_STOPPED.
+        assert_eq!(reported_state(0x4, false), 0x4);
+        assert_eq!(reported_state(0x0, false), STATE_PREEMPTED);
+        // Preempted while setting up a sleep: still runnable.
+        assert_eq!(reported_state(0x1, true), STATE_PREEMPTED);
+    }
+
+    #[test]
+    fn pending_slots_spread_slab_addresses() {
+        // task_structs of one slab cache, about 10 KiB apart.
+        let mut used = [false; PENDING_SLOTS as usize];
+        let tasks = 2000u64;
+        for i in 0..tasks {
+            used[pending_slot(0xffff_8880_0400_0000 + i * 10_112) as usize] = true;
+        }
+        let distinct = used.iter().filter(|&&u| u).count() as u64;
+        // Random placement of 2000 keys in 16384 slots leaves about 1880 distinct.
+        assert!(distinct > tasks * 9 / 10, "{distinct} distinct slots for {tasks} tasks");
+    }
 }

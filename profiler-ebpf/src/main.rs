@@ -1,5 +1,5 @@
 //! BPF side of the profiler: on-CPU samples from the cpu-clock perf event and off-CPU
-//! waits from the sched_switch tracepoint.
+//! waits from the sched_switch raw tracepoint.
 //!
 //! Each sample and each recorded switch-out is a [`StackSnapshot`] in the `EVENTS` ring
 //! buffer: the kernel stack, the user registers and a copy of the top of the user stack.
@@ -8,6 +8,7 @@
 //! wait is closed by a small [`WaitEnd`] record at switch-in.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
@@ -25,15 +26,15 @@ mod programs {
                 bpf_get_current_task_btf, bpf_get_stack, bpf_probe_read_user, bpf_task_pt_regs,
             },
         },
-        macros::{map, perf_event, tracepoint},
+        macros::{map, perf_event, raw_tracepoint},
         maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-        programs::{PerfEventContext, TracePointContext},
+        programs::{PerfEventContext, RawTracePointContext},
         EbpfContext,
     };
     use profiler_common::{
-        Config, StackSnapshot, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE, EVENT_SWITCH_OUT, USER_STACK_CLASSES,
-        EVENT_WAIT_END, EXIT_DEAD, EXIT_ZOMBIE, MAX_STACK_DEPTH, MAX_USER_STACK, STATE_PREEMPTED,
-        USER_STACK_CHUNK,
+        pending_slot, reported_state, Config, StackSnapshot, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE,
+        EVENT_SWITCH_OUT, EVENT_WAIT_END, MAX_STACK_DEPTH, MAX_USER_STACK, PENDING_SLOTS, RAW_TASK_DEAD,
+        USER_STACK_CHUNK, USER_STACK_CLASSES,
     };
 
     // Sizes are defaults; the agent overrides them at load time.
@@ -43,12 +44,15 @@ mod programs {
     static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
     #[map]
     static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
-    /// Keyed by thread id and shared by all CPUs, so a thread that wakes up on another CPU
-    /// still finds its switch-out. Not an LRU: evicting the longest sleepers would bias
-    /// the profile silently; a full map is counted instead and the agent clears entries
-    /// of threads that died off-CPU.
+    /// Keyed by task address and shared by all CPUs, so a thread that wakes up on another
+    /// CPU still finds its switch-out. Not an LRU: evicting the longest sleepers would
+    /// bias the profile silently; a full map is counted instead. The agent empties it
+    /// (and `PENDING`) when it detaches the program.
     #[map]
-    static SWITCH_OUT: HashMap<u32, SwitchOut> = HashMap::with_max_entries(32768, 0);
+    static SWITCH_OUT: HashMap<u64, SwitchOut> = HashMap::with_max_entries(32768, 0);
+    /// See [`PENDING_SLOTS`]: read on every switch-in, written only by recorded switches.
+    #[map]
+    static PENDING: Array<u64> = Array::with_max_entries(PENDING_SLOTS, 0);
     /// Bytes of user stack each thread needs copied, learnt by the agent from complete
     /// unwinds: most threads use a few KiB, and the copy is most of a snapshot's cost.
     /// Threads not in it (new, or evicted) get `Config::user_stack_bytes`.
@@ -68,8 +72,22 @@ mod programs {
 
     #[inline(always)]
     fn count(stat: Stat) {
+        add(stat, 1);
+    }
+
+    #[inline(always)]
+    fn add(stat: Stat, amount: u64) {
         if let Some(slot) = STATS.get_ptr_mut(stat as u32) {
-            unsafe { *slot += 1 };
+            unsafe { *slot += amount };
+        }
+    }
+
+    /// BPF's atomic add (`lock xadd`): the BPF target offers no atomic read-modify-write
+    /// types, and `PENDING` slots are shared by all CPUs. Adding `u64::MAX` subtracts one.
+    #[inline(always)]
+    fn atomic_add(target: *mut u64, amount: u64) {
+        unsafe {
+            core::arch::asm!("lock *(u64 *)({0} + 0) += {1}", in(reg) target, in(reg) amount, options(nostack));
         }
     }
 
@@ -202,75 +220,87 @@ mod programs {
         0
     }
 
-    // Field offsets of sched/sched_switch (see its tracefs `format`; stable ABI).
-    const PREV_PID: usize = 24;
-    const PREV_STATE: usize = 32;
-    const NEXT_PID: usize = 56;
-    /// TASK_REPORT_MAX: set in prev_state when the task was preempted while running.
-    const PREEMPT_BIT: u64 = 0x100;
-
-    #[tracepoint]
-    pub fn sched_switch(ctx: TracePointContext) -> u32 {
+    /// Raw tracepoint `sched_switch(bool preempt, struct task_struct *prev, struct
+    /// task_struct *next, unsigned int prev_state)` (Linux 5.18+). Unlike the classic
+    /// tracepoint, nothing is formatted before the program runs, and most switches return
+    /// after reading the arguments, one random number and one array slot.
+    #[raw_tracepoint(tracepoint = "sched_switch")]
+    pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
         let Some(cfg) = config() else { return 0 };
         count(Stat::Switches);
-        let now = unsafe { bpf_ktime_get_ns() };
-        let prev_pid: i32 = unsafe { ctx.read_at(PREV_PID) }.unwrap_or(0);
-        if prev_pid != 0 {
-            switch_out(&ctx, cfg, now, prev_pid as u32);
+        let preempted: u64 = ctx.arg(0);
+        let prev: u64 = ctx.arg(1);
+        let next: u64 = ctx.arg(2);
+        let prev_state: u64 = ctx.arg(3);
+        // `current` is still `prev`; tid 0 is the idle task, which does not wait.
+        let pid_tgid = bpf_get_current_pid_tgid();
+        if pid_tgid as u32 != 0 {
+            switch_out(&ctx, cfg, pid_tgid, prev, prev_state, preempted & 0xff != 0);
         }
-        let next_pid: i32 = unsafe { ctx.read_at(NEXT_PID) }.unwrap_or(0);
-        if next_pid != 0 {
-            switch_in(cfg, now, next_pid as u32);
-        }
+        switch_in(cfg, next);
         0
     }
 
-    /// `current` is still the task leaving the CPU, so its stacks can be taken here.
+    /// Records the switch-out of the current task with probability p: its stacks now, the
+    /// length of the wait at its switch-in.
     #[inline(always)]
-    fn switch_out(ctx: &TracePointContext, cfg: &Config, now: u64, tid: u32) {
-        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    fn switch_out(ctx: &RawTracePointContext, cfg: &Config, pid_tgid: u64, task: u64, raw_state: u64, preempted: bool) {
+        let tgid = (pid_tgid >> 32) as u32;
         if cfg.filter_tgid != 0 && cfg.filter_tgid != tgid {
             return;
+        }
+        let Some(pending) = PENDING.get_ptr_mut(pending_slot(task)) else { return };
+        // The kernel does not always report a switch-in (about one in 10,000 under heavy
+        // switching here, bpftrace misses it too): an entry left from the task's last
+        // recorded switch-out would later end as a wait spanning the time it ran.
+        if unsafe { core::ptr::read_volatile(pending) } != 0 && SWITCH_OUT.remove(&task).is_ok() {
+            atomic_add(pending, u64::MAX);
+            count(Stat::SwitchInMissed);
         }
         if unsafe { bpf_get_prandom_u32() } > cfg.offcpu_sample_threshold {
             return;
         }
-        let raw_state: i64 = unsafe { ctx.read_at(PREV_STATE) }.unwrap_or(0);
-        let raw_state = raw_state as u64;
         // A dying task never comes back.
-        if raw_state & (EXIT_DEAD | EXIT_ZOMBIE) as u64 != 0 {
+        if raw_state & RAW_TASK_DEAD != 0 {
             return;
         }
-        let state = if raw_state & PREEMPT_BIT != 0 || raw_state & 0xff == 0 {
-            STATE_PREEMPTED
-        } else {
-            (raw_state & 0xff) as u32
-        };
-        let out = SwitchOut {
-            ts_ns: now,
-            weight_q16: cfg.offcpu_weight_q16,
-        };
-        if SWITCH_OUT.insert(&tid, &out, 0).is_err() {
+        let now = unsafe { bpf_ktime_get_ns() };
+        let tid = pid_tgid as u32;
+        let out = SwitchOut { ts_ns: now, weight_q16: cfg.offcpu_weight_q16, tid, _pad: 0 };
+        if SWITCH_OUT.insert(&task, &out, 0).is_err() {
             count(Stat::SwitchOutMapFull);
             return;
         }
-        let subject = Subject { kind: EVENT_SWITCH_OUT, tid, tgid, state, ts_ns: now };
+        let subject = Subject { kind: EVENT_SWITCH_OUT, tid, tgid, state: reported_state(raw_state, preempted), ts_ns: now };
         if !emit_snapshot(ctx.as_ptr(), cfg, &subject) {
             // Without its snapshot the wait cannot be attributed: forget it.
-            let _ = SWITCH_OUT.remove(&tid);
+            let _ = SWITCH_OUT.remove(&task);
             count(Stat::OffCpuRingFull);
             return;
         }
+        // Counted only once the entry is sure to stay, so a slot is never below the
+        // number of entries it covers (the switch-in decrements what it removes).
+        atomic_add(pending, 1);
         count(Stat::SwitchOutsRecorded);
+        add(Stat::SwitchOutRecordNs, unsafe { bpf_ktime_get_ns() }.saturating_sub(now));
     }
 
     #[inline(always)]
-    fn switch_in(cfg: &Config, now: u64, tid: u32) {
-        let Some(out) = (unsafe { SWITCH_OUT.get(&tid) }) else {
+    fn switch_in(cfg: &Config, task: u64) {
+        let Some(pending) = PENDING.get_ptr_mut(pending_slot(task)) else { return };
+        if unsafe { core::ptr::read_volatile(pending) } == 0 {
+            return;
+        }
+        let Some(out) = (unsafe { SWITCH_OUT.get(&task) }) else {
             return;
         };
         let out = *out;
-        let _ = SWITCH_OUT.remove(&tid);
+        // Only the program that removes the entry closes the wait and gives the slot back.
+        if SWITCH_OUT.remove(&task).is_err() {
+            return;
+        }
+        atomic_add(pending, u64::MAX);
+        let now = unsafe { bpf_ktime_get_ns() };
         let mut elapsed = now.saturating_sub(out.ts_ns);
         if elapsed < cfg.offcpu_min_ns {
             count(Stat::OffCpuBelowMin);
@@ -278,7 +308,7 @@ mod programs {
         }
         let end = WaitEnd {
             kind: EVENT_WAIT_END,
-            tid,
+            tid: out.tid,
             out_ts_ns: out.ts_ns,
             elapsed_ns: elapsed,
             weight_q16: out.weight_q16,

@@ -34,7 +34,7 @@ fn non_root_is_rejected() {
     assert_one_line_error(ok, &stderr, "must run as root");
 }
 
-/// In a private mount namespace, hide tracefs (or BTF) and run the agent there.
+/// In a private mount namespace, hide tracefs or BTF and run the agent there.
 fn run_with_hidden(path: &str, extra: &[&str]) -> (bool, String) {
     let agent = binary("profiler-agent");
     let script = format!(
@@ -45,11 +45,13 @@ fn run_with_hidden(path: &str, extra: &[&str]) -> (bool, String) {
     run(Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]))
 }
 
+/// Off-CPU tracing uses a raw tracepoint, which needs no tracefs (hosts and containers
+/// often have none mounted).
 #[test]
-fn missing_tracefs_is_reported_for_off_cpu() {
+fn off_cpu_runs_without_tracefs() {
     require_root();
     let (ok, stderr) = run_with_hidden("/sys/kernel/tracing", &["--off-cpu"]);
-    assert_one_line_error(ok, &stderr, "tracefs is not mounted");
+    assert!(ok, "the agent failed without tracefs: {stderr}");
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::{
 use profiler_tests::{Agent, BpftraceOffCpu, binary, exclusive, read_folded, require_root, sum_where};
 
 /// Every switch traced (no sampling), so the figures are exact up to the 1 ms floor.
-const EXACT: &[&str] = &["--off-cpu", "--off-cpu-sampling", "1", "--off-cpu-budget", "100000000"];
+const EXACT: &[&str] = &["--off-cpu", "--off-cpu-sampling", "1", "--off-cpu-budget", "100000000", "--off-cpu-cpu-budget", "1000s"];
 
 fn has(frames: &[String], name: &str) -> bool {
     frames.iter().any(|f| f == name)

@@ -129,6 +129,8 @@ fn off_cpu_waits_through_libc_keep_their_caller() {
         "1",
         "--off-cpu-budget",
         "100000000",
+        "--off-cpu-cpu-budget",
+        "1000s",
     ]);
     let report = go(workload);
     std::thread::sleep(Duration::from_millis(300));

@@ -245,11 +245,14 @@ fn compare(contenders: &mut [Contender], rounds: usize, workload: impl Fn() -> a
         eprintln!("round {}/{rounds}: baseline {baseline:.3} s", round + 1);
     }
     println!(
-        "{:<30} {:>16} {:>14} {:>14} {:>16}  in-kernel ns/run (median)",
-        "profiler", "median slowdown", "own CPU/s", "peak RSS", "peak heap (anon)"
+        "{:<30} {:>16} {:>18} {:>14} {:>14} {:>16}  in-kernel ns/run (median)",
+        "profiler", "median slowdown", "spread (min..max)", "own CPU/s", "peak RSS", "peak heap (anon)"
     );
     for contender in contenders.iter_mut() {
         let slowdown = median(&mut contender.slowdowns);
+        let lowest = contender.slowdowns.iter().copied().fold(f64::INFINITY, f64::min);
+        let highest = contender.slowdowns.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let spread = format!("{:.1}..{:.1}%", lowest * 100.0, highest * 100.0);
         let mut cpu: Vec<f64> = contender.usage.iter().map(|u| u.cpu_per_s).collect();
         let rss = contender.usage.iter().map(|u| u.max_rss_kib).max().unwrap_or(0);
         let anon = contender.usage.iter().map(|u| u.peak_anon_kib).max().unwrap_or(0);
@@ -266,9 +269,10 @@ fn compare(contenders: &mut [Contender], rounds: usize, workload: impl Fn() -> a
             })
             .collect();
         println!(
-            "{:<30} {:>15.2}% {:>14} {:>11.1} MB {:>13.1} MB  {}",
+            "{:<30} {:>15.2}% {:>18} {:>14} {:>11.1} MB {:>13.1} MB  {}",
             contender.name,
             slowdown * 100.0,
+            spread,
             cpu,
             rss as f64 / 1024.0,
             anon as f64 / 1024.0,
@@ -336,7 +340,7 @@ fn sched_pipe(rounds: usize, loops: u64, baseline_agent: Option<PathBuf>) -> any
         Contender {
             name: "agent --off-cpu every switch",
             profiler: Profiler(
-                argv(&[&agent, "record", "--duration", "1h", "--off-cpu", "--off-cpu-sampling", "1", "--off-cpu-budget", "100000000", "-o", "/dev/null"]),
+                argv(&[&agent, "record", "--duration", "1h", "--off-cpu", "--off-cpu-sampling", "1", "--off-cpu-budget", "100000000", "--off-cpu-cpu-budget", "1000s", "-o", "/dev/null"]),
                 Some("sampling started"),
             ),
             slowdowns: vec![],

@@ -103,7 +103,8 @@ fn python_packages() -> anyhow::Result<()> {
     exec(Command::new("python3").args(["-m", "pip", "install", "--quiet", "-r"]).arg(requirements))
 }
 
-/// The off-CPU program attaches to a tracepoint, found through tracefs.
+/// perf and bpftrace, the references the tests compare against, find tracepoints through
+/// tracefs (the agent's raw tracepoint does not need it).
 fn tracefs() -> anyhow::Result<()> {
     if Path::new("/sys/kernel/tracing/events").exists() {
         return Ok(());
