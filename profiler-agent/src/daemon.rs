@@ -216,7 +216,7 @@ fn record_drain_metrics(session: &Session, window: &Window, metrics: &Metrics) {
     metrics.samples.fetch_add(stats.get(Stat::Samples), Relaxed);
     metrics.samples_lost.fetch_add(stats.get(Stat::SampleRingFull), Relaxed);
     metrics.stacks_lost.fetch_add(stats.get(Stat::UserStackLost) + stats.get(Stat::KernelStackLost), Relaxed);
-    metrics.switches.fetch_add(stats.get(Stat::Switches), Relaxed);
+    metrics.switches.fetch_add(window.switches, Relaxed);
     metrics.switches_recorded.fetch_add(stats.get(Stat::SwitchOutsRecorded), Relaxed);
     metrics.off_cpu_lost.fetch_add(stats.get(Stat::OffCpuRingFull) + stats.get(Stat::SwitchOutMapFull), Relaxed);
     metrics.map_fill_permille.store((window.map_fill * 1000.0) as u64, Relaxed);

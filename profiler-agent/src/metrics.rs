@@ -53,7 +53,7 @@ impl Metrics {
         metric("stacks_unwound_total", "counter", "User stacks unwound to their outermost frame.", get(&self.stacks_unwound));
         metric("stacks_truncated_total", "counter", "User stacks whose unwinding stopped early (stack copy too short, no rule).", get(&self.stacks_truncated));
         metric("stacks_partly_unknown_total", "counter", "Aggregated stacks with at least one frame that has no name.", get(&self.stacks_partly_unknown));
-        metric("switches_total", "counter", "Context switches seen by the off-CPU program.", get(&self.switches));
+        metric("switches_total", "counter", "Context switches on the host while off-CPU tracing was on.", get(&self.switches));
         metric("switches_recorded_total", "counter", "Context switches recorded (sampled).", get(&self.switches_recorded));
         metric("off_cpu_lost_total", "counter", "Off-CPU waits lost to a full ring buffer or switch-out map.", get(&self.off_cpu_lost));
         metric("map_fill_ratio", "gauge", "Share of max_stack_keys used by the last window.", get(&self.map_fill_permille) / 1000.0);

@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use profiler_common::Stat;
 
 use crate::{
@@ -63,6 +64,8 @@ pub struct Window {
     pub unwind: UnwindCounts,
     /// Aggregated stacks with at least one user frame that has no name.
     pub partly_unknown: u64,
+    /// Context switches on the host during the window, while off-CPU tracing was on.
+    pub switches: u64,
 }
 
 pub struct Session {
@@ -76,6 +79,9 @@ pub struct Session {
     max_map_fill: f64,
     unwind: UnwindCounts,
     partly_unknown: u64,
+    /// Host context switches at the last window's end, and their total while traced.
+    last_switches: u64,
+    switches_traced: u64,
 }
 
 /// `--stats` counters of each program in [`crate::sample::PROGRAMS`]: run time, runs.
@@ -85,17 +91,20 @@ const PROGRAM_COUNTERS: [(&str, &str); 2] = [
 ];
 
 /// How often rate control looks at the switch rate while waiting for a window to end.
-const TICK: Duration = Duration::from_millis(250);
+const TICK: Duration = Duration::from_millis(100);
 
 impl Session {
     pub fn start(options: &SamplerOptions, off_cpu_budget: OffCpuBudget) -> anyhow::Result<Self> {
         let processes = ProcessTable::default();
-        let sampler = Sampler::start(options, processes.clone())?;
+        let started = SamplerOptions { off_cpu: starting_point(options.off_cpu.as_ref(), &off_cpu_budget)?, ..options.clone() };
+        let sampler = Sampler::start(&started, processes.clone())?;
         let watcher = spawn_process_watcher(processes.clone())?;
         let symbolizer = Symbolizer::spawn(processes.clone())?;
-        let rate = match options.off_cpu.as_ref() {
-            Some(off) => Some(RateControl::new(off, off_cpu_budget, RateCounters::read(&sampler)?)),
-            None => None,
+        let rate = match (options.off_cpu.as_ref(), started.off_cpu.as_ref()) {
+            (Some(off), Some(start)) => {
+                Some(RateControl::new(off, off_cpu_budget, RateCounters::read(&sampler)?, start.sample_probability))
+            }
+            _ => None,
         };
         // Tests and scripts wait for this line before starting their workload.
         tracing::info!(frequency_hz = options.frequency_hz, off_cpu = options.off_cpu.is_some(), "sampling started");
@@ -110,6 +119,8 @@ impl Session {
             max_map_fill: 0.0,
             unwind: UnwindCounts::default(),
             partly_unknown: 0,
+            last_switches: host_context_switches()?,
+            switches_traced: 0,
         })
     }
 
@@ -130,6 +141,10 @@ impl Session {
             thread::sleep(TICK.min(until - now));
         }
         let raw = self.sampler.drain()?;
+        let switches_now = host_context_switches()?;
+        let switches = if self.rate.is_some() { switches_now.saturating_sub(self.last_switches) } else { 0 };
+        self.last_switches = switches_now;
+        self.switches_traced += switches;
         self.totals.add(&raw.stats);
         self.windows += 1;
         self.max_map_fill = self.max_map_fill.max(raw.map_fill);
@@ -144,7 +159,7 @@ impl Session {
             .filter(|sample| sample.user_frames.iter().any(|frame| frame.starts_with(crate::symbolize::UNKNOWN)))
             .count() as u64;
         self.partly_unknown += partly_unknown;
-        Ok(Window { samples, stats: raw.stats, map_fill: raw.map_fill, unwind: raw.unwind, partly_unknown })
+        Ok(Window { samples, stats: raw.stats, map_fill: raw.map_fill, unwind: raw.unwind, partly_unknown, switches })
     }
 
     /// Switches to other settings. Call right after a window was drained, so the counts
@@ -153,12 +168,18 @@ impl Session {
         if self.sampler.period_ns != 1_000_000_000 / settings.frequency_hz.max(1) {
             self.sampler.set_frequency(settings.frequency_hz)?;
         }
-        self.sampler.set_off_cpu(settings.off_cpu.as_ref())?;
-        // The kernel's counters are cumulative: rate control starts from their values now,
-        // or its first tick would see every switch since start as one second's worth.
-        self.rate = match settings.off_cpu.as_ref() {
-            Some(off) => Some(RateControl::new(off, settings.off_cpu_budget, RateCounters::read(&self.sampler)?)),
-            None => None,
+        let start = starting_point(settings.off_cpu.as_ref(), &settings.off_cpu_budget)?;
+        self.sampler.set_off_cpu(start.as_ref())?;
+        // The counters are cumulative: rate control starts from their values now, or its
+        // first tick would see every switch since start as one second's worth.
+        self.rate = match (settings.off_cpu.as_ref(), start) {
+            (Some(off), Some(start)) => Some(RateControl::new(
+                off,
+                settings.off_cpu_budget,
+                RateCounters::read(&self.sampler)?,
+                start.sample_probability,
+            )),
+            _ => None,
         };
         tracing::info!(frequency_hz = settings.frequency_hz, off_cpu = settings.off_cpu.is_some(), "sampling settings changed");
         Ok(())
@@ -190,6 +211,7 @@ impl Session {
     pub fn counters(&self) -> BTreeMap<&'static str, u64> {
         let mut counters: BTreeMap<&'static str, u64> =
             Stat::ALL.iter().map(|stat| (stat.name(), self.totals.get(*stat))).collect();
+        counters.insert("switches", self.switches_traced);
         let losses = self.sampler.agent_losses();
         counters.insert("aggregate_full", losses.aggregate_full);
         counters.insert("wait_without_snapshot", losses.wait_without_snapshot);
@@ -222,8 +244,29 @@ struct RateCounters {
 
 impl RateCounters {
     fn read(sampler: &Sampler) -> anyhow::Result<Self> {
-        Ok(Self { switches: sampler.stat_total(Stat::Switches)?, record_ns: sampler.stat_total(Stat::SwitchOutRecordNs)? })
+        Ok(Self { switches: host_context_switches()?, record_ns: sampler.stat_total(Stat::SwitchOutRecordNs)? })
     }
+}
+
+/// Context switches on this host since boot (`ctxt` in /proc/stat), the rate the off-CPU
+/// program runs at: the kernel counts them, so the program need not.
+fn host_context_switches() -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    stat.lines()
+        .find_map(|line| line.strip_prefix("ctxt ")?.trim().parse().ok())
+        .context("no ctxt line in /proc/stat")
+}
+
+/// The off-CPU options to attach with: the probability that fits the budget at the
+/// host's switch rate now (measured over 100 ms), so tracing does not start by recording
+/// every switch for the second before rate control's first tick.
+fn starting_point(off_cpu: Option<&OffCpuOptions>, budget: &OffCpuBudget) -> anyhow::Result<Option<OffCpuOptions>> {
+    let Some(off) = off_cpu else { return Ok(None) };
+    let (before, since) = (host_context_switches()?, Instant::now());
+    thread::sleep(Duration::from_millis(100));
+    let rate = host_context_switches()?.saturating_sub(before) as f64 / since.elapsed().as_secs_f64();
+    let probability = (budget.switches_per_s as f64 / rate.max(1.0)).clamp(MIN_PROBABILITY, off.sample_probability);
+    Ok(Some(OffCpuOptions { sample_probability: probability, ..off.clone() }))
 }
 
 /// Keeps off-CPU recording under its [`OffCpuBudget`] by lowering the sampling
@@ -243,11 +286,12 @@ struct RateControl {
 const MIN_PROBABILITY: f64 = 1e-4;
 
 impl RateControl {
-    fn new(options: &OffCpuOptions, budget: OffCpuBudget, counters_now: RateCounters) -> Self {
+    /// `options` hold the highest probability; tracing was attached at `probability`.
+    fn new(options: &OffCpuOptions, budget: OffCpuBudget, counters_now: RateCounters, probability: f64) -> Self {
         Self {
             budget,
             max_probability: options.sample_probability,
-            probability: options.sample_probability,
+            probability,
             last: Instant::now(),
             last_counters: counters_now,
             weighted: 0.0,
@@ -255,9 +299,10 @@ impl RateControl {
         }
     }
 
-    /// Whether a second has passed since the last tick.
+    /// Whether a tick's time has passed: a burst of switches (a load starting) is
+    /// recorded at the old probability for at most this long.
     fn due(&self) -> bool {
-        self.last.elapsed() >= Duration::from_secs(1)
+        self.last.elapsed() >= TICK
     }
 
     /// Takes the counters' values at `now`; returns the probability to switch to, if it
@@ -337,7 +382,7 @@ mod tests {
     #[test]
     fn settings_switch_keeps_the_estimate() {
         let since_start = RateCounters { switches: 3_000_000_000, record_ns: 40_000_000_000 };
-        let mut rate = RateControl::new(&every_switch(), OffCpuBudget::default(), since_start);
+        let mut rate = RateControl::new(&every_switch(), OffCpuBudget::default(), since_start, 1.0);
         let second_later = RateCounters { switches: since_start.switches + 1000, record_ns: since_start.record_ns + 2_000_000 };
         let change = rate.tick(second_later, rate.last + Duration::from_secs(1));
         assert_eq!(change, None, "1000 switches/s at 2 ms/s is within budget");
@@ -346,7 +391,7 @@ mod tests {
 
     #[test]
     fn switch_rate_over_budget_lowers_the_probability() {
-        let mut rate = RateControl::new(&every_switch(), OffCpuBudget::default(), RateCounters::default());
+        let mut rate = RateControl::new(&every_switch(), OffCpuBudget::default(), RateCounters::default(), 1.0);
         let change = rate.tick(RateCounters { switches: 40_000, record_ns: 0 }, rate.last + Duration::from_secs(1));
         assert_eq!(change, Some(0.1));
     }
@@ -356,7 +401,7 @@ mod tests {
     #[test]
     fn in_kernel_cpu_over_budget_lowers_the_probability() {
         let budget = OffCpuBudget { switches_per_s: 4000, kernel_cpu_per_s: Duration::from_millis(10) };
-        let mut rate = RateControl::new(&every_switch(), budget, RateCounters::default());
+        let mut rate = RateControl::new(&every_switch(), budget, RateCounters::default(), 1.0);
         let change = rate.tick(RateCounters { switches: 2000, record_ns: 40_000_000 }, rate.last + Duration::from_secs(1));
         let probability = change.expect("40 ms/s is over a 10 ms/s budget");
         assert!((probability - 0.25).abs() < 1e-9, "{probability}");
@@ -368,7 +413,7 @@ mod tests {
 
     #[test]
     fn unlimited_budget_never_samples() {
-        let mut rate = RateControl::new(&every_switch(), OffCpuBudget::UNLIMITED, RateCounters::default());
+        let mut rate = RateControl::new(&every_switch(), OffCpuBudget::UNLIMITED, RateCounters::default(), 1.0);
         let busy = RateCounters { switches: 2_000_000, record_ns: 4_000_000_000 };
         assert_eq!(rate.tick(busy, rate.last + Duration::from_secs(1)), None);
     }

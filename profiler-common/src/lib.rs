@@ -176,7 +176,6 @@ pub enum Stat {
     /// Snapshots whose user stack could not be copied at all.
     UserStackLost,
     KernelStackLost,
-    Switches,
     SwitchOutsRecorded,
     /// Switch-outs not recorded because `SWITCH_OUT` was full.
     SwitchOutMapFull,
@@ -192,13 +191,12 @@ pub enum Stat {
 }
 
 impl Stat {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 10;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Samples,
         Stat::SampleRingFull,
         Stat::UserStackLost,
         Stat::KernelStackLost,
-        Stat::Switches,
         Stat::SwitchOutsRecorded,
         Stat::SwitchOutMapFull,
         Stat::OffCpuRingFull,
@@ -213,7 +211,6 @@ impl Stat {
             Stat::SampleRingFull => "sample_ring_full",
             Stat::UserStackLost => "user_stack_lost",
             Stat::KernelStackLost => "kernel_stack_lost",
-            Stat::Switches => "switches",
             Stat::SwitchOutsRecorded => "switch_outs_recorded",
             Stat::SwitchOutMapFull => "switch_out_map_full",
             Stat::OffCpuRingFull => "offcpu_ring_full",

@@ -227,28 +227,18 @@ mod programs {
     #[raw_tracepoint(tracepoint = "sched_switch")]
     pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
         let Some(cfg) = config() else { return 0 };
-        count(Stat::Switches);
-        let preempted: u64 = ctx.arg(0);
         let prev: u64 = ctx.arg(1);
         let next: u64 = ctx.arg(2);
-        let prev_state: u64 = ctx.arg(3);
-        // `current` is still `prev`; tid 0 is the idle task, which does not wait.
-        let pid_tgid = bpf_get_current_pid_tgid();
-        if pid_tgid as u32 != 0 {
-            switch_out(&ctx, cfg, pid_tgid, prev, prev_state, preempted & 0xff != 0);
-        }
+        switch_out(&ctx, cfg, prev);
         switch_in(cfg, next);
         0
     }
 
-    /// Records the switch-out of the current task with probability p: its stacks now, the
-    /// length of the wait at its switch-in.
+    /// Records the switch-out of the current task (`prev`) with probability p: its stacks
+    /// now, the length of the wait at its switch-in. The agent counts switches from
+    /// /proc/stat, so an unrecorded one costs no counter here.
     #[inline(always)]
-    fn switch_out(ctx: &RawTracePointContext, cfg: &Config, pid_tgid: u64, task: u64, raw_state: u64, preempted: bool) {
-        let tgid = (pid_tgid >> 32) as u32;
-        if cfg.filter_tgid != 0 && cfg.filter_tgid != tgid {
-            return;
-        }
+    fn switch_out(ctx: &RawTracePointContext, cfg: &Config, task: u64) {
         let Some(pending) = PENDING.get_ptr_mut(pending_slot(task)) else { return };
         // The kernel does not always report a switch-in (about one in 10,000 under heavy
         // switching here, bpftrace misses it too): an entry left from the task's last
@@ -260,18 +250,25 @@ mod programs {
         if unsafe { bpf_get_prandom_u32() } > cfg.offcpu_sample_threshold {
             return;
         }
+        // `current` is still `prev`; tid 0 is the idle task, which does not wait.
+        let pid_tgid = bpf_get_current_pid_tgid();
+        let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
+        if tid == 0 || (cfg.filter_tgid != 0 && cfg.filter_tgid != tgid) {
+            return;
+        }
+        let preempted: u64 = ctx.arg(0);
+        let raw_state: u64 = ctx.arg(3);
         // A dying task never comes back.
         if raw_state & RAW_TASK_DEAD != 0 {
             return;
         }
         let now = unsafe { bpf_ktime_get_ns() };
-        let tid = pid_tgid as u32;
         let out = SwitchOut { ts_ns: now, weight_q16: cfg.offcpu_weight_q16, tid, _pad: 0 };
         if SWITCH_OUT.insert(&task, &out, 0).is_err() {
             count(Stat::SwitchOutMapFull);
             return;
         }
-        let subject = Subject { kind: EVENT_SWITCH_OUT, tid, tgid, state: reported_state(raw_state, preempted), ts_ns: now };
+        let subject = Subject { kind: EVENT_SWITCH_OUT, tid, tgid, state: reported_state(raw_state, preempted & 0xff != 0), ts_ns: now };
         if !emit_snapshot(ctx.as_ptr(), cfg, &subject) {
             // Without its snapshot the wait cannot be attributed: forget it.
             let _ = SWITCH_OUT.remove(&task);
