@@ -55,7 +55,7 @@ impl Metrics {
         metric("stacks_partly_unknown_total", "counter", "Aggregated stacks with at least one frame that has no name.", get(&self.stacks_partly_unknown));
         metric("switches_total", "counter", "Context switches on the host while off-CPU tracing was on.", get(&self.switches));
         metric("switches_recorded_total", "counter", "Context switches recorded (sampled).", get(&self.switches_recorded));
-        metric("off_cpu_lost_total", "counter", "Off-CPU waits lost to a full ring buffer or switch-out map.", get(&self.off_cpu_lost));
+        metric("off_cpu_lost_total", "counter", "Off-CPU waits lost to a full ring buffer or switch-out map, or to a switch-in the kernel did not report.", get(&self.off_cpu_lost));
         metric("map_fill_ratio", "gauge", "Share of max_stack_keys used by the last window.", get(&self.map_fill_permille) / 1000.0);
         metric("off_cpu_sampling_ratio", "gauge", "Share of context switches recorded.", get(&self.off_cpu_sampling_permille) / 1000.0);
         metric("profiles_produced_total", "counter", "Profiles (one per service, labels and kind per window) produced.", get(&self.profiles_produced));

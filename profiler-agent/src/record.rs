@@ -130,7 +130,7 @@ fn report(summary: &RecordSummary) {
             recorded = c("switch_outs_recorded"),
             effective_sampling = effective,
             below_min_block = c("offcpu_below_min"),
-            lost = c("offcpu_ring_full") + c("switch_out_map_full"),
+            lost = c("offcpu_ring_full") + c("switch_out_map_full") + c("switch_in_missed"),
             waits_without_snapshot = c("wait_without_snapshot"),
             "off-CPU tracing done"
         );
