@@ -100,12 +100,7 @@ impl Session {
         let sampler = Sampler::start(&started, processes.clone())?;
         let watcher = spawn_process_watcher(processes.clone())?;
         let symbolizer = Symbolizer::spawn(processes.clone())?;
-        let rate = match (options.off_cpu.as_ref(), started.off_cpu.as_ref()) {
-            (Some(off), Some(start)) => {
-                Some(RateControl::new(off, off_cpu_budget, RateCounters::read(&sampler)?, start.sample_probability))
-            }
-            _ => None,
-        };
+        let rate = RateControl::attached(options.off_cpu.as_ref(), started.off_cpu.as_ref(), off_cpu_budget, &sampler)?;
         // Tests and scripts wait for this line before starting their workload.
         tracing::info!(frequency_hz = options.frequency_hz, off_cpu = options.off_cpu.is_some(), "sampling started");
         Ok(Self {
@@ -170,17 +165,7 @@ impl Session {
         }
         let start = starting_point(settings.off_cpu.as_ref(), &settings.off_cpu_budget)?;
         self.sampler.set_off_cpu(start.as_ref())?;
-        // The counters are cumulative: rate control starts from their values now, or its
-        // first tick would see every switch since start as one second's worth.
-        self.rate = match (settings.off_cpu.as_ref(), start) {
-            (Some(off), Some(start)) => Some(RateControl::new(
-                off,
-                settings.off_cpu_budget,
-                RateCounters::read(&self.sampler)?,
-                start.sample_probability,
-            )),
-            _ => None,
-        };
+        self.rate = RateControl::attached(settings.off_cpu.as_ref(), start.as_ref(), settings.off_cpu_budget, &self.sampler)?;
         tracing::info!(frequency_hz = settings.frequency_hz, off_cpu = settings.off_cpu.is_some(), "sampling settings changed");
         Ok(())
     }
@@ -286,6 +271,19 @@ struct RateControl {
 const MIN_PROBABILITY: f64 = 1e-4;
 
 impl RateControl {
+    /// Rate control for off-CPU tracing just attached with `started` (see
+    /// [`starting_point`]), if it is on. The counters are cumulative: it starts from their
+    /// values now, or its first tick would see every switch since start as one tick's worth.
+    fn attached(
+        options: Option<&OffCpuOptions>,
+        started: Option<&OffCpuOptions>,
+        budget: OffCpuBudget,
+        sampler: &Sampler,
+    ) -> anyhow::Result<Option<Self>> {
+        let (Some(options), Some(started)) = (options, started) else { return Ok(None) };
+        Ok(Some(Self::new(options, budget, RateCounters::read(sampler)?, started.sample_probability)))
+    }
+
     /// `options` hold the highest probability; tracing was attached at `probability`.
     fn new(options: &OffCpuOptions, budget: OffCpuBudget, counters_now: RateCounters, probability: f64) -> Self {
         Self {
