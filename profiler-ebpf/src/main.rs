@@ -223,7 +223,7 @@ mod programs {
     /// Raw tracepoint `sched_switch(bool preempt, struct task_struct *prev, struct
     /// task_struct *next, unsigned int prev_state)` (Linux 5.18+). Unlike the classic
     /// tracepoint, nothing is formatted before the program runs, and most switches return
-    /// after reading the arguments, one random number and one array slot.
+    /// after reading the arguments, one random number and two array slots.
     #[raw_tracepoint(tracepoint = "sched_switch")]
     pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
         let Some(cfg) = config() else { return 0 };
