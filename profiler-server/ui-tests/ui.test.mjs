@@ -497,10 +497,14 @@ test('deep profiles: create, list, reject a bad cron, edit and delete a schedule
   const offered = await page.$$eval('#deep-services option', (os) => os.map((o) => o.value));
   assert.ok(offered.includes('shop') && offered.includes('cart'), `services offered: ${offered}`);
 
-  // Create.
+  // Create, at an hour 12 h away in Paris: a schedule active right now would start a
+  // run, which the next test does not expect.
+  const parisHour = Number(new Intl.DateTimeFormat('en-GB', { timeZone: 'Europe/Paris', hour: '2-digit', hourCycle: 'h23' }).format(new Date()));
+  const hour = (parisHour + 12) % 24;
+  const cron = `0 ${hour} * * *`;
   const form = '#schedule-form';
   await page.fill(`${form} [name=name]`, 'nightly shop');
-  await page.fill(`${form} [name=cron]`, '0 3 * * *');
+  await page.fill(`${form} [name=cron]`, cron);
   await page.fill(`${form} [name=timezone]`, 'Europe/Paris');
   await page.fill(`${form} [name=duration_s]`, '600');
   await page.fill(`${form} [name=service]`, 'shop');
@@ -511,7 +515,7 @@ test('deep profiles: create, list, reject a bad cron, edit and delete a schedule
   await row.waitFor();
   const cells = await row.locator('td').allTextContents();
   assert.equal(cells[0], 'nightly shop');
-  assert.equal(cells[1], '0 3 * * *');
+  assert.equal(cells[1], cron);
   assert.equal(cells[2], 'Europe/Paris');
   assert.equal(cells[3], '10 min');
   assert.equal(cells[4], 'service=shop, container=api');
@@ -523,13 +527,13 @@ test('deep profiles: create, list, reject a bad cron, edit and delete a schedule
   let list = (await api('/api/v1/schedules')).body;
   assert.equal(list.length, 1);
   assert.deepEqual({ ...list[0], id: 0, next_start_ms: 0 }, {
-    id: 0, name: 'nightly shop', cron: '0 3 * * *', timezone: 'Europe/Paris', duration_s: 600,
+    id: 0, name: 'nightly shop', cron, timezone: 'Europe/Paris', duration_s: 600,
     selector: { service: 'shop', labels: { container: 'api' } }, settings: { frequency_hz: 499, off_cpu: true, off_cpu_sampling: 1 },
     enabled: true, next_start_ms: 0,
   });
-  // The next start is 03:00 in Paris.
+  // The next start is at that hour in Paris.
   const paris = new Intl.DateTimeFormat('en-GB', { timeZone: 'Europe/Paris', hour: '2-digit', minute: '2-digit' }).format(new Date(list[0].next_start_ms));
-  assert.equal(paris, '03:00');
+  assert.equal(paris, `${String(hour).padStart(2, '0')}:00`);
   await page.screenshot({ path: join(ART, '12-deep-schedules.png'), fullPage: true });
 
   // A bad cron: the server's reason shows inline, the field is marked, nothing is created.
@@ -544,7 +548,7 @@ test('deep profiles: create, list, reject a bad cron, edit and delete a schedule
   await page.locator('#schedule-form').screenshot({ path: join(ART, '13-deep-bad-cron.png') });
   assert.equal((await api('/api/v1/schedules')).body.length, 1);
   // Other server reasons show the same way: unknown service, unknown time zone.
-  await page.fill(`${form} [name=cron]`, '0 3 * * *');
+  await page.fill(`${form} [name=cron]`, cron);
   assert.equal(await page.getAttribute(`${form} [name=cron]`, 'class'), '', 'editing clears the mark');
   await page.fill(`${form} [name=service]`, 'ghost');
   await page.click('#schedule-submit');
@@ -563,7 +567,7 @@ test('deep profiles: create, list, reject a bad cron, edit and delete a schedule
   // Edit: the form fills with the schedule; save with a shorter duration, disabled.
   await row.locator('button:text("Edit")').click();
   assert.match(await page.locator('#schedule-form-title').textContent(), /Edit schedule "nightly shop"/);
-  assert.equal(await page.inputValue(`${form} [name=cron]`), '0 3 * * *');
+  assert.equal(await page.inputValue(`${form} [name=cron]`), cron);
   assert.equal(await page.inputValue(`${form} [name=timezone]`), 'Europe/Paris');
   assert.equal(await page.inputValue(`${form} [name=labels]`), 'container=api');
   assert.equal(await page.isHidden('#schedule-error'), true, 'old error cleared');
