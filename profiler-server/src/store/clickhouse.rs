@@ -27,7 +27,7 @@ use anyhow::Context;
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 
-use super::{Aggregate, Batch, Frames, GroupBy, Labels, Matcher, Selector, Store};
+use super::{Aggregate, Appended, Batch, Frames, GroupBy, Labels, Matcher, Selector, Store};
 
 #[derive(Debug, Clone)]
 pub struct ClickHouseOptions {
@@ -502,7 +502,7 @@ impl ClickHouseStore {
 }
 
 impl Store for ClickHouseStore {
-    fn append(&self, batch: Batch) -> anyhow::Result<()> {
+    fn append(&self, batch: Batch) -> anyhow::Result<Appended> {
         let svc = xxhash_rust::xxh3::xxh3_64(batch.service.as_bytes());
         let new_stacks: Vec<(u64, Frames)> = {
             let w = self
@@ -599,7 +599,7 @@ impl Store for ClickHouseStore {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend(series_ids);
-        Ok(())
+        Ok(Appended::Stored)
     }
 
     fn aggregate(&self, sel: &Selector, by: GroupBy) -> anyhow::Result<Aggregate> {
