@@ -6,6 +6,7 @@ mod chdb_bridge;
 mod common;
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use common::{client, folded_total, now_ms, Proc};
 use profiler_server::config::Config;
@@ -164,10 +165,15 @@ impl InProc {
             .unwrap();
         assert_eq!(r.status(), 200, "{}", r.text().unwrap());
     }
-    fn json(&self, path: &str) -> Value {
+    fn text(&self, path: &str) -> String {
         let r = client().get(format!("{}{path}", self.base)).send().unwrap();
-        assert_eq!(r.status(), 200, "{path}");
-        r.json().unwrap()
+        let status = r.status();
+        let text = r.text().unwrap();
+        assert_eq!(status, 200, "{path}: {text}");
+        text
+    }
+    fn json(&self, path: &str) -> Value {
+        serde_json::from_str(&self.text(path)).unwrap()
     }
     fn stop(mut self) {
         let s = self.srv.take().unwrap();
@@ -269,5 +275,42 @@ fn ranges_past_raw_retention_are_read_from_the_rollup() {
         old + 3 * MIN
     ));
     assert_eq!(t["series"], json!({"on-cpu": [13, 2, 0]}));
+    s.stop();
+}
+
+#[test]
+fn a_flame_graph_over_50k_stacks_works_right_after_a_restart() {
+    const STACKS: i64 = 50_000;
+    let bridge = chdb_bridge::shared();
+    let db = chdb_bridge::fresh_database("many_stacks");
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = (now_ms() - 10 * MIN).div_euclid(MIN) * MIN;
+    let body: String = (0..STACKS)
+        .map(|i| format!("main;mod_{};fn_{i} {}\n", i / 100, i % 7 + 1))
+        .collect();
+    let total: i64 = (0..STACKS).map(|i| i % 7 + 1).sum();
+    let s = InProc::start(ch_config(bridge, &db, dir.path()));
+    s.post(
+        &format!("/api/v1/ingest?service=big&kind=on-cpu&format=folded&from={t0}"),
+        &body,
+    );
+    s.stop();
+    // A new instance has seen none of the stacks: all 50,000 are looked up.
+    let s = InProc::start(ch_config(bridge, &db, dir.path()));
+    let range = format!("from={t0}&until={}", t0 + MIN);
+    let flame_graph = || {
+        let started = Instant::now();
+        let f = s.json(&format!("/api/v1/flamegraph?service=big&{range}"));
+        (f, started.elapsed())
+    };
+    let (f, cold) = flame_graph();
+    assert_eq!(f["value"], total);
+    let (f, warm) = flame_graph();
+    assert_eq!(f["value"], total);
+    eprintln!("flame graph over {STACKS} stacks: {cold:?} with a cold stack cache, {warm:?} warm");
+    let folded = s.text(&format!("/api/v1/folded?service=big&{range}"));
+    assert_eq!(folded.lines().count(), STACKS as usize);
+    assert_eq!(folded_total(&folded), total);
+    assert!(folded.contains("main;mod_499;fn_49999 6\n"));
     s.stop();
 }

@@ -199,6 +199,17 @@ impl Sql {
     }
 }
 
+/// Stack ids per dictionary lookup. ClickHouse parses at most
+/// `max_query_size` bytes of SQL (256 KiB by default) and an id is up to 21
+/// bytes with its comma, so 4,096 ids stay under 90 KB: a third of the
+/// default, leaving room for the service name. The ids are SQL literals
+/// because this crate version (0.15) has no other way to send them that
+/// avoids a limit: no external-data upload, temporary tables need an HTTP
+/// session (one request at a time, pinned to one server behind a load
+/// balancer), and query parameters travel as form fields capped by
+/// `http_max_field_value_size` (128 KiB).
+const STACK_IDS_PER_QUERY: usize = 4_096;
+
 // DateTime64(3) covers 1900..2299; clamp so open-ended ranges stay valid.
 const MIN_TS: i64 = -2_208_988_800_000;
 const MAX_TS: i64 = 10_413_792_000_000;
@@ -372,11 +383,12 @@ impl ClickHouseStore {
     }
 
     /// One query over raw samples or the rollup in `[from, until)`:
-    /// `kind` None lists the kinds with rows (label filter ignored); Some
-    /// sums that kind's values by `by`. One query per kind keeps the GROUP
-    /// BY key a single UInt64, several times faster in ClickHouse than
-    /// grouping by (kind, key), and `kind` leads the sort key after
-    /// `service`, so each query reads only its own rows.
+    /// `kind` None lists the kinds with rows (label and kind filters
+    /// ignored: the caller picks the wanted kinds, so no SQL grows with the
+    /// request's kind list); Some sums that kind's values by `by`. One
+    /// query per kind keeps the GROUP BY key a single UInt64, several times
+    /// faster in ClickHouse than grouping by (kind, key), and `kind` leads
+    /// the sort key after `service`, so each query reads only its own rows.
     fn select_part(
         &self,
         sel: &Selector,
@@ -431,13 +443,6 @@ impl ClickHouseStore {
         sql.push(&format!(" AND {ts_col} < "));
         sql.push(a).i(until.clamp(MIN_TS, MAX_TS)).push(b);
         let Some(kind) = kind else {
-            if let Some(kinds) = &sel.kinds {
-                sql.push(" AND kind IN (NULL");
-                for k in kinds {
-                    sql.push(", ").s(k);
-                }
-                sql.push(")");
-            }
             let q = sql.query(&self.client);
             let rows = self.run(async move { Ok(q.fetch_all::<NameRow>().await?) })?;
             return Ok(rows
@@ -480,7 +485,7 @@ impl ClickHouseStore {
             let s = self.stacks.read().unwrap_or_else(|e| e.into_inner());
             ids.filter(|id| !s.contains_key(id)).collect()
         };
-        for chunk in missing.chunks(20_000) {
+        for chunk in missing.chunks(STACK_IDS_PER_QUERY) {
             let mut sql = Sql::default();
             sql.push(&format!(
                 "SELECT stack_id, any(frames) AS frames FROM {}.stacks WHERE service = ",
@@ -619,7 +624,8 @@ impl Store for ClickHouseStore {
             // present, possibly empty when the label filter removes all its
             // rows: diffs and flame graphs decide on `[kind]` roots by the
             // kinds present.
-            for k in self.select_part(sel, by, None, part)? {
+            let kinds = self.select_part(sel, by, None, part)?;
+            for k in kinds.into_iter().filter(|k| sel.wants_kind(&k.kind)) {
                 let rows = self.select_part(sel, by, Some(&k.kind), part)?;
                 let dst = out.entry(k.kind).or_default();
                 for r in rows {
