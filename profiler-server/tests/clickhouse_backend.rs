@@ -6,10 +6,15 @@ mod chdb_bridge;
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use common::{client, folded_total, now_ms, Proc};
 use profiler_server::config::Config;
+use profiler_server::store::{
+    series_id, stack_id, Appended, Batch, ClickHouseOptions, ClickHouseStore, Frames, GroupBy,
+    Labels, Row, Selector, Store,
+};
 use serde_json::{json, Value};
 
 const MIN: i64 = 60_000;
@@ -218,7 +223,7 @@ fn restart_keeps_data_and_migrations_run_once() {
             &format!("SELECT count(), max(version) FROM {db}.schema_migrations")
         )
         .trim(),
-        "1\t1"
+        "2\t2"
     );
     let tables = sql(
         bridge,
@@ -235,6 +240,17 @@ fn restart_keeps_data_and_migrations_run_once() {
     );
     for want in ["PARTITION BY toDate(ts)", "TTL", "CODEC(Delta", "CODEC(T64"] {
         assert!(ddl.contains(want), "{want} missing from {ddl}");
+    }
+    // Both tables a retry reaches keep deduplication tokens.
+    for table in ["samples", "samples_1m"] {
+        let ddl = sql(
+            bridge,
+            &format!("SHOW CREATE TABLE {db}.{table} FORMAT TabSeparatedRaw"),
+        );
+        assert!(
+            ddl.contains("non_replicated_deduplication_window = 10000"),
+            "{ddl}"
+        );
     }
 }
 
@@ -313,4 +329,95 @@ fn a_flame_graph_over_50k_stacks_works_right_after_a_restart() {
     assert_eq!(folded_total(&folded), total);
     assert!(folded.contains("main;mod_499;fn_49999 6\n"));
     s.stop();
+}
+
+fn open_store(bridge: &chdb_bridge::Bridge, db: &str, async_insert: bool) -> ClickHouseStore {
+    ClickHouseStore::open(ClickHouseOptions {
+        url: bridge.url.clone(),
+        database: db.to_owned(),
+        user: None,
+        password: None,
+        retention_ms: None,
+        rollup_retention_ms: None,
+        async_insert,
+    })
+    .unwrap()
+}
+
+/// One stack of one series at `ts_ms`, as ingest builds it.
+fn one_row_batch(id: Option<&str>, ts_ms: i64, value: i64) -> Batch {
+    let frames: Frames = Arc::from(vec!["main".to_string(), "work".to_string()]);
+    let labels = Labels::from([("service".to_string(), "svc".to_string())]);
+    let row = Row {
+        ts_ms,
+        series_id: series_id(&labels),
+        stack_id: stack_id(&frames),
+        value,
+    };
+    Batch {
+        id: id.map(str::to_owned),
+        service: "svc".into(),
+        kind: "on-cpu".into(),
+        stacks: vec![(row.stack_id, frames)],
+        series: vec![(row.series_id, labels)],
+        rows: vec![row],
+    }
+}
+
+#[test]
+fn a_retried_batch_is_counted_once() {
+    retried_batches_are_counted_once(false);
+}
+
+/// The bridge inserts through INSERT SELECT, which ClickHouse never batches:
+/// this checks that the deduplication settings sent with async inserts are
+/// accepted and keep the same answers.
+#[test]
+fn a_retried_batch_is_counted_once_with_async_insert_settings() {
+    retried_batches_are_counted_once(true);
+}
+
+fn retried_batches_are_counted_once(async_insert: bool) {
+    let bridge = chdb_bridge::shared();
+    let db = chdb_bridge::fresh_database("retries");
+    let t0 = (now_ms() - 10 * MIN).div_euclid(MIN) * MIN;
+    let store = open_store(bridge, &db, async_insert);
+    let total = |store: &ClickHouseStore| -> i64 {
+        let sel = Selector {
+            service: "svc".into(),
+            from_ms: t0,
+            until_ms: t0 + MIN,
+            kinds: None,
+            matchers: vec![],
+        };
+        let agg = store.aggregate(&sel, GroupBy::Stack).unwrap();
+        agg.values().flat_map(|m| m.values()).sum()
+    };
+    // ClickHouse drops the retry silently, so both are acknowledged alike.
+    for _ in 0..2 {
+        let appended = store.append(one_row_batch(Some("agent-1:7"), t0, 5));
+        assert_eq!(appended.unwrap(), Appended::Stored);
+    }
+    assert_eq!(total(&store), 5);
+    // Same rows, another id: another batch.
+    store
+        .append(one_row_batch(Some("agent-1:8"), t0, 5))
+        .unwrap();
+    assert_eq!(total(&store), 10);
+    // Without an id nothing is deduplicated, not even identical rows.
+    for _ in 0..2 {
+        store.append(one_row_batch(None, t0, 5)).unwrap();
+    }
+    assert_eq!(total(&store), 20);
+    // A retry that reaches another instance is dropped all the same.
+    let other = open_store(bridge, &db, async_insert);
+    other
+        .append(one_row_batch(Some("agent-1:8"), t0, 5))
+        .unwrap();
+    assert_eq!(total(&other), 20);
+    // The 1-minute rollup counts each batch once too.
+    assert_eq!(
+        sql(bridge, &format!("SELECT sum(value) FROM {db}.samples_1m")).trim(),
+        "20"
+    );
 }

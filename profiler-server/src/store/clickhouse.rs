@@ -18,9 +18,19 @@
 //! `append` returns once ClickHouse acknowledged the inserts (durability is
 //! ClickHouse's). Every table name is qualified with the database, and the
 //! database name is restricted to `[A-Za-z0-9_]`.
+//!
+//! Retries are counted once by ClickHouse's insert deduplication: samples
+//! are inserted with an `insert_deduplication_token` derived from the batch
+//! id, and `samples` and `samples_1m` remember the last
+//! [`DEDUPLICATION_WINDOW`] tokens (plain MergeTree tables keep none unless
+//! `non_replicated_deduplication_window` is set). Dictionary rows need no
+//! deduplication: a stack or series id always carries the same frames or
+//! labels, and readers take `any()` per id.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::Context;
@@ -42,57 +52,77 @@ pub struct ClickHouseOptions {
     pub rollup_retention_ms: Option<i64>,
     /// Server-side batching of the many small INSERTs that many instances
     /// and agents make (`async_insert=1, wait_for_async_insert=1`: an ingest
-    /// is still acknowledged only once its rows are written).
+    /// is still acknowledged only once its rows are written). False sends
+    /// `async_insert=0`, overriding servers that batch by default (26.2+).
     pub async_insert: bool,
 }
 
+/// Inserts per table whose deduplication tokens ClickHouse keeps: a retry
+/// that comes after this many other inserts is counted again. The default
+/// window of replicated tables.
+const DEDUPLICATION_WINDOW: u32 = 10_000;
+
 /// Schema versions, applied in order; every statement is idempotent so
 /// instances starting together cannot trip over each other. `{db}`,
-/// `{samples_ttl}` and `{rollup_ttl}` are substituted.
-const MIGRATIONS: &[(u32, &[&str])] = &[(
-    1,
-    &[
-        "CREATE TABLE IF NOT EXISTS {db}.stacks (
-            service LowCardinality(String),
-            stack_id UInt64,
-            frames Array(String) CODEC(ZSTD(3)),
-            INDEX stack_id_idx stack_id TYPE bloom_filter GRANULARITY 4
-        ) ENGINE = ReplacingMergeTree ORDER BY (service, stack_id)",
-        "CREATE TABLE IF NOT EXISTS {db}.series (
-            service LowCardinality(String),
-            series_id UInt64,
-            label_names Array(String),
-            label_values Array(String)
-        ) ENGINE = ReplacingMergeTree ORDER BY (service, series_id)",
-        "CREATE TABLE IF NOT EXISTS {db}.samples (
-            service LowCardinality(String),
-            kind LowCardinality(String),
-            ts DateTime64(3) CODEC(Delta, ZSTD(1)),
-            series_id UInt64 CODEC(ZSTD(1)),
-            stack_id UInt64 CODEC(ZSTD(1)),
-            value Int64 CODEC(T64, ZSTD(1))
-        ) ENGINE = MergeTree
-        PARTITION BY toDate(ts)
-        ORDER BY (service, kind, ts, series_id, stack_id)
-        {samples_ttl}",
-        "CREATE TABLE IF NOT EXISTS {db}.samples_1m (
-            service LowCardinality(String),
-            kind LowCardinality(String),
-            minute DateTime CODEC(Delta, ZSTD(1)),
-            series_id UInt64 CODEC(ZSTD(1)),
-            stack_id UInt64 CODEC(ZSTD(1)),
-            value Int64 CODEC(T64, ZSTD(1))
-        ) ENGINE = SummingMergeTree(value)
-        PARTITION BY toYYYYMM(minute)
-        ORDER BY (service, kind, minute, series_id, stack_id)
-        {rollup_ttl}",
-        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.samples_1m_mv TO {db}.samples_1m AS
-        SELECT service, kind, toStartOfMinute(ts) AS minute, series_id, stack_id,
-               sum(value) AS value
-        FROM {db}.samples
-        GROUP BY service, kind, minute, series_id, stack_id",
-    ],
-)];
+/// `{samples_ttl}`, `{rollup_ttl}` and `{dedup_window}` are substituted.
+const MIGRATIONS: &[(u32, &[&str])] = &[
+    (
+        1,
+        &[
+            "CREATE TABLE IF NOT EXISTS {db}.stacks (
+                service LowCardinality(String),
+                stack_id UInt64,
+                frames Array(String) CODEC(ZSTD(3)),
+                INDEX stack_id_idx stack_id TYPE bloom_filter GRANULARITY 4
+            ) ENGINE = ReplacingMergeTree ORDER BY (service, stack_id)",
+            "CREATE TABLE IF NOT EXISTS {db}.series (
+                service LowCardinality(String),
+                series_id UInt64,
+                label_names Array(String),
+                label_values Array(String)
+            ) ENGINE = ReplacingMergeTree ORDER BY (service, series_id)",
+            "CREATE TABLE IF NOT EXISTS {db}.samples (
+                service LowCardinality(String),
+                kind LowCardinality(String),
+                ts DateTime64(3) CODEC(Delta, ZSTD(1)),
+                series_id UInt64 CODEC(ZSTD(1)),
+                stack_id UInt64 CODEC(ZSTD(1)),
+                value Int64 CODEC(T64, ZSTD(1))
+            ) ENGINE = MergeTree
+            PARTITION BY toDate(ts)
+            ORDER BY (service, kind, ts, series_id, stack_id)
+            {samples_ttl}",
+            "CREATE TABLE IF NOT EXISTS {db}.samples_1m (
+                service LowCardinality(String),
+                kind LowCardinality(String),
+                minute DateTime CODEC(Delta, ZSTD(1)),
+                series_id UInt64 CODEC(ZSTD(1)),
+                stack_id UInt64 CODEC(ZSTD(1)),
+                value Int64 CODEC(T64, ZSTD(1))
+            ) ENGINE = SummingMergeTree(value)
+            PARTITION BY toYYYYMM(minute)
+            ORDER BY (service, kind, minute, series_id, stack_id)
+            {rollup_ttl}",
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.samples_1m_mv TO {db}.samples_1m AS
+            SELECT service, kind, toStartOfMinute(ts) AS minute, series_id, stack_id,
+                   sum(value) AS value
+            FROM {db}.samples
+            GROUP BY service, kind, minute, series_id, stack_id",
+        ],
+    ),
+    // Retries counted once. The rollup keeps tokens too: since 24.7 a block
+    // `samples` drops as a duplicate still goes through the view, and the
+    // view's table must drop it as well.
+    (
+        2,
+        &[
+            "ALTER TABLE {db}.samples
+                MODIFY SETTING non_replicated_deduplication_window = {dedup_window}",
+            "ALTER TABLE {db}.samples_1m
+                MODIFY SETTING non_replicated_deduplication_window = {dedup_window}",
+        ],
+    ),
+];
 
 #[derive(Row, Serialize)]
 struct SampleRow<'a> {
@@ -228,6 +258,10 @@ pub struct ClickHouseStore {
     /// (xxh3 of the service, stack id).
     written_stacks: Mutex<HashSet<(u64, u64)>>,
     written_series: Mutex<HashSet<u64>>,
+    /// Random per instance, so tokens of batches without an id never
+    /// collide across instances.
+    instance_nonce: u64,
+    batches_without_id: AtomicU64,
 }
 
 impl Drop for ClickHouseStore {
@@ -290,12 +324,25 @@ impl ClickHouseStore {
             client = client.with_password(p);
         }
         let insert_client = if opts.async_insert {
+            // `async_insert_deduplicate` is for servers older than the
+            // `deduplicate_insert` setting: they deduplicate async inserts
+            // only with it. Nothing asks the rollup view to deduplicate:
+            // servers before 26.1 refuse that for async inserts, later ones
+            // do it by default.
             client
                 .clone()
                 .with_setting("async_insert", "1")
                 .with_setting("wait_for_async_insert", "1")
+                .with_setting("async_insert_deduplicate", "1")
         } else {
-            client.clone()
+            // `async_insert=0` because async inserts are the default since
+            // 26.2. From 24.7 on, a block `samples` drops as a duplicate
+            // still goes through the rollup view, and only this setting (off
+            // by default on older servers) makes the view's table drop it.
+            client
+                .clone()
+                .with_setting("async_insert", "0")
+                .with_setting("deduplicate_blocks_in_dependent_materialized_views", "1")
         };
         let store = ClickHouseStore {
             client,
@@ -306,6 +353,9 @@ impl ClickHouseStore {
             stacks: RwLock::new(HashMap::new()),
             written_stacks: Mutex::new(HashSet::new()),
             written_series: Mutex::new(HashSet::new()),
+            instance_nonce: std::collections::hash_map::RandomState::new()
+                .hash_one(std::time::SystemTime::now()),
+            batches_without_id: AtomicU64::new(0),
         };
         store
             .migrate()
@@ -361,7 +411,8 @@ impl ClickHouseStore {
                 let sql = s
                     .replace("{db}", db)
                     .replace("{samples_ttl}", &samples_ttl)
-                    .replace("{rollup_ttl}", &rollup_ttl);
+                    .replace("{rollup_ttl}", &rollup_ttl)
+                    .replace("{dedup_window}", &DEDUPLICATION_WINDOW.to_string());
                 self.execute(sql)?;
             }
             self.execute(format!(
@@ -478,6 +529,23 @@ impl ClickHouseStore {
             .collect())
     }
 
+    /// `insert_deduplication_token` of a batch's samples. A batch id gives
+    /// the same token on every delivery, hashed because ids are the
+    /// client's and unbounded while the token travels in the URL. A batch
+    /// without an id gets a token never used before: with no token,
+    /// ClickHouse would deduplicate by content instead and drop a second
+    /// batch that happens to hold the same rows.
+    fn deduplication_token(&self, id: Option<&str>) -> String {
+        match id {
+            Some(id) => format!("batch-{:032x}", xxhash_rust::xxh3::xxh3_128(id.as_bytes())),
+            None => format!(
+                "unkeyed-{:016x}-{}",
+                self.instance_nonce,
+                self.batches_without_id.fetch_add(1, Ordering::Relaxed)
+            ),
+        }
+    }
+
     /// Loads frames of stacks this instance has not seen yet, in bulk, so
     /// `stack()` after `aggregate()` never asks per id.
     fn prefetch_stacks(&self, service: &str, ids: impl Iterator<Item = u64>) -> anyhow::Result<()> {
@@ -507,6 +575,8 @@ impl ClickHouseStore {
 }
 
 impl Store for ClickHouseStore {
+    /// Always [`Appended::Stored`]: ClickHouse drops a retry of a stored
+    /// batch id silently, so it cannot be told from a first delivery.
     fn append(&self, batch: Batch) -> anyhow::Result<Appended> {
         let svc = xxhash_rust::xxh3::xxh3_64(batch.service.as_bytes());
         let new_stacks: Vec<(u64, Frames)> = {
@@ -540,6 +610,7 @@ impl Store for ClickHouseStore {
             }
         }
         let (c, db) = (self.insert_client.clone(), self.db.clone());
+        let token = self.deduplication_token(batch.id.as_deref());
         let (stack_ids, series_ids): (Vec<u64>, Vec<u64>) = (
             new_stacks.iter().map(|(id, _)| *id).collect(),
             new_series.iter().map(|(id, _)| *id).collect(),
@@ -580,7 +651,8 @@ impl Store for ClickHouseStore {
             if !batch.rows.is_empty() {
                 let mut ins = c
                     .insert_unescaped::<SampleRow<'_>>(&format!("{db}.samples"))
-                    .await?;
+                    .await?
+                    .with_setting("insert_deduplication_token", token);
                 for r in &batch.rows {
                     ins.write(&SampleRow {
                         service: &batch.service,

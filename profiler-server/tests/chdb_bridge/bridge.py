@@ -17,11 +17,17 @@ What it speaks (what the `clickhouse` Rust crate sends):
 - `POST /` with the SQL as body (and no `query` parameter);
 - `default_format` selects the output format (RowBinaryWithNamesAndTypes for
   the crate's typed fetches), else `TabSeparated`;
+- every other parameter that is not part of the HTTP interface itself
+  (`insert_deduplication_token`, `async_insert`, ...) is a query setting,
+  applied to INSERTs only (the client sends settings with inserts only);
 - errors: HTTP 500 with `X-ClickHouse-Exception-Code` and the exception text.
 
 INSERT data is written to a temporary file and inserted with
 `INSERT INTO t(cols) SELECT * FROM file(path, F[, structure])`, so the bytes
-are parsed by ClickHouse's own input format. `RowBinaryWithNamesAndTypes`
+are parsed by ClickHouse's own input format. Such an INSERT SELECT is
+deduplicated like the `INSERT ... FORMAT` it stands for (by token, else by
+content, where the table keeps a deduplication window), not only when the
+SELECT's order is stable. `RowBinaryWithNamesAndTypes`
 carries its structure; for plain `RowBinary` it comes from `DESCRIBE TABLE`.
 
 The `database` parameter is NOT applied (chdb sessions do not keep `USE`
@@ -51,6 +57,11 @@ INSERT_RE = re.compile(
     re.IGNORECASE | re.DOTALL,
 )
 CODE_RE = re.compile(r"Code:\s*(\d+)")
+# URL parameters of the HTTP interface that are not query settings.
+HTTP_PARAMS = {"query", "database", "default_format", "user", "password",
+               "query_id", "session_id", "session_timeout", "session_check",
+               "compress", "decompress", "role", "quota_key", "buffer_size",
+               "wait_end_of_query"}
 
 LOCK = threading.Lock()
 SESSION = None
@@ -72,7 +83,18 @@ def run(sql, fmt):
     return data or b""
 
 
-def insert(m, body):
+def settings_clause(params):
+    settings = {"deduplicate_insert_select": "enable_even_for_bad_queries"}
+    settings.update((k, v) for k, v in params.items()
+                    if k not in HTTP_PARAMS and not k.startswith("param_"))
+    for k in settings:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            raise ValueError(f"not a setting name: {k!r}")
+    quote = lambda v: "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return " SETTINGS " + ", ".join(f"{k} = {quote(v)}" for k, v in settings.items())
+
+
+def insert(m, body, params):
     table = m.group("table")
     cols = split_cols(m.group("cols") or "")
     fmt = m.group("fmt")
@@ -93,7 +115,8 @@ def insert(m, body):
             names = [unquote_ident(c) for c in cols] or list(types)
             structure = ", ".join(f"`{n}` {types[n]}" for n in names)
             src = f"file('{path}', '{fmt}', '{structure}')"
-        run(f"INSERT INTO {table}{col_list} SELECT * FROM {src}", "TabSeparated")
+        run(f"INSERT INTO {table}{col_list}{settings_clause(params)} SELECT * FROM {src}",
+            "TabSeparated")
     finally:
         os.unlink(path)
     return b""
@@ -131,7 +154,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             m = INSERT_RE.match(sql)
             if m and data:
-                out = insert(m, data)
+                out = insert(m, data, params)
             elif m:
                 out = b""  # an INSERT without rows
             else:
