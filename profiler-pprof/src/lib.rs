@@ -16,12 +16,16 @@ pub mod proto {
 
 pub use proto::{Function, Label, Line, Location, Mapping, Profile, Sample, ValueType};
 
+mod bounded;
+pub use bounded::{decode_gzip_within, decoded_cost, DecodeLimits, DecodedCost};
+
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("gzip stream is corrupt or truncated: {0}")]
     Gzip(std::io::Error),
-    #[error("profile decompresses to more than {limit} bytes")]
-    TooLarge { limit: usize },
+    #[error("profile is too large: {what}")]
+    TooLarge { what: String },
     #[error("invalid protobuf: {0}")]
     Protobuf(#[from] prost::DecodeError),
     #[error("invalid profile: {0}")]
@@ -35,26 +39,37 @@ const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 /// `max_decompressed` bounds memory use against decompression bombs: reading
 /// stops one byte past the limit, so a bomb costs at most `limit` bytes.
 pub fn decode_gzip(bytes: &[u8], max_decompressed: usize) -> Result<Profile, Error> {
+    Ok(Profile::decode(gunzip(bytes, max_decompressed)?.as_ref())?)
+}
+
+/// Decodes an uncompressed profile; for untrusted input check
+/// [`decoded_cost`] first.
+pub fn decode(raw: &[u8]) -> Result<Profile, Error> {
+    Ok(Profile::decode(raw)?)
+}
+
+/// The bytes of a gzip stream, or `bytes` themselves without the gzip magic,
+/// refusing more than `max` bytes either way.
+pub fn gunzip(bytes: &[u8], max: usize) -> Result<std::borrow::Cow<'_, [u8]>, Error> {
+    let too_large = || Error::TooLarge {
+        what: format!("more than {max} bytes after decompression"),
+    };
     if !bytes.starts_with(&GZIP_MAGIC) {
-        if bytes.len() > max_decompressed {
-            return Err(Error::TooLarge {
-                limit: max_decompressed,
-            });
+        if bytes.len() > max {
+            return Err(too_large());
         }
-        return Ok(Profile::decode(bytes)?);
+        return Ok(bytes.into());
     }
     let mut out = Vec::new();
     // MultiGzDecoder: `gzip a b > c` style concatenated members are valid gzip.
     flate2::read::MultiGzDecoder::new(bytes)
-        .take(max_decompressed as u64 + 1)
+        .take(max as u64 + 1)
         .read_to_end(&mut out)
         .map_err(Error::Gzip)?;
-    if out.len() > max_decompressed {
-        return Err(Error::TooLarge {
-            limit: max_decompressed,
-        });
+    if out.len() > max {
+        return Err(too_large());
     }
-    Ok(Profile::decode(out.as_slice())?)
+    Ok(out.into())
 }
 
 /// Serializes and gzips a profile, as `go tool pprof` expects on disk.
@@ -207,6 +222,7 @@ pub struct Resolver<'a> {
     // Root-first frames of each location, computed once per location id.
     locations: HashMap<u64, Vec<String>>,
     raw_locations: HashMap<u64, &'a Location>,
+    max_name_len: usize,
 }
 
 impl<'a> Resolver<'a> {
@@ -217,7 +233,15 @@ impl<'a> Resolver<'a> {
             mappings: profile.mapping.iter().map(|m| (m.id, m)).collect(),
             raw_locations: profile.location.iter().map(|l| (l.id, l)).collect(),
             locations: HashMap::new(),
+            max_name_len: usize::MAX,
         }
+    }
+
+    /// Cuts function names to `max` bytes (marked with `…`) once per
+    /// location, so a long name repeated in deep stacks costs its cut length.
+    pub fn cut_names(mut self, max: usize) -> Self {
+        self.max_name_len = max;
+        self
     }
 
     pub fn string(&self, idx: i64) -> Result<&'a str, Error> {
@@ -239,12 +263,24 @@ impl<'a> Resolver<'a> {
 
     /// Appends the root-first frames of `sample` to `out`.
     pub fn frames(&mut self, sample: &Sample, out: &mut Vec<String>) -> Result<(), Error> {
+        self.frames_upto(sample, out, usize::MAX)
+    }
+
+    /// Appends at most `max` root-first frames of `sample` to `out`: a sample
+    /// can repeat one location id millions of times, and only the frames
+    /// kept should cost anything.
+    pub fn frames_upto(&mut self, sample: &Sample, out: &mut Vec<String>, max: usize) -> Result<(), Error> {
+        let start = out.len();
         for &id in sample.location_id.iter().rev() {
+            let room = max - (out.len() - start);
+            if room == 0 {
+                break;
+            }
             if !self.locations.contains_key(&id) {
                 let frames = self.resolve_location(id)?;
                 self.locations.insert(id, frames);
             }
-            out.extend(self.locations[&id].iter().cloned());
+            out.extend(self.locations[&id].iter().take(room).cloned());
         }
         Ok(())
     }
@@ -297,11 +333,23 @@ impl<'a> Resolver<'a> {
                 Ok(if name.is_empty() {
                     "?".to_owned()
                 } else {
-                    name.to_owned()
+                    cut_name(name, self.max_name_len)
                 })
             })
             .collect()
     }
+}
+
+/// `name` cut to at most `max` bytes at a character boundary, marked with `…`.
+pub fn cut_name(name: &str, max: usize) -> String {
+    if name.len() <= max {
+        return name.to_owned();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &name[..end])
 }
 
 /// Decodes every sample of a profile into root-first stacks.
@@ -369,10 +417,7 @@ mod tests {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
         enc.write_all(&zeros).unwrap();
         let bomb = enc.finish().unwrap();
-        assert!(matches!(
-            decode_gzip(&bomb, 1000),
-            Err(Error::TooLarge { limit: 1000 })
-        ));
+        assert!(matches!(decode_gzip(&bomb, 1000), Err(Error::TooLarge { .. })));
 
         let good = encode_gzip(&from_folded(&stacks(), "cpu", "nanoseconds", 1));
         assert!(matches!(

@@ -93,6 +93,7 @@ fn window_batch(
         }
     }
     Batch {
+        id: None,
         service: "bench".into(),
         kind: "on-cpu".into(),
         stacks: if dicts {
@@ -110,11 +111,7 @@ fn window_batch(
 }
 
 fn opts() -> StoreOptions {
-    StoreOptions {
-        segment_span_ms: 600_000,
-        retention_ms: None,
-        downsample: vec![],
-    }
+    StoreOptions::default()
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {

@@ -18,16 +18,22 @@ use tower_http::compression::predicate::{NotForContentType, Predicate};
 use tower_http::compression::{CompressionLayer, DefaultPredicate};
 use tower_http::trace::TraceLayer;
 
-use crate::config::Config;
+use std::borrow::Cow;
+
+use profiler_pprof::Profile;
+
+use crate::budget::{Grant, MemoryBudget, OverBudget};
+use crate::config::{Config, Limits};
 use crate::ingest::{self, BatchBuilder, Rejected, Target};
 use crate::metrics::Metrics;
 use crate::query::{self, Tree};
 use crate::render;
-use crate::store::{GroupBy, Labels, Matcher, Selector, Store};
+use crate::store::{Appended, GroupBy, Labels, Matcher, Refused, Selector, Store};
 
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
+    pub budget: Arc<MemoryBudget>,
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub schedules: Arc<crate::schedule::Schedules>,
@@ -37,20 +43,41 @@ pub struct AppState {
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    /// Seconds a client should wait before retrying (503, 429).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
-    fn bad(message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError {
-            status: StatusCode::BAD_REQUEST,
+            status,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+    fn bad(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+    pub(crate) fn busy(message: impl Into<String>, retry_after_secs: u64) -> ApiError {
+        ApiError {
+            retry_after: Some(retry_after_secs),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
         }
     }
     fn internal(e: impl std::fmt::Display) -> ApiError {
         tracing::error!(error = %e, "internal error");
-        ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: "internal error; see server log".into(),
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see server log")
+    }
+    /// A store error: refusals keep their meaning (busy: 503, too large:
+    /// 413), anything else is internal.
+    fn store(e: anyhow::Error) -> ApiError {
+        match e.downcast_ref::<Refused>() {
+            Some(Refused::Busy(why)) => {
+                tracing::warn!(reason = %why, "ingest refused: store busy");
+                ApiError::busy(format!("the server cannot store profiles right now: {why}"), 5)
+            }
+            Some(Refused::TooLarge(why)) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, why.clone()),
+            None => ApiError::internal(format!("{e:#}")),
         }
     }
 }
@@ -61,20 +88,16 @@ impl From<Rejected> for ApiError {
             Rejected::BadRequest(_) => StatusCode::BAD_REQUEST,
             Rejected::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         };
-        ApiError {
-            status,
-            message: r.to_string(),
-        }
+        ApiError::new(status, r.to_string())
     }
 }
 
 impl From<profiler_pprof::Error> for ApiError {
     fn from(e: profiler_pprof::Error) -> ApiError {
         match e {
-            profiler_pprof::Error::TooLarge { .. } => ApiError {
-                status: StatusCode::PAYLOAD_TOO_LARGE,
-                message: e.to_string(),
-            },
+            profiler_pprof::Error::TooLarge { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+            }
             e => ApiError::bad(e.to_string()),
         }
     }
@@ -82,7 +105,11 @@ impl From<profiler_pprof::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({ "error": self.message }))).into_response()
+        let mut resp = (self.status, Json(json!({ "error": self.message }))).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, secs.into());
+        }
+        resp
     }
 }
 
@@ -114,10 +141,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::ui::routes())
         .merge(crate::schedule_api::routes(state.clone()))
         .fallback(|| async {
-            ApiError {
-                status: StatusCode::NOT_FOUND,
-                message: "no such route".into(),
-            }
+            ApiError::new(StatusCode::NOT_FOUND, "no such route")
         })
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(CompressionLayer::new().compress_when(
@@ -158,15 +182,9 @@ pub(crate) async fn auth(State(s): State<AppState>, headers: HeaderMap, req: Req
         {
             next.run(req).await
         }
-        Some(_) => ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            message: "invalid bearer token".into(),
-        }
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "invalid bearer token")
         .into_response(),
-        None => ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            message: "missing `Authorization: Bearer <token>` header".into(),
-        }
+        None => ApiError::new(StatusCode::UNAUTHORIZED, "missing `Authorization: Bearer <token>` header")
         .into_response(),
     }
 }
@@ -261,7 +279,10 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-const RESERVED: [&str; 7] = [
+/// Query parameters of the native ingest route; anything else is refused, so
+/// a stray parameter (a cache buster such as `_=<timestamp>`) cannot mint a new
+/// series per request.
+const INGEST_PARAMS: [&str; 8] = [
     "service",
     "kind",
     "from",
@@ -269,10 +290,10 @@ const RESERVED: [&str; 7] = [
     "sample_type",
     "label",
     "format",
+    "batch_id",
 ];
 
-/// Ingest labels: any non-reserved parameter `name=value`, and `label=name:value`
-/// (for names that collide with reserved parameters).
+/// Ingest labels: `label=name:value`, repeatable.
 fn ingest_labels(p: &Params) -> ApiResult<Labels> {
     let mut labels = Labels::new();
     for (k, v) in &p.0 {
@@ -281,11 +302,35 @@ fn ingest_labels(p: &Params) -> ApiResult<Labels> {
                 .split_once(':')
                 .ok_or_else(|| ApiError::bad(format!("label {v:?} is not name:value")))?;
             labels.insert(n.to_owned(), val.to_owned());
-        } else if !RESERVED.contains(&k.as_str()) {
-            labels.insert(k.clone(), v.clone());
+        } else if !INGEST_PARAMS.contains(&k.as_str()) {
+            return Err(ApiError::bad(format!(
+                "unknown query parameter `{}`; labels are passed as `label=name:value`",
+                ingest::truncate(k, 64)
+            )));
         }
     }
     Ok(labels)
+}
+
+/// The request's idempotency key: `batch_id` in the query or an
+/// `Idempotency-Key` header (for clients that cannot change the URL).
+fn batch_id(p: &Params, headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let header = headers.get("idempotency-key").map(|v| {
+        v.to_str()
+            .map(str::to_owned)
+            .map_err(|_| ApiError::bad("Idempotency-Key is not visible ASCII"))
+    });
+    let id = match (p.get("batch_id"), header) {
+        (Some(q), _) => q.to_owned(),
+        (None, Some(h)) => h?,
+        (None, None) => return Ok(None),
+    };
+    if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::bad(
+            "batch id must be 1..=128 visible ASCII characters",
+        ));
+    }
+    Ok(Some(id))
 }
 
 fn align(ts_ms: i64, window: i64) -> i64 {
@@ -293,29 +338,7 @@ fn align(ts_ms: i64, window: i64) -> i64 {
 }
 
 fn body_bytes(r: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Bytes> {
-    r.map_err(|e| ApiError {
-        status: e.status(),
-        message: format!("reading request body: {}", e.body_text()),
-    })
-}
-
-/// Decompresses a gzip body (folded text may be gzipped too) within the bomb limit.
-fn maybe_gunzip(body: &[u8], max: usize) -> ApiResult<Vec<u8>> {
-    use std::io::Read;
-    if !body.starts_with(&[0x1f, 0x8b]) {
-        return Ok(body.to_vec());
-    }
-    let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(body)
-        .take(max as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| ApiError::bad(format!("gzip stream is corrupt or truncated: {e}")))?;
-    if out.len() > max {
-        return Err(
-            Rejected::TooLarge(format!("body decompresses to more than {max} bytes")).into(),
-        );
-    }
-    Ok(out)
+    r.map_err(|e| ApiError::new(e.status(), format!("reading request body: {}", e.body_text())))
 }
 
 #[derive(serde::Serialize)]
@@ -323,16 +346,32 @@ struct IngestSummary {
     rows: usize,
     stacks: usize,
     series: usize,
+    /// A retry of a batch already stored: acknowledged, not counted again.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
 }
 
-fn store_batch(s: &AppState, b: BatchBuilder, body_len: usize) -> ApiResult<Json<IngestSummary>> {
-    let batch = b.finish();
-    let summary = IngestSummary {
+fn store_batch(
+    s: &AppState,
+    b: BatchBuilder,
+    body_len: usize,
+    id: Option<String>,
+) -> ApiResult<Json<IngestSummary>> {
+    let mut batch = b.finish();
+    batch.id = id;
+    let mut summary = IngestSummary {
         rows: batch.rows.len(),
         stacks: batch.stacks.len(),
         series: batch.series.len(),
+        duplicate: false,
     };
-    s.store.append(batch).map_err(ApiError::internal)?;
+    if s.store.append(batch).map_err(ApiError::store)? == Appended::Duplicate {
+        summary.duplicate = true;
+        s.metrics
+            .duplicate_batches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Ok(Json(summary));
+    }
     s.metrics
         .ingested_rows
         .fetch_add(summary.rows as u64, std::sync::atomic::Ordering::Relaxed);
@@ -342,13 +381,55 @@ fn store_batch(s: &AppState, b: BatchBuilder, body_len: usize) -> ApiResult<Json
     Ok(Json(summary))
 }
 
+/// Reserves the memory to read a request's body: its declared length, or
+/// the largest accepted body if it declares none.
+async fn admit(s: &AppState, headers: &HeaderMap) -> ApiResult<Grant> {
+    let max = s.config.limits.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .map_or(max, |n| n.min(max));
+    s.budget.reserve(declared).await.map_err(over_budget)
+}
+
+fn over_budget(e: OverBudget) -> ApiError {
+    ApiError::busy(
+        format!("ingest is using all of its memory budget (this request needs {} KiB more); retry later", e.wanted >> 10),
+        2,
+    )
+}
+
+/// Gunzips within the limit, holding the memory it takes in `grant`.
+fn decompress<'a>(grant: &mut Grant, body: &'a [u8], limits: &Limits) -> ApiResult<Cow<'a, [u8]>> {
+    grant
+        .grow_to_blocking(body.len() + limits.max_decompressed_bytes)
+        .map_err(over_budget)?;
+    let raw = profiler_pprof::gunzip(body, limits.max_decompressed_bytes)?;
+    grant.shrink_to(body.len() + raw.len());
+    Ok(raw)
+}
+
+/// Decodes a pprof after checking, on the wire, what decoding would
+/// allocate; the grant grows by that (twice: the batch built from it).
+fn decode_pprof(grant: &mut Grant, body_len: usize, raw: &[u8], limits: &Limits) -> ApiResult<Profile> {
+    let cost = profiler_pprof::decoded_cost(raw)?;
+    cost.within(&limits.decode())?;
+    grant
+        .grow_to_blocking(body_len + raw.len() + 2 * cost.bytes)
+        .map_err(over_budget)?;
+    Ok(profiler_pprof::decode(raw)?)
+}
+
 async fn ingest_native(
     State(s): State<AppState>,
     RawQuery(q): RawQuery,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    req: Request,
 ) -> ApiResult<Json<IngestSummary>> {
-    let body = body_bytes(body)?;
     let p = Params::new(q);
+    let id = batch_id(&p, req.headers())?;
+    let mut grant = admit(&s, req.headers()).await?;
+    let body = body_bytes(Bytes::from_request(req, &s).await)?;
+    grant.shrink_to(body.len());
     blocking(move || {
         let service = p.req("service")?.to_owned();
         let labels = ingest_labels(&p)?;
@@ -363,15 +444,20 @@ async fn ingest_native(
         };
         if p.get("format") == Some("folded") {
             let kind = p.req("kind")?.to_owned();
-            let text = maybe_gunzip(&body, limits.max_decompressed_bytes)?;
+            let text = decompress(&mut grant, &body, limits)?;
+            grant
+                .grow_to_blocking(body.len() + 3 * text.len())
+                .map_err(over_budget)?;
             let mut b = BatchBuilder::new(limits, target(kind))?;
             ingest::folded(&text, 1, &mut b)?;
-            return store_batch(&s, b, body.len());
+            return store_batch(&s, b, body.len(), id);
         }
         if p.get("format").is_some_and(|f| f != "pprof") {
             return Err(ApiError::bad("`format` must be pprof (default) or folded"));
         }
-        let profile = profiler_pprof::decode_gzip(&body, limits.max_decompressed_bytes)?;
+        let raw = decompress(&mut grant, &body, limits)?;
+        let profile = decode_pprof(&mut grant, body.len(), &raw, limits)?;
+        drop(raw);
         let idx = ingest::pick_sample_type(&profile, p.get("sample_type"), p.get("kind"))?;
         let kind = match p.get("kind") {
             Some(k) => k.to_owned(),
@@ -383,7 +469,7 @@ async fn ingest_native(
         }
         let mut b = BatchBuilder::new(limits, t)?;
         ingest::pprof(&profile, idx, &mut b)?;
-        store_batch(&s, b, body.len())
+        store_batch(&s, b, body.len(), id)
     })
     .await
 }
@@ -397,6 +483,8 @@ async fn ingest_pyroscope(
     req: Request,
 ) -> ApiResult<Json<IngestSummary>> {
     let p = Params::new(q);
+    let id = batch_id(&p, req.headers())?;
+    let mut grant = admit(&s, req.headers()).await?;
     let is_multipart = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -405,20 +493,11 @@ async fn ingest_pyroscope(
     let body = if is_multipart {
         let mut mp = axum::extract::Multipart::from_request(req, &s)
             .await
-            .map_err(|e| ApiError {
-                status: e.status(),
-                message: e.body_text(),
-            })?;
+            .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
         let mut profile = None;
-        while let Some(field) = mp.next_field().await.map_err(|e| ApiError {
-            status: e.status(),
-            message: e.body_text(),
-        })? {
+        while let Some(field) = mp.next_field().await.map_err(|e| ApiError::new(e.status(), e.body_text()))? {
             if field.name() == Some("profile") {
-                profile = Some(field.bytes().await.map_err(|e| ApiError {
-                    status: e.status(),
-                    message: e.body_text(),
-                })?);
+                profile = Some(field.bytes().await.map_err(|e| ApiError::new(e.status(), e.body_text()))?);
             }
         }
         profile.ok_or_else(|| ApiError::bad("multipart body has no `profile` part"))?
@@ -453,7 +532,10 @@ async fn ingest_pyroscope(
                 } else {
                     1
                 };
-                let text = maybe_gunzip(&body, limits.max_decompressed_bytes)?;
+                let text = decompress(&mut grant, &body, limits)?;
+                grant
+                    .grow_to_blocking(body.len() + 3 * text.len())
+                    .map_err(over_budget)?;
                 if format == "lines" {
                     ingest::lines(&text, scale, &mut b)?;
                 } else {
@@ -461,7 +543,9 @@ async fn ingest_pyroscope(
                 }
             }
             "pprof" => {
-                let profile = profiler_pprof::decode_gzip(&body, limits.max_decompressed_bytes)?;
+                let raw = decompress(&mut grant, &body, limits)?;
+                let profile = decode_pprof(&mut grant, body.len(), &raw, limits)?;
+                drop(raw);
                 let idx = ingest::pick_sample_type(&profile, p.get("sample_type"), Some(&kind))?;
                 ingest::pprof(&profile, idx, &mut b)?;
             }
@@ -471,7 +555,7 @@ async fn ingest_pyroscope(
                 )))
             }
         }
-        store_batch(&s, b, body.len())
+        store_batch(&s, b, body.len(), id)
     })
     .await
 }
@@ -739,7 +823,7 @@ async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
     blocking(move || {
         let text = s
             .metrics
-            .render(s.store.disk_bytes(), s.store.buffered_rows());
+            .render(s.store.disk_bytes(), s.store.buffered_rows(), &s.store.stats());
         Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
     })
     .await

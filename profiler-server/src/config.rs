@@ -95,6 +95,22 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Largest accepted decompressed profile, bytes.
     pub max_decompressed_bytes: usize,
+    /// Largest memory a decoded pprof may take (estimated from the wire
+    /// before decoding), bytes.
+    pub max_decoded_bytes: usize,
+    /// Samples one pprof may hold.
+    pub max_samples: usize,
+    /// Longest string a pprof may hold, bytes.
+    pub max_string_len: usize,
+    /// Frame names are cut to this many bytes (marked with `…`).
+    pub max_frame_name_len: usize,
+    /// Bytes of distinct stacks (frame names) one request may add.
+    pub max_batch_bytes: usize,
+    /// Memory all ingest requests together may hold (bodies, decompressed
+    /// and decoded profiles, batches), bytes.
+    pub ingest_memory_bytes: usize,
+    /// How long a request waits for its share of that memory before 503.
+    pub ingest_wait_secs: u64,
     /// Distinct label sets (series) one request may create.
     pub max_series_per_request: usize,
     /// Labels one series may carry.
@@ -126,6 +142,15 @@ pub struct Storage {
     pub downsample_10m_after_hours: u64,
     /// Seconds between retention/downsampling passes.
     pub maintenance_interval_secs: u64,
+    /// A batch id (the agent's `batch_id`) seen within this many seconds is
+    /// acknowledged without being stored again.
+    pub dedup_window_secs: u64,
+    /// At most this many batch ids are remembered (about 64 bytes each).
+    pub dedup_max_ids: usize,
+    /// Ingest answers 503 while more rows than this wait for a flush.
+    pub max_buffered_rows: usize,
+    /// Ingest answers 503 while the WAL holds more bytes than this.
+    pub max_wal_bytes: u64,
 }
 
 impl Default for Config {
@@ -145,12 +170,38 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: 16 << 20,
-            max_decompressed_bytes: 256 << 20,
+            max_decompressed_bytes: 32 << 20,
+            max_decoded_bytes: 128 << 20,
+            max_samples: 2_000_000,
+            max_string_len: 64 << 10,
+            max_frame_name_len: 4096,
+            max_batch_bytes: 64 << 20,
+            ingest_memory_bytes: 384 << 20,
+            ingest_wait_secs: 10,
             max_series_per_request: 10_000,
             max_labels_per_series: 64,
             max_label_name_len: 128,
             max_label_value_len: 1024,
             max_stack_depth: 1024,
+        }
+    }
+}
+
+impl Limits {
+    /// Memory one request may need at its peak.
+    pub fn max_request_memory(&self) -> usize {
+        self.max_body_bytes
+            .saturating_add(self.max_decompressed_bytes)
+            .saturating_add(self.max_decoded_bytes)
+            .saturating_add(self.max_batch_bytes)
+    }
+
+    pub fn decode(&self) -> profiler_pprof::DecodeLimits {
+        profiler_pprof::DecodeLimits {
+            max_decompressed_bytes: self.max_decompressed_bytes,
+            max_decoded_bytes: self.max_decoded_bytes,
+            max_samples: self.max_samples,
+            max_string_len: self.max_string_len,
         }
     }
 }
@@ -167,6 +218,10 @@ impl Default for Storage {
             downsample_1m_after_hours: 6,
             downsample_10m_after_hours: 48,
             maintenance_interval_secs: 300,
+            dedup_window_secs: 3600,
+            dedup_max_ids: 1_000_000,
+            max_buffered_rows: 8_000_000,
+            max_wal_bytes: 2 << 30,
         }
     }
 }
@@ -210,9 +265,14 @@ impl Config {
             s.flush_interval_secs > 0,
             "storage.flush_interval_secs must be positive"
         );
+        let l = &self.limits;
+        anyhow::ensure!(l.max_body_bytes > 0, "limits.max_body_bytes must be positive");
+        let one_request = l.max_request_memory();
         anyhow::ensure!(
-            self.limits.max_body_bytes > 0,
-            "limits.max_body_bytes must be positive"
+            l.ingest_memory_bytes >= one_request,
+            "limits.ingest_memory_bytes ({}) must hold at least one request of the largest size: \
+             max_body_bytes + max_decompressed_bytes + max_decoded_bytes + max_batch_bytes = {one_request}",
+            l.ingest_memory_bytes
         );
         Ok(())
     }
@@ -228,7 +288,7 @@ mod tests {
             toml::from_str("tokens = [\"t\"]\n[limits]\nmax_body_bytes = 10\n").unwrap();
         assert_eq!(cfg.tokens, ["t"]);
         assert_eq!(cfg.limits.max_body_bytes, 10);
-        assert_eq!(cfg.limits.max_decompressed_bytes, 256 << 20);
+        assert_eq!(cfg.limits.max_decompressed_bytes, 32 << 20);
         assert!(toml::from_str::<Config>("listn = \"127.0.0.1:1\"").is_err());
         assert!(toml::from_str::<Config>("[storage]\nflush_secs = 1").is_err());
         assert_eq!(cfg.storage.backend, Backend::Embedded);

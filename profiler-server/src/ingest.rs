@@ -2,8 +2,9 @@
 //! enforcing the per-request limits. Everything here is pure CPU work on
 //! untrusted input and returns `Rejected` (a 4xx) for anything malformed.
 
-use profiler_pprof::{Profile, Resolver};
+use profiler_pprof::{cut_name, Profile, Resolver};
 use std::collections::HashMap;
+use std::mem::size_of;
 
 use crate::config::Limits;
 use crate::store::{series_id, stack_id, Batch, Frames, Labels, Row};
@@ -69,7 +70,7 @@ pub fn validate_label(limits: &Limits, name: &str, value: &str) -> Result<(), Re
     Ok(())
 }
 
-fn truncate(s: &str, n: usize) -> &str {
+pub fn truncate(s: &str, n: usize) -> &str {
     match s.char_indices().nth(n) {
         Some((i, _)) => &s[..i],
         None => s,
@@ -94,6 +95,8 @@ pub struct BatchBuilder<'a> {
     base: Labels,
     base_id: u64,
     stacks: HashMap<u64, Frames>,
+    /// Bytes of frame names in `stacks`, against `max_batch_bytes`.
+    stack_bytes: usize,
     series: HashMap<u64, Labels>,
     rows: HashMap<(u64, u64), i64>,
 }
@@ -125,6 +128,7 @@ impl<'a> BatchBuilder<'a> {
             base: base.clone(),
             base_id,
             stacks: HashMap::new(),
+            stack_bytes: 0,
             series: HashMap::new(),
             rows: HashMap::new(),
         };
@@ -149,20 +153,30 @@ impl<'a> BatchBuilder<'a> {
     }
 
     /// Interns a root-first stack, returning its id. A sample without
-    /// frames still counts, under `[unknown]`.
+    /// frames still counts, under `[unknown]`. Deep stacks lose their leaf
+    /// end, long frame names their tail.
     pub fn stack<S: AsRef<str>>(&mut self, frames: &[S]) -> Result<u64, Rejected> {
         let frames = &frames[..frames.len().min(self.limits.max_stack_depth)];
         if frames.is_empty() {
             return self.stack(&["[unknown]"]);
         }
+        let max_name = self.limits.max_frame_name_len;
+        if frames.iter().any(|f| f.as_ref().len() > max_name) {
+            let cut: Vec<String> = frames.iter().map(|f| cut_name(f.as_ref(), max_name)).collect();
+            return self.stack(&cut);
+        }
         let sid = stack_id(frames);
-        self.stacks.entry(sid).or_insert_with(|| {
-            frames
-                .iter()
-                .map(|f| f.as_ref().to_owned())
-                .collect::<Vec<_>>()
-                .into()
-        });
+        if !self.stacks.contains_key(&sid) {
+            let bytes: usize = frames.iter().map(|f| f.as_ref().len() + size_of::<String>()).sum();
+            self.stack_bytes += bytes;
+            if self.stack_bytes > self.limits.max_batch_bytes {
+                return Err(Rejected::TooLarge(format!(
+                    "the request's distinct stacks hold more than {} bytes of frame names",
+                    self.limits.max_batch_bytes
+                )));
+            }
+            self.stacks.insert(sid, frames.iter().map(|f| f.as_ref().to_owned()).collect::<Vec<_>>().into());
+        }
         Ok(sid)
     }
 
@@ -209,6 +223,7 @@ impl<'a> BatchBuilder<'a> {
         let ts_ms = self.target.ts_ms;
         let used: std::collections::HashSet<u64> = self.rows.keys().map(|(s, _)| *s).collect();
         Batch {
+            id: None,
             service: self.target.service,
             kind: self.target.kind,
             stacks: self.stacks.into_iter().collect(),
@@ -329,7 +344,7 @@ pub fn sample_type_name(profile: &Profile, idx: usize) -> Result<String, Rejecte
 /// Adds every sample of a pprof profile, value `idx`, converted to
 /// nanoseconds when the unit is a time or a count of nanosecond periods.
 pub fn pprof(profile: &Profile, idx: usize, b: &mut BatchBuilder) -> Result<(), Rejected> {
-    let mut r = Resolver::new(profile);
+    let mut r = Resolver::new(profile).cut_names(b.limits.max_frame_name_len);
     let types = r.sample_types().map_err(|e| bad(e.to_string()))?;
     let unit = types[idx].1;
     let period_unit = match &profile.period_type {
@@ -364,7 +379,8 @@ pub fn pprof(profile: &Profile, idx: usize, b: &mut BatchBuilder) -> Result<(), 
             Some(&id) => id,
             None => {
                 frames.clear();
-                r.frames(s, &mut frames).map_err(|e| bad(e.to_string()))?;
+                r.frames_upto(s, &mut frames, b.limits.max_stack_depth)
+                    .map_err(|e| bad(e.to_string()))?;
                 let id = b.stack(&frames)?;
                 stacks.insert(&s.location_id, id);
                 id
@@ -509,6 +525,26 @@ mod tests {
         let mut b = BatchBuilder::new(&limits, target()).unwrap();
         pprof(&p, idx, &mut b).unwrap();
         assert_eq!(b.finish().rows[0].value, 30_000_000);
+    }
+
+    #[test]
+    fn long_names_are_cut_and_batches_are_bounded() {
+        let limits = Limits {
+            max_frame_name_len: 8,
+            max_batch_bytes: 1000,
+            ..Limits::default()
+        };
+        let mut b = BatchBuilder::new(&limits, target()).unwrap();
+        let id = b.stack(&["main", "ééééééé_long"]).unwrap();
+        assert_eq!(&*b.stacks[&id], ["main".to_string(), "éé…".to_string()]);
+        let mut err = None;
+        for i in 0..100 {
+            if let Err(e) = b.stack(&[format!("f{i}")]) {
+                err = Some(e);
+                break;
+            }
+        }
+        assert!(matches!(err, Some(Rejected::TooLarge(m)) if m.contains("1000 bytes")));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! [`start`] to get a server on an ephemeral port.
 
 pub mod api;
+pub mod budget;
 pub mod config;
 pub mod ingest;
 pub mod metrics;
@@ -41,6 +42,10 @@ pub fn store_options(cfg: &Config) -> StoreOptions {
         .filter(|(h, _)| *h > 0)
         .map(|(h, res)| (hours(h), res))
         .collect(),
+        dedup_window_ms: (s.dedup_window_secs as i64).saturating_mul(1000),
+        dedup_max_ids: s.dedup_max_ids,
+        max_buffered_rows: s.max_buffered_rows,
+        max_wal_bytes: s.max_wal_bytes,
     }
 }
 
@@ -100,8 +105,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         .with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let schedules = Arc::new(schedule::Schedules::open(&cfg.data_dir, schedule::RunLimits::default())?);
+    let budget = Arc::new(budget::MemoryBudget::new(
+        cfg.limits.ingest_memory_bytes,
+        Duration::from_secs(cfg.limits.ingest_wait_secs),
+    ));
     let state = api::AppState {
         store: store.clone(),
+        budget,
         config: Arc::new(cfg),
         metrics: Arc::new(metrics::Metrics::default()),
         schedules,
@@ -128,12 +138,16 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     Ok(Server { addr, stop, task })
 }
 
+/// After a failed flush, how soon it is tried again (ingest waits for it).
+const FLUSH_RETRY: Duration = Duration::from_secs(2);
+
 /// Periodic flushes (by age or size) and retention/downsampling passes.
 async fn background(s: api::AppState, mut stopped: watch::Receiver<bool>) {
     let st = &s.config.storage;
     let flush_every = Duration::from_secs(st.flush_interval_secs);
     let maintain_every = Duration::from_secs(st.maintenance_interval_secs.max(1));
     let (mut last_flush, mut last_maintain) = (Instant::now(), Instant::now());
+    let mut flush_failed = false;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
@@ -141,20 +155,26 @@ async fn background(s: api::AppState, mut stopped: watch::Receiver<bool>) {
             _ = stopped.wait_for(|s| *s) => return,
         }
         let rows = s.store.buffered_rows();
-        if rows > 0 && (rows >= st.flush_rows || last_flush.elapsed() >= flush_every) {
+        let due = last_flush.elapsed() >= flush_every || (flush_failed && last_flush.elapsed() >= FLUSH_RETRY);
+        if rows > 0 && (rows >= st.flush_rows || due) {
             last_flush = Instant::now();
             let store = s.store.clone();
             match tokio::task::spawn_blocking(move || store.flush()).await {
                 Ok(Ok(())) => {
+                    if flush_failed {
+                        tracing::info!("flush succeeded again; ingest resumes");
+                    }
+                    flush_failed = false;
                     s.metrics
                         .flushes
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 Ok(Err(e)) => {
+                    flush_failed = true;
                     s.metrics
                         .flush_errors
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::error!(error = %format!("{e:#}"), "flush failed; data stays in WAL, will retry");
+                    tracing::error!(error = %format!("{e:#}"), retry_in = ?FLUSH_RETRY, "flush failed; data stays in the WAL, ingest is refused until a retry succeeds");
                 }
                 Err(e) => tracing::error!(error = %e, "flush task panicked"),
             }

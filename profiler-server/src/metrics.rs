@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::store::StoreStats;
+
 const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
 #[derive(Default)]
@@ -21,6 +23,7 @@ pub struct Metrics {
     pub ingested_bytes: AtomicU64,
     pub flushes: AtomicU64,
     pub flush_errors: AtomicU64,
+    pub duplicate_batches: AtomicU64,
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     latency: Mutex<BTreeMap<String, Histogram>>,
 }
@@ -42,7 +45,7 @@ impl Metrics {
         h.sum += secs;
     }
 
-    pub fn render(&self, disk_bytes: u64, buffered_rows: usize) -> String {
+    pub fn render(&self, disk_bytes: u64, buffered_rows: usize, store: &StoreStats) -> String {
         let mut o = String::new();
         let c = |o: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
@@ -71,6 +74,19 @@ impl Metrics {
             "Failed flushes.",
             self.flush_errors.load(Ordering::Relaxed),
         );
+        c(
+            &mut o,
+            "profiler_duplicate_batches_total",
+            "Ingest retries of a batch id already stored: acknowledged, not counted again.",
+            self.duplicate_batches.load(Ordering::Relaxed),
+        );
+        c(&mut o, "profiler_wal_fsync_failures_total", "WAL fsyncs that failed (the batches were refused).", store.wal_fsync_failures);
+        c(&mut o, "profiler_wal_write_failures_total", "WAL writes that failed (the batches were refused).", store.wal_write_failures);
+        c(&mut o, "profiler_wal_corrupt_records_total", "Corrupt WAL records skipped at start; their files are in wal/quarantine.", store.wal_corrupt_records);
+        c(&mut o, "profiler_wal_quarantined_files_total", "WAL files moved to wal/quarantine at start.", store.wal_quarantined_files);
+        let _ = writeln!(o, "# HELP profiler_wal_bytes Bytes in WAL files not yet flushed.\n# TYPE profiler_wal_bytes gauge\nprofiler_wal_bytes {}", store.wal_bytes);
+        let _ = writeln!(o, "# HELP profiler_recent_batch_ids Batch ids remembered to drop retries.\n# TYPE profiler_recent_batch_ids gauge\nprofiler_recent_batch_ids {}", store.recent_batch_ids);
+        let _ = writeln!(o, "# HELP profiler_ingest_refused 1 while the store refuses ingest (503).\n# TYPE profiler_ingest_refused gauge\nprofiler_ingest_refused {}", u8::from(store.busy.is_some()));
         let _ = writeln!(o, "# HELP profiler_disk_bytes Bytes used by WAL, segments and catalog.\n# TYPE profiler_disk_bytes gauge\nprofiler_disk_bytes {disk_bytes}");
         let _ = writeln!(o, "# HELP profiler_buffered_rows Rows in the WAL-backed buffer.\n# TYPE profiler_buffered_rows gauge\nprofiler_buffered_rows {buffered_rows}");
         let _ = writeln!(o, "# HELP profiler_http_requests_total HTTP requests by route and status.\n# TYPE profiler_http_requests_total counter");
@@ -128,7 +144,7 @@ mod tests {
         let m = Metrics::default();
         m.record_request("/x", 200, Duration::from_millis(20));
         m.record_request("/x", 400, Duration::from_millis(200));
-        let t = m.render(5, 0);
+        let t = m.render(5, 0, &StoreStats::default());
         assert!(t.contains("profiler_http_requests_total{route=\"/x\",status=\"400\"} 1"));
         assert!(t.contains("profiler_http_request_seconds_bucket{route=\"/x\",le=\"0.025\"} 1"));
         assert!(t.contains("profiler_http_request_seconds_bucket{route=\"/x\",le=\"0.25\"} 2"));

@@ -60,7 +60,7 @@ const T0: i64 = 1_700_000_000_000;
 
 fn ingest(e: &Env, ts: i64, kind: &str, host: &str, folded: &str) {
     e.post(
-        &format!("/api/v1/ingest?service=api&kind={kind}&format=folded&from={ts}&host={host}"),
+        &format!("/api/v1/ingest?service=api&kind={kind}&format=folded&from={ts}&label=host:{host}"),
         folded,
     );
 }

@@ -271,7 +271,7 @@ fn ranges_past_raw_retention_are_read_from_the_rollup() {
         (recent, "main;a 100\n"),
     ] {
         s.post(
-            &format!("/api/v1/ingest?service=svc&kind=on-cpu&format=folded&from={at}&host=x"),
+            &format!("/api/v1/ingest?service=svc&kind=on-cpu&format=folded&from={at}&label=host:x"),
             body,
         );
     }

@@ -37,7 +37,7 @@ fn acked_samples_survive_kill_9() {
                 let leaf = format!("req_{t}_{i}");
                 let value = (i % 97 + 1) as i64;
                 let body = format!("main;handler;{leaf} {value}\nmain;shared {value}\n");
-                let url = format!("{base}/api/v1/ingest?service=crash&kind=on-cpu&format=folded&from={t0}&worker={t}");
+                let url = format!("{base}/api/v1/ingest?service=crash&kind=on-cpu&format=folded&from={t0}&label=worker:{t}");
                 match c.post(url).body(body).send() {
                     Ok(r) if r.status() == 200 => {
                         let mut a = acked.lock().unwrap();

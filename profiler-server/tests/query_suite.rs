@@ -91,35 +91,35 @@ impl Srv {
             "shop",
             "on-cpu",
             t0,
-            "&host=a&pid=1",
+            "&label=host:a&label=pid:1",
             "main;api;handle 30\nmain;api;db 20\nmain;gc 5\n",
         );
         self.folded(
             "shop",
             "on-cpu",
             t0 + MIN,
-            "&host=b&pid=2",
+            "&label=host:b&label=pid:2",
             "main;api;handle 10\nmain;idle 1\n",
         );
         self.folded(
             "shop",
             "off-cpu:blocked-io",
             t0 + 2 * MIN,
-            "&host=a&pid=1",
+            "&label=host:a&label=pid:1",
             "main;api;db;read 40\n",
         );
         self.folded(
             "shop",
             "on-cpu",
             t0 + 10 * MIN,
-            "&host=a&pid=1",
+            "&label=host:a&label=pid:1",
             "main;api;handle 50\nmain;api;render 25\n",
         );
         self.folded(
             "auth",
             "on-cpu",
             t0 + 3 * MIN,
-            "&region=eu",
+            "&label=region:eu",
             "main;login 7\n",
         );
         // pprof with a sample label: a series of its own (host=b, pid=2, worker=w1).
@@ -128,7 +128,7 @@ impl Srv {
         pb.add(&["main", "api", "db"], &[6], &[("worker", "w1")]);
         self.post(
             &format!(
-                "/api/v1/ingest?service=shop&kind=on-cpu&from={}&host=b&pid=2",
+                "/api/v1/ingest?service=shop&kind=on-cpu&from={}&label=host:b&label=pid:2",
                 t0 + 11 * MIN
             ),
             profiler_pprof::encode_gzip(&pb.build()),

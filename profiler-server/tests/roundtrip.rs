@@ -185,7 +185,7 @@ fn crafted_pprof_exports_same_totals() {
     let t0 = now_ms() - 60_000;
     let srv = Proc::spawn(dir.path(), &["--token", "s3cret"]);
     let r = c
-        .post(srv.url(&format!("/api/v1/ingest?service=svc&from={t0}&host=h1")))
+        .post(srv.url(&format!("/api/v1/ingest?service=svc&from={t0}&label=host:h1")))
         .bearer_auth("s3cret")
         .body(profiler_pprof::encode_gzip(&profile))
         .send()

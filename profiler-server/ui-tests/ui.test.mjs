@@ -60,8 +60,13 @@ async function stopServer(s) {
   rmSync(s.dir, { recursive: true, force: true });
 }
 
+/** Ingests folded text; parameters other than the route's own become `label=name:value`. */
 async function ingest(params, folded) {
-  const q = new URLSearchParams({ format: 'folded', ...params });
+  const q = new URLSearchParams({ format: 'folded' });
+  for (const [k, v] of Object.entries(params)) {
+    if (['service', 'kind', 'from', 'until'].includes(k)) q.append(k, v);
+    else q.append('label', `${k}:${v}`);
+  }
   const r = await fetch(`${base}/api/v1/ingest?${q}`, { method: 'POST', body: folded });
   const text = await r.text();
   assert.equal(r.status, 200, `ingest ${q}: ${text}`);
@@ -693,7 +698,7 @@ test('deep profiles: profile now for a known service, runs table with per-host s
 test('deep profiles: writes send the API token from the panel (sessionStorage, never the URL)', async () => {
   const s = await spawnServer(['--token', 'sekret']);
   try {
-    const r = await fetch(`${s.url}/api/v1/ingest?` + new URLSearchParams({ format: 'folded', service: 'api', kind: 'on-cpu', host: 'h1' }), {
+    const r = await fetch(`${s.url}/api/v1/ingest?` + new URLSearchParams({ format: 'folded', service: 'api', kind: 'on-cpu', label: 'host:h1' }), {
       method: 'POST', body: 'main;serve 1000000\n', headers: { Authorization: 'Bearer sekret' },
     });
     assert.equal(r.status, 200, await r.text());

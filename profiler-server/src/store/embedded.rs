@@ -2,28 +2,45 @@
 //! with the catalog (segments, stack and series dictionaries) in redb.
 //!
 //! Durability: `append` acknowledges only after its WAL record is fsynced
-//! (group commit: one fsync covers every record written before it). A flush
-//! rotates the WAL, writes the buffered rows to segments, and commits the
-//! segments, any new dictionary entries and the highest flushed WAL sequence
-//! in one redb transaction; only then are the covered WAL files deleted.
-//! Replay skips WAL files at or below that sequence, so a crash between the
-//! commit and the deletion cannot double-count.
+//! (group commit: one fsync covers every record written before it), and a
+//! batch reaches the in-memory buffer (and so queries and flushes) only then:
+//! a batch whose fsync failed is answered with an error and never counted, so
+//! the client's retry is not a double count. After a failed write or fsync the
+//! file is cut back to what was synced and abandoned for a new one, because
+//! the kernel may have dropped the unsynced pages and cleared the error.
+//! A flush rotates the WAL, writes the buffered rows to segments, and commits
+//! the segments, any new dictionary entries, the ids of the flushed batches
+//! and the highest flushed WAL sequence in one redb transaction; only then are
+//! the covered WAL files deleted. Replay skips WAL files at or below that
+//! sequence, so a crash between the commit and the deletion cannot
+//! double-count.
+//!
+//! Back-pressure: while a flush keeps failing, or too many rows or WAL bytes
+//! wait, `append` refuses with [`Refused::Busy`] instead of growing without
+//! bound; it recovers on its own once a flush succeeds.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
+use super::recent::{self, BatchKey, RecentBatches};
 use super::segment::{self, Scan, SegmentMeta};
-use super::{wal, Aggregate, Batch, Frames, GroupBy, Labels, Row, Selector, Store};
+use super::{
+    wal, Aggregate, Appended, Batch, Frames, GroupBy, Labels, Refused, Row, Selector, Store,
+    StoreStats,
+};
 
 const STACKS: TableDefinition<u64, &[u8]> = TableDefinition::new("stacks");
 const SERIES: TableDefinition<u64, &str> = TableDefinition::new("series");
 const SEGMENTS: TableDefinition<u64, &str> = TableDefinition::new("segments");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Ids of flushed batches (their WAL records are gone) -> when stored, ms.
+const BATCH_IDS: TableDefinition<u128, i64> = TableDefinition::new("batch_ids");
 const WAL_FLUSHED_UPTO: &str = "wal_flushed_upto";
 
 #[derive(Debug, Clone)]
@@ -33,7 +50,31 @@ pub struct StoreOptions {
     pub retention_ms: Option<i64>,
     /// (age after which, resolution in ms), ascending.
     pub downsample: Vec<(i64, i64)>,
+    /// How long and how many batch ids are remembered to drop retries.
+    pub dedup_window_ms: i64,
+    pub dedup_max_ids: usize,
+    /// Rows waiting for a flush beyond which ingest is refused (busy).
+    pub max_buffered_rows: usize,
+    /// WAL bytes beyond which ingest is refused (busy).
+    pub max_wal_bytes: u64,
 }
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            segment_span_ms: 600_000,
+            retention_ms: None,
+            downsample: Vec::new(),
+            dedup_window_ms: 3_600_000,
+            dedup_max_ids: 1_000_000,
+            max_buffered_rows: 8_000_000,
+            max_wal_bytes: 2 << 30,
+        }
+    }
+}
+
+/// How long a failed WAL file creation refuses ingest before trying again.
+const REOPEN_BACKOFF: Duration = Duration::from_secs(1);
 
 type Buffer = HashMap<(String, String), Vec<Row>>;
 
@@ -41,13 +82,28 @@ struct Pending {
     /// Every WAL file up to this sequence holds only rows of `buf` (or older).
     wal_upto: u64,
     buf: Arc<Buffer>,
+    /// Ids of the batches in `buf`, persisted with it.
+    ids: Arc<Vec<(BatchKey, i64)>>,
 }
 
 #[derive(Default)]
 struct Mem {
     active: Buffer,
     active_rows: usize,
+    active_ids: Vec<(BatchKey, i64)>,
     flushing: Vec<Pending>,
+}
+
+impl Mem {
+    fn buffered_rows(&self) -> usize {
+        let flushing: usize = self
+            .flushing
+            .iter()
+            .flat_map(|p| p.buf.values())
+            .map(Vec::len)
+            .sum();
+        self.active_rows + flushing
+    }
 }
 
 #[derive(Default)]
@@ -76,19 +132,40 @@ impl Dict {
 
 struct WalState {
     writer: wal::Writer,
-    /// Records appended since start, across files; compared with `synced`.
+    /// Records written since start, across files; numbers each record.
     appended: u64,
+    /// Bytes in the current file, and how many of them are known durable.
     len: u64,
+    synced_len: u64,
+    /// Written, waiting for the fsync that acknowledges them.
+    unsynced: Vec<(u64, Batch, Option<BatchKey>)>,
+    /// Outcomes of records synced by another thread's fsync, until their
+    /// own thread picks them up.
+    outcomes: HashMap<u64, Result<(), String>>,
+    recent: RecentBatches,
+    /// Ids written but not yet acknowledged: a concurrent retry must wait.
+    in_flight: HashSet<BatchKey>,
+    /// Set when no WAL file can be written: why, and when to try again.
+    broken: Option<(String, Instant)>,
+}
+
+#[derive(Default)]
+struct Counters {
+    fsync_failures: AtomicU64,
+    write_failures: AtomicU64,
+    corrupt_records: AtomicU64,
+    quarantined_files: AtomicU64,
 }
 
 pub struct EmbeddedStore {
     dir: PathBuf,
     opts: StoreOptions,
     db: Database,
-    // Lock order: sync_lock -> wal -> mem -> segments -> dict.
-    sync_lock: Mutex<()>,
-    synced: AtomicU64,
+    // Lock order: wal -> mem -> segments -> dict.
     wal: Mutex<WalState>,
+    wal_bytes: AtomicU64,
+    flush_failing: AtomicBool,
+    counters: Counters,
     mem: RwLock<Mem>,
     segments: RwLock<Vec<SegmentMeta>>,
     dict: RwLock<Dict>,
@@ -121,7 +198,10 @@ impl EmbeddedStore {
         txn.open_table(SERIES)?;
         txn.open_table(SEGMENTS)?;
         txn.open_table(META)?;
+        txn.open_table(BATCH_IDS)?;
         txn.commit()?;
+        let now = now_ms();
+        let mut recent = RecentBatches::new(opts.dedup_window_ms, opts.dedup_max_ids);
 
         let mut dict = Dict::default();
         let mut segments = Vec::new();
@@ -142,6 +222,16 @@ impl EmbeddedStore {
                 let (_, v) = e?;
                 segments.push(serde_json::from_str::<SegmentMeta>(v.value())?);
             }
+            let mut ids: Vec<(i64, u128)> = Vec::new();
+            for e in txn.open_table(BATCH_IDS)?.iter()? {
+                let (k, v) = e?;
+                ids.push((v.value(), k.value()));
+            }
+            ids.sort_unstable();
+            for (at, key) in ids {
+                recent.insert(key, at);
+            }
+            recent.expire(now);
             flushed_upto = txn
                 .open_table(META)?
                 .get(WAL_FLUSHED_UPTO)?
@@ -165,33 +255,78 @@ impl EmbeddedStore {
         }
 
         let mut mem = Mem::default();
+        let counters = Counters::default();
         let mut last_seq = flushed_upto;
-        let mut replayed = 0usize;
+        let (mut replayed, mut duplicates) = (0usize, 0usize);
+        let mut quarantine: Vec<(PathBuf, Vec<Batch>)> = Vec::new();
         for (seq, path) in wal::list(&wal_dir)? {
             last_seq = last_seq.max(seq);
             if seq <= flushed_upto {
                 std::fs::remove_file(&path)?;
                 continue;
             }
-            replayed += wal::replay(&path, |b| apply(&mut mem, &mut dict, b))?;
+            let mut batches = Vec::new();
+            let found = wal::replay(&path, |b| batches.push(b))?;
+            replayed += found.records;
+            if found.corrupt > 0 {
+                counters.corrupt_records.fetch_add(found.corrupt as u64, Ordering::Relaxed);
+                quarantine.push((path, batches.clone()));
+            }
+            for b in batches {
+                if !apply_new(&mut mem, &mut dict, &mut recent, b, now) {
+                    duplicates += 1;
+                }
+            }
         }
         if replayed > 0 {
-            tracing::info!(records = replayed, rows = mem.active_rows, "replayed WAL");
+            tracing::info!(records = replayed, duplicates, rows = mem.active_rows, "replayed WAL");
         }
         let seq = last_seq + 1;
-        let writer = wal::Writer::new(seq, wal::create(&wal_dir, seq)?);
+        let mut writer = wal::Writer::new(seq, wal::create(&wal_dir, seq)?);
+        let mut len = 0;
+        if !quarantine.is_empty() {
+            // The intact records of a corrupt file move to the new file, so
+            // the corrupt one can be set aside without losing them.
+            for b in quarantine.iter().flat_map(|(_, bs)| bs) {
+                let framed = wal::frame(&wal::encode(b));
+                writer.write(&framed).context("rewriting records of a corrupt WAL file")?;
+                len += framed.len() as u64;
+            }
+            writer.sync().context("rewriting records of a corrupt WAL file")?;
+            let qdir = wal_dir.join("quarantine");
+            std::fs::create_dir_all(&qdir)?;
+            for (path, _) in &quarantine {
+                let to = qdir.join(path.file_name().expect("WAL files have names"));
+                std::fs::rename(path, &to)?;
+                tracing::error!(from = %path.display(), to = %to.display(), "quarantined a corrupt WAL file; its intact records were kept");
+                counters.quarantined_files.fetch_add(1, Ordering::Relaxed);
+            }
+            std::fs::File::open(&wal_dir)?.sync_all()?;
+        }
+        let wal_bytes: u64 = wal::list(&wal_dir)?
+            .iter()
+            .filter_map(|(_, p)| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
         let next_segment = segments.iter().map(|s| s.id + 1).max().unwrap_or(1);
         Ok(EmbeddedStore {
             dir: dir.to_owned(),
             opts,
             db,
-            sync_lock: Mutex::new(()),
-            synced: AtomicU64::new(0),
             wal: Mutex::new(WalState {
                 writer,
                 appended: 0,
-                len: 0,
+                len,
+                synced_len: len,
+                unsynced: Vec::new(),
+                outcomes: HashMap::new(),
+                recent,
+                in_flight: HashSet::new(),
+                broken: None,
             }),
+            wal_bytes: AtomicU64::new(wal_bytes),
+            flush_failing: AtomicBool::new(false),
+            counters,
             mem: RwLock::new(mem),
             segments: RwLock::new(segments),
             dict: RwLock::new(dict),
@@ -214,23 +349,140 @@ impl EmbeddedStore {
 
     /// Starts a new WAL file and turns the active buffer into a pending one.
     fn rotate(&self) -> anyhow::Result<()> {
-        let _s = lock(&self.sync_lock);
         let mut w = lock(&self.wal);
+        // Written records must be in the buffer before it is set aside, or
+        // their WAL file could be deleted with their rows still unflushed.
+        self.sync_unsynced(&mut w);
         let mut mem = write(&self.mem);
         if mem.active_rows == 0 {
             return Ok(());
         }
-        w.writer.handle()?.sync_data()?;
-        self.synced.fetch_max(w.appended, Ordering::SeqCst);
         let old = w.writer.seq;
-        w.writer = wal::Writer::new(old + 1, wal::create(&self.wal_dir(), old + 1)?);
-        w.len = 0;
+        self.start_new_file(&mut w)?;
         let buf = std::mem::take(&mut mem.active);
+        let ids = std::mem::take(&mut mem.active_ids);
         mem.active_rows = 0;
         mem.flushing.push(Pending {
             wal_upto: old,
             buf: Arc::new(buf),
+            ids: Arc::new(ids),
         });
+        Ok(())
+    }
+
+    /// Switches to WAL file `seq + 1`; if that fails, ingest is refused
+    /// until a later attempt succeeds.
+    fn start_new_file(&self, w: &mut WalState) -> anyhow::Result<()> {
+        let seq = w.writer.seq + 1;
+        match wal::create(&self.wal_dir(), seq) {
+            Ok(file) => {
+                w.writer = wal::Writer::new(seq, file);
+                w.len = 0;
+                w.synced_len = 0;
+                w.broken = None;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot start a WAL file; refusing ingest until it works");
+                w.broken = Some((format!("cannot write the WAL: {e:#}"), Instant::now()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Fsyncs every written record, then applies their batches (success) or
+    /// abandons the file (failure); records each outcome for its writer.
+    fn sync_unsynced(&self, w: &mut WalState) {
+        if w.unsynced.is_empty() {
+            return;
+        }
+        let records = std::mem::take(&mut w.unsynced);
+        match w.writer.sync() {
+            Ok(()) => {
+                w.synced_len = w.len;
+                let now = now_ms();
+                let mut mem = write(&self.mem);
+                let mut dict = write(&self.dict);
+                for (n, batch, key) in records {
+                    if let Some(key) = key {
+                        w.in_flight.remove(&key);
+                        w.recent.insert(key, now);
+                        mem.active_ids.push((key, now));
+                    }
+                    apply(&mut mem, &mut dict, batch);
+                    w.outcomes.insert(n, Ok(()));
+                }
+            }
+            Err(e) => {
+                self.counters.fsync_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, records = records.len(), file = w.writer.seq, "WAL fsync failed; not acknowledging, abandoning the file");
+                for (n, _, key) in records {
+                    if let Some(key) = key {
+                        w.in_flight.remove(&key);
+                    }
+                    w.outcomes.insert(n, Err(format!("storing the batch failed (WAL fsync: {e}); retry")));
+                }
+                self.abandon_file(w);
+            }
+        }
+    }
+
+    /// Cuts the current file back to its synced length (the rest may or may
+    /// not be on disk) and moves on to a new file.
+    fn abandon_file(&self, w: &mut WalState) {
+        if let Err(e) = w.writer.truncate(w.synced_len) {
+            tracing::error!(error = %e, file = w.writer.seq, "cannot cut the WAL file back to its synced length");
+        }
+        let cut = w.len - w.synced_len;
+        self.wal_bytes.fetch_sub(cut.min(self.wal_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+        w.len = w.synced_len;
+        let _ = self.start_new_file(w);
+    }
+
+    /// Why ingest must wait, if it must.
+    fn busy(&self, w: &mut WalState) -> Option<String> {
+        if let Some((why, since)) = &w.broken {
+            if since.elapsed() < REOPEN_BACKOFF {
+                return Some(why.clone());
+            }
+            if self.start_new_file(w).is_err() {
+                return w.broken.as_ref().map(|(why, _)| why.clone());
+            }
+        }
+        if self.flush_failing.load(Ordering::Relaxed) {
+            return Some("writing segments failed; ingest resumes once a flush succeeds".into());
+        }
+        let rows = read(&self.mem).buffered_rows();
+        if rows > self.opts.max_buffered_rows {
+            return Some(format!("{rows} rows wait for a flush (limit {})", self.opts.max_buffered_rows));
+        }
+        let bytes = self.wal_bytes.load(Ordering::Relaxed);
+        if bytes > self.opts.max_wal_bytes {
+            return Some(format!("the WAL holds {bytes} bytes (limit {})", self.opts.max_wal_bytes));
+        }
+        None
+    }
+
+    fn flush_pending(&self) -> anyhow::Result<()> {
+        self.rotate()?;
+        loop {
+            let next = read(&self.mem).flushing.first().map(|p| Pending {
+                wal_upto: p.wal_upto,
+                buf: p.buf.clone(),
+                ids: p.ids.clone(),
+            });
+            let Some(p) = next else { break };
+            let rows: usize = p.buf.values().map(Vec::len).sum();
+            self.persist(&p)?;
+            for (seq, path) in wal::list(&self.wal_dir())? {
+                if seq <= p.wal_upto {
+                    let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+                    std::fs::remove_file(path)?;
+                    self.wal_bytes.fetch_sub(len.min(self.wal_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+                }
+            }
+            tracing::debug!(rows, wal_upto = p.wal_upto, "flushed buffer to segments");
+        }
         Ok(())
     }
 
@@ -297,6 +549,10 @@ impl EmbeddedStore {
             for m in written.iter() {
                 t.insert(m.id, serde_json::to_string(m)?.as_str())?;
             }
+            let mut t = txn.open_table(BATCH_IDS)?;
+            for (key, at) in p.ids.iter() {
+                t.insert(key, at)?;
+            }
             txn.open_table(META)?.insert(WAL_FLUSHED_UPTO, p.wal_upto)?;
         }
         drop(d);
@@ -354,6 +610,16 @@ impl EmbeddedStore {
         Ok(())
     }
 
+    fn forget_batch_ids_before(&self, before_ms: i64) -> anyhow::Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(BATCH_IDS)?;
+            t.retain(|_, at| at >= before_ms)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     fn downsample(&self, now_ms: i64, after_ms: i64, res_ms: i64) -> anyhow::Result<()> {
         // Groups span 60 windows, so a 1-minute level writes hourly files.
         let group_span = res_ms * 60;
@@ -403,6 +669,27 @@ fn apply(mem: &mut Mem, dict: &mut Dict, b: Batch) {
         .extend(b.rows);
 }
 
+/// Applies a replayed batch unless its id was already applied (a retry
+/// whose first attempt reached the disk although its fsync failed). Returns
+/// whether it was applied.
+fn apply_new(mem: &mut Mem, dict: &mut Dict, recent: &mut RecentBatches, b: Batch, now: i64) -> bool {
+    if let Some(key) = b.id.as_deref().map(recent::key) {
+        if recent.contains(key) {
+            return false;
+        }
+        recent.insert(key, now);
+        mem.active_ids.push((key, now));
+    }
+    apply(mem, dict, b);
+    true
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 fn encode_frames(frames: &[String]) -> Vec<u8> {
     let mut out = Vec::new();
     for f in frames {
@@ -445,35 +732,59 @@ fn scan_rows(
 }
 
 impl Store for EmbeddedStore {
-    fn append(&self, batch: Batch) -> anyhow::Result<()> {
+    fn append(&self, batch: Batch) -> anyhow::Result<Appended> {
         let framed = wal::frame(&wal::encode(&batch));
+        if framed.len() > wal::MAX_RECORD {
+            return Err(Refused::TooLarge(format!(
+                "the batch encodes to {} bytes, over the {} bytes a WAL record may hold",
+                framed.len(),
+                wal::MAX_RECORD
+            ))
+            .into());
+        }
+        let key = batch.id.as_deref().map(recent::key);
         let my = {
             let mut w = lock(&self.wal);
-            if let Err(e) = w.writer.write(&framed) {
-                // Cut a partial record off, or it would hide later records from replay.
-                let len = w.len;
-                if let Ok(f) = w.writer.handle() {
-                    let _ = f.set_len(len);
+            if let Some(key) = key {
+                if w.recent.contains(key) {
+                    return Ok(Appended::Duplicate);
                 }
-                return Err(e).context("writing WAL");
+                if w.in_flight.contains(&key) {
+                    return Err(Refused::Busy("a batch with this id is being stored right now".into()).into());
+                }
+            }
+            if let Some(why) = self.busy(&mut w) {
+                return Err(Refused::Busy(why).into());
+            }
+            if let Err(e) = w.writer.write(&framed) {
+                self.counters.write_failures.fetch_add(1, Ordering::Relaxed);
+                // A partial record must not stay in front of later ones.
+                let len = w.len;
+                if w.writer.truncate(len).is_err() {
+                    self.abandon_file(&mut w);
+                }
+                return Err(Refused::Busy(format!("writing the WAL failed: {e}")).into());
             }
             w.len += framed.len() as u64;
+            self.wal_bytes.fetch_add(framed.len() as u64, Ordering::Relaxed);
             w.appended += 1;
-            let mut mem = write(&self.mem);
-            apply(&mut mem, &mut write(&self.dict), batch);
-            w.appended
+            let my = w.appended;
+            if let Some(key) = key {
+                w.in_flight.insert(key);
+            }
+            w.unsynced.push((my, batch, key));
+            my
         };
-        let _s = lock(&self.sync_lock);
-        if self.synced.load(Ordering::SeqCst) >= my {
-            return Ok(());
+        // Group commit: whoever gets the lock first syncs every record
+        // written so far, ours included if another thread got there first.
+        let mut w = lock(&self.wal);
+        if !w.outcomes.contains_key(&my) {
+            self.sync_unsynced(&mut w);
         }
-        let (target, handle) = {
-            let w = lock(&self.wal);
-            (w.appended, w.writer.handle()?)
-        };
-        handle.sync_data().context("fsync WAL")?;
-        self.synced.fetch_max(target, Ordering::SeqCst);
-        Ok(())
+        match w.outcomes.remove(&my).expect("every synced record has an outcome") {
+            Ok(()) => Ok(Appended::Stored),
+            Err(why) => Err(Refused::Busy(why).into()),
+        }
     }
 
     fn aggregate(&self, sel: &Selector, by: GroupBy) -> anyhow::Result<Aggregate> {
@@ -582,27 +893,19 @@ impl Store for EmbeddedStore {
 
     fn flush(&self) -> anyhow::Result<()> {
         let _f = lock(&self.flush_lock);
-        self.rotate()?;
-        loop {
-            let next = read(&self.mem).flushing.first().map(|p| Pending {
-                wal_upto: p.wal_upto,
-                buf: p.buf.clone(),
-            });
-            let Some(p) = next else { break };
-            let rows: usize = p.buf.values().map(Vec::len).sum();
-            self.persist(&p)?;
-            for (seq, path) in wal::list(&self.wal_dir())? {
-                if seq <= p.wal_upto {
-                    std::fs::remove_file(path)?;
-                }
-            }
-            tracing::debug!(rows, wal_upto = p.wal_upto, "flushed buffer to segments");
-        }
-        Ok(())
+        let result = self.flush_pending();
+        self.flush_failing.store(result.is_err(), Ordering::Relaxed);
+        result
     }
 
     fn maintain(&self, now_ms: i64) -> anyhow::Result<()> {
         let _f = lock(&self.flush_lock);
+        let window = {
+            let mut w = lock(&self.wal);
+            w.recent.expire(now_ms);
+            w.recent.window_ms()
+        };
+        self.forget_batch_ids_before(now_ms - window)?;
         if let Some(ret) = self.opts.retention_ms {
             let expired: Vec<SegmentMeta> = read(&self.segments)
                 .iter()
@@ -621,7 +924,24 @@ impl Store for EmbeddedStore {
     }
 
     fn buffered_rows(&self) -> usize {
-        read(&self.mem).active_rows
+        read(&self.mem).buffered_rows()
+    }
+
+    fn stats(&self) -> StoreStats {
+        let (recent_batch_ids, busy) = {
+            let mut w = lock(&self.wal);
+            (w.recent.len() as u64, self.busy(&mut w))
+        };
+        let c = &self.counters;
+        StoreStats {
+            wal_fsync_failures: c.fsync_failures.load(Ordering::Relaxed),
+            wal_write_failures: c.write_failures.load(Ordering::Relaxed),
+            wal_corrupt_records: c.corrupt_records.load(Ordering::Relaxed),
+            wal_quarantined_files: c.quarantined_files.load(Ordering::Relaxed),
+            wal_bytes: self.wal_bytes.load(Ordering::Relaxed),
+            recent_batch_ids,
+            busy,
+        }
     }
 
     fn disk_bytes(&self) -> u64 {
@@ -654,6 +974,7 @@ mod tests {
             segment_span_ms: 600_000,
             retention_ms: Some(86_400_000),
             downsample: vec![(3_600_000, 60_000)],
+            ..StoreOptions::default()
         }
     }
 
@@ -662,6 +983,7 @@ mod tests {
         let labels = Labels::from([("service".to_string(), "svc".to_string())]);
         let (st, se) = (stack_id(&frames), series_id(&labels));
         Batch {
+            id: None,
             service: "svc".into(),
             kind: "on-cpu".into(),
             stacks: vec![(st, frames)],

@@ -10,6 +10,7 @@
 
 mod clickhouse;
 mod embedded;
+mod recent;
 mod segment;
 mod wal;
 
@@ -35,6 +36,9 @@ pub struct Row {
 /// and series it references) so a WAL record can be replayed on its own.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Batch {
+    /// Idempotency key of the request (the agent's `batch_id`): a batch whose
+    /// id was already stored is acknowledged again but not counted twice.
+    pub id: Option<String>,
     pub service: String,
     pub kind: String,
     pub stacks: Vec<(u64, Frames)>,
@@ -62,6 +66,40 @@ pub fn series_id(labels: &Labels) -> u64 {
         h.update(&[0xff]);
     }
     h.digest()
+}
+
+/// Why a store refused a batch; anything else is an internal error.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// The store is behind or its disk failed: the client should retry later.
+    #[error("{0}")]
+    Busy(String),
+    /// The batch can never be stored (larger than a WAL record may be).
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+/// What `append` did with a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    Stored,
+    /// A retry of a batch already stored: acknowledged, not counted again.
+    Duplicate,
+}
+
+/// Fault counters of a store, for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub wal_fsync_failures: u64,
+    pub wal_write_failures: u64,
+    /// Corrupt records skipped at replay, in quarantined files.
+    pub wal_corrupt_records: u64,
+    pub wal_quarantined_files: u64,
+    pub wal_bytes: u64,
+    /// Batch ids remembered to drop retries.
+    pub recent_batch_ids: u64,
+    /// Whether ingest is refused right now, and why.
+    pub busy: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,7 +161,9 @@ pub fn merge_into(into: &mut Aggregate, from: Aggregate) {
 /// must run them on `spawn_blocking`.
 pub trait Store: Send + Sync + 'static {
     /// Durably appends a batch: when this returns Ok the data survives a crash.
-    fn append(&self, batch: Batch) -> anyhow::Result<()>;
+    /// Returns false (and stores nothing) if a batch with the same id was
+    /// already stored.
+    fn append(&self, batch: Batch) -> anyhow::Result<Appended>;
     fn aggregate(&self, sel: &Selector, by: GroupBy) -> anyhow::Result<Aggregate>;
     fn stack(&self, id: u64) -> Option<Frames>;
     fn services(&self) -> Vec<String>;
@@ -133,6 +173,9 @@ pub trait Store: Send + Sync + 'static {
     fn flush(&self) -> anyhow::Result<()>;
     /// Rows waiting in the buffer for the next flush.
     fn buffered_rows(&self) -> usize;
+    fn stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
     /// Retention and downsampling, relative to `now_ms`.
     fn maintain(&self, now_ms: i64) -> anyhow::Result<()>;
     fn disk_bytes(&self) -> u64;

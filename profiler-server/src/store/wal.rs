@@ -1,12 +1,16 @@
 //! Write-ahead log: numbered files `wal-<seq>.log` of records
 //! `[len u32 LE][crc32 u32 LE][payload]`, payload = an encoded `Batch`.
 //!
-//! A torn tail (short or checksum-failing record) marks the end of the log:
-//! only the record being written at the crash can be torn, and it was never
-//! acknowledged because acknowledgement waits for fsync.
+//! Records are bounded at write time ([`MAX_RECORD`]), so replay never meets a
+//! valid record it must refuse. A bad record at the very end of a file is a
+//! torn tail (only the record being written at a crash can be torn, and it was
+//! never acknowledged because acknowledgement waits for fsync): it is cut off.
+//! A bad record with intact records after it is corruption (a bad disk, a stray
+//! write): replay skips it, keeps every intact record after it and reports the
+//! file so the caller can quarantine it instead of silently losing the rest.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,7 +18,8 @@ use anyhow::Context;
 
 use super::{Batch, Labels, Row};
 
-const MAX_RECORD: usize = 1 << 30;
+/// Largest payload a record may hold; the ingest limits keep batches far below.
+pub const MAX_RECORD: usize = 256 << 20;
 
 pub fn file_name(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("wal-{seq:016}.log"))
@@ -58,52 +63,64 @@ pub fn frame(payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Reads every intact record of a file; truncates a torn tail so later
-/// appends never follow garbage.
-pub fn replay(path: &Path, mut apply: impl FnMut(Batch)) -> anyhow::Result<usize> {
-    let mut r = BufReader::new(File::open(path)?);
-    let mut good_len = 0u64;
-    let mut n = 0;
-    loop {
-        let mut head = [0u8; 8];
-        if read_full(&mut r, &mut head)? < 8 {
-            break;
-        }
-        let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
-        if len > MAX_RECORD {
-            break;
-        }
-        let mut payload = vec![0u8; len];
-        if read_full(&mut r, &mut payload)? < len || crc32fast::hash(&payload) != crc {
-            break;
-        }
-        let Some(batch) = decode(&payload) else {
-            break;
-        };
-        apply(batch);
-        n += 1;
-        good_len += 8 + len as u64;
-    }
-    let actual = std::fs::metadata(path)?.len();
-    if actual > good_len {
-        tracing::warn!(path = %path.display(), dropped = actual - good_len, "truncating torn WAL tail");
-        let f = OpenOptions::new().write(true).open(path)?;
-        f.set_len(good_len)?;
-        f.sync_all()?;
-    }
-    Ok(n)
+/// What replaying one file found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Replayed {
+    pub records: usize,
+    /// Bad records followed by intact ones: the file needs quarantine.
+    pub corrupt: usize,
+    /// Bytes skipped over corrupt records.
+    pub corrupt_bytes: u64,
 }
 
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match r.read(&mut buf[filled..])? {
-            0 => break,
-            n => filled += n,
+/// Reads every intact record of a file, skipping corrupt ones; truncates a
+/// torn tail so later appends never follow garbage.
+pub fn replay(path: &Path, mut apply: impl FnMut(Batch)) -> anyhow::Result<Replayed> {
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Replayed::default();
+    let mut pos = 0usize;
+    let mut good_end = 0usize;
+    while pos < data.len() {
+        if let Some((batch, len)) = record_at(&data, pos) {
+            apply(batch);
+            out.records += 1;
+            pos += len;
+            good_end = pos;
+            continue;
+        }
+        // Corruption only if an intact record follows; otherwise a torn tail.
+        match (pos + 1..data.len()).find(|&p| record_at(&data, p).is_some()) {
+            Some(next) => {
+                tracing::error!(path = %path.display(), offset = pos, bytes = next - pos, "corrupt WAL record; skipping to the next intact one");
+                out.corrupt += 1;
+                out.corrupt_bytes += (next - pos) as u64;
+                pos = next;
+            }
+            None => break,
         }
     }
-    Ok(filled)
+    if data.len() > good_end && out.corrupt == 0 {
+        tracing::warn!(path = %path.display(), dropped = data.len() - good_end, "truncating torn WAL tail");
+        let f = OpenOptions::new().write(true).open(path)?;
+        f.set_len(good_end as u64)?;
+        f.sync_all()?;
+    }
+    Ok(out)
+}
+
+/// The record starting at `pos` if its header, checksum and payload are intact.
+fn record_at(data: &[u8], pos: usize) -> Option<(Batch, usize)> {
+    let head = data.get(pos..pos + 8)?;
+    let len = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(head[4..].try_into().ok()?);
+    if len > MAX_RECORD {
+        return None;
+    }
+    let payload = data.get(pos + 8..pos + 8 + len)?;
+    if crc32fast::hash(payload) != crc {
+        return None;
+    }
+    Some((decode(payload)?, 8 + len))
 }
 
 pub fn encode(b: &Batch) -> Vec<u8> {
@@ -113,7 +130,8 @@ pub fn encode(b: &Batch) -> Vec<u8> {
         .map(|(_, f)| f.iter().map(|s| s.len() + 4).sum::<usize>())
         .sum();
     let mut out = Vec::with_capacity(64 + frames + b.rows.len() * 32);
-    out.push(1u8);
+    out.push(2u8);
+    put_str(&mut out, b.id.as_deref().unwrap_or(""));
     put_str(&mut out, &b.service);
     put_str(&mut out, &b.kind);
     out.extend_from_slice(&(b.stacks.len() as u32).to_le_bytes());
@@ -179,9 +197,12 @@ impl<'a> Cursor<'a> {
 
 pub fn decode(payload: &[u8]) -> Option<Batch> {
     let mut c = Cursor(payload);
-    if c.take(1)? != [1u8] {
-        return None;
-    }
+    // Version 1 records (before batch ids) have no id field.
+    let id = match c.take(1)? {
+        [1] => None,
+        [2] => Some(c.str()?).filter(|id| !id.is_empty()),
+        _ => return None,
+    };
     let service = c.str()?;
     let kind = c.str()?;
     let n = c.count(12)?;
@@ -213,6 +234,7 @@ pub fn decode(payload: &[u8]) -> Option<Batch> {
         });
     }
     c.0.is_empty().then_some(Batch {
+        id,
         service,
         kind,
         stacks,
@@ -221,7 +243,7 @@ pub fn decode(payload: &[u8]) -> Option<Batch> {
     })
 }
 
-/// Appends framed records; `sync` makes everything written so far durable.
+/// Appends framed records to one file and makes them durable.
 pub struct Writer {
     pub seq: u64,
     file: File,
@@ -236,9 +258,14 @@ impl Writer {
         self.file.write_all(framed)
     }
 
-    /// A second handle so fsync can run without holding the writer lock.
-    pub fn handle(&self) -> std::io::Result<File> {
-        self.file.try_clone()
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Cuts the file back to `len` bytes (a partial or unsynced record).
+    pub fn truncate(&self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)?;
+        self.file.sync_data()
     }
 }
 
@@ -248,6 +275,7 @@ mod tests {
 
     fn batch() -> Batch {
         Batch {
+            id: Some("agent-1".into()),
             service: "svc".into(),
             kind: "on-cpu".into(),
             stacks: vec![(7, Arc::from(vec!["a".to_string(), "b".to_string()]))],
@@ -271,13 +299,44 @@ mod tests {
         f.write_all(&rec[..rec.len() - 3]).unwrap();
         let mut got = Vec::new();
         let path = file_name(dir.path(), 1);
-        assert_eq!(replay(&path, |b| got.push(b)).unwrap(), 2);
+        let replayed = replay(&path, |b| got.push(b)).unwrap();
+        assert_eq!(replayed, Replayed { records: 2, corrupt: 0, corrupt_bytes: 0 });
         assert_eq!(got, vec![batch(), batch()]);
         assert_eq!(
             std::fs::metadata(&path).unwrap().len(),
             2 * rec.len() as u64
         );
         assert_eq!(list(dir.path()).unwrap(), vec![(1, path)]);
+    }
+
+    #[test]
+    fn a_corrupt_record_in_the_middle_keeps_the_records_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = create(dir.path(), 1).unwrap();
+        let rec = frame(&encode(&batch()));
+        for _ in 0..3 {
+            f.write_all(&rec).unwrap();
+        }
+        let path = file_name(dir.path(), 1);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[rec.len() + 20] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        let mut got = 0;
+        let replayed = replay(&path, |_| got += 1).unwrap();
+        assert_eq!(replayed.records, 2, "the first and the third");
+        assert_eq!(replayed.corrupt, 1);
+        assert_eq!(replayed.corrupt_bytes, rec.len() as u64);
+        assert_eq!(got, 2);
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "left as found, for quarantine");
+    }
+
+    #[test]
+    fn version_1_records_still_replay() {
+        let mut v1 = encode(&batch());
+        let id_field = 4 + "agent-1".len();
+        v1.drain(1..1 + id_field);
+        v1[0] = 1;
+        assert_eq!(decode(&v1), Some(Batch { id: None, ..batch() }));
     }
 
     #[test]

@@ -1,0 +1,165 @@
+//! Profiles that are small on the wire but huge once decoded are refused
+//! before they are decoded: eight at a time, each answered 4xx within 2 s,
+//! while the server's peak RSS stays under 512 MB and queries keep working.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::{client, now_ms, Proc};
+
+fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Field `number` of wire type 2 holding `body`.
+fn field(out: &mut Vec<u8>, number: u64, body: &[u8]) {
+    varint(out, number << 3 | 2);
+    varint(out, body.len() as u64);
+    out.extend_from_slice(body);
+}
+
+fn gzip(raw: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    enc.write_all(raw).unwrap();
+    enc.finish().unwrap()
+}
+
+/// A valid header: sample type `cpu`/`nanoseconds`, function 1 named by
+/// string 3, location 1 calling it.
+fn header(names: &[&[u8]]) -> Vec<u8> {
+    let mut p = Vec::new();
+    field(&mut p, 1, &[0x08, 0x01, 0x10, 0x02]);
+    for s in [b"".as_slice(), b"cpu", b"nanoseconds"].iter().chain(names) {
+        field(&mut p, 6, s);
+    }
+    field(&mut p, 5, &[0x08, 0x01, 0x10, 0x03]);
+    field(&mut p, 4, &[0x08, 0x01, 0x22, 0x02, 0x08, 0x01]);
+    p
+}
+
+/// 15M empty samples: 30 MB on the wire, over 1 GB decoded.
+fn empty_samples() -> Vec<u8> {
+    let mut p = header(&[b"main"]);
+    p.reserve(30 << 20);
+    for _ in 0..15_000_000 {
+        p.extend_from_slice(&[0x12, 0x00]);
+    }
+    gzip(&p)
+}
+
+/// One sample repeating location 1 thirty million times: 30 MB packed on
+/// the wire, 240 MB as ids, and once a frame name per id.
+fn repeated_locations() -> Vec<u8> {
+    let mut p = header(&[b"main"]);
+    let mut sample = Vec::new();
+    field(&mut sample, 1, &vec![1u8; 30_000_000]);
+    sample.extend_from_slice(&[0x10, 0x01]);
+    field(&mut p, 2, &sample);
+    gzip(&p)
+}
+
+/// A frame name of 30 MB.
+fn huge_name() -> Vec<u8> {
+    let name = vec![b'x'; 30 << 20];
+    let mut p = header(&[&name]);
+    field(&mut p, 2, &[0x0a, 0x01, 0x01, 0x10, 0x01]);
+    gzip(&p)
+}
+
+fn peak_rss_mb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb / 1024
+}
+
+#[test]
+fn amplification_bombs_are_refused_within_a_memory_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Proc::spawn(dir.path(), &[]);
+    let c = client();
+    let t0 = now_ms();
+    let good = profiler_pprof::encode_gzip(&profiler_pprof::from_folded(
+        &[(vec!["main".into(), "work".into()], 10)],
+        "cpu",
+        "nanoseconds",
+        1,
+    ));
+    let r = c
+        .post(srv.url(&format!("/api/v1/ingest?service=victim&from={t0}")))
+        .body(good)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let bombs = [
+        ("empty samples", empty_samples(), "samples"),
+        (
+            "repeated location ids",
+            repeated_locations(),
+            "decodes to about",
+        ),
+        ("huge name", huge_name(), "a string of"),
+    ];
+    for (name, body, _) in &bombs {
+        assert!(
+            body.len() < 1 << 20,
+            "{name} is {} bytes on the wire",
+            body.len()
+        );
+    }
+    for (name, body, reason) in &bombs {
+        let answers: Vec<(u16, String, Duration)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let (c, url) = (c.clone(), srv.url("/api/v1/ingest?service=bomb"));
+                    s.spawn(move || {
+                        let start = Instant::now();
+                        let r = c.post(url).body(body.clone()).send().unwrap();
+                        let status = r.status().as_u16();
+                        (status, r.text().unwrap(), start.elapsed())
+                    })
+                })
+                .collect();
+            // Queries keep working while the bombs are in flight.
+            let q = c
+                .get(srv.url(&format!(
+                    "/api/v1/folded?service=victim&from={}&until={}",
+                    t0 - 60_000,
+                    t0 + 60_000
+                )))
+                .send()
+                .unwrap();
+            assert_eq!(q.status(), 200);
+            assert_eq!(q.text().unwrap(), "main;work 10\n");
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (status, text, took) in answers {
+            assert_eq!(status, 413, "{name}: {text}");
+            assert!(text.contains(reason), "{name}: {text}");
+            assert!(
+                took < Duration::from_secs(2),
+                "{name}: answered after {took:?}"
+            );
+        }
+        let rss = peak_rss_mb(srv.child.id());
+        println!("{name}: 8 concurrent bombs refused; server peak RSS so far {rss} MB");
+        assert!(rss < 512, "{name}: peak RSS {rss} MB");
+    }
+    let services: Vec<String> = c
+        .get(srv.url("/api/v1/services"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(services, ["victim"], "nothing of the bombs was stored");
+}
