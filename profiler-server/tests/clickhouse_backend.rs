@@ -93,7 +93,7 @@ fn two_instances_share_one_database() {
         ingest(
             p,
             &format!(
-                "service=web&kind=on-cpu&format=folded&from={}&host={host}",
+                "service=web&kind=on-cpu&format=folded&from={}&label=host:{host}",
                 t0 + i * 10_000
             ),
             &body,
@@ -329,6 +329,37 @@ fn a_flame_graph_over_50k_stacks_works_right_after_a_restart() {
     assert_eq!(folded_total(&folded), total);
     assert!(folded.contains("main;mod_499;fn_49999 6\n"));
     s.stop();
+}
+
+#[test]
+fn an_ingest_retried_on_another_instance_is_counted_once() {
+    let bridge = chdb_bridge::shared();
+    let db = chdb_bridge::fresh_database("ingest_retries");
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let t0 = (now_ms() - 10 * MIN).div_euclid(MIN) * MIN;
+    let a = InProc::start(ch_config(bridge, &db, dirs[0].path()));
+    let b = InProc::start(ch_config(bridge, &db, dirs[1].path()));
+    let ingest = |p: &InProc, batch_id: &str| {
+        p.post(
+            &format!(
+                "/api/v1/ingest?service=svc&kind=on-cpu&format=folded&from={t0}&batch_id={batch_id}"
+            ),
+            "main;work 4\n",
+        )
+    };
+    // The agent's answer from `a` was lost; its retry reached `b`.
+    ingest(&a, "agent-1:1");
+    ingest(&b, "agent-1:1");
+    ingest(&a, "agent-1:2");
+    for p in [&a, &b] {
+        let f = p.json(&format!(
+            "/api/v1/flamegraph?service=svc&from={t0}&until={}",
+            t0 + MIN
+        ));
+        assert_eq!(f["value"], 8);
+    }
+    a.stop();
+    b.stop();
 }
 
 fn open_store(bridge: &chdb_bridge::Bridge, db: &str, async_insert: bool) -> ClickHouseStore {
