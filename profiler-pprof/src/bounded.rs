@@ -41,11 +41,11 @@ impl Default for DecodeLimits {
 /// bombs, amplification and malformed input are errors, not allocations.
 pub fn decode_gzip_within(bytes: &[u8], limits: &DecodeLimits) -> Result<Profile, Error> {
     let raw = crate::gunzip(bytes, limits.max_decompressed_bytes)?;
-    decoded_cost(&raw)?.within(limits)?;
+    check_cost(&raw, limits)?;
     Ok(Profile::decode(raw.as_ref())?)
 }
 
-/// Upper bound of what `Profile::decode` allocates for `wire`.
+/// What decoding a profile would allocate, found on the wire.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct DecodedCost {
     pub bytes: usize,
@@ -70,8 +70,7 @@ impl DecodedCost {
         }
         if self.bytes > limits.max_decoded_bytes {
             return refuse(format!(
-                "a profile that decodes to about {} MiB (limit {} MiB)",
-                self.bytes >> 20,
+                "over {} MiB once decoded (the limit)",
                 limits.max_decoded_bytes >> 20
             ));
         }
@@ -79,10 +78,29 @@ impl DecodedCost {
     }
 }
 
+/// Upper bound of what `Profile::decode` allocates for `wire`.
 pub fn decoded_cost(wire: &[u8]) -> Result<DecodedCost, Error> {
+    scan(wire, None)
+}
+
+/// The cost of decoding `wire` if it is within `limits`; the scan stops at
+/// the first field past a limit, so a bomb costs little to refuse.
+pub fn check_cost(wire: &[u8], limits: &DecodeLimits) -> Result<DecodedCost, Error> {
+    let cost = scan(wire, Some(limits))?;
+    cost.within(limits)?;
+    Ok(cost)
+}
+
+fn scan(wire: &[u8], stop_past: Option<&DecodeLimits>) -> Result<DecodedCost, Error> {
     let mut cost = DecodedCost::default();
     let mut bytes = 0usize;
     for field in Fields(wire) {
+        if let Some(limits) = stop_past {
+            cost.bytes = bytes.saturating_mul(2);
+            if cost.within(limits).is_err() {
+                return Ok(cost);
+            }
+        }
         let (number, value) = field?;
         bytes = bytes.saturating_add(match (number, value) {
             (1 | 11, _) => size_of::<ValueType>(),
@@ -263,7 +281,7 @@ mod tests {
         assert!(decode_gzip_within(&wire, &limits)
             .unwrap_err()
             .to_string()
-            .contains("1000000 samples"));
+            .contains("1001 samples (limit 1000)"));
 
         // One sample with 4M packed location ids: 4 MB on the wire, 32 MB decoded.
         let ids = vec![1u8; 4 << 20];

@@ -17,7 +17,7 @@ pub mod proto {
 pub use proto::{Function, Label, Line, Location, Mapping, Profile, Sample, ValueType};
 
 mod bounded;
-pub use bounded::{decode_gzip_within, decoded_cost, DecodeLimits, DecodedCost};
+pub use bounded::{check_cost, decode_gzip_within, decoded_cost, DecodeLimits, DecodedCost};
 
 
 #[derive(Debug, thiserror::Error)]

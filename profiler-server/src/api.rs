@@ -22,6 +22,7 @@ use std::borrow::Cow;
 
 use profiler_pprof::Profile;
 
+use crate::auth;
 use crate::budget::{Grant, MemoryBudget, OverBudget};
 use crate::config::{Config, Limits};
 use crate::ingest::{self, BatchBuilder, Rejected, Target};
@@ -54,6 +55,9 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
         }
+    }
+    pub fn status(&self) -> StatusCode {
+        self.status
     }
     fn bad(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
@@ -119,7 +123,7 @@ pub fn router(state: AppState) -> Router {
     let ingest = Router::new()
         .route("/api/v1/ingest", post(ingest_native))
         .route("/ingest", post(ingest_pyroscope))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::ingest))
         .layer(axum::extract::DefaultBodyLimit::max(
             state.config.limits.max_body_bytes,
         ));
@@ -135,6 +139,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/diff", get(diff))
         .route("/api/v1/top", get(top))
         .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::read))
         .route("/healthz", get(|| async { "ok\n" }));
     ingest
         .merge(queries)
@@ -143,6 +148,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no such route")
         })
+        .layer(middleware::from_fn_with_state(state.clone(), auth::same_origin))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(CompressionLayer::new().compress_when(
             DefaultPredicate::new().and(NotForContentType::const_new("application/octet-stream")),
@@ -162,35 +168,6 @@ async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response 
     s.metrics
         .record_request(&route, resp.status().as_u16(), start.elapsed());
     resp
-}
-
-pub(crate) async fn auth(State(s): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
-    if s.config.tokens.is_empty() {
-        return next.run(req).await;
-    }
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match token {
-        Some(t)
-            if s.config
-                .tokens
-                .iter()
-                .any(|k| constant_time_eq(k.as_bytes(), t.as_bytes())) =>
-        {
-            next.run(req).await
-        }
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "invalid bearer token")
-        .into_response(),
-        None => ApiError::new(StatusCode::UNAUTHORIZED, "missing `Authorization: Bearer <token>` header")
-        .into_response(),
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn blocking<T: Send + 'static>(
@@ -412,8 +389,7 @@ fn decompress<'a>(grant: &mut Grant, body: &'a [u8], limits: &Limits) -> ApiResu
 /// Decodes a pprof after checking, on the wire, what decoding would
 /// allocate; the grant grows by that (twice: the batch built from it).
 fn decode_pprof(grant: &mut Grant, body_len: usize, raw: &[u8], limits: &Limits) -> ApiResult<Profile> {
-    let cost = profiler_pprof::decoded_cost(raw)?;
-    cost.within(&limits.decode())?;
+    let cost = profiler_pprof::check_cost(raw, &limits.decode())?;
     grant
         .grow_to_blocking(body_len + raw.len() + 2 * cost.bytes)
         .map_err(over_budget)?;

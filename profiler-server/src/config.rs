@@ -25,9 +25,22 @@ pub struct Args {
     /// TOML configuration file; flags override its values.
     #[arg(long, env = "PROFILER_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Ingest bearer token (repeatable); adds to the tokens from the file.
+    /// Ingest bearer token for agents and SDKs (repeatable); adds to `tokens`
+    /// from the file.
     #[arg(long = "token", env = "PROFILER_TOKENS", value_delimiter = ',')]
     pub tokens: Vec<String>,
+    /// Admin bearer token (repeatable): changes schedules and runs, and may
+    /// also ingest and read. Without one, schedules and runs cannot be changed
+    /// once ingest tokens are set.
+    #[arg(long = "admin-token", env = "PROFILER_ADMIN_TOKENS", value_delimiter = ',')]
+    pub admin_tokens: Vec<String>,
+    /// Read bearer token (repeatable): when any is set, queries, the UI's data
+    /// and /metrics need a read or admin token.
+    #[arg(long = "read-token", env = "PROFILER_READ_TOKENS", value_delimiter = ',')]
+    pub read_tokens: Vec<String>,
+    /// Allow listening on a non-loopback address without any token.
+    #[arg(long)]
+    pub insecure: bool,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -38,8 +51,15 @@ pub struct Args {
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
-    /// Accepted ingest bearer tokens; empty disables authentication.
+    /// Ingest bearer tokens (agents, SDKs). With neither these nor admin
+    /// tokens, writes are open: allowed on loopback or with `insecure` only.
     pub tokens: Vec<String>,
+    /// Tokens that change schedules and runs (and may ingest and read).
+    pub admin_tokens: Vec<String>,
+    /// When non-empty, reads need one of these or an admin token.
+    pub read_tokens: Vec<String>,
+    /// Listen on a non-loopback address without tokens.
+    pub insecure: bool,
     pub limits: Limits,
     pub storage: Storage,
     /// Used when `storage.backend = "clickhouse"`.
@@ -159,6 +179,9 @@ impl Default for Config {
             listen: "127.0.0.1:4040".parse().expect("valid literal"),
             data_dir: PathBuf::from("profiler-data"),
             tokens: Vec::new(),
+            admin_tokens: Vec::new(),
+            read_tokens: Vec::new(),
+            insecure: false,
             limits: Limits::default(),
             storage: Storage::default(),
             clickhouse: ClickHouse::default(),
@@ -248,8 +271,11 @@ impl Config {
         if let Ok(p) = std::env::var("PROFILER_CLICKHOUSE_PASSWORD") {
             cfg.clickhouse.password = p;
         }
-        cfg.tokens
-            .extend(args.tokens.iter().filter(|t| !t.is_empty()).cloned());
+        let given = |t: &Vec<String>| t.iter().filter(|t| !t.is_empty()).cloned().collect::<Vec<_>>();
+        cfg.tokens.extend(given(&args.tokens));
+        cfg.admin_tokens.extend(given(&args.admin_tokens));
+        cfg.read_tokens.extend(given(&args.read_tokens));
+        cfg.insecure |= args.insecure;
         cfg.validate()?;
         Ok(cfg)
     }

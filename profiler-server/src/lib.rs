@@ -6,6 +6,7 @@
 //! [`start`] to get a server on an ephemeral port.
 
 pub mod api;
+pub mod auth;
 pub mod budget;
 pub mod config;
 pub mod ingest;
@@ -93,8 +94,18 @@ impl Server {
 
 /// Opens the store (replaying the WAL), binds and serves in the background.
 pub async fn start(cfg: Config) -> anyhow::Result<Server> {
-    if cfg.tokens.is_empty() {
-        tracing::warn!("no ingest tokens configured: ingest authentication is DISABLED");
+    let open = cfg.tokens.is_empty() && cfg.admin_tokens.is_empty();
+    if open && !cfg.listen.ip().is_loopback() && !cfg.insecure {
+        anyhow::bail!(
+            "refusing to listen on {} without tokens: anyone on the network could write profiles and start runs; \
+             set `tokens` and `admin_tokens` (or --token/--admin-token), or pass --insecure",
+            cfg.listen
+        );
+    }
+    if open {
+        tracing::warn!("no tokens configured: ingest, schedules and runs are open to anyone who can connect");
+    } else if cfg.admin_tokens.is_empty() {
+        tracing::info!("no admin tokens configured: schedules and runs cannot be changed over the API");
     }
     let store = {
         let cfg = cfg.clone();

@@ -1,6 +1,6 @@
-//! HTTP routes of scheduled deep-profile runs. Writes (schedules, "profile now", agent
-//! reports) need an ingest token, like everything that changes state; reads are open
-//! like the other queries.
+//! HTTP routes of scheduled deep-profile runs. Schedules and "profile now" need an
+//! admin token; agents poll and report with their ingest token; reads follow the
+//! read scope like the other queries (see `auth`).
 //!
 //! - `GET/POST /api/v1/schedules`, `PUT/DELETE /api/v1/schedules/{id}`
 //! - `GET/POST /api/v1/runs` (POST = profile now), `GET /api/v1/runs/{id}`,
@@ -21,24 +21,28 @@ use axum::{
 use serde_json::json;
 
 use crate::{
-    api::{AppState, auth},
+    api::AppState,
+    auth,
     schedule::{AdHocSpec, AgentInfo, RunState, ScheduleSpec},
 };
 
 pub fn routes(state: AppState) -> Router<AppState> {
-    let writes = Router::new()
+    let admin = Router::new()
         .route("/api/v1/schedules", post(create_schedule))
         .route("/api/v1/schedules/{id}", put(replace_schedule).delete(delete_schedule))
         .route("/api/v1/runs", post(profile_now))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::admin));
+    let agents = Router::new()
         .route("/api/v1/agent/runs", get(agent_runs))
         .route("/api/v1/agent/runs/{id}", post(agent_report))
-        .route_layer(middleware::from_fn_with_state(state, auth));
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::ingest));
     let reads = Router::new()
         .route("/api/v1/schedules", get(list_schedules))
         .route("/api/v1/runs", get(list_runs))
         .route("/api/v1/runs/{id}", get(get_run))
-        .route("/api/v1/runs/{id}/flamegraph", get(run_flamegraph));
-    writes.merge(reads)
+        .route("/api/v1/runs/{id}/flamegraph", get(run_flamegraph))
+        .route_layer(middleware::from_fn_with_state(state, auth::read));
+    admin.merge(agents).merge(reads)
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {

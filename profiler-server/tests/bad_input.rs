@@ -100,8 +100,8 @@ fn hostile_requests_get_4xx_and_server_survives() {
             reason: "after decompression",
         },
         Case {
-            name: "10^6 distinct labels",
-            body: many_labels(1_000_000),
+            name: "20,000 distinct labels",
+            body: many_labels(20_000),
             token: Some("good-token"),
             status: 400,
             reason: "distinct label sets",

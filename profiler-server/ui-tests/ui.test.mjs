@@ -696,10 +696,10 @@ test('deep profiles: profile now for a known service, runs table with per-host s
 });
 
 test('deep profiles: writes send the API token from the panel (sessionStorage, never the URL)', async () => {
-  const s = await spawnServer(['--token', 'sekret']);
+  const s = await spawnServer(['--token', 'agent-tok', '--admin-token', 'sekret']);
   try {
     const r = await fetch(`${s.url}/api/v1/ingest?` + new URLSearchParams({ format: 'folded', service: 'api', kind: 'on-cpu', label: 'host:h1' }), {
-      method: 'POST', body: 'main;serve 1000000\n', headers: { Authorization: 'Bearer sekret' },
+      method: 'POST', body: 'main;serve 1000000\n', headers: { Authorization: 'Bearer agent-tok' },
     });
     assert.equal(r.status, 200, await r.text());
     const page = await newPage();
@@ -713,6 +713,10 @@ test('deep profiles: writes send the API token from the panel (sessionStorage, n
     await page.fill('#deep-token', 'wrong');
     await page.click('#now-submit');
     await page.waitForFunction(() => /invalid bearer token \(check the API token/.test(document.getElementById('now-error').textContent));
+    // The agents' ingest token cannot start runs.
+    await page.fill('#deep-token', 'agent-tok');
+    await page.click('#now-submit');
+    await page.waitForFunction(() => /HTTP 403 Forbidden: changing schedules and runs needs an admin token/.test(document.getElementById('now-error').textContent));
     await page.fill('#deep-token', 'sekret');
     await page.click('#now-submit');
     await page.waitForFunction(() => /Started run/.test(document.getElementById('now-msg').textContent));

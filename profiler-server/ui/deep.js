@@ -3,10 +3,9 @@
 // deletes schedules, and starts runs. Writes send the optional API token (kept in
 // sessionStorage, never in the URL); the server's 400 reasons show next to the form.
 
-import { getJson, sendJson, fmtTime, el } from './util.js';
+import { getJson, sendJson, fmtTime, el, storedToken, TOKEN_KEY } from './util.js';
 
 const $ = (id) => document.getElementById(id);
-const TOKEN_KEY = 'profiler.apiToken';
 const REFRESH_MS = 5000;
 
 /** Link to the flame-graph view of a run: the UI's URL-hash state (see app.js). */
@@ -88,7 +87,7 @@ export class DeepProfiles {
   }
 
   get token() {
-    try { return sessionStorage.getItem(TOKEN_KEY) || ''; } catch { return ''; }
+    return storedToken();
   }
 
   setup() {

@@ -94,12 +94,23 @@ export class HttpError extends Error {
   }
 }
 
-/** GET a JSON API route; failures carry the status and the server's {"error"} text. */
+/** Where the API token entered on the page lives: for this tab only, never the URL. */
+export const TOKEN_KEY = 'profiler.apiToken';
+
+export function storedToken() {
+  try { return sessionStorage.getItem(TOKEN_KEY) || ''; } catch { return ''; }
+}
+
+/**
+ * GET a JSON API route, with the stored API token if there is one (servers with read
+ * tokens need it); failures carry the status and the server's {"error"} text.
+ */
 export async function getJson(path, params) {
   const url = path + (params ? '?' + new URLSearchParams(params).toString() : '');
+  const token = storedToken();
   let resp;
   try {
-    resp = await fetch(url);
+    resp = await fetch(url, token ? { headers: { Authorization: 'Bearer ' + token } } : undefined);
   } catch (e) {
     throw new HttpError(`GET ${path}`, 'network error', String(e.message || e));
   }
