@@ -137,6 +137,7 @@ fn sel(from: i64, until: i64) -> Selector {
         until_ms: until,
         kinds: None,
         matchers: vec![],
+        cancel: Default::default(),
     }
 }
 

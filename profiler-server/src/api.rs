@@ -4,7 +4,7 @@
 //! becomes a 4xx `{"error": "..."}` and never takes the server down.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, MatchedPath, RawQuery, Request, State};
@@ -29,11 +29,13 @@ use crate::ingest::{self, BatchBuilder, Rejected, Target};
 use crate::metrics::Metrics;
 use crate::query::{self, Tree};
 use crate::render;
-use crate::store::{Appended, GroupBy, Labels, Matcher, Refused, Selector, Store};
+use crate::store::{Appended, Cancel, Cancelled, GroupBy, Labels, Matcher, Refused, Selector, Store};
 
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
+    /// Slots of `max_concurrent_queries`.
+    pub queries: Arc<tokio::sync::Semaphore>,
     pub budget: Arc<MemoryBudget>,
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
@@ -71,6 +73,14 @@ impl ApiError {
     fn internal(e: impl std::fmt::Display) -> ApiError {
         tracing::error!(error = %e, "internal error");
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see server log")
+    }
+    /// A scan error: a cancelled scan has nobody to answer; anything else is
+    /// internal.
+    fn scan(e: anyhow::Error) -> ApiError {
+        if e.downcast_ref::<Cancelled>().is_some() {
+            return ApiError::busy("query cancelled", 1);
+        }
+        ApiError::internal(format!("{e:#}"))
     }
     /// A store error: refusals keep their meaning (busy: 503, too large:
     /// 413), anything else is internal.
@@ -537,7 +547,7 @@ async fn ingest_pyroscope(
 }
 
 /// The common selection parameters of query routes.
-fn selector(p: &Params, from_key: &str, until_key: &str) -> ApiResult<Selector> {
+fn selector(p: &Params, from_key: &str, until_key: &str, limits: &Limits) -> ApiResult<Selector> {
     let now = now_ms();
     let service = p.req("service")?.to_owned();
     let until = p.time(until_key, now, now)?;
@@ -545,6 +555,13 @@ fn selector(p: &Params, from_key: &str, until_key: &str) -> ApiResult<Selector> 
     if from >= until {
         return Err(ApiError::bad(format!(
             "`{from_key}` must be before `{until_key}`"
+        )));
+    }
+    let max_range_ms = (limits.max_query_range_hours as i64).saturating_mul(3_600_000);
+    if until.saturating_sub(from) > max_range_ms {
+        return Err(ApiError::bad(format!(
+            "`{from_key}`..`{until_key}` spans more than the {} hours a query may cover",
+            limits.max_query_range_hours
         )));
     }
     let kinds = p.get("kinds").or(p.get("kind")).map(|k| {
@@ -578,8 +595,47 @@ fn selector(p: &Params, from_key: &str, until_key: &str) -> ApiResult<Selector> 
         until_ms: until,
         kinds,
         matchers,
+        cancel: Cancel::default(),
     })
 }
+
+/// Runs a query's store and CPU work on a blocking thread within the query
+/// limits: at most `max_concurrent_queries` at once (503 if none frees up
+/// soon), `query_timeout_secs` each (503), and its scan is cancelled once
+/// nobody waits for it: on timeout, or when the client disconnects (axum
+/// drops this future, and with it the guard).
+async fn run_query<T: Send + 'static>(
+    s: AppState,
+    cancel: Cancel,
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    struct CancelOnDrop(Cancel);
+    impl Drop for CancelOnDrop {
+        fn drop(&mut self) {
+            self.0.cancel();
+        }
+    }
+    let _guard = CancelOnDrop(cancel);
+    let permit = tokio::time::timeout(QUERY_QUEUE_WAIT, s.queries.clone().acquire_owned())
+        .await
+        .map_err(|_| ApiError::busy("too many queries are running; retry shortly", 1))?
+        .expect("the query semaphore is never closed");
+    let limit = Duration::from_secs(s.config.limits.query_timeout_secs);
+    let work = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        f()
+    });
+    match tokio::time::timeout(limit, work).await {
+        Ok(joined) => joined.map_err(ApiError::internal)?,
+        Err(_) => Err(ApiError::busy(
+            format!("the query ran over {} s; narrow the range or add a filter", limit.as_secs()),
+            5,
+        )),
+    }
+}
+
+/// How long a query waits for one of the `max_concurrent_queries` slots.
+const QUERY_QUEUE_WAIT: Duration = Duration::from_secs(5);
 
 async fn services(State(s): State<AppState>) -> ApiResult<Json<Vec<String>>> {
     blocking(move || Ok(Json(s.store.services()))).await
@@ -627,7 +683,7 @@ async fn timeline(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Json<query::Timeline>> {
     let p = Params::new(q);
-    let sel = selector(&p, "from", "until")?;
+    let sel = selector(&p, "from", "until", &s.config.limits)?;
     let window = s.config.storage.window_ms;
     // Default: about 200 points, in whole windows.
     let default_step = (((sel.until_ms - sel.from_ms) / 200).max(window) / window) * window;
@@ -637,18 +693,20 @@ async fn timeline(
             "`step` must be positive and give at most 100000 points",
         ));
     }
-    blocking(move || {
+    run_query(s.clone(), sel.cancel.clone(), move || {
         let agg = s
             .store
             .aggregate(&sel, GroupBy::Time { step_ms: step })
-            .map_err(ApiError::internal)?;
+            .map_err(ApiError::scan)?;
         Ok(Json(query::timeline(&agg, sel.from_ms, sel.until_ms, step)))
     })
     .await
 }
 
-fn tree_params(p: &Params) -> ApiResult<(usize, f64)> {
-    let max_nodes: usize = p.num("max_nodes", 2048)?;
+/// `max_nodes` is capped by the server's limit; what is cut shows as
+/// `[pruned]` nodes, so totals stay exact.
+fn tree_params(p: &Params, limits: &Limits) -> ApiResult<(usize, f64)> {
+    let max_nodes: usize = p.num::<usize>("max_nodes", 2048)?.min(limits.max_nodes);
     let min_share: f64 = p.num("min_share", 0.0)?;
     if !(0.0..=1.0).contains(&min_share) {
         return Err(ApiError::bad("`min_share` must be within 0..=1"));
@@ -661,13 +719,13 @@ async fn flamegraph(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Json<query::FlameNode>> {
     let p = Params::new(q);
-    let sel = selector(&p, "from", "until")?;
-    let (max_nodes, min_share) = tree_params(&p)?;
-    blocking(move || {
+    let sel = selector(&p, "from", "until", &s.config.limits)?;
+    let (max_nodes, min_share) = tree_params(&p, &s.config.limits)?;
+    run_query(s.clone(), sel.cancel.clone(), move || {
         let agg = s
             .store
             .aggregate(&sel, GroupBy::Stack)
-            .map_err(ApiError::internal)?;
+            .map_err(ApiError::scan)?;
         let kind_roots = agg.values().filter(|m| !m.is_empty()).count() > 1;
         let tree = Tree::build(&*s.store, &[&agg], kind_roots);
         Ok(Json(tree.to_json(max_nodes, min_share, false)))
@@ -677,35 +735,34 @@ async fn flamegraph(
 
 async fn folded(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Response> {
     let p = Params::new(q);
-    let sel = selector(&p, "from", "until")?;
+    let sel = selector(&p, "from", "until", &s.config.limits)?;
     // Inverse of Pyroscope ingest: nanoseconds back to samples at this rate.
     let rate: i64 = p.num("sample_rate", 0)?;
     let divisor = if rate > 0 { 1_000_000_000 / rate } else { 1 };
-    blocking(move || {
+    run_query(s.clone(), sel.cancel.clone(), move || {
         let agg = s
             .store
             .aggregate(&sel, GroupBy::Stack)
-            .map_err(ApiError::internal)?;
-        let text = render::folded(&query::stacks(&*s.store, &agg), divisor);
-        Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+            .map_err(ApiError::scan)?;
+        let (stacks, cut) = query::heaviest(query::stacks(&*s.store, &agg), s.config.limits.max_stacks);
+        let text = render::folded(&stacks, divisor);
+        Ok((truncated(cut), [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
     })
     .await
 }
 
 async fn pprof(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Response> {
     let p = Params::new(q);
-    let sel = selector(&p, "from", "until")?;
-    blocking(move || {
+    let sel = selector(&p, "from", "until", &s.config.limits)?;
+    run_query(s.clone(), sel.cancel.clone(), move || {
         let agg = s
             .store
             .aggregate(&sel, GroupBy::Stack)
-            .map_err(ApiError::internal)?;
-        let bytes = render::pprof(
-            &query::stacks(&*s.store, &agg),
-            sel.until_ms - sel.from_ms,
-            sel.until_ms,
-        );
+            .map_err(ApiError::scan)?;
+        let (stacks, cut) = query::heaviest(query::stacks(&*s.store, &agg), s.config.limits.max_stacks);
+        let bytes = render::pprof(&stacks, sel.until_ms - sel.from_ms, sel.until_ms);
         Ok((
+            truncated(cut),
             [
                 (header::CONTENT_TYPE, "application/octet-stream"),
                 (
@@ -722,18 +779,18 @@ async fn pprof(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Re
 
 async fn svg(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Response> {
     let p = Params::new(q);
-    let sel = selector(&p, "from", "until")?;
+    let sel = selector(&p, "from", "until", &s.config.limits)?;
     let title = p
         .get("title")
         .map_or_else(|| sel.service.clone(), str::to_owned);
-    blocking(move || {
+    run_query(s.clone(), sel.cancel.clone(), move || {
         let agg = s
             .store
             .aggregate(&sel, GroupBy::Stack)
-            .map_err(ApiError::internal)?;
-        let bytes =
-            render::svg(&query::stacks(&*s.store, &agg), &title).map_err(ApiError::internal)?;
-        Ok(([(header::CONTENT_TYPE, "image/svg+xml")], bytes).into_response())
+            .map_err(ApiError::scan)?;
+        let (stacks, cut) = query::heaviest(query::stacks(&*s.store, &agg), s.config.limits.max_stacks);
+        let bytes = render::svg(&stacks, &title).map_err(ApiError::internal)?;
+        Ok((truncated(cut), [(header::CONTENT_TYPE, "image/svg+xml")], bytes).into_response())
     })
     .await
 }
@@ -743,22 +800,23 @@ async fn diff(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Json<query::FlameNode>> {
     let p = Params::new(q);
-    let target = selector(&p, "from", "until")?;
-    let base = selector(&p, "base_from", "base_until")?;
+    let target = selector(&p, "from", "until", &s.config.limits)?;
+    let mut base = selector(&p, "base_from", "base_until", &s.config.limits)?;
+    base.cancel = target.cancel.clone();
     if p.get("base_from").is_none() || p.get("base_until").is_none() {
         return Err(ApiError::bad("diff needs `base_from` and `base_until`"));
     }
     let normalize = p.flag("normalize", true)?;
-    let (max_nodes, min_share) = tree_params(&p)?;
-    blocking(move || {
+    let (max_nodes, min_share) = tree_params(&p, &s.config.limits)?;
+    run_query(s.clone(), target.cancel.clone(), move || {
         let (a, b) = std::thread::scope(|sc| {
             let h = sc.spawn(|| s.store.aggregate(&base, GroupBy::Stack));
             let a = s.store.aggregate(&target, GroupBy::Stack);
             (a, h.join().expect("diff scan panicked"))
         });
         let (a, b) = (
-            a.map_err(ApiError::internal)?,
-            b.map_err(ApiError::internal)?,
+            a.map_err(ApiError::scan)?,
+            b.map_err(ApiError::scan)?,
         );
         let kinds: std::collections::HashSet<&String> = a.keys().chain(b.keys()).collect();
         let mut tree = Tree::build(&*s.store, &[&a, &b], kinds.len() > 1);
@@ -775,8 +833,8 @@ async fn top(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Json<serde_json::Value>> {
     let p = Params::new(q);
-    let sel = selector(&p, "from", "until")?;
-    let limit: usize = p.num("limit", 50)?;
+    let sel = selector(&p, "from", "until", &s.config.limits)?;
+    let limit: usize = p.num::<usize>("limit", 50)?.min(MAX_TOP_LIMIT);
     let by_total = match p.get("by").unwrap_or("self") {
         "self" => false,
         "total" => true,
@@ -786,13 +844,24 @@ async fn top(
             )))
         }
     };
-    blocking(move || {
-        let agg = s.store.aggregate(&sel, GroupBy::Stack).map_err(ApiError::internal)?;
+    run_query(s.clone(), sel.cancel.clone(), move || {
+        let agg = s.store.aggregate(&sel, GroupBy::Stack).map_err(ApiError::scan)?;
         let total: i64 = agg.values().flat_map(|m| m.values()).sum();
         let functions = query::top(&*s.store, &agg, by_total, limit);
         Ok(Json(json!({ "by": if by_total { "total" } else { "self" }, "total": total, "functions": functions })))
     })
     .await
+}
+
+/// Most rows `/top` returns.
+const MAX_TOP_LIMIT: usize = 10_000;
+
+/// The `X-Profiler-Truncated` header of an export that merged its lightest
+/// stacks into one `[truncated]` stack, if it did.
+fn truncated(cut: usize) -> axum::response::AppendHeaders<Option<(&'static str, String)>> {
+    axum::response::AppendHeaders(
+        (cut > 0).then(|| ("x-profiler-truncated", format!("{cut} stacks merged into [truncated]"))),
+    )
 }
 
 async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {

@@ -131,6 +131,17 @@ pub struct Limits {
     pub ingest_memory_bytes: usize,
     /// How long a request waits for its share of that memory before 503.
     pub ingest_wait_secs: u64,
+    /// Widest range one query may cover, hours.
+    pub max_query_range_hours: u64,
+    /// Most nodes a flame graph or diff returns (more `max_nodes` is capped).
+    pub max_nodes: usize,
+    /// Most stacks an export (folded, pprof, SVG) holds; the lightest rest is
+    /// merged into one `[truncated]` stack.
+    pub max_stacks: usize,
+    /// A query running longer is answered 503 and its scan cancelled.
+    pub query_timeout_secs: u64,
+    /// Queries running at once; more wait briefly, then get 503.
+    pub max_concurrent_queries: usize,
     /// Distinct label sets (series) one request may create.
     pub max_series_per_request: usize,
     /// Labels one series may carry.
@@ -201,6 +212,11 @@ impl Default for Limits {
             max_batch_bytes: 64 << 20,
             ingest_memory_bytes: 384 << 20,
             ingest_wait_secs: 10,
+            max_query_range_hours: 24 * 31,
+            max_nodes: 100_000,
+            max_stacks: 200_000,
+            query_timeout_secs: 30,
+            max_concurrent_queries: 8,
             max_series_per_request: 10_000,
             max_labels_per_series: 64,
             max_label_name_len: 128,

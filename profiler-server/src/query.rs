@@ -5,6 +5,7 @@
 //! distinct stacks are then expanded into frames here.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -25,6 +26,26 @@ pub fn stacks(store: &dyn Store, agg: &Aggregate) -> Vec<(String, Frames, i64)> 
         }
     }
     out
+}
+
+/// Keeps the `max` heaviest stacks; the others are summed per kind into one
+/// `[truncated]` stack, so totals stay exact. Returns how many were merged.
+pub fn heaviest(
+    mut stacks: Vec<(String, Frames, i64)>,
+    max: usize,
+) -> (Vec<(String, Frames, i64)>, usize) {
+    if stacks.len() <= max {
+        return (stacks, 0);
+    }
+    stacks.sort_unstable_by_key(|(_, _, v)| std::cmp::Reverse(v.unsigned_abs()));
+    let cut = stacks.split_off(max);
+    let mut rest: BTreeMap<String, i64> = BTreeMap::new();
+    for (kind, _, v) in &cut {
+        *rest.entry(kind.clone()).or_insert(0) += v;
+    }
+    let marker: Frames = Arc::from(vec!["[truncated]".to_string()]);
+    stacks.extend(rest.into_iter().map(|(kind, v)| (kind, marker.clone(), v)));
+    (stacks, cut.len())
 }
 
 struct Node {

@@ -420,6 +420,7 @@ fn retried_batches_are_counted_once(async_insert: bool) {
             until_ms: t0 + MIN,
             kinds: None,
             matchers: vec![],
+            cancel: Default::default(),
         };
         let agg = store.aggregate(&sel, GroupBy::Stack).unwrap();
         agg.values().flat_map(|m| m.values()).sum()

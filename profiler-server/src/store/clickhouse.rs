@@ -698,6 +698,7 @@ impl Store for ClickHouseStore {
             // kinds present.
             let kinds = self.select_part(sel, by, None, part)?;
             for k in kinds.into_iter().filter(|k| sel.wants_kind(&k.kind)) {
+                sel.cancel.check()?;
                 let rows = self.select_part(sel, by, Some(&k.kind), part)?;
                 let dst = out.entry(k.kind).or_default();
                 for r in rows {

@@ -839,6 +839,7 @@ impl Store for EmbeddedStore {
                     s.spawn(move || -> anyhow::Result<Aggregate> {
                         let mut part = Aggregate::new();
                         for m in mine {
+                            sel.cancel.check()?;
                             let inside = m.min_ts >= sel.from_ms && m.max_ts < sel.until_ms;
                             let scan = Scan {
                                 time: (!inside).then_some((sel.from_ms, sel.until_ms)),
@@ -1004,6 +1005,7 @@ mod tests {
             until_ms: until,
             kinds: None,
             matchers: vec![],
+            cancel: Default::default(),
         };
         s.aggregate(&sel, GroupBy::Stack)
             .unwrap()

@@ -15,6 +15,7 @@ mod segment;
 mod wal;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub use clickhouse::{ClickHouseOptions, ClickHouseStore};
@@ -118,7 +119,8 @@ impl Matcher {
 }
 
 /// What a query reads: one service, a half-open time range, optionally some
-/// kinds only, and series whose labels match every matcher.
+/// kinds only, and series whose labels match every matcher; `cancel` stops
+/// the scan once nobody waits for it.
 #[derive(Debug, Clone)]
 pub struct Selector {
     pub service: String,
@@ -126,6 +128,30 @@ pub struct Selector {
     pub until_ms: i64,
     pub kinds: Option<Vec<String>>,
     pub matchers: Vec<Matcher>,
+    pub cancel: Cancel,
+}
+
+/// Set when the asker of a query is gone (it disconnected or its time ran
+/// out), so scans stop between segments instead of finishing for nobody.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+#[derive(Debug, thiserror::Error)]
+#[error("query cancelled")]
+pub struct Cancelled;
+
+impl Cancel {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn check(&self) -> Result<(), Cancelled> {
+        if self.0.load(Ordering::Relaxed) {
+            Err(Cancelled)
+        } else {
+            Ok(())
+        }
+    }
 }
 
 impl Selector {
