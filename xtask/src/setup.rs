@@ -63,7 +63,8 @@ fn bpf_linker() -> anyhow::Result<()> {
 /// perf and bpftrace are the reference tools of the cross-check tests and benchmarks;
 /// Go's pprof tool checks the server's pprof exports; chromium and node run the web UI's
 /// browser tests; libc6-dbg lets the tests check libc's internal frames are named from
-/// a separate debug file. Each entry is a command or a path the package installs.
+/// a separate debug file; e2fsprogs and losetup give the server's durability test an
+/// ext4 file system on a loop device. Each entry is a command or a path the package installs.
 fn debian_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = [
         ("perf", "linux-perf"),
@@ -77,6 +78,8 @@ fn debian_packages() -> anyhow::Result<()> {
         ("npm", "npm"),
         ("curl", "curl"),
         ("/usr/share/doc/libc6-dbg", "libc6-dbg"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("losetup", "mount"),
     ]
         .into_iter()
         .filter(|(binary, _)| output(Command::new("sh").args(["-c", &format!("command -v {binary} || test -e {binary}")])).is_none())
