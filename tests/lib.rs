@@ -364,6 +364,11 @@ impl Daemon {
         Daemon { child, lines, metrics_url: format!("http://{addr}/metrics") }
     }
 
+    /// The log lines printed since the last call (or since start, after the start lines).
+    pub fn take_log(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+
     pub fn metric(&self, name: &str) -> f64 {
         let text = reqwest::blocking::get(&self.metrics_url).expect("agent metrics").text().unwrap();
         text.lines()

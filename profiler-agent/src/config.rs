@@ -124,6 +124,9 @@ pub struct SpoolConfig {
     /// Windows that could not be shipped wait here, oldest dropped first past `max_bytes`.
     pub dir: PathBuf,
     pub max_bytes: u64,
+    /// Server failures (5xx) of one spooled window, while the server accepts later ones,
+    /// before the window is given up on as poison and counted as dead-lettered.
+    pub dead_letter_after: u32,
 }
 
 impl OffCpuConfig {
@@ -134,7 +137,7 @@ impl OffCpuConfig {
 
 impl Default for SpoolConfig {
     fn default() -> Self {
-        Self { dir: PathBuf::from("/var/lib/profiler-agent/spool"), max_bytes: 256 << 20 }
+        Self { dir: PathBuf::from("/var/lib/profiler-agent/spool"), max_bytes: 256 << 20, dead_letter_after: 10 }
     }
 }
 
@@ -253,6 +256,9 @@ impl AgentConfig {
         if self.spool.max_bytes == 0 {
             bail!("spool.max_bytes must be positive");
         }
+        if self.spool.dead_letter_after == 0 {
+            bail!("spool.dead_letter_after must be at least 1");
+        }
         if self.limits.max_frequency_hz == 0 || self.limits.max_frequency_hz > 10_000 {
             bail!("limits.max_frequency_hz must be in 1..=10000");
         }
@@ -301,6 +307,7 @@ mod tests {
         assert_eq!(config.sampling.window, Duration::from_secs(10));
         assert!(config.off_cpu.enabled);
         assert_eq!(config.server.max_attempts, 4);
+        assert_eq!(config.spool.dead_letter_after, 10);
     }
 
     #[test]

@@ -26,15 +26,15 @@ use crate::{
     runs::{Applied, Poller, Report, RunControl},
     sample::RawValue,
     session::{Session, Settings, Window},
-    ship::{Payload, ShipError, Shipper, Stacks, WindowMeta, build_payload},
-    spool::Spool,
+    ship::{Payload, ShipError, Shipper, Stacks, WindowMeta, build_payload, jitter},
+    spool::{Spool, Spooled},
     symbolize::comm_name,
 };
 use profiler_common::Stat;
 
 /// Windows queued between sampling and shipping before they go straight to the spool.
 const QUEUE_WINDOWS: usize = 4;
-/// How often the spool is retried while the server is away.
+/// How often the spool is retried while the server is away (jittered to 50-100%).
 const REPLAY_INTERVAL: Duration = Duration::from_secs(5);
 
 pub fn run(config: AgentConfig) -> anyhow::Result<()> {
@@ -43,7 +43,13 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
     let host_labels = host_labels(&config.labels);
     let spool = Arc::new(Mutex::new(Spool::open(&config.spool.dir, config.spool.max_bytes)?));
     let metrics = Arc::new(Metrics::default());
-    let shipper = Shipper::new(&config.server.url, config.server.token.clone(), config.server.timeout, config.server.max_attempts)?;
+    let shipper = Shipper::new(
+        &config.server.url,
+        config.server.token.clone(),
+        config.server.timeout,
+        config.server.max_attempts,
+        metrics.clone(),
+    )?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let stop = Arc::new(AtomicBool::new(false));
 
@@ -88,7 +94,7 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
                 sampling_loop(session, window, &rules, &host_labels, runs, sender, &stop, &spool, &metrics)
             })?
         };
-        ship_loop(receiver, &shipper, &spool, &metrics).await;
+        ship_loop(receiver, &shipper, &spool, &metrics, config.spool.dead_letter_after).await;
         sampling.join().map_err(|_| anyhow::anyhow!("sampling thread panicked"))?
     })
 }
@@ -172,6 +178,9 @@ fn sampling_loop(
     let window_ms = window.as_millis() as u64;
     let mut start_ms = now_ms();
     let mut applied = Applied::default();
+    // Batch ids are `<this run>-<window start>-<index>`: a random run id keeps them
+    // unique across restarts and hosts, whose windows start at the same instants.
+    let run_id = format!("{:016x}", fastrand::u64(..));
     loop {
         // Windows end on wall-clock multiples of their length, like the server's buckets.
         let end_ms = (start_ms / window_ms + 1) * window_ms;
@@ -188,7 +197,7 @@ fn sampling_loop(
         }
         let end_ms = now_ms().min(end_ms).max(start_ms + 1);
         let meta = WindowMeta { start_ms, end_ms, period_ns: session.period_ns() };
-        let payloads = groups.payloads(host_labels, &meta);
+        let payloads = groups.payloads(host_labels, &meta, &run_id);
         *runs.control.services.lock().unwrap() = groups.services();
         metrics.windows.fetch_add(1, Relaxed);
         metrics.profiles_produced.fetch_add(payloads.len() as u64, Relaxed);
@@ -276,10 +285,14 @@ impl WindowGroups {
         self.identities.values().map(|identity| identity.service.clone()).collect()
     }
 
-    fn payloads(&self, host_labels: &BTreeMap<String, String>, meta: &WindowMeta) -> Vec<Payload> {
+    fn payloads(&self, host_labels: &BTreeMap<String, String>, meta: &WindowMeta, run_id: &str) -> Vec<Payload> {
         self.groups
             .iter()
-            .map(|((identity, kind), stacks)| build_payload(identity, host_labels, *kind, stacks, meta))
+            .enumerate()
+            .map(|(index, ((identity, kind), stacks))| {
+                let batch_id = format!("{run_id}-{}-{index}", meta.start_ms);
+                build_payload(identity, host_labels, *kind, stacks, meta, &batch_id)
+            })
             .collect()
     }
 }
@@ -310,8 +323,16 @@ fn spool_payload(spool: &mut Spool, payload: &Payload, metrics: &Metrics) {
     metrics.spool_bytes.store(spool.bytes(), Relaxed);
 }
 
-async fn ship_loop(mut receiver: mpsc::Receiver<Vec<Payload>>, shipper: &Shipper, spool: &Arc<Mutex<Spool>>, metrics: &Arc<Metrics>) {
-    let mut replay = tokio::time::interval(REPLAY_INTERVAL);
+async fn ship_loop(
+    mut receiver: mpsc::Receiver<Vec<Payload>>,
+    shipper: &Shipper,
+    spool: &Arc<Mutex<Spool>>,
+    metrics: &Arc<Metrics>,
+    dead_letter_after: u32,
+) {
+    // Not after each window: windows end at the same wall-clock instants on every host,
+    // and a fleet that lost the server would replay in lockstep.
+    let mut next_replay = tokio::time::Instant::now() + jitter(REPLAY_INTERVAL);
     loop {
         tokio::select! {
             batch = receiver.recv() => {
@@ -320,12 +341,14 @@ async fn ship_loop(mut receiver: mpsc::Receiver<Vec<Payload>>, shipper: &Shipper
                     ship_or_spool(payload, shipper, spool, metrics).await;
                 }
             }
-            _ = replay.tick() => {}
+            _ = tokio::time::sleep_until(next_replay) => {
+                replay_spool(shipper, spool, metrics, dead_letter_after).await;
+                next_replay = tokio::time::Instant::now() + jitter(REPLAY_INTERVAL);
+            }
         }
-        replay_spool(shipper, spool, metrics).await;
     }
     // The sampling thread is done: one last try for the spool, the rest stays on disk.
-    replay_spool(shipper, spool, metrics).await;
+    replay_spool(shipper, spool, metrics, dead_letter_after).await;
     let left = with_spool(spool, |s| s.len()).await;
     let count = |counter: &std::sync::atomic::AtomicU64| counter.load(Relaxed);
     tracing::info!(
@@ -335,9 +358,12 @@ async fn ship_loop(mut receiver: mpsc::Receiver<Vec<Payload>>, shipper: &Shipper
         profiles_spooled = count(&metrics.profiles_spooled),
         profiles_dropped = count(&metrics.profiles_dropped),
         profiles_rejected = count(&metrics.profiles_rejected),
+        profiles_dead_lettered = count(&metrics.profiles_dead_lettered),
         value_produced_ns = count(&metrics.value_produced_ns),
         value_shipped_ns = count(&metrics.value_shipped_ns),
         value_dropped_ns = count(&metrics.value_dropped_ns),
+        value_dead_lettered_ns = count(&metrics.value_dead_lettered_ns),
+        ship_auth_failures = count(&metrics.ship_auth_failures),
         left_in_spool = left,
         "agent stopped"
     );
@@ -349,7 +375,9 @@ async fn ship_or_spool(payload: Payload, shipper: &Shipper, spool: &Arc<Mutex<Sp
         match shipper.send_with_retries(&payload).await {
             Ok(()) => return shipped(&payload, metrics),
             Err(ShipError::Rejected(err)) => return rejected(&payload, err, metrics),
-            Err(ShipError::Retryable(err)) => tracing::warn!("server unreachable, spooling: {err:#}"),
+            // The shipper said so already, once a minute rather than once a window.
+            Err(ShipError::Misconfigured(_)) => {}
+            Err(err) => tracing::warn!("could not ship, spooling: {err}"),
         }
     }
     let metrics = metrics.clone();
@@ -367,25 +395,82 @@ fn rejected(payload: &Payload, err: anyhow::Error, metrics: &Metrics) {
     metrics.profiles_rejected.fetch_add(1, Relaxed);
 }
 
-/// Sends spooled windows oldest first, one attempt each, until one fails.
-async fn replay_spool(shipper: &Shipper, spool: &Arc<Mutex<Spool>>, metrics: &Arc<Metrics>) {
-    loop {
-        let Some(payload) = with_spool(spool, |s| s.oldest()).await else { break };
-        match shipper.send(&payload).await {
-            Ok(()) => shipped(&payload, metrics),
-            Err(ShipError::Rejected(err)) => rejected(&payload, err, metrics),
-            Err(ShipError::Retryable(_)) => break,
-        }
-        let metrics = metrics.clone();
-        with_spool(spool, move |s| {
-            if let Err(err) = s.remove_oldest() {
-                tracing::error!("removing a shipped profile from the spool: {err:#}");
+/// Poison suspects one replay passes over at most: bounds the requests a replay sends
+/// to a server that fails everything.
+const MAX_PASSED_OVER: usize = 16;
+
+/// Sends spooled windows oldest first, one attempt each.
+///
+/// A failure that says nothing about the payload (no answer; 408, 429, 502, 503, 504;
+/// 401, 403, 404) ends the replay: the next one starts again from the oldest window, so
+/// the order is kept and a server that is away gets one request per replay.
+///
+/// When the server fails a payload itself (500 or another 5xx), the failure is counted
+/// in the spool, on disk. Below `dead_letter_after` failures it ends the replay too. At
+/// that count the payload is a poison suspect: the replay passes over it (it stays in
+/// place) to the next window. If the server accepts a later window in the same replay,
+/// it works and only fails the suspects: they are dead-lettered, that is removed and
+/// counted (`profiles_dead_lettered_total`, `value_dead_lettered_nanoseconds_total`). A
+/// server that fails everything accepts nothing, so it never costs a window, however
+/// long it lasts. Suspects are passed over on each replay until one is accepted or
+/// dead-lettered, at most [`MAX_PASSED_OVER`] per replay.
+///
+/// The risk left: a server that failed everything for `dead_letter_after` replays and,
+/// coming back, fails a suspect once more while accepting the next window costs that
+/// one window, counted.
+async fn replay_spool(shipper: &Shipper, spool: &Arc<Mutex<Spool>>, metrics: &Arc<Metrics>, dead_letter_after: u32) {
+    let mut after = None;
+    let mut suspects: Vec<Spooled> = Vec::new();
+    while let Some(spooled) = with_spool(spool, move |s| s.next_after(after)).await {
+        after = Some(spooled.seq);
+        match shipper.send(&spooled.payload).await {
+            Ok(()) => {
+                shipped(&spooled.payload, metrics);
+                for suspect in suspects.drain(..) {
+                    tracing::error!(
+                        query = %suspect.payload.query,
+                        failures = suspect.failures,
+                        ns = suspect.payload.value,
+                        "dead-lettering a profile the server keeps failing while it accepts later ones"
+                    );
+                    metrics.profiles_dead_lettered.fetch_add(1, Relaxed);
+                    metrics.value_dead_lettered_ns.fetch_add(suspect.payload.value, Relaxed);
+                    unspool(spool, suspect.seq, metrics).await;
+                }
             }
-            metrics.spool_profiles.store(s.len() as u64, Relaxed);
-            metrics.spool_bytes.store(s.bytes(), Relaxed);
-        })
-        .await;
+            Err(ShipError::Rejected(err)) => rejected(&spooled.payload, err, metrics),
+            Err(ShipError::ServerFailed(err)) => {
+                let seq = spooled.seq;
+                match with_spool(spool, move |s| s.count_failure(seq)).await {
+                    Ok(failures) if failures >= dead_letter_after && suspects.len() < MAX_PASSED_OVER => {
+                        tracing::warn!(query = %spooled.payload.query, failures, "server keeps failing a profile, trying later ones: {err:#}");
+                        suspects.push(Spooled { failures, ..spooled });
+                        continue;
+                    }
+                    Ok(_) => break,
+                    Err(count_err) => {
+                        tracing::error!("counting a failure in the spool: {count_err:#}");
+                        break;
+                    }
+                }
+            }
+            Err(ShipError::Unavailable(_) | ShipError::Misconfigured(_)) => break,
+        }
+        unspool(spool, spooled.seq, metrics).await;
     }
+}
+
+/// Removes a window the server is done with from the spool.
+async fn unspool(spool: &Arc<Mutex<Spool>>, seq: u64, metrics: &Arc<Metrics>) {
+    let metrics = metrics.clone();
+    with_spool(spool, move |s| {
+        if let Err(err) = s.remove(seq) {
+            tracing::error!("removing a profile from the spool: {err:#}");
+        }
+        metrics.spool_profiles.store(s.len() as u64, Relaxed);
+        metrics.spool_bytes.store(s.bytes(), Relaxed);
+    })
+    .await;
 }
 
 /// host, kernel and CPU count from sysinfo, plus the configured labels (which win).

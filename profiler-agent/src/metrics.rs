@@ -26,9 +26,13 @@ pub struct Metrics {
     pub profiles_spooled: AtomicU64,
     pub profiles_dropped: AtomicU64,
     pub profiles_rejected: AtomicU64,
+    pub profiles_dead_lettered: AtomicU64,
+    /// Requests the server refused with 401, 403 or 404.
+    pub ship_auth_failures: AtomicU64,
     pub value_produced_ns: AtomicU64,
     pub value_shipped_ns: AtomicU64,
     pub value_dropped_ns: AtomicU64,
+    pub value_dead_lettered_ns: AtomicU64,
     pub bytes_shipped: AtomicU64,
     pub spool_profiles: AtomicU64,
     pub spool_bytes: AtomicU64,
@@ -63,9 +67,12 @@ impl Metrics {
         metric("profiles_spooled_total", "counter", "Profiles written to the on-disk spool.", get(&self.profiles_spooled));
         metric("profiles_dropped_total", "counter", "Profiles dropped because the spool was full.", get(&self.profiles_dropped));
         metric("profiles_rejected_total", "counter", "Profiles the server refused (4xx).", get(&self.profiles_rejected));
+        metric("profiles_dead_lettered_total", "counter", "Spooled profiles given up on: the server kept failing them (5xx) while it accepted later ones.", get(&self.profiles_dead_lettered));
+        metric("ship_auth_failures_total", "counter", "Ingest requests refused with 401, 403 or 404 (token, URL or proxy wrong); their profiles are kept.", get(&self.ship_auth_failures));
         metric("value_produced_nanoseconds_total", "counter", "Profiled time produced.", get(&self.value_produced_ns));
         metric("value_shipped_nanoseconds_total", "counter", "Profiled time acknowledged by the server.", get(&self.value_shipped_ns));
         metric("value_dropped_nanoseconds_total", "counter", "Profiled time dropped with full-spool profiles.", get(&self.value_dropped_ns));
+        metric("value_dead_lettered_nanoseconds_total", "counter", "Profiled time in dead-lettered profiles.", get(&self.value_dead_lettered_ns));
         metric("bytes_shipped_total", "counter", "Compressed profile bytes acknowledged by the server.", get(&self.bytes_shipped));
         metric("spool_profiles", "gauge", "Profiles waiting in the spool.", get(&self.spool_profiles));
         metric("spool_bytes", "gauge", "Bytes in the spool.", get(&self.spool_bytes));

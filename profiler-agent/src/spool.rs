@@ -1,6 +1,10 @@
 //! Bounded on-disk queue of windows the server has not acknowledged yet. Files are named
 //! by a sequence number, so replay is in order and survives agent restarts. Past the
 //! size limit the oldest windows are dropped, and counted.
+//!
+//! A file's name also carries how often the server failed that payload
+//! (`SEQ-FAILURES.window`, renamed at each failure), so the count that decides whether it
+//! is poison survives restarts too.
 
 use std::{
     collections::VecDeque,
@@ -31,6 +35,16 @@ struct Entry {
     size: u64,
     /// The payload's value, so drops can be accounted in profiled time.
     value: u64,
+    failures: u32,
+}
+
+/// A payload read back from the spool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Spooled {
+    pub seq: u64,
+    /// Times the server failed it, as counted by [`Spool::count_failure`].
+    pub failures: u32,
+    pub payload: Payload,
 }
 
 /// Windows dropped to make room for a new one.
@@ -49,10 +63,10 @@ impl Spool {
             let entry = entry?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if let Some(seq) = name.strip_suffix(SUFFIX).and_then(|s| s.parse::<u64>().ok()) {
+            if let Some((seq, failures)) = name.strip_suffix(SUFFIX).and_then(parse_name) {
                 let raw = fs::read(entry.path())?;
                 let value = Payload::decode(&raw).map_or(0, |p| p.value);
-                entries.push(Entry { seq, size: raw.len() as u64, value });
+                entries.push(Entry { seq, size: raw.len() as u64, value, failures });
             } else if name.ends_with(".tmp") {
                 // A write interrupted by a crash: never acknowledged as spooled.
                 let _ = fs::remove_file(entry.path());
@@ -64,8 +78,15 @@ impl Spool {
         Ok(Self { dir: dir.to_path_buf(), max_bytes, entries: entries.into(), bytes, next_seq, dropped: 0 })
     }
 
-    fn path(&self, seq: u64) -> PathBuf {
-        self.dir.join(format!("{seq:020}{SUFFIX}"))
+    fn path(&self, entry: &Entry) -> PathBuf {
+        match entry.failures {
+            0 => self.dir.join(format!("{:020}{SUFFIX}", entry.seq)),
+            failures => self.dir.join(format!("{:020}-{failures}{SUFFIX}", entry.seq)),
+        }
+    }
+
+    fn position(&self, seq: u64) -> Option<usize> {
+        self.entries.binary_search_by_key(&seq, |e| e.seq).ok()
     }
 
     /// Appends a window, dropping the oldest ones to make room; says what was dropped.
@@ -79,7 +100,7 @@ impl Spool {
         let mut dropped = Dropped::default();
         while self.bytes + size > self.max_bytes {
             let Some(old) = self.entries.pop_front() else { break };
-            let _ = fs::remove_file(self.path(old.seq));
+            let _ = fs::remove_file(self.path(&old));
             self.bytes -= old.size;
             dropped.profiles += 1;
             dropped.value += old.value;
@@ -90,23 +111,26 @@ impl Spool {
         let mut file = fs::File::create(&tmp)?;
         file.write_all(&encoded)?;
         file.sync_all()?;
-        fs::rename(&tmp, self.path(seq))?;
-        self.entries.push_back(Entry { seq, size, value: payload.value });
+        let entry = Entry { seq, size, value: payload.value, failures: 0 };
+        fs::rename(&tmp, self.path(&entry))?;
+        self.entries.push_back(entry);
         self.bytes += size;
         self.next_seq += 1;
         Ok(dropped)
     }
 
-    /// The oldest window, if any. A corrupt file is removed and skipped.
-    pub fn oldest(&mut self) -> Option<Payload> {
-        while let Some(&Entry { seq, size, .. }) = self.entries.front() {
-            match fs::read(self.path(seq)).ok().and_then(|raw| Payload::decode(&raw)) {
-                Some(payload) => return Some(payload),
+    /// The oldest window after `after` (the oldest of all for `None`). A corrupt file is
+    /// removed and skipped.
+    pub fn next_after(&mut self, after: Option<u64>) -> Option<Spooled> {
+        let index = after.map_or(0, |after| self.entries.partition_point(|e| e.seq <= after));
+        while let Some(&entry) = self.entries.get(index) {
+            match fs::read(self.path(&entry)).ok().and_then(|raw| Payload::decode(&raw)) {
+                Some(payload) => return Some(Spooled { seq: entry.seq, failures: entry.failures, payload }),
                 None => {
-                    tracing::warn!(seq, "dropping unreadable spooled window");
-                    let _ = fs::remove_file(self.path(seq));
-                    self.entries.pop_front();
-                    self.bytes -= size;
+                    tracing::warn!(seq = entry.seq, "dropping unreadable spooled window");
+                    let _ = fs::remove_file(self.path(&entry));
+                    self.entries.remove(index);
+                    self.bytes -= entry.size;
                     self.dropped += 1;
                 }
             }
@@ -114,13 +138,24 @@ impl Spool {
         None
     }
 
-    /// Removes the oldest window once the server acknowledged it.
-    pub fn remove_oldest(&mut self) -> anyhow::Result<()> {
-        if let Some(entry) = self.entries.pop_front() {
-            fs::remove_file(self.path(entry.seq))?;
+    /// Removes a window: the server acknowledged it, or it was given up on.
+    pub fn remove(&mut self, seq: u64) -> anyhow::Result<()> {
+        if let Some(index) = self.position(seq) {
+            let entry = self.entries.remove(index).expect("index from position");
             self.bytes -= entry.size;
+            fs::remove_file(self.path(&entry))?;
         }
         Ok(())
+    }
+
+    /// Records one more failure of a window, on disk; returns its failures so far.
+    pub fn count_failure(&mut self, seq: u64) -> anyhow::Result<u32> {
+        let index = self.position(seq).with_context(|| format!("no spooled window {seq}"))?;
+        let before = self.entries[index];
+        let after = Entry { failures: before.failures.saturating_add(1), ..before };
+        fs::rename(self.path(&before), self.path(&after))?;
+        self.entries[index] = after;
+        Ok(after.failures)
     }
 
     pub fn len(&self) -> usize {
@@ -138,6 +173,14 @@ impl Spool {
     /// Windows dropped for space (or unreadable) since the spool was opened.
     pub fn dropped(&self) -> u64 {
         self.dropped
+    }
+}
+
+/// `SEQ` or `SEQ-FAILURES`.
+fn parse_name(stem: &str) -> Option<(u64, u32)> {
+    match stem.split_once('-') {
+        Some((seq, failures)) => Some((seq.parse().ok()?, failures.parse().ok()?)),
+        None => Some((stem.parse().ok()?, 0)),
     }
 }
 
@@ -165,11 +208,37 @@ mod tests {
         let mut spool = Spool::open(dir.path(), size * 3).unwrap();
         assert_eq!(spool.len(), 3);
         let mut seen = Vec::new();
-        while let Some(p) = spool.oldest() {
-            seen.push(p.value);
-            spool.remove_oldest().unwrap();
+        while let Some(spooled) = spool.next_after(None) {
+            seen.push(spooled.payload.value);
+            spool.remove(spooled.seq).unwrap();
         }
         assert_eq!(seen, vec![2, 3, 4]);
         assert_eq!(spool.bytes(), 0);
+    }
+
+    #[test]
+    fn failures_survive_reopen_and_windows_leave_from_the_middle() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        for n in 0..3 {
+            spool.push(&payload(n)).unwrap();
+        }
+        let first = spool.next_after(None).unwrap();
+        assert_eq!(spool.count_failure(first.seq).unwrap(), 1);
+        assert_eq!(spool.count_failure(first.seq).unwrap(), 2);
+        let second = spool.next_after(Some(first.seq)).unwrap();
+        assert_eq!((second.payload.value, second.failures), (1, 0));
+        spool.remove(second.seq).unwrap();
+        drop(spool);
+
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(spool.len(), 2);
+        assert_eq!(spool.bytes(), 2 * payload(0).encode().len() as u64);
+        let first = spool.next_after(None).unwrap();
+        assert_eq!((first.payload.value, first.failures), (0, 2));
+        let last = spool.next_after(Some(first.seq)).unwrap();
+        assert_eq!((last.payload.value, last.failures), (2, 0));
+        assert_eq!(spool.next_after(Some(last.seq)), None);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2, "a renamed window leaves no copy behind");
     }
 }

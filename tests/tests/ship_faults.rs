@@ -1,0 +1,325 @@
+//! The daemon against servers that misbehave.
+//!
+//! The server here is a stand-in written in this file: a loopback HTTP server whose
+//! answer to each ingest request the test decides, and which keeps what it accepted.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use profiler_tests::{exclusive, require_root, Daemon};
+
+/// One ingest request as the stand-in server saw it, and its answer.
+#[derive(Clone, Debug)]
+struct Request {
+    batch_id: String,
+    body: Vec<u8>,
+    status: u16,
+}
+
+impl Request {
+    /// Profiled nanoseconds in the payload.
+    fn value(&self) -> u64 {
+        let profile = profiler_pprof::decode_gzip(&self.body, 64 << 20)
+            .expect("the agent sent a valid gzip pprof");
+        profile
+            .sample
+            .iter()
+            .map(|sample| sample.value[0] as u64)
+            .sum()
+    }
+
+    /// (window start, index in the window), the order in which the agent produced it.
+    fn produced_order(&self) -> (u64, u64) {
+        let mut parts = self.batch_id.rsplitn(3, '-');
+        let index = parts.next().unwrap().parse().unwrap();
+        let start = parts.next().unwrap().parse().unwrap();
+        (start, index)
+    }
+}
+
+type Answer = Box<dyn Fn(&Request) -> u16 + Send + Sync>;
+
+/// The stand-in for the server's ingest API.
+struct FakeServer {
+    url: String,
+    requests: Arc<Mutex<Vec<Request>>>,
+    stop: Arc<AtomicBool>,
+    addr: std::net::SocketAddr,
+}
+
+impl FakeServer {
+    fn start(answer: impl Fn(&Request) -> u16 + Send + Sync + 'static) -> FakeServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let answer: Arc<Answer> = Arc::new(Box::new(answer));
+        {
+            let (requests, stop) = (requests.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let (requests, answer) = (requests.clone(), answer.clone());
+                    std::thread::spawn(move || serve(stream, &requests, &answer));
+                }
+            });
+        }
+        FakeServer {
+            url: format!("http://{addr}"),
+            requests,
+            stop,
+            addr,
+        }
+    }
+
+    fn requests(&self) -> Vec<Request> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    fn accepted(&self) -> Vec<Request> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.status == 200)
+            .collect()
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wakes the accept loop so it sees the flag.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+/// One request per connection: the answer closes it, which the agent's client expects.
+fn serve(stream: TcpStream, requests: &Mutex<Vec<Request>>, answer: &Answer) {
+    let mut reader = BufReader::new(stream);
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).is_err() {
+        return;
+    }
+    let mut content_length = 0;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                content_length = value.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let mut body = vec![0; content_length];
+    if reader.read_exact(&mut body).is_err() {
+        return;
+    }
+    let target = request_line.split_whitespace().nth(1).unwrap_or("");
+    let status = match target.split_once('?') {
+        Some(("/api/v1/ingest", query)) => {
+            let query: HashMap<String, String> = form_urlencoded::parse(query.as_bytes())
+                .into_owned()
+                .collect();
+            let field = |name: &str| query.get(name).cloned().unwrap_or_default();
+            let mut request = Request {
+                batch_id: field("batch_id"),
+                body,
+                status: 0,
+            };
+            request.status = answer(&request);
+            let status = request.status;
+            requests.lock().unwrap().push(request);
+            status
+        }
+        _ => 404,
+    };
+    let response =
+        format!("HTTP/1.1 {status} Fake\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    let _ = reader.get_mut().write_all(response.as_bytes());
+}
+
+fn config(dir: &Path, server_url: &str, extra_spool: &str) -> PathBuf {
+    let path = dir.join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[server]
+url = "{server_url}"
+timeout = "2s"
+max_attempts = 2
+poll_interval = "0s"
+
+[sampling]
+window = "2s"
+
+[spool]
+dir = "{}"
+{extra_spool}
+
+[metrics]
+listen = "127.0.0.1:0"
+"#,
+            dir.join("spool").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Every window accepted once, and everything the agent produced among them.
+fn assert_each_batch_once(accepted: &[Request]) {
+    let ids: BTreeSet<&str> = accepted.iter().map(|r| r.batch_id.as_str()).collect();
+    assert_eq!(ids.len(), accepted.len(), "a batch was accepted twice");
+    assert!(
+        ids.iter().all(|id| !id.is_empty()),
+        "a payload without batch_id"
+    );
+}
+
+#[test]
+fn a_server_refusing_the_token_for_a_minute_loses_no_window() {
+    let _serial = exclusive();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let refuse_until = Instant::now() + Duration::from_secs(60);
+    let server = FakeServer::start(move |_| {
+        if Instant::now() < refuse_until {
+            403
+        } else {
+            200
+        }
+    });
+    let daemon = Daemon::start(&config(dir.path(), &server.url, ""));
+
+    std::thread::sleep(refuse_until.saturating_duration_since(Instant::now()));
+    assert!(server.accepted().is_empty());
+    assert!(
+        daemon.metric("ship_auth_failures_total") > 0.0,
+        "403s are not counted"
+    );
+    assert!(
+        daemon.metric("spool_profiles") > 0.0,
+        "nothing was spooled while the server refused"
+    );
+    let log = daemon.take_log();
+    let loud = log
+        .iter()
+        .filter(|line| line.contains("ERROR") && line.contains("authentication or route failed"))
+        .count();
+    assert!(
+        (1..=2).contains(&loud),
+        "want the refusal logged about once a minute, got {loud} times"
+    );
+
+    wait_until(
+        "the spool drained after the server accepted again",
+        Duration::from_secs(30),
+        || daemon.metric("spool_profiles") == 0.0,
+    );
+    let counters = daemon.stop();
+    eprintln!("agent counters: {counters:?}");
+    assert_eq!(counters["profiles_rejected"], 0);
+    assert_eq!(counters["profiles_dropped"], 0);
+    assert_eq!(counters["left_in_spool"], 0);
+    assert!(
+        counters["windows"] >= 30,
+        "the agent ran over a minute in 2 s windows"
+    );
+    assert_eq!(counters["profiles_shipped"], counters["profiles_produced"]);
+    assert_eq!(counters["value_shipped_ns"], counters["value_produced_ns"]);
+
+    let accepted = server.accepted();
+    assert_each_batch_once(&accepted);
+    assert_eq!(accepted.len() as u64, counters["profiles_produced"]);
+    let total: u64 = accepted.iter().map(Request::value).sum();
+    assert_eq!(
+        total, counters["value_produced_ns"],
+        "the server holds {total} ns, the agent produced {}",
+        counters["value_produced_ns"]
+    );
+}
+
+#[test]
+fn a_payload_the_server_always_fails_is_dead_lettered_without_blocking_later_windows() {
+    let _serial = exclusive();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    // The first payload the server ever sees fails, whenever it comes back.
+    let poison = Arc::new(Mutex::new(None::<String>));
+    let server = {
+        let poison = poison.clone();
+        FakeServer::start(move |request| {
+            let mut poison = poison.lock().unwrap();
+            if poison.get_or_insert_with(|| request.batch_id.clone()) == &request.batch_id {
+                500
+            } else {
+                200
+            }
+        })
+    };
+    let daemon = Daemon::start(&config(dir.path(), &server.url, "dead_letter_after = 3"));
+
+    wait_until(
+        "the poison payload dead-lettered",
+        Duration::from_secs(40),
+        || daemon.metric("profiles_dead_lettered_total") >= 1.0,
+    );
+    let poison = poison.lock().unwrap().clone().unwrap();
+    let last_window = |requests: &[Request]| requests.iter().map(|r| r.produced_order().0).max();
+    let seen = last_window(&server.accepted());
+    wait_until(
+        "a later window after the dead-lettering",
+        Duration::from_secs(10),
+        || last_window(&server.accepted()) > seen,
+    );
+    let counters = daemon.stop();
+    eprintln!("agent counters: {counters:?}");
+
+    let requests = server.requests();
+    let poisoned: Vec<&Request> = requests.iter().filter(|r| r.batch_id == poison).collect();
+    // Two live attempts (max_attempts), then three replays (dead_letter_after).
+    assert_eq!(poisoned.len(), 2 + 3, "attempts at the poison payload");
+    assert_eq!(counters["profiles_dead_lettered"], 1);
+    assert_eq!(counters["value_dead_lettered_ns"], poisoned[0].value());
+    assert_eq!(counters["left_in_spool"], 0);
+    assert_eq!(
+        counters["profiles_shipped"] + 1,
+        counters["profiles_produced"]
+    );
+    assert_eq!(
+        counters["value_shipped_ns"] + counters["value_dead_lettered_ns"],
+        counters["value_produced_ns"]
+    );
+
+    let accepted = server.accepted();
+    assert_each_batch_once(&accepted);
+    assert_eq!(accepted.len() as u64, counters["profiles_shipped"]);
+    let order: Vec<(u64, u64)> = accepted.iter().map(Request::produced_order).collect();
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(order, sorted, "windows arrived out of order");
+    assert!(order
+        .iter()
+        .any(|&window| window > poisoned[0].produced_order()));
+}
