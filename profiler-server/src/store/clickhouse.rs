@@ -251,7 +251,8 @@ pub struct ClickHouseStore {
     db: String,
     opts: ClickHouseOptions,
     rt: Option<tokio::runtime::Runtime>,
-    /// Stack frames seen (written or read) by this instance.
+    /// Stack frames seen (written or read) by this instance; at most
+    /// `MAX_CACHED` entries (see `must_start_over`).
     stacks: RwLock<HashMap<u64, Frames>>,
     /// (service, id) already inserted by this instance, to skip re-sending
     /// dictionaries with every batch.
@@ -566,6 +567,9 @@ impl ClickHouseStore {
             let q = sql.query(&self.client);
             let rows = self.run(async move { Ok(q.fetch_all::<FramesRow>().await?) })?;
             let mut s = self.stacks.write().unwrap_or_else(|e| e.into_inner());
+            if must_start_over(s.len(), rows.len()) {
+                s.clear();
+            }
             for r in rows {
                 s.insert(r.stack_id, r.frames.into());
             }
@@ -605,6 +609,9 @@ impl Store for ClickHouseStore {
         };
         {
             let mut s = self.stacks.write().unwrap_or_else(|e| e.into_inner());
+            if must_start_over(s.len(), batch.stacks.len()) {
+                s.clear();
+            }
             for (id, f) in &batch.stacks {
                 s.entry(*id).or_insert_with(|| f.clone());
             }
@@ -668,14 +675,25 @@ impl Store for ClickHouseStore {
             }
             Ok(())
         })?;
-        self.written_stacks
+        {
+            let mut w = self
+                .written_stacks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if must_start_over(w.len(), stack_ids.len()) {
+                w.clear();
+            }
+            w.extend(stack_ids.into_iter().map(|id| (svc, id)));
+        }
+        let mut w = self
+            .written_series
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(stack_ids.into_iter().map(|id| (svc, id)));
-        self.written_series
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(series_ids);
+            .unwrap_or_else(|e| e.into_inner());
+        if must_start_over(w.len(), series_ids.len()) {
+            w.clear();
+        }
+        w.extend(series_ids);
+        drop(w);
         Ok(Appended::Stored)
     }
 
@@ -733,10 +751,11 @@ impl Store for ClickHouseStore {
             Ok(rows) => {
                 let r = rows.into_iter().next()?;
                 let f: Frames = r.frames.into();
-                self.stacks
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id, f.clone());
+                let mut s = self.stacks.write().unwrap_or_else(|e| e.into_inner());
+                if must_start_over(s.len(), 1) {
+                    s.clear();
+                }
+                s.insert(id, f.clone());
                 Some(f)
             }
             Err(e) => {
@@ -805,6 +824,22 @@ impl Store for ClickHouseStore {
             .and_then(|v| v.first().map(|r| r.bytes))
             .unwrap_or(0)
     }
+}
+
+/// Entries each cache of this instance holds at most.
+const MAX_CACHED: usize = 1_000_000;
+
+/// Whether a cache of `len` entries must start over before taking `adding`
+/// more. The caches only save round trips (stacks are read back from
+/// ClickHouse, dictionary rows are re-sent and merged by their
+/// ReplacingMergeTree), so starting over is correct, and it keeps memory
+/// bounded however many stacks pass through.
+fn must_start_over(len: usize, adding: usize) -> bool {
+    let full = len + adding > MAX_CACHED;
+    if full {
+        tracing::info!(entries = len, "ClickHouse cache full; starting it over");
+    }
+    full
 }
 
 #[cfg(test)]

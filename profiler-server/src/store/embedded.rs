@@ -41,6 +41,10 @@ const SEGMENTS: TableDefinition<u64, &str> = TableDefinition::new("segments");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Ids of flushed batches (their WAL records are gone) -> when stored, ms.
 const BATCH_IDS: TableDefinition<u128, i64> = TableDefinition::new("batch_ids");
+/// Latest row timestamp referencing a stack / series: once it is older than
+/// retention (plus the widest segment), no segment can reference the entry.
+const STACK_SEEN: TableDefinition<u64, i64> = TableDefinition::new("stack_seen");
+const SERIES_SEEN: TableDefinition<u64, i64> = TableDefinition::new("series_seen");
 const WAL_FLUSHED_UPTO: &str = "wal_flushed_upto";
 
 #[derive(Debug, Clone)]
@@ -114,9 +118,45 @@ struct Dict {
     // Entries known only from the WAL, not yet in redb.
     new_stacks: Vec<u64>,
     new_series: Vec<u64>,
+    // Latest row timestamp per entry, for garbage collection.
+    stack_seen: HashMap<u64, i64>,
+    series_seen: HashMap<u64, i64>,
 }
 
 impl Dict {
+    fn saw(&mut self, row: &Row) {
+        let s = self.stack_seen.entry(row.stack_id).or_insert(row.ts_ms);
+        *s = (*s).max(row.ts_ms);
+        let s = self.series_seen.entry(row.series_id).or_insert(row.ts_ms);
+        *s = (*s).max(row.ts_ms);
+    }
+
+    /// Drops entries whose latest row is older than `cutoff_ms`; returns
+    /// their ids.
+    fn forget_before(&mut self, cutoff_ms: i64) -> (Vec<u64>, Vec<u64>) {
+        let old = |seen: &HashMap<u64, i64>| -> Vec<u64> {
+            seen.iter().filter(|(_, &at)| at < cutoff_ms).map(|(&id, _)| id).collect()
+        };
+        let (stacks, series) = (old(&self.stack_seen), old(&self.series_seen));
+        for id in &stacks {
+            self.stacks.remove(id);
+            self.stack_seen.remove(id);
+        }
+        for id in &series {
+            if let Some(labels) = self.series.remove(id) {
+                let service = labels.get("service").map_or("", String::as_str);
+                if let Some(ids) = self.by_service.get_mut(service) {
+                    ids.remove(id);
+                    if ids.is_empty() {
+                        self.by_service.remove(service);
+                    }
+                }
+            }
+            self.series_seen.remove(id);
+        }
+        (stacks, series)
+    }
+
     fn add_series(&mut self, id: u64, labels: Arc<Labels>, persisted: bool) {
         if self.series.contains_key(&id) {
             return;
@@ -199,6 +239,8 @@ impl EmbeddedStore {
         txn.open_table(SEGMENTS)?;
         txn.open_table(META)?;
         txn.open_table(BATCH_IDS)?;
+        txn.open_table(STACK_SEEN)?;
+        txn.open_table(SERIES_SEEN)?;
         txn.commit()?;
         let now = now_ms();
         let mut recent = RecentBatches::new(opts.dedup_window_ms, opts.dedup_max_ids);
@@ -221,6 +263,22 @@ impl EmbeddedStore {
             for e in txn.open_table(SEGMENTS)?.iter()? {
                 let (_, v) = e?;
                 segments.push(serde_json::from_str::<SegmentMeta>(v.value())?);
+            }
+            for e in txn.open_table(STACK_SEEN)?.iter()? {
+                let (k, v) = e?;
+                dict.stack_seen.insert(k.value(), v.value());
+            }
+            for e in txn.open_table(SERIES_SEEN)?.iter()? {
+                let (k, v) = e?;
+                dict.series_seen.insert(k.value(), v.value());
+            }
+            // Catalogs from before garbage collection have no timestamps:
+            // such entries count as seen now, so they live one more retention.
+            for id in dict.stacks.keys() {
+                dict.stack_seen.entry(*id).or_insert(now);
+            }
+            for id in dict.series.keys() {
+                dict.series_seen.entry(*id).or_insert(now);
             }
             let mut ids: Vec<(i64, u128)> = Vec::new();
             for e in txn.open_table(BATCH_IDS)?.iter()? {
@@ -553,6 +611,23 @@ impl EmbeddedStore {
             for (key, at) in p.ids.iter() {
                 t.insert(key, at)?;
             }
+            let (mut stacks, mut series) = (HashSet::new(), HashSet::new());
+            for r in p.buf.values().flatten() {
+                stacks.insert(r.stack_id);
+                series.insert(r.series_id);
+            }
+            let mut t = txn.open_table(STACK_SEEN)?;
+            for id in stacks {
+                if let Some(at) = d.stack_seen.get(&id) {
+                    t.insert(id, at)?;
+                }
+            }
+            let mut t = txn.open_table(SERIES_SEEN)?;
+            for id in series {
+                if let Some(at) = d.series_seen.get(&id) {
+                    t.insert(id, at)?;
+                }
+            }
             txn.open_table(META)?.insert(WAL_FLUSHED_UPTO, p.wal_upto)?;
         }
         drop(d);
@@ -610,6 +685,41 @@ impl EmbeddedStore {
         Ok(())
     }
 
+    /// The widest time span one segment can cover: a segment lives until its
+    /// newest row passes retention, so its oldest row may be this much older.
+    fn widest_segment_ms(&self) -> i64 {
+        let downsampled = self.opts.downsample.iter().map(|&(_, res)| res * 60);
+        downsampled.fold(self.opts.segment_span_ms, i64::max)
+    }
+
+    /// Forgets stacks and series whose latest row is older than `cutoff_ms`:
+    /// no segment can reference them any more, so the dictionaries hold only
+    /// what retention keeps.
+    fn collect_garbage(&self, cutoff_ms: i64) -> anyhow::Result<()> {
+        let (stacks, series) = write(&self.dict).forget_before(cutoff_ms);
+        if stacks.is_empty() && series.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(STACKS)?;
+            let mut seen = txn.open_table(STACK_SEEN)?;
+            for id in &stacks {
+                t.remove(id)?;
+                seen.remove(id)?;
+            }
+            let mut t = txn.open_table(SERIES)?;
+            let mut seen = txn.open_table(SERIES_SEEN)?;
+            for id in &series {
+                t.remove(id)?;
+                seen.remove(id)?;
+            }
+        }
+        txn.commit()?;
+        tracing::info!(stacks = stacks.len(), series = series.len(), "forgot dictionary entries past retention");
+        Ok(())
+    }
+
     fn forget_batch_ids_before(&self, before_ms: i64) -> anyhow::Result<()> {
         let txn = self.db.begin_write()?;
         {
@@ -661,6 +771,9 @@ fn apply(mem: &mut Mem, dict: &mut Dict, b: Batch) {
     }
     for (id, labels) in b.series {
         dict.add_series(id, Arc::new(labels), false);
+    }
+    for r in &b.rows {
+        dict.saw(r);
     }
     mem.active_rows += b.rows.len();
     mem.active
@@ -921,6 +1034,9 @@ impl Store for EmbeddedStore {
         for &(after, res) in &self.opts.downsample {
             self.downsample(now_ms, after, res)?;
         }
+        if let Some(ret) = self.opts.retention_ms {
+            self.collect_garbage(now_ms - ret - self.widest_segment_ms())?;
+        }
         Ok(())
     }
 
@@ -942,6 +1058,8 @@ impl Store for EmbeddedStore {
             wal_bytes: self.wal_bytes.load(Ordering::Relaxed),
             recent_batch_ids,
             busy,
+            dictionary_stacks: read(&self.dict).stacks.len() as u64,
+            dictionary_series: read(&self.dict).series.len() as u64,
         }
     }
 
@@ -1051,9 +1169,16 @@ mod tests {
             6,
             "windows 0..50 s now all sit at minute 0"
         );
-        // And past retention everything goes.
+        // And past retention everything goes, dictionaries included.
+        let stack = batch(0, 1).stacks[0].0;
+        assert!(s.stack(stack).is_some());
         s.maintain(100 * 3_600_000).unwrap();
         assert_eq!(total(&s, 0, i64::MAX), 0);
         assert_eq!(s.segment_count(), 0);
+        assert!(s.stack(stack).is_none(), "stack forgotten");
+        assert!(s.services().is_empty(), "series forgotten");
+        drop(s);
+        let s = EmbeddedStore::open(dir.path(), opts()).unwrap();
+        assert!(s.stack(stack).is_none() && s.services().is_empty(), "forgotten in the catalog too");
     }
 }

@@ -101,6 +101,9 @@ pub struct StoreStats {
     pub recent_batch_ids: u64,
     /// Whether ingest is refused right now, and why.
     pub busy: Option<String>,
+    /// Entries of the stack and series dictionaries held in memory.
+    pub dictionary_stacks: u64,
+    pub dictionary_series: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
