@@ -53,13 +53,23 @@ pub struct ServerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub max_frequency_hz: u64,
+    /// Longest one run may last on this host.
     #[serde(with = "humantime_serde")]
     pub max_run_duration: Duration,
+    /// Deep-profile time this host grants over any 24 hours, across runs: a
+    /// server (or whoever holds its admin token) that starts run after run
+    /// cannot keep the host at a high rate.
+    #[serde(with = "humantime_serde")]
+    pub max_deep_time_per_day: Duration,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_frequency_hz: 999, max_run_duration: Duration::from_secs(3600) }
+        Self {
+            max_frequency_hz: 999,
+            max_run_duration: Duration::from_secs(3600),
+            max_deep_time_per_day: Duration::from_secs(4 * 3600),
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! rate), and each run's state is reported back.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, VecDeque},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -179,11 +179,19 @@ impl Poller {
     }
 }
 
-/// The sampling thread's side: which run is applied, and the switches between runs.
+/// The window over which `max_deep_time_per_day` is counted.
+const DEEP_TIME_WINDOW_MS: i64 = 24 * 3600 * 1000;
+
+/// The sampling thread's side: which run is applied, the switches between runs, and the
+/// deep-profile time this host spent over the last 24 hours.
 #[derive(Default)]
 pub struct Applied {
     run: Option<Run>,
+    /// When the current run was switched to, on the local clock.
+    since_ms: i64,
     failed: BTreeSet<String>,
+    /// (start, end) of earlier runs on this host, within the window.
+    spent: VecDeque<(i64, i64)>,
 }
 
 impl Applied {
@@ -197,13 +205,49 @@ impl Applied {
         reports: &mut Vec<Report>,
     ) -> Option<Option<Run>> {
         let wanted = wanted.filter(|run| now_ms < run.local_end_ms(limits) && !self.failed.contains(&run.id));
+        if self.deep_time_ms(now_ms) >= limits.max_deep_time_per_day.as_millis() as i64 {
+            let mut switch = None;
+            if let Some(current) = self.run.take() {
+                self.spent.push_back((self.since_ms, now_ms));
+                if wanted.as_ref().is_some_and(|w| w.id == current.id) {
+                    self.refuse(current.id, limits, reports);
+                } else {
+                    reports.push(Report { run_id: current.id, state: RunState::Done, message: String::new() });
+                }
+                switch = Some(None);
+            }
+            if let Some(run) = wanted.filter(|w| !self.failed.contains(&w.id)) {
+                self.refuse(run.id, limits, reports);
+            }
+            return switch;
+        }
         if wanted.as_ref().map(|r| &r.id) == self.run.as_ref().map(|r| &r.id) {
             return None;
         }
         if let Some(finished) = self.run.take() {
             reports.push(Report { run_id: finished.id, state: RunState::Done, message: String::new() });
+            self.spent.push_back((self.since_ms, now_ms));
         }
+        self.since_ms = now_ms;
         Some(wanted)
+    }
+
+    fn refuse(&mut self, run_id: String, limits: &LimitsConfig, reports: &mut Vec<Report>) {
+        let budget = humantime::format_duration(limits.max_deep_time_per_day);
+        let message = format!("this host's deep-profile budget ({budget} per 24 h) is spent");
+        reports.push(Report { run_id: run_id.clone(), state: RunState::Failed, message });
+        self.failed.insert(run_id);
+    }
+
+    /// Deep-profile time within the last 24 hours, the current run included.
+    fn deep_time_ms(&mut self, now_ms: i64) -> i64 {
+        let window_start = now_ms - DEEP_TIME_WINDOW_MS;
+        while self.spent.front().is_some_and(|&(_, end)| end <= window_start) {
+            self.spent.pop_front();
+        }
+        let earlier: i64 = self.spent.iter().map(|&(start, end)| end - start.max(window_start)).sum();
+        let current = if self.run.is_some() { now_ms - self.since_ms.max(window_start) } else { 0 };
+        earlier + current
     }
 
     pub fn started(&mut self, run: Run, reports: &mut Vec<Report>) {
@@ -227,7 +271,7 @@ mod tests {
 
     #[test]
     fn runs_start_end_on_the_local_clock_and_respect_limits() {
-        let limits = LimitsConfig { max_frequency_hz: 999, max_run_duration: Duration::from_secs(10) };
+        let limits = LimitsConfig { max_run_duration: Duration::from_secs(10), ..LimitsConfig::default() };
         let baseline = Settings { frequency_hz: 99, off_cpu: None, off_cpu_budget: OffCpuBudget::default() };
         let settings = run("a", 60_000).settings(&baseline, &limits);
         assert_eq!(settings.frequency_hz, 999, "clamped to the host's limit");
@@ -243,5 +287,32 @@ mod tests {
         assert_eq!(applied.step(Some(run("a", 60_000)), 10_000, &limits, &mut reports), Some(None));
         let states: Vec<RunState> = reports.iter().map(|r| r.state).collect();
         assert_eq!(states, vec![RunState::Running, RunState::Done]);
+    }
+
+    #[test]
+    fn fresh_run_ids_cannot_escape_the_daily_budget() {
+        const MIN: i64 = 60_000;
+        let limits = LimitsConfig { max_deep_time_per_day: Duration::from_secs(30 * 60), ..LimitsConfig::default() };
+        let mut applied = Applied::default();
+        let mut reports = Vec::new();
+        // A new 10-minute run every 10 minutes, each under max_run_duration.
+        let mut deep_minutes = 0;
+        for i in 0..12 {
+            let now = i * 10 * MIN;
+            let next = Run { start_ms: now, ..run(&format!("r{i}"), now + 10 * MIN) };
+            if let Some(Some(started)) = applied.step(Some(next), now, &limits, &mut reports) {
+                applied.started(started, &mut reports);
+            }
+            if applied.run.is_some() {
+                deep_minutes += 10;
+            }
+        }
+        assert_eq!(deep_minutes, 30, "three runs, then the budget is spent");
+        let refused = reports.iter().filter(|r| r.message.contains("budget (30m per 24 h) is spent")).count();
+        assert_eq!(refused, 9, "every later run is reported failed with the reason");
+        // A day later the budget is back.
+        let later = 12 * 10 * MIN + DEEP_TIME_WINDOW_MS;
+        let fresh = Run { start_ms: later, ..run("tomorrow", later + 10 * MIN) };
+        assert!(matches!(applied.step(Some(fresh), later, &limits, &mut reports), Some(Some(_))));
     }
 }
