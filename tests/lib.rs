@@ -349,8 +349,22 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: &Path) -> Daemon {
+        Self::start_under(&[], config)
+    }
+
+    /// Runs the agent through `wrapper` (a command and its arguments, e.g. `setpriv` with
+    /// other credentials), or directly when it is empty.
+    pub fn start_under(wrapper: &[&str], config: &Path) -> Daemon {
         require_root();
-        let mut child = Command::new(binary("profiler-agent"))
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary("profiler-agent"));
+                command
+            }
+            None => Command::new(binary("profiler-agent")),
+        };
+        let mut child = command
             .args(["run", "--config", config.to_str().unwrap()])
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
@@ -362,6 +376,10 @@ impl Daemon {
         let addr = metrics.rsplit("addr=").next().unwrap().trim().to_string();
         wait_for_line(&lines, "agent running", "profiler-agent");
         Daemon { child, lines, metrics_url: format!("http://{addr}/metrics") }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The log lines printed since the last call (or since start, after the start lines).

@@ -4,6 +4,9 @@
 //! payloads; a tokio task ships them (retries, then the spool) and replays the spool when
 //! the server is back; another serves /metrics. SIGTERM ends the current window early,
 //! and its payloads are shipped or spooled before exit.
+//!
+//! Once the BPF programs are attached, and before any other thread starts, the daemon
+//! drops the capabilities it no longer needs (see [`crate::privileges`]).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -23,6 +26,7 @@ use crate::{
     config::{AgentConfig, LimitsConfig},
     identity::{Identity, Rule, identify, unknown_process},
     metrics::Metrics,
+    privileges,
     runs::{Applied, Poller, Report, RunControl},
     sample::RawValue,
     session::{Session, Settings, Window},
@@ -41,6 +45,8 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
     config.validate()?;
     let rules = config.rules()?;
     let host_labels = host_labels(&config.labels);
+    let (open_files, open_files_hard) = privileges::raise_open_files_limit()?;
+    tracing::info!(soft = open_files, hard = open_files_hard, "open files limit");
     let spool = Arc::new(Mutex::new(Spool::open(&config.spool.dir, config.spool.max_bytes)?));
     let metrics = Arc::new(Metrics::default());
     let shipper = Shipper::new(
@@ -70,7 +76,9 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
         spawn_signal_handler(stop.clone())?;
 
-        let session = Session::start(&config.sampler_options(), config.off_cpu.budget())?;
+        let loaded = Session::load(&config.sampler_options(), config.off_cpu.budget())?;
+        privileges::drop_capabilities()?;
+        let session = loaded.start()?;
         tracing::info!(server = %config.server.url, window = ?config.sampling.window, "agent running");
         let control = RunControl::default();
         let (report_sender, report_receiver) = mpsc::unbounded_channel();

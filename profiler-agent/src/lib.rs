@@ -9,6 +9,7 @@ pub mod elf_layout;
 pub mod identity;
 pub mod metrics;
 pub mod perf_map;
+pub mod privileges;
 pub mod process;
 pub mod record;
 pub mod render;

@@ -202,9 +202,17 @@ pub struct ProgramCost {
 pub const PROGRAMS: [&str; 2] = ["on_cpu_sample", "sched_switch"];
 
 impl Sampler {
-    /// Loads and attaches the programs. Fails with a one-line reason when the host cannot
-    /// run them (not root, no BTF).
+    /// Loads and attaches the programs and starts reading their records. Fails with a
+    /// one-line reason when the host cannot run them (not root, no BTF).
     pub fn start(options: &SamplerOptions, processes: ProcessTable) -> anyhow::Result<Self> {
+        let mut sampler = Self::attach(options, processes)?;
+        sampler.start_reading()?;
+        Ok(sampler)
+    }
+
+    /// Loads and attaches the programs without starting a thread: records wait in the
+    /// ring buffer until [`Sampler::start_reading`].
+    pub fn attach(options: &SamplerOptions, processes: ProcessTable) -> anyhow::Result<Self> {
         preflight(options)?;
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(maps::SWITCH_OUT, options.max_switched_out);
@@ -239,13 +247,13 @@ impl Sampler {
             learnt: HashMap::new(),
             max: config.user_stack_bytes,
         };
-        let reader = Reader::spawn(
+        let reader = Reader::new(
             ring,
             Unwinder::new(processes),
             stack_bytes,
             options.max_stack_keys as usize,
             options.max_switched_out as usize,
-        )?;
+        );
 
         let mut sampler = Self {
             config_map,
@@ -266,6 +274,10 @@ impl Sampler {
         sampler.set_frequency(options.frequency_hz)?;
         sampler.set_off_cpu(options.off_cpu.as_ref())?;
         Ok(sampler)
+    }
+
+    pub fn start_reading(&mut self) -> anyhow::Result<()> {
+        self.reader.start()
     }
 
     /// (Re)attaches the on-CPU program at a new frequency. Call right after a drain: the
@@ -463,28 +475,36 @@ pub struct AgentLosses {
 type Aggregate = HashMap<(SampleKey, Option<Addrs>, Option<Addrs>), RawValue>;
 type Reply = mpsc::Sender<(Vec<RawSample>, UnwindCounts)>;
 
-/// The thread that owns the ring buffer and the unwinder.
+/// The thread that owns the ring buffer and the unwinder, once started.
 struct Reader {
+    /// The ring buffer and the reader's state until [`Reader::start`] hands them to the
+    /// thread.
+    idle: Option<(RingBuf<MapData>, ReaderState)>,
     requests: Option<mpsc::Sender<Reply>>,
     losses: Arc<std::sync::Mutex<AgentLosses>>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
 impl Reader {
-    fn spawn(
+    fn new(
         ring: RingBuf<MapData>,
         unwinder: Unwinder,
         stack_bytes: StackBytes,
         max_keys: usize,
         max_pending: usize,
-    ) -> anyhow::Result<Self> {
-        let (requests, receiver) = mpsc::channel::<Reply>();
+    ) -> Self {
         let losses = Arc::new(std::sync::Mutex::new(AgentLosses::default()));
-        let mut state = ReaderState::new(unwinder, stack_bytes, max_keys, max_pending, losses.clone());
+        let state = ReaderState::new(unwinder, stack_bytes, max_keys, max_pending, losses.clone());
+        Self { idle: Some((ring, state)), requests: None, losses, thread: None }
+    }
+
+    /// Starts the thread; records wait in the ring buffer until then.
+    fn start(&mut self) -> anyhow::Result<()> {
+        let Some((mut ring, mut state)) = self.idle.take() else { return Ok(()) };
+        let (requests, receiver) = mpsc::channel::<Reply>();
         let thread = thread::Builder::new()
             .name("bpf-reader".into())
             .spawn(move || {
-                let mut ring = ring;
                 loop {
                     let request = receiver.recv_timeout(POLL);
                     state.read_ring(&mut ring);
@@ -498,11 +518,9 @@ impl Reader {
                     }
                 }
             })?;
-        Ok(Self {
-            requests: Some(requests),
-            losses,
-            thread: Some(thread),
-        })
+        self.requests = Some(requests);
+        self.thread = Some(thread);
+        Ok(())
     }
 
     fn take_window(&self) -> anyhow::Result<(Vec<RawSample>, UnwindCounts)> {
@@ -853,8 +871,9 @@ fn chain(err: &dyn std::error::Error) -> String {
 
 /// Checks what the kernel needs up front, so users get the cause instead of a verifier log.
 fn preflight(options: &SamplerOptions) -> anyhow::Result<()> {
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the profiler agent must run as root (it loads BPF programs)");
+    let capable = |cap| caps::has_cap(None, caps::CapSet::Effective, cap).unwrap_or(false);
+    if !(capable(caps::Capability::CAP_BPF) && capable(caps::Capability::CAP_PERFMON)) {
+        bail!("the profiler agent must run as root, or with CAP_BPF and CAP_PERFMON (it loads BPF programs)");
     }
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         bail!("this kernel has no BTF (/sys/kernel/btf/vmlinux is missing); a kernel built with CONFIG_DEBUG_INFO_BTF=y is required");

@@ -93,17 +93,43 @@ const PROGRAM_COUNTERS: [(&str, &str); 2] = [
 /// How often rate control looks at the switch rate while waiting for a window to end.
 const TICK: Duration = Duration::from_millis(100);
 
+/// A session whose BPF programs are loaded and attached, before any of its threads runs.
+/// Whatever the process changes about its own thread now (dropping capabilities, which
+/// belong to threads) holds for every thread [`Loaded::start`] starts.
+pub struct Loaded {
+    sampler: Sampler,
+    processes: ProcessTable,
+    options: SamplerOptions,
+    started_off_cpu: Option<OffCpuOptions>,
+    off_cpu_budget: OffCpuBudget,
+}
+
 impl Session {
     pub fn start(options: &SamplerOptions, off_cpu_budget: OffCpuBudget) -> anyhow::Result<Self> {
+        Self::load(options, off_cpu_budget)?.start()
+    }
+
+    /// Loads and attaches the BPF programs, starting no thread.
+    pub fn load(options: &SamplerOptions, off_cpu_budget: OffCpuBudget) -> anyhow::Result<Loaded> {
         let processes = ProcessTable::default();
-        let started = SamplerOptions { off_cpu: starting_point(options.off_cpu.as_ref(), &off_cpu_budget)?, ..options.clone() };
-        let sampler = Sampler::start(&started, processes.clone())?;
+        let started_off_cpu = starting_point(options.off_cpu.as_ref(), &off_cpu_budget)?;
+        let started = SamplerOptions { off_cpu: started_off_cpu.clone(), ..options.clone() };
+        let sampler = Sampler::attach(&started, processes.clone())?;
+        Ok(Loaded { sampler, processes, options: options.clone(), started_off_cpu, off_cpu_budget })
+    }
+}
+
+impl Loaded {
+    /// Starts reading the programs' records, the process watcher and the symbolizer.
+    pub fn start(self) -> anyhow::Result<Session> {
+        let Loaded { mut sampler, processes, options, started_off_cpu, off_cpu_budget } = self;
+        sampler.start_reading()?;
         let watcher = spawn_process_watcher(processes.clone())?;
         let symbolizer = Symbolizer::spawn(processes.clone())?;
-        let rate = RateControl::attached(options.off_cpu.as_ref(), started.off_cpu.as_ref(), off_cpu_budget, &sampler)?;
+        let rate = RateControl::attached(options.off_cpu.as_ref(), started_off_cpu.as_ref(), off_cpu_budget, &sampler)?;
         // Tests and scripts wait for this line before starting their workload.
         tracing::info!(frequency_hz = options.frequency_hz, off_cpu = options.off_cpu.is_some(), "sampling started");
-        Ok(Self {
+        Ok(Session {
             sampler,
             processes,
             symbolizer,
@@ -118,7 +144,9 @@ impl Session {
             switches_traced: 0,
         })
     }
+}
 
+impl Session {
     /// Waits until `until` (or until `stop` is set), then drains and symbolizes the window.
     pub fn next_window(&mut self, until: Instant, stop: &AtomicBool) -> anyhow::Result<Window> {
         loop {

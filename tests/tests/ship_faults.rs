@@ -1,4 +1,4 @@
-//! The daemon against servers that misbehave.
+//! The daemon against servers that misbehave, and the privileges it keeps.
 //!
 //! The server here is a stand-in written in this file: a loopback HTTP server whose
 //! answer to each ingest request the test decides, and which keeps what it accepted.
@@ -8,6 +8,7 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
+    process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -15,12 +16,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use profiler_tests::{exclusive, require_root, Daemon};
+use profiler_tests::{binary, exclusive, require_root, Daemon};
 
 /// One ingest request as the stand-in server saw it, and its answer.
 #[derive(Clone, Debug)]
 struct Request {
     batch_id: String,
+    kind: String,
     body: Vec<u8>,
     status: u16,
 }
@@ -35,6 +37,21 @@ impl Request {
             .iter()
             .map(|sample| sample.value[0] as u64)
             .sum()
+    }
+
+    /// Each stack of the payload, frames root first.
+    fn stacks(&self) -> Vec<Vec<String>> {
+        let profile = profiler_pprof::decode_gzip(&self.body, 64 << 20).unwrap();
+        let mut resolver = profiler_pprof::Resolver::new(&profile);
+        profile
+            .sample
+            .iter()
+            .map(|sample| {
+                let mut frames = Vec::new();
+                resolver.frames(sample, &mut frames).unwrap();
+                frames
+            })
+            .collect()
     }
 
     /// (window start, index in the window), the order in which the agent produced it.
@@ -136,6 +153,7 @@ fn serve(stream: TcpStream, requests: &Mutex<Vec<Request>>, answer: &Answer) {
             let field = |name: &str| query.get(name).cloned().unwrap_or_default();
             let mut request = Request {
                 batch_id: field("batch_id"),
+                kind: field("kind"),
                 body,
                 status: 0,
             };
@@ -322,4 +340,196 @@ fn a_payload_the_server_always_fails_is_dead_lettered_without_blocking_later_win
     assert!(order
         .iter()
         .any(|&window| window > poisoned[0].produced_order()));
+}
+
+/// What the agent keeps after loading, by bit as in linux/capability.h.
+const RUNTIME_CAPABILITIES: [(u32, &str); 6] = [
+    (2, "CAP_DAC_READ_SEARCH"),
+    (19, "CAP_SYS_PTRACE"),
+    (34, "CAP_SYSLOG"),
+    (38, "CAP_PERFMON"),
+    (39, "CAP_BPF"),
+    (40, "CAP_CHECKPOINT_RESTORE"),
+];
+
+fn capability_names(mask: u64) -> Vec<String> {
+    (0..64)
+        .filter(|bit| mask & (1 << bit) != 0)
+        .map(|bit| {
+            RUNTIME_CAPABILITIES
+                .iter()
+                .find(|(b, _)| *b == bit)
+                .map_or(format!("capability {bit}"), |(_, name)| name.to_string())
+        })
+        .collect()
+}
+
+/// Every thread's /proc status fields, by thread name.
+fn thread_statuses(pid: u32) -> Vec<(String, HashMap<String, String>)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|task| {
+            let task = task.unwrap().path();
+            let name = std::fs::read_to_string(task.join("comm"))
+                .unwrap()
+                .trim()
+                .to_string();
+            let status = std::fs::read_to_string(task.join("status")).unwrap();
+            let fields = status
+                .lines()
+                .filter_map(|line| line.split_once(':'))
+                .map(|(key, value)| (key.to_string(), value.trim().to_string()))
+                .collect();
+            (name, fields)
+        })
+        .collect()
+}
+
+/// Checks every thread, not only the main one: capabilities belong to threads.
+fn assert_capabilities(pid: u32, bounding_dropped: bool) {
+    let runtime: Vec<String> = RUNTIME_CAPABILITIES
+        .iter()
+        .map(|(_, name)| name.to_string())
+        .collect();
+    let statuses = thread_statuses(pid);
+    assert!(
+        statuses.len() >= 4,
+        "the agent's threads: {:?}",
+        statuses.iter().map(|(name, _)| name).collect::<Vec<_>>()
+    );
+    for (thread, status) in statuses {
+        let set = |name: &str| capability_names(u64::from_str_radix(&status[name], 16).unwrap());
+        assert_eq!(set("CapEff"), runtime, "effective set of thread {thread}");
+        assert_eq!(set("CapPrm"), runtime, "permitted set of thread {thread}");
+        assert_eq!(
+            set("CapInh"),
+            Vec::<String>::new(),
+            "inheritable set of thread {thread}"
+        );
+        assert_eq!(
+            set("CapAmb"),
+            Vec::<String>::new(),
+            "ambient set of thread {thread}"
+        );
+        if bounding_dropped {
+            assert_eq!(set("CapBnd"), runtime, "bounding set of thread {thread}");
+        }
+        assert_eq!(status["NoNewPrivs"], "1", "no_new_privs of thread {thread}");
+    }
+}
+
+/// (soft, hard) limits on open files of a process.
+fn open_files_limit(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+#[test]
+fn after_loading_only_the_runtime_capabilities_are_left_and_both_kinds_are_profiled() {
+    let _serial = exclusive();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(|_| 200);
+    let daemon = Daemon::start(&config(dir.path(), &server.url, ""));
+    assert_capabilities(daemon.pid(), true);
+
+    let mut ours = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut ours) },
+        0
+    );
+    let (soft, hard) = open_files_limit(daemon.pid());
+    assert_eq!(hard, ours.rlim_max, "the hard limit is left alone");
+    assert_eq!(
+        soft,
+        ours.rlim_max.min(65536).max(ours.rlim_cur),
+        "the soft limit is raised to the hard one, up to 65536"
+    );
+
+    let status = Command::new(binary("workload"))
+        .args(["mixed", "4"])
+        .env("WORKLOAD_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    // The window the workload ended in is shipped at stop.
+    daemon.stop();
+
+    let accepted = server.accepted();
+    let stacks_of = |kind: &str, function: &str| -> Vec<Vec<String>> {
+        accepted
+            .iter()
+            .filter(|r| r.kind == kind)
+            .flat_map(Request::stacks)
+            .filter(|frames| frames.iter().any(|frame| frame.starts_with(function)))
+            .collect()
+    };
+    assert!(
+        !stacks_of("on-cpu", "workload::burn_cpu").is_empty(),
+        "no on-CPU stack of burn_cpu"
+    );
+    // The reason `sleep` comes from kernel frames: naming them needs CAP_SYSLOG.
+    let sleeps = stacks_of("off-cpu:sleep", "workload::wait_sleep");
+    assert!(!sleeps.is_empty(), "no off-CPU sleep of wait_sleep");
+    for frames in &sleeps {
+        assert!(
+            frames.iter().any(|f| f.ends_with("_[k]")),
+            "a sleep without kernel frames: {frames:?}"
+        );
+        assert!(
+            !frames
+                .iter()
+                .any(|f| f.starts_with("[unknown]") && f.ends_with("_[k]")),
+            "unnamed kernel frames: {frames:?}"
+        );
+    }
+}
+
+/// A host that starts the agent as an ordinary user with just the runtime capabilities
+/// (ambient, as systemd's AmbientCapabilities= does): there is nothing to drop but the
+/// bounding set, which needs CAP_SETPCAP, and the agent still runs and profiles.
+#[test]
+fn started_as_a_user_with_the_runtime_capabilities_it_runs_and_keeps_them() {
+    let _serial = exclusive();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let nobody = 65534;
+    std::os::unix::fs::chown(dir.path(), Some(nobody), Some(nobody)).unwrap();
+    let server = FakeServer::start(|_| 200);
+    let caps = RUNTIME_CAPABILITIES
+        .iter()
+        .map(|(_, name)| format!("+{}", name.trim_start_matches("CAP_").to_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let (inheritable, ambient) = (
+        format!("--inh-caps={caps}"),
+        format!("--ambient-caps={caps}"),
+    );
+    let wrapper = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        &inheritable,
+        &ambient,
+        "--",
+    ];
+    let daemon = Daemon::start_under(&wrapper, &config(dir.path(), &server.url, ""));
+    assert_capabilities(daemon.pid(), false);
+    wait_until("a window shipped", Duration::from_secs(10), || {
+        !server.accepted().is_empty()
+    });
+    let counters = daemon.stop();
+    assert_eq!(counters["profiles_shipped"], counters["profiles_produced"]);
 }
