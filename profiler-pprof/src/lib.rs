@@ -14,6 +14,21 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/perftools.profiles.rs"));
 }
 
+/// Grafana Pyroscope's API messages, generated from `proto/{types,push}/v1`
+/// (modules follow the proto packages, which the generated code relies on).
+pub mod pyroscope {
+    pub mod types {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/types.v1.rs"));
+        }
+    }
+    pub mod push {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/push.v1.rs"));
+        }
+    }
+}
+
 pub use proto::{Function, Label, Line, Location, Mapping, Profile, Sample, ValueType};
 
 mod bounded;
