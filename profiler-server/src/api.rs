@@ -61,6 +61,12 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         self.status
     }
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+    pub fn retry_after(&self) -> Option<u64> {
+        self.retry_after
+    }
     fn bad(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }
@@ -127,12 +133,13 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 pub fn router(state: AppState) -> Router {
     let ingest = Router::new()
         .route("/api/v1/ingest", post(ingest_native))
         .route("/ingest", post(ingest_pyroscope))
+        .route(crate::push::ROUTE, post(crate::push::push))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::ingest))
         .layer(axum::extract::DefaultBodyLimit::max(
             state.config.limits.max_body_bytes,
@@ -180,7 +187,7 @@ async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response 
     resp
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> ApiResult<T> + Send + 'static,
 ) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)
@@ -260,7 +267,7 @@ fn parse_time(v: &str, now: i64) -> Option<i64> {
     Some(now - n.checked_mul(mult)?)
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -320,16 +327,16 @@ fn batch_id(p: &Params, headers: &HeaderMap) -> ApiResult<Option<String>> {
     Ok(Some(id))
 }
 
-fn align(ts_ms: i64, window: i64) -> i64 {
+pub(crate) fn align(ts_ms: i64, window: i64) -> i64 {
     ts_ms.div_euclid(window) * window
 }
 
-fn body_bytes(r: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Bytes> {
+pub(crate) fn body_bytes(r: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Bytes> {
     r.map_err(|e| ApiError::new(e.status(), format!("reading request body: {}", e.body_text())))
 }
 
 #[derive(serde::Serialize)]
-struct IngestSummary {
+pub(crate) struct IngestSummary {
     rows: usize,
     stacks: usize,
     series: usize,
@@ -338,7 +345,7 @@ struct IngestSummary {
     duplicate: bool,
 }
 
-fn store_batch(
+pub(crate) fn store_batch(
     s: &AppState,
     b: BatchBuilder,
     body_len: usize,
@@ -370,7 +377,7 @@ fn store_batch(
 
 /// Reserves the memory to read a request's body: its declared length, or
 /// the largest accepted body if it declares none.
-async fn admit(s: &AppState, headers: &HeaderMap) -> ApiResult<Grant> {
+pub(crate) async fn admit(s: &AppState, headers: &HeaderMap) -> ApiResult<Grant> {
     let max = s.config.limits.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -379,7 +386,7 @@ async fn admit(s: &AppState, headers: &HeaderMap) -> ApiResult<Grant> {
     s.budget.reserve(declared).await.map_err(over_budget)
 }
 
-fn over_budget(e: OverBudget) -> ApiError {
+pub(crate) fn over_budget(e: OverBudget) -> ApiError {
     ApiError::busy(
         format!("ingest is using all of its memory budget (this request needs {} KiB more); retry later", e.wanted >> 10),
         2,
@@ -387,7 +394,7 @@ fn over_budget(e: OverBudget) -> ApiError {
 }
 
 /// Gunzips within the limit, holding the memory it takes in `grant`.
-fn decompress<'a>(grant: &mut Grant, body: &'a [u8], limits: &Limits) -> ApiResult<Cow<'a, [u8]>> {
+pub(crate) fn decompress<'a>(grant: &mut Grant, body: &'a [u8], limits: &Limits) -> ApiResult<Cow<'a, [u8]>> {
     grant
         .grow_to_blocking(body.len() + limits.max_decompressed_bytes)
         .map_err(over_budget)?;
@@ -398,7 +405,7 @@ fn decompress<'a>(grant: &mut Grant, body: &'a [u8], limits: &Limits) -> ApiResu
 
 /// Decodes a pprof after checking, on the wire, what decoding would
 /// allocate; the grant grows by that (twice: the batch built from it).
-fn decode_pprof(grant: &mut Grant, body_len: usize, raw: &[u8], limits: &Limits) -> ApiResult<Profile> {
+pub(crate) fn decode_pprof(grant: &mut Grant, body_len: usize, raw: &[u8], limits: &Limits) -> ApiResult<Profile> {
     let cost = profiler_pprof::check_cost(raw, &limits.decode())?;
     grant
         .grow_to_blocking(body_len + raw.len() + 2 * cost.bytes)

@@ -324,6 +324,13 @@ pub fn pick_sample_type(
     Ok(0)
 }
 
+/// The first sample type with a time unit, if any.
+pub fn time_sample_type(profile: &Profile) -> Result<Option<usize>, Rejected> {
+    let r = Resolver::new(profile);
+    let types = r.sample_types().map_err(|e| bad(e.to_string()))?;
+    Ok(types.iter().position(|(_, u)| time_scale(u).is_some()))
+}
+
 fn time_scale(unit: &str) -> Option<i64> {
     Some(match unit {
         "nanoseconds" | "ns" => 1,

@@ -13,6 +13,7 @@ pub fn run() -> anyhow::Result<()> {
     bpf_linker()?;
     debian_packages()?;
     python_packages()?;
+    pyroscope_sdk()?;
     tracefs()?;
     println!("setup: done");
     Ok(())
@@ -97,6 +98,21 @@ fn debian_packages() -> anyhow::Result<()> {
 }
 
 /// chdb embeds the ClickHouse engine the ClickHouse backend's tests run against.
+/// The current Pyroscope Python SDK, in a virtual environment of its own
+/// (`target/pyroscope-venv`): the server's push API is tested against it.
+const PYROSCOPE_SDK: &str = "pyroscope-io==1.4.0";
+
+fn pyroscope_sdk() -> anyhow::Result<()> {
+    let venv = crate::root().join("target/pyroscope-venv");
+    let python = venv.join("bin/python");
+    if output(Command::new(&python).args(["-c", "import pyroscope"])).is_some() {
+        return Ok(());
+    }
+    println!("setup: installing {PYROSCOPE_SDK} into {}", venv.display());
+    exec(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    exec(Command::new(&python).args(["-m", "pip", "install", "--quiet", PYROSCOPE_SDK]))
+}
+
 fn python_packages() -> anyhow::Result<()> {
     if output(Command::new("python3").args(["-c", "import chdb"])).is_some() {
         return Ok(());

@@ -1,0 +1,282 @@
+//! Pyroscope's push API, the ingest route of the current Pyroscope SDKs (those
+//! built on pyroscope-rs: Python, Ruby, Rust, .NET) and of Grafana Alloy's
+//! `pyroscope.write`: `POST /push.v1.PusherService/Push`, a Connect unary call
+//! with a `PushRequest` as protobuf (`application/proto`) or JSON
+//! (`application/json`), optionally gzipped (`Content-Encoding: gzip`).
+//!
+//! Each series names its service (`service_name`) and profile type
+//! (`__name__`); its other labels become series labels, and each raw pprof
+//! sample is ingested like the native route does (same auth scope, limits,
+//! memory budget), with the sample's `ID` as its batch id so a retried push
+//! is counted once.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use profiler_pprof::pyroscope::push::v1::{PushRequest, PushResponse, RawProfileSeries};
+use prost::Message;
+use serde_json::json;
+
+use crate::api::{self, ApiError, AppState};
+use crate::budget::Grant;
+use crate::ingest::{self, BatchBuilder, Target};
+use crate::store::Labels;
+
+pub const ROUTE: &str = "/push.v1.PusherService/Push";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Codec {
+    Proto,
+    Json,
+}
+
+pub async fn push(State(s): State<AppState>, req: Request) -> Response {
+    let codec = match content_type(req.headers()) {
+        Ok(codec) => codec,
+        Err(e) => return connect_error(e),
+    };
+    match handle(s, req, codec).await {
+        Ok(()) => match codec {
+            Codec::Proto => (
+                [(header::CONTENT_TYPE, "application/proto")],
+                PushResponse {}.encode_to_vec(),
+            )
+                .into_response(),
+            Codec::Json => ([(header::CONTENT_TYPE, "application/json")], "{}").into_response(),
+        },
+        Err(e) => connect_error(e),
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> Result<Codec, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    match ct.split(';').next().unwrap_or("").trim() {
+        "application/proto" | "application/protobuf" | "application/x-protobuf" => Ok(Codec::Proto),
+        "application/json" => Ok(Codec::Json),
+        other => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "content type {other:?}: the push API takes application/proto or application/json"
+            ),
+        )),
+    }
+}
+
+async fn handle(s: AppState, req: Request, codec: Codec) -> Result<(), ApiError> {
+    let mut grant = api::admit(&s, req.headers()).await?;
+    let encoding = req
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if encoding
+        .as_deref()
+        .is_some_and(|e| !matches!(e, "gzip" | "identity"))
+    {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("content encoding {encoding:?}: gzip or identity"),
+        ));
+    }
+    let body = api::body_bytes(Bytes::from_request(req, &s).await)?;
+    grant.shrink_to(body.len());
+    api::blocking(move || {
+        let limits = &s.config.limits;
+        let raw = api::decompress(&mut grant, &body, limits)?;
+        let request = match codec {
+            Codec::Proto => PushRequest::decode(raw.as_ref()).map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, format!("invalid PushRequest: {e}"))
+            })?,
+            Codec::Json => from_json(&raw)?,
+        };
+        let held = body.len() + raw.len();
+        drop(raw);
+        for series in request.series {
+            ingest_series(&s, &mut grant, held, series)?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Where a series goes: service, profile type and labels.
+fn series_target(
+    s: &AppState,
+    labels: &[(String, String)],
+) -> Result<(String, String, Labels), ApiError> {
+    let mut service = None;
+    let mut name = None;
+    let mut rest = Labels::new();
+    for (k, v) in labels {
+        match k.as_str() {
+            "service_name" => service = Some(v.clone()),
+            "__name__" => name = Some(v.clone()),
+            // Pyroscope's other reserved labels (`__session_id__`, ...) are not dimensions.
+            k if k.starts_with("__") => {}
+            k => {
+                ingest::validate_label(&s.config.limits, k, v)?;
+                rest.insert(k.to_owned(), v.clone());
+            }
+        }
+    }
+    let service = service.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "series has no `service_name` label",
+        )
+    })?;
+    Ok((service, name.unwrap_or_else(|| "process_cpu".into()), rest))
+}
+
+fn ingest_series(
+    s: &AppState,
+    grant: &mut Grant,
+    held: usize,
+    series: RawProfileSeries,
+) -> Result<(), ApiError> {
+    let labels: Vec<(String, String)> = series
+        .labels
+        .into_iter()
+        .map(|l| (l.name, l.value))
+        .collect();
+    let (service, profile_type, labels) = series_target(s, &labels)?;
+    let limits = &s.config.limits;
+    for sample in series.samples {
+        let raw = api::decompress(grant, &sample.raw_profile, limits)?;
+        let profile = api::decode_pprof(grant, held + sample.raw_profile.len(), &raw, limits)?;
+        drop(raw);
+        let ts_ms = if profile.time_nanos > 0 {
+            profile.time_nanos / 1_000_000
+        } else {
+            api::now_ms()
+        };
+        let id = (!sample.id.is_empty()).then_some(sample.id);
+        for (kind, idx) in kinds(&profile, &profile_type)? {
+            let target = Target {
+                service: service.clone(),
+                kind,
+                ts_ms: api::align(ts_ms, s.config.storage.window_ms),
+                labels: labels.clone(),
+            };
+            let mut b = BatchBuilder::new(limits, target)?;
+            ingest::pprof(&profile, idx, &mut b)?;
+            // One batch per sample type: the id is per profile. The push API
+            // answers an empty PushResponse, so the summary is not needed.
+            let batch_id = id.as_ref().map(|id| format!("{id}:{idx}"));
+            let _summary = api::store_batch(s, b, sample.raw_profile.len(), batch_id)?;
+        }
+    }
+    Ok(())
+}
+
+/// The kinds a profile is stored as, with their sample type: a profile with
+/// a time sample type (CPU, wall) is stored once under that time, a CPU
+/// profile as `cpu`; any other (memory, goroutines, locks) once per sample
+/// type under the sample type's name (`alloc_space`, `inuse_objects`, ...).
+fn kinds(
+    profile: &profiler_pprof::Profile,
+    profile_type: &str,
+) -> Result<Vec<(String, usize)>, ApiError> {
+    let time = ingest::time_sample_type(profile)?;
+    if let Some(idx) = time {
+        let kind = match profile_type {
+            "process_cpu" => "cpu".to_owned(),
+            other => other.to_owned(),
+        };
+        return Ok(vec![(kind, idx)]);
+    }
+    let n = profile.sample_type.len();
+    (0..n)
+        .map(|idx| Ok((ingest::sample_type_name(profile, idx)?, idx)))
+        .collect()
+}
+
+/// The JSON form of a `PushRequest` (proto3 JSON: camelCase names, bytes as
+/// base64).
+fn from_json(raw: &[u8]) -> Result<PushRequest, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Request {
+        #[serde(default)]
+        series: Vec<Series>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Series {
+        #[serde(default)]
+        labels: Vec<Label>,
+        #[serde(default)]
+        samples: Vec<Sample>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Label {
+        name: String,
+        value: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Sample {
+        #[serde(rename = "rawProfile", alias = "raw_profile")]
+        raw_profile: String,
+        #[serde(rename = "ID", alias = "id", default)]
+        id: String,
+    }
+    use base64::Engine as _;
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, m);
+    let r: Request =
+        serde_json::from_slice(raw).map_err(|e| bad(format!("invalid PushRequest JSON: {e}")))?;
+    let series = r
+        .series
+        .into_iter()
+        .map(|s| {
+            let samples = s
+                .samples
+                .into_iter()
+                .map(|x| {
+                    let raw_profile = base64::engine::general_purpose::STANDARD
+                        .decode(x.raw_profile)
+                        .map_err(|e| bad(format!("rawProfile is not base64: {e}")))?;
+                    Ok(profiler_pprof::pyroscope::push::v1::RawSample {
+                        raw_profile,
+                        id: x.id,
+                    })
+                })
+                .collect::<Result<_, ApiError>>()?;
+            let labels = s
+                .labels
+                .into_iter()
+                .map(|l| profiler_pprof::pyroscope::types::v1::LabelPair {
+                    name: l.name,
+                    value: l.value,
+                })
+                .collect();
+            Ok(RawProfileSeries { labels, samples })
+        })
+        .collect::<Result<_, ApiError>>()?;
+    Ok(PushRequest { series })
+}
+
+/// A Connect error: `{"code", "message"}` with the HTTP status kept.
+fn connect_error(e: ApiError) -> Response {
+    let status = e.status();
+    let code = match status.as_u16() {
+        400 | 413 | 415 => "invalid_argument",
+        401 => "unauthenticated",
+        403 => "permission_denied",
+        404 => "not_found",
+        429 => "resource_exhausted",
+        503 => "unavailable",
+        500 => "internal",
+        _ => "unknown",
+    };
+    let mut resp = (
+        status,
+        axum::Json(json!({ "code": code, "message": e.message() })),
+    )
+        .into_response();
+    if let Some(secs) = e.retry_after() {
+        resp.headers_mut().insert(header::RETRY_AFTER, secs.into());
+    }
+    resp
+}
