@@ -32,6 +32,8 @@ pub mod pyroscope {
 pub use proto::{Function, Label, Line, Location, Mapping, Profile, Sample, ValueType};
 
 mod bounded;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub use bounded::{check_cost, decode_gzip_within, decoded_cost, DecodeLimits, DecodedCost};
 
 

@@ -140,6 +140,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/ingest", post(ingest_native))
         .route("/ingest", post(ingest_pyroscope))
         .route(crate::push::ROUTE, post(crate::push::push))
+        .route(crate::otlp::HTTP_ROUTE, post(crate::otlp::http_export))
+        .route_service(crate::otlp::GRPC_ROUTE, crate::otlp::grpc(state.clone()))
+        .route("/v1experimental/profiles", post(crate::otlp::other_version))
+        .route("/v1/profiles", post(crate::otlp::other_version))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::ingest))
         .layer(axum::extract::DefaultBodyLimit::max(
             state.config.limits.max_body_bytes,

@@ -40,8 +40,30 @@ pub async fn read(State(s): State<AppState>, req: Request, next: Next) -> Respon
 async fn guard(cfg: &Config, scope: Scope, req: Request, next: Next) -> Response {
     match check(cfg, scope, req.headers()) {
         Ok(()) => next.run(req).await,
+        Err(e) if is_grpc(req.headers()) => grpc_refusal(&e),
         Err(e) => e.into_response(),
     }
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// A refusal as gRPC clients read it: HTTP 200 with the status in
+/// `grpc-status` (16 unauthenticated, 7 permission denied).
+fn grpc_refusal(e: &ApiError) -> Response {
+    let code = if e.status() == StatusCode::UNAUTHORIZED { "16" } else { "7" };
+    let mut resp = StatusCode::OK.into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", header::HeaderValue::from_static(code));
+    if let Ok(message) = header::HeaderValue::from_str(e.message()) {
+        h.insert("grpc-message", message);
+    }
+    resp
 }
 
 pub fn check(cfg: &Config, scope: Scope, headers: &HeaderMap) -> Result<(), ApiError> {

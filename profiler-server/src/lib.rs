@@ -11,6 +11,7 @@ pub mod budget;
 pub mod config;
 pub mod ingest;
 pub mod metrics;
+pub mod otlp;
 pub mod push;
 pub mod query;
 pub mod render;
