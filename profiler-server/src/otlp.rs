@@ -30,8 +30,10 @@ pub const HTTP_ROUTE: &str = "/v1development/profiles";
 /// Largest OTLP request, decompressed: an OTLP message can take far more memory
 /// decoded than on the wire, and the whole request is decoded at once.
 const MAX_REQUEST_BYTES: usize = 4 << 20;
-/// Memory reserved per wire byte while a request is decoded and converted.
-const DECODED_PER_WIRE_BYTE: usize = 24;
+/// Memory reserved per wire byte while a request is decoded and converted: the
+/// worst case, an empty `Sample`, is 2 bytes on the wire and about 80 bytes in
+/// memory plus the vector's growth, so a request cannot outgrow its grant.
+const DECODED_PER_WIRE_BYTE: usize = 80;
 
 pub async fn http_export(State(s): State<AppState>, req: Request) -> Response {
     match http(s, req).await {
@@ -73,12 +75,11 @@ async fn http(s: AppState, req: Request) -> Result<(), ApiError> {
     let body = api::body_bytes(Bytes::from_request(req, &s).await)?;
     grant.shrink_to(body.len());
     api::blocking(move || {
+        // Small enough that its decoded worst case fits the ingest budget.
+        let max_bytes =
+            MAX_REQUEST_BYTES.min(s.config.limits.ingest_memory_bytes / (2 * DECODED_PER_WIRE_BYTE));
         let limits = crate::config::Limits {
-            max_decompressed_bytes: s
-                .config
-                .limits
-                .max_decompressed_bytes
-                .min(MAX_REQUEST_BYTES),
+            max_decompressed_bytes: s.config.limits.max_decompressed_bytes.min(max_bytes),
             ..s.config.limits.clone()
         };
         let raw = api::decompress(&mut grant, &body, &limits)?;
