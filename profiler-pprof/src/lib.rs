@@ -1,4 +1,10 @@
-//! pprof (profile.proto) types and codecs shared by the agent and the server.
+//! Every profile format and rendering the agent and the server share, so
+//! that each rule lives once: pprof (profile.proto) types and codecs, with
+//! bounded decoding of untrusted input; Grafana Pyroscope's API messages in
+//! [`pyroscope`]; OTLP profiles converted to pprof in [`otlp`]; kind names
+//! and the `[kind]` root frame in [`kind`]; folded text and its one frame
+//! escaping rule in [`folded`]; the hot/cold SVG and its colours in
+//! [`flamegraph`].
 //!
 //! Stacks cross this crate's API root-first (`main;work;leaf`), the way folded
 //! files and flame graphs read; pprof itself stores location ids leaf-first,
@@ -14,7 +20,7 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/perftools.profiles.rs"));
 }
 
-/// Grafana Pyroscope's API messages, generated from `proto/{types,push}/v1`
+/// Grafana Pyroscope's API messages, generated from `proto/{types,push,querier}/v1`
 /// (modules follow the proto packages, which the generated code relies on).
 pub mod pyroscope {
     pub mod types {
@@ -27,6 +33,11 @@ pub mod pyroscope {
             include!(concat!(env!("OUT_DIR"), "/push.v1.rs"));
         }
     }
+    pub mod querier {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/querier.v1.rs"));
+        }
+    }
 }
 
 pub use proto::{Function, Label, Line, Location, Mapping, Profile, Sample, ValueType};
@@ -35,6 +46,10 @@ mod bounded;
 #[cfg(feature = "otlp")]
 pub mod otlp;
 pub use bounded::{check_cost, decode_gzip_within, decoded_cost, DecodeLimits, DecodedCost};
+
+pub mod flamegraph;
+pub mod folded;
+pub mod kind;
 
 
 #[derive(Debug, thiserror::Error)]
