@@ -1,5 +1,10 @@
 // protox keeps the build free of a system `protoc` binary.
-const PROTOS: [&str; 3] = ["profile.proto", "types/v1/types.proto", "push/v1/push.proto"];
+const PROTOS: [&str; 4] = [
+    "profile.proto",
+    "types/v1/types.proto",
+    "push/v1/push.proto",
+    "querier/v1/querier.proto",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=proto");
