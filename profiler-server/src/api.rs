@@ -166,6 +166,7 @@ pub fn router(state: AppState) -> Router {
         .merge(queries)
         .merge(crate::ui::routes())
         .merge(crate::schedule_api::routes(state.clone()))
+        .merge(crate::grafana::routes(state.clone()))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no such route")
         })
@@ -615,7 +616,7 @@ fn selector(p: &Params, from_key: &str, until_key: &str, limits: &Limits) -> Api
 /// soon), `query_timeout_secs` each (503), and its scan is cancelled once
 /// nobody waits for it: on timeout, or when the client disconnects (axum
 /// drops this future, and with it the guard).
-async fn run_query<T: Send + 'static>(
+pub(crate) async fn run_query<T: Send + 'static>(
     s: AppState,
     cancel: Cancel,
     f: impl FnOnce() -> ApiResult<T> + Send + 'static,
