@@ -97,9 +97,9 @@ where
         lines.push(line);
     }
     if lines.is_empty() {
-        return write!(
+        return writeln!(
             out,
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"1200\" height=\"60\"><text x=\"600\" y=\"30\" text-anchor=\"middle\">{}: no samples in range</text></svg>\n",
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"1200\" height=\"60\"><text x=\"600\" y=\"30\" text-anchor=\"middle\">{}: no samples in range</text></svg>",
             options.title.replace('&', "&amp;").replace('<', "&lt;")
         );
     }
@@ -193,9 +193,10 @@ mod tests {
         title: &str,
         count_name: &str,
     ) -> String {
-        let mut options = Options::default();
-        options.title = title.to_owned();
-        options.count_name = count_name.to_owned();
+        let options = Options {
+            title: title.to_owned(),
+            count_name: count_name.to_owned(),
+        };
         let mut svg = Vec::new();
         write_svg(stacks, &options, &mut svg).unwrap();
         String::from_utf8(svg).unwrap()

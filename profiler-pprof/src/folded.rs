@@ -149,7 +149,7 @@ mod tests {
              [on-cpu];app;zero 0\n"
         );
         assert_eq!(
-            write(stacks.iter().cloned().take(1), false),
+            write(stacks.iter().take(1).cloned(), false),
             "app;main;burn:cpu 50\n"
         );
         assert_eq!(write(Vec::<(&str, Vec<&str>, i64)>::new(), true), "");
