@@ -1,33 +1,11 @@
 //! Aggregate stage: merges symbolized windows into one profile of (kind, stack) -> value,
 //! and writes it as folded stacks.
 
-use std::{collections::HashMap, fmt::Write as _, sync::Arc};
+use std::{collections::HashMap, sync::Arc};
 
-use crate::{
-    classify::{WaitReason, classify},
-    sample::RawValue,
-    symbolize::SymbolizedSample,
-};
+use profiler_pprof::{folded, kind::Kind};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    OnCpu,
-    OffCpu(WaitReason),
-}
-
-impl Kind {
-    pub fn name(self) -> String {
-        match self {
-            Kind::OnCpu => "on-cpu".to_string(),
-            Kind::OffCpu(reason) => format!("off-cpu:{}", reason.name()),
-        }
-    }
-
-    /// The synthetic root frame that tags a stack with its kind.
-    pub fn root_frame(self) -> String {
-        format!("[{}]", self.name())
-    }
-}
+use crate::{classify::classify, sample::RawValue, symbolize::SymbolizedSample};
 
 /// Unit of the profile's values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,41 +72,16 @@ impl Profile {
     /// Folded stacks, one `frame;frame;... value` line per distinct stack, sorted.
     /// With `tag_kind`, each stack starts with its kind frame, e.g. `[off-cpu:sleep]`.
     pub fn folded(&self, tag_kind: bool) -> String {
-        let mut lines: Vec<String> = self
-            .values
+        folded::write(self.stacks(), tag_kind)
+    }
+
+    /// `(kind name, stack, value)` of every stack with a value, the shape
+    /// `profiler_pprof`'s folded writer and flame-graph renderer take.
+    pub fn stacks(&self) -> impl Iterator<Item = (String, &Stack, i64)> {
+        self.values
             .iter()
             .filter(|(_, value)| **value > 0)
-            .map(|((kind, stack), value)| {
-                let mut line = String::new();
-                if tag_kind {
-                    line.push_str(&kind.root_frame());
-                    line.push(';');
-                }
-                for (i, frame) in stack.iter().enumerate() {
-                    if i > 0 {
-                        line.push(';');
-                    }
-                    line.extend(frame.chars().map(folded_safe));
-                }
-                let _ = write!(line, " {value}");
-                line
-            })
-            .collect();
-        lines.sort_unstable();
-        let mut out = lines.join("\n");
-        if !out.is_empty() {
-            out.push('\n');
-        }
-        out
-    }
-}
-
-/// `;` separates frames and a newline ends a stack, so neither may appear in a name.
-fn folded_safe(c: char) -> char {
-    match c {
-        ';' => ':',
-        '\n' | '\r' => ' ',
-        c => c,
+            .map(|((kind, stack), value)| (kind.name(), stack, *value as i64))
     }
 }
 

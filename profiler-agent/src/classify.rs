@@ -1,49 +1,13 @@
 //! Why a thread was off-CPU, from its task state and kernel stack.
 //!
 //! Rules are checked in order; the first whose function prefix matches any kernel frame
-//! wins. To teach the profiler a new wait, add a row to [`RULES`].
+//! wins. To teach the profiler a new wait, add a row to [`RULES`]; a new reason goes in
+//! `profiler_pprof::kind`, with its flame-graph colour in `profiler_pprof::flamegraph`.
 
 use profiler_common::{STATE_PREEMPTED, TASK_UNINTERRUPTIBLE};
+use profiler_pprof::kind::WaitReason;
 
 use crate::symbolize::KERNEL_SUFFIX;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum WaitReason {
-    /// Preempted while runnable: waiting for a CPU.
-    Runnable,
-    BlockedIo,
-    BlockedLock,
-    BlockedNet,
-    Sleep,
-    /// epoll/poll/select with nothing to do: usually expected idleness.
-    IdlePoll,
-    /// Anything the table does not recognise (pipes, wait4, signals...).
-    Other,
-}
-
-impl WaitReason {
-    pub const ALL: [WaitReason; 7] = [
-        WaitReason::Runnable,
-        WaitReason::BlockedIo,
-        WaitReason::BlockedLock,
-        WaitReason::BlockedNet,
-        WaitReason::Sleep,
-        WaitReason::IdlePoll,
-        WaitReason::Other,
-    ];
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            WaitReason::Runnable => "runnable",
-            WaitReason::BlockedIo => "blocked-io",
-            WaitReason::BlockedLock => "blocked-lock",
-            WaitReason::BlockedNet => "blocked-net",
-            WaitReason::Sleep => "sleep",
-            WaitReason::IdlePoll => "idle-poll",
-            WaitReason::Other => "other",
-        }
-    }
-}
 
 /// (kernel function prefix, reason), most specific first: an epoll wait on sockets is
 /// idle polling, not a network wait.

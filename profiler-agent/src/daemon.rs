@@ -18,10 +18,10 @@ use std::{
 };
 
 use anyhow::Context as _;
+use profiler_pprof::kind::Kind;
 use tokio::sync::mpsc;
 
 use crate::{
-    aggregate::Kind,
     classify::classify,
     config::{AgentConfig, LimitsConfig},
     identity::{Identity, Rule, identify, unknown_process},

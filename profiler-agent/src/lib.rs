@@ -1,5 +1,6 @@
 //! The profiler agent as a library: one module per pipeline stage
-//! (sample -> symbolize -> aggregate -> render), driven by [`record`].
+//! (sample -> symbolize -> aggregate), driven by [`record`]; folded text and
+//! SVG come from `profiler_pprof`, which the server renders with too.
 
 pub mod aggregate;
 pub mod classify;
@@ -12,7 +13,6 @@ pub mod perf_map;
 pub mod privileges;
 pub mod process;
 pub mod record;
-pub mod render;
 pub mod runs;
 pub mod sample;
 pub mod session;

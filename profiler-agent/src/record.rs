@@ -11,11 +11,11 @@ use std::{
 };
 
 use anyhow::Context as _;
+use profiler_pprof::{flamegraph, kind::Kind};
 use serde::Serialize;
 
 use crate::{
-    aggregate::{AggregateOptions, Kind, Profile, Units},
-    render::{RenderOptions, write_svg},
+    aggregate::{AggregateOptions, Profile, Units},
     sample::SamplerOptions,
     session::{OffCpuBudget, Session},
 };
@@ -101,8 +101,14 @@ pub fn record(options: &RecordOptions, stop: Arc<AtomicBool>) -> anyhow::Result<
     }
     if let Some(path) = &options.svg {
         let file = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        let title = if units == Units::Nanoseconds { "On-CPU and off-CPU time" } else { "On-CPU samples" };
-        write_svg(&profile, &RenderOptions { title: title.into(), units }, std::io::BufWriter::new(file))?;
+        let mut flame = flamegraph::Options::default();
+        (flame.title, flame.count_name) = match units {
+            Units::Samples => ("On-CPU samples".into(), "samples".into()),
+            Units::Nanoseconds => ("On-CPU and off-CPU time".into(), "ns".into()),
+        };
+        let stacks: Vec<_> = profile.stacks().collect();
+        flamegraph::write_svg(&stacks, &flame, std::io::BufWriter::new(file))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &options.stats {
         fs::write(path, serde_json::to_vec_pretty(&summary)?)

@@ -16,10 +16,10 @@ use std::{
 };
 
 use anyhow::anyhow;
-use profiler_pprof::{ProfileBuilder, encode_gzip};
+use profiler_pprof::{ProfileBuilder, encode_gzip, kind::Kind};
 use reqwest::StatusCode;
 
-use crate::{aggregate::Kind, identity::Identity, metrics::Metrics};
+use crate::{identity::Identity, metrics::Metrics};
 
 /// One request's worth: the ingest query string and the gzip pprof body.
 #[derive(Clone, Debug, PartialEq, Eq)]
