@@ -2,6 +2,7 @@
 //! enforcing the per-request limits. Everything here is pure CPU work on
 //! untrusted input and returns `Rejected` (a 4xx) for anything malformed.
 
+use profiler_pprof::folded::LineError;
 use profiler_pprof::{cut_name, Profile, Resolver};
 use std::collections::HashMap;
 use std::mem::size_of;
@@ -253,22 +254,19 @@ pub fn folded(body: &[u8], scale: i64, b: &mut BatchBuilder) -> Result<(), Rejec
         std::str::from_utf8(body).map_err(|e| bad(format!("folded body is not UTF-8: {e}")))?;
     let mut frames: Vec<&str> = Vec::new();
     for (n, line) in text.lines().enumerate() {
-        let line = line.trim_end_matches('\r');
         if line.trim().is_empty() {
             continue;
         }
-        let (stack, count) = line
-            .rsplit_once(' ')
-            .ok_or_else(|| bad(format!("line {}: expected `stack count`", n + 1)))?;
-        let count: i64 = count.trim().parse().map_err(|_| {
-            bad(format!(
+        let (stack, count) = profiler_pprof::folded::parse_line(line).map_err(|e| match e {
+            LineError::MissingValue => bad(format!("line {}: expected `stack count`", n + 1)),
+            LineError::BadValue(count) => bad(format!(
                 "line {}: count {:?} is not an integer",
                 n + 1,
                 truncate(count, 32)
-            ))
+            )),
         })?;
         frames.clear();
-        frames.extend(stack.split(';'));
+        frames.extend(stack);
         b.add(&frames, &[], count.saturating_mul(scale))?;
     }
     Ok(())
@@ -284,7 +282,7 @@ pub fn lines(body: &[u8], scale: i64, b: &mut BatchBuilder) -> Result<(), Reject
             continue;
         }
         frames.clear();
-        frames.extend(line.split(';'));
+        frames.extend(profiler_pprof::folded::frames(line));
         let stack = b.stack(&frames)?;
         let series = b.series_for(&[])?;
         b.add_row(series, stack, scale);

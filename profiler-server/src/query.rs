@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use profiler_pprof::kind::root_frame;
 use serde::Serialize;
 
 use crate::store::{Aggregate, Frames, Store};
@@ -82,7 +83,7 @@ impl Tree {
                 let mut at = 0;
                 t.nodes[0].total[slot] += v;
                 if kind_roots {
-                    at = t.child(at, &format!("[{kind}]"));
+                    at = t.child(at, &root_frame(&kind));
                     t.nodes[at].kind = Some(kind.clone());
                     t.nodes[at].total[slot] += v;
                 }
