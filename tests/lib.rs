@@ -118,8 +118,8 @@ pub fn parse_folded(text: &str) -> Vec<(Vec<String>, u64)> {
     text.lines()
         .filter(|line| !line.trim().is_empty())
         .map(|line| {
-            let (stack, value) = line.rsplit_once(' ').expect("folded line has a value");
-            (stack.split(';').map(str::to_string).collect(), value.parse().expect("folded value"))
+            let (frames, value) = profiler_pprof::folded::parse_line(line).expect("folded line");
+            (frames.map(str::to_string).collect(), u64::try_from(value).expect("folded value"))
         })
         .collect()
 }
