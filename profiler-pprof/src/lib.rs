@@ -1,10 +1,10 @@
 //! Every profile format and rendering the agent and the server share, so
 //! that each rule lives once: pprof (profile.proto) types and codecs, with
 //! bounded decoding of untrusted input; Grafana Pyroscope's API messages in
-//! [`pyroscope`]; OTLP profiles converted to pprof in [`otlp`]; kind names
-//! and the `[kind]` root frame in [`kind`]; folded text and its one frame
-//! escaping rule in [`folded`]; the hot/cold SVG and its colours in
-//! [`flamegraph`].
+//! [`pyroscope`]; OTLP profiles converted to pprof in `otlp` (feature
+//! `otlp`: only the server takes them); kind names and the `[kind]` root
+//! frame in [`kind`]; folded text and its one frame escaping rule in
+//! [`folded`]; the hot/cold SVG and its colours in [`flamegraph`].
 //!
 //! Stacks cross this crate's API root-first (`main;work;leaf`), the way folded
 //! files and flame graphs read; pprof itself stores location ids leaf-first,
