@@ -136,7 +136,9 @@ fn report(summary: &RecordSummary) {
             recorded = c("switch_outs_recorded"),
             effective_sampling = effective,
             below_min_block = c("offcpu_below_min"),
-            lost = c("offcpu_ring_full") + c("switch_out_map_full") + c("switch_in_missed"),
+            lost_ring_full = c("offcpu_ring_full"),
+            lost_map_full = c("switch_out_map_full"),
+            lost_switch_in_missed = c("switch_in_missed"),
             waits_without_snapshot = c("wait_without_snapshot"),
             "off-CPU tracing done"
         );

@@ -41,8 +41,14 @@ use crate::{
 
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
 
-/// How often the reader thread drains the ring buffer.
+/// How often the reader thread drains the ring buffer...
 const POLL: Duration = Duration::from_millis(10);
+/// ...and how soon again when the last drain found it busy: switch-outs of a thread
+/// that blocks thousands of times a second (small synced writes) carry a stack copy
+/// each and fill the ring in about a poll, so the reader keeps pace with the rate.
+const BUSY_POLL: Duration = Duration::from_millis(1);
+/// Records in one drain that mark the ring as busy.
+const BUSY_RECORDS: usize = 64;
 /// Records handled per poll at most: far more than a poll's worth at any sampling budget.
 const MAX_RECORDS_PER_POLL: usize = 65536;
 /// Switch-outs still waiting after this long are unwound and kept compact...
@@ -444,7 +450,7 @@ fn enable_run_stats() -> Option<std::os::fd::OwnedFd> {
 fn ring_buffer_bytes(requested: u32) -> anyhow::Result<u32> {
     if requested == 0 {
         let cpus = aya::util::online_cpus().map_or(1, |cpus| cpus.len()) as u32;
-        return Ok(cpus.saturating_mul(1 << 20).clamp(4 << 20, 64 << 20).next_power_of_two());
+        return Ok(cpus.saturating_mul(1 << 20).clamp(8 << 20, 64 << 20).next_power_of_two());
     }
     if !requested.is_power_of_two() || requested < 4096 {
         bail!("ring_buffer_bytes must be a power of two of at least 4096 (or 0 for automatic), got {requested}");
@@ -505,9 +511,11 @@ impl Reader {
         let thread = thread::Builder::new()
             .name("bpf-reader".into())
             .spawn(move || {
+                let mut wait = POLL;
                 loop {
-                    let request = receiver.recv_timeout(POLL);
-                    state.read_ring(&mut ring);
+                    let request = receiver.recv_timeout(wait);
+                    let read = state.read_ring(&mut ring);
+                    wait = if read >= BUSY_RECORDS { BUSY_POLL } else { POLL };
                     state.compact();
                     match request {
                         Ok(reply) => {
@@ -641,13 +649,16 @@ impl ReaderState {
     }
 
     /// Handles what the ring holds, up to [`MAX_RECORDS_PER_POLL`] so a flood of records
-    /// cannot hold off the end of a window.
-    fn read_ring(&mut self, ring: &mut RingBuf<MapData>) {
-        for _ in 0..MAX_RECORDS_PER_POLL {
+    /// cannot hold off the end of a window. Returns how many it handled.
+    fn read_ring(&mut self, ring: &mut RingBuf<MapData>) -> usize {
+        let mut read = 0;
+        while read < MAX_RECORDS_PER_POLL {
             let Some(record) = ring.next() else { break };
             self.handle(&record);
+            read += 1;
         }
         *self.shared_losses.lock().unwrap() = self.losses;
+        read
     }
 
     fn handle(&mut self, record: &[u8]) {
