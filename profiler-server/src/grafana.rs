@@ -39,7 +39,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -54,10 +54,10 @@ use profiler_pprof::pyroscope::types::v1::{
     Labels as LabelSet, Point, Series, StackTraceSelector, TimeSeriesAggregationType,
 };
 use prost::Message;
-use serde_json::json;
 
 use crate::api::{self, ApiError, AppState};
 use crate::auth;
+use crate::connect::{Code, Codec, ConnectError};
 use crate::query::Tree;
 use crate::store::{self, Aggregate, Cancel, Cancelled, GroupBy, Labels, Matcher, Store};
 use json::{FromJson, ToJson};
@@ -135,109 +135,13 @@ async fn dispatch(
     })?;
     let body = decompress(headers, &body)?;
     match method {
-        "ProfileTypes" => codec.unary(&body, |r| profile_types(s, r)).await,
-        "LabelNames" => codec.unary(&body, |r| label_names(s, r)).await,
-        "LabelValues" => codec.unary(&body, |r| label_values(s, r)).await,
-        "Series" => codec.unary(&body, |r| series(s, r)).await,
-        "SelectMergeStacktraces" => codec.unary(&body, |r| select_merge_stacktraces(s, r)).await,
-        "SelectSeries" => codec.unary(&body, |r| select_series(s, r)).await,
+        "ProfileTypes" => unary(codec, &body, |r| profile_types(s, r)).await,
+        "LabelNames" => unary(codec, &body, |r| label_names(s, r)).await,
+        "LabelValues" => unary(codec, &body, |r| label_values(s, r)).await,
+        "Series" => unary(codec, &body, |r| series(s, r)).await,
+        "SelectMergeStacktraces" => unary(codec, &body, |r| select_merge_stacktraces(s, r)).await,
+        "SelectSeries" => unary(codec, &body, |r| select_series(s, r)).await,
         _ => unreachable!("every served method has a handler"),
-    }
-}
-
-/// Connect's error codes that this service answers with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Code {
-    InvalidArgument,
-    Unauthenticated,
-    PermissionDenied,
-    NotFound,
-    ResourceExhausted,
-    Unimplemented,
-    Unavailable,
-    Internal,
-}
-
-impl Code {
-    fn name(self) -> &'static str {
-        match self {
-            Code::InvalidArgument => "invalid_argument",
-            Code::Unauthenticated => "unauthenticated",
-            Code::PermissionDenied => "permission_denied",
-            Code::NotFound => "not_found",
-            Code::ResourceExhausted => "resource_exhausted",
-            Code::Unimplemented => "unimplemented",
-            Code::Unavailable => "unavailable",
-            Code::Internal => "internal",
-        }
-    }
-
-    fn status(self) -> StatusCode {
-        match self {
-            Code::InvalidArgument => StatusCode::BAD_REQUEST,
-            Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-            Code::PermissionDenied => StatusCode::FORBIDDEN,
-            Code::NotFound => StatusCode::NOT_FOUND,
-            Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-            Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
-            Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-}
-
-#[derive(Debug)]
-struct ConnectError {
-    code: Code,
-    message: String,
-    /// Seconds before a retry may succeed (busy or timed-out queries).
-    retry_after: Option<u64>,
-}
-
-impl ConnectError {
-    fn new(code: Code, message: impl Into<String>) -> ConnectError {
-        ConnectError {
-            code,
-            message: message.into(),
-            retry_after: None,
-        }
-    }
-
-    fn invalid(message: impl Into<String>) -> ConnectError {
-        ConnectError::new(Code::InvalidArgument, message)
-    }
-}
-
-/// The routes' errors (auth, query limits, bodies) keep their meaning.
-impl From<ApiError> for ConnectError {
-    fn from(e: ApiError) -> ConnectError {
-        let code = match e.status() {
-            StatusCode::BAD_REQUEST => Code::InvalidArgument,
-            StatusCode::UNAUTHORIZED => Code::Unauthenticated,
-            StatusCode::FORBIDDEN => Code::PermissionDenied,
-            StatusCode::NOT_FOUND => Code::NotFound,
-            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::TOO_MANY_REQUESTS => {
-                Code::ResourceExhausted
-            }
-            StatusCode::SERVICE_UNAVAILABLE => Code::Unavailable,
-            _ => Code::Internal,
-        };
-        ConnectError {
-            code,
-            message: e.message().to_owned(),
-            retry_after: e.retry_after(),
-        }
-    }
-}
-
-impl IntoResponse for ConnectError {
-    fn into_response(self) -> Response {
-        let body = json!({ "code": self.code.name(), "message": self.message });
-        let mut resp = (self.code.status(), axum::Json(body)).into_response();
-        if let Some(secs) = self.retry_after {
-            resp.headers_mut().insert(header::RETRY_AFTER, secs.into());
-        }
-        resp
     }
 }
 
@@ -250,32 +154,9 @@ fn scan_error(e: anyhow::Error) -> ConnectError {
     ConnectError::new(Code::Internal, "internal error; see server log")
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Codec {
-    Proto,
-    Json,
-}
-
-impl Codec {
-    fn of(headers: &HeaderMap) -> Result<Codec, ConnectError> {
-        let content_type = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        match content_type.split(';').next().unwrap_or("").trim() {
-            "application/proto" | "application/protobuf" | "application/x-protobuf" => {
-                Ok(Codec::Proto)
-            }
-            "application/json" => Ok(Codec::Json),
-            other => Err(ConnectError::invalid(format!(
-                "content type {other:?}: send application/proto or application/json"
-            ))),
-        }
-    }
-
-    /// Decodes the request, runs the handler, encodes its answer.
-    async fn unary<Req, Resp, Fut>(
-        self,
+/// Decodes the request, runs the handler, encodes its answer.
+async fn unary<Req, Resp, Fut>(
+        codec: Codec,
         body: &[u8],
         handler: impl FnOnce(Req) -> Fut,
     ) -> Result<Response, ConnectError>
@@ -284,13 +165,13 @@ impl Codec {
         Resp: Message + ToJson,
         Fut: Future<Output = Result<Resp, ConnectError>>,
     {
-        let request = match self {
+        let request = match codec {
             Codec::Proto => Req::decode(body)
                 .map_err(|e| ConnectError::invalid(format!("invalid protobuf request: {e}")))?,
             Codec::Json => json::decode(body).map_err(ConnectError::invalid)?,
         };
         let response = handler(request).await?;
-        Ok(match self {
+        Ok(match codec {
             Codec::Proto => (
                 [(header::CONTENT_TYPE, "application/proto")],
                 response.encode_to_vec(),
@@ -303,7 +184,6 @@ impl Codec {
                 .into_response(),
         })
     }
-}
 
 fn decompress<'a>(
     headers: &HeaderMap,

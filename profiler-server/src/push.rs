@@ -12,29 +12,23 @@
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use profiler_pprof::pyroscope::push::v1::{PushRequest, PushResponse, RawProfileSeries};
 use prost::Message;
-use serde_json::json;
 
 use crate::api::{self, ApiError, AppState};
 use crate::budget::Grant;
+use crate::connect::{Codec, ConnectError};
 use crate::ingest::{self, BatchBuilder, Target};
 use crate::store::Labels;
 
 pub const ROUTE: &str = "/push.v1.PusherService/Push";
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Codec {
-    Proto,
-    Json,
-}
-
 pub async fn push(State(s): State<AppState>, req: Request) -> Response {
-    let codec = match content_type(req.headers()) {
+    let codec = match Codec::of(req.headers()) {
         Ok(codec) => codec,
-        Err(e) => return connect_error(e),
+        Err(e) => return e.into_response(),
     };
     match handle(s, req, codec).await {
         Ok(()) => match codec {
@@ -45,24 +39,7 @@ pub async fn push(State(s): State<AppState>, req: Request) -> Response {
                 .into_response(),
             Codec::Json => ([(header::CONTENT_TYPE, "application/json")], "{}").into_response(),
         },
-        Err(e) => connect_error(e),
-    }
-}
-
-fn content_type(headers: &HeaderMap) -> Result<Codec, ApiError> {
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    match ct.split(';').next().unwrap_or("").trim() {
-        "application/proto" | "application/protobuf" | "application/x-protobuf" => Ok(Codec::Proto),
-        "application/json" => Ok(Codec::Json),
-        other => Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!(
-                "content type {other:?}: the push API takes application/proto or application/json"
-            ),
-        )),
+        Err(e) => ConnectError::from(e).into_response(),
     }
 }
 
@@ -255,28 +232,4 @@ fn from_json(raw: &[u8]) -> Result<PushRequest, ApiError> {
         })
         .collect::<Result<_, ApiError>>()?;
     Ok(PushRequest { series })
-}
-
-/// A Connect error: `{"code", "message"}` with the HTTP status kept.
-fn connect_error(e: ApiError) -> Response {
-    let status = e.status();
-    let code = match status.as_u16() {
-        400 | 413 | 415 => "invalid_argument",
-        401 => "unauthenticated",
-        403 => "permission_denied",
-        404 => "not_found",
-        429 => "resource_exhausted",
-        503 => "unavailable",
-        500 => "internal",
-        _ => "unknown",
-    };
-    let mut resp = (
-        status,
-        axum::Json(json!({ "code": code, "message": e.message() })),
-    )
-        .into_response();
-    if let Some(secs) = e.retry_after() {
-        resp.headers_mut().insert(header::RETRY_AFTER, secs.into());
-    }
-    resp
 }

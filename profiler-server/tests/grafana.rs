@@ -553,7 +553,7 @@ fn grafana_calls_fail_with_connect_errors() {
     let (status, body) = env.error("ProfileTypes", "text/plain", vec![]);
     assert_eq!(
         (status, body["code"].as_str()),
-        (400, Some("invalid_argument"))
+        (415, Some("invalid_argument"))
     );
 
     // Auth: the read scope, refused the Connect way.
