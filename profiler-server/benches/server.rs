@@ -110,8 +110,14 @@ fn window_batch(
     }
 }
 
+/// An hour of 9M rows is loaded before the first flush, past the buffer
+/// limit that makes a live server refuse ingest.
 fn opts() -> StoreOptions {
-    StoreOptions::default()
+    StoreOptions {
+        max_buffered_rows: usize::MAX,
+        max_wal_bytes: u64::MAX,
+        ..StoreOptions::default()
+    }
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
