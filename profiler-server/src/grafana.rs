@@ -28,7 +28,6 @@
 //! retention keeps.
 
 mod flamegraph;
-mod json;
 mod profile_type;
 mod selector;
 
@@ -60,7 +59,7 @@ use crate::auth;
 use crate::connect::{Code, Codec, ConnectError};
 use crate::query::Tree;
 use crate::store::{self, Aggregate, Cancel, Cancelled, GroupBy, Labels, Matcher, Store};
-use json::{FromJson, ToJson};
+use crate::connect::json::{self, FromJson, ToJson};
 use selector::{LabelMatcher, Selector};
 
 pub fn routes(state: AppState) -> Router<AppState> {

@@ -19,7 +19,7 @@ use prost::Message;
 
 use crate::api::{self, ApiError, AppState};
 use crate::budget::Grant;
-use crate::connect::{Codec, ConnectError};
+use crate::connect::{json, Codec, ConnectError};
 use crate::ingest::{self, BatchBuilder, Target};
 use crate::store::Labels;
 
@@ -68,7 +68,12 @@ async fn handle(s: AppState, req: Request, codec: Codec) -> Result<(), ApiError>
             Codec::Proto => PushRequest::decode(raw.as_ref()).map_err(|e| {
                 ApiError::new(StatusCode::BAD_REQUEST, format!("invalid PushRequest: {e}"))
             })?,
-            Codec::Json => from_json(&raw)?,
+            Codec::Json => json::decode(&raw).map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid PushRequest JSON: {e}"),
+                )
+            })?,
         };
         let held = body.len() + raw.len();
         drop(raw);
@@ -170,66 +175,4 @@ fn kinds(
     (0..n)
         .map(|idx| Ok((ingest::sample_type_name(profile, idx)?, idx)))
         .collect()
-}
-
-/// The JSON form of a `PushRequest` (proto3 JSON: camelCase names, bytes as
-/// base64).
-fn from_json(raw: &[u8]) -> Result<PushRequest, ApiError> {
-    #[derive(serde::Deserialize)]
-    struct Request {
-        #[serde(default)]
-        series: Vec<Series>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Series {
-        #[serde(default)]
-        labels: Vec<Label>,
-        #[serde(default)]
-        samples: Vec<Sample>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Label {
-        name: String,
-        value: String,
-    }
-    #[derive(serde::Deserialize)]
-    struct Sample {
-        #[serde(rename = "rawProfile", alias = "raw_profile")]
-        raw_profile: String,
-        #[serde(rename = "ID", alias = "id", default)]
-        id: String,
-    }
-    use base64::Engine as _;
-    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, m);
-    let r: Request =
-        serde_json::from_slice(raw).map_err(|e| bad(format!("invalid PushRequest JSON: {e}")))?;
-    let series = r
-        .series
-        .into_iter()
-        .map(|s| {
-            let samples = s
-                .samples
-                .into_iter()
-                .map(|x| {
-                    let raw_profile = base64::engine::general_purpose::STANDARD
-                        .decode(x.raw_profile)
-                        .map_err(|e| bad(format!("rawProfile is not base64: {e}")))?;
-                    Ok(profiler_pprof::pyroscope::push::v1::RawSample {
-                        raw_profile,
-                        id: x.id,
-                    })
-                })
-                .collect::<Result<_, ApiError>>()?;
-            let labels = s
-                .labels
-                .into_iter()
-                .map(|l| profiler_pprof::pyroscope::types::v1::LabelPair {
-                    name: l.name,
-                    value: l.value,
-                })
-                .collect();
-            Ok(RawProfileSeries { labels, samples })
-        })
-        .collect::<Result<_, ApiError>>()?;
-    Ok(PushRequest { series })
 }

@@ -75,7 +75,7 @@ fn the_pyroscope_python_sdk_pushes_to_us() {
     let hot: i64 = folded
         .lines()
         .filter(|l| l.contains("serve") && l.contains("checkout_total"))
-        .map(|l| folded_total(l))
+        .map(folded_total)
         .sum();
     let total = folded_total(&folded);
     println!(

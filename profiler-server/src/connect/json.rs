@@ -1,11 +1,13 @@
-//! The proto3 JSON form (Connect's `application/json`) of the messages this
-//! service reads and writes.
+//! The proto3 JSON form (Connect's `application/json`) of the Pyroscope
+//! messages the server reads and writes (push and querier).
 //!
 //! Field names are the proto `json_name`s (lowerCamelCase: `profileTypeID`,
 //! `labelSelector`); requests may also use the proto names, as proto3 JSON
 //! parsers accept both. 64-bit integers are written as strings and read from
 //! strings or numbers; enums are read by name or number.
 
+use base64::Engine as _;
+use profiler_pprof::pyroscope::push::v1 as push;
 use profiler_pprof::pyroscope::querier::v1 as querier;
 use profiler_pprof::pyroscope::types::v1 as types;
 use serde_json::{json, Map, Value};
@@ -107,6 +109,33 @@ impl Fields<'_> {
         }
     }
 
+    /// Bytes, base64 as proto3 JSON writes them (standard or URL-safe).
+    fn bytes(&self, name: (&str, &str)) -> Result<Vec<u8>, String> {
+        match self.get(name) {
+            None => Ok(Vec::new()),
+            Some(Value::String(s)) => base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(s))
+                .map_err(|e| format!("`{}` is not base64: {e}", name.0)),
+            Some(v) => Err(format!("`{}` must be a base64 string, not {v}", name.0)),
+        }
+    }
+
+    /// A repeated message field.
+    fn messages<M: FromJson>(&self, name: (&str, &str)) -> Result<Vec<M>, String> {
+        match self.get(name) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|item| match item {
+                    Value::Object(map) => M::from_json(&Fields(map)),
+                    v => Err(format!("`{}` must hold objects, not {v}", name.0)),
+                })
+                .collect(),
+            Some(v) => Err(format!("`{}` must be an array, not {v}", name.0)),
+        }
+    }
+
     fn object(&self, name: (&str, &str)) -> Result<Option<Fields<'_>>, String> {
         match self.get(name) {
             None => Ok(None),
@@ -125,6 +154,41 @@ fn label_pairs(labels: &[types::LabelPair]) -> Value {
         .iter()
         .map(|l| json!({ "name": l.name, "value": l.value }))
         .collect()
+}
+
+impl FromJson for push::PushRequest {
+    fn from_json(f: &Fields) -> Result<Self, String> {
+        Ok(Self {
+            series: f.messages(("series", "series"))?,
+        })
+    }
+}
+
+impl FromJson for push::RawProfileSeries {
+    fn from_json(f: &Fields) -> Result<Self, String> {
+        Ok(Self {
+            labels: f.messages(("labels", "labels"))?,
+            samples: f.messages(("samples", "samples"))?,
+        })
+    }
+}
+
+impl FromJson for push::RawSample {
+    fn from_json(f: &Fields) -> Result<Self, String> {
+        Ok(Self {
+            raw_profile: f.bytes(("rawProfile", "raw_profile"))?,
+            id: f.string(("ID", "ID"))?,
+        })
+    }
+}
+
+impl FromJson for types::LabelPair {
+    fn from_json(f: &Fields) -> Result<Self, String> {
+        Ok(Self {
+            name: f.string(("name", "name"))?,
+            value: f.string(("value", "value"))?,
+        })
+    }
 }
 
 impl FromJson for querier::ProfileTypesRequest {

@@ -8,6 +8,8 @@ use serde_json::json;
 
 use crate::api::ApiError;
 
+pub mod json;
+
 /// Connect's error codes that this service answers with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
