@@ -53,7 +53,14 @@ fn workload_in_checkout_service_cgroup_shows_up_as_checkout() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("server"), free_port());
-    let daemon = Daemon::start(&config(dir.path(), &server.url, 64 << 20));
+    let agent_config = config(dir.path(), &server.url, 64 << 20);
+    // Every switch traced: this test is about naming the service, and at the default
+    // budget a host with a fast disk samples the sleeper's few hundred waits at about
+    // 10%, which moves its off-CPU total by ±20% from run to run.
+    let mut toml = std::fs::read_to_string(&agent_config).unwrap();
+    toml.push_str("\n[off_cpu]\nbudget = 1000000\ncpu_budget = \"1s\"\n");
+    std::fs::write(&agent_config, toml).unwrap();
+    let daemon = Daemon::start(&agent_config);
     let started = now_ms();
 
     // A cgroup named like a systemd unit, in the unified hierarchy (or the only one).
