@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use profiler_server::config::Limits;
 use profiler_server::ingest::{self, BatchBuilder, Target};
-use profiler_server::query::{self, Tree};
+use profiler_server::query::{self, Names, Tree};
 use profiler_server::store::{
     series_id, stack_id, Aggregate, Batch, ClickHouseOptions, ClickHouseStore, EmbeddedStore,
     Frames, GroupBy, Labels, Matcher, Row, Selector, Store, StoreOptions,
@@ -162,10 +162,11 @@ struct Figures {
 }
 
 fn measure(store: &dyn Store) -> Figures {
+    let names = &Names::default();
     let whole = sel(T0, T0 + HOUR_MS);
     let (flame, json) = time(7, || {
         let agg = store.aggregate(&whole, GroupBy::Stack).unwrap();
-        let tree = Tree::build(store, &[&agg], false);
+        let tree = Tree::build(names, store, &[&agg], false);
         serde_json::to_string(&tree.to_json(2048, 0.0, false)).unwrap()
     });
     let (scan, _) = time(7, || store.aggregate(&whole, GroupBy::Stack).unwrap());
@@ -179,13 +180,13 @@ fn measure(store: &dyn Store) -> Figures {
                 h.join().unwrap(),
             )
         });
-        let mut tree = Tree::build(store, &[&a, &b], false);
+        let mut tree = Tree::build(names, store, &[&a, &b], false);
         tree.normalize_base();
         serde_json::to_string(&tree.to_json(2048, 0.0, true)).unwrap()
     });
     let (top, top_fns) = time(7, || {
         let agg = store.aggregate(&whole, GroupBy::Stack).unwrap();
-        query::top(store, &agg, false, 50)
+        query::top(names, store, &agg, false, 50)
     });
     let mut filtered_sel = whole.clone();
     filtered_sel.matchers = vec![Matcher::Eq("host".into(), "host-3".into())];

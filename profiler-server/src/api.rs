@@ -34,6 +34,8 @@ use crate::store::{Appended, Cancel, Cancelled, GroupBy, Labels, Matcher, Refuse
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
+    /// Frame names interned for the query routes.
+    pub names: Arc<query::Names>,
     /// Slots of `max_concurrent_queries`.
     pub queries: Arc<tokio::sync::Semaphore>,
     pub budget: Arc<MemoryBudget>,
@@ -739,7 +741,7 @@ async fn flamegraph(
             .aggregate(&sel, GroupBy::Stack)
             .map_err(ApiError::scan)?;
         let kind_roots = agg.values().filter(|m| !m.is_empty()).count() > 1;
-        let tree = Tree::build(&*s.store, &[&agg], kind_roots);
+        let tree = Tree::build(&s.names, &*s.store, &[&agg], kind_roots);
         Ok(Json(tree.to_json(max_nodes, min_share, false)))
     })
     .await
@@ -831,7 +833,7 @@ async fn diff(
             b.map_err(ApiError::scan)?,
         );
         let kinds: std::collections::HashSet<&String> = a.keys().chain(b.keys()).collect();
-        let mut tree = Tree::build(&*s.store, &[&a, &b], kinds.len() > 1);
+        let mut tree = Tree::build(&s.names, &*s.store, &[&a, &b], kinds.len() > 1);
         if normalize {
             tree.normalize_base();
         }
@@ -859,7 +861,7 @@ async fn top(
     run_query(s.clone(), sel.cancel.clone(), move || {
         let agg = s.store.aggregate(&sel, GroupBy::Stack).map_err(ApiError::scan)?;
         let total: i64 = agg.values().flat_map(|m| m.values()).sum();
-        let functions = query::top(&*s.store, &agg, by_total, limit);
+        let functions = query::top(&s.names, &*s.store, &agg, by_total, limit);
         Ok(Json(json!({ "by": if by_total { "total" } else { "self" }, "total": total, "functions": functions })))
     })
     .await

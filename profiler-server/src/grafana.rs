@@ -499,7 +499,7 @@ async fn select_merge_stacktraces(
         let catalog = Catalog::load(&*s.store, std::slice::from_ref(&selector));
         let plans = catalog.plan(&selector)?;
         let stacks = aggregate(&*s.store, &plans, &kind, range, GroupBy::Stack, cancel)?;
-        let tree = Tree::build(&*s.store, &[&stacks], false);
+        let tree = Tree::build(&s.names, &*s.store, &[&stacks], false);
         Ok(SelectMergeStacktracesResponse {
             flamegraph: Some(flamegraph::encode(&tree.to_json(max_nodes, 0.0, false))),
         })

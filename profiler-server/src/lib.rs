@@ -126,6 +126,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     ));
     let state = api::AppState {
         store: store.clone(),
+        names: Arc::default(),
         queries: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_concurrent_queries.max(1))),
         budget,
         config: Arc::new(cfg),

@@ -1,0 +1,374 @@
+//! `cargo bench -p profiler-server --bench real_profiles`: query and ingest
+//! cost on real-shaped profiles.
+//!
+//! The stacks come from `data/cargo-build.folded.zst`: our agent recording
+//! this workspace's release build (`profiler-agent record -F 999 --off-cpu
+//! --duration 180s` while `cargo build --release -p profiler-agent` ran, on a
+//! 2-CPU VM): 115k distinct stacks of rustc, cargo, cc and ld, 20 frames deep
+//! at the median and up to 121, with Rust's long generic names.
+//!
+//! For 1k, 10k and 100k distinct stacks, one service gets 7 days of windows
+//! shaped like the agent's output: about 2,000 samples per 10 s drawn from the
+//! recording's own distribution, spread over a long-lived process and one
+//! that changes every minute, stored at the resolutions the server's default
+//! downsampling leaves (10 s for the last 6 h, 1 min up to 48 h, 10 min
+//! beyond). The work of the flame graph, diff and top routes is then timed
+//! over the last 1 h, 24 h and 7 d, and end-to-end pprof ingest of one hour.
+//! `BENCH_STACKS=30000` measures one pool size only.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use profiler_server::config::Limits;
+use profiler_server::ingest::{self, BatchBuilder, Target};
+use profiler_server::query::{self, Names, Tree};
+use profiler_server::store::{
+    series_id, stack_id, Batch, EmbeddedStore, Frames, GroupBy, Labels, Row, Selector, Store,
+    StoreOptions,
+};
+
+const SERVICE: &str = "build";
+const SECOND: i64 = 1_000;
+const HOUR: i64 = 3_600 * SECOND;
+const DAY: i64 = 24 * HOUR;
+const END: i64 = 1_700_000_000_000;
+/// Samples per 10 s window: 99 Hz on two busy CPUs.
+const DRAWS_PER_10S: usize = 2_000;
+/// Draws per stored window at most; coarser windows weigh each draw more, so
+/// loading 7 days stays quick and totals stay true.
+const MAX_DRAWS: usize = 12_000;
+/// One on-CPU sample at 99 Hz, in ns; off-CPU draws weigh the same so both
+/// kinds keep the recording's proportions.
+const SAMPLE_NS: i64 = 10_101_010;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+struct Stack {
+    kind: String,
+    frames: Frames,
+    id: u64,
+    weight: i64,
+}
+
+fn recording() -> Vec<Stack> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/data/cargo-build.folded.zst");
+    let file = std::fs::File::open(path).expect("bench data");
+    let mut decoder = zstd::Decoder::new(file).unwrap();
+    decoder.window_log_max(27).unwrap();
+    let mut text = String::new();
+    decoder.read_to_string(&mut text).unwrap();
+    text.lines()
+        .map(|line| {
+            let (mut frames, value) = profiler_pprof::folded::parse_line(line).unwrap();
+            let root = frames.next().unwrap();
+            let kind = root.trim_start_matches('[').trim_end_matches(']').to_owned();
+            let frames: Vec<String> = frames.map(str::to_owned).collect();
+            Stack {
+                kind,
+                id: stack_id(&frames),
+                frames: Arc::from(frames),
+                weight: value,
+            }
+        })
+        .collect()
+}
+
+/// `n` stacks of the recording, picked at random, and their cumulative
+/// weights for drawing samples.
+struct Pool<'a> {
+    stacks: Vec<&'a Stack>,
+    cumulative: Vec<i64>,
+}
+
+impl<'a> Pool<'a> {
+    fn new(all: &'a [Stack], n: usize, rng: &mut Rng) -> Pool<'a> {
+        let mut picked: Vec<&Stack> = all.iter().collect();
+        for i in (1..picked.len()).rev() {
+            picked.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+        }
+        picked.truncate(n);
+        let mut sum = 0;
+        let cumulative = picked
+            .iter()
+            .map(|s| {
+                sum += s.weight.max(1);
+                sum
+            })
+            .collect();
+        Pool {
+            stacks: picked,
+            cumulative,
+        }
+    }
+
+    fn draw(&self, rng: &mut Rng) -> usize {
+        let total = *self.cumulative.last().unwrap();
+        let x = (rng.next() % total as u64) as i64;
+        self.cumulative.partition_point(|&c| c <= x)
+    }
+}
+
+fn labels(pid: i64) -> Labels {
+    Labels::from([
+        ("service".to_string(), SERVICE.to_string()),
+        ("host".to_string(), "builder-1".to_string()),
+        ("pid".to_string(), pid.to_string()),
+    ])
+}
+
+/// kind -> (stack index in the pool, pid) -> value: the rows of one window.
+type Window = HashMap<String, HashMap<(usize, i64), i64>>;
+
+/// One window of `res_ms` at `ts`: the samples of `res_ms / 10 s` agent
+/// windows, plus a slice of the pool in turn so that every stack of the
+/// pool shows up within an hour, the way rare stacks do.
+fn window(pool: &Pool, ts: i64, res_ms: i64, rng: &mut Rng) -> Window {
+    let windows_of_10s = (res_ms / (10 * SECOND)) as usize;
+    let samples = DRAWS_PER_10S * windows_of_10s;
+    let draws = samples.min(MAX_DRAWS);
+    let weight = SAMPLE_NS * (samples / draws) as i64;
+    let mut out = Window::new();
+    let mut add = |i: usize, pid: i64| {
+        let s = pool.stacks[i];
+        *out.entry(s.kind.clone())
+            .or_default()
+            .entry((i, pid))
+            .or_insert(0) += weight;
+    };
+    for d in 0..draws {
+        // A quarter of the time in the long-lived process (cargo), the rest
+        // in processes that last a minute (rustc).
+        let at = ts + res_ms * d as i64 / draws as i64;
+        let pid = if d % 4 == 0 { 1 } else { 2 + at / 60_000 % 10_000 };
+        add(pool.draw(rng), pid);
+    }
+    let per_hour = pool.stacks.len().div_ceil(360);
+    let turn = (ts / (10 * SECOND)) as usize * per_hour;
+    for k in 0..(per_hour * windows_of_10s).min(pool.stacks.len()) {
+        add((turn + k) % pool.stacks.len(), 2 + ts / 60_000 % 10_000);
+    }
+    out
+}
+
+/// Start and resolution of every window of the 7 days before `END`.
+fn windows() -> Vec<(i64, i64)> {
+    let mut out = Vec::new();
+    let levels = [(7 * DAY, 2 * DAY, 600 * SECOND), (2 * DAY, 6 * HOUR, 60 * SECOND), (6 * HOUR, 0, 10 * SECOND)];
+    for (from_age, to_age, res) in levels {
+        let mut ts = END - from_age;
+        while ts < END - to_age {
+            out.push((ts, res));
+            ts += res;
+        }
+    }
+    out
+}
+
+/// Loads 7 days of the pool into a fresh store: one batch per kind and hour,
+/// dictionaries sent with the first batch that uses them.
+fn load(pool: &Pool, dir: &std::path::Path, rng: &mut Rng) -> (EmbeddedStore, usize) {
+    let store = EmbeddedStore::open(
+        dir,
+        StoreOptions {
+            max_buffered_rows: usize::MAX,
+            max_wal_bytes: u64::MAX,
+                downsample: vec![(6 * HOUR, 60 * SECOND), (2 * DAY, 600 * SECOND)],
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    let mut sent_stacks = HashSet::new();
+    let mut sent_series = HashSet::new();
+    let mut rows_total = 0;
+    let mut pending: HashMap<String, Batch> = HashMap::new();
+    let all = windows();
+    for (i, &(ts, res)) in all.iter().enumerate() {
+        for (kind, rows) in window(pool, ts, res, rng) {
+            let b = pending.entry(kind.clone()).or_insert_with(|| Batch {
+                service: SERVICE.into(),
+                kind,
+                ..Batch::default()
+            });
+            for ((i, pid), value) in rows {
+                let s = pool.stacks[i];
+                if sent_stacks.insert(s.id) {
+                    b.stacks.push((s.id, s.frames.clone()));
+                }
+                let l = labels(pid);
+                let series = series_id(&l);
+                if sent_series.insert(series) {
+                    b.series.push((series, l));
+                }
+                b.rows.push(Row {
+                    ts_ms: ts,
+                    series_id: series,
+                    stack_id: s.id,
+                    value,
+                });
+            }
+        }
+        let hour_ends = all.get(i + 1).is_none_or(|&(next, _)| next / HOUR != ts / HOUR);
+        if hour_ends {
+            for (_, b) in pending.drain() {
+                rows_total += b.rows.len();
+                store.append(b).unwrap();
+            }
+            if store.buffered_rows() > 4_000_000 {
+                store.flush().unwrap();
+            }
+        }
+    }
+    store.flush().unwrap();
+    // Compacts the older windows into the files a server's maintenance
+    // leaves (hourly at 1 min, 10-hourly at 10 min).
+    store.maintain(END).unwrap();
+    (store, rows_total)
+}
+
+fn median(runs: usize, mut f: impl FnMut()) -> Duration {
+    let mut times: Vec<Duration> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[runs / 2]
+}
+
+fn sel(from: i64, until: i64) -> Selector {
+    Selector {
+        service: SERVICE.into(),
+        from_ms: from,
+        until_ms: until,
+        kinds: None,
+        matchers: vec![],
+        cancel: Default::default(),
+    }
+}
+
+/// The work of `/api/v1/flamegraph`, `/diff` and `/top` over the range
+/// ending at `END`, minus HTTP: the flame graph once with no frame names
+/// interned yet (the first query after a start), then medians.
+fn measure(store: &dyn Store, range: i64) -> [Duration; 5] {
+    let whole = sel(END - range, END);
+    let (first, second) = (sel(END - range, END - range / 2), sel(END - range / 2, END));
+    let runs = if range > DAY { 3 } else { 5 };
+    let names = Names::default();
+    let scan = median(runs, || {
+        store.aggregate(&whole, GroupBy::Stack).unwrap();
+    });
+    let flame_graph = || {
+        let agg = store.aggregate(&whole, GroupBy::Stack).unwrap();
+        let tree = Tree::build(&names, store, &[&agg], agg.len() > 1);
+        serde_json::to_string(&tree.to_json(2048, 0.0, false)).unwrap();
+    };
+    let cold = median(1, flame_graph);
+    let flame = median(runs, flame_graph);
+    let diff = median(runs, || {
+        let (a, b) = std::thread::scope(|s| {
+            let h = s.spawn(|| store.aggregate(&first, GroupBy::Stack).unwrap());
+            (store.aggregate(&second, GroupBy::Stack).unwrap(), h.join().unwrap())
+        });
+        let mut tree = Tree::build(&names, store, &[&a, &b], true);
+        tree.normalize_base();
+        serde_json::to_string(&tree.to_json(2048, 0.0, true)).unwrap();
+    });
+    let top = median(runs, || {
+        let agg = store.aggregate(&whole, GroupBy::Stack).unwrap();
+        query::top(&names, store, &agg, false, 50);
+    });
+    [scan, cold, flame, diff, top]
+}
+
+/// End-to-end ingest on one thread: gzip pprof decode, validation, batch
+/// building and the WAL append with its fsync, for one hour of agent
+/// windows (one request per 10 s window and kind, as the agent sends).
+fn ingest_hour(pool: &Pool, rng: &mut Rng) -> (usize, Duration, usize) {
+    let mut requests = Vec::new();
+    for w in 0..360 {
+        let ts = END - HOUR + w * 10 * SECOND;
+        for (kind, rows) in window(pool, ts, 10 * SECOND, rng) {
+            let mut pb = profiler_pprof::ProfileBuilder::new(&[("cpu", "nanoseconds")]);
+            for ((i, pid), value) in rows {
+                pb.add(&pool.stacks[i].frames, &[value], &[("pid", &pid.to_string())]);
+            }
+            requests.push((ts, kind, profiler_pprof::encode_gzip(&pb.build())));
+        }
+    }
+    let bytes = requests.iter().map(|(_, _, gz)| gz.len()).sum();
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path(), StoreOptions::default()).unwrap();
+    let limits = Limits::default();
+    let mut rows = 0;
+    let t = Instant::now();
+    for (ts, kind, gz) in &requests {
+        let p = profiler_pprof::decode_gzip(gz, 256 << 20).unwrap();
+        let target = Target {
+            service: SERVICE.into(),
+            kind: kind.clone(),
+            ts_ms: *ts,
+            labels: Labels::from([("host".to_string(), "builder-1".to_string())]),
+        };
+        let mut b = BatchBuilder::new(&limits, target).unwrap();
+        ingest::pprof(&p, 0, &mut b).unwrap();
+        let batch = b.finish();
+        rows += batch.rows.len();
+        store.append(batch).unwrap();
+    }
+    (rows, t.elapsed(), bytes)
+}
+
+fn main() {
+    let t = Instant::now();
+    let all = recording();
+    println!(
+        "recording: {} distinct stacks, read in {:.2?}",
+        all.len(),
+        t.elapsed()
+    );
+    let mut rng = Rng(0x9e3779b97f4a7c15);
+    println!("distinct  range  stacks in range   scan  flame graph (cold)  flame graph   diff    top");
+    // BENCH_STACKS=10000,100000 picks the pool sizes.
+    let sizes: Vec<usize> = std::env::var("BENCH_STACKS").map_or_else(
+        |_| vec![1_000, 10_000, 30_000, 100_000],
+        |v| v.split(',').map(|n| n.trim().parse().expect("BENCH_STACKS: numbers")).collect(),
+    );
+    for n in sizes {
+        let pool = Pool::new(&all, n, &mut rng);
+        let dir = tempfile::tempdir().unwrap();
+        let t = Instant::now();
+        let (store, rows) = load(&pool, dir.path(), &mut rng);
+        println!(
+            "{n:>7}    (7 d: {rows} rows in {} segments, loaded in {:.1?})",
+            store.segment_count(),
+            t.elapsed()
+        );
+        for (name, range) in [("1 h", HOUR), ("24 h", DAY), ("7 d", 7 * DAY)] {
+            let agg = store.aggregate(&sel(END - range, END), GroupBy::Stack).unwrap();
+            let distinct: usize = agg.values().map(HashMap::len).sum();
+            let [scan, cold, flame, diff, top] = measure(&store, range);
+            println!(
+                "{n:>7}   {name:<5}  {distinct:>8}   {scan:>9.2?}   {cold:>9.2?}   {flame:>9.2?}   {diff:>9.2?}   {top:>9.2?}"
+            );
+        }
+    }
+    let pool = Pool::new(&all, 100_000, &mut rng);
+    let (rows, took, bytes) = ingest_hour(&pool, &mut rng);
+    println!(
+        "ingest, pprof end to end on one thread: {:.0} rows/s ({rows} rows of one hour, {} KiB gzip, {took:.2?})",
+        rows as f64 / took.as_secs_f64(),
+        bytes / 1024
+    );
+}
