@@ -10,6 +10,7 @@
 //! files and flame graphs read; pprof itself stores location ids leaf-first,
 //! so the conversion lives here and nowhere else.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 
@@ -252,7 +253,9 @@ pub struct Resolver<'a> {
     functions: HashMap<u64, &'a Function>,
     mappings: HashMap<u64, &'a Mapping>,
     // Root-first frames of each location, computed once per location id.
-    locations: HashMap<u64, Vec<String>>,
+    /// Frames of each resolved location, borrowed from the string table
+    /// unless a name had to be made (an address) or cut.
+    locations: HashMap<u64, Vec<Cow<'a, str>>>,
     raw_locations: HashMap<u64, &'a Location>,
     max_name_len: usize,
 }
@@ -295,13 +298,18 @@ impl<'a> Resolver<'a> {
 
     /// Appends the root-first frames of `sample` to `out`.
     pub fn frames(&mut self, sample: &Sample, out: &mut Vec<String>) -> Result<(), Error> {
-        self.frames_upto(sample, out, usize::MAX)
+        let mut frames = Vec::new();
+        self.frames_upto(sample, &mut frames, usize::MAX)?;
+        out.extend(frames.into_iter().map(Cow::into_owned));
+        Ok(())
     }
 
     /// Appends at most `max` root-first frames of `sample` to `out`: a sample
     /// can repeat one location id millions of times, and only the frames
     /// kept should cost anything.
-    pub fn frames_upto(&mut self, sample: &Sample, out: &mut Vec<String>, max: usize) -> Result<(), Error> {
+    /// Names are borrowed from the profile where they can be, so resolving
+    /// a stack allocates nothing per frame.
+    pub fn frames_upto(&mut self, sample: &Sample, out: &mut Vec<Cow<'a, str>>, max: usize) -> Result<(), Error> {
         let start = out.len();
         for &id in sample.location_id.iter().rev() {
             let room = max - (out.len() - start);
@@ -330,7 +338,7 @@ impl<'a> Resolver<'a> {
         Ok(out)
     }
 
-    fn resolve_location(&self, id: u64) -> Result<Vec<String>, Error> {
+    fn resolve_location(&self, id: u64) -> Result<Vec<Cow<'a, str>>, Error> {
         let loc = self
             .raw_locations
             .get(&id)
@@ -343,10 +351,10 @@ impl<'a> Resolver<'a> {
                 .map(|m| self.string(m.filename))
                 .transpose()?
                 .filter(|s| !s.is_empty());
-            return Ok(vec![match module {
+            return Ok(vec![Cow::Owned(match module {
                 Some(m) => format!("{m}+0x{:x}", loc.address),
                 None => format!("0x{:x}", loc.address),
-            }]);
+            })]);
         }
         // line[0] is the innermost inlined callee; reverse to get root-first.
         loc.line
@@ -363,9 +371,11 @@ impl<'a> Resolver<'a> {
                     name
                 };
                 Ok(if name.is_empty() {
-                    "?".to_owned()
+                    Cow::Borrowed("?")
+                } else if name.len() <= self.max_name_len {
+                    Cow::Borrowed(name)
                 } else {
-                    cut_name(name, self.max_name_len)
+                    Cow::Owned(cut_name(name, self.max_name_len))
                 })
             })
             .collect()

@@ -295,7 +295,16 @@ fn measure(store: &dyn Store, range: i64) -> [Duration; 5] {
 /// End-to-end ingest on one thread: gzip pprof decode, validation, batch
 /// building and the WAL append with its fsync, for one hour of agent
 /// windows (one request per 10 s window and kind, as the agent sends).
-fn ingest_hour(pool: &Pool, rng: &mut Rng) -> (usize, Duration, usize) {
+/// CPU time this process has used (user + system), from /proc.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name, which ends with the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+fn ingest_hour(pool: &Pool, rng: &mut Rng) -> (usize, [Duration; 5], (usize, usize)) {
     let mut requests = Vec::new();
     for w in 0..360 {
         let ts = END - HOUR + w * 10 * SECOND;
@@ -312,9 +321,13 @@ fn ingest_hour(pool: &Pool, rng: &mut Rng) -> (usize, Duration, usize) {
     let store = EmbeddedStore::open(dir.path(), StoreOptions::default()).unwrap();
     let limits = Limits::default();
     let mut rows = 0;
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), cpu_time());
+    let (mut decode, mut build) = (Duration::ZERO, Duration::ZERO);
     for (ts, kind, gz) in &requests {
+        let phase = Instant::now();
         let p = profiler_pprof::decode_gzip(gz, 256 << 20).unwrap();
+        decode += phase.elapsed();
+        let phase = Instant::now();
         let target = Target {
             service: SERVICE.into(),
             kind: kind.clone(),
@@ -324,10 +337,12 @@ fn ingest_hour(pool: &Pool, rng: &mut Rng) -> (usize, Duration, usize) {
         let mut b = BatchBuilder::new(&limits, target).unwrap();
         ingest::pprof(&p, 0, &mut b).unwrap();
         let batch = b.finish();
+        build += phase.elapsed();
         rows += batch.rows.len();
         store.append(batch).unwrap();
     }
-    (rows, t.elapsed(), bytes)
+    let total = t.elapsed();
+    (rows, [total, cpu_time() - cpu, decode, build, total - decode - build], (requests.len(), bytes))
 }
 
 fn main() {
@@ -365,10 +380,14 @@ fn main() {
         }
     }
     let pool = Pool::new(&all, 100_000, &mut rng);
-    let (rows, took, bytes) = ingest_hour(&pool, &mut rng);
+    let (rows, [took, cpu, decode, build, append], (requests, bytes)) = ingest_hour(&pool, &mut rng);
     println!(
-        "ingest, pprof end to end on one thread: {:.0} rows/s ({rows} rows of one hour, {} KiB gzip, {took:.2?})",
+        "ingest, pprof end to end on one thread: {:.0} rows/s, {:.0} rows per CPU-second ({rows} rows of one hour \
+         in {} requests' {} KiB of gzip pprof, {took:.2?}: gunzip+decode {decode:.2?}, validate+batch {build:.2?}, \
+         WAL+fsync+apply {append:.2?})",
         rows as f64 / took.as_secs_f64(),
+        rows as f64 / cpu.as_secs_f64(),
+        requests,
         bytes / 1024
     );
 }

@@ -56,7 +56,10 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
         }
         Bench::SchedPipe { rounds, loops, baseline_agent } => with_bpf_stats(|| sched_pipe(rounds, loops, baseline_agent)),
         Bench::Daemon { minutes } => daemon(minutes),
-        Bench::Server => cargo(&["bench", "-p", "profiler-server", "--bench", "server"]),
+        Bench::Server => {
+            cargo(&["bench", "-p", "profiler-server", "--bench", "server"])?;
+            cargo(&["bench", "-p", "profiler-server", "--bench", "real_profiles"])
+        }
     }
 }
 
