@@ -51,10 +51,13 @@ fn main() -> anyhow::Result<()> {
             let mut test = vec!["test", "--workspace"];
             test.extend(args.iter().map(String::as_str));
             cargo(&test)?;
-            // The web UI in a real browser, against the server binary just built.
+            // The web UI in a real browser, against the server binaries just built: the
+            // release one for the test that times a real-shaped flame graph from the click.
+            cargo(&["build", "--release", "-p", "profiler-server", "--bins"])?;
             run(Command::new("bash")
                 .arg(root().join("profiler-server/ui-tests/run.sh"))
-                .env("PROFILER_SERVER_BIN", root().join("target/debug/profiler-server")))
+                .env("PROFILER_SERVER_BIN", root().join("target/debug/profiler-server"))
+                .env("PROFILER_SERVER_RELEASE_BIN", root().join("target/release/profiler-server")))
         }
         Task::Demo { port, data_dir } => demo::run(demo::Options { port, data_dir: root().join(data_dir) }),
         Task::Bench { bench } => bench::run(bench),

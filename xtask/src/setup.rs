@@ -81,6 +81,7 @@ fn debian_packages() -> anyhow::Result<()> {
         ("/usr/share/doc/libc6-dbg", "libc6-dbg"),
         ("mkfs.ext4", "e2fsprogs"),
         ("losetup", "mount"),
+        ("zstd", "zstd"),
     ]
         .into_iter()
         .filter(|(binary, _)| output(Command::new("sh").args(["-c", &format!("command -v {binary} || test -e {binary}")])).is_none())
