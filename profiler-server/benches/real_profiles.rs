@@ -21,6 +21,9 @@ use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::Rng;
 use profiler_server::config::Limits;
 use profiler_server::ingest::{self, BatchBuilder, Target};
 use profiler_server::query::{self, Names, Tree};
@@ -43,15 +46,6 @@ const MAX_DRAWS: usize = 12_000;
 /// kinds keep the recording's proportions.
 const SAMPLE_NS: i64 = 10_101_010;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 struct Stack {
     kind: String,

@@ -19,6 +19,9 @@ use profiler_server::store::{
 
 #[path = "../tests/chdb_bridge/mod.rs"]
 mod chdb_bridge;
+mod common;
+
+use common::Rng;
 
 const SERIES: usize = 100;
 const STACKS: usize = 250;
@@ -26,15 +29,6 @@ const WINDOW_MS: i64 = 10_000;
 const HOUR_MS: i64 = 3_600_000;
 const T0: i64 = 1_700_000_000_000;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 /// 250 stacks 8..32 deep over a pool of function names, sharing prefixes
 /// the way real call trees do.

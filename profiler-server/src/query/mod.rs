@@ -1,8 +1,9 @@
 //! Query stage: aggregates from the store become merged call trees, diffs,
 //! top-function tables and timelines.
 //!
-//! Rows are first summed per stack id by the store; only the (few thousand)
-//! distinct stacks are then expanded into frames here.
+//! Rows are first summed per stack id by the store; only the distinct stacks
+//! are then expanded here: into interned frame names ([`names`]) for trees
+//! ([`tree`]) and top tables, into strings for exports.
 
 mod names;
 mod tree;
