@@ -27,6 +27,7 @@ use crate::{
     identity::{Identity, Rule, identify, unknown_process},
     metrics::Metrics,
     privileges,
+    process::ProcessInfo,
     runs::{Applied, Poller, Report, RunControl},
     sample::RawValue,
     session::{Session, Settings, Window},
@@ -268,10 +269,36 @@ impl WindowGroups {
                 .identities
                 .entry(sample.key.tgid)
                 .or_insert_with(|| {
-                    Arc::new(match session.processes().get(sample.key.tgid) {
-                        Some(process) => identify(&process, rules),
-                        None => unknown_process(&comm_name(&sample.key.comm)),
-                    })
+                    let processes = session.processes();
+                    let identified = |tgid: u32, process: &ProcessInfo| {
+                        let leader = (process.session != tgid && process.session != 0)
+                            .then(|| processes.get(process.session))
+                            .flatten();
+                        identify(process, leader.as_ref(), rules)
+                    };
+                    // A command that exited before its /proc entry was read (or its
+                    // session) is named after the nearest ancestor that was read.
+                    let mut tgid = sample.key.tgid;
+                    let (mut found, mut without_session) = (None, None);
+                    for _ in 0..4 {
+                        match processes.get(tgid) {
+                            Some(process) if process.session != 0 || process.cmdline.is_empty() => {
+                                found = Some(identified(tgid, &process));
+                                break;
+                            }
+                            Some(process) => without_session = without_session.or_else(|| Some(identified(tgid, &process))),
+                            None => {}
+                        }
+                        match session.parent_of(tgid) {
+                            Some(parent) if parent != tgid => tgid = parent,
+                            _ => break,
+                        }
+                    }
+                    Arc::new(
+                        found
+                            .or(without_session)
+                            .unwrap_or_else(|| unknown_process(&comm_name(&sample.key.comm))),
+                    )
                 })
                 .clone();
             let (kind, ns) = match sample.value {

@@ -1,6 +1,13 @@
 //! Who a process belongs to: a service name and labels, derived without hand work from
-//! its cgroup (systemd unit, container, Kubernetes pod) and executable, and overridden by
-//! the user's rules.
+//! its cgroup (systemd unit, login session, container, Kubernetes pod), its session
+//! leader and executable, and overridden by the user's rules.
+//!
+//! Short-lived commands must not become services of their own: a shell script's `sed`
+//! and `expr` belong to the script, a terminal's commands to the user's session. So a
+//! process outside any unit or login session takes the name of its session's leader
+//! (what `setsid` started: a daemon, a cron job, a container's entry point, a terminal),
+//! and names are made from what a user recognises (a script rather than its
+//! interpreter; the command name rather than a `memfd:` or deleted file).
 
 use std::collections::BTreeMap;
 
@@ -35,8 +42,20 @@ impl Rule {
     }
 }
 
-pub fn identify(process: &ProcessInfo, rules: &[Rule]) -> Identity {
+/// The identity of `process`; `leader` is its session's leader when that is another
+/// process (see the module documentation).
+pub fn identify(process: &ProcessInfo, leader: Option<&ProcessInfo>, rules: &[Rule]) -> Identity {
     let mut identity = from_cgroup(&process.cgroup, process);
+    if identity.service.is_empty() {
+        identity.service = match leader {
+            // A rule naming the leader names its session's commands too. A command
+            // that exited while it was read may lack its cgroup (it reads as the root).
+            Some(leader) if leader.cgroup == process.cgroup || process.cgroup.is_empty() => {
+                identify(leader, None, rules).service
+            }
+            _ => process_name(process),
+        };
+    }
     if let Some(rule) = rules.iter().find(|rule| rule.matches(process)) {
         if let Some(service) = &rule.service {
             identity.service = service.clone();
@@ -51,13 +70,50 @@ pub fn unknown_process(comm: &str) -> Identity {
     Identity { service: comm.to_string(), labels: BTreeMap::new() }
 }
 
-fn executable_name(process: &ProcessInfo) -> String {
-    match process.exe.rsplit('/').next() {
-        Some(name) if !name.is_empty() => name.to_string(),
-        // Kernel threads have no executable.
-        _ if process.exe.is_empty() && process.cmdline.is_empty() => "kernel".to_string(),
-        _ => process.name.clone(),
+/// Shells: each runs a script, inline code (`-c`) or a user's terminal.
+const SHELLS: &[&str] = &["sh", "bash", "dash", "zsh", "ksh", "fish"];
+/// Other interpreters (and `python*`): each is known by the script it runs, its first
+/// argument that is not an option.
+const SCRIPT_RUNNERS: &[&str] = &["perl", "ruby", "node", "php"];
+
+/// The name a user knows a process by: its script for an interpreter running one,
+/// `session-<user>` for an interactive shell, else its executable's base name (the
+/// command name where the executable is a `memfd:` or an anonymous file).
+fn process_name(process: &ProcessInfo) -> String {
+    // Kernel threads have no executable and no session (a process that exited while it
+    // was read may have lost the first two only).
+    if process.exe.is_empty() && process.cmdline.is_empty() && process.session == 0 {
+        return "kernel".to_string();
     }
+    let exe = process.exe.rsplit('/').next().unwrap_or_default();
+    if exe.is_empty() || process.exe.starts_with("/memfd:") || !process.exe.starts_with('/') {
+        return process.name.clone();
+    }
+    let shell = SHELLS.contains(&exe);
+    if !shell && !SCRIPT_RUNNERS.contains(&exe) && !exe.starts_with("python") {
+        return exe.to_string();
+    }
+    // argv[0] is the interpreter; `-c` runs inline code, named after the interpreter.
+    let script = process.cmdline.split(' ').skip(1).take_while(|arg| *arg != "-c").find(|arg| !arg.starts_with('-'));
+    match script.and_then(|s| std::path::Path::new(s).file_stem()?.to_str()) {
+        Some(stem) if !stem.is_empty() => stem.to_string(),
+        _ if shell && process.cmdline.split(' ').all(|arg| arg != "-c") => format!("session-{}", user_name(process.uid)),
+        _ => exe.to_string(),
+    }
+}
+
+/// The user's name from the agent's /etc/passwd, else `uid<N>`.
+fn user_name(uid: u32) -> String {
+    std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|passwd| {
+            passwd.lines().find_map(|line| {
+                let mut fields = line.split(':');
+                let name = fields.next()?;
+                (fields.nth(1)?.parse() == Ok(uid)).then(|| name.to_string())
+            })
+        })
+        .unwrap_or_else(|| format!("uid{uid}"))
 }
 
 fn from_cgroup(path: &str, process: &ProcessInfo) -> Identity {
@@ -69,11 +125,11 @@ fn from_cgroup(path: &str, process: &ProcessInfo) -> Identity {
         if let Some(id) = components.last().and_then(|c| container_id(c)) {
             labels.insert("container_id".to_string(), id);
         }
-        return Identity { service: executable_name(process), labels };
+        return Identity { service: String::new(), labels };
     }
     if let Some(id) = components.iter().rev().find_map(|c| container_id(c)) {
         labels.insert("container_id".to_string(), id);
-        return Identity { service: executable_name(process), labels };
+        return Identity { service: String::new(), labels };
     }
     if let Some(unit) = components.iter().rev().find(|c| c.ends_with(".service")) {
         labels.insert("systemd_unit".to_string(), unit.to_string());
@@ -82,7 +138,12 @@ fn from_cgroup(path: &str, process: &ProcessInfo) -> Identity {
         let service = service.split('@').next().unwrap_or(service);
         return Identity { service: service.to_string(), labels };
     }
-    Identity { service: executable_name(process), labels }
+    // A login session (systemd-logind): the user's terminals and what they start.
+    if components.last().is_some_and(|c| c.starts_with("session-") && c.ends_with(".scope")) {
+        return Identity { service: format!("session-{}", user_name(process.uid)), labels };
+    }
+    // No unit of its own: named after its session leader or itself.
+    Identity { service: String::new(), labels }
 }
 
 /// `kubepods-burstable-pod1234_5678.slice` (systemd driver) or `pod1234-5678` (cgroupfs).
@@ -110,6 +171,8 @@ mod tests {
             exe: exe.into(),
             cmdline: format!("{exe} --flag"),
             cgroup: cgroup.into(),
+            session: 0,
+            uid: 0,
             mappings: Vec::new().into(),
             last_seen: std::time::Instant::now(),
             alive: true,
@@ -120,11 +183,11 @@ mod tests {
 
     #[test]
     fn derives_service_from_cgroup_or_executable() {
-        let systemd = identify(&process("/usr/bin/python3", "/system.slice/checkout.service"), &[]);
+        let systemd = identify(&process("/usr/bin/python3", "/system.slice/checkout.service"), None, &[]);
         assert_eq!(systemd.service, "checkout");
         assert_eq!(systemd.labels["systemd_unit"], "checkout.service");
 
-        let docker = identify(&process("/app/server", &format!("/system.slice/docker-{ID}.scope")), &[]);
+        let docker = identify(&process("/app/server", &format!("/system.slice/docker-{ID}.scope")), None, &[]);
         assert_eq!((docker.service.as_str(), docker.labels["container_id"].as_str()), ("server", "0123456789ab"));
 
         let k8s = identify(
@@ -132,14 +195,16 @@ mod tests {
                 "/bin/api",
                 &format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c3d4e_0000_1111_2222_333344445555.slice/cri-containerd-{ID}.scope"),
             ),
+            None,
             &[],
         );
         assert_eq!(k8s.labels["pod_uid"], "1b2c3d4e-0000-1111-2222-333344445555");
         assert_eq!(k8s.labels["container_id"], "0123456789ab");
 
-        assert_eq!(identify(&process("/usr/sbin/nginx", "/user.slice/user-0.slice/session-1.scope"), &[]).service, "nginx");
+        let login = identify(&process("/usr/sbin/nginx", "/user.slice/user-0.slice/session-1.scope"), None, &[]);
+        assert_eq!(login.service, "session-root");
         let kernel_thread = ProcessInfo { exe: String::new(), cmdline: String::new(), ..process("", "") };
-        assert_eq!(identify(&kernel_thread, &[]).service, "kernel");
+        assert_eq!(identify(&kernel_thread, None, &[]).service, "kernel");
     }
 
     #[test]
@@ -155,9 +220,52 @@ mod tests {
                 labels: [("team".to_string(), "core".to_string())].into(),
             },
         ];
-        let identity = identify(&process("/usr/bin/x", "/system.slice/a.service"), &rules);
+        let identity = identify(&process("/usr/bin/x", "/system.slice/a.service"), None, &rules);
         assert_eq!(identity.service, "flagged");
         assert_eq!(identity.labels["team"], "core");
         assert_eq!(identity.labels["systemd_unit"], "a.service");
+    }
+
+    fn spawned(exe: &str, cmdline: &str) -> ProcessInfo {
+        ProcessInfo { cmdline: cmdline.into(), session: 100, ..process(exe, "") }
+    }
+
+    #[test]
+    fn commands_take_their_session_leaders_name() {
+        let script = spawned("/usr/bin/dash", "sh -e /opt/jobs/nightly-report.sh --full");
+        assert_eq!(identify(&script, None, &[]).service, "nightly-report");
+        let sed = spawned("/usr/bin/sed", "sed -n 1p");
+        assert_eq!(identify(&sed, Some(&script), &[]).service, "nightly-report");
+        // A terminal's commands belong to the user's session.
+        let terminal = spawned("/usr/bin/bash", "-bash");
+        assert_eq!(identify(&sed, Some(&terminal), &[]).service, "session-root");
+        assert_eq!(identify(&spawned("/bin/sh", "sh -c 'echo hi'"), None, &[]).service, "sh");
+        assert_eq!(identify(&spawned("/usr/bin/python3.11", "python3 -u app.py"), None, &[]).service, "app");
+        // A leader in another cgroup does not name it.
+        let unit = ProcessInfo { cgroup: "/system.slice/api.service".into(), ..spawned("/srv/api", "api") };
+        let elsewhere = ProcessInfo { cgroup: "/batch.slice".into(), ..sed.clone() };
+        assert_eq!(identify(&elsewhere, Some(&unit), &[]).service, "sed");
+        // The leader's rules name its commands; the command's own rule wins.
+        let rule = |pattern: &str, service: &str| Rule {
+            comm: None,
+            exe: None,
+            cmdline: Some(Regex::new(pattern).unwrap()),
+            cgroup: None,
+            service: Some(service.into()),
+            labels: BTreeMap::new(),
+        };
+        assert_eq!(identify(&sed, Some(&script), &[rule("nightly", "reports")]).service, "reports");
+        assert_eq!(identify(&sed, Some(&script), &[rule("^sed", "editor"), rule("nightly", "reports")]).service, "editor");
+        // A command read while it exited: no executable, command line or cgroup left.
+        let exited = ProcessInfo { name: "gzip".into(), ..spawned("", "") };
+        let script_in_cgroup = ProcessInfo { cgroup: "/process_api/42".into(), ..script.clone() };
+        assert_eq!(identify(&exited, Some(&script_in_cgroup), &[]).service, "nightly-report");
+        assert_eq!(identify(&exited, None, &[]).service, "gzip");
+    }
+
+    #[test]
+    fn memfd_and_anonymous_executables_are_named_by_command() {
+        let memfd = ProcessInfo { name: "chrome".into(), ..spawned("/memfd:sealed-91173221a7ea", "chrome --type=zygote") };
+        assert_eq!(identify(&memfd, None, &[]).service, "chrome");
     }
 }

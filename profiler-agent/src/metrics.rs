@@ -39,8 +39,8 @@ pub struct Metrics {
     pub symbol_cache_hits: AtomicU64,
     pub symbol_cache_misses: AtomicU64,
     /// Run time (ns) and runs of each BPF program, in the order of `sample::PROGRAMS`.
-    pub bpf_run_time_ns: [AtomicU64; 2],
-    pub bpf_runs: [AtomicU64; 2],
+    pub bpf_run_time_ns: [AtomicU64; crate::sample::PROGRAMS.len()],
+    pub bpf_runs: [AtomicU64; crate::sample::PROGRAMS.len()],
 }
 
 impl Metrics {

@@ -43,6 +43,11 @@ pub struct ProcessInfo {
     pub cmdline: String,
     /// cgroup v2 path (or the systemd hierarchy's path on cgroup v1).
     pub cgroup: String,
+    /// Session id (the pid of the session's leader, as `setsid` made it); 0 for
+    /// kernel threads.
+    pub session: u32,
+    /// Real user id.
+    pub uid: u32,
     pub mappings: Arc<[Mapping]>,
     pub last_seen: Instant,
     pub alive: bool,
@@ -155,6 +160,17 @@ impl ProcessTable {
 
 fn read_process(pid: u32, inner: &Mutex<Inner>) -> Option<ProcessInfo> {
     let name = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?.trim_end().to_string();
+    // What names the process is read before the maps, which take longest: a short
+    // command may exit meanwhile.
+    let session = fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|stat| session_of(&stat)).unwrap_or(0);
+    let uid = fs::read_to_string(format!("/proc/{pid}/status")).ok().and_then(|status| uid_of(&status)).unwrap_or(0);
+    let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).map(|text| cgroup_path(&text)).unwrap_or_default();
+    let exe = fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_string())
+        .unwrap_or_default();
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| String::from_utf8_lossy(&raw).trim_end_matches('\0').replace('\0', " "))
+        .unwrap_or_default();
     let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
     let mut mappings = Vec::new();
     for line in maps.lines() {
@@ -179,18 +195,13 @@ fn read_process(pid: u32, inner: &Mutex<Inner>) -> Option<ProcessInfo> {
         });
     }
     mappings.sort_by_key(|m| m.start);
-    let exe = fs::read_link(format!("/proc/{pid}/exe"))
-        .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_string())
-        .unwrap_or_default();
-    let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|raw| String::from_utf8_lossy(&raw).trim_end_matches('\0').replace('\0', " "))
-        .unwrap_or_default();
-    let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).map(|text| cgroup_path(&text)).unwrap_or_default();
     Some(ProcessInfo {
         name,
         exe,
         cmdline,
         cgroup,
+        session,
+        uid,
         mappings: mappings.into(),
         last_seen: Instant::now(),
         alive: true,
@@ -216,6 +227,17 @@ fn cgroup_path(text: &str) -> String {
         .or(entries.first())
         .map(|(_, path)| path.to_string())
         .unwrap_or_default()
+}
+
+/// The session id in /proc/PID/stat: the fourth field after the command name, which
+/// ends at the last `)` (a name may hold spaces and parentheses).
+fn session_of(stat: &str) -> Option<u32> {
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(3)?.parse().ok()
+}
+
+/// The real uid in /proc/PID/status.
+fn uid_of(status: &str) -> Option<u32> {
+    status.lines().find_map(|line| line.strip_prefix("Uid:"))?.split_whitespace().next()?.parse().ok()
 }
 
 struct MapsLine<'a> {
@@ -279,6 +301,16 @@ fn open_mapped_file(pid: u32, line: &MapsLine<'_>) -> Option<MappedFile> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_session_and_uid() {
+        assert_eq!(session_of("4242 (a) b (c)) S 1 4242 4200 34816 4242 4194560"), Some(4200));
+        assert_eq!(uid_of("Name:\tx\nUid:\t1000\t1000\t1000\t1000\nGid:\t0\n"), Some(1000));
+        let own = read_process(std::process::id(), &Mutex::default()).unwrap();
+        // SAFETY: getsid and getuid have no preconditions.
+        assert_eq!(own.session, unsafe { libc::getsid(0) } as u32);
+        assert_eq!(own.uid, unsafe { libc::getuid() });
+    }
 
     #[test]
     fn picks_the_unified_cgroup_path() {

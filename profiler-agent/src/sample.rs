@@ -25,7 +25,7 @@ use aya::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
         raw_trace_point::RawTracePointLinkId,
-        PerfEvent, RawTracePoint,
+        PerfEvent, RawTracePoint, TracePoint,
     },
     Ebpf, EbpfLoader,
 };
@@ -186,6 +186,8 @@ pub struct Sampler {
     stats: PerCpuArray<MapData, u64>,
     switched_out: BpfHashMap<MapData, u64, SwitchOut>,
     pending: Array<MapData, u64>,
+    /// Child pid -> the tgid that forked it; None where tracefs gives no fork record layout.
+    parents: Option<BpfHashMap<MapData, u32, u32>>,
     reader: Reader,
     last_stats: StatCounts,
     max_stack_keys: u32,
@@ -205,7 +207,7 @@ pub struct ProgramCost {
 }
 
 /// The agent's BPF programs, by name.
-pub const PROGRAMS: [&str; 2] = ["on_cpu_sample", "sched_switch"];
+pub const PROGRAMS: [&str; 3] = ["on_cpu_sample", "sched_switch", "sched_process_fork"];
 
 impl Sampler {
     /// Loads and attaches the programs and starts reading their records. Fails with a
@@ -227,9 +229,11 @@ impl Sampler {
             .load(BPF_OBJECT)
             .map_err(|err| anyhow!("loading the BPF programs failed: {}", chain(&err)))?;
 
+        let fork_child_pid_offset = fork_child_pid_offset();
         let config = Config {
             filter_tgid: options.pid.unwrap_or(0),
             user_stack_bytes: user_stack_bytes(options.user_stack_bytes),
+            fork_child_pid_offset: fork_child_pid_offset.unwrap_or(0),
             ..Config::default()
         };
         let mut config_map: Array<MapData, Config> = take(&mut bpf, maps::CONFIG)?;
@@ -243,6 +247,17 @@ impl Sampler {
         program
             .load()
             .map_err(|err| anyhow!("the kernel rejected the on-CPU program: {}", chain(&err)))?;
+        let parents = match fork_child_pid_offset {
+            Some(_) => attach_fork_tracepoint(&mut bpf)
+                .map_err(|err| tracing::warn!(error = %err, "short-lived processes are named by their command: the fork tracepoint did not attach"))
+                .ok()
+                .map(|()| take(&mut bpf, maps::PARENTS))
+                .transpose()?,
+            None => {
+                tracing::warn!("short-lived processes are named by their command: tracefs has no sched_process_fork format");
+                None
+            }
+        };
         let ring: RingBuf<MapData> = take(&mut bpf, maps::EVENTS)?;
         let mut stack_bytes_map: BpfHashMap<MapData, u32, u32> = take(&mut bpf, maps::STACK_BYTES)?;
         let stack_bytes = StackBytes {
@@ -267,6 +282,7 @@ impl Sampler {
             stats: take(&mut bpf, maps::STATS)?,
             switched_out: take(&mut bpf, maps::SWITCH_OUT)?,
             pending: take(&mut bpf, maps::PENDING)?,
+            parents,
             reader,
             bpf,
             last_stats: StatCounts::default(),
@@ -406,6 +422,11 @@ impl Sampler {
         Ok(per_cpu.iter().sum())
     }
 
+    /// The process that forked `pid` (its tgid), if the kernel recorded the fork.
+    pub fn parent_of(&self, pid: u32) -> Option<u32> {
+        self.parents.as_ref()?.get(&pid, 0).ok()
+    }
+
     /// Run time and runs of each loaded program, by index in [`PROGRAMS`], when BPF
     /// statistics are on.
     pub fn program_costs(&self) -> Vec<(usize, ProgramCost)> {
@@ -435,6 +456,32 @@ impl Sampler {
         }
         Ok(counts)
     }
+}
+
+fn attach_fork_tracepoint(bpf: &mut Ebpf) -> anyhow::Result<()> {
+    let program: &mut TracePoint = bpf
+        .program_mut("sched_process_fork")
+        .ok_or_else(|| anyhow!("BPF object has no sched_process_fork program"))?
+        .try_into()?;
+    program.load().map_err(|err| anyhow!("loading: {}", chain(&err)))?;
+    // The link lives as long as the program, which lives as long as the sampler.
+    program.attach("sched", "sched_process_fork").map_err(|err| anyhow!("attaching: {}", chain(&err)))?;
+    Ok(())
+}
+
+/// Where `child_pid` sits in a `sched_process_fork` record: the comm fields before it
+/// were arrays up to Linux 6.x and are `__data_loc` since, so it is read from tracefs.
+fn fork_child_pid_offset() -> Option<u32> {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"].iter().find_map(|root| {
+        let format = std::fs::read_to_string(format!("{root}/events/sched/sched_process_fork/format")).ok()?;
+        child_pid_offset(&format)
+    })
+}
+
+fn child_pid_offset(format: &str) -> Option<u32> {
+    let line = format.lines().find(|line| line.contains(" child_pid;"))?;
+    let offset = line.split("offset:").nth(1)?.split(';').next()?.trim().parse().ok()?;
+    (line.contains("size:4;")).then_some(offset)
 }
 
 fn enable_run_stats() -> Option<std::os::fd::OwnedFd> {
@@ -908,6 +955,15 @@ fn check_frequency(frequency_hz: u64) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_fork_record_layout_of_old_and_new_kernels() {
+        let new = "\tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
+        let old = "\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
+        assert_eq!((child_pid_offset(new), child_pid_offset(old)), (Some(20), Some(44)));
+        assert_eq!(child_pid_offset("field:pid_t parent_pid;\toffset:12;\tsize:4;"), None);
+        assert!(fork_child_pid_offset().is_some(), "this host's tracefs has the fork tracepoint");
+    }
 
     /// (tid, bytes) written to the kernel's `STACK_BYTES`, in order.
     type Writes = Arc<std::sync::Mutex<Vec<(u32, u32)>>>;

@@ -85,9 +85,10 @@ pub struct Session {
 }
 
 /// `--stats` counters of each program in [`crate::sample::PROGRAMS`]: run time, runs.
-const PROGRAM_COUNTERS: [(&str, &str); 2] = [
+const PROGRAM_COUNTERS: [(&str, &str); crate::sample::PROGRAMS.len()] = [
     ("bpf_on_cpu_sample_run_time_ns", "bpf_on_cpu_sample_runs"),
     ("bpf_sched_switch_run_time_ns", "bpf_sched_switch_runs"),
+    ("bpf_sched_process_fork_run_time_ns", "bpf_sched_process_fork_runs"),
 ];
 
 /// How often rate control looks at the switch rate while waiting for a window to end.
@@ -210,6 +211,11 @@ impl Session {
 
     pub fn processes(&self) -> &ProcessTable {
         &self.processes
+    }
+
+    /// The tgid that forked `pid`, if the kernel recorded the fork.
+    pub fn parent_of(&self, pid: u32) -> Option<u32> {
+        self.sampler.parent_of(pid)
     }
 
     pub fn windows(&self) -> u64 {

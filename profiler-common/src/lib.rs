@@ -163,7 +163,9 @@ pub struct Config {
     /// Bytes of user stack copied per snapshot, a multiple of [`USER_STACK_CHUNK`] up to
     /// [`MAX_USER_STACK`]; zero keeps only the registers.
     pub user_stack_bytes: u32,
-    pub _pad: u32,
+    /// Offset of `child_pid` in the `sched_process_fork` tracepoint's record, read from
+    /// tracefs at load time (the record's layout changed across kernels).
+    pub fork_child_pid_offset: u32,
 }
 
 /// Indices of the per-CPU `STATS` counters.
@@ -229,6 +231,7 @@ pub mod maps {
     pub const SWITCH_OUT: &str = "SWITCH_OUT";
     pub const STACK_BYTES: &str = "STACK_BYTES";
     pub const PENDING: &str = "PENDING";
+    pub const PARENTS: &str = "PARENTS";
 }
 
 #[cfg(feature = "user")]

@@ -26,9 +26,9 @@ mod programs {
                 bpf_get_current_task_btf, bpf_get_stack, bpf_probe_read_user, bpf_task_pt_regs,
             },
         },
-        macros::{map, perf_event, raw_tracepoint},
+        macros::{map, perf_event, raw_tracepoint, tracepoint},
         maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-        programs::{PerfEventContext, RawTracePointContext},
+        programs::{PerfEventContext, RawTracePointContext, TracePointContext},
         EbpfContext,
     };
     use profiler_common::{
@@ -58,6 +58,12 @@ mod programs {
     /// Threads not in it (new, or evicted) get `Config::user_stack_bytes`.
     #[map]
     static STACK_BYTES: LruHashMap<u32, u32> = LruHashMap::with_max_entries(65536, 0);
+
+    /// The process that forked each new task (child pid -> parent tgid), so the agent
+    /// can name a short-lived command after its parent when it exited before the agent
+    /// read its /proc entry.
+    #[map]
+    static PARENTS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(32768, 0);
 
     const EFAULT: i64 = 14;
     /// Records are consumed by polling; a wake-up per record would cost more than the record.
@@ -197,6 +203,19 @@ mod programs {
             copied = offset + USER_STACK_CHUNK;
         }
         copied as u32
+    }
+
+    /// Tracepoint `sched/sched_process_fork`: `current` is the parent.
+    #[tracepoint]
+    pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+        let Some(cfg) = config() else { return 0 };
+        if cfg.fork_child_pid_offset == 0 {
+            return 0;
+        }
+        let Ok(child) = (unsafe { ctx.read_at::<u32>(cfg.fork_child_pid_offset as usize) }) else { return 0 };
+        let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let _ = PARENTS.insert(&child, &parent, 0);
+        0
     }
 
     #[perf_event]

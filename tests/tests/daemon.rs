@@ -90,6 +90,69 @@ fn workload_in_checkout_service_cgroup_shows_up_as_checkout() {
     daemon.stop();
 }
 
+/// A cron-like job: a script in its own session running hundreds of short commands,
+/// next to a long-lived service in its own cgroup. The commands belong to the script,
+/// so the host shows the script and the service, not one service per command.
+#[test]
+fn short_commands_group_under_their_script() {
+    let _serial = exclusive();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), free_port());
+    let daemon = Daemon::start(&config(dir.path(), &server.url, 64 << 20));
+    let started = now_ms();
+
+    let cgroup = format!("{}/inventory.service", cgroup_root());
+    std::fs::create_dir_all(&cgroup).expect("create cgroup inventory.service");
+    let mut service = Command::new("sh")
+        .args(["-c", &format!("echo $$ > {cgroup}/cgroup.procs && exec {} burn 12 1", binary("workload").display())])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // 200 rounds of five different commands, each a few milliseconds of CPU.
+    const COMMANDS: [&str; 5] = ["gzip", "sha256sum", "md5sum", "sort", "cksum"];
+    let script = dir.path().join("nightly-report.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "head -c 300000 /dev/urandom > {data}\n\
+             for i in $(seq 200); do\n\
+               gzip -c {data} > /dev/null; sha256sum {data} > /dev/null; md5sum {data} > /dev/null\n\
+               od -An -tx1 -N 20000 {data} | sort > /dev/null; cksum {data} > /dev/null\n\
+             done\n",
+            data = dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let status = Command::new("setsid").args(["-w", "sh"]).arg(&script).status().unwrap();
+    assert!(status.success());
+    assert!(service.wait().unwrap().success());
+    std::thread::sleep(Duration::from_secs(5));
+    let _ = std::fs::remove_dir(&cgroup);
+    daemon.stop();
+
+    let services: Vec<String> = server
+        .get_json("/api/v1/services")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
+    eprintln!("services: {services:?}");
+    let range = format!("from={}&until={}&max_nodes=100000", started - 20_000, now_ms() + 20_000);
+    let report = server.get_json(&format!("/api/v1/flamegraph?service=nightly-report&{range}"));
+    let per_command: Vec<(&str, f64)> =
+        COMMANDS.iter().map(|c| (*c, value_of(&report, c) as f64 / 1e9)).collect();
+    eprintln!("nightly-report: seconds per command {per_command:?}");
+    assert!(services.iter().any(|s| s == "inventory"), "no inventory service in {services:?}");
+    let strays: Vec<&String> = services.iter().filter(|s| COMMANDS.contains(&s.as_str()) || *s == "od").collect();
+    assert!(strays.is_empty(), "commands of the script became services: {strays:?} (all: {services:?})");
+    assert!(
+        per_command.iter().filter(|(_, seconds)| *seconds > 0.0).count() >= 4,
+        "the script's commands are not under nightly-report: {per_command:?}"
+    );
+}
+
 /// Sum over every service of everything the server holds in the range.
 fn server_total(server: &Server, from: u64, until: u64) -> u64 {
     let services = server.get_json("/api/v1/services");
