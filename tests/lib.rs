@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 /// `target/<profile>` of the running test binary.
@@ -257,10 +257,24 @@ impl BpftraceOffCpu {
 
     /// Stops bpftrace and returns its off-CPU nanoseconds per thread id.
     pub fn finish(mut self) -> HashMap<i64, f64> {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        // A CI run saw bpftrace take a SIGINT and stay in epoll_wait: ask again every few
+        // seconds, and give up with a clear message rather than hang the suite.
+        let pid = self.child.id() as i32;
+        let asked = Instant::now();
+        let mut last_ask = None::<Instant>;
+        while self.child.try_wait().unwrap().is_none() {
+            if asked.elapsed() > Duration::from_secs(30) {
+                let _ = self.child.kill();
+                panic!("bpftrace did not exit within 30 s of SIGINT");
+            }
+            if last_ask.is_none_or(|at| at.elapsed() > Duration::from_secs(3)) {
+                unsafe { libc::kill(pid, libc::SIGINT) };
+                last_ask = Some(Instant::now());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let mut rest = String::new();
         std::io::Read::read_to_string(&mut self.stdout, &mut rest).unwrap();
-        self.child.wait().unwrap();
         // Lines like `@off[12345]: 4998712345`.
         rest.lines()
             .filter_map(|line| {

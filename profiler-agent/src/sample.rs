@@ -469,8 +469,9 @@ fn attach_fork_tracepoint(bpf: &mut Ebpf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where `child_pid` sits in a `sched_process_fork` record: the comm fields before it
-/// were arrays up to Linux 6.x and are `__data_loc` since, so it is read from tracefs.
+/// Where `child_pid` sits in a `sched_process_fork` record: the comm fields before it are
+/// fixed arrays on older kernels and `__data_loc` on newer ones, so it is read from
+/// tracefs.
 fn fork_child_pid_offset() -> Option<u32> {
     ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"].iter().find_map(|root| {
         let format = std::fs::read_to_string(format!("{root}/events/sched/sched_process_fork/format")).ok()?;
@@ -481,7 +482,7 @@ fn fork_child_pid_offset() -> Option<u32> {
 fn child_pid_offset(format: &str) -> Option<u32> {
     let line = format.lines().find(|line| line.contains(" child_pid;"))?;
     let offset = line.split("offset:").nth(1)?.split(';').next()?.trim().parse().ok()?;
-    (line.contains("size:4;")).then_some(offset)
+    line.contains("size:4;").then_some(offset)
 }
 
 fn enable_run_stats() -> Option<std::os::fd::OwnedFd> {
