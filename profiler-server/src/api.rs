@@ -152,6 +152,7 @@ pub fn router(state: AppState) -> Router {
         ));
     let queries = Router::new()
         .route("/api/v1/services", get(services))
+        .route("/api/v1/overview", get(overview))
         .route("/api/v1/labels", get(labels))
         .route("/api/v1/label_values", get(label_values))
         .route("/api/v1/timeline", get(timeline))
@@ -561,9 +562,10 @@ async fn ingest_pyroscope(
 }
 
 /// The common selection parameters of query routes.
-fn selector(p: &Params, from_key: &str, until_key: &str, limits: &Limits) -> ApiResult<Selector> {
+/// `from_key`..`until_key`, by default the last hour, within the range a
+/// query may cover.
+fn time_range(p: &Params, from_key: &str, until_key: &str, limits: &Limits) -> ApiResult<(i64, i64)> {
     let now = now_ms();
-    let service = p.req("service")?.to_owned();
     let until = p.time(until_key, now, now)?;
     let from = p.time(from_key, now, until - 3_600_000)?;
     if from >= until {
@@ -578,6 +580,12 @@ fn selector(p: &Params, from_key: &str, until_key: &str, limits: &Limits) -> Api
             limits.max_query_range_hours
         )));
     }
+    Ok((from, until))
+}
+
+fn selector(p: &Params, from_key: &str, until_key: &str, limits: &Limits) -> ApiResult<Selector> {
+    let service = p.req("service")?.to_owned();
+    let (from, until) = time_range(p, from_key, until_key, limits)?;
     let kinds = p.get("kinds").or(p.get("kind")).map(|k| {
         k.split(',')
             .map(str::trim)
@@ -653,6 +661,26 @@ const QUERY_QUEUE_WAIT: Duration = Duration::from_secs(5);
 
 async fn services(State(s): State<AppState>) -> ApiResult<Json<Vec<String>>> {
     blocking(move || Ok(Json(s.store.services()))).await
+}
+
+/// The fleet overview: all services over `from`..`until`, about 60 points
+/// per sparkline unless `step` says otherwise.
+async fn overview(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<query::Fleet>> {
+    let p = Params::new(q);
+    let (from, until) = time_range(&p, "from", "until", &s.config.limits)?;
+    let window = s.config.storage.window_ms;
+    let default_step = (((until - from) / 60).max(window) / window) * window;
+    let step: i64 = p.num("step", default_step)?;
+    if step <= 0 || (until - from) / step > 1_000 {
+        return Err(ApiError::bad("`step` must be positive and give at most 1000 points"));
+    }
+    let grid = crate::store::Grid { from_ms: from, until_ms: until, step_ms: step };
+    let cancel = Cancel::default();
+    run_query(s.clone(), cancel.clone(), move || {
+        let overview = s.store.overview(grid, &cancel).map_err(ApiError::scan)?;
+        Ok(Json(query::fleet(grid, overview)))
+    })
+    .await
 }
 
 async fn labels(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<Vec<String>>> {

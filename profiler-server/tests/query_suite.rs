@@ -402,7 +402,42 @@ macro_rules! suite {
     };
 }
 
+fn overview(s: &Srv) {
+    let t0 = s.t0;
+    let o = s.json(&format!("/api/v1/overview?{}&step=300000", s.range()));
+    assert_eq!(o["step"], 300_000);
+    let names: Vec<&str> = o["services"].as_array().unwrap().iter().map(|x| x["service"].as_str().unwrap()).collect();
+    // Heaviest on-CPU first.
+    assert_eq!(names, ["shop", "auth"]);
+    let shop = &o["services"][0];
+    // Values are per nanosecond of the range: back to the ingested sums.
+    let ns = |v: &Value, range_ns: f64| (v.as_f64().unwrap() * range_ns).round() as i64;
+    let range_ns = 15.0 * 60e9;
+    assert_eq!(ns(&shop["on_cpu_cores"], range_ns), 55 + 11 + 75 + 10);
+    assert_eq!(ns(&shop["off_cpu"]["blocked-io"], range_ns), 40);
+    assert_eq!(ns(&shop["off_cpu_threads"], range_ns), 40);
+    let on: Vec<i64> = shop["on_cpu_series"].as_array().unwrap().iter().map(|v| ns(v, 300e9)).collect();
+    assert_eq!(on, [66, 0, 85]);
+    let off: Vec<i64> = shop["off_cpu_series"].as_array().unwrap().iter().map(|v| ns(v, 300e9)).collect();
+    assert_eq!(off, [40, 0, 0]);
+    assert_eq!(shop["hosts"], 2);
+    assert_eq!(shop["host_names"], json!(["a", "b"]));
+    assert_eq!(shop["last_seen"], t0 + 11 * MIN);
+    let auth = &o["services"][1];
+    assert_eq!((auth["hosts"].clone(), auth["last_seen"].clone()), (json!(0), json!(t0 + 3 * MIN)));
+
+    // Minutes 2..9 hold shop's wait on host a and auth's CPU only.
+    let o = s.json(&format!("/api/v1/overview?from={}&until={}", t0 + 2 * MIN, t0 + 9 * MIN));
+    let names: Vec<&str> = o["services"].as_array().unwrap().iter().map(|x| x["service"].as_str().unwrap()).collect();
+    assert_eq!(names, ["auth", "shop"]);
+    assert_eq!(o["services"][1]["host_names"], json!(["a"]));
+    assert_eq!(o["services"][1]["on_cpu_cores"], 0.0);
+    let o = s.json(&format!("/api/v1/overview?from={}&until={}", t0 - 10 * MIN, t0));
+    assert_eq!(o["services"], json!([]));
+}
+
 suite!(
+    overview,
     services,
     labels,
     label_values,
@@ -423,6 +458,8 @@ fn backends_answer_identically() {
     let r = e.range();
     let routes = [
         "/api/v1/services".to_string(),
+        format!("/api/v1/overview?{r}"),
+        format!("/api/v1/overview?from={}&until={}&step=70000", t0 + 2 * MIN, t0 + 12 * MIN),
         "/api/v1/labels?service=shop".into(),
         "/api/v1/label_values?service=shop&name=pid".into(),
         format!("/api/v1/timeline?service=shop&{r}"),

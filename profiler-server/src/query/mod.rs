@@ -3,9 +3,11 @@
 //!
 //! Rows are first summed per stack id by the store; only the distinct stacks
 //! are then expanded here: into interned frame names ([`names`]) for trees
-//! ([`tree`]) and top tables, into strings for exports.
+//! ([`tree`]) and top tables, into strings for exports. The fleet overview
+//! ([`overview`]) needs no stacks at all.
 
 mod names;
+mod overview;
 mod tree;
 
 use std::collections::BTreeMap;
@@ -15,6 +17,7 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 pub use names::Names;
+pub use overview::{fleet, Fleet};
 pub use tree::{FlameNode, Tree};
 
 use crate::store::{Aggregate, Frames, Store};

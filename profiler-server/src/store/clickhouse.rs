@@ -37,7 +37,10 @@ use anyhow::Context;
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 
-use super::{Aggregate, Appended, Batch, Frames, GroupBy, Labels, Matcher, Selector, Store};
+use super::{
+    Aggregate, Appended, Batch, Cancel, Frames, Grid, GroupBy, Labels, Matcher, Overview, Selector,
+    Store,
+};
 
 #[derive(Debug, Clone)]
 pub struct ClickHouseOptions {
@@ -171,6 +174,59 @@ struct FramesRow {
 struct LabelsRow {
     label_names: Vec<String>,
     label_values: Vec<String>,
+}
+
+#[derive(Row, Deserialize)]
+struct OverviewRow {
+    service: String,
+    kind: String,
+    bucket: i64,
+    last: i64,
+    v: i64,
+}
+
+#[derive(Row, Deserialize)]
+struct HostsRow {
+    service: String,
+    hosts: Vec<String>,
+}
+
+/// Where rows of a time range live: raw samples (ms timestamps) or the
+/// per-minute rollup (second timestamps).
+struct Source {
+    table: &'static str,
+    /// SQL of a row's time in unix ms.
+    ts_ms: &'static str,
+    ts_col: &'static str,
+    /// SQL turning one bound ms placeholder into the column's type.
+    to_ts: (&'static str, &'static str),
+}
+
+impl Source {
+    fn of(rollup: bool) -> Source {
+        if rollup {
+            Source {
+                table: "samples_1m",
+                ts_ms: "toInt64(toUnixTimestamp(minute)) * 1000",
+                ts_col: "minute",
+                to_ts: ("toDateTime(intDiv(toInt64(", "), 1000))"),
+            }
+        } else {
+            Source {
+                table: "samples",
+                ts_ms: "toUnixTimestamp64Milli(ts)",
+                ts_col: "ts",
+                to_ts: ("fromUnixTimestamp64Milli(toInt64(", "))"),
+            }
+        }
+    }
+
+    /// `ts_col >= from AND ts_col < until`.
+    fn range(&self, sql: &mut Sql, from: i64, until: i64) {
+        let (a, b) = self.to_ts;
+        sql.push(&format!("{} >= ", self.ts_col)).push(a).i(from.clamp(MIN_TS, MAX_TS)).push(b);
+        sql.push(&format!(" AND {} < ", self.ts_col)).push(a).i(until.clamp(MIN_TS, MAX_TS)).push(b);
+    }
 }
 
 #[derive(Row, Deserialize)]
@@ -449,21 +505,7 @@ impl ClickHouseStore {
         (from, until, rollup): (i64, i64, bool),
     ) -> anyhow::Result<Vec<AggRow>> {
         let db = &self.db;
-        let (table, ts_ms, ts_col, to_ts) = if rollup {
-            (
-                "samples_1m",
-                "toInt64(toUnixTimestamp(minute)) * 1000",
-                "minute",
-                "toDateTime(intDiv(toInt64(?), 1000))",
-            )
-        } else {
-            (
-                "samples",
-                "toUnixTimestamp64Milli(ts)",
-                "ts",
-                "fromUnixTimestamp64Milli(toInt64(?))",
-            )
-        };
+        let Source { table, ts_ms, .. } = Source::of(rollup);
         let mut sql = Sql::default();
         match (kind, by) {
             (None, _) => {
@@ -488,12 +530,8 @@ impl ClickHouseStore {
         }
         sql.push(&format!(" FROM {db}.{table} WHERE service = "))
             .s(&sel.service)
-            .push(&format!(" AND {ts_col} >= "));
-        // `to_ts` holds one placeholder.
-        let (a, b) = to_ts.split_once('?').expect("placeholder");
-        sql.push(a).i(from.clamp(MIN_TS, MAX_TS)).push(b);
-        sql.push(&format!(" AND {ts_col} < "));
-        sql.push(a).i(until.clamp(MIN_TS, MAX_TS)).push(b);
+            .push(" AND ");
+        Source::of(rollup).range(&mut sql, from, until);
         let Some(kind) = kind else {
             let q = sql.query(&self.client);
             let rows = self.run(async move { Ok(q.fetch_all::<NameRow>().await?) })?;
@@ -528,6 +566,76 @@ impl ClickHouseStore {
                 v: r.v,
             })
             .collect())
+    }
+
+    /// The overview over one part of the range (raw samples or the rollup):
+    /// totals by service, kind and bucket, then the hosts of the series seen.
+    fn overview_part(
+        &self,
+        grid: &Grid,
+        (from, until, rollup): (i64, i64, bool),
+        out: &mut Overview,
+    ) -> anyhow::Result<()> {
+        let db = &self.db;
+        let src = Source::of(rollup);
+        let mut sql = Sql::default();
+        sql.push("SELECT toString(service) AS service, toString(kind) AS kind, toInt64(")
+            .i(grid.from_ms)
+            .push(") + intDiv(")
+            .push(src.ts_ms)
+            .push(" - toInt64(")
+            .i(grid.from_ms)
+            .push("), toInt64(")
+            .i(grid.step_ms)
+            .push(")) * toInt64(")
+            .i(grid.step_ms)
+            .push(&format!(
+                ") AS bucket, max({}) AS last, sum(value) AS v FROM {db}.{} WHERE ",
+                src.ts_ms, src.table
+            ));
+        src.range(&mut sql, from, until);
+        sql.push(" GROUP BY service, kind, bucket");
+        let q = sql.query(&self.client);
+        let rows = self.run(async move { Ok(q.fetch_all::<OverviewRow>().await?) })?;
+        for r in rows {
+            let t = out.entry(r.service).or_default();
+            t.add(grid, &r.kind, r.bucket, r.v);
+            t.last_seen_ms = t.last_seen_ms.max(r.last);
+        }
+        let mut sql = Sql::default();
+        sql.push(&format!(
+            "SELECT toString(service) AS service,
+                    groupUniqArray(label_values[indexOf(label_names, 'host')]) AS hosts
+             FROM {db}.series
+             WHERE has(label_names, 'host')
+               AND series_id IN (SELECT DISTINCT series_id FROM {db}.{} WHERE ",
+            src.table
+        ));
+        src.range(&mut sql, from, until);
+        sql.push(") GROUP BY service");
+        let q = sql.query(&self.client);
+        let rows = self.run(async move { Ok(q.fetch_all::<HostsRow>().await?) })?;
+        for r in rows {
+            if let Some(t) = out.get_mut(&r.service) {
+                t.hosts.extend(r.hosts);
+            }
+        }
+        Ok(())
+    }
+
+    /// The raw table for recent data and the rollup for what raw retention
+    /// dropped: (from, until, rollup) parts of a range.
+    fn parts(&self, from: i64, until: i64) -> Vec<(i64, i64, bool)> {
+        match self.raw_cutoff() {
+            Some(cut) if from < cut => {
+                let mut parts = vec![(from, until.min(cut), true)];
+                if until > cut {
+                    parts.push((cut, until, false));
+                }
+                parts
+            }
+            _ => vec![(from, until, false)],
+        }
     }
 
     /// `insert_deduplication_token` of a batch's samples. A batch id gives
@@ -698,18 +806,8 @@ impl Store for ClickHouseStore {
     }
 
     fn aggregate(&self, sel: &Selector, by: GroupBy) -> anyhow::Result<Aggregate> {
-        let mut parts = Vec::new();
-        match self.raw_cutoff() {
-            Some(cut) if sel.from_ms < cut => {
-                parts.push((sel.from_ms, sel.until_ms.min(cut), true));
-                if sel.until_ms > cut {
-                    parts.push((cut, sel.until_ms, false));
-                }
-            }
-            _ => parts.push((sel.from_ms, sel.until_ms, false)),
-        }
         let mut out = Aggregate::new();
-        for &part in &parts {
+        for part in self.parts(sel.from_ms, sel.until_ms) {
             // Like the embedded store, every kind with data in the range is
             // present, possibly empty when the label filter removes all its
             // rows: diffs and flame graphs decide on `[kind]` roots by the
@@ -727,6 +825,15 @@ impl Store for ClickHouseStore {
         if by == GroupBy::Stack {
             let ids: HashSet<u64> = out.values().flat_map(|m| m.keys().copied()).collect();
             self.prefetch_stacks(&sel.service, ids.into_iter())?;
+        }
+        Ok(out)
+    }
+
+    fn overview(&self, grid: Grid, cancel: &Cancel) -> anyhow::Result<Overview> {
+        let mut out = Overview::new();
+        for part in self.parts(grid.from_ms, grid.until_ms) {
+            cancel.check()?;
+            self.overview_part(&grid, part, &mut out)?;
         }
         Ok(out)
     }

@@ -29,10 +29,10 @@ use anyhow::Context;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::recent::{self, BatchKey, RecentBatches};
-use super::segment::{self, Scan, SegmentMeta};
+use super::segment::{self, Scan, SegmentMeta, Summary};
 use super::{
-    wal, Aggregate, Appended, Batch, Frames, GroupBy, Labels, Refused, Row, Selector, Store,
-    StoreStats,
+    wal, Aggregate, Appended, Batch, Cancel, Frames, Grid, GroupBy, Labels, Overview, Refused,
+    Row, Selector, Store, StoreStats,
 };
 
 const STACKS: TableDefinition<u64, &[u8]> = TableDefinition::new("stacks");
@@ -652,9 +652,50 @@ impl EmbeddedStore {
             rows: rows.len() as u64,
             bytes: 0,
             resolution_ms,
+            summary: Some(self.summarize(rows)),
         };
         meta.bytes = segment::write(&self.seg_path(&meta), rows)?;
         Ok(meta)
+    }
+
+    fn summarize(&self, rows: &[Row]) -> Summary {
+        let d = read(&self.dict);
+        Summary::of(rows, |id| d.series.get(&id)?.get("host").cloned())
+    }
+
+    /// Summaries of segments written before summaries existed, read from
+    /// their files once and kept in the catalog.
+    fn summarize_legacy(&self, ids: &[u64]) -> anyhow::Result<()> {
+        let todo: Vec<SegmentMeta> = read(&self.segments)
+            .iter()
+            .filter(|m| ids.contains(&m.id) && m.summary.is_none())
+            .cloned()
+            .collect();
+        let mut done = Vec::new();
+        for mut m in todo {
+            match segment::read_all(&self.seg_path(&m)) {
+                Ok(rows) => m.summary = Some(self.summarize(&rows)),
+                // Compacted or expired after we listed it.
+                Err(e) if is_not_found(&e) => continue,
+                Err(e) => return Err(e.context(format!("reading segment {}", m.id))),
+            }
+            done.push(m);
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(SEGMENTS)?;
+            for m in &done {
+                t.insert(m.id, serde_json::to_string(m)?.as_str())?;
+            }
+        }
+        txn.commit()?;
+        let mut segs = write(&self.segments);
+        for m in done {
+            if let Some(old) = segs.iter_mut().find(|s| s.id == m.id) {
+                *old = m;
+            }
+        }
+        Ok(())
     }
 
     /// Replaces `old` segments by `new` ones in catalog, list and disk.
@@ -985,6 +1026,58 @@ impl Store for EmbeddedStore {
         Ok(out)
     }
 
+    fn overview(&self, grid: Grid, cancel: &Cancel) -> anyhow::Result<Overview> {
+        let legacy: Vec<u64> = read(&self.segments)
+            .iter()
+            .filter(|m| m.summary.is_none() && grid.meets(m.min_ts, m.max_ts))
+            .map(|m| m.id)
+            .collect();
+        if !legacy.is_empty() {
+            self.summarize_legacy(&legacy)?;
+        }
+        cancel.check()?;
+        let mut out = Overview::new();
+        let mem = read(&self.mem);
+        let mut buffered_series: HashMap<&str, HashSet<u64>> = HashMap::new();
+        let bufs = std::iter::once(&mem.active).chain(mem.flushing.iter().map(|p| &*p.buf));
+        for buf in bufs {
+            for ((service, kind), rows) in buf {
+                let mut inside = rows.iter().filter(|r| grid.contains(r.ts_ms)).peekable();
+                if inside.peek().is_none() {
+                    continue;
+                }
+                let t = out.entry(service.clone()).or_default();
+                let series = buffered_series.entry(service).or_default();
+                for r in inside {
+                    t.add(&grid, kind, r.ts_ms, r.value);
+                    series.insert(r.series_id);
+                }
+            }
+        }
+        for m in read(&self.segments).iter() {
+            let Some(summary) = m.summary.as_ref().filter(|_| grid.meets(m.min_ts, m.max_ts)) else {
+                continue;
+            };
+            let mut inside = summary.windows.iter().filter(|(ts, _)| grid.contains(*ts)).peekable();
+            if inside.peek().is_none() {
+                continue;
+            }
+            let t = out.entry(m.service.clone()).or_default();
+            for &(ts, value) in inside {
+                t.add(&grid, &m.kind, ts, value);
+            }
+            let seen = summary.hosts.iter().filter(|(_, a, b)| grid.meets(*a, *b));
+            t.hosts.extend(seen.map(|(h, _, _)| h.clone()));
+        }
+        let d = read(&self.dict);
+        for (service, ids) in buffered_series {
+            let t = out.get_mut(service).expect("buffered services have totals");
+            let hosts = ids.iter().filter_map(|id| d.series.get(id)?.get("host"));
+            t.hosts.extend(hosts.cloned());
+        }
+        Ok(out)
+    }
+
     fn stack(&self, id: u64) -> Option<Frames> {
         read(&self.dict).stacks.get(&id).cloned()
     }
@@ -1087,6 +1180,7 @@ fn is_not_found(e: &anyhow::Error) -> bool {
 mod tests {
     use super::*;
     use crate::store::{series_id, stack_id};
+    use std::collections::BTreeSet;
 
     fn opts() -> StoreOptions {
         StoreOptions {
@@ -1130,6 +1224,67 @@ mod tests {
             .values()
             .flat_map(|m| m.values())
             .sum()
+    }
+
+    /// A batch of `service` on `host` with one row at `ts`.
+    fn hosted(service: &str, host: &str, ts: i64, value: i64) -> Batch {
+        let mut b = batch(ts, value);
+        let labels = Labels::from([
+            ("service".to_string(), service.to_string()),
+            ("host".to_string(), host.to_string()),
+        ]);
+        let se = series_id(&labels);
+        b.service = service.into();
+        b.series = vec![(se, labels)];
+        b.rows[0].series_id = se;
+        b
+    }
+
+    #[test]
+    fn overview_is_the_same_from_buffers_segments_and_old_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = now_ms().div_euclid(600_000) * 600_000 - 1_200_000;
+        let grid = Grid { from_ms: base, until_ms: base + 1_200_000, step_ms: 300_000 };
+        let s = EmbeddedStore::open(dir.path(), opts()).unwrap();
+        s.append(hosted("web", "h1", base, 10)).unwrap();
+        s.append(hosted("web", "h2", base + 700_000, 5)).unwrap();
+        s.append(hosted("db", "h1", base + 10_000, 3)).unwrap();
+        // Outside the grid on both sides.
+        s.append(hosted("web", "h3", base - 10_000, 100)).unwrap();
+        s.append(hosted("cron", "h3", base + 1_200_000, 100)).unwrap();
+        let from_buffers = s.overview(grid, &Cancel::default()).unwrap();
+        assert_eq!(from_buffers.keys().collect::<Vec<_>>(), ["db", "web"]);
+        let web = &from_buffers["web"];
+        assert_eq!(web.kinds["on-cpu"], vec![10, 0, 5, 0]);
+        assert_eq!(web.hosts, BTreeSet::from(["h1".to_string(), "h2".to_string()]));
+        assert_eq!(web.last_seen_ms, base + 700_000);
+
+        s.flush().unwrap();
+        assert!(s.segment_count() >= 4);
+        assert_eq!(s.overview(grid, &Cancel::default()).unwrap(), from_buffers);
+        drop(s);
+        let s = EmbeddedStore::open(dir.path(), opts()).unwrap();
+        assert_eq!(s.overview(grid, &Cancel::default()).unwrap(), from_buffers);
+        // Segments written before summaries existed are read once, then
+        // carry a summary in the catalog too.
+        let txn = s.db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(SEGMENTS).unwrap();
+            for m in read(&s.segments).iter() {
+                let old = SegmentMeta { summary: None, ..m.clone() };
+                t.insert(m.id, serde_json::to_string(&old).unwrap().as_str()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+        drop(s);
+        let s = EmbeddedStore::open(dir.path(), opts()).unwrap();
+        assert!(read(&s.segments).iter().all(|m| m.summary.is_none()));
+        assert_eq!(s.overview(grid, &Cancel::default()).unwrap(), from_buffers);
+        drop(s);
+        let s = EmbeddedStore::open(dir.path(), opts()).unwrap();
+        for m in read(&s.segments).iter() {
+            assert_eq!(m.summary.is_some(), grid.meets(m.min_ts, m.max_ts), "{m:?}");
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ mod recent;
 mod segment;
 mod wal;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -186,6 +186,56 @@ pub fn merge_into(into: &mut Aggregate, from: Aggregate) {
     }
 }
 
+/// The time grid of an overview: buckets of `step_ms` from `from_ms`, the
+/// last one cut at `until_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grid {
+    pub from_ms: i64,
+    pub until_ms: i64,
+    pub step_ms: i64,
+}
+
+impl Grid {
+    pub fn buckets(&self) -> usize {
+        ((self.until_ms - self.from_ms + self.step_ms - 1) / self.step_ms).max(0) as usize
+    }
+
+    pub fn contains(&self, ts_ms: i64) -> bool {
+        (self.from_ms..self.until_ms).contains(&ts_ms)
+    }
+
+    /// Whether `[first, last]` (inclusive) meets the grid's range.
+    pub fn meets(&self, first_ms: i64, last_ms: i64) -> bool {
+        first_ms < self.until_ms && last_ms >= self.from_ms
+    }
+}
+
+/// One service over an overview's range.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceTotals {
+    /// kind -> summed value per bucket of the grid.
+    pub kinds: BTreeMap<String, Vec<i64>>,
+    /// `host` label values of the series with rows in the range.
+    pub hosts: BTreeSet<String>,
+    /// Start of the latest window with rows in the range, unix ms.
+    pub last_seen_ms: i64,
+}
+
+impl ServiceTotals {
+    /// Adds a row (or a window's total) at `ts_ms`, which must lie in the grid.
+    pub fn add(&mut self, grid: &Grid, kind: &str, ts_ms: i64, value: i64) {
+        let buckets = match self.kinds.get_mut(kind) {
+            Some(b) => b,
+            None => self.kinds.entry(kind.to_owned()).or_insert_with(|| vec![0; grid.buckets()]),
+        };
+        buckets[((ts_ms - grid.from_ms) / grid.step_ms) as usize] += value;
+        self.last_seen_ms = self.last_seen_ms.max(ts_ms);
+    }
+}
+
+/// service -> its totals; services without rows in the range are absent.
+pub type Overview = BTreeMap<String, ServiceTotals>;
+
 /// Storage backend. Methods block (disk I/O, CPU-heavy scans): async callers
 /// must run them on `spawn_blocking`.
 pub trait Store: Send + Sync + 'static {
@@ -194,6 +244,9 @@ pub trait Store: Send + Sync + 'static {
     /// already stored.
     fn append(&self, batch: Batch) -> anyhow::Result<Appended>;
     fn aggregate(&self, sel: &Selector, by: GroupBy) -> anyhow::Result<Aggregate>;
+    /// Every service's totals per kind and bucket, hosts and last window
+    /// over the grid's range: the fleet overview, in one pass.
+    fn overview(&self, grid: Grid, cancel: &Cancel) -> anyhow::Result<Overview>;
     fn stack(&self, id: u64) -> Option<Frames>;
     fn services(&self) -> Vec<String>;
     /// Label sets of every series of a service.

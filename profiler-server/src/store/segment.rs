@@ -5,7 +5,7 @@
 //! timestamps within a run are an arithmetic progression (delta encoding), and
 //! zstd squeezes what is left, mostly the values.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
@@ -41,6 +41,42 @@ pub struct SegmentMeta {
     pub bytes: u64,
     /// Width of the time windows the rows were aggregated into, ms.
     pub resolution_ms: i64,
+    /// Totals for the fleet overview, so it never opens the file. None for
+    /// segments written before summaries existed: computed when first needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<Summary>,
+}
+
+/// What a segment holds, per window and host, without its stacks.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Summary {
+    /// (window start, summed value), ascending.
+    pub windows: Vec<(i64, i64)>,
+    /// (`host` label, first window, last window) over the rows' series.
+    pub hosts: Vec<(String, i64, i64)>,
+}
+
+impl Summary {
+    pub fn of(rows: &[Row], host_of: impl Fn(u64) -> Option<String>) -> Summary {
+        let mut windows: BTreeMap<i64, i64> = BTreeMap::new();
+        let mut series: HashMap<u64, (i64, i64)> = HashMap::new();
+        for r in rows {
+            *windows.entry(r.ts_ms).or_insert(0) += r.value;
+            let span = series.entry(r.series_id).or_insert((r.ts_ms, r.ts_ms));
+            *span = (span.0.min(r.ts_ms), span.1.max(r.ts_ms));
+        }
+        let mut hosts: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+        for (id, (first, last)) in series {
+            if let Some(host) = host_of(id) {
+                let span = hosts.entry(host).or_insert((first, last));
+                *span = (span.0.min(first), span.1.max(last));
+            }
+        }
+        Summary {
+            windows: windows.into_iter().collect(),
+            hosts: hosts.into_iter().map(|(h, (a, b))| (h, a, b)).collect(),
+        }
+    }
 }
 
 impl SegmentMeta {
