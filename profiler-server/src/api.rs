@@ -663,13 +663,14 @@ async fn services(State(s): State<AppState>) -> ApiResult<Json<Vec<String>>> {
     blocking(move || Ok(Json(s.store.services()))).await
 }
 
-/// The fleet overview: all services over `from`..`until`, about 60 points
+/// The fleet overview: all services over `from`..`until`, at most 60 points
 /// per sparkline unless `step` says otherwise.
 async fn overview(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<query::Fleet>> {
     let p = Params::new(q);
     let (from, until) = time_range(&p, "from", "until", &s.config.limits)?;
     let window = s.config.storage.window_ms;
-    let default_step = (((until - from) / 60).max(window) / window) * window;
+    // At most 60 points, in whole windows.
+    let default_step = (((until - from) / 60 + window - 1) / window).max(1) * window;
     let step: i64 = p.num("step", default_step)?;
     if step <= 0 || (until - from) / step > 1_000 {
         return Err(ApiError::bad("`step` must be positive and give at most 1000 points"));

@@ -58,7 +58,8 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::Daemon { minutes } => daemon(minutes),
         Bench::Server => {
             cargo(&["bench", "-p", "profiler-server", "--bench", "server"])?;
-            cargo(&["bench", "-p", "profiler-server", "--bench", "real_profiles"])
+            cargo(&["bench", "-p", "profiler-server", "--bench", "real_profiles"])?;
+            cargo(&["bench", "-p", "profiler-server", "--bench", "fleet"])
         }
     }
 }

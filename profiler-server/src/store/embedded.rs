@@ -1048,10 +1048,18 @@ impl Store for EmbeddedStore {
                 }
                 let t = out.entry(service.clone()).or_default();
                 let series = buffered_series.entry(service).or_default();
+                let buckets = t.buckets(&grid, kind);
+                let (mut last_seen, mut last_series) = (i64::MIN, None);
                 for r in inside {
-                    t.add(&grid, kind, r.ts_ms, r.value);
-                    series.insert(r.series_id);
+                    buckets[grid.index(r.ts_ms)] += r.value;
+                    last_seen = last_seen.max(r.ts_ms);
+                    // Rows of a batch come in runs of one series.
+                    if last_series != Some(r.series_id) {
+                        series.insert(r.series_id);
+                        last_series = Some(r.series_id);
+                    }
                 }
+                t.last_seen_ms = t.last_seen_ms.max(last_seen);
             }
         }
         for m in read(&self.segments).iter() {
@@ -1062,10 +1070,17 @@ impl Store for EmbeddedStore {
             if inside.peek().is_none() {
                 continue;
             }
-            let t = out.entry(m.service.clone()).or_default();
+            let t = match out.get_mut(&m.service) {
+                Some(t) => t,
+                None => out.entry(m.service.clone()).or_default(),
+            };
+            let buckets = t.buckets(&grid, &m.kind);
+            let mut last_seen = i64::MIN;
             for &(ts, value) in inside {
-                t.add(&grid, &m.kind, ts, value);
+                buckets[grid.index(ts)] += value;
+                last_seen = ts;
             }
+            t.last_seen_ms = t.last_seen_ms.max(last_seen);
             let seen = summary.hosts.iter().filter(|(_, a, b)| grid.meets(*a, *b));
             t.hosts.extend(seen.map(|(h, _, _)| h.clone()));
         }

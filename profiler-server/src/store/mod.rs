@@ -200,6 +200,11 @@ impl Grid {
         ((self.until_ms - self.from_ms + self.step_ms - 1) / self.step_ms).max(0) as usize
     }
 
+    /// The bucket of a time the grid contains.
+    pub fn index(&self, ts_ms: i64) -> usize {
+        ((ts_ms - self.from_ms) / self.step_ms) as usize
+    }
+
     pub fn contains(&self, ts_ms: i64) -> bool {
         (self.from_ms..self.until_ms).contains(&ts_ms)
     }
@@ -224,12 +229,16 @@ pub struct ServiceTotals {
 impl ServiceTotals {
     /// Adds a row (or a window's total) at `ts_ms`, which must lie in the grid.
     pub fn add(&mut self, grid: &Grid, kind: &str, ts_ms: i64, value: i64) {
-        let buckets = match self.kinds.get_mut(kind) {
-            Some(b) => b,
-            None => self.kinds.entry(kind.to_owned()).or_insert_with(|| vec![0; grid.buckets()]),
-        };
-        buckets[((ts_ms - grid.from_ms) / grid.step_ms) as usize] += value;
+        self.buckets(grid, kind)[grid.index(ts_ms)] += value;
         self.last_seen_ms = self.last_seen_ms.max(ts_ms);
+    }
+
+    /// The buckets of `kind`, zeroed the first time.
+    pub fn buckets(&mut self, grid: &Grid, kind: &str) -> &mut [i64] {
+        if !self.kinds.contains_key(kind) {
+            self.kinds.insert(kind.to_owned(), vec![0; grid.buckets()]);
+        }
+        self.kinds.get_mut(kind).expect("inserted above")
     }
 }
 
