@@ -41,6 +41,11 @@ const ASSETS: &[(&str, &str, &str)] = &[
         include_str!("../ui/deep.js"),
     ),
     (
+        "overview.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../ui/overview.js"),
+    ),
+    (
         "util.js",
         "text/javascript; charset=utf-8",
         include_str!("../ui/util.js"),

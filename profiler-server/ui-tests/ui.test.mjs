@@ -157,7 +157,7 @@ async function clickFrame(page, name, opts = {}) {
 
 test('browse: service list, flame graph widths and colours, zoom, search, top table, sandwich', async () => {
   const page = await newPage();
-  await page.goto(`${base}/#from=now-30m`);
+  await page.goto(`${base}/#page=flame&from=now-30m`);
   await settled(page);
   // Services are listed; the first one is opened by default.
   const services = await page.locator('#service-list li').allTextContents();
@@ -530,6 +530,96 @@ test('performance: a real-shaped flame graph (29k stacks of a cargo build) is on
     assert.ok(stacks > 20000, `stacks ingested: ${stacks}`);
     assert.ok(last.nodes > 1000, `nodes drawn: ${last.nodes}`);
     for (const x of timings) assert.ok(x.fromClickMs < 300, `from the click to the screen: ${x.fromClickMs} ms`);
+    assert.deepEqual(page.consoleErrors.filter((e) => !/favicon/.test(e)), []);
+    await page.close();
+  } finally {
+    await stopServer(srv);
+  }
+});
+
+// ---------------------------------------------------------------- fleet overview
+
+test('overview: the home page lists 1,000 services by CPU over the range where data is; search, sort and click-through', async () => {
+  const srv = await spawnServer();
+  try {
+    // svc-0000 .. svc-0999: service i uses (i + 1) x 10 ms of CPU on host-(i % 3), every
+    // tenth also waits 2 s on I/O; all of it 20 minutes ago, so not in the last 15.
+    const post = async (params, body) => {
+      const q = new URLSearchParams({ format: 'folded', from: String(TARGET_AT), ...params });
+      const r = await fetch(`${srv.url}/api/v1/ingest?${q}`, { method: 'POST', body });
+      assert.equal(r.status, 200, await r.text());
+    };
+    const name = (i) => `svc-${String(i).padStart(4, '0')}`;
+    for (let i = 0; i < 1000; i += 50) {
+      await Promise.all(Array.from({ length: 50 }, (_, j) => i + j).flatMap((k) => [
+        post({ service: name(k), kind: 'on-cpu', label: `host:host-${k % 3}` }, `main;work_${k} ${(k + 1) * 10_000_000}\n`),
+        ...(k % 10 === 0 ? [post({ service: name(k), kind: 'off-cpu:blocked-io', label: 'host:host-9' }, `main;read ${2 * S}\n`)] : []),
+      ]));
+    }
+    const page = await newPage();
+    await page.goto(`${srv.url}/`);
+    await settled(page);
+    // The overview is home; the range moved to where the data is, and the URL says so.
+    assert.equal(await page.isVisible('#overview-table'), true);
+    const hash = new URLSearchParams(new URL(page.url()).hash.slice(1));
+    const from = Number(hash.get('from')), until = Number(hash.get('until'));
+    assert.ok(from <= TARGET_AT && TARGET_AT < until && until - from === 15 * 60_000, `default range ${from}..${until} around ${TARGET_AT}`);
+    assert.match(await page.title(), /^Overview · \d{4}-\d\d-\d\d .* · Profiler$/);
+    const perf = await page.evaluate(() => window.__ui.perf.overview);
+    console.log(`PERF overview of ${perf.services} services: ${perf.toScreenMs} ms from the request to the table (debug server)`);
+    const names = () => page.$$eval('#overview-table tbody tr', (rs) => rs.map((r) => r.dataset.service));
+    let shown = await names();
+    assert.equal(shown.length, 1000);
+    assert.deepEqual(shown.slice(0, 3), ['svc-0999', 'svc-0998', 'svc-0997'], 'heaviest on-CPU first');
+    // Cores over the 15 minutes: 10 s of CPU / 900 s.
+    const top = await page.$$eval('#overview-table tbody tr:first-child td', (ts) => ts.map((t) => t.textContent));
+    assert.equal(top[1].trim(), '0.0111');
+    assert.equal(top[3], '1', 'hosts');
+    const waiting = await page.$eval('#overview-table tr[data-service="svc-0990"] td:nth-child(3)', (t) => t.textContent);
+    assert.match(waiting, /0\.00222\s*blocked-io/);
+    assert.ok(await page.$('#overview-table tr[data-service="svc-0990"] svg.spark polygon'));
+    await page.screenshot({ path: join(ART, '13-overview.png') });
+
+    // Search.
+    await page.fill('#overview-search', 'svc-001');
+    await page.waitForFunction(() => document.querySelectorAll('#overview-table tbody tr').length === 10);
+    assert.match(await page.textContent('#overview-info'), /^10 of 1000 services/);
+    // Sort by name, then reversed; hosts sort by count.
+    await page.click('#overview-table th[data-col="service"]');
+    shown = await names();
+    assert.deepEqual([shown[0], shown[9]], ['svc-0010', 'svc-0019']);
+    await page.click('#overview-table th[data-col="service"]');
+    shown = await names();
+    assert.deepEqual([shown[0], shown[9]], ['svc-0019', 'svc-0010']);
+    const h1 = new URLSearchParams(new URL(page.url()).hash.slice(1));
+    // Descending is the default, so the URL leaves it out.
+    assert.deepEqual([h1.get('osort'), h1.get('odir'), h1.get('oq')], ['service', null, 'svc-001']);
+    // Search and sort survive a reload from the URL.
+    const p2 = await newPage();
+    await p2.goto(page.url());
+    await settled(p2);
+    assert.deepEqual(await p2.$$eval('#overview-table tbody tr', (rs) => rs.map((r) => r.dataset.service)), shown);
+    assert.equal(await p2.inputValue('#overview-search'), 'svc-001');
+    await p2.close();
+    await page.fill('#overview-search', '');
+    await page.waitForFunction(() => document.querySelectorAll('#overview-table tbody tr').length === 1000);
+    await page.click('#overview-table th[data-col="off"]');
+    shown = await names();
+    assert.deepEqual(shown.slice(0, 2), ['svc-0000', 'svc-0010'], 'most threads waiting first, ties by name');
+    assert.ok(shown.slice(0, 100).every((x) => x.endsWith('0')), 'the 100 waiting services lead');
+    // Click-through: the flame graph of that service over the same range.
+    const n = await loads(page);
+    await page.click('#overview-table tr[data-service="svc-0015"]');
+    await settled(page, n);
+    assert.equal(await page.textContent('#service-title'), 'svc-0015');
+    assert.equal(await page.isVisible('#overview-table'), false);
+    const h2 = new URLSearchParams(new URL(page.url()).hash.slice(1));
+    assert.deepEqual([h2.get('service'), h2.get('page'), h2.get('from'), h2.get('until')], ['svc-0015', 'flame', String(from), String(until)]);
+    assert.match(await page.title(), /^svc-0015 · flame graph · /);
+    assert.equal((await rects(page, 'work_15')).length, 1);
+    // And back.
+    await page.click('#page-nav button[data-page="overview"]');
+    await page.waitForFunction(() => document.querySelectorAll('#overview-table tbody tr').length === 1000);
     assert.deepEqual(page.consoleErrors.filter((e) => !/favicon/.test(e)), []);
     await page.close();
   } finally {

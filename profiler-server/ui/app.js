@@ -1,20 +1,23 @@
 // Profiler web UI: wires the service list, time range, timeline, flame graph
 // (flame/icicle/diff), label filters, top table, sandwich view and exports.
 // The whole view state lives in the URL hash, so a link restores the view.
-// The "Deep profiles" page (schedules and runs) lives in deep.js.
+// The home page, the fleet overview, lives in overview.js; the "Deep profiles"
+// page (schedules and runs) in deep.js.
 
 import { getJson, resolveTime, fmtTime, fmtValue, pct, el, escapeRegExp, OFF_REASONS } from './util.js';
 import { FlameGraph, flatten, sandwich } from './flame.js';
 import { Timeline, kindOrder } from './timeline.js';
 import { DeepProfiles } from './deep.js';
+import { Overview } from './overview.js';
 
 const $ = (id) => document.getElementById(id);
 
 const DEFAULTS = {
-  service: '', from: 'now-1h', until: 'now', view: 'flame', kf: 'both', idle: '1', icicle: '0',
+  service: '', from: 'now-15m', until: 'now', view: 'flame', kf: 'both', idle: '1', icicle: '0',
   nodes: '5000', filter: '', q: '', zoom: '', bfrom: '', buntil: '', norm: '1', thr: '0.5',
-  tab: 'top', fn: '', sort: 'self', minshare: '', page: 'flame',
+  tab: 'top', fn: '', sort: 'self', minshare: '', page: 'overview', osort: 'cpu', odir: 'desc', oq: '',
 };
+const MIN = 60_000;
 const PRESETS = [['15m', 'now-15m'], ['1h', 'now-1h'], ['6h', 'now-6h'], ['24h', 'now-24h'], ['7d', 'now-7d']];
 
 const state = { ...DEFAULTS };
@@ -31,11 +34,13 @@ window.__ui = ui;
 function readHash() {
   const p = new URLSearchParams(location.hash.replace(/^#/, ''));
   for (const k of Object.keys(DEFAULTS)) state[k] = p.has(k) ? p.get(k) : DEFAULTS[k];
+  // Links from before the overview name a service and mean its flame graph.
+  if (p.has('service') && !p.has('page')) state.page = 'flame';
 }
 
 function writeHash() {
   const p = new URLSearchParams();
-  for (const [k, v] of Object.entries(state)) if (v !== DEFAULTS[k]) p.set(k, v);
+  for (const [k, v] of Object.entries(state)) if (v !== DEFAULTS[k] || (k === 'page' && state.service)) p.set(k, v);
   const h = '#' + p.toString();
   if (location.hash !== h) history.replaceState(null, '', h === '#' ? location.pathname : h);
 }
@@ -106,7 +111,7 @@ function selParams(kinds, { from, until } = {}) {
 
 // ---------------------------------------------------------------- widgets
 
-let flame, timeline, callersG, calleesG, deep;
+let flame, timeline, callersG, calleesG, deep, overview;
 let lastKinds = null;
 let reloadSeq = 0;
 let topRows = [];
@@ -136,8 +141,15 @@ function setupWidgets() {
   ui.sandwich = { callers: callersG, callees: calleesG };
   deep = new DeepProfiles({ showError, currentService: () => state.service });
   ui.deep = deep;
+  overview = new Overview({ state, onOpen: openService, onSortOrSearch: writeHash });
+  ui.overview = overview;
   for (const b of document.querySelectorAll('#page-nav button')) {
-    b.onclick = () => { if (state.page !== b.dataset.page) { state.page = b.dataset.page; writeHash(); syncControls(); } };
+    b.onclick = () => {
+      if (state.page === b.dataset.page) return;
+      state.page = b.dataset.page;
+      if (state.page === 'flame' && !state.service && services.length) state.service = services[0];
+      changed(state.page !== 'deep');
+    };
   }
 
   for (const [label, v] of PRESETS) {
@@ -209,11 +221,24 @@ function setupWidgets() {
 function syncPage() {
   const isDeep = state.page === 'deep';
   for (const b of document.querySelectorAll('#page-nav button')) b.classList.toggle('active', b.dataset.page === state.page);
-  for (const e of document.querySelectorAll('.flame-page')) e.hidden = isDeep;
+  for (const e of document.querySelectorAll('.flame-page')) e.hidden = state.page !== 'flame';
+  $('page-overview').hidden = state.page !== 'overview';
   $('page-deep').hidden = !isDeep;
-  document.title = isDeep ? 'Deep profiles · Profiler' : 'Profiler';
+  $('range').hidden = isDeep;
+  document.title = pageTitle();
   if (isDeep && !deep.visible) deep.show();
   else if (!isDeep && deep.visible) deep.hide();
+}
+
+/** What the page shows, for the tab title and history. */
+function pageTitle() {
+  if (state.page === 'deep') return 'Deep profiles · Profiler';
+  const preset = PRESETS.find(([, v]) => v === state.from && state.until === 'now');
+  const { from, until } = range();
+  const span = preset ? `last ${preset[0]}` : isFinite(from) && isFinite(until) ? `${fmtTime(from)} → ${fmtTime(until)}` : `${state.from} → ${state.until}`;
+  if (state.page === 'overview') return `Overview · ${span} · Profiler`;
+  const what = state.view === 'diff' ? 'diff' : 'flame graph';
+  return `${state.service || 'no service'} · ${what} · ${span} · Profiler`;
 }
 
 function syncControls() {
@@ -271,21 +296,24 @@ async function loadServices() {
   renderServices();
 }
 
+/** Opens the flame graph of `service`, over the current range. */
+function openService(service) {
+  if (service === state.service && state.page === 'flame') return;
+  if (service !== state.service) {
+    Object.assign(state, { service, zoom: '', q: '', fn: '', filter: '', bfrom: '', buntil: '' });
+    labelsFor = null;
+  }
+  state.page = 'flame';
+  changed(true);
+}
+
 function renderServices() {
   const q = $('service-search').value.toLowerCase();
   const ul = $('service-list');
   ul.textContent = '';
   const shown = services.filter((s) => s.toLowerCase().includes(q));
   for (const s of shown) {
-    ul.append(el('li', {
-      class: s === state.service ? 'active' : '', text: s, title: s,
-      onclick: () => {
-        if (s === state.service) return;
-        Object.assign(state, { service: s, zoom: '', q: '', fn: '', filter: '', bfrom: '', buntil: '' });
-        labelsFor = null;
-        changed(true);
-      },
-    }));
+    ul.append(el('li', { class: s === state.service ? 'active' : '', text: s, title: s, onclick: () => openService(s) }));
   }
   if (!shown.length) ul.append(el('li', { class: 'muted', text: services.length ? 'no match' : 'no services yet' }));
 }
@@ -329,6 +357,8 @@ async function loadLabelValues() {
 async function reload() {
   const seq = ++reloadSeq;
   clearErrors();
+  if (state.page === 'overview') return reloadOverview(seq);
+  if (state.page !== 'flame') return;
   updateExports();
   if (!state.service) {
     document.body.dataset.status = 'ready';
@@ -407,6 +437,47 @@ async function reload() {
   }
   await topP;
   finishLoad(seq);
+}
+
+async function reloadOverview(seq) {
+  document.body.dataset.status = 'loading';
+  const status = $('overview-status');
+  status.className = 'status';
+  status.textContent = overview.data ? '' : 'Loading…';
+  const { from, until } = range();
+  try {
+    const t0 = performance.now();
+    await overview.load(from, until);
+    if (seq !== reloadSeq) return;
+    status.textContent = '';
+    ui.perf.overview = { services: overview.data.services.length, toScreenMs: +(performance.now() - t0).toFixed(1) };
+  } catch (e) {
+    if (seq !== reloadSeq) return;
+    overview.clear('');
+    showError(e, status);
+  }
+  finishLoad(seq);
+}
+
+/**
+ * With no range in the link: the last 15 minutes if the service (or, on the overview,
+ * any service) sent data in them, else the 15 minutes up to its latest data of the
+ * last 7 days, so a page never opens on an empty range when there is data to show.
+ */
+async function defaultRange() {
+  const mine = (o) => (state.page === 'flame' && state.service ? o.services.filter((s) => s.service === state.service) : o.services);
+  try {
+    const recent = await getJson('/api/v1/overview', { from: 'now-15m', until: 'now', step: 15 * MIN });
+    if (mine(recent).length) return;
+    const week = await getJson('/api/v1/overview', { from: 'now-7d', until: 'now', step: 24 * 60 * MIN });
+    const last = Math.max(...mine(week).map((s) => s.last_seen));
+    if (!isFinite(last)) return;
+    // A minute past the latest window covers it whatever the server's window is.
+    state.until = String(last + MIN);
+    state.from = String(last + MIN - 15 * MIN);
+  } catch {
+    // The page's own queries show what is wrong with the server.
+  }
 }
 
 function finishLoad(seq) {
@@ -537,11 +608,10 @@ async function main() {
   readHash();
   setupWidgets();
   syncControls();
-  await loadServices();
-  if (!state.service && services.length) {
-    state.service = services[0];
-    writeHash();
-  }
+  const hasRange = new URLSearchParams(location.hash.replace(/^#/, '')).has('from');
+  await Promise.all([loadServices(), hasRange || state.page === 'deep' ? null : defaultRange()]);
+  if (state.page === 'flame' && !state.service && services.length) state.service = services[0];
+  writeHash();
   syncControls();
   await reload();
 }
