@@ -162,6 +162,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/svg", get(svg))
         .route("/api/v1/diff", get(diff))
         .route("/api/v1/top", get(top))
+        .route("/api/v1/changes", get(changes))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::read))
         .route("/healthz", get(|| async { "ok\n" }));
@@ -593,15 +594,21 @@ fn selector(p: &Params, from_key: &str, until_key: &str, limits: &Limits) -> Api
             .map(str::to_owned)
             .collect::<Vec<_>>()
     });
-    let mut matchers = Vec::new();
-    for m in p
-        .get("filter")
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-    {
-        matchers.push(if let Some((k, v)) = m.split_once("!=") {
+    Ok(Selector {
+        service,
+        from_ms: from,
+        until_ms: until,
+        kinds,
+        matchers: matchers(p.get("filter").unwrap_or(""))?,
+        cancel: Cancel::default(),
+    })
+}
+
+/// `host=a,pid!=7`: every one must match.
+fn matchers(text: &str) -> ApiResult<Vec<Matcher>> {
+    let mut out = Vec::new();
+    for m in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        out.push(if let Some((k, v)) = m.split_once("!=") {
             Matcher::Ne(k.trim().to_owned(), v.trim().to_owned())
         } else if let Some((k, v)) = m.split_once('=') {
             Matcher::Eq(k.trim().to_owned(), v.trim().to_owned())
@@ -611,14 +618,7 @@ fn selector(p: &Params, from_key: &str, until_key: &str, limits: &Limits) -> Api
             )));
         });
     }
-    Ok(Selector {
-        service,
-        from_ms: from,
-        until_ms: until,
-        kinds,
-        matchers,
-        cancel: Cancel::default(),
-    })
+    Ok(out)
 }
 
 /// Runs a query's store and CPU work on a blocking thread within the query
@@ -661,6 +661,94 @@ const QUERY_QUEUE_WAIT: Duration = Duration::from_secs(5);
 
 async fn services(State(s): State<AppState>) -> ApiResult<Json<Vec<String>>> {
     blocking(move || Ok(Json(s.store.services()))).await
+}
+
+/// Observations per side of a change detection: enough for the test's
+/// power, few enough that each side costs a few flame-graph scans.
+const CHANGE_OBSERVATIONS: usize = 30;
+
+#[derive(serde::Serialize)]
+struct ChangesReply {
+    service: String,
+    from: i64,
+    until: i64,
+    base_from: i64,
+    base_until: i64,
+    filter: String,
+    base_filter: String,
+    #[serde(flatten)]
+    changes: query::changes::Changes,
+}
+
+/// Functions that changed between a base and a target: the target is
+/// `from`..`until` with `filter`; the base is `base_from`..`base_until`
+/// (default: the previous period, or the same range when `base_filter`
+/// names another label value) with `base_filter` (default: `filter`).
+async fn changes(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<ChangesReply>> {
+    let p = Params::new(q);
+    let target = selector(&p, "from", "until", &s.config.limits)?;
+    let len = target.until_ms - target.from_ms;
+    let same_range = p.get("base_filter").is_some();
+    let (base_from, base_until) = if p.get("base_from").is_some() || p.get("base_until").is_some() {
+        time_range(&p, "base_from", "base_until", &s.config.limits)?
+    } else if same_range {
+        (target.from_ms, target.until_ms)
+    } else {
+        (target.from_ms - len, target.from_ms)
+    };
+    let base = Selector {
+        from_ms: base_from,
+        until_ms: base_until,
+        matchers: match p.get("base_filter") {
+            Some(f) => matchers(f)?,
+            None => target.matchers.clone(),
+        },
+        ..target.clone()
+    };
+    let mut opts = query::changes::ChangeOptions::default();
+    opts.alpha = p.num("alpha", opts.alpha)?;
+    opts.min_share = p.num("min_share", opts.min_share)?;
+    opts.min_relative = p.num("min_relative", opts.min_relative)?;
+    opts.limit = p.num("limit", opts.limit)?;
+    if !(0.0..1.0).contains(&opts.alpha) || opts.alpha == 0.0 {
+        return Err(ApiError::bad("`alpha` must be within (0, 1)"));
+    }
+    let window = s.config.storage.window_ms;
+    let cut = |sel: &Selector, which: &str| {
+        query::changes::observations(sel.from_ms, sel.until_ms, window, CHANGE_OBSERVATIONS).ok_or_else(|| {
+            ApiError::bad(format!("the {which} range must span at least two {window} ms windows"))
+        })
+    };
+    let (target_cuts, base_cuts) = (cut(&target, "target")?, cut(&base, "base")?);
+    let reply = |sel: &Selector| (sel.from_ms, sel.until_ms, sel.matchers.clone());
+    let (t, b) = (reply(&target), reply(&base));
+    let cancel = target.cancel.clone();
+    run_query(s.clone(), cancel, move || {
+        let observe = |sel: &Selector, cuts: &[(i64, i64)]| -> ApiResult<Vec<query::changes::Observation>> {
+            cuts.iter()
+                .map(|&(from_ms, until_ms)| {
+                    let part = Selector { from_ms, until_ms, cancel: target.cancel.clone(), ..sel.clone() };
+                    let agg = s.store.aggregate(&part, GroupBy::Stack).map_err(ApiError::scan)?;
+                    Ok(query::changes::Observation { agg, span_ms: until_ms - from_ms })
+                })
+                .collect()
+        };
+        let base_obs = observe(&base, &base_cuts)?;
+        let target_obs = observe(&target, &target_cuts)?;
+        let changes = query::changes::changes(&s.names, &*s.store, &base_obs, &target_obs, &opts);
+        let text = |m: &[Matcher]| m.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+        Ok(Json(ChangesReply {
+            service: target.service.clone(),
+            from: t.0,
+            until: t.1,
+            base_from: b.0,
+            base_until: b.1,
+            filter: text(&t.2),
+            base_filter: text(&b.2),
+            changes,
+        }))
+    })
+    .await
 }
 
 /// The fleet overview: all services over `from`..`until`, at most 60 points

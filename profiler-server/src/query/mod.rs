@@ -4,8 +4,10 @@
 //! Rows are first summed per stack id by the store; only the distinct stacks
 //! are then expanded here: into interned frame names ([`names`]) for trees
 //! ([`tree`]) and top tables, into strings for exports. The fleet overview
-//! ([`overview`]) needs no stacks at all.
+//! ([`overview`]) needs no stacks at all; change detection ([`changes`])
+//! compares functions between two sides, observation by observation.
 
+pub mod changes;
 mod names;
 mod overview;
 mod tree;

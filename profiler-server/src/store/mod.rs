@@ -112,6 +112,15 @@ pub enum Matcher {
     Ne(String, String),
 }
 
+impl std::fmt::Display for Matcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Matcher::Eq(k, v) => write!(f, "{k}={v}"),
+            Matcher::Ne(k, v) => write!(f, "{k}!={v}"),
+        }
+    }
+}
+
 impl Matcher {
     pub fn matches(&self, labels: &Labels) -> bool {
         match self {
