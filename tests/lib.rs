@@ -321,8 +321,14 @@ pub struct Server {
 
 impl Server {
     pub fn start(data_dir: &Path, port: u16) -> Server {
+        Self::start_with(data_dir, port, &[])
+    }
+
+    /// With more command-line arguments, e.g. `["--config", path]`.
+    pub fn start_with(data_dir: &Path, port: u16, args: &[&str]) -> Server {
         let mut child = Command::new(binary("profiler-server"))
             .args(["--data-dir", data_dir.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

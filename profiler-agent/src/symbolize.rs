@@ -154,9 +154,10 @@ impl State {
                 let process = info.map_or_else(|| comm_name(&sample.key.comm), |i| i.name.clone());
                 let tgid = sample.key.tgid;
                 let user_frames = root_first(sample.user.as_deref(), |addr| self.user_name(tgid, info, addr));
-                let kernel_frames = root_first(sample.kernel.as_deref(), |addr| {
+                let mut kernel_frames = root_first(sample.kernel.as_deref(), |addr| {
                     self.kernel_names.get(&addr).cloned().unwrap_or_else(|| self.unknown_kernel.clone())
                 });
+                drop_tracer_frames(&mut kernel_frames);
                 SymbolizedSample { key: sample.key, process, user_frames, kernel_frames, value: sample.value }
             })
             .collect()
@@ -292,6 +293,17 @@ fn root_first(addrs: Option<&[u64]>, mut name: impl FnMut(u64) -> Arc<str>) -> V
     addrs.map_or_else(Vec::new, |addrs| addrs.iter().enumerate().rev().map(|(depth, &addr)| name(call_site(depth, addr))).collect())
 }
 
+/// Leaf frames of our own tracing: a stack taken in the `sched_switch` program starts in
+/// the program and the kernel's code that ran it. They are the same on every off-CPU
+/// stack, so they would only hide the function that switched out (`__schedule`).
+const TRACER_FRAME_PREFIXES: &[&str] = &["bpf_prog_", "bpf_trace_run", "__bpf_trace_", "bpf_dispatcher_"];
+
+fn drop_tracer_frames(root_first: &mut Vec<Arc<str>>) {
+    while root_first.last().is_some_and(|leaf| TRACER_FRAME_PREFIXES.iter().any(|p| leaf.starts_with(p))) {
+        root_first.pop();
+    }
+}
+
 /// Function names only: line numbers and inlined frames would cost DWARF parsing.
 fn new_blazesym() -> Blazesym {
     Blazesym::builder().enable_code_info(false).enable_inlined_fns(false).build()
@@ -341,5 +353,22 @@ impl DebugFile {
             return None;
         }
         Some(Self { path, segments: CodeSegments::of(&elf) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn off_cpu_stacks_end_where_the_task_switched_out() {
+        let names = ["schedule_[k]", "__schedule_[k]", "bpf_trace_run4_[k]", "bpf_prog_f1d4c13283ddd300_sched_switch_[k]"];
+        let mut frames: Vec<Arc<str>> = names.iter().map(|n| Arc::from(*n)).collect();
+        drop_tracer_frames(&mut frames);
+        assert_eq!(frames, vec![Arc::from("schedule_[k]"), Arc::from("__schedule_[k]")]);
+        // Only at the leaf: a frame of that name elsewhere stays.
+        let mut frames: Vec<Arc<str>> = vec![Arc::from("bpf_prog_run_[k]"), Arc::from("do_thing_[k]")];
+        drop_tracer_frames(&mut frames);
+        assert_eq!(frames.len(), 2);
     }
 }

@@ -8,6 +8,11 @@
 //!   (nanosleep loop in wait_sleep) and `wl-disk` (write + fsync + read in wait_disk) for
 //!   SECONDS of wall time; EXTRA_BURNERS more spinning threads oversubscribe the CPUs.
 //! - `hash ITERATIONS THREADS`: fixed amount of hashing per thread, for overhead benchmarks.
+//! - `serve SECONDS VARIANT [THREADS]`: THREADS (default 2) threads `wl-serve` handle
+//!   requests for SECONDS: each burns about 5 ms in `handle_request` (`step_a`, `step_b`,
+//!   `step_c` at 5:3:2) and writes + fdatasyncs 4 KiB in `flush_log`. VARIANT `base` is
+//!   that; `cpu` gives `step_c` 3/2 of its work (about 5 points more of the CPU); `io` adds
+//!   `slow_read` to every request: O_DIRECT reads of 4 KiB until 20 ms of wall time passed.
 //!
 //! The workload waits for a line on stdin before starting when `--wait` is first, so a
 //! profiler can attach to its pid first.
@@ -111,6 +116,106 @@ fn hash_rounds(iterations: u64, seed: u64) -> u64 {
     step(iterations, seed)
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Variant {
+    Base,
+    Cpu,
+    Io,
+}
+
+#[inline(never)]
+fn handle_request(seed: u64, variant: Variant) -> u64 {
+    let scale = 4 + (seed >> 32) % 9;
+    let mut x = step_a(seed, scale);
+    x = step_b(x, scale);
+    step_c(x, if variant == Variant::Cpu { scale * 3 / 2 } else { scale })
+}
+
+#[inline(never)]
+fn flush_log(file: &mut std::fs::File, block: &[u8]) -> anyhow::Result<()> {
+    file.write_all(block)?;
+    file.sync_data()?;
+    if file.stream_position()? > 16 << 20 {
+        file.set_len(0)?;
+        file.seek(std::io::SeekFrom::Start(0))?;
+    }
+    Ok(())
+}
+
+/// Bytes of one O_DIRECT read: large enough that the device takes over the
+/// agent's 1 ms `min_block` to serve it.
+const DIRECT_READ: usize = 4 << 20;
+
+/// A page-aligned buffer, as O_DIRECT reads need.
+struct Aligned(*mut u8);
+
+impl Aligned {
+    const LAYOUT: std::alloc::Layout = match std::alloc::Layout::from_size_align(DIRECT_READ, 4096) {
+        Ok(l) => l,
+        Err(_) => panic!("a page-aligned read buffer is a valid layout"),
+    };
+    fn new() -> Aligned {
+        Aligned(unsafe { std::alloc::alloc_zeroed(Self::LAYOUT) })
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        unsafe { std::alloc::dealloc(self.0, Self::LAYOUT) };
+    }
+}
+
+/// Reads with O_DIRECT (past the page cache, so the thread waits for the device in D
+/// state: blocked-io) until 20 ms of wall time passed.
+#[inline(never)]
+fn slow_read(fd: i32, buf: &Aligned, seed: &mut u64) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(20) {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let offset = ((*seed >> 33) % 4) as i64 * DIRECT_READ as i64;
+        let n = unsafe { libc::pread(fd, buf.0.cast(), DIRECT_READ, offset) };
+        anyhow::ensure!(n == DIRECT_READ as isize, "O_DIRECT read: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A file of four reads to read back with O_DIRECT, removed when dropped.
+fn direct_file(dir: &std::path::Path) -> anyhow::Result<(tempfile::TempPath, std::fs::File)> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(&vec![0x5au8; 4 * DIRECT_READ])?;
+    tmp.as_file().sync_all()?;
+    let path = tmp.into_temp_path();
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path)?;
+    Ok((path, file))
+}
+
+/// Handles requests until `wall` has passed; returns how many.
+fn serve(wall: Duration, variant: Variant) -> anyhow::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let dir = std::path::PathBuf::from(std::env::var("WORKLOAD_DIR").unwrap_or_else(|_| "/var/tmp".into()));
+    let mut file = tempfile::tempfile_in(&dir)?;
+    let (_direct_path, direct) = direct_file(&dir)?;
+    let buf = Aligned::new();
+    let block = vec![0x5au8; 4096];
+    let start = Instant::now();
+    let (mut requests, mut x) = (0u64, 1u64);
+    while start.elapsed() < wall {
+        // About 5 ms of CPU per request at this machine's speed.
+        let cpu = thread_cpu_time();
+        while thread_cpu_time() - cpu < Duration::from_millis(5) {
+            x = handle_request(x, variant);
+        }
+        flush_log(&mut file, &block)?;
+        if variant == Variant::Io {
+            slow_read(direct.as_raw_fd(), &buf, &mut x)?;
+        }
+        requests += 1;
+    }
+    black_box(x);
+    Ok(requests)
+}
+
 fn named<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
     std::thread::Builder::new().name(name.into()).spawn(f).expect("spawn")
 }
@@ -167,7 +272,23 @@ fn main() -> anyhow::Result<()> {
             }
             serde_json::json!({})
         }
-        _ => anyhow::bail!("usage: workload [--wait] burn SECONDS [THREADS] | mixed SECONDS [EXTRA_BURNERS] | hash ITERATIONS THREADS"),
+        Some("serve") => {
+            let wall = Duration::from_secs_f64(arg(1, 10.0));
+            let variant = match args.get(2).map(String::as_str) {
+                Some("base") | None => Variant::Base,
+                Some("cpu") => Variant::Cpu,
+                Some("io") => Variant::Io,
+                Some(other) => anyhow::bail!("unknown serve variant {other:?}: base, cpu or io"),
+            };
+            let threads = arg(3, 2.0) as usize;
+            let workers: Vec<_> = (0..threads).map(|_| named("wl-serve", move || serve(wall, variant))).collect();
+            let mut requests = 0;
+            for worker in workers {
+                requests += worker.join().expect("server thread")?;
+            }
+            serde_json::json!({ "requests": requests })
+        }
+        _ => anyhow::bail!("usage: workload [--wait] burn SECONDS [THREADS] | mixed SECONDS [EXTRA_BURNERS] | hash ITERATIONS THREADS | serve SECONDS base|cpu|io [THREADS]"),
     };
     let mut report = report;
     report["pid"] = std::process::id().into();

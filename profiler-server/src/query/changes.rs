@@ -8,7 +8,8 @@
 //! are latency: 20 ms more per request is a change whatever the load).
 //! Welch's t-test compares the two sides' observations per (function, kind,
 //! self/total); Benjamini-Hochberg holds the false-discovery rate over all of
-//! them; and a change counts only if it is also large enough to matter.
+//! them; and a change counts only if it is also large enough to matter
+//! (functions too small for that on both sides are not tested at all).
 
 use rustc_hash::FxHashMap;
 use serde::Serialize;
@@ -76,7 +77,8 @@ pub struct Change {
 #[derive(Debug, Serialize)]
 pub struct Changes {
     pub observations: (usize, usize),
-    /// (function, kind, measure) triples tested.
+    /// (function, kind, measure) triples tested: those reaching the smallest
+    /// change that counts (`min_share`, `min_rate`) on at least one side.
     pub tested: usize,
     /// Significant first: regressions, then improvements, each with self
     /// changes before totals and by the largest change of time per second;
@@ -241,6 +243,17 @@ pub fn changes(
         let share = if total > 0 { v as f64 / total as f64 } else { 0.0 };
         (share, v as f64 / 1e9 / span.max(1e-9))
     };
+    // A function smaller than the smallest change that counts on both sides
+    // can never count: leaving it out of the family keeps the FDR
+    // correction from paying for hundreds of tiny kernel frames.
+    features.retain(|f| {
+        let ((bs, br), (ts, tr)) = (whole(&b, f), whole(&t, f));
+        if f.class == on_cpu {
+            bs.max(ts) >= opts.min_share
+        } else {
+            br.max(tr) >= opts.min_rate
+        }
+    });
     let p: Vec<f64> = features.iter().map(|f| welch(&per_obs(&t, f), &per_obs(&b, f))).collect();
     let q = fdr(&p);
     let interned = names.table();

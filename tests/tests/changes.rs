@@ -1,0 +1,108 @@
+//! Change detection end to end: the agent records a request-serving workload whose
+//! variants move CPU into one function or add blocked-io to every request, and the
+//! server's `/api/v1/changes` must name what changed, with its kind, and nothing for
+//! two runs of the same variant.
+
+use std::{
+    process::Command,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use profiler_tests::{binary, cgroup_root, exclusive, free_port, require_root, Daemon, Server};
+
+/// Seconds each variant runs; the server cuts them into 2 s windows.
+const PHASE_S: u64 = 30;
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// Runs the workload variant in the `shop.service` cgroup; returns the range
+/// of its steady part, in whole 2 s windows.
+fn phase(variant: &str) -> (i64, i64) {
+    let cgroup = format!("{}/shop.service", cgroup_root());
+    std::fs::create_dir_all(&cgroup).expect("create cgroup shop.service");
+    let start = now_ms();
+    let out = Command::new("sh")
+        .args(["-c", &format!("echo $$ > {cgroup}/cgroup.procs && exec {} serve {PHASE_S} {variant}", binary("workload").display())])
+        .env("WORKLOAD_DIR", "/var/tmp")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "workload serve {variant}: {}", String::from_utf8_lossy(&out.stderr));
+    let end = now_ms();
+    eprintln!("serve {variant}: {}", String::from_utf8_lossy(&out.stdout).trim());
+    // Leave out the windows the start and the end cut through.
+    ((start + 4_000).div_euclid(2_000) * 2_000, (end - 2_000).div_euclid(2_000) * 2_000)
+}
+
+fn significant(v: &serde_json::Value) -> Vec<String> {
+    v["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["significant"] == true)
+        .map(|c| format!("{} {} {} {} {:.4}", c["kind"], c["function"], c["measure"], c["direction"], c["delta_rate"]))
+        .collect()
+}
+
+#[test]
+fn the_agent_s_profiles_show_a_cpu_shift_and_added_io_as_the_top_changes() {
+    let _serial = exclusive();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let server_toml = dir.path().join("server.toml");
+    std::fs::write(&server_toml, "[storage]\nwindow_ms = 2000\n").unwrap();
+    let server = Server::start_with(&dir.path().join("server"), free_port(), &["--config", server_toml.to_str().unwrap()]);
+    let agent_toml = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_toml,
+        format!(
+            "[server]\nurl = \"{}\"\n[sampling]\nwindow = \"2s\"\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+            server.url,
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&agent_toml);
+    let base = phase("base");
+    let cpu = phase("cpu");
+    let again = phase("base");
+    let io = phase("io");
+    // The last windows reach the server.
+    std::thread::sleep(Duration::from_secs(5));
+    daemon.stop();
+    let _ = std::fs::remove_dir(format!("{}/shop.service", cgroup_root()));
+    let changes = |target: (i64, i64), base: (i64, i64)| {
+        server.get_json(&format!(
+            "/api/v1/changes?service=shop&from={}&until={}&base_from={}&base_until={}",
+            target.0, target.1, base.0, base.1
+        ))
+    };
+
+    let same = changes(again, base);
+    eprintln!("A/A: {} observations, {} tested: {:?}", same["observations"], same["tested"], significant(&same));
+    assert!(significant(&same).is_empty(), "two runs of the same variant: {:#?}", significant(&same));
+
+    let v = changes(cpu, base);
+    eprintln!("cpu: {:?}", significant(&v));
+    let top = &v["changes"][0];
+    assert_eq!(
+        (&top["function"], &top["kind"], &top["measure"], &top["direction"], &top["significant"]),
+        (&"workload::step_c".into(), &"on-cpu".into(), &"self".into(), &"regression".into(), &true.into()),
+        "{v:#}"
+    );
+    let moved = top["target_share"].as_f64().unwrap() - top["base_share"].as_f64().unwrap();
+    assert!((0.03..0.08).contains(&moved), "step_c share moved by {moved}");
+
+    let v = changes(io, again);
+    eprintln!("io: {:?}", significant(&v));
+    let top = &v["changes"][0];
+    // The top change is where the added time is spent: waiting for the device, in the
+    // kernel function the task switched out from, and the request's new function holds it.
+    assert_eq!((&top["kind"], &top["direction"], &top["significant"]), (&"off-cpu:blocked-io".into(), &"regression".into(), &true.into()), "{v:#}");
+    assert!(top["function"].as_str().unwrap().ends_with("_[k]"), "{top}");
+    let slow = v["changes"].as_array().unwrap().iter().find(|c| c["function"] == "workload::slow_read" && c["kind"] == "off-cpu:blocked-io");
+    assert!(slow.is_some_and(|c| c["significant"] == true && c["direction"] == "regression"), "{v:#}");
+    // Two threads waiting about 20 ms of each ~30 ms request: more than a thread waiting.
+    assert!(top["delta_rate"].as_f64().unwrap() > 1.0, "{top}");
+}
