@@ -1,9 +1,11 @@
 //! The profiler agent as a library: one module per pipeline stage
 //! (sample -> symbolize -> aggregate), driven by [`record`]; folded text and
 //! SVG come from `profiler_pprof`, which the server renders with too.
+//! [`compare`] is the CI gate over two recorded profiles.
 
 pub mod aggregate;
 pub mod classify;
+pub mod compare;
 pub mod config;
 pub mod daemon;
 pub mod elf_layout;

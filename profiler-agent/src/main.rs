@@ -9,6 +9,7 @@ use std::{
 
 use clap::{Args, Parser, Subcommand};
 use profiler_agent::{
+    compare::{self, CompareOptions},
     config::AgentConfig,
     record::{RecordOptions, record},
     session::OffCpuBudget,
@@ -39,6 +40,38 @@ enum Command {
     /// the server does not acknowledge are spooled on disk (bounded) and replayed in
     /// order. SIGTERM ships or spools the current window before exiting. Needs root.
     Run(RunArgs),
+    /// Compare two profiles and fail when a function's share grew: a regression gate for CI.
+    ///
+    /// Each input is a file (folded text as `record -o` writes it, or pprof, either one
+    /// optionally gzipped) or an http(s) URL of one, e.g. the server's
+    /// `/api/v1/folded?service=...&from=...&until=...`. Shares are of each kind's time
+    /// (on-CPU, each off-CPU reason), so runs of different lengths compare. Prints the
+    /// functions that grew most; exit status 1 when one grew by more than
+    /// --max-growth points, 2 when an input cannot be read.
+    Compare(CompareArgs),
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// The reference profile, e.g. of the main branch.
+    base: String,
+    /// The profile under test.
+    target: String,
+    /// Largest growth of a function's self share allowed, in percentage points.
+    #[arg(long, default_value_t = 2.0)]
+    max_growth: f64,
+    /// Gate on total (inclusive) shares too, not only self.
+    #[arg(long)]
+    total: bool,
+    /// Only these kinds (comma-separated, e.g. `on-cpu`); default all.
+    #[arg(long, value_delimiter = ',')]
+    kinds: Vec<String>,
+    /// Write the differential flame graph (red grew, blue shrank) here.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+    /// Rows of the table printed.
+    #[arg(long, default_value_t = 15)]
+    limit: usize,
 }
 
 #[derive(Args)]
@@ -133,6 +166,25 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Record(args) => run_record(args),
         Command::Run(args) => run_daemon(args),
+        Command::Compare(args) => {
+            let options = CompareOptions {
+                base: args.base,
+                target: args.target,
+                max_growth: args.max_growth / 100.0,
+                total: args.total,
+                kinds: args.kinds,
+                svg: args.svg,
+                limit: args.limit,
+            };
+            return match compare::run(&options, &mut std::io::stdout()) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(err) => {
+                    eprintln!("error: {err:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

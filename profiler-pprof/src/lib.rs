@@ -48,6 +48,7 @@ mod bounded;
 pub mod otlp;
 pub use bounded::{check_cost, decode_gzip_within, decoded_cost, DecodeLimits, DecodedCost};
 
+pub mod compare;
 pub mod flamegraph;
 pub mod folded;
 pub mod kind;

@@ -1,14 +1,15 @@
 //! Change detection end to end: the agent records a request-serving workload whose
 //! variants move CPU into one function or add blocked-io to every request, and the
 //! server's `/api/v1/changes` must name what changed, with its kind, and nothing for
-//! two runs of the same variant.
+//! two runs of the same variant. The CI gate (`profiler-agent compare`) must fail on
+//! the agent's recordings of the CPU variant and pass on two of the base.
 
 use std::{
     process::Command,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use profiler_tests::{binary, cgroup_root, exclusive, free_port, require_root, Daemon, Server};
+use profiler_tests::{binary, cgroup_root, exclusive, free_port, require_root, run_workload, Agent, Daemon, Server};
 
 /// Seconds each variant runs; the server cuts them into 2 s windows.
 const PHASE_S: u64 = 30;
@@ -105,4 +106,45 @@ fn the_agent_s_profiles_show_a_cpu_shift_and_added_io_as_the_top_changes() {
     assert!(slow.is_some_and(|c| c["significant"] == true && c["direction"] == "regression"), "{v:#}");
     // Two threads waiting about 20 ms of each ~30 ms request: more than a thread waiting.
     assert!(top["delta_rate"].as_f64().unwrap() > 1.0, "{top}");
+}
+
+/// `profiler-agent record` of one run of the workload variant, at 499 Hz.
+fn record(dir: &std::path::Path, variant: &str, n: usize) -> String {
+    let out = dir.join(format!("{variant}-{n}.folded"));
+    let agent = Agent::record(&["-F", "499", "--comm", "wl-serve", "--duration", "60s", "-o", out.to_str().unwrap()]);
+    run_workload(&["serve", "8", variant]);
+    agent.finish();
+    out.to_str().unwrap().to_owned()
+}
+
+fn compare(base: &str, target: &str, svg: &std::path::Path) -> (i32, String) {
+    let out = Command::new(binary("profiler-agent"))
+        .args(["compare", base, target, "--max-growth", "2", "--svg", svg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("compare {base} {target}: {}\n{text}{}", out.status, String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap(), text)
+}
+
+#[test]
+fn the_ci_gate_fails_on_the_cpu_variant_and_passes_on_a_rerun() {
+    let _serial = exclusive();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let base = record(dir.path(), "base", 1);
+    let rerun = record(dir.path(), "base", 2);
+    let cpu = record(dir.path(), "cpu", 1);
+    let svg = dir.path().join("diff.svg");
+
+    let (status, text) = compare(&base, &rerun, &svg);
+    assert_eq!(status, 0, "{text}");
+    assert!(text.contains("ok: no function"));
+    let (status, text) = compare(&base, &cpu, &svg);
+    assert_eq!(status, 1, "{text}");
+    let first = text.lines().nth(1).unwrap();
+    assert!(first.contains("workload::step_c") && first.contains("over the limit"), "{text}");
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("step_c"));
+    let (status, _) = compare(&base, dir.path().join("missing.folded").to_str().unwrap(), &svg);
+    assert_eq!(status, 2);
 }
