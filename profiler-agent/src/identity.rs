@@ -46,6 +46,14 @@ impl Rule {
 /// process (see the module documentation).
 pub fn identify(process: &ProcessInfo, leader: Option<&ProcessInfo>, rules: &[Rule]) -> Identity {
     let mut identity = from_cgroup(&process.cgroup, process);
+    // Which build runs, and which version it says it is: a deploy changes them, and
+    // the server compares before with after.
+    if let Some(build_id) = &process.build_id {
+        identity.labels.insert("build_id".to_string(), build_id.clone());
+    }
+    if let Some(version) = &process.version {
+        identity.labels.insert("version".to_string(), version.clone());
+    }
     if identity.service.is_empty() {
         identity.service = match leader {
             // A rule naming the leader names its session's commands too. A command
@@ -173,6 +181,8 @@ mod tests {
             cgroup: cgroup.into(),
             session: 0,
             uid: 0,
+            build_id: None,
+            version: None,
             mappings: Vec::new().into(),
             last_seen: std::time::Instant::now(),
             alive: true,
@@ -180,6 +190,16 @@ mod tests {
     }
 
     const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn build_and_version_become_labels_and_rules_still_win() {
+        let deployed = ProcessInfo { build_id: Some("ab12".into()), version: Some("1.5".into()), ..process("/srv/api", "/system.slice/api.service") };
+        let id = identify(&deployed, None, &[]);
+        assert_eq!((id.labels["build_id"].as_str(), id.labels["version"].as_str()), ("ab12", "1.5"));
+        let labels = [("version".to_string(), "canary".to_string())].into();
+        let pinned = Rule { comm: None, exe: None, cmdline: None, cgroup: None, service: None, labels };
+        assert_eq!(identify(&deployed, None, &[pinned]).labels["version"], "canary");
+    }
 
     #[test]
     fn derives_service_from_cgroup_or_executable() {

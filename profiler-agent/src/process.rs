@@ -31,6 +31,8 @@ pub struct MappedFile {
     pub handle_path: PathBuf,
     /// File name as the process mapped it, for `[unknown]` frames.
     pub name: String,
+    /// GNU build id, hex: which build of a binary this is.
+    pub build_id: Option<String>,
     _handle: File,
 }
 
@@ -48,6 +50,10 @@ pub struct ProcessInfo {
     pub session: u32,
     /// Real user id.
     pub uid: u32,
+    /// Build id of the main executable: changes with every deploy of a new build.
+    pub build_id: Option<String>,
+    /// The version the process says it runs, from its environment (see [`version_of`]).
+    pub version: Option<String>,
     pub mappings: Arc<[Mapping]>,
     pub last_seen: Instant,
     pub alive: bool,
@@ -171,8 +177,10 @@ fn read_process(pid: u32, inner: &Mutex<Inner>) -> Option<ProcessInfo> {
     let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
         .map(|raw| String::from_utf8_lossy(&raw).trim_end_matches('\0').replace('\0', " "))
         .unwrap_or_default();
+    let version = read_environ(pid).and_then(|environ| version_of(&environ));
     let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
     let mut mappings = Vec::new();
+    let mut build_id = None;
     for line in maps.lines() {
         let Some(parsed) = parse_maps_line(line) else { continue };
         let file = {
@@ -187,6 +195,9 @@ fn read_process(pid: u32, inner: &Mutex<Inner>) -> Option<ProcessInfo> {
                 }
             }
         };
+        if build_id.is_none() && !exe.is_empty() && parsed.path.trim_end_matches(" (deleted)") == exe {
+            build_id = file.build_id.clone();
+        }
         mappings.push(Mapping {
             start: parsed.start,
             end: parsed.end,
@@ -202,10 +213,55 @@ fn read_process(pid: u32, inner: &Mutex<Inner>) -> Option<ProcessInfo> {
         cgroup,
         session,
         uid,
+        build_id,
+        version,
         mappings: mappings.into(),
         last_seen: Instant::now(),
         alive: true,
     })
+}
+
+/// Bytes of a process's environment read at most: versions are set near the start.
+const MAX_ENVIRON: u64 = 256 << 10;
+
+fn read_environ(pid: u32) -> Option<Vec<u8>> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    File::open(format!("/proc/{pid}/environ")).ok()?.take(MAX_ENVIRON).read_to_end(&mut out).ok()?;
+    Some(out)
+}
+
+/// Longest version kept: a label, not a document.
+const MAX_VERSION: usize = 64;
+
+/// The version a process declares: `service.version` of `OTEL_RESOURCE_ATTRIBUTES`
+/// (OpenTelemetry's convention), else `SERVICE_VERSION`, else `APP_VERSION`.
+pub fn version_of(environ: &[u8]) -> Option<String> {
+    let vars: HashMap<&[u8], &[u8]> = environ
+        .split(|&b| b == 0)
+        .filter_map(|entry| {
+            let eq = entry.iter().position(|&b| b == b'=')?;
+            Some((&entry[..eq], &entry[eq + 1..]))
+        })
+        .collect();
+    let otel = vars.get(&b"OTEL_RESOURCE_ATTRIBUTES"[..]).and_then(|attrs| {
+        attrs.split(|&b| b == b',').find_map(|kv| kv.trim_ascii().strip_prefix(b"service.version=").map(<[u8]>::trim_ascii))
+    });
+    let value = otel
+        .or_else(|| vars.get(&b"SERVICE_VERSION"[..]).copied())
+        .or_else(|| vars.get(&b"APP_VERSION"[..]).copied())?;
+    let value = String::from_utf8_lossy(value).trim().to_string();
+    (!value.is_empty()).then(|| value.chars().take(MAX_VERSION).collect())
+}
+
+/// The GNU build id of an ELF file, hex.
+fn build_id_of(file: &File) -> Option<String> {
+    use object::Object as _;
+    // SAFETY: read-only; a file changed underneath can only yield a wrong id.
+    let map = unsafe { memmap2::Mmap::map(file) }.ok()?;
+    let elf = object::File::parse(&map[..]).ok()?;
+    let id = elf.build_id().ok()??;
+    Some(id.iter().map(|byte| format!("{byte:02x}")).collect())
 }
 
 /// The unified (v2) hierarchy's path, else the systemd one's, else any: the first that
@@ -294,6 +350,7 @@ fn open_mapped_file(pid: u32, line: &MapsLine<'_>) -> Option<MappedFile> {
         id: (line.dev, line.inode),
         handle_path: PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&handle))),
         name,
+        build_id: build_id_of(&handle),
         _handle: handle,
     })
 }
@@ -301,6 +358,34 @@ fn open_mapped_file(pid: u32, line: &MapsLine<'_>) -> Option<MappedFile> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_from_the_environment() {
+        let env = |vars: &[&str]| vars.iter().flat_map(|v| v.bytes().chain([0])).collect::<Vec<u8>>();
+        assert_eq!(version_of(&env(&["PATH=/bin", "SERVICE_VERSION=1.4.2"])), Some("1.4.2".into()));
+        assert_eq!(
+            version_of(&env(&["APP_VERSION=9", "OTEL_RESOURCE_ATTRIBUTES=deployment.environment=prod, service.version=2.0.1 ,x=y"])),
+            Some("2.0.1".into())
+        );
+        assert_eq!(version_of(&env(&["APP_VERSION=9"])), Some("9".into()));
+        assert_eq!(version_of(&env(&["SERVICE_VERSION=", "HOME=/root"])), None);
+        assert_eq!(version_of(&env(&[&format!("SERVICE_VERSION={}", "x".repeat(500))])).map(|v| v.len()), Some(MAX_VERSION));
+    }
+
+    #[test]
+    fn snapshots_carry_the_build_id_and_the_declared_version() {
+        let mut child = std::process::Command::new("sleep").arg("30").env("SERVICE_VERSION", "1.5.0").spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let table = ProcessTable::default();
+        table.refresh(child.id());
+        let info = table.get(child.id()).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(info.version.as_deref(), Some("1.5.0"));
+        let expected = build_id_of(&File::open(&info.exe).unwrap());
+        assert!(expected.as_ref().is_some_and(|id| id.len() >= 16), "sleep has no build id: {expected:?}");
+        assert_eq!(info.build_id, expected);
+    }
 
     #[test]
     fn reads_session_and_uid() {
