@@ -36,6 +36,11 @@ const ASSETS: &[(&str, &str, &str)] = &[
         include_str!("../ui/timeline.js"),
     ),
     (
+        "changes.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../ui/changes.js"),
+    ),
+    (
         "deep.js",
         "text/javascript; charset=utf-8",
         include_str!("../ui/deep.js"),

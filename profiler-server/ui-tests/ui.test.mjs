@@ -627,6 +627,71 @@ test('overview: the home page lists 1,000 services by CPU over the range where d
   }
 });
 
+// ---------------------------------------------------------------- changes
+
+test('changes: significant regressions first, noise hidden, a click opens the diff on the function', async () => {
+  const srv = await spawnServer();
+  try {
+    // 30 windows of a base and 30 of a target: parse takes 10 points of CPU from render;
+    // blocked-io in read and the rest only jitter.
+    const T = Math.floor((NOW - 5 * 60_000) / 10_000) * 10_000;
+    let seed = 7;
+    const jitter = () => { seed = (seed * 1103515245 + 12345) % 2147483648; return 1 + (seed / 2147483648 - 0.5) * 0.1; };
+    const post = async (kind, at, body) => {
+      const q = new URLSearchParams({ format: 'folded', service: 'api', kind, from: String(at), label: 'host:h1' });
+      const r = await fetch(`${srv.url}/api/v1/ingest?${q}`, { method: 'POST', body });
+      assert.equal(r.status, 200, await r.text());
+    };
+    for (let i = 0; i < 60; i++) {
+      const at = T - 600_000 + i * 10_000;
+      const moved = i >= 30 ? 0.1 : 0;
+      const ms = (share) => Math.round(share * jitter() * 2e10);
+      await post('on-cpu', at, lines([
+        ['main;serve;parse', ms(0.3 + moved)], ['main;serve;render', ms(0.5 - moved)], ['main;gc', ms(0.2)],
+      ]));
+      await post('off-cpu:blocked-io', at, lines([['main;serve;read', ms(0.4)]]));
+    }
+    const page = await newPage();
+    await page.goto(`${srv.url}/#service=api&view=changes&from=${T - 300_000}&until=${T}&bfrom=${T - 600_000}&buntil=${T - 300_000}`);
+    await settled(page);
+    assert.equal(await page.isVisible('#changes-table'), true);
+    assert.equal(await page.isVisible('#flame'), false, 'the flame graph gives way to the table');
+    const rows = () => page.$$eval('#changes-table tbody tr', (rs) => rs.map((r) => ({ fn: r.dataset.fn, kind: r.dataset.kind, cls: r.className, cells: [...r.cells].map((c) => c.textContent) })));
+    let shown = await rows();
+    // Regressions first, where the time went (self) before the callers that hold it.
+    assert.deepEqual(shown.slice(0, 2).map((r) => [r.fn, r.cells[3], r.cls]), [['parse', 'self', 'grew'], ['parse', 'total', 'grew']]);
+    assert.equal(shown[0].cells[0], '▲');
+    // 10 points moved, give or take the jitter.
+    const moved = Number(/^\+(\d+\.\d\d) pt$/.exec(shown[0].cells[6])?.[1]);
+    assert.ok(moved > 9 && moved < 11, shown[0].cells[6]);
+    assert.ok(shown.some((r) => r.fn === 'render' && r.cls === 'shrank' && r.cells[0] === '▼'), JSON.stringify(shown));
+    assert.ok(shown.every((r) => r.fn !== 'read' && r.fn !== 'gc'), 'unchanged functions are not significant');
+    assert.ok(await page.$('#changes-table tbody tr[data-fn="parse"] svg.spark polyline'));
+    assert.match(await page.textContent('#changes-info'), /significant of \d+ tested · 30 base and 30 target observations/);
+    assert.match(await page.title(), /^api · changes · /);
+    await page.screenshot({ path: join(ART, '14-changes.png') });
+    // Everything tested, noise included.
+    await page.uncheck('#changes-significant');
+    shown = await rows();
+    assert.ok(shown.some((r) => r.fn === 'read' && r.kind === 'off-cpu:blocked-io' && r.cls === 'noise'), JSON.stringify(shown));
+    assert.match(page.url(), /sig=0/);
+    await page.check('#changes-significant');
+    // A click: the diff flame graph, on-CPU, parse highlighted.
+    const n = await loads(page);
+    await page.click('#changes-table tbody tr[data-fn="parse"]');
+    await settled(page, n);
+    const h = new URLSearchParams(new URL(page.url()).hash.slice(1));
+    assert.deepEqual([h.get('view'), h.get('q'), h.get('kf')], ['diff', '^parse$', 'on']);
+    assert.equal(await page.isVisible('#flame'), true);
+    const m = await page.evaluate(() => window.__ui.match);
+    assert.ok(m && m.count === 1, JSON.stringify(m));
+    assert.deepEqual(page.consoleErrors.filter((e) => !/favicon/.test(e)), []);
+    await page.close();
+  } finally {
+    await stopServer(srv);
+  }
+});
+
 // ---------------------------------------------------------------- deep profiles
 
 /** Opens the Deep profiles page and waits for its first load. */

@@ -9,13 +9,14 @@ import { FlameGraph, flatten, sandwich } from './flame.js';
 import { Timeline, kindOrder } from './timeline.js';
 import { DeepProfiles } from './deep.js';
 import { Overview } from './overview.js';
+import { ChangesView } from './changes.js';
 
 const $ = (id) => document.getElementById(id);
 
 const DEFAULTS = {
   service: '', from: 'now-15m', until: 'now', view: 'flame', kf: 'both', idle: '1', icicle: '0',
   nodes: '5000', filter: '', q: '', zoom: '', bfrom: '', buntil: '', norm: '1', thr: '0.5',
-  tab: 'top', fn: '', sort: 'self', minshare: '', page: 'overview', osort: 'cpu', odir: 'desc', oq: '',
+  tab: 'top', fn: '', sort: 'self', minshare: '', page: 'overview', osort: 'cpu', odir: 'desc', oq: '', sig: '1',
 };
 const MIN = 60_000;
 const PRESETS = [['15m', 'now-15m'], ['1h', 'now-1h'], ['6h', 'now-6h'], ['24h', 'now-24h'], ['7d', 'now-7d']];
@@ -111,7 +112,7 @@ function selParams(kinds, { from, until } = {}) {
 
 // ---------------------------------------------------------------- widgets
 
-let flame, timeline, callersG, calleesG, deep, overview;
+let flame, timeline, callersG, calleesG, deep, overview, changesView;
 let lastKinds = null;
 let reloadSeq = 0;
 let topRows = [];
@@ -128,7 +129,7 @@ function setupWidgets() {
   timeline = new Timeline($('timeline'), $('legend'), {
     tooltip: $('tooltip'),
     onSelect: (a, b) => {
-      const dragBase = state.view === 'diff' && document.querySelector('input[name=drag]:checked')?.value === 'base';
+      const dragBase = compares() && document.querySelector('input[name=drag]:checked')?.value === 'base';
       if (dragBase) { state.bfrom = String(a); state.buntil = String(b); }
       else { state.from = String(a); state.until = String(b); state.zoom = ''; }
       changed(true);
@@ -143,6 +144,8 @@ function setupWidgets() {
   ui.deep = deep;
   overview = new Overview({ state, onOpen: openService, onSortOrSearch: writeHash });
   ui.overview = overview;
+  changesView = new ChangesView({ state, onOpen: openChange, onToggle: writeHash });
+  ui.changes = changesView;
   for (const b of document.querySelectorAll('#page-nav button')) {
     b.onclick = () => {
       if (state.page === b.dataset.page) return;
@@ -237,7 +240,7 @@ function pageTitle() {
   const { from, until } = range();
   const span = preset ? `last ${preset[0]}` : isFinite(from) && isFinite(until) ? `${fmtTime(from)} → ${fmtTime(until)}` : `${state.from} → ${state.until}`;
   if (state.page === 'overview') return `Overview · ${span} · Profiler`;
-  const what = state.view === 'diff' ? 'diff' : 'flame graph';
+  const what = { diff: 'diff', changes: 'changes' }[state.view] || 'flame graph';
   return `${state.service || 'no service'} · ${what} · ${span} · Profiler`;
 }
 
@@ -246,7 +249,9 @@ function syncControls() {
   $('service-title').textContent = state.service || '(no service)';
   for (const b of document.querySelectorAll('#presets button')) b.classList.toggle('active', b.dataset.range === state.from && state.until === 'now');
   for (const b of document.querySelectorAll('#view-mode button')) b.classList.toggle('active', b.dataset.view === state.view);
-  for (const e of document.querySelectorAll('.diff-only')) e.hidden = state.view !== 'diff';
+  for (const e of document.querySelectorAll('.diff-only')) e.hidden = !compares();
+  $('changes-panel').hidden = state.view !== 'changes';
+  for (const e of document.querySelectorAll('.not-changes')) e.hidden = state.view === 'changes';
   $('kind-filter').value = state.kf;
   $('hide-idle').checked = state.idle === '1';
   $('icicle').checked = state.icicle === '1';
@@ -274,6 +279,21 @@ function syncControls() {
   renderServices();
   renderTabs();
   updateExports();
+}
+
+/** Whether the view compares a base range with the target: diff and changes. */
+function compares() {
+  return state.view === 'diff' || state.view === 'changes';
+}
+
+/** From a row of the changes table to the diff flame graph, the function highlighted. */
+function openChange(c) {
+  state.view = 'diff';
+  state.q = '^' + escapeRegExp(c.function) + '$';
+  state.kf = c.kind === 'on-cpu' ? 'on' : 'off';
+  if (c.kind === 'off-cpu:idle-poll') state.idle = '0';
+  state.zoom = '';
+  changed(true);
 }
 
 function changed(reloadData) {
@@ -374,11 +394,11 @@ async function reload() {
   const { from, until } = range();
   const diff = state.view === 'diff';
   const base = baseRange();
-  // Timeline over the target range (and the base one in diff mode), all kinds.
+  // Timeline over the target range (and the base one when comparing), all kinds.
   let tl = null;
   try {
-    const tFrom = diff ? Math.min(from, base.from) : state.from;
-    const tUntil = diff ? Math.max(until, base.until) : state.until;
+    const tFrom = compares() ? Math.min(from, base.from) : state.from;
+    const tUntil = compares() ? Math.max(until, base.until) : state.until;
     tl = await getJson('/api/v1/timeline', selParams(null, { from: tFrom, until: tUntil }));
   } catch (e) {
     if (seq !== reloadSeq) return;
@@ -392,7 +412,7 @@ async function reload() {
   lastKinds = kinds;
   if (tl) {
     timeline.setData(tl, kinds ? new Set(kinds) : null);
-    timeline.setOverlays(diff ? [
+    timeline.setOverlays(compares() ? [
       { from: base.from, until: base.until, color: 'rgba(60,110,230,0.13)', label: 'base' },
       { from, until, color: 'rgba(230,90,40,0.10)', label: 'target' },
     ] : []);
@@ -405,6 +425,7 @@ async function reload() {
     finishLoad(seq);
     return;
   }
+  if (state.view === 'changes') return loadChanges(seq, kinds, base);
   const defaultKind = kinds && kinds.length === 1 ? kinds[0]
     : (kinds ? available.filter((k) => kinds.includes(k)) : available).length === 1 ? (kinds ? available.filter((k) => kinds.includes(k)) : available)[0] : null;
   const t0 = performance.now();
@@ -478,6 +499,22 @@ async function defaultRange() {
   } catch {
     // The page's own queries show what is wrong with the server.
   }
+}
+
+async function loadChanges(seq, kinds, base) {
+  const status = $('changes-status');
+  status.className = 'status';
+  status.textContent = 'Comparing…';
+  try {
+    await changesView.load({ ...selParams(kinds), base_from: base.from, base_until: base.until });
+    if (seq !== reloadSeq) return;
+    status.textContent = '';
+  } catch (e) {
+    if (seq !== reloadSeq) return;
+    changesView.clear();
+    showError(e, status);
+  }
+  finishLoad(seq);
 }
 
 function finishLoad(seq) {
