@@ -36,6 +36,7 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Frame names interned for the query routes.
     pub names: Arc<query::Names>,
+    pub deploys: Arc<crate::deploys::Deploys>,
     /// Slots of `max_concurrent_queries`.
     pub queries: Arc<tokio::sync::Semaphore>,
     pub budget: Arc<MemoryBudget>,
@@ -163,6 +164,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/diff", get(diff))
         .route("/api/v1/top", get(top))
         .route("/api/v1/changes", get(changes))
+        .route("/api/v1/events", get(events))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::read))
         .route("/healthz", get(|| async { "ok\n" }));
@@ -362,6 +364,7 @@ pub(crate) fn store_batch(
 ) -> ApiResult<Json<IngestSummary>> {
     let mut batch = b.finish();
     batch.id = id;
+    let versions = crate::deploys::Seen::of(&batch);
     let mut summary = IngestSummary {
         rows: batch.rows.len(),
         stacks: batch.stacks.len(),
@@ -381,6 +384,7 @@ pub(crate) fn store_batch(
     s.metrics
         .ingested_bytes
         .fetch_add(body_len as u64, std::sync::atomic::Ordering::Relaxed);
+    s.deploys.observe(versions);
     Ok(Json(summary))
 }
 
@@ -663,10 +667,6 @@ async fn services(State(s): State<AppState>) -> ApiResult<Json<Vec<String>>> {
     blocking(move || Ok(Json(s.store.services()))).await
 }
 
-/// Observations per side of a change detection: enough for the test's
-/// power, few enough that each side costs a few flame-graph scans.
-const CHANGE_OBSERVATIONS: usize = 30;
-
 #[derive(serde::Serialize)]
 struct ChangesReply {
     service: String,
@@ -714,28 +714,17 @@ async fn changes(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<
         return Err(ApiError::bad("`alpha` must be within (0, 1)"));
     }
     let window = s.config.storage.window_ms;
-    let cut = |sel: &Selector, which: &str| {
-        query::changes::observations(sel.from_ms, sel.until_ms, window, CHANGE_OBSERVATIONS).ok_or_else(|| {
-            ApiError::bad(format!("the {which} range must span at least two {window} ms windows"))
-        })
-    };
-    let (target_cuts, base_cuts) = (cut(&target, "target")?, cut(&base, "base")?);
+    for (sel, which) in [(&target, "target"), (&base, "base")] {
+        if (sel.until_ms - sel.from_ms) / window < 2 {
+            return Err(ApiError::bad(format!("the {which} range must span at least two {window} ms windows")));
+        }
+    }
     let reply = |sel: &Selector| (sel.from_ms, sel.until_ms, sel.matchers.clone());
     let (t, b) = (reply(&target), reply(&base));
     let cancel = target.cancel.clone();
     run_query(s.clone(), cancel, move || {
-        let observe = |sel: &Selector, cuts: &[(i64, i64)]| -> ApiResult<Vec<query::changes::Observation>> {
-            cuts.iter()
-                .map(|&(from_ms, until_ms)| {
-                    let part = Selector { from_ms, until_ms, cancel: target.cancel.clone(), ..sel.clone() };
-                    let agg = s.store.aggregate(&part, GroupBy::Stack).map_err(ApiError::scan)?;
-                    Ok(query::changes::Observation { agg, span_ms: until_ms - from_ms })
-                })
-                .collect()
-        };
-        let base_obs = observe(&base, &base_cuts)?;
-        let target_obs = observe(&target, &target_cuts)?;
-        let changes = query::changes::changes(&s.names, &*s.store, &base_obs, &target_obs, &opts);
+        let changes = query::changes::compare_ranges(&*s.store, &s.names, &base, &target, window, &opts)
+            .map_err(ApiError::scan)?;
         let text = |m: &[Matcher]| m.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
         Ok(Json(ChangesReply {
             service: target.service.clone(),
@@ -749,6 +738,13 @@ async fn changes(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<
         }))
     })
     .await
+}
+
+/// Deploys noticed and their comparisons, newest first; `service=` narrows.
+async fn events(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<Vec<crate::deploys::Event>>> {
+    let p = Params::new(q);
+    let service = p.get("service").map(str::to_owned);
+    blocking(move || Ok(Json(s.deploys.events(service.as_deref())))).await
 }
 
 /// The fleet overview: all services over `from`..`until`, at most 60 points
@@ -999,7 +995,8 @@ async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
     blocking(move || {
         let text = s
             .metrics
-            .render(s.store.disk_bytes(), s.store.buffered_rows(), &s.store.stats());
+            .render(s.store.disk_bytes(), s.store.buffered_rows(), &s.store.stats())
+            + &s.deploys.render_metrics();
         Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
     })
     .await

@@ -64,6 +64,26 @@ pub struct Config {
     pub storage: Storage,
     /// Used when `storage.backend = "clickhouse"`.
     pub clickhouse: ClickHouse,
+    pub deploys: Deploys,
+}
+
+/// Deploy awareness: a service's new `version` label is a deploy, and the
+/// time after it is compared with the time before.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Deploys {
+    /// Seconds after (and before) a deploy that are compared.
+    pub compare_secs: u64,
+    /// Seconds between checks for deploys whose time after has passed.
+    pub check_secs: u64,
+    /// URL that each compared deploy is POSTed to as JSON; empty: none.
+    pub webhook: String,
+}
+
+impl Default for Deploys {
+    fn default() -> Self {
+        Deploys { compare_secs: 3600, check_secs: 30, webhook: String::new() }
+    }
 }
 
 /// Which store holds the profiles.
@@ -196,6 +216,7 @@ impl Default for Config {
             limits: Limits::default(),
             storage: Storage::default(),
             clickhouse: ClickHouse::default(),
+            deploys: Deploys::default(),
         }
     }
 }
@@ -299,6 +320,10 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         let s = &self.storage;
         anyhow::ensure!(s.window_ms > 0, "storage.window_ms must be positive");
+        anyhow::ensure!(
+            self.deploys.compare_secs as i64 * 1000 >= 2 * s.window_ms && self.deploys.check_secs > 0,
+            "deploys.compare_secs must cover two storage windows and deploys.check_secs be positive"
+        );
         anyhow::ensure!(
             s.segment_span_ms >= s.window_ms && s.segment_span_ms % s.window_ms == 0,
             "storage.segment_span_ms must be a positive multiple of window_ms"

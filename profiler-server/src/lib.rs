@@ -1,6 +1,7 @@
 //! Collection server of the continuous profiler: ingest (pprof, folded,
 //! Pyroscope-compatible) -> embedded store (WAL + Parquet + redb) -> merged
-//! flame graphs, diffs, top tables and exports over HTTP.
+//! flame graphs, diffs, top tables and exports over HTTP; change detection
+//! between ranges and around deploys ([`deploys`]).
 //!
 //! The binary is a thin wrapper around [`run`]; tests and benchmarks use
 //! [`start`] to get a server on an ephemeral port.
@@ -10,6 +11,7 @@ pub mod auth;
 pub mod budget;
 pub mod config;
 pub mod connect;
+pub mod deploys;
 pub mod grafana;
 pub mod ingest;
 pub mod metrics;
@@ -124,9 +126,18 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         cfg.limits.ingest_memory_bytes,
         Duration::from_secs(cfg.limits.ingest_wait_secs),
     ));
+    let deploys = Arc::new(deploys::Deploys::open(
+        &cfg.data_dir,
+        deploys::DeployOptions {
+            window: Duration::from_secs(cfg.deploys.compare_secs),
+            store_window_ms: cfg.storage.window_ms,
+            webhook: (!cfg.deploys.webhook.is_empty()).then(|| cfg.deploys.webhook.clone()),
+        },
+    )?);
     let state = api::AppState {
         store: store.clone(),
         names: Arc::default(),
+        deploys: deploys.clone(),
         queries: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_concurrent_queries.max(1))),
         budget,
         config: Arc::new(cfg),
@@ -135,6 +146,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     };
     let (stop, stopped) = watch::channel(false);
     let background = tokio::spawn(background(state.clone(), stopped.clone()));
+    let comparisons = tokio::spawn(deploys::run(
+        deploys,
+        store.clone(),
+        state.names.clone(),
+        Duration::from_secs(state.config.deploys.check_secs),
+        stopped.clone(),
+    ));
     let app = api::router(state.clone());
     let mut stopped_http = stopped;
     let task = tokio::spawn(async move {
@@ -145,6 +163,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             .await
             .context("serving HTTP")?;
         background.await.context("background task panicked")?;
+        comparisons.await.context("deploy comparisons panicked")?;
         tokio::task::spawn_blocking(move || store.flush())
             .await?
             .context("final flush")?;

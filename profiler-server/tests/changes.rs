@@ -6,69 +6,11 @@
 
 mod common;
 
+use common::sampled::{window, Rng, Workload, STEADY};
 use common::Proc;
 use serde_json::Value;
 
 const WINDOW_MS: i64 = 10_000;
-const SAMPLE_NS: i64 = 10_101_010; // 99 Hz
-const SAMPLES: usize = 2_000;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-/// How one window of the workload behaves.
-#[derive(Clone, Copy)]
-struct Workload {
-    /// Share of CPU moved from `serve;render` into `serve;parse;hot_loop`.
-    shifted: f64,
-    /// Blocked-io per request, ms (10 requests per second).
-    io_ms: f64,
-}
-
-const STEADY: Workload = Workload { shifted: 0.0, io_ms: 30.0 };
-
-fn window(rng: &mut Rng, w: Workload) -> (String, String) {
-    let stacks = [
-        ("main;serve;parse;tokenize", 0.20),
-        ("main;serve;parse;hot_loop", 0.10 + w.shifted),
-        ("main;serve;render", 0.25 - w.shifted),
-        ("main;serve;db;encode", 0.15),
-        ("main;gc;mark", 0.12),
-        ("main;gc;sweep", 0.08),
-        ("main;log;format", 0.10),
-    ];
-    let mut counts = vec![0i64; stacks.len()];
-    for _ in 0..SAMPLES {
-        let mut x = rng.unit();
-        let i = stacks.iter().position(|(_, p)| {
-            x -= p;
-            x < 0.0
-        });
-        counts[i.unwrap_or(stacks.len() - 1)] += 1;
-    }
-    let on: String = stacks
-        .iter()
-        .zip(&counts)
-        .map(|((s, _), c)| format!("{s} {}\n", c * SAMPLE_NS))
-        .collect();
-    // 10 requests per second, each blocked for about io_ms (±50%), plus
-    // sleeping workers whose count wanders.
-    let io: f64 = (0..100).map(|_| w.io_ms * (0.5 + rng.unit())).sum::<f64>() * 1e6;
-    let sleep = (4.0 + 2.0 * rng.unit()) * 10e9;
-    let off = format!("main;serve;db;read {}\nmain;worker;nanosleep {}\n", io as i64, sleep as i64);
-    (on, off)
-}
 
 struct Server {
     proc: Proc,

@@ -18,15 +18,16 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
-/// Runs the workload variant in the `shop.service` cgroup; returns the range
-/// of its steady part, in whole 2 s windows.
-fn phase(variant: &str) -> (i64, i64) {
+/// Runs the workload variant in the `shop.service` cgroup as `version`; returns the
+/// range of its steady part, in whole 2 s windows.
+fn phase(variant: &str, version: &str) -> (i64, i64) {
     let cgroup = format!("{}/shop.service", cgroup_root());
     std::fs::create_dir_all(&cgroup).expect("create cgroup shop.service");
     let start = now_ms();
     let out = Command::new("sh")
         .args(["-c", &format!("echo $$ > {cgroup}/cgroup.procs && exec {} serve {PHASE_S} {variant}", binary("workload").display())])
         .env("WORKLOAD_DIR", "/var/tmp")
+        .env("SERVICE_VERSION", version)
         .output()
         .unwrap();
     assert!(out.status.success(), "workload serve {variant}: {}", String::from_utf8_lossy(&out.stderr));
@@ -52,7 +53,7 @@ fn the_agent_s_profiles_show_a_cpu_shift_and_added_io_as_the_top_changes() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let server_toml = dir.path().join("server.toml");
-    std::fs::write(&server_toml, "[storage]\nwindow_ms = 2000\n").unwrap();
+    std::fs::write(&server_toml, "[storage]\nwindow_ms = 2000\n\n[deploys]\ncompare_secs = 20\ncheck_secs = 1\n").unwrap();
     let server = Server::start_with(&dir.path().join("server"), free_port(), &["--config", server_toml.to_str().unwrap()]);
     let agent_toml = dir.path().join("agent.toml");
     std::fs::write(
@@ -65,10 +66,11 @@ fn the_agent_s_profiles_show_a_cpu_shift_and_added_io_as_the_top_changes() {
     )
     .unwrap();
     let daemon = Daemon::start(&agent_toml);
-    let base = phase("base");
-    let cpu = phase("cpu");
-    let again = phase("base");
-    let io = phase("io");
+    // Each run is a deploy of a new version.
+    let base = phase("base", "1.0");
+    let cpu = phase("cpu", "2.0");
+    let again = phase("base", "3.0");
+    let io = phase("io", "4.0");
     // The last windows reach the server.
     std::thread::sleep(Duration::from_secs(5));
     daemon.stop();
@@ -106,6 +108,15 @@ fn the_agent_s_profiles_show_a_cpu_shift_and_added_io_as_the_top_changes() {
     assert!(slow.is_some_and(|c| c["significant"] == true && c["direction"] == "regression"), "{v:#}");
     // Two threads waiting about 20 ms of each ~30 ms request: more than a thread waiting.
     assert!(top["delta_rate"].as_f64().unwrap() > 1.0, "{top}");
+
+    // The deploy of 2.0 was compared on its own: 20 s after it against 20 s before.
+    let events = server.get_json("/api/v1/events?service=shop");
+    eprintln!("events: {events:#}");
+    let deploy = events.as_array().unwrap().iter().find(|e| e["version"] == "2.0").expect("no deploy event for 2.0");
+    assert_eq!(deploy["previous"], "1.0");
+    assert!((cpu.0 - 6_000..=cpu.0).contains(&deploy["at_ms"].as_i64().unwrap()), "{deploy}");
+    let top = &deploy["comparison"]["top"][0];
+    assert_eq!((&top["function"], &top["direction"]), (&"workload::step_c".into(), &"regression".into()), "{deploy:#}");
 }
 
 /// `profiler-agent record` of one run of the workload variant, at 499 Hz.

@@ -15,9 +15,13 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 use statrs::distribution::{ContinuousCDF, StudentsT};
 
-use super::names::NameId;
-use super::Names;
-use crate::store::{Aggregate, Store};
+use super::names::{NameId, Table};
+use super::{round, Names};
+use crate::store::{Aggregate, GroupBy, Selector, Store};
+
+/// Observations per side: enough for the test's power, few enough that each
+/// side costs a few flame-graph scans.
+const OBSERVATIONS: usize = 30;
 
 /// One observation: what a run of windows summed to, and how long it was.
 pub struct Observation {
@@ -72,6 +76,9 @@ pub struct Change {
     pub significant: bool,
     /// `regression` (grew) or `improvement` (shrank).
     pub direction: &'static str,
+    /// The tested metric per observation of each side, for sparklines.
+    pub base_series: Vec<f64>,
+    pub target_series: Vec<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -110,8 +117,7 @@ struct Side {
     spans_s: Vec<f64>,
 }
 
-fn measure(names: &Names, store: &dyn Store, obs: &[Observation], classes: &mut Vec<String>) -> Side {
-    let table = names.table();
+fn measure(table: &Table, store: &dyn Store, obs: &[Observation], classes: &mut Vec<String>) -> Side {
     table.intern_stacks(store, obs.iter().flat_map(|o| o.agg.values().flat_map(|m| m.keys().copied())));
     let interned = table.read();
     let n = obs.len();
@@ -206,8 +212,10 @@ pub fn changes(
     opts: &ChangeOptions,
 ) -> Changes {
     let mut classes: Vec<String> = vec!["on-cpu".into()];
-    let b = measure(names, store, base, &mut classes);
-    let t = measure(names, store, target, &mut classes);
+    // One table for the whole comparison: its name ids stay valid.
+    let table = names.table();
+    let b = measure(&table, store, base, &mut classes);
+    let t = measure(&table, store, target, &mut classes);
     let on_cpu = 0u16;
     let mut features: Vec<Feature> = b.values.keys().chain(t.values.keys()).copied().collect();
     features.sort_unstable();
@@ -254,14 +262,15 @@ pub fn changes(
             br.max(tr) >= opts.min_rate
         }
     });
-    let p: Vec<f64> = features.iter().map(|f| welch(&per_obs(&t, f), &per_obs(&b, f))).collect();
+    let observed: Vec<(Vec<f64>, Vec<f64>)> = features.iter().map(|f| (per_obs(&b, f), per_obs(&t, f))).collect();
+    let p: Vec<f64> = observed.iter().map(|(base, target)| welch(target, base)).collect();
     let q = fdr(&p);
-    let interned = names.table();
-    let interned = interned.read();
+    let interned = table.read();
     let mut out: Vec<Change> = features
         .iter()
+        .zip(observed)
         .zip(p.iter().zip(&q))
-        .map(|(f, (&p, &q))| {
+        .map(|((f, (base_series, target_series)), (&p, &q))| {
             let (base_share, base_rate) = whole(&b, f);
             let (target_share, target_rate) = whole(&t, f);
             let delta_rate = target_rate - base_rate;
@@ -286,6 +295,8 @@ pub fn changes(
                 q,
                 significant: q < opts.alpha && large,
                 direction: if growth >= 0.0 { "regression" } else { "improvement" },
+                base_series: base_series.into_iter().map(round).collect(),
+                target_series: target_series.into_iter().map(round).collect(),
             }
         })
         .collect();
@@ -315,6 +326,33 @@ pub fn changes(
         tested,
         changes: out,
     }
+}
+
+/// Compares the `target` selection with the `base` one, each cut into
+/// observations of whole `window_ms` windows. Both ranges must hold at least
+/// two windows.
+pub fn compare_ranges(
+    store: &dyn Store,
+    names: &Names,
+    base: &Selector,
+    target: &Selector,
+    window_ms: i64,
+    opts: &ChangeOptions,
+) -> anyhow::Result<Changes> {
+    let observe = |sel: &Selector, which: &str| -> anyhow::Result<Vec<Observation>> {
+        let cuts = observations(sel.from_ms, sel.until_ms, window_ms, OBSERVATIONS)
+            .ok_or_else(|| anyhow::anyhow!("the {which} range must span at least two {window_ms} ms windows"))?;
+        cuts.into_iter()
+            .map(|(from_ms, until_ms)| {
+                let part = Selector { from_ms, until_ms, ..sel.clone() };
+                let agg = store.aggregate(&part, GroupBy::Stack)?;
+                Ok(Observation { agg, span_ms: until_ms - from_ms })
+            })
+            .collect()
+    };
+    let base_obs = observe(base, "base")?;
+    let target_obs = observe(target, "target")?;
+    Ok(changes(names, store, &base_obs, &target_obs, opts))
 }
 
 /// Observation boundaries: at most `max` runs of whole windows over

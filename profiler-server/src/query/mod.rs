@@ -109,6 +109,16 @@ pub fn top(names: &Names, store: &dyn Store, agg: &Aggregate, by_total: bool, li
         .collect()
 }
 
+/// Six significant digits: more than a table or a sparkline shows, and the
+/// JSON of a thousand rows stays small.
+pub(crate) fn round(x: f64) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return 0.0;
+    }
+    let scale = 10f64.powi(5 - x.abs().log10().floor() as i32);
+    (x * scale).round() / scale
+}
+
 #[derive(Debug, Serialize)]
 pub struct Timeline {
     pub from: i64,
@@ -138,5 +148,17 @@ pub fn timeline(agg: &Aggregate, from: i64, until: i64, step: i64) -> Timeline {
         until,
         step,
         series,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_to_six_digits() {
+        assert_eq!(round(1.23456789), 1.23457);
+        assert_eq!(round(0.000123456789), 0.000123457);
+        assert_eq!(round(0.0), 0.0);
     }
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use super::round;
 use crate::store::{Grid, Overview, ServiceTotals};
 
 /// Hosts listed by name per service; the count covers all of them.
@@ -109,16 +110,6 @@ pub fn fleet(grid: Grid, overview: Overview) -> Fleet {
     }
 }
 
-/// Six significant digits are more than a table or a sparkline shows, and
-/// keep the JSON of 1,000 services small.
-fn round(x: f64) -> f64 {
-    if x == 0.0 || !x.is_finite() {
-        return 0.0;
-    }
-    let scale = 10f64.powi(5 - x.abs().log10().floor() as i32);
-    (x * scale).round() / scale
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,10 +140,4 @@ mod tests {
         assert_eq!(f.services[1].service, "quiet");
     }
 
-    #[test]
-    fn rounds_to_six_digits() {
-        assert_eq!(round(1.23456789), 1.23457);
-        assert_eq!(round(0.000123456789), 0.000123457);
-        assert_eq!(round(0.0), 0.0);
-    }
 }

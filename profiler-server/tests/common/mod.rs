@@ -1,6 +1,8 @@
 //! Spawns the real `profiler-server` binary on an ephemeral port.
 #![allow(dead_code)] // each test crate uses a different subset
 
+pub mod sampled;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
