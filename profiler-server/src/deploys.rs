@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use crate::json_file;
 use crate::query::changes::{self, ChangeOptions};
 use crate::query::Names;
 use crate::store::{Batch, Cancel, Selector, Store};
@@ -107,11 +107,7 @@ impl Seen {
 impl Deploys {
     pub fn open(data_dir: &Path, options: DeployOptions) -> anyhow::Result<Deploys> {
         let path = data_dir.join("events.json");
-        let book = match std::fs::read(&path) {
-            Ok(raw) => serde_json::from_slice(&raw).with_context(|| format!("reading {}", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Book::default(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
+        let book = json_file::load(&path)?;
         Ok(Deploys { path, options, book: Mutex::new(book) })
     }
 
@@ -120,11 +116,7 @@ impl Deploys {
     }
 
     fn save(&self, book: &Book) -> anyhow::Result<()> {
-        let tmp = self.path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(book)?)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
-        Ok(())
+        json_file::save(&self.path, book)
     }
 
     /// Records the versions of a stored batch; a version new to a service that

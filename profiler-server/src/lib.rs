@@ -14,6 +14,7 @@ pub mod connect;
 pub mod deploys;
 pub mod grafana;
 pub mod ingest;
+pub mod json_file;
 pub mod metrics;
 pub mod otlp;
 pub mod push;

@@ -12,10 +12,11 @@ use std::{
     sync::Mutex,
 };
 
-use anyhow::Context as _;
 use chrono::{TimeZone as _, Utc};
 use croner::{Cron, parser::{CronParser, Seconds}};
 use serde::{Deserialize, Serialize};
+
+use crate::json_file;
 
 /// Guards every host against a schedule asking too much.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -202,20 +203,12 @@ pub struct Schedules {
 impl Schedules {
     pub fn open(data_dir: &Path, limits: RunLimits) -> anyhow::Result<Self> {
         let path = data_dir.join("schedules.json");
-        let book = match std::fs::read(&path) {
-            Ok(raw) => serde_json::from_slice(&raw).with_context(|| format!("reading {}", path.display()))?,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Book::default(),
-            Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
-        };
+        let book = json_file::load(&path)?;
         Ok(Self { path, book: Mutex::new(book), limits })
     }
 
     fn save(&self, book: &Book) -> anyhow::Result<()> {
-        let tmp = self.path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(book)?)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
-        Ok(())
+        json_file::save(&self.path, book)
     }
 
     /// Checks a schedule; `known_services` are the services the store has seen.

@@ -60,14 +60,14 @@ async function stopServer(s) {
   rmSync(s.dir, { recursive: true, force: true });
 }
 
-/** Ingests folded text; parameters other than the route's own become `label=name:value`. */
-async function ingest(params, folded) {
+/** Ingests folded text (into `server`, by default the shared one); parameters other than the route's own become `label=name:value`. */
+async function ingest(params, folded, server = base) {
   const q = new URLSearchParams({ format: 'folded' });
   for (const [k, v] of Object.entries(params)) {
     if (['service', 'kind', 'from', 'until'].includes(k)) q.append(k, v);
     else q.append('label', `${k}:${v}`);
   }
-  const r = await fetch(`${base}/api/v1/ingest?${q}`, { method: 'POST', body: folded });
+  const r = await fetch(`${server}/api/v1/ingest?${q}`, { method: 'POST', body: folded });
   const text = await r.text();
   assert.equal(r.status, 200, `ingest ${q}: ${text}`);
   return JSON.parse(text);
@@ -544,16 +544,11 @@ test('overview: the home page lists 1,000 services by CPU over the range where d
   try {
     // svc-0000 .. svc-0999: service i uses (i + 1) x 10 ms of CPU on host-(i % 3), every
     // tenth also waits 2 s on I/O; all of it 20 minutes ago, so not in the last 15.
-    const post = async (params, body) => {
-      const q = new URLSearchParams({ format: 'folded', from: String(TARGET_AT), ...params });
-      const r = await fetch(`${srv.url}/api/v1/ingest?${q}`, { method: 'POST', body });
-      assert.equal(r.status, 200, await r.text());
-    };
     const name = (i) => `svc-${String(i).padStart(4, '0')}`;
     for (let i = 0; i < 1000; i += 50) {
       await Promise.all(Array.from({ length: 50 }, (_, j) => i + j).flatMap((k) => [
-        post({ service: name(k), kind: 'on-cpu', label: `host:host-${k % 3}` }, `main;work_${k} ${(k + 1) * 10_000_000}\n`),
-        ...(k % 10 === 0 ? [post({ service: name(k), kind: 'off-cpu:blocked-io', label: 'host:host-9' }, `main;read ${2 * S}\n`)] : []),
+        ingest({ service: name(k), kind: 'on-cpu', from: TARGET_AT, host: `host-${k % 3}` }, `main;work_${k} ${(k + 1) * 10_000_000}\n`, srv.url),
+        ...(k % 10 === 0 ? [ingest({ service: name(k), kind: 'off-cpu:blocked-io', from: TARGET_AT, host: 'host-9' }, `main;read ${2 * S}\n`, srv.url)] : []),
       ]));
     }
     const page = await newPage();
@@ -637,11 +632,7 @@ test('changes: significant regressions first, noise hidden, a click opens the di
     const T = Math.floor((NOW - 5 * 60_000) / 10_000) * 10_000;
     let seed = 7;
     const jitter = () => { seed = (seed * 1103515245 + 12345) % 2147483648; return 1 + (seed / 2147483648 - 0.5) * 0.1; };
-    const post = async (kind, at, body) => {
-      const q = new URLSearchParams({ format: 'folded', service: 'api', kind, from: String(at), label: 'host:h1' });
-      const r = await fetch(`${srv.url}/api/v1/ingest?${q}`, { method: 'POST', body });
-      assert.equal(r.status, 200, await r.text());
-    };
+    const post = (kind, at, body) => ingest({ service: 'api', kind, from: at, host: 'h1' }, body, srv.url);
     for (let i = 0; i < 60; i++) {
       const at = T - 600_000 + i * 10_000;
       const moved = i >= 30 ? 0.1 : 0;

@@ -4,18 +4,14 @@
 pub const SAMPLE_NS: i64 = 10_101_010; // 99 Hz
 pub const SAMPLES: usize = 2_000;
 
-pub struct Rng(pub u64);
+#[path = "../../benches/common/mod.rs"]
+mod rng;
 
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    pub fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
+pub use rng::Rng;
+
+/// Uniform in [0, 1).
+pub fn unit(rng: &mut Rng) -> f64 {
+    (rng.next() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// How one window of the workload behaves.
@@ -42,7 +38,7 @@ pub fn window(rng: &mut Rng, w: Workload) -> (String, String) {
     ];
     let mut counts = vec![0i64; stacks.len()];
     for _ in 0..SAMPLES {
-        let mut x = rng.unit();
+        let mut x = unit(rng);
         let i = stacks.iter().position(|(_, p)| {
             x -= p;
             x < 0.0
@@ -56,8 +52,8 @@ pub fn window(rng: &mut Rng, w: Workload) -> (String, String) {
         .collect();
     // 10 requests per second, each blocked for about io_ms (±50%), plus
     // sleeping workers whose count wanders.
-    let io: f64 = (0..100).map(|_| w.io_ms * (0.5 + rng.unit())).sum::<f64>() * 1e6;
-    let sleep = (4.0 + 2.0 * rng.unit()) * 10e9;
+    let io: f64 = (0..100).map(|_| w.io_ms * (0.5 + unit(rng))).sum::<f64>() * 1e6;
+    let sleep = (4.0 + 2.0 * unit(rng)) * 10e9;
     let off = format!("main;serve;db;read {}\nmain;worker;nanosleep {}\n", io as i64, sleep as i64);
     (on, off)
 }
