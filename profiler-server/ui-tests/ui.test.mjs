@@ -8,7 +8,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, mkdirSync, existsSync, rmSync, readFileSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, existsSync, rmSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -624,15 +624,19 @@ test('overview: the home page lists 1,000 services by CPU over the range where d
 
 // ---------------------------------------------------------------- changes
 
-test('changes: significant regressions first, noise hidden, a click opens the diff on the function', async () => {
-  const srv = await spawnServer();
+test('changes: significant regressions first, noise hidden, a click opens the diff on the function; deploys are timeline markers', async () => {
+  // Deploys are compared 5 minutes after, against the 5 minutes before.
+  const confDir = mkdtempSync(join(tmpdir(), 'ui-test-conf-'));
+  const conf = join(confDir, 'server.toml');
+  writeFileSync(conf, '[deploys]\ncompare_secs = 300\ncheck_secs = 1\n');
+  const srv = await spawnServer(['--config', conf]);
   try {
-    // 30 windows of a base and 30 of a target: parse takes 10 points of CPU from render;
-    // blocked-io in read and the rest only jitter.
-    const T = Math.floor((NOW - 5 * 60_000) / 10_000) * 10_000;
+    // 30 windows of version 1 and 30 of version 2: parse takes 10 points of CPU from
+    // render; blocked-io in read and the rest only jitter. The deploy is 6 minutes old.
+    const T = Math.floor((NOW - 60_000) / 10_000) * 10_000;
     let seed = 7;
     const jitter = () => { seed = (seed * 1103515245 + 12345) % 2147483648; return 1 + (seed / 2147483648 - 0.5) * 0.1; };
-    const post = (kind, at, body) => ingest({ service: 'api', kind, from: at, host: 'h1' }, body, srv.url);
+    const post = (kind, at, body) => ingest({ service: 'api', kind, from: at, host: 'h1', version: at < T - 300_000 ? '1' : '2' }, body, srv.url);
     for (let i = 0; i < 60; i++) {
       const at = T - 600_000 + i * 10_000;
       const moved = i >= 30 ? 0.1 : 0;
@@ -661,6 +665,22 @@ test('changes: significant regressions first, noise hidden, a click opens the di
     assert.match(await page.textContent('#changes-info'), /significant of \d+ tested · 30 base and 30 target observations/);
     assert.match(await page.title(), /^api · changes · /);
     await page.screenshot({ path: join(ART, '14-changes.png') });
+    // The deploy of version 2 is a red marker on the timeline once compared.
+    let events = [];
+    for (let i = 0; i < 50 && !events[0]?.comparison; i++) {
+      events = await (await fetch(`${srv.url}/api/v1/events?service=api`)).json();
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    assert.equal(events[0]?.comparison?.top[0]?.function, 'parse', JSON.stringify(events));
+    assert.equal(events[0].at_ms, T - 300_000);
+    await page.reload();
+    await settled(page);
+    await page.waitForFunction(() => window.__ui.timeline.markers.length === 1);
+    const marker = await page.evaluate(() => { const m = window.__ui.timeline.markers[0]; return { label: m.label, color: m.color, title: m.title, x: window.__ui.timeline.px(m.at) }; });
+    assert.equal(marker.label, 'v2');
+    assert.match(marker.title, /deploy 1 → 2 .* significant regression.*first: parse/);
+    assert.match(marker.color, /^hsl\(0,/);
+    await page.screenshot({ path: join(ART, '15-deploy-marker.png') });
     // Everything tested, noise included.
     await page.uncheck('#changes-significant');
     shown = await rows();
@@ -668,7 +688,7 @@ test('changes: significant regressions first, noise hidden, a click opens the di
     assert.match(page.url(), /sig=0/);
     await page.check('#changes-significant');
     // A click: the diff flame graph, on-CPU, parse highlighted.
-    const n = await loads(page);
+    let n = await loads(page);
     await page.click('#changes-table tbody tr[data-fn="parse"]');
     await settled(page, n);
     const h = new URLSearchParams(new URL(page.url()).hash.slice(1));
@@ -676,10 +696,21 @@ test('changes: significant regressions first, noise hidden, a click opens the di
     assert.equal(await page.isVisible('#flame'), true);
     const m = await page.evaluate(() => window.__ui.match);
     assert.ok(m && m.count === 1, JSON.stringify(m));
+    // A click on the deploy marker: its changes, the time after against the time before.
+    n = await loads(page);
+    const box = await page.locator('#timeline canvas').boundingBox();
+    await page.mouse.click(box.x + marker.x, box.y + 40);
+    await settled(page, n);
+    const c = events[0].comparison;
+    const h2 = new URLSearchParams(new URL(page.url()).hash.slice(1));
+    assert.deepEqual([h2.get('view'), h2.get('from'), h2.get('until'), h2.get('bfrom'), h2.get('buntil')],
+      ['changes', String(c.from), String(c.until), String(c.base_from), String(c.base_until)]);
+    assert.equal((await rows())[0].fn, 'parse');
     assert.deepEqual(page.consoleErrors.filter((e) => !/favicon/.test(e)), []);
     await page.close();
   } finally {
     await stopServer(srv);
+    rmSync(confDir, { recursive: true, force: true });
   }
 });
 

@@ -128,6 +128,7 @@ function setupWidgets() {
   ui.flame = flame;
   timeline = new Timeline($('timeline'), $('legend'), {
     tooltip: $('tooltip'),
+    onMarker: openDeploy,
     onSelect: (a, b) => {
       const dragBase = compares() && document.querySelector('input[name=drag]:checked')?.value === 'base';
       if (dragBase) { state.bfrom = String(a); state.buntil = String(b); }
@@ -286,6 +287,34 @@ function compares() {
   return state.view === 'diff' || state.view === 'changes';
 }
 
+/** From a deploy marker to the changes it brought: the time after it against the time before. */
+function openDeploy(marker) {
+  const c = marker.event.comparison;
+  if (!c) return;
+  Object.assign(state, { view: 'changes', from: String(c.from), until: String(c.until), bfrom: String(c.base_from), buntil: String(c.base_until), zoom: '' });
+  changed(true);
+}
+
+/** Deploys of the service as timeline markers: red when they brought regressions. */
+async function loadMarkers(seq) {
+  let events = [];
+  try {
+    events = await getJson('/api/v1/events', { service: state.service });
+  } catch {
+    // Markers are extra: the timeline and graph show their own errors.
+  }
+  if (seq !== reloadSeq) return;
+  timeline.setMarkers(events.map((e) => {
+    const c = e.comparison;
+    const outcome = !c ? 'not compared yet' : c.error ? c.error : `${c.regressions} significant regression${c.regressions === 1 ? '' : 's'}${c.top[0] ? `, first: ${c.top[0].function} (${c.top[0].kind})` : ''}`;
+    return {
+      at: e.at_ms, label: `v${e.version}`, event: e,
+      color: c && c.regressions > 0 ? 'hsl(0,75%,45%)' : '#555',
+      title: `deploy ${e.previous} → ${e.version} at ${fmtTime(e.at_ms)}: ${outcome}`,
+    };
+  }));
+}
+
 /** From a row of the changes table to the diff flame graph, the function highlighted. */
 function openChange(c) {
   state.view = 'diff';
@@ -407,6 +436,7 @@ async function reload() {
     $('legend').textContent = 'timeline unavailable (see the error above)';
   }
   if (seq !== reloadSeq) return;
+  loadMarkers(seq);
   const available = tl ? Object.keys(tl.series).filter((k) => tl.series[k].some((v) => v)).sort(kindOrder) : [];
   const kinds = selectedKinds(available);
   lastKinds = kinds;

@@ -1,5 +1,5 @@
 // Timeline: stacked per-kind time (as average busy threads per step) on a
-// canvas; drag to select a range.
+// canvas; drag to select a range; events (deploys) as markers to click.
 
 import { kindColor, fmtTime, fmtNs, el } from './util.js';
 
@@ -12,8 +12,10 @@ export function kindOrder(a, b) {
 }
 
 export class Timeline {
-  constructor(host, legend, { onSelect, tooltip } = {}) {
+  constructor(host, legend, { onSelect, onMarker, tooltip } = {}) {
     this.tooltip = tooltip;
+    this.onMarker = onMarker;
+    this.markers = []; // [{at, label, title, color}]
     this.host = host;
     this.legend = legend;
     this.onSelect = onSelect;
@@ -41,7 +43,11 @@ export class Timeline {
       const { x0, x1 } = this.drag;
       this.drag = null;
       this.draw();
-      if (Math.abs(x1 - x0) < 3) return;
+      if (Math.abs(x1 - x0) < 3) {
+        const m = this.markerAt(x0);
+        if (m) this.onMarker?.(m);
+        return;
+      }
       const a = this.t(Math.min(x0, x1)), b = this.t(Math.max(x0, x1));
       this.onSelect?.(Math.round(a), Math.round(b));
     });
@@ -66,10 +72,31 @@ export class Timeline {
     return PAD_L + ((t - from) / (until - from)) * (W - PAD_L);
   }
 
-  /** Tooltip: the step under the mouse, per kind. */
+  /** The marker drawn within a few pixels of x, if any. */
+  markerAt(x) {
+    if (!this.data) return null;
+    return this.markers.find((m) => Math.abs(this.px(m.at) - x) <= 4) || null;
+  }
+
+  setMarkers(m) {
+    this.markers = m;
+    this.draw();
+  }
+
+  /** Tooltip: the marker under the mouse, or the step under it, per kind. */
   hoverTip(e) {
     const tip = this.tooltip;
     if (!tip || !this.data || this.drag) return;
+    const marker = this.markerAt(this.mx(e));
+    if (marker) {
+      tip.textContent = '';
+      tip.append(el('div', { class: 'tt-name', text: marker.label }), el('div', { text: marker.title }));
+      if (this.onMarker) tip.append(el('div', { class: 'tt-hint', text: 'click for its changes' }));
+      tip.hidden = false;
+      tip.style.left = e.clientX + 14 + 'px';
+      tip.style.top = e.clientY + 14 + 'px';
+      return;
+    }
     const { from, step, series } = this.data;
     const i = Math.floor((this.t(this.mx(e)) - from) / step);
     const rows = this.kinds.filter((k) => series[k][i]);
@@ -180,6 +207,21 @@ export class Timeline {
         ctx.fillText(o.label, x0 + 3, PAD_T + 2);
       }
     }
+    ctx.setLineDash([3, 2]);
+    for (const m of this.markers) {
+      if (m.at < from || m.at >= until) continue;
+      const x = Math.round(this.px(m.at)) + 0.5;
+      ctx.strokeStyle = m.color;
+      ctx.lineWidth = 2;
+      ctx.beginPath();
+      ctx.moveTo(x, PAD_T);
+      ctx.lineTo(x, PAD_T + plotH);
+      ctx.stroke();
+      ctx.fillStyle = m.color;
+      ctx.fillText(m.label, Math.min(W - 40, x + 3), PAD_T + 12);
+    }
+    ctx.setLineDash([]);
+    ctx.lineWidth = 1;
     if (this.drag) {
       const a = Math.min(this.drag.x0, this.drag.x1), b = Math.max(this.drag.x0, this.drag.x1);
       ctx.fillStyle = 'rgba(60,120,220,0.2)';
