@@ -36,7 +36,7 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Frame names interned for the query routes.
     pub names: Arc<query::Names>,
-    pub deploys: Arc<crate::deploys::Deploys>,
+    pub events: Arc<crate::events::Events>,
     /// Slots of `max_concurrent_queries`.
     pub queries: Arc<tokio::sync::Semaphore>,
     pub budget: Arc<MemoryBudget>,
@@ -364,7 +364,7 @@ pub(crate) fn store_batch(
 ) -> ApiResult<Json<IngestSummary>> {
     let mut batch = b.finish();
     batch.id = id;
-    let versions = crate::deploys::Seen::of(&batch);
+    let versions = crate::events::Seen::of(&batch);
     let mut summary = IngestSummary {
         rows: batch.rows.len(),
         stacks: batch.stacks.len(),
@@ -384,7 +384,7 @@ pub(crate) fn store_batch(
     s.metrics
         .ingested_bytes
         .fetch_add(body_len as u64, std::sync::atomic::Ordering::Relaxed);
-    s.deploys.observe(versions);
+    s.events.observe(versions);
     Ok(Json(summary))
 }
 
@@ -740,11 +740,11 @@ async fn changes(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<
     .await
 }
 
-/// Deploys noticed and their comparisons, newest first; `service=` narrows.
-async fn events(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<Vec<crate::deploys::Event>>> {
+/// Deploys and alerts with their comparisons, newest first; `service=` narrows.
+async fn events(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<Vec<crate::events::Event>>> {
     let p = Params::new(q);
     let service = p.get("service").map(str::to_owned);
-    blocking(move || Ok(Json(s.deploys.events(service.as_deref())))).await
+    blocking(move || Ok(Json(s.events.events(service.as_deref())))).await
 }
 
 /// The fleet overview: all services over `from`..`until`, at most 60 points
@@ -996,7 +996,7 @@ async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
         let text = s
             .metrics
             .render(s.store.disk_bytes(), s.store.buffered_rows(), &s.store.stats())
-            + &s.deploys.render_metrics();
+            + &s.events.render_metrics();
         Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
     })
     .await

@@ -65,6 +65,9 @@ pub struct Config {
     /// Used when `storage.backend = "clickhouse"`.
     pub clickhouse: ClickHouse,
     pub deploys: Deploys,
+    /// Scheduled comparisons (`[[alerts]]`): each period of a service
+    /// against its baseline; events when it regressed.
+    pub alerts: Vec<crate::events::AlertRule>,
 }
 
 /// Deploy awareness: a service's new `version` label is a deploy, and the
@@ -76,7 +79,8 @@ pub struct Deploys {
     pub compare_secs: u64,
     /// Seconds between checks for deploys whose time after has passed.
     pub check_secs: u64,
-    /// URL that each compared deploy is POSTed to as JSON; empty: none.
+    /// URL that each compared deploy and each alert is POSTed to as JSON;
+    /// empty: none.
     pub webhook: String,
 }
 
@@ -217,6 +221,7 @@ impl Default for Config {
             storage: Storage::default(),
             clickhouse: ClickHouse::default(),
             deploys: Deploys::default(),
+            alerts: Vec::new(),
         }
     }
 }
@@ -324,6 +329,15 @@ impl Config {
             self.deploys.compare_secs as i64 * 1000 >= 2 * s.window_ms && self.deploys.check_secs > 0,
             "deploys.compare_secs must cover two storage windows and deploys.check_secs be positive"
         );
+        for (i, a) in self.alerts.iter().enumerate() {
+            anyhow::ensure!(
+                !a.name.is_empty() && !a.service.is_empty() && a.every_secs as i64 * 1000 >= 2 * s.window_ms,
+                "alerts[{i}] needs a name, a service (or \"*\") and every_secs covering two storage windows"
+            );
+        }
+        let mut names: Vec<&str> = self.alerts.iter().map(|a| a.name.as_str()).collect();
+        names.sort_unstable();
+        anyhow::ensure!(names.windows(2).all(|w| w[0] != w[1]), "alert names must be unique");
         anyhow::ensure!(
             s.segment_span_ms >= s.window_ms && s.segment_span_ms % s.window_ms == 0,
             "storage.segment_span_ms must be a positive multiple of window_ms"

@@ -1,7 +1,7 @@
 //! Collection server of the continuous profiler: ingest (pprof, folded,
 //! Pyroscope-compatible) -> embedded store (WAL + Parquet + redb) -> merged
 //! flame graphs, diffs, top tables and exports over HTTP; change detection
-//! between ranges and around deploys ([`deploys`]).
+//! between ranges, around deploys and on schedules ([`events`]).
 //!
 //! The binary is a thin wrapper around [`run`]; tests and benchmarks use
 //! [`start`] to get a server on an ephemeral port.
@@ -11,7 +11,7 @@ pub mod auth;
 pub mod budget;
 pub mod config;
 pub mod connect;
-pub mod deploys;
+pub mod events;
 pub mod grafana;
 pub mod ingest;
 pub mod json_file;
@@ -127,18 +127,19 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         cfg.limits.ingest_memory_bytes,
         Duration::from_secs(cfg.limits.ingest_wait_secs),
     ));
-    let deploys = Arc::new(deploys::Deploys::open(
+    let events = Arc::new(events::Events::open(
         &cfg.data_dir,
-        deploys::DeployOptions {
-            window: Duration::from_secs(cfg.deploys.compare_secs),
+        events::EventOptions {
+            deploy_window: Duration::from_secs(cfg.deploys.compare_secs),
             store_window_ms: cfg.storage.window_ms,
             webhook: (!cfg.deploys.webhook.is_empty()).then(|| cfg.deploys.webhook.clone()),
+            alerts: cfg.alerts.clone(),
         },
     )?);
     let state = api::AppState {
         store: store.clone(),
         names: Arc::default(),
-        deploys: deploys.clone(),
+        events: events.clone(),
         queries: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_concurrent_queries.max(1))),
         budget,
         config: Arc::new(cfg),
@@ -147,8 +148,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     };
     let (stop, stopped) = watch::channel(false);
     let background = tokio::spawn(background(state.clone(), stopped.clone()));
-    let comparisons = tokio::spawn(deploys::run(
-        deploys,
+    let comparisons = tokio::spawn(events::run(
+        events,
         store.clone(),
         state.names.clone(),
         Duration::from_secs(state.config.deploys.check_secs),
@@ -164,7 +165,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             .await
             .context("serving HTTP")?;
         background.await.context("background task panicked")?;
-        comparisons.await.context("deploy comparisons panicked")?;
+        comparisons.await.context("event comparisons panicked")?;
         tokio::task::spawn_blocking(move || store.flush())
             .await?
             .context("final flush")?;

@@ -287,7 +287,7 @@ function compares() {
   return state.view === 'diff' || state.view === 'changes';
 }
 
-/** From a deploy marker to the changes it brought: the time after it against the time before. */
+/** From an event marker to its changes: the compared time against its baseline. */
 function openDeploy(marker) {
   const c = marker.event.comparison;
   if (!c) return;
@@ -295,7 +295,7 @@ function openDeploy(marker) {
   changed(true);
 }
 
-/** Deploys of the service as timeline markers: red when they brought regressions. */
+/** Deploys and alerts of the service as timeline markers: red when they found regressions. */
 async function loadMarkers(seq) {
   let events = [];
   try {
@@ -307,10 +307,11 @@ async function loadMarkers(seq) {
   timeline.setMarkers(events.map((e) => {
     const c = e.comparison;
     const outcome = !c ? 'not compared yet' : c.error ? c.error : `${c.regressions} significant regression${c.regressions === 1 ? '' : 's'}${c.top[0] ? `, first: ${c.top[0].function} (${c.top[0].kind})` : ''}`;
+    const deploy = e.kind === 'deploy';
     return {
-      at: e.at_ms, label: `v${e.version}`, event: e,
+      at: e.at_ms, label: deploy ? `v${e.version}` : `alert ${e.alert}`, event: e,
       color: c && c.regressions > 0 ? 'hsl(0,75%,45%)' : '#555',
-      title: `deploy ${e.previous} → ${e.version} at ${fmtTime(e.at_ms)}: ${outcome}`,
+      title: deploy ? `deploy ${e.previous} → ${e.version} at ${fmtTime(e.at_ms)}: ${outcome}` : `alert ${e.alert}, period from ${fmtTime(e.at_ms)}: ${outcome}`,
     };
   }));
 }

@@ -1,8 +1,12 @@
-//! Deploy awareness on a real server: a service's profiles switch from
-//! `version=1.4` to `version=1.5`, which moves CPU into one function. The
-//! server notices the deploy, compares the time after with the time before,
-//! and the outcome shows in `/api/v1/events`, in `/metrics` and at a webhook;
-//! events survive a restart.
+//! Change events on a real server.
+//!
+//! Deploys: a service's profiles switch from `version=1.4` to `version=1.5`,
+//! which moves CPU into one function. The server notices the deploy, compares
+//! the time after with the time before, and the outcome shows in
+//! `/api/v1/events`, in `/metrics` and at a webhook; events survive a restart.
+//!
+//! Alerts: a rule over every service compares each period with the one
+//! before; the service that regressed gets an event, the steady one none.
 
 mod common;
 
@@ -103,4 +107,58 @@ fn a_new_version_is_compared_with_the_old_and_reported_everywhere() {
     let events: Value = serde_json::from_str(&get(&server, "/api/v1/events")).unwrap();
     assert_eq!(events[0], hooked);
     assert!(bodies.recv_timeout(Duration::from_secs(3)).is_err());
+}
+
+#[test]
+fn an_alert_rule_flags_the_service_that_regressed_and_not_the_steady_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hook, bodies) = webhook_receiver();
+    let config = dir.path().join("server.toml");
+    let every_ms = 600_000i64;
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\nwindow_ms = {WINDOW_MS}\n\n[deploys]\ncheck_secs = 1\nwebhook = \"{hook}\"\n\n\
+             [[alerts]]\nname = \"every 10 min\"\nservice = \"*\"\nevery_secs = {}\nbaseline = \"previous\"\n",
+            every_ms / 1000
+        ),
+    )
+    .unwrap();
+    // The server compares the last period that ended a grace of two windows ago: stay
+    // clear of a period boundary while the data goes in.
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let into = (now() - 2 * WINDOW_MS).rem_euclid(every_ms);
+    if into > every_ms - 60_000 {
+        std::thread::sleep(Duration::from_millis((every_ms - into + 1_000) as u64));
+    }
+    let period_end = (now() - 2 * WINDOW_MS).div_euclid(every_ms) * every_ms;
+    let data = dir.path().join("data");
+    // The data goes in first, so no check runs over half of it.
+    let loader = Proc::spawn(&data, &[]);
+    let client = reqwest::blocking::Client::new();
+    let mut rng = Rng(0xa1e7);
+    // Two periods, one observation window every 20 s: checkout regresses in the second.
+    for i in 0..60i64 {
+        let at = period_end - 2 * every_ms + i * 20_000;
+        for (service, w) in [("checkout", if i < 30 { STEADY } else { Workload { shifted: 0.08, ..STEADY } }), ("search", STEADY)] {
+            let (on, _) = window(&mut rng, w);
+            let url = loader.url(&format!("/api/v1/ingest?service={service}&kind=on-cpu&format=folded&from={at}&label=host:h1"));
+            assert_eq!(client.post(url).body(on).send().unwrap().status(), 200);
+        }
+    }
+    loader.terminate();
+    let server = Proc::spawn(&data, &["--config", config.to_str().unwrap()]);
+    let hooked: Value = serde_json::from_str(&bodies.recv_timeout(Duration::from_secs(30)).expect("no webhook call")).unwrap();
+    assert_eq!((&hooked["kind"], &hooked["alert"], &hooked["service"]), (&"alert".into(), &"every 10 min".into(), &"checkout".into()));
+    let c = &hooked["comparison"];
+    assert_eq!((c["from"].as_i64(), c["until"].as_i64(), c["base_from"].as_i64()), (Some(period_end - every_ms), Some(period_end), Some(period_end - 2 * every_ms)));
+    assert_eq!(c["top"][0]["function"], "hot_loop", "{c:#}");
+    // Once per period: no second event, none for the steady service.
+    assert!(bodies.recv_timeout(Duration::from_secs(3)).is_err());
+    let events: Value = serde_json::from_str(&get(&server, "/api/v1/events")).unwrap();
+    assert_eq!(events.as_array().unwrap().len(), 1, "{events:#}");
+    let metrics = get(&server, "/metrics");
+    let regressions = c["regressions"].as_u64().unwrap();
+    assert!(metrics.contains(&format!("profiler_alert_regressions{{alert=\"every 10 min\",service=\"checkout\"}} {regressions}\n")), "{metrics}");
+    assert!(metrics.contains("profiler_alert_regressions{alert=\"every 10 min\",service=\"search\"} 0\n"), "{metrics}");
 }

@@ -1,0 +1,449 @@
+//! Change events: comparisons the server runs by itself
+//! ([`crate::query::changes`]), kept in `events.json` in the data directory,
+//! listed by `GET /api/v1/events`, counted on `/metrics`, and posted as JSON
+//! to a webhook when one is configured.
+//!
+//! - Deploys: profiles of a service carrying a `version` label it has not
+//!   shown before mean a deploy. (`build_id` alone does not: a service's short
+//!   commands each bring their own, which would read as a deploy per command;
+//!   it stays a label to compare builds by.) Once the new version has run for
+//!   the deploy window, that window is compared with the one before the deploy.
+//! - Alerts: each configured rule compares, every period, the last period of
+//!   its services with a baseline (the period before, or the same period a day
+//!   or a week earlier); enough significant regressions make an event.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::json_file;
+use crate::query::changes::{self, ChangeOptions};
+use crate::query::Names;
+use crate::store::{Batch, Cancel, Selector, Store};
+
+/// Versions remembered per service; older ones may come back as deploys.
+const MAX_VERSIONS: usize = 64;
+/// Events kept; the oldest go first.
+const MAX_EVENTS: usize = 10_000;
+/// Changes an event lists.
+const TOP_CHANGES: usize = 10;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    pub id: u64,
+    pub service: String,
+    /// `deploy` or `alert`.
+    pub kind: String,
+    /// The alert rule's name.
+    pub alert: Option<String>,
+    /// A deploy's new and previous version.
+    pub version: Option<String>,
+    pub previous: Option<String>,
+    /// A deploy: the start of the first window of the new version. An alert:
+    /// the start of the compared period. Unix ms.
+    pub at_ms: i64,
+    /// Filled once the window after the deploy is complete.
+    pub comparison: Option<Comparison>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Comparison {
+    pub base_from: i64,
+    pub base_until: i64,
+    pub from: i64,
+    pub until: i64,
+    pub significant: usize,
+    pub regressions: usize,
+    /// The significant changes, as `/api/v1/changes` ranks them.
+    pub top: Vec<ChangeSummary>,
+    /// Why there is no result, e.g. too little data on one side.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChangeSummary {
+    pub function: String,
+    pub kind: String,
+    pub measure: String,
+    pub direction: String,
+    pub base_share: f64,
+    pub target_share: f64,
+    pub delta_rate: f64,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+#[serde(default)]
+struct Book {
+    next_id: u64,
+    deploys: u64,
+    /// service -> versions seen, the latest last.
+    versions: BTreeMap<String, Vec<String>>,
+    /// (alert, service) -> (end of the last period compared, its regressions).
+    alerts: BTreeMap<String, BTreeMap<String, (i64, usize)>>,
+    events: Vec<Event>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EventOptions {
+    /// How long after (and before) a deploy is compared.
+    pub deploy_window: Duration,
+    /// Observation length of the comparisons: the store's window.
+    pub store_window_ms: i64,
+    pub webhook: Option<String>,
+    pub alerts: Vec<AlertRule>,
+}
+
+pub struct Events {
+    path: PathBuf,
+    options: EventOptions,
+    book: Mutex<Book>,
+}
+
+/// What a batch says about versions: (service, version, first window).
+pub struct Seen(Vec<(String, String, i64)>);
+
+impl Seen {
+    pub fn of(batch: &Batch) -> Seen {
+        let Some(at) = batch.rows.iter().map(|r| r.ts_ms).min() else { return Seen(Vec::new()) };
+        let versions: BTreeSet<&String> = batch
+            .series
+            .iter()
+            .filter_map(|(_, labels)| labels.get("version"))
+            .collect();
+        Seen(versions.into_iter().map(|v| (batch.service.clone(), v.clone(), at)).collect())
+    }
+}
+
+impl Events {
+    pub fn open(data_dir: &Path, options: EventOptions) -> anyhow::Result<Events> {
+        let path = data_dir.join("events.json");
+        let book = json_file::load(&path)?;
+        Ok(Events { path, options, book: Mutex::new(book) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn save(&self, book: &Book) -> anyhow::Result<()> {
+        json_file::save(&self.path, book)
+    }
+
+    /// Records the versions of a stored batch; a version new to a service that
+    /// had another one is a deploy.
+    pub fn observe(&self, seen: Seen) {
+        if seen.0.is_empty() {
+            return;
+        }
+        let mut book = self.lock();
+        let mut changed = false;
+        for (service, version, at_ms) in seen.0 {
+            let known = book.versions.entry(service.clone()).or_default();
+            if known.last() == Some(&version) || known.contains(&version) {
+                continue;
+            }
+            let previous = known.last().cloned();
+            known.push(version.clone());
+            if known.len() > MAX_VERSIONS {
+                known.remove(0);
+            }
+            changed = true;
+            let Some(previous) = previous else { continue };
+            tracing::info!(%service, %version, %previous, "deploy noticed");
+            book.deploys += 1;
+            let event = Event {
+                id: 0,
+                service,
+                kind: "deploy".into(),
+                alert: None,
+                version: Some(version),
+                previous: Some(previous),
+                at_ms,
+                comparison: None,
+            };
+            push(&mut book, event);
+        }
+        if changed {
+            if let Err(e) = self.save(&book) {
+                tracing::error!(error = %format!("{e:#}"), "saving deploy events");
+            }
+        }
+    }
+
+    /// Events, newest first, optionally of one service.
+    pub fn events(&self, service: Option<&str>) -> Vec<Event> {
+        let book = self.lock();
+        book.events.iter().rev().filter(|e| service.is_none_or(|s| e.service == s)).cloned().collect()
+    }
+
+    /// Runs what is due: deploys whose window after has passed and alert
+    /// periods that ended; returns the events completed. Blocking: runs store
+    /// scans.
+    pub fn compare_due(&self, store: &dyn Store, names: &Names, now_ms: i64) -> Vec<Event> {
+        let mut done = self.compare_deploys(store, names, now_ms);
+        done.extend(self.run_alerts(store, names, now_ms));
+        done
+    }
+
+    /// Late windows of agents reach the server up to a window after the fact.
+    fn grace_ms(&self) -> i64 {
+        self.options.store_window_ms * 2
+    }
+
+    fn compare_deploys(&self, store: &dyn Store, names: &Names, now_ms: i64) -> Vec<Event> {
+        let window = self.options.deploy_window.as_millis() as i64;
+        let grace = self.grace_ms();
+        let due: Vec<Event> = self
+            .lock()
+            .events
+            .iter()
+            .filter(|e| e.comparison.is_none() && e.at_ms + window + grace <= now_ms)
+            .cloned()
+            .collect();
+        let mut done = Vec::new();
+        for mut event in due {
+            let (at, service) = (event.at_ms, event.service.clone());
+            event.comparison = Some(self.compare(store, names, &service, (at - window, at), (at, at + window)));
+            let mut book = self.lock();
+            if let Some(slot) = book.events.iter_mut().find(|e| e.id == event.id) {
+                *slot = event.clone();
+            }
+            if let Err(e) = self.save(&book) {
+                tracing::error!(error = %format!("{e:#}"), "saving deploy events");
+            }
+            done.push(event);
+        }
+        done
+    }
+
+    /// Every rule's last complete period, for each of its services, once.
+    fn run_alerts(&self, store: &dyn Store, names: &Names, now_ms: i64) -> Vec<Event> {
+        let mut done = Vec::new();
+        for rule in &self.options.alerts {
+            let every = rule.every_secs as i64 * 1000;
+            let until = (now_ms - self.grace_ms()).div_euclid(every) * every;
+            let services = if rule.service == "*" { store.services() } else { vec![rule.service.clone()] };
+            for service in services {
+                let last = self.lock().alerts.get(&rule.name).and_then(|m| m.get(&service)).map(|&(until, _)| until);
+                if last.is_some_and(|last| last >= until) {
+                    continue;
+                }
+                let base = rule.baseline.before(until - every, until);
+                let comparison = self.compare(store, names, &service, base, (until - every, until));
+                let mut book = self.lock();
+                book.alerts.entry(rule.name.clone()).or_default().insert(service.clone(), (until, comparison.regressions));
+                if comparison.regressions >= rule.min_regressions.max(1) {
+                    tracing::info!(alert = %rule.name, %service, regressions = comparison.regressions, "alert");
+                    let event = Event {
+                        id: 0,
+                        service,
+                        kind: "alert".into(),
+                        alert: Some(rule.name.clone()),
+                        version: None,
+                        previous: None,
+                        at_ms: until - every,
+                        comparison: Some(comparison),
+                    };
+                    done.push(push(&mut book, event).clone());
+                }
+                if let Err(e) = self.save(&book) {
+                    tracing::error!(error = %format!("{e:#}"), "saving alert state");
+                }
+            }
+        }
+        done
+    }
+
+    fn compare(&self, store: &dyn Store, names: &Names, service: &str, (base_from, base_until): (i64, i64), (from, until): (i64, i64)) -> Comparison {
+        let mut outcome = Comparison {
+            base_from,
+            base_until,
+            from,
+            until,
+            significant: 0,
+            regressions: 0,
+            top: Vec::new(),
+            error: None,
+        };
+        let sel = |from_ms, until_ms| Selector {
+            service: service.to_owned(),
+            from_ms,
+            until_ms,
+            kinds: None,
+            matchers: Vec::new(),
+            cancel: Cancel::default(),
+        };
+        let result = changes::compare_ranges(
+            store,
+            names,
+            &sel(base_from, base_until),
+            &sel(from, until),
+            self.options.store_window_ms,
+            &ChangeOptions::default(),
+        );
+        match result {
+            Ok(c) => {
+                let significant: Vec<_> = c.changes.into_iter().filter(|c| c.significant).collect();
+                outcome.significant = significant.len();
+                outcome.regressions = significant.iter().filter(|c| c.direction == "regression").count();
+                outcome.top = significant
+                    .into_iter()
+                    .take(TOP_CHANGES)
+                    .map(|c| ChangeSummary {
+                        function: c.function,
+                        kind: c.kind,
+                        measure: c.measure.into(),
+                        direction: c.direction.into(),
+                        base_share: c.base_share,
+                        target_share: c.target_share,
+                        delta_rate: c.delta_rate,
+                    })
+                    .collect();
+            }
+            Err(e) => outcome.error = Some(format!("{e:#}")),
+        }
+        outcome
+    }
+
+    /// Prometheus lines: deploys seen; per service the regressions of its
+    /// latest compared deploy, and per alert and service those of the latest
+    /// period (page on either `> 0`).
+    pub fn render_metrics(&self) -> String {
+        let book = self.lock();
+        let mut latest: BTreeMap<&str, &Comparison> = BTreeMap::new();
+        for e in book.events.iter().filter(|e| e.kind == "deploy") {
+            if let Some(c) = &e.comparison {
+                latest.insert(&e.service, c);
+            }
+        }
+        let mut o = format!(
+            "# HELP profiler_deploys_total Deploys noticed (a service's new version).\n# TYPE profiler_deploys_total counter\nprofiler_deploys_total {}\n",
+            book.deploys
+        );
+        o.push_str("# HELP profiler_deploy_regressions Significant regressions of the latest compared deploy of a service.\n# TYPE profiler_deploy_regressions gauge\n");
+        for (service, c) in latest {
+            o.push_str(&format!("profiler_deploy_regressions{{service=\"{}\"}} {}\n", label_value(service), c.regressions));
+        }
+        o.push_str("# HELP profiler_alert_regressions Significant regressions of the latest period an alert rule compared, per service.\n# TYPE profiler_alert_regressions gauge\n");
+        for (alert, services) in &book.alerts {
+            for (service, (_, regressions)) in services {
+                o.push_str(&format!(
+                    "profiler_alert_regressions{{alert=\"{}\",service=\"{}\"}} {regressions}\n",
+                    label_value(alert),
+                    label_value(service)
+                ));
+            }
+        }
+        o
+    }
+
+    pub fn webhook(&self) -> Option<&str> {
+        self.options.webhook.as_deref()
+    }
+}
+
+/// A Prometheus label value, escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Numbers and keeps an event, dropping the oldest past the limit.
+fn push(book: &mut Book, mut event: Event) -> &Event {
+    book.next_id += 1;
+    event.id = book.next_id;
+    book.events.push(event);
+    if book.events.len() > MAX_EVENTS {
+        book.events.remove(0);
+    }
+    book.events.last().expect("just pushed")
+}
+
+/// What an alert compares a period with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Baseline {
+    /// The period just before.
+    Previous,
+    /// The same period a day earlier (daily cycles).
+    Day,
+    /// The same period a week earlier (weekly cycles).
+    Week,
+}
+
+impl Baseline {
+    fn before(self, from: i64, until: i64) -> (i64, i64) {
+        let shift = match self {
+            Baseline::Previous => until - from,
+            Baseline::Day => 86_400_000,
+            Baseline::Week => 7 * 86_400_000,
+        };
+        (from - shift, until - shift)
+    }
+}
+
+/// A scheduled comparison, from `[[alerts]]` in the server's config.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertRule {
+    pub name: String,
+    /// A service, or `*` for every service.
+    pub service: String,
+    /// Length of the compared period, and how often one is compared.
+    pub every_secs: u64,
+    #[serde(default = "AlertRule::default_baseline")]
+    pub baseline: Baseline,
+    /// Significant regressions that make an event (at least 1).
+    #[serde(default = "AlertRule::default_min_regressions")]
+    pub min_regressions: usize,
+}
+
+impl AlertRule {
+    fn default_baseline() -> Baseline {
+        Baseline::Previous
+    }
+    fn default_min_regressions() -> usize {
+        1
+    }
+}
+
+/// Runs due comparisons every `every`, posting each completed event to the
+/// webhook; stops with the server.
+pub async fn run(
+    events: std::sync::Arc<Events>,
+    store: std::sync::Arc<dyn Store>,
+    names: std::sync::Arc<Names>,
+    every: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("a TLS backend is compiled in");
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let (d, s, n) = (events.clone(), store.clone(), names.clone());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.as_millis() as i64);
+        let done = match tokio::task::spawn_blocking(move || d.compare_due(&*s, &n, now)).await {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(error = %e, "comparison panicked");
+                continue;
+            }
+        };
+        for event in done {
+            tracing::info!(service = %event.service, kind = %event.kind, regressions = event.comparison.as_ref().map_or(0, |c| c.regressions), "event compared");
+            if let Some(url) = events.webhook() {
+                match client.post(url).json(&event).send().await {
+                    Ok(r) if r.status().is_success() => {}
+                    Ok(r) => tracing::warn!(status = %r.status(), %url, "webhook refused the event"),
+                    Err(e) => tracing::warn!(error = %e, %url, "webhook unreachable"),
+                }
+            }
+        }
+    }
+}
