@@ -24,7 +24,9 @@ use crate::query::changes::{self, ChangeOptions};
 use crate::query::Names;
 use crate::store::{Batch, Cancel, Selector, Store};
 
-/// Versions remembered per service; older ones may come back as deploys.
+/// Versions remembered per service. A version seen before is no deploy: during
+/// a rolling deploy old and new versions report side by side (so a rollback
+/// to a remembered version is not one either).
 const MAX_VERSIONS: usize = 64;
 /// Events kept; the oldest go first.
 const MAX_EVENTS: usize = 10_000;
