@@ -95,7 +95,8 @@ fn the_agent_s_profiles_show_a_cpu_shift_and_added_io_as_the_top_changes() {
         "{v:#}"
     );
     let moved = top["target_share"].as_f64().unwrap() - top["base_share"].as_f64().unwrap();
-    assert!((0.03..0.08).contains(&moved), "step_c share moved by {moved}");
+    // The variant gives step_c half again as much work: 6 to 8 points of the CPU here.
+    assert!((0.04..0.11).contains(&moved), "step_c share moved by {moved}");
 
     let v = changes(io, again);
     eprintln!("io: {:?}", significant(&v));

@@ -11,7 +11,7 @@
 //! - `serve SECONDS VARIANT [THREADS]`: THREADS (default 2) threads `wl-serve` handle
 //!   requests for SECONDS: each burns about 5 ms in `handle_request` (`step_a`, `step_b`,
 //!   `step_c` at 5:3:2) and writes + fdatasyncs 4 KiB in `flush_log`. VARIANT `base` is
-//!   that; `cpu` gives `step_c` 3/2 of its work (about 5 points more of the CPU); `io` adds
+//!   that; `cpu` gives `step_c` 3/2 of its work (6 to 8 points more of the CPU); `io` adds
 //!   `slow_read` to every request: O_DIRECT reads of 4 KiB until 20 ms of wall time passed.
 //!
 //! The workload waits for a line on stdin before starting when `--wait` is first, so a
