@@ -709,6 +709,7 @@ async fn changes(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<
     opts.alpha = p.num("alpha", opts.alpha)?;
     opts.min_share = p.num("min_share", opts.min_share)?;
     opts.min_relative = p.num("min_relative", opts.min_relative)?;
+    opts.min_rate = p.num("min_rate", opts.min_rate)?;
     opts.limit = p.num("limit", opts.limit)?;
     if !(0.0..1.0).contains(&opts.alpha) || opts.alpha == 0.0 {
         return Err(ApiError::bad("`alpha` must be within (0, 1)"));

@@ -10,9 +10,11 @@
 //! - `hash ITERATIONS THREADS`: fixed amount of hashing per thread, for overhead benchmarks.
 //! - `serve SECONDS VARIANT [THREADS]`: THREADS (default 2) threads `wl-serve` handle
 //!   requests for SECONDS: each burns about 5 ms in `handle_request` (`step_a`, `step_b`,
-//!   `step_c` at 5:3:2) and writes + fdatasyncs 4 KiB in `flush_log`. VARIANT `base` is
-//!   that; `cpu` gives `step_c` 3/2 of its work (6 to 8 points more of the CPU); `io` adds
-//!   `slow_read` to every request: O_DIRECT reads of 4 KiB until 20 ms of wall time passed.
+//!   `step_c` at 5:3:2). VARIANT `base` is that; `cpu` gives `step_c` 3/2 of its work (6
+//!   to 8 points more of the CPU); `io` adds `slow_read` to every request: O_DIRECT reads
+//!   until 20 ms of wall time passed. No variant waits for the disk otherwise: how long
+//!   an fsync takes changes with whatever else the host writes, so two runs of the same
+//!   variant would not be alike.
 //!
 //! The workload waits for a line on stdin before starting when `--wait` is first, so a
 //! profiler can attach to its pid first.
@@ -131,17 +133,6 @@ fn handle_request(seed: u64, variant: Variant) -> u64 {
     step_c(x, if variant == Variant::Cpu { scale * 3 / 2 } else { scale })
 }
 
-#[inline(never)]
-fn flush_log(file: &mut std::fs::File, block: &[u8]) -> anyhow::Result<()> {
-    file.write_all(block)?;
-    file.sync_data()?;
-    if file.stream_position()? > 16 << 20 {
-        file.set_len(0)?;
-        file.seek(std::io::SeekFrom::Start(0))?;
-    }
-    Ok(())
-}
-
 /// Bytes of one O_DIRECT read: large enough that the device takes over the
 /// agent's 1 ms `min_block` to serve it.
 const DIRECT_READ: usize = 4 << 20;
@@ -194,10 +185,8 @@ fn direct_file(dir: &std::path::Path) -> anyhow::Result<(tempfile::TempPath, std
 fn serve(wall: Duration, variant: Variant) -> anyhow::Result<u64> {
     use std::os::fd::AsRawFd as _;
     let dir = std::path::PathBuf::from(std::env::var("WORKLOAD_DIR").unwrap_or_else(|_| "/var/tmp".into()));
-    let mut file = tempfile::tempfile_in(&dir)?;
     let (_direct_path, direct) = direct_file(&dir)?;
     let buf = Aligned::new();
-    let block = vec![0x5au8; 4096];
     let start = Instant::now();
     let (mut requests, mut x) = (0u64, 1u64);
     while start.elapsed() < wall {
@@ -206,7 +195,6 @@ fn serve(wall: Duration, variant: Variant) -> anyhow::Result<u64> {
         while thread_cpu_time() - cpu < Duration::from_millis(5) {
             x = handle_request(x, variant);
         }
-        flush_log(&mut file, &block)?;
         if variant == Variant::Io {
             slow_read(direct.as_raw_fd(), &buf, &mut x)?;
         }

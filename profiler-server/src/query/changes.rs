@@ -48,7 +48,9 @@ impl Default for ChangeOptions {
             alpha: 0.05,
             min_share: 0.01,
             min_relative: 0.1,
-            min_rate: 0.001,
+            // 20 ms per second: below that, off-CPU time moves with whatever
+            // else the host runs (preemption, other writers to the disk).
+            min_rate: 0.02,
             limit: 100,
         }
     }
