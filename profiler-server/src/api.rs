@@ -715,17 +715,15 @@ async fn changes(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<
         return Err(ApiError::bad("`alpha` must be within (0, 1)"));
     }
     let window = s.config.storage.window_ms;
-    for (sel, which) in [(&target, "target"), (&base, "base")] {
-        if (sel.until_ms - sel.from_ms) / window < 2 {
-            return Err(ApiError::bad(format!("the {which} range must span at least two {window} ms windows")));
-        }
-    }
     let reply = |sel: &Selector| (sel.from_ms, sel.until_ms, sel.matchers.clone());
     let (t, b) = (reply(&target), reply(&base));
     let cancel = target.cancel.clone();
     run_query(s.clone(), cancel, move || {
         let changes = query::changes::compare_ranges(&*s.store, &s.names, &base, &target, window, &opts)
-            .map_err(ApiError::scan)?;
+            .map_err(|e| match e.downcast_ref::<query::changes::TooShort>() {
+                Some(short) => ApiError::bad(short.to_string()),
+                None => ApiError::scan(e),
+            })?;
         let text = |m: &[Matcher]| m.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
         Ok(Json(ChangesReply {
             service: target.service.clone(),

@@ -109,12 +109,16 @@ pub struct Seen(Vec<(String, String, i64)>);
 
 impl Seen {
     pub fn of(batch: &Batch) -> Seen {
-        let Some(at) = batch.rows.iter().map(|r| r.ts_ms).min() else { return Seen(Vec::new()) };
         let versions: BTreeSet<&String> = batch
             .series
             .iter()
             .filter_map(|(_, labels)| labels.get("version"))
             .collect();
+        // Every ingest passes here: read the rows only when a version is there.
+        if versions.is_empty() {
+            return Seen(Vec::new());
+        }
+        let Some(at) = batch.rows.iter().map(|r| r.ts_ms).min() else { return Seen(Vec::new()) };
         Seen(versions.into_iter().map(|v| (batch.service.clone(), v.clone(), at)).collect())
     }
 }

@@ -330,6 +330,15 @@ pub fn changes(
     }
 }
 
+/// A side of a comparison shorter than two windows: a bad request, not a
+/// store fault.
+#[derive(Debug, thiserror::Error)]
+#[error("the {which} range must span at least two {window_ms} ms windows")]
+pub struct TooShort {
+    which: String,
+    window_ms: i64,
+}
+
 /// Compares the `target` selection with the `base` one, each cut into
 /// observations of whole `window_ms` windows. Both ranges must hold at least
 /// two windows.
@@ -343,7 +352,7 @@ pub fn compare_ranges(
 ) -> anyhow::Result<Changes> {
     let observe = |sel: &Selector, which: &str| -> anyhow::Result<Vec<Observation>> {
         let cuts = observations(sel.from_ms, sel.until_ms, window_ms, OBSERVATIONS)
-            .ok_or_else(|| anyhow::anyhow!("the {which} range must span at least two {window_ms} ms windows"))?;
+            .ok_or(TooShort { which: which.to_owned(), window_ms })?;
         cuts.into_iter()
             .map(|(from_ms, until_ms)| {
                 let part = Selector { from_ms, until_ms, ..sel.clone() };
