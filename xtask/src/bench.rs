@@ -47,6 +47,16 @@ pub enum Bench {
     },
     /// The collection server's ingest and query benchmark.
     Server,
+    /// Change detection on a steady workload (A/A): the agent records `workload serve
+    /// base` for `comparisons + 1` consecutive ranges, and the server compares each range
+    /// with the one before at default settings. Prints how many comparisons flag a change.
+    ChangesAa {
+        #[arg(long, default_value_t = 20)]
+        comparisons: usize,
+        /// Minutes per range.
+        #[arg(long, default_value_t = 3)]
+        minutes: u64,
+    },
 }
 
 pub fn run(bench: Bench) -> anyhow::Result<()> {
@@ -56,6 +66,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
         }
         Bench::SchedPipe { rounds, loops, baseline_agent } => with_bpf_stats(|| sched_pipe(rounds, loops, baseline_agent)),
         Bench::Daemon { minutes } => daemon(minutes),
+        Bench::ChangesAa { comparisons, minutes } => changes_aa(comparisons, minutes),
         Bench::Server => {
             cargo(&["bench", "-p", "profiler-server", "--bench", "server"])?;
             cargo(&["bench", "-p", "profiler-server", "--bench", "real_profiles"])?;
@@ -446,5 +457,100 @@ fn daemon(minutes: u64) -> anyhow::Result<()> {
     println!("  shipped:                   {:.0} bytes per window, {:.0} bytes per profile, {:.1} profiles (service x kind) per window", bytes / windows.max(1.0), bytes / profiles.max(1.0), profiles / windows.max(1.0));
     println!("  off-CPU sampling at end:   {:.3}", switches);
     println!("  (agent CPU over the whole run incl. start-up: {:.1} ms/s)", usage.cpu_per_s * 1e3);
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+fn get_json(url: &str) -> anyhow::Result<serde_json::Value> {
+    let out = Command::new("curl").args(["-sf", url]).output()?;
+    anyhow::ensure!(out.status.success(), "GET {url} failed: {}", out.status);
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn changes_aa(comparisons: usize, minutes: u64) -> anyhow::Result<()> {
+    cargo(&["build", "--release", "--workspace", "--bins"])?;
+    let bin = root().join("target/release");
+    let dir = std::env::temp_dir().join(format!("xtask-bench-changes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let port = 24041;
+    let server_url = format!("http://127.0.0.1:{port}");
+    let mut server = Command::new(bin.join("profiler-server"))
+        .args(["--data-dir", dir.join("server").to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nurl = \"{server_url}\"\n[spool]\ndir = \"{}\"\n[[rules]]\nexe = \"/workload$\"\nservice = \"aa-shop\"\n",
+            dir.join("spool").display()
+        ),
+    )?;
+    let agent = Profiler(argv(&[bin.join("profiler-agent").to_str().unwrap(), "run", "--config", config.to_str().unwrap()]), Some("agent running")).start()?;
+    const WINDOW_MS: i64 = 10_000;
+    let range_ms = minutes as i64 * 60_000;
+    // The first whole window after a minute of warm-up: the workload's start is not steady.
+    let warmup_s = 60;
+    let seconds = warmup_s + (comparisons as u64 + 1) * minutes * 60 + 30;
+    let started = now_ms();
+    let mut load = Command::new(bin.join("workload"))
+        .args(["serve", &seconds.to_string(), "base"])
+        .env("WORKLOAD_DIR", &dir)
+        .stdout(Stdio::null())
+        .spawn()?;
+    let first = (started + warmup_s as i64 * 1000).div_euclid(WINDOW_MS) * WINDOW_MS + WINDOW_MS;
+    let ranges: Vec<(i64, i64)> = (0..=comparisons as i64).map(|i| (first + i * range_ms, first + (i + 1) * range_ms)).collect();
+    println!("changes A/A: workload serve base, {comparisons} comparisons of consecutive {minutes}-minute ranges, default settings");
+    let mut flagged = 0;
+    for (i, pair) in ranges.windows(2).enumerate() {
+        let (base, target) = (pair[0], pair[1]);
+        // Wait until the target range is over and its last window has been shipped.
+        while now_ms() < target.1 + 2 * WINDOW_MS {
+            std::thread::sleep(Duration::from_secs(5));
+        }
+        let v = get_json(&format!(
+            "{server_url}/api/v1/changes?service=aa-shop&from={}&until={}&base_from={}&base_until={}",
+            target.0, target.1, base.0, base.1
+        ))?;
+        let significant: Vec<String> = v["changes"]
+            .as_array()
+            .context("no changes in reply")?
+            .iter()
+            .filter(|c| c["significant"] == true)
+            .map(|c| format!("{} {} {} {:+.4}", c["kind"], c["function"], c["measure"], c["delta_rate"]))
+            .collect();
+        let closest = v["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .min_by(|a, b| a["q"].as_f64().unwrap_or(1.0).total_cmp(&b["q"].as_f64().unwrap_or(1.0)))
+            .cloned()
+            .unwrap_or_default();
+        flagged += usize::from(!significant.is_empty());
+        println!(
+            "  {:>2}: {} base and {} target observations, {} tested, {} significant{}; smallest q {:.3} ({} {})",
+            i + 1,
+            v["observations"][0],
+            v["observations"][1],
+            v["tested"],
+            significant.len(),
+            if significant.is_empty() { String::new() } else { format!(": {}", significant.join(", ")) },
+            closest["q"].as_f64().unwrap_or(f64::NAN),
+            closest["kind"],
+            closest["function"],
+        );
+    }
+    let _ = load.kill();
+    let _ = load.wait();
+    drop(agent);
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("changes A/A: {flagged} of {comparisons} comparisons flagged a change (goal: at most 1)");
     Ok(())
 }
