@@ -1,5 +1,5 @@
 //! Helpers for the end-to-end tests: locating the built binaries, running the agent as a
-//! real process, and reading folded stacks.
+//! real process, reading folded stacks, and receiving webhooks.
 
 use std::{
     collections::HashMap,
@@ -283,6 +283,34 @@ impl BpftraceOffCpu {
             })
             .collect()
     }
+}
+
+/// Accepts HTTP requests and sends each body down the channel.
+pub fn webhook_receiver() -> (String, mpsc::Receiver<String>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let (send, bodies) = mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            std::io::Read::read_exact(&mut reader, &mut body).unwrap();
+            std::io::Write::write_all(&mut stream, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").unwrap();
+            let _ = send.send(String::from_utf8_lossy(&body).into_owned());
+        }
+    });
+    (url, bodies)
 }
 
 /// A port that was free a moment ago (the server must come back on the same one).

@@ -7,47 +7,19 @@
 //!
 //! Alerts: a rule over every service compares each period with the one
 //! before; the service that regressed gets an event, the steady one none.
+//! Rules made through the API run the same way, survive a restart, and leave
+//! the config file's rules alone.
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use common::sampled::{window, Rng, Workload, STEADY};
 use common::Proc;
+use profiler_tests::webhook_receiver;
 use serde_json::Value;
 
 const WINDOW_MS: i64 = 2_000;
-
-/// Accepts HTTP requests and sends each body down the channel.
-fn webhook_receiver() -> (String, mpsc::Receiver<String>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let (send, bodies) = mpsc::channel();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut length = 0;
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0; length];
-            reader.read_exact(&mut body).unwrap();
-            stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").unwrap();
-            let _ = send.send(String::from_utf8_lossy(&body).into_owned());
-        }
-    });
-    (url, bodies)
-}
 
 fn get(p: &Proc, path: &str) -> String {
     reqwest::blocking::get(p.url(path)).unwrap().text().unwrap()
@@ -109,37 +81,30 @@ fn a_new_version_is_compared_with_the_old_and_reported_everywhere() {
     assert!(bodies.recv_timeout(Duration::from_secs(3)).is_err());
 }
 
-#[test]
-fn an_alert_rule_flags_the_service_that_regressed_and_not_the_steady_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let (hook, bodies) = webhook_receiver();
-    let config = dir.path().join("server.toml");
-    let every_ms = 600_000i64;
-    std::fs::write(
-        &config,
-        format!(
-            "[storage]\nwindow_ms = {WINDOW_MS}\n\n[deploys]\ncheck_secs = 1\nwebhook = \"{hook}\"\n\n\
-             [[alerts]]\nname = \"every 10 min\"\nservice = \"*\"\nevery_secs = {}\nbaseline = \"previous\"\n",
-            every_ms / 1000
-        ),
-    )
-    .unwrap();
+/// Unix ms now.
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+const EVERY_MS: i64 = 600_000;
+
+/// Stores two 10-minute periods of `checkout` and `search` (one observation window
+/// every 20 s), checkout regressing in the second, and returns the end of that period:
+/// the last one a server checking now compares.
+fn two_periods(data: &std::path::Path) -> i64 {
     // The server compares the last period that ended a grace of two windows ago: stay
     // clear of a period boundary while the data goes in.
-    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
-    let into = (now() - 2 * WINDOW_MS).rem_euclid(every_ms);
-    if into > every_ms - 60_000 {
-        std::thread::sleep(Duration::from_millis((every_ms - into + 1_000) as u64));
+    let into = (now() - 2 * WINDOW_MS).rem_euclid(EVERY_MS);
+    if into > EVERY_MS - 60_000 {
+        std::thread::sleep(Duration::from_millis((EVERY_MS - into + 1_000) as u64));
     }
-    let period_end = (now() - 2 * WINDOW_MS).div_euclid(every_ms) * every_ms;
-    let data = dir.path().join("data");
+    let period_end = (now() - 2 * WINDOW_MS).div_euclid(EVERY_MS) * EVERY_MS;
     // The data goes in first, so no check runs over half of it.
-    let loader = Proc::spawn(&data, &[]);
+    let loader = Proc::spawn(data, &[]);
     let client = reqwest::blocking::Client::new();
     let mut rng = Rng(0xa1e7);
-    // Two periods, one observation window every 20 s: checkout regresses in the second.
     for i in 0..60i64 {
-        let at = period_end - 2 * every_ms + i * 20_000;
+        let at = period_end - 2 * EVERY_MS + i * 20_000;
         for (service, w) in [("checkout", if i < 30 { STEADY } else { Workload { shifted: 0.08, ..STEADY } }), ("search", STEADY)] {
             let (on, _) = window(&mut rng, w);
             let url = loader.url(&format!("/api/v1/ingest?service={service}&kind=on-cpu&format=folded&from={at}&label=host:h1"));
@@ -147,11 +112,30 @@ fn an_alert_rule_flags_the_service_that_regressed_and_not_the_steady_one() {
         }
     }
     loader.terminate();
+    period_end
+}
+
+#[test]
+fn an_alert_rule_flags_the_service_that_regressed_and_not_the_steady_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hook, bodies) = webhook_receiver();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\nwindow_ms = {WINDOW_MS}\n\n[deploys]\ncheck_secs = 1\nwebhook = \"{hook}\"\n\n\
+             [[alerts]]\nname = \"every 10 min\"\nservice = \"*\"\nevery_secs = {}\nbaseline = \"previous\"\n",
+            EVERY_MS / 1000
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let period_end = two_periods(&data);
     let server = Proc::spawn(&data, &["--config", config.to_str().unwrap()]);
     let hooked: Value = serde_json::from_str(&bodies.recv_timeout(Duration::from_secs(30)).expect("no webhook call")).unwrap();
     assert_eq!((&hooked["kind"], &hooked["alert"], &hooked["service"]), (&"alert".into(), &"every 10 min".into(), &"checkout".into()));
     let c = &hooked["comparison"];
-    assert_eq!((c["from"].as_i64(), c["until"].as_i64(), c["base_from"].as_i64()), (Some(period_end - every_ms), Some(period_end), Some(period_end - 2 * every_ms)));
+    assert_eq!((c["from"].as_i64(), c["until"].as_i64(), c["base_from"].as_i64()), (Some(period_end - EVERY_MS), Some(period_end), Some(period_end - 2 * EVERY_MS)));
     assert_eq!(c["top"][0]["function"], "hot_loop", "{c:#}");
     // Once per period: no second event, none for the steady service.
     assert!(bodies.recv_timeout(Duration::from_secs(3)).is_err());
@@ -161,4 +145,82 @@ fn an_alert_rule_flags_the_service_that_regressed_and_not_the_steady_one() {
     let regressions = c["regressions"].as_u64().unwrap();
     assert!(metrics.contains(&format!("profiler_alert_regressions{{alert=\"every 10 min\",service=\"checkout\"}} {regressions}\n")), "{metrics}");
     assert!(metrics.contains("profiler_alert_regressions{alert=\"every 10 min\",service=\"search\"} 0\n"), "{metrics}");
+}
+
+/// `PUT /api/v1/alerts/{name}` with the admin token; the status and the reply.
+fn put_rule(server: &Proc, name: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let mut request = reqwest::blocking::Client::new().put(server.url(&format!("/api/v1/alerts/{name}"))).body(body.to_owned());
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let reply = request.send().unwrap();
+    (reply.status().as_u16(), reply.text().unwrap())
+}
+
+fn delete_rule(server: &Proc, name: &str) -> u16 {
+    let reply = reqwest::blocking::Client::new().delete(server.url(&format!("/api/v1/alerts/{name}"))).bearer_auth("admin-secret").send().unwrap();
+    reply.status().as_u16()
+}
+
+#[test]
+fn alert_rules_made_through_the_api_run_persist_and_go_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hook, bodies) = webhook_receiver();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\nwindow_ms = {WINDOW_MS}\n\n[deploys]\ncheck_secs = 1\nwebhook = \"{hook}\"\n\n\
+             [[alerts]]\nname = \"search steady\"\nservice = \"search\"\nevery_secs = {}\n",
+            EVERY_MS / 1000
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    two_periods(&data);
+    let args = ["--config", config.to_str().unwrap(), "--admin-token", "admin-secret"];
+    let server = Proc::spawn(&data, &args);
+    let rules: Value = serde_json::from_str(&get(&server, "/api/v1/alerts")).unwrap();
+    assert_eq!((rules[0]["name"].as_str(), rules[0]["source"].as_str(), rules.as_array().unwrap().len()), (Some("search steady"), Some("config"), 1), "{rules:#}");
+
+    let every = format!("{{\"service\":\"checkout\",\"every_secs\":{}}}", EVERY_MS / 1000);
+    let (status, _) = put_rule(&server, "checkout%20rule", None, &every);
+    assert_eq!(status, 401, "writes need the admin token");
+    for (name, body, status, says) in [
+        ("search%20steady", every.as_str(), 409, "config file"),
+        ("typo", r#"{"service":"chekout","every_secs":600}"#, 400, "unknown service"),
+        ("short", r#"{"service":"checkout","every_secs":1}"#, 400, "every_secs must be in 4..="),
+        ("never", r#"{"service":"checkout","every_secs":600,"min_regressions":0}"#, 400, "min_regressions"),
+        ("other", r#"{"name":"else","service":"checkout","every_secs":600}"#, 400, "the path"),
+        ("extra", r#"{"service":"checkout","every_secs":600,"threshold":3}"#, 400, "unknown field"),
+        ("bad", "not json", 400, "invalid request body"),
+    ] {
+        let (got, reply) = put_rule(&server, name, Some("admin-secret"), body);
+        assert_eq!(got, status, "{name}: {reply}");
+        assert!(reply.contains(says), "{name}: {reply}");
+    }
+
+    let (status, reply) = put_rule(&server, "checkout%20rule", Some("admin-secret"), &every);
+    assert_eq!(status, 201, "{reply}");
+    let hooked: Value = serde_json::from_str(&bodies.recv_timeout(Duration::from_secs(30)).expect("no webhook call")).unwrap();
+    assert_eq!((&hooked["alert"], &hooked["service"]), (&"checkout rule".into(), &"checkout".into()), "{hooked:#}");
+    assert_eq!(hooked["comparison"]["top"][0]["function"], "hot_loop");
+    // The config rule watches the steady service: nothing from it.
+    assert!(bodies.recv_timeout(Duration::from_secs(3)).is_err());
+    assert!(get(&server, "/metrics").contains("profiler_alert_regressions{alert=\"checkout rule\",service=\"checkout\"}"));
+
+    // Kept across a restart, with the period it compared: no second event.
+    server.terminate();
+    let server = Proc::spawn(&data, &args);
+    let rules: Value = serde_json::from_str(&get(&server, "/api/v1/alerts")).unwrap();
+    let listed: Vec<(&str, &str)> = rules.as_array().unwrap().iter().map(|r| (r["name"].as_str().unwrap(), r["source"].as_str().unwrap())).collect();
+    assert_eq!(listed, [("search steady", "config"), ("checkout rule", "api")]);
+    assert!(bodies.recv_timeout(Duration::from_secs(3)).is_err());
+
+    assert_eq!(delete_rule(&server, "search%20steady"), 409);
+    assert_eq!(delete_rule(&server, "checkout%20rule"), 204);
+    assert_eq!(delete_rule(&server, "checkout%20rule"), 404);
+    assert!(!get(&server, "/metrics").contains("checkout rule"));
+    let rules: Value = serde_json::from_str(&get(&server, "/api/v1/alerts")).unwrap();
+    assert_eq!(rules.as_array().unwrap().len(), 1);
 }

@@ -1,7 +1,8 @@
 //! Change detection end to end: the agent records a request-serving workload whose
 //! variants move CPU into one function or add blocked-io to every request, and the
 //! server's `/api/v1/changes` must name what changed, with its kind, and nothing for
-//! two runs of the same variant. The CI gate (`profiler-agent compare`) must fail on
+//! two runs of the same variant. Each run is a deploy, reported in `/api/v1/events`, at a
+//! webhook and on `/metrics`. The CI gate (`profiler-agent compare`) must fail on
 //! the agent's recordings of the CPU variant and pass on two of the base.
 
 use std::{
@@ -9,7 +10,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use profiler_tests::{binary, cgroup_root, exclusive, free_port, require_root, run_workload, Agent, Daemon, Server};
+use profiler_tests::{binary, cgroup_root, exclusive, free_port, require_root, run_workload, webhook_receiver, Agent, Daemon, Server};
 
 /// Seconds each variant runs; the server cuts them into 2 s windows.
 const PHASE_S: u64 = 30;
@@ -53,7 +54,8 @@ fn the_agent_s_profiles_show_a_cpu_shift_and_added_io_as_the_top_changes() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let server_toml = dir.path().join("server.toml");
-    std::fs::write(&server_toml, "[storage]\nwindow_ms = 2000\n\n[deploys]\ncompare_secs = 20\ncheck_secs = 1\n").unwrap();
+    let (hook, hooked) = webhook_receiver();
+    std::fs::write(&server_toml, format!("[storage]\nwindow_ms = 2000\n\n[deploys]\ncompare_secs = 20\ncheck_secs = 1\nwebhook = \"{hook}\"\n")).unwrap();
     let server = Server::start_with(&dir.path().join("server"), free_port(), &["--config", server_toml.to_str().unwrap()]);
     let agent_toml = dir.path().join("agent.toml");
     std::fs::write(
@@ -110,14 +112,37 @@ fn the_agent_s_profiles_show_a_cpu_shift_and_added_io_as_the_top_changes() {
     // Two threads waiting about 20 ms of each ~30 ms request: more than a thread waiting.
     assert!(top["delta_rate"].as_f64().unwrap() > 1.0, "{top}");
 
-    // The deploy of 2.0 was compared on its own: 20 s after it against 20 s before.
-    let events = server.get_json("/api/v1/events?service=shop");
+    // The deploy of 2.0 was compared on its own: 20 s after it against 20 s before. Each
+    // of the three deploys is compared once its 20 s have passed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let events = loop {
+        let events = server.get_json("/api/v1/events?service=shop");
+        let compared = events.as_array().unwrap().iter().filter(|e| !e["comparison"].is_null()).count();
+        if compared == 3 || std::time::Instant::now() > deadline {
+            break events;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     eprintln!("events: {events:#}");
     let deploy = events.as_array().unwrap().iter().find(|e| e["version"] == "2.0").expect("no deploy event for 2.0");
     assert_eq!(deploy["previous"], "1.0");
     assert!((cpu.0 - 6_000..=cpu.0).contains(&deploy["at_ms"].as_i64().unwrap()), "{deploy}");
     let top = &deploy["comparison"]["top"][0];
     assert_eq!((&top["function"], &top["direction"]), (&"workload::step_c".into(), &"regression".into()), "{deploy:#}");
+
+    // The same events reached the webhook, and /metrics counts them: the latest deploy
+    // (4.0, the io variant) regressed.
+    let posted: Vec<serde_json::Value> = std::iter::from_fn(|| hooked.recv_timeout(Duration::from_secs(2)).ok())
+        .map(|body| serde_json::from_str(&body).unwrap())
+        .collect();
+    let versions: Vec<&str> = posted.iter().map(|e| e["version"].as_str().unwrap()).collect();
+    assert_eq!(versions, ["2.0", "3.0", "4.0"], "{posted:#?}");
+    assert_eq!(posted[0], *deploy);
+    let metrics = reqwest::blocking::get(format!("{}/metrics", server.url)).unwrap().text().unwrap();
+    assert!(metrics.contains("\nprofiler_deploys_total 3\n"), "{metrics}");
+    let latest = events.as_array().unwrap().iter().find(|e| e["version"] == "4.0").unwrap()["comparison"]["regressions"].as_u64().unwrap();
+    assert!(latest > 0, "the io variant's deploy: {events:#}");
+    assert!(metrics.contains(&format!("\nprofiler_deploy_regressions{{service=\"shop\"}} {latest}\n")), "{metrics}");
 }
 
 /// `profiler-agent record` of one run of the workload variant, at 499 Hz.
