@@ -172,6 +172,7 @@ pub fn router(state: AppState) -> Router {
         .merge(queries)
         .merge(crate::ui::routes())
         .merge(crate::schedule_api::routes(state.clone()))
+        .merge(crate::alert_api::routes(state.clone()))
         .merge(crate::grafana::routes(state.clone()))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no such route")

@@ -97,9 +97,9 @@ pub fn check(cfg: &Config, scope: Scope, headers: &HeaderMap) -> Result<(), ApiE
     if known(&cfg.tokens) || known(&cfg.read_tokens) {
         let why = match scope {
             Scope::Admin if cfg.admin_tokens.is_empty() => {
-                "changing schedules and runs needs an admin token, and none is configured (`admin_tokens`)"
+                "changing schedules, runs and alert rules needs an admin token, and none is configured (`admin_tokens`)"
             }
-            Scope::Admin => "changing schedules and runs needs an admin token",
+            Scope::Admin => "changing schedules, runs and alert rules needs an admin token",
             Scope::Ingest => "this token may read but not ingest",
             Scope::Read => "this token may ingest but not read",
         };

@@ -8,9 +8,11 @@
 //!   commands each bring their own, which would read as a deploy per command;
 //!   it stays a label to compare builds by.) Once the new version has run for
 //!   the deploy window, that window is compared with the one before the deploy.
-//! - Alerts: each configured rule compares, every period, the last period of
-//!   its services with a baseline (the period before, or the same period a day
-//!   or a week earlier); enough significant regressions make an event.
+//! - Alerts: each rule compares, every period, the last period of its
+//!   services with a baseline (the period before, or the same period a day or
+//!   a week earlier); enough significant regressions make an event. Rules come
+//!   from the config file (`[[alerts]]`, read-only) or from the API
+//!   (`/api/v1/alerts`, kept in `events.json` with the events).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -32,6 +34,10 @@ const MAX_VERSIONS: usize = 64;
 const MAX_EVENTS: usize = 10_000;
 /// Changes an event lists.
 const TOP_CHANGES: usize = 10;
+/// Rules the API keeps: each costs change detections every period.
+const MAX_API_RULES: usize = 200;
+/// The longest alert period: a week (a week's baseline is the furthest back).
+const MAX_PERIOD_SECS: u64 = 7 * 86_400;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Event {
@@ -85,6 +91,8 @@ struct Book {
     versions: BTreeMap<String, Vec<String>>,
     /// (alert, service) -> (end of the last period compared, its regressions).
     alerts: BTreeMap<String, BTreeMap<String, (i64, usize)>>,
+    /// Rules created through the API.
+    rules: Vec<AlertRule>,
     events: Vec<Event>,
 }
 
@@ -225,10 +233,81 @@ impl Events {
         done
     }
 
+    /// The config file's rules, then the API's.
+    pub fn rules(&self) -> Vec<ListedRule> {
+        let config = self.options.alerts.iter().map(|rule| ListedRule { rule: rule.clone(), source: "config" });
+        let api: Vec<ListedRule> = self.lock().rules.iter().map(|rule| ListedRule { rule: rule.clone(), source: "api" }).collect();
+        config.chain(api).collect()
+    }
+
+    /// Why `rule` cannot run, if it cannot: an empty or overlong name, an unknown
+    /// service (a typo would never alert), or a period outside two storage
+    /// windows (the fewest observations a test needs) to a week.
+    pub fn validate(&self, rule: &AlertRule, known_services: &[String]) -> Result<(), String> {
+        if rule.name.trim().is_empty() || rule.name.len() > 100 {
+            return Err("name must be 1 to 100 characters".into());
+        }
+        if rule.service != "*" && !known_services.contains(&rule.service) {
+            return Err(format!("unknown service {:?} (no agent has reported it); use \"*\" for every service", rule.service));
+        }
+        let shortest = (2 * self.options.store_window_ms as u64).div_ceil(1000);
+        if !(shortest..=MAX_PERIOD_SECS).contains(&rule.every_secs) {
+            return Err(format!("every_secs must be in {shortest}..={MAX_PERIOD_SECS}, got {}", rule.every_secs));
+        }
+        if rule.min_regressions == 0 {
+            return Err("min_regressions must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Creates or replaces the API rule of that name; `Ok(Err)` when the name
+    /// is taken by the config file or the API already keeps its most rules.
+    /// Returns whether the rule is new.
+    pub fn put_rule(&self, rule: AlertRule) -> anyhow::Result<Result<bool, String>> {
+        if self.options.alerts.iter().any(|r| r.name == rule.name) {
+            return Ok(Err(format!("alert {:?} is defined in the server's config file; change it there", rule.name)));
+        }
+        let mut book = self.lock();
+        let created = match book.rules.iter().position(|r| r.name == rule.name) {
+            Some(at) => {
+                book.rules[at] = rule.clone();
+                false
+            }
+            None if book.rules.len() >= MAX_API_RULES => return Ok(Err(format!("at most {MAX_API_RULES} alert rules can be created"))),
+            None => {
+                book.rules.push(rule.clone());
+                true
+            }
+        };
+        // Services the rule no longer covers leave its metrics.
+        if let Some(state) = book.alerts.get_mut(&rule.name) {
+            state.retain(|service, _| rule.service == "*" || *service == rule.service);
+        }
+        self.save(&book)?;
+        Ok(Ok(created))
+    }
+
+    /// Deletes the API rule of that name and its metrics; `Ok(Err)` for a rule
+    /// of the config file, `Ok(Ok(false))` when there is none.
+    pub fn delete_rule(&self, name: &str) -> anyhow::Result<Result<bool, String>> {
+        if self.options.alerts.iter().any(|r| r.name == name) {
+            return Ok(Err(format!("alert {name:?} is defined in the server's config file; remove it there")));
+        }
+        let mut book = self.lock();
+        let before = book.rules.len();
+        book.rules.retain(|r| r.name != name);
+        if book.rules.len() == before {
+            return Ok(Ok(false));
+        }
+        book.alerts.remove(name);
+        self.save(&book)?;
+        Ok(Ok(true))
+    }
+
     /// Every rule's last complete period, for each of its services, once.
     fn run_alerts(&self, store: &dyn Store, names: &Names, now_ms: i64) -> Vec<Event> {
         let mut done = Vec::new();
-        for rule in &self.options.alerts {
+        for ListedRule { rule, .. } in self.rules() {
             let every = rule.every_secs as i64 * 1000;
             let until = (now_ms - self.grace_ms()).div_euclid(every) * every;
             let services = if rule.service == "*" { store.services() } else { vec![rule.service.clone()] };
@@ -240,6 +319,10 @@ impl Events {
                 let base = rule.baseline.before(until - every, until);
                 let comparison = self.compare(store, names, &service, base, (until - every, until));
                 let mut book = self.lock();
+                // Deleted while it was compared.
+                if !self.options.alerts.iter().chain(&book.rules).any(|r| r.name == rule.name) {
+                    break;
+                }
                 book.alerts.entry(rule.name.clone()).or_default().insert(service.clone(), (until, comparison.regressions));
                 if comparison.regressions >= rule.min_regressions.max(1) {
                     tracing::info!(alert = %rule.name, %service, regressions = comparison.regressions, "alert");
@@ -390,8 +473,9 @@ impl Baseline {
     }
 }
 
-/// A scheduled comparison, from `[[alerts]]` in the server's config.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// A scheduled comparison, from `[[alerts]]` in the server's config or from
+/// `PUT /api/v1/alerts/{name}`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AlertRule {
     pub name: String,
@@ -404,6 +488,15 @@ pub struct AlertRule {
     /// Significant regressions that make an event (at least 1).
     #[serde(default = "AlertRule::default_min_regressions")]
     pub min_regressions: usize,
+}
+
+/// A rule as `GET /api/v1/alerts` lists it: where it comes from (`config`
+/// rules are read-only).
+#[derive(Debug, Clone, Serialize)]
+pub struct ListedRule {
+    #[serde(flatten)]
+    pub rule: AlertRule,
+    pub source: &'static str,
 }
 
 impl AlertRule {

@@ -6,6 +6,7 @@
 //! The binary is a thin wrapper around [`run`]; tests and benchmarks use
 //! [`start`] to get a server on an ephemeral port.
 
+pub mod alert_api;
 pub mod api;
 pub mod auth;
 pub mod budget;

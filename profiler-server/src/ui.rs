@@ -46,6 +46,11 @@ const ASSETS: &[(&str, &str, &str)] = &[
         include_str!("../ui/deep.js"),
     ),
     (
+        "alerts.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../ui/alerts.js"),
+    ),
+    (
         "overview.js",
         "text/javascript; charset=utf-8",
         include_str!("../ui/overview.js"),

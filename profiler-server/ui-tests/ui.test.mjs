@@ -724,8 +724,8 @@ async function openDeep(url) {
   return page;
 }
 const deepLoads = (page) => page.evaluate(() => window.__ui.deep.loads);
-const api = async (path, opts) => {
-  const r = await fetch(`${base}${path}`, opts);
+const api = async (path, opts, server = base) => {
+  const r = await fetch(`${server}${path}`, opts);
   const text = await r.text();
   return { status: r.status, body: text ? JSON.parse(text) : null };
 };
@@ -954,7 +954,7 @@ test('deep profiles: writes send the API token from the panel (sessionStorage, n
     // The agents' ingest token cannot start runs.
     await page.fill('#deep-token', 'agent-tok');
     await page.click('#now-submit');
-    await page.waitForFunction(() => /HTTP 403 Forbidden: changing schedules and runs needs an admin token/.test(document.getElementById('now-error').textContent));
+    await page.waitForFunction(() => /HTTP 403 Forbidden: changing schedules, runs and alert rules needs an admin token/.test(document.getElementById('now-error').textContent));
     await page.fill('#deep-token', 'sekret');
     await page.click('#now-submit');
     await page.waitForFunction(() => /Started run/.test(document.getElementById('now-msg').textContent));
@@ -976,6 +976,72 @@ test('deep profiles: writes send the API token from the panel (sessionStorage, n
     await page.close();
   } finally {
     await stopServer(s);
+  }
+});
+
+test('alert rules: the config file\'s listed read-only; create, refuse a bad one, replace and delete through the form', async () => {
+  const confDir = mkdtempSync(join(tmpdir(), 'ui-test-conf-'));
+  const conf = join(confDir, 'server.toml');
+  writeFileSync(conf, '[[alerts]]\nname = "fleet daily"\nservice = "*"\nevery_secs = 86400\nbaseline = "week"\n');
+  const srv = await spawnServer(['--config', conf]);
+  try {
+    await ingest({ service: 'api', kind: 'on-cpu', from: NOW - 60_000, host: 'h1' }, 'main;serve 1000000\n', srv.url);
+    const page = await newPage();
+    await page.goto(`${srv.url}/#page=deep`);
+    await page.waitForFunction(() => window.__ui?.deep?.loads > 0);
+    const rows = () => page.$$eval('#alerts-table tbody tr', (rs) => rs.map((r) => [...r.cells].map((c) => c.textContent)));
+    await page.locator('#alerts-table tr[data-name="fleet daily"]').waitFor();
+    assert.deepEqual(await rows(), [['fleet daily', '* (every service)', '1 d', 'a week earlier', '1', 'config file', 'read-only']]);
+
+    const form = '#alert-form';
+    await page.fill(`${form} [name=name]`, 'api hourly');
+    await page.fill(`${form} [name=service]`, 'apj');
+    await page.click('#alert-submit');
+    await page.waitForFunction(() => /unknown service "apj"/.test(document.getElementById('alert-error').textContent));
+    assert.equal(await page.locator(`${form} [name=service]`).getAttribute('class'), 'invalid', 'the field is marked');
+    await page.fill(`${form} [name=service]`, 'api');
+    await page.fill(`${form} [name=minutes]`, '0.01');
+    await page.click('#alert-submit');
+    await page.waitForFunction(() => /every_secs must be in 20\.\.=604800, got 1/.test(document.getElementById('alert-error').textContent));
+    assert.equal(await page.locator(`${form} [name=minutes]`).getAttribute('class'), 'invalid');
+    // A config rule's name is taken.
+    await page.fill(`${form} [name=name]`, 'fleet daily');
+    await page.fill(`${form} [name=minutes]`, '60');
+    await page.click('#alert-submit');
+    await page.waitForFunction(() => /HTTP 409 Conflict: alert "fleet daily" is defined in the server's config file/.test(document.getElementById('alert-error').textContent));
+    assert.equal((await api('/api/v1/alerts', {}, srv.url)).body.length, 1);
+
+    await page.fill(`${form} [name=name]`, 'api hourly');
+    await page.fill(`${form} [name=service]`, 'api');
+    await page.fill(`${form} [name=minutes]`, '60');
+    await page.selectOption(`${form} [name=baseline]`, 'day');
+    await page.click('#alert-submit');
+    await page.waitForFunction(() => /Saved alert rule "api hourly": api every 1 h/.test(document.getElementById('alert-msg').textContent));
+    assert.equal(await page.isHidden('#alert-error'), true);
+    assert.deepEqual((await rows())[1], ['api hourly', 'api', '1 h', 'a day earlier', '1', 'this page / API', 'Delete']);
+    // The same name replaces the rule.
+    await page.fill(`${form} [name=name]`, 'api hourly');
+    await page.fill(`${form} [name=service]`, 'api');
+    await page.fill(`${form} [name=minutes]`, '30');
+    await page.fill(`${form} [name=min_regressions]`, '3');
+    await page.click('#alert-submit');
+    await page.waitForFunction(() => /every 30 min/.test(document.getElementById('alert-msg').textContent));
+    const listed = (await api('/api/v1/alerts', {}, srv.url)).body;
+    assert.deepEqual(listed.map((r) => [r.name, r.service, r.every_secs, r.baseline, r.min_regressions, r.source]),
+      [['fleet daily', '*', 86400, 'week', 1, 'config'], ['api hourly', 'api', 1800, 'previous', 3, 'api']]);
+    await page.screenshot({ path: join(ART, '18-alert-rules.png'), fullPage: true });
+
+    let asked = '';
+    page.once('dialog', (d) => { asked = d.message(); d.accept(); });
+    await page.locator('#alerts-table tr[data-name="api hourly"] button:text("Delete")').click();
+    await page.locator('#alerts-table tr[data-name="api hourly"]').waitFor({ state: 'detached' });
+    assert.match(asked, /Delete alert rule "api hourly"/);
+    assert.equal((await api('/api/v1/alerts', {}, srv.url)).body.length, 1);
+    assert.deepEqual(page.consoleErrors.filter((e) => !/status of (400|409)/.test(e)), []);
+    await page.close();
+  } finally {
+    await stopServer(srv);
+    rmSync(confDir, { recursive: true, force: true });
   }
 });
 

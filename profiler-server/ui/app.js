@@ -2,12 +2,13 @@
 // (flame/icicle/diff), label filters, top table, sandwich view and exports.
 // The whole view state lives in the URL hash, so a link restores the view.
 // The home page, the fleet overview, lives in overview.js; the "Deep profiles"
-// page (schedules and runs) in deep.js.
+// page (schedules and runs) in deep.js, with the alert rules in alerts.js.
 
 import { getJson, resolveTime, fmtTime, fmtValue, pct, el, escapeRegExp, OFF_REASONS } from './util.js';
 import { FlameGraph, flatten, sandwich } from './flame.js';
 import { Timeline, kindOrder } from './timeline.js';
 import { DeepProfiles } from './deep.js';
+import { AlertRules } from './alerts.js';
 import { Overview } from './overview.js';
 import { ChangesView } from './changes.js';
 
@@ -141,7 +142,8 @@ function setupWidgets() {
   calleesG = new FlameGraph($('sandwich-callees'), { tooltip: $('tooltip'), onSelect: (i) => openSandwich(calleesG.f.name[i]) });
   calleesG.setIcicle(true);
   ui.sandwich = { callers: callersG, callees: calleesG };
-  deep = new DeepProfiles({ showError, currentService: () => state.service });
+  const alerts = new AlertRules();
+  deep = new DeepProfiles({ showError, currentService: () => state.service, onLoad: () => alerts.load() });
   ui.deep = deep;
   overview = new Overview({ state, onOpen: openService, onSortOrSearch: writeHash });
   ui.overview = overview;

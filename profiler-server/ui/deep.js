@@ -72,8 +72,10 @@ function stateBadge(state) {
 }
 
 export class DeepProfiles {
-  constructor({ showError, currentService }) {
+  /** `onLoad()` reloads what else the page shows (the alert rules) with it. */
+  constructor({ showError, currentService, onLoad }) {
     this.showError = showError;
+    this.onLoad = onLoad || (() => {});
     this.currentService = currentService || (() => '');
     this.schedules = [];
     this.runs = [];
@@ -149,7 +151,7 @@ export class DeepProfiles {
     const status = $('deep-status');
     if (!this.loads) { status.className = 'status'; status.textContent = 'Loading…'; }
     const [sch, runs, svcs] = await Promise.allSettled([
-      getJson('/api/v1/schedules'), getJson('/api/v1/runs'), getJson('/api/v1/services'),
+      getJson('/api/v1/schedules'), getJson('/api/v1/runs'), getJson('/api/v1/services'), this.onLoad(),
     ]);
     if (seq !== this.seq) return;
     status.textContent = '';

@@ -1,0 +1,92 @@
+//! HTTP routes of alert rules: scheduled comparisons of each period of a
+//! service with its baseline (see `events`). Writes need an admin token, like
+//! deep-profile schedules; reads follow the read scope.
+//!
+//! - `GET /api/v1/alerts`: the config file's rules (`"source": "config"`,
+//!   read-only) and the API's (`"source": "api"`)
+//! - `PUT /api/v1/alerts/{name}`: creates or replaces a rule; the body is the
+//!   rule (`service`, `every_secs`, optional `baseline` and `min_regressions`)
+//! - `DELETE /api/v1/alerts/{name}`
+
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::StatusCode,
+    middleware,
+    response::{IntoResponse, Response},
+    routing::{get, put},
+};
+use serde_json::json;
+
+use crate::{api::AppState, auth, events::AlertRule};
+
+pub fn routes(state: AppState) -> Router<AppState> {
+    let admin = Router::new()
+        .route("/api/v1/alerts/{name}", put(put_rule).delete(delete_rule))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::admin));
+    let reads = Router::new()
+        .route("/api/v1/alerts", get(list_rules))
+        .route_layer(middleware::from_fn_with_state(state, auth::read));
+    admin.merge(reads)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn internal(err: anyhow::Error) -> Response {
+    tracing::error!(error = %format!("{err:#}"), "saving alert rules failed");
+    error(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see server log")
+}
+
+async fn list_rules(State(state): State<AppState>) -> Response {
+    Json(state.events.rules()).into_response()
+}
+
+/// The body names the rule or leaves the name to the path; a different name
+/// is refused rather than guessed at.
+fn rule_from(name: &str, body: &[u8]) -> Result<AlertRule, String> {
+    let mut value: serde_json::Value = serde_json::from_slice(body).map_err(|err| format!("invalid request body: {err}"))?;
+    let object = value.as_object_mut().ok_or("the body must be a JSON object")?;
+    match object.get("name") {
+        None => {
+            object.insert("name".into(), name.into());
+        }
+        Some(given) if given == name => {}
+        Some(given) => return Err(format!("the body names the rule {given}, the path {name:?}")),
+    }
+    serde_json::from_value(value).map_err(|err| format!("invalid request body: {err}"))
+}
+
+async fn put_rule(State(state): State<AppState>, Path(name): Path<String>, body: axum::body::Bytes) -> Response {
+    let rule = match rule_from(&name, &body) {
+        Ok(rule) => rule,
+        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
+    };
+    let store = state.store.clone();
+    let services = tokio::task::spawn_blocking(move || store.services()).await.unwrap_or_default();
+    if let Err(reason) = state.events.validate(&rule, &services) {
+        return error(StatusCode::BAD_REQUEST, reason);
+    }
+    let events = state.events.clone();
+    let saved = rule.clone();
+    match tokio::task::spawn_blocking(move || events.put_rule(saved)).await {
+        Ok(Ok(Ok(true))) => (StatusCode::CREATED, Json(rule)).into_response(),
+        Ok(Ok(Ok(false))) => Json(rule).into_response(),
+        Ok(Ok(Err(reason))) => error(StatusCode::CONFLICT, reason),
+        Ok(Err(err)) => internal(err),
+        Err(err) => internal(err.into()),
+    }
+}
+
+async fn delete_rule(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    let events = state.events.clone();
+    let name_for_store = name.clone();
+    match tokio::task::spawn_blocking(move || events.delete_rule(&name_for_store)).await {
+        Ok(Ok(Ok(true))) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Ok(Ok(false))) => error(StatusCode::NOT_FOUND, format!("no alert rule {name:?}")),
+        Ok(Ok(Err(reason))) => error(StatusCode::CONFLICT, reason),
+        Ok(Err(err)) => internal(err),
+        Err(err) => internal(err.into()),
+    }
+}
