@@ -115,20 +115,27 @@ fn two_periods(data: &std::path::Path) -> i64 {
     period_end
 }
 
-#[test]
-fn an_alert_rule_flags_the_service_that_regressed_and_not_the_steady_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let (hook, bodies) = webhook_receiver();
-    let config = dir.path().join("server.toml");
+/// A server config in `dir` that checks every second, posts events to `hook`, and has
+/// one `[[alerts]]` rule of `EVERY_MS` with the given other fields.
+fn alerting_config(dir: &std::path::Path, hook: &str, rule: &str) -> std::path::PathBuf {
+    let config = dir.join("server.toml");
     std::fs::write(
         &config,
         format!(
             "[storage]\nwindow_ms = {WINDOW_MS}\n\n[deploys]\ncheck_secs = 1\nwebhook = \"{hook}\"\n\n\
-             [[alerts]]\nname = \"every 10 min\"\nservice = \"*\"\nevery_secs = {}\nbaseline = \"previous\"\n",
+             [[alerts]]\n{rule}\nevery_secs = {}\n",
             EVERY_MS / 1000
         ),
     )
     .unwrap();
+    config
+}
+
+#[test]
+fn an_alert_rule_flags_the_service_that_regressed_and_not_the_steady_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hook, bodies) = webhook_receiver();
+    let config = alerting_config(dir.path(), &hook, "name = \"every 10 min\"\nservice = \"*\"\nbaseline = \"previous\"");
     let data = dir.path().join("data");
     let period_end = two_periods(&data);
     let server = Proc::spawn(&data, &["--config", config.to_str().unwrap()]);
@@ -166,16 +173,7 @@ fn delete_rule(server: &Proc, name: &str) -> u16 {
 fn alert_rules_made_through_the_api_run_persist_and_go_away() {
     let dir = tempfile::tempdir().unwrap();
     let (hook, bodies) = webhook_receiver();
-    let config = dir.path().join("server.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[storage]\nwindow_ms = {WINDOW_MS}\n\n[deploys]\ncheck_secs = 1\nwebhook = \"{hook}\"\n\n\
-             [[alerts]]\nname = \"search steady\"\nservice = \"search\"\nevery_secs = {}\n",
-            EVERY_MS / 1000
-        ),
-    )
-    .unwrap();
+    let config = alerting_config(dir.path(), &hook, "name = \"search steady\"\nservice = \"search\"");
     let data = dir.path().join("data");
     two_periods(&data);
     let args = ["--config", config.to_str().unwrap(), "--admin-token", "admin-secret"];

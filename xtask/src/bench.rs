@@ -402,18 +402,35 @@ fn status_kib(pid: u32, field: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A release `profiler-server` on loopback with its data under `dir`, stopped when dropped.
+struct BenchServer(Child);
+
+impl BenchServer {
+    fn start(bin: &std::path::Path, dir: &std::path::Path, port: u16) -> anyhow::Result<BenchServer> {
+        let child = Command::new(bin.join("profiler-server"))
+            .args(["--data-dir", dir.join("server").to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        std::thread::sleep(Duration::from_secs(1));
+        Ok(BenchServer(child))
+    }
+}
+
+impl Drop for BenchServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn daemon(minutes: u64) -> anyhow::Result<()> {
     cargo(&["build", "--release", "--workspace", "--bins"])?;
     let bin = root().join("target/release");
     let dir = std::env::temp_dir().join(format!("xtask-bench-daemon-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let port = 24040;
-    let mut server = Command::new(bin.join("profiler-server"))
-        .args(["--data-dir", dir.join("server").to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_secs(1));
+    let server = BenchServer::start(&bin, &dir, port)?;
     let config = dir.join("agent.toml");
     std::fs::write(
         &config,
@@ -448,8 +465,7 @@ fn daemon(minutes: u64) -> anyhow::Result<()> {
     let usage = stop(agent)?;
     let _ = load.kill();
     let _ = load.wait();
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
     println!("daemon steady state: {minutes} min, off-CPU on (default settings), 10 s windows, busy host");
     println!("  agent CPU:                 {:.1} ms per second ({:.2}% of one CPU)", cpu / seconds * 1e3, cpu / seconds * 100.0);
@@ -477,12 +493,7 @@ fn changes_aa(comparisons: usize, minutes: u64) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let port = 24041;
     let server_url = format!("http://127.0.0.1:{port}");
-    let mut server = Command::new(bin.join("profiler-server"))
-        .args(["--data-dir", dir.join("server").to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_secs(1));
+    let server = BenchServer::start(&bin, &dir, port)?;
     let config = dir.join("agent.toml");
     std::fs::write(
         &config,
@@ -548,8 +559,7 @@ fn changes_aa(comparisons: usize, minutes: u64) -> anyhow::Result<()> {
     let _ = load.kill();
     let _ = load.wait();
     drop(agent);
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
     println!("changes A/A: {flagged} of {comparisons} comparisons flagged a change (goal: at most 1)");
     Ok(())
