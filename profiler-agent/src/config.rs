@@ -26,6 +26,10 @@ pub struct AgentConfig {
     /// Labels added to every profile of this host (e.g. `env = "prod"`).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Environment variables of a process its `version` label is read from, first set
+    /// wins (`OTEL_RESOURCE_ATTRIBUTES` gives its `service.version`). Unset: that one,
+    /// `SERVICE_VERSION`, `APP_VERSION`. `[]`: no process's environment is read.
+    pub version_env: Option<Vec<String>>,
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
 }
@@ -210,6 +214,7 @@ impl AgentConfig {
             user_stack_bytes: self.sampling.user_stack_bytes,
             ring_buffer_bytes: self.sampling.ring_buffer_bytes,
             bpf_stats: self.sampling.bpf_stats,
+            version_env: self.version_env.clone().unwrap_or_else(|| SamplerOptions::default().version_env),
             ..SamplerOptions::default()
         }
     }
@@ -275,6 +280,9 @@ impl AgentConfig {
         if self.server.max_attempts == 0 {
             bail!("server.max_attempts must be at least 1");
         }
+        if let Some(bad) = self.version_env.iter().flatten().find(|name| name.is_empty() || name.contains(['=', '\0'])) {
+            bail!("version_env: {bad:?} is not an environment variable name");
+        }
         Ok(())
     }
 }
@@ -330,5 +338,11 @@ mod tests {
         assert!(err.contains("does not resolve"), "{err}");
         let err = parse("[server]\nurl = \"ftp://127.0.0.1\"\n").unwrap_err().to_string();
         assert!(err.contains("must be http"), "{err}");
+        let err = parse("version_env = [\"GIT=SHA\"]\n[server]\nurl = \"http://127.0.0.1:1\"\n").unwrap_err().to_string();
+        assert!(err.contains("version_env: \"GIT=SHA\" is not an environment variable name"), "{err}");
+        let own = parse("version_env = [\"GIT_COMMIT\"]\n[server]\nurl = \"http://127.0.0.1:1\"\n").unwrap();
+        assert_eq!(own.sampler_options().version_env, ["GIT_COMMIT"]);
+        let none = parse("version_env = []\n[server]\nurl = \"http://127.0.0.1:1\"\n").unwrap();
+        assert!(none.sampler_options().version_env.is_empty());
     }
 }

@@ -68,9 +68,21 @@ impl ProcessInfo {
 }
 
 /// Bounded cache of process snapshots, shared by the watcher and the symbolizer.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ProcessTable {
     inner: Arc<Mutex<Inner>>,
+    /// Environment variables a process's version is read from (see [`version_of`]).
+    version_env: Arc<[String]>,
+}
+
+/// Where a process's version is read from unless configured: OpenTelemetry's convention
+/// first, then the two names services commonly set.
+pub const DEFAULT_VERSION_ENV: [&str; 3] = ["OTEL_RESOURCE_ATTRIBUTES", "SERVICE_VERSION", "APP_VERSION"];
+
+impl Default for ProcessTable {
+    fn default() -> Self {
+        Self::new(DEFAULT_VERSION_ENV.map(String::from).to_vec())
+    }
 }
 
 #[derive(Default)]
@@ -88,6 +100,11 @@ const DEAD_PROCESS_TTL: Duration = Duration::from_secs(120);
 const MAX_PROCESSES: usize = 8192;
 
 impl ProcessTable {
+    /// A table that reads versions from `version_env`; empty reads no environment.
+    pub fn new(version_env: Vec<String>) -> Self {
+        Self { inner: Arc::default(), version_env: version_env.into() }
+    }
+
     /// Snapshots every process not seen before; refreshes none. Meant to run often.
     pub fn discover(&self) {
         let Ok(dir) = fs::read_dir("/proc") else { return };
@@ -106,7 +123,7 @@ impl ProcessTable {
     /// Re-reads a live process (its mappings may have changed: dlopen, exec); keeps the
     /// old snapshot and marks it dead when the process is gone.
     pub fn refresh(&self, pid: u32) {
-        let snapshot = read_process(pid, &self.inner);
+        let snapshot = read_process(pid, &self.inner, &self.version_env);
         let mut inner = self.inner.lock().unwrap();
         match snapshot {
             Some(info) => {
@@ -164,7 +181,7 @@ impl ProcessTable {
     }
 }
 
-fn read_process(pid: u32, inner: &Mutex<Inner>) -> Option<ProcessInfo> {
+fn read_process(pid: u32, inner: &Mutex<Inner>, version_env: &[String]) -> Option<ProcessInfo> {
     let name = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?.trim_end().to_string();
     // What names the process is read before the maps, which take longest: a short
     // command may exit meanwhile.
@@ -177,7 +194,8 @@ fn read_process(pid: u32, inner: &Mutex<Inner>) -> Option<ProcessInfo> {
     let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
         .map(|raw| String::from_utf8_lossy(&raw).trim_end_matches('\0').replace('\0', " "))
         .unwrap_or_default();
-    let version = read_environ(pid).and_then(|environ| version_of(&environ));
+    // The environment holds secrets too: read only when a version is wanted from it.
+    let version = if version_env.is_empty() { None } else { read_environ(pid).and_then(|environ| version_of(&environ, version_env)) };
     let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
     let mut mappings = Vec::new();
     let mut build_id = None;
@@ -234,9 +252,9 @@ fn read_environ(pid: u32) -> Option<Vec<u8>> {
 /// Longest version kept: a label, not a document.
 const MAX_VERSION: usize = 64;
 
-/// The version a process declares: `service.version` of `OTEL_RESOURCE_ATTRIBUTES`
-/// (OpenTelemetry's convention), else `SERVICE_VERSION`, else `APP_VERSION`.
-pub fn version_of(environ: &[u8]) -> Option<String> {
+/// The version a process declares: the first of `names` set to a non-empty value in its
+/// environment; of `OTEL_RESOURCE_ATTRIBUTES`, the `service.version` attribute.
+pub fn version_of(environ: &[u8], names: &[String]) -> Option<String> {
     let vars: HashMap<&[u8], &[u8]> = environ
         .split(|&b| b == 0)
         .filter_map(|entry| {
@@ -244,14 +262,16 @@ pub fn version_of(environ: &[u8]) -> Option<String> {
             Some((&entry[..eq], &entry[eq + 1..]))
         })
         .collect();
-    let otel = vars.get(&b"OTEL_RESOURCE_ATTRIBUTES"[..]).and_then(|attrs| {
-        attrs.split(|&b| b == b',').find_map(|kv| kv.trim_ascii().strip_prefix(b"service.version=").map(<[u8]>::trim_ascii))
-    });
-    let value = otel
-        .or_else(|| vars.get(&b"SERVICE_VERSION"[..]).copied())
-        .or_else(|| vars.get(&b"APP_VERSION"[..]).copied())?;
-    let value = String::from_utf8_lossy(value).trim().to_string();
-    (!value.is_empty()).then(|| value.chars().take(MAX_VERSION).collect())
+    names.iter().find_map(|name| {
+        let raw = *vars.get(name.as_bytes())?;
+        let raw = if name == "OTEL_RESOURCE_ATTRIBUTES" {
+            raw.split(|&b| b == b',').find_map(|kv| kv.trim_ascii().strip_prefix(b"service.version=").map(<[u8]>::trim_ascii))?
+        } else {
+            raw
+        };
+        let value = String::from_utf8_lossy(raw).trim().to_string();
+        (!value.is_empty()).then(|| value.chars().take(MAX_VERSION).collect())
+    })
 }
 
 /// The GNU build id of an ELF file, hex.
@@ -362,14 +382,22 @@ mod tests {
     #[test]
     fn versions_from_the_environment() {
         let env = |vars: &[&str]| vars.iter().flat_map(|v| v.bytes().chain([0])).collect::<Vec<u8>>();
-        assert_eq!(version_of(&env(&["PATH=/bin", "SERVICE_VERSION=1.4.2"])), Some("1.4.2".into()));
+        let defaults = DEFAULT_VERSION_ENV.map(String::from);
+        let version = |vars: &[&str]| version_of(&env(vars), &defaults);
+        assert_eq!(version(&["PATH=/bin", "SERVICE_VERSION=1.4.2"]), Some("1.4.2".into()));
         assert_eq!(
-            version_of(&env(&["APP_VERSION=9", "OTEL_RESOURCE_ATTRIBUTES=deployment.environment=prod, service.version=2.0.1 ,x=y"])),
+            version(&["APP_VERSION=9", "OTEL_RESOURCE_ATTRIBUTES=deployment.environment=prod, service.version=2.0.1 ,x=y"]),
             Some("2.0.1".into())
         );
-        assert_eq!(version_of(&env(&["APP_VERSION=9"])), Some("9".into()));
-        assert_eq!(version_of(&env(&["SERVICE_VERSION=", "HOME=/root"])), None);
-        assert_eq!(version_of(&env(&[&format!("SERVICE_VERSION={}", "x".repeat(500))])).map(|v| v.len()), Some(MAX_VERSION));
+        assert_eq!(version(&["APP_VERSION=9"]), Some("9".into()));
+        // An empty or attribute-less first source leaves the next one to speak.
+        assert_eq!(version(&["OTEL_RESOURCE_ATTRIBUTES=x=y", "SERVICE_VERSION=", "APP_VERSION=3"]), Some("3".into()));
+        assert_eq!(version(&["SERVICE_VERSION=", "HOME=/root"]), None);
+        assert_eq!(version(&[&format!("SERVICE_VERSION={}", "x".repeat(500))]).map(|v| v.len()), Some(MAX_VERSION));
+        // Configured names replace the defaults.
+        let own = ["GIT_COMMIT".to_string()];
+        assert_eq!(version_of(&env(&["SERVICE_VERSION=1", "GIT_COMMIT=ab12"]), &own), Some("ab12".into()));
+        assert_eq!(version_of(&env(&["SERVICE_VERSION=1"]), &own), None);
     }
 
     #[test]
@@ -379,9 +407,13 @@ mod tests {
         let table = ProcessTable::default();
         table.refresh(child.id());
         let info = table.get(child.id()).unwrap();
+        // Configured not to read environments: no version.
+        let private = ProcessTable::new(Vec::new());
+        private.refresh(child.id());
         let _ = child.kill();
         let _ = child.wait();
         assert_eq!(info.version.as_deref(), Some("1.5.0"));
+        assert_eq!(private.get(child.id()).unwrap().version, None);
         let expected = build_id_of(&File::open(&info.exe).unwrap());
         assert!(expected.as_ref().is_some_and(|id| id.len() >= 16), "sleep has no build id: {expected:?}");
         assert_eq!(info.build_id, expected);
@@ -391,7 +423,7 @@ mod tests {
     fn reads_session_and_uid() {
         assert_eq!(session_of("4242 (a) b (c)) S 1 4242 4200 34816 4242 4194560"), Some(4200));
         assert_eq!(uid_of("Name:\tx\nUid:\t1000\t1000\t1000\t1000\nGid:\t0\n"), Some(1000));
-        let own = read_process(std::process::id(), &Mutex::default()).unwrap();
+        let own = read_process(std::process::id(), &Mutex::default(), &[]).unwrap();
         // SAFETY: getsid and getuid have no preconditions.
         assert_eq!(own.session, unsafe { libc::getsid(0) } as u32);
         assert_eq!(own.uid, unsafe { libc::getuid() });

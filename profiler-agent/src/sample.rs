@@ -79,6 +79,9 @@ pub struct SamplerOptions {
     pub bpf_stats: bool,
     /// Threads that can be off-CPU at once and still be attributed.
     pub max_switched_out: u32,
+    /// Environment variables a process's `version` label is read from, first set wins;
+    /// empty reads no process's environment.
+    pub version_env: Vec<String>,
 }
 
 impl Default for SamplerOptions {
@@ -92,6 +95,7 @@ impl Default for SamplerOptions {
             ring_buffer_bytes: 0,
             bpf_stats: true,
             max_switched_out: 65536,
+            version_env: crate::process::DEFAULT_VERSION_ENV.map(String::from).to_vec(),
         }
     }
 }

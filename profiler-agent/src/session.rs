@@ -112,7 +112,7 @@ impl Session {
 
     /// Loads and attaches the BPF programs, starting no thread.
     pub fn load(options: &SamplerOptions, off_cpu_budget: OffCpuBudget) -> anyhow::Result<Loaded> {
-        let processes = ProcessTable::default();
+        let processes = ProcessTable::new(options.version_env.clone());
         let started_off_cpu = starting_point(options.off_cpu.as_ref(), &off_cpu_budget)?;
         let started = SamplerOptions { off_cpu: started_off_cpu.clone(), ..options.clone() };
         let sampler = Sampler::attach(&started, processes.clone())?;
