@@ -214,7 +214,7 @@ impl AgentConfig {
             user_stack_bytes: self.sampling.user_stack_bytes,
             ring_buffer_bytes: self.sampling.ring_buffer_bytes,
             bpf_stats: self.sampling.bpf_stats,
-            version_env: self.version_env.clone().unwrap_or_else(|| SamplerOptions::default().version_env),
+            version_env: self.version_env.clone().unwrap_or_else(crate::process::default_version_env),
             ..SamplerOptions::default()
         }
     }

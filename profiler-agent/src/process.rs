@@ -77,11 +77,15 @@ pub struct ProcessTable {
 
 /// Where a process's version is read from unless configured: OpenTelemetry's convention
 /// first, then the two names services commonly set.
-pub const DEFAULT_VERSION_ENV: [&str; 3] = ["OTEL_RESOURCE_ATTRIBUTES", "SERVICE_VERSION", "APP_VERSION"];
+const DEFAULT_VERSION_ENV: [&str; 3] = ["OTEL_RESOURCE_ATTRIBUTES", "SERVICE_VERSION", "APP_VERSION"];
+
+pub fn default_version_env() -> Vec<String> {
+    DEFAULT_VERSION_ENV.map(String::from).to_vec()
+}
 
 impl Default for ProcessTable {
     fn default() -> Self {
-        Self::new(DEFAULT_VERSION_ENV.map(String::from).to_vec())
+        Self::new(default_version_env())
     }
 }
 
@@ -382,7 +386,7 @@ mod tests {
     #[test]
     fn versions_from_the_environment() {
         let env = |vars: &[&str]| vars.iter().flat_map(|v| v.bytes().chain([0])).collect::<Vec<u8>>();
-        let defaults = DEFAULT_VERSION_ENV.map(String::from);
+        let defaults = default_version_env();
         let version = |vars: &[&str]| version_of(&env(vars), &defaults);
         assert_eq!(version(&["PATH=/bin", "SERVICE_VERSION=1.4.2"]), Some("1.4.2".into()));
         assert_eq!(

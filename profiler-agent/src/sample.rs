@@ -95,7 +95,7 @@ impl Default for SamplerOptions {
             ring_buffer_bytes: 0,
             bpf_stats: true,
             max_switched_out: 65536,
-            version_env: crate::process::DEFAULT_VERSION_ENV.map(String::from).to_vec(),
+            version_env: crate::process::default_version_env(),
         }
     }
 }

@@ -16,9 +16,12 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, put},
 };
-use serde_json::json;
-
-use crate::{api::AppState, auth, events::AlertRule};
+use crate::{
+    api::AppState,
+    auth,
+    events::AlertRule,
+    schedule_api::{error, known_services, parse},
+};
 
 pub fn routes(state: AppState) -> Router<AppState> {
     let admin = Router::new()
@@ -28,10 +31,6 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/api/v1/alerts", get(list_rules))
         .route_layer(middleware::from_fn_with_state(state, auth::read));
     admin.merge(reads)
-}
-
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
 fn internal(err: anyhow::Error) -> Response {
@@ -46,7 +45,7 @@ async fn list_rules(State(state): State<AppState>) -> Response {
 /// The body names the rule or leaves the name to the path; a different name
 /// is refused rather than guessed at.
 fn rule_from(name: &str, body: &[u8]) -> Result<AlertRule, String> {
-    let mut value: serde_json::Value = serde_json::from_slice(body).map_err(|err| format!("invalid request body: {err}"))?;
+    let mut value: serde_json::Value = parse(body)?;
     let object = value.as_object_mut().ok_or("the body must be a JSON object")?;
     match object.get("name") {
         None => {
@@ -63,9 +62,7 @@ async fn put_rule(State(state): State<AppState>, Path(name): Path<String>, body:
         Ok(rule) => rule,
         Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
     };
-    let store = state.store.clone();
-    let services = tokio::task::spawn_blocking(move || store.services()).await.unwrap_or_default();
-    if let Err(reason) = state.events.validate(&rule, &services) {
+    if let Err(reason) = state.events.validate(&rule, &known_services(&state).await) {
         return error(StatusCode::BAD_REQUEST, reason);
     }
     let events = state.events.clone();

@@ -45,7 +45,8 @@ pub fn routes(state: AppState) -> Router<AppState> {
     admin.merge(agents).merge(reads)
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+/// A JSON error reply, as every admin route (schedules, runs, alert rules) gives.
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
@@ -55,11 +56,11 @@ fn internal(err: anyhow::Error) -> Response {
 }
 
 /// JSON bodies; anything malformed or unknown gets a 400 with serde's reason.
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
     serde_json::from_slice(body).map_err(|err| format!("invalid request body: {err}"))
 }
 
-async fn known_services(state: &AppState) -> Vec<String> {
+pub(crate) async fn known_services(state: &AppState) -> Vec<String> {
     let store = state.store.clone();
     tokio::task::spawn_blocking(move || store.services()).await.unwrap_or_default()
 }
