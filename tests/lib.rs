@@ -81,6 +81,20 @@ impl Agent {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Runs of the BPF programs whose descriptors the agent holds, summed (the kernel
+    /// counts them only while BPF run-time statistics are on).
+    pub fn bpf_runs(&self) -> u64 {
+        let fdinfo = std::fs::read_dir(format!("/proc/{}/fdinfo", self.pid())).expect("agent's fdinfo");
+        fdinfo
+            .filter_map(|fd| std::fs::read_to_string(fd.ok()?.path()).ok())
+            .filter_map(|info| info.lines().find_map(|line| line.strip_prefix("run_cnt:")?.trim().parse::<u64>().ok()))
+            .sum()
+    }
+
     /// Ends the recording now (SIGINT: the agent drains and writes its output), however
     /// long it was asked to record: a loaded machine may stretch the workload.
     pub fn finish(self) {

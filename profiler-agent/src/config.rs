@@ -87,6 +87,7 @@ pub struct SamplingConfig {
     pub user_stack_bytes: u32,
     pub ring_buffer_bytes: u32,
     pub bpf_stats: bool,
+    pub bpf_stats_share: f64,
 }
 
 impl Default for SamplingConfig {
@@ -99,6 +100,7 @@ impl Default for SamplingConfig {
             user_stack_bytes: sampler.user_stack_bytes,
             ring_buffer_bytes: sampler.ring_buffer_bytes,
             bpf_stats: sampler.bpf_stats,
+            bpf_stats_share: sampler.bpf_stats_share,
         }
     }
 }
@@ -209,11 +211,13 @@ impl AgentConfig {
             off_cpu: self.off_cpu.enabled.then_some(OffCpuOptions {
                 min_block: self.off_cpu.min_block,
                 sample_probability: self.off_cpu.sampling,
+                ..OffCpuOptions::default()
             }),
             max_stack_keys: self.sampling.max_stack_keys,
             user_stack_bytes: self.sampling.user_stack_bytes,
             ring_buffer_bytes: self.sampling.ring_buffer_bytes,
             bpf_stats: self.sampling.bpf_stats,
+            bpf_stats_share: self.sampling.bpf_stats_share,
             version_env: self.version_env.clone().unwrap_or_else(crate::process::default_version_env),
             ..SamplerOptions::default()
         }
@@ -280,6 +284,7 @@ impl AgentConfig {
         if self.server.max_attempts == 0 {
             bail!("server.max_attempts must be at least 1");
         }
+        check_bpf_stats_share(self.sampling.bpf_stats_share).context("sampling.bpf_stats_share")?;
         if let Some(bad) = self.version_env.iter().flatten().find(|name| name.is_empty() || name.contains(['=', '\0'])) {
             bail!("version_env: {bad:?} is not an environment variable name");
         }
@@ -289,6 +294,14 @@ impl AgentConfig {
 
 /// The URL must parse and its host must resolve; a server that is merely down is not a
 /// configuration error (windows are spooled until it is back).
+/// A share of the time BPF statistics are on must be in (0, 1].
+pub fn check_bpf_stats_share(share: f64) -> anyhow::Result<()> {
+    if !(share > 0.0 && share <= 1.0) {
+        bail!("must be in (0, 1], got {share} (to turn the statistics off, use bpf_stats = false)");
+    }
+    Ok(())
+}
+
 fn validate_url(url: &str) -> anyhow::Result<()> {
     let parsed = reqwest::Url::parse(url).map_err(|err| anyhow::anyhow!("server.url {url:?} is not a URL: {err}"))?;
     if !matches!(parsed.scheme(), "http" | "https") {

@@ -7,6 +7,7 @@ pub mod aggregate;
 pub mod classify;
 pub mod compare;
 pub mod config;
+pub mod cost;
 pub mod daemon;
 pub mod elf_layout;
 pub mod identity;

@@ -7,6 +7,7 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use profiler_agent::{
     compare::{self, CompareOptions},
@@ -49,6 +50,10 @@ enum Command {
     /// functions that grew most; exit status 1 when one grew by more than
     /// --max-growth points, 2 when an input cannot be read.
     Compare(CompareArgs),
+    /// Internal: the helper that turns BPF statistics on and off for the agent, which
+    /// gives up the privilege to do so itself (see the `cost` module).
+    #[command(name = "bpf-stats-helper", hide = true)]
+    BpfStatsHelper,
 }
 
 #[derive(Args)]
@@ -153,6 +158,11 @@ struct RecordArgs {
     /// program run; without them the programs' cost is not reported).
     #[arg(long)]
     no_bpf_stats: bool,
+    /// Share of the time the BPF run-time statistics are on, in (0, 1]: they come on for
+    /// this share of every 10 s and the programs' cost is estimated from it. 1 keeps them
+    /// on and makes the figures exact.
+    #[arg(long, default_value_t = SamplerOptions::default().bpf_stats_share)]
+    bpf_stats_share: f64,
 }
 
 fn main() -> ExitCode {
@@ -166,6 +176,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Record(args) => run_record(args),
         Command::Run(args) => run_daemon(args),
+        Command::BpfStatsHelper => profiler_agent::cost::serve_helper(),
         Command::Compare(args) => {
             let options = CompareOptions {
                 base: args.base,
@@ -226,6 +237,7 @@ fn run_record(args: RecordArgs) -> anyhow::Result<()> {
     if args.output.is_none() && args.svg.is_none() && args.stats.is_none() {
         anyhow::bail!("nothing to write: pass --output, --svg and/or --stats");
     }
+    profiler_agent::config::check_bpf_stats_share(args.bpf_stats_share).context("--bpf-stats-share")?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone())?;
@@ -239,10 +251,12 @@ fn run_record(args: RecordArgs) -> anyhow::Result<()> {
             off_cpu: args.off_cpu.then_some(OffCpuOptions {
                 min_block: args.off_cpu_min_block,
                 sample_probability: args.off_cpu_sampling,
+                ..OffCpuOptions::default()
             }),
             max_stack_keys: args.max_stack_keys,
             user_stack_bytes: args.user_stack_bytes,
             bpf_stats: !args.no_bpf_stats,
+            bpf_stats_share: args.bpf_stats_share,
             ..SamplerOptions::default()
         },
         comm: args.comm,

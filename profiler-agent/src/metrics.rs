@@ -82,11 +82,11 @@ impl Metrics {
         metric("cpu_seconds_total", "counter", "CPU time used by the agent.", usage.cpu_seconds);
         metric("resident_memory_bytes", "gauge", "Resident memory of the agent, including mapped binaries.", usage.rss_bytes);
         metric("resident_anonymous_bytes", "gauge", "Resident memory of the agent that is its own heap (RssAnon).", usage.anon_bytes);
-        let _ = writeln!(out, "# HELP profiler_agent_bpf_run_time_seconds_total CPU time spent in the agent's BPF programs, in the kernel (BPF statistics).\n# TYPE profiler_agent_bpf_run_time_seconds_total counter");
+        let _ = writeln!(out, "# HELP profiler_agent_bpf_run_time_seconds_total CPU time spent in the agent's BPF programs, in the kernel: from BPF statistics, estimated every 10 s from the share of the time they are on (sampling.bpf_stats_share).\n# TYPE profiler_agent_bpf_run_time_seconds_total counter");
         for (name, ns) in crate::sample::PROGRAMS.iter().zip(&self.bpf_run_time_ns) {
             let _ = writeln!(out, "profiler_agent_bpf_run_time_seconds_total{{program=\"{name}\"}} {}", get(ns) / 1e9);
         }
-        let _ = writeln!(out, "# HELP profiler_agent_bpf_runs_total Runs of the agent's BPF programs.\n# TYPE profiler_agent_bpf_runs_total counter");
+        let _ = writeln!(out, "# HELP profiler_agent_bpf_runs_total Runs of the agent's BPF programs, estimated like the run time.\n# TYPE profiler_agent_bpf_runs_total counter");
         for (name, runs) in crate::sample::PROGRAMS.iter().zip(&self.bpf_runs) {
             let _ = writeln!(out, "profiler_agent_bpf_runs_total{{program=\"{name}\"}} {}", get(runs));
         }

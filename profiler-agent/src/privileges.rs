@@ -66,7 +66,7 @@ pub fn drop_capabilities() -> anyhow::Result<()> {
     if threads != 1 {
         bail!("capabilities must be dropped while the agent has one thread, it has {threads}: the others would keep theirs");
     }
-    let wanted: CapsHashSet = RUNTIME_CAPABILITIES.iter().map(|(cap, _)| *cap).collect();
+    let wanted: Vec<Capability> = RUNTIME_CAPABILITIES.iter().map(|(cap, _)| *cap).collect();
     let permitted =
         caps::read(None, CapSet::Permitted).context("reading the permitted capabilities")?;
     for (cap, purpose) in RUNTIME_CAPABILITIES {
@@ -74,7 +74,26 @@ pub fn drop_capabilities() -> anyhow::Result<()> {
             tracing::warn!(capability = %cap, needed_for = purpose, "started without a capability sampling needs");
         }
     }
+    keep_only(&wanted)?;
 
+    let read = |set| caps::read(None, set).map(|caps| names(&caps));
+    tracing::info!(
+        effective = %read(CapSet::Effective)?,
+        permitted = %read(CapSet::Permitted)?,
+        bounding = %read(CapSet::Bounding)?,
+        no_new_privs = true,
+        "capabilities dropped to what sampling needs"
+    );
+    Ok(())
+}
+
+/// Keeps only those of `wanted` the calling thread has, in its effective, permitted and
+/// bounding sets (the bounding set only with CAP_SETPCAP), clears the inheritable and
+/// ambient sets and sets no_new_privs.
+pub fn keep_only(wanted: &[Capability]) -> anyhow::Result<()> {
+    let wanted: CapsHashSet = wanted.iter().copied().collect();
+    let permitted =
+        caps::read(None, CapSet::Permitted).context("reading the permitted capabilities")?;
     let bounding = caps::read(None, CapSet::Bounding).context("reading the bounding set")?;
     let extra: CapsHashSet = bounding.difference(&wanted).copied().collect();
     if !extra.is_empty() {
@@ -99,15 +118,6 @@ pub fn drop_capabilities() -> anyhow::Result<()> {
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(std::io::Error::last_os_error()).context("setting no_new_privs");
     }
-
-    let read = |set| caps::read(None, set).map(|caps| names(&caps));
-    tracing::info!(
-        effective = %read(CapSet::Effective)?,
-        permitted = %read(CapSet::Permitted)?,
-        bounding = %read(CapSet::Bounding)?,
-        no_new_privs = true,
-        "capabilities dropped to what sampling needs"
-    );
     Ok(())
 }
 

@@ -36,6 +36,7 @@ impl Run {
         let off_cpu = self.settings.off_cpu.then(|| OffCpuOptions {
             min_block: baseline.off_cpu.as_ref().map_or_else(|| OffCpuOptions::default().min_block, |o| o.min_block),
             sample_probability: self.settings.off_cpu_sampling.clamp(1e-4, 1.0),
+            ..OffCpuOptions::default()
         });
         Settings {
             frequency_hz: self.settings.frequency_hz.clamp(1, limits.max_frequency_hz),

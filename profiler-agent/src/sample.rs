@@ -35,6 +35,7 @@ use profiler_common::{
 };
 
 use crate::{
+    cost::RunStats,
     process::ProcessTable,
     unwind::{Outcome, UnwindCounts, Unwinder},
 };
@@ -74,9 +75,12 @@ pub struct SamplerOptions {
     /// or 0 for 1 MiB per CPU between 4 and 64 MiB. The agent maps it, so it counts in the
     /// agent's resident memory once written.
     pub ring_buffer_bytes: u32,
-    /// Keep the kernel's BPF run-time statistics on (`BPF_ENABLE_STATS`), so the agent
-    /// can report what its programs cost. Costs two clock reads per program run.
+    /// Turn the kernel's BPF run-time statistics on (`BPF_ENABLE_STATS`), so the agent
+    /// can report what its programs cost. Costs two clock reads per program run while on.
     pub bpf_stats: bool,
+    /// Share of the time they are on, in (0, 1]; the costs are estimated from it (see
+    /// [`crate::cost`]). 1 keeps them on and the costs exact.
+    pub bpf_stats_share: f64,
     /// Threads that can be off-CPU at once and still be attributed.
     pub max_switched_out: u32,
     /// Environment variables a process's `version` label is read from, first set wins;
@@ -94,6 +98,7 @@ impl Default for SamplerOptions {
             user_stack_bytes: MAX_USER_STACK as u32,
             ring_buffer_bytes: 0,
             bpf_stats: true,
+            bpf_stats_share: 0.1,
             max_switched_out: 65536,
             version_env: crate::process::default_version_env(),
         }
@@ -107,6 +112,10 @@ pub struct OffCpuOptions {
     /// Probability of recording a switch-out, in (0, 1]. Recorded waits are weighted by its
     /// inverse, so totals stay unbiased.
     pub sample_probability: f64,
+    /// Switch-outs each CPU records per 10 ms at `sample_probability` before the rest of
+    /// those 10 ms records at 1/64 of it (0: no limit). The session sets it from its
+    /// budget, for the bursts rate control has not caught up with yet.
+    pub burst_quota: u32,
 }
 
 impl Default for OffCpuOptions {
@@ -114,6 +123,7 @@ impl Default for OffCpuOptions {
         Self {
             min_block: Duration::from_micros(1000),
             sample_probability: 1.0,
+            burst_quota: 0,
         }
     }
 }
@@ -198,8 +208,8 @@ pub struct Sampler {
     perf_links: Vec<PerfEventLinkId>,
     off_cpu_link: Option<RawTracePointLinkId>,
     off_cpu_loaded: bool,
-    /// Holds the kernel's BPF run-time statistics on while the sampler lives.
-    run_stats: Option<std::os::fd::OwnedFd>,
+    /// The kernel's BPF run-time statistics, on a share of the time while the sampler lives.
+    run_stats: Option<RunStats>,
     pub period_ns: u64,
 }
 
@@ -294,11 +304,15 @@ impl Sampler {
             perf_links: Vec::new(),
             off_cpu_link: None,
             off_cpu_loaded: false,
-            run_stats: options.bpf_stats.then(enable_run_stats).flatten(),
+            run_stats: None,
             period_ns: 0,
         };
         sampler.set_frequency(options.frequency_hz)?;
         sampler.set_off_cpu(options.off_cpu.as_ref())?;
+        if options.bpf_stats {
+            let bpf = &sampler.bpf;
+            sampler.run_stats = RunStats::start(options.bpf_stats_share, || kernel_costs(bpf));
+        }
         Ok(sampler)
     }
 
@@ -351,6 +365,7 @@ impl Sampler {
                 self.config.offcpu_sample_threshold = threshold;
                 self.config.offcpu_weight_q16 = weight;
                 self.config.offcpu_min_ns = off.min_block.as_nanos() as u64;
+                self.config.offcpu_burst_quota = off.burst_quota;
                 self.config_map.set(0, self.config, 0)?;
                 if self.off_cpu_link.is_none() {
                     if !self.off_cpu_loaded {
@@ -431,20 +446,19 @@ impl Sampler {
         self.parents.as_ref()?.get(&pid, 0).ok()
     }
 
-    /// Run time and runs of each loaded program, by index in [`PROGRAMS`], when BPF
-    /// statistics are on.
+    /// Run time and runs of each program, by index in [`PROGRAMS`], when BPF statistics
+    /// are on (see [`RunStats::costs`]).
     pub fn program_costs(&self) -> Vec<(usize, ProgramCost)> {
-        if self.run_stats.is_none() {
-            return Vec::new();
+        let Some(stats) = &self.run_stats else { return Vec::new() };
+        stats.costs(|| kernel_costs(&self.bpf)).into_iter().enumerate().collect()
+    }
+
+    /// Turns BPF statistics on or off when their time comes; call every tick.
+    pub fn tick_run_stats(&mut self) {
+        let bpf = &self.bpf;
+        if let Some(stats) = self.run_stats.as_mut() {
+            stats.tick(|| kernel_costs(bpf));
         }
-        PROGRAMS
-            .into_iter()
-            .enumerate()
-            .filter_map(|(index, name)| {
-                let info = self.bpf.program(name)?.info().ok()?;
-                Some((index, ProgramCost { run_time_ns: info.run_time().as_nanos() as u64, runs: info.run_count() }))
-            })
-            .collect()
     }
 
     /// Records the agent itself lost: stacks beyond `max_stack_keys`, wait ends whose
@@ -489,14 +503,14 @@ fn child_pid_offset(format: &str) -> Option<u32> {
     line.contains("size:4;").then_some(offset)
 }
 
-fn enable_run_stats() -> Option<std::os::fd::OwnedFd> {
-    match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
-        Ok(fd) => Some(fd),
-        Err(err) => {
-            tracing::warn!("cannot enable BPF run-time statistics, the programs' cost is not reported: {err}");
-            None
-        }
-    }
+/// The kernel's run-time counters of each program, zero for one not loaded.
+fn kernel_costs(bpf: &Ebpf) -> [ProgramCost; PROGRAMS.len()] {
+    PROGRAMS.map(|name| {
+        bpf.program(name)
+            .and_then(|program| program.info().ok())
+            .map(|info| ProgramCost { run_time_ns: info.run_time().as_nanos() as u64, runs: info.run_count() })
+            .unwrap_or_default()
+    })
 }
 
 fn ring_buffer_bytes(requested: u32) -> anyhow::Result<u32> {

@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use profiler_common::Stat;
+use profiler_common::{Stat, BURST_SLOT_NS};
 
 use crate::{
     process::ProcessTable,
@@ -46,6 +46,18 @@ pub struct OffCpuBudget {
 impl OffCpuBudget {
     /// No rate control: "every switch" means exactly that.
     pub const UNLIMITED: Self = Self { switches_per_s: u64::MAX, kernel_cpu_per_s: Duration::MAX };
+
+    /// Switch-outs each CPU may record per 10 ms before the kernel lowers the probability
+    /// on its own (0: never): twice its share of the budget, so steady recording under
+    /// rate control stays clear of it and a burst records about 1/64 of its switches
+    /// until rate control's next tick, instead of all of them.
+    pub fn burst_quota(&self, cpus: usize) -> u32 {
+        if self.switches_per_s == u64::MAX {
+            return 0;
+        }
+        let per_cpu_slot = self.switches_per_s as f64 * 2.0 * (BURST_SLOT_NS as f64 / 1e9) / cpus.max(1) as f64;
+        per_cpu_slot.ceil().clamp(1.0, u32::MAX as f64) as u32
+    }
 }
 
 impl Default for OffCpuBudget {
@@ -155,6 +167,7 @@ impl Session {
             if now >= until || stop.load(Ordering::Relaxed) {
                 break;
             }
+            self.sampler.tick_run_stats();
             if let Some(rate) = self.rate.as_mut() {
                 if rate.due() {
                     if let Some(probability) = rate.tick(RateCounters::read(&self.sampler)?, Instant::now()) {
@@ -278,14 +291,15 @@ fn host_context_switches() -> anyhow::Result<u64> {
 
 /// The off-CPU options to attach with: the probability that fits the budget at the
 /// host's switch rate now (measured over 100 ms), so tracing does not start by recording
-/// every switch for the second before rate control's first tick.
+/// every switch until rate control's first tick, and the burst quota of the budget.
 fn starting_point(off_cpu: Option<&OffCpuOptions>, budget: &OffCpuBudget) -> anyhow::Result<Option<OffCpuOptions>> {
     let Some(off) = off_cpu else { return Ok(None) };
     let (before, since) = (host_context_switches()?, Instant::now());
     thread::sleep(Duration::from_millis(100));
     let rate = host_context_switches()?.saturating_sub(before) as f64 / since.elapsed().as_secs_f64();
     let probability = (budget.switches_per_s as f64 / rate.max(1.0)).clamp(MIN_PROBABILITY, off.sample_probability);
-    Ok(Some(OffCpuOptions { sample_probability: probability, ..off.clone() }))
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    Ok(Some(OffCpuOptions { sample_probability: probability, burst_quota: budget.burst_quota(cpus), ..off.clone() }))
 }
 
 /// Keeps off-CPU recording under its [`OffCpuBudget`] by lowering the sampling

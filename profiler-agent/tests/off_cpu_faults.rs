@@ -26,7 +26,7 @@ fn start(options: SamplerOptions) -> Sampler {
 }
 
 fn every_switch(min_block: Duration) -> OffCpuOptions {
-    OffCpuOptions { min_block, sample_probability: 1.0 }
+    OffCpuOptions { min_block, sample_probability: 1.0, ..OffCpuOptions::default() }
 }
 
 fn own_process(off_cpu: OffCpuOptions) -> SamplerOptions {
@@ -121,17 +121,17 @@ fn context_switches(tid: u32) -> u64 {
         .sum()
 }
 
-/// Two threads hand a token back and forth, thousands of switches per second, while the
-/// windows are drained every 100 ms. With every switch recorded and no minimum, each of a
-/// thread's context switches (the kernel's own count) is one wait, and the waits add up to
-/// its lifetime minus its CPU time (its schedstat): a wait lost at a drain, or a switch-in
-/// lost under load, would show.
-#[test]
-fn heavy_switching_loses_no_wait_across_drains() {
-    let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let mut options = own_process(every_switch(Duration::ZERO));
-    options.ring_buffer_bytes = 64 << 20;
-    let mut sampler = start(options);
+/// One of the two threads of [`ping_pong`], once done: its context switches, how long it
+/// lived and its CPU time (ns).
+struct Player {
+    tid: u32,
+    switches: u64,
+    lifetime: Duration,
+    on_cpu: u64,
+}
+
+/// Two threads that hand a token back and forth `turns` times, spinning `spin` per turn.
+fn ping_pong(turns: u32, spin: Duration) -> [thread::JoinHandle<Player>; 2] {
     let (ping_tx, ping_rx) = mpsc::sync_channel::<u32>(0);
     let (pong_tx, pong_rx) = mpsc::sync_channel::<u32>(0);
     let player = |receive: mpsc::Receiver<u32>, send: mpsc::SyncSender<u32>, serve: bool| {
@@ -143,24 +143,71 @@ fn heavy_switching_loses_no_wait_across_drains() {
                 send.send(0).unwrap();
             }
             while let Ok(round) = receive.recv() {
-                // A little work per turn, so records flow at thousands, not millions, per second.
-                let spin = Instant::now();
-                while spin.elapsed() < Duration::from_micros(200) {}
-                if round >= 10_000 || send.send(round + 1).is_err() {
+                let spun = Instant::now();
+                while spun.elapsed() < spin {}
+                if round >= turns || send.send(round + 1).is_err() {
                     break;
                 }
             }
             let lifetime = start.elapsed();
             let switches = context_switches(tid) - switches_before;
             let schedstat = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).unwrap();
-            let on_cpu: u64 = schedstat.split_whitespace().next().unwrap().parse().unwrap();
-            (tid, switches, lifetime, on_cpu)
+            let on_cpu = schedstat.split_whitespace().next().unwrap().parse().unwrap();
+            Player { tid, switches, lifetime, on_cpu }
         })
     };
-    let ping = player(ping_rx, pong_tx, false);
-    let pong = player(pong_rx, ping_tx, true);
+    [player(ping_rx, pong_tx, false), player(pong_rx, ping_tx, true)]
+}
+
+/// A burst of switches on a CPU beyond its quota is recorded at 1/64 of the probability
+/// for the rest of the 10 ms, each record weighted to match: far fewer records than
+/// switches, and each thread's off-CPU total still what it was (its lifetime minus its
+/// CPU time).
+#[test]
+fn a_burst_over_the_quota_is_recorded_less_and_weighted_to_match() {
+    let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let off_cpu = OffCpuOptions { burst_quota: 4, ..every_switch(Duration::ZERO) };
+    let mut sampler = start(own_process(off_cpu));
+    let players = ping_pong(40_000, Duration::from_micros(20));
     let mut windows = Vec::new();
-    while !(ping.is_finished() && pong.is_finished()) {
+    while !players.iter().all(thread::JoinHandle::is_finished) {
+        windows.push(sampler.drain().unwrap());
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_millis(100));
+    windows.push(sampler.drain().unwrap());
+    let total = |stat| windows.iter().map(|w: &RawWindow| w.stats.get(stat)).sum::<u64>();
+    let (recorded, throttled) = (total(Stat::SwitchOutsRecorded), total(Stat::SwitchOutsThrottled));
+    let mut all_switches = 0;
+    for player in players {
+        let Player { tid, switches, lifetime, on_cpu } = player.join().unwrap();
+        let (ns, waits) = windows.iter().map(|w| off_cpu_of(w, tid)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        let expected = lifetime.as_nanos() as f64 - on_cpu as f64;
+        eprintln!("thread {tid}: {waits} waits recorded of {switches} switches, {:.3} s off-CPU, lifetime - CPU time {:.3} s", ns as f64 / 1e9, expected / 1e9);
+        assert!((ns as f64 - expected).abs() <= expected * 0.15, "thread {tid}: waits add up to {ns} ns, expected {expected:.0} ns");
+        all_switches += switches;
+    }
+    eprintln!("{recorded} switch-outs recorded, {throttled} of them throttled, of {all_switches} switches");
+    assert!(recorded * 10 <= all_switches, "{recorded} switch-outs recorded of {all_switches}");
+    assert!(throttled > 0 && throttled < recorded);
+}
+
+/// Two threads hand a token back and forth, thousands of switches per second, while the
+/// windows are drained every 100 ms. With every switch recorded and no minimum, each of a
+/// thread's context switches (the kernel's own count) is one wait, and the waits add up to
+/// its lifetime minus its CPU time (its schedstat): a wait lost at a drain, or a switch-in
+/// lost under load, would show.
+#[test]
+fn heavy_switching_loses_no_wait_across_drains() {
+    let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut options = own_process(every_switch(Duration::ZERO));
+    options.ring_buffer_bytes = 64 << 20;
+    let mut sampler = start(options);
+    // A little work per turn, so records flow at thousands, not millions, per second.
+    let players = ping_pong(10_000, Duration::from_micros(200));
+    let mut windows = Vec::new();
+    while !players.iter().all(thread::JoinHandle::is_finished) {
+        windows.push(sampler.drain().unwrap());
         thread::sleep(Duration::from_millis(100));
     }
     thread::sleep(Duration::from_millis(100));
@@ -172,7 +219,8 @@ fn heavy_switching_loses_no_wait_across_drains() {
     let losses = sampler.agent_losses();
     assert_eq!(losses.wait_without_snapshot, 0, "wait ends without their switch-out");
     let mut all_switches = 0;
-    for (tid, switches, lifetime, on_cpu) in [ping.join().unwrap(), pong.join().unwrap()] {
+    for player in players {
+        let Player { tid, switches, lifetime, on_cpu } = player.join().unwrap();
         let (ns, waits) = windows.iter().map(|w| off_cpu_of(w, tid)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
         let expected = lifetime.as_nanos() as f64 - on_cpu as f64;
         eprintln!(

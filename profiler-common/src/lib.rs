@@ -166,6 +166,28 @@ pub struct Config {
     /// Offset of `child_pid` in the `sched_process_fork` tracepoint's record, read from
     /// tracefs at load time (the record's layout changed across kernels).
     pub fork_child_pid_offset: u32,
+    /// Switch-outs each CPU records per [`BURST_SLOT_NS`] at the full probability; past
+    /// it, the rest of the slot records at 2^-[`BURST_SHIFT`] of it with the weight to
+    /// match. Zero: no limit.
+    pub offcpu_burst_quota: u32,
+    pub _pad: u32,
+}
+
+/// The slot [`Config::offcpu_burst_quota`] counts in. Rate control in the agent adjusts
+/// the probability every 100 ms; this keeps the first of a burst of switches (a load
+/// starting on an idle host) from being recorded at the idle host's probability.
+pub const BURST_SLOT_NS: u64 = 10_000_000;
+/// A CPU over its quota records at 1/64 of the probability for the rest of the slot.
+/// Which probability applies is decided by switch-outs already recorded, before the
+/// draw, so weighting each record by its own inverse probability keeps totals unbiased.
+pub const BURST_SHIFT: u32 = 6;
+
+/// Per-CPU state of the burst limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BurstSlot {
+    pub start_ns: u64,
+    pub recorded: u64,
 }
 
 /// Indices of the per-CPU `STATS` counters.
@@ -190,10 +212,12 @@ pub enum Stat {
     /// Recorded switch-outs whose switch-in the kernel never reported: found at the task's
     /// next switch-out and dropped, since the wait's end is unknown.
     SwitchInMissed,
+    /// Switch-outs recorded at the reduced probability of a CPU over its burst quota.
+    SwitchOutsThrottled,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Samples,
         Stat::SampleRingFull,
@@ -205,6 +229,7 @@ impl Stat {
         Stat::OffCpuBelowMin,
         Stat::SwitchOutRecordNs,
         Stat::SwitchInMissed,
+        Stat::SwitchOutsThrottled,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -219,6 +244,7 @@ impl Stat {
             Stat::OffCpuBelowMin => "offcpu_below_min",
             Stat::SwitchOutRecordNs => "switch_out_record_ns",
             Stat::SwitchInMissed => "switch_in_missed",
+            Stat::SwitchOutsThrottled => "switch_outs_throttled",
         }
     }
 }

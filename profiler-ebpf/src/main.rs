@@ -32,7 +32,7 @@ mod programs {
         EbpfContext,
     };
     use profiler_common::{
-        pending_slot, reported_state, Config, StackSnapshot, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE,
+        pending_slot, reported_state, BurstSlot, Config, BURST_SHIFT, BURST_SLOT_NS, StackSnapshot, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE,
         EVENT_SWITCH_OUT, EVENT_WAIT_END, MAX_STACK_DEPTH, MAX_USER_STACK, PENDING_SLOTS, RAW_TASK_DEAD,
         USER_STACK_CHUNK, USER_STACK_CLASSES,
     };
@@ -51,6 +51,9 @@ mod programs {
     #[map]
     static SWITCH_OUT: HashMap<u64, SwitchOut> = HashMap::with_max_entries(32768, 0);
     /// See [`PENDING_SLOTS`]: read on every switch-in, written only by recorded switches.
+    /// Each CPU's count of switch-outs recorded in its current burst slot.
+    #[map]
+    static BURST: PerCpuArray<BurstSlot> = PerCpuArray::with_max_entries(1, 0);
     #[map]
     static PENDING: Array<u64> = Array::with_max_entries(PENDING_SLOTS, 0);
     /// Bytes of user stack each thread needs copied, learnt by the agent from complete
@@ -266,7 +269,8 @@ mod programs {
             atomic_add(pending, u64::MAX);
             count(Stat::SwitchInMissed);
         }
-        if unsafe { bpf_get_prandom_u32() } > cfg.offcpu_sample_threshold {
+        let draw = unsafe { bpf_get_prandom_u32() };
+        if draw > cfg.offcpu_sample_threshold {
             return;
         }
         // `current` is still `prev`; tid 0 is the idle task, which does not wait.
@@ -282,7 +286,8 @@ mod programs {
             return;
         }
         let now = unsafe { bpf_ktime_get_ns() };
-        let out = SwitchOut { ts_ns: now, weight_q16: cfg.offcpu_weight_q16, tid, _pad: 0 };
+        let Some(weight_q16) = burst_weight(cfg, draw, now) else { return };
+        let out = SwitchOut { ts_ns: now, weight_q16, tid, _pad: 0 };
         if SWITCH_OUT.insert(&task, &out, 0).is_err() {
             count(Stat::SwitchOutMapFull);
             return;
@@ -299,6 +304,30 @@ mod programs {
         atomic_add(pending, 1);
         count(Stat::SwitchOutsRecorded);
         add(Stat::SwitchOutRecordNs, unsafe { bpf_ktime_get_ns() }.saturating_sub(now));
+    }
+
+    /// The weight of a switch-out drawn with `draw`, or None when this CPU is over its
+    /// burst quota and the draw misses the reduced probability (see [`BURST_SHIFT`]).
+    #[inline(always)]
+    fn burst_weight(cfg: &Config, draw: u32, now: u64) -> Option<u64> {
+        if cfg.offcpu_burst_quota == 0 {
+            return Some(cfg.offcpu_weight_q16);
+        }
+        let slot = unsafe { &mut *BURST.get_ptr_mut(0)? };
+        if now.wrapping_sub(slot.start_ns) >= BURST_SLOT_NS {
+            slot.start_ns = now;
+            slot.recorded = 0;
+        }
+        let mut weight_q16 = cfg.offcpu_weight_q16;
+        if slot.recorded >= cfg.offcpu_burst_quota as u64 {
+            if draw > cfg.offcpu_sample_threshold >> BURST_SHIFT {
+                return None;
+            }
+            weight_q16 <<= BURST_SHIFT;
+            count(Stat::SwitchOutsThrottled);
+        }
+        slot.recorded += 1;
+        Some(weight_q16)
     }
 
     #[inline(always)]

@@ -3,6 +3,7 @@
 use std::{
     io::Write as _,
     process::{Command, Stdio},
+    time::Duration,
 };
 
 use profiler_tests::{Agent, PerfRecord, binary, exclusive, perf_folded, read_folded, require_root, self_shares, sum_where};
@@ -86,20 +87,52 @@ fn top_functions_agree_with_perf() {
 }
 
 /// The agent reports what its BPF programs cost in the kernel (BPF run-time statistics):
-/// one run per sample, and a run time that is neither zero nor absurd.
+/// with the statistics always on, one run per sample at least, and a run time that is
+/// neither zero nor absurd.
 #[test]
 fn in_kernel_cost_is_reported() {
     let _serial = exclusive();
+    let (runs, time_ns, samples) = recorded_cost(&["--duration", "300s", "--bpf-stats-share", "1"], &["burn", "1"], |_| {});
+    assert!(runs >= samples && samples > 0, "{runs} runs for {samples} samples");
+    let per_run = time_ns as f64 / runs as f64;
+    assert!(per_run > 100.0 && per_run < 1e6, "{per_run} ns per run");
+}
+
+/// At default settings the statistics are on a tenth of the time (the first second of
+/// every ten: the kernel counts no run from 3 to 8 s), and the cost is estimated from it:
+/// two 10 s cycles of both CPUs burning, whose samples the estimate of runs must match.
+#[test]
+fn in_kernel_cost_is_estimated_from_a_share_of_the_time() {
+    let _serial = exclusive();
+    let (runs, time_ns, samples) = recorded_cost(&["--duration", "20s"], &["burn", "21", "2"], |agent| {
+        std::thread::sleep(Duration::from_secs(3));
+        let early = agent.bpf_runs();
+        std::thread::sleep(Duration::from_secs(5));
+        let later = agent.bpf_runs();
+        assert!(early > 0, "no run counted while the statistics were on");
+        assert_eq!(early, later, "runs counted while the statistics should be off");
+    });
+    let ratio = runs as f64 / samples as f64;
+    assert!((0.75..=1.25).contains(&ratio), "estimated {runs} runs for {samples} samples");
+    let per_run = time_ns as f64 / runs as f64;
+    assert!(per_run > 100.0 && per_run < 1e6, "{per_run} ns per run");
+}
+
+/// Runs of `on_cpu_sample`, their run time and the samples of a recording over `workload`,
+/// during which `watch` looks at the agent.
+fn recorded_cost(record: &[&str], workload: &[&str], watch: impl FnOnce(&Agent)) -> (u64, u64, u64) {
     let dir = tempfile::tempdir().unwrap();
     let stats = dir.path().join("stats.json");
-    let agent = Agent::record(&["--duration", "300s", "-o", "/dev/null", "--stats", stats.to_str().unwrap()]);
-    profiler_tests::run_workload(&["burn", "1"]);
+    let agent = Agent::record(&[record, &["-o", "/dev/null", "--stats", stats.to_str().unwrap()]].concat());
+    std::thread::scope(|scope| {
+        scope.spawn(|| profiler_tests::run_workload(workload));
+        watch(&agent);
+    });
+    // A recording whose duration ended before the workload did has exited already.
     agent.finish();
     let stats: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
     let counter = |name: &str| stats["counters"][name].as_u64().unwrap_or_else(|| panic!("no counter {name} in {stats}"));
     let (runs, time_ns, samples) = (counter("bpf_on_cpu_sample_runs"), counter("bpf_on_cpu_sample_run_time_ns"), counter("samples"));
     eprintln!("on_cpu_sample: {runs} runs, {:.0} ns per run, {samples} samples", time_ns as f64 / runs.max(1) as f64);
-    assert!(runs >= samples && samples > 0, "{runs} runs for {samples} samples");
-    let per_run = time_ns as f64 / runs as f64;
-    assert!(per_run > 100.0 && per_run < 1e6, "{per_run} ns per run");
+    (runs, time_ns, samples)
 }

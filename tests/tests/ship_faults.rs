@@ -418,6 +418,31 @@ fn assert_capabilities(pid: u32, bounding_dropped: bool) {
     }
 }
 
+/// The agent's child that turns BPF run-time statistics on and off keeps CAP_SYS_ADMIN,
+/// which that takes, and nothing else.
+fn assert_stats_helper(agent: u32) {
+    let helpers: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            status.lines().any(|line| line.split_whitespace().eq(["PPid:".to_string(), agent.to_string()]))
+                && String::from_utf8_lossy(&cmdline).contains("bpf-stats-helper")
+        })
+        .collect();
+    assert_eq!(helpers.len(), 1, "the agent's statistics helpers: {helpers:?}");
+    let (_, status) = thread_statuses(helpers[0]).remove(0);
+    let set = |name: &str| capability_names(u64::from_str_radix(&status[name], 16).unwrap());
+    let sys_admin = vec!["capability 21".to_string()];
+    for name in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(set(name), sys_admin, "{name} of the statistics helper");
+    }
+    assert_eq!(set("CapInh"), Vec::<String>::new());
+    assert_eq!(set("CapAmb"), Vec::<String>::new());
+    assert_eq!(status["NoNewPrivs"], "1", "no_new_privs of the statistics helper");
+}
+
 /// (soft, hard) limits on open files of a process.
 fn open_files_limit(pid: u32) -> (u64, u64) {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
@@ -440,6 +465,7 @@ fn after_loading_only_the_runtime_capabilities_are_left_and_both_kinds_are_profi
     let server = FakeServer::start(|_| 200);
     let daemon = Daemon::start(&config(dir.path(), &server.url, ""));
     assert_capabilities(daemon.pid(), true);
+    assert_stats_helper(daemon.pid());
 
     let mut ours = libc::rlimit {
         rlim_cur: 0,
