@@ -463,4 +463,14 @@ mod tests {
         let busy = RateCounters { switches: 2_000_000, record_ns: 4_000_000_000 };
         assert_eq!(rate.tick(busy, rate.last + Duration::from_secs(1)), None);
     }
+
+    /// The kernel's burst quota is twice a CPU's share of the budget per 10 ms: steady
+    /// recording under rate control stays below it; "every switch" has none.
+    #[test]
+    fn burst_quota_follows_the_budget() {
+        assert_eq!(OffCpuBudget::default().burst_quota(2), 40);
+        assert_eq!(OffCpuBudget::default().burst_quota(64), 2);
+        assert_eq!(OffCpuBudget { switches_per_s: 10, ..OffCpuBudget::default() }.burst_quota(8), 1);
+        assert_eq!(OffCpuBudget::UNLIMITED.burst_quota(2), 0);
+    }
 }
