@@ -113,7 +113,7 @@ fn in_kernel_cost_is_estimated_from_a_share_of_the_time() {
         assert_eq!(early, later, "runs counted while the statistics should be off");
     });
     let ratio = runs as f64 / samples as f64;
-    assert!((0.75..=1.25).contains(&ratio), "estimated {runs} runs for {samples} samples");
+    assert!((0.7..=1.3).contains(&ratio), "estimated {runs} runs for {samples} samples");
     let per_run = time_ns as f64 / runs as f64;
     assert!(per_run > 100.0 && per_run < 1e6, "{per_run} ns per run");
 }
