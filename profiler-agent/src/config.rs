@@ -292,8 +292,6 @@ impl AgentConfig {
     }
 }
 
-/// The URL must parse and its host must resolve; a server that is merely down is not a
-/// configuration error (windows are spooled until it is back).
 /// A share of the time BPF statistics are on must be in (0, 1].
 pub fn check_bpf_stats_share(share: f64) -> anyhow::Result<()> {
     if !(share > 0.0 && share <= 1.0) {
@@ -302,6 +300,8 @@ pub fn check_bpf_stats_share(share: f64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The URL must parse and its host must resolve; a server that is merely down is not a
+/// configuration error (windows are spooled until it is back).
 fn validate_url(url: &str) -> anyhow::Result<()> {
     let parsed = reqwest::Url::parse(url).map_err(|err| anyhow::anyhow!("server.url {url:?} is not a URL: {err}"))?;
     if !matches!(parsed.scheme(), "http" | "https") {

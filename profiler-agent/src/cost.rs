@@ -31,9 +31,9 @@ pub const CYCLE: Duration = Duration::from_secs(10);
 /// The hidden subcommand the helper runs as.
 pub const HELPER_COMMAND: &str = "bpf-stats-helper";
 
-/// Turns the kernel's BPF run-time statistics on for the process's lifetime: they stay on
-/// while the returned descriptor is open.
-pub fn enable() -> anyhow::Result<OwnedFd> {
+/// Turns the kernel's BPF run-time statistics on: they stay on while the returned
+/// descriptor is open.
+fn enable() -> anyhow::Result<OwnedFd> {
     aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|err| anyhow::anyhow!("BPF_ENABLE_STATS: {err}"))
 }
 
@@ -154,7 +154,7 @@ impl Helper {
 
 impl Drop for Helper {
     fn drop(&mut self) {
-        // Closing its input ends it; the kill is for a helper stuck in the kernel.
+        // It would exit once its input closes; the kill spares waiting for that.
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

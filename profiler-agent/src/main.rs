@@ -52,7 +52,7 @@ enum Command {
     Compare(CompareArgs),
     /// Internal: the helper that turns BPF statistics on and off for the agent, which
     /// gives up the privilege to do so itself (see the `cost` module).
-    #[command(name = "bpf-stats-helper", hide = true)]
+    #[command(name = profiler_agent::cost::HELPER_COMMAND, hide = true)]
     BpfStatsHelper,
 }
 
