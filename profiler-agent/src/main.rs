@@ -150,8 +150,9 @@ struct RecordArgs {
     /// Distinct (thread, stack) entries per window before samples are counted as lost.
     #[arg(long, default_value_t = SamplerOptions::default().max_stack_keys)]
     max_stack_keys: u32,
-    /// Bytes of user stack copied per sample for unwinding (at most 16384). Deeper
-    /// stacks are cut where the copy ends.
+    /// Most bytes of user stack copied per sample for unwinding (at most 65536; a thread
+    /// gets 16384 until its unwinds show what it needs). Deeper stacks are cut where the
+    /// copy ends.
     #[arg(long, default_value_t = SamplerOptions::default().user_stack_bytes)]
     user_stack_bytes: u32,
     /// Leave the kernel's BPF run-time statistics off (they cost two clock reads per

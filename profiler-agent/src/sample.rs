@@ -68,8 +68,9 @@ pub struct SamplerOptions {
     pub off_cpu: Option<OffCpuOptions>,
     /// Distinct stacks aggregated per window; samples of further stacks are counted lost.
     pub max_stack_keys: u32,
-    /// Bytes of user stack copied per snapshot (rounded down to 1 KiB, at most 16 KiB).
-    /// Deeper stacks are unwound as far as the copy reaches.
+    /// Most bytes of user stack copied per snapshot (rounded down to 1 KiB, at most 64
+    /// KiB). A thread gets 16 KiB until its unwinds show what it needs (less, or up to
+    /// this). Deeper stacks are unwound as far as the copy reaches.
     pub user_stack_bytes: u32,
     /// Size of the kernel ring buffer the snapshots pass through, in bytes: a power of two,
     /// or 0 for 1 MiB per CPU between 4 and 64 MiB. The agent maps it, so it counts in the

@@ -9,7 +9,11 @@ pub const MAX_STACK_DEPTH: usize = 127;
 
 /// Bytes of user stack one snapshot can hold. Copied from the stack pointer upwards, so
 /// the user-space unwinder can walk `.eh_frame` rules of code without frame pointers.
-pub const MAX_USER_STACK: usize = 16384;
+/// Deep call chains (a compiler's recursive passes, parsers, deep frameworks) need tens of
+/// KiB; a thread gets this much only once a shorter copy was found too short for it.
+pub const MAX_USER_STACK: usize = 65536;
+/// What a thread whose needs are not learnt yet gets copied.
+pub const UNLEARNT_USER_STACK: u32 = 16384;
 /// The copy falls back to chunks of this size when the whole range is not readable (the
 /// top of a stack mapping is closer than the configured size).
 pub const USER_STACK_CHUNK: usize = 1024;
@@ -22,7 +26,7 @@ pub const EVENT_WAIT_END: u32 = 3;
 /// Sizes of user stack a snapshot record can carry. Ring buffer records have a fixed size
 /// per type, so a thread that needs a 3 KiB copy takes a 4 KiB record, not a 16 KiB one:
 /// four times as many snapshots fit in the buffer.
-pub const USER_STACK_CLASSES: [usize; 3] = [4096, 8192, MAX_USER_STACK];
+pub const USER_STACK_CLASSES: [usize; 4] = [4096, 8192, 16384, MAX_USER_STACK];
 
 /// A thread's stacks at one moment: an on-CPU sample, or a switch-out whose wait is
 /// measured later by an [`WaitEnd`] record with the same (`tid`, `ts_ns`). The copy of
@@ -160,8 +164,9 @@ pub struct Config {
     pub offcpu_weight_q16: u64,
     /// Waits shorter than this are not aggregated.
     pub offcpu_min_ns: u64,
-    /// Bytes of user stack copied per snapshot, a multiple of [`USER_STACK_CHUNK`] up to
-    /// [`MAX_USER_STACK`]; zero keeps only the registers.
+    /// Most bytes of user stack copied per snapshot, a multiple of [`USER_STACK_CHUNK`] up
+    /// to [`MAX_USER_STACK`]; zero keeps only the registers. Within it, a thread gets what
+    /// the agent learnt it needs, or [`UNLEARNT_USER_STACK`].
     pub user_stack_bytes: u32,
     /// Offset of `child_pid` in the `sched_process_fork` tracepoint's record, read from
     /// tracefs at load time (the record's layout changed across kernels).

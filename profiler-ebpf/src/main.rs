@@ -34,7 +34,7 @@ mod programs {
     use profiler_common::{
         pending_slot, reported_state, BurstSlot, Config, BURST_SHIFT, BURST_SLOT_NS, StackSnapshot, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE,
         EVENT_SWITCH_OUT, EVENT_WAIT_END, MAX_STACK_DEPTH, MAX_USER_STACK, PENDING_SLOTS, RAW_TASK_DEAD,
-        USER_STACK_CHUNK, USER_STACK_CLASSES,
+        UNLEARNT_USER_STACK, USER_STACK_CHUNK, USER_STACK_CLASSES,
     };
 
     // Sizes are defaults; the agent overrides them at load time.
@@ -58,7 +58,8 @@ mod programs {
     static PENDING: Array<u64> = Array::with_max_entries(PENDING_SLOTS, 0);
     /// Bytes of user stack each thread needs copied, learnt by the agent from complete
     /// unwinds: most threads use a few KiB, and the copy is most of a snapshot's cost.
-    /// Threads not in it (new, or evicted) get `Config::user_stack_bytes`.
+    /// Threads not in it (new, or evicted) get [`UNLEARNT_USER_STACK`]; a copy found too
+    /// short raises a thread to the most `Config::user_stack_bytes` allows.
     #[map]
     static STACK_BYTES: LruHashMap<u32, u32> = LruHashMap::with_max_entries(65536, 0);
 
@@ -119,7 +120,7 @@ mod programs {
     /// program's context, from which `bpf_get_stack` takes the kernel stack.
     #[inline(always)]
     fn emit_snapshot(ctx: *mut c_void, cfg: &Config, subject: &Subject) -> bool {
-        let needed = unsafe { STACK_BYTES.get(&subject.tid) }.copied().unwrap_or(u32::MAX);
+        let needed = unsafe { STACK_BYTES.get(&subject.tid) }.copied().unwrap_or(UNLEARNT_USER_STACK);
         let wanted = (cfg.user_stack_bytes.min(needed) as usize).min(MAX_USER_STACK);
         if wanted == 0 {
             emit::<0>(ctx, subject)
@@ -127,8 +128,10 @@ mod programs {
             emit::<{ USER_STACK_CLASSES[0] }>(ctx, subject)
         } else if wanted <= USER_STACK_CLASSES[1] {
             emit::<{ USER_STACK_CLASSES[1] }>(ctx, subject)
-        } else {
+        } else if wanted <= USER_STACK_CLASSES[2] {
             emit::<{ USER_STACK_CLASSES[2] }>(ctx, subject)
+        } else {
+            emit::<{ USER_STACK_CLASSES[3] }>(ctx, subject)
         }
     }
 

@@ -4,6 +4,8 @@
  *   workload cpu SECONDS           one thread "cpu": cpu -> alpha | beta | gamma_rec -> spin
  *   workload waits SECONDS DIR     one thread per way of waiting through a libc wrapper:
  *                                  nanosleep, a mutex, read of a pipe, fdatasync (file in DIR)
+ *   workload deep SECONDS          one thread "deep": deep -> deep_rec x 49 -> spin, about
+ *                                  50 KiB of stack between the leaf and the thread's entry
  *
  * With --wait it reads one line from stdin before starting. At the end it prints the
  * thread ids as JSON, so tests can compare per-thread figures with other tools. */
@@ -34,9 +36,18 @@ __attribute__((noinline)) static void gamma_rec(int depth) {
   sink++;
 }
 
+/* Each level keeps 1 KiB on the stack, as a compiler's recursive passes or a parser's
+ * descent do with their locals. */
+__attribute__((noinline)) static void deep_rec(int depth) {
+  volatile char locals[1024];
+  locals[0] = (char)depth;
+  if (depth == 0) spin(1000000); else deep_rec(depth - 1);
+  sink += locals[0];
+}
+
 static pid_t tids[8];
-enum { CPU, SLEEPER, LOCKER, PIPER, SYNCER, HOLDER, WRITER };
-static const char *names[] = {"cpu", "sleeper", "locker", "piper", "syncer", "holder", "writer"};
+enum { CPU, SLEEPER, LOCKER, PIPER, SYNCER, HOLDER, WRITER, DEEP };
+static const char *names[] = {"cpu", "sleeper", "locker", "piper", "syncer", "holder", "writer", "deep"};
 
 static void named(int who) {
   tids[who] = gettid();
@@ -46,6 +57,12 @@ static void named(int who) {
 __attribute__((noinline)) static void *cpu(void *arg) {
   named(CPU);
   while (running()) { alpha(); beta(); gamma_rec(5); }
+  return arg;
+}
+
+__attribute__((noinline)) static void *deep(void *arg) {
+  named(DEEP);
+  while (running()) deep_rec(48);
   return arg;
 }
 
@@ -124,7 +141,7 @@ int main(int argc, char **argv) {
     arg++;
     if (!fgets(line, sizeof line, stdin)) return 1;
   }
-  if (argc - arg < 2) { fprintf(stderr, "usage: workload [--wait] cpu|waits SECONDS [DIR]\n"); return 2; }
+  if (argc - arg < 2) { fprintf(stderr, "usage: workload [--wait] cpu|deep|waits SECONDS [DIR]\n"); return 2; }
   const char *mode = argv[arg];
   seconds = atof(argv[arg + 1]);
   deadline = time(NULL) + (time_t)seconds;
@@ -132,6 +149,8 @@ int main(int argc, char **argv) {
   int count = 0;
   if (strcmp(mode, "cpu") == 0) {
     pthread_create(&threads[count++], NULL, cpu, NULL);
+  } else if (strcmp(mode, "deep") == 0) {
+    pthread_create(&threads[count++], NULL, deep, NULL);
   } else if (strcmp(mode, "waits") == 0 && argc - arg >= 3) {
     dir = argv[arg + 2];
     if (pipe(pipe_fds) != 0) return 1;
@@ -143,7 +162,7 @@ int main(int argc, char **argv) {
   }
   for (int i = 0; i < count; i++) pthread_join(threads[i], NULL);
   printf("{");
-  for (int i = 0; i <= WRITER; i++) printf("%s\"%s_tid\": %d", i ? ", " : "", names[i], tids[i]);
+  for (int i = 0; i <= DEEP; i++) printf("%s\"%s_tid\": %d", i ? ", " : "", names[i], tids[i]);
   printf("}\n");
   return 0;
 }

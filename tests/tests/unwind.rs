@@ -94,6 +94,35 @@ fn c_without_frame_pointers_matches_perf_dwarf() {
     assert!(ours["cpu"] >= 0.9, "thread entry `cpu` in only {:.1}% of samples", ours["cpu"] * 100.0);
 }
 
+/// A thread whose leaf is 50 KiB of stack below its entry (49 levels of recursion with
+/// 1 KiB of locals each, in C without frame pointers): a 16 KiB copy cut these stacks
+/// short of the entry; the agent learns the thread needs more and copies up to 64 KiB.
+#[test]
+fn deep_call_chains_reach_their_thread_entry() {
+    let _serial = exclusive();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let program = native_workload(dir.path());
+    let folded = dir.path().join("ours.folded");
+    let workload = waiting(&program, &["deep", "6"]);
+    let pid = workload.id().to_string();
+    let agent = Agent::record(&["--duration", "300s", "--pid", &pid, "-o", folded.to_str().unwrap()]);
+    go(workload);
+    agent.finish();
+    let stacks: Vec<(Vec<String>, u64)> =
+        read_folded(&folded).into_iter().filter(|(frames, _)| frames.iter().any(|f| f == "spin")).collect();
+    let total: u64 = stacks.iter().map(|(_, count)| count).sum();
+    let complete: u64 = stacks
+        .iter()
+        .filter(|(frames, _)| frames.contains(&"deep".to_string()) && frames.iter().filter(|f| *f == "deep_rec").count() == 49)
+        .map(|(_, count)| count)
+        .sum();
+    eprintln!("{complete} of {total} samples in spin have all 49 levels of deep_rec and the thread entry");
+    assert!(total >= 200, "only {total} samples in spin");
+    // The first samples of the thread, before its needs are learnt, get 16 KiB.
+    assert!(complete as f64 >= 0.9 * total as f64, "{complete} of {total} samples reach the thread entry");
+}
+
 #[test]
 fn rust_release_build_matches_perf_dwarf() {
     let _serial = exclusive();
