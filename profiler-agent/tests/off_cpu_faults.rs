@@ -168,7 +168,7 @@ fn a_burst_over_the_quota_is_recorded_less_and_weighted_to_match() {
     let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let off_cpu = OffCpuOptions { burst_quota: 4, ..every_switch(Duration::ZERO) };
     let mut sampler = start(own_process(off_cpu));
-    let players = ping_pong(40_000, Duration::from_micros(20));
+    let players = ping_pong(60_000, Duration::from_micros(20));
     let mut windows = Vec::new();
     while !players.iter().all(thread::JoinHandle::is_finished) {
         windows.push(sampler.drain().unwrap());
@@ -184,7 +184,10 @@ fn a_burst_over_the_quota_is_recorded_less_and_weighted_to_match() {
         let (ns, waits) = windows.iter().map(|w| off_cpu_of(w, tid)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
         let expected = lifetime.as_nanos() as f64 - on_cpu as f64;
         eprintln!("thread {tid}: {waits} waits recorded of {switches} switches, {:.3} s off-CPU, lifetime - CPU time {:.3} s", ns as f64 / 1e9, expected / 1e9);
-        assert!((ns as f64 - expected).abs() <= expected * 0.15, "thread {tid}: waits add up to {ns} ns, expected {expected:.0} ns");
+        // About 500 records of weight 64 per thread, of waits whose lengths vary a lot
+        // (a preemption by another process lasts milliseconds): ten runs here were
+        // within -10% and +14%. Unweighted, the total would be a twentieth of this.
+        assert!((ns as f64 - expected).abs() <= expected * 0.25, "thread {tid}: waits add up to {ns} ns, expected {expected:.0} ns");
         all_switches += switches;
     }
     eprintln!("{recorded} switch-outs recorded, {throttled} of them throttled, of {all_switches} switches");
