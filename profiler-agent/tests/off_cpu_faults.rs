@@ -159,6 +159,23 @@ fn ping_pong(turns: u32, spin: Duration) -> [thread::JoinHandle<Player>; 2] {
     [player(ping_rx, pong_tx, false), player(pong_rx, ping_tx, true)]
 }
 
+/// Windows drained every 100 ms until both players are done, and once more after.
+fn drain_until_done(sampler: &mut Sampler, players: &[thread::JoinHandle<Player>]) -> Vec<RawWindow> {
+    let mut windows = Vec::new();
+    while !players.iter().all(thread::JoinHandle::is_finished) {
+        windows.push(sampler.drain().unwrap());
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_millis(100));
+    windows.push(sampler.drain().unwrap());
+    windows
+}
+
+/// Off-CPU nanoseconds and waits of one thread over `windows`.
+fn off_cpu_in(windows: &[RawWindow], tid: u32) -> (u64, u64) {
+    windows.iter().map(|w| off_cpu_of(w, tid)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
 /// A burst of switches on a CPU beyond its quota is recorded at 1/64 of the probability
 /// for the rest of the 10 ms, each record weighted to match: far fewer records than
 /// switches, and each thread's off-CPU total still what it was (its lifetime minus its
@@ -169,19 +186,13 @@ fn a_burst_over_the_quota_is_recorded_less_and_weighted_to_match() {
     let off_cpu = OffCpuOptions { burst_quota: 4, ..every_switch(Duration::ZERO) };
     let mut sampler = start(own_process(off_cpu));
     let players = ping_pong(60_000, Duration::from_micros(20));
-    let mut windows = Vec::new();
-    while !players.iter().all(thread::JoinHandle::is_finished) {
-        windows.push(sampler.drain().unwrap());
-        thread::sleep(Duration::from_millis(100));
-    }
-    thread::sleep(Duration::from_millis(100));
-    windows.push(sampler.drain().unwrap());
-    let total = |stat| windows.iter().map(|w: &RawWindow| w.stats.get(stat)).sum::<u64>();
+    let windows = drain_until_done(&mut sampler, &players);
+    let total = |stat| windows.iter().map(|w| w.stats.get(stat)).sum::<u64>();
     let (recorded, throttled) = (total(Stat::SwitchOutsRecorded), total(Stat::SwitchOutsThrottled));
     let mut all_switches = 0;
     for player in players {
         let Player { tid, switches, lifetime, on_cpu } = player.join().unwrap();
-        let (ns, waits) = windows.iter().map(|w| off_cpu_of(w, tid)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        let (ns, waits) = off_cpu_in(&windows, tid);
         let expected = lifetime.as_nanos() as f64 - on_cpu as f64;
         eprintln!("thread {tid}: {waits} waits recorded of {switches} switches, {:.3} s off-CPU, lifetime - CPU time {:.3} s", ns as f64 / 1e9, expected / 1e9);
         // About 500 records of weight 64 per thread, of waits whose lengths vary a lot
@@ -208,14 +219,8 @@ fn heavy_switching_loses_no_wait_across_drains() {
     let mut sampler = start(options);
     // A little work per turn, so records flow at thousands, not millions, per second.
     let players = ping_pong(10_000, Duration::from_micros(200));
-    let mut windows = Vec::new();
-    while !players.iter().all(thread::JoinHandle::is_finished) {
-        windows.push(sampler.drain().unwrap());
-        thread::sleep(Duration::from_millis(100));
-    }
-    thread::sleep(Duration::from_millis(100));
-    windows.push(sampler.drain().unwrap());
-    let total = |stat| windows.iter().map(|w: &RawWindow| w.stats.get(stat)).sum::<u64>();
+    let windows = drain_until_done(&mut sampler, &players);
+    let total = |stat| windows.iter().map(|w| w.stats.get(stat)).sum::<u64>();
     assert_eq!(total(Stat::OffCpuRingFull), 0, "the ring buffer overflowed: the test cannot tell a loss from an overflow");
     // Counted, not lost: see `Stat::SwitchInMissed`.
     let missed = total(Stat::SwitchInMissed);
@@ -224,7 +229,7 @@ fn heavy_switching_loses_no_wait_across_drains() {
     let mut all_switches = 0;
     for player in players {
         let Player { tid, switches, lifetime, on_cpu } = player.join().unwrap();
-        let (ns, waits) = windows.iter().map(|w| off_cpu_of(w, tid)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        let (ns, waits) = off_cpu_in(&windows, tid);
         let expected = lifetime.as_nanos() as f64 - on_cpu as f64;
         eprintln!(
             "thread {tid}: {waits} waits for {switches} context switches, {:.3} s off-CPU, lifetime - CPU time {:.3} s",
