@@ -155,6 +155,11 @@ struct RecordArgs {
     /// copy ends.
     #[arg(long, default_value_t = SamplerOptions::default().user_stack_bytes)]
     user_stack_bytes: u32,
+    /// Size of the kernel ring buffer snapshots pass through: a power of two, or 0 for
+    /// 1 MiB per CPU between 8 and 64 MiB. Tracing every switch of a busy process may
+    /// need more (losses show as `offcpu_ring_full`).
+    #[arg(long, default_value_t = SamplerOptions::default().ring_buffer_bytes)]
+    ring_buffer_bytes: u32,
     /// Leave the kernel's BPF run-time statistics off (they cost two clock reads per
     /// program run; without them the programs' cost is not reported).
     #[arg(long)]
@@ -256,6 +261,7 @@ fn run_record(args: RecordArgs) -> anyhow::Result<()> {
             }),
             max_stack_keys: args.max_stack_keys,
             user_stack_bytes: args.user_stack_bytes,
+            ring_buffer_bytes: args.ring_buffer_bytes,
             bpf_stats: !args.no_bpf_stats,
             bpf_stats_share: args.bpf_stats_share,
             ..SamplerOptions::default()

@@ -73,7 +73,7 @@ pub struct SamplerOptions {
     /// this). Deeper stacks are unwound as far as the copy reaches.
     pub user_stack_bytes: u32,
     /// Size of the kernel ring buffer the snapshots pass through, in bytes: a power of two,
-    /// or 0 for 1 MiB per CPU between 4 and 64 MiB. The agent maps it, so it counts in the
+    /// or 0 for 1 MiB per CPU between 8 and 64 MiB. The agent maps it, so it counts in the
     /// agent's resident memory once written.
     pub ring_buffer_bytes: u32,
     /// Turn the kernel's BPF run-time statistics on (`BPF_ENABLE_STATS`), so the agent

@@ -160,6 +160,11 @@ fn off_cpu_waits_through_libc_keep_their_caller() {
         "100000000",
         "--off-cpu-cpu-budget",
         "1000s",
+        // Every switch of the syncer's short fdatasyncs, 20,000 a second, in 16 KiB
+        // records: the default 8 MiB hold 25 ms of them, which a debug build's reader on
+        // a busy CI machine has been seen to fall behind.
+        "--ring-buffer-bytes",
+        "67108864",
     ]);
     let report = go(workload);
     std::thread::sleep(Duration::from_millis(300));
