@@ -1,7 +1,7 @@
 /* A native test workload built the way production C is: `gcc -O2 -g`, which omits frame
  * pointers, and linked against the system C library, which has none either.
  *
- *   workload cpu SECONDS           one thread "cpu": cpu -> alpha | beta | gamma_rec -> spin
+ *   workload cpu SECONDS [N]       N threads "cpu" (default 1): cpu -> alpha | beta | gamma_rec -> spin
  *   workload waits SECONDS DIR     one thread per way of waiting through a libc wrapper:
  *                                  nanosleep, a mutex, read of a pipe, fdatasync (file in DIR)
  *   workload deep SECONDS          one thread "deep": deep -> deep_rec x 49 -> spin, about
@@ -148,7 +148,8 @@ int main(int argc, char **argv) {
   pthread_t threads[8];
   int count = 0;
   if (strcmp(mode, "cpu") == 0) {
-    pthread_create(&threads[count++], NULL, cpu, NULL);
+    int n = argc - arg >= 3 ? atoi(argv[arg + 2]) : 1;
+    while (count < n && count < 8) pthread_create(&threads[count++], NULL, cpu, NULL);
   } else if (strcmp(mode, "deep") == 0) {
     pthread_create(&threads[count++], NULL, deep, NULL);
   } else if (strcmp(mode, "waits") == 0 && argc - arg >= 3) {
