@@ -257,10 +257,15 @@ fn timed(command: &mut Command) -> anyhow::Result<f64> {
 struct Contender {
     name: &'static str,
     profiler: Profiler,
-    slowdowns: Vec<f64>,
     /// The workload's time under this profiler, each round.
     times: Vec<f64>,
     usage: Vec<Usage>,
+}
+
+impl Contender {
+    fn new(name: &'static str, profiler: Profiler) -> Self {
+        Self { name, profiler, times: Vec::new(), usage: Vec::new() }
+    }
 }
 
 /// Runs `rounds` rounds of the workload alone and under each contender (in an order that
@@ -280,7 +285,6 @@ fn compare(contenders: &mut [Contender], rounds: usize, workload: impl Fn() -> a
             let running = contender.profiler.start()?;
             let elapsed = workload()?;
             contender.usage.push(stop(running)?);
-            contender.slowdowns.push(elapsed / baseline - 1.0);
             contender.times.push(elapsed);
         }
         eprintln!("round {}/{rounds}: baseline {baseline:.3} s", round + 1);
@@ -303,10 +307,11 @@ fn compare(contenders: &mut [Contender], rounds: usize, workload: impl Fn() -> a
         "{:<30} {:>16} {:>18} {:>13} {:>14} {:>14} {:>16}  in-kernel ns/run (BPF statistics on)",
         "profiler", "median slowdown", "spread (min..max)", "fastest runs", "own CPU/s", "peak RSS", "peak heap (anon)"
     );
-    for (index, contender) in contenders.iter_mut().enumerate() {
-        let slowdown = median(&mut contender.slowdowns);
-        let lowest = contender.slowdowns.iter().copied().fold(f64::INFINITY, f64::min);
-        let highest = contender.slowdowns.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    for (index, contender) in contenders.iter().enumerate() {
+        let mut slowdowns: Vec<f64> = contender.times.iter().zip(&baselines).map(|(time, baseline)| time / baseline - 1.0).collect();
+        let slowdown = median(&mut slowdowns);
+        let lowest = slowdowns.iter().copied().fold(f64::INFINITY, f64::min);
+        let highest = slowdowns.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let spread = format!("{:.1}..{:.1}%", lowest * 100.0, highest * 100.0);
         let mut cpu: Vec<f64> = contender.usage.iter().map(|u| u.cpu_per_s).collect();
         let rss = contender.usage.iter().map(|u| u.max_rss_kib).max().unwrap_or(0);
@@ -338,37 +343,13 @@ fn agent_overhead(rounds: usize, iterations: u64, baseline_agent: Option<PathBuf
     let cpus = std::thread::available_parallelism()?.get().to_string();
     let perf_data = std::env::temp_dir().join("xtask-bench-perf.data");
     let mut contenders = vec![
-        Contender {
-            name: "profiler-agent 99 Hz",
-            profiler: Profiler(argv(&[&agent, "record", "--duration", "1h", "--frequency", "99", "-o", "/dev/null"]), Some("sampling started")),
-            slowdowns: vec![],
-            times: vec![],
-            usage: vec![],
-        },
-        Contender {
-            name: "perf record -F 99 -a -g",
-            profiler: Profiler(argv(&["perf", "record", "-F", "99", "-a", "-g", "-o", perf_data.to_str().unwrap(), "--", "sleep", "3600"]), None),
-            slowdowns: vec![],
-            times: vec![],
-            usage: vec![],
-        },
-        Contender {
-            name: "bpftrace profile:hz:99",
-            profiler: Profiler(argv(&["bpftrace", "-e", "profile:hz:99 { @[kstack, ustack, pid] = count(); }"]), Some("Attaching")),
-            slowdowns: vec![],
-            times: vec![],
-            usage: vec![],
-        },
+        Contender::new("profiler-agent 99 Hz", Profiler(argv(&[&agent, "record", "--duration", "1h", "--frequency", "99", "-o", "/dev/null"]), Some("sampling started"))),
+        Contender::new("perf record -F 99 -a -g", Profiler(argv(&["perf", "record", "-F", "99", "-a", "-g", "-o", perf_data.to_str().unwrap(), "--", "sleep", "3600"]), None)),
+        Contender::new("bpftrace profile:hz:99", Profiler(argv(&["bpftrace", "-e", "profile:hz:99 { @[kstack, ustack, pid] = count(); }"]), Some("Attaching"))),
     ];
     if let Some(baseline) = baseline_agent {
         let baseline = baseline.to_string_lossy().into_owned();
-        contenders.push(Contender {
-            name: "baseline agent 99 Hz",
-            profiler: Profiler(argv(&[&baseline, "record", "--duration", "1h", "--frequency", "99", "-o", "/dev/null"]), Some("sampling started")),
-            slowdowns: vec![],
-            times: vec![],
-            usage: vec![],
-        });
+        contenders.push(Contender::new("baseline agent 99 Hz", Profiler(argv(&[&baseline, "record", "--duration", "1h", "--frequency", "99", "-o", "/dev/null"]), Some("sampling started"))));
     }
     println!("agent overhead: hashing {iterations} rounds on each of {cpus} threads, {rounds} interleaved rounds");
     compare(&mut contenders, rounds, || timed(Command::new(&workload).args(["hash", &iterations.to_string(), &cpus])))?;
@@ -381,40 +362,16 @@ fn sched_pipe(rounds: usize, loops: u64, baseline_agent: Option<PathBuf>) -> any
     let agent = agent.to_string_lossy().into_owned();
     let offcpu_bt = r#"tracepoint:sched:sched_switch { if (args->prev_pid != 0) { @start[args->prev_pid] = nsecs; @ks[args->prev_pid] = kstack; @us[args->prev_pid] = ustack; } $s = @start[args->next_pid]; if ($s != 0) { @[@ks[args->next_pid], @us[args->next_pid]] = sum(nsecs - $s); delete(@start[args->next_pid]); } }"#;
     let mut contenders = vec![
-        Contender {
-            name: "agent --off-cpu (default)",
-            profiler: Profiler(argv(&[&agent, "record", "--duration", "1h", "--off-cpu", "-o", "/dev/null"]), Some("sampling started")),
-            slowdowns: vec![],
-            times: vec![],
-            usage: vec![],
-        },
-        Contender {
-            name: "agent --off-cpu every switch",
-            profiler: Profiler(
+        Contender::new("agent --off-cpu (default)", Profiler(argv(&[&agent, "record", "--duration", "1h", "--off-cpu", "-o", "/dev/null"]), Some("sampling started"))),
+        Contender::new("agent --off-cpu every switch", Profiler(
                 argv(&[&agent, "record", "--duration", "1h", "--off-cpu", "--off-cpu-sampling", "1", "--off-cpu-budget", "100000000", "--off-cpu-cpu-budget", "1000s", "-o", "/dev/null"]),
                 Some("sampling started"),
-            ),
-            slowdowns: vec![],
-            times: vec![],
-            usage: vec![],
-        },
-        Contender {
-            name: "bpftrace offcputime",
-            profiler: Profiler(argv(&["bpftrace", "-e", offcpu_bt]), Some("Attaching")),
-            slowdowns: vec![],
-            times: vec![],
-            usage: vec![],
-        },
+            )),
+        Contender::new("bpftrace offcputime", Profiler(argv(&["bpftrace", "-e", offcpu_bt]), Some("Attaching"))),
     ];
     if let Some(baseline) = baseline_agent {
         let baseline = baseline.to_string_lossy().into_owned();
-        contenders.push(Contender {
-            name: "baseline agent --off-cpu",
-            profiler: Profiler(argv(&[&baseline, "record", "--duration", "1h", "--off-cpu", "-o", "/dev/null"]), Some("sampling started")),
-            slowdowns: vec![],
-            times: vec![],
-            usage: vec![],
-        });
+        contenders.push(Contender::new("baseline agent --off-cpu", Profiler(argv(&[&baseline, "record", "--duration", "1h", "--off-cpu", "-o", "/dev/null"]), Some("sampling started"))));
     }
     // Both ends on one CPU: unpinned, the scheduler's placement varies more between runs
     // than any profiler's cost.
