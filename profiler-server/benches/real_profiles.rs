@@ -176,7 +176,7 @@ fn load(pool: &Pool, dir: &std::path::Path, rng: &mut Rng) -> (EmbeddedStore, us
         StoreOptions {
             max_buffered_rows: usize::MAX,
             max_wal_bytes: u64::MAX,
-                downsample: vec![(6 * HOUR, 60 * SECOND), (2 * DAY, 600 * SECOND)],
+            downsample: vec![(6 * HOUR, 60 * SECOND), (2 * DAY, 600 * SECOND)],
             ..StoreOptions::default()
         },
     )
@@ -286,9 +286,6 @@ fn measure(store: &dyn Store, range: i64) -> [Duration; 5] {
     [scan, cold, flame, diff, top]
 }
 
-/// End-to-end ingest on one thread: gzip pprof decode, validation, batch
-/// building and the WAL append with its fsync, for one hour of agent
-/// windows (one request per 10 s window and kind, as the agent sends).
 /// CPU time this process has used (user + system), from /proc.
 fn cpu_time() -> Duration {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
@@ -310,6 +307,9 @@ struct Ingested {
     gunzip_alone: Duration,
 }
 
+/// End-to-end ingest on one thread: gzip pprof decode, validation, batch
+/// building and the WAL append with its fsync, for one hour of agent
+/// windows (one request per 10 s window and kind, as the agent sends).
 fn ingest_hour(pool: &Pool, rng: &mut Rng) -> Ingested {
     let mut requests = Vec::new();
     for w in 0..360 {
@@ -394,6 +394,10 @@ fn main() {
                 "{n:>7}   {name:<5}  {distinct:>8}   {scan:>9.2?}   {cold:>9.2?}   {flame:>9.2?}   {diff:>9.2?}   {top:>9.2?}"
             );
         }
+        println!(
+            "{n:>7}    (segments' per-stack totals held in memory: {} MiB)",
+            store.stats().totals_cache_bytes >> 20
+        );
     }
     let pool = Pool::new(&all, 100_000, &mut rng);
     let Ingested { rows, times: [took, cpu, decode, build, append], requests, gzip_bytes, raw_bytes, gunzip_alone } =

@@ -206,6 +206,9 @@ pub struct Storage {
     pub max_buffered_rows: usize,
     /// Ingest answers 503 while the WAL holds more bytes than this.
     pub max_wal_bytes: u64,
+    /// Memory for segments' per-stack totals, which spare wide queries the
+    /// segments' rows (about 16 bytes per stack and segment).
+    pub totals_cache_bytes: usize,
 }
 
 impl Default for Config {
@@ -287,6 +290,7 @@ impl Default for Storage {
             dedup_max_ids: 1_000_000,
             max_buffered_rows: 8_000_000,
             max_wal_bytes: 2 << 30,
+            totals_cache_bytes: 128 << 20,
         }
     }
 }

@@ -55,6 +55,7 @@ pub fn store_options(cfg: &Config) -> StoreOptions {
         dedup_max_ids: s.dedup_max_ids,
         max_buffered_rows: s.max_buffered_rows,
         max_wal_bytes: s.max_wal_bytes,
+        totals_cache_bytes: s.totals_cache_bytes,
     }
 }
 

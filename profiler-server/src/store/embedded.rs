@@ -30,6 +30,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::recent::{self, BatchKey, RecentBatches};
 use super::segment::{self, Scan, SegmentMeta, Summary};
+use super::totals;
 use super::{
     wal, Aggregate, Appended, Batch, Cancel, Frames, Grid, GroupBy, Labels, Overview, Refused,
     Row, Selector, Store, StoreStats,
@@ -38,6 +39,9 @@ use super::{
 const STACKS: TableDefinition<u64, &[u8]> = TableDefinition::new("stacks");
 const SERIES: TableDefinition<u64, &str> = TableDefinition::new("series");
 const SEGMENTS: TableDefinition<u64, &str> = TableDefinition::new("segments");
+/// Segment id -> its per-stack totals ([`totals::encode`]), for the segments
+/// whose entry says it has them.
+const STACK_TOTALS: TableDefinition<u64, &[u8]> = TableDefinition::new("stack_totals");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Ids of flushed batches (their WAL records are gone) -> when stored, ms.
 const BATCH_IDS: TableDefinition<u128, i64> = TableDefinition::new("batch_ids");
@@ -61,6 +65,8 @@ pub struct StoreOptions {
     pub max_buffered_rows: usize,
     /// WAL bytes beyond which ingest is refused (busy).
     pub max_wal_bytes: u64,
+    /// Memory for segments' per-stack totals read by queries.
+    pub totals_cache_bytes: usize,
 }
 
 impl Default for StoreOptions {
@@ -73,6 +79,7 @@ impl Default for StoreOptions {
             dedup_max_ids: 1_000_000,
             max_buffered_rows: 8_000_000,
             max_wal_bytes: 2 << 30,
+            totals_cache_bytes: 128 << 20,
         }
     }
 }
@@ -212,6 +219,14 @@ pub struct EmbeddedStore {
     // Serializes flush and maintenance, which both rewrite the catalog.
     flush_lock: Mutex<()>,
     next_segment: AtomicU64,
+    totals: totals::Cache,
+}
+
+/// A segment file just written, with the per-stack totals its catalog entry
+/// gets when they pay.
+struct Written {
+    meta: SegmentMeta,
+    totals: Option<Vec<u8>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -237,6 +252,7 @@ impl EmbeddedStore {
         txn.open_table(STACKS)?;
         txn.open_table(SERIES)?;
         txn.open_table(SEGMENTS)?;
+        txn.open_table(STACK_TOTALS)?;
         txn.open_table(META)?;
         txn.open_table(BATCH_IDS)?;
         txn.open_table(STACK_SEEN)?;
@@ -369,7 +385,7 @@ impl EmbeddedStore {
         let next_segment = segments.iter().map(|s| s.id + 1).max().unwrap_or(1);
         Ok(EmbeddedStore {
             dir: dir.to_owned(),
-            opts,
+            opts: opts.clone(),
             db,
             wal: Mutex::new(WalState {
                 writer,
@@ -390,6 +406,7 @@ impl EmbeddedStore {
             dict: RwLock::new(dict),
             flush_lock: Mutex::new(()),
             next_segment: AtomicU64::new(next_segment),
+            totals: totals::Cache::new(opts.totals_cache_bytes),
         })
     }
 
@@ -555,8 +572,8 @@ impl EmbeddedStore {
         let mut written = Vec::new();
         let res = self.persist_inner(p, &stack_ids, &series_ids, &mut written);
         if let Err(e) = res {
-            for m in &written {
-                let _ = std::fs::remove_file(self.seg_path(m));
+            for w in &written {
+                let _ = std::fs::remove_file(self.seg_path(&w.meta));
             }
             let mut d = write(&self.dict);
             d.new_stacks.extend(stack_ids);
@@ -565,7 +582,7 @@ impl EmbeddedStore {
         }
         let mut mem = write(&self.mem);
         let mut segs = write(&self.segments);
-        segs.extend(written);
+        segs.extend(written.into_iter().map(|w| w.meta));
         mem.flushing.retain(|q| !Arc::ptr_eq(&q.buf, &p.buf));
         Ok(())
     }
@@ -575,7 +592,7 @@ impl EmbeddedStore {
         p: &Pending,
         stack_ids: &[u64],
         series_ids: &[u64],
-        written: &mut Vec<SegmentMeta>,
+        written: &mut Vec<Written>,
     ) -> anyhow::Result<()> {
         let span = self.opts.segment_span_ms;
         for ((service, kind), rows) in p.buf.iter() {
@@ -588,8 +605,7 @@ impl EmbeddedStore {
             }
             for (_, mut rows) in by_span {
                 segment::normalize(&mut rows);
-                let meta = self.write_segment(service, kind, &rows, 0)?;
-                written.push(meta);
+                written.push(self.write_segment(service, kind, &rows, 0)?);
             }
         }
         let d = read(&self.dict);
@@ -603,10 +619,7 @@ impl EmbeddedStore {
             for id in series_ids {
                 t.insert(id, serde_json::to_string(&*d.series[id])?.as_str())?;
             }
-            let mut t = txn.open_table(SEGMENTS)?;
-            for m in written.iter() {
-                t.insert(m.id, serde_json::to_string(m)?.as_str())?;
-            }
+            catalog_segments(&txn, written)?;
             let mut t = txn.open_table(BATCH_IDS)?;
             for (key, at) in p.ids.iter() {
                 t.insert(key, at)?;
@@ -635,14 +648,16 @@ impl EmbeddedStore {
         Ok(())
     }
 
-    /// Writes one segment file; `resolution_ms` 0 means ingest resolution.
+    /// Writes one segment file of normalized rows; `resolution_ms` 0 means
+    /// ingest resolution.
     fn write_segment(
         &self,
         service: &str,
         kind: &str,
         rows: &[Row],
         resolution_ms: i64,
-    ) -> anyhow::Result<SegmentMeta> {
+    ) -> anyhow::Result<Written> {
+        let totals = totals::of(rows);
         let mut meta = SegmentMeta {
             id: self.next_segment.fetch_add(1, Ordering::SeqCst),
             service: service.to_owned(),
@@ -653,9 +668,63 @@ impl EmbeddedStore {
             bytes: 0,
             resolution_ms,
             summary: Some(self.summarize(rows)),
+            stack_totals: totals.is_some(),
         };
         meta.bytes = segment::write(&self.seg_path(&meta), rows)?;
-        Ok(meta)
+        Ok(Written {
+            meta,
+            totals: totals.map(|t| totals::encode(&t)),
+        })
+    }
+
+    /// Adds a segment's whole content from what was computed when it was
+    /// written, without opening its file: the per-stack totals, or the
+    /// summary's windows for a timeline. False when there is none.
+    fn add_precomputed(
+        &self,
+        meta: &SegmentMeta,
+        by: GroupBy,
+        from_ms: i64,
+        out: &mut HashMap<u64, i64>,
+    ) -> anyhow::Result<bool> {
+        match by {
+            GroupBy::Stack => {
+                let Some(totals) = self.stack_totals(meta)? else { return Ok(false) };
+                out.reserve(totals.len());
+                for &(stack, value) in totals.iter().filter(|(_, v)| *v != 0) {
+                    *out.entry(stack).or_insert(0) += value;
+                }
+            }
+            GroupBy::Time { step_ms } => {
+                let Some(summary) = &meta.summary else { return Ok(false) };
+                for &(ts, value) in summary.windows.iter().filter(|(_, v)| *v != 0) {
+                    *out.entry(segment::bucket(ts, from_ms, step_ms)).or_insert(0) += value;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// A segment's per-stack totals, if its entry has them and they read
+    /// back whole; None sends the query to the rows.
+    fn stack_totals(&self, meta: &SegmentMeta) -> anyhow::Result<Option<totals::Totals>> {
+        if !meta.stack_totals {
+            return Ok(None);
+        }
+        if let Some(t) = self.totals.get(meta.id) {
+            return Ok(Some(t));
+        }
+        let txn = self.db.begin_read()?;
+        let Some(bytes) = txn.open_table(STACK_TOTALS)?.get(meta.id)? else {
+            // Compacted or expired after the query listed it.
+            return Ok(None);
+        };
+        let Some(t) = totals::decode(bytes.value()) else {
+            tracing::warn!(segment = meta.id, "corrupt stack totals in the catalog; reading the segment's rows");
+            return Ok(None);
+        };
+        self.totals.insert(meta.id, t.clone());
+        Ok(Some(t))
     }
 
     fn summarize(&self, rows: &[Row]) -> Summary {
@@ -699,23 +768,24 @@ impl EmbeddedStore {
     }
 
     /// Replaces `old` segments by `new` ones in catalog, list and disk.
-    fn swap_segments(&self, old: &[SegmentMeta], new: Vec<SegmentMeta>) -> anyhow::Result<()> {
+    fn swap_segments(&self, old: &[SegmentMeta], new: Vec<Written>) -> anyhow::Result<()> {
         let txn = self.db.begin_write()?;
         {
             let mut t = txn.open_table(SEGMENTS)?;
+            let mut totals = txn.open_table(STACK_TOTALS)?;
             for m in old {
                 t.remove(m.id)?;
-            }
-            for m in &new {
-                t.insert(m.id, serde_json::to_string(m)?.as_str())?;
+                totals.remove(m.id)?;
             }
         }
+        catalog_segments(&txn, &new)?;
         txn.commit()?;
         let gone: HashSet<u64> = old.iter().map(|m| m.id).collect();
+        self.totals.forget(gone.iter().copied());
         {
             let mut segs = write(&self.segments);
             segs.retain(|m| !gone.contains(&m.id));
-            segs.extend(new);
+            segs.extend(new.into_iter().map(|w| w.meta));
         }
         for m in old {
             // A concurrent query may still read it: Unix keeps the inode alive.
@@ -795,12 +865,25 @@ impl EmbeddedStore {
             }
             segment::normalize(&mut rows);
             let before: u64 = old.iter().map(|m| m.rows).sum();
-            let meta = self.write_segment(&service, &kind, &rows, res_ms)?;
-            tracing::info!(%service, %kind, segments = old.len(), rows_before = before, rows_after = meta.rows, res_ms, "downsampled");
-            self.swap_segments(&old, vec![meta])?;
+            let new = self.write_segment(&service, &kind, &rows, res_ms)?;
+            tracing::info!(%service, %kind, segments = old.len(), rows_before = before, rows_after = new.meta.rows, res_ms, "downsampled");
+            self.swap_segments(&old, vec![new])?;
         }
         Ok(())
     }
+}
+
+/// Adds catalog entries (and their totals) for segment files written.
+fn catalog_segments(txn: &redb::WriteTransaction, written: &[Written]) -> anyhow::Result<()> {
+    let mut t = txn.open_table(SEGMENTS)?;
+    let mut totals = txn.open_table(STACK_TOTALS)?;
+    for w in written {
+        t.insert(w.meta.id, serde_json::to_string(&w.meta)?.as_str())?;
+        if let Some(bytes) = &w.totals {
+            totals.insert(w.meta.id, bytes.as_slice())?;
+        }
+    }
+    Ok(())
 }
 
 fn apply(mem: &mut Mem, dict: &mut Dict, b: Batch) {
@@ -995,13 +1078,16 @@ impl Store for EmbeddedStore {
                         for m in mine {
                             sel.cancel.check()?;
                             let inside = m.min_ts >= sel.from_ms && m.max_ts < sel.until_ms;
+                            let dst = part.entry(m.kind.clone()).or_default();
+                            if inside && allowed.is_none() && self.add_precomputed(m, by, sel.from_ms, dst)? {
+                                continue;
+                            }
                             let scan = Scan {
                                 time: (!inside).then_some((sel.from_ms, sel.until_ms)),
                                 series: allowed,
                                 by,
                                 from_ms: sel.from_ms,
                             };
-                            let dst = part.entry(m.kind.clone()).or_default();
                             match segment::aggregate(&self.seg_path(m), &scan, dst) {
                                 Ok(()) => {}
                                 // Compacted or expired after we listed it.
@@ -1168,6 +1254,7 @@ impl Store for EmbeddedStore {
             busy,
             dictionary_stacks: read(&self.dict).stacks.len() as u64,
             dictionary_series: read(&self.dict).series.len() as u64,
+            totals_cache_bytes: self.totals.bytes() as u64,
         }
     }
 
@@ -1194,7 +1281,7 @@ fn is_not_found(e: &anyhow::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{series_id, stack_id};
+    use crate::store::{series_id, stack_id, Matcher};
     use std::collections::BTreeSet;
 
     fn opts() -> StoreOptions {
@@ -1350,5 +1437,74 @@ mod tests {
         drop(s);
         let s = EmbeddedStore::open(dir.path(), opts()).unwrap();
         assert!(s.stack(stack).is_none() && s.services().is_empty(), "forgotten in the catalog too");
+    }
+
+    /// Two stacks over two series and twelve windows of one 10-minute segment.
+    fn busy_segment(s: &EmbeddedStore, base: i64) {
+        for window in 0..12 {
+            for (host, leaf, value) in [("h1", "f", 1), ("h2", "f", 2), ("h1", "g", 10)] {
+                let mut b = hosted("svc", host, base + window * 10_000, value);
+                let frames: Frames = Arc::from(vec!["main".to_string(), leaf.to_string()]);
+                b.stacks = vec![(stack_id(&frames), frames)];
+                b.rows[0].stack_id = b.stacks[0].0;
+                s.append(b).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn whole_segments_are_answered_from_their_totals_without_their_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = 6_000_000;
+        let s = EmbeddedStore::open(dir.path(), opts()).unwrap();
+        busy_segment(&s, base);
+        let query = |s: &EmbeddedStore, from: i64, until: i64, by: GroupBy, host: Option<&str>| {
+            let sel = Selector {
+                service: "svc".into(),
+                from_ms: from,
+                until_ms: until,
+                kinds: None,
+                matchers: host.map(|h| Matcher::Eq("host".into(), h.into())).into_iter().collect(),
+                cancel: Default::default(),
+            };
+            s.aggregate(&sel, by).unwrap()
+        };
+        let by_time = GroupBy::Time { step_ms: 30_000 };
+        let whole = base..base + 600_000;
+        let from_rows = [
+            query(&s, whole.start, whole.end, GroupBy::Stack, None),
+            query(&s, whole.start, whole.end, by_time, None),
+            query(&s, whole.start + 20_000, whole.end, GroupBy::Stack, None),
+        ];
+        assert_eq!(from_rows[0]["on-cpu"].values().sum::<i64>(), 12 * 13);
+        s.flush().unwrap();
+        let seg = read(&s.segments)[0].clone();
+        assert!(seg.stack_totals, "36 rows over 2 stacks: totals pay");
+
+        // Without the file, only what its totals and summary answer still works.
+        let file = s.seg_path(&seg);
+        let rows = std::fs::read(&file).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(query(&s, whole.start, whole.end, GroupBy::Stack, None), from_rows[0]);
+        assert_eq!(query(&s, whole.start, whole.end, by_time, None), from_rows[1]);
+        assert_eq!(query(&s, whole.start - 600_000, whole.end + 600_000, GroupBy::Stack, None), from_rows[0]);
+        let cut = query(&s, whole.start + 20_000, whole.end, GroupBy::Stack, None);
+        assert!(cut.values().all(|m| m.is_empty()), "a cut segment needs its rows");
+        std::fs::write(&file, rows).unwrap();
+        assert_eq!(query(&s, whole.start + 20_000, whole.end, GroupBy::Stack, None), from_rows[2]);
+        let h2 = query(&s, whole.start, whole.end, GroupBy::Stack, Some("h2"));
+        assert_eq!(h2["on-cpu"].values().sum::<i64>(), 12 * 2, "a label filter reads the rows");
+
+        // Read back from the catalog after a restart, and dropped with the segment.
+        drop(s);
+        let s = EmbeddedStore::open(dir.path(), opts()).unwrap();
+        assert_eq!(s.totals.bytes(), 0);
+        assert_eq!(query(&s, whole.start, whole.end, GroupBy::Stack, None), from_rows[0]);
+        assert!(s.totals.bytes() > 0);
+        s.maintain(100 * 3_600_000 + base).unwrap();
+        assert_eq!(s.segment_count(), 0);
+        assert_eq!(s.totals.bytes(), 0);
+        let txn = s.db.begin_read().unwrap();
+        assert!(txn.open_table(STACK_TOTALS).unwrap().get(seg.id).unwrap().is_none());
     }
 }

@@ -12,6 +12,7 @@ mod clickhouse;
 mod embedded;
 mod recent;
 mod segment;
+mod totals;
 mod wal;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -104,6 +105,8 @@ pub struct StoreStats {
     /// Entries of the stack and series dictionaries held in memory.
     pub dictionary_stacks: u64,
     pub dictionary_series: u64,
+    /// Memory held by segments' per-stack totals read by queries.
+    pub totals_cache_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

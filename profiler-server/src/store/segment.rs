@@ -45,6 +45,10 @@ pub struct SegmentMeta {
     /// segments written before summaries existed: computed when first needed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<Summary>,
+    /// Whether the catalog holds the segment's per-stack totals (see
+    /// `store::totals`).
+    #[serde(default)]
+    pub stack_totals: bool,
 }
 
 /// What a segment holds, per window and host, without its stacks.
