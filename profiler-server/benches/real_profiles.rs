@@ -168,19 +168,24 @@ fn windows() -> Vec<(i64, i64)> {
     out
 }
 
+/// The store of the bench. Its ranges lie in the past, so answers would be
+/// kept: `cache_answers` false measures what a first query costs.
+fn open(dir: &std::path::Path, cache_answers: bool) -> EmbeddedStore {
+    let defaults = StoreOptions::default();
+    let opts = StoreOptions {
+        max_buffered_rows: usize::MAX,
+        max_wal_bytes: u64::MAX,
+        downsample: vec![(6 * HOUR, 60 * SECOND), (2 * DAY, 600 * SECOND)],
+        result_cache_bytes: if cache_answers { defaults.result_cache_bytes } else { 0 },
+        ..defaults
+    };
+    EmbeddedStore::open(dir, opts).unwrap()
+}
+
 /// Loads 7 days of the pool into a fresh store: one batch per kind and hour,
 /// dictionaries sent with the first batch that uses them.
 fn load(pool: &Pool, dir: &std::path::Path, rng: &mut Rng) -> (EmbeddedStore, usize) {
-    let store = EmbeddedStore::open(
-        dir,
-        StoreOptions {
-            max_buffered_rows: usize::MAX,
-            max_wal_bytes: u64::MAX,
-            downsample: vec![(6 * HOUR, 60 * SECOND), (2 * DAY, 600 * SECOND)],
-            ..StoreOptions::default()
-        },
-    )
-    .unwrap();
+    let store = open(dir, false);
     let mut sent_stacks = HashSet::new();
     let mut sent_series = HashSet::new();
     let mut rows_total = 0;
@@ -370,7 +375,7 @@ fn main() {
         t.elapsed()
     );
     let mut rng = Rng(0x9e3779b97f4a7c15);
-    println!("distinct  range  stacks in range   scan  flame graph (cold)  flame graph   diff    top");
+    println!("distinct  range  stacks in range   scan  flame graph (cold)  flame graph   diff    top   flame graph (answer kept)");
     // BENCH_STACKS=10000,100000 picks the pool sizes.
     let sizes: Vec<usize> = std::env::var("BENCH_STACKS").map_or_else(
         |_| vec![1_000, 10_000, 30_000, 100_000],
@@ -386,17 +391,32 @@ fn main() {
             store.segment_count(),
             t.elapsed()
         );
-        for (name, range) in [("1 h", HOUR), ("24 h", DAY), ("7 d", 7 * DAY)] {
+        let ranges = [("1 h", HOUR), ("24 h", DAY), ("7 d", 7 * DAY)];
+        let mut lines = Vec::new();
+        for (name, range) in ranges {
             let agg = store.aggregate(&sel(END - range, END), GroupBy::Stack).unwrap();
             let distinct: usize = agg.values().map(HashMap::len).sum();
             let [scan, cold, flame, diff, top] = measure(&store, range);
-            println!(
+            lines.push(format!(
                 "{n:>7}   {name:<5}  {distinct:>8}   {scan:>9.2?}   {cold:>9.2?}   {flame:>9.2?}   {diff:>9.2?}   {top:>9.2?}"
-            );
+            ));
+        }
+        let totals_mib = store.stats().totals_cache_bytes >> 20;
+        drop(store);
+        let store = open(dir.path(), true);
+        let names = Names::default();
+        for (line, (_, range)) in lines.iter().zip(ranges) {
+            let whole = sel(END - range, END);
+            let kept = median(5, || {
+                let agg = store.aggregate(&whole, GroupBy::Stack).unwrap();
+                let tree = Tree::build(&names, &store, &[&agg], agg.len() > 1);
+                serde_json::to_string(&tree.to_json(2048, 0.0, false)).unwrap();
+            });
+            println!("{line}   {kept:>9.2?}");
         }
         println!(
-            "{n:>7}    (segments' per-stack totals held in memory: {} MiB)",
-            store.stats().totals_cache_bytes >> 20
+            "{n:>7}    (segments' per-stack totals held in memory: {totals_mib} MiB; answers kept: {} MiB)",
+            store.stats().result_cache_bytes >> 20
         );
     }
     let pool = Pool::new(&all, 100_000, &mut rng);

@@ -209,6 +209,9 @@ pub struct Storage {
     /// Memory for segments' per-stack totals, which spare wide queries the
     /// segments' rows (about 16 bytes per stack and segment).
     pub totals_cache_bytes: usize,
+    /// Memory for answers to queries over ranges that ended over a minute
+    /// ago (dashboards, diffs against a past range); late data drops them.
+    pub result_cache_bytes: usize,
 }
 
 impl Default for Config {
@@ -291,6 +294,7 @@ impl Default for Storage {
             max_buffered_rows: 8_000_000,
             max_wal_bytes: 2 << 30,
             totals_cache_bytes: 128 << 20,
+            result_cache_bytes: 64 << 20,
         }
     }
 }

@@ -56,6 +56,7 @@ pub fn store_options(cfg: &Config) -> StoreOptions {
         max_buffered_rows: s.max_buffered_rows,
         max_wal_bytes: s.max_wal_bytes,
         totals_cache_bytes: s.totals_cache_bytes,
+        result_cache_bytes: s.result_cache_bytes,
     }
 }
 

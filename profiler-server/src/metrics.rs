@@ -88,6 +88,7 @@ impl Metrics {
         let _ = writeln!(o, "# HELP profiler_recent_batch_ids Batch ids remembered to drop retries.\n# TYPE profiler_recent_batch_ids gauge\nprofiler_recent_batch_ids {}", store.recent_batch_ids);
         let _ = writeln!(o, "# HELP profiler_dictionary_entries Stacks and series held in memory (entries past retention are forgotten).\n# TYPE profiler_dictionary_entries gauge\nprofiler_dictionary_entries{{dictionary=\"stacks\"}} {}\nprofiler_dictionary_entries{{dictionary=\"series\"}} {}", store.dictionary_stacks, store.dictionary_series);
         let _ = writeln!(o, "# HELP profiler_totals_cache_bytes Memory held by segments' per-stack totals, which wide queries read instead of rows.\n# TYPE profiler_totals_cache_bytes gauge\nprofiler_totals_cache_bytes {}", store.totals_cache_bytes);
+        let _ = writeln!(o, "# HELP profiler_result_cache_bytes Memory held by answers to queries over settled ranges.\n# TYPE profiler_result_cache_bytes gauge\nprofiler_result_cache_bytes {}", store.result_cache_bytes);
         let _ = writeln!(o, "# HELP profiler_ingest_refused 1 while the store refuses ingest (503).\n# TYPE profiler_ingest_refused gauge\nprofiler_ingest_refused {}", u8::from(store.busy.is_some()));
         let _ = writeln!(o, "# HELP profiler_disk_bytes Bytes used by WAL, segments and catalog.\n# TYPE profiler_disk_bytes gauge\nprofiler_disk_bytes {disk_bytes}");
         let _ = writeln!(o, "# HELP profiler_buffered_rows Rows in the WAL-backed buffer.\n# TYPE profiler_buffered_rows gauge\nprofiler_buffered_rows {buffered_rows}");

@@ -30,6 +30,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::recent::{self, BatchKey, RecentBatches};
 use super::segment::{self, Scan, SegmentMeta, Summary};
+use super::results::Results;
 use super::totals;
 use super::{
     wal, Aggregate, Appended, Batch, Cancel, Frames, Grid, GroupBy, Labels, Overview, Refused,
@@ -67,6 +68,8 @@ pub struct StoreOptions {
     pub max_wal_bytes: u64,
     /// Memory for segments' per-stack totals read by queries.
     pub totals_cache_bytes: usize,
+    /// Memory for answers to queries over settled ranges.
+    pub result_cache_bytes: usize,
 }
 
 impl Default for StoreOptions {
@@ -80,6 +83,7 @@ impl Default for StoreOptions {
             max_buffered_rows: 8_000_000,
             max_wal_bytes: 2 << 30,
             totals_cache_bytes: 128 << 20,
+            result_cache_bytes: 64 << 20,
         }
     }
 }
@@ -220,6 +224,7 @@ pub struct EmbeddedStore {
     flush_lock: Mutex<()>,
     next_segment: AtomicU64,
     totals: totals::Cache,
+    results: Results,
 }
 
 /// A segment file just written, with the per-stack totals its catalog entry
@@ -407,6 +412,7 @@ impl EmbeddedStore {
             flush_lock: Mutex::new(()),
             next_segment: AtomicU64::new(next_segment),
             totals: totals::Cache::new(opts.totals_cache_bytes),
+            results: Results::new(opts.result_cache_bytes),
         })
     }
 
@@ -476,16 +482,28 @@ impl EmbeddedStore {
             Ok(()) => {
                 w.synced_len = w.len;
                 let now = now_ms();
-                let mut mem = write(&self.mem);
-                let mut dict = write(&self.dict);
-                for (n, batch, key) in records {
-                    if let Some(key) = key {
-                        w.in_flight.remove(&key);
-                        w.recent.insert(key, now);
-                        mem.active_ids.push((key, now));
+                let mut changed = Vec::with_capacity(records.len());
+                {
+                    let mut mem = write(&self.mem);
+                    let mut dict = write(&self.dict);
+                    for (n, batch, key) in records {
+                        if let Some(key) = key {
+                            w.in_flight.remove(&key);
+                            w.recent.insert(key, now);
+                            mem.active_ids.push((key, now));
+                        }
+                        let windows = batch.rows.iter().map(|r| r.ts_ms);
+                        if let (Some(first), Some(last)) = (windows.clone().min(), windows.max()) {
+                            changed.push((batch.service.clone(), first, last));
+                        }
+                        apply(&mut mem, &mut dict, batch);
+                        w.outcomes.insert(n, Ok(()));
                     }
-                    apply(&mut mem, &mut dict, batch);
-                    w.outcomes.insert(n, Ok(()));
+                }
+                // Only once the rows are visible, so a query that starts
+                // after this sees them.
+                for (service, first, last) in changed {
+                    self.results.changed(&service, first, last);
                 }
             }
             Err(e) => {
@@ -677,6 +695,95 @@ impl EmbeddedStore {
         })
     }
 
+    /// Sums the rows of buffers and segments that a query selects.
+    fn scan(&self, sel: &Selector, by: GroupBy) -> anyhow::Result<Aggregate> {
+        let allowed: Option<HashSet<u64>> = (!sel.matchers.is_empty()).then(|| {
+            let d = read(&self.dict);
+            d.by_service
+                .get(&sel.service)
+                .into_iter()
+                .flatten()
+                .filter(|id| sel.matchers.iter().all(|m| m.matches(&d.series[*id])))
+                .copied()
+                .collect()
+        });
+        let mut out = Aggregate::new();
+        let segs: Vec<SegmentMeta> = {
+            let mem = read(&self.mem);
+            let bufs = std::iter::once(&mem.active).chain(mem.flushing.iter().map(|p| &*p.buf));
+            for buf in bufs {
+                for ((service, kind), rows) in buf {
+                    if *service == sel.service && sel.wants_kind(kind) {
+                        let dst = out.entry(kind.clone()).or_default();
+                        scan_rows(rows, sel, allowed.as_ref(), by, dst);
+                    }
+                }
+            }
+            read(&self.segments)
+                .iter()
+                .filter(|m| {
+                    m.service == sel.service
+                        && sel.wants_kind(&m.kind)
+                        && m.min_ts < sel.until_ms
+                        && m.max_ts >= sel.from_ms
+                })
+                .cloned()
+                .collect()
+        };
+        if segs.is_empty() {
+            return Ok(out);
+        }
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(segs.len());
+        // Deal the largest segments out first so threads finish together.
+        let mut order: Vec<&SegmentMeta> = segs.iter().collect();
+        order.sort_by_key(|m| std::cmp::Reverse(m.rows));
+        let partials = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let mine: Vec<&SegmentMeta> =
+                        order.iter().skip(t).step_by(threads).copied().collect();
+                    let allowed = allowed.as_ref();
+                    s.spawn(move || -> anyhow::Result<Aggregate> {
+                        let mut part = Aggregate::new();
+                        for m in mine {
+                            sel.cancel.check()?;
+                            let inside = m.min_ts >= sel.from_ms && m.max_ts < sel.until_ms;
+                            let dst = part.entry(m.kind.clone()).or_default();
+                            if inside && allowed.is_none() && self.add_precomputed(m, by, sel.from_ms, dst)? {
+                                continue;
+                            }
+                            let scan = Scan {
+                                time: (!inside).then_some((sel.from_ms, sel.until_ms)),
+                                series: allowed,
+                                by,
+                                from_ms: sel.from_ms,
+                            };
+                            match segment::aggregate(&self.seg_path(m), &scan, dst) {
+                                Ok(()) => {}
+                                // Compacted or expired after we listed it.
+                                Err(e) if is_not_found(&e) => {}
+                                Err(e) => {
+                                    return Err(e.context(format!("reading segment {}", m.id)))
+                                }
+                            }
+                        }
+                        Ok(part)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("scan thread panicked"))
+                .collect::<Vec<_>>()
+        });
+        for p in partials {
+            super::merge_into(&mut out, p?);
+        }
+        Ok(out)
+    }
+
     /// Adds a segment's whole content from what was computed when it was
     /// written, without opening its file: the per-stack totals, or the
     /// summary's windows for a timeline. False when there is none.
@@ -785,7 +892,11 @@ impl EmbeddedStore {
         {
             let mut segs = write(&self.segments);
             segs.retain(|m| !gone.contains(&m.id));
-            segs.extend(new.into_iter().map(|w| w.meta));
+            segs.extend(new.iter().map(|w| w.meta.clone()));
+        }
+        // Downsampling moves rows to the start of their coarser window.
+        for m in old.iter().chain(new.iter().map(|w| &w.meta)) {
+            self.results.changed(&m.service, m.min_ts, m.max_ts);
         }
         for m in old {
             // A concurrent query may still read it: Unix keeps the inode alive.
@@ -1025,91 +1136,13 @@ impl Store for EmbeddedStore {
     }
 
     fn aggregate(&self, sel: &Selector, by: GroupBy) -> anyhow::Result<Aggregate> {
-        let allowed: Option<HashSet<u64>> = (!sel.matchers.is_empty()).then(|| {
-            let d = read(&self.dict);
-            d.by_service
-                .get(&sel.service)
-                .into_iter()
-                .flatten()
-                .filter(|id| sel.matchers.iter().all(|m| m.matches(&d.series[*id])))
-                .copied()
-                .collect()
-        });
-        let mut out = Aggregate::new();
-        let segs: Vec<SegmentMeta> = {
-            let mem = read(&self.mem);
-            let bufs = std::iter::once(&mem.active).chain(mem.flushing.iter().map(|p| &*p.buf));
-            for buf in bufs {
-                for ((service, kind), rows) in buf {
-                    if *service == sel.service && sel.wants_kind(kind) {
-                        let dst = out.entry(kind.clone()).or_default();
-                        scan_rows(rows, sel, allowed.as_ref(), by, dst);
-                    }
-                }
-            }
-            read(&self.segments)
-                .iter()
-                .filter(|m| {
-                    m.service == sel.service
-                        && sel.wants_kind(&m.kind)
-                        && m.min_ts < sel.until_ms
-                        && m.max_ts >= sel.from_ms
-                })
-                .cloned()
-                .collect()
-        };
-        if segs.is_empty() {
-            return Ok(out);
+        if let Some(answer) = self.results.get(sel, by) {
+            return Ok(answer);
         }
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(segs.len());
-        // Deal the largest segments out first so threads finish together.
-        let mut order: Vec<&SegmentMeta> = segs.iter().collect();
-        order.sort_by_key(|m| std::cmp::Reverse(m.rows));
-        let partials = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let mine: Vec<&SegmentMeta> =
-                        order.iter().skip(t).step_by(threads).copied().collect();
-                    let allowed = allowed.as_ref();
-                    s.spawn(move || -> anyhow::Result<Aggregate> {
-                        let mut part = Aggregate::new();
-                        for m in mine {
-                            sel.cancel.check()?;
-                            let inside = m.min_ts >= sel.from_ms && m.max_ts < sel.until_ms;
-                            let dst = part.entry(m.kind.clone()).or_default();
-                            if inside && allowed.is_none() && self.add_precomputed(m, by, sel.from_ms, dst)? {
-                                continue;
-                            }
-                            let scan = Scan {
-                                time: (!inside).then_some((sel.from_ms, sel.until_ms)),
-                                series: allowed,
-                                by,
-                                from_ms: sel.from_ms,
-                            };
-                            match segment::aggregate(&self.seg_path(m), &scan, dst) {
-                                Ok(()) => {}
-                                // Compacted or expired after we listed it.
-                                Err(e) if is_not_found(&e) => {}
-                                Err(e) => {
-                                    return Err(e.context(format!("reading segment {}", m.id)))
-                                }
-                            }
-                        }
-                        Ok(part)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("scan thread panicked"))
-                .collect::<Vec<_>>()
-        });
-        for p in partials {
-            super::merge_into(&mut out, p?);
-        }
-        Ok(out)
+        let ticket = self.results.ticket();
+        let answer = self.scan(sel, by)?;
+        self.results.put(sel, by, ticket, &answer, now_ms());
+        Ok(answer)
     }
 
     fn overview(&self, grid: Grid, cancel: &Cancel) -> anyhow::Result<Overview> {
@@ -1255,6 +1288,7 @@ impl Store for EmbeddedStore {
             dictionary_stacks: read(&self.dict).stacks.len() as u64,
             dictionary_series: read(&self.dict).series.len() as u64,
             totals_cache_bytes: self.totals.bytes() as u64,
+            result_cache_bytes: self.results.bytes() as u64,
         }
     }
 
@@ -1456,6 +1490,7 @@ mod tests {
     fn whole_segments_are_answered_from_their_totals_without_their_rows() {
         let dir = tempfile::tempdir().unwrap();
         let base = 6_000_000;
+        let opts = || StoreOptions { result_cache_bytes: 0, ..opts() };
         let s = EmbeddedStore::open(dir.path(), opts()).unwrap();
         busy_segment(&s, base);
         let query = |s: &EmbeddedStore, from: i64, until: i64, by: GroupBy, host: Option<&str>| {
@@ -1506,5 +1541,43 @@ mod tests {
         assert_eq!(s.totals.bytes(), 0);
         let txn = s.db.begin_read().unwrap();
         assert!(txn.open_table(STACK_TOTALS).unwrap().get(seg.id).unwrap().is_none());
+    }
+
+    #[test]
+    fn answers_over_settled_ranges_are_kept_until_late_data_or_maintenance_changes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = 6_000_000;
+        let s = EmbeddedStore::open(dir.path(), opts()).unwrap();
+        busy_segment(&s, base);
+        s.flush().unwrap();
+        let cut = Selector {
+            service: "svc".into(),
+            from_ms: base + 20_000,
+            until_ms: base + 600_000,
+            kinds: None,
+            matchers: vec![],
+            cancel: Default::default(),
+        };
+        let sum = |agg: &Aggregate| agg.values().flat_map(|m| m.values()).sum::<i64>();
+        assert_eq!(sum(&s.aggregate(&cut, GroupBy::Stack).unwrap()), 10 * 13);
+        // Kept: answered again without the rows.
+        let file = s.seg_path(&read(&s.segments)[0]);
+        let rows = std::fs::read(&file).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(sum(&s.aggregate(&cut, GroupBy::Stack).unwrap()), 10 * 13);
+        assert!(s.stats().result_cache_bytes > 0);
+        std::fs::write(&file, rows).unwrap();
+
+        // A late window inside the range drops the answer; one outside does not.
+        s.append(hosted("svc", "h1", base + 700_000, 1000)).unwrap();
+        assert_eq!(sum(&s.aggregate(&cut, GroupBy::Stack).unwrap()), 10 * 13);
+        s.append(hosted("svc", "h3", base + 30_000, 1000)).unwrap();
+        assert_eq!(sum(&s.aggregate(&cut, GroupBy::Stack).unwrap()), 10 * 13 + 1000);
+
+        // Downsampling to minutes moves the windows of the first minute,
+        // the late one included, to its start: out of the range.
+        s.flush().unwrap();
+        s.maintain(base + 4 * 3_600_000).unwrap();
+        assert_eq!(sum(&s.aggregate(&cut, GroupBy::Stack).unwrap()), 6 * 13);
     }
 }

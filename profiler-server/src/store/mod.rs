@@ -10,7 +10,9 @@
 
 mod clickhouse;
 mod embedded;
+mod lru;
 mod recent;
+mod results;
 mod segment;
 mod totals;
 mod wal;
@@ -107,6 +109,8 @@ pub struct StoreStats {
     pub dictionary_series: u64,
     /// Memory held by segments' per-stack totals read by queries.
     pub totals_cache_bytes: u64,
+    /// Memory held by answers to queries over settled ranges.
+    pub result_cache_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,9 +8,9 @@
 //! Decoded totals stay in memory, least recently used out first, within a
 //! byte budget: segments never change, so an entry is never stale.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use super::lru::Lru;
 use super::Row;
 
 /// (stack id, summed value), ascending by stack id.
@@ -68,74 +68,36 @@ pub fn decode(mut bytes: &[u8]) -> Option<Totals> {
 }
 
 /// Decoded totals by segment id, within a byte budget.
-pub struct Cache {
-    budget_bytes: usize,
-    inner: Mutex<Lru>,
-}
-
-#[derive(Default)]
-struct Lru {
-    entries: HashMap<u64, (Totals, u64)>,
-    bytes: usize,
-    clock: u64,
-}
-
-fn footprint(totals: &Totals) -> usize {
-    totals.len() * size_of::<(u64, i64)>() + 64
-}
+pub struct Cache(Mutex<Lru<u64, Totals>>);
 
 impl Cache {
     pub fn new(budget_bytes: usize) -> Cache {
-        Cache {
-            budget_bytes,
-            inner: Mutex::new(Lru::default()),
-        }
+        Cache(Mutex::new(Lru::new(budget_bytes)))
     }
 
     pub fn get(&self, segment: u64) -> Option<Totals> {
-        let mut lru = self.lock();
-        lru.clock += 1;
-        let now = lru.clock;
-        let (totals, used) = lru.entries.get_mut(&segment)?;
-        *used = now;
-        Some(totals.clone())
+        self.lock().get(&segment)
     }
 
     pub fn insert(&self, segment: u64, totals: Totals) {
-        let size = footprint(&totals);
-        if size > self.budget_bytes {
-            return;
-        }
-        let mut lru = self.lock();
-        lru.clock += 1;
-        let now = lru.clock;
-        if let Some((old, _)) = lru.entries.insert(segment, (totals, now)) {
-            lru.bytes -= footprint(&old);
-        }
-        lru.bytes += size;
-        while lru.bytes > self.budget_bytes {
-            let Some(oldest) = lru.entries.iter().min_by_key(|(_, (_, used))| *used).map(|(&id, _)| id) else { break };
-            let (gone, _) = lru.entries.remove(&oldest).expect("found above");
-            lru.bytes -= footprint(&gone);
-        }
+        let bytes = totals.len() * size_of::<(u64, i64)>() + 64;
+        self.lock().insert(segment, totals, bytes);
     }
 
     /// Drops the totals of segments that were deleted.
     pub fn forget(&self, segments: impl IntoIterator<Item = u64>) {
         let mut lru = self.lock();
         for id in segments {
-            if let Some((gone, _)) = lru.entries.remove(&id) {
-                lru.bytes -= footprint(&gone);
-            }
+            lru.remove(&id);
         }
     }
 
     pub fn bytes(&self) -> usize {
-        self.lock().bytes
+        self.lock().bytes()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Lru> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lru<u64, Totals>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -168,23 +130,5 @@ mod tests {
     fn totals_are_kept_only_where_they_halve_the_rows() {
         assert!(of(&[row(1, 1, 0, 1), row(2, 1, 0, 1), row(2, 1, 10, 1)]).is_none());
         assert!(of(&[row(1, 1, 0, 1), row(1, 1, 10, 1), row(2, 1, 0, 1), row(2, 1, 10, 1)]).is_some());
-    }
-
-    #[test]
-    fn the_cache_keeps_the_recently_used_within_its_budget() {
-        let entry = |n: usize| -> Totals { vec![(1u64, 1i64); n].into() };
-        let one = footprint(&entry(100));
-        let cache = Cache::new(one * 2);
-        cache.insert(1, entry(100));
-        cache.insert(2, entry(100));
-        assert!(cache.get(1).is_some());
-        cache.insert(3, entry(100));
-        assert!(cache.get(2).is_none(), "the least recently used went");
-        assert!(cache.get(1).is_some() && cache.get(3).is_some());
-        assert_eq!(cache.bytes(), one * 2);
-        cache.forget([1, 3]);
-        assert_eq!(cache.bytes(), 0);
-        cache.insert(4, entry(1000));
-        assert!(cache.get(4).is_none(), "larger than the whole budget");
     }
 }
