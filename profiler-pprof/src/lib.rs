@@ -52,6 +52,7 @@ pub mod compare;
 pub mod flamegraph;
 pub mod folded;
 pub mod kind;
+pub mod stacks;
 
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,275 @@
+//! Our agent's own ingest format: one window of one (service, labels, kind)
+//! as a list of stacks with their values.
+//!
+//! A pprof carries every frame name of every window again, and the server
+//! pays for those bytes in gunzip, decoding and hashing although it knew
+//! almost every stack already. Here a stack the server has acknowledged goes
+//! by its id alone ([`stack_id`] of its frames, which the server computes the
+//! same way), eight bytes instead of about two kilobytes of names. A server
+//! that does not know an id refuses the request (409), and the agent sends
+//! the window again with every stack's frames.
+//!
+//! Layout: [`MAGIC`], the entries, and an end mark. A framed entry is byte
+//! 1, the zigzag varint value, the varint frame count and each frame as a
+//! varint length and UTF-8 bytes, root first. A known entry is byte 2, the id
+//! as 8 bytes little-endian and the zigzag varint value. The end mark is byte
+//! 0 and the varint count of entries, so a body cut between two entries is
+//! refused, not read short. Reading borrows the frame names from the buffer
+//! and allocates nothing.
+
+use crate::Error;
+
+pub const MAGIC: &[u8; 4] = b"PST1";
+const END: u8 = 0;
+const FRAMED: u8 = 1;
+const KNOWN: u8 = 2;
+
+/// Content hash of a root-first stack; frames are separated by a byte that
+/// cannot occur in UTF-8, so `["a;b"]` and `["a", "b"]` differ.
+pub fn stack_id<S: AsRef<str>>(frames: &[S]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for f in frames {
+        h.update(f.as_ref().as_bytes());
+        h.update(&[0xff]);
+    }
+    h.digest()
+}
+
+/// Builds a window's body (uncompressed).
+pub struct Writer {
+    buf: Vec<u8>,
+    entries: u64,
+}
+
+impl Default for Writer {
+    fn default() -> Self {
+        Writer { buf: MAGIC.to_vec(), entries: 0 }
+    }
+}
+
+impl Writer {
+    pub fn framed<S: AsRef<str>>(&mut self, frames: &[S], value: i64) {
+        self.entries += 1;
+        self.buf.push(FRAMED);
+        varint(&mut self.buf, zigzag(value));
+        varint(&mut self.buf, frames.len() as u64);
+        for f in frames {
+            let f = f.as_ref().as_bytes();
+            varint(&mut self.buf, f.len() as u64);
+            self.buf.extend_from_slice(f);
+        }
+    }
+
+    pub fn known(&mut self, id: u64, value: i64) {
+        self.entries += 1;
+        self.buf.push(KNOWN);
+        self.buf.extend_from_slice(&id.to_le_bytes());
+        varint(&mut self.buf, zigzag(value));
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        self.buf.push(END);
+        varint(&mut self.buf, self.entries);
+        self.buf
+    }
+}
+
+/// One entry of a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry<'a> {
+    Framed { frames: Frames<'a>, value: i64 },
+    Known { id: u64, value: i64 },
+}
+
+/// The frame names of a framed entry, root first, read on iteration (their
+/// UTF-8 is checked then).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frames<'a> {
+    count: u64,
+    bytes: &'a [u8],
+}
+
+impl<'a> Frames<'a> {
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Appends the names to `out` (cleared first).
+    pub fn read_into(&self, out: &mut Vec<&'a str>) -> Result<(), Error> {
+        out.clear();
+        let mut rest = self.bytes;
+        for _ in 0..self.count {
+            let len = read_varint(&mut rest)? as usize;
+            let name = take(&mut rest, len)?;
+            out.push(std::str::from_utf8(name).map_err(|_| invalid("a frame name is not UTF-8"))?);
+        }
+        Ok(())
+    }
+}
+
+/// Reads the entries of a body; a malformed body ends in one error.
+pub struct Reader<'a> {
+    rest: &'a [u8],
+    entries: u64,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(body: &'a [u8]) -> Result<Self, Error> {
+        let rest = body.strip_prefix(MAGIC.as_slice()).ok_or_else(|| invalid("not a stacks window (bad magic)"))?;
+        Ok(Reader { rest, entries: 0 })
+    }
+
+    /// The next entry, None after the end mark.
+    fn entry(&mut self) -> Result<Option<Entry<'a>>, Error> {
+        let (&tag, rest) = self.rest.split_first().ok_or_else(|| invalid("cut short (no end mark)"))?;
+        self.rest = rest;
+        self.entries += 1;
+        let entry = match tag {
+            END => {
+                let written = read_varint(&mut self.rest)?;
+                if written != self.entries - 1 || !self.rest.is_empty() {
+                    return Err(invalid("the end mark does not match the entries"));
+                }
+                return Ok(None);
+            }
+            FRAMED => {
+                let value = unzigzag(read_varint(&mut self.rest)?);
+                let count = read_varint(&mut self.rest)?;
+                // Skip the names now, so the entry knows its extent.
+                let start = self.rest;
+                for _ in 0..count {
+                    let len = read_varint(&mut self.rest)? as usize;
+                    take(&mut self.rest, len)?;
+                }
+                let bytes = &start[..start.len() - self.rest.len()];
+                Entry::Framed { frames: Frames { count, bytes }, value }
+            }
+            KNOWN => {
+                let id = u64::from_le_bytes(take(&mut self.rest, 8)?.try_into().expect("8 bytes"));
+                let value = unzigzag(read_varint(&mut self.rest)?);
+                Entry::Known { id, value }
+            }
+            other => return Err(invalid(&format!("unknown entry type {other}"))),
+        };
+        Ok(Some(entry))
+    }
+}
+
+impl<'a> Iterator for Reader<'a> {
+    type Item = Result<Entry<'a>, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.entries == u64::MAX {
+            return None;
+        }
+        let entry = self.entry().transpose();
+        if !matches!(entry, Some(Ok(_))) {
+            // Ended, or malformed: nothing more is read.
+            self.entries = u64::MAX;
+        }
+        entry
+    }
+}
+
+fn invalid(what: &str) -> Error {
+    Error::Invalid(format!("stacks window: {what}"))
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    (v >> 1) as i64 ^ -((v & 1) as i64)
+}
+
+fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn read_varint(rest: &mut &[u8]) -> Result<u64, Error> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&b, tail) = rest.split_first().ok_or_else(|| invalid("cut short"))?;
+        *rest = tail;
+        v |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return Ok(v);
+        }
+    }
+    Err(invalid("a number longer than 64 bits"))
+}
+
+fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], Error> {
+    if rest.len() < n {
+        return Err(invalid("cut short"));
+    }
+    let (head, tail) = rest.split_at(n);
+    *rest = tail;
+    Ok(head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip() {
+        let mut w = Writer::default();
+        w.framed(&["main", "ünïcode", ""], 1_000_000_007);
+        w.known(u64::MAX - 5, -3);
+        w.framed::<&str>(&[], 0);
+        let body = w.finish();
+        let entries: Vec<Entry> = Reader::new(&body).unwrap().collect::<Result<_, _>>().unwrap();
+        assert_eq!(entries.len(), 3);
+        let mut names = Vec::new();
+        let Entry::Framed { frames, value } = entries[0] else { panic!("{entries:?}") };
+        frames.read_into(&mut names).unwrap();
+        assert_eq!((names.as_slice(), value), (["main", "ünïcode", ""].as_slice(), 1_000_000_007));
+        assert_eq!(entries[1], Entry::Known { id: u64::MAX - 5, value: -3 });
+        let Entry::Framed { frames, .. } = entries[2] else { panic!("{entries:?}") };
+        assert!(frames.is_empty());
+    }
+
+    #[test]
+    fn malformed_bodies_are_errors_not_panics() {
+        let mut w = Writer::default();
+        w.framed(&["main", "leaf"], 5);
+        w.known(7, 9);
+        let body = w.finish();
+        assert!(Reader::new(b"PST").is_err());
+        for cut in MAGIC.len()..body.len() {
+            let results: Vec<_> = Reader::new(&body[..cut]).unwrap().collect();
+            assert!(results.last().unwrap().is_err(), "cut at {cut}");
+        }
+        let mut bad = body.clone();
+        bad[MAGIC.len()] = 9;
+        assert!(Reader::new(&bad).unwrap().next().unwrap().is_err());
+        // A frame count far beyond the bytes cannot make the reader allocate.
+        let huge = [MAGIC.as_slice(), &[FRAMED, 2, 0xff, 0xff, 0xff, 0xff, 0x0f, END, 1]].concat();
+        assert!(Reader::new(&huge).unwrap().next().unwrap().is_err());
+        let mut invalid_utf8 = Writer::default();
+        invalid_utf8.framed(&["\u{fffd}"], 1);
+        let mut body = invalid_utf8.finish();
+        let at = body.len() - 5;
+        body[at] = 0xff;
+        let Entry::Framed { frames, .. } = Reader::new(&body).unwrap().next().unwrap().unwrap() else { panic!() };
+        assert!(frames.read_into(&mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn ids_respect_frame_boundaries() {
+        assert_ne!(stack_id(&["a;b"]), stack_id(&["a", "b"]));
+        assert_ne!(stack_id(&["a", "b"]), stack_id(&["b", "a"]));
+        // Stores key their data by these ids: the hash must never change.
+        assert_eq!(stack_id(&["main", "leaf"]), 7_265_922_926_808_922_308);
+    }
+}
