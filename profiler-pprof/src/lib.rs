@@ -109,12 +109,15 @@ pub fn gunzip(bytes: &[u8], max: usize) -> Result<std::borrow::Cow<'_, [u8]>, Er
 
 /// Serializes and gzips a profile, as `go tool pprof` expects on disk.
 pub fn encode_gzip(profile: &Profile) -> Vec<u8> {
-    let raw = profile.encode_to_vec();
+    gzip(&profile.encode_to_vec())
+}
+
+pub fn gzip(raw: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(
         Vec::with_capacity(raw.len() / 4 + 64),
         flate2::Compression::default(),
     );
-    enc.write_all(&raw).expect("writing to a Vec cannot fail");
+    enc.write_all(raw).expect("writing to a Vec cannot fail");
     enc.finish().expect("writing to a Vec cannot fail")
 }
 

@@ -110,6 +110,7 @@ impl From<Rejected> for ApiError {
         let status = match r {
             Rejected::BadRequest(_) => StatusCode::BAD_REQUEST,
             Rejected::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejected::UnknownStacks(_) => StatusCode::CONFLICT,
         };
         ApiError::new(status, r.to_string())
     }
@@ -459,8 +460,21 @@ async fn ingest_native(
             ingest::folded(&text, 1, &mut b)?;
             return store_batch(&s, b, body.len(), id);
         }
+        if p.get("format") == Some("stacks") {
+            let kind = p.req("kind")?.to_owned();
+            let raw = decompress(&mut grant, &body, limits)?;
+            // Each entry is at least ten bytes on the wire and about sixty
+            // once summed into the batch; frame names are bounded by
+            // `max_batch_bytes` on their own.
+            grant
+                .grow_to_blocking(body.len() + 7 * raw.len())
+                .map_err(over_budget)?;
+            let mut b = BatchBuilder::new(limits, target(kind))?;
+            ingest::stacks(&raw, &*s.store, &mut b)?;
+            return store_batch(&s, b, body.len(), id);
+        }
         if p.get("format").is_some_and(|f| f != "pprof") {
-            return Err(ApiError::bad("`format` must be pprof (default) or folded"));
+            return Err(ApiError::bad("`format` must be pprof (default), folded or stacks"));
         }
         let raw = decompress(&mut grant, &body, limits)?;
         let profile = decode_pprof(&mut grant, body.len(), &raw, limits)?;

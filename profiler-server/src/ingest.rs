@@ -3,12 +3,12 @@
 //! untrusted input and returns `Rejected` (a 4xx) for anything malformed.
 
 use profiler_pprof::folded::LineError;
-use profiler_pprof::{cut_name, Profile, Resolver};
+use profiler_pprof::{cut_name, stacks, Profile, Resolver};
 use std::collections::HashMap;
 use std::mem::size_of;
 
 use crate::config::Limits;
-use crate::store::{series_id, stack_id, Batch, Frames, Labels, Row};
+use crate::store::{series_id, stack_id, Batch, Frames, Labels, Row, Store};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum Rejected {
@@ -16,6 +16,10 @@ pub enum Rejected {
     BadRequest(String),
     #[error("{0}")]
     TooLarge(String),
+    /// A stacks window referred to stacks by ids this server does not have:
+    /// the sender should send them again with their frames.
+    #[error("{0} stacks referred to by id are unknown to this server; send them with their frames")]
+    UnknownStacks(usize),
 }
 
 fn bad(msg: impl Into<String>) -> Rejected {
@@ -344,6 +348,36 @@ pub fn sample_type_name(profile: &Profile, idx: usize) -> Result<String, Rejecte
     let r = Resolver::new(profile);
     let types = r.sample_types().map_err(|e| bad(e.to_string()))?;
     Ok(types[idx].0.to_owned())
+}
+
+/// Adds the entries of our agent's stacks window (see
+/// `profiler_pprof::stacks`). Stacks referred to by id must be in `store`,
+/// or the whole window is refused.
+pub fn stacks(body: &[u8], store: &dyn Store, b: &mut BatchBuilder) -> Result<(), Rejected> {
+    let mut known = Vec::new();
+    let mut frames = Vec::new();
+    for entry in stacks::Reader::new(body).map_err(|e| bad(e.to_string()))? {
+        match entry.map_err(|e| bad(e.to_string()))? {
+            stacks::Entry::Framed { frames: names, value } => {
+                names.read_into(&mut frames).map_err(|e| bad(e.to_string()))?;
+                b.add(&frames, &[], value)?;
+            }
+            stacks::Entry::Known { id, value } => {
+                if value != 0 {
+                    known.push((id, value));
+                }
+            }
+        }
+    }
+    let ids: Vec<u64> = known.iter().map(|&(id, _)| id).collect();
+    let unknown = store.unknown_stacks(&b.target.service, &ids);
+    if unknown > 0 {
+        return Err(Rejected::UnknownStacks(unknown));
+    }
+    for (id, value) in known {
+        b.add_row(b.base_id, id, value);
+    }
+    Ok(())
 }
 
 /// Adds every sample of a pprof profile, value `idx`, converted to

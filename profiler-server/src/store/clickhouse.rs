@@ -838,6 +838,15 @@ impl Store for ClickHouseStore {
         Ok(out)
     }
 
+    /// Only what this instance inserted for the service counts: ClickHouse
+    /// keeps stacks per service, and asking it for every id of a window
+    /// would cost more than the frames the ids save.
+    fn unknown_stacks(&self, service: &str, ids: &[u64]) -> usize {
+        let svc = xxhash_rust::xxh3::xxh3_64(service.as_bytes());
+        let w = self.written_stacks.lock().unwrap_or_else(|e| e.into_inner());
+        ids.iter().filter(|&&id| !w.contains(&(svc, id))).count()
+    }
+
     fn stack(&self, id: u64) -> Option<Frames> {
         if let Some(f) = self
             .stacks

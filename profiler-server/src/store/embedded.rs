@@ -1216,6 +1216,12 @@ impl Store for EmbeddedStore {
         read(&self.dict).stacks.get(&id).cloned()
     }
 
+    /// The dictionary is shared by all services.
+    fn unknown_stacks(&self, _service: &str, ids: &[u64]) -> usize {
+        let d = read(&self.dict);
+        ids.iter().filter(|id| !d.stacks.contains_key(id)).count()
+    }
+
     fn services(&self) -> Vec<String> {
         let mut v: Vec<String> = read(&self.dict).by_service.keys().cloned().collect();
         v.sort();

@@ -36,8 +36,10 @@ pub struct Row {
     pub value: i64,
 }
 
-/// One ingest request after parsing: self-contained (it carries every stack
-/// and series it references) so a WAL record can be replayed on its own.
+/// One ingest request after parsing. It carries every series it references
+/// and every stack it sent with frames; the stacks it refers to by id only
+/// were in the store's dictionary when it was appended, so at replay an
+/// earlier WAL record or the catalog defines them.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Batch {
     /// Idempotency key of the request (the agent's `batch_id`): a batch whose
@@ -266,6 +268,9 @@ pub trait Store: Send + Sync + 'static {
     /// over the grid's range: the fleet overview, in one pass.
     fn overview(&self, grid: Grid, cancel: &Cancel) -> anyhow::Result<Overview>;
     fn stack(&self, id: u64) -> Option<Frames>;
+    /// How many of `ids` this server cannot vouch it has the frames of for
+    /// `service`: ingest by id refuses windows with any.
+    fn unknown_stacks(&self, service: &str, ids: &[u64]) -> usize;
     fn services(&self) -> Vec<String>;
     /// Label sets of every series of a service.
     fn series(&self, service: &str) -> Vec<Arc<Labels>>;
