@@ -312,53 +312,140 @@ struct Ingested {
     gunzip_alone: Duration,
 }
 
-/// End-to-end ingest on one thread: gzip pprof decode, validation, batch
-/// building and the WAL append with its fsync, for one hour of agent
-/// windows (one request per 10 s window and kind, as the agent sends).
-fn ingest_hour(pool: &Pool, rng: &mut Rng) -> Ingested {
-    let mut requests = Vec::new();
-    for w in 0..360 {
-        let ts = END - HOUR + w * 10 * SECOND;
+/// How requests carry their windows.
+#[derive(Clone, Copy, PartialEq)]
+enum Wire {
+    /// One gzip pprof per 10 s window and kind, process ids as sample labels.
+    Pprof,
+    /// Our agent's stacks windows, one per process, kind and 10 s: a stack
+    /// with its frames the first time, by id afterwards.
+    Stacks,
+}
+
+/// One request: window start, kind, labels and the gzip body.
+type Request = (i64, String, Labels, Vec<u8>);
+
+/// The requests of the two hours before `END`, windows in order.
+fn requests(pool: &Pool, rng: &mut Rng, wire: Wire) -> Vec<Request> {
+    let mut out = Vec::new();
+    let mut acknowledged = HashSet::new();
+    for w in 0..720 {
+        let ts = END - 2 * HOUR + w * 10 * SECOND;
         for (kind, rows) in window(pool, ts, 10 * SECOND, rng) {
-            let mut pb = profiler_pprof::ProfileBuilder::new(&[("cpu", "nanoseconds")]);
-            for ((i, pid), value) in rows {
-                pb.add(&pool.stacks[i].frames, &[value], &[("pid", &pid.to_string())]);
+            let host = ("host".to_string(), "builder-1".to_string());
+            if wire == Wire::Pprof {
+                let mut pb = profiler_pprof::ProfileBuilder::new(&[("cpu", "nanoseconds")]);
+                for ((i, pid), value) in rows {
+                    pb.add(&pool.stacks[i].frames, &[value], &[("pid", &pid.to_string())]);
+                }
+                out.push((ts, kind, Labels::from([host]), profiler_pprof::encode_gzip(&pb.build())));
+                continue;
             }
-            requests.push((ts, kind, profiler_pprof::encode_gzip(&pb.build())));
+            // A stack goes by id once a window before this one was acknowledged.
+            let mut by_pid: HashMap<i64, profiler_pprof::stacks::Writer> = HashMap::new();
+            let mut sent = Vec::new();
+            for ((i, pid), value) in rows {
+                let s = pool.stacks[i];
+                let w = by_pid.entry(pid).or_default();
+                if acknowledged.contains(&s.id) {
+                    w.known(s.id, value);
+                } else {
+                    w.framed(&s.frames, value);
+                    sent.push(s.id);
+                }
+            }
+            acknowledged.extend(sent);
+            for (pid, w) in by_pid {
+                let labels = Labels::from([host.clone(), ("pid".to_string(), pid.to_string())]);
+                out.push((ts, kind.clone(), labels, profiler_pprof::gzip(&w.finish())));
+            }
         }
     }
-    let gzip_bytes = requests.iter().map(|(_, _, gz)| gz.len()).sum();
+    out
+}
+
+/// Ingests one request as the route does, minus HTTP: its rows, and the
+/// time spent in gunzip and decoding, and in validation and batch building.
+fn ingest_one(store: &EmbeddedStore, limits: &Limits, wire: Wire, request: &Request) -> (usize, Duration, Duration) {
+    let (ts, kind, labels, gz) = request;
+    let target = Target {
+        service: SERVICE.into(),
+        kind: kind.clone(),
+        ts_ms: *ts,
+        labels: labels.clone(),
+    };
+    let phase = Instant::now();
+    let (decode, build, batch) = match wire {
+        Wire::Pprof => {
+            let p = profiler_pprof::decode_gzip(gz, 256 << 20).unwrap();
+            let decode = phase.elapsed();
+            let phase = Instant::now();
+            let mut b = BatchBuilder::new(limits, target).unwrap();
+            ingest::pprof(&p, 0, &mut b).unwrap();
+            (decode, phase.elapsed(), b.finish())
+        }
+        Wire::Stacks => {
+            let raw = profiler_pprof::gunzip(gz, 256 << 20).unwrap();
+            let decode = phase.elapsed();
+            let phase = Instant::now();
+            let mut b = BatchBuilder::new(limits, target).unwrap();
+            ingest::stacks(&raw, store, &mut b).unwrap();
+            (decode, phase.elapsed(), b.finish())
+        }
+    };
+    let rows = batch.rows.len();
+    store.append(batch).unwrap();
+    (rows, decode, build)
+}
+
+/// End-to-end ingest of the second of two hours of agent windows (the first
+/// only fills the store's dictionary, as a running server's is, and the
+/// agent's knowledge of it): gunzip, decoding, validation, batch building
+/// and the WAL append with its fsync. `clients` send each window's requests
+/// at once, as a fleet's agents do; the store then shares fsyncs among them.
+fn ingest_hour(pool: &Pool, rng: &mut Rng, wire: Wire, clients: usize) -> Ingested {
+    let mut requests = requests(pool, rng, wire);
+    let second_hour = requests.iter().position(|r| r.0 >= END - HOUR).unwrap();
+    let first_hour: Vec<Request> = requests.drain(..second_hour).collect();
+    let gzip_bytes = requests.iter().map(|r| r.3.len()).sum();
     let t = Instant::now();
-    let raw_bytes = requests.iter().map(|(_, _, gz)| profiler_pprof::gunzip(gz, 256 << 20).unwrap().len()).sum();
+    let raw_bytes = requests.iter().map(|r| profiler_pprof::gunzip(&r.3, 256 << 20).unwrap().len()).sum();
     let gunzip_alone = t.elapsed();
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(dir.path(), StoreOptions::default()).unwrap();
     let limits = Limits::default();
-    let mut rows = 0;
-    let (t, cpu) = (Instant::now(), cpu_time());
-    let (mut decode, mut build) = (Duration::ZERO, Duration::ZERO);
-    for (ts, kind, gz) in &requests {
-        let phase = Instant::now();
-        let p = profiler_pprof::decode_gzip(gz, 256 << 20).unwrap();
-        decode += phase.elapsed();
-        let phase = Instant::now();
-        let target = Target {
-            service: SERVICE.into(),
-            kind: kind.clone(),
-            ts_ms: *ts,
-            labels: Labels::from([("host".to_string(), "builder-1".to_string())]),
-        };
-        let mut b = BatchBuilder::new(&limits, target).unwrap();
-        ingest::pprof(&p, 0, &mut b).unwrap();
-        let batch = b.finish();
-        build += phase.elapsed();
-        rows += batch.rows.len();
-        store.append(batch).unwrap();
+    for r in &first_hour {
+        ingest_one(&store, &limits, wire, r);
     }
+    let windows: Vec<&[Request]> = requests.chunk_by(|a, b| a.0 == b.0).collect();
+    let barrier = std::sync::Barrier::new(clients);
+    let (t, cpu) = (Instant::now(), cpu_time());
+    let parts: Vec<(usize, Duration, Duration)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|c| {
+                let (store, limits, windows, barrier) = (&store, &limits, &windows, &barrier);
+                s.spawn(move || {
+                    let mut sum = (0, Duration::ZERO, Duration::ZERO);
+                    for window in windows {
+                        for r in window.iter().skip(c).step_by(clients) {
+                            let (rows, decode, build) = ingest_one(store, limits, wire, r);
+                            sum = (sum.0 + rows, sum.1 + decode, sum.2 + build);
+                        }
+                        barrier.wait();
+                    }
+                    sum
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
     let total = t.elapsed();
+    let rows = parts.iter().map(|p| p.0).sum();
+    let decode = parts.iter().map(|p| p.1).sum();
+    let build = parts.iter().map(|p| p.2).sum();
     Ingested {
         rows,
-        times: [total, cpu_time() - cpu, decode, build, total - decode - build],
+        times: [total, cpu_time() - cpu, decode, build, total.saturating_sub(decode + build)],
         requests: requests.len(),
         gzip_bytes,
         raw_bytes,
@@ -376,10 +463,10 @@ fn main() {
     );
     let mut rng = Rng(0x9e3779b97f4a7c15);
     println!("distinct  range  stacks in range   scan  flame graph (cold)  flame graph   diff    top   flame graph (answer kept)");
-    // BENCH_STACKS=10000,100000 picks the pool sizes.
+    // BENCH_STACKS=10000,100000 picks the pool sizes; empty, ingest only.
     let sizes: Vec<usize> = std::env::var("BENCH_STACKS").map_or_else(
         |_| vec![1_000, 10_000, 30_000, 100_000],
-        |v| v.split(',').map(|n| n.trim().parse().expect("BENCH_STACKS: numbers")).collect(),
+        |v| v.split(',').filter(|n| !n.trim().is_empty()).map(|n| n.trim().parse().expect("BENCH_STACKS: numbers")).collect(),
     );
     for n in sizes {
         let pool = Pool::new(&all, n, &mut rng);
@@ -420,20 +507,29 @@ fn main() {
         );
     }
     let pool = Pool::new(&all, 100_000, &mut rng);
-    let Ingested { rows, times: [took, cpu, decode, build, append], requests, gzip_bytes, raw_bytes, gunzip_alone } =
-        ingest_hour(&pool, &mut rng);
-    println!(
-        "ingest, pprof end to end on one thread: {:.0} rows/s, {:.0} rows per CPU-second ({rows} rows of one hour \
-         in {requests} requests' {} KiB of gzip pprof, {took:.2?}: gunzip+decode {decode:.2?}, validate+batch {build:.2?}, \
-         WAL+fsync+apply {append:.2?})",
-        rows as f64 / took.as_secs_f64(),
-        rows as f64 / cpu.as_secs_f64(),
-        gzip_bytes / 1024
-    );
-    println!(
-        "ingest floor: gunzip alone {gunzip_alone:.2?} for {} MiB of pprof ({} bytes per row), at most {:.0} rows/s",
-        raw_bytes >> 20,
-        raw_bytes / rows.max(1),
-        rows as f64 / gunzip_alone.as_secs_f64()
-    );
+    let runs = [(Wire::Pprof, "gzip pprof", 1), (Wire::Stacks, "stacks windows", 1), (Wire::Stacks, "stacks windows", 4)];
+    for (wire, name, clients) in runs {
+        let Ingested { rows, times: [took, cpu, decode, build, append], requests, gzip_bytes, raw_bytes, gunzip_alone } =
+            ingest_hour(&pool, &mut rng, wire, clients);
+        let phases = if clients == 1 {
+            format!("gunzip+decode {decode:.2?}, validate+batch {build:.2?}, WAL+fsync+apply {append:.2?}")
+        } else {
+            format!("threads' gunzip+decode {decode:.2?}, validate+batch {build:.2?}")
+        };
+        println!(
+            "ingest of {name} from {clients} client(s), end to end: {:.0} rows/s, {:.0} rows per CPU-second ({rows} rows of \
+             one hour in {requests} requests' {} KiB, {took:.2?}: {phases})",
+            rows as f64 / took.as_secs_f64(),
+            rows as f64 / cpu.as_secs_f64(),
+            gzip_bytes / 1024
+        );
+        if clients == 1 {
+            println!(
+                "  floor: gunzip alone {gunzip_alone:.2?} for {} MiB ({} bytes per row), at most {:.0} rows/s",
+                raw_bytes >> 20,
+                raw_bytes / rows.max(1),
+                rows as f64 / gunzip_alone.as_secs_f64()
+            );
+        }
+    }
 }

@@ -161,16 +161,28 @@ impl<'a> BatchBuilder<'a> {
     /// frames still counts, under `[unknown]`. Deep stacks lose their leaf
     /// end, long frame names their tail.
     pub fn stack<S: AsRef<str>>(&mut self, frames: &[S]) -> Result<u64, Rejected> {
+        self.intern(None, frames)
+    }
+
+    /// Interns a stack like [`Self::stack`] but under the id of its frames
+    /// as sent, before any cut: the id a sender that later refers to the
+    /// stack by id computed.
+    pub fn stack_as_sent<S: AsRef<str>>(&mut self, frames: &[S]) -> Result<u64, Rejected> {
+        self.intern(Some(stack_id(frames)), frames)
+    }
+
+    /// `id` None: the id of the frames kept.
+    fn intern<S: AsRef<str>>(&mut self, id: Option<u64>, frames: &[S]) -> Result<u64, Rejected> {
         let frames = &frames[..frames.len().min(self.limits.max_stack_depth)];
         if frames.is_empty() {
-            return self.stack(&["[unknown]"]);
+            return self.intern(id, &["[unknown]"]);
         }
         let max_name = self.limits.max_frame_name_len;
         if frames.iter().any(|f| f.as_ref().len() > max_name) {
             let cut: Vec<String> = frames.iter().map(|f| cut_name(f.as_ref(), max_name)).collect();
-            return self.stack(&cut);
+            return self.intern(id, &cut);
         }
-        let sid = stack_id(frames);
+        let sid = id.unwrap_or_else(|| stack_id(frames));
         if !self.stacks.contains_key(&sid) {
             let bytes: usize = frames.iter().map(|f| f.as_ref().len() + size_of::<String>()).sum();
             self.stack_bytes += bytes;
@@ -360,7 +372,8 @@ pub fn stacks(body: &[u8], store: &dyn Store, b: &mut BatchBuilder) -> Result<()
         match entry.map_err(|e| bad(e.to_string()))? {
             stacks::Entry::Framed { frames: names, value } => {
                 names.read_into(&mut frames).map_err(|e| bad(e.to_string()))?;
-                b.add(&frames, &[], value)?;
+                let id = b.stack_as_sent(&frames)?;
+                b.add_row(b.base_id, id, value);
             }
             stacks::Entry::Known { id, value } => {
                 if value != 0 {
@@ -576,6 +589,10 @@ mod tests {
         let mut b = BatchBuilder::new(&limits, target()).unwrap();
         let id = b.stack(&["main", "ééééééé_long"]).unwrap();
         assert_eq!(&*b.stacks[&id], ["main".to_string(), "éé…".to_string()]);
+        // By id, a sender knows only the frames it sent.
+        let sent = ["main", "ééééééé_long"];
+        assert_eq!(b.stack_as_sent(&sent).unwrap(), stack_id(&sent));
+        assert_eq!(b.stacks[&stack_id(&sent)], b.stacks[&id]);
         let mut err = None;
         for i in 0..100 {
             if let Err(e) = b.stack(&[format!("f{i}")]) {
