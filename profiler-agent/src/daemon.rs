@@ -205,7 +205,7 @@ fn sampling_loop(
             }
         }
         let end_ms = now_ms().min(end_ms).max(start_ms + 1);
-        let meta = WindowMeta { start_ms, end_ms, period_ns: session.period_ns() };
+        let meta = WindowMeta { start_ms, end_ms };
         let payloads = groups.payloads(host_labels, &meta, &run_id);
         *runs.control.services.lock().unwrap() = groups.services();
         metrics.windows.fetch_add(1, Relaxed);
@@ -399,6 +399,9 @@ async fn ship_loop(
         value_dropped_ns = count(&metrics.value_dropped_ns),
         value_dead_lettered_ns = count(&metrics.value_dead_lettered_ns),
         ship_auth_failures = count(&metrics.ship_auth_failures),
+        bytes_shipped = count(&metrics.bytes_shipped),
+        stacks_shipped_by_id = count(&metrics.stacks_shipped_by_id),
+        stacks_shipped_with_frames = count(&metrics.stacks_shipped_with_frames),
         left_in_spool = left,
         "agent stopped"
     );
@@ -422,7 +425,6 @@ async fn ship_or_spool(payload: Payload, shipper: &Shipper, spool: &Arc<Mutex<Sp
 fn shipped(payload: &Payload, metrics: &Metrics) {
     metrics.profiles_shipped.fetch_add(1, Relaxed);
     metrics.value_shipped_ns.fetch_add(payload.value, Relaxed);
-    metrics.bytes_shipped.fetch_add(payload.body.len() as u64, Relaxed);
 }
 
 fn rejected(payload: &Payload, err: anyhow::Error, metrics: &Metrics) {

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub value_dropped_ns: AtomicU64,
     pub value_dead_lettered_ns: AtomicU64,
     pub bytes_shipped: AtomicU64,
+    pub stacks_shipped_by_id: AtomicU64,
+    pub stacks_shipped_with_frames: AtomicU64,
     pub spool_profiles: AtomicU64,
     pub spool_bytes: AtomicU64,
     pub symbol_cache_hits: AtomicU64,
@@ -73,7 +75,9 @@ impl Metrics {
         metric("value_shipped_nanoseconds_total", "counter", "Profiled time acknowledged by the server.", get(&self.value_shipped_ns));
         metric("value_dropped_nanoseconds_total", "counter", "Profiled time dropped with full-spool profiles.", get(&self.value_dropped_ns));
         metric("value_dead_lettered_nanoseconds_total", "counter", "Profiled time in dead-lettered profiles.", get(&self.value_dead_lettered_ns));
-        metric("bytes_shipped_total", "counter", "Compressed profile bytes acknowledged by the server.", get(&self.bytes_shipped));
+        metric("bytes_shipped_total", "counter", "Compressed profile bytes the server acknowledged, as sent (stacks it has go by id).", get(&self.bytes_shipped));
+        metric("stacks_shipped_by_id_total", "counter", "Stacks of accepted windows sent by id: the server had their frames.", get(&self.stacks_shipped_by_id));
+        metric("stacks_shipped_with_frames_total", "counter", "Stacks of accepted windows sent with their frames.", get(&self.stacks_shipped_with_frames));
         metric("spool_profiles", "gauge", "Profiles waiting in the spool.", get(&self.spool_profiles));
         metric("spool_bytes", "gauge", "Bytes in the spool.", get(&self.spool_bytes));
         metric("symbol_cache_hits_total", "counter", "Process snapshot look-ups that hit.", get(&self.symbol_cache_hits));

@@ -1,5 +1,11 @@
-//! Ship stage: turns a window into one gzip pprof per (service, labels, kind) and sends
-//! it to the server's ingest API, with timeouts, retries and exponential backoff.
+//! Ship stage: turns a window into one stacks window per (service, labels, kind) and
+//! sends it to the server's ingest API, with timeouts, retries and exponential backoff.
+//!
+//! A payload holds every stack with its frames, so it can wait in the spool and go to any
+//! server. What is sent refers by id to the stacks this server has acknowledged before
+//! (see `profiler_pprof::stacks`): a window of stacks the server knows is a few bytes per
+//! stack instead of kilobytes of frame names. A server that lost them answers 409, and
+//! the window goes again with every frame; a server too old for stacks windows gets pprof.
 //!
 //! What an answer means for the window is decided in one place, [`ShipError::from_status`]:
 //! only a 4xx that describes the payload itself (400, 413, 415, 422, ...) drops it.
@@ -7,7 +13,7 @@
 //! will fix: the window is kept, like when the server is away.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     sync::{
         Arc, Mutex,
         atomic::Ordering::Relaxed,
@@ -16,12 +22,13 @@ use std::{
 };
 
 use anyhow::anyhow;
-use profiler_pprof::{ProfileBuilder, encode_gzip, kind::Kind};
+use profiler_pprof::{ProfileBuilder, encode_gzip, gzip, kind::Kind, stacks};
 use reqwest::StatusCode;
 
 use crate::{identity::Identity, metrics::Metrics};
 
-/// One request's worth: the ingest query string and the gzip pprof body.
+/// One request's worth: the ingest query string and the gzip body, a stacks window with
+/// every frame (or, spooled by an older agent, a pprof).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Payload {
     pub query: String,
@@ -55,7 +62,6 @@ pub type Stacks = BTreeMap<Vec<std::sync::Arc<str>>, u64>;
 pub struct WindowMeta {
     pub start_ms: u64,
     pub end_ms: u64,
-    pub period_ns: u64,
 }
 
 /// `batch_id` names the payload for the server, which drops a batch it already stored:
@@ -69,26 +75,136 @@ pub fn build_payload(
     meta: &WindowMeta,
     batch_id: &str,
 ) -> Payload {
-    let kind_name = kind.name();
-    let mut builder = ProfileBuilder::new(&[(kind_name.as_str(), "nanoseconds")])
-        .period("cpu", "nanoseconds", meta.period_ns as i64)
-        .time(meta.start_ms as i64 * 1_000_000, (meta.end_ms - meta.start_ms) as i64 * 1_000_000);
+    let mut window = stacks::Writer::default();
     let mut value = 0u64;
     for (frames, ns) in stacks {
-        builder.add(frames, &[*ns as i64], &[]);
+        window.framed(frames, *ns as i64);
         value += ns;
     }
     let mut query = form_urlencoded::Serializer::new(String::new());
     query
         .append_pair("service", &identity.service)
-        .append_pair("kind", &kind_name)
+        .append_pair("kind", &kind.name())
         .append_pair("from", &meta.start_ms.to_string())
         .append_pair("until", &meta.end_ms.to_string())
-        .append_pair("batch_id", batch_id);
+        .append_pair("batch_id", batch_id)
+        .append_pair("format", STACKS_FORMAT);
     for (name, label_value) in host_labels.iter().chain(&identity.labels) {
         query.append_pair("label", &format!("{name}:{label_value}"));
     }
-    Payload { query: query.finish(), body: encode_gzip(&builder.build()), value }
+    Payload { query: query.finish(), body: gzip(&window.finish()), value }
+}
+
+const STACKS_FORMAT: &str = "stacks";
+
+fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    form_urlencoded::parse(query.as_bytes()).into_owned()
+}
+
+fn is_stacks_window(query: &str) -> bool {
+    query_pairs(query).any(|(k, v)| k == "format" && v == STACKS_FORMAT)
+}
+
+/// A payload body after gunzip; our own, so the bound only guards against a corrupt spool.
+fn window_bytes(body: &[u8]) -> anyhow::Result<std::borrow::Cow<'_, [u8]>> {
+    Ok(profiler_pprof::gunzip(body, 256 << 20)?)
+}
+
+/// The window as a gzip pprof and its query, for a server without stacks windows.
+fn as_pprof(payload: &Payload) -> anyhow::Result<(String, Vec<u8>)> {
+    let pairs: Vec<(String, String)> = query_pairs(&payload.query).collect();
+    let kind = pairs.iter().find(|(k, _)| k == "kind").map_or("samples", |(_, v)| v.as_str());
+    let mut builder = ProfileBuilder::new(&[(kind, "nanoseconds")]);
+    let raw = window_bytes(&payload.body)?;
+    let mut frames = Vec::new();
+    for entry in stacks::Reader::new(&raw)? {
+        if let stacks::Entry::Framed { frames: names, value } = entry? {
+            names.read_into(&mut frames)?;
+            builder.add(&frames, &[value], &[]);
+        }
+    }
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query.extend_pairs(pairs.iter().filter(|(k, _)| k != "format"));
+    Ok((query.finish(), encode_gzip(&builder.build())))
+}
+
+/// Stacks the server acknowledged, which later windows send by id.
+struct KnownStacks {
+    ids: HashSet<u64>,
+    /// Forgotten now and then, so a server's retention (which forgets stacks no window
+    /// used for its whole length) can never outlast what the agent believes it has.
+    since: Instant,
+    /// Set when the server refused stacks windows: until then, windows go as pprof.
+    pprof_until: Option<Instant>,
+}
+
+/// At most this many ids are remembered (8 bytes each plus the set's overhead).
+const MAX_KNOWN_STACKS: usize = 200_000;
+const FORGET_KNOWN_EVERY: Duration = Duration::from_secs(30 * 60);
+/// How long a server that refused stacks windows is sent pprof before trying again.
+const PPROF_FOR: Duration = Duration::from_secs(3600);
+
+impl KnownStacks {
+    fn new() -> Self {
+        Self { ids: HashSet::new(), since: Instant::now(), pprof_until: None }
+    }
+
+    /// The window with the stacks the server has by id (None when it has none of them),
+    /// and the ids of all its stacks.
+    fn by_reference(&mut self, body: &[u8]) -> anyhow::Result<ByReference> {
+        if self.since.elapsed() > FORGET_KNOWN_EVERY {
+            self.forget();
+        }
+        let raw = window_bytes(body)?;
+        let mut out = stacks::Writer::default();
+        let (mut ids, mut by_id) = (Vec::new(), 0);
+        let mut frames = Vec::new();
+        for entry in stacks::Reader::new(&raw)? {
+            match entry? {
+                stacks::Entry::Framed { frames: names, value } => {
+                    names.read_into(&mut frames)?;
+                    let id = stacks::stack_id(&frames);
+                    if self.ids.contains(&id) {
+                        out.known(id, value);
+                        by_id += 1;
+                    } else {
+                        out.framed(&frames, value);
+                    }
+                    ids.push(id);
+                }
+                stacks::Entry::Known { id, value } => out.known(id, value),
+            }
+        }
+        Ok(ByReference { body: (by_id > 0).then(|| gzip(&out.finish())), ids, by_id })
+    }
+
+    fn learn(&mut self, ids: Vec<u64>) {
+        if self.ids.len() + ids.len() > MAX_KNOWN_STACKS {
+            self.forget();
+        }
+        self.ids.extend(ids);
+    }
+
+    fn forget(&mut self) {
+        self.ids = HashSet::new();
+        self.since = Instant::now();
+    }
+}
+
+/// A window as this server is sent it.
+struct ByReference {
+    /// None when the server has none of its stacks: the payload goes as it is.
+    body: Option<Vec<u8>>,
+    /// Every stack of the window, for the server to have once it accepts it.
+    ids: Vec<u64>,
+    /// How many go by id.
+    by_id: usize,
+}
+
+/// The server's answer to a request it read.
+enum Answer {
+    Accepted,
+    Refused(StatusCode, String),
 }
 
 #[derive(Debug)]
@@ -140,6 +256,7 @@ pub struct Shipper {
     max_attempts: u32,
     metrics: Arc<Metrics>,
     misconfigured_log: Throttle,
+    known: Mutex<KnownStacks>,
 }
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -164,26 +281,73 @@ impl Shipper {
             max_attempts,
             metrics,
             misconfigured_log: Throttle::new(MISCONFIGURED_LOG_EVERY),
+            known: Mutex::new(KnownStacks::new()),
         })
     }
 
-    /// One attempt.
+    /// One attempt (and, when the server lost stacks it had or cannot read stacks
+    /// windows, the same window again in a form it can take).
     pub async fn send(&self, payload: &Payload) -> Result<(), ShipError> {
+        if !is_stacks_window(&payload.query) {
+            return self.settle(self.post(&payload.query, payload.body.clone()).await?);
+        }
+        let pprof = self.known.lock().unwrap().pprof_until.is_some_and(|until| Instant::now() < until);
+        if pprof {
+            return self.send_as_pprof(payload).await;
+        }
+        let prepared = self.known.lock().unwrap().by_reference(&payload.body);
+        let ByReference { body, ids, mut by_id } =
+            prepared.map_err(|err| ShipError::Rejected(err.context("reading the window")))?;
+        let answer = match self.post(&payload.query, body.unwrap_or_else(|| payload.body.clone())).await? {
+            Answer::Refused(StatusCode::CONFLICT, why) if by_id > 0 => {
+                tracing::info!("the server does not have stacks it acknowledged ({why}); sending them again with their frames");
+                self.known.lock().unwrap().forget();
+                by_id = 0;
+                self.post(&payload.query, payload.body.clone()).await?
+            }
+            Answer::Refused(StatusCode::BAD_REQUEST, why) if why.contains("`format`") => {
+                tracing::warn!("the server cannot read stacks windows ({why}); sending pprof for an hour");
+                self.known.lock().unwrap().pprof_until = Some(Instant::now() + PPROF_FOR);
+                return self.send_as_pprof(payload).await;
+            }
+            answer => answer,
+        };
+        if matches!(answer, Answer::Accepted) {
+            self.metrics.stacks_shipped_by_id.fetch_add(by_id as u64, Relaxed);
+            self.metrics.stacks_shipped_with_frames.fetch_add((ids.len() - by_id) as u64, Relaxed);
+            self.known.lock().unwrap().learn(ids);
+        }
+        self.settle(answer)
+    }
+
+    async fn send_as_pprof(&self, payload: &Payload) -> Result<(), ShipError> {
+        let (query, body) = as_pprof(payload).map_err(|err| ShipError::Rejected(err.context("reading the window")))?;
+        self.settle(self.post(&query, body).await?)
+    }
+
+    /// Sends one request; Err when no answer came.
+    async fn post(&self, query: &str, body: Vec<u8>) -> Result<Answer, ShipError> {
+        let bytes = body.len() as u64;
         let mut request = self
             .client
-            .post(format!("{}?{}", self.ingest_url, payload.query))
+            .post(format!("{}?{}", self.ingest_url, query))
             .header("content-type", "application/octet-stream")
             .header("content-encoding", "identity")
-            .body(payload.body.clone());
+            .body(body);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
         let response = request.send().await.map_err(|err| ShipError::Unavailable(anyhow!("sending: {err}")))?;
         let status = response.status();
         if status.is_success() {
-            return Ok(());
+            self.metrics.bytes_shipped.fetch_add(bytes, Relaxed);
+            return Ok(Answer::Accepted);
         }
-        let body = response.text().await.unwrap_or_default();
+        Ok(Answer::Refused(status, response.text().await.unwrap_or_default()))
+    }
+
+    fn settle(&self, answer: Answer) -> Result<(), ShipError> {
+        let Answer::Refused(status, body) = answer else { return Ok(()) };
         let error = ShipError::from_status(status, anyhow!("server answered {status}: {}", body.trim()));
         if let ShipError::Misconfigured(err) = &error {
             self.metrics.ship_auth_failures.fetch_add(1, Relaxed);
@@ -259,19 +423,75 @@ mod tests {
         let mut stacks = Stacks::new();
         stacks.insert(vec![Arc::from("app"), Arc::from("main")], 30);
         stacks.insert(vec![Arc::from("app"), Arc::from("burn")], 70);
-        let meta = WindowMeta { start_ms: 10_000, end_ms: 20_000, period_ns: 10 };
+        let meta = WindowMeta { start_ms: 10_000, end_ms: 20_000 };
         let payload = build_payload(&identity, &host, Kind::OnCpu, &stacks, &meta, "00ff-10000-0");
         assert_eq!(payload.value, 100);
         assert!(
-            payload.query.contains("service=checkout&kind=on-cpu&from=10000&until=20000&batch_id=00ff-10000-0"),
+            payload.query.contains("service=checkout&kind=on-cpu&from=10000&until=20000&batch_id=00ff-10000-0&format=stacks"),
             "{}",
             payload.query
         );
         assert!(payload.query.contains("label=host%3Ah1") && payload.query.contains("label=systemd_unit%3Acheckout.service"));
         assert_eq!(Payload::decode(&payload.encode()), Some(payload.clone()));
-        let profile = profiler_pprof::decode_gzip(&payload.body, 1 << 20).unwrap();
-        let total: i64 = profile.sample.iter().map(|s| s.value[0]).sum();
+        let raw = profiler_pprof::gunzip(&payload.body, 1 << 20).unwrap();
+        let total: i64 = stacks::Reader::new(&raw)
+            .unwrap()
+            .map(|entry| match entry.unwrap() {
+                stacks::Entry::Framed { value, .. } => value,
+                stacks::Entry::Known { .. } => panic!("a payload carries every frame"),
+            })
+            .sum();
         assert_eq!(total, 100);
+
+        // Converted for a server without stacks windows.
+        let (query, body) = as_pprof(&payload).unwrap();
+        assert!(!query.contains("format") && query.contains("batch_id=00ff-10000-0"), "{query}");
+        let profile = profiler_pprof::decode_gzip(&body, 1 << 20).unwrap();
+        assert_eq!(profile.sample.iter().map(|s| s.value[0]).sum::<i64>(), 100);
+    }
+
+    fn window(stacks: &[(&[&str], i64)]) -> Vec<u8> {
+        let mut w = stacks::Writer::default();
+        for (frames, value) in stacks {
+            w.framed(frames, *value);
+        }
+        gzip(&w.finish())
+    }
+
+    /// (frames of each framed stack, ids of the stacks sent by id), in order.
+    fn sent(body: &[u8]) -> (Vec<Vec<String>>, Vec<u64>) {
+        let raw = profiler_pprof::gunzip(body, 1 << 20).unwrap();
+        let (mut framed, mut by_id) = (Vec::new(), Vec::new());
+        for entry in stacks::Reader::new(&raw).unwrap() {
+            match entry.unwrap() {
+                stacks::Entry::Framed { frames, .. } => {
+                    let mut names = Vec::new();
+                    frames.read_into(&mut names).unwrap();
+                    framed.push(names.iter().map(|n| n.to_string()).collect());
+                }
+                stacks::Entry::Known { id, .. } => by_id.push(id),
+            }
+        }
+        (framed, by_id)
+    }
+
+    #[test]
+    fn acknowledged_stacks_go_by_id_until_forgotten() {
+        let (a, b): (&[&str], &[&str]) = (&["main", "a"], &["main", "b"]);
+        let mut known = KnownStacks::new();
+        let first = known.by_reference(&window(&[(a, 1), (b, 2)])).unwrap();
+        assert!(first.body.is_none(), "nothing is known yet: the window goes as it is");
+        assert_eq!(first.ids, [stacks::stack_id(a), stacks::stack_id(b)]);
+        known.learn(vec![stacks::stack_id(a)]);
+        let second = known.by_reference(&window(&[(a, 3), (b, 4)])).unwrap();
+        assert_eq!(second.by_id, 1);
+        let (framed, by_id) = sent(&second.body.unwrap());
+        assert_eq!((framed, by_id), (vec![vec!["main".to_string(), "b".to_string()]], vec![stacks::stack_id(a)]));
+        known.forget();
+        assert!(known.by_reference(&window(&[(a, 3)])).unwrap().body.is_none());
+        known.learn((0..MAX_KNOWN_STACKS as u64).collect());
+        known.learn(vec![stacks::stack_id(a)]);
+        assert_eq!(known.ids.len(), 1, "a full set starts over");
     }
 
     #[test]

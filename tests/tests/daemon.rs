@@ -209,6 +209,35 @@ fn a_minute_of_server_outage_loses_nothing() {
 }
 
 #[test]
+fn a_server_that_lost_its_data_is_sent_every_stack_again() {
+    let _serial = exclusive();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (first_data, second_data) = (dir.path().join("first"), dir.path().join("second"));
+    let server = Server::start(&first_data, port);
+    let daemon = Daemon::start(&config(dir.path(), &server.url, 256 << 20));
+    let started = now_ms();
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(daemon.metric("stacks_shipped_by_id_total") > 0.0, "windows after the first refer to stacks by id");
+
+    // The same address, an empty store: every id the agent sends is unknown there.
+    server.stop();
+    let server = Server::start(&second_data, port);
+    std::thread::sleep(Duration::from_secs(8));
+    let counters = daemon.stop();
+    eprintln!("agent counters: {counters:?}");
+    assert_eq!(counters["profiles_dropped"] + counters["profiles_rejected"] + counters["left_in_spool"], 0);
+    assert_eq!(counters["value_shipped_ns"], counters["value_produced_ns"]);
+    let second = server_total(&server, started - 60_000, now_ms() + 60_000);
+    server.stop();
+    let server = Server::start(&first_data, port);
+    let first = server_total(&server, started - 60_000, now_ms() + 60_000);
+    assert!(first > 0 && second > 0, "both servers got windows: {first} and {second} ns");
+    assert_eq!(first + second, counters["value_shipped_ns"], "every window is in one store, whole");
+}
+
+#[test]
 fn a_full_spool_drops_oldest_and_says_so() {
     let _serial = exclusive();
     require_root();

@@ -23,13 +23,35 @@ use profiler_tests::{binary, exclusive, require_root, Daemon};
 struct Request {
     batch_id: String,
     kind: String,
+    /// `stacks` for our stacks windows, empty for pprof.
+    format: String,
     body: Vec<u8>,
     status: u16,
 }
 
 impl Request {
+    /// The entries of a stacks window: (frames if sent with them, value).
+    fn entries(&self) -> Vec<(Option<Vec<String>>, u64)> {
+        use profiler_pprof::stacks::{Entry, Reader};
+        let raw = profiler_pprof::gunzip(&self.body, 64 << 20).unwrap();
+        Reader::new(&raw)
+            .expect("the agent sent a stacks window")
+            .map(|entry| match entry.unwrap() {
+                Entry::Framed { frames, value } => {
+                    let mut names = Vec::new();
+                    frames.read_into(&mut names).unwrap();
+                    (Some(names.iter().map(|n| n.to_string()).collect()), value as u64)
+                }
+                Entry::Known { value, .. } => (None, value as u64),
+            })
+            .collect()
+    }
+
     /// Profiled nanoseconds in the payload.
     fn value(&self) -> u64 {
+        if self.format == "stacks" {
+            return self.entries().iter().map(|(_, value)| value).sum();
+        }
         let profile = profiler_pprof::decode_gzip(&self.body, 64 << 20)
             .expect("the agent sent a valid gzip pprof");
         profile
@@ -39,8 +61,12 @@ impl Request {
             .sum()
     }
 
-    /// Each stack of the payload, frames root first.
+    /// Each stack the payload carries frames of, root first (a stacks window refers to
+    /// stacks an earlier window carried by id).
     fn stacks(&self) -> Vec<Vec<String>> {
+        if self.format == "stacks" {
+            return self.entries().into_iter().filter_map(|(frames, _)| frames).collect();
+        }
         let profile = profiler_pprof::decode_gzip(&self.body, 64 << 20).unwrap();
         let mut resolver = profiler_pprof::Resolver::new(&profile);
         profile
@@ -154,6 +180,7 @@ fn serve(stream: TcpStream, requests: &Mutex<Vec<Request>>, answer: &Answer) {
             let mut request = Request {
                 batch_id: field("batch_id"),
                 kind: field("kind"),
+                format: field("format"),
                 body,
                 status: 0,
             };
@@ -164,8 +191,12 @@ fn serve(stream: TcpStream, requests: &Mutex<Vec<Request>>, answer: &Answer) {
         }
         _ => 404,
     };
-    let response =
-        format!("HTTP/1.1 {status} Fake\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    // What a server that predates stacks windows says about them.
+    let why = if status == 400 { "`format` must be pprof (default) or folded" } else { "" };
+    let response = format!(
+        "HTTP/1.1 {status} Fake\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{why}",
+        why.len()
+    );
     let _ = reader.get_mut().write_all(response.as_bytes());
 }
 
@@ -276,6 +307,29 @@ fn a_server_refusing_the_token_for_a_minute_loses_no_window() {
         "the server holds {total} ns, the agent produced {}",
         counters["value_produced_ns"]
     );
+}
+
+#[test]
+fn a_server_without_stacks_windows_is_sent_pprof_and_loses_nothing() {
+    let _serial = exclusive();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(|request| if request.format == "stacks" { 400 } else { 200 });
+    let daemon = Daemon::start(&config(dir.path(), &server.url, ""));
+    wait_until("a few windows accepted", Duration::from_secs(30), || server.accepted().len() >= 10);
+    let counters = daemon.stop();
+    eprintln!("agent counters: {counters:?}");
+    let requests = server.requests();
+    let refused = requests.iter().filter(|r| r.status == 400).count();
+    assert_eq!(refused, 1, "asked once, then pprof for an hour");
+    let accepted = server.accepted();
+    assert!(accepted.iter().all(|r| r.format.is_empty()), "accepted windows are pprof");
+    assert_each_batch_once(&accepted);
+    assert_eq!(counters["profiles_rejected"] + counters["profiles_dropped"] + counters["left_in_spool"], 0);
+    assert_eq!(counters["profiles_shipped"], counters["profiles_produced"]);
+    let total: u64 = accepted.iter().map(Request::value).sum();
+    assert_eq!(total, counters["value_shipped_ns"]);
+    assert_eq!(total, counters["value_produced_ns"]);
 }
 
 #[test]
