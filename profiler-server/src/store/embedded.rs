@@ -88,6 +88,9 @@ impl Default for StoreOptions {
     }
 }
 
+/// Segments from before per-stack totals that one maintenance pass gives them.
+const LEGACY_TOTALS_PER_PASS: usize = 64;
+
 /// How long a failed WAL file creation refuses ingest before trying again.
 const REOPEN_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -686,7 +689,7 @@ impl EmbeddedStore {
             bytes: 0,
             resolution_ms,
             summary: Some(self.summarize(rows)),
-            stack_totals: totals.is_some(),
+            stack_totals: Some(totals.is_some()),
         };
         meta.bytes = segment::write(&self.seg_path(&meta), rows)?;
         Ok(Written {
@@ -815,7 +818,7 @@ impl EmbeddedStore {
     /// A segment's per-stack totals, if its entry has them and they read
     /// back whole; None sends the query to the rows.
     fn stack_totals(&self, meta: &SegmentMeta) -> anyhow::Result<Option<totals::Totals>> {
-        if !meta.stack_totals {
+        if meta.stack_totals != Some(true) {
             return Ok(None);
         }
         if let Some(t) = self.totals.get(meta.id) {
@@ -869,6 +872,44 @@ impl EmbeddedStore {
         for m in done {
             if let Some(old) = segs.iter_mut().find(|s| s.id == m.id) {
                 *old = m;
+            }
+        }
+        Ok(())
+    }
+
+    /// Per-stack totals for up to `max` segments written before totals
+    /// existed, read from their files and kept in the catalog.
+    fn total_legacy(&self, max: usize) -> anyhow::Result<()> {
+        let todo: Vec<SegmentMeta> = read(&self.segments)
+            .iter()
+            .filter(|m| m.stack_totals.is_none())
+            .take(max)
+            .cloned()
+            .collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let mut done = Vec::new();
+        for mut meta in todo {
+            let mut rows = match segment::read_all(&self.seg_path(&meta)) {
+                Ok(rows) => rows,
+                // Compacted or expired meanwhile.
+                Err(e) if is_not_found(&e) => continue,
+                Err(e) => return Err(e.context(format!("reading segment {}", meta.id))),
+            };
+            segment::normalize(&mut rows);
+            let totals = totals::of(&rows);
+            meta.stack_totals = Some(totals.is_some());
+            done.push(Written { meta, totals: totals.map(|t| totals::encode(&t)) });
+        }
+        let txn = self.db.begin_write()?;
+        catalog_segments(&txn, &done)?;
+        txn.commit()?;
+        tracing::info!(segments = done.len(), "computed per-stack totals of segments written before them");
+        let mut segs = write(&self.segments);
+        for w in done {
+            if let Some(old) = segs.iter_mut().find(|s| s.id == w.meta.id) {
+                *old = w.meta;
             }
         }
         Ok(())
@@ -1267,6 +1308,8 @@ impl Store for EmbeddedStore {
         for &(after, res) in &self.opts.downsample {
             self.downsample(now_ms, after, res)?;
         }
+        // A bounded share per pass keeps maintenance short after an upgrade.
+        self.total_legacy(LEGACY_TOTALS_PER_PASS)?;
         if let Some(ret) = self.opts.retention_ms {
             self.collect_garbage(now_ms - ret - self.widest_segment_ms())?;
         }
@@ -1520,7 +1563,7 @@ mod tests {
         assert_eq!(from_rows[0]["on-cpu"].values().sum::<i64>(), 12 * 13);
         s.flush().unwrap();
         let seg = read(&s.segments)[0].clone();
-        assert!(seg.stack_totals, "36 rows over 2 stacks: totals pay");
+        assert_eq!(seg.stack_totals, Some(true), "36 rows over 2 stacks: totals pay");
 
         // Without the file, only what its totals and summary answer still works.
         let file = s.seg_path(&seg);
@@ -1547,6 +1590,40 @@ mod tests {
         assert_eq!(s.totals.bytes(), 0);
         let txn = s.db.begin_read().unwrap();
         assert!(txn.open_table(STACK_TOTALS).unwrap().get(seg.id).unwrap().is_none());
+    }
+
+    #[test]
+    fn segments_from_before_totals_get_them_at_maintenance() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = 6_000_000;
+        let opts = || StoreOptions { result_cache_bytes: 0, ..opts() };
+        let s = EmbeddedStore::open(dir.path(), opts()).unwrap();
+        busy_segment(&s, base);
+        s.flush().unwrap();
+        let seg = read(&s.segments)[0].clone();
+        let txn = s.db.begin_write().unwrap();
+        {
+            let legacy = SegmentMeta { stack_totals: None, ..seg.clone() };
+            txn.open_table(SEGMENTS).unwrap().insert(seg.id, serde_json::to_string(&legacy).unwrap().as_str()).unwrap();
+            txn.open_table(STACK_TOTALS).unwrap().remove(seg.id).unwrap();
+        }
+        txn.commit().unwrap();
+        drop(s);
+        let s = EmbeddedStore::open(dir.path(), opts()).unwrap();
+        let whole = Selector {
+            service: "svc".into(),
+            from_ms: base,
+            until_ms: base + 600_000,
+            kinds: None,
+            matchers: vec![],
+            cancel: Default::default(),
+        };
+        let from_rows = s.aggregate(&whole, GroupBy::Stack).unwrap();
+        assert_eq!(s.totals.bytes(), 0, "no totals yet");
+        s.maintain(base + 60_000).unwrap();
+        assert_eq!(read(&s.segments)[0].stack_totals, Some(true));
+        std::fs::remove_file(s.seg_path(&seg)).unwrap();
+        assert_eq!(s.aggregate(&whole, GroupBy::Stack).unwrap(), from_rows, "answered from the totals");
     }
 
     #[test]

@@ -46,9 +46,10 @@ pub struct SegmentMeta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<Summary>,
     /// Whether the catalog holds the segment's per-stack totals (see
-    /// `store::totals`).
-    #[serde(default)]
-    pub stack_totals: bool,
+    /// `store::totals`); None for segments written before totals existed,
+    /// which maintenance computes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack_totals: Option<bool>,
 }
 
 /// What a segment holds, per window and host, without its stacks.
