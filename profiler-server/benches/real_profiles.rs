@@ -13,8 +13,10 @@
 //! that changes every minute, stored at the resolutions the server's default
 //! downsampling leaves (10 s for the last 6 h, 1 min up to 48 h, 10 min
 //! beyond). The work of the flame graph, diff and top routes is then timed
-//! over the last 1 h, 24 h and 7 d, and end-to-end pprof ingest of one hour.
-//! `BENCH_STACKS=30000` measures one pool size only.
+//! over the last 1 h, 24 h and 7 d, first with no answers kept, then with the
+//! answer kept. Last, one hour of ingest end to end, as gzip pprof and as our
+//! agent's stacks windows. `BENCH_STACKS=30000` measures one pool size only,
+//! `BENCH_STACKS=` none (ingest only).
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
