@@ -524,7 +524,10 @@ impl EmbeddedStore {
     }
 
     /// Cuts the current file back to its synced length (the rest may or may
-    /// not be on disk) and moves on to a new file.
+    /// not be on disk) and moves on to a new file. Records written since the
+    /// last fsync (another writer's, waiting for theirs) went with the rest,
+    /// or are in a file no later fsync covers: they fail, never to be
+    /// acknowledged.
     fn abandon_file(&self, w: &mut WalState) {
         if let Err(e) = w.writer.truncate(w.synced_len) {
             tracing::error!(error = %e, file = w.writer.seq, "cannot cut the WAL file back to its synced length");
@@ -532,6 +535,12 @@ impl EmbeddedStore {
         let cut = w.len - w.synced_len;
         self.wal_bytes.fetch_sub(cut.min(self.wal_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
         w.len = w.synced_len;
+        for (n, _, key) in std::mem::take(&mut w.unsynced) {
+            if let Some(key) = key {
+                w.in_flight.remove(&key);
+            }
+            w.outcomes.insert(n, Err("storing the batch failed (its WAL file was abandoned); retry".into()));
+        }
         let _ = self.start_new_file(w);
     }
 
@@ -1590,6 +1599,29 @@ mod tests {
         assert_eq!(s.totals.bytes(), 0);
         let txn = s.db.begin_read().unwrap();
         assert!(txn.open_table(STACK_TOTALS).unwrap().get(seg.id).unwrap().is_none());
+    }
+
+    #[test]
+    fn records_written_before_an_abandoned_file_are_never_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path(), opts()).unwrap();
+        s.append(batch(0, 1)).unwrap();
+        // Another writer's record, written and waiting for its fsync when a
+        // write fails and the file cannot be cut back (the path that abandons).
+        let record = wal::frame(&wal::encode(&batch(10_000, 5)));
+        let mut w = lock(&s.wal);
+        w.writer.write(&record).unwrap();
+        w.len += record.len() as u64;
+        w.appended += 1;
+        let waiting = w.appended;
+        w.unsynced.push((waiting, batch(10_000, 5), None));
+        s.abandon_file(&mut w);
+        assert!(matches!(w.outcomes.remove(&waiting), Some(Err(_))), "its bytes were cut: it must fail");
+        drop(w);
+        assert_eq!(total(&s, 0, i64::MAX), 1);
+        drop(s);
+        let s = EmbeddedStore::open(dir.path(), opts()).unwrap();
+        assert_eq!(total(&s, 0, i64::MAX), 1, "nothing of it comes back either");
     }
 
     #[test]
