@@ -80,6 +80,7 @@ impl Metrics {
             "Ingest retries of a batch id already stored: acknowledged, not counted again.",
             self.duplicate_batches.load(Ordering::Relaxed),
         );
+        c(&mut o, "profiler_wal_fsyncs_total", "WAL fsyncs; batches written while one runs share the next.", store.wal_fsyncs);
         c(&mut o, "profiler_wal_fsync_failures_total", "WAL fsyncs that failed (the batches were refused).", store.wal_fsync_failures);
         c(&mut o, "profiler_wal_write_failures_total", "WAL writes that failed (the batches were refused).", store.wal_write_failures);
         c(&mut o, "profiler_wal_corrupt_records_total", "Corrupt WAL records skipped at start; their files are in wal/quarantine.", store.wal_corrupt_records);

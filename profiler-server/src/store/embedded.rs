@@ -22,7 +22,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -201,10 +201,16 @@ struct WalState {
     in_flight: HashSet<BatchKey>,
     /// Set when no WAL file can be written: why, and when to try again.
     broken: Option<(String, Instant)>,
+    /// An fsync of records taken from `unsynced` runs without the lock:
+    /// others keep writing, and the next fsync covers what they wrote.
+    syncing: bool,
+    /// A writer waits to abandon the file (see `append`): no new fsync starts.
+    cutting: bool,
 }
 
 #[derive(Default)]
 struct Counters {
+    fsyncs: AtomicU64,
     fsync_failures: AtomicU64,
     write_failures: AtomicU64,
     corrupt_records: AtomicU64,
@@ -225,6 +231,8 @@ pub struct EmbeddedStore {
     dict: RwLock<Dict>,
     // Serializes flush and maintenance, which both rewrite the catalog.
     flush_lock: Mutex<()>,
+    /// Signalled when an fsync without the lock, or a cut, ends.
+    sync_done: Condvar,
     next_segment: AtomicU64,
     totals: totals::Cache,
     results: Results,
@@ -405,6 +413,8 @@ impl EmbeddedStore {
                 recent,
                 in_flight: HashSet::new(),
                 broken: None,
+                syncing: false,
+                cutting: false,
             }),
             wal_bytes: AtomicU64::new(wal_bytes),
             flush_failing: AtomicBool::new(false),
@@ -413,6 +423,7 @@ impl EmbeddedStore {
             segments: RwLock::new(segments),
             dict: RwLock::new(dict),
             flush_lock: Mutex::new(()),
+            sync_done: Condvar::new(),
             next_segment: AtomicU64::new(next_segment),
             totals: totals::Cache::new(opts.totals_cache_bytes),
             results: Results::new(opts.result_cache_bytes),
@@ -431,11 +442,22 @@ impl EmbeddedStore {
         self.dir.join("segments").join(meta.file_name())
     }
 
+    /// The WAL state once no fsync runs without the lock: the file may
+    /// then be switched or cut.
+    fn settled_wal(&self) -> MutexGuard<'_, WalState> {
+        let mut w = lock(&self.wal);
+        while w.syncing {
+            w = self.sync_done.wait(w).unwrap_or_else(|e| e.into_inner());
+        }
+        w
+    }
+
     /// Starts a new WAL file and turns the active buffer into a pending one.
     fn rotate(&self) -> anyhow::Result<()> {
-        let mut w = lock(&self.wal);
+        let mut w = self.settled_wal();
         // Written records must be in the buffer before it is set aside, or
         // their WAL file could be deleted with their rows still unflushed.
+        // Synced with the lock held, so none is written to this file after.
         self.sync_unsynced(&mut w);
         let mut mem = write(&self.mem);
         if mem.active_rows == 0 {
@@ -457,6 +479,7 @@ impl EmbeddedStore {
     /// Switches to WAL file `seq + 1`; if that fails, ingest is refused
     /// until a later attempt succeeds.
     fn start_new_file(&self, w: &mut WalState) -> anyhow::Result<()> {
+        debug_assert!(!w.syncing, "the file is switched under an fsync");
         let seq = w.writer.seq + 1;
         match wal::create(&self.wal_dir(), seq) {
             Ok(file) => {
@@ -474,16 +497,40 @@ impl EmbeddedStore {
         }
     }
 
-    /// Fsyncs every written record, then applies their batches (success) or
-    /// abandons the file (failure); records each outcome for its writer.
+    /// Fsyncs every written record with the lock held, then settles them.
     fn sync_unsynced(&self, w: &mut WalState) {
         if w.unsynced.is_empty() {
             return;
         }
         let records = std::mem::take(&mut w.unsynced);
-        match w.writer.sync() {
+        let len = w.len;
+        let synced = w.writer.sync();
+        self.settle(w, records, len, synced);
+    }
+
+    /// Fsyncs every written record without holding the lock, so writers
+    /// keep writing meanwhile (group commit), then settles them.
+    fn sync_shared<'a>(&'a self, mut w: MutexGuard<'a, WalState>) -> MutexGuard<'a, WalState> {
+        let records = std::mem::take(&mut w.unsynced);
+        let len = w.len;
+        let file = w.writer.file();
+        w.syncing = true;
+        drop(w);
+        let synced = file.sync_data();
+        let mut w = lock(&self.wal);
+        w.syncing = false;
+        self.settle(&mut w, records, len, synced);
+        self.sync_done.notify_all();
+        w
+    }
+
+    /// Applies the batches of records fsynced up to `len` (success) or
+    /// abandons the file (failure); records each outcome for its writer.
+    fn settle(&self, w: &mut WalState, records: Vec<(u64, Batch, Option<BatchKey>)>, len: u64, synced: std::io::Result<()>) {
+        self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        match synced {
             Ok(()) => {
-                w.synced_len = w.len;
+                w.synced_len = len;
                 let now = now_ms();
                 let mut changed = Vec::with_capacity(records.len());
                 {
@@ -1159,7 +1206,15 @@ impl Store for EmbeddedStore {
                 // A partial record must not stay in front of later ones.
                 let len = w.len;
                 if w.writer.truncate(len).is_err() {
+                    // An fsync in flight covers records before this one:
+                    // it ends before the file is cut back, and no other starts.
+                    w.cutting = true;
+                    while w.syncing {
+                        w = self.sync_done.wait(w).unwrap_or_else(|e| e.into_inner());
+                    }
                     self.abandon_file(&mut w);
+                    w.cutting = false;
+                    self.sync_done.notify_all();
                 }
                 return Err(Refused::Busy(format!("writing the WAL failed: {e}")).into());
             }
@@ -1173,15 +1228,21 @@ impl Store for EmbeddedStore {
             w.unsynced.push((my, batch, key));
             my
         };
-        // Group commit: whoever gets the lock first syncs every record
-        // written so far, ours included if another thread got there first.
+        // Group commit: ours is settled, or in the fsync running now, or
+        // waiting for the next, which this thread runs if nobody else does.
         let mut w = lock(&self.wal);
-        if !w.outcomes.contains_key(&my) {
-            self.sync_unsynced(&mut w);
-        }
-        match w.outcomes.remove(&my).expect("every synced record has an outcome") {
-            Ok(()) => Ok(Appended::Stored),
-            Err(why) => Err(Refused::Busy(why).into()),
+        loop {
+            if let Some(outcome) = w.outcomes.remove(&my) {
+                return match outcome {
+                    Ok(()) => Ok(Appended::Stored),
+                    Err(why) => Err(Refused::Busy(why).into()),
+                };
+            }
+            if w.syncing || w.cutting {
+                w = self.sync_done.wait(w).unwrap_or_else(|e| e.into_inner());
+            } else {
+                w = self.sync_shared(w);
+            }
         }
     }
 
@@ -1336,6 +1397,7 @@ impl Store for EmbeddedStore {
         };
         let c = &self.counters;
         StoreStats {
+            wal_fsyncs: c.fsyncs.load(Ordering::Relaxed),
             wal_fsync_failures: c.fsync_failures.load(Ordering::Relaxed),
             wal_write_failures: c.write_failures.load(Ordering::Relaxed),
             wal_corrupt_records: c.corrupt_records.load(Ordering::Relaxed),
@@ -1599,6 +1661,32 @@ mod tests {
         assert_eq!(s.totals.bytes(), 0);
         let txn = s.db.begin_read().unwrap();
         assert!(txn.open_table(STACK_TOTALS).unwrap().get(seg.id).unwrap().is_none());
+    }
+
+    #[test]
+    fn concurrent_appends_share_fsyncs_and_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path(), opts()).unwrap();
+        let (threads, each) = (8, 50);
+        std::thread::scope(|scope| {
+            for t in 0..threads {
+                let s = &s;
+                scope.spawn(move || {
+                    for i in 0..each {
+                        let mut b = batch((t * each + i) * 10_000, 1);
+                        b.id = Some(format!("{t}-{i}"));
+                        assert_eq!(s.append(b).unwrap(), Appended::Stored);
+                    }
+                });
+            }
+        });
+        let appends = (threads * each) as u64;
+        assert_eq!(total(&s, 0, i64::MAX), appends as i64);
+        let fsyncs = s.stats().wal_fsyncs;
+        assert!(fsyncs < appends, "{fsyncs} fsyncs for {appends} appends: none shared");
+        drop(s);
+        let s = EmbeddedStore::open(dir.path(), opts()).unwrap();
+        assert_eq!(total(&s, 0, i64::MAX), appends as i64, "all of them in the WAL");
     }
 
     #[test]

@@ -89,6 +89,8 @@ pub enum Appended {
 /// Fault counters of a store, for metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreStats {
+    /// Fsyncs of WAL records; concurrent requests share them.
+    pub wal_fsyncs: u64,
     pub wal_fsync_failures: u64,
     pub wal_write_failures: u64,
     /// Corrupt records skipped at replay, in quarantined files.

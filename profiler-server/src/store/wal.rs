@@ -246,16 +246,21 @@ pub fn decode(payload: &[u8]) -> Option<Batch> {
 /// Appends framed records to one file and makes them durable.
 pub struct Writer {
     pub seq: u64,
-    file: File,
+    file: Arc<File>,
 }
 
 impl Writer {
     pub fn new(seq: u64, file: File) -> Self {
-        Writer { seq, file }
+        Writer { seq, file: Arc::new(file) }
     }
 
     pub fn write(&mut self, framed: &[u8]) -> std::io::Result<()> {
-        self.file.write_all(framed)
+        (&*self.file).write_all(framed)
+    }
+
+    /// The file, to fsync without holding the writer.
+    pub fn file(&self) -> Arc<File> {
+        self.file.clone()
     }
 
     pub fn sync(&self) -> std::io::Result<()> {
