@@ -1201,6 +1201,10 @@ impl Store for EmbeddedStore {
             if let Some(why) = self.busy(&mut w) {
                 return Err(Refused::Busy(why).into());
             }
+            // A failed write left a partial record that waits to be cut.
+            if w.cutting {
+                return Err(Refused::Busy("the WAL is being cut back after a failed write".into()).into());
+            }
             if let Err(e) = w.writer.write(&framed) {
                 self.counters.write_failures.fetch_add(1, Ordering::Relaxed);
                 // A partial record must not stay in front of later ones.
