@@ -445,7 +445,10 @@ impl EmbeddedStore {
     /// The WAL state once no fsync runs without the lock: the file may
     /// then be switched or cut.
     fn settled_wal(&self) -> MutexGuard<'_, WalState> {
-        let mut w = lock(&self.wal);
+        self.wait_for_fsync(lock(&self.wal))
+    }
+
+    fn wait_for_fsync<'a>(&'a self, mut w: MutexGuard<'a, WalState>) -> MutexGuard<'a, WalState> {
         while w.syncing {
             w = self.sync_done.wait(w).unwrap_or_else(|e| e.into_inner());
         }
@@ -901,44 +904,22 @@ impl EmbeddedStore {
     /// Summaries of segments written before summaries existed, read from
     /// their files once and kept in the catalog.
     fn summarize_legacy(&self, ids: &[u64]) -> anyhow::Result<()> {
-        let todo: Vec<SegmentMeta> = read(&self.segments)
-            .iter()
-            .filter(|m| ids.contains(&m.id) && m.summary.is_none())
-            .cloned()
-            .collect();
-        let mut done = Vec::new();
-        for mut m in todo {
-            match segment::read_all(&self.seg_path(&m)) {
-                Ok(rows) => m.summary = Some(self.summarize(&rows)),
-                // Compacted or expired after we listed it.
-                Err(e) if is_not_found(&e) => continue,
-                Err(e) => return Err(e.context(format!("reading segment {}", m.id))),
-            }
-            done.push(m);
-        }
-        let txn = self.db.begin_write()?;
-        {
-            let mut t = txn.open_table(SEGMENTS)?;
-            for m in &done {
-                t.insert(m.id, serde_json::to_string(m)?.as_str())?;
-            }
-        }
-        txn.commit()?;
-        let mut segs = write(&self.segments);
-        for m in done {
-            if let Some(old) = segs.iter_mut().find(|s| s.id == m.id) {
-                *old = m;
-            }
-        }
-        Ok(())
+        self.complete_legacy(|m| ids.contains(&m.id) && m.summary.is_none(), usize::MAX)
     }
 
     /// Per-stack totals for up to `max` segments written before totals
-    /// existed, read from their files and kept in the catalog.
+    /// existed.
     fn total_legacy(&self, max: usize) -> anyhow::Result<()> {
+        self.complete_legacy(|m| m.stack_totals.is_none(), max)
+    }
+
+    /// Gives up to `max` segments that `wanted` picks what a segment written
+    /// by an older version lacks (its summary, its per-stack totals), from
+    /// one read of its rows, and keeps that in the catalog.
+    fn complete_legacy(&self, wanted: impl Fn(&SegmentMeta) -> bool, max: usize) -> anyhow::Result<()> {
         let todo: Vec<SegmentMeta> = read(&self.segments)
             .iter()
-            .filter(|m| m.stack_totals.is_none())
+            .filter(|m| wanted(m))
             .take(max)
             .cloned()
             .collect();
@@ -949,19 +930,25 @@ impl EmbeddedStore {
         for mut meta in todo {
             let mut rows = match segment::read_all(&self.seg_path(&meta)) {
                 Ok(rows) => rows,
-                // Compacted or expired meanwhile.
+                // Compacted or expired after we listed it.
                 Err(e) if is_not_found(&e) => continue,
                 Err(e) => return Err(e.context(format!("reading segment {}", meta.id))),
             };
-            segment::normalize(&mut rows);
-            let totals = totals::of(&rows);
-            meta.stack_totals = Some(totals.is_some());
-            done.push(Written { meta, totals: totals.map(|t| totals::encode(&t)) });
+            if meta.summary.is_none() {
+                meta.summary = Some(self.summarize(&rows));
+            }
+            let mut stack_totals = None;
+            if meta.stack_totals.is_none() {
+                segment::normalize(&mut rows);
+                stack_totals = totals::of(&rows).map(|t| totals::encode(&t));
+                meta.stack_totals = Some(stack_totals.is_some());
+            }
+            done.push(Written { meta, totals: stack_totals });
         }
         let txn = self.db.begin_write()?;
         catalog_segments(&txn, &done)?;
         txn.commit()?;
-        tracing::info!(segments = done.len(), "computed per-stack totals of segments written before them");
+        tracing::info!(segments = done.len(), "completed segments written by an older version");
         let mut segs = write(&self.segments);
         for w in done {
             if let Some(old) = segs.iter_mut().find(|s| s.id == w.meta.id) {
@@ -1213,9 +1200,7 @@ impl Store for EmbeddedStore {
                     // An fsync in flight covers records before this one:
                     // it ends before the file is cut back, and no other starts.
                     w.cutting = true;
-                    while w.syncing {
-                        w = self.sync_done.wait(w).unwrap_or_else(|e| e.into_inner());
-                    }
+                    w = self.wait_for_fsync(w);
                     self.abandon_file(&mut w);
                     w.cutting = false;
                     self.sync_done.notify_all();
