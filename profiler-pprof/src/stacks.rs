@@ -16,13 +16,24 @@
 //! 0 and the varint count of entries, so a body cut between two entries is
 //! refused, not read short. Reading borrows the frame names from the buffer
 //! and allocates nothing.
+//!
+//! An agent's window holds one such list per (service, labels, kind), a
+//! dozen or more. Sent one request each, every request pays its own HTTP
+//! exchange and its own WAL fsync for a few dozen rows; a [bundle](Bundle)
+//! carries them all in one request. Layout: [`BUNDLE_MAGIC`], the parts, and
+//! an end mark. A part is byte 1, then as varint length and UTF-8 bytes the
+//! service, the kind, the varint count of labels and each label's name and
+//! value, then the part's stacks window (with its own magic) as varint
+//! length and bytes. The end mark is byte 0 and the varint count of parts.
 
 use crate::Error;
 
 pub const MAGIC: &[u8; 4] = b"PST1";
+pub const BUNDLE_MAGIC: &[u8; 4] = b"PSB1";
 const END: u8 = 0;
 const FRAMED: u8 = 1;
 const KNOWN: u8 = 2;
+const PART: u8 = 1;
 
 /// Content hash of a root-first stack; frames are separated by a byte that
 /// cannot occur in UTF-8, so `["a;b"]` and `["a", "b"]` differ.
@@ -54,9 +65,7 @@ impl Writer {
         varint(&mut self.buf, zigzag(value));
         varint(&mut self.buf, frames.len() as u64);
         for f in frames {
-            let f = f.as_ref().as_bytes();
-            varint(&mut self.buf, f.len() as u64);
-            self.buf.extend_from_slice(f);
+            bytes(&mut self.buf, f.as_ref().as_bytes());
         }
     }
 
@@ -103,8 +112,8 @@ impl<'a> Frames<'a> {
         out.clear();
         let mut rest = self.bytes;
         for _ in 0..self.count {
-            let len = read_varint(&mut rest)? as usize;
-            let name = take(&mut rest, len)?;
+            let len = read_varint(&mut rest).map_err(invalid)? as usize;
+            let name = take(&mut rest, len).map_err(invalid)?;
             out.push(std::str::from_utf8(name).map_err(|_| invalid("a frame name is not UTF-8"))?);
         }
         Ok(())
@@ -130,27 +139,27 @@ impl<'a> Reader<'a> {
         self.entries += 1;
         let entry = match tag {
             END => {
-                let written = read_varint(&mut self.rest)?;
+                let written = read_varint(&mut self.rest).map_err(invalid)?;
                 if written != self.entries - 1 || !self.rest.is_empty() {
                     return Err(invalid("the end mark does not match the entries"));
                 }
                 return Ok(None);
             }
             FRAMED => {
-                let value = unzigzag(read_varint(&mut self.rest)?);
-                let count = read_varint(&mut self.rest)?;
+                let value = unzigzag(read_varint(&mut self.rest).map_err(invalid)?);
+                let count = read_varint(&mut self.rest).map_err(invalid)?;
                 // Skip the names now, so the entry knows its extent.
                 let start = self.rest;
                 for _ in 0..count {
-                    let len = read_varint(&mut self.rest)? as usize;
-                    take(&mut self.rest, len)?;
+                    let len = read_varint(&mut self.rest).map_err(invalid)? as usize;
+                    take(&mut self.rest, len).map_err(invalid)?;
                 }
                 let bytes = &start[..start.len() - self.rest.len()];
                 Entry::Framed { frames: Frames { count, bytes }, value }
             }
             KNOWN => {
-                let id = u64::from_le_bytes(take(&mut self.rest, 8)?.try_into().expect("8 bytes"));
-                let value = unzigzag(read_varint(&mut self.rest)?);
+                let id = u64::from_le_bytes(take(&mut self.rest, 8).map_err(invalid)?.try_into().expect("8 bytes"));
+                let value = unzigzag(read_varint(&mut self.rest).map_err(invalid)?);
                 Entry::Known { id, value }
             }
             other => return Err(invalid(&format!("unknown entry type {other}"))),
@@ -175,8 +184,124 @@ impl<'a> Iterator for Reader<'a> {
     }
 }
 
+/// Builds a bundle (uncompressed): the stacks windows of one agent window.
+pub struct BundleWriter {
+    buf: Vec<u8>,
+    parts: u64,
+}
+
+impl Default for BundleWriter {
+    fn default() -> Self {
+        BundleWriter { buf: BUNDLE_MAGIC.to_vec(), parts: 0 }
+    }
+}
+
+impl BundleWriter {
+    /// Adds the stacks window `window` (a [`Writer`]'s output) of one
+    /// (service, labels, kind).
+    pub fn part<K: AsRef<str>, V: AsRef<str>>(&mut self, service: &str, kind: &str, labels: &[(K, V)], window: &[u8]) {
+        self.parts += 1;
+        self.buf.push(PART);
+        bytes(&mut self.buf, service.as_bytes());
+        bytes(&mut self.buf, kind.as_bytes());
+        varint(&mut self.buf, labels.len() as u64);
+        for (name, value) in labels {
+            bytes(&mut self.buf, name.as_ref().as_bytes());
+            bytes(&mut self.buf, value.as_ref().as_bytes());
+        }
+        bytes(&mut self.buf, window);
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        self.buf.push(END);
+        varint(&mut self.buf, self.parts);
+        self.buf
+    }
+}
+
+/// One (service, labels, kind) of a bundle; `window` is read with [`Reader`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part<'a> {
+    pub service: &'a str,
+    pub kind: &'a str,
+    pub labels: Vec<(&'a str, &'a str)>,
+    pub window: &'a [u8],
+}
+
+/// Reads the parts of a bundle; a malformed bundle ends in one error.
+pub struct BundleReader<'a> {
+    rest: &'a [u8],
+    parts: u64,
+}
+
+impl<'a> BundleReader<'a> {
+    pub fn new(body: &'a [u8]) -> Result<Self, Error> {
+        let rest = body
+            .strip_prefix(BUNDLE_MAGIC.as_slice())
+            .ok_or_else(|| invalid_bundle("bad magic"))?;
+        Ok(BundleReader { rest, parts: 0 })
+    }
+
+    fn part(&mut self) -> Result<Option<Part<'a>>, Error> {
+        let (&tag, rest) = self.rest.split_first().ok_or_else(|| invalid_bundle("cut short (no end mark)"))?;
+        self.rest = rest;
+        match tag {
+            END => {
+                let written = read_varint(&mut self.rest).map_err(invalid_bundle)?;
+                if written != self.parts || !self.rest.is_empty() {
+                    return Err(invalid_bundle("the end mark does not match the parts"));
+                }
+                Ok(None)
+            }
+            PART => {
+                self.parts += 1;
+                let service = self.text()?;
+                let kind = self.text()?;
+                let count = read_varint(&mut self.rest).map_err(invalid_bundle)?;
+                // Each label takes at least two bytes: a count beyond the
+                // bytes left cannot make the reader allocate.
+                if count > self.rest.len() as u64 / 2 {
+                    return Err(invalid_bundle("more labels than bytes"));
+                }
+                let mut labels = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    labels.push((self.text()?, self.text()?));
+                }
+                let len = read_varint(&mut self.rest).map_err(invalid_bundle)? as usize;
+                let window = take(&mut self.rest, len).map_err(invalid_bundle)?;
+                Ok(Some(Part { service, kind, labels, window }))
+            }
+            other => Err(invalid_bundle(&format!("unknown entry type {other}"))),
+        }
+    }
+
+    fn text(&mut self) -> Result<&'a str, Error> {
+        let len = read_varint(&mut self.rest).map_err(invalid_bundle)? as usize;
+        std::str::from_utf8(take(&mut self.rest, len).map_err(invalid_bundle)?).map_err(|_| invalid_bundle("a name or label is not UTF-8"))
+    }
+}
+
+impl<'a> Iterator for BundleReader<'a> {
+    type Item = Result<Part<'a>, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.parts == u64::MAX {
+            return None;
+        }
+        let part = self.part().transpose();
+        if !matches!(part, Some(Ok(_))) {
+            self.parts = u64::MAX;
+        }
+        part
+    }
+}
+
 fn invalid(what: &str) -> Error {
     Error::Invalid(format!("stacks window: {what}"))
+}
+
+fn invalid_bundle(what: &str) -> Error {
+    Error::Invalid(format!("bundle of stacks windows: {what}"))
 }
 
 fn zigzag(v: i64) -> u64 {
@@ -195,22 +320,27 @@ fn varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-fn read_varint(rest: &mut &[u8]) -> Result<u64, Error> {
+fn bytes(out: &mut Vec<u8>, b: &[u8]) {
+    varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+fn read_varint(rest: &mut &[u8]) -> Result<u64, &'static str> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
-        let (&b, tail) = rest.split_first().ok_or_else(|| invalid("cut short"))?;
+        let (&b, tail) = rest.split_first().ok_or("cut short")?;
         *rest = tail;
         v |= u64::from(b & 0x7f) << shift;
         if b < 0x80 {
             return Ok(v);
         }
     }
-    Err(invalid("a number longer than 64 bits"))
+    Err("a number longer than 64 bits")
 }
 
-fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], Error> {
+fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], &'static str> {
     if rest.len() < n {
-        return Err(invalid("cut short"));
+        return Err("cut short");
     }
     let (head, tail) = rest.split_at(n);
     *rest = tail;
@@ -263,6 +393,33 @@ mod tests {
         body[at] = 0xff;
         let Entry::Framed { frames, .. } = Reader::new(&body).unwrap().next().unwrap().unwrap() else { panic!() };
         assert!(frames.read_into(&mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn bundles_round_trip_and_refuse_cut_or_forged_bodies() {
+        let mut w = Writer::default();
+        w.framed(&["main", "leaf"], 5);
+        let window = w.finish();
+        let mut b = BundleWriter::default();
+        b.part("api", "on-cpu", &[("host", "h1"), ("pid", "7")], &window);
+        b.part::<&str, &str>("db", "off-cpu:io", &[], &window);
+        let body = b.finish();
+        let parts: Vec<Part> = BundleReader::new(&body).unwrap().collect::<Result<_, _>>().unwrap();
+        assert_eq!(
+            parts,
+            [
+                Part { service: "api", kind: "on-cpu", labels: vec![("host", "h1"), ("pid", "7")], window: &window },
+                Part { service: "db", kind: "off-cpu:io", labels: vec![], window: &window },
+            ]
+        );
+        assert!(BundleReader::new(&window).is_err(), "a single window is not a bundle");
+        for cut in BUNDLE_MAGIC.len()..body.len() {
+            let results: Vec<_> = BundleReader::new(&body[..cut]).unwrap().collect();
+            assert!(results.last().unwrap().is_err(), "cut at {cut}");
+        }
+        // A label count far beyond the bytes cannot make the reader allocate.
+        let huge = [BUNDLE_MAGIC.as_slice(), &[PART, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f]].concat();
+        assert!(BundleReader::new(&huge).unwrap().next().unwrap().is_err());
     }
 
     #[test]

@@ -14,8 +14,9 @@
 //! downsampling leaves (10 s for the last 6 h, 1 min up to 48 h, 10 min
 //! beyond). The work of the flame graph, diff and top routes is then timed
 //! over the last 1 h, 24 h and 7 d, first with no answers kept, then with the
-//! answer kept. Last, one hour of ingest end to end, as gzip pprof and as our
-//! agent's stacks windows. `BENCH_STACKS=30000` measures one pool size only,
+//! answer kept. Last, one hour of ingest end to end, as gzip pprof, as our
+//! agent's stacks windows one request each, and as it sends them: one bundle
+//! per window. `BENCH_STACKS=30000` measures one pool size only,
 //! `BENCH_STACKS=` none (ingest only).
 
 use std::collections::{HashMap, HashSet};
@@ -322,6 +323,9 @@ enum Wire {
     /// Our agent's stacks windows, one per process, kind and 10 s: a stack
     /// with its frames the first time, by id afterwards.
     Stacks,
+    /// The same stacks windows, all of a 10 s window in one bundle, as our
+    /// agent sends them.
+    Bundle,
 }
 
 /// One request: window start, kind, labels and the gzip body.
@@ -363,7 +367,22 @@ fn requests(pool: &Pool, rng: &mut Rng, wire: Wire) -> Vec<Request> {
             }
         }
     }
+    if wire == Wire::Bundle {
+        return out.chunk_by(|a, b| a.0 == b.0).map(bundle).collect();
+    }
     out
+}
+
+/// The stacks windows of one 10 s window as one bundle; the host label is
+/// common to its parts.
+fn bundle(parts: &[Request]) -> Request {
+    let mut b = profiler_pprof::stacks::BundleWriter::default();
+    for (_, kind, labels, gz) in parts {
+        let own: Vec<(&String, &String)> = labels.iter().filter(|(k, _)| *k != "host").collect();
+        b.part(SERVICE, kind, &own, &profiler_pprof::gunzip(gz, 256 << 20).unwrap());
+    }
+    let host = Labels::from([("host".to_string(), "builder-1".to_string())]);
+    (parts[0].0, String::new(), host, profiler_pprof::gzip(&b.finish()))
 }
 
 /// Ingests one request as the route does, minus HTTP: its rows, and the
@@ -385,6 +404,16 @@ fn ingest_one(store: &EmbeddedStore, limits: &Limits, wire: Wire, request: &Requ
             let mut b = BatchBuilder::new(limits, target).unwrap();
             ingest::pprof(&p, 0, &mut b).unwrap();
             (decode, phase.elapsed(), b.finish())
+        }
+        Wire::Bundle => {
+            let raw = profiler_pprof::gunzip(gz, 256 << 20).unwrap();
+            let decode = phase.elapsed();
+            let phase = Instant::now();
+            let batches = ingest::bundle(&raw, limits, *ts, labels, store).unwrap();
+            let build = phase.elapsed();
+            let rows = batches.iter().map(|b| b.rows.len()).sum();
+            store.append_all(batches).unwrap();
+            return (rows, decode, build);
         }
         Wire::Stacks => {
             let raw = profiler_pprof::gunzip(gz, 256 << 20).unwrap();
@@ -509,7 +538,12 @@ fn main() {
         );
     }
     let pool = Pool::new(&all, 100_000, &mut rng);
-    let runs = [(Wire::Pprof, "gzip pprof", 1), (Wire::Stacks, "stacks windows", 1), (Wire::Stacks, "stacks windows", 4)];
+    let runs = [
+        (Wire::Pprof, "gzip pprof", 1),
+        (Wire::Stacks, "stacks windows", 1),
+        (Wire::Stacks, "stacks windows", 4),
+        (Wire::Bundle, "bundles of stacks windows", 1),
+    ];
     for (wire, name, clients) in runs {
         let Ingested { rows, times: [took, cpu, decode, build, append], requests, gzip_bytes, raw_bytes, gunzip_alone } =
             ingest_hour(&pool, &mut rng, wire, clients);

@@ -29,7 +29,7 @@ use crate::ingest::{self, BatchBuilder, Rejected, Target};
 use crate::metrics::Metrics;
 use crate::query::{self, Tree};
 use crate::render;
-use crate::store::{Appended, Cancel, Cancelled, GroupBy, Labels, Matcher, Refused, Selector, Store};
+use crate::store::{Appended, Batch, Cancel, Cancelled, GroupBy, Labels, Matcher, Refused, Selector, Store};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -366,27 +366,31 @@ pub(crate) fn store_batch(
 ) -> ApiResult<Json<IngestSummary>> {
     let mut batch = b.finish();
     batch.id = id;
-    let versions = crate::events::Seen::of(&batch);
-    let mut summary = IngestSummary {
-        rows: batch.rows.len(),
-        stacks: batch.stacks.len(),
-        series: batch.series.len(),
-        duplicate: false,
-    };
-    if s.store.append(batch).map_err(ApiError::store)? == Appended::Duplicate {
-        summary.duplicate = true;
-        s.metrics
-            .duplicate_batches
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return Ok(Json(summary));
+    store_batches(s, vec![batch], body_len)
+}
+
+/// Stores one request's batches; duplicate when every one of them was stored
+/// before.
+fn store_batches(s: &AppState, batches: Vec<Batch>, body_len: usize) -> ApiResult<Json<IngestSummary>> {
+    let seen: Vec<_> = batches.iter().map(crate::events::Seen::of).collect();
+    let sizes: Vec<_> = batches.iter().map(|b| (b.rows.len(), b.stacks.len(), b.series.len())).collect();
+    let outcomes = s.store.append_all(batches).map_err(ApiError::store)?;
+    let mut summary = IngestSummary { rows: 0, stacks: 0, series: 0, duplicate: true };
+    for ((outcome, (rows, stacks, series)), versions) in outcomes.into_iter().zip(sizes).zip(seen) {
+        summary.rows += rows;
+        summary.stacks += stacks;
+        summary.series += series;
+        if outcome == Appended::Duplicate {
+            s.metrics.duplicate_batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            continue;
+        }
+        summary.duplicate = false;
+        s.metrics.ingested_rows.fetch_add(rows as u64, std::sync::atomic::Ordering::Relaxed);
+        s.events.observe(versions);
     }
-    s.metrics
-        .ingested_rows
-        .fetch_add(summary.rows as u64, std::sync::atomic::Ordering::Relaxed);
-    s.metrics
-        .ingested_bytes
-        .fetch_add(body_len as u64, std::sync::atomic::Ordering::Relaxed);
-    s.events.observe(versions);
+    if !summary.duplicate {
+        s.metrics.ingested_bytes.fetch_add(body_len as u64, std::sync::atomic::Ordering::Relaxed);
+    }
     Ok(Json(summary))
 }
 
@@ -439,6 +443,9 @@ async fn ingest_native(
     let body = body_bytes(Bytes::from_request(req, &s).await)?;
     grant.shrink_to(body.len());
     blocking(move || {
+        if p.get("format") == Some("bundle") {
+            return ingest_bundle(&s, &p, &mut grant, &body, id);
+        }
         let service = p.req("service")?.to_owned();
         let labels = ingest_labels(&p)?;
         let limits = &s.config.limits;
@@ -474,7 +481,7 @@ async fn ingest_native(
             return store_batch(&s, b, body.len(), id);
         }
         if p.get("format").is_some_and(|f| f != "pprof") {
-            return Err(ApiError::bad("`format` must be pprof (default), folded or stacks"));
+            return Err(ApiError::bad("`format` must be pprof (default), folded, stacks or bundle"));
         }
         let raw = decompress(&mut grant, &body, limits)?;
         let profile = decode_pprof(&mut grant, body.len(), &raw, limits)?;
@@ -493,6 +500,31 @@ async fn ingest_native(
         store_batch(&s, b, body.len(), id)
     })
     .await
+}
+
+/// `format=bundle`: every (service, labels, kind) of one agent window in one
+/// request, stored with one WAL fsync; the query's labels are common to all
+/// parts. Part `i` is stored under batch id `<batch_id>/<i>`, so a retry of
+/// a bundle that was partly stored counts each part once.
+fn ingest_bundle(s: &AppState, p: &Params, grant: &mut Grant, body: &[u8], id: Option<String>) -> ApiResult<Json<IngestSummary>> {
+    if p.get("service").is_some() || p.get("kind").is_some() {
+        return Err(ApiError::bad("a bundle names services and kinds in its parts, not in the query"));
+    }
+    let labels = ingest_labels(p)?;
+    let limits = &s.config.limits;
+    let from = p.time("from", now_ms(), now_ms())?;
+    let raw = decompress(grant, body, limits)?;
+    // As for one stacks window, plus the batch each part becomes.
+    let parts = profiler_pprof::stacks::BundleReader::new(&raw).map_or(0, Iterator::count);
+    grant
+        .grow_to_blocking(body.len() + 7 * raw.len() + parts * 1024)
+        .map_err(over_budget)?;
+    let ts_ms = align(from, s.config.storage.window_ms);
+    let mut batches = ingest::bundle(&raw, limits, ts_ms, &labels, &*s.store)?;
+    for (i, batch) in batches.iter_mut().enumerate() {
+        batch.id = id.as_ref().map(|id| format!("{id}/{i}"));
+    }
+    store_batches(s, batches, body.len())
 }
 
 /// Pyroscope's `/ingest`: `name=app.cpu{k=v}`, `from`/`until` in unix

@@ -393,6 +393,51 @@ pub fn stacks(body: &[u8], store: &dyn Store, b: &mut BatchBuilder) -> Result<()
     Ok(())
 }
 
+/// The batches of a bundle of stacks windows (see `profiler_pprof::stacks`),
+/// one per part, each part's labels over `common`. Refused whole: if any part
+/// is malformed or refers to a stack `store` does not have, nothing of it is
+/// stored.
+pub fn bundle(raw: &[u8], limits: &Limits, ts_ms: i64, common: &Labels, store: &dyn Store) -> Result<Vec<Batch>, Rejected> {
+    let parts = stacks::BundleReader::new(raw)
+        .map_err(|e| bad(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if parts.len() > limits.max_series_per_request {
+        return Err(bad(format!(
+            "more than {} parts (series) in one bundle",
+            limits.max_series_per_request
+        )));
+    }
+    let mut batches = Vec::with_capacity(parts.len());
+    let (mut unknown, mut stack_bytes) = (0, 0);
+    for part in parts {
+        let mut labels = common.clone();
+        labels.extend(part.labels.iter().map(|&(k, v)| (k.to_owned(), v.to_owned())));
+        let target = Target { service: part.service.to_owned(), kind: part.kind.to_owned(), ts_ms, labels };
+        let mut b = BatchBuilder::new(limits, target)?;
+        match self::stacks(part.window, store, &mut b) {
+            Ok(()) => {
+                // Each part's frame names are bounded; so are all of them.
+                stack_bytes += b.stack_bytes;
+                if stack_bytes > limits.max_batch_bytes {
+                    return Err(Rejected::TooLarge(format!(
+                        "the bundle's distinct stacks hold more than {} bytes of frame names",
+                        limits.max_batch_bytes
+                    )));
+                }
+                batches.push(b.finish());
+            }
+            // Counted over every part, for the answer.
+            Err(Rejected::UnknownStacks(n)) => unknown += n,
+            Err(e) => return Err(e),
+        }
+    }
+    if unknown > 0 {
+        return Err(Rejected::UnknownStacks(unknown));
+    }
+    Ok(batches)
+}
+
 /// Adds every sample of a pprof profile, value `idx`, converted to
 /// nanoseconds when the unit is a time or a count of nanosecond periods.
 pub fn pprof(profile: &Profile, idx: usize, b: &mut BatchBuilder) -> Result<(), Rejected> {

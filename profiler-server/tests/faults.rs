@@ -39,13 +39,6 @@ fn post(c: &Client, srv: &Proc, service: &str, t0: i64, id: &str, body: &str) ->
     }
 }
 
-fn metric(c: &Client, srv: &Proc, name: &str) -> u64 {
-    let text = c.get(srv.url("/metrics")).send().unwrap().text().unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} missing"))
-}
-
 fn config(dir: &Path, flush_secs: u64) -> String {
     let path = dir.join("server.toml");
     std::fs::write(
@@ -106,7 +99,7 @@ fn full_disk_refuses_then_recovers_without_losing_or_doubling_rows() {
     }
     assert!(!refused.is_empty(), "the disk never filled up");
     assert!(!acked.is_empty());
-    let busy = metric(&c, &srv, "profiler_ingest_refused");
+    let busy = srv.metric("profiler_ingest_refused");
     println!(
         "acked {}, refused {} (refused now: {busy})",
         acked.len(),
@@ -198,8 +191,8 @@ fn corrupt_wal_record_is_quarantined_and_later_records_are_kept() {
         srv.folded_around(&c, "wal", t0),
         "main;first 10\nmain;last 10\n"
     );
-    assert_eq!(metric(&c, &srv, "profiler_wal_corrupt_records_total"), 1);
-    assert_eq!(metric(&c, &srv, "profiler_wal_quarantined_files_total"), 1);
+    assert_eq!(srv.metric("profiler_wal_corrupt_records_total"), 1);
+    assert_eq!(srv.metric("profiler_wal_quarantined_files_total"), 1);
     let quarantined = std::fs::read_dir(dir.path().join("wal/quarantine"))
         .unwrap()
         .count();
@@ -212,7 +205,7 @@ fn corrupt_wal_record_is_quarantined_and_later_records_are_kept() {
         "main;first 10\nmain;last 10\n"
     );
     assert_eq!(
-        metric(&c, &srv, "profiler_wal_corrupt_records_total"),
+        srv.metric("profiler_wal_corrupt_records_total"),
         0,
         "nothing corrupt left"
     );
@@ -248,7 +241,7 @@ fn failing_flush_refuses_ingest_until_it_succeeds() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(metric(&c, &srv, "profiler_flush_errors_total") >= 1);
+    assert!(srv.metric("profiler_flush_errors_total") >= 1);
     // Acknowledged rows stay queryable meanwhile.
     assert_eq!(folded_total(&srv.folded_around(&c, "flush", t0)), 5 * n);
 
@@ -299,7 +292,7 @@ fn a_batch_id_is_counted_once_across_retries_flushes_and_restarts() {
     assert!(r.text().unwrap().contains("\"duplicate\":true"));
     assert_eq!(post(&c, &srv, "dedup", t0, "other", "main;a 7\n").0, 200);
     assert_eq!(folded_total(&srv.folded_around(&c, "dedup", t0)), 14);
-    assert_eq!(metric(&c, &srv, "profiler_duplicate_batches_total"), 2);
+    assert_eq!(srv.metric("profiler_duplicate_batches_total"), 2);
 
     // Replayed from the WAL, the ids are still known.
     srv.kill9();

@@ -1163,8 +1163,10 @@ fn scan_rows(
     }
 }
 
-impl Store for EmbeddedStore {
-    fn append(&self, batch: Batch) -> anyhow::Result<Appended> {
+impl EmbeddedStore {
+    /// Writes a batch's WAL record: the number to settle it by, or None for
+    /// a batch already stored.
+    fn write_record(&self, batch: Batch) -> anyhow::Result<Option<u64>> {
         let framed = wal::frame(&wal::encode(&batch));
         if framed.len() > wal::MAX_RECORD {
             return Err(Refused::TooLarge(format!(
@@ -1179,7 +1181,7 @@ impl Store for EmbeddedStore {
             let mut w = lock(&self.wal);
             if let Some(key) = key {
                 if w.recent.contains(key) {
-                    return Ok(Appended::Duplicate);
+                    return Ok(None);
                 }
                 if w.in_flight.contains(&key) {
                     return Err(Refused::Busy("a batch with this id is being stored right now".into()).into());
@@ -1217,21 +1219,64 @@ impl Store for EmbeddedStore {
             w.unsynced.push((my, batch, key));
             my
         };
-        // Group commit: ours is settled, or in the fsync running now, or
-        // waiting for the next, which this thread runs if nobody else does.
+        Ok(Some(my))
+    }
+
+    /// Waits until record `my` is durable (or failed). Group commit: it is
+    /// settled, or in the fsync running now, or waiting for the next, which
+    /// this thread runs if nobody else does.
+    fn wait_durable(&self, my: u64) -> anyhow::Result<()> {
         let mut w = lock(&self.wal);
         loop {
             if let Some(outcome) = w.outcomes.remove(&my) {
-                return match outcome {
-                    Ok(()) => Ok(Appended::Stored),
-                    Err(why) => Err(Refused::Busy(why).into()),
-                };
+                return outcome.map_err(|why| Refused::Busy(why).into());
             }
             if w.syncing || w.cutting {
                 w = self.sync_done.wait(w).unwrap_or_else(|e| e.into_inner());
             } else {
                 w = self.sync_shared(w);
             }
+        }
+    }
+}
+
+impl Store for EmbeddedStore {
+    fn append(&self, batch: Batch) -> anyhow::Result<Appended> {
+        match self.write_record(batch)? {
+            None => Ok(Appended::Duplicate),
+            Some(my) => self.wait_durable(my).map(|()| Appended::Stored),
+        }
+    }
+
+    /// Every record is written before the first is waited for, so one fsync
+    /// covers them all.
+    fn append_all(&self, batches: Vec<Batch>) -> anyhow::Result<Vec<Appended>> {
+        let mut written = Vec::with_capacity(batches.len());
+        let mut failed = None;
+        for batch in batches {
+            match self.write_record(batch) {
+                Ok(my) => written.push(my),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        // Records written before a failure are settled all the same, so
+        // none is left waiting with its id marked in flight.
+        let mut outcomes = Vec::with_capacity(written.len());
+        for my in written {
+            match my {
+                None => outcomes.push(Appended::Duplicate),
+                Some(my) => match self.wait_durable(my) {
+                    Ok(()) => outcomes.push(Appended::Stored),
+                    Err(e) => failed = failed.or(Some(e)),
+                },
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(outcomes),
         }
     }
 

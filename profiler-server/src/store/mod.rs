@@ -265,6 +265,12 @@ pub trait Store: Send + Sync + 'static {
     /// Returns false (and stores nothing) if a batch with the same id was
     /// already stored.
     fn append(&self, batch: Batch) -> anyhow::Result<Appended>;
+    /// Appends batches like [`Self::append`] does each, in order; one
+    /// request's parts. Err if any failed (the others may be stored: their
+    /// ids make a retry of the whole count once).
+    fn append_all(&self, batches: Vec<Batch>) -> anyhow::Result<Vec<Appended>> {
+        batches.into_iter().map(|b| self.append(b)).collect()
+    }
     fn aggregate(&self, sel: &Selector, by: GroupBy) -> anyhow::Result<Aggregate>;
     /// Every service's totals per kind and bucket, hosts and last window
     /// over the grid's range: the fleet overview, in one pass.

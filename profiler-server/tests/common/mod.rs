@@ -44,13 +44,21 @@ impl Proc {
         format!("{}{}", self.base, path)
     }
 
-    /// SIGKILL: no flush, no graceful anything.
+    /// A counter or gauge from `/metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = client().get(self.url("/metrics")).send().unwrap().text().unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+    }
+
     /// The service's folded export over the two minutes around `t0` (unix ms).
     pub fn folded_around(&self, client: &reqwest::blocking::Client, service: &str, t0: i64) -> String {
         let path = format!("/api/v1/folded?service={service}&from={}&until={}", t0 - 60_000, t0 + 60_000);
         client.get(self.url(&path)).send().unwrap().text().unwrap()
     }
 
+    /// SIGKILL: no flush, no graceful anything.
     pub fn kill9(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
