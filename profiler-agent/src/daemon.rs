@@ -179,7 +179,7 @@ fn sampling_loop(
     rules: &[Rule],
     host_labels: &BTreeMap<String, String>,
     runs: RunSwitch,
-    sender: mpsc::Sender<Vec<Payload>>,
+    sender: mpsc::Sender<Payload>,
     stop: &AtomicBool,
     spool: &Mutex<Spool>,
     metrics: &Metrics,
@@ -187,8 +187,8 @@ fn sampling_loop(
     let window_ms = window.as_millis() as u64;
     let mut start_ms = now_ms();
     let mut applied = Applied::default();
-    // Batch ids are `<this run>-<window start>-<index>`: a random run id keeps them
-    // unique across restarts and hosts, whose windows start at the same instants.
+    // Batch ids are `<this run>-<window start>`: a random run id keeps them unique
+    // across restarts and hosts, whose windows start at the same instants.
     let run_id = format!("{:016x}", fastrand::u64(..));
     loop {
         // Windows end on wall-clock multiples of their length, like the server's buckets.
@@ -206,20 +206,19 @@ fn sampling_loop(
         }
         let end_ms = now_ms().min(end_ms).max(start_ms + 1);
         let meta = WindowMeta { start_ms, end_ms };
-        let payloads = groups.payloads(host_labels, &meta, &run_id);
+        let payload = groups.payload(host_labels, &meta, &run_id);
         *runs.control.services.lock().unwrap() = groups.services();
         metrics.windows.fetch_add(1, Relaxed);
-        metrics.profiles_produced.fetch_add(payloads.len() as u64, Relaxed);
-        metrics.value_produced_ns.fetch_add(payloads.iter().map(|p| p.value).sum(), Relaxed);
-        if let Err(err) = sender.try_send(payloads) {
-            let payloads = match err {
-                mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p) => p,
-            };
-            // The shipper is stuck retrying: keep memory bounded, let the spool hold it.
-            tracing::warn!("ship queue full; spooling window directly");
-            let mut spool = spool.lock().unwrap();
-            for payload in &payloads {
-                spool_payload(&mut spool, payload, metrics);
+        if let Some(payload) = payload {
+            metrics.profiles_produced.fetch_add(1, Relaxed);
+            metrics.value_produced_ns.fetch_add(payload.value, Relaxed);
+            if let Err(err) = sender.try_send(payload) {
+                let payload = match err {
+                    mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p) => p,
+                };
+                // The shipper is stuck retrying: keep memory bounded, let the spool hold it.
+                tracing::warn!("ship queue full; spooling window directly");
+                spool_payload(&mut spool.lock().unwrap(), &payload, metrics);
             }
         }
         start_ms = end_ms;
@@ -320,15 +319,13 @@ impl WindowGroups {
         self.identities.values().map(|identity| identity.service.clone()).collect()
     }
 
-    fn payloads(&self, host_labels: &BTreeMap<String, String>, meta: &WindowMeta, run_id: &str) -> Vec<Payload> {
-        self.groups
-            .iter()
-            .enumerate()
-            .map(|(index, ((identity, kind), stacks))| {
-                let batch_id = format!("{run_id}-{}-{index}", meta.start_ms);
-                build_payload(identity, host_labels, *kind, stacks, meta, &batch_id)
-            })
-            .collect()
+    /// The window's one payload; None for a window without samples.
+    fn payload(&self, host_labels: &BTreeMap<String, String>, meta: &WindowMeta, run_id: &str) -> Option<Payload> {
+        if self.groups.is_empty() {
+            return None;
+        }
+        let parts = self.groups.iter().map(|((identity, kind), stacks)| (&**identity, *kind, stacks));
+        Some(build_payload(parts, host_labels, meta, &format!("{run_id}-{}", meta.start_ms)))
     }
 }
 
@@ -359,7 +356,7 @@ fn spool_payload(spool: &mut Spool, payload: &Payload, metrics: &Metrics) {
 }
 
 async fn ship_loop(
-    mut receiver: mpsc::Receiver<Vec<Payload>>,
+    mut receiver: mpsc::Receiver<Payload>,
     shipper: &Shipper,
     spool: &Arc<Mutex<Spool>>,
     metrics: &Arc<Metrics>,
@@ -370,11 +367,9 @@ async fn ship_loop(
     let mut next_replay = tokio::time::Instant::now() + jitter(REPLAY_INTERVAL);
     loop {
         tokio::select! {
-            batch = receiver.recv() => {
-                let Some(batch) = batch else { break };
-                for payload in batch {
-                    ship_or_spool(payload, shipper, spool, metrics).await;
-                }
+            payload = receiver.recv() => {
+                let Some(payload) = payload else { break };
+                ship_or_spool(payload, shipper, spool, metrics).await;
             }
             _ = tokio::time::sleep_until(next_replay) => {
                 replay_spool(shipper, spool, metrics, dead_letter_after).await;

@@ -64,7 +64,7 @@ impl Metrics {
         metric("off_cpu_lost_total", "counter", "Off-CPU waits lost to a full ring buffer or switch-out map, or to a switch-in the kernel did not report.", get(&self.off_cpu_lost));
         metric("map_fill_ratio", "gauge", "Share of max_stack_keys used by the last window.", get(&self.map_fill_permille) / 1000.0);
         metric("off_cpu_sampling_ratio", "gauge", "Share of context switches recorded.", get(&self.off_cpu_sampling_permille) / 1000.0);
-        metric("profiles_produced_total", "counter", "Profiles (one per service, labels and kind per window) produced.", get(&self.profiles_produced));
+        metric("profiles_produced_total", "counter", "Profiles produced: one per window with samples, a part per service, labels and kind.", get(&self.profiles_produced));
         metric("profiles_shipped_total", "counter", "Profiles acknowledged by the server.", get(&self.profiles_shipped));
         metric("profiles_spooled_total", "counter", "Profiles written to the on-disk spool.", get(&self.profiles_spooled));
         metric("profiles_dropped_total", "counter", "Profiles dropped because the spool was full.", get(&self.profiles_dropped));

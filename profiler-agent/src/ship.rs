@@ -1,11 +1,14 @@
-//! Ship stage: turns a window into one stacks window per (service, labels, kind) and
-//! sends it to the server's ingest API, with timeouts, retries and exponential backoff.
+//! Ship stage: turns a window into one bundle of stacks windows, one per (service,
+//! labels, kind), and sends it to the server's ingest API in one request, with
+//! timeouts, retries and exponential backoff. One request per window, not per part:
+//! the server then spends one HTTP exchange and one WAL fsync on the whole window.
 //!
 //! A payload holds every stack with its frames, so it can wait in the spool and go to any
 //! server. What is sent refers by id to the stacks this server has acknowledged before
 //! (see `profiler_pprof::stacks`): a window of stacks the server knows is a few bytes per
 //! stack instead of kilobytes of frame names. A server that lost them answers 409, and
-//! the window goes again with every frame; a server too old for stacks windows gets pprof.
+//! the window goes again with every frame; a server too old for bundles gets each part
+//! as a pprof.
 //!
 //! What an answer means for the window is decided in one place, [`ShipError::from_status`]:
 //! only a 4xx that describes the payload itself (400, 413, 415, 422, ...) drops it.
@@ -27,8 +30,8 @@ use reqwest::StatusCode;
 
 use crate::{identity::Identity, metrics::Metrics};
 
-/// One request's worth: the ingest query string and the gzip body, a stacks window with
-/// every frame (or, spooled by an older agent, a pprof).
+/// One request's worth: the ingest query string and the gzip body, a bundle of stacks
+/// windows with every frame (or, spooled by an older agent, one stacks window or a pprof).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Payload {
     pub query: String,
@@ -64,68 +67,87 @@ pub struct WindowMeta {
     pub end_ms: u64,
 }
 
-/// `batch_id` names the payload for the server, which drops a batch it already stored:
-/// an acknowledgement lost to a timeout must not double the window when it is resent.
-/// It is in the query, so it survives retries, the spool and agent restarts unchanged.
-pub fn build_payload(
-    identity: &Identity,
+/// The window's payload: every (identity, kind) with stacks is a part. The host labels
+/// go once, in the query, common to all parts.
+///
+/// `batch_id` names the payload for the server, which drops a part it already stored
+/// (part `i` is `<batch_id>/<i>` there): an acknowledgement lost to a timeout must not
+/// double the window when it is resent. It is in the query, so it survives retries, the
+/// spool and agent restarts unchanged.
+pub fn build_payload<'a>(
+    parts: impl IntoIterator<Item = (&'a Identity, Kind, &'a Stacks)>,
     host_labels: &BTreeMap<String, String>,
-    kind: Kind,
-    stacks: &Stacks,
     meta: &WindowMeta,
     batch_id: &str,
 ) -> Payload {
-    let mut window = stacks::Writer::default();
+    let mut bundle = stacks::BundleWriter::default();
     let mut value = 0u64;
-    for (frames, ns) in stacks {
-        window.framed(frames, *ns as i64);
-        value += ns;
+    for (identity, kind, stacks) in parts {
+        let mut window = stacks::Writer::default();
+        for (frames, ns) in stacks {
+            window.framed(frames, *ns as i64);
+            value += ns;
+        }
+        let labels: Vec<_> = identity.labels.iter().collect();
+        bundle.part(&identity.service, &kind.name(), &labels, &window.finish());
     }
     let mut query = form_urlencoded::Serializer::new(String::new());
     query
-        .append_pair("service", &identity.service)
-        .append_pair("kind", &kind.name())
         .append_pair("from", &meta.start_ms.to_string())
         .append_pair("until", &meta.end_ms.to_string())
         .append_pair("batch_id", batch_id)
-        .append_pair("format", STACKS_FORMAT);
-    for (name, label_value) in host_labels.iter().chain(&identity.labels) {
+        .append_pair("format", BUNDLE_FORMAT);
+    for (name, label_value) in host_labels {
         query.append_pair("label", &format!("{name}:{label_value}"));
     }
-    Payload { query: query.finish(), body: gzip(&window.finish()), value }
+    Payload { query: query.finish(), body: gzip(&bundle.finish()), value }
 }
 
-const STACKS_FORMAT: &str = "stacks";
+const BUNDLE_FORMAT: &str = "bundle";
 
 fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
     form_urlencoded::parse(query.as_bytes()).into_owned()
 }
 
-fn is_stacks_window(query: &str) -> bool {
-    query_pairs(query).any(|(k, v)| k == "format" && v == STACKS_FORMAT)
+fn is_bundle(query: &str) -> bool {
+    query_pairs(query).any(|(k, v)| k == "format" && v == BUNDLE_FORMAT)
 }
 
 /// A payload body after gunzip; our own, so the bound only guards against a corrupt spool.
-fn window_bytes(body: &[u8]) -> anyhow::Result<std::borrow::Cow<'_, [u8]>> {
+fn bundle_bytes(body: &[u8]) -> anyhow::Result<std::borrow::Cow<'_, [u8]>> {
     Ok(profiler_pprof::gunzip(body, 256 << 20)?)
 }
 
-/// The window as a gzip pprof and its query, for a server without stacks windows.
-fn as_pprof(payload: &Payload) -> anyhow::Result<(String, Vec<u8>)> {
+/// Each part of the window as a gzip pprof with its query, for a server without
+/// bundles: part `i` keeps the batch id it has in a bundle, so a window the server
+/// stored in part is not counted twice when it comes the other way.
+fn as_pprof(payload: &Payload) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let pairs: Vec<(String, String)> = query_pairs(&payload.query).collect();
-    let kind = pairs.iter().find(|(k, _)| k == "kind").map_or("samples", |(_, v)| v.as_str());
-    let mut builder = ProfileBuilder::new(&[(kind, "nanoseconds")]);
-    let raw = window_bytes(&payload.body)?;
+    let batch_id = pairs.iter().find(|(k, _)| k == "batch_id").map(|(_, v)| v.as_str());
+    let raw = bundle_bytes(&payload.body)?;
+    let mut out = Vec::new();
     let mut frames = Vec::new();
-    for entry in stacks::Reader::new(&raw)? {
-        if let stacks::Entry::Framed { frames: names, value } = entry? {
-            names.read_into(&mut frames)?;
-            builder.add(&frames, &[value], &[]);
+    for (index, part) in stacks::BundleReader::new(&raw)?.enumerate() {
+        let part = part?;
+        let mut builder = ProfileBuilder::new(&[(part.kind, "nanoseconds")]);
+        for entry in stacks::Reader::new(part.window)? {
+            if let stacks::Entry::Framed { frames: names, value } = entry? {
+                names.read_into(&mut frames)?;
+                builder.add(&frames, &[value], &[]);
+            }
         }
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        query.append_pair("service", part.service).append_pair("kind", part.kind);
+        query.extend_pairs(pairs.iter().filter(|(k, _)| k != "format" && k != "batch_id"));
+        if let Some(id) = batch_id {
+            query.append_pair("batch_id", &format!("{id}/{index}"));
+        }
+        for (name, value) in &part.labels {
+            query.append_pair("label", &format!("{name}:{value}"));
+        }
+        out.push((query.finish(), encode_gzip(&builder.build())));
     }
-    let mut query = form_urlencoded::Serializer::new(String::new());
-    query.extend_pairs(pairs.iter().filter(|(k, _)| k != "format"));
-    Ok((query.finish(), encode_gzip(&builder.build())))
+    Ok(out)
 }
 
 /// Stacks the server acknowledged, which later windows send by id.
@@ -155,27 +177,32 @@ impl KnownStacks {
         if self.since.elapsed() > FORGET_KNOWN_EVERY {
             self.forget();
         }
-        let raw = window_bytes(body)?;
-        let mut out = stacks::Writer::default();
+        let raw = bundle_bytes(body)?;
+        let mut bundle = stacks::BundleWriter::default();
         let (mut ids, mut by_id) = (Vec::new(), 0);
         let mut frames = Vec::new();
-        for entry in stacks::Reader::new(&raw)? {
-            match entry? {
-                stacks::Entry::Framed { frames: names, value } => {
-                    names.read_into(&mut frames)?;
-                    let id = stacks::stack_id(&frames);
-                    if self.ids.contains(&id) {
-                        out.known(id, value);
-                        by_id += 1;
-                    } else {
-                        out.framed(&frames, value);
+        for part in stacks::BundleReader::new(&raw)? {
+            let part = part?;
+            let mut window = stacks::Writer::default();
+            for entry in stacks::Reader::new(part.window)? {
+                match entry? {
+                    stacks::Entry::Framed { frames: names, value } => {
+                        names.read_into(&mut frames)?;
+                        let id = stacks::stack_id(&frames);
+                        if self.ids.contains(&id) {
+                            window.known(id, value);
+                            by_id += 1;
+                        } else {
+                            window.framed(&frames, value);
+                        }
+                        ids.push(id);
                     }
-                    ids.push(id);
+                    stacks::Entry::Known { id, value } => window.known(id, value),
                 }
-                stacks::Entry::Known { id, value } => out.known(id, value),
             }
+            bundle.part(part.service, part.kind, &part.labels, &window.finish());
         }
-        Ok(ByReference { body: (by_id > 0).then(|| gzip(&out.finish())), ids, by_id })
+        Ok(ByReference { body: (by_id > 0).then(|| gzip(&bundle.finish())), ids, by_id })
     }
 
     fn learn(&mut self, ids: Vec<u64>) {
@@ -285,10 +312,11 @@ impl Shipper {
         })
     }
 
-    /// One attempt (and, when the server lost stacks it had or cannot read stacks
-    /// windows, the same window again in a form it can take).
+    /// One attempt (and, when the server lost stacks it had or cannot read bundles, the
+    /// same window again in a form it can take).
     pub async fn send(&self, payload: &Payload) -> Result<(), ShipError> {
-        if !is_stacks_window(&payload.query) {
+        if !is_bundle(&payload.query) {
+            // Spooled by an older agent, in a form the server of its time took.
             return self.settle(self.post(&payload.query, payload.body.clone()).await?);
         }
         let pprof = self.known.lock().unwrap().pprof_until.is_some_and(|until| Instant::now() < until);
@@ -306,7 +334,7 @@ impl Shipper {
                 self.post(&payload.query, payload.body.clone()).await?
             }
             Answer::Refused(StatusCode::BAD_REQUEST, why) if why.contains("`format`") => {
-                tracing::warn!("the server cannot read stacks windows ({why}); sending pprof for an hour");
+                tracing::warn!("the server cannot read bundles of stacks windows ({why}); sending pprof for an hour");
                 self.known.lock().unwrap().pprof_until = Some(Instant::now() + PPROF_FOR);
                 return self.send_as_pprof(payload).await;
             }
@@ -320,9 +348,14 @@ impl Shipper {
         self.settle(answer)
     }
 
+    /// Every part in turn; a refusal ends the attempt, and the next sends all parts
+    /// again (the server drops the ones it stored by their batch id).
     async fn send_as_pprof(&self, payload: &Payload) -> Result<(), ShipError> {
-        let (query, body) = as_pprof(payload).map_err(|err| ShipError::Rejected(err.context("reading the window")))?;
-        self.settle(self.post(&query, body).await?)
+        let parts = as_pprof(payload).map_err(|err| ShipError::Rejected(err.context("reading the window")))?;
+        for (query, body) in parts {
+            self.settle(self.post(&query, body).await?)?;
+        }
+        Ok(())
     }
 
     /// Sends one request; Err when no answer came.
@@ -418,58 +451,78 @@ mod tests {
 
     #[test]
     fn payload_round_trips_and_carries_labels() {
-        let identity = Identity { service: "checkout".into(), labels: [("systemd_unit".to_string(), "checkout.service".to_string())].into() };
+        let checkout = Identity { service: "checkout".into(), labels: [("systemd_unit".to_string(), "checkout.service".to_string())].into() };
+        let batch = Identity { service: "batch".into(), labels: BTreeMap::new() };
         let host = [("host".to_string(), "h1".to_string())].into();
         let mut stacks = Stacks::new();
         stacks.insert(vec![Arc::from("app"), Arc::from("main")], 30);
         stacks.insert(vec![Arc::from("app"), Arc::from("burn")], 70);
+        let mut waits = Stacks::new();
+        waits.insert(vec![Arc::from("job"), Arc::from("read")], 5);
         let meta = WindowMeta { start_ms: 10_000, end_ms: 20_000 };
-        let payload = build_payload(&identity, &host, Kind::OnCpu, &stacks, &meta, "00ff-10000-0");
-        assert_eq!(payload.value, 100);
-        assert!(
-            payload.query.contains("service=checkout&kind=on-cpu&from=10000&until=20000&batch_id=00ff-10000-0&format=stacks"),
-            "{}",
-            payload.query
-        );
-        assert!(payload.query.contains("label=host%3Ah1") && payload.query.contains("label=systemd_unit%3Acheckout.service"));
+        let parts = [(&checkout, Kind::OnCpu, &stacks), (&batch, Kind::OffCpu(profiler_pprof::kind::WaitReason::BlockedIo), &waits)];
+        let payload = build_payload(parts, &host, &meta, "00ff-10000");
+        assert_eq!(payload.value, 105);
+        assert_eq!(payload.query, "from=10000&until=20000&batch_id=00ff-10000&format=bundle&label=host%3Ah1");
         assert_eq!(Payload::decode(&payload.encode()), Some(payload.clone()));
         let raw = profiler_pprof::gunzip(&payload.body, 1 << 20).unwrap();
-        let total: i64 = stacks::Reader::new(&raw)
-            .unwrap()
+        let parts: Vec<stacks::Part> = stacks::BundleReader::new(&raw).unwrap().map(Result::unwrap).collect();
+        let heads: Vec<_> = parts.iter().map(|p| (p.service, p.kind, p.labels.clone())).collect();
+        assert_eq!(
+            heads,
+            [("checkout", "on-cpu", vec![("systemd_unit", "checkout.service")]), ("batch", "off-cpu:blocked-io", vec![])]
+        );
+        let total: i64 = parts
+            .iter()
+            .flat_map(|p| stacks::Reader::new(p.window).unwrap())
             .map(|entry| match entry.unwrap() {
                 stacks::Entry::Framed { value, .. } => value,
                 stacks::Entry::Known { .. } => panic!("a payload carries every frame"),
             })
             .sum();
-        assert_eq!(total, 100);
+        assert_eq!(total, 105);
 
-        // Converted for a server without stacks windows.
-        let (query, body) = as_pprof(&payload).unwrap();
-        assert!(!query.contains("format") && query.contains("batch_id=00ff-10000-0"), "{query}");
-        let profile = profiler_pprof::decode_gzip(&body, 1 << 20).unwrap();
+        // Converted for a server without bundles: one pprof per part, under the ids the
+        // parts have in a bundle.
+        let converted = as_pprof(&payload).unwrap();
+        assert_eq!(converted.len(), 2);
+        let (query, body) = &converted[0];
+        assert_eq!(
+            query,
+            "service=checkout&kind=on-cpu&from=10000&until=20000&label=host%3Ah1&batch_id=00ff-10000%2F0&label=systemd_unit%3Acheckout.service"
+        );
+        let profile = profiler_pprof::decode_gzip(body, 1 << 20).unwrap();
         assert_eq!(profile.sample.iter().map(|s| s.value[0]).sum::<i64>(), 100);
+        assert!(converted[1].0.contains("service=batch&kind=off-cpu%3Ablocked-io") && converted[1].0.contains("batch_id=00ff-10000%2F1"));
     }
 
-    fn window(stacks: &[(&[&str], i64)]) -> Vec<u8> {
-        let mut w = stacks::Writer::default();
-        for (frames, value) in stacks {
-            w.framed(frames, *value);
+    /// A bundle of one part per window given.
+    fn bundle(windows: &[&[(&[&str], i64)]]) -> Vec<u8> {
+        let mut b = stacks::BundleWriter::default();
+        for stacks in windows {
+            let mut w = stacks::Writer::default();
+            for (frames, value) in stacks.iter() {
+                w.framed(frames, *value);
+            }
+            b.part::<&str, &str>("svc", "on-cpu", &[], &w.finish());
         }
-        gzip(&w.finish())
+        gzip(&b.finish())
     }
 
-    /// (frames of each framed stack, ids of the stacks sent by id), in order.
+    /// (frames of each framed stack, ids of the stacks sent by id), in order, over all parts.
     fn sent(body: &[u8]) -> (Vec<Vec<String>>, Vec<u64>) {
         let raw = profiler_pprof::gunzip(body, 1 << 20).unwrap();
         let (mut framed, mut by_id) = (Vec::new(), Vec::new());
-        for entry in stacks::Reader::new(&raw).unwrap() {
-            match entry.unwrap() {
-                stacks::Entry::Framed { frames, .. } => {
-                    let mut names = Vec::new();
-                    frames.read_into(&mut names).unwrap();
-                    framed.push(names.iter().map(|n| n.to_string()).collect());
+        for part in stacks::BundleReader::new(&raw).unwrap() {
+            for entry in stacks::Reader::new(part.unwrap().window).unwrap() {
+                match entry.unwrap() {
+                    stacks::Entry::Framed { frames, .. } => {
+                        let mut names = Vec::new();
+                        frames.read_into(&mut names).unwrap();
+                        framed.push(names.iter().map(|n| n.to_string()).collect());
+                    }
+                    stacks::Entry::Known { id, .. } => by_id.push(id),
                 }
-                stacks::Entry::Known { id, .. } => by_id.push(id),
             }
         }
         (framed, by_id)
@@ -479,16 +532,19 @@ mod tests {
     fn acknowledged_stacks_go_by_id_until_forgotten() {
         let (a, b): (&[&str], &[&str]) = (&["main", "a"], &["main", "b"]);
         let mut known = KnownStacks::new();
-        let first = known.by_reference(&window(&[(a, 1), (b, 2)])).unwrap();
+        let first = known.by_reference(&bundle(&[&[(a, 1)], &[(b, 2)]])).unwrap();
         assert!(first.body.is_none(), "nothing is known yet: the window goes as it is");
         assert_eq!(first.ids, [stacks::stack_id(a), stacks::stack_id(b)]);
         known.learn(vec![stacks::stack_id(a)]);
-        let second = known.by_reference(&window(&[(a, 3), (b, 4)])).unwrap();
-        assert_eq!(second.by_id, 1);
+        let second = known.by_reference(&bundle(&[&[(a, 3), (b, 4)], &[(a, 5)]])).unwrap();
+        assert_eq!(second.by_id, 2);
         let (framed, by_id) = sent(&second.body.unwrap());
-        assert_eq!((framed, by_id), (vec![vec!["main".to_string(), "b".to_string()]], vec![stacks::stack_id(a)]));
+        assert_eq!(
+            (framed, by_id),
+            (vec![vec!["main".to_string(), "b".to_string()]], vec![stacks::stack_id(a), stacks::stack_id(a)])
+        );
         known.forget();
-        assert!(known.by_reference(&window(&[(a, 3)])).unwrap().body.is_none());
+        assert!(known.by_reference(&bundle(&[&[(a, 3)]])).unwrap().body.is_none());
         known.learn((0..MAX_KNOWN_STACKS as u64).collect());
         known.learn(vec![stacks::stack_id(a)]);
         assert_eq!(known.ids.len(), 1, "a full set starts over");

@@ -22,70 +22,78 @@ use profiler_tests::{binary, exclusive, require_root, Daemon};
 #[derive(Clone, Debug)]
 struct Request {
     batch_id: String,
+    /// The query's kind: a pprof's (a bundle's parts name their own).
     kind: String,
-    /// `stacks` for our stacks windows, empty for pprof.
+    /// `bundle` for our bundles of stacks windows, empty for pprof.
     format: String,
     body: Vec<u8>,
     status: u16,
 }
 
-impl Request {
-    /// The entries of a stacks window: (frames if sent with them, value).
-    fn entries(&self) -> Vec<(Option<Vec<String>>, u64)> {
-        use profiler_pprof::stacks::{Entry, Reader};
-        let raw = profiler_pprof::gunzip(&self.body, 64 << 20).unwrap();
-        Reader::new(&raw)
-            .expect("the agent sent a stacks window")
-            .map(|entry| match entry.unwrap() {
-                Entry::Framed { frames, value } => {
-                    let mut names = Vec::new();
-                    frames.read_into(&mut names).unwrap();
-                    (Some(names.iter().map(|n| n.to_string()).collect()), value as u64)
-                }
-                Entry::Known { value, .. } => (None, value as u64),
-            })
-            .collect()
-    }
+/// A stack sent with its frames, or by id (None), and its value.
+type Entry = (Option<Vec<String>>, u64);
 
-    /// Profiled nanoseconds in the payload.
-    fn value(&self) -> u64 {
-        if self.format == "stacks" {
-            return self.entries().iter().map(|(_, value)| value).sum();
+impl Request {
+    /// (kind, entries) of each part: a bundle's, or the pprof's one.
+    fn parts(&self) -> Vec<(String, Vec<Entry>)> {
+        use profiler_pprof::stacks::{BundleReader, Entry, Reader};
+        if self.format == "bundle" {
+            let raw = profiler_pprof::gunzip(&self.body, 64 << 20).unwrap();
+            let parts = BundleReader::new(&raw).expect("the agent sent a bundle");
+            return parts
+                .map(|part| {
+                    let part = part.unwrap();
+                    let entries = Reader::new(part.window)
+                        .unwrap()
+                        .map(|entry| match entry.unwrap() {
+                            Entry::Framed { frames, value } => {
+                                let mut names = Vec::new();
+                                frames.read_into(&mut names).unwrap();
+                                (Some(names.iter().map(|n| n.to_string()).collect()), value as u64)
+                            }
+                            Entry::Known { value, .. } => (None, value as u64),
+                        })
+                        .collect();
+                    (part.kind.to_string(), entries)
+                })
+                .collect();
         }
         let profile = profiler_pprof::decode_gzip(&self.body, 64 << 20)
             .expect("the agent sent a valid gzip pprof");
-        profile
-            .sample
-            .iter()
-            .map(|sample| sample.value[0] as u64)
-            .sum()
-    }
-
-    /// Each stack the payload carries frames of, root first (a stacks window refers to
-    /// stacks an earlier window carried by id).
-    fn stacks(&self) -> Vec<Vec<String>> {
-        if self.format == "stacks" {
-            return self.entries().into_iter().filter_map(|(frames, _)| frames).collect();
-        }
-        let profile = profiler_pprof::decode_gzip(&self.body, 64 << 20).unwrap();
         let mut resolver = profiler_pprof::Resolver::new(&profile);
-        profile
+        let entries = profile
             .sample
             .iter()
             .map(|sample| {
                 let mut frames = Vec::new();
                 resolver.frames(sample, &mut frames).unwrap();
-                frames
+                (Some(frames), sample.value[0] as u64)
             })
+            .collect();
+        vec![(self.kind.clone(), entries)]
+    }
+
+    /// Profiled nanoseconds in the payload.
+    fn value(&self) -> u64 {
+        self.parts().iter().flat_map(|(_, entries)| entries).map(|(_, value)| value).sum()
+    }
+
+    /// Each stack of `kind` the payload carries frames of, root first (a bundle refers
+    /// to stacks an earlier window carried by id).
+    fn stacks(&self, kind: &str) -> Vec<Vec<String>> {
+        self.parts()
+            .into_iter()
+            .filter(|(k, _)| k == kind)
+            .flat_map(|(_, entries)| entries.into_iter().filter_map(|(frames, _)| frames))
             .collect()
     }
 
-    /// (window start, index in the window), the order in which the agent produced it.
+    /// (window start, part), the order in which the agent produced it: a bundle's id is
+    /// `<run>-<window start>`, its part `i` sent as pprof `<run>-<window start>/<i>`.
     fn produced_order(&self) -> (u64, u64) {
-        let mut parts = self.batch_id.rsplitn(3, '-');
-        let index = parts.next().unwrap().parse().unwrap();
-        let start = parts.next().unwrap().parse().unwrap();
-        (start, index)
+        let (window, part) = self.batch_id.split_once('/').unwrap_or((&self.batch_id, "0"));
+        let start = window.rsplit('-').next().unwrap().parse().unwrap();
+        (start, part.parse().unwrap())
     }
 }
 
@@ -191,8 +199,8 @@ fn serve(stream: TcpStream, requests: &Mutex<Vec<Request>>, answer: &Answer) {
         }
         _ => 404,
     };
-    // What a server that predates stacks windows says about them.
-    let why = if status == 400 { "`format` must be pprof (default) or folded" } else { "" };
+    // What a server that predates bundles says about them.
+    let why = if status == 400 { "`format` must be pprof (default), folded or stacks" } else { "" };
     let response = format!(
         "HTTP/1.1 {status} Fake\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{why}",
         why.len()
@@ -310,11 +318,11 @@ fn a_server_refusing_the_token_for_a_minute_loses_no_window() {
 }
 
 #[test]
-fn a_server_without_stacks_windows_is_sent_pprof_and_loses_nothing() {
+fn a_server_without_bundles_is_sent_pprof_and_loses_nothing() {
     let _serial = exclusive();
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let server = FakeServer::start(|request| if request.format == "stacks" { 400 } else { 200 });
+    let server = FakeServer::start(|request| if request.format == "bundle" { 400 } else { 200 });
     let daemon = Daemon::start(&config(dir.path(), &server.url, ""));
     wait_until("a few windows accepted", Duration::from_secs(30), || server.accepted().len() >= 10);
     let counters = daemon.stop();
@@ -550,8 +558,7 @@ fn after_loading_only_the_runtime_capabilities_are_left_and_both_kinds_are_profi
     let stacks_of = |kind: &str, function: &str| -> Vec<Vec<String>> {
         accepted
             .iter()
-            .filter(|r| r.kind == kind)
-            .flat_map(Request::stacks)
+            .flat_map(|r| r.stacks(kind))
             .filter(|frames| frames.iter().any(|frame| frame.starts_with(function)))
             .collect()
     };

@@ -443,7 +443,6 @@ fn daemon(minutes: u64) -> anyhow::Result<()> {
     let metrics = "http://127.0.0.1:29464/metrics";
     let start_cpu = scrape(metrics, "profiler_agent_cpu_seconds_total")?;
     let start_bytes = scrape(metrics, "profiler_agent_bytes_shipped_total")?;
-    let start_profiles = scrape(metrics, "profiler_agent_profiles_shipped_total")?;
     let start_windows = scrape(metrics, "profiler_agent_windows_total")?;
     let started = Instant::now();
     let mut peak_anon: f64 = 0.0;
@@ -454,7 +453,6 @@ fn daemon(minutes: u64) -> anyhow::Result<()> {
     let seconds = started.elapsed().as_secs_f64();
     let cpu = scrape(metrics, "profiler_agent_cpu_seconds_total")? - start_cpu;
     let bytes = scrape(metrics, "profiler_agent_bytes_shipped_total")? - start_bytes;
-    let profiles = scrape(metrics, "profiler_agent_profiles_shipped_total")? - start_profiles;
     let windows = scrape(metrics, "profiler_agent_windows_total")? - start_windows;
     let switches = scrape(metrics, "profiler_agent_off_cpu_sampling_ratio")?;
     let peak_rss = status_kib(agent_pid, "VmHWM:");
@@ -466,7 +464,7 @@ fn daemon(minutes: u64) -> anyhow::Result<()> {
     println!("daemon steady state: {minutes} min, off-CPU on (default settings), 10 s windows, busy host");
     println!("  agent CPU:                 {:.1} ms per second ({:.2}% of one CPU)", cpu / seconds * 1e3, cpu / seconds * 100.0);
     println!("  peak RSS (VmHWM):          {:.1} MB (heap RssAnon peak {:.1} MB)", peak_rss / 1024.0, peak_anon / 1024.0);
-    println!("  shipped:                   {:.0} bytes per window, {:.0} bytes per profile, {:.1} profiles (service x kind) per window", bytes / windows.max(1.0), bytes / profiles.max(1.0), profiles / windows.max(1.0));
+    println!("  shipped:                   {:.0} bytes per window (one request each)", bytes / windows.max(1.0));
     println!("  off-CPU sampling at end:   {:.3}", switches);
     println!("  (agent CPU over the whole run incl. start-up: {:.1} ms/s)", usage.cpu_per_s * 1e3);
     Ok(())
