@@ -16,7 +16,7 @@
 //! over the last 1 h, 24 h and 7 d, first with no answers kept, then with the
 //! answer kept. Last, one hour of ingest end to end, as gzip pprof, as our
 //! agent's stacks windows one request each, and as it sends them: one bundle
-//! per window. `BENCH_STACKS=30000` measures one pool size only,
+//! per window, also through the real server's HTTP route. `BENCH_STACKS=30000` measures one pool size only,
 //! `BENCH_STACKS=` none (ingest only).
 
 use std::collections::{HashMap, HashSet};
@@ -484,6 +484,94 @@ fn ingest_hour(pool: &Pool, rng: &mut Rng, wire: Wire, clients: usize) -> Ingest
     }
 }
 
+/// CPU time of this process's threads whose name starts with `prefix`
+/// (`tokio-`: the server's workers and blocking pool; not the clients).
+fn cpu_time_of(prefix: &str) -> Duration {
+    let mut ticks = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        if !stat[open + 1..close].starts_with(prefix) {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        ticks += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    }
+    Duration::from_millis(ticks * 10)
+}
+
+/// The second hour's bundles through the server's HTTP route, as agents
+/// post them: a real server in this process, on loopback, and `clients`
+/// hosts each posting its window's bundle at once. Rows, wall time and the
+/// server threads' CPU time. Like the runs in process, it leaves out the
+/// flush to segments.
+fn ingest_hour_http(pool: &Pool, rng: &mut Rng, clients: usize) -> (usize, Duration, Duration) {
+    let requests = requests(pool, rng, Wire::Bundle);
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut cfg = profiler_server::config::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_owned(),
+        ..Default::default()
+    };
+    // Writing segments is maintenance: no flush lands in the measured hour.
+    cfg.storage.flush_interval_secs = 3600;
+    let srv = rt.block_on(profiler_server::start(cfg.clone())).unwrap();
+    // Windows of the last two hours, so maintenance finds nothing to expire.
+    let shift = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64)
+        .div_euclid(10 * SECOND)
+        * (10 * SECOND)
+        - END;
+    let post = |addr: std::net::SocketAddr, client: &reqwest::blocking::Client, host: usize, (i, (ts, _, _, body)): (usize, &Request)| -> usize {
+        let url = format!(
+            "http://{addr}/api/v1/ingest?format=bundle&from={}&label=host:builder-{host}&batch_id=h{host}-w{i}",
+            ts + shift
+        );
+        let answer: serde_json::Value = client.post(url).body(body.clone()).send().unwrap().error_for_status().unwrap().json().unwrap();
+        answer["rows"].as_u64().unwrap() as usize
+    };
+    let second_hour = requests.iter().position(|r| r.0 >= END - HOUR).unwrap();
+    let warm = reqwest::blocking::Client::new();
+    for r in requests[..second_hour].iter().enumerate() {
+        post(srv.addr, &warm, 0, r);
+    }
+    // The first hour's new stacks are flushed at shutdown; the server then
+    // starts with them in its dictionary, as a running server has them.
+    rt.block_on(srv.shutdown()).unwrap();
+    let srv = rt.block_on(profiler_server::start(cfg)).unwrap();
+    let addr = srv.addr;
+    // Until the first server's teardown (freeing its dictionary) is over.
+    loop {
+        let before = cpu_time_of("tokio-");
+        std::thread::sleep(Duration::from_millis(300));
+        if cpu_time_of("tokio-") - before <= Duration::from_millis(10) {
+            break;
+        }
+    }
+    let barrier = std::sync::Barrier::new(clients);
+    let (t, cpu) = (Instant::now(), cpu_time_of("tokio-"));
+    let rows = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|host| {
+                let (requests, barrier, post) = (&requests, &barrier, &post);
+                s.spawn(move || {
+                    let client = reqwest::blocking::Client::new();
+                    let mut rows = 0;
+                    for r in requests.iter().enumerate().skip(second_hour) {
+                        rows += post(addr, &client, host, r);
+                        barrier.wait();
+                    }
+                    rows
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    let took = (t.elapsed(), cpu_time_of("tokio-") - cpu);
+    rt.block_on(srv.shutdown()).unwrap();
+    (rows, took.0, took.1)
+}
+
 fn main() {
     let t = Instant::now();
     let all = recording();
@@ -567,5 +655,14 @@ fn main() {
                 rows as f64 / gunzip_alone.as_secs_f64()
             );
         }
+    }
+    for clients in [1, 4] {
+        let (rows, took, cpu) = ingest_hour_http(&pool, &mut rng, clients);
+        println!(
+            "ingest of bundles through HTTP from {clients} host(s) at once: {:.0} rows/s, {:.0} rows per server CPU-second \
+             ({rows} rows in {took:.2?}, the server's threads {cpu:.2?} of CPU)",
+            rows as f64 / took.as_secs_f64(),
+            rows as f64 / cpu.as_secs_f64()
+        );
     }
 }

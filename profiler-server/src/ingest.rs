@@ -103,7 +103,9 @@ pub struct BatchBuilder<'a> {
     /// Bytes of frame names in `stacks`, against `max_batch_bytes`.
     stack_bytes: usize,
     series: HashMap<u64, Labels>,
-    rows: HashMap<(u64, u64), i64>,
+    /// Summed per (series, stack), for every row of the request: a fast
+    /// hasher, seeded at random (see the store's `IdMap`).
+    rows: HashMap<(u64, u64), i64, foldhash::fast::RandomState>,
 }
 
 impl<'a> BatchBuilder<'a> {
@@ -135,7 +137,7 @@ impl<'a> BatchBuilder<'a> {
             stacks: HashMap::new(),
             stack_bytes: 0,
             series: HashMap::new(),
-            rows: HashMap::new(),
+            rows: HashMap::default(),
         };
         b.series.insert(base_id, base);
         Ok(b)
@@ -238,7 +240,15 @@ impl<'a> BatchBuilder<'a> {
 
     pub fn finish(self) -> Batch {
         let ts_ms = self.target.ts_ms;
-        let used: std::collections::HashSet<u64> = self.rows.keys().map(|(s, _)| *s).collect();
+        // Rows mostly share one series: one insert per run of it.
+        let mut used = std::collections::HashSet::new();
+        let mut last = None;
+        for &(series, _) in self.rows.keys() {
+            if last != Some(series) {
+                used.insert(series);
+                last = Some(series);
+            }
+        }
         Batch {
             id: None,
             service: self.target.service,
