@@ -175,19 +175,29 @@ fn off_cpu_waits_through_libc_keep_their_caller() {
 
     let stacks = read_folded(&folded);
     let off = |frames: &[String]| frames.first().is_some_and(|kind| kind.starts_with("[off-cpu:"));
-    for (function, thread) in [
-        ("wait_nanosleep", "sleeper_tid"),
-        ("wait_mutex", "locker_tid"),
-        ("wait_pipe", "piper_tid"),
-        ("wait_fdatasync", "syncer_tid"),
+    // The thread's whole off-CPU time is under its body, through libc, and most of it
+    // under the waiting function. Not all: the syncer's open and unlink also wait for the
+    // disk, for long on a host whose disk is busy.
+    for (function, body) in [
+        ("wait_nanosleep", "sleeper"),
+        ("wait_mutex", "locker"),
+        ("wait_pipe", "piper"),
+        ("wait_fdatasync", "syncer"),
     ] {
-        let ours = sum_where(&stacks, |f| off(f) && f.iter().any(|frame| frame == function)) as f64;
-        let tid = report[thread].as_i64().unwrap();
+        let under = |name: &str| sum_where(&stacks, |f| off(f) && f.iter().any(|frame| frame == name)) as f64;
+        let (ours, waiting) = (under(body), under(function));
+        let tid = report[format!("{body}_tid")].as_i64().unwrap();
         let reference = theirs.get(&tid).copied().unwrap_or(0.0);
-        eprintln!("{function}: ours {:.3} s under the function, bpftrace {:.3} s for the thread", ours / 1e9, reference / 1e9);
-        assert!(reference > 0.0, "bpftrace saw no off-CPU time for {function}'s thread {tid}");
-        assert!(ours >= 0.9 * reference, "{function}: only {:.1}% of its thread's off-CPU time", 100.0 * ours / reference);
-        assert!(ours <= 1.1 * reference, "{function}: {ours} ns vs bpftrace {reference} ns");
+        eprintln!(
+            "{body}: ours {:.3} s under the thread's body, {:.3} s under {function}; bpftrace {:.3} s for the thread",
+            ours / 1e9,
+            waiting / 1e9,
+            reference / 1e9
+        );
+        assert!(reference > 0.0, "bpftrace saw no off-CPU time for {body}'s thread {tid}");
+        assert!(ours >= 0.9 * reference, "{body}: only {:.1}% of its thread's off-CPU time", 100.0 * ours / reference);
+        assert!(ours <= 1.1 * reference, "{body}: {ours} ns vs bpftrace {reference} ns");
+        assert!(waiting >= 0.75 * reference, "{function}: only {:.1}% of its thread's off-CPU time", 100.0 * waiting / reference);
     }
 
     // libc is stripped; its internal functions are named from libc6-dbg's debug file
