@@ -369,13 +369,14 @@ pub(crate) fn store_batch(
     store_batches(s, vec![batch], body_len)
 }
 
-/// Stores one request's batches; duplicate when every one of them was stored
-/// before.
+/// Stores one request's batches; duplicate when there were some and every
+/// one of them was stored before.
 fn store_batches(s: &AppState, batches: Vec<Batch>, body_len: usize) -> ApiResult<Json<IngestSummary>> {
     let seen: Vec<_> = batches.iter().map(crate::events::Seen::of).collect();
     let sizes: Vec<_> = batches.iter().map(|b| (b.rows.len(), b.stacks.len(), b.series.len())).collect();
     let outcomes = s.store.append_all(batches).map_err(ApiError::store)?;
-    let mut summary = IngestSummary { rows: 0, stacks: 0, series: 0, duplicate: true };
+    let duplicate = !outcomes.is_empty() && outcomes.iter().all(|o| *o == Appended::Duplicate);
+    let mut summary = IngestSummary { rows: 0, stacks: 0, series: 0, duplicate };
     for ((outcome, (rows, stacks, series)), versions) in outcomes.into_iter().zip(sizes).zip(seen) {
         summary.rows += rows;
         summary.stacks += stacks;
@@ -384,7 +385,6 @@ fn store_batches(s: &AppState, batches: Vec<Batch>, body_len: usize) -> ApiResul
             s.metrics.duplicate_batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             continue;
         }
-        summary.duplicate = false;
         s.metrics.ingested_rows.fetch_add(rows as u64, std::sync::atomic::Ordering::Relaxed);
         s.events.observe(versions);
     }

@@ -242,20 +242,22 @@ fn a_full_spool_drops_oldest_and_says_so() {
     let _serial = exclusive();
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    // Nothing listens there: every window goes to a spool that holds only a few.
+    // Nothing listens there: every window goes to a spool that holds only a few. A window
+    // of this quiet host is one request of 2 to 5 kB.
     let url = format!("http://127.0.0.1:{}", free_port());
-    let daemon = Daemon::start(&config(dir.path(), &url, 20_000));
-    std::thread::sleep(Duration::from_secs(9));
+    let daemon = Daemon::start(&config(dir.path(), &url, 10_000));
+    std::thread::sleep(Duration::from_secs(13));
     let counters = daemon.stop();
     eprintln!("agent counters: {counters:?}");
-    assert!(counters["profiles_dropped"] > 0, "a 20 kB spool should have overflowed");
+    let on_disk: u64 = std::fs::read_dir(dir.path().join("spool")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    eprintln!("left in the spool: {} windows, {on_disk} bytes", counters["left_in_spool"]);
+    assert!(counters["profiles_dropped"] > 0, "a 10 kB spool should have overflowed");
     assert_eq!(counters["profiles_shipped"], 0);
     // Every profile is accounted for: dropped (oldest first, or alone when larger than the
     // whole spool) or still in the spool.
     assert!(counters["profiles_spooled"] > 0);
     assert_eq!(counters["profiles_produced"], counters["profiles_dropped"] + counters["left_in_spool"]);
-    let on_disk: u64 = std::fs::read_dir(dir.path().join("spool")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
-    assert!(on_disk <= 20_000, "spool holds {on_disk} bytes");
+    assert!(on_disk <= 10_000, "spool holds {on_disk} bytes");
 }
 
 #[test]
