@@ -185,7 +185,7 @@ fn a_burst_over_the_quota_is_recorded_less_and_weighted_to_match() {
     let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let off_cpu = OffCpuOptions { burst_quota: 4, ..every_switch(Duration::ZERO) };
     let mut sampler = start(own_process(off_cpu));
-    let players = ping_pong(60_000, Duration::from_micros(20));
+    let players = ping_pong(120_000, Duration::from_micros(20));
     let windows = drain_until_done(&mut sampler, &players);
     let total = |stat| windows.iter().map(|w| w.stats.get(stat)).sum::<u64>();
     let (recorded, throttled) = (total(Stat::SwitchOutsRecorded), total(Stat::SwitchOutsThrottled));
@@ -195,10 +195,12 @@ fn a_burst_over_the_quota_is_recorded_less_and_weighted_to_match() {
         let (ns, waits) = off_cpu_in(&windows, tid);
         let expected = lifetime.as_nanos() as f64 - on_cpu as f64;
         eprintln!("thread {tid}: {waits} waits recorded of {switches} switches, {:.3} s off-CPU, lifetime - CPU time {:.3} s", ns as f64 / 1e9, expected / 1e9);
-        // About 500 records of weight 64 per thread, of waits whose lengths vary a lot
-        // (a preemption by another process lasts milliseconds): ten runs here were
-        // within -10% and +14%. Unweighted, the total would be a twentieth of this.
-        assert!((ns as f64 - expected).abs() <= expected * 0.25, "thread {tid}: waits add up to {ns} ns, expected {expected:.0} ns");
+        // About 2,200 records per thread, 900 of them of weight 64, of waits whose lengths vary a lot
+        // (a preemption by another process lasts milliseconds, and one recorded counts
+        // 64 times): at half these rounds, ten runs here were within -10% and +14%, and
+        // one in CI at +34%. Unweighted, the total would be a twentieth of this, and
+        // weighted twice, double.
+        assert!((ns as f64 - expected).abs() <= expected * 0.3, "thread {tid}: waits add up to {ns} ns, expected {expected:.0} ns");
         all_switches += switches;
     }
     eprintln!("{recorded} switch-outs recorded, {throttled} of them throttled, of {all_switches} switches");
