@@ -296,11 +296,17 @@ fn measure(store: &dyn Store, range: i64) -> [Duration; 5] {
 
 /// CPU time this process has used (user + system), from /proc.
 fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let (_, cpu) = stat_cpu(&std::fs::read_to_string("/proc/self/stat").unwrap());
+    cpu
+}
+
+/// The command name and the user plus system time of a `/proc/.../stat`.
+fn stat_cpu(stat: &str) -> (&str, Duration) {
     // Fields after the command name, which ends with the last ')'.
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let (open, close) = (stat.find('(').unwrap(), stat.rfind(')').unwrap());
+    let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
+    (&stat[open + 1..close], Duration::from_millis(ticks * 10))
 }
 
 /// What one hour of ingest cost, and what its requests carried.
@@ -487,17 +493,16 @@ fn ingest_hour(pool: &Pool, rng: &mut Rng, wire: Wire, clients: usize) -> Ingest
 /// CPU time of this process's threads whose name starts with `prefix`
 /// (`tokio-`: the server's workers and blocking pool; not the clients).
 fn cpu_time_of(prefix: &str) -> Duration {
-    let mut ticks = 0;
+    let mut total = Duration::ZERO;
     for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        // A thread that ended since the listing has no stat left.
         let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
-        if !stat[open + 1..close].starts_with(prefix) {
-            continue;
+        let (name, cpu) = stat_cpu(&stat);
+        if name.starts_with(prefix) {
+            total += cpu;
         }
-        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        ticks += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     }
-    Duration::from_millis(ticks * 10)
+    total
 }
 
 /// The second hour's bundles through the server's HTTP route, as agents
