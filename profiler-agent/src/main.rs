@@ -142,7 +142,7 @@ struct RecordArgs {
     off_cpu_budget: u64,
     /// In-kernel CPU time per second that recording switch-outs may take (summed over all
     /// CPUs); rate control lowers the share recorded to stay under it.
-    #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
     off_cpu_cpu_budget: Duration,
     /// How often the kernel maps are drained.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]

@@ -47,24 +47,39 @@ impl OffCpuBudget {
     /// No rate control: "every switch" means exactly that.
     pub const UNLIMITED: Self = Self { switches_per_s: u64::MAX, kernel_cpu_per_s: Duration::MAX };
 
+    /// Switch-outs per second that fit both budgets, counting each at
+    /// [`ASSUMED_RECORD_NS`]: what to allow before rate control has measured the cost.
+    fn assumed_rate(&self) -> f64 {
+        let by_cpu = self.kernel_cpu_per_s.as_nanos() as f64 / ASSUMED_RECORD_NS;
+        (self.switches_per_s as f64).min(by_cpu)
+    }
+
     /// Switch-outs each CPU may record per 10 ms before the kernel lowers the probability
     /// on its own (0: never): twice its share of the budget, so steady recording under
     /// rate control stays clear of it and a burst records about 1/64 of its switches
     /// until rate control's next tick, instead of all of them.
     pub fn burst_quota(&self, cpus: usize) -> u32 {
-        if self.switches_per_s == u64::MAX {
+        if *self == Self::UNLIMITED {
             return 0;
         }
-        let per_cpu_slot = self.switches_per_s as f64 * 2.0 * (BURST_SLOT_NS as f64 / 1e9) / cpus.max(1) as f64;
+        let per_cpu_slot = self.assumed_rate() * 2.0 * (BURST_SLOT_NS as f64 / 1e9) / cpus.max(1) as f64;
         per_cpu_slot.ceil().clamp(1.0, u32::MAX as f64) as u32
     }
 }
 
+/// What one recorded switch-out costs in the kernel before rate control has measured it:
+/// the high end of what this machine measured, 2.2 µs for threads whose stack size is
+/// learnt, 3 to 7 µs for new threads (16 KiB copied) on cold caches. Overestimating only
+/// records fewer switch-outs until the first tick.
+const ASSUMED_RECORD_NS: f64 = 5_000.0;
+
 impl Default for OffCpuBudget {
-    /// A recorded switch-out copies the kernel stack and 4 to 16 KiB of user stack, 1 to
-    /// 3 µs (see the README's figures): 4000/s and 10 ms/s both keep it near 1% of one CPU.
+    /// A recorded switch-out walks the kernel stack and copies 4 to 16 KiB of user stack,
+    /// 2 to 7 µs (see the README's figures). 5 ms/s keeps it at 0.5% of one CPU, about
+    /// 2,000 switch-outs a second; the agent's own cost of reading them (about 5 µs
+    /// each) stays near 1% of one CPU.
     fn default() -> Self {
-        Self { switches_per_s: 4000, kernel_cpu_per_s: Duration::from_millis(10) }
+        Self { switches_per_s: 4000, kernel_cpu_per_s: Duration::from_millis(5) }
     }
 }
 
@@ -297,7 +312,7 @@ fn starting_point(off_cpu: Option<&OffCpuOptions>, budget: &OffCpuBudget) -> any
     let (before, since) = (host_context_switches()?, Instant::now());
     thread::sleep(Duration::from_millis(100));
     let rate = host_context_switches()?.saturating_sub(before) as f64 / since.elapsed().as_secs_f64();
-    let probability = (budget.switches_per_s as f64 / rate.max(1.0)).clamp(MIN_PROBABILITY, off.sample_probability);
+    let probability = (budget.assumed_rate() / rate.max(1.0)).clamp(MIN_PROBABILITY, off.sample_probability);
     let cpus = thread::available_parallelism().map_or(1, |n| n.get());
     Ok(Some(OffCpuOptions { sample_probability: probability, burst_quota: budget.burst_quota(cpus), ..off.clone() }))
 }
@@ -468,9 +483,22 @@ mod tests {
     /// recording under rate control stays below it; "every switch" has none.
     #[test]
     fn burst_quota_follows_the_budget() {
-        assert_eq!(OffCpuBudget::default().burst_quota(2), 40);
-        assert_eq!(OffCpuBudget::default().burst_quota(64), 2);
-        assert_eq!(OffCpuBudget { switches_per_s: 10, ..OffCpuBudget::default() }.burst_quota(8), 1);
+        let by_count = OffCpuBudget { switches_per_s: 4000, kernel_cpu_per_s: Duration::from_secs(1) };
+        assert_eq!(by_count.burst_quota(2), 40);
+        assert_eq!(by_count.burst_quota(64), 2);
+        assert_eq!(OffCpuBudget { switches_per_s: 10, ..by_count }.burst_quota(8), 1);
         assert_eq!(OffCpuBudget::UNLIMITED.burst_quota(2), 0);
+    }
+
+    /// At 5 µs a record, 5 ms/s of kernel CPU is 1,000 switch-outs a second: the quota
+    /// follows the tighter budget, so a burst of expensive records stays near the CPU
+    /// budget before rate control has measured their cost.
+    #[test]
+    fn burst_quota_follows_the_cpu_budget_when_it_binds() {
+        let budget = OffCpuBudget { switches_per_s: 4000, kernel_cpu_per_s: Duration::from_millis(5) };
+        assert_eq!(budget.burst_quota(2), 10);
+        assert_eq!(budget.burst_quota(1), 20);
+        // Only a budget with no limit at all has no quota.
+        assert_eq!(OffCpuBudget { kernel_cpu_per_s: Duration::MAX, ..budget }.burst_quota(2), 40);
     }
 }
