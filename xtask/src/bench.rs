@@ -28,13 +28,19 @@ pub enum Bench {
         baseline_agent: Option<PathBuf>,
     },
     /// Off-CPU tracing on `perf bench sched pipe` (context-switch heavy, the worst case):
-    /// default settings, every switch traced, and the bpftrace equivalent.
+    /// default settings, every switch traced, and the bpftrace equivalent; then default
+    /// settings toggled on and off in one agent session (profiler-agent's `off_cpu_toggle`
+    /// bench), which pairs runs seconds apart.
     SchedPipe {
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 15)]
         rounds: usize,
-        /// Round trips per run; pinned to one CPU, a million take about two seconds.
-        #[arg(long, default_value_t = 1_000_000)]
+        /// Round trips per run; pinned to one CPU, 200,000 take about 0.6 s: long enough
+        /// for the agent's rate control to settle on the load and learn its stacks.
+        #[arg(long, default_value_t = 200_000)]
         loops: u64,
+        /// Runs per measurement, of which the median counts.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
         /// Another build of the agent to measure in the same rounds (before/after a change).
         #[arg(long)]
         baseline_agent: Option<PathBuf>,
@@ -64,7 +70,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::AgentOverhead { rounds, iterations, baseline_agent } => {
             agent_overhead(rounds, iterations, baseline_agent)
         }
-        Bench::SchedPipe { rounds, loops, baseline_agent } => sched_pipe(rounds, loops, baseline_agent),
+        Bench::SchedPipe { rounds, loops, runs, baseline_agent } => sched_pipe(rounds, loops, runs, baseline_agent),
         Bench::Daemon { minutes } => daemon(minutes),
         Bench::ChangesAa { comparisons, minutes } => changes_aa(comparisons, minutes),
         Bench::Server => {
@@ -257,37 +263,41 @@ fn timed(command: &mut Command) -> anyhow::Result<f64> {
 struct Contender {
     name: &'static str,
     profiler: Profiler,
-    /// The workload's time under this profiler, each round.
-    times: Vec<f64>,
+    /// Each round: the workload's runs alone, just before, and then under this profiler.
+    pairs: Vec<(Vec<f64>, Vec<f64>)>,
     usage: Vec<Usage>,
 }
 
 impl Contender {
     fn new(name: &'static str, profiler: Profiler) -> Self {
-        Self { name, profiler, times: Vec::new(), usage: Vec::new() }
+        Self { name, profiler, pairs: Vec::new(), usage: Vec::new() }
     }
 }
 
-/// Runs `rounds` rounds of the workload alone and under each contender (in an order that
-/// rotates, so none always runs right after the baseline), with every profiler at its own
-/// settings: the agent turns the kernel's BPF statistics on a tenth of the time, bpftrace
-/// not at all. Then one more run each with the statistics on, for the in-kernel cost per
-/// program run.
-fn compare(contenders: &mut [Contender], rounds: usize, workload: impl Fn() -> anyhow::Result<f64>) -> anyhow::Result<()> {
+/// Runs `rounds` rounds in which each contender (in an order that rotates) is measured
+/// right after a baseline of its own: on a VM whose neighbours slow it down for seconds
+/// at a time, a pair close in time shares the disturbance that two runs minutes apart do
+/// not. `workload` returns the figures of one or more runs, where lower is better
+/// (seconds, or µs per operation); their median is the measurement's.
+/// Every profiler runs at its own settings: the agent turns the kernel's BPF statistics
+/// on a tenth of the time, bpftrace not at all. Then one more run each with the
+/// statistics on, for the in-kernel cost per program run.
+fn compare(contenders: &mut [Contender], rounds: usize, workload: impl Fn() -> anyhow::Result<Vec<f64>>) -> anyhow::Result<()> {
+    let figure = |runs: &[f64]| median(&mut runs.to_vec());
     workload()?; // warm caches
-    let mut baselines = Vec::new();
     for round in 0..rounds {
-        let baseline = workload()?;
-        baselines.push(baseline);
         let count = contenders.len();
+        let mut line = Vec::new();
         for index in (0..count).map(|i| (i + round) % count) {
             let contender = &mut contenders[index];
+            let baseline = workload()?;
             let running = contender.profiler.start()?;
-            let elapsed = workload()?;
+            let runs = workload()?;
             contender.usage.push(stop(running)?);
-            contender.times.push(elapsed);
+            line.push(format!("{} {:+.1}%", contender.name, (figure(&runs) / figure(&baseline) - 1.0) * 100.0));
+            contender.pairs.push((baseline, runs));
         }
-        eprintln!("round {}/{rounds}: baseline {baseline:.3} s", round + 1);
+        eprintln!("round {}/{rounds}: {}", round + 1, line.join(", "));
     }
     let mut kernel_costs = Vec::new();
     with_bpf_stats(|| {
@@ -298,32 +308,31 @@ fn compare(contenders: &mut [Contender], rounds: usize, workload: impl Fn() -> a
         }
         Ok(())
     })?;
-    // On a VM whose neighbours slow it down for seconds at a time, the fastest runs are
-    // the ones least disturbed: their ratio is a second estimate, less noisy when the
-    // spread is wide.
-    let fastest = |times: &[f64]| times.iter().copied().fold(f64::INFINITY, f64::min);
-    let fastest_baseline = fastest(&baselines);
+    // The fastest run under a contender against the fastest of its own baselines (as many
+    // runs): on a VM that switches between a fast and a slow state for seconds at a time,
+    // both are in the fast state, so their ratio is the profiler's cost in one state of the
+    // machine, where the medians of a pair may straddle two.
+    let fastest = |runs: &mut dyn Iterator<Item = &Vec<f64>>| runs.flatten().copied().fold(f64::INFINITY, f64::min);
     println!(
         "{:<30} {:>16} {:>18} {:>13} {:>14} {:>14} {:>16}  in-kernel ns/run (BPF statistics on)",
         "profiler", "median slowdown", "spread (min..max)", "fastest runs", "own CPU/s", "peak RSS", "peak heap (anon)"
     );
+    let percent = |ratio: f64| format!("{:.1}%", (ratio - 1.0) * 100.0);
     for (index, contender) in contenders.iter().enumerate() {
-        let mut slowdowns: Vec<f64> = contender.times.iter().zip(&baselines).map(|(time, baseline)| time / baseline - 1.0).collect();
-        let slowdown = median(&mut slowdowns);
-        let lowest = slowdowns.iter().copied().fold(f64::INFINITY, f64::min);
-        let highest = slowdowns.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let spread = format!("{:.1}..{:.1}%", lowest * 100.0, highest * 100.0);
+        let mut ratios: Vec<f64> = contender.pairs.iter().map(|(baseline, runs)| figure(runs) / figure(baseline)).collect();
+        let slowdown = median(&mut ratios);
+        let spread = format!("{}..{}", percent(ratios[0]), percent(ratios[ratios.len() - 1]));
         let mut cpu: Vec<f64> = contender.usage.iter().map(|u| u.cpu_per_s).collect();
         let rss = contender.usage.iter().map(|u| u.max_rss_kib).max().unwrap_or(0);
         let anon = contender.usage.iter().map(|u| u.peak_anon_kib).max().unwrap_or(0);
         let cpu = if cpu.is_empty() { "-".to_string() } else { format!("{:.2} ms", median(&mut cpu) * 1e3) };
         let bpf: Vec<String> = kernel_costs[index].iter().map(|(kind, ns, _)| format!("{kind} {ns:.0}")).collect();
         println!(
-            "{:<30} {:>15.2}% {:>18} {:>12.2}% {:>14} {:>11.1} MB {:>13.1} MB  {}",
+            "{:<30} {:>16} {:>18} {:>13} {:>14} {:>11.1} MB {:>13.1} MB  {}",
             contender.name,
-            slowdown * 100.0,
+            percent(slowdown),
             spread,
-            (fastest(&contender.times) / fastest_baseline - 1.0) * 100.0,
+            percent(fastest(&mut contender.pairs.iter().map(|(_, runs)| runs)) / fastest(&mut contender.pairs.iter().map(|(baseline, _)| baseline))),
             cpu,
             rss as f64 / 1024.0,
             anon as f64 / 1024.0,
@@ -352,12 +361,12 @@ fn agent_overhead(rounds: usize, iterations: u64, baseline_agent: Option<PathBuf
         contenders.push(Contender::new("baseline agent 99 Hz", Profiler(argv(&[&baseline, "record", "--duration", "1h", "--frequency", "99", "-o", "/dev/null"]), Some("sampling started"))));
     }
     println!("agent overhead: hashing {iterations} rounds on each of {cpus} threads, {rounds} interleaved rounds");
-    compare(&mut contenders, rounds, || timed(Command::new(&workload).args(["hash", &iterations.to_string(), &cpus])))?;
+    compare(&mut contenders, rounds, || Ok(vec![timed(Command::new(&workload).args(["hash", &iterations.to_string(), &cpus]))?]))?;
     let _ = std::fs::remove_file(perf_data);
     Ok(())
 }
 
-fn sched_pipe(rounds: usize, loops: u64, baseline_agent: Option<PathBuf>) -> anyhow::Result<()> {
+fn sched_pipe(rounds: usize, loops: u64, runs: usize, baseline_agent: Option<PathBuf>) -> anyhow::Result<()> {
     let (agent, _) = release_binaries()?;
     let agent = agent.to_string_lossy().into_owned();
     let offcpu_bt = r#"tracepoint:sched:sched_switch { if (args->prev_pid != 0) { @start[args->prev_pid] = nsecs; @ks[args->prev_pid] = kstack; @us[args->prev_pid] = ustack; } $s = @start[args->next_pid]; if ($s != 0) { @[@ks[args->next_pid], @us[args->next_pid]] = sum(nsecs - $s); delete(@start[args->next_pid]); } }"#;
@@ -374,11 +383,28 @@ fn sched_pipe(rounds: usize, loops: u64, baseline_agent: Option<PathBuf>) -> any
         contenders.push(Contender::new("baseline agent --off-cpu", Profiler(argv(&[&baseline, "record", "--duration", "1h", "--off-cpu", "-o", "/dev/null"]), Some("sampling started"))));
     }
     // Both ends on one CPU: unpinned, the scheduler's placement varies more between runs
-    // than any profiler's cost.
-    println!("sched pipe: `taskset -c 0 perf bench sched pipe -l {loops}`, {rounds} interleaved rounds");
+    // than any profiler's cost. Several runs, of which the median: a neighbour's burst on
+    // the VM slows a few of them, not the figure.
+    println!("sched pipe: median µs per round trip of {runs} runs of `taskset -c 0 perf bench sched pipe -l {loops}`, {rounds} interleaved rounds");
     compare(&mut contenders, rounds, || {
-        timed(Command::new("taskset").args(["-c", "0", "perf", "bench", "sched", "pipe", "-l", &loops.to_string()]))
-    })
+        (0..runs).map(|_| sched_pipe_run(loops)).collect()
+    })?;
+    // Defaults cost a few percent, less than this machine's swings between the rounds
+    // above: one session toggling off-CPU tracing pairs runs seconds apart instead.
+    cargo(&["bench", "-p", "profiler-agent", "--bench", "off_cpu_toggle"])
+}
+
+/// µs per round trip of one pinned `perf bench sched pipe`, as it reports it: the loop
+/// alone, without starting its two processes.
+fn sched_pipe_run(loops: u64) -> anyhow::Result<f64> {
+    let out = Command::new("taskset").args(["-c", "0", "perf", "bench", "sched", "pipe", "-l", &loops.to_string()]).output()?;
+    if !out.status.success() {
+        bail!("perf bench sched pipe failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|line| line.trim().strip_suffix("usecs/op")?.trim().parse().ok())
+        .with_context(|| format!("no usecs/op in perf bench's output: {text}"))
 }
 
 /// Scrapes one value from a Prometheus text page.
