@@ -7,9 +7,12 @@
 //! and turns off-CPU tracing on and off (as a deep-profile run does), and each run with it
 //! on is paired with a run just before or after with it off, in ABBA order against drift.
 //! On-CPU sampling at 99 Hz stays on throughout, so the ratio is off-CPU tracing's own.
+//! Each measured run follows 300 ms of the same load under the same setting, so it sees
+//! rate control settled, as on a host where the load runs on: the burst at attach is the
+//! burst quota's to contain (see the README).
 //!
 //! `cargo bench -p profiler-agent --bench off_cpu_toggle` (root; `PAIRS`, `LOOPS` in the
-//! environment override 40 pairs of 200,000 round trips).
+//! environment override 300 pairs of 50,000 round trips).
 
 use std::{
     process::Command,
@@ -23,13 +26,16 @@ use profiler_agent::{
     session::{OffCpuBudget, Session, Settings},
 };
 
+/// Round trips that keep the load up for about 300 ms before a measured run.
+const SETTLE_LOOPS: u64 = 120_000;
+
 fn main() -> anyhow::Result<()> {
     // The session starts its BPF statistics helper by running its own executable, this one.
     if std::env::args().nth(1).as_deref() == Some(profiler_agent::cost::HELPER_COMMAND) {
         return profiler_agent::cost::serve_helper();
     }
-    let pairs: usize = std::env::var("PAIRS").ok().and_then(|v| v.parse().ok()).unwrap_or(40);
-    let loops: u64 = std::env::var("LOOPS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let pairs: usize = std::env::var("PAIRS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let loops: u64 = std::env::var("LOOPS").ok().and_then(|v| v.parse().ok()).unwrap_or(50_000);
     if unsafe { libc::geteuid() } != 0 {
         bail!("this bench loads BPF programs: run it as root");
     }
@@ -50,8 +56,9 @@ fn main() -> anyhow::Result<()> {
         let mut figures = [0.0; 2];
         for (slot, on) in order.into_iter().enumerate() {
             session.apply(if on { &traced } else { &untraced })?;
-            // The first run lets rate control settle on the load; the second is measured.
-            run(&mut session, loops / 4)?;
+            // The first run lets rate control settle on the load (its ticks are 100 ms
+            // apart); the second is measured.
+            run(&mut session, SETTLE_LOOPS)?;
             figures[slot] = run(&mut session, loops)?;
         }
         let (off, on) = if order[0] { (figures[1], figures[0]) } else { (figures[0], figures[1]) };

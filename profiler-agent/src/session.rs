@@ -332,6 +332,8 @@ struct RateControl {
 
 /// The lowest probability rate control goes to: one switch in 10,000.
 const MIN_PROBABILITY: f64 = 1e-4;
+/// The most rate control raises the probability by in one tick.
+const RAISE_PER_TICK: f64 = 1.25;
 
 impl RateControl {
     /// Rate control for off-CPU tracing just attached with `started` (see
@@ -387,8 +389,10 @@ impl RateControl {
             f64::INFINITY
         };
         let target = by_count.min(by_cpu).min(self.max_probability).max(MIN_PROBABILITY);
-        // Move fast when over budget, slowly back up, to avoid oscillating.
-        let next = if target < self.probability { target } else { (self.probability * 2.0).min(target) };
+        // Down at once when over budget, back up by a quarter a tick: doubling, a tick
+        // measured under budget by chance sent the next one over it, and recording
+        // averaged about a third over its CPU budget.
+        let next = if target < self.probability { target } else { (self.probability * RAISE_PER_TICK).min(target) };
         if (next - self.probability).abs() > self.probability * 0.05 {
             self.probability = next;
             Some(next)
@@ -470,6 +474,14 @@ mod tests {
         let next = rate.last_counters;
         let within = RateCounters { switches: next.switches + 2000, record_ns: next.record_ns + 10_000_000 };
         assert_eq!(rate.tick(within, rate.last + Duration::from_secs(1)), None);
+    }
+
+    /// Under budget, the probability comes back up a quarter at a time, not all at once.
+    #[test]
+    fn the_probability_rises_slowly() {
+        let mut rate = RateControl::new(&every_switch(), OffCpuBudget::default(), RateCounters::default(), 0.01);
+        let quiet = RateCounters { switches: 1000, record_ns: 100_000 };
+        assert_eq!(rate.tick(quiet, rate.last + Duration::from_secs(1)), Some(0.0125));
     }
 
     #[test]
