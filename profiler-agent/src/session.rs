@@ -389,9 +389,9 @@ impl RateControl {
             f64::INFINITY
         };
         let target = by_count.min(by_cpu).min(self.max_probability).max(MIN_PROBABILITY);
-        // Down at once when over budget, back up by a quarter a tick: doubling, a tick
-        // measured under budget by chance sent the next one over it, and recording
-        // averaged about a third over its CPU budget.
+        // Down at once when over budget, back up by a quarter a tick: a tick measured
+        // under budget by chance (100 ms of a bursty load) then moves the next one only a
+        // little over it, where doubling could take it to twice the budget.
         let next = if target < self.probability { target } else { (self.probability * RAISE_PER_TICK).min(target) };
         if (next - self.probability).abs() > self.probability * 0.05 {
             self.probability = next;
