@@ -53,15 +53,16 @@ fn main() -> anyhow::Result<()> {
     for pair in 0..pairs {
         // ABBA: the traced run goes second in even pairs, first in odd ones.
         let order = if pair % 2 == 0 { [false, true] } else { [true, false] };
+        // µs per round trip untraced, then traced.
         let mut figures = [0.0; 2];
-        for (slot, on) in order.into_iter().enumerate() {
+        for on in order {
             session.apply(if on { &traced } else { &untraced })?;
             // The first run lets rate control settle on the load (its ticks are 100 ms
             // apart); the second is measured.
             run(&mut session, SETTLE_LOOPS)?;
-            figures[slot] = run(&mut session, loops)?;
+            figures[on as usize] = run(&mut session, loops)?;
         }
-        let (off, on) = if order[0] { (figures[1], figures[0]) } else { (figures[0], figures[1]) };
+        let [off, on] = figures;
         ratios.push(on / off);
         eprintln!("pair {}/{pairs}: off {off:.3} µs, on {on:.3} µs, {:+.1}%", pair + 1, (on / off - 1.0) * 100.0);
     }

@@ -251,6 +251,11 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
+/// The fastest of all these runs.
+fn fastest<'a>(runs: impl Iterator<Item = &'a Vec<f64>>) -> f64 {
+    runs.flatten().copied().fold(f64::INFINITY, f64::min)
+}
+
 fn timed(command: &mut Command) -> anyhow::Result<f64> {
     let start = Instant::now();
     let status = command.stdout(Stdio::null()).status()?;
@@ -312,7 +317,6 @@ fn compare(contenders: &mut [Contender], rounds: usize, workload: impl Fn() -> a
     // runs): on a VM that switches between a fast and a slow state for seconds at a time,
     // both are in the fast state, so their ratio is the profiler's cost in one state of the
     // machine, where the medians of a pair may straddle two.
-    let fastest = |runs: &mut dyn Iterator<Item = &Vec<f64>>| runs.flatten().copied().fold(f64::INFINITY, f64::min);
     println!(
         "{:<30} {:>16} {:>18} {:>13} {:>14} {:>14} {:>16}  in-kernel ns/run (BPF statistics on)",
         "profiler", "median slowdown", "spread (min..max)", "fastest runs", "own CPU/s", "peak RSS", "peak heap (anon)"
@@ -332,7 +336,7 @@ fn compare(contenders: &mut [Contender], rounds: usize, workload: impl Fn() -> a
             contender.name,
             percent(slowdown),
             spread,
-            percent(fastest(&mut contender.pairs.iter().map(|(_, runs)| runs)) / fastest(&mut contender.pairs.iter().map(|(baseline, _)| baseline))),
+            percent(fastest(contender.pairs.iter().map(|(_, runs)| runs)) / fastest(contender.pairs.iter().map(|(baseline, _)| baseline))),
             cpu,
             rss as f64 / 1024.0,
             anon as f64 / 1024.0,
