@@ -31,8 +31,8 @@ const SETTLE_LOOPS: u64 = 120_000;
 
 fn main() -> anyhow::Result<()> {
     // The session starts its BPF statistics helper by running its own executable, this one.
-    if std::env::args().nth(1).as_deref() == Some(profiler_agent::cost::HELPER_COMMAND) {
-        return profiler_agent::cost::serve_helper();
+    if let Some(helper) = profiler_agent::cost::serve_helper_if_started_as_one() {
+        return helper;
     }
     let pairs: usize = std::env::var("PAIRS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
     let loops: u64 = std::env::var("LOOPS").ok().and_then(|v| v.parse().ok()).unwrap_or(50_000);

@@ -13,11 +13,18 @@
 //! standard input (`1` on, `0` off), answers each with one byte, and exits when its input
 //! closes. It parses nothing else, so what a bug in the agent's parsers could do with
 //! it is turn the statistics on or off.
+//!
+//! Any executable that embeds a sampler must opt in to serving as its own helper, by
+//! calling [`serve_helper_if_started_as_one`] first thing in `main`. Without it the
+//! sampler reports no costs: starting an executable that does not know the command
+//! would run its `main` again, which for a program that starts a sampler repeats
+//! without end.
 
 use std::{
     io::{Read, Write},
     os::fd::OwnedFd,
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -28,8 +35,23 @@ use crate::sample::{ProgramCost, PROGRAMS};
 /// How often the statistics come on.
 pub const CYCLE: Duration = Duration::from_secs(10);
 
-/// The hidden subcommand the helper runs as.
+/// The argument the helper is started with.
 pub const HELPER_COMMAND: &str = "bpf-stats-helper";
+
+/// Set once this executable has shown it runs the helper when started as one.
+static SERVES_HELPER: AtomicBool = AtomicBool::new(false);
+
+/// For the start of `main` in every executable that embeds a sampler: when started as
+/// the statistics helper, serves it and returns its result, for `main` to return;
+/// otherwise returns None, and the sampler may from then on start this executable as
+/// its helper.
+pub fn serve_helper_if_started_as_one() -> Option<anyhow::Result<()>> {
+    if std::env::args_os().nth(1).is_some_and(|arg| arg == HELPER_COMMAND) {
+        return Some(serve_helper());
+    }
+    SERVES_HELPER.store(true, Ordering::Relaxed);
+    None
+}
 
 /// Turns the kernel's BPF run-time statistics on: they stay on while the returned
 /// descriptor is open.
@@ -128,6 +150,12 @@ struct Helper {
 impl Helper {
     /// Starts the helper and has it turn the statistics on.
     fn spawn() -> anyhow::Result<Self> {
+        if !SERVES_HELPER.load(Ordering::Relaxed) {
+            bail!(
+                "this executable cannot serve as the statistics helper: its main must call \
+                 profiler_agent::cost::serve_helper_if_started_as_one first (or use a share of 1)"
+            );
+        }
         let mut child = Command::new("/proc/self/exe")
             .arg(HELPER_COMMAND)
             .stdin(Stdio::piped())
@@ -162,7 +190,7 @@ impl Drop for Helper {
 
 /// The helper's main: keeps only CAP_SYS_ADMIN, then serves `1`/`0` from standard input
 /// until it closes, which it does when the agent exits, however it exits.
-pub fn serve_helper() -> anyhow::Result<()> {
+fn serve_helper() -> anyhow::Result<()> {
     crate::privileges::keep_only(&[caps::Capability::CAP_SYS_ADMIN])?;
     let (mut input, mut output) = (std::io::stdin().lock(), std::io::stdout().lock());
     let mut held: Option<OwnedFd> = None;
@@ -187,4 +215,17 @@ pub fn serve_helper() -> anyhow::Result<()> {
         output.flush()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_executable_that_did_not_opt_in_is_never_started_as_the_helper() {
+        // This test binary's main does not serve the helper: started with the helper's
+        // argument it would run its tests again instead.
+        let err = Helper::spawn().err().expect("the helper was started");
+        assert!(format!("{err:#}").contains("cannot serve as the statistics helper"), "{err:#}");
+    }
 }

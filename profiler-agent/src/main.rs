@@ -50,10 +50,6 @@ enum Command {
     /// functions that grew most; exit status 1 when one grew by more than
     /// --max-growth points, 2 when an input cannot be read.
     Compare(CompareArgs),
-    /// Internal: the helper that turns BPF statistics on and off for the agent, which
-    /// gives up the privilege to do so itself (see the `cost` module).
-    #[command(name = profiler_agent::cost::HELPER_COMMAND, hide = true)]
-    BpfStatsHelper,
 }
 
 #[derive(Args)]
@@ -178,30 +174,31 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Record(args) => run_record(args),
-        Command::Run(args) => run_daemon(args),
-        Command::BpfStatsHelper => profiler_agent::cost::serve_helper(),
-        Command::Compare(args) => {
-            let options = CompareOptions {
-                base: args.base,
-                target: args.target,
-                max_growth: args.max_growth / 100.0,
-                total: args.total,
-                kinds: args.kinds,
-                svg: args.svg,
-                limit: args.limit,
-            };
-            return match compare::run(&options, &mut std::io::stdout()) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::from(1),
-                Err(err) => {
-                    eprintln!("error: {err:#}");
-                    ExitCode::from(2)
-                }
-            };
-        }
+    let result = match profiler_agent::cost::serve_helper_if_started_as_one() {
+        Some(helper) => helper,
+        None => match Cli::parse().command {
+            Command::Record(args) => run_record(args),
+            Command::Run(args) => run_daemon(args),
+            Command::Compare(args) => {
+                let options = CompareOptions {
+                    base: args.base,
+                    target: args.target,
+                    max_growth: args.max_growth / 100.0,
+                    total: args.total,
+                    kinds: args.kinds,
+                    svg: args.svg,
+                    limit: args.limit,
+                };
+                return match compare::run(&options, &mut std::io::stdout()) {
+                    Ok(true) => ExitCode::SUCCESS,
+                    Ok(false) => ExitCode::from(1),
+                    Err(err) => {
+                        eprintln!("error: {err:#}");
+                        ExitCode::from(2)
+                    }
+                };
+            }
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
