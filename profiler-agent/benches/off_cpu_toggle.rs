@@ -12,7 +12,8 @@
 //! burst quota's to contain (see the README).
 //!
 //! `cargo bench -p profiler-agent --bench off_cpu_toggle` (root; `PAIRS`, `LOOPS` in the
-//! environment override 300 pairs of 50,000 round trips).
+//! environment override 300 pairs of 50,000 round trips; `SWITCHES_PER_S=1` leaves
+//! almost nothing to record, which measures the program's unsampled path alone).
 
 use std::{
     process::Command,
@@ -40,12 +41,16 @@ fn main() -> anyhow::Result<()> {
         bail!("this bench loads BPF programs: run it as root");
     }
     let options = SamplerOptions::default();
-    let mut session = Session::start(&options, OffCpuBudget::default())
+    let mut budget = OffCpuBudget::default();
+    if let Some(rate) = std::env::var("SWITCHES_PER_S").ok().and_then(|v| v.parse().ok()) {
+        budget.switches_per_s = rate;
+    }
+    let mut session = Session::start(&options, budget)
         .context("loading the agent's BPF programs (root, BTF and perf_event support are needed)")?;
     let settings = |off_cpu: Option<OffCpuOptions>| Settings {
         frequency_hz: options.frequency_hz,
         off_cpu,
-        off_cpu_budget: OffCpuBudget::default(),
+        off_cpu_budget: budget,
     };
     let (traced, untraced) = (settings(Some(OffCpuOptions::default())), settings(None));
 
@@ -74,8 +79,11 @@ fn main() -> anyhow::Result<()> {
     let (low, high) = median_interval(&ratios);
     let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
     println!(
-        "off-CPU tracing at defaults, `taskset -c 0 perf bench sched pipe -l {loops}`, {pairs} pairs toggled in one session: \
-         median slowdown {:+.2}% (95% interval {:+.2}%..{:+.2}%), mean {:+.2}%, {recorded} switch-outs recorded",
+        "off-CPU tracing at defaults (budget {} switch-outs/s, {:?} of kernel CPU/s), `taskset -c 0 perf bench sched pipe -l {loops}`, \
+         {pairs} pairs toggled in one session: median slowdown {:+.2}% (95% interval {:+.2}%..{:+.2}%), mean {:+.2}%, \
+         {recorded} switch-outs recorded",
+        budget.switches_per_s,
+        budget.kernel_cpu_per_s,
         percent(ratios[ratios.len() / 2]),
         percent(low),
         percent(high),

@@ -219,10 +219,13 @@ pub enum Stat {
     SwitchInMissed,
     /// Switch-outs recorded at the reduced probability of a CPU over its burst quota.
     SwitchOutsThrottled,
+    /// Recorded switch-outs of threads preempted while in user mode, whose kernel stack
+    /// was not walked: it holds only the return path of the interrupt that preempted them.
+    KernelStacksNotWalked,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Samples,
         Stat::SampleRingFull,
@@ -235,6 +238,7 @@ impl Stat {
         Stat::SwitchOutRecordNs,
         Stat::SwitchInMissed,
         Stat::SwitchOutsThrottled,
+        Stat::KernelStacksNotWalked,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -250,6 +254,7 @@ impl Stat {
             Stat::SwitchOutRecordNs => "switch_out_record_ns",
             Stat::SwitchInMissed => "switch_in_missed",
             Stat::SwitchOutsThrottled => "switch_outs_throttled",
+            Stat::KernelStacksNotWalked => "kernel_stacks_not_walked",
         }
     }
 }

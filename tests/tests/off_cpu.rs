@@ -79,9 +79,20 @@ fn oversubscribed_thread_shows_runnable_time() {
     let report = profiler_tests::run_workload(&["mixed", "4", "2"]);
     agent.finish();
     let stacks = read_folded(&folded);
-    let runnable = sum_where(&stacks, |f| f.get(1).map(String::as_str) == Some("workload") && kind(f) == "[off-cpu:runnable]" && has(f, "workload::burn_cpu")) as f64 / 1e9;
+    let burn_cpu_runnable = |f: &[String]| f.get(1).map(String::as_str) == Some("workload") && kind(f) == "[off-cpu:runnable]" && has(f, "workload::burn_cpu");
+    let runnable = sum_where(&stacks, burn_cpu_runnable) as f64 / 1e9;
     let wall = report["wall_s"].as_f64().unwrap();
     eprintln!("burn_cpu runnable {runnable:.3} s over {wall:.3} s");
+    // Preempted by the timer while spinning in user mode: the kernel stack would be the
+    // interrupt's return path only, so it is not walked. Preempted in a syscall, it is.
+    let first_kernel_frame = |f: &[String]| f.iter().find(|frame| frame.ends_with("_[k]")).cloned();
+    let user_only = sum_where(&stacks, |f| burn_cpu_runnable(f) && first_kernel_frame(f).is_none()) as f64 / 1e9;
+    let interrupt_paths = sum_where(&stacks, |f| {
+        burn_cpu_runnable(f) && first_kernel_frame(f).is_some_and(|frame| frame.starts_with("asm_sysvec_"))
+    });
+    eprintln!("burn_cpu runnable without a kernel stack {user_only:.3} s");
+    assert!(user_only > 0.0, "no preemption in user mode was recorded without its kernel stack");
+    assert_eq!(interrupt_paths, 0, "a preemption in user mode has its interrupt's kernel stack walked");
     let cpus = std::thread::available_parallelism().unwrap().get() as f64;
     if cpus <= 2.0 {
         assert!(runnable >= 0.1 * wall, "burn_cpu waited for a CPU only {runnable:.3} s");
