@@ -79,7 +79,7 @@ fn main() -> anyhow::Result<()> {
     let (low, high) = median_interval(&ratios);
     let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
     println!(
-        "off-CPU tracing at defaults (budget {} switch-outs/s, {:?} of kernel CPU/s), `taskset -c 0 perf bench sched pipe -l {loops}`, \
+        "off-CPU tracing at the default settings, budget {} switch-outs/s and {:?} of kernel CPU/s, `taskset -c 0 perf bench sched pipe -l {loops}`, \
          {pairs} pairs toggled in one session: median slowdown {:+.2}% (95% interval {:+.2}%..{:+.2}%), mean {:+.2}%, \
          {recorded} switch-outs recorded",
         budget.switches_per_s,
