@@ -577,6 +577,47 @@ fn ingest_hour_http(pool: &Pool, rng: &mut Rng, clients: usize) -> (usize, Durat
     (rows, took.0, took.1)
 }
 
+/// The first `/api/v1/flamegraph` over stacks a real server just took in
+/// (every fourth stack of the recording, as the UI test posts them), then
+/// the median of five more: what the first look at new data costs.
+fn first_flame_graph_http(all: &[Stack]) -> (usize, Duration, Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cfg = profiler_server::config::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_owned(),
+        ..Default::default()
+    };
+    let srv = rt.block_on(profiler_server::start(cfg)).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let client = reqwest::blocking::Client::new();
+    let mut by_kind: HashMap<&str, Vec<&Stack>> = HashMap::new();
+    for s in all.iter().step_by(4) {
+        by_kind.entry(&s.kind).or_default().push(s);
+    }
+    let mut stacks = 0;
+    for (kind, of_kind) in &by_kind {
+        for chunk in of_kind.chunks(3000) {
+            let url = format!("http://{}/api/v1/ingest?format=folded&service=first-look&kind={kind}&from={}", srv.addr, now - 20 * 60 * SECOND);
+            let folded = profiler_pprof::folded::write(chunk.iter().map(|s| (kind, &s.frames, s.weight)), false);
+            client.post(url).body(folded).send().unwrap().error_for_status().unwrap();
+        }
+        stacks += of_kind.len();
+    }
+    let url = format!("http://{}/api/v1/flamegraph?service=first-look&from={}&until={now}&max_nodes=5000", srv.addr, now - 30 * 60 * SECOND);
+    let flame_graph = || {
+        let t = Instant::now();
+        client.get(&url).send().unwrap().error_for_status().unwrap().bytes().unwrap();
+        t.elapsed()
+    };
+    let first = flame_graph();
+    let next = median(5, || {
+        flame_graph();
+    });
+    rt.block_on(srv.shutdown()).unwrap();
+    (stacks, first, next)
+}
+
 fn main() {
     let t = Instant::now();
     let all = recording();
@@ -630,6 +671,8 @@ fn main() {
             store.stats().result_cache_bytes >> 20
         );
     }
+    let (stacks, first, next) = first_flame_graph_http(&all);
+    println!("first flame graph through HTTP over {stacks} stacks just ingested: {first:.2?}; the next ones {next:.2?} (median of 5)");
     let pool = Pool::new(&all, 100_000, &mut rng);
     let runs = [
         (Wire::Pprof, "gzip pprof", 1),

@@ -1042,7 +1042,8 @@ async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
         let text = s
             .metrics
             .render(s.store.disk_bytes(), s.store.buffered_rows(), &s.store.stats())
-            + &s.events.render_metrics();
+            + &s.events.render_metrics()
+            + &s.names.render_metrics();
         Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
     })
     .await

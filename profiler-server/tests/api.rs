@@ -200,3 +200,29 @@ fn query_routes() {
         .unwrap();
     assert_eq!(values, ["a", "b"]);
 }
+
+/// Interned frame names are the query routes' memory that outlives a query;
+/// `/metrics` shows how much there is.
+#[test]
+fn metrics_show_the_interned_stacks_of_queries() {
+    let e = Env::new();
+    let gauge = |name: &str| -> u64 {
+        let m = e.get("/metrics").text().unwrap();
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} in /metrics"))
+            .parse()
+            .unwrap()
+    };
+    let folded: String = (0..500).map(|i| format!("main;handler_{i};leaf 1\n")).collect();
+    ingest(&e, T0, "on-cpu", "a", &folded);
+    assert_eq!((gauge("profiler_interned_stacks"), gauge("profiler_interned_name_bytes")), (0, 0));
+    let fg = e.json(&format!("/api/v1/flamegraph?service=api&from={T0}&until={}", T0 + 60_000));
+    assert_eq!(fg["value"], 500);
+    assert_eq!(gauge("profiler_interned_stacks"), 500);
+    // The frames, and the tree's own `root` and `[on-cpu]` nodes.
+    let frames: u64 = ["main", "leaf"].iter().map(|f| f.len() as u64).sum::<u64>()
+        + (0..500).map(|i| format!("handler_{i}").len() as u64).sum::<u64>();
+    let names = frames + "root".len() as u64 + "[on-cpu]".len() as u64;
+    assert_eq!(gauge("profiler_interned_name_bytes"), names);
+}

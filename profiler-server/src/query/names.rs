@@ -42,6 +42,20 @@ impl Names {
         }
         slot.clone()
     }
+
+    /// Prometheus gauges of the current table's size.
+    pub fn render_metrics(&self) -> String {
+        let table = self.current.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let i = table.read();
+        format!(
+            "# HELP profiler_interned_stacks Stacks whose frame names queries hold interned (the table starts afresh past {MAX_STACKS}).\n\
+             # TYPE profiler_interned_stacks gauge\nprofiler_interned_stacks {}\n\
+             # HELP profiler_interned_name_bytes Bytes of distinct frame names interned for queries (the table starts afresh past {MAX_NAME_BYTES}).\n\
+             # TYPE profiler_interned_name_bytes gauge\nprofiler_interned_name_bytes {}\n",
+            i.stacks.len(),
+            i.name_bytes
+        )
+    }
 }
 
 /// One generation of interned names and stacks.
