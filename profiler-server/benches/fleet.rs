@@ -10,7 +10,6 @@
 
 use std::time::{Duration, Instant};
 
-use profiler_server::config::Config;
 use profiler_server::query;
 use profiler_server::store::{
     series_id, stack_id, Batch, Cancel, EmbeddedStore, Frames, Grid, Labels, Row, Store,
@@ -38,7 +37,7 @@ fn now_ms() -> i64 {
 /// One (service, kind) over `[from, until)`: `stacks` stacks per host per window.
 fn batch(rng: &mut Rng, service: &str, kind: &str, stacks: usize, from: i64, until: i64) -> Batch {
     let frames: Vec<Frames> = (0..stacks)
-        .map(|i| Frames::from(vec!["main".to_string(), format!("{service}::handler_{i}")]))
+        .map(|i| Frames::from(["main".into(), format!("{service}::handler_{i}").into()]))
         .collect();
     let series: Vec<Labels> = (0..HOSTS)
         .map(|h| {
@@ -137,12 +136,7 @@ fn main() {
     println!("set-up: {:.1?}", t.elapsed());
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let cfg = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    let srv = rt.block_on(profiler_server::start(cfg)).unwrap();
+    let srv = rt.block_on(profiler_server::start(common::server_config(dir.path()))).unwrap();
     let base = format!("http://{}", srv.addr);
     let client = reqwest::blocking::Client::new();
     println!();

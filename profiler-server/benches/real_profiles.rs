@@ -73,7 +73,7 @@ fn recording() -> Vec<Stack> {
             Stack {
                 kind,
                 id: stack_id(&frames),
-                frames: Arc::from(frames),
+                frames: frames.iter().map(|f| Arc::from(f.as_str())).collect(),
                 weight: value,
             }
         })
@@ -514,11 +514,7 @@ fn ingest_hour_http(pool: &Pool, rng: &mut Rng, clients: usize) -> (usize, Durat
     let requests = requests(pool, rng, Wire::Bundle);
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut cfg = profiler_server::config::Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_owned(),
-        ..Default::default()
-    };
+    let mut cfg = common::server_config(dir.path());
     // Writing segments is maintenance: no flush lands in the measured hour.
     cfg.storage.flush_interval_secs = 3600;
     let srv = rt.block_on(profiler_server::start(cfg.clone())).unwrap();
@@ -577,34 +573,36 @@ fn ingest_hour_http(pool: &Pool, rng: &mut Rng, clients: usize) -> (usize, Durat
     (rows, took.0, took.1)
 }
 
+/// Posts `stacks` to the server at `addr` as folded text, 3,000 per request,
+/// in a window 20 minutes ago; returns that window's start.
+fn post_folded<'a>(addr: &str, service: &str, stacks: impl Iterator<Item = &'a Stack>) -> i64 {
+    let from = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64 - 20 * 60 * SECOND;
+    let client = reqwest::blocking::Client::new();
+    let mut by_kind: HashMap<&str, Vec<&Stack>> = HashMap::new();
+    for s in stacks {
+        by_kind.entry(&s.kind).or_default().push(s);
+    }
+    for (kind, of_kind) in &by_kind {
+        for chunk in of_kind.chunks(3000) {
+            let url = format!("http://{addr}/api/v1/ingest?format=folded&service={service}&kind={kind}&from={from}");
+            let folded = profiler_pprof::folded::write(chunk.iter().map(|s| (kind, &s.frames, s.weight)), false);
+            client.post(url).body(folded).send().unwrap().error_for_status().unwrap();
+        }
+    }
+    from
+}
+
 /// The first `/api/v1/flamegraph` over stacks a real server just took in
 /// (every fourth stack of the recording, as the UI test posts them), then
 /// the median of five more: what the first look at new data costs.
 fn first_flame_graph_http(all: &[Stack]) -> (usize, Duration, Duration) {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let cfg = profiler_server::config::Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_owned(),
-        ..Default::default()
-    };
-    let srv = rt.block_on(profiler_server::start(cfg)).unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let srv = rt.block_on(profiler_server::start(common::server_config(dir.path()))).unwrap();
+    let from = post_folded(&srv.addr.to_string(), "first-look", all.iter().step_by(4));
+    let stacks = all.iter().step_by(4).count();
+    let url = format!("http://{}/api/v1/flamegraph?service=first-look&from={}&until={}&max_nodes=5000", srv.addr, from - 10 * 60 * SECOND, from + 20 * 60 * SECOND);
     let client = reqwest::blocking::Client::new();
-    let mut by_kind: HashMap<&str, Vec<&Stack>> = HashMap::new();
-    for s in all.iter().step_by(4) {
-        by_kind.entry(&s.kind).or_default().push(s);
-    }
-    let mut stacks = 0;
-    for (kind, of_kind) in &by_kind {
-        for chunk in of_kind.chunks(3000) {
-            let url = format!("http://{}/api/v1/ingest?format=folded&service=first-look&kind={kind}&from={}", srv.addr, now - 20 * 60 * SECOND);
-            let folded = profiler_pprof::folded::write(chunk.iter().map(|s| (kind, &s.frames, s.weight)), false);
-            client.post(url).body(folded).send().unwrap().error_for_status().unwrap();
-        }
-        stacks += of_kind.len();
-    }
-    let url = format!("http://{}/api/v1/flamegraph?service=first-look&from={}&until={now}&max_nodes=5000", srv.addr, now - 30 * 60 * SECOND);
     let flame_graph = || {
         let t = Instant::now();
         client.get(&url).send().unwrap().error_for_status().unwrap().bytes().unwrap();
@@ -616,6 +614,48 @@ fn first_flame_graph_http(all: &[Stack]) -> (usize, Duration, Duration) {
     });
     rt.block_on(srv.shutdown()).unwrap();
     (stacks, first, next)
+}
+
+/// The server binary's resident memory once it holds every stack of the
+/// recording (posted as folded text), and again after a restart that reads
+/// them back from its catalog; and how long that start took.
+fn server_memory(all: &[Stack]) -> (usize, u64, u64, Duration) {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        let t = Instant::now();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_profiler-server"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let addr = stdout
+            .lines()
+            .find_map(|l| l.unwrap().strip_prefix("listening on ").map(str::to_owned))
+            .expect("the server prints `listening on`");
+        (child, addr, t.elapsed())
+    };
+    let rss_mib = |child: &std::process::Child| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        let kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap();
+        kib >> 10
+    };
+    let stop = |mut child: std::process::Child| {
+        // SIGTERM: the server flushes its buffer into the catalog on the way out.
+        std::process::Command::new("kill").arg(child.id().to_string()).status().unwrap();
+        child.wait().unwrap();
+    };
+    let (child, addr, _) = start();
+    post_folded(&addr, "memory", all.iter());
+    let ingested = rss_mib(&child);
+    stop(child);
+    let (child, _, took) = start();
+    let restarted = rss_mib(&child);
+    stop(child);
+    (all.len(), ingested, restarted, took)
 }
 
 fn main() {
@@ -671,6 +711,10 @@ fn main() {
             store.stats().result_cache_bytes >> 20
         );
     }
+    let (stacks, ingested, restarted, start) = server_memory(&all);
+    println!(
+        "server RSS holding {stacks} stacks: {ingested} MiB after their ingest; {restarted} MiB after a restart, which took {start:.0?} to listen"
+    );
     let (stacks, first, next) = first_flame_graph_http(&all);
     println!("first flame graph through HTTP over {stacks} stacks just ingested: {first:.2?}; the next ones {next:.2?} (median of 5)");
     let pool = Pool::new(&all, 100_000, &mut rng);

@@ -45,7 +45,7 @@ fn stacks(rng: &mut Rng) -> Vec<Frames> {
                     names[((i / 4) * 7 + d * 13 + (rng.next() % 3) as usize) % names.len()].clone(),
                 );
             }
-            Arc::from(f)
+            f.into_iter().map(Arc::from).collect()
         })
         .collect()
 }
@@ -341,12 +341,7 @@ fn main() {
     // The same flame graph through HTTP (JSON encoding, compression off).
     drop(store);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let cfg = profiler_server::config::Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_owned(),
-        ..Default::default()
-    };
-    let srv = rt.block_on(profiler_server::start(cfg)).unwrap();
+    let srv = rt.block_on(profiler_server::start(common::server_config(dir.path()))).unwrap();
     let url = format!(
         "http://{}/api/v1/flamegraph?service=bench&from={T0}&until={}",
         srv.addr,

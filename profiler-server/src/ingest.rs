@@ -6,6 +6,7 @@ use profiler_pprof::folded::LineError;
 use profiler_pprof::{cut_name, stacks, Profile, Resolver};
 use std::collections::HashMap;
 use std::mem::size_of;
+use std::sync::Arc;
 
 use crate::config::Limits;
 use crate::store::{series_id, stack_id, Batch, Frames, Labels, Row, Store};
@@ -186,7 +187,7 @@ impl<'a> BatchBuilder<'a> {
         }
         let sid = id.unwrap_or_else(|| stack_id(frames));
         if !self.stacks.contains_key(&sid) {
-            let bytes: usize = frames.iter().map(|f| f.as_ref().len() + size_of::<String>()).sum();
+            let bytes: usize = frames.iter().map(|f| f.as_ref().len() + size_of::<Arc<str>>()).sum();
             self.stack_bytes += bytes;
             if self.stack_bytes > self.limits.max_batch_bytes {
                 return Err(Rejected::TooLarge(format!(
@@ -194,7 +195,7 @@ impl<'a> BatchBuilder<'a> {
                     self.limits.max_batch_bytes
                 )));
             }
-            self.stacks.insert(sid, frames.iter().map(|f| f.as_ref().to_owned()).collect::<Vec<_>>().into());
+            self.stacks.insert(sid, frames.iter().map(|f| Arc::from(f.as_ref())).collect());
         }
         Ok(sid)
     }
@@ -643,7 +644,7 @@ mod tests {
         };
         let mut b = BatchBuilder::new(&limits, target()).unwrap();
         let id = b.stack(&["main", "ééééééé_long"]).unwrap();
-        assert_eq!(&*b.stacks[&id], ["main".to_string(), "éé…".to_string()]);
+        assert_eq!(&*b.stacks[&id], ["main", "éé…"].map(Arc::from));
         // By id, a sender knows only the frames it sent.
         let sent = ["main", "ééééééé_long"];
         assert_eq!(b.stack_as_sent(&sent).unwrap(), stack_id(&sent));

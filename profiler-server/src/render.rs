@@ -42,7 +42,7 @@ pub fn pprof(stacks: &[(String, Frames, i64)], duration_ms: i64, end_ms: i64) ->
     for (kind, f, v) in stacks {
         frames.clear();
         frames.extend(tag.then(|| root_frame(kind).into()));
-        frames.extend(f.iter().map(|f| std::borrow::Cow::Borrowed(f.as_str())));
+        frames.extend(f.iter().map(|f| std::borrow::Cow::Borrowed(&**f)));
         b.add(&frames, &[*v], &[]);
     }
     profiler_pprof::encode_gzip(&b.build())
@@ -67,7 +67,7 @@ mod tests {
     use std::sync::Arc;
 
     fn f(v: &[&str]) -> Frames {
-        Arc::from(v.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        v.iter().map(|&s| Arc::from(s)).collect()
     }
 
     #[test]

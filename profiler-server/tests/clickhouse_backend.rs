@@ -377,7 +377,7 @@ fn open_store(bridge: &chdb_bridge::Bridge, db: &str, async_insert: bool) -> Cli
 
 /// One stack of one series at `ts_ms`, as ingest builds it.
 fn one_row_batch(id: Option<&str>, ts_ms: i64, value: i64) -> Batch {
-    let frames: Frames = Arc::from(vec!["main".to_string(), "work".to_string()]);
+    let frames: Frames = ["main", "work"].map(Arc::from).into();
     let labels = Labels::from([("service".to_string(), "svc".to_string())]);
     let row = Row {
         ts_ms,

@@ -56,7 +56,7 @@ pub fn heaviest(
     for (kind, _, v) in &cut {
         *rest.entry(kind.clone()).or_insert(0) += v;
     }
-    let marker: Frames = Arc::from(vec!["[truncated]".to_string()]);
+    let marker: Frames = Arc::from([Arc::from("[truncated]")]);
     stacks.extend(rest.into_iter().map(|(kind, v)| (kind, marker.clone(), v)));
     (stacks, cut.len())
 }

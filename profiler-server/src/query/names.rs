@@ -109,7 +109,7 @@ impl Table {
             if i.stacks.contains_key(&id) {
                 continue;
             }
-            let interned = frames.iter().map(|f| i.intern(f)).collect();
+            let interned = frames.iter().map(|f| i.intern_shared(f)).collect();
             i.stacks.insert(id, interned);
         }
     }
@@ -125,11 +125,22 @@ impl Table {
 
 impl Interned {
     fn intern(&mut self, name: &str) -> NameId {
-        if let Some(&id) = self.ids.get(name) {
-            return id;
+        match self.ids.get(name) {
+            Some(&id) => id,
+            None => self.insert(Arc::from(name)),
         }
+    }
+
+    /// Like [`Self::intern`], holding the store's own copy of a new name.
+    fn intern_shared(&mut self, name: &Arc<str>) -> NameId {
+        match self.ids.get(&**name) {
+            Some(&id) => id,
+            None => self.insert(name.clone()),
+        }
+    }
+
+    fn insert(&mut self, name: Arc<str>) -> NameId {
         let id = NameId::try_from(self.names.len()).expect("fewer than 2^32 names per table");
-        let name: Arc<str> = Arc::from(name);
         self.name_bytes += name.len();
         self.names.push(name.clone());
         self.ids.insert(name, id);
@@ -149,20 +160,20 @@ impl Interned {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{stack_id, Batch, EmbeddedStore, Row, StoreOptions};
+    use crate::store::{stack_id, Batch, EmbeddedStore, Frames, Row, StoreOptions};
 
     #[test]
     fn stacks_share_name_ids_and_unknown_ids_are_left_out() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), StoreOptions::default()).unwrap();
-        let a: Vec<String> = ["main", "run", "spin"].map(String::from).to_vec();
-        let b: Vec<String> = ["main", "spin"].map(String::from).to_vec();
+        let a: Frames = ["main", "run", "spin"].map(Arc::from).into();
+        let b: Frames = ["main", "spin"].map(Arc::from).into();
         let (ia, ib) = (stack_id(&a), stack_id(&b));
         store
             .append(Batch {
                 service: "s".into(),
                 kind: "on-cpu".into(),
-                stacks: vec![(ia, a.into()), (ib, b.into())],
+                stacks: vec![(ia, a), (ib, b)],
                 rows: vec![Row { ts_ms: 0, series_id: 1, stack_id: ia, value: 1 }],
                 ..Batch::default()
             })

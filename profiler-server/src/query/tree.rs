@@ -230,7 +230,7 @@ pub struct FlameNode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{stack_id, Batch, EmbeddedStore, StoreOptions};
+    use crate::store::{stack_id, Batch, EmbeddedStore, Frames, StoreOptions};
 
     /// A store holding the dictionary entries of `stacks`, and the aggregate
     /// (kind -> stack id -> value) of each slot.
@@ -241,13 +241,13 @@ mod tests {
         for stacks in slots {
             let mut agg = Aggregate::new();
             for &(kind, frames, v) in *stacks {
-                let frames: Vec<String> = frames.iter().map(|f| f.to_string()).collect();
+                let frames: Frames = frames.iter().map(|&f| Arc::from(f)).collect();
                 let id = stack_id(&frames);
                 store
                     .append(Batch {
                         service: "s".into(),
                         kind: kind.into(),
-                        stacks: vec![(id, frames.into())],
+                        stacks: vec![(id, frames)],
                         ..Batch::default()
                     })
                     .unwrap();

@@ -141,7 +141,7 @@ struct SampleRow<'a> {
 struct StackRow<'a> {
     service: &'a str,
     stack_id: u64,
-    frames: &'a [String],
+    frames: Vec<&'a str>,
 }
 
 #[derive(Row, Serialize)]
@@ -679,7 +679,7 @@ impl ClickHouseStore {
                 s.clear();
             }
             for r in rows {
-                s.insert(r.stack_id, r.frames.into());
+                s.insert(r.stack_id, r.frames.into_iter().map(Arc::from).collect());
             }
         }
         Ok(())
@@ -741,7 +741,7 @@ impl Store for ClickHouseStore {
                     ins.write(&StackRow {
                         service: &batch.service,
                         stack_id: *id,
-                        frames,
+                        frames: frames.iter().map(|f| &**f).collect(),
                     })
                     .await?;
                 }
@@ -866,7 +866,7 @@ impl Store for ClickHouseStore {
         match self.run(async move { Ok(q.fetch_all::<FramesRow>().await?) }) {
             Ok(rows) => {
                 let r = rows.into_iter().next()?;
-                let f: Frames = r.frames.into();
+                let f: Frames = r.frames.into_iter().map(Arc::from).collect();
                 let mut s = self.stacks.write().unwrap_or_else(|e| e.into_inner());
                 if must_start_over(s.len(), 1) {
                     s.clear();

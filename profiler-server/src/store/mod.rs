@@ -25,7 +25,10 @@ pub use clickhouse::{ClickHouseOptions, ClickHouseStore};
 pub use embedded::{EmbeddedStore, StoreOptions};
 
 pub type Labels = BTreeMap<String, String>;
-pub type Frames = Arc<[String]>;
+/// A stack's root-first frame names. Names are `Arc<str>` so that the
+/// dictionary can hold each distinct name once for all the stacks that
+/// have it (see `embedded::FrameNames`).
+pub type Frames = Arc<[Arc<str>]>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Row {
@@ -101,9 +104,11 @@ pub struct StoreStats {
     pub recent_batch_ids: u64,
     /// Whether ingest is refused right now, and why.
     pub busy: Option<String>,
-    /// Entries of the stack and series dictionaries held in memory.
+    /// Entries of the stack and series dictionaries held in memory, and the
+    /// distinct frame names the stacks share.
     pub dictionary_stacks: u64,
     pub dictionary_series: u64,
+    pub dictionary_frame_names: u64,
     /// Memory held by segments' per-stack totals read by queries.
     pub totals_cache_bytes: u64,
     /// Memory held by answers to queries over settled ranges.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use super::{Batch, Labels, Row};
+use super::{Batch, Frames, Labels, Row};
 
 /// Largest payload a record may hold; the ingest limits keep batches far below.
 pub const MAX_RECORD: usize = 256 << 20;
@@ -210,8 +210,8 @@ pub fn decode(payload: &[u8]) -> Option<Batch> {
     for _ in 0..n {
         let id = c.u64()?;
         let nf = c.count(4)?;
-        let frames = (0..nf).map(|_| c.str()).collect::<Option<Vec<_>>>()?;
-        stacks.push((id, Arc::from(frames)));
+        let frames = (0..nf).map(|_| c.str().map(Arc::from)).collect::<Option<Frames>>()?;
+        stacks.push((id, frames));
     }
     let n = c.count(12)?;
     let mut series = Vec::with_capacity(n);
@@ -283,7 +283,7 @@ mod tests {
             id: Some("agent-1".into()),
             service: "svc".into(),
             kind: "on-cpu".into(),
-            stacks: vec![(7, Arc::from(vec!["a".to_string(), "b".to_string()]))],
+            stacks: vec![(7, ["a", "b"].map(Arc::from).into())],
             series: vec![(9, Labels::from([("host".to_string(), "h".to_string())]))],
             rows: vec![Row {
                 ts_ms: 10_000,
