@@ -124,9 +124,6 @@ impl Mem {
     }
 }
 
-/// Maps keyed by stack or series id, touched for every ingested row: a
-/// hasher several times faster than SipHash, still seeded at random, so a
-/// client cannot pick ids that collide without learning the seed.
 /// Memory redb may keep of the catalog's pages. Its default (1 GiB) held
 /// every page the start-up read of the dictionary touched: 260 MiB more
 /// after a restart with the cargo-build recording's 115,714 stacks. The
@@ -134,6 +131,9 @@ impl Mem {
 /// written at flushes.
 const CATALOG_CACHE_BYTES: usize = 32 << 20;
 
+/// Maps keyed by stack or series id, touched for every ingested row: a
+/// hasher several times faster than SipHash, still seeded at random, so a
+/// client cannot pick ids that collide without learning the seed.
 type IdMap<V> = HashMap<u64, V, foldhash::fast::RandomState>;
 
 /// The dictionary's frame names, each held once. Stacks repeat a few names in
@@ -157,9 +157,19 @@ impl FrameNames {
         shared
     }
 
-    /// `frames` with every name replaced by the shared one.
+    /// `frames` with every name replaced by the shared one; a new name is
+    /// shared as the batch brought it.
     fn share(&mut self, frames: &[Arc<str>]) -> Frames {
-        frames.iter().map(|f| self.name(f)).collect()
+        frames
+            .iter()
+            .map(|f| match self.names.get(&**f) {
+                Some(shared) => shared.clone(),
+                None => {
+                    self.names.insert(f.clone());
+                    f.clone()
+                }
+            })
+            .collect()
     }
 
     /// Frames as the catalog stores them, decoded onto the shared names.
@@ -178,8 +188,8 @@ impl FrameNames {
     fn forgot(&mut self, stacks: usize, left: usize) {
         self.forgotten += stacks;
         if stacks > 0 && self.forgotten >= left {
-            // The set's own reference is one; queries and exports holding
-            // a stack's frames keep its names alive, and here.
+            // A name only the set holds belongs to no stack. One a query or
+            // an export still holds stays until a later pass.
             self.names.retain(|n| Arc::strong_count(n) > 1);
             self.forgotten = 0;
         }
