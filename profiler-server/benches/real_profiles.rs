@@ -619,7 +619,7 @@ fn first_flame_graph_http(all: &[Stack]) -> (usize, Duration, Duration) {
 /// The server binary's resident memory once it holds every stack of the
 /// recording (posted as folded text), and again after a restart that reads
 /// them back from its catalog; and how long that start took.
-fn server_memory(all: &[Stack]) -> (usize, u64, u64, Duration) {
+fn server_memory(all: &[Stack]) -> (u64, u64, Duration) {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let start = || {
@@ -655,7 +655,7 @@ fn server_memory(all: &[Stack]) -> (usize, u64, u64, Duration) {
     let (child, _, took) = start();
     let restarted = rss_mib(&child);
     stop(child);
-    (all.len(), ingested, restarted, took)
+    (ingested, restarted, took)
 }
 
 fn main() {
@@ -711,9 +711,10 @@ fn main() {
             store.stats().result_cache_bytes >> 20
         );
     }
-    let (stacks, ingested, restarted, start) = server_memory(&all);
+    let (ingested, restarted, start) = server_memory(&all);
     println!(
-        "server RSS holding {stacks} stacks: {ingested} MiB after their ingest; {restarted} MiB after a restart, which took {start:.0?} to listen"
+        "server RSS holding {} stacks: {ingested} MiB after their ingest; {restarted} MiB after a restart, which took {start:.0?} to listen",
+        all.len()
     );
     let (stacks, first, next) = first_flame_graph_http(&all);
     println!("first flame graph through HTTP over {stacks} stacks just ingested: {first:.2?}; the next ones {next:.2?} (median of 5)");

@@ -148,11 +148,12 @@ struct FrameNames {
 }
 
 impl FrameNames {
-    fn name(&mut self, name: &str) -> Arc<str> {
+    /// The shared copy of `name`; a new name is shared as `owned` makes it.
+    fn name(&mut self, name: &str, owned: impl FnOnce() -> Arc<str>) -> Arc<str> {
         if let Some(shared) = self.names.get(name) {
             return shared.clone();
         }
-        let shared: Arc<str> = Arc::from(name);
+        let shared = owned();
         self.names.insert(shared.clone());
         shared
     }
@@ -160,16 +161,7 @@ impl FrameNames {
     /// `frames` with every name replaced by the shared one; a new name is
     /// shared as the batch brought it.
     fn share(&mut self, frames: &[Arc<str>]) -> Frames {
-        frames
-            .iter()
-            .map(|f| match self.names.get(&**f) {
-                Some(shared) => shared.clone(),
-                None => {
-                    self.names.insert(f.clone());
-                    f.clone()
-                }
-            })
-            .collect()
+        frames.iter().map(|f| self.name(f, || f.clone())).collect()
     }
 
     /// Frames as the catalog stores them, decoded onto the shared names.
@@ -177,7 +169,8 @@ impl FrameNames {
         let mut out = Vec::new();
         while !b.is_empty() {
             let n = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
-            out.push(self.name(std::str::from_utf8(b.get(4..4 + n)?).ok()?));
+            let name = std::str::from_utf8(b.get(4..4 + n)?).ok()?;
+            out.push(self.name(name, || Arc::from(name)));
             b = &b[4 + n..];
         }
         Some(out.into())
@@ -1503,6 +1496,7 @@ impl Store for EmbeddedStore {
             (w.recent.len() as u64, self.busy(&mut w))
         };
         let c = &self.counters;
+        let d = read(&self.dict);
         StoreStats {
             wal_fsyncs: c.fsyncs.load(Ordering::Relaxed),
             wal_fsync_failures: c.fsync_failures.load(Ordering::Relaxed),
@@ -1512,9 +1506,9 @@ impl Store for EmbeddedStore {
             wal_bytes: self.wal_bytes.load(Ordering::Relaxed),
             recent_batch_ids,
             busy,
-            dictionary_stacks: read(&self.dict).stacks.len() as u64,
-            dictionary_series: read(&self.dict).series.len() as u64,
-            dictionary_frame_names: read(&self.dict).names.names.len() as u64,
+            dictionary_stacks: d.stacks.len() as u64,
+            dictionary_series: d.series.len() as u64,
+            dictionary_frame_names: d.names.names.len() as u64,
             totals_cache_bytes: self.totals.bytes() as u64,
             result_cache_bytes: self.results.bytes() as u64,
         }
