@@ -27,11 +27,23 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// Serializes the tests of one binary that sample the whole host: they would otherwise
-/// see each other's workloads and compete for the two CPUs.
-pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// Who may use the host beside a test: the end-to-end tests share one binary, and
+/// libtest runs its tests on several threads.
+static HOST: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// The host to this test alone: for tests that measure (CPU shares, rates, off-CPU time
+/// against a reference or the wall clock, a comparison of two runs), which another test's
+/// workload or agent would move.
+pub fn host_alone() -> std::sync::RwLockWriteGuard<'static, ()> {
+    HOST.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The host shared with other tests of this kind: for tests whose checks are exact
+/// accounting or behaviour (every window shipped once, a spool bounded, privileges
+/// dropped), which other agents on the host cannot move, and which spend most of their
+/// time waiting on the wall clock. None runs while a test has the host alone.
+pub fn host_shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    HOST.read().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The BPF tests need root; never skip silently.

@@ -1,8 +1,9 @@
-//! Developer tasks: `cargo xtask setup | test | bench ...`.
+//! Developer tasks: `cargo xtask setup | test | demo | bench ...`.
 
 mod bench;
 mod demo;
 mod setup;
+mod test;
 
 use std::process::Command;
 
@@ -21,10 +22,14 @@ enum Task {
     /// Install what the build and tests need (rust-src, bpf-linker, perf, bpftrace,
     /// tracefs). Idempotent: does nothing that is already done.
     Setup,
-    /// Build every binary and run the whole test suite, including the tests that load
-    /// BPF programs (needs root).
+    /// Build every test once and run the whole suite, including the tests that load BPF
+    /// programs (needs root) and the web UI's browser tests; prints where the time went.
     Test {
-        /// Extra arguments for `cargo test`.
+        /// The inner loop: unit tests, the server's integration tests and one end-to-end
+        /// smoke test (no browser tests).
+        #[arg(long)]
+        quick: bool,
+        /// Arguments for every test binary, e.g. a test name filter.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
@@ -46,19 +51,7 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::run(),
-        Task::Test { args } => {
-            cargo(&["build", "--workspace", "--bins"])?;
-            let mut test = vec!["test", "--workspace"];
-            test.extend(args.iter().map(String::as_str));
-            cargo(&test)?;
-            // The web UI in a real browser, against the server binaries just built: the
-            // release one for the test that times a real-shaped flame graph from the click.
-            cargo(&["build", "--release", "-p", "profiler-server", "--bins"])?;
-            run(Command::new("bash")
-                .arg(root().join("profiler-server/ui-tests/run.sh"))
-                .env("PROFILER_SERVER_BIN", root().join("target/debug/profiler-server"))
-                .env("PROFILER_SERVER_RELEASE_BIN", root().join("target/release/profiler-server")))
-        }
+        Task::Test { quick, args } => test::run_tests(test::Options { quick, args }),
         Task::Demo { port, data_dir } => demo::run(demo::Options { port, data_dir: root().join(data_dir) }),
         Task::Bench { bench } => bench::run(bench),
     }

@@ -1,5 +1,4 @@
 //! Spawns the real `profiler-server` binary on an ephemeral port.
-#![allow(dead_code)] // each test crate uses a different subset
 
 pub mod sampled;
 

@@ -4,7 +4,7 @@
 //! nothing (at most 1 in 20), and a 5-point CPU shift into one function or
 //! 20 ms more blocked-io per request must come out on top with its kind.
 
-mod common;
+use crate::common;
 
 use common::sampled::{window, Rng, Workload, STEADY};
 use common::Proc;

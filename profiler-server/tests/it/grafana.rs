@@ -3,7 +3,7 @@
 //! same messages) answered as our own routes answer the same range and
 //! filter.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::io::Write;

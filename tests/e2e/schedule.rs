@@ -5,7 +5,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use profiler_tests::{cgroup_root, Daemon, Server, binary, exclusive, free_port, require_root};
+use profiler_tests::{cgroup_root, Daemon, Server, binary, host_alone, free_port, require_root};
 
 struct Kill(Child);
 
@@ -41,7 +41,7 @@ fn sample_rate(daemon: &Daemon, windows: u64) -> f64 {
 
 #[test]
 fn scheduled_run_raises_the_rate_then_returns_to_baseline() {
-    let _serial = exclusive();
+    let _host = host_alone();
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("server"), free_port());

@@ -1,6 +1,6 @@
 //! Every acknowledged sample survives `kill -9`, with flushes racing the kill.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

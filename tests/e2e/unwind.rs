@@ -12,7 +12,7 @@ use std::{
 };
 
 use profiler_tests::{
-    Agent, BpftraceOffCpu, PerfRecord, binary, exclusive, inclusive_shares, perf_folded, read_folded, require_root,
+    Agent, BpftraceOffCpu, PerfRecord, binary, host_alone, inclusive_shares, perf_folded, read_folded, require_root,
     sum_where,
 };
 
@@ -83,7 +83,7 @@ fn compare(functions: &[&str], ours: &HashMap<String, f64>, theirs: &HashMap<Str
 
 #[test]
 fn c_without_frame_pointers_matches_perf_dwarf() {
-    let _serial = exclusive();
+    let _host = host_alone();
     let dir = tempfile::tempdir().unwrap();
     let program = native_workload(dir.path());
     // Two threads, as in the Rust test below: a single thread sampled at a fixed period
@@ -101,7 +101,7 @@ fn c_without_frame_pointers_matches_perf_dwarf() {
 /// short of the entry; the agent learns the thread needs more and copies up to 64 KiB.
 #[test]
 fn deep_call_chains_reach_their_thread_entry() {
-    let _serial = exclusive();
+    let _host = host_alone();
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let program = native_workload(dir.path());
@@ -127,7 +127,7 @@ fn deep_call_chains_reach_their_thread_entry() {
 
 #[test]
 fn rust_release_build_matches_perf_dwarf() {
-    let _serial = exclusive();
+    let _host = host_alone();
     // Two threads: twice the samples, at two phases of the workload's loop, which a
     // single thread sampled at a fixed period can alias with.
     let (ours, theirs) = on_cpu_with_perf_dwarf(&binary("workload"), &["burn", "8", "2"], "workload");
@@ -140,7 +140,7 @@ fn rust_release_build_matches_perf_dwarf() {
 /// workload function that called it is only found by unwinding libc's `.eh_frame`.
 #[test]
 fn off_cpu_waits_through_libc_keep_their_caller() {
-    let _serial = exclusive();
+    let _host = host_alone();
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let program = native_workload(dir.path());
@@ -238,7 +238,7 @@ fn record_runtime(command: &mut Command) -> Vec<(Vec<String>, u64)> {
 
 #[test]
 fn node_jit_frames_are_named_from_its_perf_map() {
-    let _serial = exclusive();
+    let _host = host_alone();
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("hot.js");
@@ -269,7 +269,7 @@ process.stdin.once('data', () => {
 /// says so and checks nothing.
 #[test]
 fn python_frames_are_named_from_its_perf_map() {
-    let _serial = exclusive();
+    let _host = host_alone();
     let Some(python) = ["python3.14", "python3.13", "python3.12", "python3"].into_iter().find(|python| {
         Command::new(python)
             .args(["-c", "import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)"])

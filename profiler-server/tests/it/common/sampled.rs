@@ -4,7 +4,9 @@
 pub const SAMPLE_NS: i64 = 10_101_010; // 99 Hz
 pub const SAMPLES: usize = 2_000;
 
-#[path = "../../benches/common/mod.rs"]
+// The benches' helpers: only their Rng is used here.
+#[path = "../../../benches/common/mod.rs"]
+#[allow(dead_code)]
 mod rng;
 
 pub use rng::Rng;

@@ -3,7 +3,7 @@
 //! acknowledged row lost, no row counted twice, ingest refused with 503 while
 //! broken, and recovery on its own once the fault clears.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -2,7 +2,7 @@
 //! over HTTP and gRPC: totals, labels, trace links, retries, and a clear
 //! refusal of other layouts and versions.
 
-mod common;
+use crate::common;
 
 use common::{client, now_ms, Proc};
 use opentelemetry_proto::tonic::collector::profiles::v1development::profiles_service_client::ProfilesServiceClient;

@@ -3,7 +3,7 @@
 //! whole (409) and malformed windows are 400. Bundles (a window's parts in
 //! one request) the same, with one fsync and per-part batch ids.
 
-mod common;
+use crate::common;
 
 use common::{client, folded_total, now_ms, Proc};
 use profiler_pprof::stacks::{stack_id, BundleWriter, Writer};

@@ -7,7 +7,7 @@
 //! 30-second dirty writeback). Unlike a kill -9, this fails if the fsync
 //! before the acknowledgement is removed.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -10,7 +10,7 @@
 //! Rules made through the API run the same way, survive a restart, and leave
 //! the config file's rules alone.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

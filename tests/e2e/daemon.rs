@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use profiler_tests::{cgroup_root, Daemon, Server, binary, exclusive, free_port, require_root};
+use profiler_tests::{cgroup_root, Daemon, Server, binary, host_alone, host_shared, free_port, require_root};
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
@@ -49,7 +49,7 @@ fn value_of(node: &serde_json::Value, name: &str) -> u64 {
 
 #[test]
 fn workload_in_checkout_service_cgroup_shows_up_as_checkout() {
-    let _serial = exclusive();
+    let _host = host_alone();
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("server"), free_port());
@@ -95,7 +95,7 @@ fn workload_in_checkout_service_cgroup_shows_up_as_checkout() {
 /// so the host shows the script and the service, not one service per command.
 #[test]
 fn short_commands_group_under_their_script() {
-    let _serial = exclusive();
+    let _host = host_alone();
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("server"), free_port());
@@ -173,9 +173,11 @@ fn server_total(server: &Server, from: u64, until: u64) -> u64 {
         .sum()
 }
 
+/// Long enough for every retry of a window to fail and the spool to fill and back off;
+/// what is checked is the accounting, which an outage's length does not change.
 #[test]
-fn a_minute_of_server_outage_loses_nothing() {
-    let _serial = exclusive();
+fn a_server_outage_of_twenty_seconds_loses_nothing() {
+    let _host = host_shared();
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -186,7 +188,7 @@ fn a_minute_of_server_outage_loses_nothing() {
     std::thread::sleep(Duration::from_secs(6));
 
     server.stop();
-    std::thread::sleep(Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(20));
     assert!(daemon.metric("spool_profiles") > 0.0, "nothing was spooled during the outage");
     let server = Server::start(&data, port);
 
@@ -200,7 +202,7 @@ fn a_minute_of_server_outage_loses_nothing() {
     assert_eq!(counters["profiles_dropped"], 0);
     assert_eq!(counters["left_in_spool"], 0);
     assert!(counters["profiles_spooled"] > 0);
-    assert!(counters["windows"] >= 30, "the agent ran ~70 s in 2 s windows");
+    assert!(counters["windows"] >= 13, "the agent ran ~30 s in 2 s windows");
     assert_eq!(counters["profiles_shipped"], counters["profiles_produced"]);
     assert_eq!(counters["value_shipped_ns"], counters["value_produced_ns"]);
 
@@ -210,7 +212,7 @@ fn a_minute_of_server_outage_loses_nothing() {
 
 #[test]
 fn a_server_that_lost_its_data_is_sent_every_stack_again() {
-    let _serial = exclusive();
+    let _host = host_shared();
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -239,7 +241,7 @@ fn a_server_that_lost_its_data_is_sent_every_stack_again() {
 
 #[test]
 fn a_full_spool_drops_oldest_and_says_so() {
-    let _serial = exclusive();
+    let _host = host_shared();
     require_root();
     let dir = tempfile::tempdir().unwrap();
     // Nothing listens there: every window goes to a spool that holds only a few. A window
@@ -262,6 +264,7 @@ fn a_full_spool_drops_oldest_and_says_so() {
 
 #[test]
 fn bad_configs_fail_at_start_with_a_reason() {
+    let _host = host_shared();
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         ("[server]\nurl = \"http://127.0.0.1:1\"\nspeed = 3\n", "unknown field `speed`"),

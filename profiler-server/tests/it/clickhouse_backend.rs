@@ -2,8 +2,8 @@
 //! instances on one database, restarts and migrations, the 1-minute rollup.
 //! Runs real ClickHouse SQL through the chdb bridge (`pip install chdb`).
 
-mod chdb_bridge;
-mod common;
+use crate::chdb_bridge;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

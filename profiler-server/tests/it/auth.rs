@@ -2,7 +2,7 @@
 //! from other sites and out of loopback by DNS rebinding, and no open server
 //! on the network unless asked for.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 

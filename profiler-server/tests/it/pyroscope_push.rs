@@ -2,7 +2,7 @@
 //! installed by `cargo xtask setup` into `target/pyroscope-venv`), and its
 //! protocol edges with hand-built requests: JSON, gzip, retries, errors.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -2,7 +2,7 @@
 //! before they are decoded: eight at a time, each answered 4xx within 2 s,
 //! while the server's peak RSS stays under 512 MB and queries keep working.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! Round trips through the real server: what goes in comes out, via the
 //! in-memory buffer and again via Parquet after a restart.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -5,7 +5,7 @@
 //!
 //! The ClickHouse half needs python3 with chdb (`pip install chdb`).
 
-mod chdb_bridge;
+use crate::chdb_bridge;
 
 use std::collections::BTreeMap;
 

@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use profiler_tests::{Agent, BpftraceOffCpu, binary, exclusive, read_folded, require_root, sum_where};
+use profiler_tests::{Agent, BpftraceOffCpu, binary, host_alone, read_folded, require_root, sum_where};
 
 /// Every switch traced (no sampling), so the figures are exact up to the 1 ms floor.
 const EXACT: &[&str] = &["--off-cpu", "--off-cpu-sampling", "1", "--off-cpu-budget", "100000000", "--off-cpu-cpu-budget", "1000s"];
@@ -25,7 +25,7 @@ fn within(actual: f64, expected: f64, tolerance: f64) -> bool {
 
 #[test]
 fn waits_are_measured_and_classified() {
-    let _serial = exclusive();
+    let _host = host_alone();
     let dir = tempfile::tempdir().unwrap();
     let folded = dir.path().join("out.folded");
     let svg = dir.path().join("out.svg");
@@ -69,7 +69,7 @@ fn waits_are_measured_and_classified() {
 
 #[test]
 fn oversubscribed_thread_shows_runnable_time() {
-    let _serial = exclusive();
+    let _host = host_alone();
     let dir = tempfile::tempdir().unwrap();
     let folded = dir.path().join("out.folded");
     let mut args = vec!["--duration", "300s", "-o", folded.to_str().unwrap()];
@@ -120,7 +120,7 @@ fn sampled_off_cpu_totals_agree_with_bpftrace() {
 
 /// Runs the `mixed` workload for `seconds` under the agent with `settings` and bpftrace.
 fn totals_agree_with_bpftrace(settings: &[&str], seconds: &str) {
-    let _serial = exclusive();
+    let _host = host_alone();
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let folded = dir.path().join("out.folded");

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use profiler_tests::{binary, exclusive, require_root, Daemon};
+use profiler_tests::{binary, host_shared, require_root, Daemon};
 
 /// One ingest request as the stand-in server saw it, and its answer.
 #[derive(Clone, Debug)]
@@ -255,11 +255,11 @@ fn assert_each_batch_once(accepted: &[Request]) {
 }
 
 #[test]
-fn a_server_refusing_the_token_for_a_minute_loses_no_window() {
-    let _serial = exclusive();
+fn a_server_refusing_the_token_for_twenty_seconds_loses_no_window() {
+    let _host = host_shared();
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let refuse_until = Instant::now() + Duration::from_secs(60);
+    let refuse_until = Instant::now() + Duration::from_secs(20);
     let server = FakeServer::start(move |_| {
         if Instant::now() < refuse_until {
             403
@@ -284,10 +284,8 @@ fn a_server_refusing_the_token_for_a_minute_loses_no_window() {
         .iter()
         .filter(|line| line.contains("ERROR") && line.contains("authentication or route failed"))
         .count();
-    assert!(
-        (1..=2).contains(&loud),
-        "want the refusal logged about once a minute, got {loud} times"
-    );
+    // Logged once a minute: once in these 20 s, where every window was refused.
+    assert_eq!(loud, 1, "want the refusal logged once a minute, got {loud} times in 20 s");
 
     wait_until(
         "the spool drained after the server accepted again",
@@ -300,8 +298,8 @@ fn a_server_refusing_the_token_for_a_minute_loses_no_window() {
     assert_eq!(counters["profiles_dropped"], 0);
     assert_eq!(counters["left_in_spool"], 0);
     assert!(
-        counters["windows"] >= 30,
-        "the agent ran over a minute in 2 s windows"
+        counters["windows"] >= 10,
+        "the agent ran over 20 s in 2 s windows"
     );
     assert_eq!(counters["profiles_shipped"], counters["profiles_produced"]);
     assert_eq!(counters["value_shipped_ns"], counters["value_produced_ns"]);
@@ -319,7 +317,7 @@ fn a_server_refusing_the_token_for_a_minute_loses_no_window() {
 
 #[test]
 fn a_server_without_bundles_is_sent_pprof_and_loses_nothing() {
-    let _serial = exclusive();
+    let _host = host_shared();
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let server = FakeServer::start(|request| if request.format == "bundle" { 400 } else { 200 });
@@ -342,7 +340,7 @@ fn a_server_without_bundles_is_sent_pprof_and_loses_nothing() {
 
 #[test]
 fn a_payload_the_server_always_fails_is_dead_lettered_without_blocking_later_windows() {
-    let _serial = exclusive();
+    let _host = host_shared();
     require_root();
     let dir = tempfile::tempdir().unwrap();
     // The first payload the server ever sees fails, whenever it comes back.
@@ -521,7 +519,7 @@ fn open_files_limit(pid: u32) -> (u64, u64) {
 
 #[test]
 fn after_loading_only_the_runtime_capabilities_are_left_and_both_kinds_are_profiled() {
-    let _serial = exclusive();
+    let _host = host_shared();
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let server = FakeServer::start(|_| 200);
@@ -588,7 +586,7 @@ fn after_loading_only_the_runtime_capabilities_are_left_and_both_kinds_are_profi
 /// bounding set, which needs CAP_SETPCAP, and the agent still runs and profiles.
 #[test]
 fn started_as_a_user_with_the_runtime_capabilities_it_runs_and_keeps_them() {
-    let _serial = exclusive();
+    let _host = host_shared();
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let nobody = 65534;

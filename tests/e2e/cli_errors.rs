@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use profiler_tests::{binary, require_root};
+use profiler_tests::{binary, host_shared, require_root};
 
 fn run(command: &mut Command) -> (bool, String) {
     let output = command.env("NO_COLOR", "1").output().expect("run profiler-agent");
@@ -19,6 +19,7 @@ fn assert_one_line_error(success: bool, stderr: &str, needle: &str) {
 
 #[test]
 fn unknown_pid_is_rejected() {
+    let _host = host_shared();
     require_root();
     let (ok, stderr) = run(Command::new(binary("profiler-agent")).args(["record", "--duration", "1s", "--pid", "999999999", "-o", "/dev/null"]));
     assert_one_line_error(ok, &stderr, "no process with pid 999999999");
@@ -26,6 +27,7 @@ fn unknown_pid_is_rejected() {
 
 #[test]
 fn non_root_is_rejected() {
+    let _host = host_shared();
     require_root();
     let (ok, stderr) = run(Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
@@ -49,6 +51,7 @@ fn run_with_hidden(path: &str, extra: &[&str]) -> (bool, String) {
 /// often have none mounted).
 #[test]
 fn off_cpu_runs_without_tracefs() {
+    let _host = host_shared();
     require_root();
     let (ok, stderr) = run_with_hidden("/sys/kernel/tracing", &["--off-cpu"]);
     assert!(ok, "the agent failed without tracefs: {stderr}");
@@ -56,6 +59,7 @@ fn off_cpu_runs_without_tracefs() {
 
 #[test]
 fn missing_btf_is_reported() {
+    let _host = host_shared();
     require_root();
     let (ok, stderr) = run_with_hidden("/sys/kernel/btf", &[]);
     assert_one_line_error(ok, &stderr, "no BTF");
@@ -63,6 +67,7 @@ fn missing_btf_is_reported() {
 
 #[test]
 fn nothing_to_write_is_rejected() {
+    let _host = host_shared();
     let (ok, stderr) = run(Command::new(binary("profiler-agent")).args(["record", "--duration", "1s"]));
     assert_one_line_error(ok, &stderr, "nothing to write");
 }

@@ -1,6 +1,6 @@
 //! Hostile input gets a 4xx with a reason, and the server keeps serving.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};

@@ -1,7 +1,7 @@
 //! Queries cannot take the server down: ranges, node counts and export sizes
 //! are bounded, and a crowd of heavy queries neither fails nor stops ingest.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -10,23 +10,29 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use profiler_tests::{binary, cgroup_root, exclusive, free_port, require_root, run_workload, webhook_receiver, Agent, Daemon, Server};
+use profiler_tests::{binary, cgroup_root, host_alone, free_port, require_root, run_workload, webhook_receiver, Agent, Daemon, Server};
 
-/// Seconds each variant runs; the server cuts them into 2 s windows.
-const PHASE_S: u64 = 30;
+/// Seconds each compared variant runs; the agent and the server cut them into windows of
+/// `WINDOW_MS`, each an observation of the change detector: 1 s windows give a 14 s run
+/// about as many observations as 2 s windows gave a 30 s one, and sampling at `HZ` as
+/// many samples as 99 Hz did (a run's step_c share is then as precise: at 99 Hz over
+/// 14 s, one run in a few moved it by 3.4 points for the variant's 7).
+const PHASE_S: u64 = 14;
+const WINDOW_MS: i64 = 1_000;
+const HZ: u32 = 199;
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
-/// Runs the workload variant in the `shop.service` cgroup as `version`; returns the
-/// range of its steady part, in whole 2 s windows.
-fn phase(variant: &str, version: &str) -> (i64, i64) {
+/// Runs the workload variant in the `shop.service` cgroup as `version` for `seconds`;
+/// returns the range of its steady part, in whole windows.
+fn phase(variant: &str, version: &str, seconds: u64) -> (i64, i64) {
     let cgroup = format!("{}/shop.service", cgroup_root());
     std::fs::create_dir_all(&cgroup).expect("create cgroup shop.service");
     let start = now_ms();
     let out = Command::new("sh")
-        .args(["-c", &format!("echo $$ > {cgroup}/cgroup.procs && exec {} serve {PHASE_S} {variant}", binary("workload").display())])
+        .args(["-c", &format!("echo $$ > {cgroup}/cgroup.procs && exec {} serve {seconds} {variant}", binary("workload").display())])
         .env("WORKLOAD_DIR", "/var/tmp")
         .env("SERVICE_VERSION", version)
         .output()
@@ -35,7 +41,7 @@ fn phase(variant: &str, version: &str) -> (i64, i64) {
     let end = now_ms();
     eprintln!("serve {variant}: {}", String::from_utf8_lossy(&out.stdout).trim());
     // Leave out the windows the start and the end cut through.
-    ((start + 4_000).div_euclid(2_000) * 2_000, (end - 2_000).div_euclid(2_000) * 2_000)
+    ((start + 4_000).div_euclid(WINDOW_MS) * WINDOW_MS, (end - WINDOW_MS).div_euclid(WINDOW_MS) * WINDOW_MS)
 }
 
 fn significant(v: &serde_json::Value) -> Vec<String> {
@@ -50,18 +56,18 @@ fn significant(v: &serde_json::Value) -> Vec<String> {
 
 #[test]
 fn the_agent_s_profiles_show_a_cpu_shift_and_added_io_as_the_top_changes() {
-    let _serial = exclusive();
+    let _host = host_alone();
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let server_toml = dir.path().join("server.toml");
     let (hook, hooked) = webhook_receiver();
-    std::fs::write(&server_toml, format!("[storage]\nwindow_ms = 2000\n\n[deploys]\ncompare_secs = 20\ncheck_secs = 1\nwebhook = \"{hook}\"\n")).unwrap();
+    std::fs::write(&server_toml, format!("[storage]\nwindow_ms = {WINDOW_MS}\n\n[deploys]\ncompare_secs = 10\ncheck_secs = 1\nwebhook = \"{hook}\"\n")).unwrap();
     let server = Server::start_with(&dir.path().join("server"), free_port(), &["--config", server_toml.to_str().unwrap()]);
     let agent_toml = dir.path().join("agent.toml");
     std::fs::write(
         &agent_toml,
         format!(
-            "[server]\nurl = \"{}\"\n[sampling]\nwindow = \"2s\"\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+            "[server]\nurl = \"{}\"\n[sampling]\nwindow = \"{WINDOW_MS}ms\"\nfrequency_hz = {HZ}\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
             server.url,
             dir.path().join("spool").display()
         ),
@@ -71,13 +77,13 @@ fn the_agent_s_profiles_show_a_cpu_shift_and_added_io_as_the_top_changes() {
     // The first run after the agent starts is not compared: it is the only one that shares
     // the host with the agent's start (every binary of the host symbolized and its unwind
     // tables read), which the A/A comparison of the first and third runs would count.
-    // The same version: no deploy.
-    phase("base", "1.0");
+    // The same version: no deploy. Long enough for the agent's start to be over.
+    phase("base", "1.0", 8);
     // Each run is a deploy of a new version.
-    let base = phase("base", "1.0");
-    let cpu = phase("cpu", "2.0");
-    let again = phase("base", "3.0");
-    let io = phase("io", "4.0");
+    let base = phase("base", "1.0", PHASE_S);
+    let cpu = phase("cpu", "2.0", PHASE_S);
+    let again = phase("base", "3.0", PHASE_S);
+    let io = phase("io", "4.0", PHASE_S);
     // The last windows reach the server.
     std::thread::sleep(Duration::from_secs(5));
     daemon.stop();
@@ -102,6 +108,7 @@ fn the_agent_s_profiles_show_a_cpu_shift_and_added_io_as_the_top_changes() {
         "{v:#}"
     );
     let moved = top["target_share"].as_f64().unwrap() - top["base_share"].as_f64().unwrap();
+    eprintln!("step_c share {:.4} -> {:.4}", top["base_share"].as_f64().unwrap(), top["target_share"].as_f64().unwrap());
     // The variant gives step_c half again as much work: 6 to 8 points of the CPU here.
     assert!((0.04..0.11).contains(&moved), "step_c share moved by {moved}");
 
@@ -117,8 +124,8 @@ fn the_agent_s_profiles_show_a_cpu_shift_and_added_io_as_the_top_changes() {
     // Two threads waiting about 20 ms of each ~30 ms request: more than a thread waiting.
     assert!(top["delta_rate"].as_f64().unwrap() > 1.0, "{top}");
 
-    // The deploy of 2.0 was compared on its own: 20 s after it against 20 s before. Each
-    // of the three deploys is compared once its 20 s have passed.
+    // The deploy of 2.0 was compared on its own: 10 s after it against 10 s before. Each
+    // of the three deploys is compared once its 10 s have passed.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let events = loop {
         let events = server.get_json("/api/v1/events?service=shop");
@@ -171,7 +178,7 @@ fn compare(base: &str, target: &str, svg: &std::path::Path) -> (i32, String) {
 
 #[test]
 fn the_ci_gate_fails_on_the_cpu_variant_and_passes_on_a_rerun() {
-    let _serial = exclusive();
+    let _host = host_alone();
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let base = record(dir.path(), "base", 1);

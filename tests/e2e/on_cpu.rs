@@ -6,13 +6,13 @@ use std::{
     time::Duration,
 };
 
-use profiler_tests::{Agent, PerfRecord, binary, exclusive, perf_folded, read_folded, require_root, self_shares, sum_where};
+use profiler_tests::{Agent, PerfRecord, binary, host_alone, perf_folded, read_folded, require_root, self_shares, sum_where};
 
 const HZ: f64 = 99.0;
 
 #[test]
 fn burn_cpu_dominates_and_sample_count_matches_cpu_time() {
-    let _serial = exclusive();
+    let _host = host_alone();
     let dir = tempfile::tempdir().unwrap();
     let folded = dir.path().join("out.folded");
     let svg = dir.path().join("out.svg");
@@ -45,7 +45,7 @@ fn burn_cpu_dominates_and_sample_count_matches_cpu_time() {
 /// ~1600 samples each, so sampling noise on a share stays under 2 points.
 #[test]
 fn top_functions_agree_with_perf() {
-    let _serial = exclusive();
+    let _host = host_alone();
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let folded = dir.path().join("ours.folded");
@@ -91,7 +91,7 @@ fn top_functions_agree_with_perf() {
 /// neither zero nor absurd.
 #[test]
 fn in_kernel_cost_is_reported() {
-    let _serial = exclusive();
+    let _host = host_alone();
     let (runs, time_ns, samples) = recorded_cost(&["--duration", "300s", "--bpf-stats-share", "1"], &["burn", "1"], |_| {});
     assert!(runs >= samples && samples > 0, "{runs} runs for {samples} samples");
     let per_run = time_ns as f64 / runs as f64;
@@ -103,7 +103,7 @@ fn in_kernel_cost_is_reported() {
 /// two 10 s cycles of both CPUs burning, whose samples the estimate of runs must match.
 #[test]
 fn in_kernel_cost_is_estimated_from_a_share_of_the_time() {
-    let _serial = exclusive();
+    let _host = host_alone();
     let (runs, time_ns, samples) = recorded_cost(&["--duration", "20s"], &["burn", "21", "2"], |agent| {
         std::thread::sleep(Duration::from_secs(3));
         let early = agent.bpf_runs();
