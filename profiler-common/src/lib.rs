@@ -113,6 +113,7 @@ pub const STATE_PREEMPTED: u32 = 1 << 31;
 /// Task states of the sched_switch tracepoint (TASK_REPORT bits).
 pub const TASK_INTERRUPTIBLE: u32 = 0x1;
 pub const TASK_UNINTERRUPTIBLE: u32 = 0x2;
+pub const TASK_STOPPED: u32 = 0x4;
 pub const EXIT_DEAD: u32 = 0x10;
 pub const EXIT_ZOMBIE: u32 = 0x20;
 pub const TASK_PARKED: u32 = 0x40;
@@ -122,23 +123,30 @@ pub const TASK_REPORT_IDLE: u32 = 0x80;
 pub const RAW_TASK_DEAD: u64 = 0x80;
 const RAW_TASK_IDLE: u64 = 0x402;
 const RAW_TASK_RTLOCK_WAIT: u64 = 0x1000;
+const RAW_TASK_FROZEN: u64 = 0x8000;
 /// TASK_REPORT: the state bits the tracepoint reports.
 const RAW_TASK_REPORT: u64 = 0x7f;
 
 /// The state the sched_switch tracepoint reports for a switch-out, computed from the raw
 /// tracepoint's arguments the way the kernel's `__trace_sched_switch_state` does: the
-/// highest TASK_REPORT bit of `__state`, TASK_IDLE as [`TASK_REPORT_IDLE`], a task still
-/// runnable as [`STATE_PREEMPTED`].
+/// highest TASK_REPORT bit of `__state`, TASK_IDLE as [`TASK_REPORT_IDLE`] and
+/// TASK_RTLOCK_WAIT as uninterruptible whatever flags come with them (TASK_FREEZABLE), a
+/// task still runnable as [`STATE_PREEMPTED`]. One departure: a task entering the
+/// refrigerator (TASK_FROZEN, no TASK_REPORT bit) is reported by the kernel as running;
+/// here it is stopped, since it waits for a thaw, not for a CPU.
 #[inline(always)]
 pub const fn reported_state(raw_state: u64, preempted: bool) -> u32 {
     if preempted || raw_state == 0 {
         return STATE_PREEMPTED;
     }
-    if raw_state == RAW_TASK_IDLE {
+    if raw_state & RAW_TASK_IDLE == RAW_TASK_IDLE {
         return TASK_REPORT_IDLE;
     }
-    if raw_state == RAW_TASK_RTLOCK_WAIT {
+    if raw_state & RAW_TASK_RTLOCK_WAIT != 0 {
         return TASK_UNINTERRUPTIBLE;
+    }
+    if raw_state & RAW_TASK_FROZEN != 0 {
+        return TASK_STOPPED;
     }
     let report = raw_state & RAW_TASK_REPORT;
     if report == 0 {
@@ -296,6 +304,21 @@ mod tests {
         assert_eq!(reported_state(0x0, false), STATE_PREEMPTED);
         // Preempted while setting up a sleep: still runnable.
         assert_eq!(reported_state(0x1, true), STATE_PREEMPTED);
+    }
+
+    /// Since 6.1 a sleep may carry TASK_FREEZABLE (0x2000), and a task entering the
+    /// refrigerator switches out as TASK_FROZEN (0x8000), which has no TASK_REPORT bit.
+    #[test]
+    fn freezer_states_are_neither_disk_waits_nor_runnable() {
+        // TASK_IDLE | TASK_FREEZABLE: a freezable kernel thread idling, not a disk wait.
+        assert_eq!(reported_state(0x2402, false), TASK_REPORT_IDLE);
+        // TASK_INTERRUPTIBLE | TASK_FREEZABLE: still an interruptible sleep.
+        assert_eq!(reported_state(0x2001, false), TASK_INTERRUPTIBLE);
+        // TASK_RTLOCK_WAIT with other flags is still a lock wait, uninterruptible.
+        assert_eq!(reported_state(0x1000 | 0x2000, false), TASK_UNINTERRUPTIBLE);
+        // Frozen: stopped by the freezer (a frozen cgroup, suspend), not waiting for a CPU.
+        assert_eq!(reported_state(0x8000, false), TASK_STOPPED);
+        assert_eq!(reported_state(0x8000 | 0x2000, false), TASK_STOPPED);
     }
 
     #[test]
