@@ -58,7 +58,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(args))
+    run(cargo_command().args(args))
+}
+
+/// The cargo that runs xtask.
+pub fn cargo_command() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
 pub fn run(command: &mut Command) -> anyhow::Result<()> {

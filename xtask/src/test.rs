@@ -55,11 +55,12 @@ pub fn run_tests(options: Options) -> anyhow::Result<()> {
 
     for binary in &tests {
         let mut args = options.args.clone();
-        if options.quick && !binary.unit && binary.name != "profiler-server it" {
-            if binary.name != "profiler-tests e2e" {
-                continue;
+        if options.quick && !binary.unit {
+            match binary.name.as_str() {
+                "profiler-server it" => {}
+                "profiler-tests e2e" => args.extend([SMOKE_TEST.into(), "--exact".into()]),
+                _ => continue,
             }
-            args.extend([SMOKE_TEST.to_string(), "--exact".to_string()]);
         }
         steps.push(run_binary(binary, &args));
     }
@@ -88,7 +89,7 @@ struct Built {
 /// agent, its BPF programs and the server). The dev profile, tuned for the tests in the
 /// workspace's Cargo.toml.
 fn build_all() -> anyhow::Result<Built> {
-    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut cargo = crate::cargo_command();
     cargo
         // The BPF crate is built by the agent's build script, for its own target.
         .args(["build", "--workspace", "--exclude", "profiler-ebpf", "--bins", "--tests"])
@@ -138,7 +139,6 @@ fn package_name(id: &str) -> Option<String> {
 }
 
 fn run_binary(binary: &TestBinary, args: &[String]) -> Step {
-    println!("\n== {} ({})", binary.name, binary.executable.display());
     let mut command = Command::new(&binary.executable);
     command.args(args).current_dir(&binary.package_dir);
     // The end-to-end tests that only wait on the wall clock overlap (they take the host
@@ -146,19 +146,22 @@ fn run_binary(binary: &TestBinary, args: &[String]) -> Step {
     if binary.name == "profiler-tests e2e" {
         command.env("RUST_TEST_THREADS", "4");
     }
-    let started = Instant::now();
-    let passed = run(&mut command).map_err(|e| eprintln!("{e:#}")).is_ok();
-    Step { name: binary.name.clone(), took: started.elapsed(), passed }
+    timed(&binary.name, &mut command)
 }
 
 /// The web UI in a real browser, against the server binary the tests used.
 fn browser_tests(server: &Path) -> Step {
-    println!("\n== web UI in chromium");
+    let mut command = Command::new("bash");
+    command.arg(root().join("profiler-server/ui-tests/run.sh")).env("PROFILER_SERVER_BIN", server);
+    timed("web UI (browser)", &mut command)
+}
+
+/// Runs `command` as the step `name`: a failure is printed and the run goes on.
+fn timed(name: &str, command: &mut Command) -> Step {
+    println!("\n== {name} ({command:?})");
     let started = Instant::now();
-    let passed = run(Command::new("bash").arg(root().join("profiler-server/ui-tests/run.sh")).env("PROFILER_SERVER_BIN", server))
-    .map_err(|e| eprintln!("{e:#}"))
-    .is_ok();
-    Step { name: "web UI (browser)".into(), took: started.elapsed(), passed }
+    let passed = run(command).map_err(|e| eprintln!("{e:#}")).is_ok();
+    Step { name: name.to_string(), took: started.elapsed(), passed }
 }
 
 fn print_table(steps: &[Step], total: Duration) {
