@@ -242,7 +242,8 @@ impl PerfRecord {
 }
 
 /// A bpftrace reference for off-CPU time: the same sched_switch sum per thread of one
-/// process, with the same 1 ms floor, to compare with our figures on the same run.
+/// process, with the same floor as the agent's `--off-cpu-min-block`, to compare with our
+/// figures on the same run.
 pub struct BpftraceOffCpu {
     child: Child,
     stdout: BufReader<std::process::ChildStdout>,
@@ -250,7 +251,8 @@ pub struct BpftraceOffCpu {
 }
 
 impl BpftraceOffCpu {
-    pub fn start(pid: u32) -> BpftraceOffCpu {
+    /// Waits shorter than `min_block` are not counted.
+    pub fn start(pid: u32, min_block: Duration) -> BpftraceOffCpu {
         let script = tempfile::Builder::new().suffix(".bt").tempfile().unwrap();
         std::fs::write(
             script.path(),
@@ -260,7 +262,7 @@ impl BpftraceOffCpu {
   $s = @start[args->next_pid];
   if ($s != 0) {
     $d = nsecs - $s;
-    if ($d >= 1000000) { @off[args->next_pid] = sum($d); }
+    if ($d >= $2) { @off[args->next_pid] = sum($d); }
     delete(@start[args->next_pid]);
   }
 }
@@ -270,6 +272,7 @@ impl BpftraceOffCpu {
         let mut child = Command::new("bpftrace")
             .arg(script.path())
             .arg(pid.to_string())
+            .arg(min_block.as_nanos().to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

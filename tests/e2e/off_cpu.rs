@@ -133,7 +133,8 @@ fn totals_agree_with_bpftrace(settings: &[&str], seconds: &str) {
         .spawn()
         .unwrap();
     let pid = workload.id().to_string();
-    let bpftrace = BpftraceOffCpu::start(workload.id());
+    // The agent's default floor.
+    let bpftrace = BpftraceOffCpu::start(workload.id(), Duration::from_millis(1));
 
     let mut args = vec!["--duration", "300s", "--pid", &pid, "-o", folded.to_str().unwrap()];
     args.extend_from_slice(settings);

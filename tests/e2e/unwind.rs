@@ -147,7 +147,10 @@ fn off_cpu_waits_through_libc_keep_their_caller() {
     let folded = dir.path().join("out.folded");
     let workload = waiting(&program, &["waits", "5", dir.path().to_str().unwrap()]);
     let pid = workload.id().to_string();
-    let bpftrace = BpftraceOffCpu::start(workload.id());
+    // Every wait, however short: the syncer's fdatasyncs take about 80 µs on a fast
+    // disk, where one in 20,000 reached the default 1 ms floor (one run of five seconds
+    // saw none, and had nothing to compare).
+    let bpftrace = BpftraceOffCpu::start(workload.id(), Duration::ZERO);
     let agent = Agent::record(&[
         "--duration",
         "300s",
@@ -162,6 +165,8 @@ fn off_cpu_waits_through_libc_keep_their_caller() {
         "100000000",
         "--off-cpu-cpu-budget",
         "1000s",
+        "--off-cpu-min-block",
+        "0s",
         // Every switch of the syncer's short fdatasyncs, 20,000 a second, in 16 KiB
         // records: the default 8 MiB hold 25 ms of them, which a debug build's reader on
         // a busy CI machine has been seen to fall behind.
