@@ -15,8 +15,8 @@ use profiler_tests::{binary, cgroup_root, host_alone, free_port, require_root, r
 /// Seconds each compared variant runs; the agent and the server cut them into windows of
 /// `WINDOW_MS`, each an observation of the change detector: 1 s windows give a 14 s run
 /// about as many observations as 2 s windows gave a 30 s one, and sampling at `HZ` as
-/// many samples as 99 Hz did (a run's step_c share is then as precise: at 99 Hz over
-/// 14 s, one run in a few moved it by 3.4 points for the variant's 7).
+/// many samples as 99 Hz did, so a run's step_c share is as precise (at 99 Hz over 14 s,
+/// one run measured a move of 3.4 points for the variant's 7).
 const PHASE_S: u64 = 14;
 const WINDOW_MS: i64 = 1_000;
 const HZ: u32 = 199;
