@@ -215,15 +215,15 @@ pub fn perf_folded(perf_data: &Path) -> Vec<(Vec<String>, u64)> {
     parse_folded(&String::from_utf8(collapsed).unwrap())
 }
 
-/// `perf record -F 99 ARGS -p PID`, running until [`PerfRecord::finish`].
+/// `perf record -F HZ ARGS -p PID`, running until [`PerfRecord::finish`].
 pub struct PerfRecord {
     child: Child,
 }
 
 impl PerfRecord {
-    pub fn start(pid: u32, output: &Path, args: &[&str]) -> PerfRecord {
+    pub fn start(pid: u32, hz: u32, output: &Path, args: &[&str]) -> PerfRecord {
         let child = Command::new("perf")
-            .args(["record", "-q", "-F", "99"])
+            .args(["record", "-q", "-F", &hz.to_string()])
             .args(args)
             .args(["-p", &pid.to_string(), "-o"])
             .arg(output)

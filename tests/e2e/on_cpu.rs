@@ -59,7 +59,7 @@ fn top_functions_agree_with_perf() {
         .unwrap();
     let pid = workload.id().to_string();
     let agent = Agent::record(&["--duration", "300s", "--pid", &pid, "-o", folded.to_str().unwrap()]);
-    let perf = PerfRecord::start(workload.id(), &perf_data, &["-g"]);
+    let perf = PerfRecord::start(workload.id(), 99, &perf_data, &["-g"]);
     std::thread::sleep(std::time::Duration::from_millis(1500));
     workload.stdin.take().unwrap().write_all(b"go\n").unwrap();
     assert!(workload.wait().unwrap().success());
