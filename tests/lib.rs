@@ -197,11 +197,13 @@ pub fn inclusive_shares(stacks: &[(Vec<String>, u64)], root: impl Fn(&str) -> bo
     by_function.into_iter().map(|(name, v)| (name, v as f64 / total.max(1) as f64)).collect()
 }
 
-/// `perf script` of a perf.data file, collapsed by inferno: frames root first, the root
-/// named after the thread.
-pub fn perf_folded(perf_data: &Path) -> Vec<(Vec<String>, u64)> {
+/// `perf script ARGS` of a perf.data file, collapsed by inferno: frames root first, the
+/// root named after the thread.
+pub fn perf_folded(perf_data: &Path, args: &[&str]) -> Vec<(Vec<String>, u64)> {
     let script = Command::new("perf")
-        .args(["script", "-i"])
+        .arg("script")
+        .args(args)
+        .arg("-i")
         .arg(perf_data)
         .stderr(Stdio::null())
         .output()

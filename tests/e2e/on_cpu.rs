@@ -66,7 +66,7 @@ fn top_functions_agree_with_perf() {
     perf.finish();
     agent.finish();
 
-    let theirs = perf_folded(&perf_data);
+    let theirs = perf_folded(&perf_data, &[]);
     // perf names the root after the thread; we name it after the process.
     let theirs_shares = self_shares(&theirs, "wl-burn");
     let ours_shares = self_shares(&read_folded(&folded), "workload");
