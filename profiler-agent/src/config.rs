@@ -118,6 +118,9 @@ pub struct OffCpuConfig {
     /// In-kernel CPU time per second spent recording switch-outs.
     #[serde(with = "humantime_serde")]
     pub cpu_budget: Duration,
+    /// Threads that switched out at most this many times in the last 100 ms have every
+    /// switch-out recorded; the others are sampled.
+    pub thread_quota: u32,
 }
 
 impl Default for OffCpuConfig {
@@ -130,6 +133,7 @@ impl Default for OffCpuConfig {
             sampling: defaults.sample_probability,
             budget: budget.switches_per_s,
             cpu_budget: budget.kernel_cpu_per_s,
+            thread_quota: defaults.thread_quota,
         }
     }
 }
@@ -211,6 +215,7 @@ impl AgentConfig {
             off_cpu: self.off_cpu.enabled.then_some(OffCpuOptions {
                 min_block: self.off_cpu.min_block,
                 sample_probability: self.off_cpu.sampling,
+                thread_quota: self.off_cpu.thread_quota,
                 ..OffCpuOptions::default()
             }),
             max_stack_keys: self.sampling.max_stack_keys,

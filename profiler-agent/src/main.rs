@@ -140,6 +140,12 @@ struct RecordArgs {
     /// CPUs); rate control lowers the share recorded to stay under it.
     #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
     off_cpu_cpu_budget: Duration,
+    /// Threads that switched out at most this many times in the last 100 ms have every
+    /// switch-out recorded; one switching n times more is recorded at 1/n² (0: all are
+    /// sampled alike). Threads that block rarely then have every wait counted exactly;
+    /// rate control lowers it when their records would take over 3/4 of the budget.
+    #[arg(long, default_value_t = OffCpuOptions::default().thread_quota)]
+    off_cpu_thread_quota: u32,
     /// How often the kernel maps are drained.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     window: Duration,
@@ -254,6 +260,7 @@ fn run_record(args: RecordArgs) -> anyhow::Result<()> {
             off_cpu: args.off_cpu.then_some(OffCpuOptions {
                 min_block: args.off_cpu_min_block,
                 sample_probability: args.off_cpu_sampling,
+                thread_quota: args.off_cpu_thread_quota,
                 ..OffCpuOptions::default()
             }),
             max_stack_keys: args.max_stack_keys,

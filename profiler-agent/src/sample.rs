@@ -117,7 +117,18 @@ pub struct OffCpuOptions {
     /// those 10 ms records at 1/64 of it (0: no limit). The session sets it from its
     /// budget, for the bursts rate control has not caught up with yet.
     pub burst_quota: u32,
+    /// A thread that switched out at most this many times in the last 100 ms has its
+    /// switch-outs recorded at p = 1; one switching n times more at 1/n² (see
+    /// `Config::offcpu_thread_quota`), or at `sample_probability` when that is higher.
+    /// 0: all are sampled alike. Rate control lowers it when these records would take
+    /// more than 3/4 of the budget.
+    pub thread_quota: u32,
 }
+
+/// Twenty switch-outs per 100 ms: every wait of a thread that blocks up to 200 times a
+/// second (a lock holder, a sleeper on a 20 ms timer, a database call, a lock waiter
+/// that wakes more than once per acquisition) is recorded.
+pub const DEFAULT_THREAD_QUOTA: u32 = 20;
 
 impl Default for OffCpuOptions {
     fn default() -> Self {
@@ -125,6 +136,7 @@ impl Default for OffCpuOptions {
             min_block: Duration::from_micros(1000),
             sample_probability: 1.0,
             burst_quota: 0,
+            thread_quota: DEFAULT_THREAD_QUOTA,
         }
     }
 }
@@ -367,6 +379,7 @@ impl Sampler {
                 self.config.offcpu_weight_q16 = weight;
                 self.config.offcpu_min_ns = off.min_block.as_nanos() as u64;
                 self.config.offcpu_burst_quota = off.burst_quota;
+                self.config.offcpu_thread_quota = off.thread_quota;
                 self.config_map.set(0, self.config, 0)?;
                 if self.off_cpu_link.is_none() {
                     if !self.off_cpu_loaded {
@@ -410,11 +423,13 @@ impl Sampler {
         Ok(())
     }
 
-    /// Changes the share of switch-outs that are recorded (rate control).
-    pub fn set_off_cpu_probability(&mut self, probability: f64) -> anyhow::Result<()> {
+    /// Sets the share of switch-outs that are sampled and the threads' quota (rate
+    /// control).
+    pub fn set_off_cpu_rates(&mut self, probability: f64, thread_quota: u32) -> anyhow::Result<()> {
         let (threshold, weight) = sampling_threshold(probability)?;
         self.config.offcpu_sample_threshold = threshold;
         self.config.offcpu_weight_q16 = weight;
+        self.config.offcpu_thread_quota = thread_quota;
         self.config_map.set(0, self.config, 0)?;
         Ok(())
     }

@@ -185,8 +185,10 @@ impl Session {
             self.sampler.tick_run_stats();
             if let Some(rate) = self.rate.as_mut() {
                 if rate.due() {
-                    if let Some(probability) = rate.tick(RateCounters::read(&self.sampler)?, Instant::now()) {
-                        self.sampler.set_off_cpu_probability(probability)?;
+                    let before = rate.rates();
+                    let rates = rate.tick(RateCounters::read(&self.sampler)?, Instant::now());
+                    if rates != before {
+                        self.sampler.set_off_cpu_rates(rates.probability, rates.thread_quota)?;
                     }
                 }
             }
@@ -287,11 +289,19 @@ impl Session {
 struct RateCounters {
     switches: u64,
     record_ns: u64,
+    /// Switch-outs recorded, and those of them recorded at their thread's own probability.
+    recorded: u64,
+    by_quota: u64,
 }
 
 impl RateCounters {
     fn read(sampler: &Sampler) -> anyhow::Result<Self> {
-        Ok(Self { switches: host_context_switches()?, record_ns: sampler.stat_total(Stat::SwitchOutRecordNs)? })
+        Ok(Self {
+            switches: host_context_switches()?,
+            record_ns: sampler.stat_total(Stat::SwitchOutRecordNs)?,
+            recorded: sampler.stat_total(Stat::SwitchOutsRecorded)?,
+            by_quota: sampler.stat_total(Stat::SwitchOutsByQuota)?,
+        })
     }
 }
 
@@ -317,23 +327,41 @@ fn starting_point(off_cpu: Option<&OffCpuOptions>, budget: &OffCpuBudget) -> any
     Ok(Some(OffCpuOptions { sample_probability: probability, burst_quota: budget.burst_quota(cpus), ..off.clone() }))
 }
 
-/// Keeps off-CPU recording under its [`OffCpuBudget`] by lowering the sampling
-/// probability; recorded waits carry the probability they were recorded at, so totals
-/// stay unbiased while it moves.
+/// Keeps off-CPU recording under its [`OffCpuBudget`]. Each thread's first switch-outs
+/// of a tick are recorded at p = 1 (its quota); rate control keeps the quotas' records
+/// under half of the budget by lowering the quota, and the switch-outs past them under
+/// the rest by lowering the sampling probability. Recorded waits carry the probability
+/// they were recorded at, so totals stay unbiased while either moves.
 struct RateControl {
     budget: OffCpuBudget,
     max_probability: f64,
     probability: f64,
+    max_thread_quota: u32,
+    thread_quota: u32,
+    /// Smoothed share of the budget the quotas' records take (NaN before the first tick).
+    quota_load: f64,
     last: Instant,
     last_counters: RateCounters,
     weighted: f64,
     switches_total: f64,
 }
 
+/// What rate control sets for the next tick.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Rates {
+    probability: f64,
+    thread_quota: u32,
+}
+
 /// The lowest probability rate control goes to: one switch in 10,000.
 const MIN_PROBABILITY: f64 = 1e-4;
-/// The most rate control raises the probability by in one tick.
+/// The most rate control raises the probability or the quota by in one tick.
 const RAISE_PER_TICK: f64 = 1.25;
+/// The share of each budget the threads' quotas may take; sampling gets the rest, so a
+/// host with thousands of threads waking often still has every thread sampled.
+const QUOTA_SHARE: f64 = 0.75;
+/// Weight of a tick in the smoothed quota load.
+const QUOTA_SMOOTHING: f64 = 0.1;
 
 impl RateControl {
     /// Rate control for off-CPU tracing just attached with `started` (see
@@ -345,16 +373,32 @@ impl RateControl {
         budget: OffCpuBudget,
         sampler: &Sampler,
     ) -> anyhow::Result<Option<Self>> {
-        let (Some(options), Some(started)) = (options, started) else { return Ok(None) };
-        Ok(Some(Self::new(options, budget, RateCounters::read(sampler)?, started.sample_probability)))
+        let (Some(options), Some(started)) = (options, started) else {
+            return Ok(None);
+        };
+        Ok(Some(Self::new(
+            options,
+            budget,
+            RateCounters::read(sampler)?,
+            started.sample_probability,
+        )))
     }
 
-    /// `options` hold the highest probability; tracing was attached at `probability`.
-    fn new(options: &OffCpuOptions, budget: OffCpuBudget, counters_now: RateCounters, probability: f64) -> Self {
+    /// `options` hold the highest probability and quota; tracing was attached at
+    /// `probability` and the highest quota.
+    fn new(
+        options: &OffCpuOptions,
+        budget: OffCpuBudget,
+        counters_now: RateCounters,
+        probability: f64,
+    ) -> Self {
         Self {
             budget,
             max_probability: options.sample_probability,
             probability,
+            max_thread_quota: options.thread_quota,
+            thread_quota: options.thread_quota,
+            quota_load: f64::NAN,
             last: Instant::now(),
             last_counters: counters_now,
             weighted: 0.0,
@@ -368,41 +412,100 @@ impl RateControl {
         self.last.elapsed() >= TICK
     }
 
-    /// Takes the counters' values at `now`; returns the probability to switch to, if it
-    /// changes.
-    fn tick(&mut self, counters: RateCounters, now: Instant) -> Option<f64> {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64().max(1e-3);
-        let switches = counters.switches.saturating_sub(self.last_counters.switches) as f64;
-        let record_ns = counters.record_ns.saturating_sub(self.last_counters.record_ns) as f64;
-        self.weighted += switches * self.probability;
+    /// Takes the counters' values at `now`; returns the probability and quota for the
+    /// next tick.
+    fn tick(&mut self, counters: RateCounters, now: Instant) -> Rates {
+        let elapsed = now
+            .saturating_duration_since(self.last)
+            .as_secs_f64()
+            .max(1e-3);
+        let delta = |now: u64, then: u64| now.saturating_sub(then) as f64;
+        let switches = delta(counters.switches, self.last_counters.switches);
+        let record_ns = delta(counters.record_ns, self.last_counters.record_ns);
+        let recorded = delta(counters.recorded, self.last_counters.recorded);
+        let by_quota = delta(counters.by_quota, self.last_counters.by_quota).min(recorded);
+        self.weighted += by_quota + (switches - by_quota).max(0.0) * self.probability;
         self.switches_total += switches;
         self.last_counters = counters;
         self.last = now;
 
-        let switch_rate = switches / elapsed;
-        let by_count = self.budget.switches_per_s as f64 / switch_rate.max(1.0);
-        // Recording cost is proportional to the probability it was recorded at.
+        // The quotas' share of each budget: their records' count, and their part of the
+        // recording time (records cost about the same whichever way they were chosen).
+        let quota_share_of_time = if recorded > 0.0 {
+            by_quota / recorded
+        } else {
+            0.0
+        };
+        let quota_rate = by_quota / elapsed;
         let cpu_rate = record_ns / elapsed;
-        let by_cpu = if cpu_rate > 0.0 {
-            self.probability * self.budget.kernel_cpu_per_s.as_nanos() as f64 / cpu_rate
+        let count_budget = self.budget.switches_per_s as f64;
+        let cpu_budget = self.budget.kernel_cpu_per_s.as_nanos() as f64;
+        let tick_load =
+            (quota_rate / count_budget).max(cpu_rate * quota_share_of_time / cpu_budget);
+        if tick_load > 2.0 * QUOTA_SHARE {
+            // Far over its share (many new threads): down at once, by what this tick's
+            // records at the quota cost.
+            self.thread_quota = (self.thread_quota as f64 * QUOTA_SHARE / tick_load) as u32;
+            self.quota_load = QUOTA_SHARE;
+        } else {
+            // Otherwise one step a tick, following the load smoothed over about a second:
+            // a step of the quota changes the weights of the threads near it, and the
+            // steadier it is, the steadier their totals from window to window.
+            self.quota_load = if self.quota_load.is_nan() {
+                tick_load
+            } else {
+                self.quota_load + QUOTA_SMOOTHING * (tick_load - self.quota_load)
+            };
+            if self.quota_load > QUOTA_SHARE {
+                self.thread_quota = self.thread_quota.saturating_sub(1);
+            } else if self.quota_load * RAISE_PER_TICK <= QUOTA_SHARE {
+                self.thread_quota = (self.thread_quota + 1).min(self.max_thread_quota);
+            }
+        }
+
+        // Sampling gets what the quotas leave of each budget.
+        let sampled_switch_rate = (switches - by_quota).max(0.0) / elapsed;
+        let by_count = (count_budget - quota_rate.min(count_budget * QUOTA_SHARE))
+            / sampled_switch_rate.max(1.0);
+        // Recording cost is proportional to the probability it was recorded at.
+        let sampled_cpu_rate = cpu_rate * (1.0 - quota_share_of_time);
+        let by_cpu = if sampled_cpu_rate > 0.0 {
+            let left = cpu_budget - (cpu_rate * quota_share_of_time).min(cpu_budget * QUOTA_SHARE);
+            self.probability * left / sampled_cpu_rate
         } else {
             f64::INFINITY
         };
-        let target = by_count.min(by_cpu).min(self.max_probability).max(MIN_PROBABILITY);
+        let target = by_count
+            .min(by_cpu)
+            .min(self.max_probability)
+            .max(MIN_PROBABILITY);
         // Down at once when over budget, back up by a quarter a tick: a tick measured
         // under budget by chance (100 ms of a bursty load) then moves the next one only a
         // little over it, where doubling could take it to twice the budget.
-        let next = if target < self.probability { target } else { (self.probability * RAISE_PER_TICK).min(target) };
+        let next = if target < self.probability {
+            target
+        } else {
+            (self.probability * RAISE_PER_TICK).min(target)
+        };
         if (next - self.probability).abs() > self.probability * 0.05 {
             self.probability = next;
-            Some(next)
-        } else {
-            None
+        }
+        self.rates()
+    }
+
+    fn rates(&self) -> Rates {
+        Rates {
+            probability: self.probability,
+            thread_quota: self.thread_quota,
         }
     }
 
     fn effective(&self) -> f64 {
-        if self.switches_total == 0.0 { self.probability } else { self.weighted / self.switches_total }
+        if self.switches_total == 0.0 {
+            self.probability
+        } else {
+            self.weighted / self.switches_total
+        }
     }
 }
 
@@ -436,9 +539,19 @@ impl Drop for WatcherGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sample::DEFAULT_THREAD_QUOTA;
 
     fn every_switch() -> OffCpuOptions {
         OffCpuOptions { sample_probability: 1.0, ..OffCpuOptions::default() }
+    }
+
+    fn counters(switches: u64, record_ns: u64, recorded: u64, by_quota: u64) -> RateCounters {
+        RateCounters {
+            switches,
+            record_ns,
+            recorded,
+            by_quota,
+        }
     }
 
     /// A deep-profile run starts and ends with new settings while the kernel's counters
@@ -446,49 +559,187 @@ mod tests {
     /// switches, not every switch since start.
     #[test]
     fn settings_switch_keeps_the_estimate() {
-        let since_start = RateCounters { switches: 3_000_000_000, record_ns: 40_000_000_000 };
+        let since_start = counters(3_000_000_000, 40_000_000_000, 20_000_000, 0);
         let mut rate = RateControl::new(&every_switch(), OffCpuBudget::default(), since_start, 1.0);
-        let second_later = RateCounters { switches: since_start.switches + 1000, record_ns: since_start.record_ns + 2_000_000 };
-        let change = rate.tick(second_later, rate.last + Duration::from_secs(1));
-        assert_eq!(change, None, "1000 switches/s at 2 ms/s is within budget");
-        assert!((rate.effective() - 1.0).abs() <= 0.1, "weights would be off by {}x", 1.0 / rate.effective());
+        let second_later = counters(
+            since_start.switches + 1000,
+            since_start.record_ns + 2_000_000,
+            since_start.recorded + 1000,
+            0,
+        );
+        let rates = rate.tick(second_later, rate.last + Duration::from_secs(1));
+        assert_eq!(
+            rates.probability, 1.0,
+            "1000 switches/s at 2 ms/s is within budget"
+        );
+        assert!(
+            (rate.effective() - 1.0).abs() <= 0.1,
+            "weights would be off by {}x",
+            1.0 / rate.effective()
+        );
     }
 
     #[test]
     fn switch_rate_over_budget_lowers_the_probability() {
-        let mut rate = RateControl::new(&every_switch(), OffCpuBudget::default(), RateCounters::default(), 1.0);
-        let change = rate.tick(RateCounters { switches: 40_000, record_ns: 0 }, rate.last + Duration::from_secs(1));
-        assert_eq!(change, Some(0.1));
+        let mut rate = RateControl::new(
+            &every_switch(),
+            OffCpuBudget::default(),
+            RateCounters::default(),
+            1.0,
+        );
+        let rates = rate.tick(
+            counters(40_000, 0, 0, 0),
+            rate.last + Duration::from_secs(1),
+        );
+        assert_eq!(rates.probability, 0.1);
     }
 
     /// Switch rate within budget, but the recorded switch-outs are expensive (deep stacks):
     /// the in-kernel CPU budget binds.
     #[test]
     fn in_kernel_cpu_over_budget_lowers_the_probability() {
-        let budget = OffCpuBudget { switches_per_s: 4000, kernel_cpu_per_s: Duration::from_millis(10) };
+        let budget = OffCpuBudget {
+            switches_per_s: 4000,
+            kernel_cpu_per_s: Duration::from_millis(10),
+        };
         let mut rate = RateControl::new(&every_switch(), budget, RateCounters::default(), 1.0);
-        let change = rate.tick(RateCounters { switches: 2000, record_ns: 40_000_000 }, rate.last + Duration::from_secs(1));
-        let probability = change.expect("40 ms/s is over a 10 ms/s budget");
-        assert!((probability - 0.25).abs() < 1e-9, "{probability}");
+        let rates = rate.tick(
+            counters(2000, 40_000_000, 2000, 0),
+            rate.last + Duration::from_secs(1),
+        );
+        assert!(
+            (rates.probability - 0.25).abs() < 1e-9,
+            "40 ms/s is over a 10 ms/s budget: {}",
+            rates.probability
+        );
         // At the lower probability the cost fits, and nothing changes.
         let next = rate.last_counters;
-        let within = RateCounters { switches: next.switches + 2000, record_ns: next.record_ns + 10_000_000 };
-        assert_eq!(rate.tick(within, rate.last + Duration::from_secs(1)), None);
+        let within = counters(
+            next.switches + 2000,
+            next.record_ns + 10_000_000,
+            next.recorded + 500,
+            0,
+        );
+        assert_eq!(
+            rate.tick(within, rate.last + Duration::from_secs(1))
+                .probability,
+            rates.probability
+        );
     }
 
     /// Under budget, the probability comes back up a quarter at a time, not all at once.
     #[test]
     fn the_probability_rises_slowly() {
-        let mut rate = RateControl::new(&every_switch(), OffCpuBudget::default(), RateCounters::default(), 0.01);
-        let quiet = RateCounters { switches: 1000, record_ns: 100_000 };
-        assert_eq!(rate.tick(quiet, rate.last + Duration::from_secs(1)), Some(0.0125));
+        let mut rate = RateControl::new(
+            &every_switch(),
+            OffCpuBudget::default(),
+            RateCounters::default(),
+            0.01,
+        );
+        let quiet = counters(1000, 100_000, 10, 0);
+        assert_eq!(
+            rate.tick(quiet, rate.last + Duration::from_secs(1))
+                .probability,
+            0.0125
+        );
     }
 
     #[test]
     fn unlimited_budget_never_samples() {
-        let mut rate = RateControl::new(&every_switch(), OffCpuBudget::UNLIMITED, RateCounters::default(), 1.0);
-        let busy = RateCounters { switches: 2_000_000, record_ns: 4_000_000_000 };
-        assert_eq!(rate.tick(busy, rate.last + Duration::from_secs(1)), None);
+        let mut rate = RateControl::new(
+            &every_switch(),
+            OffCpuBudget::UNLIMITED,
+            RateCounters::default(),
+            1.0,
+        );
+        let busy = counters(2_000_000, 4_000_000_000, 2_000_000, 20_000);
+        let rates = rate.tick(busy, rate.last + Duration::from_secs(1));
+        assert_eq!(
+            rates,
+            Rates {
+                probability: 1.0,
+                thread_quota: DEFAULT_THREAD_QUOTA
+            }
+        );
+    }
+
+    /// Thousands of threads each within their quota: the quota comes down at once to
+    /// what fits its share of the budget, and sampling gets what is left.
+    #[test]
+    fn quotas_far_over_their_share_come_down_at_once() {
+        let mut rate = RateControl::new(
+            &every_switch(),
+            OffCpuBudget::default(),
+            RateCounters::default(),
+            0.05,
+        );
+        // 4,000 quota records/s at 4 µs each: 16 ms/s of a 5 ms/s budget.
+        let rates = rate.tick(
+            counters(100_000, 16_000_000, 4000, 4000),
+            rate.last + Duration::from_secs(1),
+        );
+        assert_eq!(
+            rates.thread_quota,
+            (DEFAULT_THREAD_QUOTA as f64 * 0.75 / 3.2) as u32
+        );
+        // A quarter of the 4,000/s left for 96,000 switches/s.
+        assert!(
+            (rates.probability - 1000.0 / 96_000.0).abs() < 1e-9,
+            "{}",
+            rates.probability
+        );
+    }
+
+    /// A little over its share, the quota comes down one step a tick.
+    #[test]
+    fn quotas_over_their_share_come_down_a_step_a_tick() {
+        let mut rate = RateControl::new(
+            &every_switch(),
+            OffCpuBudget::default(),
+            RateCounters::default(),
+            0.05,
+        );
+        // 3,200 quota records/s of 4,000, at 1 µs each: 80% of the count budget.
+        let rates = rate.tick(
+            counters(100_000, 3_200_000, 3200, 3200),
+            rate.last + Duration::from_secs(1),
+        );
+        assert_eq!(rates.thread_quota, DEFAULT_THREAD_QUOTA - 1);
+    }
+
+    /// A quota cut by a busy tick comes back once the load is gone, one step a tick, up
+    /// to the configured one.
+    #[test]
+    fn quotas_come_back_up_a_step_a_tick() {
+        let mut rate = RateControl::new(
+            &every_switch(),
+            OffCpuBudget::default(),
+            RateCounters::default(),
+            1.0,
+        );
+        let busy = rate.tick(
+            counters(100_000, 16_000_000, 4000, 4000),
+            rate.last + Duration::from_secs(1),
+        );
+        let mut quotas = vec![busy.thread_quota];
+        for _ in 0..40 {
+            let last = rate.last_counters;
+            let quiet = counters(
+                last.switches + 1000,
+                last.record_ns + 100_000,
+                last.recorded + 100,
+                last.by_quota + 100,
+            );
+            quotas.push(
+                rate.tick(quiet, rate.last + Duration::from_secs(1))
+                    .thread_quota,
+            );
+        }
+        assert!(
+            quotas.windows(2).all(|q| q[1] == q[0] || q[1] == q[0] + 1),
+            "{quotas:?}"
+        );
+        assert_eq!(quotas.last(), Some(&DEFAULT_THREAD_QUOTA), "{quotas:?}");
     }
 
     /// The kernel's burst quota is twice a CPU's share of the budget per 10 ms: steady

@@ -103,9 +103,39 @@ pub const PENDING_SLOTS: u32 = 16384;
 /// The `PENDING` slot of a task, from the address of its `task_struct`.
 #[inline(always)]
 pub const fn pending_slot(task: u64) -> u32 {
+    task_hash(task, PENDING_SLOTS)
+}
+
+/// Slots of the `THREAD_QUOTA` map: one per hash of the task address. Two threads that
+/// share a slot take it from each other, which only gives them more switch-outs at p = 1.
+pub const THREAD_QUOTA_SLOTS: u32 = 32768;
+
+/// The `THREAD_QUOTA` slot of a task, from the address of its `task_struct`.
+#[inline(always)]
+pub const fn thread_quota_slot(task: u64) -> u32 {
+    task_hash(task, THREAD_QUOTA_SLOTS)
+}
+
+/// A hash of a task address below `slots` (a power of two).
+#[inline(always)]
+const fn task_hash(task: u64, slots: u32) -> u32 {
     // Fibonacci hashing: task_structs sit at regular slab offsets, the top bits of the
     // product mix all of the address.
-    ((task >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - PENDING_SLOTS.trailing_zeros())) as u32
+    ((task >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - slots.trailing_zeros())) as u32
+}
+
+/// A thread's switch-outs in the current quota epoch and the one before, and those
+/// recorded at p = 1 in this one (see [`Config::offcpu_thread_quota`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadQuota {
+    /// The task the slot counts for: another task hashing here starts it afresh.
+    pub task: u64,
+    pub epoch: u32,
+    pub switches: u32,
+    /// Switch-outs in the previous epoch; zero when the thread had none, or is new.
+    pub last_switches: u32,
+    pub recorded: u32,
 }
 
 /// Set in [`SnapshotHeader::state`] for a task switched out while still runnable (preempted).
@@ -183,8 +213,20 @@ pub struct Config {
     /// it, the rest of the slot records at 2^-[`BURST_SHIFT`] of it with the weight to
     /// match. Zero: no limit.
     pub offcpu_burst_quota: u32,
-    pub _pad: u32,
+    /// A thread that switched out at most this many times (Q) in the previous quota
+    /// epoch has its switch-outs recorded at p = 1 in this one; one that switched n > Q
+    /// times at (Q/n)², or at the sampled probability when that is higher. Zero: all are
+    /// sampled alike. A thread that blocks rarely (a lock holder, a database call) then
+    /// has every wait recorded, and the budget is not spent on the threads that switch
+    /// thousands of times a second, whose waits are mostly too short to keep. Which
+    /// probability applies is decided from the thread's switches before the wait
+    /// starts, so weighting each record by its own 1/p keeps totals unbiased.
+    pub offcpu_thread_quota: u32,
 }
+
+/// The quota epoch: the kernel's clock in steps of this, so every thread's epochs are the
+/// same length whatever the agent is doing.
+pub const QUOTA_EPOCH_NS: u64 = 100_000_000;
 
 /// The slot [`Config::offcpu_burst_quota`] counts in. Rate control in the agent adjusts
 /// the probability every 100 ms; this keeps the first of a burst of switches (a load
@@ -200,7 +242,12 @@ pub const BURST_SHIFT: u32 = 6;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BurstSlot {
     pub start_ns: u64,
+    /// Sampled switch-outs recorded in the slot...
     pub recorded: u64,
+    /// ...and those recorded within their thread's quota, limited apart: sampling at the
+    /// rate control's steady probability may fill the slot, and must not take the
+    /// rarely-blocking threads' waits with it.
+    pub by_quota: u64,
 }
 
 /// Indices of the per-CPU `STATS` counters.
@@ -230,10 +277,13 @@ pub enum Stat {
     /// Recorded switch-outs of threads preempted while in user mode, whose kernel stack
     /// was not walked: it holds only the return path of the interrupt that preempted them.
     KernelStacksNotWalked,
+    /// Switch-outs recorded at p = 1 within their thread's quota (part of
+    /// `SwitchOutsRecorded`).
+    SwitchOutsByQuota,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Samples,
         Stat::SampleRingFull,
@@ -247,6 +297,7 @@ impl Stat {
         Stat::SwitchInMissed,
         Stat::SwitchOutsThrottled,
         Stat::KernelStacksNotWalked,
+        Stat::SwitchOutsByQuota,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -263,6 +314,7 @@ impl Stat {
             Stat::SwitchInMissed => "switch_in_missed",
             Stat::SwitchOutsThrottled => "switch_outs_throttled",
             Stat::KernelStacksNotWalked => "kernel_stacks_not_walked",
+            Stat::SwitchOutsByQuota => "switch_outs_by_quota",
         }
     }
 }
@@ -276,6 +328,7 @@ pub mod maps {
     pub const STACK_BYTES: &str = "STACK_BYTES";
     pub const PENDING: &str = "PENDING";
     pub const PARENTS: &str = "PARENTS";
+    pub const THREAD_QUOTA: &str = "THREAD_QUOTA";
 }
 
 #[cfg(feature = "user")]

@@ -32,9 +32,10 @@ mod programs {
         EbpfContext,
     };
     use profiler_common::{
-        pending_slot, reported_state, BurstSlot, Config, BURST_SHIFT, BURST_SLOT_NS, StackSnapshot, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE,
-        EVENT_SWITCH_OUT, EVENT_WAIT_END, MAX_STACK_DEPTH, MAX_USER_STACK, PENDING_SLOTS, RAW_TASK_DEAD, STATE_PREEMPTED,
-        UNLEARNT_USER_STACK, USER_STACK_CHUNK, USER_STACK_CLASSES,
+        pending_slot, reported_state, thread_quota_slot, BurstSlot, Config, StackSnapshot, Stat, SwitchOut, ThreadQuota,
+        WaitEnd, BURST_SHIFT, BURST_SLOT_NS, EVENT_SAMPLE, EVENT_SWITCH_OUT, EVENT_WAIT_END, MAX_STACK_DEPTH,
+        MAX_USER_STACK, PENDING_SLOTS, QUOTA_EPOCH_NS, RAW_TASK_DEAD, STATE_PREEMPTED, THREAD_QUOTA_SLOTS, UNLEARNT_USER_STACK,
+        USER_STACK_CHUNK, USER_STACK_CLASSES,
     };
 
     // Sizes are defaults; the agent overrides them at load time.
@@ -50,12 +51,18 @@ mod programs {
     /// (and `PENDING`) when it detaches the program.
     #[map]
     static SWITCH_OUT: HashMap<u64, SwitchOut> = HashMap::with_max_entries(32768, 0);
-    /// See [`PENDING_SLOTS`]: read on every switch-in, written only by recorded switches.
     /// Each CPU's count of switch-outs recorded in its current burst slot.
     #[map]
     static BURST: PerCpuArray<BurstSlot> = PerCpuArray::with_max_entries(1, 0);
+    /// See [`PENDING_SLOTS`]: read on every switch-in, written only by recorded switches.
     #[map]
     static PENDING: Array<u64> = Array::with_max_entries(PENDING_SLOTS, 0);
+    /// Each thread's switch-outs recorded at p = 1 in the current quota epoch, by hash of
+    /// its task address (see [`Config::offcpu_thread_quota`]). An array, not a hash map:
+    /// it is read on every switch-out of a traced thread, and an array lookup is a few
+    /// instructions.
+    #[map]
+    static THREAD_QUOTA: Array<ThreadQuota> = Array::with_max_entries(THREAD_QUOTA_SLOTS, 0);
     /// Bytes of user stack each thread needs copied, learnt by the agent from complete
     /// unwinds: most threads use a few KiB, and the copy is most of a snapshot's cost.
     /// Threads not in it (new, or evicted) get [`UNLEARNT_USER_STACK`]; a copy found too
@@ -275,9 +282,10 @@ mod programs {
         0
     }
 
-    /// Records the switch-out of the current task (`prev`) with probability p: its stacks
-    /// now, the length of the wait at its switch-in. The agent counts switches from
-    /// /proc/stat, so an unrecorded one costs no counter here.
+    /// Records the switch-out of the current task (`prev`): at p = 1 while the thread is
+    /// within its quota (see [`Config::offcpu_thread_quota`]), otherwise with the sampled
+    /// probability p; its stacks now, the length of the wait at its switch-in. The agent
+    /// counts switches from /proc/stat, so an unrecorded one costs no counter here.
     #[inline(always)]
     fn switch_out(ctx: &RawTracePointContext, cfg: &Config, task: u64) {
         let Some(pending) = PENDING.get_ptr_mut(pending_slot(task)) else { return };
@@ -289,7 +297,8 @@ mod programs {
             count(Stat::SwitchInMissed);
         }
         let draw = unsafe { bpf_get_prandom_u32() };
-        if draw > cfg.offcpu_sample_threshold {
+        let sampled = draw <= cfg.offcpu_sample_threshold;
+        if !sampled && cfg.offcpu_thread_quota == 0 {
             return;
         }
         // `current` is still `prev`; tid 0 is the idle task, which does not wait.
@@ -298,19 +307,42 @@ mod programs {
         if tid == 0 || (cfg.filter_tgid != 0 && cfg.filter_tgid != tgid) {
             return;
         }
-        let preempted: u64 = ctx.arg(0);
         let raw_state: u64 = ctx.arg(3);
         // A dying task never comes back.
         if raw_state & RAW_TASK_DEAD != 0 {
             return;
         }
         let now = unsafe { bpf_ktime_get_ns() };
-        let Some(weight_q16) = burst_weight(cfg, draw, now) else { return };
+        // The thread's own probability when it is higher than the sampled one and this
+        // CPU has room for it; both are known before the draw decides.
+        let by_quota = match thread_quota(cfg, task, now) {
+            Some((slot, threshold, weight_q16)) if threshold > cfg.offcpu_sample_threshold && burst_room(cfg, now) => {
+                if draw > threshold {
+                    return;
+                }
+                slot.recorded += 1;
+                Some(weight_q16)
+            }
+            _ => None,
+        };
+        let weight_q16 = match by_quota {
+            Some(weight_q16) => {
+                count_burst_quota(now);
+                count(Stat::SwitchOutsByQuota);
+                weight_q16
+            }
+            None if sampled => {
+                let Some(weight_q16) = burst_weight(cfg, draw, now) else { return };
+                weight_q16
+            }
+            None => return,
+        };
         let out = SwitchOut { ts_ns: now, weight_q16, tid, _pad: 0 };
         if SWITCH_OUT.insert(&task, &out, 0).is_err() {
             count(Stat::SwitchOutMapFull);
             return;
         }
+        let preempted: u64 = ctx.arg(0);
         let subject = Subject { kind: EVENT_SWITCH_OUT, tid, tgid, state: reported_state(raw_state, preempted & 0xff != 0), ts_ns: now };
         if !emit_snapshot(ctx.as_ptr(), cfg, &subject) {
             // Without its snapshot the wait cannot be attributed: forget it.
@@ -325,6 +357,73 @@ mod programs {
         add(Stat::SwitchOutRecordNs, unsafe { bpf_ktime_get_ns() }.saturating_sub(now));
     }
 
+    /// Counts the task's switch-out; returns its quota slot, with the threshold and
+    /// weight of its own probability: (quota / its switch-outs in the previous epoch)²,
+    /// at most 1. Squared, so a thread just over the quota is still recorded nearly
+    /// whole, while one switching a hundred times more gets a ten-thousandth and leaves
+    /// the budget to the others (and to the sampled probability, which is then higher).
+    /// None once it has recorded twice its quota in this epoch (a thread that just began
+    /// switching far more than before). A slot of another task starts afresh for this
+    /// one, a slot of an earlier epoch rolls over.
+    #[inline(always)]
+    fn thread_quota(cfg: &Config, task: u64, now: u64) -> Option<(&'static mut ThreadQuota, u32, u64)> {
+        let quota = cfg.offcpu_thread_quota;
+        if quota == 0 {
+            return None;
+        }
+        let slot = unsafe { &mut *THREAD_QUOTA.get_ptr_mut(thread_quota_slot(task))? };
+        let epoch = (now / QUOTA_EPOCH_NS) as u32;
+        if slot.task != task {
+            *slot = ThreadQuota { task, epoch, switches: 0, last_switches: 0, recorded: 0 };
+        } else if slot.epoch != epoch {
+            slot.last_switches = if slot.epoch.wrapping_add(1) == epoch { slot.switches } else { 0 };
+            slot.epoch = epoch;
+            slot.switches = 0;
+            slot.recorded = 0;
+        }
+        slot.switches += 1;
+        if slot.recorded >= quota.saturating_mul(2) {
+            return None;
+        }
+        let last = slot.last_switches;
+        if last <= quota {
+            return Some((slot, u32::MAX, 1 << 16));
+        }
+        // p = (quota / last)²: the threshold rounds down, the weight is its exact inverse.
+        let quota = quota as u64;
+        let threshold = ((quota * quota) << 32) / (last as u64).saturating_mul(last as u64);
+        let weight_q16 = (1u64 << 48) / threshold.max(1);
+        Some((slot, threshold as u32, weight_q16))
+    }
+
+    /// This CPU's burst slot at `now`, started afresh when its 10 ms have passed.
+    #[inline(always)]
+    fn burst_slot(now: u64) -> Option<&'static mut BurstSlot> {
+        let slot = unsafe { &mut *BURST.get_ptr_mut(0)? };
+        if now.wrapping_sub(slot.start_ns) >= BURST_SLOT_NS {
+            slot.start_ns = now;
+            slot.recorded = 0;
+            slot.by_quota = 0;
+        }
+        Some(slot)
+    }
+
+    /// Whether this CPU may record one more switch-out at its thread's own probability
+    /// in its burst slot: a thousand new threads each within their quota would
+    /// otherwise all be recorded until rate control's next tick lowers the quota.
+    #[inline(always)]
+    fn burst_room(cfg: &Config, now: u64) -> bool {
+        cfg.offcpu_burst_quota == 0
+            || burst_slot(now).is_some_and(|slot| slot.by_quota < cfg.offcpu_burst_quota as u64)
+    }
+
+    #[inline(always)]
+    fn count_burst_quota(now: u64) {
+        if let Some(slot) = burst_slot(now) {
+            slot.by_quota += 1;
+        }
+    }
+
     /// The weight of a switch-out drawn with `draw`, or None when this CPU is over its
     /// burst quota and the draw misses the reduced probability (see [`BURST_SHIFT`]).
     #[inline(always)]
@@ -332,11 +431,7 @@ mod programs {
         if cfg.offcpu_burst_quota == 0 {
             return Some(cfg.offcpu_weight_q16);
         }
-        let slot = unsafe { &mut *BURST.get_ptr_mut(0)? };
-        if now.wrapping_sub(slot.start_ns) >= BURST_SLOT_NS {
-            slot.start_ns = now;
-            slot.recorded = 0;
-        }
+        let slot = burst_slot(now)?;
         let mut weight_q16 = cfg.offcpu_weight_q16;
         if slot.recorded >= cfg.offcpu_burst_quota as u64 {
             if draw > cfg.offcpu_sample_threshold >> BURST_SHIFT {

@@ -2,7 +2,7 @@
 //! process traces itself, so every switch is one of its own threads.
 
 use std::{
-    sync::{Mutex, mpsc},
+    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
@@ -13,8 +13,7 @@ use profiler_agent::{
 };
 use profiler_common::Stat;
 
-/// One sampler at a time: they would all trace this same process.
-static SERIAL: Mutex<()> = Mutex::new(());
+use crate::SERIAL;
 
 fn start(options: SamplerOptions) -> Sampler {
     assert_eq!(
