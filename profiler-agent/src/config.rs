@@ -7,7 +7,7 @@ use anyhow::{Context as _, bail};
 use regex::Regex;
 use serde::Deserialize;
 
-use crate::{identity::Rule, sample::{OffCpuOptions, SamplerOptions}, session::{OffCpuBudget, Settings}};
+use crate::{identity::Rule, sample::{OffCpuOptions, OffCpuPath, SamplerOptions}, session::{OffCpuBudget, Settings}};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,6 +121,8 @@ pub struct OffCpuConfig {
     /// Threads that switched out at most this many times in the last 100 ms have every
     /// switch-out recorded; the others are sampled.
     pub thread_quota: u32,
+    /// Where waits get their stacks: `auto`, `switch-out` or `switch-in`.
+    pub path: OffCpuPath,
 }
 
 impl Default for OffCpuConfig {
@@ -134,6 +136,7 @@ impl Default for OffCpuConfig {
             budget: budget.switches_per_s,
             cpu_budget: budget.kernel_cpu_per_s,
             thread_quota: defaults.thread_quota,
+            path: defaults.path,
         }
     }
 }
@@ -216,6 +219,7 @@ impl AgentConfig {
                 min_block: self.off_cpu.min_block,
                 sample_probability: self.off_cpu.sampling,
                 thread_quota: self.off_cpu.thread_quota,
+                path: self.off_cpu.path,
                 ..OffCpuOptions::default()
             }),
             max_stack_keys: self.sampling.max_stack_keys,

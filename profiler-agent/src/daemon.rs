@@ -235,6 +235,8 @@ fn record_drain_metrics(session: &Session, window: &Window, metrics: &Metrics) {
     metrics.stacks_lost.fetch_add(stats.get(Stat::UserStackLost) + stats.get(Stat::KernelStackLost), Relaxed);
     metrics.switches.fetch_add(window.switches, Relaxed);
     metrics.switches_recorded.fetch_add(stats.get(Stat::SwitchOutsRecorded), Relaxed);
+    metrics.switches_recorded_by_quota.fetch_add(stats.get(Stat::SwitchOutsByQuota), Relaxed);
+    metrics.off_cpu_switch_in.store(session.off_cpu_switch_in() as u64, Relaxed);
     let off_cpu_lost = stats.get(Stat::OffCpuRingFull) + stats.get(Stat::SwitchOutMapFull) + stats.get(Stat::SwitchInMissed);
     metrics.off_cpu_lost.fetch_add(off_cpu_lost, Relaxed);
     metrics.map_fill_permille.store((window.map_fill * 1000.0) as u64, Relaxed);

@@ -14,7 +14,7 @@ use profiler_agent::{
     config::AgentConfig,
     record::{RecordOptions, record},
     session::OffCpuBudget,
-    sample::{OffCpuOptions, SamplerOptions},
+    sample::{OffCpuOptions, OffCpuPath, SamplerOptions},
 };
 
 /// eBPF profiler agent: samples on-CPU stacks (cpu-clock perf events) and off-CPU waits
@@ -146,6 +146,12 @@ struct RecordArgs {
     /// rate control lowers it when their records would take over 3/4 of the budget.
     #[arg(long, default_value_t = OffCpuOptions::default().thread_quota)]
     off_cpu_thread_quota: u32,
+    /// Where waits get their stacks: at switch-in where the kernel takes a kprobe on the
+    /// scheduler's finish_task_switch (only waits of at least --off-cpu-min-block pay for
+    /// stacks), else at switch-out; `switch-out` or `switch-in` forces one (the latter
+    /// fails where it is not available).
+    #[arg(long, value_enum, default_value_t = OffCpuPath::Auto)]
+    off_cpu_path: OffCpuPath,
     /// How often the kernel maps are drained.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     window: Duration,
@@ -261,6 +267,7 @@ fn run_record(args: RecordArgs) -> anyhow::Result<()> {
                 min_block: args.off_cpu_min_block,
                 sample_probability: args.off_cpu_sampling,
                 thread_quota: args.off_cpu_thread_quota,
+                path: args.off_cpu_path,
                 ..OffCpuOptions::default()
             }),
             max_stack_keys: args.max_stack_keys,

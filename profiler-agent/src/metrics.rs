@@ -21,6 +21,10 @@ pub struct Metrics {
     pub map_fill_permille: AtomicU64,
     /// Off-CPU sampling share in the last window, in 1/1000.
     pub off_cpu_sampling_permille: AtomicU64,
+    /// 1 while off-CPU waits get their stacks at switch-in, 0 at switch-out.
+    pub off_cpu_switch_in: AtomicU64,
+    /// Switch-outs recorded at their thread's own probability (quota).
+    pub switches_recorded_by_quota: AtomicU64,
     pub profiles_produced: AtomicU64,
     pub profiles_shipped: AtomicU64,
     pub profiles_spooled: AtomicU64,
@@ -64,6 +68,8 @@ impl Metrics {
         metric("off_cpu_lost_total", "counter", "Off-CPU waits lost to a full ring buffer or switch-out map, or to a switch-in the kernel did not report.", get(&self.off_cpu_lost));
         metric("map_fill_ratio", "gauge", "Share of max_stack_keys used by the last window.", get(&self.map_fill_permille) / 1000.0);
         metric("off_cpu_sampling_ratio", "gauge", "Share of context switches recorded.", get(&self.off_cpu_sampling_permille) / 1000.0);
+        metric("off_cpu_switch_in", "gauge", "1 when off-CPU waits get their stacks at switch-in (kprobe on finish_task_switch), 0 at switch-out (sched_switch alone).", get(&self.off_cpu_switch_in));
+        metric("switches_recorded_by_quota_total", "counter", "Switch-outs recorded at their thread's own probability (per-thread quota).", get(&self.switches_recorded_by_quota));
         metric("profiles_produced_total", "counter", "Profiles produced: one per window with samples, a part per service, labels and kind.", get(&self.profiles_produced));
         metric("profiles_shipped_total", "counter", "Profiles acknowledged by the server.", get(&self.profiles_shipped));
         metric("profiles_spooled_total", "counter", "Profiles written to the on-disk spool.", get(&self.profiles_spooled));

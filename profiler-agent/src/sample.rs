@@ -24,8 +24,9 @@ use aya::{
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
+        kprobe::KProbeLinkId,
         raw_trace_point::RawTracePointLinkId,
-        PerfEvent, RawTracePoint, TracePoint,
+        KProbe, PerfEvent, RawTracePoint, TracePoint,
     },
     Ebpf, EbpfLoader,
 };
@@ -123,6 +124,22 @@ pub struct OffCpuOptions {
     /// 0: all are sampled alike. Rate control lowers it when these records would take
     /// more than 3/4 of the budget.
     pub thread_quota: u32,
+    pub path: OffCpuPath,
+}
+
+/// Where waits get their stacks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OffCpuPath {
+    /// At switch-in where the kernel allows a kprobe on the scheduler's
+    /// `finish_task_switch`, else at switch-out.
+    #[default]
+    Auto,
+    /// At switch-out, from `sched_switch` alone: the stacks of a sampled share of all
+    /// switch-outs, before their waits' lengths are known.
+    SwitchOut,
+    /// At switch-in, or fail: only waits of at least `min_block` pay for stacks.
+    SwitchIn,
 }
 
 /// Twenty switch-outs per 100 ms: every wait of a thread that blocks up to 200 times a
@@ -137,6 +154,7 @@ impl Default for OffCpuOptions {
             sample_probability: 1.0,
             burst_quota: 0,
             thread_quota: DEFAULT_THREAD_QUOTA,
+            path: OffCpuPath::Auto,
         }
     }
 }
@@ -221,6 +239,9 @@ pub struct Sampler {
     perf_links: Vec<PerfEventLinkId>,
     off_cpu_link: Option<RawTracePointLinkId>,
     off_cpu_loaded: bool,
+    /// The switch-in program's link while that path is on; why it cannot be, once tried.
+    switch_in_link: Option<KProbeLinkId>,
+    switch_in_unavailable: Option<String>,
     /// The kernel's BPF run-time statistics, on a share of the time while the sampler lives.
     run_stats: Option<RunStats>,
     pub period_ns: u64,
@@ -234,7 +255,7 @@ pub struct ProgramCost {
 }
 
 /// The agent's BPF programs, by name.
-pub const PROGRAMS: [&str; 3] = ["on_cpu_sample", "sched_switch", "sched_process_fork"];
+pub const PROGRAMS: [&str; 4] = ["on_cpu_sample", "sched_switch", "sched_process_fork", "finish_task_switch"];
 
 impl Sampler {
     /// Loads and attaches the programs and starts reading their records. Fails with a
@@ -317,6 +338,8 @@ impl Sampler {
             perf_links: Vec::new(),
             off_cpu_link: None,
             off_cpu_loaded: false,
+            switch_in_link: None,
+            switch_in_unavailable: None,
             run_stats: None,
             period_ns: 0,
         };
@@ -367,6 +390,21 @@ impl Sampler {
 
     /// Turns off-CPU tracing on (with these settings) or off.
     pub fn set_off_cpu(&mut self, options: Option<&OffCpuOptions>) -> anyhow::Result<()> {
+        // The switch-in program goes first: once the config says so, `sched_switch` only
+        // notes switch-outs, and they need it to end.
+        let switch_in = match options.map(|off| off.path) {
+            Some(OffCpuPath::Auto) => self.attach_switch_in().is_ok(),
+            Some(OffCpuPath::SwitchIn) => {
+                self.attach_switch_in().map_err(|reason| anyhow!("off-CPU at switch-in is not available here: {reason}"))?;
+                true
+            }
+            Some(OffCpuPath::SwitchOut) | None => false,
+        };
+        if !switch_in {
+            self.detach_switch_in()?;
+        }
+        let path_changed = self.off_cpu_link.is_some() && (self.config.offcpu_switch_in != 0) != switch_in;
+        self.config.offcpu_switch_in = switch_in as u32;
         let program: &mut RawTracePoint = self
             .bpf
             .program_mut("sched_switch")
@@ -405,6 +443,63 @@ impl Sampler {
                 self.config.offcpu_sample_threshold = 0;
                 self.config_map.set(0, self.config, 0)?;
             }
+        }
+        // Waits noted by one path are not closed by the other.
+        if path_changed && self.off_cpu_link.is_some() {
+            self.forget_switch_outs()?;
+        }
+        Ok(())
+    }
+
+    /// Whether off-CPU waits are recorded at switch-in.
+    pub fn switch_in(&self) -> bool {
+        self.switch_in_link.is_some() && self.config.offcpu_switch_in != 0
+    }
+
+    /// Loads and attaches the switch-in program once; remembers why it cannot be.
+    fn attach_switch_in(&mut self) -> Result<(), String> {
+        if self.switch_in_link.is_some() {
+            return Ok(());
+        }
+        if let Some(reason) = &self.switch_in_unavailable {
+            return Err(reason.clone());
+        }
+        let attached = (|| {
+            let symbol = switch_in_symbol()?;
+            let program: &mut KProbe = self
+                .bpf
+                .program_mut("finish_task_switch")
+                .ok_or_else(|| "the BPF object has no finish_task_switch program".to_string())?
+                .try_into()
+                .map_err(|err: aya::programs::ProgramError| err.to_string())?;
+            if program.fd().is_err() {
+                program.load().map_err(|err| format!("the kernel rejected the kprobe program: {}", chain(&err)))?;
+            }
+            let link = program.attach(&symbol, 0).map_err(|err| format!("kprobe on {symbol}: {}", chain(&err)))?;
+            Ok::<_, String>((symbol, link))
+        })();
+        match attached {
+            Ok((symbol, link)) => {
+                tracing::info!(%symbol, "off-CPU waits get their stacks at switch-in (kprobe): only waits of at least min_block pay for them");
+                self.switch_in_link = Some(link);
+                Ok(())
+            }
+            Err(reason) => {
+                tracing::info!(%reason, "off-CPU waits get their stacks at switch-out (sched_switch alone): this kernel takes no kprobe on the scheduler's switch-in");
+                self.switch_in_unavailable = Some(reason.clone());
+                Err(reason)
+            }
+        }
+    }
+
+    fn detach_switch_in(&mut self) -> anyhow::Result<()> {
+        if let Some(link) = self.switch_in_link.take() {
+            let program: &mut KProbe = self
+                .bpf
+                .program_mut("finish_task_switch")
+                .ok_or_else(|| anyhow!("BPF object has no finish_task_switch program"))?
+                .try_into()?;
+            program.detach(link)?;
         }
         Ok(())
     }
@@ -527,6 +622,28 @@ fn kernel_costs(bpf: &Ebpf) -> [ProgramCost; PROGRAMS.len()] {
             .map(|info| ProgramCost { run_time_ns: info.run_time().as_nanos() as u64, runs: info.run_count() })
             .unwrap_or_default()
     })
+}
+
+/// The scheduler's switch-in function as this kernel names it: compilers clone it
+/// (`finish_task_switch.isra.0` on Debian's 6.1 and 6.12), so the name is read from
+/// /proc/kallsyms rather than assumed.
+fn switch_in_symbol() -> Result<String, String> {
+    let symbols = std::fs::read_to_string("/proc/kallsyms").map_err(|err| format!("reading /proc/kallsyms: {err}"))?;
+    let mut found = None;
+    for line in symbols.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(_), Some(kind), Some(name)) = (fields.next(), fields.next(), fields.next()) else { continue };
+        if !matches!(kind, "t" | "T") {
+            continue;
+        }
+        if name == "finish_task_switch" {
+            return Ok(name.to_string());
+        }
+        if name.starts_with("finish_task_switch.") && found.is_none() {
+            found = Some(name.to_string());
+        }
+    }
+    found.ok_or_else(|| "no finish_task_switch in /proc/kallsyms".to_string())
 }
 
 fn ring_buffer_bytes(requested: u32) -> anyhow::Result<u32> {

@@ -116,6 +116,7 @@ const PROGRAM_COUNTERS: [(&str, &str); crate::sample::PROGRAMS.len()] = [
     ("bpf_on_cpu_sample_run_time_ns", "bpf_on_cpu_sample_runs"),
     ("bpf_sched_switch_run_time_ns", "bpf_sched_switch_runs"),
     ("bpf_sched_process_fork_run_time_ns", "bpf_sched_process_fork_runs"),
+    ("bpf_finish_task_switch_run_time_ns", "bpf_finish_task_switch_runs"),
 ];
 
 /// How often rate control looks at the switch rate while waiting for a window to end.
@@ -261,6 +262,7 @@ impl Session {
         let mut counters: BTreeMap<&'static str, u64> =
             Stat::ALL.iter().map(|stat| (stat.name(), self.totals.get(*stat))).collect();
         counters.insert("switches", self.switches_traced);
+        counters.insert("off_cpu_switch_in", self.off_cpu_switch_in() as u64);
         let losses = self.sampler.agent_losses();
         counters.insert("aggregate_full", losses.aggregate_full);
         counters.insert("wait_without_snapshot", losses.wait_without_snapshot);
@@ -276,6 +278,11 @@ impl Session {
             counters.insert(runs, cost.runs);
         }
         counters
+    }
+
+    /// Whether off-CPU waits get their stacks at switch-in.
+    pub fn off_cpu_switch_in(&self) -> bool {
+        self.sampler.switch_in()
     }
 
     /// Share of switch-outs recorded so far (1 = every switch), when off-CPU is on.
@@ -295,7 +302,17 @@ struct RateCounters {
 }
 
 impl RateCounters {
+    /// On the switch-in path, only waits of at least `min_block` are candidates for a
+    /// record: they stand for the switches, and no thread has a quota.
     fn read(sampler: &Sampler) -> anyhow::Result<Self> {
+        if sampler.switch_in() {
+            return Ok(Self {
+                switches: sampler.stat_total(Stat::LongWaitsEnded)?,
+                record_ns: sampler.stat_total(Stat::SwitchOutRecordNs)?,
+                recorded: sampler.stat_total(Stat::SwitchOutsRecorded)?,
+                by_quota: 0,
+            });
+        }
         Ok(Self {
             switches: host_context_switches()?,
             record_ns: sampler.stat_total(Stat::SwitchOutRecordNs)?,

@@ -296,7 +296,10 @@ fn root_first(addrs: Option<&[u64]>, mut name: impl FnMut(u64) -> Arc<str>) -> V
 /// Leaf frames of our own tracing: a stack taken in the `sched_switch` program starts in
 /// the program and the kernel's code that ran it. They are the same on every off-CPU
 /// stack, so they would only hide the function that switched out (`__schedule`).
-const TRACER_FRAME_PREFIXES: &[&str] = &["bpf_prog_", "bpf_trace_run", "__bpf_trace_", "bpf_dispatcher_"];
+/// On the switch-in path the stack starts in the probed `finish_task_switch` (or its
+/// `.isra.0` clone), one frame above the `__schedule` the switch-out path starts in:
+/// dropped too, so both paths give the same stacks.
+const TRACER_FRAME_PREFIXES: &[&str] = &["bpf_prog_", "bpf_trace_run", "__bpf_trace_", "bpf_dispatcher_", "finish_task_switch"];
 
 fn drop_tracer_frames(root_first: &mut Vec<Arc<str>>) {
     while root_first.last().is_some_and(|leaf| TRACER_FRAME_PREFIXES.iter().any(|p| leaf.starts_with(p))) {

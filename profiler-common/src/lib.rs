@@ -92,7 +92,8 @@ pub struct SwitchOut {
     pub ts_ns: u64,
     pub weight_q16: u64,
     pub tid: u32,
-    pub _pad: u32,
+    /// [`reported_state`] of the switch-out, for the snapshot the switch-in path takes.
+    pub state: u32,
 }
 
 /// Slots of the `PENDING` pre-check: counts of recorded switch-outs per hash of the task
@@ -222,6 +223,12 @@ pub struct Config {
     /// probability applies is decided from the thread's switches before the wait
     /// starts, so weighting each record by its own 1/p keeps totals unbiased.
     pub offcpu_thread_quota: u32,
+    /// Non-zero: the switch-in path. `sched_switch` only notes when each task switched
+    /// out, and the program on the scheduler's switch-in function takes the stacks of a
+    /// task coming back from a wait of at least `offcpu_min_ns`, in its own context: the
+    /// wait's length is known before any stack is paid for. Needs a kprobe there.
+    pub offcpu_switch_in: u32,
+    pub _pad: u32,
 }
 
 /// The quota epoch: the kernel's clock in steps of this, so every thread's epochs are the
@@ -280,10 +287,13 @@ pub enum Stat {
     /// Switch-outs recorded at p = 1 within their thread's quota (part of
     /// `SwitchOutsRecorded`).
     SwitchOutsByQuota,
+    /// Waits of at least `offcpu_min_ns` that ended, on the switch-in path: the records
+    /// it would take to record every one.
+    LongWaitsEnded,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Samples,
         Stat::SampleRingFull,
@@ -298,6 +308,7 @@ impl Stat {
         Stat::SwitchOutsThrottled,
         Stat::KernelStacksNotWalked,
         Stat::SwitchOutsByQuota,
+        Stat::LongWaitsEnded,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -315,6 +326,7 @@ impl Stat {
             Stat::SwitchOutsThrottled => "switch_outs_throttled",
             Stat::KernelStacksNotWalked => "kernel_stacks_not_walked",
             Stat::SwitchOutsByQuota => "switch_outs_by_quota",
+            Stat::LongWaitsEnded => "long_waits_ended",
         }
     }
 }

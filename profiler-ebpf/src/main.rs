@@ -23,12 +23,12 @@ mod programs {
             bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns,
             bpf_probe_read_kernel,
             generated::{
-                bpf_get_current_task_btf, bpf_get_stack, bpf_probe_read_user, bpf_task_pt_regs,
+                bpf_get_current_task, bpf_get_current_task_btf, bpf_get_stack, bpf_probe_read_user, bpf_task_pt_regs,
             },
         },
-        macros::{map, perf_event, raw_tracepoint, tracepoint},
+        macros::{kprobe, map, perf_event, raw_tracepoint, tracepoint},
         maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-        programs::{PerfEventContext, RawTracePointContext, TracePointContext},
+        programs::{PerfEventContext, ProbeContext, RawTracePointContext, TracePointContext},
         EbpfContext,
     };
     use profiler_common::{
@@ -276,10 +276,98 @@ mod programs {
     pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
         let Some(cfg) = config() else { return 0 };
         let prev: u64 = ctx.arg(1);
+        if cfg.offcpu_switch_in != 0 {
+            note_switch_out(&ctx, cfg, prev);
+            return 0;
+        }
         let next: u64 = ctx.arg(2);
         switch_out(&ctx, cfg, prev);
         switch_in(cfg, next);
         0
+    }
+
+    /// The switch-in path's program, on the scheduler's `finish_task_switch` (whatever
+    /// clone name the compiler gave it, resolved by the agent): `current` is the task
+    /// coming back, its user stack readable and its kernel stack still the wait's.
+    #[kprobe]
+    pub fn finish_task_switch(ctx: ProbeContext) -> u32 {
+        let Some(cfg) = config() else { return 0 };
+        if cfg.offcpu_switch_in != 0 {
+            let task = unsafe { bpf_get_current_task() };
+            switch_in_with_stacks(ctx.as_ptr(), cfg, task);
+        }
+        0
+    }
+
+    /// Switch-in path: notes when the current task (`prev`) switched out and why, for
+    /// every switch-out of a traced task. No stack, no sampling: whether the wait is
+    /// worth its stacks is decided when it ends.
+    #[inline(always)]
+    fn note_switch_out(ctx: &RawTracePointContext, cfg: &Config, task: u64) {
+        let Some(pending) = PENDING.get_ptr_mut(pending_slot(task)) else { return };
+        if unsafe { core::ptr::read_volatile(pending) } != 0 && SWITCH_OUT.remove(&task).is_ok() {
+            atomic_add(pending, u64::MAX);
+            count(Stat::SwitchInMissed);
+        }
+        let pid_tgid = bpf_get_current_pid_tgid();
+        let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
+        if tid == 0 || (cfg.filter_tgid != 0 && cfg.filter_tgid != tgid) {
+            return;
+        }
+        let raw_state: u64 = ctx.arg(3);
+        if raw_state & RAW_TASK_DEAD != 0 {
+            return;
+        }
+        let preempted: u64 = ctx.arg(0);
+        let out = SwitchOut { ts_ns: unsafe { bpf_ktime_get_ns() }, weight_q16: 0, tid, state: reported_state(raw_state, preempted & 0xff != 0) };
+        if SWITCH_OUT.insert(&task, &out, 0).is_err() {
+            count(Stat::SwitchOutMapFull);
+            return;
+        }
+        atomic_add(pending, 1);
+    }
+
+    /// Switch-in path: a task back from a wait of at least `offcpu_min_ns` is recorded
+    /// now, with the probability rate control sets (1 while the long waits fit the
+    /// budget): its stacks, then the wait's end, the same two records the switch-out
+    /// path sends, so the agent reads both paths alike.
+    #[inline(always)]
+    fn switch_in_with_stacks(ctx: *mut c_void, cfg: &Config, task: u64) {
+        let Some(pending) = PENDING.get_ptr_mut(pending_slot(task)) else { return };
+        if unsafe { core::ptr::read_volatile(pending) } == 0 {
+            return;
+        }
+        let Some(out) = (unsafe { SWITCH_OUT.get(&task) }) else { return };
+        let out = *out;
+        if SWITCH_OUT.remove(&task).is_err() {
+            return;
+        }
+        atomic_add(pending, u64::MAX);
+        let now = unsafe { bpf_ktime_get_ns() };
+        let elapsed = now.saturating_sub(out.ts_ns);
+        if elapsed < cfg.offcpu_min_ns {
+            count(Stat::OffCpuBelowMin);
+            return;
+        }
+        count(Stat::LongWaitsEnded);
+        let draw = unsafe { bpf_get_prandom_u32() };
+        if draw > cfg.offcpu_sample_threshold {
+            return;
+        }
+        let Some(weight_q16) = burst_weight(cfg, draw, now) else { return };
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let subject = Subject { kind: EVENT_SWITCH_OUT, tid: out.tid, tgid, state: out.state, ts_ns: out.ts_ns };
+        if !emit_snapshot(ctx, cfg, &subject) {
+            count(Stat::OffCpuRingFull);
+            return;
+        }
+        let end = WaitEnd { kind: EVENT_WAIT_END, tid: out.tid, out_ts_ns: out.ts_ns, elapsed_ns: elapsed, weight_q16 };
+        if EVENTS.output::<WaitEnd>(&end, NO_WAKEUP).is_err() {
+            count(Stat::OffCpuRingFull);
+            return;
+        }
+        count(Stat::SwitchOutsRecorded);
+        add(Stat::SwitchOutRecordNs, unsafe { bpf_ktime_get_ns() }.saturating_sub(now));
     }
 
     /// Records the switch-out of the current task (`prev`): at p = 1 while the thread is
@@ -337,13 +425,14 @@ mod programs {
             }
             None => return,
         };
-        let out = SwitchOut { ts_ns: now, weight_q16, tid, _pad: 0 };
+        let preempted: u64 = ctx.arg(0);
+        let state = reported_state(raw_state, preempted & 0xff != 0);
+        let out = SwitchOut { ts_ns: now, weight_q16, tid, state };
         if SWITCH_OUT.insert(&task, &out, 0).is_err() {
             count(Stat::SwitchOutMapFull);
             return;
         }
-        let preempted: u64 = ctx.arg(0);
-        let subject = Subject { kind: EVENT_SWITCH_OUT, tid, tgid, state: reported_state(raw_state, preempted & 0xff != 0), ts_ns: now };
+        let subject = Subject { kind: EVENT_SWITCH_OUT, tid, tgid, state, ts_ns: now };
         if !emit_snapshot(ctx.as_ptr(), cfg, &subject) {
             // Without its snapshot the wait cannot be attributed: forget it.
             let _ = SWITCH_OUT.remove(&task);
