@@ -80,6 +80,10 @@ pub fn record(options: &RecordOptions, stop: Arc<AtomicBool>) -> anyhow::Result<
             break;
         }
     }
+    // What was recorded while the last window was symbolized (a second or more for the
+    // first window of a big binary) would be lost without one more drain.
+    let last = session.next_window(Instant::now(), &stop)?;
+    profile.add(&last.samples, &aggregate);
 
     let summary = RecordSummary {
         duration_s: started.elapsed().as_secs_f64(),
