@@ -6,9 +6,16 @@
  *                                  nanosleep, a mutex, read of a pipe, fdatasync (file in DIR)
  *   workload deep SECONDS          one thread "deep": deep -> deep_rec x 49 -> spin, about
  *                                  50 KiB of stack between the leaf and the thread's entry
+ *   workload waits SECONDS DIR pingpong
+ *                                  the same, and two threads handing a byte back and forth
+ *                                  through pipes: thousands of short waits a second
  *
  * With --wait it reads one line from stdin before starting. At the end it prints the
- * thread ids as JSON, so tests can compare per-thread figures with other tools. */
+ * thread ids as JSON, so tests can compare per-thread figures with other tools. In `waits`
+ * mode, the threads whose waits are all long (sleeper, holder, locker, piper) also report
+ * their own wall, CPU and run-queue time over their waiting, a reference for off-CPU time
+ * (wall - CPU) that does not come from tracing:
+ *   "sleeper": {"tid": N, "wall_ns": N, "cpu_ns": N, "runq_ns": N}, ... */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <pthread.h>
@@ -54,6 +61,45 @@ static void named(int who) {
   pthread_setname_np(pthread_self(), names[who]);
 }
 
+/* A thread's own clocks at the start and the end of its waiting: CLOCK_MONOTONIC, and its
+ * CPU and run-queue time from /proc/thread-self/schedstat (its first two fields, in ns:
+ * the scheduler's own accounting). The file is opened before the start and read with a
+ * buffer on the stack: the first malloc of a thread maps a new arena, which can wait for
+ * the mmap lock, and such a wait must not fall between the readings outside the thread's
+ * wait function, where the agent's figure would not count it. */
+struct span { long long wall_ns, cpu_ns, runq_ns; int fd, measured; };
+static struct span spans[8];
+
+static long long monotonic_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+static void schedstat(int fd, long long *cpu_ns, long long *runq_ns) {
+  char text[128];
+  ssize_t n = pread(fd, text, sizeof text - 1, 0);
+  *cpu_ns = *runq_ns = -1;
+  if (n <= 0) return;
+  text[n] = 0;
+  if (sscanf(text, "%lld %lld", cpu_ns, runq_ns) != 2) *cpu_ns = *runq_ns = -1;
+}
+static void span_start(int who) {
+  struct span *span = &spans[who];
+  span->fd = open("/proc/thread-self/schedstat", O_RDONLY);
+  schedstat(span->fd, &span->cpu_ns, &span->runq_ns);
+  span->wall_ns = monotonic_ns();
+}
+static void span_end(int who) {
+  struct span *span = &spans[who];
+  long long wall_ns = monotonic_ns(), cpu_ns, runq_ns;
+  schedstat(span->fd, &cpu_ns, &runq_ns);
+  close(span->fd);
+  span->wall_ns = wall_ns - span->wall_ns;
+  span->cpu_ns = cpu_ns - span->cpu_ns;
+  span->runq_ns = runq_ns - span->runq_ns;
+  span->measured = 1;
+}
+
 __attribute__((noinline)) static void *cpu(void *arg) {
   named(CPU);
   while (running()) { alpha(); beta(); gamma_rec(5); }
@@ -70,11 +116,18 @@ __attribute__((noinline)) static void wait_nanosleep(void) {
   struct timespec ts = {0, 20 * 1000 * 1000};
   while (running()) { nanosleep(&ts, NULL); sink++; }
 }
-static void *sleeper(void *arg) { named(SLEEPER); wait_nanosleep(); return arg; }
+static void *sleeper(void *arg) {
+  named(SLEEPER);
+  span_start(SLEEPER);
+  wait_nanosleep();
+  span_end(SLEEPER);
+  return arg;
+}
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static void *holder(void *arg) {
   named(HOLDER);
+  span_start(HOLDER);
   struct timespec held = {0, 30 * 1000 * 1000}, gap = {0, 2 * 1000 * 1000};
   while (running()) {
     pthread_mutex_lock(&lock);
@@ -82,6 +135,7 @@ static void *holder(void *arg) {
     pthread_mutex_unlock(&lock);
     nanosleep(&gap, NULL);
   }
+  span_end(HOLDER);
   return arg;
 }
 __attribute__((noinline)) static void wait_mutex(void) {
@@ -94,7 +148,13 @@ __attribute__((noinline)) static void wait_mutex(void) {
     nanosleep(&gap, NULL);
   }
 }
-static void *locker(void *arg) { named(LOCKER); wait_mutex(); return arg; }
+static void *locker(void *arg) {
+  named(LOCKER);
+  span_start(LOCKER);
+  wait_mutex();
+  span_end(LOCKER);
+  return arg;
+}
 
 static int pipe_fds[2];
 static void *writer(void *arg) {
@@ -108,7 +168,13 @@ __attribute__((noinline)) static void wait_pipe(void) {
   char byte;
   while (read(pipe_fds[0], &byte, 1) == 1) sink++;
 }
-static void *piper(void *arg) { named(PIPER); wait_pipe(); return arg; }
+static void *piper(void *arg) {
+  named(PIPER);
+  span_start(PIPER);
+  wait_pipe();
+  span_end(PIPER);
+  return arg;
+}
 
 static const char *dir;
 __attribute__((noinline)) static void wait_fdatasync(int fd) {
@@ -134,6 +200,30 @@ static void *syncer(void *arg) {
   return arg;
 }
 
+/* Two threads handing a byte back and forth through two pipes, with a 50 µs sleep per
+ * round: thousands of context switches a second, each wait well under a millisecond,
+ * what the switch-in path does not pay stacks for. The sleep bounds the rate, so that
+ * recording every switch under emulation does not starve everything else. */
+static int ping_fds[2], pong_fds[2];
+static void *ping(void *arg) {
+  char byte = 0;
+  struct timespec gap = {0, 50 * 1000};
+  while (running()) {
+    if (write(ping_fds[1], &byte, 1) != 1 || read(pong_fds[0], &byte, 1) != 1) break;
+    nanosleep(&gap, NULL);
+  }
+  close(ping_fds[1]);
+  return arg;
+}
+static void *pong(void *arg) {
+  char byte;
+  while (read(ping_fds[0], &byte, 1) == 1) {
+    if (write(pong_fds[1], &byte, 1) != 1) break;
+  }
+  close(pong_fds[1]);
+  return arg;
+}
+
 int main(int argc, char **argv) {
   int arg = 1;
   if (arg < argc && strcmp(argv[arg], "--wait") == 0) {
@@ -141,7 +231,7 @@ int main(int argc, char **argv) {
     arg++;
     if (!fgets(line, sizeof line, stdin)) return 1;
   }
-  if (argc - arg < 2) { fprintf(stderr, "usage: workload [--wait] cpu|deep|waits SECONDS [DIR]\n"); return 2; }
+  if (argc - arg < 2) { fprintf(stderr, "usage: workload [--wait] cpu|deep|waits SECONDS [DIR [pingpong]]\n"); return 2; }
   const char *mode = argv[arg];
   seconds = atof(argv[arg + 1]);
   deadline = time(NULL) + (time_t)seconds;
@@ -157,6 +247,11 @@ int main(int argc, char **argv) {
     if (pipe(pipe_fds) != 0) return 1;
     void *(*bodies[])(void *) = {sleeper, holder, locker, writer, piper, syncer};
     for (unsigned i = 0; i < sizeof bodies / sizeof *bodies; i++) pthread_create(&threads[count++], NULL, bodies[i], NULL);
+    if (argc - arg >= 4 && strcmp(argv[arg + 3], "pingpong") == 0) {
+      if (pipe(ping_fds) != 0 || pipe(pong_fds) != 0) return 1;
+      pthread_create(&threads[count++], NULL, ping, NULL);
+      pthread_create(&threads[count++], NULL, pong, NULL);
+    }
   } else {
     fprintf(stderr, "unknown mode %s\n", mode);
     return 2;
@@ -164,6 +259,11 @@ int main(int argc, char **argv) {
   for (int i = 0; i < count; i++) pthread_join(threads[i], NULL);
   printf("{");
   for (int i = 0; i <= DEEP; i++) printf("%s\"%s_tid\": %d", i ? ", " : "", names[i], tids[i]);
+  for (int i = 0; i <= DEEP; i++) {
+    if (!spans[i].measured) continue;
+    printf(", \"%s\": {\"tid\": %d, \"wall_ns\": %lld, \"cpu_ns\": %lld, \"runq_ns\": %lld}", names[i], tids[i],
+           spans[i].wall_ns, spans[i].cpu_ns, spans[i].runq_ns);
+  }
   printf("}\n");
   return 0;
 }

@@ -51,6 +51,22 @@ pub enum Bench {
         #[arg(long, default_value_t = 10)]
         minutes: u64,
     },
+    /// Off-CPU time per thread in every window at default settings, with two busy loops
+    /// on the host: each rarely-blocking thread of the native `waits` workload against
+    /// bpftrace, window by window (profiler-agent's `off_cpu_windows` test, run longer).
+    /// Prints the table and the worst window.
+    OffCpuWindows {
+        #[arg(long, default_value_t = 10)]
+        windows: usize,
+        #[arg(long, default_value_t = 10.0)]
+        window_seconds: f64,
+        /// In-kernel CPU budget of the recording, ms per second (the agent's default is 5).
+        #[arg(long, default_value_t = 5)]
+        cpu_budget_ms: u64,
+        /// Per-thread quota (0: uniform sampling, as before quotas).
+        #[arg(long, default_value_t = 20)]
+        thread_quota: u32,
+    },
     /// The collection server's ingest and query benchmark.
     Server,
     /// Change detection on a steady workload (A/A): the agent records `workload serve
@@ -73,6 +89,19 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::SchedPipe { rounds, loops, runs, baseline_agent } => sched_pipe(rounds, loops, runs, baseline_agent),
         Bench::Daemon { minutes } => daemon(minutes),
         Bench::ChangesAa { comparisons, minutes } => changes_aa(comparisons, minutes),
+        Bench::OffCpuWindows { windows, window_seconds, cpu_budget_ms, thread_quota } => {
+            let status = crate::cargo_command()
+                .args(["test", "-p", "profiler-agent", "--test", "it", "off_cpu_windows", "--", "--nocapture"])
+                .env("OFFCPU_WINDOWS", windows.to_string())
+                .env("OFFCPU_WINDOW_S", window_seconds.to_string())
+                .env("OFFCPU_CPU_BUDGET_MS", cpu_budget_ms.to_string())
+                .env("OFFCPU_THREAD_QUOTA", thread_quota.to_string())
+                .status()?;
+            if !status.success() {
+                bail!("a window was off by more than the tolerance (the table above says which)");
+            }
+            Ok(())
+        }
         Bench::Server => {
             cargo(&["bench", "-p", "profiler-server", "--bench", "server"])?;
             cargo(&["bench", "-p", "profiler-server", "--bench", "real_profiles"])?;

@@ -1,7 +1,8 @@
-//! Developer tasks: `cargo xtask setup | test | demo | bench ...`.
+//! Developer tasks: `cargo xtask setup | test | demo | kernels | bench ...`.
 
 mod bench;
 mod demo;
+mod kernels;
 mod setup;
 mod test;
 
@@ -20,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what the build and tests need (rust-src, bpf-linker, perf, bpftrace,
-    /// tracefs). Idempotent: does nothing that is already done.
+    /// qemu, tracefs). Idempotent: does nothing that is already done.
     Setup,
     /// Build every test once and run the whole suite, including the tests that load BPF
     /// programs (needs root) and the web UI's browser tests; prints where the time went.
@@ -41,6 +42,20 @@ enum Task {
         #[arg(long, default_value = "target/demo-data")]
         data_dir: std::path::PathBuf,
     },
+    /// Boot Debian's own kernels under qemu and check the agent's off-CPU recording of a
+    /// test workload in each (and on this host): per-thread totals against the threads'
+    /// own clocks, wait reasons, BPF programs' costs. Needs root for the host row.
+    Kernels {
+        /// `6.1`, `6.12`, `host` or `all`.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Keep the work directory (initramfs, console logs) under target/kernels/work.
+        #[arg(long)]
+        keep: bool,
+        /// Check this agent binary instead of building the workspace's.
+        #[arg(long)]
+        agent: Option<std::path::PathBuf>,
+    },
     /// Benchmarks that print figures.
     Bench {
         #[command(subcommand)]
@@ -53,6 +68,10 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(),
         Task::Test { quick, args } => test::run_tests(test::Options { quick, args }),
         Task::Demo { port, data_dir } => demo::run(demo::Options { port, data_dir: root().join(data_dir) }),
+        Task::Kernels { kernel, keep, agent } => {
+            let options = kernels::Options { kernel, keep, agent: agent.map(|a| root().join(a)) };
+            kernels::ensure_passed(&kernels::run(&options)?)
+        }
         Task::Bench { bench } => bench::run(bench),
     }
 }

@@ -65,7 +65,10 @@ fn bpf_linker() -> anyhow::Result<()> {
 /// Go's pprof tool checks the server's pprof exports; chromium and node run the web UI's
 /// browser tests; libc6-dbg lets the tests check libc's internal frames are named from
 /// a separate debug file; e2fsprogs and losetup give the server's durability test an
-/// ext4 file system on a loop device. Each entry is a command or a path the package installs.
+/// ext4 file system on a loop device. qemu, a static busybox and cpio boot Debian's
+/// kernels for `cargo xtask kernels` (busybox-static's own doc directory: Debian's other
+/// busybox package installs a `busybox` too, linked dynamically). Each entry is a command
+/// or a path the package installs.
 fn debian_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = [
         ("perf", "linux-perf"),
@@ -82,6 +85,9 @@ fn debian_packages() -> anyhow::Result<()> {
         ("mkfs.ext4", "e2fsprogs"),
         ("losetup", "mount"),
         ("zstd", "zstd"),
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("/usr/share/doc/busybox-static", "busybox-static"),
+        ("cpio", "cpio"),
     ]
         .into_iter()
         .filter(|(binary, _)| output(Command::new("sh").args(["-c", &format!("command -v {binary} || test -e {binary}")])).is_none())

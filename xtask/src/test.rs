@@ -67,6 +67,7 @@ pub fn run_tests(options: Options) -> anyhow::Result<()> {
 
     if !options.quick {
         steps.push(browser_tests(&server));
+        steps.extend(kernel_matrix());
     }
     print_table(&steps, started.elapsed());
     let failed: Vec<&str> = steps.iter().filter(|s| !s.passed).map(|s| s.name.as_str()).collect();
@@ -147,6 +148,22 @@ fn run_binary(binary: &TestBinary, args: &[String]) -> Step {
         command.env("RUST_TEST_THREADS", "4");
     }
     timed(&binary.name, &mut command)
+}
+
+/// `cargo xtask kernels` with the agent the tests used: a step per kernel.
+fn kernel_matrix() -> Vec<Step> {
+    let options = crate::kernels::Options { agent: Some(crate::root().join("target/debug/profiler-agent")), ..Default::default() };
+    let started = Instant::now();
+    match crate::kernels::run(&options) {
+        Ok(reports) => reports
+            .iter()
+            .map(|report| Step { name: format!("kernel {}", report.name), took: report.took, passed: report.passed() })
+            .collect(),
+        Err(err) => {
+            eprintln!("kernel matrix: {err:#}");
+            vec![Step { name: "kernel matrix".into(), took: started.elapsed(), passed: false }]
+        }
+    }
 }
 
 /// The web UI in a real browser, against the server binary the tests used.

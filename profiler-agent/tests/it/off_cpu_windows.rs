@@ -341,6 +341,13 @@ fn each_waiting_threads_time_holds_in_every_window() {
         c("switch_outs_by_quota"),
         c("switch_outs_throttled"),
     );
+    eprintln!(
+        "lost: {} to a full ring buffer, {} to a full map, {} switch-ins missed, {} wait ends without a snapshot",
+        c("offcpu_ring_full"),
+        c("switch_out_map_full"),
+        c("switch_in_missed"),
+        c("wait_without_snapshot"),
+    );
     eprintln!("off-CPU seconds per window, ours / bpftrace's (waits >= {min_block:?}):");
     let mut worst = (0.0f64, String::new());
     let mut failures = Vec::new();
