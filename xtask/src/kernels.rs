@@ -376,6 +376,9 @@ echo 1 >/proc/sys/kernel/printk
 echo 1 >/proc/sys/kernel/bpf_stats_enabled
 export KERNELS_AGENT=/bin/profiler-agent KERNELS_WORKLOAD=/bin/workload KERNELS_DIR=/tmp KERNELS_COSTS=1
 sh /check.sh
+# The serial port drains after the writes return: without a pause, a clean-clone run
+# once lost the last section to the power-off.
+sleep 1
 poweroff -f
 "#;
 
@@ -818,9 +821,11 @@ pub struct Costs {
 
 fn costs(sections: &BTreeMap<String, String>) -> anyhow::Result<Costs> {
     let stats = |name: &str| -> anyhow::Result<serde_json::Value> {
-        let status = sections.get(&format!("status-{name}")).map(|s| s.trim().to_string()).unwrap_or_default();
-        if status != "status=0" {
-            bail!("the {name} cost recording failed ({status:?})");
+        let Some(status) = sections.get(&format!("status-{name}")) else {
+            bail!("the {name} cost recording's status did not reach the console");
+        };
+        if status.trim() != "status=0" {
+            bail!("the {name} cost recording failed ({})", status.trim());
         }
         let text = sections.get(&format!("stats-{name}")).context("no stats")?;
         serde_json::from_str(text.trim()).with_context(|| format!("the {name} cost recording's --stats"))
