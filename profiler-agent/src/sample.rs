@@ -280,6 +280,7 @@ impl Sampler {
         let fork_child_pid_offset = fork_child_pid_offset();
         let config = Config {
             filter_tgid: options.pid.unwrap_or(0),
+            offcpu_quota_epoch_jiffies: quota_epoch_jiffies(),
             user_stack_bytes: user_stack_bytes(options.user_stack_bytes),
             fork_child_pid_offset: fork_child_pid_offset.unwrap_or(0),
             ..Config::default()
@@ -623,6 +624,30 @@ fn kernel_costs(bpf: &Ebpf) -> [ProgramCost; PROGRAMS.len()] {
             .unwrap_or_default()
     })
 }
+
+/// Jiffies in a 100 ms quota epoch: the kernel's tick rate (CONFIG_HZ: 100 to 1000) from
+/// two readings of /proc/timer_list, which prints jiffies and the monotonic clock; 250
+/// Hz (Debian's) when it cannot be read. A wrong rate only changes the epoch's length.
+fn quota_epoch_jiffies() -> u32 {
+    fn reading() -> Option<(f64, f64)> {
+        let text = std::fs::read_to_string("/proc/timer_list").ok()?;
+        let now_ns: f64 = text.lines().find_map(|l| l.strip_prefix("now at ")?.strip_suffix(" nsecs")?.parse().ok())?;
+        let jiffies: f64 = text.lines().find_map(|l| l.strip_prefix("jiffies: ")?.trim().parse().ok())?;
+        Some((now_ns, jiffies))
+    }
+    let hz = (|| {
+        let (t0, j0) = reading()?;
+        std::thread::sleep(Duration::from_millis(100));
+        let (t1, j1) = reading()?;
+        let hz = (j1 - j0) / ((t1 - t0) / 1e9);
+        (hz > 10.0 && hz < 10_000.0).then_some(hz)
+    })()
+    .unwrap_or(250.0);
+    ((hz * QUOTA_EPOCH.as_secs_f64()).round() as u32).max(1)
+}
+
+/// How long a thread's switch-outs count towards its quota.
+const QUOTA_EPOCH: Duration = Duration::from_millis(100);
 
 /// The scheduler's switch-in function as this kernel names it: compilers clone it
 /// (`finish_task_switch.isra.0` on Debian's 6.1 and 6.12), so the name is read from

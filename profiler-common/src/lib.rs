@@ -228,12 +228,11 @@ pub struct Config {
     /// task coming back from a wait of at least `offcpu_min_ns`, in its own context: the
     /// wait's length is known before any stack is paid for. Needs a kprobe there.
     pub offcpu_switch_in: u32,
-    pub _pad: u32,
+    /// Jiffies per quota epoch: the kernel's tick count in steps of about 100 ms (the
+    /// agent measures the tick rate), so every thread's epochs are the same length
+    /// whatever the agent is doing.
+    pub offcpu_quota_epoch_jiffies: u32,
 }
-
-/// The quota epoch: the kernel's clock in steps of this, so every thread's epochs are the
-/// same length whatever the agent is doing.
-pub const QUOTA_EPOCH_NS: u64 = 100_000_000;
 
 /// The slot [`Config::offcpu_burst_quota`] counts in. Rate control in the agent adjusts
 /// the probability every 100 ms; this keeps the first of a burst of switches (a load

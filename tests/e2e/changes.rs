@@ -157,10 +157,13 @@ fn the_agent_s_profiles_show_a_cpu_shift_and_added_io_as_the_top_changes() {
     assert!(metrics.contains(&format!("\nprofiler_deploy_regressions{{service=\"shop\"}} {latest}\n")), "{metrics}");
 }
 
-/// `profiler-agent record` of one run of the workload variant, at 499 Hz.
+/// `profiler-agent record` of one run of the workload variant, at 997 Hz: about 16,000
+/// samples a run, so two runs of the same variant differ by about 0.6 points of a 50%
+/// share (one standard deviation) and the gate's 2 points is over 3 of them. At 499 Hz
+/// a clean-clone run saw step_a move by 2.01 points between two runs of the same build.
 fn record(dir: &std::path::Path, variant: &str, n: usize) -> String {
     let out = dir.join(format!("{variant}-{n}.folded"));
-    let agent = Agent::record(&["-F", "499", "--comm", "wl-serve", "--duration", "60s", "-o", out.to_str().unwrap()]);
+    let agent = Agent::record(&["-F", "997", "--comm", "wl-serve", "--duration", "60s", "-o", out.to_str().unwrap()]);
     run_workload(&["serve", "8", variant]);
     agent.finish();
     out.to_str().unwrap().to_owned()
