@@ -68,6 +68,10 @@ const RECORD_SECONDS: u32 = WORKLOAD_SECONDS + 3;
 /// How long each of the two cost recordings records the workload.
 const COST_SECONDS: u32 = 2;
 
+/// Records that may be between the switch-in path's two counters when they are read: one
+/// per CPU of the VMs.
+const IN_FLIGHT: u64 = 2;
+
 /// The switch-in path may cost at most this share of what recording every switch-out
 /// costs, per context switch.
 const SWITCH_IN_COST_SHARE: f64 = 1.0 / 3.0;
@@ -791,8 +795,11 @@ fn check(name: &str, package: Option<String>, took: Duration, host_load: f64, ou
                 }
                 // Every wait of 1 ms or more is recorded, none sampled out; the ring
                 // buffer's losses (the agent's reader starved of emulated CPU by the
-                // ping-pong) are counted apart and shown.
-                if costs.long_waits_recorded + costs.ring_full < costs.long_waits {
+                // ping-pong) are counted apart and shown. The programs still run while
+                // the agent reads the two counters: a wait counted as ended but not yet
+                // as recorded on each of the 2 CPUs is in flight, not lost (a clean-clone
+                // run saw 1152 of 1153).
+                if costs.long_waits_recorded + costs.ring_full + IN_FLIGHT < costs.long_waits {
                     report.failures.push(format!(
                         "the switch-in path recorded {} of {} waits of 1 ms or more ({} lost to a full ring buffer)",
                         costs.long_waits_recorded, costs.long_waits, costs.ring_full
