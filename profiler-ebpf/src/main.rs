@@ -304,20 +304,8 @@ mod programs {
     /// worth its stacks is decided when it ends.
     #[inline(always)]
     fn note_switch_out(ctx: &RawTracePointContext, cfg: &Config, task: u64) {
-        let Some(pending) = PENDING.get_ptr_mut(pending_slot(task)) else { return };
-        if unsafe { core::ptr::read_volatile(pending) } != 0 && SWITCH_OUT.remove(&task).is_ok() {
-            atomic_add(pending, u64::MAX);
-            count(Stat::SwitchInMissed);
-        }
-        let pid_tgid = bpf_get_current_pid_tgid();
-        let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
-        if tid == 0 || (cfg.filter_tgid != 0 && cfg.filter_tgid != tgid) {
-            return;
-        }
-        let raw_state: u64 = ctx.arg(3);
-        if raw_state & RAW_TASK_DEAD != 0 {
-            return;
-        }
+        let Some(pending) = forget_missed_switch_in(task) else { return };
+        let Some((tid, _, raw_state)) = traced_switch_out(ctx, cfg) else { return };
         let preempted: u64 = ctx.arg(0);
         let out = SwitchOut { ts_ns: unsafe { bpf_ktime_get_ns() }, weight_q16: 0, tid, state: reported_state(raw_state, preempted & 0xff != 0) };
         if SWITCH_OUT.insert(&task, &out, 0).is_err() {
@@ -376,30 +364,13 @@ mod programs {
     /// counts switches from /proc/stat, so an unrecorded one costs no counter here.
     #[inline(always)]
     fn switch_out(ctx: &RawTracePointContext, cfg: &Config, task: u64) {
-        let Some(pending) = PENDING.get_ptr_mut(pending_slot(task)) else { return };
-        // The kernel does not always report a switch-in (about one in 10,000 under heavy
-        // switching here, bpftrace misses it too): an entry left from the task's last
-        // recorded switch-out would later end as a wait spanning the time it ran.
-        if unsafe { core::ptr::read_volatile(pending) } != 0 && SWITCH_OUT.remove(&task).is_ok() {
-            atomic_add(pending, u64::MAX);
-            count(Stat::SwitchInMissed);
-        }
+        let Some(pending) = forget_missed_switch_in(task) else { return };
         let draw = unsafe { bpf_get_prandom_u32() };
         let sampled = draw <= cfg.offcpu_sample_threshold;
         if !sampled && cfg.offcpu_thread_quota == 0 {
             return;
         }
-        // `current` is still `prev`; tid 0 is the idle task, which does not wait.
-        let pid_tgid = bpf_get_current_pid_tgid();
-        let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
-        if tid == 0 || (cfg.filter_tgid != 0 && cfg.filter_tgid != tgid) {
-            return;
-        }
-        let raw_state: u64 = ctx.arg(3);
-        // A dying task never comes back.
-        if raw_state & RAW_TASK_DEAD != 0 {
-            return;
-        }
+        let Some((tid, tgid, raw_state)) = traced_switch_out(ctx, cfg) else { return };
         let quota = thread_quota(cfg, task);
         // Most switch-outs of a busy host end here: a frequent switcher not drawn. The
         // clock is read only past this point (it costs this VM 60 to 80 ns a read).
@@ -450,6 +421,34 @@ mod programs {
         atomic_add(pending, 1);
         count(Stat::SwitchOutsRecorded);
         add(Stat::SwitchOutRecordNs, unsafe { bpf_ktime_get_ns() }.saturating_sub(now));
+    }
+
+    /// The task's `PENDING` slot, once an entry left by its last switch-out is dropped.
+    /// The kernel does not always report a switch-in (about one in 10,000 under heavy
+    /// switching here, bpftrace misses it too): such an entry would later end as a wait
+    /// spanning the time the task ran.
+    #[inline(always)]
+    fn forget_missed_switch_in(task: u64) -> Option<*mut u64> {
+        let pending = PENDING.get_ptr_mut(pending_slot(task))?;
+        if unsafe { core::ptr::read_volatile(pending) } != 0 && SWITCH_OUT.remove(&task).is_ok() {
+            atomic_add(pending, u64::MAX);
+            count(Stat::SwitchInMissed);
+        }
+        Some(pending)
+    }
+
+    /// (tid, tgid, raw state) of the task switching out, when it is one to trace: not the
+    /// idle task (tid 0, which does not wait), in the traced process if one is set, and
+    /// not dying (a dying task never comes back). `current` is still `prev`.
+    #[inline(always)]
+    fn traced_switch_out(ctx: &RawTracePointContext, cfg: &Config) -> Option<(u32, u32, u64)> {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
+        if tid == 0 || (cfg.filter_tgid != 0 && cfg.filter_tgid != tgid) {
+            return None;
+        }
+        let raw_state: u64 = ctx.arg(3);
+        (raw_state & RAW_TASK_DEAD == 0).then_some((tid, tgid, raw_state))
     }
 
     /// Counts the task's switch-out; returns its quota slot, with the threshold and
