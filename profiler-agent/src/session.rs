@@ -357,6 +357,8 @@ struct RateControl {
     thread_quota: u32,
     /// Smoothed share of the budget the quotas' records take (NaN before the first tick).
     quota_load: f64,
+    /// Smoothed in-kernel cost of a record, ns (NaN before the first record).
+    record_ns: f64,
     last: Instant,
     last_counters: RateCounters,
     weighted: f64,
@@ -379,6 +381,8 @@ const RAISE_PER_TICK: f64 = 1.25;
 const QUOTA_SHARE: f64 = 0.75;
 /// Weight of a tick in the smoothed quota load.
 const QUOTA_SMOOTHING: f64 = 0.1;
+/// Weight of a tick in the smoothed cost of a record: about five seconds.
+const COST_SMOOTHING: f64 = 0.02;
 
 impl RateControl {
     /// Rate control for off-CPU tracing just attached with `started` (see
@@ -416,6 +420,7 @@ impl RateControl {
             max_thread_quota: options.thread_quota,
             thread_quota: options.thread_quota,
             quota_load: f64::NAN,
+            record_ns: f64::NAN,
             last: Instant::now(),
             last_counters: counters_now,
             weighted: 0.0,
@@ -457,8 +462,22 @@ impl RateControl {
         let cpu_rate = record_ns / elapsed;
         let count_budget = self.budget.switches_per_s as f64;
         let cpu_budget = self.budget.kernel_cpu_per_s.as_nanos() as f64;
-        let tick_load =
-            (quota_rate / count_budget).max(cpu_rate * quota_share_of_time / cpu_budget);
+        // The quotas' cost at a record's cost averaged over seconds: it swings from
+        // tick to tick (ticks on a VM here measured 7 to 25 µs a record for the same
+        // threads), and each quota step down on a costly tick thins the rarely-blocking
+        // threads for a second. The budget is a rate over seconds; record counts, not
+        // cost, are what jumps when a load starts.
+        if recorded > 0.0 {
+            let cost = record_ns / recorded;
+            self.record_ns = if self.record_ns.is_nan() {
+                cost
+            } else {
+                self.record_ns + COST_SMOOTHING * (cost - self.record_ns)
+            };
+        }
+        let record_ns = if self.record_ns.is_nan() { ASSUMED_RECORD_NS } else { self.record_ns };
+        let count_load = quota_rate / count_budget;
+        let tick_load = count_load.max(quota_rate * record_ns / cpu_budget);
         if tick_load > 2.0 * QUOTA_SHARE {
             // Far over its share (many new threads): down at once, by what this tick's
             // records at the quota cost.
@@ -722,6 +741,26 @@ mod tests {
             rate.last + Duration::from_secs(1),
         );
         assert_eq!(rates.thread_quota, DEFAULT_THREAD_QUOTA - 1);
+    }
+
+    /// One tick whose records cost five times more (a VM's neighbour, cold caches) does
+    /// not cut the quota: the budget is a rate over seconds, and a cut thins the
+    /// rarely-blocking threads for a second. Costly ticks that last do.
+    #[test]
+    fn quotas_follow_the_cost_of_a_record_over_seconds() {
+        let mut rate = RateControl::new(&every_switch(), OffCpuBudget::default(), RateCounters::default(), 0.05);
+        let mut tick = |rate: &mut RateControl, record_ns: u64| {
+            let last = rate.last_counters;
+            // 60 quota records in 100 ms: 600/s, 2.4 ms/s of 5 at 4 µs each.
+            let next = counters(last.switches + 10_000, last.record_ns + 60 * record_ns, last.recorded + 60, last.by_quota + 60);
+            rate.tick(next, rate.last + TICK).thread_quota
+        };
+        for _ in 0..50 {
+            assert_eq!(tick(&mut rate, 4_000), DEFAULT_THREAD_QUOTA);
+        }
+        assert_eq!(tick(&mut rate, 20_000), DEFAULT_THREAD_QUOTA);
+        let quotas: Vec<u32> = (0..100).map(|_| tick(&mut rate, 20_000)).collect();
+        assert!(quotas.last().unwrap() < &(DEFAULT_THREAD_QUOTA / 2), "{quotas:?}");
     }
 
     /// A quota cut by a busy tick comes back once the load is gone, one step a tick, up

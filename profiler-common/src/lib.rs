@@ -125,8 +125,8 @@ const fn task_hash(task: u64, slots: u32) -> u32 {
     ((task >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - slots.trailing_zeros())) as u32
 }
 
-/// A thread's switch-outs in the current quota epoch and the one before, and those
-/// recorded at p = 1 in this one (see [`Config::offcpu_thread_quota`]).
+/// A thread's switch-outs in the current quota epoch and the one before (see
+/// [`Config::offcpu_thread_quota`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ThreadQuota {
@@ -136,7 +136,6 @@ pub struct ThreadQuota {
     pub switches: u32,
     /// Switch-outs in the previous epoch; zero when the thread had none, or is new.
     pub last_switches: u32,
-    pub recorded: u32,
 }
 
 /// Set in [`SnapshotHeader::state`] for a task switched out while still runnable (preempted).
@@ -214,10 +213,10 @@ pub struct Config {
     /// it, the rest of the slot records at 2^-[`BURST_SHIFT`] of it with the weight to
     /// match. Zero: no limit.
     pub offcpu_burst_quota: u32,
-    /// A thread that switched out at most this many times (Q) in the previous quota
-    /// epoch has its switch-outs recorded at p = 1 in this one; one that switched n > Q
-    /// times at (Q/n)², or at the sampled probability when that is higher. Zero: all are
-    /// sampled alike. A thread that blocks rarely (a lock holder, a database call) then
+    /// A thread whose switch-outs (n) in the previous quota epoch and so far in this one
+    /// (this one included) are both at most Q has this switch-out recorded at p = 1;
+    /// otherwise at (Q/n)² with the larger n, or at the sampled probability when that is
+    /// higher. Zero: all are sampled alike. A thread that blocks rarely (a lock holder, a database call) then
     /// has every wait recorded, and the budget is not spent on the threads that switch
     /// thousands of times a second, whose waits are mostly too short to keep. Which
     /// probability applies is decided from the thread's switches before the wait
@@ -242,6 +241,14 @@ pub const BURST_SLOT_NS: u64 = 10_000_000;
 /// Which probability applies is decided by switch-outs already recorded, before the
 /// draw, so weighting each record by its own inverse probability keeps totals unbiased.
 pub const BURST_SHIFT: u32 = 6;
+/// Switch-outs recorded within thread quotas each CPU may take per [`BURST_SLOT_NS`], in
+/// multiples of [`Config::offcpu_burst_quota`]. Past it, a thread's switch-out falls
+/// back to the sampled probability, whose weight (hundreds) on one long wait is a
+/// window's error. Threads woken by timers expiring together come in bursts: the native
+/// `waits` workload's sleeper, writer and pipe reader make 8 to 12 records on one CPU
+/// within a millisecond every 20 ms. A thousand new threads within their quotas still
+/// cost at most this many records per CPU per slot until rate control's next tick.
+pub const QUOTA_BURST_FACTOR: u32 = 4;
 
 /// Per-CPU state of the burst limit.
 #[repr(C)]

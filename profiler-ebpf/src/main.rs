@@ -33,7 +33,7 @@ mod programs {
     };
     use profiler_common::{
         pending_slot, reported_state, thread_quota_slot, BurstSlot, Config, StackSnapshot, Stat, SwitchOut, ThreadQuota,
-        WaitEnd, BURST_SHIFT, BURST_SLOT_NS, EVENT_SAMPLE, EVENT_SWITCH_OUT, EVENT_WAIT_END, MAX_STACK_DEPTH,
+        WaitEnd, BURST_SHIFT, BURST_SLOT_NS, QUOTA_BURST_FACTOR, EVENT_SAMPLE, EVENT_SWITCH_OUT, EVENT_WAIT_END, MAX_STACK_DEPTH,
         MAX_USER_STACK, PENDING_SLOTS, RAW_TASK_DEAD, STATE_PREEMPTED, THREAD_QUOTA_SLOTS, UNLEARNT_USER_STACK,
         USER_STACK_CHUNK, USER_STACK_CLASSES,
     };
@@ -381,11 +381,10 @@ mod programs {
         // The thread's own probability when it is higher than the sampled one and this
         // CPU has room for it; both are known before the draw decides.
         let by_quota = match quota {
-            Some((slot, threshold, weight_q16)) if threshold > cfg.offcpu_sample_threshold && burst_room(cfg, now) => {
+            Some((threshold, weight_q16)) if threshold > cfg.offcpu_sample_threshold && burst_room(cfg, now) => {
                 if draw > threshold {
                     return;
                 }
-                slot.recorded += 1;
                 Some(weight_q16)
             }
             _ => None,
@@ -451,16 +450,19 @@ mod programs {
         (raw_state & RAW_TASK_DEAD == 0).then_some((tid, tgid, raw_state))
     }
 
-    /// Counts the task's switch-out; returns its quota slot, with the threshold and
-    /// weight of its own probability: (quota / its switch-outs in the previous epoch)²,
-    /// at most 1. Squared, so a thread just over the quota is still recorded nearly
-    /// whole, while one switching a hundred times more gets a ten-thousandth and leaves
-    /// the budget to the others (and to the sampled probability, which is then higher).
-    /// None once it has recorded twice its quota in this epoch (a thread that just began
-    /// switching far more than before). A slot of another task starts afresh for this
-    /// one, a slot of an earlier epoch rolls over.
+    /// Counts the task's switch-out; returns the threshold and weight of its own
+    /// probability: (quota / n)², at most 1, where n is the larger of its switch-outs in
+    /// the previous epoch and so far in this one, this one included. Squared, so a
+    /// thread just over the quota is still recorded nearly whole, while one switching a
+    /// hundred times more gets a ten-thousandth and leaves the budget to the others (and
+    /// to the sampled probability, which is then higher). Counting this epoch's
+    /// switch-outs too bounds a thread that just began switching far more than before to
+    /// about twice its quota of records an epoch, and its probability falls smoothly:
+    /// a hard cap would leave the rest of its epoch to the sampled probability, whose
+    /// weight (hundreds) on one long wait is a window's error. A slot of another task
+    /// starts afresh for this one, a slot of an earlier epoch rolls over.
     #[inline(always)]
-    fn thread_quota(cfg: &Config, task: u64) -> Option<(&'static mut ThreadQuota, u32, u64)> {
+    fn thread_quota(cfg: &Config, task: u64) -> Option<(u32, u64)> {
         let quota = cfg.offcpu_thread_quota;
         if quota == 0 {
             return None;
@@ -470,37 +472,33 @@ mod programs {
         // nanoseconds on every traced switch-out.
         let epoch = (unsafe { bpf_jiffies64() } / cfg.offcpu_quota_epoch_jiffies.max(1) as u64) as u32;
         if slot.task != task {
-            *slot = ThreadQuota { task, epoch, switches: 0, last_switches: 0, recorded: 0 };
+            *slot = ThreadQuota { task, epoch, switches: 0, last_switches: 0 };
         } else if slot.epoch != epoch {
             slot.last_switches = if slot.epoch.wrapping_add(1) == epoch { slot.switches } else { 0 };
             slot.epoch = epoch;
             slot.switches = 0;
-            slot.recorded = 0;
         }
-        slot.switches += 1;
-        if slot.recorded >= quota.saturating_mul(2) {
-            return None;
+        slot.switches = slot.switches.saturating_add(1);
+        let n = slot.last_switches.max(slot.switches);
+        if n <= quota {
+            return Some((u32::MAX, 1 << 16));
         }
-        let last = slot.last_switches;
-        if last <= quota {
-            return Some((slot, u32::MAX, 1 << 16));
-        }
-        // p = (quota / last)²: the threshold rounds down, the weight is its exact inverse.
+        // p = (quota / n)²: the threshold rounds down, the weight is its exact inverse.
         // Divisions cost tens of nanoseconds, and a frequent switcher's probability is
         // below the sampled one: tell that by multiplying first. Past 65,535 switches in
         // an epoch it is below any sampled probability (at least 10^-4), and the products
-        // stay within 64 bits: quota² < 2^30, last² < 2^32.
-        if last > 0xffff {
+        // stay within 64 bits: quota² < 2^30, n² < 2^32.
+        if n > 0xffff {
             return None;
         }
         let quota_squared = (quota.min(1 << 15) as u64) * (quota.min(1 << 15) as u64);
-        let last_squared = (last as u64) * (last as u64);
-        if quota_squared << 32 <= cfg.offcpu_sample_threshold as u64 * last_squared {
+        let n_squared = (n as u64) * (n as u64);
+        if quota_squared << 32 <= cfg.offcpu_sample_threshold as u64 * n_squared {
             return None;
         }
-        let threshold = (quota_squared << 32) / last_squared.max(1);
+        let threshold = (quota_squared << 32) / n_squared.max(1);
         let weight_q16 = (1u64 << 48) / threshold.max(1);
-        Some((slot, threshold as u32, weight_q16))
+        Some((threshold as u32, weight_q16))
     }
 
     /// This CPU's burst slot at `now`, started afresh when its 10 ms have passed.
@@ -520,8 +518,8 @@ mod programs {
     /// otherwise all be recorded until rate control's next tick lowers the quota.
     #[inline(always)]
     fn burst_room(cfg: &Config, now: u64) -> bool {
-        cfg.offcpu_burst_quota == 0
-            || burst_slot(now).is_some_and(|slot| slot.by_quota < cfg.offcpu_burst_quota as u64)
+        let limit = cfg.offcpu_burst_quota as u64 * QUOTA_BURST_FACTOR as u64;
+        limit == 0 || burst_slot(now).is_some_and(|slot| slot.by_quota < limit)
     }
 
     #[inline(always)]
