@@ -252,16 +252,27 @@ impl Params {
             None => Ok(default),
             Some(v) => parse_time(v, now).ok_or_else(|| {
                 ApiError::bad(format!(
-                    "`{k}`: {v:?} is neither unix milliseconds nor now[-<n>(s|m|h|d)]"
+                    "`{k}`: {v:?} is neither unix milliseconds (1970 to 9999) nor now[-<n>(s|m|h|d)]"
                 ))
             }),
         }
     }
 }
 
+/// The latest time a client may name, in unix milliseconds: the end of year 9999.
+/// Times from clients outside `0..=MAX_CLIENT_TIME_MS` are refused, so the arithmetic
+/// done on them (range lengths, defaults an hour back, steps, window alignment) cannot
+/// overflow, whatever a request says.
+pub(crate) const MAX_CLIENT_TIME_MS: i64 = 253_402_300_799_999;
+
+/// `ms` when it is a time a client may name (see [`MAX_CLIENT_TIME_MS`]).
+pub(crate) fn client_time_ms(ms: i64) -> Option<i64> {
+    (0..=MAX_CLIENT_TIME_MS).contains(&ms).then_some(ms)
+}
+
 fn parse_time(v: &str, now: i64) -> Option<i64> {
     if let Ok(ms) = v.parse::<i64>() {
-        return Some(ms);
+        return client_time_ms(ms);
     }
     let rest = v.strip_prefix("now")?;
     if rest.is_empty() {
@@ -277,7 +288,7 @@ fn parse_time(v: &str, now: i64) -> Option<i64> {
         "d" => 86_400_000,
         _ => return None,
     };
-    Some(now - n.checked_mul(mult)?)
+    client_time_ms(now.checked_sub(n.checked_mul(mult)?)?)
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -561,6 +572,9 @@ async fn ingest_pyroscope(
         let (service, kind, labels) = ingest::pyroscope_name(p.req("name")?)?;
         let limits = &s.config.limits;
         let from_s: i64 = p.num("from", now_ms() / 1000)?;
+        if client_time_ms(from_s.saturating_mul(1000)).is_none() {
+            return Err(ApiError::bad("`from` must be unix seconds from 1970 to 9999"));
+        }
         let target = Target {
             service,
             kind: kind.clone(),

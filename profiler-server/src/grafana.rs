@@ -217,6 +217,7 @@ async fn query<T: Send + 'static>(
 /// `start` zero an hour before `end`; longer than the query range limit is
 /// refused.
 fn range(s: &AppState, start: i64, end: i64) -> Result<(i64, i64), ConnectError> {
+    client_times(start, end)?;
     let until = if end == 0 { api::now_ms() } else { end };
     let from = if start == 0 {
         until - DEFAULT_RANGE_MS
@@ -233,6 +234,17 @@ fn range(s: &AppState, start: i64, end: i64) -> Result<(i64, i64), ConnectError>
         )));
     }
     Ok((from, until))
+}
+
+/// Refuses a `start` or `end` outside the times a client may name, before any
+/// arithmetic on them.
+fn client_times(start: i64, end: i64) -> Result<(), ConnectError> {
+    if api::client_time_ms(start).is_none() || api::client_time_ms(end).is_none() {
+        return Err(ConnectError::invalid(
+            "`start` and `end` must be unix milliseconds from 1970 to 9999 (0: the default)",
+        ));
+    }
+    Ok(())
 }
 
 /// The selectors of a `matchers` list: a series matching any counts, and an
@@ -325,6 +337,7 @@ async fn profile_types(
     s: &AppState,
     r: ProfileTypesRequest,
 ) -> Result<ProfileTypesResponse, ConnectError> {
+    client_times(r.start, r.end)?;
     let (from, until) = if r.start == 0 && r.end == 0 {
         let now = api::now_ms();
         (now - RECENT_MS, now)

@@ -575,3 +575,41 @@ fn grafana_calls_fail_with_connect_errors() {
     assert_eq!(agent.status(), 403);
     assert_eq!(agent.json::<Value>().unwrap()["code"], "permission_denied");
 }
+
+/// Times at the ends of `i64` on every query route, Grafana's and ours: each refused
+/// with a clear 400, none wrapping past the query range limit (release builds) or
+/// panicking (debug builds), and the server keeps answering.
+#[test]
+fn extreme_times_are_refused_on_every_query_route() {
+    let env = Env::new();
+    let json = "application/json";
+    let (min, max) = (i64::MIN, i64::MAX);
+    let extremes = [(min, 0), (min, max), (0, min), (max, 0), (1, max), (-1, 1000), (min + 1, -1)];
+    for (start, end) in extremes {
+        for method in ["ProfileTypes", "SelectMergeStacktraces", "SelectSeries"] {
+            let body = serde_json::json!({
+                "start": start.to_string(),
+                "end": end.to_string(),
+                "profileTypeID": "on-cpu:samples:count:cpu:nanoseconds",
+                "labelSelector": "{service_name=\"shop\"}",
+                "step": 1.0,
+            });
+            let (status, error) = env.error(method, json, body.to_string().into_bytes());
+            assert_eq!(status, 400, "{method} {start}..{end}: {error}");
+        }
+        for route in ["flamegraph", "folded", "pprof", "svg", "top", "timeline", "overview", "changes"] {
+            let url = format!("/api/v1/{route}?service=shop&name=host&from={start}&until={end}");
+            let r = env.http.get(env.srv.url(&url)).bearer_auth(READER).send().unwrap();
+            assert_eq!(r.status(), 400, "{url}: {}", r.text().unwrap());
+        }
+        let relative = format!("/api/v1/folded?service=shop&from=now-{}d&until=now", max / 2);
+        let r = env.http.get(env.srv.url(&relative)).bearer_auth(READER).send().unwrap();
+        assert_eq!(r.status(), 400, "{relative}");
+    }
+    for seconds in [min, max, -1] {
+        let url = format!("/ingest?name=shop.cpu&from={seconds}&format=folded");
+        let r = env.http.post(env.srv.url(&url)).bearer_auth(AGENT).body("main;a 1\n").send().unwrap();
+        assert_eq!(r.status(), 400, "{url}: {}", r.text().unwrap());
+    }
+    assert!(!env.folded("service=shop").is_empty(), "the server stopped answering");
+}
