@@ -413,9 +413,8 @@ impl Sampler {
             .try_into()?;
         match options {
             Some(off) => {
-                let (threshold, weight) = sampling_threshold(off.sample_probability)?;
+                let threshold = sampling_threshold(off.sample_probability)?;
                 self.config.offcpu_sample_threshold = threshold;
-                self.config.offcpu_weight_q16 = weight;
                 self.config.offcpu_min_ns = off.min_block.as_nanos() as u64;
                 self.config.offcpu_burst_quota = off.burst_quota;
                 self.config.offcpu_thread_quota = off.thread_quota;
@@ -522,9 +521,8 @@ impl Sampler {
     /// Sets the share of switch-outs that are sampled and the threads' quota (rate
     /// control).
     pub fn set_off_cpu_rates(&mut self, probability: f64, thread_quota: u32) -> anyhow::Result<()> {
-        let (threshold, weight) = sampling_threshold(probability)?;
+        let threshold = sampling_threshold(probability)?;
         self.config.offcpu_sample_threshold = threshold;
-        self.config.offcpu_weight_q16 = weight;
         self.config.offcpu_thread_quota = thread_quota;
         self.config_map.set(0, self.config, 0)?;
         Ok(())
@@ -1068,18 +1066,13 @@ impl ReaderState {
 }
 
 /// Threshold on `bpf_get_prandom_u32()` and the matching weight (1/p in Q16).
-fn sampling_threshold(probability: f64) -> anyhow::Result<(u32, u64)> {
+fn sampling_threshold(probability: f64) -> anyhow::Result<u32> {
     if !(probability > 0.0 && probability <= 1.0) {
         bail!("off-CPU sampling probability must be in (0, 1], got {probability}");
     }
-    let threshold = if probability >= 1.0 {
-        u32::MAX
-    } else {
-        (probability * u32::MAX as f64) as u32
-    };
-    // The weight must match the probability actually applied by the threshold.
-    let effective = (threshold as f64 + 1.0) / (u32::MAX as f64 + 1.0);
-    Ok((threshold, (65536.0 / effective).round() as u64))
+    // The kernel weights each record by the inverse of the probability this threshold
+    // applies (`profiler_common::weight_q16`), not of the one asked for.
+    Ok(if probability >= 1.0 { u32::MAX } else { (probability * u32::MAX as f64) as u32 })
 }
 
 fn take<T>(bpf: &mut Ebpf, name: &str) -> anyhow::Result<T>

@@ -125,6 +125,13 @@ const fn task_hash(task: u64, slots: u32) -> u32 {
     ((task >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - slots.trailing_zeros())) as u32
 }
 
+/// The weight, in 1/65536ths, of a record drawn with `bpf_get_prandom_u32() <= threshold`:
+/// the inverse of its probability, (threshold + 1) / 2^32.
+#[inline(always)]
+pub const fn weight_q16(threshold: u32) -> u64 {
+    (1u64 << 48) / (threshold as u64 + 1)
+}
+
 /// A thread's switch-outs in the current quota epoch and the one before (see
 /// [`Config::offcpu_thread_quota`]).
 #[repr(C)]
@@ -196,10 +203,11 @@ pub const fn reported_state(raw_state: u64, preempted: bool) -> u32 {
 pub struct Config {
     /// Only this process is recorded when non-zero.
     pub filter_tgid: u32,
-    /// Switch-outs are recorded when `bpf_get_prandom_u32() <= offcpu_sample_threshold`.
+    /// Switch-outs are recorded when `bpf_get_prandom_u32() <= offcpu_sample_threshold`,
+    /// weighted by [`weight_q16`] of it. The kernel reads this word once per switch-out
+    /// and derives the weight from it: the agent rewrites the config in place, and a
+    /// weight read separately could belong to another probability (up to ×10,000).
     pub offcpu_sample_threshold: u32,
-    /// 65536 / sampling probability, stored with each recorded switch-out.
-    pub offcpu_weight_q16: u64,
     /// Waits shorter than this are not aggregated.
     pub offcpu_min_ns: u64,
     /// Most bytes of user stack copied per snapshot, a multiple of [`USER_STACK_CHUNK`] up

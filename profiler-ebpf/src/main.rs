@@ -35,7 +35,7 @@ mod programs {
         pending_slot, reported_state, thread_quota_slot, BurstSlot, Config, StackSnapshot, Stat, SwitchOut, ThreadQuota,
         WaitEnd, BURST_SHIFT, BURST_SLOT_NS, QUOTA_BURST_FACTOR, EVENT_SAMPLE, EVENT_SWITCH_OUT, EVENT_WAIT_END, MAX_STACK_DEPTH,
         MAX_USER_STACK, PENDING_SLOTS, RAW_TASK_DEAD, STATE_PREEMPTED, THREAD_QUOTA_SLOTS, UNLEARNT_USER_STACK,
-        USER_STACK_CHUNK, USER_STACK_CLASSES,
+        USER_STACK_CHUNK, USER_STACK_CLASSES, weight_q16,
     };
 
     // Sizes are defaults; the agent overrides them at load time.
@@ -114,6 +114,13 @@ mod programs {
     #[inline(always)]
     fn config() -> Option<&'static Config> {
         CONFIG.get(0)
+    }
+
+    /// The sampled probability's threshold, read once: the agent rewrites the config in
+    /// place, and the draw and the weight must come from the same value.
+    #[inline(always)]
+    fn sample_threshold(cfg: &Config) -> u32 {
+        unsafe { core::ptr::read_volatile(&cfg.offcpu_sample_threshold) }
     }
 
     /// Who a snapshot is of, and why it is taken.
@@ -339,10 +346,11 @@ mod programs {
         }
         count(Stat::LongWaitsEnded);
         let draw = unsafe { bpf_get_prandom_u32() };
-        if draw > cfg.offcpu_sample_threshold {
+        let threshold = sample_threshold(cfg);
+        if draw > threshold {
             return;
         }
-        let Some(weight_q16) = burst_weight(cfg, draw, now) else { return };
+        let Some(weight_q16) = burst_weight(cfg, threshold, draw, now) else { return };
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         let subject = Subject { kind: EVENT_SWITCH_OUT, tid: out.tid, tgid, state: out.state, ts_ns: out.ts_ns };
         if !emit_snapshot(ctx, cfg, &subject) {
@@ -366,12 +374,13 @@ mod programs {
     fn switch_out(ctx: &RawTracePointContext, cfg: &Config, task: u64) {
         let Some(pending) = forget_missed_switch_in(task) else { return };
         let draw = unsafe { bpf_get_prandom_u32() };
-        let sampled = draw <= cfg.offcpu_sample_threshold;
+        let threshold = sample_threshold(cfg);
+        let sampled = draw <= threshold;
         if !sampled && cfg.offcpu_thread_quota == 0 {
             return;
         }
         let Some((tid, tgid, raw_state)) = traced_switch_out(ctx, cfg) else { return };
-        let quota = thread_quota(cfg, task);
+        let quota = thread_quota(cfg, threshold, task);
         // Most switch-outs of a busy host end here: a frequent switcher not drawn. The
         // clock is read only past this point (it costs this VM 60 to 80 ns a read).
         if quota.is_none() && !sampled {
@@ -381,8 +390,8 @@ mod programs {
         // The thread's own probability when it is higher than the sampled one and this
         // CPU has room for it; both are known before the draw decides.
         let by_quota = match quota {
-            Some((threshold, weight_q16)) if threshold > cfg.offcpu_sample_threshold && burst_room(cfg, now) => {
-                if draw > threshold {
+            Some((own, weight_q16)) if own > threshold && burst_room(cfg, now) => {
+                if draw > own {
                     return;
                 }
                 Some(weight_q16)
@@ -396,7 +405,7 @@ mod programs {
                 weight_q16
             }
             None if sampled => {
-                let Some(weight_q16) = burst_weight(cfg, draw, now) else { return };
+                let Some(weight_q16) = burst_weight(cfg, threshold, draw, now) else { return };
                 weight_q16
             }
             None => return,
@@ -462,7 +471,7 @@ mod programs {
     /// weight (hundreds) on one long wait is a window's error. A slot of another task
     /// starts afresh for this one, a slot of an earlier epoch rolls over.
     #[inline(always)]
-    fn thread_quota(cfg: &Config, task: u64) -> Option<(u32, u64)> {
+    fn thread_quota(cfg: &Config, sample_threshold: u32, task: u64) -> Option<(u32, u64)> {
         let quota = cfg.offcpu_thread_quota;
         if quota == 0 {
             return None;
@@ -493,12 +502,12 @@ mod programs {
         }
         let quota_squared = (quota.min(1 << 15) as u64) * (quota.min(1 << 15) as u64);
         let n_squared = (n as u64) * (n as u64);
-        if quota_squared << 32 <= cfg.offcpu_sample_threshold as u64 * n_squared {
+        if quota_squared << 32 <= sample_threshold as u64 * n_squared {
             return None;
         }
-        let threshold = (quota_squared << 32) / n_squared.max(1);
-        let weight_q16 = (1u64 << 48) / threshold.max(1);
-        Some((threshold as u32, weight_q16))
+        // Below 2^32: n > quota here.
+        let threshold = ((quota_squared << 32) / n_squared.max(1)) as u32;
+        Some((threshold, weight_q16(threshold)))
     }
 
     /// This CPU's burst slot at `now`, started afresh when its 10 ms have passed.
@@ -532,14 +541,14 @@ mod programs {
     /// The weight of a switch-out drawn with `draw`, or None when this CPU is over its
     /// burst quota and the draw misses the reduced probability (see [`BURST_SHIFT`]).
     #[inline(always)]
-    fn burst_weight(cfg: &Config, draw: u32, now: u64) -> Option<u64> {
+    fn burst_weight(cfg: &Config, threshold: u32, draw: u32, now: u64) -> Option<u64> {
         if cfg.offcpu_burst_quota == 0 {
-            return Some(cfg.offcpu_weight_q16);
+            return Some(weight_q16(threshold));
         }
         let slot = burst_slot(now)?;
-        let mut weight_q16 = cfg.offcpu_weight_q16;
+        let mut weight_q16 = weight_q16(threshold);
         if slot.recorded >= cfg.offcpu_burst_quota as u64 {
-            if draw > cfg.offcpu_sample_threshold >> BURST_SHIFT {
+            if draw > threshold >> BURST_SHIFT {
                 return None;
             }
             weight_q16 <<= BURST_SHIFT;
