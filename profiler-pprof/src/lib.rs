@@ -46,7 +46,7 @@ pub use proto::{Function, Label, Line, Location, Mapping, Profile, Sample, Value
 mod bounded;
 #[cfg(feature = "otlp")]
 pub mod otlp;
-pub use bounded::{check_cost, decode_gzip_within, decoded_cost, DecodeLimits, DecodedCost};
+pub use bounded::{check_cost, decode_gzip_within, decoded_cost, push_request_cost, DecodeLimits, DecodedCost};
 
 pub mod compare;
 pub mod flamegraph;

@@ -30,29 +30,36 @@ pub const ACCEPTED_VERSION: &str = "opentelemetry-proto v1.10.0 (profiles v1deve
 pub struct ResourceProfile {
     pub resource: Vec<(String, String)>,
     pub profile: Profile,
-    /// The OTLP `profile_id` in hex, if set.
+    /// The OTLP `profile_id` in hex, if set (an id of only zero bytes is no id: it
+    /// would make every later profile sent with it a duplicate).
     pub profile_id: Option<String>,
 }
 
-pub fn to_pprof(request: &ExportProfilesServiceRequest) -> Result<Vec<ResourceProfile>, Error> {
-    let samples: usize = request
+/// Converts the request's profiles one at a time and hands each to `each`. Each
+/// converted profile holds only the part of the shared dictionary its own samples
+/// use, so converting a request takes time and memory in proportion to the request,
+/// not to its profiles times its dictionary (a 2 MB request of 500,000 tiny profiles
+/// and a 100,000-string dictionary asked for terabytes when each profile got a copy).
+pub fn for_each_profile<E: From<Error>>(
+    request: &ExportProfilesServiceRequest,
+    mut each: impl FnMut(ResourceProfile) -> Result<(), E>,
+) -> Result<(), E> {
+    let has_samples = request
         .resource_profiles
         .iter()
         .flat_map(|r| &r.scope_profiles)
         .flat_map(|s| &s.profiles)
-        .map(|p| p.samples.len())
-        .sum();
+        .any(|p| !p.samples.is_empty());
     let dict = match &request.dictionary {
         Some(d) if !d.string_table.is_empty() => d,
-        _ if samples == 0 => return Ok(Vec::new()),
+        _ if !has_samples => return Ok(()),
         _ => {
             return Err(Error::Invalid(format!(
                 "profiles without a shared dictionary: an earlier development layout of OTLP profiles; this server accepts {ACCEPTED_VERSION}"
-            )))
+            ))
+            .into())
         }
     };
-    let base = Tables::new(dict)?;
-    let mut out = Vec::new();
     for rp in &request.resource_profiles {
         let resource: Vec<(String, String)> = rp
             .resource
@@ -66,142 +73,191 @@ pub fn to_pprof(request: &ExportProfilesServiceRequest) -> Result<Vec<ResourcePr
             })
             .collect();
         for p in rp.scope_profiles.iter().flat_map(|s| &s.profiles) {
-            out.push(ResourceProfile {
+            let id = &p.profile_id;
+            each(ResourceProfile {
                 resource: resource.clone(),
-                profile: base.profile(dict, p)?,
-                profile_id: (!p.profile_id.is_empty()).then(|| hex(&p.profile_id)),
-            });
+                profile: Compact::new(dict).profile(p)?,
+                profile_id: id.iter().any(|&b| b != 0).then(|| hex(id)),
+            })?;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
-/// The dictionary's tables in pprof form, shared by every profile: pprof ids
-/// are OTLP indices + 1 (pprof reserves id 0 for "none").
-struct Tables {
+/// One profile's pprof tables, built from the dictionary entries its samples reach:
+/// pprof ids are assigned in the order entries are first used.
+struct Compact<'a> {
+    dict: &'a ProfilesDictionary,
+    strings: Vec<String>,
+    string_ids: HashMap<String, i64>,
     functions: Vec<Function>,
+    function_ids: HashMap<i32, u64>,
     mappings: Vec<Mapping>,
+    mapping_ids: HashMap<i32, u64>,
     locations: Vec<Location>,
+    location_ids: HashMap<i32, u64>,
 }
 
-fn id(index: i32) -> u64 {
-    index as u64 + 1
+fn out_of_range(what: &str, i: i32) -> Error {
+    Error::Invalid(format!("{what} index {i} out of range"))
 }
 
-impl Tables {
-    fn new(dict: &ProfilesDictionary) -> Result<Tables, Error> {
-        let strings = dict.string_table.len() as i32;
-        let string = |i: i32| -> Result<i64, Error> {
-            if (0..strings).contains(&i) {
-                Ok(i64::from(i))
-            } else {
-                Err(Error::Invalid(format!("string index {i} out of range")))
-            }
+impl<'a> Compact<'a> {
+    fn new(dict: &'a ProfilesDictionary) -> Self {
+        let mut compact = Compact {
+            dict,
+            strings: Vec::new(),
+            string_ids: HashMap::new(),
+            functions: Vec::new(),
+            function_ids: HashMap::new(),
+            mappings: Vec::new(),
+            mapping_ids: HashMap::new(),
+            locations: Vec::new(),
+            location_ids: HashMap::new(),
         };
-        let functions = dict
-            .function_table
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                Ok(Function {
-                    id: i as u64 + 1,
-                    name: string(f.name_strindex)?,
-                    system_name: string(f.system_name_strindex)?,
-                    filename: string(f.filename_strindex)?,
-                    start_line: f.start_line,
-                })
-            })
-            .collect::<Result<_, Error>>()?;
-        let mappings = dict
-            .mapping_table
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                Ok(Mapping {
-                    id: i as u64 + 1,
-                    memory_start: m.memory_start,
-                    memory_limit: m.memory_limit,
-                    file_offset: m.file_offset,
-                    filename: string(m.filename_strindex)?,
-                    ..Mapping::default()
-                })
-            })
-            .collect::<Result<_, Error>>()?;
-        let in_range = |what: &str, i: i32, len: usize| -> Result<(), Error> {
-            if (0..len as i32).contains(&i) {
-                Ok(())
-            } else {
-                Err(Error::Invalid(format!("{what} index {i} out of range")))
-            }
-        };
-        let locations = dict
-            .location_table
-            .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                in_range("mapping", l.mapping_index, dict.mapping_table.len().max(1))?;
-                let line = l
-                    .lines
-                    .iter()
-                    .map(|line| {
-                        in_range("function", line.function_index, dict.function_table.len())?;
-                        Ok(Line {
-                            function_id: id(line.function_index),
-                            line: line.line,
-                            column: line.column,
-                        })
-                    })
-                    .collect::<Result<_, Error>>()?;
-                Ok(Location {
-                    id: i as u64 + 1,
-                    // Index 0 is the dictionary's null mapping.
-                    mapping_id: if l.mapping_index > 0 {
-                        id(l.mapping_index)
-                    } else {
-                        0
-                    },
-                    address: l.address,
-                    line,
-                    is_folded: false,
-                })
-            })
-            .collect::<Result<_, Error>>()?;
-        Ok(Tables {
-            functions,
-            mappings,
-            locations,
-        })
+        // pprof's string 0 is the empty string.
+        compact.intern("");
+        compact
     }
 
-    fn profile(&self, dict: &ProfilesDictionary, p: &otlp::Profile) -> Result<Profile, Error> {
-        let mut strings = Strings::new(&dict.string_table);
-        let value_type = |v: &Option<otlp::ValueType>| {
-            v.as_ref().map(|v| ValueType {
-                r#type: i64::from(v.type_strindex),
-                unit: i64::from(v.unit_strindex),
-            })
+    fn intern(&mut self, s: &str) -> i64 {
+        if let Some(&i) = self.string_ids.get(s) {
+            return i;
+        }
+        let i = self.strings.len() as i64;
+        self.strings.push(s.to_owned());
+        self.string_ids.insert(s.to_owned(), i);
+        i
+    }
+
+    /// The dictionary's string `i`, in this profile's table.
+    fn string(&mut self, i: i32) -> Result<i64, Error> {
+        let dict = self.dict;
+        let s = usize::try_from(i)
+            .ok()
+            .and_then(|i| dict.string_table.get(i))
+            .ok_or_else(|| out_of_range("string", i))?;
+        Ok(self.intern(s))
+    }
+
+    fn label(&mut self, key: &str, value: &str) -> Label {
+        Label {
+            key: self.intern(key),
+            str: self.intern(value),
+            ..Label::default()
+        }
+    }
+
+    fn function(&mut self, i: i32) -> Result<u64, Error> {
+        if let Some(&id) = self.function_ids.get(&i) {
+            return Ok(id);
+        }
+        let dict = self.dict;
+        let f = usize::try_from(i)
+            .ok()
+            .and_then(|i| dict.function_table.get(i))
+            .ok_or_else(|| out_of_range("function", i))?;
+        let id = self.functions.len() as u64 + 1;
+        let function = Function {
+            id,
+            name: self.string(f.name_strindex)?,
+            system_name: self.string(f.system_name_strindex)?,
+            filename: self.string(f.filename_strindex)?,
+            start_line: f.start_line,
         };
-        let sample_type = value_type(&p.sample_type)
+        self.functions.push(function);
+        self.function_ids.insert(i, id);
+        Ok(id)
+    }
+
+    /// Index 0 is the dictionary's null mapping: no mapping (id 0).
+    fn mapping(&mut self, i: i32) -> Result<u64, Error> {
+        if i == 0 {
+            return Ok(0);
+        }
+        if let Some(&id) = self.mapping_ids.get(&i) {
+            return Ok(id);
+        }
+        let dict = self.dict;
+        let m = usize::try_from(i)
+            .ok()
+            .and_then(|i| dict.mapping_table.get(i))
+            .ok_or_else(|| out_of_range("mapping", i))?;
+        let id = self.mappings.len() as u64 + 1;
+        let mapping = Mapping {
+            id,
+            memory_start: m.memory_start,
+            memory_limit: m.memory_limit,
+            file_offset: m.file_offset,
+            filename: self.string(m.filename_strindex)?,
+            ..Mapping::default()
+        };
+        self.mappings.push(mapping);
+        self.mapping_ids.insert(i, id);
+        Ok(id)
+    }
+
+    fn location(&mut self, i: i32) -> Result<u64, Error> {
+        if let Some(&id) = self.location_ids.get(&i) {
+            return Ok(id);
+        }
+        let dict = self.dict;
+        let l = usize::try_from(i)
+            .ok()
+            .and_then(|i| dict.location_table.get(i))
+            .ok_or_else(|| out_of_range("location", i))?;
+        let mapping_id = self.mapping(l.mapping_index)?;
+        let line = l
+            .lines
+            .iter()
+            .map(|line| {
+                Ok(Line {
+                    function_id: self.function(line.function_index)?,
+                    line: line.line,
+                    column: line.column,
+                })
+            })
+            .collect::<Result<_, Error>>()?;
+        let id = self.locations.len() as u64 + 1;
+        self.locations.push(Location {
+            id,
+            mapping_id,
+            address: l.address,
+            line,
+            is_folded: false,
+        });
+        self.location_ids.insert(i, id);
+        Ok(id)
+    }
+
+    fn value_type(&mut self, v: &Option<otlp::ValueType>) -> Result<Option<ValueType>, Error> {
+        v.as_ref()
+            .map(|v| {
+                Ok(ValueType {
+                    r#type: self.string(v.type_strindex)?,
+                    unit: self.string(v.unit_strindex)?,
+                })
+            })
+            .transpose()
+    }
+
+    fn profile(mut self, p: &otlp::Profile) -> Result<Profile, Error> {
+        let dict = self.dict;
+        let sample_type = self
+            .value_type(&p.sample_type)?
             .ok_or_else(|| Error::Invalid("profile has no sample type".into()))?;
-        let common = attributes(dict, &p.attribute_indices, &mut strings)?;
+        let period_type = self.value_type(&p.period_type)?;
+        let common = self.attributes(&p.attribute_indices)?;
         let mut samples = Vec::with_capacity(p.samples.len());
         for s in &p.samples {
             let stack = usize::try_from(s.stack_index)
                 .ok()
                 .and_then(|i| dict.stack_table.get(i))
-                .ok_or_else(|| {
-                    Error::Invalid(format!("stack index {} out of range", s.stack_index))
-                })?;
+                .ok_or_else(|| out_of_range("stack", s.stack_index))?;
             let location_id = stack
                 .location_indices
                 .iter()
-                .map(|&i| {
-                    if (0..dict.location_table.len() as i32).contains(&i) {
-                        Ok(id(i))
-                    } else {
-                        Err(Error::Invalid(format!("location index {i} out of range")))
-                    }
-                })
+                .map(|&i| self.location(i))
                 .collect::<Result<_, Error>>()?;
             // Events without values count one each.
             let value = if s.values.is_empty() {
@@ -210,17 +266,15 @@ impl Tables {
                 s.values.iter().fold(0i64, |a, v| a.saturating_add(*v))
             };
             let mut label = common.clone();
-            label.extend(attributes(dict, &s.attribute_indices, &mut strings)?);
+            label.extend(self.attributes(&s.attribute_indices)?);
             if s.link_index > 0 {
                 let link = usize::try_from(s.link_index)
                     .ok()
                     .and_then(|i| dict.link_table.get(i))
-                    .ok_or_else(|| {
-                        Error::Invalid(format!("link index {} out of range", s.link_index))
-                    })?;
+                    .ok_or_else(|| out_of_range("link", s.link_index))?;
                 for (key, bytes) in [("trace_id", &link.trace_id), ("span_id", &link.span_id)] {
                     if !bytes.is_empty() {
-                        label.push(strings.label(key, &hex(bytes)));
+                        label.push(self.label(key, &hex(bytes)));
                     }
                 }
             }
@@ -233,87 +287,42 @@ impl Tables {
         Ok(Profile {
             sample_type: vec![sample_type],
             sample: samples,
-            mapping: self.mappings.clone(),
-            location: self.locations.clone(),
-            function: self.functions.clone(),
+            mapping: self.mappings,
+            location: self.locations,
+            function: self.functions,
             time_nanos: p.time_unix_nano as i64,
             duration_nanos: p.duration_nano as i64,
-            period_type: value_type(&p.period_type),
+            period_type,
             period: p.period,
-            string_table: strings.into_table(),
+            string_table: self.strings,
             ..Profile::default()
         })
     }
-}
 
-/// The dictionary's strings plus those labels add (attribute keys and
-/// values that are not strings of the table, hex trace ids).
-struct Strings<'a> {
-    table: &'a [String],
-    added: Vec<String>,
-    index: HashMap<String, i64>,
-}
-
-impl<'a> Strings<'a> {
-    fn new(table: &'a [String]) -> Self {
-        Strings {
-            table,
-            added: Vec::new(),
-            index: HashMap::new(),
-        }
-    }
-
-    fn intern(&mut self, s: &str) -> i64 {
-        if let Some(&i) = self.index.get(s) {
-            return i;
-        }
-        let i = (self.table.len() + self.added.len()) as i64;
-        self.added.push(s.to_owned());
-        self.index.insert(s.to_owned(), i);
-        i
-    }
-
-    fn label(&mut self, key: &str, value: &str) -> Label {
-        Label {
-            key: self.intern(key),
-            str: self.intern(value),
-            ..Label::default()
-        }
-    }
-
-    fn into_table(self) -> Vec<String> {
-        self.table.iter().cloned().chain(self.added).collect()
-    }
-}
-
-fn attributes(
-    dict: &ProfilesDictionary,
-    indices: &[i32],
-    strings: &mut Strings,
-) -> Result<Vec<Label>, Error> {
-    let mut out = Vec::with_capacity(indices.len());
-    for &i in indices {
-        let kv = usize::try_from(i)
-            .ok()
-            .and_then(|i| dict.attribute_table.get(i))
-            .ok_or_else(|| Error::Invalid(format!("attribute index {i} out of range")))?;
-        let key = usize::try_from(kv.key_strindex)
-            .ok()
-            .and_then(|k| dict.string_table.get(k))
-            .ok_or_else(|| {
-                Error::Invalid(format!("string index {} out of range", kv.key_strindex))
-            })?;
-        if let Some(value) = kv
-            .value
-            .as_ref()
-            .and_then(|v| any_value(v, &dict.string_table))
-        {
-            if !key.is_empty() {
-                out.push(strings.label(key, &value));
+    fn attributes(&mut self, indices: &[i32]) -> Result<Vec<Label>, Error> {
+        let dict = self.dict;
+        let mut out = Vec::with_capacity(indices.len());
+        for &i in indices {
+            let kv = usize::try_from(i)
+                .ok()
+                .and_then(|i| dict.attribute_table.get(i))
+                .ok_or_else(|| out_of_range("attribute", i))?;
+            let key = usize::try_from(kv.key_strindex)
+                .ok()
+                .and_then(|k| dict.string_table.get(k))
+                .ok_or_else(|| out_of_range("string", kv.key_strindex))?;
+            if let Some(value) = kv
+                .value
+                .as_ref()
+                .and_then(|v| any_value(v, &dict.string_table))
+            {
+                if !key.is_empty() {
+                    out.push(self.label(key, &value));
+                }
             }
         }
+        Ok(out)
     }
-    Ok(out)
 }
 
 /// Scalar attribute values as text (strings may sit in the dictionary's

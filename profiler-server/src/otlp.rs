@@ -4,7 +4,9 @@
 //! on the same port). The layout accepted is
 //! [`profiler_pprof::otlp::ACCEPTED_VERSION`]; each OTLP profile is converted
 //! to pprof and ingested like any pprof: same ingest scope, limits and memory
-//! budget as the native route, the profile id as batch id.
+//! budget as the native route, the profile id as batch id. Both transports
+//! reserve a request's decoded size from the ingest budget before decoding it,
+//! and convert its profiles one at a time.
 //!
 //! Service: the resource's `service.name` (else `unknown_service`); the other
 //! resource attributes are series labels; samples keep their attributes and
@@ -14,9 +16,13 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use opentelemetry_proto::tonic::collector::profiles::v1development::profiles_service_server::{
-    ProfilesService, ProfilesServiceServer,
-};
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use bytes::Buf as _;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::{http, BoxFuture, Service};
+use tonic::server::UnaryService;
 use profiler_pprof::otlp::{self, ExportProfilesServiceRequest, ExportProfilesServiceResponse};
 use prost::Message;
 
@@ -30,6 +36,10 @@ pub const HTTP_ROUTE: &str = "/v1development/profiles";
 /// Largest OTLP request, decompressed: an OTLP message can take far more memory
 /// decoded than on the wire, and the whole request is decoded at once.
 const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// Most profiles in one request: each is converted and stored as a batch of its
+/// own, and an exporter sends one per resource and scope of a reporting
+/// interval, far fewer. 200,000 tiny profiles fit in 2 MB.
+const MAX_PROFILES: usize = 10_000;
 /// Memory reserved per wire byte while a request is decoded and converted: the
 /// worst case, an empty `Sample`, is 2 bytes on the wire and about 80 bytes in
 /// memory plus the vector's growth, so a request cannot outgrow its grant.
@@ -97,15 +107,26 @@ async fn http(s: AppState, req: Request) -> Result<(), ApiError> {
     .await
 }
 
-/// Converts and stores every profile of a request.
+/// Converts and stores the profiles of a request, one at a time.
 fn ingest_request(
     s: &AppState,
     request: &ExportProfilesServiceRequest,
     wire_len: usize,
 ) -> Result<(), ApiError> {
-    let profiles = otlp::to_pprof(request)?;
+    let profiles: usize = request
+        .resource_profiles
+        .iter()
+        .flat_map(|r| &r.scope_profiles)
+        .map(|s| s.profiles.len())
+        .sum();
+    if profiles > MAX_PROFILES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("an OTLP request of {profiles} profiles: at most {MAX_PROFILES}; split it"),
+        ));
+    }
     let limits = &s.config.limits;
-    for rp in profiles {
+    otlp::for_each_profile(request, |rp| {
         let mut service = None;
         let mut labels = Labels::new();
         for (k, v) in rp.resource {
@@ -132,9 +153,8 @@ fn ingest_request(
         };
         let mut b = BatchBuilder::new(limits, target)?;
         ingest::pprof(&profile, idx, &mut b)?;
-        let _summary = api::store_batch(s, b, wire_len, rp.profile_id)?;
-    }
-    Ok(())
+        api::store_batch(s, b, wire_len, rp.profile_id).map(drop)
+    })
 }
 
 /// OTLP profilers sample `samples` (a count) with a `cpu` period: that is CPU
@@ -157,31 +177,63 @@ fn kind_of(profile: &profiler_pprof::Profile, idx: usize) -> Result<String, ApiE
 pub const GRPC_ROUTE: &str =
     "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export";
 
-/// The gRPC side: the same conversion and store, behind the ingest scope
-/// (axum's middleware runs before tonic sees the call).
-pub fn grpc(state: AppState) -> ProfilesServiceServer<Grpc> {
-    ProfilesServiceServer::new(Grpc(state))
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
-        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+/// The gRPC side: the same conversion and store, behind the ingest scope (axum's
+/// middleware runs before tonic sees the call). tonic hands over the request's bytes,
+/// decompressed within [`MAX_REQUEST_BYTES`], not the decoded message: its memory is
+/// reserved from the ingest budget before decoding, as on the HTTP route (a decoded
+/// request takes up to [`DECODED_PER_WIRE_BYTE`] times its wire size).
+pub fn grpc(state: AppState) -> Grpc {
+    Grpc(state)
 }
 
+#[derive(Clone)]
 pub struct Grpc(AppState);
 
-#[tonic::async_trait]
-impl ProfilesService for Grpc {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportProfilesServiceRequest>,
-    ) -> Result<tonic::Response<ExportProfilesServiceResponse>, tonic::Status> {
+impl Service<Request> for Grpc {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let export = Export(self.0.clone());
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(WireCodec)
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+                .max_decoding_message_size(MAX_REQUEST_BYTES);
+            Ok(grpc.unary(export, req).await)
+        })
+    }
+}
+
+struct Export(AppState);
+
+impl UnaryService<Bytes> for Export {
+    type Response = ExportProfilesServiceResponse;
+    type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
         let s = self.0.clone();
-        let request = request.into_inner();
-        let wire_len = request.encoded_len();
-        // tonic decoded the request already; hold its memory while converting.
-        let grant: Result<Grant, _> = s.budget.reserve(wire_len * DECODED_PER_WIRE_BYTE).await;
-        let _grant = grant.map_err(|e| {
-            tonic::Status::resource_exhausted(api::over_budget(e).message().to_owned())
-        })?;
-        api::blocking(move || ingest_request(&s, &request, wire_len))
+        Box::pin(async move {
+            let wire = request.into_inner();
+            let max_bytes = s.config.limits.ingest_memory_bytes / (2 * DECODED_PER_WIRE_BYTE);
+            if wire.len() > max_bytes {
+                return Err(tonic::Status::resource_exhausted(format!(
+                    "an OTLP request of {} bytes decompressed is over the {max_bytes} this server's ingest memory budget can decode",
+                    wire.len()
+                )));
+            }
+            let grant: Result<Grant, _> = s.budget.reserve(wire.len() * DECODED_PER_WIRE_BYTE).await;
+            let _grant = grant.map_err(|e| tonic::Status::resource_exhausted(api::over_budget(e).message().to_owned()))?;
+            api::blocking(move || {
+                let request = ExportProfilesServiceRequest::decode(wire.as_ref()).map_err(|e| {
+                    ApiError::new(StatusCode::BAD_REQUEST, format!("invalid ExportProfilesServiceRequest: {e}"))
+                })?;
+                ingest_request(&s, &request, wire.len())
+            })
             .await
             .map_err(|e| {
                 let message = e.message().to_owned();
@@ -191,8 +243,43 @@ impl ProfilesService for Grpc {
                     _ => tonic::Status::internal(message),
                 }
             })?;
-        Ok(tonic::Response::new(
-            ExportProfilesServiceResponse::default(),
-        ))
+            Ok(tonic::Response::new(ExportProfilesServiceResponse::default()))
+        })
+    }
+}
+
+/// Requests as their bytes, responses as protobuf.
+struct WireCodec;
+
+impl Codec for WireCodec {
+    type Encode = ExportProfilesServiceResponse;
+    type Decode = Bytes;
+    type Encoder = WireCodec;
+    type Decoder = WireCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        WireCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        WireCodec
+    }
+}
+
+impl Encoder for WireCodec {
+    type Item = ExportProfilesServiceResponse;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Self::Item, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        item.encode(dst).map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+impl Decoder for WireCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Self::Error> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
     }
 }

@@ -64,6 +64,14 @@ async fn handle(s: AppState, req: Request, codec: Codec) -> Result<(), ApiError>
     api::blocking(move || {
         let limits = &s.config.limits;
         let raw = api::decompress(&mut grant, &body, limits)?;
+        // What decoding allocates, found before it does.
+        let decoded = match codec {
+            Codec::Proto => profiler_pprof::push_request_cost(&raw)?,
+            Codec::Json => json_cost(&raw),
+        };
+        grant
+            .grow_to_blocking(body.len() + raw.len() + decoded)
+            .map_err(api::over_budget)?;
         let request = match codec {
             Codec::Proto => PushRequest::decode(raw.as_ref()).map_err(|e| {
                 ApiError::new(StatusCode::BAD_REQUEST, format!("invalid PushRequest: {e}"))
@@ -175,4 +183,16 @@ fn kinds(
     (0..n)
         .map(|idx| Ok((ingest::sample_type_name(profile, idx)?, idx)))
         .collect()
+}
+
+/// Upper bound of what decoding a JSON `PushRequest` allocates: each object (`{`) at
+/// most the largest struct of the request, and the strings at most their text, twice
+/// (repeated fields grow by doubling). `{"series":[{},{},...]}` is 3 bytes on the wire
+/// per series and about 50 in memory.
+fn json_cost(raw: &[u8]) -> usize {
+    use profiler_pprof::pyroscope::push::v1::{RawProfileSeries, RawSample};
+    use profiler_pprof::pyroscope::types::v1::LabelPair;
+    let largest = size_of::<RawProfileSeries>().max(size_of::<RawSample>()).max(size_of::<LabelPair>());
+    let objects = raw.iter().filter(|&&b| b == b'{').count();
+    objects.saturating_mul(largest).saturating_add(raw.len()).saturating_mul(2)
 }

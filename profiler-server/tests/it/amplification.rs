@@ -163,3 +163,151 @@ fn amplification_bombs_are_refused_within_a_memory_cap() {
         .unwrap();
     assert_eq!(services, ["victim"], "nothing of the bombs was stored");
 }
+
+/// `n` copies of `unit`, gzipped.
+fn repeated(unit: &[u8], n: usize) -> Vec<u8> {
+    gzip(&unit.repeat(n))
+}
+
+/// An OTLP request of `profiles` profiles, each with one sample of an empty stack,
+/// sharing a dictionary of `strings` strings: small on the wire, and converting it
+/// with a copy of the dictionary per profile asked for `profiles` × `strings`.
+fn otlp_dictionary_bomb(profiles: usize, strings: usize) -> Vec<u8> {
+    use opentelemetry_proto::tonic::collector::profiles::v1development::ExportProfilesServiceRequest;
+    use opentelemetry_proto::tonic::profiles::v1development::{
+        Profile, ProfilesDictionary, ResourceProfiles, Sample, ScopeProfiles, Stack, ValueType,
+    };
+    use prost::Message;
+    let profile = Profile {
+        sample_type: Some(ValueType { type_strindex: 1, unit_strindex: 1 }),
+        samples: vec![Sample { stack_index: 0, values: vec![1], ..Sample::default() }],
+        ..Profile::default()
+    };
+    let mut string_table = vec![String::new()];
+    string_table.extend(std::iter::repeat_n("x".to_string(), strings));
+    ExportProfilesServiceRequest {
+        resource_profiles: vec![ResourceProfiles {
+            scope_profiles: vec![ScopeProfiles {
+                profiles: vec![profile; profiles],
+                ..ScopeProfiles::default()
+            }],
+            ..ResourceProfiles::default()
+        }],
+        dictionary: Some(ProfilesDictionary {
+            string_table,
+            stack_table: vec![Stack::default()],
+            ..ProfilesDictionary::default()
+        }),
+    }
+    .encode_to_vec()
+}
+
+/// Every ingest route, each with a bomb of at most 64 KB on the wire, eight at once:
+/// each refused (4xx, or 503 when the memory budget is taken), none stored, the
+/// server's peak RSS under 512 MiB, and queries answering while the bombs land.
+#[test]
+fn every_ingest_route_refuses_bombs_within_a_memory_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Proc::spawn(dir.path(), &[]);
+    let c = client();
+    let t0 = now_ms();
+    let r = c
+        .post(srv.url(&format!("/api/v1/ingest?service=victim&format=folded&kind=cpu&from={t0}")))
+        .body("main;work 10\n")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // 40 MB of text or zeros: over the 32 MiB a body may decompress to.
+    let zeros = repeated(&[0], 40 << 20);
+    let folded = repeated(b"a", 40 << 20);
+    let otlp = gzip(&otlp_dictionary_bomb(200_000, 50_000));
+    let bombs: Vec<(&str, String, &str, Vec<u8>)> = vec![
+        ("pprof, empty samples", "/api/v1/ingest?service=bomb".into(), "application/octet-stream", empty_samples()),
+        ("folded, decompression", "/api/v1/ingest?service=bomb&kind=cpu&format=folded".into(), "text/plain", folded.clone()),
+        ("stacks, decompression", "/api/v1/ingest?service=bomb&kind=cpu&format=stacks".into(), "application/octet-stream", zeros.clone()),
+        ("bundle, decompression", "/api/v1/ingest?format=bundle".into(), "application/octet-stream", zeros.clone()),
+        ("Pyroscope /ingest, folded", "/ingest?name=bomb.cpu&format=folded".into(), "text/plain", folded.clone()),
+        (
+            "Pyroscope push, empty series",
+            "/push.v1.PusherService/Push".into(),
+            "application/proto",
+            repeated(&[0x0a, 0x00], 16 << 20),
+        ),
+        ("Pyroscope push JSON, empty series", "/push.v1.PusherService/Push".into(), "application/json", {
+            let mut json = b"{\"series\":[".to_vec();
+            json.extend_from_slice(&b"{},".repeat(10 << 20));
+            json.extend_from_slice(b"{}]}");
+            gzip(&json)
+        }),
+        ("OTLP over HTTP, profiles x dictionary", "/v1development/profiles".into(), "application/x-protobuf", otlp.clone()),
+    ];
+    for (name, _, _, body) in &bombs {
+        assert!(body.len() <= 64 << 10, "{name} is {} bytes on the wire", body.len());
+    }
+    for (name, route, content_type, body) in &bombs {
+        let answers: Vec<(u16, String)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let c = c.clone();
+                    let url = srv.url(route);
+                    s.spawn(move || {
+                        let r = c
+                            .post(url)
+                            .header("content-type", *content_type)
+                            .header("content-encoding", "gzip")
+                            .body(body.clone())
+                            .send()
+                            .unwrap();
+                        (r.status().as_u16(), r.text().unwrap())
+                    })
+                })
+                .collect();
+            let q = c
+                .get(srv.url(&format!("/api/v1/folded?service=victim&from={}&until={}", t0 - 60_000, t0 + 60_000)))
+                .send()
+                .unwrap();
+            assert_eq!(q.status(), 200);
+            assert_eq!(q.text().unwrap(), "main;work 10\n");
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (status, text) in answers {
+            assert!((400..500).contains(&status) || status == 503, "{name}: {status} {text}");
+        }
+        let rss = peak_rss_mb(srv.child.id());
+        println!("{name}: 8 concurrent bombs refused; server peak RSS so far {rss} MB");
+        assert!(rss < 512, "{name}: peak RSS {rss} MB");
+    }
+
+    // OTLP over gRPC, gzip-compressed by the client as OTel exporters do.
+    let request = <opentelemetry_proto::tonic::collector::profiles::v1development::ExportProfilesServiceRequest as prost::Message>::decode(
+        otlp_dictionary_bomb(200_000, 50_000).as_slice(),
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let codes: Vec<tonic::Code> = runtime.block_on(async {
+        let calls = (0..8).map(|_| {
+            let (request, base) = (request.clone(), srv.base.clone());
+            tokio::spawn(async move {
+                use opentelemetry_proto::tonic::collector::profiles::v1development::profiles_service_client::ProfilesServiceClient;
+                let mut grpc = ProfilesServiceClient::connect(base)
+                    .await
+                    .unwrap()
+                    .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+                grpc.export(tonic::Request::new(request)).await.map_or_else(|e| e.code(), |_| tonic::Code::Ok)
+            })
+        });
+        let mut codes = Vec::new();
+        for call in calls.collect::<Vec<_>>() {
+            codes.push(call.await.unwrap());
+        }
+        codes
+    });
+    assert!(codes.iter().all(|&code| code != tonic::Code::Ok), "OTLP over gRPC: {codes:?}");
+    let rss = peak_rss_mb(srv.child.id());
+    println!("OTLP over gRPC: 8 concurrent bombs refused ({codes:?}); server peak RSS {rss} MB");
+    assert!(rss < 512, "OTLP over gRPC: peak RSS {rss} MB");
+
+    let services: Vec<String> = c.get(srv.url("/api/v1/services")).send().unwrap().json().unwrap();
+    assert_eq!(services, ["victim"], "nothing of the bombs was stored");
+}

@@ -192,6 +192,16 @@ fn otlp_profiles_over_http_and_grpc() {
             "{service}: samples x 10 ms period, as cpu"
         );
     }
+    // A profile id of zero bytes is no id: two such profiles are two profiles, not a
+    // profile and its retry.
+    for _ in 0..2 {
+        let r = post("/v1development/profiles", request("otel-zero-id", 0).encode_to_vec());
+        assert_eq!(r.status(), 200, "{}", r.text().unwrap());
+    }
+    assert_eq!(
+        get("service=otel-zero-id&kinds=cpu"),
+        "main;handle 40000000\nmain;handle;db_query 60000000\n"
+    );
     let trace: String = TRACE.iter().map(|b| format!("{b:02x}")).collect();
     let span: String = SPAN.iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(
