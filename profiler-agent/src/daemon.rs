@@ -239,6 +239,7 @@ fn record_drain_metrics(session: &Session, window: &Window, metrics: &Metrics) {
     metrics.off_cpu_switch_in.store(session.off_cpu_switch_in() as u64, Relaxed);
     let off_cpu_lost = stats.get(Stat::OffCpuRingFull) + stats.get(Stat::SwitchOutMapFull) + stats.get(Stat::SwitchInMissed);
     metrics.off_cpu_lost.fetch_add(off_cpu_lost, Relaxed);
+    metrics.off_cpu_waits_expired.store(session.agent_losses().pending_expired, Relaxed);
     metrics.map_fill_permille.store((window.map_fill * 1000.0) as u64, Relaxed);
     metrics.stacks_unwound.fetch_add(window.unwind.complete, Relaxed);
     metrics.stacks_truncated.fetch_add(window.unwind.truncated, Relaxed);

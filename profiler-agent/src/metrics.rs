@@ -14,6 +14,8 @@ pub struct Metrics {
     pub switches: AtomicU64,
     pub switches_recorded: AtomicU64,
     pub off_cpu_lost: AtomicU64,
+    /// Pending waits dropped because their thread is gone (their end was lost).
+    pub off_cpu_waits_expired: AtomicU64,
     pub stacks_unwound: AtomicU64,
     pub stacks_truncated: AtomicU64,
     pub stacks_partly_unknown: AtomicU64,
@@ -66,6 +68,7 @@ impl Metrics {
         metric("switches_total", "counter", "Context switches on the host while off-CPU tracing was on.", get(&self.switches));
         metric("switches_recorded_total", "counter", "Context switches recorded (sampled).", get(&self.switches_recorded));
         metric("off_cpu_lost_total", "counter", "Off-CPU waits lost to a full ring buffer or switch-out map, or to a switch-in the kernel did not report.", get(&self.off_cpu_lost));
+        metric("off_cpu_waits_expired_total", "counter", "Off-CPU waits dropped because their end was lost and their thread exited.", get(&self.off_cpu_waits_expired));
         metric("map_fill_ratio", "gauge", "Share of max_stack_keys used by the last window.", get(&self.map_fill_permille) / 1000.0);
         metric("off_cpu_sampling_ratio", "gauge", "Share of context switches recorded.", get(&self.off_cpu_sampling_permille) / 1000.0);
         metric("off_cpu_switch_in", "gauge", "1 when off-CPU waits get their stacks at switch-in (kprobe on finish_task_switch), 0 at switch-out (sched_switch alone).", get(&self.off_cpu_switch_in));

@@ -695,6 +695,10 @@ pub struct AgentLosses {
     /// Switch-outs of a thread that arrived while its previous one still waited for its
     /// end (whose end record was lost): the older wait is dropped.
     pub switch_out_without_end: u64,
+    /// Waits dropped because their thread is gone: its end record was lost (a full ring
+    /// buffer, a switch-in the kernel did not report) and it exited before switching
+    /// out again.
+    pub pending_expired: u64,
     /// Records too short for their kind, or whose unwinding panicked (a binary that broke
     /// the unwinder): never expected, counted rather than trusted.
     pub malformed: u64,
@@ -813,6 +817,9 @@ impl StackBytes {
 /// A recorded switch-out waiting for its end.
 struct PendingWait {
     ts_ns: u64,
+    /// When to look again whether its thread still exists (monotonic ns, the clock of
+    /// `ts_ns`).
+    check_ns: u64,
     key: SampleKey,
     kernel: Option<Addrs>,
     user: PendingStack,
@@ -934,6 +941,7 @@ impl ReaderState {
         self.raw_order.push_back((Instant::now(), snapshot.tid, snapshot.ts_ns));
         let wait = PendingWait {
             ts_ns: snapshot.ts_ns,
+            check_ns: snapshot.ts_ns.saturating_add(PENDING_CHECK_NS),
             key,
             kernel,
             user: PendingStack::Raw { ip: snapshot.ip, sp: snapshot.sp, bp: snapshot.bp, stack: stack.into() },
@@ -994,6 +1002,29 @@ impl ReaderState {
         (outcome != Outcome::Empty).then(|| Arc::from(frames))
     }
 
+    /// Drops the waits whose thread is gone, found among those pending for over a
+    /// minute, each looked up in /proc at most once a minute: their end can no longer
+    /// come, and they would stay until `max_pending` is reached and new threads' waits
+    /// are refused. A thread still blocked keeps its wait, however long.
+    fn expire_pending(&mut self, now_ns: u64) {
+        let gone: Vec<u32> = self
+            .pending
+            .iter_mut()
+            .filter(|(_, wait)| wait.check_ns <= now_ns)
+            .filter_map(|(&tid, wait)| {
+                wait.check_ns = now_ns.saturating_add(PENDING_CHECK_NS);
+                let task = format!("/proc/{}/task/{tid}", wait.key.tgid);
+                (!std::path::Path::new(&task).exists()).then_some(tid)
+            })
+            .collect();
+        for tid in gone {
+            if let Some(wait) = self.pending.remove(&tid) {
+                self.release(&wait);
+                self.losses.pending_expired += 1;
+            }
+        }
+    }
+
     /// Unwinds long waits now, while their process is surely still known, and frees
     /// their stack copies.
     fn compact(&mut self) {
@@ -1048,6 +1079,7 @@ impl ReaderState {
     }
 
     fn take_window(&mut self) -> (Vec<RawSample>, UnwindCounts) {
+        self.expire_pending(monotonic_ns());
         let samples = self
             .window
             .drain()
@@ -1065,7 +1097,18 @@ impl ReaderState {
     }
 }
 
-/// Threshold on `bpf_get_prandom_u32()` and the matching weight (1/p in Q16).
+/// How often a wait pending without its end has its thread looked up.
+const PENDING_CHECK_NS: u64 = 60_000_000_000;
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which stamps the records.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `now` is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// Threshold on `bpf_get_prandom_u32()` for a probability.
 fn sampling_threshold(probability: f64) -> anyhow::Result<u32> {
     if !(probability > 0.0 && probability <= 1.0) {
         bail!("off-CPU sampling probability must be in (0, 1], got {probability}");
@@ -1213,6 +1256,28 @@ mod tests {
         assert_eq!(state.losses.malformed, 1);
         assert!(state.pending.is_empty());
         assert_eq!(state.raw_bytes, 0);
+    }
+
+    /// A wait whose end was lost and whose thread exited is dropped and counted once it
+    /// is a minute old; a wait of a thread that still exists is kept, however long.
+    #[test]
+    fn waits_of_threads_that_are_gone_expire() {
+        let (mut state, _) = state(100);
+        let alive = std::process::id();
+        // No process has this pid: pid_max is at most 2^22.
+        let gone = u32::MAX - 1;
+        for tid in [alive, gone] {
+            state.handle(bytes(&snapshot(EVENT_SWITCH_OUT, tid, 1_000, &[], 4096)));
+        }
+        state.expire_pending(1_000 + PENDING_CHECK_NS - 1);
+        assert_eq!(state.pending.len(), 2, "both are younger than a minute");
+        state.expire_pending(1_000 + PENDING_CHECK_NS);
+        assert_eq!(state.losses.pending_expired, 1);
+        assert!(state.pending.contains_key(&alive) && !state.pending.contains_key(&gone));
+        assert_eq!(state.raw_bytes, 4096, "the expired wait's copy is freed");
+        state.expire_pending(10 * PENDING_CHECK_NS);
+        assert_eq!(state.pending.len(), 1, "a blocked thread keeps its wait");
+        assert_eq!(state.losses.pending_expired, 1);
     }
 
     #[test]

@@ -257,6 +257,11 @@ impl Session {
         self.max_map_fill
     }
 
+    /// The agent's own losses since the start.
+    pub fn agent_losses(&self) -> crate::sample::AgentLosses {
+        self.sampler.agent_losses()
+    }
+
     /// Every BPF counter since the start, plus the agent's own losses.
     pub fn counters(&self) -> BTreeMap<&'static str, u64> {
         let mut counters: BTreeMap<&'static str, u64> =
@@ -267,6 +272,7 @@ impl Session {
         counters.insert("aggregate_full", losses.aggregate_full);
         counters.insert("wait_without_snapshot", losses.wait_without_snapshot);
         counters.insert("switch_out_without_end", losses.switch_out_without_end);
+        counters.insert("pending_expired", losses.pending_expired);
         counters.insert("malformed_records", losses.malformed);
         counters.insert("stacks_unwound", self.unwind.complete);
         counters.insert("stacks_truncated", self.unwind.truncated);
@@ -749,7 +755,7 @@ mod tests {
     #[test]
     fn quotas_follow_the_cost_of_a_record_over_seconds() {
         let mut rate = RateControl::new(&every_switch(), OffCpuBudget::default(), RateCounters::default(), 0.05);
-        let mut tick = |rate: &mut RateControl, record_ns: u64| {
+        let tick = |rate: &mut RateControl, record_ns: u64| {
             let last = rate.last_counters;
             // 60 quota records in 100 ms: 600/s, 2.4 ms/s of 5 at 4 µs each.
             let next = counters(last.switches + 10_000, last.record_ns + 60 * record_ns, last.recorded + 60, last.by_quota + 60);
