@@ -13,7 +13,7 @@ use serde::Deserialize;
 #[command(
     name = "profiler-server",
     version,
-    after_help = "Examples:\n  profiler-server --data-dir /var/lib/profiler --listen 0.0.0.0:4040 --token $TOKEN\n  profiler-server --config server.toml --print-config\n\nAPI: see profiler-server/README.md (ingest: POST /api/v1/ingest, Pyroscope POST /ingest;\nqueries: /api/v1/{services,labels,label_values,timeline,flamegraph,diff,top,folded,pprof,svg})."
+    after_help = "Examples:\n  profiler-server --data-dir /var/lib/profiler --listen 0.0.0.0:4040 --token $TOKEN --read-token $READ_TOKEN\n  profiler-server --config server.toml --print-config\n\nAPI: see profiler-server/README.md (ingest: POST /api/v1/ingest, Pyroscope POST /ingest;\nqueries: /api/v1/{services,labels,label_values,timeline,flamegraph,diff,top,folded,pprof,svg})."
 )]
 pub struct Args {
     /// Directory holding the WAL, Parquet segments and the catalog.
@@ -41,6 +41,11 @@ pub struct Args {
     /// Allow listening on a non-loopback address without any token.
     #[arg(long)]
     pub insecure: bool,
+    /// On a non-loopback address, serve queries, the UI's data and /metrics
+    /// without a token (flame graphs show your code paths; change detection is
+    /// costly). Without it such a server needs --read-token.
+    #[arg(long)]
+    pub public_reads: bool,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -58,8 +63,11 @@ pub struct Config {
     pub admin_tokens: Vec<String>,
     /// When non-empty, reads need one of these or an admin token.
     pub read_tokens: Vec<String>,
-    /// Listen on a non-loopback address without tokens.
+    /// Listen on a non-loopback address without tokens (reads included).
     pub insecure: bool,
+    /// Serve reads without a token on a non-loopback address; otherwise such a
+    /// server needs `read_tokens`.
+    pub public_reads: bool,
     pub limits: Limits,
     pub storage: Storage,
     /// Used when `storage.backend = "clickhouse"`.
@@ -223,6 +231,7 @@ impl Default for Config {
             admin_tokens: Vec::new(),
             read_tokens: Vec::new(),
             insecure: false,
+            public_reads: false,
             limits: Limits::default(),
             storage: Storage::default(),
             clickhouse: ClickHouse::default(),
@@ -326,6 +335,7 @@ impl Config {
         cfg.admin_tokens.extend(given(&args.admin_tokens));
         cfg.read_tokens.extend(given(&args.read_tokens));
         cfg.insecure |= args.insecure;
+        cfg.public_reads |= args.public_reads;
         cfg.validate()?;
         Ok(cfg)
     }

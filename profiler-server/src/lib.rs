@@ -112,6 +112,18 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             cfg.listen
         );
     }
+    let public_reads = cfg.read_tokens.is_empty() && !cfg.listen.ip().is_loopback();
+    if public_reads && !cfg.public_reads && !cfg.insecure {
+        anyhow::bail!(
+            "refusing to serve reads on {} without read tokens: anyone on the network could read flame graphs \
+             (your code paths) and run costly change detection; set `read_tokens` (or --read-token), \
+             or pass --public-reads",
+            cfg.listen
+        );
+    }
+    if public_reads {
+        tracing::warn!(listen = %cfg.listen, "reads are public: queries, the UI's data and /metrics need no token");
+    }
     if open {
         tracing::warn!("no tokens configured: ingest, schedules and runs are open to anyone who can connect");
     } else if cfg.admin_tokens.is_empty() {

@@ -117,7 +117,7 @@ fn tokens_have_scopes_and_browsers_cannot_write_cross_site() {
 }
 
 #[test]
-fn an_open_server_is_refused_on_the_network_unless_insecure() {
+fn an_open_server_is_refused_on_the_network_unless_insecure_and_reads_need_tokens_or_public_reads() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_profiler-server"))
         .arg("--data-dir")
@@ -133,7 +133,20 @@ fn an_open_server_is_refused_on_the_network_unless_insecure() {
         "{err}"
     );
 
-    for extra in [["--insecure", ""], ["--token", "t"]] {
+    // Writes need tokens, and reads need read tokens or an explicit --public-reads.
+    let out = Command::new(env!("CARGO_BIN_EXE_profiler-server"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--listen", "0.0.0.0:0", "--token", "t"])
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("without read tokens") && err.contains("--public-reads"), "{err}");
+
+    let starting: [&[&str]; 3] = [&["--insecure"], &["--token", "t", "--read-token", "r"], &["--token", "t", "--public-reads"]];
+    for extra in starting {
         let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_profiler-server"))
             .arg("--data-dir")
