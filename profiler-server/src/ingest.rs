@@ -356,6 +356,11 @@ pub fn time_sample_type(profile: &Profile) -> Result<Option<usize>, Rejected> {
     Ok(types.iter().position(|(_, u)| time_scale(u).is_some()))
 }
 
+/// Whether `unit` is one of the time units ingest converts to nanoseconds.
+pub fn is_time_unit(unit: &str) -> bool {
+    time_scale(unit).is_some()
+}
+
 fn time_scale(unit: &str) -> Option<i64> {
     Some(match unit {
         "nanoseconds" | "ns" => 1,

@@ -158,19 +158,18 @@ fn ingest_request(
 }
 
 /// OTLP profilers sample `samples` (a count) with a `cpu` period: that is CPU
-/// time, stored in nanoseconds as `cpu`. Other sample types keep their name.
+/// time, stored in nanoseconds as `cpu`, when the period says how long a sample
+/// is (non-zero, in a time unit). Counts without one are stored as counts under
+/// their sample type's name (`samples`), never as nanoseconds they do not
+/// measure; other sample types keep their name.
 fn kind_of(profile: &profiler_pprof::Profile, idx: usize) -> Result<String, ApiError> {
     let name = ingest::sample_type_name(profile, idx)?;
-    let period = profile
-        .period_type
-        .as_ref()
-        .and_then(|t| profile.string_table.get(usize::try_from(t.r#type).ok()?))
-        .map(String::as_str);
-    Ok(if name == "samples" && period == Some("cpu") {
-        "cpu".into()
-    } else {
-        name
-    })
+    let string = |i: i64| usize::try_from(i).ok().and_then(|i| profile.string_table.get(i)).map(String::as_str);
+    let period = profile.period_type.as_ref();
+    let cpu_period = period.and_then(|t| string(t.r#type)) == Some("cpu")
+        && profile.period > 0
+        && period.and_then(|t| string(t.unit)).is_some_and(ingest::is_time_unit);
+    Ok(if name == "samples" && cpu_period { "cpu".into() } else { name })
 }
 
 /// The gRPC method's path.

@@ -202,6 +202,13 @@ fn otlp_profiles_over_http_and_grpc() {
         get("service=otel-zero-id&kinds=cpu"),
         "main;handle 40000000\nmain;handle;db_query 60000000\n"
     );
+    // Counts with no period are not CPU time: stored as counts, under `samples`.
+    let mut counts = request("otel-counts", 7);
+    counts.resource_profiles[0].scope_profiles[0].profiles[0].period = 0;
+    let r = post("/v1development/profiles", counts.encode_to_vec());
+    assert_eq!(r.status(), 200, "{}", r.text().unwrap());
+    assert_eq!(get("service=otel-counts&kinds=cpu"), "");
+    assert_eq!(get("service=otel-counts&kinds=samples"), "main;handle 2\nmain;handle;db_query 3\n");
     let trace: String = TRACE.iter().map(|b| format!("{b:02x}")).collect();
     let span: String = SPAN.iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(
