@@ -11,6 +11,7 @@ pub mod cost;
 pub mod daemon;
 pub mod elf_layout;
 pub mod identity;
+pub mod mapped_files;
 pub mod metrics;
 pub mod perf_map;
 pub mod privileges;

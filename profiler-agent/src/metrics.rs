@@ -91,6 +91,7 @@ impl Metrics {
         metric("spool_bytes", "gauge", "Bytes in the spool.", get(&self.spool_bytes));
         metric("symbol_cache_hits_total", "counter", "Process snapshot look-ups that hit.", get(&self.symbol_cache_hits));
         metric("symbol_cache_misses_total", "counter", "Process snapshot look-ups that missed.", get(&self.symbol_cache_misses));
+        metric("file_pages_truncated_total", "counter", "Pages of mapped binaries or debug files read as zeros because their owner truncated the file while it was mapped.", crate::mapped_files::truncated_pages() as f64);
         let usage = own_usage();
         metric("cpu_seconds_total", "counter", "CPU time used by the agent.", usage.cpu_seconds);
         metric("resident_memory_bytes", "gauge", "Resident memory of the agent, including mapped binaries.", usage.rss_bytes);

@@ -140,6 +140,8 @@ impl Session {
 
     /// Loads and attaches the BPF programs, starting no thread.
     pub fn load(options: &SamplerOptions, off_cpu_budget: OffCpuBudget) -> anyhow::Result<Loaded> {
+        // Before any file of another user is mapped (see `mapped_files`).
+        crate::mapped_files::guard().context("installing the SIGBUS handler for mapped files")?;
         let processes = ProcessTable::new(options.version_env.clone());
         let started_off_cpu = starting_point(options.off_cpu.as_ref(), &off_cpu_budget)?;
         let started = SamplerOptions { off_cpu: started_off_cpu.clone(), ..options.clone() };
@@ -273,6 +275,7 @@ impl Session {
         counters.insert("wait_without_snapshot", losses.wait_without_snapshot);
         counters.insert("switch_out_without_end", losses.switch_out_without_end);
         counters.insert("pending_expired", losses.pending_expired);
+        counters.insert("file_pages_truncated", crate::mapped_files::truncated_pages());
         counters.insert("malformed_records", losses.malformed);
         counters.insert("stacks_unwound", self.unwind.complete);
         counters.insert("stacks_truncated", self.unwind.truncated);
