@@ -27,6 +27,21 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The Rust workload built without frame pointers, as production Rust is (`cargo xtask
+/// test` builds it; see `tests/workload/Cargo.toml`).
+pub fn workload_without_frame_pointers() -> PathBuf {
+    let path = target_dir()
+        .parent()
+        .expect("the target directory")
+        .join("no-frame-pointers/release/workload");
+    assert!(
+        path.exists(),
+        "{} is missing: `cargo xtask test` builds it (`RUSTFLAGS='-C force-frame-pointers=no' cargo build --release -p profiler-workload --target-dir target/no-frame-pointers`)",
+        path.display()
+    );
+    path
+}
+
 /// Who may use the host beside a test: the end-to-end tests share one binary, and
 /// libtest runs its tests on several threads.
 static HOST: std::sync::RwLock<()> = std::sync::RwLock::new(());

@@ -75,8 +75,11 @@ fn oversubscribed_thread_shows_runnable_time() {
     let mut args = vec!["--duration", "300s", "-o", folded.to_str().unwrap()];
     args.extend_from_slice(EXACT);
     let agent = Agent::record(&args);
-    // Three spinning threads on this machine's two CPUs: each waits for a CPU a third of the time.
-    let report = profiler_tests::run_workload(&["mixed", "4", "2"]);
+    // Twice as many spinning threads as CPUs, whatever the host: each waits for a CPU
+    // about half of the time.
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let extra = (2 * cpus - 1).to_string();
+    let report = profiler_tests::run_workload(&["mixed", "4", &extra]);
     agent.finish();
     let stacks = read_folded(&folded);
     let burn_cpu_runnable = |f: &[String]| f.get(1).map(String::as_str) == Some("workload") && kind(f) == "[off-cpu:runnable]" && has(f, "workload::burn_cpu");
@@ -93,33 +96,36 @@ fn oversubscribed_thread_shows_runnable_time() {
     eprintln!("burn_cpu runnable without a kernel stack {user_only:.3} s");
     assert!(user_only > 0.0, "no preemption in user mode was recorded without its kernel stack");
     assert_eq!(interrupt_paths, 0, "a preemption in user mode has its interrupt's kernel stack walked");
-    let cpus = std::thread::available_parallelism().unwrap().get() as f64;
-    if cpus <= 2.0 {
-        assert!(runnable >= 0.1 * wall, "burn_cpu waited for a CPU only {runnable:.3} s");
-    } else {
-        assert!(runnable > 0.0, "no runnable time at all");
-    }
+    assert!(runnable >= 0.2 * wall, "burn_cpu waited for a CPU only {runnable:.3} s of {wall:.3} s with {} spinning threads on {cpus} CPUs", 2 * cpus);
 }
 
 /// bpftrace sums the same sched_switch off-CPU time per thread, with the same 1 ms floor,
 /// over the same run: per-thread totals must agree within 10%.
 #[test]
 fn off_cpu_totals_agree_with_bpftrace() {
-    totals_agree_with_bpftrace(EXACT, "5");
+    totals_agree_with_bpftrace(EXACT, "5", 0.10);
 }
 
-/// The same with nine switch-outs in ten recorded, each weighted by 10/9: sampling must
-/// not bias the totals. Over 10 s, about a thousand waits per thread, of uneven lengths
-/// for the disk: the estimate's spread is about 2.5%, which rules out lower
-/// probabilities at 10%.
+/// The same with seven switch-outs in ten recorded, each weighted by 10/7: sampling must
+/// not bias the totals. Over 10 s, the sleeper has about a thousand waits of 10 ms, the
+/// disk thread about 150 of 1 ms or more, of uneven lengths: their estimates spread
+/// about 2% and 6% (seen: +0.4 to +1.8%, +6 to +13%), and without the weights both
+/// would be 30% short (seen: the sleeper −31%). So 20%: the test fails if the weighting
+/// is removed, which at 0.9 and 10% it did only half the time.
 #[test]
 fn sampled_off_cpu_totals_agree_with_bpftrace() {
-    let settings = ["--off-cpu", "--off-cpu-sampling", "0.9", "--off-cpu-budget", "100000000", "--off-cpu-cpu-budget", "1000s"];
-    totals_agree_with_bpftrace(&settings, "10");
+    // Quotas off: with them, the sleeper (a rarely-blocking thread) is recorded at p = 1
+    // whatever the sampled probability, and only the disk thread would be sampled.
+    let settings = [
+        "--off-cpu", "--off-cpu-sampling", "0.7", "--off-cpu-thread-quota", "0", "--off-cpu-budget", "100000000",
+        "--off-cpu-cpu-budget", "1000s",
+    ];
+    totals_agree_with_bpftrace(&settings, "10", 0.20);
 }
 
-/// Runs the `mixed` workload for `seconds` under the agent with `settings` and bpftrace.
-fn totals_agree_with_bpftrace(settings: &[&str], seconds: &str) {
+/// Runs the `mixed` workload for `seconds` under the agent with `settings` and bpftrace;
+/// each waiting thread's total must be within `tolerance` of bpftrace's.
+fn totals_agree_with_bpftrace(settings: &[&str], seconds: &str, tolerance: f64) {
     let _host = host_alone();
     require_root();
     let dir = tempfile::tempdir().unwrap();
@@ -155,6 +161,6 @@ fn totals_agree_with_bpftrace(settings: &[&str], seconds: &str) {
         let reference = theirs.get(&tid).copied().unwrap_or(0.0);
         eprintln!("{function}: ours {:.3} s, bpftrace {:.3} s", ours / 1e9, reference / 1e9);
         assert!(reference > 0.0, "bpftrace saw no off-CPU time for {function} (tid {tid})");
-        assert!(within(ours, reference, 0.10), "{function}: ours {ours} ns vs bpftrace {reference} ns");
+        assert!(within(ours, reference, tolerance), "{function}: ours {ours} ns vs bpftrace {reference} ns");
     }
 }

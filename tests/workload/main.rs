@@ -1,5 +1,6 @@
 //! Test workload with known hot and waiting functions. Built with frame pointers (see
-//! .cargo/config.toml) so user stacks are complete. Prints a JSON report on stdout.
+//! .cargo/config.toml), and once more without them for the unwinding test (see its
+//! Cargo.toml). Prints a JSON report on stdout.
 //!
 //! Modes:
 //! - `burn SECONDS [THREADS]`: THREADS (default 1) threads spin in `burn_cpu` (which calls

@@ -111,7 +111,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
 }
 
 fn release_binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
-    cargo(&["build", "--release", "-p", "profiler-agent", "-p", "profiler-tests", "--bins"])?;
+    cargo(&["build", "--release", "-p", "profiler-agent", "-p", "profiler-workload", "--bins"])?;
     let dir = root().join("target/release");
     Ok((dir.join("profiler-agent"), dir.join("workload")))
 }

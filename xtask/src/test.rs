@@ -51,6 +51,9 @@ pub fn run_tests(options: Options) -> anyhow::Result<()> {
 
     let build = Instant::now();
     let Built { tests, server } = build_all()?;
+    if !options.quick {
+        build_workload_without_frame_pointers()?;
+    }
     steps.push(Step { name: "build".into(), took: build.elapsed(), passed: true });
 
     for binary in &tests {
@@ -75,6 +78,21 @@ pub fn run_tests(options: Options) -> anyhow::Result<()> {
         bail!("failed: {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// The Rust workload as production Rust is built, without frame pointers, into
+/// `target/no-frame-pointers/release` (where the unwinding test looks for it): the
+/// workspace forces them on everything, and a test of unwinding through `.eh_frame` on
+/// a binary that has them cannot tell it from following the frame pointers. A target
+/// directory of its own, as other flags rebuild every crate (here libc and the workload).
+fn build_workload_without_frame_pointers() -> anyhow::Result<()> {
+    let target_dir = crate::root().join("target/no-frame-pointers");
+    crate::run(
+        crate::cargo_command()
+            .args(["build", "--release", "--quiet", "-p", "profiler-workload", "--target-dir"])
+            .arg(&target_dir)
+            .env("RUSTFLAGS", "-C force-frame-pointers=no"),
+    )
 }
 
 struct Built {
