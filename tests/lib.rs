@@ -335,6 +335,16 @@ impl BpftraceOffCpu {
 pub fn webhook_receiver() -> (String, mpsc::Receiver<String>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    (url, receive_webhooks(listener, 0))
+}
+
+/// A receiver on `port` that answers its first `failures` requests 503 (their bodies
+/// not sent down the channel), then accepts as [`webhook_receiver`] does.
+pub fn failing_webhook_receiver(port: u16, failures: usize) -> mpsc::Receiver<String> {
+    receive_webhooks(std::net::TcpListener::bind(("127.0.0.1", port)).unwrap(), failures)
+}
+
+fn receive_webhooks(listener: std::net::TcpListener, mut failures: usize) -> mpsc::Receiver<String> {
     let (send, bodies) = mpsc::channel();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
@@ -352,11 +362,19 @@ pub fn webhook_receiver() -> (String, mpsc::Receiver<String>) {
             }
             let mut body = vec![0; length];
             std::io::Read::read_exact(&mut reader, &mut body).unwrap();
+            if failures > 0 {
+                failures -= 1;
+                let _ = std::io::Write::write_all(
+                    &mut stream,
+                    b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+                continue;
+            }
             std::io::Write::write_all(&mut stream, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").unwrap();
             let _ = send.send(String::from_utf8_lossy(&body).into_owned());
         }
     });
-    (url, bodies)
+    bodies
 }
 
 /// A port that was free a moment ago (the server must come back on the same one).

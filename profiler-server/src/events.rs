@@ -38,6 +38,13 @@ const TOP_CHANGES: usize = 10;
 const MAX_API_RULES: usize = 200;
 /// The longest alert period: a week (a week's baseline is the furthest back).
 const MAX_PERIOD_SECS: u64 = 7 * 86_400;
+/// Events waiting for the webhook to accept them; past it the oldest are dropped
+/// (counted): a webhook down for days must not grow `events.json` without bound.
+const MAX_WEBHOOK_QUEUE: usize = 1_000;
+/// The longest wait between two tries of a failing webhook.
+const MAX_WEBHOOK_BACKOFF: Duration = Duration::from_secs(300);
+/// How often an idle delivery task looks for queued events.
+const WEBHOOK_IDLE_POLL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Event {
@@ -93,6 +100,12 @@ struct Book {
     alerts: BTreeMap<String, BTreeMap<String, (i64, usize)>>,
     /// Rules created through the API.
     rules: Vec<AlertRule>,
+    /// Ids of completed events the webhook has not accepted yet, oldest first: kept
+    /// here, so a restart or an outage of the receiver loses none.
+    webhook_queue: std::collections::VecDeque<u64>,
+    /// Events dropped from the queue: refused for good (a 4xx other than 408 and 429)
+    /// or pushed out by newer ones.
+    webhook_dropped: u64,
     events: Vec<Event>,
 }
 
@@ -416,6 +429,12 @@ impl Events {
         for (service, c) in latest {
             o.push_str(&format!("profiler_deploy_regressions{{service=\"{}\"}} {}\n", label_value(service), c.regressions));
         }
+        o.push_str(&format!(
+            "# HELP profiler_webhook_queued Completed events the webhook has not accepted yet.\n# TYPE profiler_webhook_queued gauge\nprofiler_webhook_queued {}\n\
+             # HELP profiler_webhook_dropped_total Events the webhook refused for good, or that newer ones pushed out of a full queue.\n# TYPE profiler_webhook_dropped_total counter\nprofiler_webhook_dropped_total {}\n",
+            book.webhook_queue.len(),
+            book.webhook_dropped
+        ));
         o.push_str("# HELP profiler_alert_regressions Significant regressions of the latest period an alert rule compared, per service.\n# TYPE profiler_alert_regressions gauge\n");
         for (alert, services) in &book.alerts {
             for (service, (_, regressions)) in services {
@@ -431,6 +450,105 @@ impl Events {
 
     pub fn webhook(&self) -> Option<&str> {
         self.options.webhook.as_deref()
+    }
+
+    /// Queues completed events for the webhook, when one is configured.
+    pub fn queue_for_webhook(&self, done: &[Event]) {
+        if self.options.webhook.is_none() || done.is_empty() {
+            return;
+        }
+        let mut book = self.lock();
+        book.webhook_queue.extend(done.iter().map(|e| e.id));
+        while book.webhook_queue.len() > MAX_WEBHOOK_QUEUE {
+            book.webhook_queue.pop_front();
+            book.webhook_dropped += 1;
+        }
+        if let Err(e) = self.save(&book) {
+            tracing::error!(error = %format!("{e:#}"), "saving the webhook queue");
+        }
+    }
+
+    /// The oldest queued event still kept (events past `MAX_EVENTS` leave the queue).
+    fn next_for_webhook(&self) -> Option<Event> {
+        let mut book = self.lock();
+        while let Some(&id) = book.webhook_queue.front() {
+            if let Some(event) = book.events.iter().find(|e| e.id == id) {
+                return Some(event.clone());
+            }
+            book.webhook_queue.pop_front();
+        }
+        None
+    }
+
+    /// Takes event `id` off the queue: accepted, or refused for good (counted).
+    fn webhook_done(&self, id: u64, accepted: bool) {
+        let mut book = self.lock();
+        book.webhook_queue.retain(|&queued| queued != id);
+        if !accepted {
+            book.webhook_dropped += 1;
+        }
+        if let Err(e) = self.save(&book) {
+            tracing::error!(error = %format!("{e:#}"), "saving the webhook queue");
+        }
+    }
+}
+
+/// A webhook URL as logs show it: scheme, host and port. Its path and query often
+/// hold a secret (a Slack webhook's, a token).
+fn redacted(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => format!("{}://{}{}/…", u.scheme(), u.host_str().unwrap_or(""), u.port().map(|p| format!(":{p}")).unwrap_or_default()),
+        Err(_) => "(a URL that does not parse)".into(),
+    }
+}
+
+/// Posts queued events to the webhook, oldest first, until shutdown: each until it is
+/// accepted (2xx) or refused for good (a 4xx other than 408 and 429), retrying others
+/// and unreachable receivers with a backoff doubling from 1 s to 5 minutes.
+async fn deliver(events: std::sync::Arc<Events>, url: String, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("a TLS backend is compiled in");
+    let shown = redacted(&url);
+    let mut backoff = Duration::ZERO;
+    loop {
+        let idle = backoff.is_zero() && events.next_for_webhook().is_none();
+        let pause = if idle { WEBHOOK_IDLE_POLL } else { backoff };
+        if !pause.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        // After a backoff, the same event again; after an idle pause, whatever came.
+        let Some(event) = events.next_for_webhook() else { continue };
+        let failure = match client.post(&url).json(&event).send().await {
+            Ok(r) if r.status().is_success() => {
+                done(&events, event.id, true).await;
+                backoff = Duration::ZERO;
+                continue;
+            }
+            Ok(r) if r.status().is_client_error() && !matches!(r.status().as_u16(), 408 | 429) => {
+                tracing::warn!(status = %r.status(), webhook = %shown, event = event.id, "webhook refused the event; dropped");
+                done(&events, event.id, false).await;
+                backoff = Duration::ZERO;
+                continue;
+            }
+            Ok(r) => format!("status {}", r.status()),
+            // Without the URL: reqwest's errors name it, secret included.
+            Err(e) => e.without_url().to_string(),
+        };
+        backoff = (backoff * 2).clamp(Duration::from_secs(1), MAX_WEBHOOK_BACKOFF);
+        tracing::warn!(webhook = %shown, event = event.id, error = %failure, retry_in = ?backoff, "webhook failed; the event stays queued");
+    }
+}
+
+/// Takes an event off the webhook queue, saving the book off the async threads.
+async fn done(events: &std::sync::Arc<Events>, id: u64, accepted: bool) {
+    let events = events.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || events.webhook_done(id, accepted)).await {
+        tracing::error!(error = %e, "updating the webhook queue panicked");
     }
 }
 
@@ -517,11 +635,11 @@ pub async fn run(
     every: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("a TLS backend is compiled in");
+    let delivery = events.webhook().map(|url| tokio::spawn(deliver(events.clone(), url.to_owned(), shutdown.clone())));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => break,
         }
         let (d, s, n) = (events.clone(), store.clone(), names.clone());
         let now = std::time::SystemTime::now()
@@ -534,15 +652,15 @@ pub async fn run(
                 continue;
             }
         };
-        for event in done {
+        for event in &done {
             tracing::info!(service = %event.service, kind = %event.kind, regressions = event.comparison.as_ref().map_or(0, |c| c.regressions), "event compared");
-            if let Some(url) = events.webhook() {
-                match client.post(url).json(&event).send().await {
-                    Ok(r) if r.status().is_success() => {}
-                    Ok(r) => tracing::warn!(status = %r.status(), %url, "webhook refused the event"),
-                    Err(e) => tracing::warn!(error = %e, %url, "webhook unreachable"),
-                }
-            }
         }
+        let queued = events.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || queued.queue_for_webhook(&done)).await {
+            tracing::error!(error = %e, "queueing events for the webhook panicked");
+        }
+    }
+    if let Some(delivery) = delivery {
+        let _ = delivery.await;
     }
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use common::sampled::{window, Rng, Workload, STEADY};
 use common::Proc;
-use profiler_tests::webhook_receiver;
+use profiler_tests::{failing_webhook_receiver, free_port, webhook_receiver};
 use serde_json::Value;
 
 const WINDOW_MS: i64 = 2_000;
@@ -221,4 +221,46 @@ fn alert_rules_made_through_the_api_run_persist_and_go_away() {
     assert!(!get(&server, "/metrics").contains("checkout rule"));
     let rules: Value = serde_json::from_str(&get(&server, "/api/v1/alerts")).unwrap();
     assert_eq!(rules.as_array().unwrap().len(), 1);
+}
+
+/// An event the webhook does not take stays queued: through a receiver that is down,
+/// across a restart, and through answers of 503, until it is accepted, once. The URL's
+/// path (where webhooks keep their secret) is in no log line.
+#[test]
+fn webhook_deliveries_are_retried_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let hook = format!("http://127.0.0.1:{port}/hook/SECRET-7f3a");
+    let config = alerting_config(dir.path(), &hook, "name = \"every 10 min\"\nservice = \"*\"\nbaseline = \"previous\"");
+    let data = dir.path().join("data");
+    two_periods(&data);
+    let log_path = dir.path().join("server.log");
+    let log = || std::process::Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap());
+
+    // Nobody listens: the event is compared, and queued.
+    let server = Proc::spawn_logging_to(&data, &["--config", config.to_str().unwrap()], log());
+    let started = std::time::Instant::now();
+    while server.metric("profiler_webhook_queued") == 0 {
+        assert!(started.elapsed() < Duration::from_secs(30), "no event was queued for the webhook");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A few failed tries, then a restart.
+    std::thread::sleep(Duration::from_secs(2));
+    server.terminate();
+
+    // The receiver is back, answering 503 twice before it takes the event.
+    let bodies = failing_webhook_receiver(port, 2);
+    let server = Proc::spawn_logging_to(&data, &["--config", config.to_str().unwrap()], log());
+    let hooked: Value = serde_json::from_str(&bodies.recv_timeout(Duration::from_secs(30)).expect("the queued event never arrived")).unwrap();
+    assert_eq!((&hooked["kind"], &hooked["service"]), (&"alert".into(), &"checkout".into()));
+    assert!(bodies.recv_timeout(Duration::from_secs(4)).is_err(), "the event was sent twice");
+    assert_eq!(server.metric("profiler_webhook_queued"), 0);
+    assert_eq!(server.metric("profiler_webhook_dropped_total"), 0);
+    let events: Value = serde_json::from_str(&get(&server, "/api/v1/events")).unwrap();
+    assert_eq!(events.as_array().unwrap().len(), 1, "compared once: {events:#}");
+    drop(server);
+
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    assert!(logged.contains("webhook failed"), "the failures were not logged:\n{logged}");
+    assert!(!logged.contains("SECRET-7f3a"), "the webhook's secret is in the log:\n{logged}");
 }

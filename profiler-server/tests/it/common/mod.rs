@@ -14,6 +14,11 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(data_dir: &Path, extra: &[&str]) -> Proc {
+        Self::spawn_logging_to(data_dir, extra, Stdio::inherit())
+    }
+
+    /// As [`Proc::spawn`], its log (warnings and worse) going to `log`.
+    pub fn spawn_logging_to(data_dir: &Path, extra: &[&str], log: Stdio) -> Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_profiler-server"))
             .arg("--data-dir")
             .arg(data_dir)
@@ -21,7 +26,7 @@ impl Proc {
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .expect("spawn profiler-server");
         let mut line = String::new();
