@@ -143,7 +143,7 @@ struct RecordArgs {
     /// Threads that switched out at most this many times in the last 100 ms have every
     /// switch-out recorded; one switching n times more is recorded at 1/n² (0: all are
     /// sampled alike). Threads that block rarely then have every wait counted exactly;
-    /// rate control lowers it when their records would take over 3/4 of the budget.
+    /// rate control lowers it when their records would take over 9/10 of the budget.
     #[arg(long, default_value_t = OffCpuOptions::default().thread_quota)]
     off_cpu_thread_quota: u32,
     /// Where waits get their stacks: at switch-in where the kernel takes a kprobe on the

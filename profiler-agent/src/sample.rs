@@ -122,7 +122,7 @@ pub struct OffCpuOptions {
     /// switch-outs recorded at p = 1; one switching n times more at 1/n² (see
     /// `Config::offcpu_thread_quota`), or at `sample_probability` when that is higher.
     /// 0: all are sampled alike. Rate control lowers it when these records would take
-    /// more than 3/4 of the budget.
+    /// more than 9/10 of the budget.
     pub thread_quota: u32,
     pub path: OffCpuPath,
 }
