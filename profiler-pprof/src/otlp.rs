@@ -98,8 +98,13 @@ struct Compact<'a> {
     location_ids: HashMap<i32, u64>,
 }
 
-fn out_of_range(what: &str, i: i32) -> Error {
-    Error::Invalid(format!("{what} index {i} out of range"))
+/// Entry `i` of one of the dictionary's tables, `what` naming the table when `i` is out
+/// of its range.
+fn entry<'t, T>(table: &'t [T], what: &str, i: i32) -> Result<&'t T, Error> {
+    usize::try_from(i)
+        .ok()
+        .and_then(|i| table.get(i))
+        .ok_or_else(|| Error::Invalid(format!("{what} index {i} out of range")))
 }
 
 impl<'a> Compact<'a> {
@@ -133,10 +138,7 @@ impl<'a> Compact<'a> {
     /// The dictionary's string `i`, in this profile's table.
     fn string(&mut self, i: i32) -> Result<i64, Error> {
         let dict = self.dict;
-        let s = usize::try_from(i)
-            .ok()
-            .and_then(|i| dict.string_table.get(i))
-            .ok_or_else(|| out_of_range("string", i))?;
+        let s = entry(&dict.string_table, "string", i)?;
         Ok(self.intern(s))
     }
 
@@ -153,10 +155,7 @@ impl<'a> Compact<'a> {
             return Ok(id);
         }
         let dict = self.dict;
-        let f = usize::try_from(i)
-            .ok()
-            .and_then(|i| dict.function_table.get(i))
-            .ok_or_else(|| out_of_range("function", i))?;
+        let f = entry(&dict.function_table, "function", i)?;
         let id = self.functions.len() as u64 + 1;
         let function = Function {
             id,
@@ -179,10 +178,7 @@ impl<'a> Compact<'a> {
             return Ok(id);
         }
         let dict = self.dict;
-        let m = usize::try_from(i)
-            .ok()
-            .and_then(|i| dict.mapping_table.get(i))
-            .ok_or_else(|| out_of_range("mapping", i))?;
+        let m = entry(&dict.mapping_table, "mapping", i)?;
         let id = self.mappings.len() as u64 + 1;
         let mapping = Mapping {
             id,
@@ -202,10 +198,7 @@ impl<'a> Compact<'a> {
             return Ok(id);
         }
         let dict = self.dict;
-        let l = usize::try_from(i)
-            .ok()
-            .and_then(|i| dict.location_table.get(i))
-            .ok_or_else(|| out_of_range("location", i))?;
+        let l = entry(&dict.location_table, "location", i)?;
         let mapping_id = self.mapping(l.mapping_index)?;
         let line = l
             .lines
@@ -250,10 +243,7 @@ impl<'a> Compact<'a> {
         let common = self.attributes(&p.attribute_indices)?;
         let mut samples = Vec::with_capacity(p.samples.len());
         for s in &p.samples {
-            let stack = usize::try_from(s.stack_index)
-                .ok()
-                .and_then(|i| dict.stack_table.get(i))
-                .ok_or_else(|| out_of_range("stack", s.stack_index))?;
+            let stack = entry(&dict.stack_table, "stack", s.stack_index)?;
             let location_id = stack
                 .location_indices
                 .iter()
@@ -268,10 +258,7 @@ impl<'a> Compact<'a> {
             let mut label = common.clone();
             label.extend(self.attributes(&s.attribute_indices)?);
             if s.link_index > 0 {
-                let link = usize::try_from(s.link_index)
-                    .ok()
-                    .and_then(|i| dict.link_table.get(i))
-                    .ok_or_else(|| out_of_range("link", s.link_index))?;
+                let link = entry(&dict.link_table, "link", s.link_index)?;
                 for (key, bytes) in [("trace_id", &link.trace_id), ("span_id", &link.span_id)] {
                     if !bytes.is_empty() {
                         label.push(self.label(key, &hex(bytes)));
@@ -303,14 +290,8 @@ impl<'a> Compact<'a> {
         let dict = self.dict;
         let mut out = Vec::with_capacity(indices.len());
         for &i in indices {
-            let kv = usize::try_from(i)
-                .ok()
-                .and_then(|i| dict.attribute_table.get(i))
-                .ok_or_else(|| out_of_range("attribute", i))?;
-            let key = usize::try_from(kv.key_strindex)
-                .ok()
-                .and_then(|k| dict.string_table.get(k))
-                .ok_or_else(|| out_of_range("string", kv.key_strindex))?;
+            let kv = entry(&dict.attribute_table, "attribute", i)?;
+            let key = entry(&dict.string_table, "string", kv.key_strindex)?;
             if let Some(value) = kv
                 .value
                 .as_ref()

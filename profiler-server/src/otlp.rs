@@ -85,26 +85,31 @@ async fn http(s: AppState, req: Request) -> Result<(), ApiError> {
     let body = api::body_bytes(Bytes::from_request(req, &s).await)?;
     grant.shrink_to(body.len());
     api::blocking(move || {
-        // Small enough that its decoded worst case fits the ingest budget.
-        let max_bytes =
-            MAX_REQUEST_BYTES.min(s.config.limits.ingest_memory_bytes / (2 * DECODED_PER_WIRE_BYTE));
         let limits = crate::config::Limits {
-            max_decompressed_bytes: s.config.limits.max_decompressed_bytes.min(max_bytes),
+            max_decompressed_bytes: s.config.limits.max_decompressed_bytes.min(max_request_bytes(&s)),
             ..s.config.limits.clone()
         };
         let raw = api::decompress(&mut grant, &body, &limits)?;
         grant
             .grow_to_blocking(body.len() + raw.len() * DECODED_PER_WIRE_BYTE)
             .map_err(api::over_budget)?;
-        let request = ExportProfilesServiceRequest::decode(raw.as_ref()).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("invalid ExportProfilesServiceRequest: {e}"),
-            )
-        })?;
-        ingest_request(&s, &request, raw.len())
+        decode_and_ingest(&s, &raw)
     })
     .await
+}
+
+/// The largest request taken, decompressed: small enough that its decoded worst case
+/// fits the ingest budget.
+fn max_request_bytes(s: &AppState) -> usize {
+    MAX_REQUEST_BYTES.min(s.config.limits.ingest_memory_bytes / (2 * DECODED_PER_WIRE_BYTE))
+}
+
+/// Decodes a request whose decoded size is already reserved, and ingests it.
+fn decode_and_ingest(s: &AppState, wire: &[u8]) -> Result<(), ApiError> {
+    let request = ExportProfilesServiceRequest::decode(wire).map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, format!("invalid ExportProfilesServiceRequest: {e}"))
+    })?;
+    ingest_request(s, &request, wire.len())
 }
 
 /// Converts and stores the profiles of a request, one at a time.
@@ -218,7 +223,7 @@ impl UnaryService<Bytes> for Export {
         let s = self.0.clone();
         Box::pin(async move {
             let wire = request.into_inner();
-            let max_bytes = s.config.limits.ingest_memory_bytes / (2 * DECODED_PER_WIRE_BYTE);
+            let max_bytes = max_request_bytes(&s);
             if wire.len() > max_bytes {
                 return Err(tonic::Status::resource_exhausted(format!(
                     "an OTLP request of {} bytes decompressed is over the {max_bytes} this server's ingest memory budget can decode",
@@ -227,12 +232,7 @@ impl UnaryService<Bytes> for Export {
             }
             let grant: Result<Grant, _> = s.budget.reserve(wire.len() * DECODED_PER_WIRE_BYTE).await;
             let _grant = grant.map_err(|e| tonic::Status::resource_exhausted(api::over_budget(e).message().to_owned()))?;
-            api::blocking(move || {
-                let request = ExportProfilesServiceRequest::decode(wire.as_ref()).map_err(|e| {
-                    ApiError::new(StatusCode::BAD_REQUEST, format!("invalid ExportProfilesServiceRequest: {e}"))
-                })?;
-                ingest_request(&s, &request, wire.len())
-            })
+            api::blocking(move || decode_and_ingest(&s, &wire))
             .await
             .map_err(|e| {
                 let message = e.message().to_owned();
