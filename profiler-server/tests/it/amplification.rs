@@ -82,6 +82,48 @@ fn peak_rss_mb(pid: u32) -> u64 {
     kb / 1024
 }
 
+/// Posts `body` to `route` eight times at once, with `headers`, and checks that the
+/// folded export of `victim` (stored at `t0` as `main;work 10`) still answers while they
+/// are in flight; returns each answer's status, text and time.
+fn eight_at_once(
+    srv: &Proc,
+    c: &reqwest::blocking::Client,
+    t0: i64,
+    route: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Vec<(u16, String, Duration)> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let (c, url) = (c.clone(), srv.url(route));
+                s.spawn(move || {
+                    let start = Instant::now();
+                    let mut request = c.post(url);
+                    for (name, value) in headers {
+                        request = request.header(*name, *value);
+                    }
+                    let r = request.body(body.to_vec()).send().unwrap();
+                    let status = r.status().as_u16();
+                    (status, r.text().unwrap(), start.elapsed())
+                })
+            })
+            .collect();
+        // Queries keep working while the bombs are in flight.
+        let q = c
+            .get(srv.url(&format!(
+                "/api/v1/folded?service=victim&from={}&until={}",
+                t0 - 60_000,
+                t0 + 60_000
+            )))
+            .send()
+            .unwrap();
+        assert_eq!(q.status(), 200);
+        assert_eq!(q.text().unwrap(), "main;work 10\n");
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 #[test]
 fn amplification_bombs_are_refused_within_a_memory_cap() {
     let dir = tempfile::tempdir().unwrap();
@@ -118,32 +160,7 @@ fn amplification_bombs_are_refused_within_a_memory_cap() {
         );
     }
     for (name, body, reason) in &bombs {
-        let answers: Vec<(u16, String, Duration)> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..8)
-                .map(|_| {
-                    let (c, url) = (c.clone(), srv.url("/api/v1/ingest?service=bomb"));
-                    s.spawn(move || {
-                        let start = Instant::now();
-                        let r = c.post(url).body(body.clone()).send().unwrap();
-                        let status = r.status().as_u16();
-                        (status, r.text().unwrap(), start.elapsed())
-                    })
-                })
-                .collect();
-            // Queries keep working while the bombs are in flight.
-            let q = c
-                .get(srv.url(&format!(
-                    "/api/v1/folded?service=victim&from={}&until={}",
-                    t0 - 60_000,
-                    t0 + 60_000
-                )))
-                .send()
-                .unwrap();
-            assert_eq!(q.status(), 200);
-            assert_eq!(q.text().unwrap(), "main;work 10\n");
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        for (status, text, took) in answers {
+        for (status, text, took) in eight_at_once(&srv, &c, t0, "/api/v1/ingest?service=bomb", &[], body) {
             assert_eq!(status, 413, "{name}: {text}");
             assert!(text.contains(reason), "{name}: {text}");
             assert!(
@@ -172,12 +189,14 @@ fn repeated(unit: &[u8], n: usize) -> Vec<u8> {
 /// An OTLP request of `profiles` profiles, each with one sample of an empty stack,
 /// sharing a dictionary of `strings` strings: small on the wire, and converting it
 /// with a copy of the dictionary per profile asked for `profiles` × `strings`.
-fn otlp_dictionary_bomb(profiles: usize, strings: usize) -> Vec<u8> {
+fn otlp_dictionary_bomb(
+    profiles: usize,
+    strings: usize,
+) -> opentelemetry_proto::tonic::collector::profiles::v1development::ExportProfilesServiceRequest {
     use opentelemetry_proto::tonic::collector::profiles::v1development::ExportProfilesServiceRequest;
     use opentelemetry_proto::tonic::profiles::v1development::{
         Profile, ProfilesDictionary, ResourceProfiles, Sample, ScopeProfiles, Stack, ValueType,
     };
-    use prost::Message;
     let profile = Profile {
         sample_type: Some(ValueType { type_strindex: 1, unit_strindex: 1 }),
         samples: vec![Sample { stack_index: 0, values: vec![1], ..Sample::default() }],
@@ -199,7 +218,6 @@ fn otlp_dictionary_bomb(profiles: usize, strings: usize) -> Vec<u8> {
             ..ProfilesDictionary::default()
         }),
     }
-    .encode_to_vec()
 }
 
 /// Every ingest route, each with a bomb of at most 64 KB on the wire, eight at once:
@@ -221,7 +239,8 @@ fn every_ingest_route_refuses_bombs_within_a_memory_cap() {
     // 40 MB of text or zeros: over the 32 MiB a body may decompress to.
     let zeros = repeated(&[0], 40 << 20);
     let folded = repeated(b"a", 40 << 20);
-    let otlp = gzip(&otlp_dictionary_bomb(200_000, 50_000));
+    let otlp_request = otlp_dictionary_bomb(200_000, 50_000);
+    let otlp = gzip(&prost::Message::encode_to_vec(&otlp_request));
     let bombs: Vec<(&str, String, &str, Vec<u8>)> = vec![
         ("pprof, empty samples", "/api/v1/ingest?service=bomb".into(), "application/octet-stream", empty_samples()),
         ("folded, decompression", "/api/v1/ingest?service=bomb&kind=cpu&format=folded".into(), "text/plain", folded.clone()),
@@ -240,38 +259,14 @@ fn every_ingest_route_refuses_bombs_within_a_memory_cap() {
             json.extend_from_slice(b"{}]}");
             gzip(&json)
         }),
-        ("OTLP over HTTP, profiles x dictionary", "/v1development/profiles".into(), "application/x-protobuf", otlp.clone()),
+        ("OTLP over HTTP, profiles x dictionary", "/v1development/profiles".into(), "application/x-protobuf", otlp),
     ];
     for (name, _, _, body) in &bombs {
         assert!(body.len() <= 64 << 10, "{name} is {} bytes on the wire", body.len());
     }
     for (name, route, content_type, body) in &bombs {
-        let answers: Vec<(u16, String)> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..8)
-                .map(|_| {
-                    let c = c.clone();
-                    let url = srv.url(route);
-                    s.spawn(move || {
-                        let r = c
-                            .post(url)
-                            .header("content-type", *content_type)
-                            .header("content-encoding", "gzip")
-                            .body(body.clone())
-                            .send()
-                            .unwrap();
-                        (r.status().as_u16(), r.text().unwrap())
-                    })
-                })
-                .collect();
-            let q = c
-                .get(srv.url(&format!("/api/v1/folded?service=victim&from={}&until={}", t0 - 60_000, t0 + 60_000)))
-                .send()
-                .unwrap();
-            assert_eq!(q.status(), 200);
-            assert_eq!(q.text().unwrap(), "main;work 10\n");
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        for (status, text) in answers {
+        let headers = [("content-type", *content_type), ("content-encoding", "gzip")];
+        for (status, text, _) in eight_at_once(&srv, &c, t0, route, &headers, body) {
             assert!((400..500).contains(&status) || status == 503, "{name}: {status} {text}");
         }
         let rss = peak_rss_mb(srv.child.id());
@@ -280,10 +275,7 @@ fn every_ingest_route_refuses_bombs_within_a_memory_cap() {
     }
 
     // OTLP over gRPC, gzip-compressed by the client as OTel exporters do.
-    let request = <opentelemetry_proto::tonic::collector::profiles::v1development::ExportProfilesServiceRequest as prost::Message>::decode(
-        otlp_dictionary_bomb(200_000, 50_000).as_slice(),
-    )
-    .unwrap();
+    let request = otlp_request;
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let codes: Vec<tonic::Code> = runtime.block_on(async {
         let calls = (0..8).map(|_| {
