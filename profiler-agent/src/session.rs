@@ -486,9 +486,8 @@ impl RateControl {
                 self.record_ns + COST_SMOOTHING * (cost - self.record_ns)
             };
         }
-        let record_ns = if self.record_ns.is_nan() { ASSUMED_RECORD_NS } else { self.record_ns };
-        let count_load = quota_rate / count_budget;
-        let tick_load = count_load.max(quota_rate * record_ns / cpu_budget);
+        let cost_per_record = if self.record_ns.is_nan() { ASSUMED_RECORD_NS } else { self.record_ns };
+        let tick_load = (quota_rate / count_budget).max(quota_rate * cost_per_record / cpu_budget);
         if tick_load > 2.0 * QUOTA_SHARE {
             // Far over its share (many new threads): down at once, by what this tick's
             // records at the quota cost.
