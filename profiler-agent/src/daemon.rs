@@ -14,7 +14,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering::Relaxed},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -31,7 +31,7 @@ use crate::{
     runs::{Applied, Poller, Report, RunControl},
     sample::RawValue,
     session::{Session, Settings, Window},
-    ship::{Payload, ShipError, Shipper, Stacks, WindowMeta, build_payload, jitter},
+    ship::{Payload, ShipError, Shipper, Stacks, WindowMeta, build_payload, jitter, now_ms},
     spool::{Spool, Spooled},
     symbolize::comm_name,
 };
@@ -121,10 +121,6 @@ fn spawn_signal_handler(stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         stop.store(true, Relaxed);
     });
     Ok(())
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
 /// The agent's aggregate is drained and symbolized this often within a window:
@@ -218,7 +214,7 @@ fn sampling_loop(
                 };
                 // The shipper is stuck retrying: keep memory bounded, let the spool hold it.
                 tracing::warn!("ship queue full; spooling window directly");
-                spool_payload(&mut spool.lock().unwrap(), &payload, metrics);
+                spool_payload(&mut spool.lock().unwrap(), &payload, None, metrics);
             }
         }
         start_ms = end_ms;
@@ -338,8 +334,8 @@ async fn with_spool<T: Send + 'static>(spool: &Arc<Mutex<Spool>>, f: impl FnOnce
     tokio::task::spawn_blocking(move || f(&mut spool.lock().unwrap())).await.expect("spool task panicked")
 }
 
-fn spool_payload(spool: &mut Spool, payload: &Payload, metrics: &Metrics) {
-    match spool.push(payload) {
+fn spool_payload(spool: &mut Spool, payload: &Payload, unanswered_since: Option<u64>, metrics: &Metrics) {
+    match spool.push(payload, unanswered_since) {
         Ok(dropped) => {
             metrics.profiles_spooled.fetch_add(1, Relaxed);
             if dropped.profiles > 0 {
@@ -392,6 +388,7 @@ async fn ship_loop(
         profiles_dropped = count(&metrics.profiles_dropped),
         profiles_rejected = count(&metrics.profiles_rejected),
         profiles_dead_lettered = count(&metrics.profiles_dead_lettered),
+        profiles_unverifiable = count(&metrics.profiles_unverifiable),
         value_produced_ns = count(&metrics.value_produced_ns),
         value_shipped_ns = count(&metrics.value_shipped_ns),
         value_dropped_ns = count(&metrics.value_dropped_ns),
@@ -406,18 +403,20 @@ async fn ship_loop(
 }
 
 async fn ship_or_spool(payload: Payload, shipper: &Shipper, spool: &Arc<Mutex<Spool>>, metrics: &Arc<Metrics>) {
+    let mut unanswered_since = None;
     // Older windows wait in the spool: queue behind them to keep the order.
     if with_spool(spool, |s| s.is_empty()).await {
-        match shipper.send_with_retries(&payload).await {
+        match shipper.send_with_retries(&payload, &mut unanswered_since).await {
             Ok(()) => return shipped(&payload, metrics),
             Err(ShipError::Rejected(err)) => return rejected(&payload, err, metrics),
+            Err(ShipError::Unverifiable(err)) => return unverifiable(&payload, err, metrics),
             // The shipper said so already, once a minute rather than once a window.
             Err(ShipError::Misconfigured(_)) => {}
             Err(err) => tracing::warn!("could not ship, spooling: {err}"),
         }
     }
     let metrics = metrics.clone();
-    with_spool(spool, move |s| spool_payload(s, &payload, &metrics)).await;
+    with_spool(spool, move |s| spool_payload(s, &payload, unanswered_since, &metrics)).await;
 }
 
 fn shipped(payload: &Payload, metrics: &Metrics) {
@@ -428,6 +427,12 @@ fn shipped(payload: &Payload, metrics: &Metrics) {
 fn rejected(payload: &Payload, err: anyhow::Error, metrics: &Metrics) {
     tracing::error!(query = %payload.query, "server rejected a profile: {err:#}");
     metrics.profiles_rejected.fetch_add(1, Relaxed);
+}
+
+fn unverifiable(payload: &Payload, err: anyhow::Error, metrics: &Metrics) {
+    tracing::warn!(query = %payload.query, ns = payload.value, "dropping a profile the server may have stored already: {err:#}");
+    metrics.profiles_unverifiable.fetch_add(1, Relaxed);
+    metrics.value_unverifiable_ns.fetch_add(payload.value, Relaxed);
 }
 
 /// Poison suspects one replay passes over at most: bounds the requests a replay sends
@@ -458,7 +463,15 @@ async fn replay_spool(shipper: &Shipper, spool: &Arc<Mutex<Spool>>, metrics: &Ar
     let mut suspects: Vec<Spooled> = Vec::new();
     while let Some(spooled) = with_spool(spool, move |s| s.next_after(after)).await {
         after = Some(spooled.seq);
-        match shipper.send(&spooled.payload).await {
+        let mut unanswered_since = spooled.unanswered_since;
+        let result = shipper.send(&spooled.payload, &mut unanswered_since).await;
+        if let (None, Some(since)) = (spooled.unanswered_since, unanswered_since) {
+            let seq = spooled.seq;
+            if let Err(err) = with_spool(spool, move |s| s.mark_unanswered(seq, since)).await {
+                tracing::error!("recording an unanswered attempt in the spool: {err:#}");
+            }
+        }
+        match result {
             Ok(()) => {
                 shipped(&spooled.payload, metrics);
                 for suspect in suspects.drain(..) {
@@ -474,6 +487,7 @@ async fn replay_spool(shipper: &Shipper, spool: &Arc<Mutex<Spool>>, metrics: &Ar
                 }
             }
             Err(ShipError::Rejected(err)) => rejected(&spooled.payload, err, metrics),
+            Err(ShipError::Unverifiable(err)) => unverifiable(&spooled.payload, err, metrics),
             Err(ShipError::ServerFailed(err)) => {
                 let seq = spooled.seq;
                 match with_spool(spool, move |s| s.count_failure(seq)).await {
@@ -489,7 +503,7 @@ async fn replay_spool(shipper: &Shipper, spool: &Arc<Mutex<Spool>>, metrics: &Ar
                     }
                 }
             }
-            Err(ShipError::Unavailable(_) | ShipError::Misconfigured(_)) => break,
+            Err(ShipError::Unavailable(_) | ShipError::Unanswered(_) | ShipError::Misconfigured(_)) => break,
         }
         unspool(spool, spooled.seq, metrics).await;
     }

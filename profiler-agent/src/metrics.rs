@@ -33,12 +33,14 @@ pub struct Metrics {
     pub profiles_dropped: AtomicU64,
     pub profiles_rejected: AtomicU64,
     pub profiles_dead_lettered: AtomicU64,
+    pub profiles_unverifiable: AtomicU64,
     /// Requests the server refused with 401, 403 or 404.
     pub ship_auth_failures: AtomicU64,
     pub value_produced_ns: AtomicU64,
     pub value_shipped_ns: AtomicU64,
     pub value_dropped_ns: AtomicU64,
     pub value_dead_lettered_ns: AtomicU64,
+    pub value_unverifiable_ns: AtomicU64,
     pub bytes_shipped: AtomicU64,
     pub stacks_shipped_by_id: AtomicU64,
     pub stacks_shipped_with_frames: AtomicU64,
@@ -79,11 +81,13 @@ impl Metrics {
         metric("profiles_dropped_total", "counter", "Profiles dropped because the spool was full.", get(&self.profiles_dropped));
         metric("profiles_rejected_total", "counter", "Profiles the server refused (4xx).", get(&self.profiles_rejected));
         metric("profiles_dead_lettered_total", "counter", "Spooled profiles given up on: the server kept failing them (5xx) while it accepted later ones.", get(&self.profiles_dead_lettered));
+        metric("profiles_unverifiable_total", "counter", "Profiles dropped because an attempt of theirs went unanswered longer ago than the server remembers batch ids (410): it may have stored them, and a resend could count them twice.", get(&self.profiles_unverifiable));
         metric("ship_auth_failures_total", "counter", "Ingest requests refused with 401, 403 or 404 (token, URL or proxy wrong); their profiles are kept.", get(&self.ship_auth_failures));
         metric("value_produced_nanoseconds_total", "counter", "Profiled time produced.", get(&self.value_produced_ns));
         metric("value_shipped_nanoseconds_total", "counter", "Profiled time acknowledged by the server.", get(&self.value_shipped_ns));
         metric("value_dropped_nanoseconds_total", "counter", "Profiled time dropped with full-spool profiles.", get(&self.value_dropped_ns));
         metric("value_dead_lettered_nanoseconds_total", "counter", "Profiled time in dead-lettered profiles.", get(&self.value_dead_lettered_ns));
+        metric("value_unverifiable_nanoseconds_total", "counter", "Profiled time in unverifiable profiles.", get(&self.value_unverifiable_ns));
         metric("bytes_shipped_total", "counter", "Compressed profile bytes the server acknowledged, as sent (stacks it has go by id).", get(&self.bytes_shipped));
         metric("stacks_shipped_by_id_total", "counter", "Stacks of accepted windows sent by id: the server had their frames.", get(&self.stacks_shipped_by_id));
         metric("stacks_shipped_with_frames_total", "counter", "Stacks of accepted windows sent with their frames.", get(&self.stacks_shipped_with_frames));

@@ -14,6 +14,14 @@
 //! only a 4xx that describes the payload itself (400, 413, 415, 422, ...) drops it.
 //! 401, 403 and 404 say the token, the URL or a proxy in between is wrong, which someone
 //! will fix: the window is kept, like when the server is away.
+//!
+//! A request that was sent but got no answer (a timeout, a reset) may have been stored.
+//! From then on every attempt of that window says how long ago that was
+//! (`Profiler-Unanswered-Age-Ms`), and the spool keeps the time across restarts: the
+//! server remembers batch ids for a while only, and refuses (410) a retry from before
+//! what it remembers, which it could otherwise count twice. A window that never reached
+//! the server (connection refused, a server that is down) carries no age and is
+//! replayed however old it is.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -236,9 +244,12 @@ enum Answer {
 
 #[derive(Debug)]
 pub enum ShipError {
-    /// No answer (connection, timeout), or one that says the server is busy or away
-    /// (408, 429, 502, 503, 504): keep the window, try later.
+    /// No connection, or an answer that says the server is busy or away (408, 429,
+    /// 502, 503, 504): keep the window, try later.
     Unavailable(anyhow::Error),
+    /// The request went out and no answer came (timeout, reset): keep the window, try
+    /// later, and say from now on that the server may have stored it.
+    Unanswered(anyhow::Error),
     /// 401, 403 or 404: the token, the URL or a proxy in between is wrong ("not ours").
     /// Nothing is wrong with the window: keep it until someone fixes the configuration.
     Misconfigured(anyhow::Error),
@@ -248,6 +259,9 @@ pub enum ShipError {
     ServerFailed(anyhow::Error),
     /// Any other 4xx: the server refused this window for what it is; retrying cannot help.
     Rejected(anyhow::Error),
+    /// 410: the window may have been stored by an unanswered attempt longer ago than the
+    /// server remembers batch ids. Dropped, counted apart: resending could count it twice.
+    Unverifiable(anyhow::Error),
 }
 
 impl ShipError {
@@ -256,22 +270,26 @@ impl ShipError {
         match status.as_u16() {
             401 | 403 | 404 => Self::Misconfigured(err),
             408 | 429 | 502 | 503 | 504 => Self::Unavailable(err),
+            410 => Self::Unverifiable(err),
             _ if status.is_server_error() => Self::ServerFailed(err),
             _ => Self::Rejected(err),
         }
     }
 
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, Self::Rejected(_))
+        !matches!(self, Self::Rejected(_) | Self::Unverifiable(_))
     }
 }
 
 impl std::fmt::Display for ShipError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Unavailable(err) | Self::Misconfigured(err) | Self::ServerFailed(err) | Self::Rejected(err) => {
-                write!(f, "{err:#}")
-            }
+            Self::Unavailable(err)
+            | Self::Unanswered(err)
+            | Self::Misconfigured(err)
+            | Self::ServerFailed(err)
+            | Self::Rejected(err)
+            | Self::Unverifiable(err) => write!(f, "{err:#}"),
         }
     }
 }
@@ -314,29 +332,40 @@ impl Shipper {
 
     /// One attempt (and, when the server lost stacks it had or cannot read bundles, the
     /// same window again in a form it can take).
-    pub async fn send(&self, payload: &Payload) -> Result<(), ShipError> {
+    ///
+    /// `unanswered_since` is when (unix ms) an earlier attempt of this window went
+    /// unanswered; set here when this one does.
+    pub async fn send(&self, payload: &Payload, unanswered_since: &mut Option<u64>) -> Result<(), ShipError> {
+        let result = self.send_once(payload, *unanswered_since).await;
+        if matches!(result, Err(ShipError::Unanswered(_))) && unanswered_since.is_none() {
+            *unanswered_since = Some(now_ms());
+        }
+        result
+    }
+
+    async fn send_once(&self, payload: &Payload, unanswered_since: Option<u64>) -> Result<(), ShipError> {
         if !is_bundle(&payload.query) {
             // Spooled by an older agent, in a form the server of its time took.
-            return self.settle(self.post(&payload.query, payload.body.clone()).await?);
+            return self.settle(self.post(&payload.query, payload.body.clone(), unanswered_since).await?);
         }
         let pprof = self.known.lock().unwrap().pprof_until.is_some_and(|until| Instant::now() < until);
         if pprof {
-            return self.send_as_pprof(payload).await;
+            return self.send_as_pprof(payload, unanswered_since).await;
         }
         let prepared = self.known.lock().unwrap().by_reference(&payload.body);
         let ByReference { body, ids, mut by_id } =
             prepared.map_err(|err| ShipError::Rejected(err.context("reading the window")))?;
-        let answer = match self.post(&payload.query, body.unwrap_or_else(|| payload.body.clone())).await? {
+        let answer = match self.post(&payload.query, body.unwrap_or_else(|| payload.body.clone()), unanswered_since).await? {
             Answer::Refused(StatusCode::CONFLICT, why) if by_id > 0 => {
                 tracing::info!("the server does not have stacks it acknowledged ({why}); sending them again with their frames");
                 self.known.lock().unwrap().forget();
                 by_id = 0;
-                self.post(&payload.query, payload.body.clone()).await?
+                self.post(&payload.query, payload.body.clone(), unanswered_since).await?
             }
             Answer::Refused(StatusCode::BAD_REQUEST, why) if why.contains("`format`") => {
                 tracing::warn!("the server cannot read bundles of stacks windows ({why}); sending pprof for an hour");
                 self.known.lock().unwrap().pprof_until = Some(Instant::now() + PPROF_FOR);
-                return self.send_as_pprof(payload).await;
+                return self.send_as_pprof(payload, unanswered_since).await;
             }
             answer => answer,
         };
@@ -350,16 +379,16 @@ impl Shipper {
 
     /// Every part in turn; a refusal ends the attempt, and the next sends all parts
     /// again (the server drops the ones it stored by their batch id).
-    async fn send_as_pprof(&self, payload: &Payload) -> Result<(), ShipError> {
+    async fn send_as_pprof(&self, payload: &Payload, unanswered_since: Option<u64>) -> Result<(), ShipError> {
         let parts = as_pprof(payload).map_err(|err| ShipError::Rejected(err.context("reading the window")))?;
         for (query, body) in parts {
-            self.settle(self.post(&query, body).await?)?;
+            self.settle(self.post(&query, body, unanswered_since).await?)?;
         }
         Ok(())
     }
 
     /// Sends one request; Err when no answer came.
-    async fn post(&self, query: &str, body: Vec<u8>) -> Result<Answer, ShipError> {
+    async fn post(&self, query: &str, body: Vec<u8>, unanswered_since: Option<u64>) -> Result<Answer, ShipError> {
         let bytes = body.len() as u64;
         let mut request = self
             .client
@@ -370,7 +399,13 @@ impl Shipper {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
-        let response = request.send().await.map_err(|err| ShipError::Unavailable(anyhow!("sending: {err}")))?;
+        if let Some(since) = unanswered_since {
+            request = request.header("profiler-unanswered-age-ms", now_ms().saturating_sub(since));
+        }
+        let response = request.send().await.map_err(|err| match err.is_connect() {
+            true => ShipError::Unavailable(anyhow!("connecting: {err}")),
+            false => ShipError::Unanswered(anyhow!("sending: {err}")),
+        })?;
         let status = response.status();
         if status.is_success() {
             self.metrics.bytes_shipped.fetch_add(bytes, Relaxed);
@@ -397,11 +432,11 @@ impl Shipper {
     }
 
     /// Up to `max_attempts` attempts with exponential backoff and jitter.
-    pub async fn send_with_retries(&self, payload: &Payload) -> Result<(), ShipError> {
+    pub async fn send_with_retries(&self, payload: &Payload, unanswered_since: &mut Option<u64>) -> Result<(), ShipError> {
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1;
         loop {
-            match self.send(payload).await {
+            match self.send(payload, unanswered_since).await {
                 Err(err) if err.is_retryable() && attempt < self.max_attempts => {
                     tracing::debug!(attempt, "ship failed, retrying: {err}");
                     tokio::time::sleep(jitter(backoff)).await;
@@ -436,6 +471,13 @@ impl Throttle {
         *last = Some(Instant::now());
         Some(std::mem::take(held))
     }
+}
+
+/// Wall-clock time, unix milliseconds (it outlives the process, in window times and the spool).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// 50-100% of `base`, drawn afresh each time, so agents that lost the server together do

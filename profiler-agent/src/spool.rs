@@ -2,9 +2,10 @@
 //! by a sequence number, so replay is in order and survives agent restarts. Past the
 //! size limit the oldest windows are dropped, and counted.
 //!
-//! A file's name also carries how often the server failed that payload
-//! (`SEQ-FAILURES.window`, renamed at each failure), so the count that decides whether it
-//! is poison survives restarts too.
+//! A file's name also carries how often the server failed that payload and when an
+//! attempt of it went unanswered (`SEQ-FAILURES-SINCE.window`, renamed when either
+//! changes), so the count that decides whether it is poison, and the age the server
+//! judges a retry by, survive restarts too.
 
 use std::{
     collections::VecDeque,
@@ -36,6 +37,8 @@ struct Entry {
     /// The payload's value, so drops can be accounted in profiled time.
     value: u64,
     failures: u32,
+    /// When (unix ms) an attempt went unanswered: the server may have stored it then.
+    unanswered_since: Option<u64>,
 }
 
 /// A payload read back from the spool.
@@ -44,6 +47,8 @@ pub struct Spooled {
     pub seq: u64,
     /// Times the server failed it, as counted by [`Spool::count_failure`].
     pub failures: u32,
+    /// See [`Spool::mark_unanswered`].
+    pub unanswered_since: Option<u64>,
     pub payload: Payload,
 }
 
@@ -63,10 +68,10 @@ impl Spool {
             let entry = entry?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if let Some((seq, failures)) = name.strip_suffix(SUFFIX).and_then(parse_name) {
+            if let Some((seq, failures, unanswered_since)) = name.strip_suffix(SUFFIX).and_then(parse_name) {
                 let raw = fs::read(entry.path())?;
                 let value = Payload::decode(&raw).map_or(0, |p| p.value);
-                entries.push(Entry { seq, size: raw.len() as u64, value, failures });
+                entries.push(Entry { seq, size: raw.len() as u64, value, failures, unanswered_since });
             } else if name.ends_with(".tmp") {
                 // A write interrupted by a crash: never acknowledged as spooled.
                 let _ = fs::remove_file(entry.path());
@@ -79,9 +84,10 @@ impl Spool {
     }
 
     fn path(&self, entry: &Entry) -> PathBuf {
-        match entry.failures {
-            0 => self.dir.join(format!("{:020}{SUFFIX}", entry.seq)),
-            failures => self.dir.join(format!("{:020}-{failures}{SUFFIX}", entry.seq)),
+        match (entry.failures, entry.unanswered_since) {
+            (0, None) => self.dir.join(format!("{:020}{SUFFIX}", entry.seq)),
+            (failures, None) => self.dir.join(format!("{:020}-{failures}{SUFFIX}", entry.seq)),
+            (failures, Some(since)) => self.dir.join(format!("{:020}-{failures}-{since}{SUFFIX}", entry.seq)),
         }
     }
 
@@ -90,7 +96,8 @@ impl Spool {
     }
 
     /// Appends a window, dropping the oldest ones to make room; says what was dropped.
-    pub fn push(&mut self, payload: &Payload) -> anyhow::Result<Dropped> {
+    /// `unanswered_since` as for [`Spool::mark_unanswered`].
+    pub fn push(&mut self, payload: &Payload, unanswered_since: Option<u64>) -> anyhow::Result<Dropped> {
         let encoded = payload.encode();
         let size = encoded.len() as u64;
         if size > self.max_bytes {
@@ -111,7 +118,7 @@ impl Spool {
         let mut file = fs::File::create(&tmp)?;
         file.write_all(&encoded)?;
         file.sync_all()?;
-        let entry = Entry { seq, size, value: payload.value, failures: 0 };
+        let entry = Entry { seq, size, value: payload.value, failures: 0, unanswered_since };
         fs::rename(&tmp, self.path(&entry))?;
         self.entries.push_back(entry);
         self.bytes += size;
@@ -125,7 +132,10 @@ impl Spool {
         let index = after.map_or(0, |after| self.entries.partition_point(|e| e.seq <= after));
         while let Some(&entry) = self.entries.get(index) {
             match fs::read(self.path(&entry)).ok().and_then(|raw| Payload::decode(&raw)) {
-                Some(payload) => return Some(Spooled { seq: entry.seq, failures: entry.failures, payload }),
+                Some(payload) => {
+                    let Entry { seq, failures, unanswered_since, .. } = entry;
+                    return Some(Spooled { seq, failures, unanswered_since, payload });
+                }
                 None => {
                     tracing::warn!(seq = entry.seq, "dropping unreadable spooled window");
                     let _ = fs::remove_file(self.path(&entry));
@@ -150,12 +160,29 @@ impl Spool {
 
     /// Records one more failure of a window, on disk; returns its failures so far.
     pub fn count_failure(&mut self, seq: u64) -> anyhow::Result<u32> {
+        let after = self.rename(seq, |e| e.failures = e.failures.saturating_add(1))?;
+        Ok(after.failures)
+    }
+
+    /// Records, on disk, when (unix ms) an attempt of a window went unanswered, unless
+    /// an earlier one did: the server may have stored it from then on.
+    pub fn mark_unanswered(&mut self, seq: u64, since: u64) -> anyhow::Result<()> {
+        self.rename(seq, |e| {
+            e.unanswered_since.get_or_insert(since);
+        })?;
+        Ok(())
+    }
+
+    fn rename(&mut self, seq: u64, change: impl FnOnce(&mut Entry)) -> anyhow::Result<Entry> {
         let index = self.position(seq).with_context(|| format!("no spooled window {seq}"))?;
         let before = self.entries[index];
-        let after = Entry { failures: before.failures.saturating_add(1), ..before };
-        fs::rename(self.path(&before), self.path(&after))?;
+        let mut after = before;
+        change(&mut after);
+        if self.path(&after) != self.path(&before) {
+            fs::rename(self.path(&before), self.path(&after))?;
+        }
         self.entries[index] = after;
-        Ok(after.failures)
+        Ok(after)
     }
 
     pub fn len(&self) -> usize {
@@ -176,12 +203,16 @@ impl Spool {
     }
 }
 
-/// `SEQ` or `SEQ-FAILURES`.
-fn parse_name(stem: &str) -> Option<(u64, u32)> {
-    match stem.split_once('-') {
-        Some((seq, failures)) => Some((seq.parse().ok()?, failures.parse().ok()?)),
-        None => Some((stem.parse().ok()?, 0)),
-    }
+/// `SEQ`, `SEQ-FAILURES` or `SEQ-FAILURES-SINCE`.
+fn parse_name(stem: &str) -> Option<(u64, u32, Option<u64>)> {
+    let mut fields = stem.split('-');
+    let seq = fields.next()?.parse().ok()?;
+    let failures = fields.next().map_or(Some(0), |f| f.parse().ok())?;
+    let since = match fields.next() {
+        Some(since) => Some(since.parse().ok()?),
+        None => None,
+    };
+    fields.next().is_none().then_some((seq, failures, since))
 }
 
 #[cfg(test)]
@@ -198,10 +229,10 @@ mod tests {
         let size = payload(0).encode().len() as u64;
         let mut spool = Spool::open(dir.path(), size * 3).unwrap();
         for n in 0..3 {
-            assert_eq!(spool.push(&payload(n)).unwrap(), Dropped::default());
+            assert_eq!(spool.push(&payload(n), None).unwrap(), Dropped::default());
         }
-        assert_eq!(spool.push(&payload(3)).unwrap(), Dropped { profiles: 1, value: 0 }, "oldest dropped to fit");
-        assert_eq!(spool.push(&payload(4)).unwrap(), Dropped { profiles: 1, value: 1 });
+        assert_eq!(spool.push(&payload(3), None).unwrap(), Dropped { profiles: 1, value: 0 }, "oldest dropped to fit");
+        assert_eq!(spool.push(&payload(4), None).unwrap(), Dropped { profiles: 1, value: 1 });
         assert_eq!(spool.dropped(), 2);
         drop(spool);
 
@@ -221,7 +252,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
         for n in 0..3 {
-            spool.push(&payload(n)).unwrap();
+            spool.push(&payload(n), None).unwrap();
         }
         let first = spool.next_after(None).unwrap();
         assert_eq!(spool.count_failure(first.seq).unwrap(), 1);
@@ -240,5 +271,28 @@ mod tests {
         assert_eq!((last.payload.value, last.failures), (2, 0));
         assert_eq!(spool.next_after(Some(last.seq)), None);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2, "a renamed window leaves no copy behind");
+    }
+
+    #[test]
+    fn when_an_attempt_went_unanswered_survives_reopen_and_only_the_first_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        spool.push(&payload(0), Some(1_000)).unwrap();
+        spool.push(&payload(1), None).unwrap();
+        let second = spool.next_after(Some(0)).unwrap();
+        assert_eq!(second.unanswered_since, None);
+        spool.count_failure(second.seq).unwrap();
+        spool.mark_unanswered(second.seq, 5_000).unwrap();
+        spool.mark_unanswered(second.seq, 9_000).unwrap();
+        drop(spool);
+
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let first = spool.next_after(None).unwrap();
+        assert_eq!((first.failures, first.unanswered_since), (0, Some(1_000)));
+        let second = spool.next_after(Some(first.seq)).unwrap();
+        assert_eq!((second.failures, second.unanswered_since), (1, Some(5_000)));
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
+        assert_eq!(parse_name("00000000000000000007-2-3-4"), None);
+        assert_eq!(parse_name("00000000000000000007"), Some((7, 0, None)));
     }
 }

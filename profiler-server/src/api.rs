@@ -100,6 +100,7 @@ impl ApiError {
                 ApiError::busy(format!("the server cannot store profiles right now: {why}"), 5)
             }
             Some(Refused::TooLarge(why)) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, why.clone()),
+            Some(Refused::Unverifiable(why)) => ApiError::new(StatusCode::GONE, why.clone()),
             None => ApiError::internal(format!("{e:#}")),
         }
     }
@@ -330,8 +331,57 @@ fn ingest_labels(p: &Params) -> ApiResult<Labels> {
     Ok(labels)
 }
 
+/// What makes a request's batches idempotent: the client's key, and when an
+/// earlier attempt that got no answer may have stored them.
+pub(crate) struct Idempotency {
+    id: Option<String>,
+    maybe_stored_since_ms: Option<i64>,
+}
+
+impl From<Option<String>> for Idempotency {
+    fn from(id: Option<String>) -> Self {
+        Idempotency { id, maybe_stored_since_ms: None }
+    }
+}
+
+impl Idempotency {
+    /// `batch_id` in the query or an `Idempotency-Key` header (for clients
+    /// that cannot change the URL), and `Profiler-Unanswered-Age-Ms`: how long
+    /// ago an attempt of this batch went unanswered. An age, not a time, so
+    /// the client's clock does not matter.
+    fn of(p: &Params, headers: &HeaderMap) -> ApiResult<Self> {
+        let id = batch_id(p, headers)?;
+        let maybe_stored_since_ms = match headers.get("profiler-unanswered-age-ms") {
+            None => None,
+            Some(v) => {
+                let age: i64 = v
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|age| *age >= 0)
+                    .ok_or_else(|| ApiError::bad("Profiler-Unanswered-Age-Ms must be milliseconds"))?;
+                Some(now_ms().saturating_sub(age))
+            }
+        };
+        Ok(Idempotency { id, maybe_stored_since_ms })
+    }
+
+    /// The key of part `i` of a request of several batches.
+    fn part(&self, i: usize) -> Idempotency {
+        Idempotency {
+            id: self.id.as_ref().map(|id| format!("{id}/{i}")),
+            maybe_stored_since_ms: self.maybe_stored_since_ms,
+        }
+    }
+
+    fn apply(self, batch: &mut Batch) {
+        batch.id = self.id;
+        batch.maybe_stored_since_ms = self.maybe_stored_since_ms;
+    }
+}
+
 /// The request's idempotency key: `batch_id` in the query or an
-/// `Idempotency-Key` header (for clients that cannot change the URL).
+/// `Idempotency-Key` header.
 fn batch_id(p: &Params, headers: &HeaderMap) -> ApiResult<Option<String>> {
     let header = headers.get("idempotency-key").map(|v| {
         v.to_str()
@@ -373,10 +423,10 @@ pub(crate) fn store_batch(
     s: &AppState,
     b: BatchBuilder,
     body_len: usize,
-    id: Option<String>,
+    key: Idempotency,
 ) -> ApiResult<Json<IngestSummary>> {
     let mut batch = b.finish();
-    batch.id = id;
+    key.apply(&mut batch);
     store_batches(s, vec![batch], body_len)
 }
 
@@ -449,7 +499,7 @@ async fn ingest_native(
     req: Request,
 ) -> ApiResult<Json<IngestSummary>> {
     let p = Params::new(q);
-    let id = batch_id(&p, req.headers())?;
+    let id = Idempotency::of(&p, req.headers())?;
     let mut grant = admit(&s, req.headers()).await?;
     let body = body_bytes(Bytes::from_request(req, &s).await)?;
     grant.shrink_to(body.len());
@@ -517,7 +567,7 @@ async fn ingest_native(
 /// request, stored with one WAL fsync; the query's labels are common to all
 /// parts. Part `i` is stored under batch id `<batch_id>/<i>`, so a retry of
 /// a bundle that was partly stored counts each part once.
-fn ingest_bundle(s: &AppState, p: &Params, grant: &mut Grant, body: &[u8], id: Option<String>) -> ApiResult<Json<IngestSummary>> {
+fn ingest_bundle(s: &AppState, p: &Params, grant: &mut Grant, body: &[u8], key: Idempotency) -> ApiResult<Json<IngestSummary>> {
     if p.get("service").is_some() || p.get("kind").is_some() {
         return Err(ApiError::bad("a bundle names services and kinds in its parts, not in the query"));
     }
@@ -533,7 +583,7 @@ fn ingest_bundle(s: &AppState, p: &Params, grant: &mut Grant, body: &[u8], id: O
     let ts_ms = align(from, s.config.storage.window_ms);
     let mut batches = ingest::bundle(&raw, limits, ts_ms, &labels, &*s.store)?;
     for (i, batch) in batches.iter_mut().enumerate() {
-        batch.id = id.as_ref().map(|id| format!("{id}/{i}"));
+        key.part(i).apply(batch);
     }
     store_batches(s, batches, body.len())
 }
@@ -547,7 +597,7 @@ async fn ingest_pyroscope(
     req: Request,
 ) -> ApiResult<Json<IngestSummary>> {
     let p = Params::new(q);
-    let id = batch_id(&p, req.headers())?;
+    let id = Idempotency::of(&p, req.headers())?;
     let mut grant = admit(&s, req.headers()).await?;
     let is_multipart = req
         .headers()

@@ -252,6 +252,7 @@ impl<'a> BatchBuilder<'a> {
         }
         Batch {
             id: None,
+            maybe_stored_since_ms: None,
             service: self.target.service,
             kind: self.target.kind,
             stacks: self.stacks.into_iter().collect(),

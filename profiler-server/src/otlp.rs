@@ -158,7 +158,7 @@ fn ingest_request(
         };
         let mut b = BatchBuilder::new(limits, target)?;
         ingest::pprof(&profile, idx, &mut b)?;
-        api::store_batch(s, b, wire_len, rp.profile_id).map(drop)
+        api::store_batch(s, b, wire_len, rp.profile_id.into()).map(drop)
     })
 }
 

@@ -157,7 +157,7 @@ fn ingest_series(
             // One batch per sample type: the id is per profile. The push API
             // answers an empty PushResponse, so the summary is not needed.
             let batch_id = id.as_ref().map(|id| format!("{id}:{idx}"));
-            let _summary = api::store_batch(s, b, sample.raw_profile.len(), batch_id)?;
+            let _summary = api::store_batch(s, b, sample.raw_profile.len(), batch_id.into())?;
         }
     }
     Ok(())

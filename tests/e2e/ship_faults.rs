@@ -27,6 +27,8 @@ struct Request {
     /// `bundle` for our bundles of stacks windows, empty for pprof.
     format: String,
     body: Vec<u8>,
+    /// `Profiler-Unanswered-Age-Ms`: how long ago an attempt of this batch got no answer.
+    unanswered_age_ms: Option<u64>,
     status: u16,
 }
 
@@ -109,7 +111,11 @@ struct FakeServer {
 
 impl FakeServer {
     fn start(answer: impl Fn(&Request) -> u16 + Send + Sync + 'static) -> FakeServer {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on("127.0.0.1:0", answer)
+    }
+
+    fn start_on(addr: &str, answer: impl Fn(&Request) -> u16 + Send + Sync + 'static) -> FakeServer {
+        let listener = TcpListener::bind(addr).unwrap();
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -162,7 +168,7 @@ fn serve(stream: TcpStream, requests: &Mutex<Vec<Request>>, answer: &Answer) {
     if reader.read_line(&mut request_line).is_err() {
         return;
     }
-    let mut content_length = 0;
+    let (mut content_length, mut unanswered_age_ms) = (0, None);
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
@@ -171,6 +177,9 @@ fn serve(stream: TcpStream, requests: &Mutex<Vec<Request>>, answer: &Answer) {
         if let Some((name, value)) = line.split_once(':') {
             if name.eq_ignore_ascii_case("content-length") {
                 content_length = value.trim().parse().unwrap_or(0);
+            }
+            if name.eq_ignore_ascii_case("profiler-unanswered-age-ms") {
+                unanswered_age_ms = value.trim().parse().ok();
             }
         }
     }
@@ -190,6 +199,7 @@ fn serve(stream: TcpStream, requests: &Mutex<Vec<Request>>, answer: &Answer) {
                 kind: field("kind"),
                 format: field("format"),
                 body,
+                unanswered_age_ms,
                 status: 0,
             };
             request.status = answer(&request);
@@ -313,6 +323,58 @@ fn a_server_refusing_the_token_for_twenty_seconds_loses_no_window() {
         "the server holds {total} ns, the agent produced {}",
         counters["value_produced_ns"]
     );
+}
+
+/// Windows that never reached the server (nothing listened) are replayed as first
+/// deliveries however old; a window whose answer was lost says so on every later attempt,
+/// and is dropped and counted apart when the server can no longer tell (410).
+#[test]
+fn a_window_whose_answer_was_lost_says_so_and_one_that_never_reached_the_server_does_not() {
+    let _host = host_shared();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let daemon = Daemon::start(&config(dir.path(), &format!("http://{addr}"), ""));
+    wait_until("windows spooled while nothing listens", Duration::from_secs(20), || {
+        daemon.metric("spool_profiles") >= 2.0
+    });
+    // The first window to arrive is answered after the agent's 2 s timeout: the server
+    // stored it, the agent cannot know. The fake then plays a server that forgot its id.
+    let hung = Mutex::new(None::<String>);
+    let server = FakeServer::start_on(&addr.to_string(), move |request| {
+        let mut hung = hung.lock().unwrap();
+        if request.unanswered_age_ms.is_some() {
+            return 410;
+        }
+        if hung.is_none() {
+            *hung = Some(request.batch_id.clone());
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        200
+    });
+    wait_until("the spool drained", Duration::from_secs(40), || {
+        daemon.metric("spool_profiles") == 0.0 && server.accepted().len() >= 4
+    });
+    let counters = daemon.stop();
+    eprintln!("agent counters: {counters:?}");
+    let requests = server.requests();
+    let first = &requests[0];
+    let later: Vec<&Request> = requests.iter().filter(|r| r.batch_id == first.batch_id).skip(1).collect();
+    assert_eq!(first.unanswered_age_ms, None, "{first:?}");
+    assert!(!later.is_empty(), "the window whose answer was lost was not retried");
+    for retry in &later {
+        let age = retry.unanswered_age_ms.expect("a retry of an unanswered window without its age");
+        assert!(age >= 1_500, "the age of an attempt 2 s (the timeout) ago: {age} ms");
+        assert_eq!(retry.status, 410);
+    }
+    assert!(
+        requests.iter().filter(|r| r.batch_id != first.batch_id).all(|r| r.unanswered_age_ms.is_none()),
+        "windows that never reached the server were sent as retries of unanswered ones"
+    );
+    assert_eq!(counters["profiles_unverifiable"], 1);
+    assert_eq!(counters["profiles_rejected"] + counters["profiles_dropped"] + counters["left_in_spool"], 0);
+    assert_eq!(counters["profiles_shipped"] + 1, counters["profiles_produced"]);
+    assert_each_batch_once(&server.accepted());
 }
 
 #[test]

@@ -38,7 +38,7 @@ use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Aggregate, Appended, Batch, Cancel, Frames, Grid, GroupBy, Labels, Matcher, Overview, Selector,
+    now_ms, Aggregate, Appended, Batch, Cancel, Frames, Grid, GroupBy, Labels, Matcher, Overview, Selector,
     Store,
 };
 
@@ -319,6 +319,13 @@ pub struct ClickHouseStore {
     /// collide across instances.
     instance_nonce: u64,
     batches_without_id: AtomicU64,
+    /// When this instance inserted its last [`DEDUPLICATION_WINDOW`]
+    /// keyed sample blocks, oldest first, and when it started: ClickHouse
+    /// forgets tokens by count, so the oldest of these (or the start, before
+    /// there are that many) is how far back a retry can be recognised.
+    /// Other instances' inserts on the same table shorten it further; run
+    /// one writer per database, or accept that a replay may count twice.
+    keyed_inserts: Mutex<(std::collections::VecDeque<i64>, i64)>,
 }
 
 impl Drop for ClickHouseStore {
@@ -413,6 +420,7 @@ impl ClickHouseStore {
             instance_nonce: std::collections::hash_map::RandomState::new()
                 .hash_one(std::time::SystemTime::now()),
             batches_without_id: AtomicU64::new(0),
+            keyed_inserts: Mutex::new((std::collections::VecDeque::new(), now_ms())),
         };
         store
             .migrate()
@@ -690,6 +698,16 @@ impl Store for ClickHouseStore {
     /// Always [`Appended::Stored`]: ClickHouse drops a retry of a stored
     /// batch id silently, so it cannot be told from a first delivery.
     fn append(&self, batch: Batch) -> anyhow::Result<Appended> {
+        if let (Some(_), Some(since)) = (&batch.id, batch.maybe_stored_since_ms) {
+            let (inserts, started) = &*self.keyed_inserts.lock().unwrap_or_else(|e| e.into_inner());
+            let horizon = match inserts.len() < DEDUPLICATION_WINDOW as usize {
+                true => *started,
+                false => inserts.front().copied().unwrap_or(*started),
+            };
+            if since <= horizon {
+                return Err(super::embedded::unverifiable(since, horizon).into());
+            }
+        }
         let svc = xxhash_rust::xxh3::xxh3_64(batch.service.as_bytes());
         let new_stacks: Vec<(u64, Frames)> = {
             let w = self
@@ -726,6 +744,7 @@ impl Store for ClickHouseStore {
         }
         let (c, db) = (self.insert_client.clone(), self.db.clone());
         let token = self.deduplication_token(batch.id.as_deref());
+        let keyed = batch.id.is_some() && !batch.rows.is_empty();
         let (stack_ids, series_ids): (Vec<u64>, Vec<u64>) = (
             new_stacks.iter().map(|(id, _)| *id).collect(),
             new_series.iter().map(|(id, _)| *id).collect(),
@@ -783,6 +802,13 @@ impl Store for ClickHouseStore {
             }
             Ok(())
         })?;
+        if keyed {
+            let (inserts, _) = &mut *self.keyed_inserts.lock().unwrap_or_else(|e| e.into_inner());
+            if inserts.len() == DEDUPLICATION_WINDOW as usize {
+                inserts.pop_front();
+            }
+            inserts.push_back(now_ms());
+        }
         {
             let mut w = self
                 .written_stacks

@@ -33,7 +33,7 @@ use super::segment::{self, Scan, SegmentMeta, Summary};
 use super::results::Results;
 use super::totals;
 use super::{
-    wal, Aggregate, Appended, Batch, Cancel, Frames, Grid, GroupBy, Labels, Overview, Refused,
+    now_ms, wal, Aggregate, Appended, Batch, Cancel, Frames, Grid, GroupBy, Labels, Overview, Refused,
     Row, Selector, Store, StoreStats,
 };
 
@@ -1192,11 +1192,15 @@ fn apply_new(mem: &mut Mem, dict: &mut Dict, recent: &mut RecentBatches, b: Batc
     true
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+/// The refusal of a retry from before what the store remembers.
+pub(super) fn unverifiable(since_ms: i64, horizon_ms: i64) -> Refused {
+    Refused::Unverifiable(format!(
+        "this batch may have been stored {}s before the oldest batch id this server remembers: \
+         it cannot tell a retry from a first delivery, so it does not store it again",
+        horizon_ms.saturating_sub(since_ms) / 1000
+    ))
 }
+
 
 fn encode_frames(frames: &[Arc<str>]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -1251,6 +1255,12 @@ impl EmbeddedStore {
                 }
                 if w.in_flight.contains(&key) {
                     return Err(Refused::Busy("a batch with this id is being stored right now".into()).into());
+                }
+                if let Some(since) = batch.maybe_stored_since_ms {
+                    let horizon = w.recent.horizon_ms(now_ms());
+                    if since <= horizon {
+                        return Err(unverifiable(since, horizon).into());
+                    }
                 }
             }
             if let Some(why) = self.busy(&mut w) {
@@ -1555,6 +1565,7 @@ mod tests {
         let (st, se) = (stack_id(&frames), series_id(&labels));
         Batch {
             id: None,
+            maybe_stored_since_ms: None,
             service: "svc".into(),
             kind: "on-cpu".into(),
             stacks: vec![(st, frames)],

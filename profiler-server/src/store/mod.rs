@@ -48,11 +48,24 @@ pub struct Batch {
     /// Idempotency key of the request (the agent's `batch_id`): a batch whose
     /// id was already stored is acknowledged again but not counted twice.
     pub id: Option<String>,
+    /// When an earlier delivery of this batch may have been stored (server
+    /// time, ms): a client's attempt that got no answer. A store that no
+    /// longer remembers ids from then cannot tell this delivery from a
+    /// retry, and refuses it ([`Refused::Unverifiable`]) rather than count
+    /// it twice. Not persisted: it matters only at append.
+    pub maybe_stored_since_ms: Option<i64>,
     pub service: String,
     pub kind: String,
     pub stacks: Vec<(u64, Frames)>,
     pub series: Vec<(u64, Labels)>,
     pub rows: Vec<Row>,
+}
+
+/// Wall-clock time, unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Content hash of a root-first stack, the one our agent's ingest format
@@ -79,6 +92,10 @@ pub enum Refused {
     /// The batch can never be stored (larger than a WAL record may be).
     #[error("{0}")]
     TooLarge(String),
+    /// A retry of a batch that may have been stored before the oldest id the
+    /// store still remembers: storing it could count it twice.
+    #[error("{0}")]
+    Unverifiable(String),
 }
 
 /// What `append` did with a batch.

@@ -3,7 +3,10 @@
 //!
 //! Retries come within seconds or minutes of the original (the agent retries,
 //! then spools and replays), so ids are kept for a window and a bounded
-//! count, oldest first out; a retry older than that is counted again.
+//! count, oldest first out. Beyond that a retry cannot be told from a first
+//! delivery: [`RecentBatches::horizon_ms`] says from when on the answer is
+//! sure, and a client says when its batch may first have been stored, so a
+//! retry from before the horizon is refused rather than counted twice.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -20,6 +23,9 @@ pub struct RecentBatches {
     max_ids: usize,
     seen: HashMap<BatchKey, i64>,
     order: VecDeque<(i64, BatchKey)>,
+    /// When the newest id forgotten for the count was stored: ids from then
+    /// on are all remembered, within the window.
+    forgotten_for_count_ms: i64,
 }
 
 impl RecentBatches {
@@ -29,6 +35,7 @@ impl RecentBatches {
             max_ids: max_ids.max(1),
             seen: HashMap::new(),
             order: VecDeque::new(),
+            forgotten_for_count_ms: i64::MIN,
         }
     }
 
@@ -51,6 +58,9 @@ impl RecentBatches {
                 break;
             }
             self.order.pop_front();
+            if self.order.len() >= self.max_ids {
+                self.forgotten_for_count_ms = self.forgotten_for_count_ms.max(at);
+            }
             if self.seen.get(&key) == Some(&at) {
                 self.seen.remove(&key);
             }
@@ -63,6 +73,12 @@ impl RecentBatches {
 
     pub fn window_ms(&self) -> i64 {
         self.window_ms
+    }
+
+    /// Every batch stored after this time (ms) is remembered: a batch that
+    /// is not, and may have been stored only then or before, is unknowable.
+    pub fn horizon_ms(&self, now_ms: i64) -> i64 {
+        now_ms.saturating_sub(self.window_ms).max(self.forgotten_for_count_ms)
     }
 }
 
@@ -83,5 +99,9 @@ mod tests {
         assert!(!r.contains(key("b")), "over the count, the oldest goes");
         assert_eq!(r.len(), 3);
         assert!(r.contains(key("e")));
+        // b (at 500) went for the count: batches stored then are unknowable,
+        // and the window alone would say 400.
+        assert_eq!(r.horizon_ms(1_400), 500);
+        assert_eq!(RecentBatches::new(1_000, 3).horizon_ms(5_000), 4_000);
     }
 }

@@ -235,6 +235,7 @@ pub fn decode(payload: &[u8]) -> Option<Batch> {
     }
     c.0.is_empty().then_some(Batch {
         id,
+        maybe_stored_since_ms: None,
         service,
         kind,
         stacks,
@@ -281,6 +282,7 @@ mod tests {
     fn batch() -> Batch {
         Batch {
             id: Some("agent-1".into()),
+            maybe_stored_since_ms: None,
             service: "svc".into(),
             kind: "on-cpu".into(),
             stacks: vec![(7, ["a", "b"].map(Arc::from).into())],

@@ -13,7 +13,7 @@ use common::{client, folded_total, now_ms, Proc};
 use profiler_server::config::Config;
 use profiler_server::store::{
     series_id, stack_id, Appended, Batch, ClickHouseOptions, ClickHouseStore, Frames, GroupBy,
-    Labels, Row, Selector, Store,
+    Labels, Refused, Row, Selector, Store,
 };
 use serde_json::{json, Value};
 
@@ -387,6 +387,7 @@ fn one_row_batch(id: Option<&str>, ts_ms: i64, value: i64) -> Batch {
     };
     Batch {
         id: id.map(str::to_owned),
+        maybe_stored_since_ms: None,
         service: "svc".into(),
         kind: "on-cpu".into(),
         stacks: vec![(row.stack_id, frames)],
@@ -452,4 +453,15 @@ fn retried_batches_are_counted_once(async_insert: bool) {
         sql(bridge, &format!("SELECT sum(value) FROM {db}.samples_1m")).trim(),
         "20"
     );
+    // A retry whose attempt went unanswered before this instance started may be
+    // among tokens it cannot vouch for: refused, not counted twice.
+    let mut before = one_row_batch(Some("agent-1:9"), t0, 5);
+    before.maybe_stored_since_ms = Some(now_ms() - 3_600_000);
+    let refused = other.append(before).unwrap_err();
+    assert!(matches!(refused.downcast_ref::<Refused>(), Some(Refused::Unverifiable(_))), "{refused:#}");
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let mut since = one_row_batch(Some("agent-1:9"), t0, 5);
+    since.maybe_stored_since_ms = Some(now_ms());
+    other.append(since).unwrap();
+    assert_eq!(total(&other), 25);
 }

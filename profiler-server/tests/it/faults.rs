@@ -308,3 +308,55 @@ fn a_batch_id_is_counted_once_across_retries_flushes_and_restarts() {
         .contains("\"duplicate\":true"));
     assert_eq!(folded_total(&srv.folded_around(&c, "dedup", t0)), 14);
 }
+
+/// A retry that says an earlier attempt went unanswered (`Profiler-Unanswered-Age-Ms`)
+/// is deduplicated while the server remembers ids from then, and refused with 410 once
+/// it cannot: storing it could count it twice. Ids forgotten for the count move that
+/// horizon as much as age does.
+#[test]
+fn a_retry_from_before_the_remembered_ids_is_refused_not_counted_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("server.toml");
+    std::fs::write(&cfg, "[storage]\ndedup_window_secs = 3600\ndedup_max_ids = 3\n").unwrap();
+    let srv = Proc::spawn(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let c = client();
+    let t0 = now_ms();
+    let retry = |id: &str, age_ms: i64| {
+        let r = c
+            .post(srv.url(&format!(
+                "/api/v1/ingest?service=replay&kind=on-cpu&format=folded&from={t0}&batch_id={id}"
+            )))
+            .header("Profiler-Unanswered-Age-Ms", age_ms.to_string())
+            .body("main;a 1\n")
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    let before_a = now_ms();
+    assert_eq!(post(&c, &srv, "replay", t0, "a", "main;a 1\n").0, 200);
+    // Remembered: a duplicate, however old the client says its attempt was.
+    let (status, body) = retry("a", 7_200_000);
+    assert_eq!((status, body.contains("\"duplicate\":true")), (200, true), "{body}");
+    // Not remembered, and its attempt is within the window: a first delivery.
+    assert_eq!(retry("b", 10_000).0, 200);
+    // Not remembered, and its attempt older than the window: unknowable.
+    let (status, body) = retry("c", 7_200_000);
+    assert_eq!(status, 410, "{body}");
+    assert!(body.contains("cannot tell a retry"), "{body}");
+
+    // Three ids at most: e pushes a out, so a batch whose attempt went unanswered
+    // before a was stored cannot be verified any more, even within the hour.
+    for id in ["d", "e"] {
+        assert_eq!(post(&c, &srv, "replay", t0, id, "main;a 1\n").0, 200);
+    }
+    assert_eq!(retry("f", now_ms() - before_a + 1_000).0, 410);
+    // Its attempt went unanswered after a was forgotten (a few ms ago).
+    std::thread::sleep(Duration::from_millis(20));
+    let (status, body) = retry("g", 0);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(srv.metric("profiler_duplicate_batches_total"), 1);
+    assert_eq!(folded_total(&srv.folded_around(&c, "replay", t0)), 5, "a, b, d, e and g");
+    let (status, _) = retry("h", -5);
+    assert_eq!(status, 400, "a negative age");
+}
