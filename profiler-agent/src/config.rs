@@ -23,6 +23,8 @@ pub struct AgentConfig {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub privileges: PrivilegesConfig,
     /// Labels added to every profile of this host (e.g. `env = "prod"`).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -166,6 +168,26 @@ impl Default for SpoolConfig {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct PrivilegesConfig {
+    /// Who a daemon started as root runs as once its programs are loaded: a user name,
+    /// or `UID:GID`. It keeps only the capabilities sampling needs; `root` keeps uid 0.
+    pub user: String,
+}
+
+impl Default for PrivilegesConfig {
+    fn default() -> Self {
+        Self { user: "nobody".to_string() }
+    }
+}
+
+impl PrivilegesConfig {
+    pub fn user(&self) -> anyhow::Result<crate::privileges::User> {
+        crate::privileges::User::resolve(&self.user).context("privileges.user")
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Where /metrics is served; empty to disable.
     pub listen: String,
@@ -277,6 +299,7 @@ impl AgentConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         self.rules()?;
         self.metrics_addr()?;
+        self.privileges.user()?;
         validate_url(&self.server.url)?;
         if self.sampling.window < Duration::from_secs(1) {
             bail!("sampling.window must be at least 1s");

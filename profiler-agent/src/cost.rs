@@ -143,7 +143,8 @@ impl RunStats {
 /// The privileged helper process, seen from the agent.
 struct Helper {
     child: Child,
-    input: ChildStdin,
+    /// Always Some but in `drop`, which closes it first.
+    input: Option<ChildStdin>,
     output: ChildStdout,
 }
 
@@ -164,13 +165,14 @@ impl Helper {
             .context("starting the statistics helper")?;
         let input = child.stdin.take().expect("piped");
         let output = child.stdout.take().expect("piped");
-        let mut helper = Self { child, input, output };
+        let mut helper = Self { child, input: Some(input), output };
         helper.set(true)?;
         Ok(helper)
     }
 
     fn set(&mut self, on: bool) -> anyhow::Result<()> {
-        self.input.write_all(if on { b"1" } else { b"0" }).context("writing to the statistics helper")?;
+        let input = self.input.as_mut().expect("open until drop");
+        input.write_all(if on { b"1" } else { b"0" }).context("writing to the statistics helper")?;
         let mut answer = [0u8];
         self.output.read_exact(&mut answer).context("reading the statistics helper's answer")?;
         if answer[0] != b'+' {
@@ -182,7 +184,10 @@ impl Helper {
 
 impl Drop for Helper {
     fn drop(&mut self) {
-        // It would exit once its input closes; the kill spares waiting for that.
+        // It exits once its input closes. The kill spares waiting for that, but fails
+        // once the agent runs as another user than the helper (root): closing comes
+        // first, so the wait ends either way.
+        drop(self.input.take());
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

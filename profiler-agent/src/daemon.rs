@@ -78,7 +78,7 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         spawn_signal_handler(stop.clone())?;
 
         let loaded = Session::load(&config.sampler_options(), config.off_cpu.budget())?;
-        privileges::drop_capabilities()?;
+        privileges::drop_privileges(config.privileges.user()?, &[&config.spool.dir])?;
         let session = loaded.start()?;
         tracing::info!(server = %config.server.url, window = ?config.sampling.window, "agent running");
         let control = RunControl::default();

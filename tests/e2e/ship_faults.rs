@@ -507,7 +507,7 @@ fn thread_statuses(pid: u32) -> Vec<(String, HashMap<String, String>)> {
         .collect()
 }
 
-/// Checks every thread, not only the main one: capabilities belong to threads.
+/// Checks every thread, not only the main one: capabilities and ids belong to threads.
 fn assert_capabilities(pid: u32, bounding_dropped: bool) {
     let runtime: Vec<String> = RUNTIME_CAPABILITIES
         .iter()
@@ -537,6 +537,12 @@ fn assert_capabilities(pid: u32, bounding_dropped: bool) {
             assert_eq!(set("CapBnd"), runtime, "bounding set of thread {thread}");
         }
         assert_eq!(status["NoNewPrivs"], "1", "no_new_privs of thread {thread}");
+        // Real, effective, saved and filesystem ids: nobody, in no other group.
+        for ids in ["Uid", "Gid"] {
+            let ids: Vec<&str> = status[ids].split_whitespace().collect();
+            assert_eq!(ids, ["65534"; 4], "{ids:?} of thread {thread}");
+        }
+        assert_eq!(status["Groups"], "", "supplementary groups of thread {thread}");
     }
 }
 
@@ -677,6 +683,32 @@ fn started_as_a_user_with_the_runtime_capabilities_it_runs_and_keeps_them() {
     wait_until("a window shipped", Duration::from_secs(10), || {
         !server.accepted().is_empty()
     });
+    let counters = daemon.stop();
+    assert_eq!(counters["profiles_shipped"], counters["profiles_produced"]);
+}
+
+/// The systemd unit's `CapabilityBoundingSet=` is all the agent ever holds there: started
+/// as root within it, the agent loads, becomes nobody and profiles. The list is read from
+/// the unit itself, so a capability the agent comes to need fails here first.
+#[test]
+fn within_the_systemd_units_bounding_set_the_agent_loads_and_becomes_nobody() {
+    let _host = host_shared();
+    require_root();
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/profiler-agent.service")).unwrap();
+    let bounding: Vec<String> = unit
+        .lines()
+        .find_map(|line| line.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit sets CapabilityBoundingSet=")
+        .split_whitespace()
+        .map(|cap| format!("+{}", cap.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(|_| 200);
+    let bounding = format!("--bounding-set=-all,{}", bounding.join(","));
+    let daemon = Daemon::start_under(&["setpriv", &bounding, "--"], &config(dir.path(), &server.url, ""));
+    assert_capabilities(daemon.pid(), true);
+    assert_stats_helper(daemon.pid());
+    wait_until("a window shipped", Duration::from_secs(10), || !server.accepted().is_empty());
     let counters = daemon.stop();
     assert_eq!(counters["profiles_shipped"], counters["profiles_produced"]);
 }
