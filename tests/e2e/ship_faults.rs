@@ -712,3 +712,94 @@ fn within_the_systemd_units_bounding_set_the_agent_loads_and_becomes_nobody() {
     let counters = daemon.stop();
     assert_eq!(counters["profiles_shipped"], counters["profiles_produced"]);
 }
+
+/// A library that spins through a long straight run of code, so samples land on ever new
+/// addresses: each one the agent has not unwound or named before sends it back to the
+/// library's `.eh_frame` and symbols, in its own mappings of the file.
+const SPIN_LIBRARY: &str = r#"
+#define STEP x = x * 6364136223846793005UL + 1442695040888963407UL; __asm__ volatile("" : "+r"(x));
+#define STEP16 STEP STEP STEP STEP STEP STEP STEP STEP STEP STEP STEP STEP STEP STEP STEP STEP
+#define STEP256 STEP16 STEP16 STEP16 STEP16 STEP16 STEP16 STEP16 STEP16 STEP16 STEP16 STEP16 STEP16 STEP16 STEP16 STEP16 STEP16
+unsigned long lib_spin(unsigned long x) { STEP256 STEP256 STEP256 STEP256 STEP256 STEP256 STEP256 STEP256 return x; }
+"#;
+
+const SPIN_MAIN: &str = r#"
+unsigned long lib_spin(unsigned long);
+int main(void) { unsigned long x = 1; for (;;) x = lib_spin(x); }
+"#;
+
+/// A child that must not outlive a failed test (it would hold the harness's output open).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Where the library's executable segment ends in the file: its code stays, its
+/// `.eh_frame`, symbols and debug info (all after it) go.
+fn end_of_code(library: &Path) -> u64 {
+    let out = Command::new("readelf").args(["-lW"]).arg(library).output().unwrap();
+    assert!(out.status.success(), "readelf: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let line = text
+        .lines()
+        .find(|line| line.trim_start().starts_with("LOAD") && line.contains(" R E "))
+        .expect("an executable LOAD segment");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap();
+    (hex(fields[1]) + hex(fields[4])).next_multiple_of(4096)
+}
+
+/// A user truncates a library of theirs while the agent (root) has it mapped for
+/// unwinding and symbolization; the process keeps running code in what is left. Reading
+/// the cut pages raises SIGBUS, which used to kill the agent: now they read as zeros,
+/// are counted, and the agent goes on shipping windows.
+#[test]
+fn a_user_truncating_a_library_the_agent_has_mapped_does_not_kill_it() {
+    let _host = host_shared();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    let (library, program) = (theirs.join("libspin.so"), theirs.join("spinner"));
+    std::fs::write(theirs.join("lib.c"), SPIN_LIBRARY).unwrap();
+    std::fs::write(theirs.join("main.c"), SPIN_MAIN).unwrap();
+    let gcc = |args: &[&str]| {
+        let out = Command::new("gcc").args(args).current_dir(&theirs).output().expect("gcc builds the test library");
+        assert!(out.status.success(), "gcc {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    gcc(&["-O1", "-g", "-shared", "-fPIC", "-o", "libspin.so", "lib.c"]);
+    gcc(&["-O1", "-o", "spinner", "main.c", "-L.", "-lspin", &format!("-Wl,-rpath,{}", theirs.display())]);
+    let nobody = 65534;
+    for path in [&theirs, &library, &program] {
+        std::os::unix::fs::chown(path, Some(nobody), Some(nobody)).unwrap();
+    }
+    let as_nobody = |program: &str| {
+        let mut command = Command::new("setpriv");
+        command.args(["--reuid=65534", "--regid=65534", "--clear-groups", program]);
+        command
+    };
+    let mut spinner = KillOnDrop(as_nobody(program.to_str().unwrap()).spawn().unwrap());
+    let server = FakeServer::start(|_| 200);
+    let daemon = Daemon::start(&config(dir.path(), &server.url, ""));
+    let spins = |server: &FakeServer| {
+        server.accepted().iter().flat_map(|r| r.stacks("on-cpu")).filter(|frames| frames.iter().any(|f| f.starts_with("lib_spin"))).count()
+    };
+    wait_until("a window with lib_spin", Duration::from_secs(20), || spins(&server) > 0);
+
+    let cut = end_of_code(&library);
+    let len = std::fs::metadata(&library).unwrap().len();
+    assert!(cut < len, "nothing after the code to cut ({cut} of {len} bytes)");
+    let status = as_nobody("truncate").args(["-s", &cut.to_string()]).arg(&library).status().unwrap();
+    assert!(status.success());
+    wait_until("the agent reading a cut page", Duration::from_secs(20), || daemon.metric("file_pages_truncated_total") > 0.0);
+    let before = server.accepted().len();
+    wait_until("two more windows shipped", Duration::from_secs(20), || server.accepted().len() >= before + 2);
+    assert!(spinner.0.try_wait().unwrap().is_none(), "the spinner died: the test no longer runs code in the library");
+    drop(spinner);
+    let counters = daemon.stop();
+    assert_eq!(counters["profiles_shipped"], counters["profiles_produced"]);
+}
