@@ -257,3 +257,41 @@ fn heavy_switching_loses_no_wait_across_drains() {
     eprintln!("{missed} switch-ins counted as missed by the kernel");
     assert!(missed * 1000 <= all_switches, "{missed} switch-ins missed of {all_switches}");
 }
+
+/// Rate control rewrites the config in place while switch-outs are decided: a record's
+/// weight must be the inverse of the probability it was drawn with, whatever the agent
+/// writes meanwhile. Flipping between p = 1 and p = 1e-9 as fast as map updates go, a
+/// record drawn at 1 and weighted for 1e-9 would count a billion times its wait: no
+/// thread may come out off-CPU for longer than it lived.
+#[test]
+fn rapid_rate_changes_never_weight_a_record_for_another_probability() {
+    let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let off_cpu = OffCpuOptions { thread_quota: 0, ..every_switch(Duration::ZERO) };
+    let mut sampler = start(own_process(off_cpu));
+    let players = ping_pong(40_000, Duration::from_micros(5));
+    let (mut windows, mut flips) = (Vec::new(), 0u64);
+    while !players.iter().all(thread::JoinHandle::is_finished) {
+        for _ in 0..500 {
+            sampler.set_off_cpu_rates(1.0, 0).unwrap();
+            sampler.set_off_cpu_rates(1e-9, 0).unwrap();
+        }
+        flips += 1000;
+        windows.push(sampler.drain().unwrap());
+    }
+    sampler.set_off_cpu_rates(1.0, 0).unwrap();
+    thread::sleep(Duration::from_millis(100));
+    windows.push(sampler.drain().unwrap());
+    let recorded: u64 = windows.iter().map(|w| w.stats.get(Stat::SwitchOutsRecorded)).sum();
+    for player in players {
+        let Player { tid, switches, lifetime, .. } = player.join().unwrap();
+        let (ns, waits) = off_cpu_in(&windows, tid);
+        eprintln!("thread {tid}: {waits} waits recorded of {switches} switches, {:.3} s off-CPU in {:.3} s, {flips} rate changes", ns as f64 / 1e9, lifetime.as_secs_f64());
+        assert!(waits > 1_000, "too few records to test anything: {waits}");
+        assert!(
+            Duration::from_nanos(ns) <= lifetime + Duration::from_millis(200),
+            "thread {tid} off-CPU {:?} in a life of {lifetime:?}: a record was weighted for another probability",
+            Duration::from_nanos(ns)
+        );
+    }
+    assert!(recorded > 2_000 && flips > 10_000, "{recorded} records, {flips} rate changes");
+}
