@@ -30,7 +30,16 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
-use crate::sample::{ProgramCost, PROGRAMS};
+
+/// In-kernel cost of one of the agent's BPF programs since it was loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramCost {
+    pub run_time_ns: u64,
+    pub runs: u64,
+}
+
+/// The agent's BPF programs, by name.
+pub const PROGRAMS: [&str; 4] = ["on_cpu_sample", "sched_switch", "sched_process_fork", "finish_task_switch"];
 
 /// How often the statistics come on.
 pub const CYCLE: Duration = Duration::from_secs(10);

@@ -48,9 +48,9 @@ pub struct Metrics {
     pub spool_bytes: AtomicU64,
     pub symbol_cache_hits: AtomicU64,
     pub symbol_cache_misses: AtomicU64,
-    /// Run time (ns) and runs of each BPF program, in the order of `sample::PROGRAMS`.
-    pub bpf_run_time_ns: [AtomicU64; crate::sample::PROGRAMS.len()],
-    pub bpf_runs: [AtomicU64; crate::sample::PROGRAMS.len()],
+    /// Run time (ns) and runs of each BPF program, in the order of `cost::PROGRAMS`.
+    pub bpf_run_time_ns: [AtomicU64; crate::cost::PROGRAMS.len()],
+    pub bpf_runs: [AtomicU64; crate::cost::PROGRAMS.len()],
 }
 
 impl Metrics {
@@ -101,11 +101,11 @@ impl Metrics {
         metric("resident_memory_bytes", "gauge", "Resident memory of the agent, including mapped binaries.", usage.rss_bytes);
         metric("resident_anonymous_bytes", "gauge", "Resident memory of the agent that is its own heap (RssAnon).", usage.anon_bytes);
         let _ = writeln!(out, "# HELP profiler_agent_bpf_run_time_seconds_total CPU time spent in the agent's BPF programs, in the kernel: from BPF statistics, estimated every 10 s from the share of the time they are on (sampling.bpf_stats_share).\n# TYPE profiler_agent_bpf_run_time_seconds_total counter");
-        for (name, ns) in crate::sample::PROGRAMS.iter().zip(&self.bpf_run_time_ns) {
+        for (name, ns) in crate::cost::PROGRAMS.iter().zip(&self.bpf_run_time_ns) {
             let _ = writeln!(out, "profiler_agent_bpf_run_time_seconds_total{{program=\"{name}\"}} {}", get(ns) / 1e9);
         }
         let _ = writeln!(out, "# HELP profiler_agent_bpf_runs_total Runs of the agent's BPF programs, estimated like the run time.\n# TYPE profiler_agent_bpf_runs_total counter");
-        for (name, runs) in crate::sample::PROGRAMS.iter().zip(&self.bpf_runs) {
+        for (name, runs) in crate::cost::PROGRAMS.iter().zip(&self.bpf_runs) {
             let _ = writeln!(out, "profiler_agent_bpf_runs_total{{program=\"{name}\"}} {}", get(runs));
         }
         out

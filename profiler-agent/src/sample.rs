@@ -36,7 +36,7 @@ use profiler_common::{
 };
 
 use crate::{
-    cost::RunStats,
+    cost::{ProgramCost, RunStats, PROGRAMS},
     process::ProcessTable,
     unwind::{Outcome, UnwindCounts, Unwinder},
 };
@@ -246,16 +246,6 @@ pub struct Sampler {
     run_stats: Option<RunStats>,
     pub period_ns: u64,
 }
-
-/// In-kernel cost of one of the agent's BPF programs since it was loaded.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ProgramCost {
-    pub run_time_ns: u64,
-    pub runs: u64,
-}
-
-/// The agent's BPF programs, by name.
-pub const PROGRAMS: [&str; 4] = ["on_cpu_sample", "sched_switch", "sched_process_fork", "finish_task_switch"];
 
 impl Sampler {
     /// Loads and attaches the programs and starts reading their records. Fails with a

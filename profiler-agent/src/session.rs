@@ -16,8 +16,9 @@ use anyhow::Context as _;
 use profiler_common::{Stat, BURST_SLOT_NS};
 
 use crate::{
+    cost::ProgramCost,
     process::ProcessTable,
-    sample::{OffCpuOptions, ProgramCost, Sampler, SamplerOptions, StatCounts},
+    sample::{OffCpuOptions, Sampler, SamplerOptions, StatCounts},
     symbolize::{SymbolizedSample, Symbolizer},
     unwind::UnwindCounts,
 };
@@ -111,8 +112,8 @@ pub struct Session {
     switches_traced: u64,
 }
 
-/// `--stats` counters of each program in [`crate::sample::PROGRAMS`]: run time, runs.
-const PROGRAM_COUNTERS: [(&str, &str); crate::sample::PROGRAMS.len()] = [
+/// `--stats` counters of each program in [`crate::cost::PROGRAMS`]: run time, runs.
+const PROGRAM_COUNTERS: [(&str, &str); crate::cost::PROGRAMS.len()] = [
     ("bpf_on_cpu_sample_run_time_ns", "bpf_on_cpu_sample_runs"),
     ("bpf_sched_switch_run_time_ns", "bpf_sched_switch_runs"),
     ("bpf_sched_process_fork_run_time_ns", "bpf_sched_process_fork_runs"),
@@ -233,7 +234,7 @@ impl Session {
     }
 
     /// In-kernel cost of each loaded BPF program since start, by index in
-    /// [`crate::sample::PROGRAMS`] (empty without BPF statistics).
+    /// [`crate::cost::PROGRAMS`] (empty without BPF statistics).
     pub fn program_costs(&self) -> Vec<(usize, ProgramCost)> {
         self.sampler.program_costs()
     }

@@ -551,6 +551,11 @@ pub fn pyroscope_name(name: &str) -> Result<(String, String, Labels), Rejected> 
     Ok((service.to_owned(), kind.to_owned(), labels))
 }
 
+/// The start of the window `ts_ms` falls in.
+pub fn align(ts_ms: i64, window: i64) -> i64 {
+    ts_ms.div_euclid(window) * window
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,23 +6,26 @@
 //! The binary is a thin wrapper around [`run`]; tests and benchmarks use
 //! [`start`] to get a server on an ephemeral port.
 
-pub mod alert_api;
-pub mod api;
-pub mod auth;
+//!
+//! Modules import downwards only (checked by `cargo xtask layers`):
+//! `lib → router → native | compat → http → ingest, events, schedule → query → store`.
+//! `router` assembles the routes of `native` (our `/api/v1`), `compat` (other
+//! vendors' protocols) and `ui`; `http` is the edge they share; below it nothing uses
+//! axum.
+
 pub mod budget;
+pub mod compat;
 pub mod config;
-pub mod connect;
 pub mod events;
-pub mod grafana;
+pub mod http;
 pub mod ingest;
 pub mod json_file;
 pub mod metrics;
-pub mod otlp;
-pub mod push;
+pub mod native;
 pub mod query;
 pub mod render;
+pub mod router;
 pub mod schedule;
-pub mod schedule_api;
 pub mod store;
 pub mod ui;
 
@@ -151,7 +154,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             alerts: cfg.alerts.clone(),
         },
     )?);
-    let state = api::AppState {
+    let state = http::AppState {
         store: store.clone(),
         names: Arc::default(),
         events: events.clone(),
@@ -170,7 +173,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         Duration::from_secs(state.config.deploys.check_secs),
         stopped.clone(),
     ));
-    let app = api::router(state.clone());
+    let app = router::router(state.clone());
     let mut stopped_http = stopped;
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -195,7 +198,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
 const FLUSH_RETRY: Duration = Duration::from_secs(2);
 
 /// Periodic flushes (by age or size) and retention/downsampling passes.
-async fn background(s: api::AppState, mut stopped: watch::Receiver<bool>) {
+async fn background(s: http::AppState, mut stopped: watch::Receiver<bool>) {
     let st = &s.config.storage;
     let flush_every = Duration::from_secs(st.flush_interval_secs);
     let maintain_every = Duration::from_secs(st.maintenance_interval_secs.max(1));

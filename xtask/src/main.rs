@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod kernels;
+mod layers;
 mod setup;
 mod test;
 
@@ -56,6 +57,9 @@ enum Task {
         #[arg(long)]
         agent: Option<std::path::PathBuf>,
     },
+    /// Check that the top-level modules of each library crate import each other one way
+    /// only (no import cycle); `test` runs it first.
+    Layers,
     /// Benchmarks that print figures.
     Bench {
         #[command(subcommand)]
@@ -73,6 +77,7 @@ fn main() -> anyhow::Result<()> {
             kernels::ensure_passed(&kernels::run(&options)?)
         }
         Task::Bench { bench } => bench::run(bench),
+        Task::Layers => layers::run(&root()),
     }
 }
 

@@ -48,6 +48,11 @@ struct Step {
 pub fn run_tests(options: Options) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut steps = Vec::new();
+    let layers = crate::layers::run(&root());
+    if let Err(err) = &layers {
+        eprintln!("{err:#}");
+    }
+    steps.push(Step { name: "module layers".into(), took: started.elapsed(), passed: layers.is_ok() });
 
     let build = Instant::now();
     let Built { tests, server } = build_all()?;

@@ -54,12 +54,12 @@ use profiler_pprof::pyroscope::types::v1::{
 };
 use prost::Message;
 
-use crate::api::{self, ApiError, AppState};
-use crate::auth;
-use crate::connect::{Code, Codec, ConnectError};
+use crate::http::{self, ApiError, AppState};
+use crate::http::auth;
+use crate::compat::connect::{Code, Codec, ConnectError};
 use crate::query::Tree;
 use crate::store::{self, Aggregate, Cancel, Cancelled, GroupBy, Labels, Matcher, Store};
-use crate::connect::json::{self, FromJson, ToJson};
+use crate::compat::connect::json::{self, FromJson, ToJson};
 use selector::{LabelMatcher, Selector};
 
 pub fn routes(state: AppState) -> Router<AppState> {
@@ -210,7 +210,7 @@ async fn query<T: Send + 'static>(
 ) -> Result<T, ConnectError> {
     let cancel = Cancel::default();
     let (state, scan_cancel) = (s.clone(), cancel.clone());
-    api::run_query(s.clone(), cancel, move || Ok(work(&state, &scan_cancel))).await?
+    http::run_query(s.clone(), cancel, move || Ok(work(&state, &scan_cancel))).await?
 }
 
 /// A request's `[start, end)` in unix milliseconds: `end` zero is now,
@@ -218,7 +218,7 @@ async fn query<T: Send + 'static>(
 /// refused.
 fn range(s: &AppState, start: i64, end: i64) -> Result<(i64, i64), ConnectError> {
     client_times(start, end)?;
-    let until = if end == 0 { api::now_ms() } else { end };
+    let until = if end == 0 { crate::store::now_ms() } else { end };
     let from = if start == 0 {
         until - DEFAULT_RANGE_MS
     } else {
@@ -239,7 +239,7 @@ fn range(s: &AppState, start: i64, end: i64) -> Result<(i64, i64), ConnectError>
 /// Refuses a `start` or `end` outside the times a client may name, before any
 /// arithmetic on them.
 fn client_times(start: i64, end: i64) -> Result<(), ConnectError> {
-    if api::client_time_ms(start).is_none() || api::client_time_ms(end).is_none() {
+    if http::client_time_ms(start).is_none() || http::client_time_ms(end).is_none() {
         return Err(ConnectError::invalid(
             "`start` and `end` must be unix milliseconds from 1970 to 9999 (0: the default)",
         ));
@@ -339,12 +339,12 @@ async fn profile_types(
 ) -> Result<ProfileTypesResponse, ConnectError> {
     client_times(r.start, r.end)?;
     let (from, until) = if r.start == 0 && r.end == 0 {
-        let now = api::now_ms();
+        let now = crate::store::now_ms();
         (now - RECENT_MS, now)
     } else {
         // The latest part of a range longer than a query may cover: the
         // editor still needs its list.
-        let until = if r.end == 0 { api::now_ms() } else { r.end };
+        let until = if r.end == 0 { crate::store::now_ms() } else { r.end };
         let max = (s.config.limits.max_query_range_hours as i64).saturating_mul(3_600_000);
         (r.start.max(until - max), until)
     };

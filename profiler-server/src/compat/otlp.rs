@@ -26,10 +26,21 @@ use tonic::server::UnaryService;
 use profiler_pprof::otlp::{self, ExportProfilesServiceRequest, ExportProfilesServiceResponse};
 use prost::Message;
 
-use crate::api::{self, ApiError, AppState};
+use crate::http::{self as edge, ApiError, AppState};
 use crate::budget::Grant;
 use crate::ingest::{self, BatchBuilder, Target};
 use crate::store::Labels;
+
+/// OTLP over HTTP at [`HTTP_ROUTE`] and gRPC at [`GRPC_ROUTE`]; other versions of
+/// the HTTP route get a 404 that names the one served.
+pub fn routes(state: AppState) -> axum::Router<AppState> {
+    let routes = axum::Router::new()
+        .route(HTTP_ROUTE, axum::routing::post(http_export))
+        .route_service(GRPC_ROUTE, grpc(state.clone()))
+        .route("/v1experimental/profiles", axum::routing::post(other_version))
+        .route("/v1/profiles", axum::routing::post(other_version));
+    edge::ingest_layers(routes, &state)
+}
 
 pub const HTTP_ROUTE: &str = "/v1development/profiles";
 
@@ -81,18 +92,18 @@ async fn http(s: AppState, req: Request) -> Result<(), ApiError> {
             format!("content type {ct:?}: OTLP profiles are taken as application/x-protobuf"),
         ));
     }
-    let mut grant = api::admit(&s, req.headers()).await?;
-    let body = api::body_bytes(Bytes::from_request(req, &s).await)?;
+    let mut grant = edge::admit(&s, req.headers()).await?;
+    let body = edge::body_bytes(Bytes::from_request(req, &s).await)?;
     grant.shrink_to(body.len());
-    api::blocking(move || {
+    edge::blocking(move || {
         let limits = crate::config::Limits {
             max_decompressed_bytes: s.config.limits.max_decompressed_bytes.min(max_request_bytes(&s)),
             ..s.config.limits.clone()
         };
-        let raw = api::decompress(&mut grant, &body, &limits)?;
+        let raw = edge::decompress(&mut grant, &body, &limits)?;
         grant
             .grow_to_blocking(body.len() + raw.len() * DECODED_PER_WIRE_BYTE)
-            .map_err(api::over_budget)?;
+            .map_err(edge::over_budget)?;
         decode_and_ingest(&s, &raw)
     })
     .await
@@ -148,17 +159,17 @@ fn ingest_request(
         let ts_ms = if profile.time_nanos > 0 {
             profile.time_nanos / 1_000_000
         } else {
-            api::now_ms()
+            crate::store::now_ms()
         };
         let target = Target {
             service: service.unwrap_or_else(|| "unknown_service".into()),
             kind,
-            ts_ms: api::align(ts_ms, s.config.storage.window_ms),
+            ts_ms: crate::ingest::align(ts_ms, s.config.storage.window_ms),
             labels,
         };
         let mut b = BatchBuilder::new(limits, target)?;
         ingest::pprof(&profile, idx, &mut b)?;
-        api::store_batch(s, b, wire_len, rp.profile_id.into()).map(drop)
+        edge::store_batch(s, b, wire_len, rp.profile_id.into()).map(drop)
     })
 }
 
@@ -231,8 +242,8 @@ impl UnaryService<Bytes> for Export {
                 )));
             }
             let grant: Result<Grant, _> = s.budget.reserve(wire.len() * DECODED_PER_WIRE_BYTE).await;
-            let _grant = grant.map_err(|e| tonic::Status::resource_exhausted(api::over_budget(e).message().to_owned()))?;
-            api::blocking(move || decode_and_ingest(&s, &wire))
+            let _grant = grant.map_err(|e| tonic::Status::resource_exhausted(edge::over_budget(e).message().to_owned()))?;
+            edge::blocking(move || decode_and_ingest(&s, &wire))
             .await
             .map_err(|e| {
                 let message = e.message().to_owned();

@@ -17,10 +17,8 @@ use axum::{
     routing::{get, put},
 };
 use crate::{
-    api::AppState,
-    auth,
+    http::{auth, error::reply, params::json_body, AppState},
     events::AlertRule,
-    schedule_api::{error, known_services, parse},
 };
 
 pub fn routes(state: AppState) -> Router<AppState> {
@@ -35,7 +33,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
 
 fn internal(err: anyhow::Error) -> Response {
     tracing::error!(error = %format!("{err:#}"), "saving alert rules failed");
-    error(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see server log")
+    reply(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see server log")
 }
 
 async fn list_rules(State(state): State<AppState>) -> Response {
@@ -45,7 +43,7 @@ async fn list_rules(State(state): State<AppState>) -> Response {
 /// The body names the rule or leaves the name to the path; a different name
 /// is refused rather than guessed at.
 fn rule_from(name: &str, body: &[u8]) -> Result<AlertRule, String> {
-    let mut value: serde_json::Value = parse(body)?;
+    let mut value: serde_json::Value = json_body(body)?;
     let object = value.as_object_mut().ok_or("the body must be a JSON object")?;
     match object.get("name") {
         None => {
@@ -60,17 +58,17 @@ fn rule_from(name: &str, body: &[u8]) -> Result<AlertRule, String> {
 async fn put_rule(State(state): State<AppState>, Path(name): Path<String>, body: axum::body::Bytes) -> Response {
     let rule = match rule_from(&name, &body) {
         Ok(rule) => rule,
-        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
+        Err(reason) => return reply(StatusCode::BAD_REQUEST, reason),
     };
-    if let Err(reason) = state.events.validate(&rule, &known_services(&state).await) {
-        return error(StatusCode::BAD_REQUEST, reason);
+    if let Err(reason) = state.events.validate(&rule, &state.known_services().await) {
+        return reply(StatusCode::BAD_REQUEST, reason);
     }
     let events = state.events.clone();
     let saved = rule.clone();
     match tokio::task::spawn_blocking(move || events.put_rule(saved)).await {
         Ok(Ok(Ok(true))) => (StatusCode::CREATED, Json(rule)).into_response(),
         Ok(Ok(Ok(false))) => Json(rule).into_response(),
-        Ok(Ok(Err(reason))) => error(StatusCode::CONFLICT, reason),
+        Ok(Ok(Err(reason))) => reply(StatusCode::CONFLICT, reason),
         Ok(Err(err)) => internal(err),
         Err(err) => internal(err.into()),
     }
@@ -81,8 +79,8 @@ async fn delete_rule(State(state): State<AppState>, Path(name): Path<String>) ->
     let name_for_store = name.clone();
     match tokio::task::spawn_blocking(move || events.delete_rule(&name_for_store)).await {
         Ok(Ok(Ok(true))) => StatusCode::NO_CONTENT.into_response(),
-        Ok(Ok(Ok(false))) => error(StatusCode::NOT_FOUND, format!("no alert rule {name:?}")),
-        Ok(Ok(Err(reason))) => error(StatusCode::CONFLICT, reason),
+        Ok(Ok(Ok(false))) => reply(StatusCode::NOT_FOUND, format!("no alert rule {name:?}")),
+        Ok(Ok(Err(reason))) => reply(StatusCode::CONFLICT, reason),
         Ok(Err(err)) => internal(err),
         Err(err) => internal(err.into()),
     }

@@ -21,8 +21,7 @@ use axum::{
 use serde_json::json;
 
 use crate::{
-    api::AppState,
-    auth,
+    http::{auth, error::reply, params::json_body, AppState},
     schedule::{AdHocSpec, AgentInfo, RunState, ScheduleSpec},
 };
 
@@ -45,24 +44,9 @@ pub fn routes(state: AppState) -> Router<AppState> {
     admin.merge(agents).merge(reads)
 }
 
-/// A JSON error reply, as every admin route (schedules, runs, alert rules) gives.
-pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
-}
-
 fn internal(err: anyhow::Error) -> Response {
     tracing::error!(error = %format!("{err:#}"), "schedule store failed");
-    error(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see server log")
-}
-
-/// JSON bodies; anything malformed or unknown gets a 400 with serde's reason.
-pub(crate) fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
-    serde_json::from_slice(body).map_err(|err| format!("invalid request body: {err}"))
-}
-
-pub(crate) async fn known_services(state: &AppState) -> Vec<String> {
-    let store = state.store.clone();
-    tokio::task::spawn_blocking(move || store.services()).await.unwrap_or_default()
+    reply(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see server log")
 }
 
 async fn list_schedules(State(state): State<AppState>) -> Response {
@@ -70,12 +54,12 @@ async fn list_schedules(State(state): State<AppState>) -> Response {
 }
 
 async fn create_schedule(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
-    let spec: ScheduleSpec = match parse(&body) {
+    let spec: ScheduleSpec = match json_body(&body) {
         Ok(spec) => spec,
-        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
+        Err(reason) => return reply(StatusCode::BAD_REQUEST, reason),
     };
-    if let Err(reason) = state.schedules.validate(&spec, &known_services(&state).await) {
-        return error(StatusCode::BAD_REQUEST, reason);
+    if let Err(reason) = state.schedules.validate(&spec, &state.known_services().await) {
+        return reply(StatusCode::BAD_REQUEST, reason);
     }
     match state.schedules.create(spec) {
         Ok(schedule) => (StatusCode::CREATED, Json(schedule)).into_response(),
@@ -84,16 +68,16 @@ async fn create_schedule(State(state): State<AppState>, body: axum::body::Bytes)
 }
 
 async fn replace_schedule(State(state): State<AppState>, Path(id): Path<u64>, body: axum::body::Bytes) -> Response {
-    let spec: ScheduleSpec = match parse(&body) {
+    let spec: ScheduleSpec = match json_body(&body) {
         Ok(spec) => spec,
-        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
+        Err(reason) => return reply(StatusCode::BAD_REQUEST, reason),
     };
-    if let Err(reason) = state.schedules.validate(&spec, &known_services(&state).await) {
-        return error(StatusCode::BAD_REQUEST, reason);
+    if let Err(reason) = state.schedules.validate(&spec, &state.known_services().await) {
+        return reply(StatusCode::BAD_REQUEST, reason);
     }
     match state.schedules.replace(id, spec) {
         Ok(Some(schedule)) => Json(schedule).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("no schedule {id}")),
+        Ok(None) => reply(StatusCode::NOT_FOUND, format!("no schedule {id}")),
         Err(err) => internal(err),
     }
 }
@@ -101,18 +85,18 @@ async fn replace_schedule(State(state): State<AppState>, Path(id): Path<u64>, bo
 async fn delete_schedule(State(state): State<AppState>, Path(id): Path<u64>) -> Response {
     match state.schedules.delete(id) {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
-        Ok(false) => error(StatusCode::NOT_FOUND, format!("no schedule {id}")),
+        Ok(false) => reply(StatusCode::NOT_FOUND, format!("no schedule {id}")),
         Err(err) => internal(err),
     }
 }
 
 async fn profile_now(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
-    let spec: AdHocSpec = match parse(&body) {
+    let spec: AdHocSpec = match json_body(&body) {
         Ok(spec) => spec,
-        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
+        Err(reason) => return reply(StatusCode::BAD_REQUEST, reason),
     };
-    match state.schedules.profile_now(spec, &known_services(&state).await) {
-        Err(reason) => error(StatusCode::BAD_REQUEST, reason),
+    match state.schedules.profile_now(spec, &state.known_services().await) {
+        Err(reason) => reply(StatusCode::BAD_REQUEST, reason),
         Ok(Ok(run)) => (StatusCode::CREATED, Json(run)).into_response(),
         Ok(Err(err)) => internal(err),
     }
@@ -125,15 +109,15 @@ async fn list_runs(State(state): State<AppState>) -> Response {
 async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     match state.schedules.run(&id) {
         Some(run) => Json(run).into_response(),
-        None => error(StatusCode::NOT_FOUND, format!("no run {id:?}")),
+        None => reply(StatusCode::NOT_FOUND, format!("no run {id:?}")),
     }
 }
 
 /// The run's profile is the selected service's data in the run's window.
 async fn run_flamegraph(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    let Some(run) = state.schedules.run(&id) else { return error(StatusCode::NOT_FOUND, format!("no run {id:?}")) };
+    let Some(run) = state.schedules.run(&id) else { return reply(StatusCode::NOT_FOUND, format!("no run {id:?}")) };
     let Some(service) = &run.selector.service else {
-        return error(StatusCode::BAD_REQUEST, format!("run {id:?} selects no service; query /api/v1/flamegraph per service"));
+        return reply(StatusCode::BAD_REQUEST, format!("run {id:?} selects no service; query /api/v1/flamegraph per service"));
     };
     let mut query = form_urlencoded::Serializer::new(String::new());
     query.append_pair("service", service).append_pair("from", &run.start_ms.to_string()).append_pair("until", &run.end_ms.to_string());
@@ -154,7 +138,7 @@ fn query_pairs(raw: Option<String>) -> Vec<(String, String)> {
 async fn agent_runs(State(state): State<AppState>, RawQuery(raw): RawQuery) -> Response {
     let pairs = query_pairs(raw);
     let Some(host) = pairs.iter().find(|(k, _)| k == "host").map(|(_, v)| v.clone()) else {
-        return error(StatusCode::BAD_REQUEST, "missing host parameter");
+        return reply(StatusCode::BAD_REQUEST, "missing host parameter");
     };
     let services = pairs.iter().filter(|(k, _)| k == "service").map(|(_, v)| v.clone()).collect();
     let labels: BTreeMap<String, String> = pairs
@@ -169,16 +153,16 @@ async fn agent_runs(State(state): State<AppState>, RawQuery(raw): RawQuery) -> R
 async fn agent_report(State(state): State<AppState>, Path(id): Path<String>, RawQuery(raw): RawQuery) -> Response {
     let pairs = query_pairs(raw);
     let get = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-    let Some(host) = get("host") else { return error(StatusCode::BAD_REQUEST, "missing host parameter") };
+    let Some(host) = get("host") else { return reply(StatusCode::BAD_REQUEST, "missing host parameter") };
     let run_state = match get("state").as_deref() {
         Some("running") => RunState::Running,
         Some("done") => RunState::Done,
         Some("failed") => RunState::Failed,
-        other => return error(StatusCode::BAD_REQUEST, format!("state must be running, done or failed, got {other:?}")),
+        other => return reply(StatusCode::BAD_REQUEST, format!("state must be running, done or failed, got {other:?}")),
     };
     match state.schedules.report(&id, &host, run_state, get("message").unwrap_or_default()) {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
-        Ok(false) => error(StatusCode::NOT_FOUND, format!("no run {id:?}")),
+        Ok(false) => reply(StatusCode::NOT_FOUND, format!("no run {id:?}")),
         Err(err) => internal(err),
     }
 }

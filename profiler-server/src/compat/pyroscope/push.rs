@@ -17,9 +17,9 @@ use axum::response::{IntoResponse, Response};
 use profiler_pprof::pyroscope::push::v1::{PushRequest, PushResponse, RawProfileSeries};
 use prost::Message;
 
-use crate::api::{self, ApiError, AppState};
+use crate::http::{self, ApiError, AppState};
 use crate::budget::Grant;
-use crate::connect::{json, Codec, ConnectError};
+use crate::compat::connect::{json, Codec, ConnectError};
 use crate::ingest::{self, BatchBuilder, Target};
 use crate::store::Labels;
 
@@ -44,7 +44,7 @@ pub async fn push(State(s): State<AppState>, req: Request) -> Response {
 }
 
 async fn handle(s: AppState, req: Request, codec: Codec) -> Result<(), ApiError> {
-    let mut grant = api::admit(&s, req.headers()).await?;
+    let mut grant = http::admit(&s, req.headers()).await?;
     let encoding = req
         .headers()
         .get(header::CONTENT_ENCODING)
@@ -59,11 +59,11 @@ async fn handle(s: AppState, req: Request, codec: Codec) -> Result<(), ApiError>
             format!("content encoding {encoding:?}: gzip or identity"),
         ));
     }
-    let body = api::body_bytes(Bytes::from_request(req, &s).await)?;
+    let body = http::body_bytes(Bytes::from_request(req, &s).await)?;
     grant.shrink_to(body.len());
-    api::blocking(move || {
+    http::blocking(move || {
         let limits = &s.config.limits;
-        let raw = api::decompress(&mut grant, &body, limits)?;
+        let raw = http::decompress(&mut grant, &body, limits)?;
         // What decoding allocates, found before it does.
         let decoded = match codec {
             Codec::Proto => profiler_pprof::push_request_cost(&raw)?,
@@ -71,7 +71,7 @@ async fn handle(s: AppState, req: Request, codec: Codec) -> Result<(), ApiError>
         };
         grant
             .grow_to_blocking(body.len() + raw.len() + decoded)
-            .map_err(api::over_budget)?;
+            .map_err(http::over_budget)?;
         let request = match codec {
             Codec::Proto => PushRequest::decode(raw.as_ref()).map_err(|e| {
                 ApiError::new(StatusCode::BAD_REQUEST, format!("invalid PushRequest: {e}"))
@@ -136,20 +136,20 @@ fn ingest_series(
     let (service, profile_type, labels) = series_target(s, &labels)?;
     let limits = &s.config.limits;
     for sample in series.samples {
-        let raw = api::decompress(grant, &sample.raw_profile, limits)?;
-        let profile = api::decode_pprof(grant, held + sample.raw_profile.len(), &raw, limits)?;
+        let raw = http::decompress(grant, &sample.raw_profile, limits)?;
+        let profile = http::decode_pprof(grant, held + sample.raw_profile.len(), &raw, limits)?;
         drop(raw);
         let ts_ms = if profile.time_nanos > 0 {
             profile.time_nanos / 1_000_000
         } else {
-            api::now_ms()
+            crate::store::now_ms()
         };
         let id = (!sample.id.is_empty()).then_some(sample.id);
         for (kind, idx) in kinds(&profile, &profile_type)? {
             let target = Target {
                 service: service.clone(),
                 kind,
-                ts_ms: api::align(ts_ms, s.config.storage.window_ms),
+                ts_ms: crate::ingest::align(ts_ms, s.config.storage.window_ms),
                 labels: labels.clone(),
             };
             let mut b = BatchBuilder::new(limits, target)?;
@@ -157,7 +157,7 @@ fn ingest_series(
             // One batch per sample type: the id is per profile. The push API
             // answers an empty PushResponse, so the summary is not needed.
             let batch_id = id.as_ref().map(|id| format!("{id}:{idx}"));
-            let _summary = api::store_batch(s, b, sample.raw_profile.len(), batch_id.into())?;
+            let _summary = http::store_batch(s, b, sample.raw_profile.len(), batch_id.into())?;
         }
     }
     Ok(())

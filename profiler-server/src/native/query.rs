@@ -1,0 +1,376 @@
+//! The query routes of `/api/v1` (and `/metrics`): flame graphs, exports, diffs,
+//! timelines, the fleet overview, changes and events.
+
+use axum::extract::{RawQuery, State};
+use axum::http::header;
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::config::Limits;
+use crate::http::params::{matchers, selector, time_range};
+use crate::http::{auth, blocking, run_query, ApiError, ApiResult, AppState, Params};
+use crate::query::{self, Tree};
+use crate::render;
+use crate::store::{Cancel, GroupBy, Matcher, Selector};
+
+pub fn routes(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/services", get(services))
+        .route("/api/v1/overview", get(overview))
+        .route("/api/v1/labels", get(labels))
+        .route("/api/v1/label_values", get(label_values))
+        .route("/api/v1/timeline", get(timeline))
+        .route("/api/v1/flamegraph", get(flamegraph))
+        .route("/api/v1/folded", get(folded))
+        .route("/api/v1/pprof", get(pprof))
+        .route("/api/v1/svg", get(svg))
+        .route("/api/v1/diff", get(diff))
+        .route("/api/v1/top", get(top))
+        .route("/api/v1/changes", get(changes))
+        .route("/api/v1/events", get(events))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state, auth::read))
+}
+
+async fn services(State(s): State<AppState>) -> ApiResult<Json<Vec<String>>> {
+    blocking(move || Ok(Json(s.store.services()))).await
+}
+
+#[derive(serde::Serialize)]
+struct ChangesReply {
+    service: String,
+    from: i64,
+    until: i64,
+    base_from: i64,
+    base_until: i64,
+    filter: String,
+    base_filter: String,
+    #[serde(flatten)]
+    changes: query::changes::Changes,
+}
+
+/// Functions that changed between a base and a target: the target is
+/// `from`..`until` with `filter`; the base is `base_from`..`base_until`
+/// (default: the previous period, or the same range when `base_filter`
+/// names another label value) with `base_filter` (default: `filter`).
+async fn changes(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<ChangesReply>> {
+    let p = Params::new(q);
+    let target = selector(&p, "from", "until", &s.config.limits)?;
+    let len = target.until_ms - target.from_ms;
+    let same_range = p.get("base_filter").is_some();
+    let (base_from, base_until) = if p.get("base_from").is_some() || p.get("base_until").is_some() {
+        time_range(&p, "base_from", "base_until", &s.config.limits)?
+    } else if same_range {
+        (target.from_ms, target.until_ms)
+    } else {
+        (target.from_ms - len, target.from_ms)
+    };
+    let base = Selector {
+        from_ms: base_from,
+        until_ms: base_until,
+        matchers: match p.get("base_filter") {
+            Some(f) => matchers(f)?,
+            None => target.matchers.clone(),
+        },
+        ..target.clone()
+    };
+    let mut opts = query::changes::ChangeOptions::default();
+    opts.alpha = p.num("alpha", opts.alpha)?;
+    opts.min_share = p.num("min_share", opts.min_share)?;
+    opts.min_relative = p.num("min_relative", opts.min_relative)?;
+    opts.min_rate = p.num("min_rate", opts.min_rate)?;
+    opts.limit = p.num("limit", opts.limit)?;
+    if !(0.0..1.0).contains(&opts.alpha) || opts.alpha == 0.0 {
+        return Err(ApiError::bad("`alpha` must be within (0, 1)"));
+    }
+    let window = s.config.storage.window_ms;
+    let reply = |sel: &Selector| (sel.from_ms, sel.until_ms, sel.matchers.clone());
+    let (t, b) = (reply(&target), reply(&base));
+    let cancel = target.cancel.clone();
+    run_query(s.clone(), cancel, move || {
+        let changes = query::changes::compare_ranges(&*s.store, &s.names, &base, &target, window, &opts)
+            .map_err(|e| match e.downcast_ref::<query::changes::TooShort>() {
+                Some(short) => ApiError::bad(short.to_string()),
+                None => ApiError::scan(e),
+            })?;
+        let text = |m: &[Matcher]| m.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+        Ok(Json(ChangesReply {
+            service: target.service.clone(),
+            from: t.0,
+            until: t.1,
+            base_from: b.0,
+            base_until: b.1,
+            filter: text(&t.2),
+            base_filter: text(&b.2),
+            changes,
+        }))
+    })
+    .await
+}
+
+/// Deploys and alerts with their comparisons, newest first; `service=` narrows.
+async fn events(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<Vec<crate::events::Event>>> {
+    let p = Params::new(q);
+    let service = p.get("service").map(str::to_owned);
+    blocking(move || Ok(Json(s.events.events(service.as_deref())))).await
+}
+
+/// The fleet overview: all services over `from`..`until`, at most 60 points
+/// per sparkline unless `step` says otherwise.
+async fn overview(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<query::Fleet>> {
+    let p = Params::new(q);
+    let (from, until) = time_range(&p, "from", "until", &s.config.limits)?;
+    let window = s.config.storage.window_ms;
+    // At most 60 points, in whole windows.
+    let default_step = (((until - from) / 60 + window - 1) / window).max(1) * window;
+    let step: i64 = p.num("step", default_step)?;
+    if step <= 0 || (until - from) / step > 1_000 {
+        return Err(ApiError::bad("`step` must be positive and give at most 1000 points"));
+    }
+    let grid = crate::store::Grid { from_ms: from, until_ms: until, step_ms: step };
+    let cancel = Cancel::default();
+    run_query(s.clone(), cancel.clone(), move || {
+        let overview = s.store.overview(grid, &cancel).map_err(ApiError::scan)?;
+        Ok(Json(query::fleet(grid, overview)))
+    })
+    .await
+}
+
+async fn labels(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<Vec<String>>> {
+    let p = Params::new(q);
+    let service = p.req("service")?.to_owned();
+    blocking(move || {
+        let mut names: Vec<String> = s
+            .store
+            .series(&service)
+            .iter()
+            .flat_map(|l| l.keys().cloned())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        names.retain(|n| n != "service");
+        Ok(Json(names))
+    })
+    .await
+}
+
+async fn label_values(
+    State(s): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<Vec<String>>> {
+    let p = Params::new(q);
+    let service = p.req("service")?.to_owned();
+    let name = p.req("name")?.to_owned();
+    blocking(move || {
+        let values: std::collections::BTreeSet<String> = s
+            .store
+            .series(&service)
+            .iter()
+            .filter_map(|l| l.get(&name).cloned())
+            .collect();
+        Ok(Json(values.into_iter().collect()))
+    })
+    .await
+}
+
+async fn timeline(
+    State(s): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<query::Timeline>> {
+    let p = Params::new(q);
+    let sel = selector(&p, "from", "until", &s.config.limits)?;
+    let window = s.config.storage.window_ms;
+    // Default: about 200 points, in whole windows.
+    let default_step = (((sel.until_ms - sel.from_ms) / 200).max(window) / window) * window;
+    let step: i64 = p.num("step", default_step)?;
+    if step <= 0 || (sel.until_ms - sel.from_ms) / step > 100_000 {
+        return Err(ApiError::bad(
+            "`step` must be positive and give at most 100000 points",
+        ));
+    }
+    run_query(s.clone(), sel.cancel.clone(), move || {
+        let agg = s
+            .store
+            .aggregate(&sel, GroupBy::Time { step_ms: step })
+            .map_err(ApiError::scan)?;
+        Ok(Json(query::timeline(&agg, sel.from_ms, sel.until_ms, step)))
+    })
+    .await
+}
+
+/// `max_nodes` is capped by the server's limit; what is cut shows as
+/// `[pruned]` nodes, so totals stay exact.
+fn tree_params(p: &Params, limits: &Limits) -> ApiResult<(usize, f64)> {
+    let max_nodes: usize = p.num::<usize>("max_nodes", 2048)?.min(limits.max_nodes);
+    let min_share: f64 = p.num("min_share", 0.0)?;
+    if !(0.0..=1.0).contains(&min_share) {
+        return Err(ApiError::bad("`min_share` must be within 0..=1"));
+    }
+    Ok((max_nodes.max(1), min_share))
+}
+
+async fn flamegraph(
+    State(s): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<query::FlameNode>> {
+    let p = Params::new(q);
+    let sel = selector(&p, "from", "until", &s.config.limits)?;
+    let (max_nodes, min_share) = tree_params(&p, &s.config.limits)?;
+    run_query(s.clone(), sel.cancel.clone(), move || {
+        let agg = s
+            .store
+            .aggregate(&sel, GroupBy::Stack)
+            .map_err(ApiError::scan)?;
+        let kind_roots = agg.values().filter(|m| !m.is_empty()).count() > 1;
+        let tree = Tree::build(&s.names, &*s.store, &[&agg], kind_roots);
+        Ok(Json(tree.to_json(max_nodes, min_share, false)))
+    })
+    .await
+}
+
+async fn folded(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Response> {
+    let p = Params::new(q);
+    let sel = selector(&p, "from", "until", &s.config.limits)?;
+    // Inverse of Pyroscope ingest: nanoseconds back to samples at this rate.
+    let rate: i64 = p.num("sample_rate", 0)?;
+    let divisor = if rate > 0 { 1_000_000_000 / rate } else { 1 };
+    run_query(s.clone(), sel.cancel.clone(), move || {
+        let agg = s
+            .store
+            .aggregate(&sel, GroupBy::Stack)
+            .map_err(ApiError::scan)?;
+        let (stacks, cut) = query::heaviest(query::stacks(&*s.store, &agg), s.config.limits.max_stacks);
+        let text = render::folded(&stacks, divisor);
+        Ok((truncated(cut), [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+    })
+    .await
+}
+
+async fn pprof(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Response> {
+    let p = Params::new(q);
+    let sel = selector(&p, "from", "until", &s.config.limits)?;
+    run_query(s.clone(), sel.cancel.clone(), move || {
+        let agg = s
+            .store
+            .aggregate(&sel, GroupBy::Stack)
+            .map_err(ApiError::scan)?;
+        let (stacks, cut) = query::heaviest(query::stacks(&*s.store, &agg), s.config.limits.max_stacks);
+        let bytes = render::pprof(&stacks, sel.until_ms - sel.from_ms, sel.until_ms);
+        Ok((
+            truncated(cut),
+            [
+                (header::CONTENT_TYPE, "application/octet-stream"),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"profile.pb.gz\"",
+                ),
+            ],
+            bytes,
+        )
+            .into_response())
+    })
+    .await
+}
+
+async fn svg(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Response> {
+    let p = Params::new(q);
+    let sel = selector(&p, "from", "until", &s.config.limits)?;
+    let title = p
+        .get("title")
+        .map_or_else(|| sel.service.clone(), str::to_owned);
+    run_query(s.clone(), sel.cancel.clone(), move || {
+        let agg = s
+            .store
+            .aggregate(&sel, GroupBy::Stack)
+            .map_err(ApiError::scan)?;
+        let (stacks, cut) = query::heaviest(query::stacks(&*s.store, &agg), s.config.limits.max_stacks);
+        let bytes = render::svg(&stacks, &title).map_err(ApiError::internal)?;
+        Ok((truncated(cut), [(header::CONTENT_TYPE, "image/svg+xml")], bytes).into_response())
+    })
+    .await
+}
+
+async fn diff(
+    State(s): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<query::FlameNode>> {
+    let p = Params::new(q);
+    let target = selector(&p, "from", "until", &s.config.limits)?;
+    let mut base = selector(&p, "base_from", "base_until", &s.config.limits)?;
+    base.cancel = target.cancel.clone();
+    if p.get("base_from").is_none() || p.get("base_until").is_none() {
+        return Err(ApiError::bad("diff needs `base_from` and `base_until`"));
+    }
+    let normalize = p.flag("normalize", true)?;
+    let (max_nodes, min_share) = tree_params(&p, &s.config.limits)?;
+    run_query(s.clone(), target.cancel.clone(), move || {
+        let (a, b) = std::thread::scope(|sc| {
+            let h = sc.spawn(|| s.store.aggregate(&base, GroupBy::Stack));
+            let a = s.store.aggregate(&target, GroupBy::Stack);
+            (a, h.join().expect("diff scan panicked"))
+        });
+        let (a, b) = (
+            a.map_err(ApiError::scan)?,
+            b.map_err(ApiError::scan)?,
+        );
+        let kinds: std::collections::HashSet<&String> = a.keys().chain(b.keys()).collect();
+        let mut tree = Tree::build(&s.names, &*s.store, &[&a, &b], kinds.len() > 1);
+        if normalize {
+            tree.normalize_base();
+        }
+        Ok(Json(tree.to_json(max_nodes, min_share, true)))
+    })
+    .await
+}
+
+async fn top(
+    State(s): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<serde_json::Value>> {
+    let p = Params::new(q);
+    let sel = selector(&p, "from", "until", &s.config.limits)?;
+    let limit: usize = p.num::<usize>("limit", 50)?.min(MAX_TOP_LIMIT);
+    let by_total = match p.get("by").unwrap_or("self") {
+        "self" => false,
+        "total" => true,
+        other => {
+            return Err(ApiError::bad(format!(
+                "`by` must be self or total, not {other:?}"
+            )))
+        }
+    };
+    run_query(s.clone(), sel.cancel.clone(), move || {
+        let agg = s.store.aggregate(&sel, GroupBy::Stack).map_err(ApiError::scan)?;
+        let total: i64 = agg.values().flat_map(|m| m.values()).sum();
+        let functions = query::top(&s.names, &*s.store, &agg, by_total, limit);
+        Ok(Json(json!({ "by": if by_total { "total" } else { "self" }, "total": total, "functions": functions })))
+    })
+    .await
+}
+
+/// Most rows `/top` returns.
+const MAX_TOP_LIMIT: usize = 10_000;
+
+/// The `X-Profiler-Truncated` header of an export that merged its lightest
+/// stacks into one `[truncated]` stack, if it did.
+fn truncated(cut: usize) -> axum::response::AppendHeaders<Option<(&'static str, String)>> {
+    axum::response::AppendHeaders(
+        (cut > 0).then(|| ("x-profiler-truncated", format!("{cut} stacks merged into [truncated]"))),
+    )
+}
+
+async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
+    blocking(move || {
+        let text = s
+            .metrics
+            .render(s.store.disk_bytes(), s.store.buffered_rows(), &s.store.stats())
+            + &s.events.render_metrics()
+            + &s.names.render_metrics();
+        Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+    })
+    .await
+}
+
