@@ -62,6 +62,7 @@ fn batch(rng: &mut Rng, service: &str, kind: &str, stacks: usize, from: i64, unt
     }
     Batch {
         id: None,
+        maybe_stored_since_ms: None,
         service: service.into(),
         kind: kind.into(),
         stacks: frames.iter().map(|f| (stack_id(f), f.clone())).collect(),

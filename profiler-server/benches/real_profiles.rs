@@ -273,7 +273,7 @@ fn measure(store: &dyn Store, range: i64) -> [Duration; 5] {
     });
     let flame_graph = || {
         let agg = store.aggregate(&whole, GroupBy::Stack).unwrap();
-        let tree = Tree::build(&names, store, &[&agg], agg.len() > 1);
+        let tree = Tree::build(&names, store, &[&agg], agg.len() > 1).unwrap();
         serde_json::to_string(&tree.to_json(2048, 0.0, false)).unwrap();
     };
     let cold = median(1, flame_graph);
@@ -283,13 +283,13 @@ fn measure(store: &dyn Store, range: i64) -> [Duration; 5] {
             let h = s.spawn(|| store.aggregate(&first, GroupBy::Stack).unwrap());
             (store.aggregate(&second, GroupBy::Stack).unwrap(), h.join().unwrap())
         });
-        let mut tree = Tree::build(&names, store, &[&a, &b], true);
+        let mut tree = Tree::build(&names, store, &[&a, &b], true).unwrap();
         tree.normalize_base();
         serde_json::to_string(&tree.to_json(2048, 0.0, true)).unwrap();
     });
     let top = median(runs, || {
         let agg = store.aggregate(&whole, GroupBy::Stack).unwrap();
-        query::top(&names, store, &agg, false, 50);
+        query::top(&names, store, &agg, false, 50).unwrap();
     });
     [scan, cold, flame, diff, top]
 }
@@ -701,7 +701,7 @@ fn main() {
             let whole = sel(END - range, END);
             let kept = median(5, || {
                 let agg = store.aggregate(&whole, GroupBy::Stack).unwrap();
-                let tree = Tree::build(&names, &store, &[&agg], agg.len() > 1);
+                let tree = Tree::build(&names, &store, &[&agg], agg.len() > 1).unwrap();
                 serde_json::to_string(&tree.to_json(2048, 0.0, false)).unwrap();
             });
             println!("{line}   {kept:>9.2?}");

@@ -88,6 +88,7 @@ fn window_batch(
     }
     Batch {
         id: None,
+        maybe_stored_since_ms: None,
         service: "bench".into(),
         kind: "on-cpu".into(),
         stacks: if dicts {
@@ -160,7 +161,7 @@ fn measure(store: &dyn Store) -> Figures {
     let whole = sel(T0, T0 + HOUR_MS);
     let (flame, json) = time(7, || {
         let agg = store.aggregate(&whole, GroupBy::Stack).unwrap();
-        let tree = Tree::build(names, store, &[&agg], false);
+        let tree = Tree::build(names, store, &[&agg], false).unwrap();
         serde_json::to_string(&tree.to_json(2048, 0.0, false)).unwrap()
     });
     let (scan, _) = time(7, || store.aggregate(&whole, GroupBy::Stack).unwrap());
@@ -174,13 +175,13 @@ fn measure(store: &dyn Store) -> Figures {
                 h.join().unwrap(),
             )
         });
-        let mut tree = Tree::build(names, store, &[&a, &b], false);
+        let mut tree = Tree::build(names, store, &[&a, &b], false).unwrap();
         tree.normalize_base();
         serde_json::to_string(&tree.to_json(2048, 0.0, true)).unwrap()
     });
     let (top, top_fns) = time(7, || {
         let agg = store.aggregate(&whole, GroupBy::Stack).unwrap();
-        query::top(names, store, &agg, false, 50)
+        query::top(names, store, &agg, false, 50).unwrap()
     });
     let mut filtered_sel = whole.clone();
     filtered_sel.matchers = vec![Matcher::Eq("host".into(), "host-3".into())];

@@ -323,7 +323,16 @@ impl Events {
         for ListedRule { rule, .. } in self.rules() {
             let every = rule.every_secs as i64 * 1000;
             let until = (now_ms - self.grace_ms()).div_euclid(every) * every;
-            let services = if rule.service == "*" { store.services() } else { vec![rule.service.clone()] };
+            let services = match rule.service.as_str() {
+                "*" => match store.services() {
+                    Ok(services) => services,
+                    Err(e) => {
+                        tracing::error!(error = %e, alert = %rule.name, "listing services for an alert; trying again next round");
+                        continue;
+                    }
+                },
+                _ => vec![rule.service.clone()],
+            };
             for service in services {
                 let last = self.lock().alerts.get(&rule.name).and_then(|m| m.get(&service)).map(|&(until, _)| until);
                 if last.is_some_and(|last| last >= until) {

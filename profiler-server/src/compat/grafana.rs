@@ -58,7 +58,7 @@ use crate::http::{self, ApiError, AppState};
 use crate::http::auth;
 use crate::compat::connect::{Code, Codec, ConnectError};
 use crate::query::Tree;
-use crate::store::{self, Aggregate, Cancel, Cancelled, GroupBy, Labels, Matcher, Store};
+use crate::store::{self, Aggregate, Cancel, GroupBy, Labels, Matcher, Store, StoreError};
 use crate::compat::connect::json::{self, FromJson, ToJson};
 use selector::{LabelMatcher, Selector};
 
@@ -144,13 +144,16 @@ async fn dispatch(
     }
 }
 
-/// A failed store scan: a cancelled one has nobody to answer.
-fn scan_error(e: anyhow::Error) -> ConnectError {
-    if e.downcast_ref::<Cancelled>().is_some() {
-        return ConnectError::new(Code::Unavailable, "query cancelled");
+/// A failed store scan: a cancelled one has nobody to answer; a failed store
+/// is an outage, never an empty answer.
+fn scan_error(e: StoreError) -> ConnectError {
+    match e {
+        StoreError::Cancelled => ConnectError::new(Code::Unavailable, "query cancelled"),
+        e => {
+            tracing::error!(error = %format!("{e:#}"), "grafana query failed");
+            ConnectError::new(Code::Unavailable, "the store failed; retry later (see the server log)")
+        }
     }
-    tracing::error!(error = %format!("{e:#}"), "grafana query failed");
-    ConnectError::new(Code::Internal, "internal error; see server log")
 }
 
 /// Decodes the request, runs the handler, encodes its answer.
@@ -263,18 +266,15 @@ fn parse_selectors(texts: &[String]) -> Result<Vec<Selector>, ConnectError> {
 struct Catalog(Vec<(String, Vec<Arc<Labels>>)>);
 
 impl Catalog {
-    fn load(store: &dyn Store, selectors: &[Selector]) -> Catalog {
-        Catalog(
-            store
-                .services()
-                .into_iter()
-                .filter(|service| selectors.iter().any(|s| s.admits_service(service)))
-                .map(|service| {
-                    let series = store.series(&service);
-                    (service, series)
-                })
-                .collect(),
-        )
+    fn load(store: &dyn Store, selectors: &[Selector]) -> Result<Catalog, ConnectError> {
+        let mut catalog = Vec::new();
+        for service in store.services().map_err(scan_error)? {
+            if selectors.iter().any(|s| s.admits_service(&service)) {
+                let series = store.series(&service).map_err(scan_error)?;
+                catalog.push((service, series));
+            }
+        }
+        Ok(Catalog(catalog))
     }
 
     /// (service, labels) of every series some selector matches.
@@ -353,7 +353,7 @@ async fn profile_types(
     }
     query(s, move |s, cancel| {
         let mut kinds = BTreeSet::new();
-        for service in s.store.services() {
+        for service in s.store.services().map_err(scan_error)? {
             let selection = store::Selector {
                 service,
                 from_ms: from,
@@ -391,7 +391,7 @@ async fn label_names(
 ) -> Result<LabelNamesResponse, ConnectError> {
     let selectors = parse_selectors(&r.matchers)?;
     query(s, move |s, _| {
-        let catalog = Catalog::load(&*s.store, &selectors);
+        let catalog = Catalog::load(&*s.store, &selectors)?;
         let names: BTreeSet<&str> = catalog
             .matching(&selectors)
             .flat_map(|(_, labels)| selector::label_names(labels))
@@ -412,7 +412,7 @@ async fn label_values(
     }
     let selectors = parse_selectors(&r.matchers)?;
     query(s, move |s, _| {
-        let catalog = Catalog::load(&*s.store, &selectors);
+        let catalog = Catalog::load(&*s.store, &selectors)?;
         let values: BTreeSet<&str> = catalog
             .matching(&selectors)
             .filter_map(|(service, labels)| selector::label(service, labels, &r.name))
@@ -428,7 +428,7 @@ async fn label_values(
 async fn series(s: &AppState, r: SeriesRequest) -> Result<SeriesResponse, ConnectError> {
     let selectors = parse_selectors(&r.matchers)?;
     query(s, move |s, _| {
-        let catalog = Catalog::load(&*s.store, &selectors);
+        let catalog = Catalog::load(&*s.store, &selectors)?;
         let wanted =
             |name: &str| r.label_names.is_empty() || r.label_names.iter().any(|n| n == name);
         let sets: BTreeSet<BTreeMap<&str, &str>> = catalog
@@ -509,10 +509,10 @@ async fn select_merge_stacktraces(
     }
     .min(s.config.limits.max_nodes);
     query(s, move |s, cancel| {
-        let catalog = Catalog::load(&*s.store, std::slice::from_ref(&selector));
+        let catalog = Catalog::load(&*s.store, std::slice::from_ref(&selector))?;
         let plans = catalog.plan(&selector)?;
         let stacks = aggregate(&*s.store, &plans, &kind, range, GroupBy::Stack, cancel)?;
-        let tree = Tree::build(&s.names, &*s.store, &[&stacks], false);
+        let tree = Tree::build(&s.names, &*s.store, &[&stacks], false).map_err(scan_error)?;
         Ok(SelectMergeStacktracesResponse {
             flamegraph: Some(flamegraph::encode(&tree.to_json(max_nodes, 0.0, false))),
         })
@@ -555,7 +555,7 @@ async fn select_series(
     let range = range(s, r.start, r.end)?;
     let step_ms = step_ms(r.step, range)?;
     query(s, move |s, cancel| {
-        let catalog = Catalog::load(&*s.store, std::slice::from_ref(&selector));
+        let catalog = Catalog::load(&*s.store, std::slice::from_ref(&selector))?;
         // One series per combination of group-by values that some selected
         // series has; an empty value is a missing label.
         let groups: BTreeSet<Vec<Option<&str>>> = catalog

@@ -106,7 +106,7 @@ pub fn store_batch(
 pub fn store_batches(s: &AppState, batches: Vec<Batch>, body_len: usize) -> ApiResult<Json<IngestSummary>> {
     let seen: Vec<_> = batches.iter().map(crate::events::Seen::of).collect();
     let sizes: Vec<_> = batches.iter().map(|b| (b.rows.len(), b.stacks.len(), b.series.len())).collect();
-    let outcomes = s.store.append_all(batches).map_err(ApiError::store)?;
+    let outcomes = s.store.append_all(batches)?;
     let duplicate = !outcomes.is_empty() && outcomes.iter().all(|o| *o == Appended::Duplicate);
     let mut summary = IngestSummary { rows: 0, stacks: 0, series: 0, duplicate };
     for ((outcome, (rows, stacks, series)), versions) in outcomes.into_iter().zip(sizes).zip(seen) {

@@ -7,7 +7,8 @@ use axum::Json;
 use serde_json::json;
 
 use crate::ingest::Rejected;
-use crate::store::{Cancelled, Refused};
+use crate::query::changes::CompareError;
+use crate::store::{Refused, StoreError};
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -47,25 +48,34 @@ impl ApiError {
         tracing::error!(error = %e, "internal error");
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see server log")
     }
-    /// A scan error: a cancelled scan has nobody to answer; anything else is
-    /// internal.
-    pub(crate) fn scan(e: anyhow::Error) -> ApiError {
-        if e.downcast_ref::<Cancelled>().is_some() {
-            return ApiError::busy("query cancelled", 1);
-        }
-        ApiError::internal(format!("{e:#}"))
-    }
-    /// A store error: refusals keep their meaning (busy: 503, too large:
-    /// 413), anything else is internal.
-    pub(crate) fn store(e: anyhow::Error) -> ApiError {
-        match e.downcast_ref::<Refused>() {
-            Some(Refused::Busy(why)) => {
+}
+
+/// Refusals keep their meaning (busy: 503, too large: 413, unverifiable:
+/// 410); a cancelled scan has nobody to answer; a failed store or backend is
+/// an outage (503), never an empty answer.
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::Refused(Refused::Busy(why)) => {
                 tracing::warn!(reason = %why, "ingest refused: store busy");
                 ApiError::busy(format!("the server cannot store profiles right now: {why}"), 5)
             }
-            Some(Refused::TooLarge(why)) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, why.clone()),
-            Some(Refused::Unverifiable(why)) => ApiError::new(StatusCode::GONE, why.clone()),
-            None => ApiError::internal(format!("{e:#}")),
+            StoreError::Refused(Refused::TooLarge(why)) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, why),
+            StoreError::Refused(Refused::Unverifiable(why)) => ApiError::new(StatusCode::GONE, why),
+            StoreError::Cancelled => ApiError::busy("query cancelled", 1),
+            StoreError::Backend(e) => {
+                tracing::error!(error = %format!("{e:#}"), "store failed");
+                ApiError::busy("the store failed; retry later (see the server log)", 5)
+            }
+        }
+    }
+}
+
+impl From<CompareError> for ApiError {
+    fn from(e: CompareError) -> ApiError {
+        match e {
+            CompareError::TooShort(short) => ApiError::bad(short.to_string()),
+            CompareError::Store(e) => e.into(),
         }
     }
 }

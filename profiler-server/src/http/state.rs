@@ -8,6 +8,8 @@ use crate::metrics::Metrics;
 use crate::query;
 use crate::store::Store;
 
+use super::ApiResult;
+
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
@@ -24,9 +26,11 @@ pub struct AppState {
 
 
 impl AppState {
-    /// The services the store knows, read off the async threads.
-    pub async fn known_services(&self) -> Vec<String> {
+    /// The services the store knows, read off the async threads. A store that
+    /// cannot say fails the request: an empty list would call every service
+    /// unknown.
+    pub async fn known_services(&self) -> ApiResult<Vec<String>> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.services()).await.unwrap_or_default()
+        super::blocking(move || Ok(store.services()?)).await
     }
 }

@@ -60,7 +60,11 @@ async fn put_rule(State(state): State<AppState>, Path(name): Path<String>, body:
         Ok(rule) => rule,
         Err(reason) => return reply(StatusCode::BAD_REQUEST, reason),
     };
-    if let Err(reason) = state.events.validate(&rule, &state.known_services().await) {
+    let known = match state.known_services().await {
+        Ok(known) => known,
+        Err(err) => return err.into_response(),
+    };
+    if let Err(reason) = state.events.validate(&rule, &known) {
         return reply(StatusCode::BAD_REQUEST, reason);
     }
     let events = state.events.clone();

@@ -36,7 +36,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
 }
 
 async fn services(State(s): State<AppState>) -> ApiResult<Json<Vec<String>>> {
-    blocking(move || Ok(Json(s.store.services()))).await
+    blocking(move || Ok(Json(s.store.services()?))).await
 }
 
 #[derive(serde::Serialize)]
@@ -91,11 +91,7 @@ async fn changes(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<
     let (t, b) = (reply(&target), reply(&base));
     let cancel = target.cancel.clone();
     run_query(s.clone(), cancel, move || {
-        let changes = query::changes::compare_ranges(&*s.store, &s.names, &base, &target, window, &opts)
-            .map_err(|e| match e.downcast_ref::<query::changes::TooShort>() {
-                Some(short) => ApiError::bad(short.to_string()),
-                None => ApiError::scan(e),
-            })?;
+        let changes = query::changes::compare_ranges(&*s.store, &s.names, &base, &target, window, &opts)?;
         let text = |m: &[Matcher]| m.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
         Ok(Json(ChangesReply {
             service: target.service.clone(),
@@ -133,7 +129,7 @@ async fn overview(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult
     let grid = crate::store::Grid { from_ms: from, until_ms: until, step_ms: step };
     let cancel = Cancel::default();
     run_query(s.clone(), cancel.clone(), move || {
-        let overview = s.store.overview(grid, &cancel).map_err(ApiError::scan)?;
+        let overview = s.store.overview(grid, &cancel)?;
         Ok(Json(query::fleet(grid, overview)))
     })
     .await
@@ -145,7 +141,7 @@ async fn labels(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<J
     blocking(move || {
         let mut names: Vec<String> = s
             .store
-            .series(&service)
+            .series(&service)?
             .iter()
             .flat_map(|l| l.keys().cloned())
             .collect::<std::collections::BTreeSet<_>>()
@@ -167,7 +163,7 @@ async fn label_values(
     blocking(move || {
         let values: std::collections::BTreeSet<String> = s
             .store
-            .series(&service)
+            .series(&service)?
             .iter()
             .filter_map(|l| l.get(&name).cloned())
             .collect();
@@ -194,8 +190,7 @@ async fn timeline(
     run_query(s.clone(), sel.cancel.clone(), move || {
         let agg = s
             .store
-            .aggregate(&sel, GroupBy::Time { step_ms: step })
-            .map_err(ApiError::scan)?;
+            .aggregate(&sel, GroupBy::Time { step_ms: step })?;
         Ok(Json(query::timeline(&agg, sel.from_ms, sel.until_ms, step)))
     })
     .await
@@ -222,10 +217,9 @@ async fn flamegraph(
     run_query(s.clone(), sel.cancel.clone(), move || {
         let agg = s
             .store
-            .aggregate(&sel, GroupBy::Stack)
-            .map_err(ApiError::scan)?;
+            .aggregate(&sel, GroupBy::Stack)?;
         let kind_roots = agg.values().filter(|m| !m.is_empty()).count() > 1;
-        let tree = Tree::build(&s.names, &*s.store, &[&agg], kind_roots);
+        let tree = Tree::build(&s.names, &*s.store, &[&agg], kind_roots)?;
         Ok(Json(tree.to_json(max_nodes, min_share, false)))
     })
     .await
@@ -240,9 +234,8 @@ async fn folded(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<R
     run_query(s.clone(), sel.cancel.clone(), move || {
         let agg = s
             .store
-            .aggregate(&sel, GroupBy::Stack)
-            .map_err(ApiError::scan)?;
-        let (stacks, cut) = query::heaviest(query::stacks(&*s.store, &agg), s.config.limits.max_stacks);
+            .aggregate(&sel, GroupBy::Stack)?;
+        let (stacks, cut) = query::heaviest(query::stacks(&*s.store, &agg)?, s.config.limits.max_stacks);
         let text = render::folded(&stacks, divisor);
         Ok((truncated(cut), [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
     })
@@ -255,9 +248,8 @@ async fn pprof(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Re
     run_query(s.clone(), sel.cancel.clone(), move || {
         let agg = s
             .store
-            .aggregate(&sel, GroupBy::Stack)
-            .map_err(ApiError::scan)?;
-        let (stacks, cut) = query::heaviest(query::stacks(&*s.store, &agg), s.config.limits.max_stacks);
+            .aggregate(&sel, GroupBy::Stack)?;
+        let (stacks, cut) = query::heaviest(query::stacks(&*s.store, &agg)?, s.config.limits.max_stacks);
         let bytes = render::pprof(&stacks, sel.until_ms - sel.from_ms, sel.until_ms);
         Ok((
             truncated(cut),
@@ -284,9 +276,8 @@ async fn svg(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Resp
     run_query(s.clone(), sel.cancel.clone(), move || {
         let agg = s
             .store
-            .aggregate(&sel, GroupBy::Stack)
-            .map_err(ApiError::scan)?;
-        let (stacks, cut) = query::heaviest(query::stacks(&*s.store, &agg), s.config.limits.max_stacks);
+            .aggregate(&sel, GroupBy::Stack)?;
+        let (stacks, cut) = query::heaviest(query::stacks(&*s.store, &agg)?, s.config.limits.max_stacks);
         let bytes = render::svg(&stacks, &title).map_err(ApiError::internal)?;
         Ok((truncated(cut), [(header::CONTENT_TYPE, "image/svg+xml")], bytes).into_response())
     })
@@ -312,12 +303,9 @@ async fn diff(
             let a = s.store.aggregate(&target, GroupBy::Stack);
             (a, h.join().expect("diff scan panicked"))
         });
-        let (a, b) = (
-            a.map_err(ApiError::scan)?,
-            b.map_err(ApiError::scan)?,
-        );
+        let (a, b) = (a?, b?);
         let kinds: std::collections::HashSet<&String> = a.keys().chain(b.keys()).collect();
-        let mut tree = Tree::build(&s.names, &*s.store, &[&a, &b], kinds.len() > 1);
+        let mut tree = Tree::build(&s.names, &*s.store, &[&a, &b], kinds.len() > 1)?;
         if normalize {
             tree.normalize_base();
         }
@@ -343,9 +331,9 @@ async fn top(
         }
     };
     run_query(s.clone(), sel.cancel.clone(), move || {
-        let agg = s.store.aggregate(&sel, GroupBy::Stack).map_err(ApiError::scan)?;
+        let agg = s.store.aggregate(&sel, GroupBy::Stack)?;
         let total: i64 = agg.values().flat_map(|m| m.values()).sum();
-        let functions = query::top(&s.names, &*s.store, &agg, by_total, limit);
+        let functions = query::top(&s.names, &*s.store, &agg, by_total, limit)?;
         Ok(Json(json!({ "by": if by_total { "total" } else { "self" }, "total": total, "functions": functions })))
     })
     .await

@@ -58,7 +58,11 @@ async fn create_schedule(State(state): State<AppState>, body: axum::body::Bytes)
         Ok(spec) => spec,
         Err(reason) => return reply(StatusCode::BAD_REQUEST, reason),
     };
-    if let Err(reason) = state.schedules.validate(&spec, &state.known_services().await) {
+    let known = match state.known_services().await {
+        Ok(known) => known,
+        Err(err) => return err.into_response(),
+    };
+    if let Err(reason) = state.schedules.validate(&spec, &known) {
         return reply(StatusCode::BAD_REQUEST, reason);
     }
     match state.schedules.create(spec) {
@@ -72,7 +76,11 @@ async fn replace_schedule(State(state): State<AppState>, Path(id): Path<u64>, bo
         Ok(spec) => spec,
         Err(reason) => return reply(StatusCode::BAD_REQUEST, reason),
     };
-    if let Err(reason) = state.schedules.validate(&spec, &state.known_services().await) {
+    let known = match state.known_services().await {
+        Ok(known) => known,
+        Err(err) => return err.into_response(),
+    };
+    if let Err(reason) = state.schedules.validate(&spec, &known) {
         return reply(StatusCode::BAD_REQUEST, reason);
     }
     match state.schedules.replace(id, spec) {
@@ -95,7 +103,11 @@ async fn profile_now(State(state): State<AppState>, body: axum::body::Bytes) -> 
         Ok(spec) => spec,
         Err(reason) => return reply(StatusCode::BAD_REQUEST, reason),
     };
-    match state.schedules.profile_now(spec, &state.known_services().await) {
+    let known = match state.known_services().await {
+        Ok(known) => known,
+        Err(err) => return err.into_response(),
+    };
+    match state.schedules.profile_now(spec, &known) {
         Err(reason) => reply(StatusCode::BAD_REQUEST, reason),
         Ok(Ok(run)) => (StatusCode::CREATED, Json(run)).into_response(),
         Ok(Err(err)) => internal(err),

@@ -17,7 +17,7 @@ use statrs::distribution::{ContinuousCDF, StudentsT};
 
 use super::names::{NameId, Table};
 use super::{round, Names};
-use crate::store::{Aggregate, GroupBy, Selector, Store};
+use crate::store::{Aggregate, GroupBy, Selector, Store, StoreError};
 
 /// Observations per side: enough for the test's power, few enough that each
 /// side costs a few flame-graph scans.
@@ -119,8 +119,8 @@ struct Side {
     spans_s: Vec<f64>,
 }
 
-fn measure(table: &Table, store: &dyn Store, obs: &[Observation], classes: &mut Vec<String>) -> Side {
-    table.intern_stacks(store, obs.iter().flat_map(|o| o.agg.values().flat_map(|m| m.keys().copied())));
+fn measure(table: &Table, store: &dyn Store, obs: &[Observation], classes: &mut Vec<String>) -> Result<Side, StoreError> {
+    table.intern_stacks(store, obs.iter().flat_map(|o| o.agg.values().flat_map(|m| m.keys().copied())))?;
     let interned = table.read();
     let n = obs.len();
     let mut side = Side {
@@ -163,7 +163,7 @@ fn measure(table: &Table, store: &dyn Store, obs: &[Observation], classes: &mut 
             }
         }
     }
-    side
+    Ok(side)
 }
 
 /// Welch's two-sided t-test; p = 1 when either side has fewer than two
@@ -212,12 +212,12 @@ pub fn changes(
     base: &[Observation],
     target: &[Observation],
     opts: &ChangeOptions,
-) -> Changes {
+) -> Result<Changes, StoreError> {
     let mut classes: Vec<String> = vec!["on-cpu".into()];
     // One table for the whole comparison: its name ids stay valid.
     let table = names.table();
-    let b = measure(&table, store, base, &mut classes);
-    let t = measure(&table, store, target, &mut classes);
+    let b = measure(&table, store, base, &mut classes)?;
+    let t = measure(&table, store, target, &mut classes)?;
     let on_cpu = 0u16;
     let mut features: Vec<Feature> = b.values.keys().chain(t.values.keys()).copied().collect();
     features.sort_unstable();
@@ -323,11 +323,11 @@ pub fn changes(
             .then_with(|| a.function.cmp(&b.function))
     });
     out.truncate(opts.limit);
-    Changes {
+    Ok(Changes {
         observations: (base.len(), target.len()),
         tested,
         changes: out,
-    }
+    })
 }
 
 /// A side of a comparison shorter than two windows: a bad request, not a
@@ -337,6 +337,15 @@ pub fn changes(
 pub struct TooShort {
     which: String,
     window_ms: i64,
+}
+
+/// Why a comparison has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CompareError {
+    #[error(transparent)]
+    TooShort(#[from] TooShort),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Compares the `target` selection with the `base` one, each cut into
@@ -349,8 +358,8 @@ pub fn compare_ranges(
     target: &Selector,
     window_ms: i64,
     opts: &ChangeOptions,
-) -> anyhow::Result<Changes> {
-    let observe = |sel: &Selector, which: &str| -> anyhow::Result<Vec<Observation>> {
+) -> Result<Changes, CompareError> {
+    let observe = |sel: &Selector, which: &str| -> Result<Vec<Observation>, CompareError> {
         let cuts = observations(sel.from_ms, sel.until_ms, window_ms, OBSERVATIONS)
             .ok_or(TooShort { which: which.to_owned(), window_ms })?;
         cuts.into_iter()
@@ -363,7 +372,7 @@ pub fn compare_ranges(
     };
     let base_obs = observe(base, "base")?;
     let target_obs = observe(target, "target")?;
-    Ok(changes(names, store, &base_obs, &target_obs, opts))
+    Ok(changes(names, store, &base_obs, &target_obs, opts)?)
 }
 
 /// Observation boundaries: at most `max` runs of whole windows over

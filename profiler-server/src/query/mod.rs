@@ -22,23 +22,23 @@ pub use names::Names;
 pub use overview::{fleet, Fleet};
 pub use tree::{FlameNode, Tree};
 
-use crate::store::{Aggregate, Frames, Store};
+use crate::store::{Aggregate, Frames, Store, StoreResult};
 
 /// (kind, root-first frames, value) for every non-zero stack.
-pub fn stacks(store: &dyn Store, agg: &Aggregate) -> Vec<(String, Frames, i64)> {
+pub fn stacks(store: &dyn Store, agg: &Aggregate) -> StoreResult<Vec<(String, Frames, i64)>> {
     let mut out = Vec::new();
     for (kind, m) in agg {
         for (&id, &v) in m {
             if v == 0 {
                 continue;
             }
-            match store.stack(id) {
+            match store.stack(id)? {
                 Some(frames) => out.push((kind.clone(), frames, v)),
                 None => tracing::warn!(stack = id, "stack id missing from dictionary"),
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// Keeps the `max` heaviest stacks; the others are summed per kind into one
@@ -71,9 +71,9 @@ pub struct TopEntry {
 
 /// Functions ranked by self or total value; a recursive function counts once
 /// per stack towards its total.
-pub fn top(names: &Names, store: &dyn Store, agg: &Aggregate, by_total: bool, limit: usize) -> Vec<TopEntry> {
+pub fn top(names: &Names, store: &dyn Store, agg: &Aggregate, by_total: bool, limit: usize) -> StoreResult<Vec<TopEntry>> {
     let table = names.table();
-    table.intern_stacks(store, agg.values().flat_map(|m| m.keys().copied()));
+    table.intern_stacks(store, agg.values().flat_map(|m| m.keys().copied()))?;
     let interned = table.read();
     // name -> (self, total, index of the last stack that counted its total)
     let mut m: FxHashMap<names::NameId, (i64, i64, usize)> = FxHashMap::default();
@@ -99,14 +99,14 @@ pub fn top(names: &Names, store: &dyn Store, agg: &Aggregate, by_total: bool, li
             .then_with(|| interned.name(a.0).cmp(interned.name(b.0)))
     });
     ranked.truncate(limit);
-    ranked
+    Ok(ranked
         .into_iter()
         .map(|(name, (s, t, _))| TopEntry {
             name: interned.name(name).to_owned(),
             self_value: s,
             total: t,
         })
-        .collect()
+        .collect())
 }
 
 /// Six significant digits: more than a table or a sparkline shows, and the

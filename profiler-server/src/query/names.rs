@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use rustc_hash::FxHashMap;
 
-use crate::store::Store;
+use crate::store::{Store, StoreResult};
 
 pub type NameId = u32;
 
@@ -84,26 +84,23 @@ impl Table {
 
     /// Interns the stacks of `ids` not seen before, reading their frames
     /// from `store`; ids the store does not know are logged and left out.
-    pub fn intern_stacks(&self, store: &dyn Store, ids: impl IntoIterator<Item = u64>) {
+    pub fn intern_stacks(&self, store: &dyn Store, ids: impl IntoIterator<Item = u64>) -> StoreResult<()> {
         let missing: Vec<u64> = {
             let i = self.read();
             ids.into_iter().filter(|id| !i.stacks.contains_key(id)).collect()
         };
         if missing.is_empty() {
-            return;
+            return Ok(());
         }
         // Read the store's dictionary before locking, so concurrent queries
         // keep reading this table meanwhile.
-        let frames: Vec<_> = missing
-            .into_iter()
-            .filter_map(|id| match store.stack(id) {
-                Some(frames) => Some((id, frames)),
-                None => {
-                    tracing::warn!(stack = id, "stack id missing from dictionary");
-                    None
-                }
-            })
-            .collect();
+        let mut frames = Vec::with_capacity(missing.len());
+        for id in missing {
+            match store.stack(id)? {
+                Some(stack) => frames.push((id, stack)),
+                None => tracing::warn!(stack = id, "stack id missing from dictionary"),
+            }
+        }
         let mut i = self.inner.write().unwrap_or_else(|e| e.into_inner());
         for (id, frames) in frames {
             if i.stacks.contains_key(&id) {
@@ -112,6 +109,7 @@ impl Table {
             let interned = frames.iter().map(|f| i.intern_shared(f)).collect();
             i.stacks.insert(id, interned);
         }
+        Ok(())
     }
 
     /// The id of `name`, interning it if new.
@@ -180,7 +178,7 @@ mod tests {
             .unwrap();
         let names = Names::default();
         let table = names.table();
-        table.intern_stacks(&store, [ia, ib, 42]);
+        table.intern_stacks(&store, [ia, ib, 42]).unwrap();
         let i = table.read();
         let (sa, sb) = (i.stack(ia).unwrap(), i.stack(ib).unwrap());
         assert_eq!(sa.len(), 3);

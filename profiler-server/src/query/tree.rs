@@ -8,7 +8,7 @@ use profiler_pprof::kind::root_frame;
 use serde::Serialize;
 
 use super::names::{Interned, NameId, Names, Table};
-use crate::store::{Aggregate, Store};
+use crate::store::{Aggregate, Store, StoreResult};
 
 /// No node: the end of a sibling list, or a node without a kind.
 const NONE: u32 = u32::MAX;
@@ -51,13 +51,13 @@ pub struct Tree {
 impl Tree {
     /// With `kind_roots`, each kind hangs below the root under a `[kind]` node,
     /// so on- and off-CPU time never merge.
-    pub fn build(names: &Names, store: &dyn Store, slots: &[&Aggregate], kind_roots: bool) -> Tree {
+    pub fn build(names: &Names, store: &dyn Store, slots: &[&Aggregate], kind_roots: bool) -> StoreResult<Tree> {
         let slots = &slots[..slots.len().min(2)];
         let table = names.table();
         table.intern_stacks(
             store,
             slots.iter().flat_map(|agg| agg.values()).flat_map(|m| m.keys().copied()),
-        );
+        )?;
         let root = table.intern_name("root");
         let kinds: Vec<String> = {
             let mut k: Vec<String> = slots.iter().flat_map(|agg| agg.keys().cloned()).collect();
@@ -112,7 +112,7 @@ impl Tree {
                 nodes[path.last().copied().unwrap_or(base) as usize].self_[slot] += v;
             }
         }
-        Tree { table, kinds, nodes }
+        Ok(Tree { table, kinds, nodes })
     }
 
     pub fn total(&self, slot: usize) -> i64 {
@@ -274,7 +274,7 @@ mod tests {
         let base: &[(&str, &[&str], i64)] = &[("on-cpu", &["a", "b", "c"], 1), ("on-cpu", &["x"], 4)];
         let (_dir, store, aggs) = fixture(&[target, base]);
         let names = Names::default();
-        let tree = Tree::build(&names, &store, &[&aggs[0], &aggs[1]], true);
+        let tree = Tree::build(&names, &store, &[&aggs[0], &aggs[1]], true).unwrap();
         let json = tree.to_json(100, 0.0, true);
         assert_eq!((json.value, json.base), (17, Some(5)));
         let on = child(&json, "[on-cpu]");
@@ -288,7 +288,7 @@ mod tests {
         assert!(on.children.iter().all(|c| c.name != "zero"));
 
         // Without kind roots the kinds merge into one tree.
-        let merged = Tree::build(&names, &store, &[&aggs[0]], false).to_json(100, 0.0, false);
+        let merged = Tree::build(&names, &store, &[&aggs[0]], false).unwrap().to_json(100, 0.0, false);
         assert_eq!(child(child(&merged, "a"), "b").value, 14);
     }
 
@@ -299,7 +299,7 @@ mod tests {
             stacks.iter().map(|(f, v)| ("on-cpu", vec!["main", f.as_str()], *v)).collect();
         let rows: Vec<(&str, &[&str], i64)> = rows.iter().map(|(k, f, v)| (*k, f.as_slice(), *v)).collect();
         let (_dir, store, aggs) = fixture(&[&rows]);
-        let json = Tree::build(&Names::default(), &store, &[&aggs[0]], false).to_json(12, 0.0, false);
+        let json = Tree::build(&Names::default(), &store, &[&aggs[0]], false).unwrap().to_json(12, 0.0, false);
         let main = child(&json, "main");
         let pruned = child(main, "[pruned]");
         assert_eq!(main.children.len(), 10 + 1, "root, main and the 10 heaviest, plus [pruned]");

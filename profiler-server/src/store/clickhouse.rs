@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     now_ms, Aggregate, Appended, Batch, Cancel, Frames, Grid, GroupBy, Labels, Matcher, Overview, Selector,
-    Store,
+    Store, StoreResult,
 };
 
 #[derive(Debug, Clone)]
@@ -697,7 +697,7 @@ impl ClickHouseStore {
 impl Store for ClickHouseStore {
     /// Always [`Appended::Stored`]: ClickHouse drops a retry of a stored
     /// batch id silently, so it cannot be told from a first delivery.
-    fn append(&self, batch: Batch) -> anyhow::Result<Appended> {
+    fn append(&self, batch: Batch) -> StoreResult<Appended> {
         if let (Some(_), Some(since)) = (&batch.id, batch.maybe_stored_since_ms) {
             let (inserts, started) = &*self.keyed_inserts.lock().unwrap_or_else(|e| e.into_inner());
             let horizon = match inserts.len() < DEDUPLICATION_WINDOW as usize {
@@ -831,7 +831,7 @@ impl Store for ClickHouseStore {
         Ok(Appended::Stored)
     }
 
-    fn aggregate(&self, sel: &Selector, by: GroupBy) -> anyhow::Result<Aggregate> {
+    fn aggregate(&self, sel: &Selector, by: GroupBy) -> StoreResult<Aggregate> {
         let mut out = Aggregate::new();
         for part in self.parts(sel.from_ms, sel.until_ms) {
             // Like the embedded store, every kind with data in the range is
@@ -855,7 +855,7 @@ impl Store for ClickHouseStore {
         Ok(out)
     }
 
-    fn overview(&self, grid: Grid, cancel: &Cancel) -> anyhow::Result<Overview> {
+    fn overview(&self, grid: Grid, cancel: &Cancel) -> StoreResult<Overview> {
         let mut out = Overview::new();
         for part in self.parts(grid.from_ms, grid.until_ms) {
             cancel.check()?;
@@ -873,14 +873,14 @@ impl Store for ClickHouseStore {
         ids.iter().filter(|&&id| !w.contains(&(svc, id))).count()
     }
 
-    fn stack(&self, id: u64) -> Option<Frames> {
+    fn stack(&self, id: u64) -> StoreResult<Option<Frames>> {
         if let Some(f) = self
             .stacks
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&id)
         {
-            return Some(f.clone());
+            return Ok(Some(f.clone()));
         }
         let q = self
             .client
@@ -889,39 +889,27 @@ impl Store for ClickHouseStore {
                 self.db
             ))
             .bind(id);
-        match self.run(async move { Ok(q.fetch_all::<FramesRow>().await?) }) {
-            Ok(rows) => {
-                let r = rows.into_iter().next()?;
-                let f: Frames = r.frames.into_iter().map(Arc::from).collect();
-                let mut s = self.stacks.write().unwrap_or_else(|e| e.into_inner());
-                if must_start_over(s.len(), 1) {
-                    s.clear();
-                }
-                s.insert(id, f.clone());
-                Some(f)
-            }
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), stack = id, "loading stack");
-                None
-            }
+        let rows = self.run(async move { Ok(q.fetch_all::<FramesRow>().await?) }).context("loading a stack")?;
+        let Some(r) = rows.into_iter().next() else { return Ok(None) };
+        let f: Frames = r.frames.into_iter().map(Arc::from).collect();
+        let mut s = self.stacks.write().unwrap_or_else(|e| e.into_inner());
+        if must_start_over(s.len(), 1) {
+            s.clear();
         }
+        s.insert(id, f.clone());
+        Ok(Some(f))
     }
 
-    fn services(&self) -> Vec<String> {
+    fn services(&self) -> StoreResult<Vec<String>> {
         let q = self.client.query(&format!(
             "SELECT DISTINCT toString(service) AS name FROM {}.series ORDER BY name",
             self.db
         ));
-        match self.run(async move { Ok(q.fetch_all::<NameRow>().await?) }) {
-            Ok(v) => v.into_iter().map(|r| r.name).collect(),
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "listing services");
-                Vec::new()
-            }
-        }
+        let rows = self.run(async move { Ok(q.fetch_all::<NameRow>().await?) }).context("listing services")?;
+        Ok(rows.into_iter().map(|r| r.name).collect())
     }
 
-    fn series(&self, service: &str) -> Vec<Arc<Labels>> {
+    fn series(&self, service: &str) -> StoreResult<Vec<Arc<Labels>>> {
         let q = self
             .client
             .query(&format!(
@@ -930,20 +918,15 @@ impl Store for ClickHouseStore {
                 self.db
             ))
             .bind(service);
-        match self.run(async move { Ok(q.fetch_all::<LabelsRow>().await?) }) {
-            Ok(v) => v
-                .into_iter()
-                .map(|r| Arc::new(r.label_names.into_iter().zip(r.label_values).collect()))
-                .collect(),
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "listing series");
-                Vec::new()
-            }
-        }
+        let rows = self.run(async move { Ok(q.fetch_all::<LabelsRow>().await?) }).context("listing series")?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Arc::new(r.label_names.into_iter().zip(r.label_values).collect()))
+            .collect())
     }
 
     /// Nothing is buffered here: every append is already in ClickHouse.
-    fn flush(&self) -> anyhow::Result<()> {
+    fn flush(&self) -> StoreResult<()> {
         Ok(())
     }
 
@@ -952,7 +935,7 @@ impl Store for ClickHouseStore {
     }
 
     /// Retention and rollups are ClickHouse's job (TTL, materialized view).
-    fn maintain(&self, _now_ms: i64) -> anyhow::Result<()> {
+    fn maintain(&self, _now_ms: i64) -> StoreResult<()> {
         Ok(())
     }
 

@@ -34,7 +34,7 @@ use super::results::Results;
 use super::totals;
 use super::{
     now_ms, wal, Aggregate, Appended, Batch, Cancel, Frames, Grid, GroupBy, Labels, Overview, Refused,
-    Row, Selector, Store, StoreStats,
+    Row, Selector, Store, StoreResult, StoreStats,
 };
 
 const STACKS: TableDefinition<u64, &[u8]> = TableDefinition::new("stacks");
@@ -836,7 +836,7 @@ impl EmbeddedStore {
     }
 
     /// Sums the rows of buffers and segments that a query selects.
-    fn scan(&self, sel: &Selector, by: GroupBy) -> anyhow::Result<Aggregate> {
+    fn scan(&self, sel: &Selector, by: GroupBy) -> StoreResult<Aggregate> {
         let allowed: Option<HashSet<u64>> = (!sel.matchers.is_empty()).then(|| {
             let d = read(&self.dict);
             d.by_service
@@ -885,7 +885,7 @@ impl EmbeddedStore {
                     let mine: Vec<&SegmentMeta> =
                         order.iter().skip(t).step_by(threads).copied().collect();
                     let allowed = allowed.as_ref();
-                    s.spawn(move || -> anyhow::Result<Aggregate> {
+                    s.spawn(move || -> StoreResult<Aggregate> {
                         let mut part = Aggregate::new();
                         for m in mine {
                             sel.cancel.check()?;
@@ -905,7 +905,7 @@ impl EmbeddedStore {
                                 // Compacted or expired after we listed it.
                                 Err(e) if is_not_found(&e) => {}
                                 Err(e) => {
-                                    return Err(e.context(format!("reading segment {}", m.id)))
+                                    return Err(e.context(format!("reading segment {}", m.id)).into())
                                 }
                             }
                         }
@@ -1236,7 +1236,7 @@ fn scan_rows(
 impl EmbeddedStore {
     /// Writes a batch's WAL record: the number to settle it by, or None for
     /// a batch already stored.
-    fn write_record(&self, batch: Batch) -> anyhow::Result<Option<u64>> {
+    fn write_record(&self, batch: Batch) -> StoreResult<Option<u64>> {
         let framed = wal::frame(&wal::encode(&batch));
         if framed.len() > wal::MAX_RECORD {
             return Err(Refused::TooLarge(format!(
@@ -1301,7 +1301,7 @@ impl EmbeddedStore {
     /// Waits until record `my` is durable (or failed). Group commit: it is
     /// settled, or in the fsync running now, or waiting for the next, which
     /// this thread runs if nobody else does.
-    fn wait_durable(&self, my: u64) -> anyhow::Result<()> {
+    fn wait_durable(&self, my: u64) -> StoreResult<()> {
         let mut w = lock(&self.wal);
         loop {
             if let Some(outcome) = w.outcomes.remove(&my) {
@@ -1317,7 +1317,7 @@ impl EmbeddedStore {
 }
 
 impl Store for EmbeddedStore {
-    fn append(&self, batch: Batch) -> anyhow::Result<Appended> {
+    fn append(&self, batch: Batch) -> StoreResult<Appended> {
         match self.write_record(batch)? {
             None => Ok(Appended::Duplicate),
             Some(my) => self.wait_durable(my).map(|()| Appended::Stored),
@@ -1326,7 +1326,7 @@ impl Store for EmbeddedStore {
 
     /// Every record is written before the first is waited for, so one fsync
     /// covers them all.
-    fn append_all(&self, batches: Vec<Batch>) -> anyhow::Result<Vec<Appended>> {
+    fn append_all(&self, batches: Vec<Batch>) -> StoreResult<Vec<Appended>> {
         let mut written = Vec::with_capacity(batches.len());
         let mut failed = None;
         for batch in batches {
@@ -1356,7 +1356,7 @@ impl Store for EmbeddedStore {
         }
     }
 
-    fn aggregate(&self, sel: &Selector, by: GroupBy) -> anyhow::Result<Aggregate> {
+    fn aggregate(&self, sel: &Selector, by: GroupBy) -> StoreResult<Aggregate> {
         if let Some(answer) = self.results.get(sel, by) {
             return Ok(answer);
         }
@@ -1366,7 +1366,7 @@ impl Store for EmbeddedStore {
         Ok(answer)
     }
 
-    fn overview(&self, grid: Grid, cancel: &Cancel) -> anyhow::Result<Overview> {
+    fn overview(&self, grid: Grid, cancel: &Cancel) -> StoreResult<Overview> {
         let legacy: Vec<u64> = read(&self.segments)
             .iter()
             .filter(|m| m.summary.is_none() && grid.meets(m.min_ts, m.max_ts))
@@ -1433,8 +1433,8 @@ impl Store for EmbeddedStore {
         Ok(out)
     }
 
-    fn stack(&self, id: u64) -> Option<Frames> {
-        read(&self.dict).stacks.get(&id).cloned()
+    fn stack(&self, id: u64) -> StoreResult<Option<Frames>> {
+        Ok(read(&self.dict).stacks.get(&id).cloned())
     }
 
     /// The dictionary is shared by all services.
@@ -1443,30 +1443,30 @@ impl Store for EmbeddedStore {
         ids.iter().filter(|id| !d.stacks.contains_key(id)).count()
     }
 
-    fn services(&self) -> Vec<String> {
+    fn services(&self) -> StoreResult<Vec<String>> {
         let mut v: Vec<String> = read(&self.dict).by_service.keys().cloned().collect();
         v.sort();
-        v
+        Ok(v)
     }
 
-    fn series(&self, service: &str) -> Vec<Arc<Labels>> {
+    fn series(&self, service: &str) -> StoreResult<Vec<Arc<Labels>>> {
         let d = read(&self.dict);
-        d.by_service
+        Ok(d.by_service
             .get(service)
             .into_iter()
             .flatten()
             .map(|id| d.series[id].clone())
-            .collect()
+            .collect())
     }
 
-    fn flush(&self) -> anyhow::Result<()> {
+    fn flush(&self) -> StoreResult<()> {
         let _f = lock(&self.flush_lock);
         let result = self.flush_pending();
         self.flush_failing.store(result.is_err(), Ordering::Relaxed);
-        result
+        Ok(result?)
     }
 
-    fn maintain(&self, now_ms: i64) -> anyhow::Result<()> {
+    fn maintain(&self, now_ms: i64) -> StoreResult<()> {
         let _f = lock(&self.flush_lock);
         let window = {
             let mut w = lock(&self.wal);
@@ -1695,15 +1695,15 @@ mod tests {
         );
         // And past retention everything goes, dictionaries included.
         let stack = batch(0, 1).stacks[0].0;
-        assert!(s.stack(stack).is_some());
+        assert!(s.stack(stack).unwrap().is_some());
         s.maintain(100 * 3_600_000).unwrap();
         assert_eq!(total(&s, 0, i64::MAX), 0);
         assert_eq!(s.segment_count(), 0);
-        assert!(s.stack(stack).is_none(), "stack forgotten");
-        assert!(s.services().is_empty(), "series forgotten");
+        assert!(s.stack(stack).unwrap().is_none(), "stack forgotten");
+        assert!(s.services().unwrap().is_empty(), "series forgotten");
         drop(s);
         let s = EmbeddedStore::open(dir.path(), opts()).unwrap();
-        assert!(s.stack(stack).is_none() && s.services().is_empty(), "forgotten in the catalog too");
+        assert!(s.stack(stack).unwrap().is_none() && s.services().unwrap().is_empty(), "forgotten in the catalog too");
     }
 
     #[test]
@@ -1718,7 +1718,7 @@ mod tests {
         };
         let (old, recent) = (stack("old_leaf", 0), stack("recent_leaf", 90 * 3_600_000));
         let (old_id, recent_id) = (old.stacks[0].0, recent.stacks[0].0);
-        let shares_main = |s: &EmbeddedStore| Arc::ptr_eq(&s.stack(old_id).unwrap()[0], &s.stack(recent_id).unwrap()[0]);
+        let shares_main = |s: &EmbeddedStore| Arc::ptr_eq(&s.stack(old_id).unwrap().unwrap()[0], &s.stack(recent_id).unwrap().unwrap()[0]);
         let s = EmbeddedStore::open(dir.path(), opts()).unwrap();
         s.append(old).unwrap();
         s.append(recent).unwrap();
@@ -1730,9 +1730,9 @@ mod tests {
         assert!(shares_main(&s), "and again when read back from the catalog");
         // Past retention of the old stack: its own name goes, `main` stays.
         s.maintain(100 * 3_600_000).unwrap();
-        assert!(s.stack(old_id).is_none());
+        assert!(s.stack(old_id).unwrap().is_none());
         assert_eq!(s.stats().dictionary_frame_names, 2);
-        assert_eq!(&*s.stack(recent_id).unwrap()[1], "recent_leaf");
+        assert_eq!(&*s.stack(recent_id).unwrap().unwrap()[1], "recent_leaf");
     }
 
     /// Two stacks over two series and twelve windows of one 10-minute segment.

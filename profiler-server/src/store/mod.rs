@@ -83,7 +83,30 @@ pub fn series_id(labels: &Labels) -> u64 {
     h.digest()
 }
 
-/// Why a store refused a batch; anything else is an internal error.
+/// Why a store could not do what it was asked. Every method of [`Store`]
+/// that can fail says so with this, and callers match on it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The batch was refused; the client learns why.
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    /// Nobody waits for the answer any more (see [`Cancel`]).
+    #[error("query cancelled")]
+    Cancelled,
+    /// The store's disk or backend failed: an outage, never an empty answer.
+    #[error("{0:#}")]
+    Backend(#[from] anyhow::Error),
+}
+
+impl From<Cancelled> for StoreError {
+    fn from(_: Cancelled) -> Self {
+        StoreError::Cancelled
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Why a store refused a batch.
 #[derive(Debug, thiserror::Error)]
 pub enum Refused {
     /// The store is behind or its disk failed: the client should retry later.
@@ -286,32 +309,33 @@ pub trait Store: Send + Sync + 'static {
     /// Durably appends a batch: when this returns Ok the data survives a crash.
     /// Returns false (and stores nothing) if a batch with the same id was
     /// already stored.
-    fn append(&self, batch: Batch) -> anyhow::Result<Appended>;
+    fn append(&self, batch: Batch) -> StoreResult<Appended>;
     /// Appends batches like [`Self::append`] does each, in order; one
     /// request's parts. Err if any failed (the others may be stored: their
     /// ids make a retry of the whole count once).
-    fn append_all(&self, batches: Vec<Batch>) -> anyhow::Result<Vec<Appended>> {
+    fn append_all(&self, batches: Vec<Batch>) -> StoreResult<Vec<Appended>> {
         batches.into_iter().map(|b| self.append(b)).collect()
     }
-    fn aggregate(&self, sel: &Selector, by: GroupBy) -> anyhow::Result<Aggregate>;
+    fn aggregate(&self, sel: &Selector, by: GroupBy) -> StoreResult<Aggregate>;
     /// Every service's totals per kind and bucket, hosts and last window
     /// over the grid's range: the fleet overview, in one pass.
-    fn overview(&self, grid: Grid, cancel: &Cancel) -> anyhow::Result<Overview>;
-    fn stack(&self, id: u64) -> Option<Frames>;
+    fn overview(&self, grid: Grid, cancel: &Cancel) -> StoreResult<Overview>;
+    /// The frames of a stack; None when the store has no such stack.
+    fn stack(&self, id: u64) -> StoreResult<Option<Frames>>;
     /// How many of `ids` this server cannot vouch it has the frames of for
     /// `service`: ingest by id refuses windows with any.
     fn unknown_stacks(&self, service: &str, ids: &[u64]) -> usize;
-    fn services(&self) -> Vec<String>;
+    fn services(&self) -> StoreResult<Vec<String>>;
     /// Label sets of every series of a service.
-    fn series(&self, service: &str) -> Vec<Arc<Labels>>;
+    fn series(&self, service: &str) -> StoreResult<Vec<Arc<Labels>>>;
     /// Moves buffered rows into immutable segments.
-    fn flush(&self) -> anyhow::Result<()>;
+    fn flush(&self) -> StoreResult<()>;
     /// Rows waiting in the buffer for the next flush.
     fn buffered_rows(&self) -> usize;
     fn stats(&self) -> StoreStats {
         StoreStats::default()
     }
     /// Retention and downsampling, relative to `now_ms`.
-    fn maintain(&self, now_ms: i64) -> anyhow::Result<()>;
+    fn maintain(&self, now_ms: i64) -> StoreResult<()>;
     fn disk_bytes(&self) -> u64;
 }

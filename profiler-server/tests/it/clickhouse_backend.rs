@@ -13,7 +13,7 @@ use common::{client, folded_total, now_ms, Proc};
 use profiler_server::config::Config;
 use profiler_server::store::{
     series_id, stack_id, Appended, Batch, ClickHouseOptions, ClickHouseStore, Frames, GroupBy,
-    Labels, Refused, Row, Selector, Store,
+    Labels, Refused, Row, Selector, Store, StoreError,
 };
 use serde_json::{json, Value};
 
@@ -458,10 +458,99 @@ fn retried_batches_are_counted_once(async_insert: bool) {
     let mut before = one_row_batch(Some("agent-1:9"), t0, 5);
     before.maybe_stored_since_ms = Some(now_ms() - 3_600_000);
     let refused = other.append(before).unwrap_err();
-    assert!(matches!(refused.downcast_ref::<Refused>(), Some(Refused::Unverifiable(_))), "{refused:#}");
+    assert!(matches!(refused, StoreError::Refused(Refused::Unverifiable(_))), "{refused:#}");
     std::thread::sleep(std::time::Duration::from_millis(5));
     let mut since = one_row_batch(Some("agent-1:9"), t0, 5);
     since.maybe_stored_since_ms = Some(now_ms());
     other.append(since).unwrap();
     assert_eq!(total(&other), 25);
+}
+
+/// A TCP relay to the bridge that can be cut, like a ClickHouse outage: new
+/// connections are dropped, and open ones are closed.
+struct Relay {
+    url: String,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    fn to(bridge: &chdb_bridge::Bridge) -> Relay {
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::Ordering;
+        let target = bridge.url.trim_start_matches("http://").trim_end_matches('/').to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = cut.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if flag.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&target) else { continue };
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                    let flag = flag.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        from.set_read_timeout(Some(std::time::Duration::from_millis(50))).unwrap();
+                        let mut buf = [0u8; 16 << 10];
+                        while !flag.load(Ordering::Relaxed) {
+                            match from.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                                Err(_) => break,
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay { url, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// While ClickHouse is unreachable, reads answer 503 (the store failed), never
+/// an empty export or label list, and a schedule for a known service is not
+/// refused as naming an unknown one.
+#[test]
+fn a_clickhouse_outage_answers_503_not_empty_answers() {
+    let bridge = chdb_bridge::shared();
+    let db = chdb_bridge::fresh_database("outage");
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::to(bridge);
+    let t0 = (now_ms() - 10 * MIN).div_euclid(MIN) * MIN;
+    let mut cfg = ch_config(bridge, &db, dir.path());
+    cfg.clickhouse.url = relay.url.clone();
+    let s = InProc::start(cfg);
+    s.post(&format!("/api/v1/ingest?service=svc&kind=on-cpu&format=folded&from={t0}&label=host:h1"), "main;work 12\n");
+    let range = format!("service=svc&from={t0}&until={}", t0 + MIN);
+    assert!(s.text(&format!("/api/v1/folded?{range}")).contains("main;work 12"));
+
+    relay.cut();
+    for path in [format!("/api/v1/folded?{range}"), format!("/api/v1/pprof?{range}"), "/api/v1/labels?service=svc".to_owned(), "/api/v1/services".to_owned()] {
+        let r = client().get(format!("{}{path}", s.base)).send().unwrap();
+        let status = r.status().as_u16();
+        let body = r.text().unwrap();
+        assert_eq!(status, 503, "{path} during the outage: {body}");
+        assert!(body.contains("store failed"), "{path}: {body}");
+    }
+    let schedule = json!({
+        "name": "nightly", "cron": "0 3 * * *", "duration_s": 60,
+        "selector": {"service": "svc"}, "settings": {"frequency_hz": 499}
+    });
+    let r = client().post(format!("{}/api/v1/schedules", s.base)).json(&schedule).send().unwrap();
+    assert_eq!(r.status().as_u16(), 503, "creating a schedule during the outage: {}", r.text().unwrap());
+    s.stop();
 }
