@@ -283,6 +283,7 @@ impl AgentConfig {
                 if rule.service.is_none() && rule.labels.is_empty() {
                     bail!("rules[{i}] sets neither a service nor labels");
                 }
+                check_label_names(rule.labels.keys()).with_context(|| format!("rules[{i}].labels"))?;
                 Ok(Rule {
                     comm: compile("comm", &rule.comm)?,
                     exe: compile("exe", &rule.exe)?,
@@ -298,6 +299,7 @@ impl AgentConfig {
     /// Everything that can be checked before sampling starts.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.rules()?;
+        check_label_names(self.labels.keys()).context("labels")?;
         self.metrics_addr()?;
         self.privileges.user()?;
         validate_url(&self.server.url)?;
@@ -321,6 +323,15 @@ impl AgentConfig {
             bail!("version_env: {bad:?} is not an environment variable name");
         }
         Ok(())
+    }
+}
+
+/// Label names the server accepts and that survive the ingest query
+/// (`profiler_pprof::is_label_name`).
+fn check_label_names<'a>(mut names: impl Iterator<Item = &'a String>) -> anyhow::Result<()> {
+    match names.find(|name| !profiler_pprof::is_label_name(name)) {
+        Some(bad) => bail!("label name {bad:?}: use ASCII letters, digits and _ . / - (no ':')"),
+        None => Ok(()),
     }
 }
 

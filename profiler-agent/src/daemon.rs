@@ -28,7 +28,7 @@ use crate::{
     metrics::Metrics,
     privileges,
     process::ProcessInfo,
-    runs::{Applied, Poller, Report, RunControl},
+    runs::{Applied, Poller, Report, RunControl, RunOnHost as _},
     sample::RawValue,
     session::{Session, Settings, Window},
     ship::{Payload, ShipError, Shipper, Stacks, WindowMeta, build_payload, jitter, now_ms},
@@ -149,7 +149,7 @@ impl RunSwitch {
                 }
                 Some(run) => {
                     tracing::info!(run = %run.id, "deep-profile run starting");
-                    match session.apply(&run.settings(&self.baseline, &self.limits)) {
+                    match session.apply(&run.host_settings(&self.baseline, &self.limits)) {
                         Ok(()) => applied.started(run, &mut reports),
                         Err(err) => {
                             tracing::error!(run = %run.id, "deep-profile run failed: {err:#}");
@@ -201,7 +201,7 @@ fn sampling_loop(
             }
         }
         let end_ms = now_ms().min(end_ms).max(start_ms + 1);
-        let meta = WindowMeta { start_ms, end_ms };
+        let meta = WindowMeta { start_ms };
         let payload = groups.payload(host_labels, &meta, &run_id);
         *runs.control.services.lock().unwrap() = groups.services();
         metrics.windows.fetch_add(1, Relaxed);

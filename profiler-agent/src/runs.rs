@@ -14,25 +14,19 @@ use tokio::sync::mpsc;
 
 use crate::{config::LimitsConfig, sample::OffCpuOptions, session::{OffCpuBudget, Settings}};
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-pub struct RunSettings {
-    pub frequency_hz: u64,
-    pub off_cpu: bool,
-    pub off_cpu_sampling: f64,
-}
+/// A run as the server describes it (the contract both sides share).
+pub use profiler_pprof::runs::{AgentRun as Run, Reported as RunState, RunSettings};
 
-/// A run as the server describes it.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-pub struct Run {
-    pub id: String,
-    pub start_ms: i64,
-    pub end_ms: i64,
-    pub settings: RunSettings,
-}
-
-impl Run {
+/// What this host makes of a run.
+pub trait RunOnHost {
     /// The run's settings within this host's limits.
-    pub fn settings(&self, baseline: &Settings, limits: &LimitsConfig) -> Settings {
+    fn host_settings(&self, baseline: &Settings, limits: &LimitsConfig) -> Settings;
+    /// When this host ends the run: its end, or earlier if it is longer than allowed.
+    fn local_end_ms(&self, limits: &LimitsConfig) -> i64;
+}
+
+impl RunOnHost for Run {
+    fn host_settings(&self, baseline: &Settings, limits: &LimitsConfig) -> Settings {
         let off_cpu = self.settings.off_cpu.then(|| OffCpuOptions {
             min_block: baseline.off_cpu.as_ref().map_or_else(|| OffCpuOptions::default().min_block, |o| o.min_block),
             sample_probability: self.settings.off_cpu_sampling.clamp(1e-4, 1.0),
@@ -46,26 +40,8 @@ impl Run {
         }
     }
 
-    /// When this host ends the run: its end, or earlier if it is longer than allowed.
-    pub fn local_end_ms(&self, limits: &LimitsConfig) -> i64 {
+    fn local_end_ms(&self, limits: &LimitsConfig) -> i64 {
         self.end_ms.min(self.start_ms + limits.max_run_duration.as_millis() as i64)
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RunState {
-    Running,
-    Done,
-    Failed,
-}
-
-impl RunState {
-    fn as_str(self) -> &'static str {
-        match self {
-            RunState::Running => "running",
-            RunState::Done => "done",
-            RunState::Failed => "failed",
-        }
     }
 }
 
@@ -274,7 +250,7 @@ mod tests {
     fn runs_start_end_on_the_local_clock_and_respect_limits() {
         let limits = LimitsConfig { max_run_duration: Duration::from_secs(10), ..LimitsConfig::default() };
         let baseline = Settings { frequency_hz: 99, off_cpu: None, off_cpu_budget: OffCpuBudget::default() };
-        let settings = run("a", 60_000).settings(&baseline, &limits);
+        let settings = run("a", 60_000).host_settings(&baseline, &limits);
         assert_eq!(settings.frequency_hz, 999, "clamped to the host's limit");
         assert_eq!(settings.off_cpu_budget, OffCpuBudget::UNLIMITED);
         assert_eq!(run("a", 60_000).local_end_ms(&limits), 10_000, "cut to max_run_duration");

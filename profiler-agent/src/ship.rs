@@ -72,7 +72,6 @@ pub type Stacks = BTreeMap<Vec<std::sync::Arc<str>>, u64>;
 
 pub struct WindowMeta {
     pub start_ms: u64,
-    pub end_ms: u64,
 }
 
 /// The window's payload: every (identity, kind) with stacks is a part. The host labels
@@ -102,7 +101,6 @@ pub fn build_payload<'a>(
     let mut query = form_urlencoded::Serializer::new(String::new());
     query
         .append_pair("from", &meta.start_ms.to_string())
-        .append_pair("until", &meta.end_ms.to_string())
         .append_pair("batch_id", batch_id)
         .append_pair("format", BUNDLE_FORMAT);
     for (name, label_value) in host_labels {
@@ -501,11 +499,11 @@ mod tests {
         stacks.insert(vec![Arc::from("app"), Arc::from("burn")], 70);
         let mut waits = Stacks::new();
         waits.insert(vec![Arc::from("job"), Arc::from("read")], 5);
-        let meta = WindowMeta { start_ms: 10_000, end_ms: 20_000 };
+        let meta = WindowMeta { start_ms: 10_000 };
         let parts = [(&checkout, Kind::OnCpu, &stacks), (&batch, Kind::OffCpu(profiler_pprof::kind::WaitReason::BlockedIo), &waits)];
         let payload = build_payload(parts, &host, &meta, "00ff-10000");
         assert_eq!(payload.value, 105);
-        assert_eq!(payload.query, "from=10000&until=20000&batch_id=00ff-10000&format=bundle&label=host%3Ah1");
+        assert_eq!(payload.query, "from=10000&batch_id=00ff-10000&format=bundle&label=host%3Ah1");
         assert_eq!(Payload::decode(&payload.encode()), Some(payload.clone()));
         let raw = profiler_pprof::gunzip(&payload.body, 1 << 20).unwrap();
         let parts: Vec<stacks::Part> = stacks::BundleReader::new(&raw).unwrap().map(Result::unwrap).collect();
@@ -531,7 +529,7 @@ mod tests {
         let (query, body) = &converted[0];
         assert_eq!(
             query,
-            "service=checkout&kind=on-cpu&from=10000&until=20000&label=host%3Ah1&batch_id=00ff-10000%2F0&label=systemd_unit%3Acheckout.service"
+            "service=checkout&kind=on-cpu&from=10000&label=host%3Ah1&batch_id=00ff-10000%2F0&label=systemd_unit%3Acheckout.service"
         );
         let profile = profiler_pprof::decode_gzip(body, 1 << 20).unwrap();
         assert_eq!(profile.sample.iter().map(|s| s.value[0]).sum::<i64>(), 100);

@@ -52,6 +52,7 @@ pub mod compare;
 pub mod flamegraph;
 pub mod folded;
 pub mod kind;
+pub mod runs;
 pub mod stacks;
 
 
@@ -108,6 +109,13 @@ pub fn gunzip(bytes: &[u8], max: usize) -> Result<std::borrow::Cow<'_, [u8]>, Er
 }
 
 /// Serializes and gzips a profile, as `go tool pprof` expects on disk.
+/// A label name both sides accept: ASCII letters, digits and `_ . / -`. No
+/// `:`, which separates name and value in the ingest query (`label=name:value`)
+/// and in the agent's configuration, so a name with one could not round-trip.
+pub fn is_label_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '/' | '-'))
+}
+
 pub fn encode_gzip(profile: &Profile) -> Vec<u8> {
     gzip(&profile.encode_to_vec())
 }

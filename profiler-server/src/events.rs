@@ -46,6 +46,17 @@ const MAX_WEBHOOK_BACKOFF: Duration = Duration::from_secs(300);
 /// How often an idle delivery task looks for queued events.
 const WEBHOOK_IDLE_POLL: Duration = Duration::from_secs(1);
 
+/// Why an alert rule was not changed.
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    /// The change conflicts with the rules there are (one of the config file, too many).
+    #[error("{0}")]
+    Conflict(String),
+    /// The rules file could not be written.
+    #[error("saving alert rules: {0:#}")]
+    Save(#[from] anyhow::Error),
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Event {
     pub id: u64,
@@ -276,9 +287,9 @@ impl Events {
     /// Creates or replaces the API rule of that name; `Ok(Err)` when the name
     /// is taken by the config file or the API already keeps its most rules.
     /// Returns whether the rule is new.
-    pub fn put_rule(&self, rule: AlertRule) -> anyhow::Result<Result<bool, String>> {
+    pub fn put_rule(&self, rule: AlertRule) -> Result<bool, RuleError> {
         if self.options.alerts.iter().any(|r| r.name == rule.name) {
-            return Ok(Err(format!("alert {:?} is defined in the server's config file; change it there", rule.name)));
+            return Err(RuleError::Conflict(format!("alert {:?} is defined in the server's config file; change it there", rule.name)));
         }
         let mut book = self.lock();
         let created = match book.rules.iter().position(|r| r.name == rule.name) {
@@ -286,7 +297,9 @@ impl Events {
                 book.rules[at] = rule.clone();
                 false
             }
-            None if book.rules.len() >= MAX_API_RULES => return Ok(Err(format!("at most {MAX_API_RULES} alert rules can be created"))),
+            None if book.rules.len() >= MAX_API_RULES => {
+                return Err(RuleError::Conflict(format!("at most {MAX_API_RULES} alert rules can be created")))
+            }
             None => {
                 book.rules.push(rule.clone());
                 true
@@ -297,24 +310,24 @@ impl Events {
             state.retain(|service, _| rule.service == "*" || *service == rule.service);
         }
         self.save(&book)?;
-        Ok(Ok(created))
+        Ok(created)
     }
 
     /// Deletes the API rule of that name and its metrics; `Ok(Err)` for a rule
     /// of the config file, `Ok(Ok(false))` when there is none.
-    pub fn delete_rule(&self, name: &str) -> anyhow::Result<Result<bool, String>> {
+    pub fn delete_rule(&self, name: &str) -> Result<bool, RuleError> {
         if self.options.alerts.iter().any(|r| r.name == name) {
-            return Ok(Err(format!("alert {name:?} is defined in the server's config file; remove it there")));
+            return Err(RuleError::Conflict(format!("alert {name:?} is defined in the server's config file; remove it there")));
         }
         let mut book = self.lock();
         let before = book.rules.len();
         book.rules.retain(|r| r.name != name);
         if book.rules.len() == before {
-            return Ok(Ok(false));
+            return Ok(false);
         }
         book.alerts.remove(name);
         self.save(&book)?;
-        Ok(Ok(true))
+        Ok(true)
     }
 
     /// Every rule's last complete period, for each of its services, once.

@@ -53,12 +53,9 @@ pub fn validate_label(limits: &Limits, name: &str, value: &str) -> Result<(), Re
             limits.max_label_name_len
         )));
     }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | ':' | '/'))
-    {
+    if !profiler_pprof::is_label_name(name) {
         return Err(bad(format!(
-            "label name {:?} has characters outside [A-Za-z0-9_.:/-]",
+            "label name {:?} has characters outside [A-Za-z0-9_./-]",
             truncate(name, 64)
         )));
     }

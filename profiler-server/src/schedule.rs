@@ -12,11 +12,18 @@ use std::{
     sync::Mutex,
 };
 
-use chrono::{TimeZone as _, Utc};
+use chrono::TimeZone as _;
 use croner::{Cron, parser::{CronParser, Seconds}};
 use serde::{Deserialize, Serialize};
 
+pub use profiler_pprof::runs::{AgentRun, RunSettings};
+
+fn yes() -> bool {
+    true
+}
+
 use crate::json_file;
+use crate::store::now_ms;
 
 /// Guards every host against a schedule asking too much.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -43,26 +50,20 @@ pub struct RunSelector {
     pub labels: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RunSettings {
-    pub frequency_hz: u64,
-    #[serde(default = "yes")]
-    pub off_cpu: bool,
-    /// Share of context switches recorded; 1 = every switch.
-    #[serde(default = "one")]
-    pub off_cpu_sampling: f64,
-}
 
-fn yes() -> bool {
-    true
-}
-
-fn one() -> f64 {
-    1.0
-}
 
 /// What a client sends to create or replace a schedule.
+/// Why a schedule or run was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum ScheduleError {
+    /// What was asked for is invalid; the reason says why.
+    #[error("{0}")]
+    Invalid(String),
+    /// The schedules file could not be written.
+    #[error("saving schedules: {0:#}")]
+    Save(#[from] anyhow::Error),
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleSpec {
@@ -113,6 +114,17 @@ pub enum RunState {
     Running,
     Done,
     Failed,
+}
+
+impl From<profiler_pprof::runs::Reported> for RunState {
+    fn from(reported: profiler_pprof::runs::Reported) -> Self {
+        use profiler_pprof::runs::Reported;
+        match reported {
+            Reported::Running => RunState::Running,
+            Reported::Done => RunState::Done,
+            Reported::Failed => RunState::Failed,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -175,14 +187,6 @@ struct Book {
     runs: Vec<Run>,
 }
 
-/// What one agent is told: the runs active for it now.
-#[derive(Debug, Serialize)]
-pub struct AgentRun {
-    pub id: String,
-    pub start_ms: i64,
-    pub end_ms: i64,
-    pub settings: RunSettings,
-}
 
 /// Everything about an agent that selectors can match.
 pub struct AgentInfo {
@@ -279,8 +283,8 @@ impl Schedules {
         self.book.lock().unwrap().schedules.iter().cloned().map(|s| with_next_start(s, now)).collect()
     }
 
-    pub fn profile_now(&self, spec: AdHocSpec, known_services: &[String]) -> Result<anyhow::Result<Run>, String> {
-        self.validate_run(&spec.selector, &spec.settings, spec.duration_s, known_services)?;
+    pub fn profile_now(&self, spec: AdHocSpec, known_services: &[String]) -> Result<Run, ScheduleError> {
+        self.validate_run(&spec.selector, &spec.settings, spec.duration_s, known_services).map_err(ScheduleError::Invalid)?;
         let mut book = self.book.lock().unwrap();
         book.next_id += 1;
         let start_ms = now_ms();
@@ -296,7 +300,8 @@ impl Schedules {
             state: None,
         };
         book.runs.push(run.clone());
-        Ok(self.save(&book).map(|()| run.with_state(start_ms)))
+        self.save(&book)?;
+        Ok(run.with_state(start_ms))
     }
 
     /// Runs, newest first, with the ones scheduled now materialized.
@@ -408,10 +413,6 @@ fn matches(selector: &RunSelector, agent: &AgentInfo) -> bool {
 
 fn clamp(settings: &RunSettings, limits: &RunLimits) -> RunSettings {
     RunSettings { frequency_hz: settings.frequency_hz.clamp(1, limits.max_frequency_hz), ..settings.clone() }
-}
-
-pub fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
 }
 
 fn parse_cron(pattern: &str) -> Result<Cron, String> {

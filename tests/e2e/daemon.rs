@@ -271,6 +271,10 @@ fn bad_configs_fail_at_start_with_a_reason() {
         ("[server]\nurl = \"http://127.0.0.1:1\"\n[[rules]]\nexe = \"[oops\"\nservice = \"x\"\n", "rules[0].exe: bad regex"),
         ("[server]\nurl = \"http://no-such-host.invalid:4040\"\n", "does not resolve"),
         ("[server]\nurl = \"not a url\"\n", "is not a URL"),
+        // `label=name:value` in transit could not carry the name whole.
+        ("[server]\nurl = \"http://127.0.0.1:1\"\n[labels]\n\"team:a\" = \"x\"\n", "label name \"team:a\""),
+        ("[server]\nurl = \"http://127.0.0.1:1\"\n[[rules]]\ncomm = \"x\"\nlabels = { \"a:b\" = \"c\" }\n", "rules[0].labels"),
+        ("[server]\nurl = \"http://127.0.0.1:1\"\n[privileges]\nuser = \"no-such-user-here\"\n", "no user \"no-such-user-here\""),
     ];
     for (text, needle) in cases {
         let path = dir.path().join("bad.toml");

@@ -187,22 +187,14 @@ async fn unary<Req, Resp, Fut>(
         })
     }
 
+/// The request body under the one Content-Encoding policy (see
+/// [`http::check_content_encoding`]).
 fn decompress<'a>(
     headers: &HeaderMap,
     body: &'a [u8],
 ) -> Result<std::borrow::Cow<'a, [u8]>, ConnectError> {
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .map(|v| v.to_str().unwrap_or("?"));
-    match encoding {
-        None | Some("identity") => Ok(body.into()),
-        Some("gzip") => profiler_pprof::gunzip(body, MAX_REQUEST_BYTES)
-            .map_err(|e| ConnectError::from(ApiError::from(e))),
-        Some(other) => Err(ConnectError::new(
-            Code::Unimplemented,
-            format!("content encoding {other:?}: send gzip or identity"),
-        )),
-    }
+    http::check_content_encoding(headers)?;
+    profiler_pprof::gunzip(body, MAX_REQUEST_BYTES).map_err(|e| ConnectError::from(ApiError::from(e)))
 }
 
 /// Runs a handler's store and CPU work within the query limits (slots,

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware;
 use axum::Router;
 use profiler_pprof::Profile;
@@ -39,6 +39,7 @@ pub fn body_bytes(r: Result<Bytes, axum::extract::rejection::BytesRejection>) ->
 /// Reserves the memory to read a request's body: its declared length, or
 /// the largest accepted body if it declares none.
 pub async fn admit(s: &AppState, headers: &HeaderMap) -> ApiResult<Grant> {
+    check_content_encoding(headers)?;
     let max = s.config.limits.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -52,6 +53,20 @@ pub fn over_budget(e: OverBudget) -> ApiError {
         format!("ingest is using all of its memory budget (this request needs {} KiB more); retry later", e.wanted >> 10),
         2,
     )
+}
+
+/// The one Content-Encoding policy of every route with a body: absent,
+/// `identity` or `gzip`, anything else 415. What the body is decides how it
+/// is read: gzip's magic bytes gunzip it, within the limit, whatever the
+/// header says (our agent sends gzip as `identity`, as do some SDKs).
+pub fn check_content_encoding(headers: &HeaderMap) -> ApiResult<()> {
+    match headers.get(header::CONTENT_ENCODING).map(|v| v.to_str()) {
+        None | Some(Ok("identity" | "gzip")) => Ok(()),
+        Some(other) => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("content encoding {:?}: send gzip or identity", other.unwrap_or("(not text)")),
+        )),
+    }
 }
 
 /// Gunzips within the limit, holding the memory it takes in `grant`.

@@ -6,8 +6,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::events::RuleError;
 use crate::ingest::Rejected;
 use crate::query::changes::CompareError;
+use crate::schedule::ScheduleError;
 use crate::store::{Refused, StoreError};
 
 #[derive(Debug)]
@@ -80,6 +82,24 @@ impl From<CompareError> for ApiError {
     }
 }
 
+impl From<ScheduleError> for ApiError {
+    fn from(e: ScheduleError) -> ApiError {
+        match e {
+            ScheduleError::Invalid(why) => ApiError::bad(why),
+            ScheduleError::Save(e) => ApiError::internal(format!("{e:#}")),
+        }
+    }
+}
+
+impl From<RuleError> for ApiError {
+    fn from(e: RuleError) -> ApiError {
+        match e {
+            RuleError::Conflict(why) => ApiError::new(StatusCode::CONFLICT, why),
+            RuleError::Save(e) => ApiError::internal(format!("{e:#}")),
+        }
+    }
+}
+
 impl From<Rejected> for ApiError {
     fn from(r: Rejected) -> ApiError {
         let status = match r {
@@ -113,8 +133,3 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
-
-/// The JSON error reply of a handler that answers a `Response` directly.
-pub fn reply(status: StatusCode, message: impl Into<String>) -> Response {
-    ApiError::new(status, message).into_response()
-}

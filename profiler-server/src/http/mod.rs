@@ -11,7 +11,7 @@ pub mod error;
 pub mod params;
 pub mod state;
 
-pub use admit::{admit, blocking, body_bytes, decode_pprof, decompress, ingest_layers, over_budget, run_query};
+pub use admit::{admit, blocking, body_bytes, check_content_encoding, decode_pprof, decompress, ingest_layers, over_budget, run_query};
 pub use batches::{store_batch, store_batches, Idempotency, IngestSummary};
 pub use error::{ApiError, ApiResult};
 pub use params::{client_time_ms, Params};

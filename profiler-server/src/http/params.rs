@@ -2,7 +2,7 @@
 //! `now-<n><unit>`, within 1970..9999), ranges within the query limit, label filters.
 
 use crate::config::Limits;
-use crate::store::{now_ms, Cancel, Matcher, Selector};
+use crate::store::{now_ms, Cancel, Labels, Matcher, Selector};
 
 use super::{ApiError, ApiResult};
 
@@ -23,6 +23,22 @@ impl Params {
             .find(|(n, _)| n == k)
             .map(|(_, v)| v.as_str())
             .filter(|v| !v.is_empty())
+    }
+    /// Every non-empty value of a repeated parameter, in order.
+    pub fn all<'a>(&'a self, k: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.0.iter().filter(move |(n, v)| n == k && !v.is_empty()).map(|(_, v)| v.as_str())
+    }
+    /// `label=name:value`, repeatable: the one parser of label parameters.
+    /// A value may hold colons; a name cannot (see `profiler_pprof::is_label_name`).
+    pub fn labels(&self) -> ApiResult<Labels> {
+        let mut labels = Labels::new();
+        for (_, v) in self.0.iter().filter(|(k, _)| k == "label") {
+            let (n, val) = v
+                .split_once(':')
+                .ok_or_else(|| ApiError::bad(format!("label {v:?} is not name:value")))?;
+            labels.insert(n.to_owned(), val.to_owned());
+        }
+        Ok(labels)
     }
     pub fn req(&self, k: &str) -> ApiResult<&str> {
         self.get(k)

@@ -17,7 +17,7 @@ use axum::{
     routing::{get, put},
 };
 use crate::{
-    http::{auth, error::reply, params::json_body, AppState},
+    http::{auth, blocking, params::json_body, ApiError, ApiResult, AppState},
     events::AlertRule,
 };
 
@@ -29,11 +29,6 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/api/v1/alerts", get(list_rules))
         .route_layer(middleware::from_fn_with_state(state, auth::read));
     admin.merge(reads)
-}
-
-fn internal(err: anyhow::Error) -> Response {
-    tracing::error!(error = %format!("{err:#}"), "saving alert rules failed");
-    reply(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see server log")
 }
 
 async fn list_rules(State(state): State<AppState>) -> Response {
@@ -55,37 +50,24 @@ fn rule_from(name: &str, body: &[u8]) -> Result<AlertRule, String> {
     serde_json::from_value(value).map_err(|err| format!("invalid request body: {err}"))
 }
 
-async fn put_rule(State(state): State<AppState>, Path(name): Path<String>, body: axum::body::Bytes) -> Response {
-    let rule = match rule_from(&name, &body) {
-        Ok(rule) => rule,
-        Err(reason) => return reply(StatusCode::BAD_REQUEST, reason),
-    };
-    let known = match state.known_services().await {
-        Ok(known) => known,
-        Err(err) => return err.into_response(),
-    };
-    if let Err(reason) = state.events.validate(&rule, &known) {
-        return reply(StatusCode::BAD_REQUEST, reason);
-    }
+async fn put_rule(State(state): State<AppState>, Path(name): Path<String>, body: axum::body::Bytes) -> ApiResult<Response> {
+    let rule = rule_from(&name, &body).map_err(ApiError::bad)?;
+    let known = state.known_services().await?;
+    state.events.validate(&rule, &known).map_err(ApiError::bad)?;
     let events = state.events.clone();
-    let saved = rule.clone();
-    match tokio::task::spawn_blocking(move || events.put_rule(saved)).await {
-        Ok(Ok(Ok(true))) => (StatusCode::CREATED, Json(rule)).into_response(),
-        Ok(Ok(Ok(false))) => Json(rule).into_response(),
-        Ok(Ok(Err(reason))) => reply(StatusCode::CONFLICT, reason),
-        Ok(Err(err)) => internal(err),
-        Err(err) => internal(err.into()),
-    }
+    blocking(move || {
+        let created = events.put_rule(rule.clone())?;
+        let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+        Ok((status, Json(rule)).into_response())
+    })
+    .await
 }
 
-async fn delete_rule(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+async fn delete_rule(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
     let events = state.events.clone();
-    let name_for_store = name.clone();
-    match tokio::task::spawn_blocking(move || events.delete_rule(&name_for_store)).await {
-        Ok(Ok(Ok(true))) => StatusCode::NO_CONTENT.into_response(),
-        Ok(Ok(Ok(false))) => reply(StatusCode::NOT_FOUND, format!("no alert rule {name:?}")),
-        Ok(Ok(Err(reason))) => reply(StatusCode::CONFLICT, reason),
-        Ok(Err(err)) => internal(err),
-        Err(err) => internal(err.into()),
-    }
+    blocking(move || match events.delete_rule(&name)? {
+        true => Ok(StatusCode::NO_CONTENT.into_response()),
+        false => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no alert rule {name:?}"))),
+    })
+    .await
 }

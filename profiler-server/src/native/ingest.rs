@@ -22,6 +22,7 @@ const INGEST_PARAMS: [&str; 8] = [
     "service",
     "kind",
     "from",
+    // Sent by agents before 2026-12 and never read: windows are placed by `from`.
     "until",
     "sample_type",
     "label",
@@ -31,21 +32,13 @@ const INGEST_PARAMS: [&str; 8] = [
 
 /// Ingest labels: `label=name:value`, repeatable.
 fn ingest_labels(p: &Params) -> ApiResult<Labels> {
-    let mut labels = Labels::new();
-    for (k, v) in &p.0 {
-        if k == "label" {
-            let (n, val) = v
-                .split_once(':')
-                .ok_or_else(|| ApiError::bad(format!("label {v:?} is not name:value")))?;
-            labels.insert(n.to_owned(), val.to_owned());
-        } else if !INGEST_PARAMS.contains(&k.as_str()) {
-            return Err(ApiError::bad(format!(
-                "unknown query parameter `{}`; labels are passed as `label=name:value`",
-                ingest::truncate(k, 64)
-            )));
-        }
+    if let Some((k, _)) = p.0.iter().find(|(k, _)| !INGEST_PARAMS.contains(&k.as_str())) {
+        return Err(ApiError::bad(format!(
+            "unknown query parameter `{}`; labels are passed as `label=name:value`",
+            ingest::truncate(k, 64)
+        )));
     }
-    Ok(labels)
+    p.labels()
 }
 
 async fn ingest_native(

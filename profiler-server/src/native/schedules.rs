@@ -8,8 +8,6 @@
 //! - `GET /api/v1/agent/runs?host=&service=...&label=k:v...` (agents poll),
 //!   `POST /api/v1/agent/runs/{id}?host=&state=running|done|failed&message=`
 
-use std::collections::BTreeMap;
-
 use axum::{
     Json, Router,
     extract::{Path, RawQuery, State},
@@ -18,11 +16,12 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
+use profiler_pprof::runs::Reported;
 use serde_json::json;
 
 use crate::{
-    http::{auth, error::reply, params::json_body, AppState},
-    schedule::{AdHocSpec, AgentInfo, RunState, ScheduleSpec},
+    http::{auth, blocking, params::json_body, ApiError, ApiResult, AppState, Params},
+    schedule::{AdHocSpec, AgentInfo, RunState, ScheduleError, ScheduleSpec, Schedules},
 };
 
 pub fn routes(state: AppState) -> Router<AppState> {
@@ -44,92 +43,71 @@ pub fn routes(state: AppState) -> Router<AppState> {
     admin.merge(agents).merge(reads)
 }
 
-fn internal(err: anyhow::Error) -> Response {
-    tracing::error!(error = %format!("{err:#}"), "schedule store failed");
-    reply(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see server log")
+/// Runs schedule bookkeeping off the async threads: it writes and fsyncs the
+/// schedules file, reads included (runs due now are materialized).
+async fn book<T: Send + 'static>(state: &AppState, f: impl FnOnce(&Schedules) -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
+    let schedules = state.schedules.clone();
+    blocking(move || f(&schedules)).await
 }
 
-async fn list_schedules(State(state): State<AppState>) -> Response {
-    Json(state.schedules.list()).into_response()
+async fn list_schedules(State(state): State<AppState>) -> ApiResult<Response> {
+    book(&state, |s| Ok(Json(s.list()).into_response())).await
 }
 
-async fn create_schedule(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
-    let spec: ScheduleSpec = match json_body(&body) {
-        Ok(spec) => spec,
-        Err(reason) => return reply(StatusCode::BAD_REQUEST, reason),
-    };
-    let known = match state.known_services().await {
-        Ok(known) => known,
-        Err(err) => return err.into_response(),
-    };
-    if let Err(reason) = state.schedules.validate(&spec, &known) {
-        return reply(StatusCode::BAD_REQUEST, reason);
-    }
-    match state.schedules.create(spec) {
-        Ok(schedule) => (StatusCode::CREATED, Json(schedule)).into_response(),
-        Err(err) => internal(err),
-    }
+async fn create_schedule(State(state): State<AppState>, body: axum::body::Bytes) -> ApiResult<Response> {
+    let spec: ScheduleSpec = json_body(&body).map_err(ApiError::bad)?;
+    let known = state.known_services().await?;
+    book(&state, move |s| {
+        s.validate(&spec, &known).map_err(ApiError::bad)?;
+        let schedule = s.create(spec).map_err(ScheduleError::Save)?;
+        Ok((StatusCode::CREATED, Json(schedule)).into_response())
+    })
+    .await
 }
 
-async fn replace_schedule(State(state): State<AppState>, Path(id): Path<u64>, body: axum::body::Bytes) -> Response {
-    let spec: ScheduleSpec = match json_body(&body) {
-        Ok(spec) => spec,
-        Err(reason) => return reply(StatusCode::BAD_REQUEST, reason),
-    };
-    let known = match state.known_services().await {
-        Ok(known) => known,
-        Err(err) => return err.into_response(),
-    };
-    if let Err(reason) = state.schedules.validate(&spec, &known) {
-        return reply(StatusCode::BAD_REQUEST, reason);
-    }
-    match state.schedules.replace(id, spec) {
-        Ok(Some(schedule)) => Json(schedule).into_response(),
-        Ok(None) => reply(StatusCode::NOT_FOUND, format!("no schedule {id}")),
-        Err(err) => internal(err),
-    }
+async fn replace_schedule(State(state): State<AppState>, Path(id): Path<u64>, body: axum::body::Bytes) -> ApiResult<Response> {
+    let spec: ScheduleSpec = json_body(&body).map_err(ApiError::bad)?;
+    let known = state.known_services().await?;
+    book(&state, move |s| {
+        s.validate(&spec, &known).map_err(ApiError::bad)?;
+        match s.replace(id, spec).map_err(ScheduleError::Save)? {
+            Some(schedule) => Ok(Json(schedule).into_response()),
+            None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no schedule {id}"))),
+        }
+    })
+    .await
 }
 
-async fn delete_schedule(State(state): State<AppState>, Path(id): Path<u64>) -> Response {
-    match state.schedules.delete(id) {
-        Ok(true) => StatusCode::NO_CONTENT.into_response(),
-        Ok(false) => reply(StatusCode::NOT_FOUND, format!("no schedule {id}")),
-        Err(err) => internal(err),
-    }
+async fn delete_schedule(State(state): State<AppState>, Path(id): Path<u64>) -> ApiResult<Response> {
+    book(&state, move |s| match s.delete(id).map_err(ScheduleError::Save)? {
+        true => Ok(StatusCode::NO_CONTENT.into_response()),
+        false => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no schedule {id}"))),
+    })
+    .await
 }
 
-async fn profile_now(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
-    let spec: AdHocSpec = match json_body(&body) {
-        Ok(spec) => spec,
-        Err(reason) => return reply(StatusCode::BAD_REQUEST, reason),
-    };
-    let known = match state.known_services().await {
-        Ok(known) => known,
-        Err(err) => return err.into_response(),
-    };
-    match state.schedules.profile_now(spec, &known) {
-        Err(reason) => reply(StatusCode::BAD_REQUEST, reason),
-        Ok(Ok(run)) => (StatusCode::CREATED, Json(run)).into_response(),
-        Ok(Err(err)) => internal(err),
-    }
+async fn profile_now(State(state): State<AppState>, body: axum::body::Bytes) -> ApiResult<Response> {
+    let spec: AdHocSpec = json_body(&body).map_err(ApiError::bad)?;
+    let known = state.known_services().await?;
+    book(&state, move |s| Ok((StatusCode::CREATED, Json(s.profile_now(spec, &known)?)).into_response())).await
 }
 
-async fn list_runs(State(state): State<AppState>) -> Response {
-    Json(state.schedules.runs()).into_response()
+async fn list_runs(State(state): State<AppState>) -> ApiResult<Response> {
+    book(&state, |s| Ok(Json(s.runs()).into_response())).await
 }
 
-async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    match state.schedules.run(&id) {
-        Some(run) => Json(run).into_response(),
-        None => reply(StatusCode::NOT_FOUND, format!("no run {id:?}")),
-    }
+async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let run = book(&state, move |s| Ok(s.run(&id).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no run {id:?}")))?)).await?;
+    Ok(Json(run).into_response())
 }
 
 /// The run's profile is the selected service's data in the run's window.
-async fn run_flamegraph(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    let Some(run) = state.schedules.run(&id) else { return reply(StatusCode::NOT_FOUND, format!("no run {id:?}")) };
+async fn run_flamegraph(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let wanted = id.clone();
+    let run = book(&state, move |s| Ok(s.run(&wanted))).await?;
+    let Some(run) = run else { return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no run {id:?}"))) };
     let Some(service) = &run.selector.service else {
-        return reply(StatusCode::BAD_REQUEST, format!("run {id:?} selects no service; query /api/v1/flamegraph per service"));
+        return Err(ApiError::bad(format!("run {id:?} selects no service; query /api/v1/flamegraph per service")));
     };
     let mut query = form_urlencoded::Serializer::new(String::new());
     query.append_pair("service", service).append_pair("from", &run.start_ms.to_string()).append_pair("until", &run.end_ms.to_string());
@@ -140,41 +118,32 @@ async fn run_flamegraph(State(state): State<AppState>, Path(id): Path<String>) -
     if !filters.is_empty() {
         query.append_pair("filter", &filters.join(","));
     }
-    (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, format!("/api/v1/flamegraph?{}", query.finish()))]).into_response()
+    Ok((StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, format!("/api/v1/flamegraph?{}", query.finish()))]).into_response())
 }
 
-fn query_pairs(raw: Option<String>) -> Vec<(String, String)> {
-    form_urlencoded::parse(raw.unwrap_or_default().as_bytes()).into_owned().collect()
+async fn agent_runs(State(state): State<AppState>, RawQuery(raw): RawQuery) -> ApiResult<Response> {
+    let p = Params::new(raw);
+    let host = p.req("host")?.to_owned();
+    let services = p.all("service").map(str::to_owned).collect();
+    let labels = p.labels()?;
+    book(&state, move |s| {
+        let runs = s.for_agent(&AgentInfo { host, services, labels });
+        Ok(Json(json!({ "runs": runs, "limits": s.limits })).into_response())
+    })
+    .await
 }
 
-async fn agent_runs(State(state): State<AppState>, RawQuery(raw): RawQuery) -> Response {
-    let pairs = query_pairs(raw);
-    let Some(host) = pairs.iter().find(|(k, _)| k == "host").map(|(_, v)| v.clone()) else {
-        return reply(StatusCode::BAD_REQUEST, "missing host parameter");
+async fn agent_report(State(state): State<AppState>, Path(id): Path<String>, RawQuery(raw): RawQuery) -> ApiResult<Response> {
+    let p = Params::new(raw);
+    let host = p.req("host")?.to_owned();
+    let run_state: RunState = match p.get("state").and_then(Reported::parse) {
+        Some(reported) => reported.into(),
+        None => return Err(ApiError::bad(format!("state must be running, done or failed, got {:?}", p.get("state")))),
     };
-    let services = pairs.iter().filter(|(k, _)| k == "service").map(|(_, v)| v.clone()).collect();
-    let labels: BTreeMap<String, String> = pairs
-        .iter()
-        .filter(|(k, _)| k == "label")
-        .filter_map(|(_, v)| v.split_once(':').map(|(k, v)| (k.to_string(), v.to_string())))
-        .collect();
-    let runs = state.schedules.for_agent(&AgentInfo { host, services, labels });
-    Json(json!({ "runs": runs, "limits": state.schedules.limits })).into_response()
-}
-
-async fn agent_report(State(state): State<AppState>, Path(id): Path<String>, RawQuery(raw): RawQuery) -> Response {
-    let pairs = query_pairs(raw);
-    let get = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-    let Some(host) = get("host") else { return reply(StatusCode::BAD_REQUEST, "missing host parameter") };
-    let run_state = match get("state").as_deref() {
-        Some("running") => RunState::Running,
-        Some("done") => RunState::Done,
-        Some("failed") => RunState::Failed,
-        other => return reply(StatusCode::BAD_REQUEST, format!("state must be running, done or failed, got {other:?}")),
-    };
-    match state.schedules.report(&id, &host, run_state, get("message").unwrap_or_default()) {
-        Ok(true) => StatusCode::NO_CONTENT.into_response(),
-        Ok(false) => reply(StatusCode::NOT_FOUND, format!("no run {id:?}")),
-        Err(err) => internal(err),
-    }
+    let message = p.get("message").unwrap_or_default().to_owned();
+    book(&state, move |s| match s.report(&id, &host, run_state, message).map_err(ScheduleError::Save)? {
+        true => Ok(StatusCode::NO_CONTENT.into_response()),
+        false => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no run {id:?}"))),
+    })
+    .await
 }

@@ -195,3 +195,51 @@ fn hostile_requests_get_4xx_and_server_survives() {
         "{m}"
     );
 }
+
+/// One Content-Encoding policy on every route with a body: anything but
+/// absent, `identity` or `gzip` is refused with 415 before the body is read
+/// (the native and Pyroscope routes used to read `br` bodies as raw bytes).
+#[test]
+fn every_route_with_a_body_refuses_unknown_content_encodings() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Proc::spawn(dir.path(), &[]);
+    let c = client();
+    let routes = [
+        ("/api/v1/ingest?service=s&kind=on-cpu&format=folded", "text/plain"),
+        ("/ingest?name=s.cpu&format=folded", "text/plain"),
+        ("/push.v1.PusherService/Push", "application/json"),
+        ("/v1development/profiles", "application/x-protobuf"),
+        ("/querier.v1.QuerierService/ProfileTypes", "application/json"),
+    ];
+    for (route, content_type) in routes {
+        let r = c
+            .post(srv.url(route))
+            .header("content-type", content_type)
+            .header("content-encoding", "br")
+            .body("main 1\n")
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        let body = r.text().unwrap();
+        assert_eq!(status, 415, "{route}: {body}");
+        assert!(body.contains("gzip or identity"), "{route}: {body}");
+    }
+}
+
+/// A label name with `:` cannot round-trip through `label=name:value`: every
+/// route refuses it rather than store a name the native route would split.
+#[test]
+fn label_names_with_a_colon_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Proc::spawn(dir.path(), &[]);
+    let c = client();
+    let r = c.post(srv.url("/ingest?name=app.cpu%7Bteam%3Aa%3Dx%7D&format=folded")).body("main 1\n").send().unwrap();
+    let (status, body) = (r.status().as_u16(), r.text().unwrap());
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("team:a"), "{body}");
+    // The native route splits at the first colon: the name is `team`, and it is stored as such.
+    let r = c.post(srv.url("/api/v1/ingest?service=s&kind=on-cpu&format=folded&label=team:a:x")).body("main 1\n").send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let labels = c.get(srv.url("/api/v1/labels?service=s")).send().unwrap().text().unwrap();
+    assert_eq!(labels, r#"["team"]"#);
+}

@@ -45,20 +45,6 @@ pub async fn push(State(s): State<AppState>, req: Request) -> Response {
 
 async fn handle(s: AppState, req: Request, codec: Codec) -> Result<(), ApiError> {
     let mut grant = http::admit(&s, req.headers()).await?;
-    let encoding = req
-        .headers()
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    if encoding
-        .as_deref()
-        .is_some_and(|e| !matches!(e, "gzip" | "identity"))
-    {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("content encoding {encoding:?}: gzip or identity"),
-        ));
-    }
     let body = http::body_bytes(Bytes::from_request(req, &s).await)?;
     grant.shrink_to(body.len());
     http::blocking(move || {
