@@ -60,8 +60,10 @@ pub enum Kind {
     OffCpu(WaitReason),
 }
 
-const ON_CPU: &str = "on-cpu";
-const OFF_CPU: &str = "off-cpu";
+pub const ON_CPU: &str = "on-cpu";
+pub const OFF_CPU: &str = "off-cpu";
+/// What Pyroscope's SDKs call their CPU profiles.
+const SDK_CPU: &str = "cpu";
 
 impl Kind {
     pub fn name(self) -> String {
@@ -88,6 +90,22 @@ pub fn root_frame(kind: &str) -> String {
 pub fn off_cpu_reason(kind: &str) -> Option<&str> {
     kind.strip_prefix(OFF_CPU)
         .map(|reason| reason.trim_start_matches(':'))
+}
+
+/// Whether a kind's values are on-CPU time: the agent's, and CPU profiles
+/// pushed by Pyroscope SDKs.
+pub fn is_on_cpu(kind: &str) -> bool {
+    kind == ON_CPU || kind == SDK_CPU
+}
+
+/// The name a kind is compared and summed under: CPU profiles of SDKs are
+/// on-CPU time; any other kind is itself.
+pub fn canonical(kind: &str) -> &str {
+    if is_on_cpu(kind) {
+        ON_CPU
+    } else {
+        kind
+    }
 }
 
 /// Whether `kinds` holds more than one distinct kind, so that stacks need

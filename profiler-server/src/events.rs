@@ -22,7 +22,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::json_file;
-use crate::query::changes::{self, ChangeOptions};
+use crate::query::changes::{self, ChangeOptions, Direction, Measure};
 use crate::query::Names;
 use crate::store::{Batch, Cancel, Selector, Store};
 
@@ -57,12 +57,30 @@ pub enum RuleError {
     Save(#[from] anyhow::Error),
 }
 
+/// What an event marks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// A new version of a service was seen.
+    Deploy,
+    /// An alert rule's comparison found regressions.
+    Alert,
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EventKind::Deploy => "deploy",
+            EventKind::Alert => "alert",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Event {
     pub id: u64,
     pub service: String,
-    /// `deploy` or `alert`.
-    pub kind: String,
+    pub kind: EventKind,
     /// The alert rule's name.
     pub alert: Option<String>,
     /// A deploy's new and previous version.
@@ -93,8 +111,8 @@ pub struct Comparison {
 pub struct ChangeSummary {
     pub function: String,
     pub kind: String,
-    pub measure: String,
-    pub direction: String,
+    pub measure: Measure,
+    pub direction: Direction,
     pub base_share: f64,
     pub target_share: f64,
     pub delta_rate: f64,
@@ -195,7 +213,7 @@ impl Events {
             let event = Event {
                 id: 0,
                 service,
-                kind: "deploy".into(),
+                kind: EventKind::Deploy,
                 alert: None,
                 version: Some(version),
                 previous: Some(previous),
@@ -364,7 +382,7 @@ impl Events {
                     let event = Event {
                         id: 0,
                         service,
-                        kind: "alert".into(),
+                        kind: EventKind::Alert,
                         alert: Some(rule.name.clone()),
                         version: None,
                         previous: None,
@@ -412,15 +430,15 @@ impl Events {
             Ok(c) => {
                 let significant: Vec<_> = c.changes.into_iter().filter(|c| c.significant).collect();
                 outcome.significant = significant.len();
-                outcome.regressions = significant.iter().filter(|c| c.direction == "regression").count();
+                outcome.regressions = significant.iter().filter(|c| c.direction == Direction::Regression).count();
                 outcome.top = significant
                     .into_iter()
                     .take(TOP_CHANGES)
                     .map(|c| ChangeSummary {
                         function: c.function,
                         kind: c.kind,
-                        measure: c.measure.into(),
-                        direction: c.direction.into(),
+                        measure: c.measure,
+                        direction: c.direction,
                         base_share: c.base_share,
                         target_share: c.target_share,
                         delta_rate: c.delta_rate,
@@ -438,7 +456,7 @@ impl Events {
     pub fn render_metrics(&self) -> String {
         let book = self.lock();
         let mut latest: BTreeMap<&str, &Comparison> = BTreeMap::new();
-        for e in book.events.iter().filter(|e| e.kind == "deploy") {
+        for e in book.events.iter().filter(|e| e.kind == EventKind::Deploy) {
             if let Some(c) = &e.comparison {
                 latest.insert(&e.service, c);
             }

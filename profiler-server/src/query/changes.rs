@@ -12,7 +12,7 @@
 //! (functions too small for that on both sides are not tested at all).
 
 use rustc_hash::FxHashMap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use statrs::distribution::{ContinuousCDF, StudentsT};
 
 use super::names::{NameId, Table};
@@ -56,15 +56,39 @@ impl Default for ChangeOptions {
     }
 }
 
+/// Whether a function's time grew or shrank. The order is the names': what
+/// grew sorts first when reversed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Improvement,
+    Regression,
+}
+
+/// Which time of a function was compared: its own, or with its callees'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Measure {
+    #[serde(rename = "self")]
+    OwnTime,
+    Total,
+}
+
+/// What was tested: the `share` of on-CPU time, or the `rate` (time per second).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Metric {
+    Share,
+    Rate,
+}
+
 #[derive(Debug, Serialize, PartialEq)]
 pub struct Change {
     pub function: String,
     /// `on-cpu` (CPU profiles of SDKs included) or the kind, e.g. `off-cpu:blocked-io`.
     pub kind: String,
-    /// `self` or `total`.
-    pub measure: &'static str,
-    /// What was tested: `share` of on-CPU, or `rate` (time per second).
-    pub metric: &'static str,
+    pub measure: Measure,
+    pub metric: Metric,
     /// Share of the kind's time (on-CPU share for on-CPU), whole ranges.
     pub base_share: f64,
     pub target_share: f64,
@@ -76,8 +100,7 @@ pub struct Change {
     /// p adjusted for the false-discovery rate (Benjamini-Hochberg).
     pub q: f64,
     pub significant: bool,
-    /// `regression` (grew) or `improvement` (shrank).
-    pub direction: &'static str,
+    pub direction: Direction,
     /// The tested metric per observation of each side, for sparklines.
     pub base_series: Vec<f64>,
     pub target_series: Vec<f64>,
@@ -98,11 +121,7 @@ pub struct Changes {
 /// On-CPU time of our agent and of SDK CPU profiles is one class; every
 /// other kind is its own.
 fn class_of(kind: &str) -> &str {
-    if kind == "cpu" {
-        "on-cpu"
-    } else {
-        kind
-    }
+    profiler_pprof::kind::canonical(kind)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -213,7 +232,7 @@ pub fn changes(
     target: &[Observation],
     opts: &ChangeOptions,
 ) -> Result<Changes, StoreError> {
-    let mut classes: Vec<String> = vec!["on-cpu".into()];
+    let mut classes: Vec<String> = vec![profiler_pprof::kind::ON_CPU.into()];
     // One table for the whole comparison: its name ids stay valid.
     let table = names.table();
     let b = measure(&table, store, base, &mut classes)?;
@@ -286,8 +305,8 @@ pub fn changes(
             Change {
                 function: interned.name(f.name).to_owned(),
                 kind: classes[f.class as usize].clone(),
-                measure: if f.total { "total" } else { "self" },
-                metric: if f.class == on_cpu { "share" } else { "rate" },
+                measure: if f.total { Measure::Total } else { Measure::OwnTime },
+                metric: if f.class == on_cpu { Metric::Share } else { Metric::Rate },
                 base_share,
                 target_share,
                 base_rate,
@@ -296,7 +315,7 @@ pub fn changes(
                 p,
                 q,
                 significant: q < opts.alpha && large,
-                direction: if growth >= 0.0 { "regression" } else { "improvement" },
+                direction: if growth >= 0.0 { Direction::Regression } else { Direction::Improvement },
                 base_series: base_series.into_iter().map(round).collect(),
                 target_series: target_series.into_iter().map(round).collect(),
             }
@@ -314,10 +333,10 @@ pub fn changes(
                 // it. Self changes say where time moved, totals only which
                 // callers contain it, so they follow.
                 a.direction
-                    .cmp(b.direction)
+                    .cmp(&b.direction)
                     .reverse()
-                    // "self" sorts before "total".
-                    .then_with(|| a.measure.cmp(b.measure))
+                    // Own time sorts before total.
+                    .then_with(|| a.measure.cmp(&b.measure))
                     .then_with(|| b.delta_rate.abs().total_cmp(&a.delta_rate.abs()))
             })
             .then_with(|| a.function.cmp(&b.function))

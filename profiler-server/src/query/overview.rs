@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use profiler_pprof::kind;
 use serde::Serialize;
 
 use super::round;
@@ -40,12 +41,6 @@ pub struct ServiceSummary {
     pub other_kinds: Vec<String>,
 }
 
-/// Kinds whose values are on-CPU nanoseconds: the agent's, and CPU profiles
-/// pushed by Pyroscope SDKs.
-fn is_on_cpu(kind: &str) -> bool {
-    kind == "on-cpu" || kind == "cpu"
-}
-
 pub fn fleet(grid: Grid, overview: Overview) -> Fleet {
     let ns = |ms: i64| ms.max(1) as f64 * 1e6;
     let range_ns = ns(grid.until_ms - grid.from_ms);
@@ -67,10 +62,9 @@ pub fn fleet(grid: Grid, overview: Overview) -> Fleet {
             let mut off_cpu = BTreeMap::new();
             let mut other_kinds = Vec::new();
             for (kind, buckets) in kinds {
-                let into = if is_on_cpu(&kind) {
+                let into = if kind::is_on_cpu(&kind) {
                     &mut on
-                } else if let Some(reason) = kind.strip_prefix("off-cpu") {
-                    let reason = reason.trim_start_matches(':');
+                } else if let Some(reason) = kind::off_cpu_reason(&kind) {
                     let total: i64 = buckets.iter().sum();
                     off_cpu.insert(reason.to_owned(), round(total as f64 / range_ns));
                     &mut off
