@@ -87,8 +87,6 @@ const DEFAULT_RANGE_MS: i64 = 3_600_000;
 /// The range `ProfileTypes` looks at without one: a profile type seen today
 /// should be offered even by Grafana versions that send no range.
 const RECENT_MS: i64 = 24 * 3_600_000;
-/// Most points one series of `SelectSeries` may have.
-const MAX_POINTS: i64 = 100_000;
 /// Most series `SelectSeries` may group into: each costs a store scan.
 const MAX_GROUPS: usize = 256;
 
@@ -219,16 +217,7 @@ fn range(s: &AppState, start: i64, end: i64) -> Result<(i64, i64), ConnectError>
     } else {
         start
     };
-    if from >= until {
-        return Err(ConnectError::invalid("`start` must be before `end`"));
-    }
-    let hours = s.config.limits.max_query_range_hours;
-    if until - from > (hours as i64).saturating_mul(3_600_000) {
-        return Err(ConnectError::invalid(format!(
-            "`start`..`end` spans more than the {hours} hours a query may cover"
-        )));
-    }
-    Ok((from, until))
+    Ok(http::params::within_query_range(from, until, &s.config.limits, ("start", "end"))?)
 }
 
 /// Refuses a `start` or `end` outside the times a client may name, before any
@@ -523,12 +512,7 @@ fn step_ms(step: f64, (from, until): (i64, i64)) -> Result<i64, ConnectError> {
             "`step` must be at least 0.001 seconds",
         ));
     };
-    if (until - from) / ms > MAX_POINTS {
-        return Err(ConnectError::invalid(format!(
-            "`step` gives more than {MAX_POINTS} points over `start`..`end`"
-        )));
-    }
-    Ok(ms)
+    Ok(http::params::points_step(ms, (from, until), http::params::MAX_POINTS)?)
 }
 
 async fn select_series(

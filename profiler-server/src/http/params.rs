@@ -117,6 +117,12 @@ pub fn time_range(p: &Params, from_key: &str, until_key: &str, limits: &Limits) 
     let now = now_ms();
     let until = p.time(until_key, now, now)?;
     let from = p.time(from_key, now, until - 3_600_000)?;
+    within_query_range(from, until, limits, (from_key, until_key))
+}
+
+/// `from..until` if it is a range a query may cover: not empty, not longer
+/// than `max_query_range_hours`. Every route's ranges pass here.
+pub fn within_query_range(from: i64, until: i64, limits: &Limits, (from_key, until_key): (&str, &str)) -> ApiResult<(i64, i64)> {
     if from >= until {
         return Err(ApiError::bad(format!(
             "`{from_key}` must be before `{until_key}`"
@@ -130,6 +136,18 @@ pub fn time_range(p: &Params, from_key: &str, until_key: &str, limits: &Limits) 
         )));
     }
     Ok((from, until))
+}
+
+/// Most points a time series may have (the timeline, Grafana's series).
+pub const MAX_POINTS: i64 = 100_000;
+
+/// `step_ms` if it is positive and gives at most `max_points` points over
+/// `from..until`. Every route's steps pass here.
+pub fn points_step(step_ms: i64, (from, until): (i64, i64), max_points: i64) -> ApiResult<i64> {
+    if step_ms <= 0 || (until - from) / step_ms > max_points {
+        return Err(ApiError::bad(format!("`step` must be positive and give at most {max_points} points")));
+    }
+    Ok(step_ms)
 }
 
 pub fn selector(p: &Params, from_key: &str, until_key: &str, limits: &Limits) -> ApiResult<Selector> {

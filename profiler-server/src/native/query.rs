@@ -10,7 +10,10 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::config::Limits;
-use crate::http::params::{matchers, selector, time_range};
+use crate::http::params::{matchers, points_step, selector, time_range, MAX_POINTS};
+
+/// Most points of the overview's sparklines.
+const MAX_SPARKLINE_POINTS: i64 = 1_000;
 use crate::http::{auth, blocking, run_query, ApiError, ApiResult, AppState, Params};
 use crate::query::{self, Tree};
 use crate::render;
@@ -122,10 +125,7 @@ async fn overview(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult
     let window = s.config.storage.window_ms;
     // At most 60 points, in whole windows.
     let default_step = (((until - from) / 60 + window - 1) / window).max(1) * window;
-    let step: i64 = p.num("step", default_step)?;
-    if step <= 0 || (until - from) / step > 1_000 {
-        return Err(ApiError::bad("`step` must be positive and give at most 1000 points"));
-    }
+    let step = points_step(p.num("step", default_step)?, (from, until), MAX_SPARKLINE_POINTS)?;
     let grid = crate::store::Grid { from_ms: from, until_ms: until, step_ms: step };
     let cancel = Cancel::default();
     run_query(s.clone(), cancel.clone(), move || {
@@ -181,12 +181,7 @@ async fn timeline(
     let window = s.config.storage.window_ms;
     // Default: about 200 points, in whole windows.
     let default_step = (((sel.until_ms - sel.from_ms) / 200).max(window) / window) * window;
-    let step: i64 = p.num("step", default_step)?;
-    if step <= 0 || (sel.until_ms - sel.from_ms) / step > 100_000 {
-        return Err(ApiError::bad(
-            "`step` must be positive and give at most 100000 points",
-        ));
-    }
+    let step = points_step(p.num("step", default_step)?, (sel.from_ms, sel.until_ms), MAX_POINTS)?;
     run_query(s.clone(), sel.cancel.clone(), move || {
         let agg = s
             .store
