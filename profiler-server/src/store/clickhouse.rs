@@ -705,7 +705,7 @@ impl Store for ClickHouseStore {
                 false => inserts.front().copied().unwrap_or(*started),
             };
             if since <= horizon {
-                return Err(super::embedded::unverifiable(since, horizon).into());
+                return Err(super::recent::unverifiable(since, horizon).into());
             }
         }
         let svc = xxhash_rust::xxh3::xxh3_64(batch.service.as_bytes());

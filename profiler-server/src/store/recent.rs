@@ -10,6 +10,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use super::Refused;
+
 /// A batch id as stored: a 128-bit hash, so memory per id does not depend on
 /// what a client sends.
 pub type BatchKey = u128;
@@ -80,6 +82,15 @@ impl RecentBatches {
     pub fn horizon_ms(&self, now_ms: i64) -> i64 {
         now_ms.saturating_sub(self.window_ms).max(self.forgotten_for_count_ms)
     }
+}
+
+/// The refusal of a retry from before what the store remembers.
+pub fn unverifiable(since_ms: i64, horizon_ms: i64) -> Refused {
+    Refused::Unverifiable(format!(
+        "this batch may have been stored {}s before the oldest batch id this server remembers: \
+         it cannot tell a retry from a first delivery, so it does not store it again",
+        horizon_ms.saturating_sub(since_ms) / 1000
+    ))
 }
 
 #[cfg(test)]
