@@ -148,9 +148,20 @@ pub fn write(path: &Path, rows: &[Row]) -> anyhow::Result<u64> {
     Ok(bytes)
 }
 
-/// Reads all rows of a segment (used by downsampling).
-pub fn read_all(path: &Path) -> anyhow::Result<Vec<Row>> {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)?
+/// A segment's file, or None when it is gone: compacted or expired after
+/// whoever asked listed it.
+fn open_segment(path: &Path) -> anyhow::Result<Option<File>> {
+    match File::open(path) {
+        Ok(file) => Ok(Some(file)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads all rows of a segment (used by downsampling); None when it is gone.
+pub fn read_all(path: &Path) -> anyhow::Result<Option<Vec<Row>>> {
+    let Some(file) = open_segment(path)? else { return Ok(None) };
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)?
         .with_batch_size(1 << 16)
         .build()?;
     let mut out = Vec::new();
@@ -169,7 +180,7 @@ pub fn read_all(path: &Path) -> anyhow::Result<Vec<Row>> {
             });
         }
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// What to read from a segment: a time range (None if the segment lies
@@ -182,9 +193,11 @@ pub struct Scan<'a> {
 }
 
 /// Sums a segment's values into `out` by stack id or time bucket, decoding
-/// only the columns the scan needs.
+/// only the columns the scan needs. A segment gone since it was listed adds
+/// nothing.
 pub fn aggregate(path: &Path, scan: &Scan, out: &mut HashMap<u64, i64>) -> anyhow::Result<()> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)?;
+    let Some(file) = open_segment(path)? else { return Ok(()) };
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
     let need_ts = scan.time.is_some() || matches!(scan.by, GroupBy::Time { .. });
     let need_stack = scan.by == GroupBy::Stack;
     let mut cols = vec![VALUE];
@@ -305,7 +318,7 @@ mod tests {
         normalize(&mut rows);
         assert_eq!(rows.len(), 30);
         write(&path, &rows).unwrap();
-        assert_eq!(read_all(&path).unwrap(), rows);
+        assert_eq!(read_all(&path).unwrap(), Some(rows));
 
         let mut out = HashMap::new();
         let all = Scan {

@@ -31,12 +31,9 @@ impl EmbeddedStore {
         }
         let mut done = Vec::new();
         for mut meta in todo {
-            let mut rows = match segment::read_all(&self.seg_path(&meta)) {
-                Ok(rows) => rows,
-                // Compacted or expired after we listed it.
-                Err(e) if is_not_found(&e) => continue,
-                Err(e) => return Err(e.context(format!("reading segment {}", meta.id))),
-            };
+            // None: compacted or expired after we listed it.
+            let read = segment::read_all(&self.seg_path(&meta)).with_context(|| format!("reading segment {}", meta.id))?;
+            let Some(mut rows) = read else { continue };
             if meta.summary.is_none() {
                 meta.summary = Some(self.summarize(&rows));
             }
@@ -156,7 +153,8 @@ impl EmbeddedStore {
         for ((service, kind, _), old) in groups {
             let mut rows = Vec::new();
             for m in &old {
-                rows.extend(segment::read_all(&self.seg_path(m))?);
+                let read = segment::read_all(&self.seg_path(m))?;
+                rows.extend(read.with_context(|| format!("segment {} is gone before it was downsampled", m.id))?);
             }
             for r in &mut rows {
                 r.ts_ms = r.ts_ms.div_euclid(res_ms) * res_ms;

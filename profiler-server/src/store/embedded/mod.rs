@@ -657,10 +657,3 @@ impl Store for EmbeddedStore {
         seg + wal + catalog
     }
 }
-
-fn is_not_found(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
-    })
-}

@@ -91,14 +91,8 @@ impl EmbeddedStore {
                                 by,
                                 from_ms: sel.from_ms,
                             };
-                            match segment::aggregate(&self.seg_path(m), &scan, dst) {
-                                Ok(()) => {}
-                                // Compacted or expired after we listed it.
-                                Err(e) if is_not_found(&e) => {}
-                                Err(e) => {
-                                    return Err(e.context(format!("reading segment {}", m.id)).into())
-                                }
-                            }
+                            segment::aggregate(&self.seg_path(m), &scan, dst)
+                                .with_context(|| format!("reading segment {}", m.id))?;
                         }
                         Ok(part)
                     })
