@@ -24,6 +24,8 @@ pub fn ingest_layers(routes: Router<AppState>, state: &AppState) -> Router<AppSt
         .layer(axum::extract::DefaultBodyLimit::max(state.config.limits.max_body_bytes))
 }
 
+/// Runs `f` on the blocking pool: store, file and CPU work never runs on the
+/// async threads.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> ApiResult<T> + Send + 'static,
 ) -> ApiResult<T> {
@@ -37,7 +39,8 @@ pub fn body_bytes(r: Result<Bytes, axum::extract::rejection::BytesRejection>) ->
 }
 
 /// Reserves the memory to read a request's body: its declared length, or
-/// the largest accepted body if it declares none.
+/// the largest accepted body if it declares none. A body in an encoding no
+/// route reads is refused first.
 pub async fn admit(s: &AppState, headers: &HeaderMap) -> ApiResult<Grant> {
     check_content_encoding(headers)?;
     let max = s.config.limits.max_body_bytes;
