@@ -541,15 +541,16 @@ fn cached_or_download(package: &str) -> anyhow::Result<Image> {
 // ---------------------------------------------------------------------------------------
 // Running
 
-/// Boots `kernel`, once more when the first boot hung with the guest's kernel reporting
-/// a stall: under emulation on a loaded 2-CPU host a vCPU thread can starve long enough
-/// for the guest to wait on it for minutes (a clean-clone run saw 6.1 stuck in
-/// `perf_event_open` for 120 s, then pass in 34 s). A failed check is not retried.
+/// Boots `kernel`, once more when the first boot hung: under emulation on a loaded
+/// 2-CPU host a vCPU thread can starve long enough for the guest to wait on it for
+/// minutes (a clean-clone run saw 6.1 stuck in `perf_event_open` for 120 s, then pass in
+/// 34 s; another saw 6.1 stop after its recording, with the console quiet, then pass in
+/// 28 s). The hang is printed either way. A failed check is not retried.
 fn run_vm(kernel: &Kernel, initrd: &Path, work: &Path) -> Report {
-    let (report, stall) = boot_vm(kernel, initrd, work);
-    match stall {
-        Some(line) => {
-            println!("kernels: {} hung with the guest reporting a stall ({line}); booting it once more", kernel.name);
+    let (report, hang) = boot_vm(kernel, initrd, work);
+    match hang {
+        Some(hang) => {
+            println!("kernels: {} hung ({hang}); booting it once more. The hung boot:\n{}", kernel.name, report.failures.join("\n"));
             boot_vm(kernel, initrd, work).0
         }
         None => report,
@@ -563,7 +564,8 @@ fn guest_stall(console: &str) -> Option<&str> {
     console.lines().find(|line| STALLS.iter().any(|stall| line.contains(stall))).map(str::trim)
 }
 
-/// One boot: its report, and the guest's stall line when it hung with one.
+/// One boot: its report, and what it hung on when it hung (the guest's stall line, if
+/// it printed one).
 fn boot_vm(kernel: &Kernel, initrd: &Path, work: &Path) -> (Report, Option<String>) {
     let image = match kernel_image(kernel) {
         Ok(image) => image,
@@ -595,7 +597,8 @@ fn boot_vm(kernel: &Kernel, initrd: &Path, work: &Path) -> (Report, Option<Strin
             stall.as_deref().unwrap_or("no stall"),
             last_lines(&console_text, 30)
         );
-        return (Report::failed(kernel.name, Some(image.describe()), took, failure), stall);
+        let hang = stall.unwrap_or_else(|| "no stall on the console".to_owned());
+        return (Report::failed(kernel.name, Some(image.describe()), took, failure), Some(hang));
     }
     (check(kernel.name, Some(image.describe()), took, load, &console_text), None)
 }
