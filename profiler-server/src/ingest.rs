@@ -29,8 +29,9 @@ fn bad(msg: impl Into<String>) -> Rejected {
 
 /// Kinds whose values are durations, stored in nanoseconds.
 pub fn is_time_kind(kind: &str) -> bool {
-    matches!(kind, "on-cpu" | "cpu" | "wall" | "itimer")
-        || kind.starts_with("off-cpu")
+    profiler_pprof::kind::is_on_cpu(kind)
+        || profiler_pprof::kind::off_cpu_reason(kind).is_some()
+        || matches!(kind, "wall" | "itimer")
         || kind.ends_with("_duration")
 }
 
