@@ -249,7 +249,7 @@ impl Schedules {
         Ok(())
     }
 
-    pub fn create(&self, spec: ScheduleSpec) -> anyhow::Result<Schedule> {
+    pub fn create(&self, spec: ScheduleSpec) -> Result<Schedule, ScheduleError> {
         let mut book = self.book.lock().unwrap();
         book.next_id += 1;
         let schedule = schedule_from(book.next_id, spec);
@@ -258,7 +258,7 @@ impl Schedules {
         Ok(with_next_start(schedule, now_ms()))
     }
 
-    pub fn replace(&self, id: u64, spec: ScheduleSpec) -> anyhow::Result<Option<Schedule>> {
+    pub fn replace(&self, id: u64, spec: ScheduleSpec) -> Result<Option<Schedule>, ScheduleError> {
         let mut book = self.book.lock().unwrap();
         let Some(slot) = book.schedules.iter_mut().find(|s| s.id == id) else { return Ok(None) };
         *slot = schedule_from(id, spec);
@@ -267,7 +267,7 @@ impl Schedules {
         Ok(Some(with_next_start(schedule, now_ms())))
     }
 
-    pub fn delete(&self, id: u64) -> anyhow::Result<bool> {
+    pub fn delete(&self, id: u64) -> Result<bool, ScheduleError> {
         let mut book = self.book.lock().unwrap();
         let before = book.schedules.len();
         book.schedules.retain(|s| s.id != id);
@@ -340,7 +340,7 @@ impl Schedules {
             .collect()
     }
 
-    pub fn report(&self, id: &str, host: &str, state: RunState, message: String) -> anyhow::Result<bool> {
+    pub fn report(&self, id: &str, host: &str, state: RunState, message: String) -> Result<bool, ScheduleError> {
         let mut book = self.book.lock().unwrap();
         let Some(run) = book.runs.iter_mut().find(|r| r.id == id) else { return Ok(false) };
         run.hosts.insert(host.to_string(), HostRun { state, updated_ms: now_ms(), message });

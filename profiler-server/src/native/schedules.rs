@@ -21,7 +21,7 @@ use serde_json::json;
 
 use crate::{
     http::{auth, blocking, params::json_body, ApiError, ApiResult, AppState, Params},
-    schedule::{AdHocSpec, AgentInfo, RunState, ScheduleError, ScheduleSpec, Schedules},
+    schedule::{AdHocSpec, AgentInfo, RunState, ScheduleSpec, Schedules},
 };
 
 pub fn routes(state: AppState) -> Router<AppState> {
@@ -59,7 +59,7 @@ async fn create_schedule(State(state): State<AppState>, body: axum::body::Bytes)
     let known = state.known_services().await?;
     book(&state, move |s| {
         s.validate(&spec, &known).map_err(ApiError::bad)?;
-        let schedule = s.create(spec).map_err(ScheduleError::Save)?;
+        let schedule = s.create(spec)?;
         Ok((StatusCode::CREATED, Json(schedule)).into_response())
     })
     .await
@@ -70,7 +70,7 @@ async fn replace_schedule(State(state): State<AppState>, Path(id): Path<u64>, bo
     let known = state.known_services().await?;
     book(&state, move |s| {
         s.validate(&spec, &known).map_err(ApiError::bad)?;
-        match s.replace(id, spec).map_err(ScheduleError::Save)? {
+        match s.replace(id, spec)? {
             Some(schedule) => Ok(Json(schedule).into_response()),
             None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no schedule {id}"))),
         }
@@ -79,7 +79,7 @@ async fn replace_schedule(State(state): State<AppState>, Path(id): Path<u64>, bo
 }
 
 async fn delete_schedule(State(state): State<AppState>, Path(id): Path<u64>) -> ApiResult<Response> {
-    book(&state, move |s| match s.delete(id).map_err(ScheduleError::Save)? {
+    book(&state, move |s| match s.delete(id)? {
         true => Ok(StatusCode::NO_CONTENT.into_response()),
         false => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no schedule {id}"))),
     })
@@ -141,7 +141,7 @@ async fn agent_report(State(state): State<AppState>, Path(id): Path<String>, Raw
         None => return Err(ApiError::bad(format!("state must be running, done or failed, got {:?}", p.get("state")))),
     };
     let message = p.get("message").unwrap_or_default().to_owned();
-    book(&state, move |s| match s.report(&id, &host, run_state, message).map_err(ScheduleError::Save)? {
+    book(&state, move |s| match s.report(&id, &host, run_state, message)? {
         true => Ok(StatusCode::NO_CONTENT.into_response()),
         false => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no run {id:?}"))),
     })
