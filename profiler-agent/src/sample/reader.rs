@@ -1,0 +1,428 @@
+//! The reader: the thread that drains the ring buffer, unwinds what arrives while the
+//! process is still there, holds each switch-out's snapshot until its wait ends (or
+//! expires), and aggregates the window the sampler asks for.
+
+use super::*;
+
+/// Losses on the agent's side of the ring buffer, since start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentLosses {
+    /// Samples or waits of stacks beyond `max_stack_keys` in their window.
+    pub aggregate_full: u64,
+    /// Wait ends whose switch-out snapshot never arrived (ring buffer full at switch-out).
+    pub wait_without_snapshot: u64,
+    /// Switch-outs of a thread that arrived while its previous one still waited for its
+    /// end (whose end record was lost): the older wait is dropped.
+    pub switch_out_without_end: u64,
+    /// Waits dropped because their thread is gone: its end record was lost (a full ring
+    /// buffer, a switch-in the kernel did not report) and it exited before switching
+    /// out again.
+    pub pending_expired: u64,
+    /// Records too short for their kind, or whose unwinding panicked (a binary that broke
+    /// the unwinder): never expected, counted rather than trusted.
+    pub malformed: u64,
+}
+
+pub(super) type Aggregate = HashMap<(SampleKey, Option<Addrs>, Option<Addrs>), RawValue>;
+pub(super) type Reply = mpsc::Sender<(Vec<RawSample>, UnwindCounts)>;
+
+/// The thread that owns the ring buffer and the unwinder, once started.
+pub(super) struct Reader {
+    /// The ring buffer and the reader's state until [`Reader::start`] hands them to the
+    /// thread.
+    pub(super) idle: Option<(RingBuf<MapData>, ReaderState)>,
+    pub(super) requests: Option<mpsc::Sender<Reply>>,
+    pub(super) losses: Arc<std::sync::Mutex<AgentLosses>>,
+    pub(super) thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Reader {
+    pub(super) fn new(
+        ring: RingBuf<MapData>,
+        unwinder: Unwinder,
+        stack_bytes: StackBytes,
+        max_keys: usize,
+        max_pending: usize,
+    ) -> Self {
+        let losses = Arc::new(std::sync::Mutex::new(AgentLosses::default()));
+        let state = ReaderState::new(unwinder, stack_bytes, max_keys, max_pending, losses.clone());
+        Self { idle: Some((ring, state)), requests: None, losses, thread: None }
+    }
+
+    /// Starts the thread; records wait in the ring buffer until then.
+    pub(super) fn start(&mut self) -> anyhow::Result<()> {
+        let Some((mut ring, mut state)) = self.idle.take() else { return Ok(()) };
+        let (requests, receiver) = mpsc::channel::<Reply>();
+        let thread = thread::Builder::new()
+            .name("bpf-reader".into())
+            .spawn(move || {
+                let mut wait = POLL;
+                loop {
+                    let request = receiver.recv_timeout(wait);
+                    let read = state.read_ring(&mut ring);
+                    wait = if read >= BUSY_RECORDS { BUSY_POLL } else { POLL };
+                    state.compact();
+                    match request {
+                        Ok(reply) => {
+                            let _ = reply.send(state.take_window());
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            })?;
+        self.requests = Some(requests);
+        self.thread = Some(thread);
+        Ok(())
+    }
+
+    pub(super) fn take_window(&self) -> anyhow::Result<(Vec<RawSample>, UnwindCounts)> {
+        let (reply, result) = mpsc::channel();
+        self.requests
+            .as_ref()
+            .ok_or_else(|| anyhow!("ring buffer reader stopped"))?
+            .send(reply)
+            .map_err(|_| anyhow!("ring buffer reader died"))?;
+        result
+            .recv()
+            .map_err(|_| anyhow!("ring buffer reader died"))
+    }
+
+    pub(super) fn losses(&self) -> AgentLosses {
+        *self.losses.lock().unwrap()
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// How much user stack each thread needs copied, told to the BPF programs through
+/// `STACK_BYTES`. Grows only (a deeper call next time still fits), in whole chunks, with
+/// room to spare; a copy found too short goes straight to the maximum.
+pub(super) struct StackBytes {
+    /// Writes one thread's size into the kernel's `STACK_BYTES` map.
+    pub(super) write: Box<dyn FnMut(u32, u32) + Send>,
+    /// What the map holds, so it is only written on change.
+    pub(super) learnt: HashMap<u32, u32>,
+    pub(super) max: u32,
+}
+
+/// Room above the deepest byte a thread's unwind read, for deeper calls.
+pub(super) const STACK_MARGIN: u64 = 2048;
+/// Threads whose learnt size is mirrored; the kernel map is an LRU of its own.
+pub(super) const MAX_LEARNT_THREADS: usize = 65536;
+
+impl StackBytes {
+    pub(super) fn learn(&mut self, tid: u32, read: u64) {
+        let chunk = USER_STACK_CHUNK as u64;
+        let wanted = read.saturating_add(STACK_MARGIN).div_ceil(chunk).saturating_mul(chunk).min(self.max as u64) as u32;
+        if self.learnt.get(&tid).is_some_and(|&known| known >= wanted) {
+            return;
+        }
+        if self.learnt.len() >= MAX_LEARNT_THREADS {
+            self.learnt.clear();
+        }
+        self.learnt.insert(tid, wanted);
+        (self.write)(tid, wanted);
+    }
+}
+
+/// A recorded switch-out waiting for its end.
+pub(super) struct PendingWait {
+    pub(super) ts_ns: u64,
+    /// When to look again whether its thread still exists (monotonic ns, the clock of
+    /// `ts_ns`).
+    pub(super) check_ns: u64,
+    pub(super) key: SampleKey,
+    pub(super) kernel: Option<Addrs>,
+    pub(super) user: PendingStack,
+}
+
+pub(super) enum PendingStack {
+    /// The registers and stack copy, not unwound yet: most waits are short and dropped.
+    Raw {
+        ip: u64,
+        sp: u64,
+        bp: u64,
+        stack: Box<[u8]>,
+    },
+    Unwound(Option<Addrs>),
+}
+
+pub(super) struct ReaderState {
+    pub(super) unwinder: Unwinder,
+    pub(super) stack_bytes: StackBytes,
+    pub(super) window: Aggregate,
+    pub(super) pending: HashMap<u32, PendingWait>,
+    /// Pending waits still holding a stack copy, oldest first: (arrival, tid, ts_ns).
+    /// Entries whose wait ended or was compacted are skipped when reached.
+    pub(super) raw_order: std::collections::VecDeque<(Instant, u32, u64)>,
+    /// Bytes of stack copies held by pending waits.
+    pub(super) raw_bytes: usize,
+    pub(super) max_keys: usize,
+    pub(super) max_pending: usize,
+    pub(super) losses: AgentLosses,
+    pub(super) shared_losses: Arc<std::sync::Mutex<AgentLosses>>,
+    /// Unwinder counts at the last window's end.
+    pub(super) counted: UnwindCounts,
+}
+
+impl ReaderState {
+    pub(super) fn new(
+        unwinder: Unwinder,
+        stack_bytes: StackBytes,
+        max_keys: usize,
+        max_pending: usize,
+        shared_losses: Arc<std::sync::Mutex<AgentLosses>>,
+    ) -> Self {
+        Self {
+            unwinder,
+            stack_bytes,
+            window: Aggregate::new(),
+            pending: HashMap::new(),
+            raw_order: std::collections::VecDeque::new(),
+            raw_bytes: 0,
+            max_keys,
+            max_pending,
+            losses: AgentLosses::default(),
+            shared_losses,
+            counted: UnwindCounts::default(),
+        }
+    }
+
+    /// Handles what the ring holds, up to [`MAX_RECORDS_PER_POLL`] so a flood of records
+    /// cannot hold off the end of a window. Returns how many it handled.
+    pub(super) fn read_ring(&mut self, ring: &mut RingBuf<MapData>) -> usize {
+        let mut read = 0;
+        while read < MAX_RECORDS_PER_POLL {
+            let Some(record) = ring.next() else { break };
+            self.handle(&record);
+            read += 1;
+        }
+        *self.shared_losses.lock().unwrap() = self.losses;
+        read
+    }
+
+    pub(super) fn handle(&mut self, record: &[u8]) {
+        let kind = record
+            .get(..4)
+            .map(|b| u32::from_ne_bytes(b.try_into().unwrap()));
+        match kind {
+            Some(EVENT_SAMPLE) | Some(EVENT_SWITCH_OUT)
+                if record.len() >= size_of::<SnapshotHeader>() =>
+            {
+                // SAFETY: the header is plain old data, the record at least as long, and
+                // records are 8-byte aligned like the header.
+                let header = unsafe { &*(record.as_ptr() as *const SnapshotHeader) };
+                let stack = &record[size_of::<SnapshotHeader>()..];
+                match stack.get(..header.user_len as usize) {
+                    Some(stack) => self.snapshot(header, stack),
+                    None => self.losses.malformed += 1,
+                }
+            }
+            Some(EVENT_WAIT_END) if record.len() >= size_of::<WaitEnd>() => {
+                // SAFETY: as above; read unaligned since the record is only 8-byte aligned.
+                let end = unsafe { std::ptr::read_unaligned(record.as_ptr() as *const WaitEnd) };
+                self.wait_end(&end);
+            }
+            _ => self.losses.malformed += 1,
+        }
+    }
+
+    pub(super) fn snapshot(&mut self, snapshot: &SnapshotHeader, stack: &[u8]) {
+        let key = SampleKey {
+            tgid: snapshot.tgid,
+            pid: snapshot.tid,
+            state: snapshot.state,
+            comm: snapshot.comm,
+        };
+        let kernel_frames = (snapshot.kernel_len as usize / 8).min(MAX_STACK_DEPTH);
+        let kernel: Option<Addrs> =
+            (kernel_frames > 0).then(|| Arc::from(&snapshot.kernel[..kernel_frames]));
+        if snapshot.kind == EVENT_SAMPLE {
+            let user = self.unwind(snapshot.tgid, snapshot.tid, snapshot.ip, snapshot.sp, snapshot.bp, stack);
+            self.add(key, user, kernel, RawValue::OnCpuSamples(1));
+            return;
+        }
+        if self.pending.len() >= self.max_pending && !self.pending.contains_key(&snapshot.tid) {
+            self.losses.aggregate_full += 1;
+            return;
+        }
+        // A thread has one switch-out at a time: a newer one replaces an entry whose end
+        // was lost.
+        self.raw_bytes += stack.len();
+        self.raw_order.push_back((Instant::now(), snapshot.tid, snapshot.ts_ns));
+        let wait = PendingWait {
+            ts_ns: snapshot.ts_ns,
+            check_ns: snapshot.ts_ns.saturating_add(PENDING_CHECK_NS),
+            key,
+            kernel,
+            user: PendingStack::Raw { ip: snapshot.ip, sp: snapshot.sp, bp: snapshot.bp, stack: stack.into() },
+        };
+        if let Some(replaced) = self.pending.insert(snapshot.tid, wait) {
+            self.losses.switch_out_without_end += 1;
+            self.release(&replaced);
+        }
+    }
+
+    /// Accounts for a pending wait that leaves with its stack copy.
+    pub(super) fn release(&mut self, wait: &PendingWait) {
+        if let PendingStack::Raw { stack, .. } = &wait.user {
+            self.raw_bytes -= stack.len();
+        }
+    }
+
+    pub(super) fn wait_end(&mut self, end: &WaitEnd) {
+        // A different switch-out pending for the thread is a newer one, still waiting.
+        if self.pending.get(&end.tid).is_none_or(|wait| wait.ts_ns != end.out_ts_ns) {
+            self.losses.wait_without_snapshot += 1;
+            return;
+        }
+        let wait = self.pending.remove(&end.tid).expect("checked above");
+        self.release(&wait);
+        if end.elapsed_ns == 0 {
+            return;
+        }
+        let user = match wait.user {
+            PendingStack::Raw { ip, sp, bp, stack } => {
+                self.unwind(wait.key.tgid, end.tid, ip, sp, bp, &stack)
+            }
+            PendingStack::Unwound(user) => user,
+        };
+        let ns = ((end.elapsed_ns as u128 * end.weight_q16 as u128) >> 16) as u64;
+        self.add(
+            wait.key,
+            user,
+            wait.kernel,
+            RawValue::OffCpu { ns, waits: 1 },
+        );
+    }
+
+    pub(super) fn unwind(&mut self, tgid: u32, tid: u32, ip: u64, sp: u64, bp: u64, stack: &[u8]) -> Option<Addrs> {
+        // Unwinding parses the binaries of every process on the host, some of them hostile:
+        // a parser panic costs that one stack, not the agent.
+        let unwinder = &mut self.unwinder;
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unwinder.unwind(tgid, ip, sp, bp, stack)));
+        let Ok((frames, outcome)) = unwound else {
+            self.losses.malformed += 1;
+            return Some(Arc::from([ip].as_slice()));
+        };
+        match outcome {
+            Outcome::Complete { stack_bytes } => self.stack_bytes.learn(tid, stack_bytes),
+            Outcome::CopyTooShort => self.stack_bytes.learn(tid, u64::MAX),
+            Outcome::Truncated | Outcome::Empty => {}
+        }
+        (outcome != Outcome::Empty).then(|| Arc::from(frames))
+    }
+
+    /// Drops the waits whose thread is gone, found among those pending for over a
+    /// minute, each looked up in /proc at most once a minute: their end can no longer
+    /// come, and they would stay until `max_pending` is reached and new threads' waits
+    /// are refused. A thread still blocked keeps its wait, however long.
+    pub(super) fn expire_pending(&mut self, now_ns: u64) {
+        let gone: Vec<u32> = self
+            .pending
+            .iter_mut()
+            .filter(|(_, wait)| wait.check_ns <= now_ns)
+            .filter_map(|(&tid, wait)| {
+                wait.check_ns = now_ns.saturating_add(PENDING_CHECK_NS);
+                let task = format!("/proc/{}/task/{tid}", wait.key.tgid);
+                (!std::path::Path::new(&task).exists()).then_some(tid)
+            })
+            .collect();
+        for tid in gone {
+            if let Some(wait) = self.pending.remove(&tid) {
+                self.release(&wait);
+                self.losses.pending_expired += 1;
+            }
+        }
+    }
+
+    /// Unwinds long waits now, while their process is surely still known, and frees
+    /// their stack copies.
+    pub(super) fn compact(&mut self) {
+        let now = Instant::now();
+        while let Some(&(arrived, tid, ts_ns)) = self.raw_order.front() {
+            if now - arrived <= COMPACT_AFTER && self.raw_bytes <= MAX_RAW_BYTES {
+                break;
+            }
+            self.raw_order.pop_front();
+            let Some(wait) = self
+                .pending
+                .get_mut(&tid)
+                .filter(|wait| wait.ts_ns == ts_ns && matches!(wait.user, PendingStack::Raw { .. }))
+            else {
+                continue;
+            };
+            let PendingStack::Raw { ip, sp, bp, stack } = std::mem::replace(&mut wait.user, PendingStack::Unwound(None))
+            else {
+                unreachable!("checked above");
+            };
+            let tgid = wait.key.tgid;
+            self.raw_bytes -= stack.len();
+            let user = self.unwind(tgid, tid, ip, sp, bp, &stack);
+            if let Some(wait) = self.pending.get_mut(&tid) {
+                wait.user = PendingStack::Unwound(user);
+            }
+        }
+    }
+
+    pub(super) fn add(&mut self, key: SampleKey, user: Option<Addrs>, kernel: Option<Addrs>, value: RawValue) {
+        let len = self.window.len();
+        let entry = (key, user, kernel);
+        if let Some(total) = self.window.get_mut(&entry) {
+            *total = match (*total, value) {
+                (RawValue::OnCpuSamples(a), RawValue::OnCpuSamples(b)) => {
+                    RawValue::OnCpuSamples(a + b)
+                }
+                (RawValue::OffCpu { ns, waits }, RawValue::OffCpu { ns: more, waits: w }) => {
+                    RawValue::OffCpu {
+                        ns: ns + more,
+                        waits: waits + w,
+                    }
+                }
+                // On-CPU samples have state 0, so their keys never meet off-CPU keys.
+                (other, _) => other,
+            };
+        } else if len < self.max_keys {
+            self.window.insert(entry, value);
+        } else {
+            self.losses.aggregate_full += 1;
+        }
+    }
+
+    pub(super) fn take_window(&mut self) -> (Vec<RawSample>, UnwindCounts) {
+        self.expire_pending(monotonic_ns());
+        let samples = self
+            .window
+            .drain()
+            .map(|((key, user, kernel), value)| RawSample {
+                key,
+                user,
+                kernel,
+                value,
+            })
+            .collect();
+        let now = self.unwinder.counts;
+        let delta = now.since(&self.counted);
+        self.counted = now;
+        (samples, delta)
+    }
+}
+
+/// How often a wait pending without its end has its thread looked up.
+pub(super) const PENDING_CHECK_NS: u64 = 60_000_000_000;
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which stamps the records.
+pub(super) fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `now` is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
