@@ -171,12 +171,14 @@ impl Default for SpoolConfig {
 pub struct PrivilegesConfig {
     /// Who a daemon started as root runs as once its programs are loaded: a user name,
     /// or `UID:GID`. It keeps only the capabilities sampling needs; `root` keeps uid 0.
+    /// The default, 65534:65534, is nobody on most distributions and needs no user
+    /// database (minimal container images have none).
     pub user: String,
 }
 
 impl Default for PrivilegesConfig {
     fn default() -> Self {
-        Self { user: "nobody".to_string() }
+        Self { user: "65534:65534".to_string() }
     }
 }
 
@@ -382,6 +384,8 @@ mod tests {
         assert!(config.off_cpu.enabled);
         assert_eq!(config.server.max_attempts, 4);
         assert_eq!(config.spool.dead_letter_after, 10);
+        let nobody = crate::privileges::User { uid: 65534, gid: 65534 };
+        assert_eq!(config.privileges.user().unwrap(), nobody);
     }
 
     #[test]

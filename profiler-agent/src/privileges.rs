@@ -3,7 +3,7 @@
 //!
 //! Loading needs more than running (CAP_SYS_ADMIN turns on the kernel's BPF run-time
 //! statistics). Once loaded, a daemon started as root becomes an unprivileged user
-//! (`privileges.user`, `nobody` by default) and keeps only [`RUNTIME_CAPABILITIES`], in
+//! (`privileges.user`, 65534:65534, nobody, by default) and keeps only [`RUNTIME_CAPABILITIES`], in
 //! its effective, permitted and bounding sets, with empty inheritable and ambient sets,
 //! no supplementary groups and no_new_privs set. What a bug in the parsers of untrusted
 //! binaries and /proc files, or in the HTTP client, can no longer do is what root can:
