@@ -682,9 +682,7 @@ pub async fn run(
             _ = shutdown.changed() => break,
         }
         let (d, s, n) = (events.clone(), store.clone(), names.clone());
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |t| t.as_millis() as i64);
+        let now = crate::store::now_ms();
         let done = match tokio::task::spawn_blocking(move || d.compare_due(&*s, &n, now)).await {
             Ok(done) => done,
             Err(e) => {

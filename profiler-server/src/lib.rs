@@ -238,9 +238,7 @@ async fn background(s: http::AppState, mut stopped: watch::Receiver<bool>) {
         if last_maintain.elapsed() >= maintain_every {
             last_maintain = Instant::now();
             let store = s.store.clone();
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64);
+            let now = crate::store::now_ms();
             match tokio::task::spawn_blocking(move || store.maintain(now)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "maintenance failed"),

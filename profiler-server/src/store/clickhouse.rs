@@ -492,10 +492,7 @@ impl ClickHouseStore {
     /// raw samples expire.
     fn raw_cutoff(&self) -> Option<i64> {
         let ret = self.opts.retention_ms?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        Some((now - ret).div_euclid(60_000) * 60_000 + 60_000)
+        Some((now_ms() - ret).div_euclid(60_000) * 60_000 + 60_000)
     }
 
     /// One query over raw samples or the rollup in `[from, until)`:
@@ -700,9 +697,10 @@ impl Store for ClickHouseStore {
     fn append(&self, batch: Batch) -> StoreResult<Appended> {
         if let (Some(_), Some(since)) = (&batch.id, batch.maybe_stored_since_ms) {
             let (inserts, started) = &*self.keyed_inserts.lock().unwrap_or_else(|e| e.into_inner());
-            let horizon = match inserts.len() < DEDUPLICATION_WINDOW as usize {
-                true => *started,
-                false => inserts.front().copied().unwrap_or(*started),
+            // Full, the oldest insert is the oldest token ClickHouse still has.
+            let horizon = match inserts.front() {
+                Some(&oldest) if inserts.len() == DEDUPLICATION_WINDOW as usize => oldest,
+                _ => *started,
             };
             if since <= horizon {
                 return Err(super::recent::unverifiable(since, horizon).into());
