@@ -52,7 +52,7 @@ impl Profile {
                         Units::Nanoseconds => count * options.period_ns,
                     },
                 ),
-                RawValue::OffCpu { ns, waits } => {
+                RawValue::OffCpu { ns, waits, .. } => {
                     self.waits += waits;
                     (Kind::OffCpu(classify(sample.key.state, &sample.kernel_frames)), ns)
                 }
@@ -109,8 +109,8 @@ mod tests {
             &[
                 sample(0, &["main", "burn;cpu"], &[], RawValue::OnCpuSamples(3)),
                 sample(0, &["main", "burn;cpu"], &[], RawValue::OnCpuSamples(2)),
-                sample(TASK_INTERRUPTIBLE, &["main", "nap"], &["do_nanosleep_[k]"], RawValue::OffCpu { ns: 700, waits: 7 }),
-                sample(STATE_PREEMPTED, &["main"], &[], RawValue::OffCpu { ns: 5, waits: 1 }),
+                sample(TASK_INTERRUPTIBLE, &["main", "nap"], &["do_nanosleep_[k]"], RawValue::OffCpu { ns: 700, waits: 7, durations: Default::default() }),
+                sample(STATE_PREEMPTED, &["main"], &[], RawValue::wait(5, 1 << 16)),
             ],
             &options,
         );

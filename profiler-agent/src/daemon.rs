@@ -299,9 +299,11 @@ impl WindowGroups {
                     )
                 })
                 .clone();
-            let (kind, ns) = match sample.value {
-                RawValue::OnCpuSamples(count) => (Kind::OnCpu, count * period_ns),
-                RawValue::OffCpu { ns, .. } => (Kind::OffCpu(classify(sample.key.state, &sample.kernel_frames)), ns),
+            let (kind, ns, durations) = match &sample.value {
+                RawValue::OnCpuSamples(count) => (Kind::OnCpu, count * period_ns, None),
+                RawValue::OffCpu { ns, durations, .. } => {
+                    (Kind::OffCpu(classify(sample.key.state, &sample.kernel_frames)), *ns, Some(durations))
+                }
             };
             if ns == 0 {
                 continue;
@@ -310,7 +312,11 @@ impl WindowGroups {
             frames.push(Arc::from(sample.process.as_str()));
             frames.extend(sample.user_frames.iter().cloned());
             frames.extend(sample.kernel_frames.iter().cloned());
-            *self.groups.entry((identity, kind)).or_default().entry(frames).or_default() += ns;
+            let stack = self.groups.entry((identity, kind)).or_default().entry(frames).or_default();
+            stack.ns += ns;
+            if let Some(durations) = durations {
+                stack.durations.merge(durations);
+            }
         }
     }
 

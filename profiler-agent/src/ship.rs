@@ -22,6 +22,9 @@
 //! what it remembers, which it could otherwise count twice. A window that never reached
 //! the server (connection refused, a server that is down) carries no age and is
 //! replayed however old it is.
+//!
+//! Off-CPU stacks carry the histogram of their waits' lengths (format `bundle2`); a
+//! server too old for them is sent the same window without them, as `bundle`.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -33,7 +36,7 @@ use std::{
 };
 
 use anyhow::anyhow;
-use profiler_pprof::{ProfileBuilder, encode_gzip, gzip, kind::Kind, stacks};
+use profiler_pprof::{ProfileBuilder, encode_gzip, gzip, kind::Kind, stacks, waits::Histogram};
 use reqwest::StatusCode;
 
 use crate::{identity::Identity, metrics::Metrics};
@@ -67,8 +70,17 @@ impl Payload {
     }
 }
 
-/// Stacks of one window for one (identity, kind): frames root first, value in ns.
-pub type Stacks = BTreeMap<Vec<std::sync::Arc<str>>, u64>;
+/// Stacks of one window for one (identity, kind): frames root first.
+pub type Stacks = BTreeMap<Vec<std::sync::Arc<str>>, StackValue>;
+
+/// A stack's value in a window: its time, and for off-CPU stacks how long each wait
+/// behind it lasted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StackValue {
+    /// Nanoseconds.
+    pub ns: u64,
+    pub durations: Histogram,
+}
 
 pub struct WindowMeta {
     pub start_ms: u64,
@@ -88,21 +100,25 @@ pub fn build_payload<'a>(
     batch_id: &str,
 ) -> Payload {
     let mut bundle = stacks::BundleWriter::default();
-    let mut value = 0u64;
+    let (mut value, mut with_waits) = (0u64, false);
     for (identity, kind, stacks) in parts {
         let mut window = stacks::Writer::default();
-        for (frames, ns) in stacks {
-            window.framed(frames, *ns as i64);
-            value += ns;
+        let mut waits = stacks::WaitsWriter::default();
+        for (index, (frames, stack)) in stacks.iter().enumerate() {
+            window.framed(frames, stack.ns as i64);
+            waits.histogram(index as u64, &stack.durations);
+            value += stack.ns;
         }
         let labels: Vec<_> = identity.labels.iter().collect();
-        bundle.part(&identity.service, &kind.name(), &labels, &window.finish());
+        let waits = waits.finish();
+        with_waits |= !waits.is_empty();
+        bundle.part_with_waits(&identity.service, &kind.name(), &labels, &window.finish(), &waits);
     }
     let mut query = form_urlencoded::Serializer::new(String::new());
     query
         .append_pair("from", &meta.start_ms.to_string())
         .append_pair("batch_id", batch_id)
-        .append_pair("format", BUNDLE_FORMAT);
+        .append_pair("format", if with_waits { WAITS_BUNDLE_FORMAT } else { BUNDLE_FORMAT });
     for (name, label_value) in host_labels {
         query.append_pair("label", &format!("{name}:{label_value}"));
     }
@@ -110,13 +126,35 @@ pub fn build_payload<'a>(
 }
 
 const BUNDLE_FORMAT: &str = "bundle";
+/// A bundle whose parts may carry wait histograms.
+const WAITS_BUNDLE_FORMAT: &str = "bundle2";
 
 fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
     form_urlencoded::parse(query.as_bytes()).into_owned()
 }
 
 fn is_bundle(query: &str) -> bool {
-    query_pairs(query).any(|(k, v)| k == "format" && v == BUNDLE_FORMAT)
+    query_pairs(query).any(|(k, v)| k == "format" && (v == BUNDLE_FORMAT || v == WAITS_BUNDLE_FORMAT))
+}
+
+fn has_waits(query: &str) -> bool {
+    query_pairs(query).any(|(k, v)| k == "format" && v == WAITS_BUNDLE_FORMAT)
+}
+
+/// The window without its wait histograms, as format `bundle`, for a server that
+/// cannot read them.
+fn without_waits(payload: &Payload) -> anyhow::Result<Payload> {
+    let raw = bundle_bytes(&payload.body)?;
+    let mut bundle = stacks::BundleWriter::default();
+    for part in stacks::BundleReader::new(&raw)? {
+        let part = part?;
+        bundle.part(part.service, part.kind, &part.labels, part.window);
+    }
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in query_pairs(&payload.query) {
+        query.append_pair(&k, if k == "format" { BUNDLE_FORMAT } else { &v });
+    }
+    Ok(Payload { query: query.finish(), body: gzip(&bundle.finish()), value: payload.value })
 }
 
 /// A payload body after gunzip; our own, so the bound only guards against a corrupt spool.
@@ -164,6 +202,8 @@ struct KnownStacks {
     since: Instant,
     /// Set when the server refused stacks windows: until then, windows go as pprof.
     pprof_until: Option<Instant>,
+    /// Set when the server refused wait histograms: until then, windows go without.
+    no_waits_until: Option<Instant>,
 }
 
 /// At most this many ids are remembered (8 bytes each plus the set's overhead).
@@ -174,7 +214,7 @@ const PPROF_FOR: Duration = Duration::from_secs(3600);
 
 impl KnownStacks {
     fn new() -> Self {
-        Self { ids: HashSet::new(), since: Instant::now(), pprof_until: None }
+        Self { ids: HashSet::new(), since: Instant::now(), pprof_until: None, no_waits_until: None }
     }
 
     /// The window with the stacks the server has by id (None when it has none of them),
@@ -206,7 +246,7 @@ impl KnownStacks {
                     stacks::Entry::Known { id, value } => window.known(id, value),
                 }
             }
-            bundle.part(part.service, part.kind, &part.labels, &window.finish());
+            bundle.part_with_waits(part.service, part.kind, &part.labels, &window.finish(), part.waits);
         }
         Ok(ByReference { body: (by_id > 0).then(|| gzip(&bundle.finish())), ids, by_id })
     }
@@ -350,29 +390,42 @@ impl Shipper {
         if pprof {
             return self.send_as_pprof(payload, unanswered_since).await;
         }
-        let prepared = self.known.lock().unwrap().by_reference(&payload.body);
-        let ByReference { body, ids, mut by_id } =
-            prepared.map_err(|err| ShipError::Rejected(err.context("reading the window")))?;
-        let answer = match self.post(&payload.query, body.unwrap_or_else(|| payload.body.clone()), unanswered_since).await? {
-            Answer::Refused(StatusCode::CONFLICT, why) if by_id > 0 => {
-                tracing::info!("the server does not have stacks it acknowledged ({why}); sending them again with their frames");
-                self.known.lock().unwrap().forget();
-                by_id = 0;
-                self.post(&payload.query, payload.body.clone(), unanswered_since).await?
+        let mut payload = std::borrow::Cow::Borrowed(payload);
+        loop {
+            let no_waits = self.known.lock().unwrap().no_waits_until.is_some_and(|until| Instant::now() < until);
+            if no_waits && has_waits(&payload.query) {
+                let stripped = without_waits(&payload).map_err(|err| ShipError::Rejected(err.context("reading the window")))?;
+                payload = std::borrow::Cow::Owned(stripped);
             }
-            Answer::Refused(StatusCode::BAD_REQUEST, why) if why.contains("`format`") => {
-                tracing::warn!("the server cannot read bundles of stacks windows ({why}); sending pprof for an hour");
-                self.known.lock().unwrap().pprof_until = Some(Instant::now() + PPROF_FOR);
-                return self.send_as_pprof(payload, unanswered_since).await;
+            let prepared = self.known.lock().unwrap().by_reference(&payload.body);
+            let ByReference { body, ids, mut by_id } =
+                prepared.map_err(|err| ShipError::Rejected(err.context("reading the window")))?;
+            let answer = match self.post(&payload.query, body.unwrap_or_else(|| payload.body.clone()), unanswered_since).await? {
+                Answer::Refused(StatusCode::CONFLICT, why) if by_id > 0 => {
+                    tracing::info!("the server does not have stacks it acknowledged ({why}); sending them again with their frames");
+                    self.known.lock().unwrap().forget();
+                    by_id = 0;
+                    self.post(&payload.query, payload.body.clone(), unanswered_since).await?
+                }
+                Answer::Refused(StatusCode::BAD_REQUEST, why) if why.contains("`format`") && has_waits(&payload.query) => {
+                    tracing::warn!("the server cannot read wait histograms ({why}); sending windows without them for an hour");
+                    self.known.lock().unwrap().no_waits_until = Some(Instant::now() + PPROF_FOR);
+                    continue;
+                }
+                Answer::Refused(StatusCode::BAD_REQUEST, why) if why.contains("`format`") => {
+                    tracing::warn!("the server cannot read bundles of stacks windows ({why}); sending pprof for an hour");
+                    self.known.lock().unwrap().pprof_until = Some(Instant::now() + PPROF_FOR);
+                    return self.send_as_pprof(&payload, unanswered_since).await;
+                }
+                answer => answer,
+            };
+            if matches!(answer, Answer::Accepted) {
+                self.metrics.stacks_shipped_by_id.fetch_add(by_id as u64, Relaxed);
+                self.metrics.stacks_shipped_with_frames.fetch_add((ids.len() - by_id) as u64, Relaxed);
+                self.known.lock().unwrap().learn(ids);
             }
-            answer => answer,
-        };
-        if matches!(answer, Answer::Accepted) {
-            self.metrics.stacks_shipped_by_id.fetch_add(by_id as u64, Relaxed);
-            self.metrics.stacks_shipped_with_frames.fetch_add((ids.len() - by_id) as u64, Relaxed);
-            self.known.lock().unwrap().learn(ids);
+            return self.settle(answer);
         }
-        self.settle(answer)
     }
 
     /// Every part in turn; a refusal ends the attempt, and the next sends all parts
@@ -495,10 +548,11 @@ mod tests {
         let batch = Identity { service: "batch".into(), labels: BTreeMap::new() };
         let host = [("host".to_string(), "h1".to_string())].into();
         let mut stacks = Stacks::new();
-        stacks.insert(vec![Arc::from("app"), Arc::from("main")], 30);
-        stacks.insert(vec![Arc::from("app"), Arc::from("burn")], 70);
+        let ns = |ns| StackValue { ns, durations: Histogram::default() };
+        stacks.insert(vec![Arc::from("app"), Arc::from("main")], ns(30));
+        stacks.insert(vec![Arc::from("app"), Arc::from("burn")], ns(70));
         let mut waits = Stacks::new();
-        waits.insert(vec![Arc::from("job"), Arc::from("read")], 5);
+        waits.insert(vec![Arc::from("job"), Arc::from("read")], ns(5));
         let meta = WindowMeta { start_ms: 10_000 };
         let parts = [(&checkout, Kind::OnCpu, &stacks), (&batch, Kind::OffCpu(profiler_pprof::kind::WaitReason::BlockedIo), &waits)];
         let payload = build_payload(parts, &host, &meta, "00ff-10000");
@@ -534,6 +588,36 @@ mod tests {
         let profile = profiler_pprof::decode_gzip(body, 1 << 20).unwrap();
         assert_eq!(profile.sample.iter().map(|s| s.value[0]).sum::<i64>(), 100);
         assert!(converted[1].0.contains("service=batch&kind=off-cpu%3Ablocked-io") && converted[1].0.contains("batch_id=00ff-10000%2F1"));
+    }
+
+    #[test]
+    fn wait_histograms_travel_as_bundle2_and_can_be_left_out() {
+        let batch = Identity { service: "batch".into(), labels: BTreeMap::new() };
+        let mut waits = Stacks::new();
+        let mut durations = Histogram::default();
+        durations.record(2_000_000, profiler_pprof::waits::ONE);
+        durations.record(60_000_000, profiler_pprof::waits::ONE);
+        waits.insert(vec![Arc::from("job"), Arc::from("a")], StackValue { ns: 1, durations: Histogram::default() });
+        waits.insert(vec![Arc::from("job"), Arc::from("b")], StackValue { ns: 62_000_000, durations: durations.clone() });
+        let parts = [(&batch, Kind::OffCpu(profiler_pprof::kind::WaitReason::Sleep), &waits)];
+        let payload = build_payload(parts, &BTreeMap::new(), &WindowMeta { start_ms: 0 }, "b-0");
+        assert!(has_waits(&payload.query) && is_bundle(&payload.query));
+        let raw = profiler_pprof::gunzip(&payload.body, 1 << 20).unwrap();
+        let part = stacks::BundleReader::new(&raw).unwrap().next().unwrap().unwrap();
+        assert_eq!(stacks::read_waits(part.waits, 2).unwrap(), [(1, durations)], "the second stack's waits");
+
+        let plain = without_waits(&payload).unwrap();
+        assert!(!has_waits(&plain.query) && is_bundle(&plain.query));
+        let raw_plain = profiler_pprof::gunzip(&plain.body, 1 << 20).unwrap();
+        let plain_part = stacks::BundleReader::new(&raw_plain).unwrap().next().unwrap().unwrap();
+        assert_eq!((plain_part.window, plain_part.waits), (part.window, &[][..]));
+        // By reference, the histograms stay with their entries.
+        let mut known = KnownStacks::new();
+        known.learn(vec![stacks::stack_id(&["job", "a"])]);
+        let sent = known.by_reference(&payload.body).unwrap().body.unwrap();
+        let raw_sent = profiler_pprof::gunzip(&sent, 1 << 20).unwrap();
+        let sent_part = stacks::BundleReader::new(&raw_sent).unwrap().next().unwrap().unwrap();
+        assert_eq!(sent_part.waits, part.waits);
     }
 
     /// A bundle of one part per window given.

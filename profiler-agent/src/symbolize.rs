@@ -158,7 +158,7 @@ impl State {
                     self.kernel_names.get(&addr).cloned().unwrap_or_else(|| self.unknown_kernel.clone())
                 });
                 drop_tracer_frames(&mut kernel_frames);
-                SymbolizedSample { key: sample.key, process, user_frames, kernel_frames, value: sample.value }
+                SymbolizedSample { key: sample.key, process, user_frames, kernel_frames, value: sample.value.clone() }
             })
             .collect()
     }

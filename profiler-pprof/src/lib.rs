@@ -54,6 +54,7 @@ pub mod folded;
 pub mod kind;
 pub mod runs;
 pub mod stacks;
+pub mod waits;
 
 
 #[derive(Debug, thiserror::Error)]

@@ -25,6 +25,15 @@
 //! service, the kind, the varint count of labels and each label's name and
 //! value, then the part's stacks window (with its own magic) as varint
 //! length and bytes. The end mark is byte 0 and the varint count of parts.
+//!
+//! A part with wait histograms (bundle format `bundle2`, see [`crate::waits`])
+//! is byte 2 instead of 1, and after its window carries, as varint length and
+//! bytes, its waits section: the varint count of histograms, then for each the
+//! varint gap from the previous histogram's entry index (the first: the index
+//! plus one), the varint count of buckets and each bucket as the varint gap
+//! from the previous bucket (the first: the bucket plus one) and the varint
+//! weighted count. Servers that read only `bundle` refuse byte 2, so the agent
+//! sends `bundle2` only to servers that take it.
 
 use crate::Error;
 
@@ -34,6 +43,7 @@ const END: u8 = 0;
 const FRAMED: u8 = 1;
 const KNOWN: u8 = 2;
 const PART: u8 = 1;
+const PART_WITH_WAITS: u8 = 2;
 
 /// Content hash of a root-first stack; frames are separated by a byte that
 /// cannot occur in UTF-8, so `["a;b"]` and `["a", "b"]` differ.
@@ -200,8 +210,21 @@ impl BundleWriter {
     /// Adds the stacks window `window` (a [`Writer`]'s output) of one
     /// (service, labels, kind).
     pub fn part<K: AsRef<str>, V: AsRef<str>>(&mut self, service: &str, kind: &str, labels: &[(K, V)], window: &[u8]) {
+        self.part_with_waits(service, kind, labels, window, &[]);
+    }
+
+    /// Like [`Self::part`], with a waits section ([`WaitsWriter`]'s output);
+    /// an empty one writes a plain part.
+    pub fn part_with_waits<K: AsRef<str>, V: AsRef<str>>(
+        &mut self,
+        service: &str,
+        kind: &str,
+        labels: &[(K, V)],
+        window: &[u8],
+        waits: &[u8],
+    ) {
         self.parts += 1;
-        self.buf.push(PART);
+        self.buf.push(if waits.is_empty() { PART } else { PART_WITH_WAITS });
         bytes(&mut self.buf, service.as_bytes());
         bytes(&mut self.buf, kind.as_bytes());
         varint(&mut self.buf, labels.len() as u64);
@@ -210,6 +233,9 @@ impl BundleWriter {
             bytes(&mut self.buf, value.as_ref().as_bytes());
         }
         bytes(&mut self.buf, window);
+        if !waits.is_empty() {
+            bytes(&mut self.buf, waits);
+        }
     }
 
     pub fn finish(mut self) -> Vec<u8> {
@@ -219,13 +245,98 @@ impl BundleWriter {
     }
 }
 
-/// One (service, labels, kind) of a bundle; `window` is read with [`Reader`].
+/// Builds a part's waits section: histograms of its entries, by entry index.
+#[derive(Default)]
+pub struct WaitsWriter {
+    buf: Vec<u8>,
+    count: u64,
+    next_entry: u64,
+}
+
+impl WaitsWriter {
+    /// The histogram of entry `index` (of the part's window, from 0); indexes
+    /// must ascend. Empty histograms are not written.
+    pub fn histogram(&mut self, index: u64, histogram: &crate::waits::Histogram) {
+        if histogram.is_empty() {
+            return;
+        }
+        assert!(index >= self.next_entry, "wait histograms must be written in entry order");
+        self.count += 1;
+        varint(&mut self.buf, index - self.next_entry + 1);
+        self.next_entry = index + 1;
+        let buckets: Vec<_> = histogram.buckets().collect();
+        varint(&mut self.buf, buckets.len() as u64);
+        let mut next = 0u64;
+        for (bucket, count) in buckets {
+            varint(&mut self.buf, bucket as u64 - next + 1);
+            next = bucket as u64 + 1;
+            varint(&mut self.buf, count);
+        }
+    }
+
+    /// The section; empty when no histogram was written.
+    pub fn finish(self) -> Vec<u8> {
+        if self.count == 0 {
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(self.buf.len() + 4);
+        varint(&mut out, self.count);
+        out.extend_from_slice(&self.buf);
+        out
+    }
+}
+
+/// Reads a waits section: (entry index, histogram), entry indexes ascending
+/// and below `entries` (the part's window's entry count).
+pub fn read_waits(section: &[u8], entries: u64) -> Result<Vec<(u64, crate::waits::Histogram)>, Error> {
+    let bad = |what: &str| Error::Invalid(format!("waits section: {what}"));
+    let mut rest = section;
+    let count = read_varint(&mut rest).map_err(|e| bad(e))?;
+    // Each histogram takes at least three bytes.
+    if count > rest.len() as u64 / 3 {
+        return Err(bad("more histograms than bytes"));
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    let mut next_entry = 0u64;
+    for _ in 0..count {
+        let gap = read_varint(&mut rest).map_err(|e| bad(e))?;
+        let index = next_entry.checked_add(gap).and_then(|i| i.checked_sub(1)).filter(|_| gap > 0);
+        let index = index.filter(|&i| i < entries).ok_or_else(|| bad("an entry index out of order or range"))?;
+        next_entry = index + 1;
+        let buckets = read_varint(&mut rest).map_err(|e| bad(e))?;
+        if buckets == 0 || buckets > crate::waits::BUCKETS as u64 {
+            return Err(bad("a histogram without buckets or with too many"));
+        }
+        let mut histogram = crate::waits::Histogram::default();
+        let mut next = 0u64;
+        for _ in 0..buckets {
+            let gap = read_varint(&mut rest).map_err(|e| bad(e))?;
+            let bucket = (next + gap).checked_sub(1).filter(|_| gap > 0);
+            let bucket = bucket.filter(|&b| b < crate::waits::BUCKETS as u64).ok_or_else(|| bad("a bucket out of order or range"))?;
+            next = bucket + 1;
+            let weight = read_varint(&mut rest).map_err(|e| bad(e))?;
+            if weight == 0 {
+                return Err(bad("an empty bucket"));
+            }
+            histogram.add(bucket as u16, weight);
+        }
+        out.push((index, histogram));
+    }
+    if !rest.is_empty() {
+        return Err(bad("bytes after the last histogram"));
+    }
+    Ok(out)
+}
+
+/// One (service, labels, kind) of a bundle; `window` is read with [`Reader`],
+/// `waits` (empty for a plain part) with [`read_waits`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Part<'a> {
     pub service: &'a str,
     pub kind: &'a str,
     pub labels: Vec<(&'a str, &'a str)>,
     pub window: &'a [u8],
+    pub waits: &'a [u8],
 }
 
 /// Reads the parts of a bundle; a malformed bundle ends in one error.
@@ -253,7 +364,7 @@ impl<'a> BundleReader<'a> {
                 }
                 Ok(None)
             }
-            PART => {
+            PART | PART_WITH_WAITS => {
                 self.parts += 1;
                 let service = self.text()?;
                 let kind = self.text()?;
@@ -269,7 +380,13 @@ impl<'a> BundleReader<'a> {
                 }
                 let len = read_varint(&mut self.rest).map_err(invalid_bundle)? as usize;
                 let window = take(&mut self.rest, len).map_err(invalid_bundle)?;
-                Ok(Some(Part { service, kind, labels, window }))
+                let waits = if tag == PART_WITH_WAITS {
+                    let len = read_varint(&mut self.rest).map_err(invalid_bundle)? as usize;
+                    take(&mut self.rest, len).map_err(invalid_bundle)?
+                } else {
+                    &[]
+                };
+                Ok(Some(Part { service, kind, labels, window, waits }))
             }
             other => Err(invalid_bundle(&format!("unknown entry type {other}"))),
         }
@@ -402,14 +519,19 @@ mod tests {
         let window = w.finish();
         let mut b = BundleWriter::default();
         b.part("api", "on-cpu", &[("host", "h1"), ("pid", "7")], &window);
-        b.part::<&str, &str>("db", "off-cpu:io", &[], &window);
+        let mut waits = WaitsWriter::default();
+        let mut h = crate::waits::Histogram::default();
+        h.record(2_000_000, crate::waits::ONE);
+        waits.histogram(0, &h);
+        let waits = waits.finish();
+        b.part_with_waits::<&str, &str>("db", "off-cpu:io", &[], &window, &waits);
         let body = b.finish();
         let parts: Vec<Part> = BundleReader::new(&body).unwrap().collect::<Result<_, _>>().unwrap();
         assert_eq!(
             parts,
             [
-                Part { service: "api", kind: "on-cpu", labels: vec![("host", "h1"), ("pid", "7")], window: &window },
-                Part { service: "db", kind: "off-cpu:io", labels: vec![], window: &window },
+                Part { service: "api", kind: "on-cpu", labels: vec![("host", "h1"), ("pid", "7")], window: &window, waits: &[] },
+                Part { service: "db", kind: "off-cpu:io", labels: vec![], window: &window, waits: &waits },
             ]
         );
         assert!(BundleReader::new(&window).is_err(), "a single window is not a bundle");
@@ -420,6 +542,32 @@ mod tests {
         // A label count far beyond the bytes cannot make the reader allocate.
         let huge = [BUNDLE_MAGIC.as_slice(), &[PART, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f]].concat();
         assert!(BundleReader::new(&huge).unwrap().next().unwrap().is_err());
+    }
+
+    #[test]
+    fn waits_sections_round_trip_and_refuse_forged_ones() {
+        use crate::waits::{Histogram, ONE};
+        let (mut a, mut b) = (Histogram::default(), Histogram::default());
+        a.record(2_000_000, ONE);
+        a.record(2_100_000, ONE);
+        a.record(60_000_000, 3 * ONE);
+        b.record(5_000, 7);
+        let mut w = WaitsWriter::default();
+        w.histogram(1, &a);
+        w.histogram(2, &Histogram::default());
+        w.histogram(4, &b);
+        let section = w.finish();
+        assert_eq!(read_waits(&section, 5).unwrap(), [(1, a), (4, b)]);
+        assert!(read_waits(&section, 4).is_err(), "an entry index past the window");
+        for cut in 0..section.len() {
+            assert!(read_waits(&section[..cut], 5).is_err(), "cut at {cut}");
+        }
+        assert!(read_waits(&[section.as_slice(), &[0]].concat(), 5).is_err());
+        // A bucket past the last, an empty bucket, a count far beyond the bytes.
+        assert!(read_waits(&[1, 1, 1, 0x81, 0x08, 1], 1).is_err());
+        assert!(read_waits(&[1, 1, 1, 1, 0], 1).is_err());
+        assert!(read_waits(&[0xff, 0xff, 0xff, 0x0f, 1, 1, 1, 1], 1).is_err());
+        assert!(WaitsWriter::default().finish().is_empty());
     }
 
     #[test]

@@ -38,6 +38,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
+use profiler_pprof::waits::Histogram;
 use profiler_common::{
     maps, Config, SnapshotHeader, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE, EVENT_SWITCH_OUT, PENDING_SLOTS,
     EVENT_WAIT_END, MAX_STACK_DEPTH, MAX_USER_STACK, TASK_COMM_LEN, USER_STACK_CHUNK,
@@ -192,10 +193,22 @@ pub struct RawSample {
     pub value: RawValue,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RawValue {
     OnCpuSamples(u64),
-    OffCpu { ns: u64, waits: u64 },
+    /// Weighted off-CPU time, the waits behind it (sampled, not scaled) and each
+    /// wait's length with its weight.
+    OffCpu { ns: u64, waits: u64, durations: Histogram },
+}
+
+impl RawValue {
+    /// One recorded wait of `elapsed_ns` weighted `weight_q16` (1/p in Q16).
+    pub fn wait(elapsed_ns: u64, weight_q16: u64) -> Self {
+        let mut durations = Histogram::default();
+        durations.record(elapsed_ns, weight_q16);
+        let ns = ((elapsed_ns as u128 * weight_q16 as u128) >> 16) as u64;
+        RawValue::OffCpu { ns, waits: 1, durations }
+    }
 }
 
 /// The aggregates of one window plus the counter deltas since the previous drain.
@@ -823,10 +836,12 @@ mod tests {
         samples.sort_by_key(|sample| sample.key.pid);
         assert_eq!(samples.len(), 2, "{samples:?}");
         assert_eq!(samples[0].key.pid, 7);
-        assert_eq!(samples[0].value, RawValue::OffCpu { ns: 10_000_000, waits: 1 });
+        assert_eq!(samples[0].value, RawValue::wait(5_000_000, 2 << 16));
+        let RawValue::OffCpu { ns: 10_000_000, waits: 1, durations } = &samples[0].value else { panic!("{samples:?}") };
+        assert_eq!(durations.quantile_ns(1.0), Some(profiler_pprof::waits::representative_ns(profiler_pprof::waits::bucket_of(5_000_000))));
         assert_eq!(samples[0].kernel.as_deref(), Some(&[0xffff_1000][..]));
         assert_eq!(samples[1].key.pid, 10);
-        assert_eq!(samples[1].value, RawValue::OffCpu { ns: 3_000_000, waits: 1 });
+        assert_eq!(samples[1].value, RawValue::wait(3_000_000, 1 << 16));
         assert_eq!(state.losses.wait_without_snapshot, 2, "no snapshot for tid 9, wrong one for tid 10");
         assert_eq!(state.losses.switch_out_without_end, 1);
         assert_eq!(state.losses.malformed, 1);
@@ -871,7 +886,7 @@ mod tests {
         // A compacted wait still ends and counts.
         state.handle(bytes(&wait_end(1, 1, 2_000_000, 1 << 16)));
         let (samples, _) = state.take_window();
-        assert_eq!(samples.iter().map(|s| s.value).collect::<Vec<_>>(), [RawValue::OffCpu { ns: 2_000_000, waits: 1 }]);
+        assert_eq!(samples.iter().map(|s| s.value.clone()).collect::<Vec<_>>(), [RawValue::wait(2_000_000, 1 << 16)]);
     }
 
     #[test]
@@ -882,7 +897,7 @@ mod tests {
         }
         let (mut samples, _) = state.take_window();
         samples.sort_by_key(|s| s.kernel.as_deref().map(<[u64]>::to_vec));
-        let values: Vec<RawValue> = samples.iter().map(|s| s.value).collect();
+        let values: Vec<RawValue> = samples.iter().map(|s| s.value.clone()).collect();
         assert_eq!(values, [RawValue::OnCpuSamples(2), RawValue::OnCpuSamples(1)]);
         assert_eq!(state.losses.aggregate_full, 1, "the third distinct stack is over the limit");
     }

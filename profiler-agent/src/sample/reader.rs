@@ -295,13 +295,7 @@ impl ReaderState {
             }
             PendingStack::Unwound(user) => user,
         };
-        let ns = ((end.elapsed_ns as u128 * end.weight_q16 as u128) >> 16) as u64;
-        self.add(
-            wait.key,
-            user,
-            wait.kernel,
-            RawValue::OffCpu { ns, waits: 1 },
-        );
+        self.add(wait.key, user, wait.kernel, RawValue::wait(end.elapsed_ns, end.weight_q16));
     }
 
     pub(super) fn unwind(&mut self, tgid: u32, tid: u32, ip: u64, sp: u64, bp: u64, stack: &[u8]) -> Option<Addrs> {
@@ -377,19 +371,19 @@ impl ReaderState {
         let len = self.window.len();
         let entry = (key, user, kernel);
         if let Some(total) = self.window.get_mut(&entry) {
-            *total = match (*total, value) {
-                (RawValue::OnCpuSamples(a), RawValue::OnCpuSamples(b)) => {
-                    RawValue::OnCpuSamples(a + b)
-                }
-                (RawValue::OffCpu { ns, waits }, RawValue::OffCpu { ns: more, waits: w }) => {
-                    RawValue::OffCpu {
-                        ns: ns + more,
-                        waits: waits + w,
-                    }
+            match (total, value) {
+                (RawValue::OnCpuSamples(a), RawValue::OnCpuSamples(b)) => *a += b,
+                (
+                    RawValue::OffCpu { ns, waits, durations },
+                    RawValue::OffCpu { ns: more, waits: w, durations: d },
+                ) => {
+                    *ns += more;
+                    *waits += w;
+                    durations.merge(&d);
                 }
                 // On-CPU samples have state 0, so their keys never meet off-CPU keys.
-                (other, _) => other,
-            };
+                _ => {}
+            }
         } else if len < self.max_keys {
             self.window.insert(entry, value);
         } else {

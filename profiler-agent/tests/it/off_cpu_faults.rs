@@ -42,8 +42,8 @@ fn off_cpu_of(window: &RawWindow, tid: u32) -> (u64, u64) {
         .samples
         .iter()
         .filter(|sample| sample.key.pid == tid)
-        .filter_map(|sample| match sample.value {
-            RawValue::OffCpu { ns, waits } => Some((ns, waits)),
+        .filter_map(|sample| match &sample.value {
+            RawValue::OffCpu { ns, waits, .. } => Some((*ns, *waits)),
             RawValue::OnCpuSamples(_) => None,
         })
         .fold((0, 0), |(ns, waits), (more_ns, more_waits)| (ns + more_ns, waits + more_waits))

@@ -317,8 +317,8 @@ fn each_waiting_threads_time_holds_in_every_window() {
         bounds.push(at_ns(until));
         let mut per_thread = HashMap::new();
         for sample in &drained.samples {
-            if let RawValue::OffCpu { ns, .. } = sample.value {
-                *per_thread.entry(sample.key.pid).or_default() += ns;
+            if let RawValue::OffCpu { ns, .. } = &sample.value {
+                *per_thread.entry(sample.key.pid).or_default() += *ns;
             }
         }
         ours.push(per_thread);
