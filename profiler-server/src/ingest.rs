@@ -109,6 +109,15 @@ pub struct BatchBuilder<'a> {
 
 impl<'a> BatchBuilder<'a> {
     pub fn new(limits: &'a Limits, target: Target) -> Result<Self, Rejected> {
+        // The server makes those kinds from the histograms of our agent's bundles
+        // only: rows sent as such would be misread.
+        if profiler_pprof::waits::is_waits_kind(&target.kind) {
+            return Err(bad(format!("kind {} is reserved for wait histograms", truncate(&target.kind, 64))));
+        }
+        Self::build(limits, target)
+    }
+
+    fn build(limits: &'a Limits, target: Target) -> Result<Self, Rejected> {
         if target.service.is_empty() {
             return Err(bad("service name is empty"));
         }
@@ -379,40 +388,63 @@ pub fn sample_type_name(profile: &Profile, idx: usize) -> Result<String, Rejecte
 
 /// Adds the entries of our agent's stacks window (see
 /// `profiler_pprof::stacks`). Stacks referred to by id must be in `store`,
-/// or the whole window is refused.
-pub fn stacks(body: &[u8], store: &dyn Store, b: &mut BatchBuilder) -> Result<(), Rejected> {
+/// or the whole window is refused. Returns each entry's stack id, in order.
+pub fn stacks(body: &[u8], store: &dyn Store, b: &mut BatchBuilder) -> Result<Vec<u64>, Rejected> {
     let mut known = Vec::new();
     let mut frames = Vec::new();
+    let mut ids = Vec::new();
     for entry in stacks::Reader::new(body).map_err(|e| bad(e.to_string()))? {
         match entry.map_err(|e| bad(e.to_string()))? {
             stacks::Entry::Framed { frames: names, value } => {
                 names.read_into(&mut frames).map_err(|e| bad(e.to_string()))?;
                 let id = b.stack_as_sent(&frames)?;
                 b.add_row(b.base_id, id, value);
+                ids.push(id);
             }
             stacks::Entry::Known { id, value } => {
                 if value != 0 {
                     known.push((id, value));
                 }
+                ids.push(id);
             }
         }
     }
-    let ids: Vec<u64> = known.iter().map(|&(id, _)| id).collect();
-    let unknown = store.unknown_stacks(&b.target.service, &ids);
+    let known_ids: Vec<u64> = known.iter().map(|&(id, _)| id).collect();
+    let unknown = store.unknown_stacks(&b.target.service, &known_ids);
     if unknown > 0 {
         return Err(Rejected::UnknownStacks(unknown));
     }
     for (id, value) in known {
         b.add_row(b.base_id, id, value);
     }
-    Ok(())
+    Ok(ids)
+}
+
+/// The batch of a part's wait histograms (see `profiler_pprof::waits`): one row per
+/// stack and bucket, in the part's kind's histograms kind. `ids` are the stack ids of
+/// the part's entries.
+fn waits(section: &[u8], ids: &[u64], limits: &Limits, target: &Target) -> Result<Batch, Rejected> {
+    if profiler_pprof::kind::off_cpu_reason(&target.kind).is_none() {
+        return Err(bad(format!("wait histograms belong to off-CPU kinds, not {}", truncate(&target.kind, 64))));
+    }
+    let histograms = stacks::read_waits(section, ids.len() as u64).map_err(|e| bad(e.to_string()))?;
+    let target = Target { kind: profiler_pprof::waits::waits_kind(&target.kind), ..target.clone() };
+    let mut b = BatchBuilder::build(limits, target)?;
+    for (index, histogram) in histograms {
+        for (bucket, count) in histogram.buckets() {
+            let count = i64::try_from(count).map_err(|_| bad("a wait count out of range"))?;
+            b.add_row(b.base_id, profiler_pprof::waits::row_id(ids[index as usize], bucket), count);
+        }
+    }
+    Ok(b.finish())
 }
 
 /// The batches of a bundle of stacks windows (see `profiler_pprof::stacks`),
-/// one per part, each part's labels over `common`. Refused whole: if any part
-/// is malformed or refers to a stack `store` does not have, nothing of it is
-/// stored.
-pub fn bundle(raw: &[u8], limits: &Limits, ts_ms: i64, common: &Labels, store: &dyn Store) -> Result<Vec<Batch>, Rejected> {
+/// one per part and one more per part with wait histograms, each part's labels
+/// over `common`, each with its name within the bundle (`i` for part i, `i/waits`
+/// for its histograms). Refused whole: if any part is malformed or refers to a
+/// stack `store` does not have, nothing of it is stored.
+pub fn bundle(raw: &[u8], limits: &Limits, ts_ms: i64, common: &Labels, store: &dyn Store) -> Result<Vec<(String, Batch)>, Rejected> {
     let parts = stacks::BundleReader::new(raw)
         .map_err(|e| bad(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
@@ -425,13 +457,13 @@ pub fn bundle(raw: &[u8], limits: &Limits, ts_ms: i64, common: &Labels, store: &
     }
     let mut batches = Vec::with_capacity(parts.len());
     let (mut unknown, mut stack_bytes) = (0, 0);
-    for part in parts {
+    for (i, part) in parts.into_iter().enumerate() {
         let mut labels = common.clone();
         labels.extend(part.labels.iter().map(|&(k, v)| (k.to_owned(), v.to_owned())));
         let target = Target { service: part.service.to_owned(), kind: part.kind.to_owned(), ts_ms, labels };
-        let mut b = BatchBuilder::new(limits, target)?;
+        let mut b = BatchBuilder::new(limits, target.clone())?;
         match self::stacks(part.window, store, &mut b) {
-            Ok(()) => {
+            Ok(ids) => {
                 // Each part's frame names are bounded; so are all of them.
                 stack_bytes += b.stack_bytes;
                 if stack_bytes > limits.max_batch_bytes {
@@ -440,7 +472,10 @@ pub fn bundle(raw: &[u8], limits: &Limits, ts_ms: i64, common: &Labels, store: &
                         limits.max_batch_bytes
                     )));
                 }
-                batches.push(b.finish());
+                batches.push((i.to_string(), b.finish()));
+                if !part.waits.is_empty() {
+                    batches.push((format!("{i}/waits"), waits(part.waits, &ids, limits, &target)?));
+                }
             }
             // Counted over every part, for the answer.
             Err(Rejected::UnknownStacks(n)) => unknown += n,

@@ -46,7 +46,7 @@ impl Idempotency {
     }
 
     /// The key of part `i` of a request of several batches.
-    pub fn part(&self, i: usize) -> Idempotency {
+    pub fn part(&self, i: impl std::fmt::Display) -> Idempotency {
         Idempotency {
             id: self.id.as_ref().map(|id| format!("{id}/{i}")),
             maybe_stored_since_ms: self.maybe_stored_since_ms,

@@ -52,7 +52,7 @@ async fn ingest_native(
     let body = body_bytes(Bytes::from_request(req, &s).await)?;
     grant.shrink_to(body.len());
     blocking(move || {
-        if p.get("format") == Some("bundle") {
+        if matches!(p.get("format"), Some("bundle" | "bundle2")) {
             return ingest_bundle(&s, &p, &mut grant, &body, id);
         }
         let service = p.req("service")?.to_owned();
@@ -90,7 +90,7 @@ async fn ingest_native(
             return store_batch(&s, b, body.len(), id);
         }
         if p.get("format").is_some_and(|f| f != "pprof") {
-            return Err(ApiError::bad("`format` must be pprof (default), folded, stacks or bundle"));
+            return Err(ApiError::bad("`format` must be pprof (default), folded, stacks, bundle or bundle2"));
         }
         let raw = decompress(&mut grant, &body, limits)?;
         let profile = decode_pprof(&mut grant, body.len(), &raw, limits)?;
@@ -114,7 +114,8 @@ async fn ingest_native(
 /// `format=bundle`: every (service, labels, kind) of one agent window in one
 /// request, stored with one WAL fsync; the query's labels are common to all
 /// parts. Part `i` is stored under batch id `<batch_id>/<i>`, so a retry of
-/// a bundle that was partly stored counts each part once.
+/// a bundle that was partly stored counts each part once. `format=bundle2`
+/// is the same with wait histograms on off-CPU parts, stored as `<batch_id>/<i>/waits`.
 fn ingest_bundle(s: &AppState, p: &Params, grant: &mut Grant, body: &[u8], key: Idempotency) -> ApiResult<Json<IngestSummary>> {
     if p.get("service").is_some() || p.get("kind").is_some() {
         return Err(ApiError::bad("a bundle names services and kinds in its parts, not in the query"));
@@ -124,15 +125,25 @@ fn ingest_bundle(s: &AppState, p: &Params, grant: &mut Grant, body: &[u8], key: 
     let from = p.time("from", now_ms(), now_ms())?;
     let raw = decompress(grant, body, limits)?;
     // As for one stacks window, plus the batch each part becomes.
-    let parts = profiler_pprof::stacks::BundleReader::new(&raw).map_or(0, Iterator::count);
+    let (mut parts, mut waits_bytes) = (0, 0);
+    for part in profiler_pprof::stacks::BundleReader::new(&raw).into_iter().flatten().flatten() {
+        parts += 1;
+        waits_bytes += part.waits.len();
+    }
+    // A histogram bucket is at least two bytes on the wire and a row of about
+    // sixty bytes once in the batch.
     grant
-        .grow_to_blocking(body.len() + 7 * raw.len() + parts * 1024)
+        .grow_to_blocking(body.len() + 7 * raw.len() + 30 * waits_bytes + parts * 1024)
         .map_err(over_budget)?;
     let ts_ms = align(from, s.config.storage.window_ms);
-    let mut batches = ingest::bundle(&raw, limits, ts_ms, &labels, &*s.store)?;
-    for (i, batch) in batches.iter_mut().enumerate() {
-        key.part(i).apply(batch);
-    }
+    let named = ingest::bundle(&raw, limits, ts_ms, &labels, &*s.store)?;
+    let batches = named
+        .into_iter()
+        .map(|(name, mut batch)| {
+            key.part(name).apply(&mut batch);
+            batch
+        })
+        .collect();
     store_batches(s, batches, body.len())
 }
 

@@ -32,6 +32,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/api/v1/svg", get(svg))
         .route("/api/v1/diff", get(diff))
         .route("/api/v1/top", get(top))
+        .route("/api/v1/waits", get(waits))
         .route("/api/v1/changes", get(changes))
         .route("/api/v1/events", get(events))
         .route("/metrics", get(metrics))
@@ -330,6 +331,42 @@ async fn top(
         let total: i64 = agg.values().flat_map(|m| m.values()).sum();
         let functions = query::top(&s.names, &*s.store, &agg, by_total, limit)?;
         Ok(Json(json!({ "by": if by_total { "total" } else { "self" }, "total": total, "functions": functions })))
+    })
+    .await
+}
+
+/// How long individual off-CPU waits lasted: percentiles and buckets of the
+/// waits of the selected off-CPU kinds (`kind=off-cpu:sleep,...`, default all),
+/// series (`filter`) and range, only those whose stack has a frame matching
+/// `frame` (a regex) when given. `by=function` ranks functions by their p99
+/// wait instead (`limit`, default 50).
+async fn waits(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<serde_json::Value>> {
+    let p = Params::new(q);
+    let sel = selector(&p, "from", "until", &s.config.limits)?;
+    let frame = match p.get("frame").filter(|f| !f.is_empty()) {
+        Some(pattern) => Some(
+            regex::RegexBuilder::new(pattern)
+                .size_limit(1 << 20)
+                .build()
+                .map_err(|err| ApiError::bad(format!("`frame` is not a valid regex: {err}")))?,
+        ),
+        None => None,
+    };
+    let by_function = match p.get("by") {
+        None => false,
+        Some("function") => true,
+        Some(other) => return Err(ApiError::bad(format!("`by` must be function or absent, not {other:?}"))),
+    };
+    let limit: usize = p.num::<usize>("limit", 50)?.min(MAX_TOP_LIMIT);
+    run_query(s.clone(), sel.cancel.clone(), move || {
+        let found = query::waits::stack_waits(&s.names, &*s.store, &sel, frame.as_ref(), by_function)?;
+        if by_function {
+            return Ok(Json(json!({ "functions": query::waits::by_function(&found, limit) })));
+        }
+        let summary = query::waits::summary(&query::waits::merged(&found));
+        let mut reply = serde_json::to_value(summary).map_err(ApiError::internal)?;
+        reply["stacks"] = json!(found.by_stack.len());
+        Ok(Json(reply))
     })
     .await
 }

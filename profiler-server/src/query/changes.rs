@@ -10,10 +10,14 @@
 //! self/total); Benjamini-Hochberg holds the false-discovery rate over all of
 //! them; and a change counts only if it is also large enough to matter
 //! (functions too small for that on both sides are not tested at all).
+//!
+//! Tails are compared per off-CPU stack, on the histograms of its waits'
+//! lengths over each whole side ([`tails`]): a stack whose p99 wait grew
+//! while its total stayed is a latency regression no total shows.
 
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
-use statrs::distribution::{ContinuousCDF, StudentsT};
+use statrs::distribution::{Binomial, ContinuousCDF, DiscreteCDF, StudentsT};
 
 use super::names::{NameId, Table};
 use super::{round, Names};
@@ -116,6 +120,114 @@ pub struct Changes {
     /// changes before totals and by the largest change of time per second;
     /// then the rest by q.
     pub changes: Vec<Change>,
+    /// Off-CPU stacks whose wait-length tail moved, ordered like `changes`.
+    pub tails: Vec<TailChange>,
+}
+
+/// An off-CPU stack whose p99 wait changed.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct TailChange {
+    /// The deepest frame that is not the kernel's.
+    pub function: String,
+    pub kind: String,
+    /// Root first.
+    pub stack: Vec<String>,
+    pub base_p99_ns: u64,
+    pub target_p99_ns: u64,
+    /// Waits (weighted) on each side.
+    pub base_waits: f64,
+    pub target_waits: f64,
+    /// Share of the side's waits beyond the other side's p99 bucket: about
+    /// 1% or less when nothing changed.
+    pub beyond_base_p99: f64,
+    pub p: f64,
+    pub q: f64,
+    pub significant: bool,
+    pub direction: Direction,
+}
+
+/// Fewest waits on each side for a stack's p99 to mean anything.
+const MIN_TAIL_WAITS: f64 = 100.0;
+/// Smallest growth (or shrink) of p99 that counts: two buckets of the
+/// histograms' resolution, so an A/A pair's neighbouring buckets never do.
+const MIN_TAIL_RATIO: f64 = 1.25;
+
+/// Tail changes per off-CPU stack between the whole base and target ranges.
+///
+/// For a regression, the test is how many of the target's waits lie beyond the
+/// bucket of the base's p99: at most 1% of them if both sides draw from one
+/// distribution, so a one-sided binomial test against 1% gives p; an
+/// improvement is the same with the sides swapped. Benjamini-Hochberg holds the
+/// false-discovery rate over the stacks tested, and a change counts only if p99
+/// also moved by [`MIN_TAIL_RATIO`].
+pub fn tails(names: &Names, store: &dyn Store, base: &Selector, target: &Selector, opts: &ChangeOptions) -> Result<Vec<TailChange>, StoreError> {
+    use profiler_pprof::waits::{bucket_of, upper_ns, Histogram, ONE};
+    let b = super::waits::stack_waits(names, store, base, None, false)?;
+    let t = super::waits::stack_waits(names, store, target, None, false)?;
+    let waits = |h: &Histogram| h.count() as f64 / ONE as f64;
+    // P(X >= k) for X ~ Binomial(n, 1%), on whole waits.
+    let beyond = |other: &Histogram, this: &Histogram| -> (f64, f64) {
+        let threshold = upper_ns(bucket_of(other.quantile_ns(0.99).unwrap_or(0)));
+        let (over, all) = this.above(threshold);
+        let (k, n) = ((over as f64 / ONE as f64).round() as u64, (all as f64 / ONE as f64).round() as u64);
+        let p = match (k, Binomial::new(0.01, n)) {
+            (0, _) | (_, Err(_)) => 1.0,
+            (k, Ok(d)) => d.sf(k - 1),
+        };
+        (over as f64 / all.max(1) as f64, p)
+    };
+    let mut found = Vec::new();
+    for ((kind, high), th) in &t.by_stack {
+        let Some(bh) = b.by_stack.get(&(kind.clone(), *high)) else { continue };
+        if waits(bh) < MIN_TAIL_WAITS || waits(th) < MIN_TAIL_WAITS {
+            continue;
+        }
+        let (bp, tp) = (bh.quantile_ns(0.99).unwrap_or(0), th.quantile_ns(0.99).unwrap_or(0));
+        let regression = tp >= bp;
+        let (share, p) = if regression { beyond(bh, th) } else { beyond(th, bh) };
+        let ratio = bp.max(tp) as f64 / bp.min(tp).max(1) as f64;
+        found.push((kind.clone(), *high, bp, tp, waits(bh), waits(th), share, p, ratio >= MIN_TAIL_RATIO, regression));
+    }
+    let q = fdr(&found.iter().map(|f| f.7).collect::<Vec<_>>());
+    // The stacks' frames: their ids are the rows' high bits among this range's
+    // stacks of the kind.
+    let stacks = store.aggregate(&Selector { kinds: Some(found.iter().map(|f| f.0.clone()).collect()), ..target.clone() }, GroupBy::Stack)?;
+    let mut out = Vec::new();
+    for (f, q) in found.into_iter().zip(q) {
+        let (kind, high, bp, tp, bw, tw, share, p, large, regression) = f;
+        let id = stacks.get(&kind).and_then(|m| m.keys().find(|&&id| profiler_pprof::waits::split_row_id(id).0 == high));
+        let frames: Vec<String> = match id {
+            Some(&id) => store.stack(id)?.map_or_else(Vec::new, |f| f.iter().map(|n| n.to_string()).collect()),
+            None => Vec::new(),
+        };
+        let function = frames.iter().rev().find(|f| !f.ends_with("_[k]")).or(frames.last()).cloned().unwrap_or_default();
+        out.push(TailChange {
+            function,
+            kind,
+            stack: frames,
+            base_p99_ns: bp,
+            target_p99_ns: tp,
+            base_waits: round(bw),
+            target_waits: round(tw),
+            beyond_base_p99: round(share),
+            p,
+            q,
+            significant: q < opts.alpha && large,
+            direction: if regression { Direction::Regression } else { Direction::Improvement },
+        });
+    }
+    out.sort_by(|a, b| {
+        b.significant
+            .cmp(&a.significant)
+            .then_with(|| a.direction.cmp(&b.direction).reverse())
+            .then_with(|| a.q.total_cmp(&b.q))
+            .then_with(|| {
+                let growth = |c: &TailChange| c.target_p99_ns.max(c.base_p99_ns) as f64 / c.target_p99_ns.min(c.base_p99_ns).max(1) as f64;
+                growth(b).total_cmp(&growth(a))
+            })
+    });
+    out.truncate(opts.limit);
+    Ok(out)
 }
 
 /// On-CPU time of our agent and of SDK CPU profiles is one class; every
@@ -346,6 +458,7 @@ pub fn changes(
         observations: (base.len(), target.len()),
         tested,
         changes: out,
+        tails: Vec::new(),
     })
 }
 
@@ -391,7 +504,9 @@ pub fn compare_ranges(
     };
     let base_obs = observe(base, "base")?;
     let target_obs = observe(target, "target")?;
-    Ok(changes(names, store, &base_obs, &target_obs, opts)?)
+    let mut found = changes(names, store, &base_obs, &target_obs, opts)?;
+    found.tails = tails(names, store, base, target, opts)?;
+    Ok(found)
 }
 
 /// Observation boundaries: at most `max` runs of whole windows over

@@ -602,7 +602,8 @@ impl ClickHouseStore {
         sql.push(" GROUP BY service, kind, bucket");
         let q = sql.query(&self.client);
         let rows = self.run(async move { Ok(q.fetch_all::<OverviewRow>().await?) })?;
-        for r in rows {
+        // Wait histograms are not totals (see `Selector::wants_kind`).
+        for r in rows.into_iter().filter(|r| !profiler_pprof::waits::is_waits_kind(&r.kind)) {
             let t = out.entry(r.service).or_default();
             t.add(grid, &r.kind, r.bucket, r.v);
             t.last_seen_ms = t.last_seen_ms.max(r.last);
@@ -847,7 +848,9 @@ impl Store for ClickHouseStore {
             }
         }
         if by == GroupBy::Stack {
-            let ids: HashSet<u64> = out.values().flat_map(|m| m.keys().copied()).collect();
+            // Wait histograms' keys are row ids, not stacks.
+            let stacks = out.iter().filter(|(kind, _)| !profiler_pprof::waits::is_waits_kind(kind));
+            let ids: HashSet<u64> = stacks.flat_map(|(_, m)| m.keys().copied()).collect();
             self.prefetch_stacks(&sel.service, ids.into_iter())?;
         }
         Ok(out)

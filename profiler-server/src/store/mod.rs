@@ -216,10 +216,14 @@ impl Cancel {
 }
 
 impl Selector {
+    /// Whether the selector reads `kind`: one it names, or without names any
+    /// kind of profile values. Wait histograms (`profiler_pprof::waits`) are read
+    /// only by name: they are never part of a profile's totals.
     pub fn wants_kind(&self, kind: &str) -> bool {
-        self.kinds
-            .as_ref()
-            .is_none_or(|ks| ks.iter().any(|k| k == kind))
+        match &self.kinds {
+            Some(kinds) => kinds.iter().any(|k| k == kind),
+            None => !profiler_pprof::waits::is_waits_kind(kind),
+        }
     }
 }
 

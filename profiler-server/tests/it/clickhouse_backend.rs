@@ -170,6 +170,10 @@ impl InProc {
             .unwrap();
         assert_eq!(r.status(), 200, "{}", r.text().unwrap());
     }
+    fn post_bytes(&self, path: &str, body: Vec<u8>) {
+        let r = client().post(format!("{}{path}", self.base)).body(body).send().unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().unwrap());
+    }
     fn text(&self, path: &str) -> String {
         let r = client().get(format!("{}{path}", self.base)).send().unwrap();
         let status = r.status();
@@ -291,6 +295,35 @@ fn ranges_past_raw_retention_are_read_from_the_rollup() {
         old + 3 * MIN
     ));
     assert_eq!(t["series"], json!({"on-cpu": [13, 2, 0]}));
+    s.stop();
+}
+
+/// Wait histograms are rows like any other here too: stored raw, merged in the
+/// rollup past raw retention, read back per frame, and outside the totals.
+#[test]
+fn wait_histograms_merge_across_raw_rows_and_the_rollup() {
+    let bridge = chdb_bridge::shared();
+    let db = chdb_bridge::fresh_database("waits");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ch_config(bridge, &db, dir.path());
+    cfg.storage.retention_hours = 1;
+    let s = InProc::start(cfg);
+    let old = (now_ms() - 3 * 3_600_000).div_euclid(MIN) * MIN;
+    let recent = (now_ms() - 10 * MIN).div_euclid(MIN) * MIN;
+    let durations: Vec<u64> = [2_000_000; 90].into_iter().chain([60_000_000; 10]).collect();
+    for at in [old, old + 20_000, recent] {
+        let body = profiler_pprof::gzip(&crate::waits::window(&durations));
+        s.post_bytes(&format!("/api/v1/ingest?format=bundle2&from={at}&batch_id=w{at}"), body);
+    }
+    let range = format!("service=db&from={}&until={}", old - 5 * MIN, now_ms());
+    let v = s.json(&format!("/api/v1/waits?{range}&frame=query_db"));
+    assert_eq!((v["count"].as_f64(), v["stacks"].as_u64()), (Some(300.0), Some(1)), "{v}");
+    let ms = |key: &str| v[key].as_f64().unwrap() / 1e6;
+    assert!((1.9..2.1).contains(&ms("p50_ns")) && (57.0..63.0).contains(&ms("p95_ns")), "{v}");
+    let recent_only = s.json(&format!("/api/v1/waits?service=db&from={recent}&until={}&frame=query_db", recent + MIN));
+    assert_eq!(recent_only["count"], 100.0);
+    let folded = s.text(&format!("/api/v1/folded?{range}"));
+    assert!(!folded.contains("waits:") && folded.lines().count() == 2, "{folded}");
     s.stop();
 }
 

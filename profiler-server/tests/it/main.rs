@@ -24,3 +24,4 @@ mod query_limits;
 mod query_suite;
 mod roundtrip;
 mod stacks_ingest;
+mod waits;

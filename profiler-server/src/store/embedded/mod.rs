@@ -19,6 +19,7 @@
 //! wait, `append` refuses with [`Refused::Busy`] instead of growing without
 //! bound; it recovers on its own once a flush succeeds.
 
+use profiler_pprof::waits::is_waits_kind;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -502,7 +503,7 @@ impl Store for EmbeddedStore {
         let mut buffered_series: HashMap<&str, HashSet<u64>> = HashMap::new();
         let bufs = std::iter::once(&mem.active).chain(mem.flushing.iter().map(|p| &*p.buf));
         for buf in bufs {
-            for ((service, kind), rows) in buf {
+            for ((service, kind), rows) in buf.iter().filter(|((_, kind), _)| !is_waits_kind(kind)) {
                 let mut inside = rows.iter().filter(|r| grid.contains(r.ts_ms)).peekable();
                 if inside.peek().is_none() {
                     continue;
@@ -524,7 +525,7 @@ impl Store for EmbeddedStore {
             }
         }
         for m in read(&self.segments).iter() {
-            let Some(summary) = m.summary.as_ref().filter(|_| grid.meets(m.min_ts, m.max_ts)) else {
+            let Some(summary) = m.summary.as_ref().filter(|_| grid.meets(m.min_ts, m.max_ts) && !is_waits_kind(&m.kind)) else {
                 continue;
             };
             let mut inside = summary.windows.iter().filter(|(ts, _)| grid.contains(*ts)).peekable();

@@ -377,3 +377,49 @@ fn answers_over_settled_ranges_are_kept_until_late_data_or_maintenance_changes_t
     s.maintain(base + 4 * 3_600_000).unwrap();
     assert_eq!(sum(&s.aggregate(&cut, GroupBy::Stack).unwrap()), 6 * 13);
 }
+
+/// Wait histograms are rows of their own kind, keyed by row ids that name no stack:
+/// they survive flush and downsampling merged (summed per bucket), and only a
+/// selector that names their kind reads them.
+#[test]
+fn wait_histograms_merge_through_downsampling_and_stay_out_of_totals() {
+    use profiler_pprof::waits::{bucket_of, row_id, waits_kind};
+    let dir = tempfile::tempdir().unwrap();
+    let s = EmbeddedStore::open(dir.path(), opts()).unwrap();
+    let kind = "off-cpu:sleep";
+    for i in 0..10 {
+        let mut b = batch(i * 10_000, 5_000_000);
+        b.kind = kind.into();
+        let (stack, series) = (b.rows[0].stack_id, b.rows[0].series_id);
+        s.append(b).unwrap();
+        let bucket = bucket_of(if i % 5 == 0 { 60_000_000 } else { 2_000_000 });
+        let row = Row { ts_ms: i * 10_000, series_id: series, stack_id: row_id(stack, bucket), value: 1 << 16 };
+        let waits = Batch { kind: waits_kind(kind), stacks: vec![], rows: vec![row], ..batch(0, 0) };
+        s.append(waits).unwrap();
+    }
+    let read = |s: &EmbeddedStore| {
+        let sel = Selector {
+            service: "svc".into(),
+            from_ms: 0,
+            until_ms: i64::MAX,
+            kinds: Some(vec![waits_kind(kind)]),
+            matchers: vec![],
+            cancel: Default::default(),
+        };
+        let agg = s.aggregate(&sel, GroupBy::Stack).unwrap();
+        let mut rows: Vec<(u64, i64)> = agg.values().flat_map(|m| m.iter().map(|(&k, &v)| (k, v))).collect();
+        rows.sort();
+        rows
+    };
+    let before = read(&s);
+    assert_eq!(before.iter().map(|r| r.1).sum::<i64>(), 10 << 16);
+    assert_eq!(before.len(), 2, "two buckets of one stack");
+    assert_eq!(total(&s, 0, i64::MAX), 50_000_000, "totals without the histograms");
+    s.flush().unwrap();
+    s.maintain(4 * 3_600_000).unwrap();
+    assert_eq!(read(&s), before, "downsampled, merged, not dropped");
+    assert_eq!(total(&s, 0, i64::MAX), 50_000_000);
+    let grid = Grid { from_ms: 0, until_ms: 600_000, step_ms: 600_000 };
+    let overview = s.overview(grid, &Cancel::default()).unwrap();
+    assert_eq!(overview["svc"].kinds.keys().collect::<Vec<_>>(), [kind], "the overview shows profile kinds only");
+}
