@@ -42,6 +42,20 @@ pub fn workload_without_frame_pointers() -> PathBuf {
     path
 }
 
+/// Builds `native/workload.c` with gcc at -O2 and explicitly without frame pointers.
+pub fn native_workload(dir: &Path) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("native/workload.c");
+    let output = dir.join("native");
+    let status = Command::new("gcc")
+        .args(["-O2", "-g", "-fomit-frame-pointer", "-pthread", "-o"])
+        .arg(&output)
+        .arg(&source)
+        .status()
+        .expect("gcc is required to build the native test workload");
+    assert!(status.success(), "building {} failed", source.display());
+    output
+}
+
 /// Who may use the host beside a test: the end-to-end tests share one binary, and
 /// libtest runs its tests on several threads.
 static HOST: std::sync::RwLock<()> = std::sync::RwLock::new(());

@@ -13,3 +13,4 @@ mod on_cpu;
 mod schedule;
 mod ship_faults;
 mod unwind;
+mod waits;

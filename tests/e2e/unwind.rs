@@ -7,29 +7,15 @@
 use std::{
     collections::HashMap,
     io::Write as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
 use profiler_tests::{
-    Agent, BpftraceOffCpu, PerfRecord, binary, host_alone, inclusive_shares, perf_folded, read_folded, require_root,
-    sum_where,
+    Agent, BpftraceOffCpu, PerfRecord, binary, host_alone, inclusive_shares, native_workload, perf_folded, read_folded,
+    require_root, sum_where,
 };
-
-/// Builds `native/workload.c` with gcc at -O2 and explicitly without frame pointers.
-fn native_workload(dir: &Path) -> PathBuf {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("native/workload.c");
-    let output = dir.join("native");
-    let status = Command::new("gcc")
-        .args(["-O2", "-g", "-fomit-frame-pointer", "-pthread", "-o"])
-        .arg(&output)
-        .arg(&source)
-        .status()
-        .expect("gcc is required to build the native test workload");
-    assert!(status.success(), "building {} failed", source.display());
-    output
-}
 
 /// Starts `program --wait ARGS`; it begins when [`go`] writes to its stdin.
 fn waiting(program: &Path, args: &[&str]) -> Child {

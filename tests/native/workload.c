@@ -6,6 +6,8 @@
  *                                  nanosleep, a mutex, read of a pipe, fdatasync (file in DIR)
  *   workload deep SECONDS          one thread "deep": deep -> deep_rec x 49 -> spin, about
  *                                  50 KiB of stack between the leaf and the thread's entry
+ *   workload queries SECONDS       four threads "query" serving requests: handle -> query_db, which
+ *                                  sleeps 2 ms in 97 calls of 100 and 60 ms in 3 (same stack)
  *   workload waits SECONDS DIR pingpong
  *                                  the same, and two threads handing a byte back and forth
  *                                  through pipes: thousands of short waits a second
@@ -224,6 +226,19 @@ static void *pong(void *arg) {
   return arg;
 }
 
+/* A service's database calls: the same stack waits 2 ms or 60 ms, so its total says
+ * nothing of its tail. */
+__attribute__((noinline)) static void query_db(unsigned call) {
+  struct timespec wait = {0, (call % 100 == 17 || call % 100 == 50 || call % 100 == 83) ? 60000000 : 2000000};
+  nanosleep(&wait, NULL);
+  sink++;
+}
+__attribute__((noinline)) static void handle(unsigned call) { query_db(call); sink++; }
+static void *query(void *arg) {
+  for (unsigned call = 0; running(); call++) handle(call);
+  return arg;
+}
+
 int main(int argc, char **argv) {
   int arg = 1;
   if (arg < argc && strcmp(argv[arg], "--wait") == 0) {
@@ -231,7 +246,7 @@ int main(int argc, char **argv) {
     arg++;
     if (!fgets(line, sizeof line, stdin)) return 1;
   }
-  if (argc - arg < 2) { fprintf(stderr, "usage: workload [--wait] cpu|deep|waits SECONDS [DIR [pingpong]]\n"); return 2; }
+  if (argc - arg < 2) { fprintf(stderr, "usage: workload [--wait] cpu|deep|queries|waits SECONDS [DIR [pingpong]]\n"); return 2; }
   const char *mode = argv[arg];
   seconds = atof(argv[arg + 1]);
   deadline = time(NULL) + (time_t)seconds;
@@ -240,6 +255,8 @@ int main(int argc, char **argv) {
   if (strcmp(mode, "cpu") == 0) {
     int n = argc - arg >= 3 ? atoi(argv[arg + 2]) : 1;
     while (count < n && count < 8) pthread_create(&threads[count++], NULL, cpu, NULL);
+  } else if (strcmp(mode, "queries") == 0) {
+    while (count < 4) pthread_create(&threads[count++], NULL, query, NULL);
   } else if (strcmp(mode, "deep") == 0) {
     pthread_create(&threads[count++], NULL, deep, NULL);
   } else if (strcmp(mode, "waits") == 0 && argc - arg >= 3) {

@@ -1,0 +1,131 @@
+//! Wait-duration percentiles end to end: a C service whose `query_db()` sleeps 2 ms
+//! in 97 calls of 100 and 60 ms in 3 (one stack), four threads, 40 s under the daemon
+//! at default settings, read back from the server's `/api/v1/waits`; bpftrace's
+//! histogram of the same threads' switch-outs on the same run is the reference.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader, Read as _},
+    process::{Command, Stdio},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use profiler_tests::{cgroup_root, free_port, host_alone, native_workload, require_root, Daemon, Server};
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// bpftrace over one process's switch-outs of 1 ms or more: a log2 histogram (µs) for
+/// the record, and how many there were and how many lasted 20 ms or more.
+const BPFTRACE: &str = r#"tracepoint:sched:sched_switch
+{
+  if (pid == $1) { @start[args->prev_pid] = nsecs; }
+  $s = @start[args->next_pid];
+  if ($s != 0) {
+    $d = nsecs - $s;
+    if ($d >= 1000000) {
+      @wait_us = hist($d / 1000);
+      @waits = count();
+      if ($d >= 20000000) { @long = count(); }
+    }
+    delete(@start[args->next_pid]);
+  }
+}
+END { clear(@start); }
+"#;
+
+#[test]
+fn a_query_tail_of_three_percent_shows_as_p99_and_p50_stays_at_two_ms() {
+    let _host = host_alone();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let program = native_workload(dir.path());
+    let server = Server::start(&dir.path().join("server"), free_port());
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nurl = \"{}\"\n\n[sampling]\nwindow = \"2s\"\n\n[spool]\ndir = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+            server.url,
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&config);
+    let started = now_ms();
+
+    // In a cgroup named like a systemd unit: the service is `orders`.
+    let cgroup = format!("{}/orders.service", cgroup_root());
+    std::fs::create_dir_all(&cgroup).expect("create cgroup orders.service");
+    let mut workload = Command::new("sh")
+        .args(["-c", &format!("echo $$ > {cgroup}/cgroup.procs && exec {} --wait queries 40", program.display())])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let script = tempfile::Builder::new().suffix(".bt").tempfile().unwrap();
+    std::fs::write(script.path(), BPFTRACE).unwrap();
+    let mut bpftrace = Command::new("bpftrace")
+        .arg(script.path())
+        .arg(workload.id().to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("bpftrace is required (`cargo xtask setup` installs it)");
+    let mut out = BufReader::new(bpftrace.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.contains("Attaching"), "bpftrace did not start: {line}");
+    // The shell execs the workload under its own pid, and the workload starts on this
+    // line: bpftrace, attached by now, sees all of its waits.
+    std::io::Write::write_all(workload.stdin.as_mut().unwrap(), b"go\n").unwrap();
+    assert!(workload.wait().unwrap().success());
+    unsafe { libc::kill(bpftrace.id() as i32, libc::SIGINT) };
+    let asked = Instant::now();
+    while bpftrace.try_wait().unwrap().is_none() {
+        assert!(asked.elapsed() < Duration::from_secs(30), "bpftrace did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut reference = String::new();
+    out.read_to_string(&mut reference).unwrap();
+    let _ = std::fs::remove_dir(&cgroup);
+    let counts: HashMap<&str, f64> = reference
+        .lines()
+        .filter_map(|l| {
+            let (name, value) = l.split_once(": ")?;
+            Some((name.trim_start_matches('@'), value.trim().parse().ok()?))
+        })
+        .collect();
+    eprintln!("bpftrace, the same run:{reference}");
+    let (waits, long) = (counts["waits"], counts["long"]);
+
+    // The last window ships 2 s after the workload ends.
+    std::thread::sleep(Duration::from_secs(6));
+    let range = format!("service=orders&from={}&until={}", started - 20_000, now_ms() + 20_000);
+    let v = server.get_json(&format!("/api/v1/waits?{range}&frame=query_db"));
+    let ms = |key: &str| v[key].as_f64().unwrap_or(0.0) / 1e6;
+    let count = v["count"].as_f64().unwrap();
+    let ours_long: f64 = v["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["le_ns"].as_f64().unwrap() > 20e6)
+        .map(|b| b["count"].as_f64().unwrap())
+        .sum();
+    eprintln!(
+        "ours: {count:.0} waits, p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {:.2}% of 20 ms or more; \
+         bpftrace: {waits} waits, {:.2}% of 20 ms or more",
+        ms("p50_ns"),
+        ms("p95_ns"),
+        ms("p99_ns"),
+        ms("max_ns"),
+        100.0 * ours_long / count,
+        100.0 * long / waits
+    );
+    daemon.stop();
+    assert!((1.7..=2.5).contains(&ms("p50_ns")), "p50 {v}");
+    assert!((51.0..=69.0).contains(&ms("p99_ns")), "p99 {v}");
+    assert!((count / waits - 1.0).abs() < 0.15, "{count:.0} waits against bpftrace's {waits}");
+    assert!((ours_long / count - long / waits).abs() < 0.01, "the tail's share against bpftrace's");
+}
