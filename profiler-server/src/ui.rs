@@ -41,6 +41,11 @@ const ASSETS: &[(&str, &str, &str)] = &[
         include_str!("../ui/changes.js"),
     ),
     (
+        "waits.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../ui/waits.js"),
+    ),
+    (
         "deep.js",
         "text/javascript; charset=utf-8",
         include_str!("../ui/deep.js"),

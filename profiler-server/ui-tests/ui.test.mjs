@@ -1076,3 +1076,94 @@ test('deep profiles: a failing API shows what failed, the rest of the page works
   assert.ok(await page.locator('#runs-table tbody tr[data-state]').count() >= 1, 'runs listed again');
   await page.close();
 });
+
+// ---------------------------------------------------------------- wait histograms
+
+/** Our agent's `bundle2` body (see profiler_pprof::stacks): one part per
+ * {service, kind, stacks: [[frames, ns, waitsNs[]]]}, each wait weighted 1. */
+function bundle2(parts) {
+  const out = [...new TextEncoder().encode('PSB1')];
+  const varint = (o, v) => { v = BigInt(v); while (v >= 0x80n) { o.push(Number(v & 0x7fn) | 0x80); v >>= 7n; } o.push(Number(v)); };
+  const bytes = (o, b) => { varint(o, b.length); o.push(...b); };
+  const text = (o, s) => bytes(o, [...new TextEncoder().encode(s)]);
+  // The DDSketch mapping of profiler_pprof::waits: bucket i holds (1.1^(i-1), 1.1^i] ns.
+  const bucket = (ns) => Math.ceil(Math.log(ns) / Math.log(1.1));
+  for (const p of parts) {
+    const w = [...new TextEncoder().encode('PST1')];
+    const waits = [];
+    let histograms = 0, next = 0;
+    p.stacks.forEach(([frames, ns, durations], index) => {
+      w.push(1); varint(w, BigInt(ns) * 2n); varint(w, frames.length);
+      for (const f of frames) text(w, f);
+      if (!durations.length) return;
+      const counts = new Map();
+      for (const d of durations) counts.set(bucket(d), (counts.get(bucket(d)) || 0) + 65536);
+      histograms++;
+      varint(waits, index - next + 1); next = index + 1;
+      const sorted = [...counts].sort((a, b) => a[0] - b[0]);
+      varint(waits, sorted.length);
+      let prev = 0;
+      for (const [b, c] of sorted) { varint(waits, b - prev + 1); prev = b + 1; varint(waits, c); }
+    });
+    w.push(0); varint(w, p.stacks.length);
+    const section = [];
+    varint(section, histograms);
+    section.push(...waits);
+    out.push(2); text(out, p.service); text(out, p.kind); varint(out, 0);
+    bytes(out, w); bytes(out, section);
+  }
+  out.push(0); varint(out, parts.length);
+  return new Uint8Array(out);
+}
+
+test('waits: clicking an off-CPU frame shows its wait histogram and percentiles; the top table sorts by p99 wait', async () => {
+  const srv = await spawnServer();
+  try {
+    const at = String(Math.floor(TARGET_AT / 10_000) * 10_000);
+    // query_db waits 2 ms in 97 calls of 100 and 60 ms in 3; the poll loop waits 10 ms.
+    const queries = Array.from({ length: 1000 }, (_, i) => (i % 100 < 3 ? 60e6 : 2e6));
+    const polls = Array.from({ length: 300 }, () => 10e6);
+    const body = bundle2([
+      { service: 'db', kind: 'off-cpu:sleep', stacks: [
+        [['db', 'main', 'handle', 'query_db', 'do_nanosleep_[k]'], queries.reduce((a, b) => a + b, 0), queries],
+        [['db', 'main', 'poll_loop', 'do_nanosleep_[k]'], 3e9, polls],
+      ] },
+    ]);
+    const r = await fetch(`${srv.url}/api/v1/ingest?format=bundle2&from=${at}`, { method: 'POST', body });
+    assert.equal(r.status, 200, await r.text());
+    await ingest({ service: 'db', kind: 'on-cpu', from: at }, lines([['db;main;handle;parse', S]]), srv.url);
+
+    const page = await newPage();
+    await page.goto(`${srv.url}/#service=db&page=flame&from=now-30m`);
+    await settled(page);
+    // The top table's p99 wait column, and sorting by it.
+    const p99Cell = (fn) => page.locator(`#top-table tr[data-fn="${fn}"] td:nth-child(6)`).textContent();
+    assert.match(await p99Cell('query_db'), /^5[78]\.\d ms$/);
+    assert.match(await p99Cell('poll_loop'), /^(9\.\d\d|10\.\d) ms$/);
+    assert.equal(await p99Cell('parse'), '', 'on-CPU functions have no waits');
+    await page.click('#top-table th[data-sort="p99"]');
+    const order = await page.$$eval('#top-table tbody tr', (rs) => rs.map((r) => r.dataset.fn));
+    assert.ok(order.indexOf('query_db') < order.indexOf('poll_loop') && order.indexOf('poll_loop') < order.indexOf('parse'), order.join(','));
+
+    // Selecting the off-CPU frame opens its histogram.
+    await clickFrame(page, 'query_db');
+    await page.waitForFunction(() => !document.getElementById('tab-waits').hidden && window.__ui.waits.last);
+    await page.waitForFunction(() => /p99/.test(document.getElementById('waits-stats').textContent));
+    const stats = await page.locator('#waits-stats').textContent();
+    assert.match(stats, /^1,000 waits under query_db · p50 (1\.9\d|2\.\d\d) ms · p95 2\.\d\d ms · p99 5\d\.\d ms/);
+    const bars = await page.$$eval('#waits-hist rect.wait-bar', (rs) => rs.map((r) => Number(r.dataset.le)));
+    assert.equal(bars.length, 2, 'two buckets: 2 ms and 60 ms');
+    assert.ok(bars[0] >= 2e6 && bars[0] < 2.2e6 && bars[1] >= 60e6 && bars[1] < 66e6, bars.join(','));
+    assert.match(page.url(), /tab=waits/);
+    assert.match(page.url(), /wfn=query_db/);
+    await page.locator('#tab-waits').screenshot({ path: join(ART, '18-waits.png') });
+    // An on-CPU frame does not switch the panel; every off-CPU wait with an empty name.
+    await page.fill('#waits-fn', '');
+    await page.dispatchEvent('#waits-fn', 'change');
+    await page.waitForFunction(() => /^1,300 waits/.test(document.getElementById('waits-stats').textContent));
+    assert.deepEqual(page.consoleErrors, []);
+    await page.close();
+  } finally {
+    await stopServer(srv);
+  }
+});

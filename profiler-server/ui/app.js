@@ -4,20 +4,21 @@
 // The home page, the fleet overview, lives in overview.js; the "Deep profiles"
 // page (schedules and runs) in deep.js, with the alert rules in alerts.js.
 
-import { getJson, resolveTime, fmtTime, fmtValue, pct, el, escapeRegExp, OFF_REASONS } from './util.js';
+import { getJson, resolveTime, fmtTime, fmtValue, fmtNs, pct, el, escapeRegExp, OFF_REASONS } from './util.js';
 import { FlameGraph, flatten, sandwich } from './flame.js';
 import { Timeline, kindOrder } from './timeline.js';
 import { DeepProfiles } from './deep.js';
 import { AlertRules } from './alerts.js';
 import { Overview } from './overview.js';
 import { ChangesView } from './changes.js';
+import { WaitsPanel } from './waits.js';
 
 const $ = (id) => document.getElementById(id);
 
 const DEFAULTS = {
   service: '', from: 'now-15m', until: 'now', view: 'flame', kf: 'both', idle: '1', icicle: '0',
   nodes: '5000', filter: '', q: '', zoom: '', bfrom: '', buntil: '', norm: '1', thr: '0.5',
-  tab: 'top', fn: '', sort: 'self', minshare: '', page: 'overview', osort: 'cpu', odir: 'desc', oq: '', sig: '1',
+  tab: 'top', fn: '', wfn: '', sort: 'self', minshare: '', page: 'overview', osort: 'cpu', odir: 'desc', oq: '', sig: '1',
 };
 const MIN = 60_000;
 const PRESETS = [['15m', 'now-15m'], ['1h', 'now-1h'], ['6h', 'now-6h'], ['24h', 'now-24h'], ['7d', 'now-7d']];
@@ -113,8 +114,10 @@ function selParams(kinds, { from, until } = {}) {
 
 // ---------------------------------------------------------------- widgets
 
-let flame, timeline, callersG, calleesG, deep, overview, changesView;
+let flame, timeline, callersG, calleesG, deep, overview, changesView, waitsPanel;
 let lastKinds = null;
+/** Set while a reload restores the zoom from the URL: not a user's selection. */
+let restoringZoom = false;
 let reloadSeq = 0;
 let topRows = [];
 let topTotal = 0;
@@ -123,10 +126,20 @@ function setupWidgets() {
   flame = new FlameGraph($('flame'), {
     breadcrumb: $('breadcrumb'),
     tooltip: $('tooltip'),
-    onZoom: (path) => { state.zoom = path.join(';'); writeHash(); applySearch(); },
+    onZoom: (path) => {
+      state.zoom = path.join(';');
+      writeHash();
+      applySearch();
+      // An off-CPU frame (not its kind's root) shows how long its waits lasted.
+      const i = flame.zoom, f = flame.f;
+      if (!restoringZoom && f && i > 0 && f.kind[i]?.startsWith('off-cpu') && !f.name[i].startsWith('[')) openWaits(f.name[i]);
+    },
     onSelect: (i) => openSandwich(flame.f.name[i]),
   });
   ui.flame = flame;
+  waitsPanel = new WaitsPanel($('waits-stats'), $('waits-hist'));
+  ui.waits = waitsPanel;
+  $('waits-fn').onchange = (e) => openWaits(e.target.value.trim());
   timeline = new Timeline($('timeline'), $('legend'), {
     tooltip: $('tooltip'),
     onMarker: openDeploy,
@@ -474,7 +487,9 @@ async function reload() {
     const f = flatten(tree, { diff, defaultKind });
     const t2 = performance.now();
     flame.setData(f);
+    restoringZoom = true;
     if (state.zoom) flame.zoomTo(flame.find(state.zoom.split(';')), false);
+    restoringZoom = false;
     // Measure until the frame is actually on screen.
     await new Promise((r) => requestAnimationFrame(() => r()));
     const t3 = performance.now();
@@ -484,6 +499,7 @@ async function reload() {
     status.textContent = tree.value === 0 && !(tree.base > 0) ? 'No samples in this range' + (state.filter ? ' with these label filters.' : '.') : '';
     applySearch();
     renderSandwich();
+    if (state.tab === 'waits') loadWaits();
   } catch (e) {
     if (seq !== reloadSeq) return;
     flame.setData(flatten({ name: 'root', value: 0, self: 0, children: [] }));
@@ -559,8 +575,14 @@ function finishLoad(seq) {
 async function loadTop(kinds, seq = reloadSeq) {
   const by = state.sort === 'total' ? 'total' : 'self';
   try {
-    const r = await getJson('/api/v1/top', { ...selParams(kinds), by, limit: 200 });
+    const [r, w] = await Promise.all([
+      getJson('/api/v1/top', { ...selParams(kinds), by, limit: 200 }),
+      // p99 of the waits per function; a server without histograms has none.
+      getJson('/api/v1/waits', { ...selParams(kinds), by: 'function', limit: 2000 }).catch(() => ({ functions: [] })),
+    ]);
     if (seq !== reloadSeq) return;
+    const p99 = new Map(w.functions.map((f) => [f.name, f.p99_ns]));
+    for (const f of r.functions) f.p99 = p99.get(f.name) || 0;
     renderTopRows(r.functions, r.total);
   } catch (e) {
     if (seq !== reloadSeq) return;
@@ -594,10 +616,11 @@ function renderTop() {
       el('td', { class: 'num' }, el('span', { class: 'bar', style: `width:${Math.round((r.self / t) * 60)}px` }), pct(r.self / t)),
       el('td', { class: 'num', text: fmtValue(r.total) }),
       el('td', { class: 'num', text: pct(r.total / t) }),
+      el('td', { class: 'num', text: r.p99 ? fmtNs(r.p99) : '', title: r.p99 ? 'show its waits' : '', onclick: r.p99 ? () => openWaits(r.name) : null }),
       el('td', {}, el('button', { class: 'mini', text: 'sandwich', title: 'sandwich view: callers and callees', onclick: () => openSandwich(r.name) })),
     ));
   }
-  if (!rows.length) tbody.append(el('tr', {}, el('td', { colspan: 6, class: 'muted', text: 'no functions' })));
+  if (!rows.length) tbody.append(el('tr', {}, el('td', { colspan: 7, class: 'muted', text: 'no functions' })));
   $('tab-info').textContent = rows.length ? `${rows.length} functions, total ${fmtValue(topTotal)}` : '';
 }
 
@@ -646,7 +669,30 @@ function renderTabs() {
   for (const b of document.querySelectorAll('.tabs button')) b.classList.toggle('active', b.dataset.tab === state.tab);
   $('tab-top').hidden = state.tab !== 'top';
   $('tab-sandwich').hidden = state.tab !== 'sandwich';
+  $('tab-waits').hidden = state.tab !== 'waits';
   if (state.tab === 'sandwich') renderSandwich();
+  if (state.tab === 'waits') loadWaits();
+}
+
+function openWaits(name) {
+  state.wfn = name;
+  state.tab = 'waits';
+  writeHash();
+  renderTabs();
+}
+
+async function loadWaits() {
+  $('waits-fn').value = state.wfn;
+  $('tab-info').textContent = '';
+  if (!state.service) return waitsPanel.clear();
+  const seq = reloadSeq;
+  try {
+    await waitsPanel.load(selParams(lastKinds), state.wfn);
+  } catch (e) {
+    if (seq !== reloadSeq) return;
+    waitsPanel.clear();
+    showError(e, $('waits-stats'));
+  }
 }
 
 function renderSandwich() {
