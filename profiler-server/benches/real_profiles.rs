@@ -185,17 +185,56 @@ fn open(dir: &std::path::Path, cache_answers: bool) -> EmbeddedStore {
     EmbeddedStore::open(dir, opts).unwrap()
 }
 
+/// The wait histogram our agent would send with an off-CPU row: one wait per
+/// sample's worth of time (at most 64), each about the stack's own typical wait
+/// (1 to 100 ms, fixed per stack) times a log-normal factor (σ ≈ 0.35), drawn from
+/// a hash of (stack, window) so that loading them leaves the rows' draws alone.
+fn histogram(stack: u64, ts: i64, value: i64) -> profiler_pprof::waits::Histogram {
+    let mut h = profiler_pprof::waits::Histogram::default();
+    let mut x = stack ^ (ts as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let typical = 1e6 * 100f64.powf((stack >> 11) as f64 / (1u64 << 53) as f64);
+    for _ in 0..(value / SAMPLE_NS).clamp(1, 64) {
+        // Sum of four uniforms: about normal, σ ≈ 0.58 before scaling.
+        let normal = (next() + next() + next() + next() - 2.0) / 0.577;
+        h.record((typical * (0.35 * normal).exp()) as u64, profiler_pprof::waits::ONE);
+    }
+    h
+}
+
 /// Loads 7 days of the pool into a fresh store: one batch per kind and hour,
-/// dictionaries sent with the first batch that uses them.
-fn load(pool: &Pool, dir: &std::path::Path, rng: &mut Rng) -> (EmbeddedStore, usize) {
+/// dictionaries sent with the first batch that uses them. With `waits`, every
+/// off-CPU row also gets its wait histogram, stored as our server stores them.
+/// Returns the store, its rows and its histogram rows.
+fn load(pool: &Pool, dir: &std::path::Path, rng: &mut Rng, waits: bool) -> (EmbeddedStore, usize, usize) {
     let store = open(dir, false);
     let mut sent_stacks = HashSet::new();
     let mut sent_series = HashSet::new();
-    let mut rows_total = 0;
+    let (mut rows_total, mut waits_total, mut off_cpu_rows) = (0, 0, 0);
     let mut pending: HashMap<String, Batch> = HashMap::new();
     let all = windows();
     for (i, &(ts, res)) in all.iter().enumerate() {
         for (kind, rows) in window(pool, ts, res, rng) {
+            let waits_kind = (waits && kind.starts_with("off-cpu")).then(|| profiler_pprof::waits::waits_kind(&kind));
+            if let Some(waits_kind) = &waits_kind {
+                let w = pending.entry(waits_kind.clone()).or_insert_with(|| Batch {
+                    service: SERVICE.into(),
+                    kind: waits_kind.clone(),
+                    ..Batch::default()
+                });
+                for (&(i, pid), &value) in &rows {
+                    let id = pool.stacks[i].id;
+                    for (bucket, count) in histogram(id, ts, value).buckets() {
+                        let stack_id = profiler_pprof::waits::row_id(id, bucket);
+                        w.rows.push(Row { ts_ms: ts, series_id: series_id(&labels(pid)), stack_id, value: count as i64 });
+                    }
+                }
+            }
             let b = pending.entry(kind.clone()).or_insert_with(|| Batch {
                 service: SERVICE.into(),
                 kind,
@@ -221,8 +260,17 @@ fn load(pool: &Pool, dir: &std::path::Path, rng: &mut Rng) -> (EmbeddedStore, us
         }
         let hour_ends = all.get(i + 1).is_none_or(|&(next, _)| next / HOUR != ts / HOUR);
         if hour_ends {
-            for (_, b) in pending.drain() {
-                rows_total += b.rows.len();
+            // Profile rows first: a histogram's series come with them.
+            let mut batches: Vec<Batch> = pending.drain().map(|(_, b)| b).collect();
+            batches.sort_by_key(|b| profiler_pprof::waits::is_waits_kind(&b.kind));
+            for b in batches {
+                match profiler_pprof::waits::is_waits_kind(&b.kind) {
+                    true => waits_total += b.rows.len(),
+                    false => rows_total += b.rows.len(),
+                }
+                if b.kind.starts_with("off-cpu") {
+                    off_cpu_rows += b.rows.len();
+                }
                 store.append(b).unwrap();
             }
             if store.buffered_rows() > 4_000_000 {
@@ -234,7 +282,53 @@ fn load(pool: &Pool, dir: &std::path::Path, rng: &mut Rng) -> (EmbeddedStore, us
     // Compacts the older windows into the files a server's maintenance
     // leaves (hourly at 1 min, 10-hourly at 10 min).
     store.maintain(END).unwrap();
-    (store, rows_total)
+    if waits {
+        println!("  (as loaded: {off_cpu_rows} of the {rows_total} profile rows off-CPU, {waits_total} histogram rows)");
+    }
+    (store, rows_total, waits_total)
+}
+
+/// What wait histograms cost: the same 7 days loaded without and with them (disk
+/// bytes per profile row), and `/api/v1/waits`' work over the last hour.
+fn waits_cost(all: &[Stack], n: usize) {
+    let mut bytes = [0u64; 2];
+    for (with, slot) in [false, true].into_iter().zip(&mut bytes) {
+        let pool = Pool::new(all, n, &mut Rng(0x5eed));
+        let dir = tempfile::tempdir().unwrap();
+        let (store, rows, waits_rows) = load(&pool, dir.path(), &mut Rng(0x5eed), with);
+        *slot = store.disk_bytes();
+        println!(
+            "{n:>7}    wait histograms {}: {rows} profile rows{}, {} MiB on disk, {:.1} bytes per profile row",
+            if with { "on " } else { "off" },
+            if with { format!(" and {waits_rows} histogram rows") } else { String::new() },
+            *slot >> 20,
+            *slot as f64 / rows as f64
+        );
+        if !with {
+            continue;
+        }
+        let names = Names::default();
+        let hour = sel(END - HOUR, END);
+        let frame = regex::Regex::new("futex|poll").unwrap();
+        let mut found = 0;
+        let framed = median(5, || {
+            let w = query::waits::stack_waits(&names, &store, &hour, Some(&frame), false).unwrap();
+            found = w.by_stack.len();
+            serde_json::to_string(&query::waits::summary(&query::waits::merged(&w))).unwrap();
+        });
+        let all_waits = median(5, || {
+            let w = query::waits::stack_waits(&names, &store, &hour, None, false).unwrap();
+            serde_json::to_string(&query::waits::summary(&query::waits::merged(&w))).unwrap();
+        });
+        let by_function = median(5, || {
+            let w = query::waits::stack_waits(&names, &store, &hour, None, true).unwrap();
+            serde_json::to_string(&query::waits::by_function(&w, 50)).unwrap();
+        });
+        println!(
+            "{n:>7}    /api/v1/waits over 1 h: frame=futex|poll ({found} stacks) {framed:.2?}, every off-CPU wait {all_waits:.2?}, by=function {by_function:.2?} (medians of 5)"
+        );
+    }
+    println!("{n:>7}    wait histograms add {:+.1}% to the store's bytes", 100.0 * (bytes[1] as f64 / bytes[0] as f64 - 1.0));
 }
 
 fn median(runs: usize, mut f: impl FnMut()) -> Duration {
@@ -415,7 +509,7 @@ fn ingest_one(store: &EmbeddedStore, limits: &Limits, wire: Wire, request: &Requ
             let raw = profiler_pprof::gunzip(gz, 256 << 20).unwrap();
             let decode = phase.elapsed();
             let phase = Instant::now();
-            let batches = ingest::bundle(&raw, limits, *ts, labels, store).unwrap();
+            let batches: Vec<Batch> = ingest::bundle(&raw, limits, *ts, labels, store).unwrap().into_iter().map(|(_, b)| b).collect();
             let build = phase.elapsed();
             let rows = batches.iter().map(|b| b.rows.len()).sum();
             store.append_all(batches).unwrap();
@@ -666,6 +760,9 @@ fn main() {
         all.len(),
         t.elapsed()
     );
+    if std::env::var("BENCH_WAITS").is_ok_and(|v| v == "only") {
+        return waits_cost(&all, 30_000);
+    }
     let mut rng = Rng(0x9e3779b97f4a7c15);
     println!("distinct  range  stacks in range   scan  flame graph (cold)  flame graph   diff    top   flame graph (answer kept)");
     // BENCH_STACKS=10000,100000 picks the pool sizes; empty, ingest only.
@@ -677,7 +774,7 @@ fn main() {
         let pool = Pool::new(&all, n, &mut rng);
         let dir = tempfile::tempdir().unwrap();
         let t = Instant::now();
-        let (store, rows) = load(&pool, dir.path(), &mut rng);
+        let (store, rows, _) = load(&pool, dir.path(), &mut rng, false);
         println!(
             "{n:>7}    (7 d: {rows} rows in {} segments, loaded in {:.1?})",
             store.segment_count(),
@@ -710,6 +807,10 @@ fn main() {
             "{n:>7}    (segments' per-stack totals held in memory: {totals_mib} MiB; answers kept: {} MiB)",
             store.stats().result_cache_bytes >> 20
         );
+    }
+    // BENCH_WAITS=0 skips the two extra 7-day loads (BENCH_WAITS=only: nothing else).
+    if std::env::var("BENCH_WAITS").map_or(true, |v| v != "0") {
+        waits_cost(&all, 30_000);
     }
     let (ingested, restarted, start) = server_memory(&all);
     println!(

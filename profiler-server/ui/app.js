@@ -18,7 +18,7 @@ const $ = (id) => document.getElementById(id);
 const DEFAULTS = {
   service: '', from: 'now-15m', until: 'now', view: 'flame', kf: 'both', idle: '1', icicle: '0',
   nodes: '5000', filter: '', q: '', zoom: '', bfrom: '', buntil: '', norm: '1', thr: '0.5',
-  tab: 'top', fn: '', wfn: '', sort: 'self', minshare: '', page: 'overview', osort: 'cpu', odir: 'desc', oq: '', sig: '1',
+  tab: 'top', fn: '', wfn: '', cp99: '0', sort: 'self', minshare: '', page: 'overview', osort: 'cpu', odir: 'desc', oq: '', sig: '1',
 };
 const MIN = 60_000;
 const PRESETS = [['15m', 'now-15m'], ['1h', 'now-1h'], ['6h', 'now-6h'], ['24h', 'now-24h'], ['7d', 'now-7d']];
@@ -121,6 +121,8 @@ let restoringZoom = false;
 let reloadSeq = 0;
 let topRows = [];
 let topTotal = 0;
+/** Function name -> p99 of its waits (ns), from the last top-table load. */
+let waitsP99 = new Map();
 
 function setupWidgets() {
   flame = new FlameGraph($('flame'), {
@@ -187,6 +189,7 @@ function setupWidgets() {
   $('kind-filter').onchange = (e) => { state.kf = e.target.value; state.zoom = ''; changed(true); };
   $('hide-idle').onchange = (e) => { state.idle = e.target.checked ? '1' : '0'; state.zoom = ''; changed(true); };
   $('icicle').onchange = (e) => { state.icicle = e.target.checked ? '1' : '0'; flame.setIcicle(state.icicle === '1'); writeHash(); };
+  $('color-p99').onchange = (e) => { state.cp99 = e.target.checked ? '1' : '0'; colorByP99(); writeHash(); };
   $('max-nodes').onchange = (e) => { state.nodes = e.target.value; changed(true); };
   $('normalize').onchange = (e) => { state.norm = e.target.checked ? '1' : '0'; changed(true); };
   $('threshold').onchange = (e) => { state.thr = e.target.value; flame.setDiffThreshold(Number(state.thr) / 100); writeHash(); };
@@ -271,6 +274,7 @@ function syncControls() {
   $('kind-filter').value = state.kf;
   $('hide-idle').checked = state.idle === '1';
   $('icicle').checked = state.icicle === '1';
+  $('color-p99').checked = state.cp99 === '1';
   flame.setIcicle(state.icicle === '1');
   if (![...$('max-nodes').options].some((o) => o.value === state.nodes)) $('max-nodes').append(el('option', { value: state.nodes, text: state.nodes }));
   $('max-nodes').value = state.nodes;
@@ -581,9 +585,10 @@ async function loadTop(kinds, seq = reloadSeq) {
       getJson('/api/v1/waits', { ...selParams(kinds), by: 'function', limit: 2000 }).catch(() => ({ functions: [] })),
     ]);
     if (seq !== reloadSeq) return;
-    const p99 = new Map(w.functions.map((f) => [f.name, f.p99_ns]));
-    for (const f of r.functions) f.p99 = p99.get(f.name) || 0;
+    waitsP99 = new Map(w.functions.map((f) => [f.name, f.p99_ns]));
+    for (const f of r.functions) f.p99 = waitsP99.get(f.name) || 0;
     renderTopRows(r.functions, r.total);
+    colorByP99();
   } catch (e) {
     if (seq !== reloadSeq) return;
     renderTopRows([], 0);
@@ -622,6 +627,20 @@ function renderTop() {
   }
   if (!rows.length) tbody.append(el('tr', {}, el('td', { colspan: 7, class: 'muted', text: 'no functions' })));
   $('tab-info').textContent = rows.length ? `${rows.length} functions, total ${fmtValue(topTotal)}` : '';
+}
+
+/** With "waits by p99" on, off-CPU frames go from blue (p99 of 1 ms or less) to red
+ * (100 ms or more) on a log scale; frames without recorded waits are grey. */
+function colorByP99() {
+  if (state.cp99 !== '1') return flame.setColorBy(null);
+  flame.setColorBy((i) => {
+    const f = flame.f;
+    if (!f.kind[i]?.startsWith('off-cpu')) return null;
+    const p99 = waitsP99.get(f.name[i]);
+    if (!p99) return '#cfcfcf';
+    const t = Math.min(1, Math.max(0, (Math.log10(p99) - 6) / 2));
+    return `hsl(${Math.round(220 - 220 * t)}, 70%, ${Math.round(62 - 8 * t)}%)`;
+  });
 }
 
 function exactName(q) {

@@ -131,6 +131,13 @@ export class FlameGraph {
     this.draw();
   }
 
+  /** by(i) -> a colour for frame i, or null for its usual one; null to clear. */
+  setColorBy(by) {
+    this.colorBy = by;
+    this.colors = this.f ? new Array(this.f.n) : null;
+    this.draw();
+  }
+
   /** pred(name) -> bool, or null to clear. Returns {count, value, share, shareOfZoom}. */
   setSearch(pred) {
     const f = this.f;
@@ -245,7 +252,7 @@ export class FlameGraph {
     else if (name === '[pruned]') c = '#d8d8d8';
     else if (f.diff) c = this.diffColor(i);
     else if (name.startsWith('[') && f.kind[i] && name === `[${f.kind[i]}]`) c = kindColor(f.kind[i]);
-    else c = frameColor(f.kind[i], name);
+    else c = this.colorBy?.(i) || frameColor(f.kind[i], name);
     this.colors[i] = c;
     return c;
   }

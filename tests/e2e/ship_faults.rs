@@ -24,7 +24,8 @@ struct Request {
     batch_id: String,
     /// The query's kind: a pprof's (a bundle's parts name their own).
     kind: String,
-    /// `bundle` for our bundles of stacks windows, empty for pprof.
+    /// `bundle` or `bundle2` (with wait histograms) for our bundles of stacks windows,
+    /// empty for pprof.
     format: String,
     body: Vec<u8>,
     /// `Profiler-Unanswered-Age-Ms`: how long ago an attempt of this batch got no answer.
@@ -209,7 +210,7 @@ fn serve(stream: TcpStream, requests: &Mutex<Vec<Request>>, answer: &Answer) {
         }
         _ => 404,
     };
-    // What a server that predates bundles says about them.
+    // What a server that predates the format says about it.
     let why = if status == 400 { "`format` must be pprof (default), folded or stacks" } else { "" };
     let response = format!(
         "HTTP/1.1 {status} Fake\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{why}",
@@ -382,14 +383,18 @@ fn a_server_without_bundles_is_sent_pprof_and_loses_nothing() {
     let _host = host_shared();
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let server = FakeServer::start(|request| if request.format == "bundle" { 400 } else { 200 });
+    // What a server from before bundles says to both kinds of bundle.
+    let server = FakeServer::start(|request| if request.format.starts_with("bundle") { 400 } else { 200 });
     let daemon = Daemon::start(&config(dir.path(), &server.url, ""));
     wait_until("a few windows accepted", Duration::from_secs(30), || server.accepted().len() >= 10);
     let counters = daemon.stop();
     eprintln!("agent counters: {counters:?}");
     let requests = server.requests();
-    let refused = requests.iter().filter(|r| r.status == 400).count();
-    assert_eq!(refused, 1, "asked once, then pprof for an hour");
+    let refused: Vec<&str> = requests.iter().filter(|r| r.status == 400).map(|r| r.format.as_str()).collect();
+    assert!(
+        refused == ["bundle"] || refused == ["bundle2", "bundle"],
+        "asked once per format, then pprof for an hour: {refused:?}"
+    );
     let accepted = server.accepted();
     assert!(accepted.iter().all(|r| r.format.is_empty()), "accepted windows are pprof");
     assert_each_batch_once(&accepted);
@@ -398,6 +403,30 @@ fn a_server_without_bundles_is_sent_pprof_and_loses_nothing() {
     let total: u64 = accepted.iter().map(Request::value).sum();
     assert_eq!(total, counters["value_shipped_ns"]);
     assert_eq!(total, counters["value_produced_ns"]);
+}
+
+/// A server from before wait histograms takes bundles but not `bundle2`: the agent
+/// sends the same windows without their histograms, as `bundle`, and loses no time.
+#[test]
+fn a_server_without_wait_histograms_is_sent_plain_bundles_and_loses_nothing() {
+    let _host = host_shared();
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(|request| if request.format == "bundle2" { 400 } else { 200 });
+    let daemon = Daemon::start(&config(dir.path(), &server.url, ""));
+    wait_until("a few windows accepted", Duration::from_secs(30), || server.accepted().len() >= 5);
+    let counters = daemon.stop();
+    let requests = server.requests();
+    let refused: Vec<&Request> = requests.iter().filter(|r| r.status == 400).collect();
+    assert_eq!(refused.len(), 1, "asked once, then plain bundles for an hour");
+    assert_eq!(refused[0].format, "bundle2", "the host's sleeping threads gave the window wait histograms");
+    let accepted = server.accepted();
+    assert!(accepted.iter().all(|r| r.format == "bundle"), "accepted windows are plain bundles");
+    assert_each_batch_once(&accepted);
+    assert_eq!(counters["profiles_rejected"] + counters["profiles_dropped"] + counters["left_in_spool"], 0);
+    assert_eq!(counters["profiles_shipped"], counters["profiles_produced"]);
+    let total: u64 = accepted.iter().map(Request::value).sum();
+    assert_eq!(total, counters["value_shipped_ns"]);
 }
 
 #[test]

@@ -4,6 +4,13 @@
 //! form long runs that dictionary + RLE encoding shrink to almost nothing, the
 //! timestamps within a run are an arithmetic progression (delta encoding), and
 //! zstd squeezes what is left, mostly the values.
+//!
+//! Segments of wait histograms (kinds `waits:…`, see `profiler_pprof::waits`)
+//! hold the same logical rows, one per (stack, bucket, series, window), but
+//! store them grouped: one physical row per (stack, series, window) whose
+//! `buckets` column packs that histogram's buckets and counts. Stored one row
+//! per bucket, they cost as much as the profile rows again (each is a row of
+//! four numbers); grouped, about a fifth (`cargo xtask bench server`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -11,7 +18,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use arrow::array::{Array, ArrayRef, Int64Array, UInt64Array};
+use arrow::array::{Array, ArrayRef, BinaryArray, Int64Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -90,6 +97,48 @@ impl SegmentMeta {
     }
 }
 
+/// The packed histogram column of wait histograms' segments.
+const BUCKETS: usize = 3;
+const BUCKETS_NAME: &str = "buckets";
+
+fn waits_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new("ts_ms", DataType::Int64, false),
+        Field::new("series_id", DataType::UInt64, false),
+        Field::new("stack_id", DataType::UInt64, false),
+        Field::new(BUCKETS_NAME, DataType::Binary, false),
+    ]))
+}
+
+/// A histogram's buckets and counts as bytes: per bucket the varint gap from
+/// the previous one (the first: from 0) and its count, as `(c / ONE) << 1` when
+/// it is whole waits (almost always: one byte), else `c << 1 | 1`.
+fn pack(buckets: &[(u16, i64)], out: &mut Vec<u8>) {
+    let mut last = 0u64;
+    for &(bucket, count) in buckets {
+        prost::encoding::encode_varint(bucket as u64 - last, out);
+        last = bucket as u64;
+        let count = count as u64;
+        let one = profiler_pprof::waits::ONE;
+        let coded = if count % one == 0 { (count / one) << 1 } else { count << 1 | 1 };
+        prost::encoding::encode_varint(coded, out);
+    }
+}
+
+/// Calls `f(bucket, count)` for each packed bucket; false when the bytes are corrupt.
+fn unpack(mut bytes: &[u8], mut f: impl FnMut(u16, i64)) -> bool {
+    let mut bucket = 0u64;
+    while !bytes.is_empty() {
+        let (Ok(gap), Ok(coded)) = (prost::encoding::decode_varint(&mut bytes), prost::encoding::decode_varint(&mut bytes)) else {
+            return false;
+        };
+        bucket += gap;
+        let count = if coded & 1 == 0 { (coded >> 1).saturating_mul(profiler_pprof::waits::ONE) } else { coded >> 1 };
+        f(bucket.min(u16::MAX as u64) as u16, count as i64);
+    }
+    true
+}
+
 fn schema() -> Arc<Schema> {
     Arc::new(Schema::new(vec![
         Field::new("ts_ms", DataType::Int64, false),
@@ -125,7 +174,47 @@ pub fn write(path: &Path, rows: &[Row]) -> anyhow::Result<u64> {
         Arc::new(ucol(|r| r.stack_id)),
         Arc::new(col(|r| r.value)),
     ];
-    let batch = RecordBatch::try_new(schema(), columns)?;
+    write_batch(path, RecordBatch::try_new(schema(), columns)?)
+}
+
+/// Writes the rows of a wait histograms' kind grouped (see the module's doc).
+pub fn write_waits(path: &Path, rows: &[Row]) -> anyhow::Result<u64> {
+    use profiler_pprof::waits::split_row_id;
+    let mut sorted: Vec<(u64, u64, i64, u16, i64)> = rows
+        .iter()
+        .map(|r| {
+            let (stack, bucket) = split_row_id(r.stack_id);
+            (stack, r.series_id, r.ts_ms, bucket, r.value)
+        })
+        .collect();
+    sorted.sort_unstable();
+    let (mut ts, mut series, mut stacks) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut packed, mut offsets) = (Vec::new(), vec![0i32]);
+    let mut group: Vec<(u16, i64)> = Vec::new();
+    for (i, &(stack, s, t, bucket, value)) in sorted.iter().enumerate() {
+        group.push((bucket, value));
+        let last = sorted.get(i + 1).is_none_or(|n| (n.0, n.1, n.2) != (stack, s, t));
+        if last {
+            ts.push(t);
+            series.push(s);
+            stacks.push(stack);
+            pack(&group, &mut packed);
+            offsets.push(i32::try_from(packed.len()).context("a waits segment over 2 GiB")?);
+            group.clear();
+        }
+    }
+    let buckets = BinaryArray::try_new(arrow::buffer::OffsetBuffer::new(offsets.into()), packed.into(), None)?;
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from(ts)),
+        Arc::new(UInt64Array::from(series)),
+        Arc::new(UInt64Array::from(stacks)),
+        Arc::new(buckets),
+    ];
+    write_batch(path, RecordBatch::try_new(waits_schema(), columns)?)
+}
+
+fn write_batch(path: &Path, batch: RecordBatch) -> anyhow::Result<u64> {
+    let schema = batch.schema();
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
         .set_dictionary_enabled(true)
@@ -136,7 +225,7 @@ pub fn write(path: &Path, rows: &[Row]) -> anyhow::Result<u64> {
         .build();
     let tmp = path.with_extension("tmp");
     let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let mut w = ArrowWriter::try_new(file, schema(), Some(props))?;
+    let mut w = ArrowWriter::try_new(file, schema, Some(props))?;
     w.write(&batch)?;
     let file = w.into_inner()?;
     file.sync_all()?;
@@ -158,15 +247,38 @@ fn open_segment(path: &Path) -> anyhow::Result<Option<File>> {
     }
 }
 
+/// Whether a segment's file holds grouped wait histograms.
+fn is_waits(builder: &ParquetRecordBatchReaderBuilder<File>) -> bool {
+    builder.schema().fields().get(BUCKETS).is_some_and(|f| f.name() == BUCKETS_NAME)
+}
+
+fn binary(b: &RecordBatch, i: usize) -> anyhow::Result<&BinaryArray> {
+    b.column(i)
+        .as_any()
+        .downcast_ref::<BinaryArray>()
+        .context("segment column has an unexpected type")
+}
+
 /// Reads all rows of a segment (used by downsampling); None when it is gone.
 pub fn read_all(path: &Path) -> anyhow::Result<Option<Vec<Row>>> {
     let Some(file) = open_segment(path)? else { return Ok(None) };
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)?
-        .with_batch_size(1 << 16)
-        .build()?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+    let waits = is_waits(&builder);
+    let reader = builder.with_batch_size(1 << 16).build()?;
     let mut out = Vec::new();
     for batch in reader {
         let batch = batch?;
+        if waits {
+            let (ts, series, stack, buckets) = (i64s(&batch, TS)?, u64s(&batch, SERIES)?, u64s(&batch, STACK)?, binary(&batch, BUCKETS)?);
+            for i in 0..batch.num_rows() {
+                let whole = unpack(buckets.value(i), |bucket, value| {
+                    let stack_id = profiler_pprof::waits::row_id(stack.value(i), bucket);
+                    out.push(Row { ts_ms: ts.value(i), series_id: series.value(i), stack_id, value });
+                });
+                anyhow::ensure!(whole, "corrupt wait histogram in {}", path.display());
+            }
+            continue;
+        }
         let ts = i64s(&batch, TS)?;
         let series = u64s(&batch, SERIES)?;
         let stack = u64s(&batch, STACK)?;
@@ -198,6 +310,9 @@ pub struct Scan<'a> {
 pub fn aggregate(path: &Path, scan: &Scan, out: &mut HashMap<u64, i64>) -> anyhow::Result<()> {
     let Some(file) = open_segment(path)? else { return Ok(()) };
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+    if is_waits(&builder) {
+        return aggregate_waits(builder, scan, out);
+    }
     let need_ts = scan.time.is_some() || matches!(scan.by, GroupBy::Time { .. });
     let need_stack = scan.by == GroupBy::Stack;
     let mut cols = vec![VALUE];
@@ -272,6 +387,32 @@ pub fn aggregate(path: &Path, scan: &Scan, out: &mut HashMap<u64, i64>) -> anyho
     Ok(())
 }
 
+/// [`aggregate`] of a grouped wait histograms' segment: by stack, each bucket's row id.
+fn aggregate_waits(builder: ParquetRecordBatchReaderBuilder<File>, scan: &Scan, out: &mut HashMap<u64, i64>) -> anyhow::Result<()> {
+    let mask = ProjectionMask::roots(builder.parquet_schema(), [TS, SERIES, STACK, BUCKETS]);
+    let reader = builder.with_projection(mask).with_batch_size(1 << 16).build()?;
+    let (lo, hi) = scan.time.unwrap_or((i64::MIN, i64::MAX));
+    for batch in reader {
+        let batch = batch?;
+        let (ts, series, stack, buckets) = (i64s(&batch, TS)?, u64s(&batch, SERIES)?, u64s(&batch, STACK)?, binary(&batch, BUCKETS)?);
+        for i in 0..batch.num_rows() {
+            let t = ts.value(i);
+            if t < lo || t >= hi || scan.series.is_some_and(|allowed| !allowed.contains(&series.value(i))) {
+                continue;
+            }
+            let whole = unpack(buckets.value(i), |b, value| {
+                let key = match scan.by {
+                    GroupBy::Stack => profiler_pprof::waits::row_id(stack.value(i), b),
+                    GroupBy::Time { step_ms } => bucket(t, scan.from_ms, step_ms),
+                };
+                *out.entry(key).or_insert(0) += value;
+            });
+            anyhow::ensure!(whole, "corrupt wait histogram in a segment");
+        }
+    }
+    Ok(())
+}
+
 pub fn bucket(ts: i64, from: i64, step: i64) -> u64 {
     (from + (ts - from).div_euclid(step) * step) as u64
 }
@@ -293,6 +434,39 @@ fn u64s(b: &RecordBatch, i: usize) -> anyhow::Result<&UInt64Array> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wait_histograms_are_stored_grouped_and_read_back_as_rows() {
+        use profiler_pprof::waits::{row_id, ONE};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.parquet");
+        let stacks = [0xaaaa_0000_0000_0400u64, 0xbbbb_0000_0000_0800];
+        let mut rows = Vec::new();
+        for ts in [0, 10_000] {
+            for (i, &stack) in stacks.iter().enumerate() {
+                for (bucket, count) in [(150u16, 3 * ONE as i64), (190, ONE as i64 / 2 + 1)] {
+                    rows.push(Row { ts_ms: ts, series_id: i as u64, stack_id: row_id(stack, bucket + i as u16), value: count });
+                }
+            }
+        }
+        normalize(&mut rows);
+        write_waits(&path, &rows).unwrap();
+        let mut back = read_all(&path).unwrap().unwrap();
+        normalize(&mut back);
+        assert_eq!(back, rows);
+        let meta = ParquetRecordBatchReaderBuilder::try_new(File::open(&path).unwrap()).unwrap();
+        assert_eq!(meta.metadata().file_metadata().num_rows(), 4, "one physical row per stack, series and window");
+
+        let mut out = HashMap::new();
+        let one_series = HashSet::from([1u64]);
+        let scan = Scan { time: Some((5_000, 20_000)), series: Some(&one_series), by: GroupBy::Stack, from_ms: 0 };
+        aggregate(&path, &scan, &mut out).unwrap();
+        let want = HashMap::from([(row_id(stacks[1], 151), 3 * ONE as i64), (row_id(stacks[1], 191), ONE as i64 / 2 + 1)]);
+        assert_eq!(out, want);
+        let mut by_time = HashMap::new();
+        aggregate(&path, &Scan { time: None, series: None, by: GroupBy::Time { step_ms: 10_000 }, from_ms: 0 }, &mut by_time).unwrap();
+        assert_eq!(by_time[&10_000], 2 * (3 * ONE as i64 + ONE as i64 / 2 + 1));
+    }
 
     #[test]
     fn write_then_aggregate_with_pruning() {

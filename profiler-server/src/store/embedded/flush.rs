@@ -149,7 +149,10 @@ impl EmbeddedStore {
             summary: Some(self.summarize(rows)),
             stack_totals: Some(totals.is_some()),
         };
-        meta.bytes = segment::write(&self.seg_path(&meta), rows)?;
+        meta.bytes = match profiler_pprof::waits::is_waits_kind(kind) {
+            true => segment::write_waits(&self.seg_path(&meta), rows)?,
+            false => segment::write(&self.seg_path(&meta), rows)?,
+        };
         Ok(Written {
             meta,
             totals: totals.map(|t| totals::encode(&t)),
