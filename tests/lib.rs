@@ -272,38 +272,21 @@ impl PerfRecord {
     }
 }
 
-/// A bpftrace reference for off-CPU time: the same sched_switch sum per thread of one
-/// process, with the same floor as the agent's `--off-cpu-min-block`, to compare with our
-/// figures on the same run.
-pub struct BpftraceOffCpu {
+/// A running bpftrace script, the reference many tests compare with.
+pub struct Bpftrace {
     child: Child,
     stdout: BufReader<std::process::ChildStdout>,
     _script: tempfile::NamedTempFile,
 }
 
-impl BpftraceOffCpu {
-    /// Waits shorter than `min_block` are not counted.
-    pub fn start(pid: u32, min_block: Duration) -> BpftraceOffCpu {
-        let script = tempfile::Builder::new().suffix(".bt").tempfile().unwrap();
-        std::fs::write(
-            script.path(),
-            r#"tracepoint:sched:sched_switch
-{
-  if (pid == $1) { @start[args->prev_pid] = nsecs; }
-  $s = @start[args->next_pid];
-  if ($s != 0) {
-    $d = nsecs - $s;
-    if ($d >= $2) { @off[args->next_pid] = sum($d); }
-    delete(@start[args->next_pid]);
-  }
-}
-"#,
-        )
-        .unwrap();
+impl Bpftrace {
+    /// Starts `script` with its positional arguments and waits until it is attached.
+    pub fn start(script: &str, args: &[String]) -> Bpftrace {
+        let file = tempfile::Builder::new().suffix(".bt").tempfile().unwrap();
+        std::fs::write(file.path(), script).unwrap();
         let mut child = Command::new("bpftrace")
-            .arg(script.path())
-            .arg(pid.to_string())
-            .arg(min_block.as_nanos().to_string())
+            .arg(file.path())
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -312,11 +295,11 @@ impl BpftraceOffCpu {
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
         assert!(line.contains("Attaching"), "bpftrace did not start: {line}");
-        BpftraceOffCpu { child, stdout, _script: script }
+        Bpftrace { child, stdout, _script: file }
     }
 
-    /// Stops bpftrace and returns its off-CPU nanoseconds per thread id.
-    pub fn finish(mut self) -> HashMap<i64, f64> {
+    /// Stops bpftrace and returns what it printed after attaching (its maps).
+    pub fn finish(mut self) -> String {
         // A CI run saw bpftrace take a SIGINT and stay in epoll_wait: ask again every few
         // seconds, and give up with a clear message rather than hang the suite.
         let pid = self.child.id() as i32;
@@ -335,8 +318,38 @@ impl BpftraceOffCpu {
         }
         let mut rest = String::new();
         std::io::Read::read_to_string(&mut self.stdout, &mut rest).unwrap();
+        rest
+    }
+}
+
+/// A bpftrace reference for off-CPU time: the same sched_switch sum per thread of one
+/// process, with the same floor as the agent's `--off-cpu-min-block`, to compare with our
+/// figures on the same run.
+pub struct BpftraceOffCpu(Bpftrace);
+
+impl BpftraceOffCpu {
+    /// Waits shorter than `min_block` are not counted.
+    pub fn start(pid: u32, min_block: Duration) -> BpftraceOffCpu {
+        let script = r#"tracepoint:sched:sched_switch
+{
+  if (pid == $1) { @start[args->prev_pid] = nsecs; }
+  $s = @start[args->next_pid];
+  if ($s != 0) {
+    $d = nsecs - $s;
+    if ($d >= $2) { @off[args->next_pid] = sum($d); }
+    delete(@start[args->next_pid]);
+  }
+}
+"#;
+        BpftraceOffCpu(Bpftrace::start(script, &[pid.to_string(), min_block.as_nanos().to_string()]))
+    }
+
+    /// Stops bpftrace and returns its off-CPU nanoseconds per thread id.
+    pub fn finish(self) -> HashMap<i64, f64> {
         // Lines like `@off[12345]: 4998712345`.
-        rest.lines()
+        self.0
+            .finish()
+            .lines()
             .filter_map(|line| {
                 let (tid, value) = line.strip_prefix("@off[")?.split_once("]: ")?;
                 Some((tid.parse().ok()?, value.trim().parse().ok()?))

@@ -17,7 +17,10 @@
 //! answer kept. Last, one hour of ingest end to end, as gzip pprof, as our
 //! agent's stacks windows one request each, and as it sends them: one bundle
 //! per window, also through the real server's HTTP route. `BENCH_STACKS=30000` measures one pool size only,
-//! `BENCH_STACKS=` none (ingest only).
+//! `BENCH_STACKS=` none (ingest only). Wait histograms: the 7 days of 30,000
+//! stacks loaded again with a histogram on every off-CPU row, what that adds to
+//! the store's bytes, and `/api/v1/waits` over the last hour (`BENCH_WAITS=0`
+//! skips it, `BENCH_WAITS=only` runs nothing else).
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
@@ -297,11 +300,15 @@ fn waits_cost(all: &[Stack], n: usize) {
         let dir = tempfile::tempdir().unwrap();
         let (store, rows, waits_rows) = load(&pool, dir.path(), &mut Rng(0x5eed), with);
         *slot = store.disk_bytes();
+        let catalog = std::fs::metadata(dir.path().join("catalog.redb")).map_or(0, |m| m.len());
+        let wal = store.stats().wal_bytes;
         println!(
-            "{n:>7}    wait histograms {}: {rows} profile rows{}, {} MiB on disk, {:.1} bytes per profile row",
+            "{n:>7}    wait histograms {}: {rows} profile rows{}, {} MiB on disk (catalog {} MiB, WAL {} MiB), {:.1} bytes per profile row",
             if with { "on " } else { "off" },
             if with { format!(" and {waits_rows} histogram rows") } else { String::new() },
             *slot >> 20,
+            catalog >> 20,
+            wal >> 20,
             *slot as f64 / rows as f64
         );
         if !with {

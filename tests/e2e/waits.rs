@@ -5,12 +5,11 @@
 
 use std::{
     collections::HashMap,
-    io::{BufRead as _, BufReader, Read as _},
     process::{Command, Stdio},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use profiler_tests::{cgroup_root, free_port, host_alone, native_workload, require_root, Daemon, Server};
+use profiler_tests::{cgroup_root, free_port, host_alone, native_workload, require_root, Bpftrace, Daemon, Server};
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
@@ -64,31 +63,12 @@ fn a_query_tail_of_three_percent_shows_as_p99_and_p50_stays_at_two_ms() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let script = tempfile::Builder::new().suffix(".bt").tempfile().unwrap();
-    std::fs::write(script.path(), BPFTRACE).unwrap();
-    let mut bpftrace = Command::new("bpftrace")
-        .arg(script.path())
-        .arg(workload.id().to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("bpftrace is required (`cargo xtask setup` installs it)");
-    let mut out = BufReader::new(bpftrace.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert!(line.contains("Attaching"), "bpftrace did not start: {line}");
+    let bpftrace = Bpftrace::start(BPFTRACE, &[workload.id().to_string()]);
     // The shell execs the workload under its own pid, and the workload starts on this
     // line: bpftrace, attached by now, sees all of its waits.
     std::io::Write::write_all(workload.stdin.as_mut().unwrap(), b"go\n").unwrap();
     assert!(workload.wait().unwrap().success());
-    unsafe { libc::kill(bpftrace.id() as i32, libc::SIGINT) };
-    let asked = Instant::now();
-    while bpftrace.try_wait().unwrap().is_none() {
-        assert!(asked.elapsed() < Duration::from_secs(30), "bpftrace did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut reference = String::new();
-    out.read_to_string(&mut reference).unwrap();
+    let reference = bpftrace.finish();
     let _ = std::fs::remove_dir(&cgroup);
     let counts: HashMap<&str, f64> = reference
         .lines()

@@ -258,16 +258,23 @@ fn restart_keeps_data_and_migrations_run_once() {
     }
 }
 
-#[test]
-fn ranges_past_raw_retention_are_read_from_the_rollup() {
+/// A server keeping raw rows for an hour (older ones are read from the rollup), its
+/// database, and two window starts: three hours ago (rollup) and ten minutes ago (raw).
+fn one_hour_raw(name: &str) -> (InProc, String, tempfile::TempDir, i64, i64) {
     let bridge = chdb_bridge::shared();
-    let db = chdb_bridge::fresh_database("rollup");
+    let db = chdb_bridge::fresh_database(name);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = ch_config(bridge, &db, dir.path());
     cfg.storage.retention_hours = 1;
-    let s = InProc::start(cfg);
     let old = (now_ms() - 3 * 3_600_000).div_euclid(MIN) * MIN;
     let recent = (now_ms() - 10 * MIN).div_euclid(MIN) * MIN;
+    (InProc::start(cfg), db, dir, old, recent)
+}
+
+#[test]
+fn ranges_past_raw_retention_are_read_from_the_rollup() {
+    let bridge = chdb_bridge::shared();
+    let (s, db, _dir, old, recent) = one_hour_raw("rollup");
     for (at, body) in [
         (old, "main;a 5\nmain;b 1\n"),
         (old + 20_000, "main;a 7\n"),
@@ -302,14 +309,7 @@ fn ranges_past_raw_retention_are_read_from_the_rollup() {
 /// rollup past raw retention, read back per frame, and outside the totals.
 #[test]
 fn wait_histograms_merge_across_raw_rows_and_the_rollup() {
-    let bridge = chdb_bridge::shared();
-    let db = chdb_bridge::fresh_database("waits");
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = ch_config(bridge, &db, dir.path());
-    cfg.storage.retention_hours = 1;
-    let s = InProc::start(cfg);
-    let old = (now_ms() - 3 * 3_600_000).div_euclid(MIN) * MIN;
-    let recent = (now_ms() - 10 * MIN).div_euclid(MIN) * MIN;
+    let (s, _db, _dir, old, recent) = one_hour_raw("waits");
     let durations: Vec<u64> = [2_000_000; 90].into_iter().chain([60_000_000; 10]).collect();
     for at in [old, old + 20_000, recent] {
         let body = profiler_pprof::gzip(&crate::waits::window(&durations));

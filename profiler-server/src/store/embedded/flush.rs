@@ -88,7 +88,7 @@ impl EmbeddedStore {
             }
         }
         let d = read(&self.dict);
-        let txn = self.db.begin_write()?;
+        let txn = self.catalog().begin_write()?;
         {
             let mut t = txn.open_table(STACKS)?;
             for id in stack_ids {
@@ -136,7 +136,9 @@ impl EmbeddedStore {
         rows: &[Row],
         resolution_ms: i64,
     ) -> anyhow::Result<Written> {
-        let totals = totals::of(rows);
+        // A histograms' segment would have a total per stack and bucket, about one per
+        // row: the catalog would hold the segment again, for queries it reads quickly.
+        let totals = if profiler_pprof::waits::is_waits_kind(kind) { None } else { totals::of(rows) };
         let mut meta = SegmentMeta {
             id: self.next_segment.fetch_add(1, Ordering::SeqCst),
             service: service.to_owned(),

@@ -45,7 +45,7 @@ impl EmbeddedStore {
             }
             done.push(Written { meta, totals: stack_totals });
         }
-        let txn = self.db.begin_write()?;
+        let txn = self.catalog().begin_write()?;
         catalog_segments(&txn, &done)?;
         txn.commit()?;
         tracing::info!(segments = done.len(), "completed segments written by an older version");
@@ -60,7 +60,7 @@ impl EmbeddedStore {
 
     /// Replaces `old` segments by `new` ones in catalog, list and disk.
     pub(super) fn swap_segments(&self, old: &[SegmentMeta], new: Vec<Written>) -> anyhow::Result<()> {
-        let txn = self.db.begin_write()?;
+        let txn = self.catalog().begin_write()?;
         {
             let mut t = txn.open_table(SEGMENTS)?;
             let mut totals = txn.open_table(STACK_TOTALS)?;
@@ -106,7 +106,7 @@ impl EmbeddedStore {
         if stacks.is_empty() && series.is_empty() {
             return Ok(());
         }
-        let txn = self.db.begin_write()?;
+        let txn = self.catalog().begin_write()?;
         {
             let mut t = txn.open_table(STACKS)?;
             let mut seen = txn.open_table(STACK_SEEN)?;
@@ -127,7 +127,7 @@ impl EmbeddedStore {
     }
 
     pub(super) fn forget_batch_ids_before(&self, before_ms: i64) -> anyhow::Result<()> {
-        let txn = self.db.begin_write()?;
+        let txn = self.catalog().begin_write()?;
         {
             let mut t = txn.open_table(BATCH_IDS)?;
             t.retain(|_, at| at >= before_ms)?;

@@ -146,7 +146,7 @@ impl EmbeddedStore {
         if let Some(t) = self.totals.get(meta.id) {
             return Ok(Some(t));
         }
-        let txn = self.db.begin_read()?;
+        let txn = self.catalog().begin_read()?;
         let Some(bytes) = txn.open_table(STACK_TOTALS)?.get(meta.id)? else {
             // Compacted or expired after the query listed it.
             return Ok(None);

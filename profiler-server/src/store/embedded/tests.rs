@@ -88,7 +88,7 @@ fn overview_is_the_same_from_buffers_segments_and_old_segments() {
     assert_eq!(s.overview(grid, &Cancel::default()).unwrap(), from_buffers);
     // Segments written before summaries existed are read once, then
     // carry a summary in the catalog too.
-    let txn = s.db.begin_write().unwrap();
+    let txn = s.catalog().begin_write().unwrap();
     {
         let mut t = txn.open_table(SEGMENTS).unwrap();
         for m in read(&s.segments).iter() {
@@ -253,7 +253,7 @@ fn whole_segments_are_answered_from_their_totals_without_their_rows() {
     s.maintain(100 * 3_600_000 + base).unwrap();
     assert_eq!(s.segment_count(), 0);
     assert_eq!(s.totals.bytes(), 0);
-    let txn = s.db.begin_read().unwrap();
+    let txn = s.catalog().begin_read().unwrap();
     assert!(txn.open_table(STACK_TOTALS).unwrap().get(seg.id).unwrap().is_none());
 }
 
@@ -315,7 +315,7 @@ fn segments_from_before_totals_get_them_at_maintenance() {
     busy_segment(&s, base);
     s.flush().unwrap();
     let seg = read(&s.segments)[0].clone();
-    let txn = s.db.begin_write().unwrap();
+    let txn = s.catalog().begin_write().unwrap();
     {
         let legacy = SegmentMeta { stack_totals: None, ..seg.clone() };
         txn.open_table(SEGMENTS).unwrap().insert(seg.id, serde_json::to_string(&legacy).unwrap().as_str()).unwrap();
