@@ -218,7 +218,8 @@ function setupWidgets() {
       if (s === state.sort) return;
       state.sort = s;
       writeHash();
-      if (s === 'name') renderTop(); else loadTop(lastKinds);
+      // Names and p99 waits are in the rows already; self and total rank the server's cut.
+      if (s === 'name' || s === 'p99') renderTop(); else loadTop(lastKinds);
     };
   }
   $('sandwich-fn').onchange = (e) => openSandwich(e.target.value);

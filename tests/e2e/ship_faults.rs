@@ -40,7 +40,7 @@ impl Request {
     /// (kind, entries) of each part: a bundle's, or the pprof's one.
     fn parts(&self) -> Vec<(String, Vec<Entry>)> {
         use profiler_pprof::stacks::{BundleReader, Entry, Reader};
-        if self.format == "bundle" {
+        if self.format.starts_with("bundle") {
             let raw = profiler_pprof::gunzip(&self.body, 64 << 20).unwrap();
             let parts = BundleReader::new(&raw).expect("the agent sent a bundle");
             return parts
