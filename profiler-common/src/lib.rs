@@ -125,6 +125,14 @@ const fn task_hash(task: u64, slots: u32) -> u32 {
     ((task >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - slots.trailing_zeros())) as u32
 }
 
+/// The tag a task leaves in its `THREAD_QUOTA` slot: the 16 bits of its hash below the
+/// slot's. Two tasks of one slot share a tag once in 65,536 times, and then share
+/// their count, which only gives them more switch-outs at p = 1.
+#[inline(always)]
+pub const fn thread_quota_tag(task: u64) -> u16 {
+    ((task >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - THREAD_QUOTA_SLOTS.trailing_zeros() - 16)) as u16
+}
+
 /// The weight, in 1/65536ths, of a record drawn with `bpf_get_prandom_u32() <= threshold`:
 /// the inverse of its probability, (threshold + 1) / 2^32.
 #[inline(always)]
@@ -137,12 +145,17 @@ pub const fn weight_q16(threshold: u32) -> u64 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ThreadQuota {
-    /// The task the slot counts for: another task hashing here starts it afresh.
-    pub task: u64,
-    pub epoch: u32,
-    pub switches: u32,
+    /// The task the slot counts for ([`thread_quota_tag`]): another task hashing here
+    /// starts it afresh.
+    pub tag: u16,
+    /// The epoch's low 16 bits: they wrap every 6,553 s, and a slot left alone that
+    /// long only counts as current once more.
+    pub epoch: u16,
+    /// Saturating: past 65,535 an epoch a thread's own probability is below any
+    /// sampled one anyway.
+    pub switches: u16,
     /// Switch-outs in the previous epoch; zero when the thread had none, or is new.
-    pub last_switches: u32,
+    pub last_switches: u16,
 }
 
 /// Set in [`SnapshotHeader::state`] for a task switched out while still runnable (preempted).

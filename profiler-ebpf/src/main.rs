@@ -34,7 +34,7 @@ mod programs {
     use profiler_common::{
         pending_slot, reported_state, thread_quota_slot, BurstSlot, Config, StackSnapshot, Stat, SwitchOut, ThreadQuota,
         WaitEnd, BURST_SHIFT, BURST_SLOT_NS, QUOTA_BURST_FACTOR, EVENT_SAMPLE, EVENT_SWITCH_OUT, EVENT_WAIT_END, MAX_STACK_DEPTH,
-        MAX_USER_STACK, PENDING_SLOTS, RAW_TASK_DEAD, STATE_PREEMPTED, THREAD_QUOTA_SLOTS, UNLEARNT_USER_STACK,
+        MAX_USER_STACK, PENDING_SLOTS, RAW_TASK_DEAD, STATE_PREEMPTED, THREAD_QUOTA_SLOTS, UNLEARNT_USER_STACK, thread_quota_tag,
         USER_STACK_CHUNK, USER_STACK_CLASSES, weight_q16,
     };
 
@@ -479,27 +479,25 @@ mod programs {
         let slot = unsafe { &mut *THREAD_QUOTA.get_ptr_mut(thread_quota_slot(task))? };
         // Jiffies, not the clock: a read of a variable, where the clock costs tens of
         // nanoseconds on every traced switch-out.
-        let epoch = (unsafe { bpf_jiffies64() } / cfg.offcpu_quota_epoch_jiffies.max(1) as u64) as u32;
-        if slot.task != task {
-            *slot = ThreadQuota { task, epoch, switches: 0, last_switches: 0 };
+        let epoch = (unsafe { bpf_jiffies64() } / cfg.offcpu_quota_epoch_jiffies.max(1) as u64) as u16;
+        let tag = thread_quota_tag(task);
+        if slot.tag != tag {
+            *slot = ThreadQuota { tag, epoch, switches: 0, last_switches: 0 };
         } else if slot.epoch != epoch {
             slot.last_switches = if slot.epoch.wrapping_add(1) == epoch { slot.switches } else { 0 };
             slot.epoch = epoch;
             slot.switches = 0;
         }
         slot.switches = slot.switches.saturating_add(1);
-        let n = slot.last_switches.max(slot.switches);
+        let n = slot.last_switches.max(slot.switches) as u32;
         if n <= quota {
             return Some((u32::MAX, 1 << 16));
         }
         // p = (quota / n)²: the threshold rounds down, the weight is its exact inverse.
         // Divisions cost tens of nanoseconds, and a frequent switcher's probability is
-        // below the sampled one: tell that by multiplying first. Past 65,535 switches in
-        // an epoch it is below any sampled probability (at least 10^-4), and the products
-        // stay within 64 bits: quota² < 2^30, n² < 2^32.
-        if n > 0xffff {
-            return None;
-        }
+        // below the sampled one: tell that by multiplying first. The counts saturate at
+        // 65,535, where it is below any sampled probability (at least 10^-4), and the
+        // products stay within 64 bits: quota² < 2^30, n² < 2^32.
         let quota_squared = (quota.min(1 << 15) as u64) * (quota.min(1 << 15) as u64);
         let n_squared = (n as u64) * (n as u64);
         if quota_squared << 32 <= sample_threshold as u64 * n_squared {
