@@ -420,6 +420,10 @@ pub fn stacks(body: &[u8], store: &dyn Store, b: &mut BatchBuilder) -> Result<Ve
     Ok(ids)
 }
 
+/// Most weighted waits (in units of `profiler_pprof::waits::ONE`) one bucket of one
+/// histogram may hold.
+const MAX_WAIT_COUNT: u64 = 1 << 40;
+
 /// The batch of a part's wait histograms (see `profiler_pprof::waits`): one row per
 /// stack and bucket, in the part's kind's histograms kind. `ids` are the stack ids of
 /// the part's entries.
@@ -432,7 +436,12 @@ fn waits(section: &[u8], ids: &[u64], limits: &Limits, target: &Target) -> Resul
     let mut b = BatchBuilder::build(limits, target)?;
     for (index, histogram) in histograms {
         for (bucket, count) in histogram.buckets() {
-            let count = i64::try_from(count).map_err(|_| bad("a wait count out of range"))?;
+            // 2^24 waits of one bucket in one window is far beyond any host (a thread
+            // blocking every microsecond): sums over any range stay far from overflow.
+            if count > MAX_WAIT_COUNT {
+                return Err(bad("a wait count out of range"));
+            }
+            let count = count as i64;
             b.add_row(b.base_id, profiler_pprof::waits::row_id(ids[index as usize], bucket), count);
         }
     }

@@ -134,6 +134,18 @@ fn percentiles_per_frame_and_nothing_in_the_totals() {
         .unwrap();
     assert_eq!(r.status(), 400);
     assert!(r.text().unwrap().contains("reserved"));
+    // A count no host could record, which sums over a range would overflow.
+    let mut huge = BundleWriter::default();
+    let mut stacks = Writer::default();
+    stacks.framed(QUERY_DB, 1);
+    let mut waits = WaitsWriter::default();
+    let mut h = Histogram::default();
+    h.add(150, 1 << 62);
+    waits.histogram(0, &h);
+    huge.part_with_waits::<&str, &str>("db", "off-cpu:sleep", &[], &stacks.finish(), &waits.finish());
+    let r = post(&p, "bundle2", t0, huge.finish());
+    assert_eq!(r.status(), 400);
+    assert!(r.text().unwrap().contains("out of range"));
     let bad = client().get(p.url(&format!("/api/v1/waits?{range}&frame=(unclosed"))).send().unwrap();
     assert_eq!(bad.status(), 400);
 }
