@@ -192,11 +192,14 @@ pub fn tails(names: &Names, store: &dyn Store, base: &Selector, target: &Selecto
     // The stacks' frames: their ids are the rows' high bits among this range's
     // stacks of the kind.
     let stacks = store.aggregate(&Selector { kinds: Some(found.iter().map(|f| f.0.clone()).collect()), ..target.clone() }, GroupBy::Stack)?;
+    let ids: std::collections::HashMap<(&str, u64), u64> = stacks
+        .iter()
+        .flat_map(|(kind, m)| m.keys().map(move |&id| ((kind.as_str(), profiler_pprof::waits::split_row_id(id).0), id)))
+        .collect();
     let mut out = Vec::new();
-    for (f, q) in found.into_iter().zip(q) {
-        let (kind, high, bp, tp, bw, tw, share, p, large, regression) = f;
-        let id = stacks.get(&kind).and_then(|m| m.keys().find(|&&id| profiler_pprof::waits::split_row_id(id).0 == high));
-        let frames: Vec<String> = match id {
+    for (f, q) in found.iter().zip(q) {
+        let (kind, high, bp, tp, bw, tw, share, p, large, regression) = f.clone();
+        let frames: Vec<String> = match ids.get(&(kind.as_str(), high)) {
             Some(&id) => store.stack(id)?.map_or_else(Vec::new, |f| f.iter().map(|n| n.to_string()).collect()),
             None => Vec::new(),
         };
