@@ -209,8 +209,9 @@ struct KnownStacks {
 /// At most this many ids are remembered (8 bytes each plus the set's overhead).
 const MAX_KNOWN_STACKS: usize = 200_000;
 const FORGET_KNOWN_EVERY: Duration = Duration::from_secs(30 * 60);
-/// How long a server that refused stacks windows is sent pprof before trying again.
-const PPROF_FOR: Duration = Duration::from_secs(3600);
+/// How long a server that refused a format (stacks windows, or wait histograms) is sent
+/// the older one before the newer is tried again.
+const FALLBACK_FOR: Duration = Duration::from_secs(3600);
 
 impl KnownStacks {
     fn new() -> Self {
@@ -409,12 +410,12 @@ impl Shipper {
                 }
                 Answer::Refused(StatusCode::BAD_REQUEST, why) if why.contains("`format`") && has_waits(&payload.query) => {
                     tracing::warn!("the server cannot read wait histograms ({why}); sending windows without them for an hour");
-                    self.known.lock().unwrap().no_waits_until = Some(Instant::now() + PPROF_FOR);
+                    self.known.lock().unwrap().no_waits_until = Some(Instant::now() + FALLBACK_FOR);
                     continue;
                 }
                 Answer::Refused(StatusCode::BAD_REQUEST, why) if why.contains("`format`") => {
                     tracing::warn!("the server cannot read bundles of stacks windows ({why}); sending pprof for an hour");
-                    self.known.lock().unwrap().pprof_until = Some(Instant::now() + PPROF_FOR);
+                    self.known.lock().unwrap().pprof_until = Some(Instant::now() + FALLBACK_FOR);
                     return self.send_as_pprof(&payload, unanswered_since).await;
                 }
                 answer => answer,

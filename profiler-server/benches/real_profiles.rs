@@ -194,13 +194,8 @@ fn open(dir: &std::path::Path, cache_answers: bool) -> EmbeddedStore {
 /// a hash of (stack, window) so that loading them leaves the rows' draws alone.
 fn histogram(stack: u64, ts: i64, value: i64) -> profiler_pprof::waits::Histogram {
     let mut h = profiler_pprof::waits::Histogram::default();
-    let mut x = stack ^ (ts as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let mut next = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut rng = Rng(stack ^ (ts as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut next = || (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
     let typical = 1e6 * 100f64.powf((stack >> 11) as f64 / (1u64 << 53) as f64);
     for _ in 0..(value / SAMPLE_NS).clamp(1, 64) {
         // Sum of four uniforms: about normal, σ ≈ 0.58 before scaling.

@@ -566,8 +566,12 @@ fn run_vm(kernel: &Kernel, initrd: &Path, work: &Path) -> Report {
 /// The first console line of a guest kernel reporting a stall: a soft lockup, an RCU
 /// stall, an IPI not answered, a hung task.
 fn guest_stall(console: &str) -> Option<&str> {
-    const STALLS: [&str; 6] = ["soft lockup", "hard LOCKUP", "rcu_sched self-detected stall", "rcu: INFO", "csd: Detected", "blocked for more than"];
-    console.lines().find(|line| STALLS.iter().any(|stall| line.contains(stall))).map(str::trim)
+    console_line(console, &["soft lockup", "hard LOCKUP", "rcu_sched self-detected stall", "rcu: INFO", "csd: Detected", "blocked for more than"])
+}
+
+/// The first console line holding any of `needles`, trimmed.
+fn console_line<'a>(console: &'a str, needles: &[&str]) -> Option<&'a str> {
+    console.lines().find(|line| needles.iter().any(|needle| line.contains(needle))).map(str::trim)
 }
 
 /// One boot: its report, and what it hung on when it hung (the guest's stall line, if
@@ -594,10 +598,7 @@ fn boot_vm(kernel: &Kernel, initrd: &Path, work: &Path) -> (Report, Option<Strin
     // A soft lockup (a CPU stuck for over 20 s: seen in the agent's perf_event_open under
     // emulation) never recovered in any run: the boot is given up then, not at the
     // timeout, and booted once more 80 s sooner.
-    let locked_up = || {
-        let text = fs::read_to_string(&console).unwrap_or_default();
-        text.lines().find(|line| line.contains("soft lockup")).map(|line| line.trim().to_owned())
-    };
+    let locked_up = || console_line(&fs::read_to_string(&console).unwrap_or_default(), &["soft lockup"]).map(str::to_owned);
     let outcome = run_bounded(&mut qemu, &qemu_log, locked_up);
     let took = started.elapsed();
     let console_text = fs::read_to_string(&console).unwrap_or_default();

@@ -163,7 +163,8 @@ const MIN_TAIL_RATIO: f64 = 1.25;
 pub fn tails(names: &Names, store: &dyn Store, base: &Selector, target: &Selector, opts: &ChangeOptions) -> Result<Vec<TailChange>, StoreError> {
     use profiler_pprof::waits::{bucket_of, upper_ns, Histogram, ONE};
     let b = super::waits::stack_waits(names, store, base, None, false)?;
-    let t = super::waits::stack_waits(names, store, target, None, false)?;
+    // With frames: the target's stacks name the stacks that changed.
+    let t = super::waits::stack_waits(names, store, target, None, true)?;
     let waits = |h: &Histogram| h.count() as f64 / ONE as f64;
     // P(X >= k) for X ~ Binomial(n, 1%), on whole waits.
     let beyond = |other: &Histogram, this: &Histogram| -> (f64, f64) {
@@ -189,17 +190,10 @@ pub fn tails(names: &Names, store: &dyn Store, base: &Selector, target: &Selecto
         found.push((kind.clone(), *high, bp, tp, waits(bh), waits(th), share, p, ratio >= MIN_TAIL_RATIO, regression));
     }
     let q = fdr(&found.iter().map(|f| f.7).collect::<Vec<_>>());
-    // The stacks' frames: their ids are the rows' high bits among this range's
-    // stacks of the kind.
-    let stacks = store.aggregate(&Selector { kinds: Some(found.iter().map(|f| f.0.clone()).collect()), ..target.clone() }, GroupBy::Stack)?;
-    let ids: std::collections::HashMap<(&str, u64), u64> = stacks
-        .iter()
-        .flat_map(|(kind, m)| m.keys().map(move |&id| ((kind.as_str(), profiler_pprof::waits::split_row_id(id).0), id)))
-        .collect();
     let mut out = Vec::new();
-    for (f, q) in found.iter().zip(q) {
-        let (kind, high, bp, tp, bw, tw, share, p, large, regression) = f.clone();
-        let frames: Vec<String> = match ids.get(&(kind.as_str(), high)) {
+    for (f, q) in found.into_iter().zip(q) {
+        let (kind, high, bp, tp, bw, tw, share, p, large, regression) = f;
+        let frames: Vec<String> = match t.stack_ids.get(&(kind.clone(), high)) {
             Some(&id) => store.stack(id)?.map_or_else(Vec::new, |f| f.iter().map(|n| n.to_string()).collect()),
             None => Vec::new(),
         };

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use profiler_pprof::kind::{self, WaitReason, OFF_CPU};
+use profiler_pprof::kind::{self, Kind, WaitReason, OFF_CPU};
 use profiler_pprof::waits::{self, Histogram};
 use regex::Regex;
 use rustc_hash::FxHashMap;
@@ -24,11 +24,7 @@ use crate::store::{GroupBy, Selector, Store, StoreResult};
 fn off_cpu_kinds(sel: &Selector) -> Vec<String> {
     match &sel.kinds {
         Some(kinds) => kinds.iter().filter(|k| kind::off_cpu_reason(k).is_some()).cloned().collect(),
-        None => WaitReason::ALL
-            .iter()
-            .map(|r| format!("{OFF_CPU}:{}", r.name()))
-            .chain([OFF_CPU.to_string()])
-            .collect(),
+        None => WaitReason::ALL.into_iter().map(|r| Kind::OffCpu(r).name()).chain([OFF_CPU.to_string()]).collect(),
     }
 }
 

@@ -138,7 +138,8 @@ impl EmbeddedStore {
     ) -> anyhow::Result<Written> {
         // A histograms' segment would have a total per stack and bucket, about one per
         // row: the catalog would hold the segment again, for queries it reads quickly.
-        let totals = if profiler_pprof::waits::is_waits_kind(kind) { None } else { totals::of(rows) };
+        let waits = profiler_pprof::waits::is_waits_kind(kind);
+        let totals = if waits { None } else { totals::of(rows) };
         let mut meta = SegmentMeta {
             id: self.next_segment.fetch_add(1, Ordering::SeqCst),
             service: service.to_owned(),
@@ -151,7 +152,7 @@ impl EmbeddedStore {
             summary: Some(self.summarize(rows)),
             stack_totals: Some(totals.is_some()),
         };
-        meta.bytes = match profiler_pprof::waits::is_waits_kind(kind) {
+        meta.bytes = match waits {
             true => segment::write_waits(&self.seg_path(&meta), rows)?,
             false => segment::write(&self.seg_path(&meta), rows)?,
         };
