@@ -33,7 +33,26 @@ pub struct AgentConfig {
     /// `SERVICE_VERSION`, `APP_VERSION`. `[]`: no process's environment is read.
     pub version_env: Option<Vec<String>>,
     #[serde(default)]
+    pub python: PythonConfig,
+    #[serde(default)]
     pub rules: Vec<RuleConfig>,
+}
+
+/// `[python]`: Python frames in CPython processes' stacks.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PythonConfig {
+    /// Read Python frames (on by default; nothing is asked of the processes).
+    pub enabled: bool,
+    /// Keep the interpreter's eval-loop frames beside the Python frames they ran.
+    pub eval_frames: bool,
+}
+
+impl Default for PythonConfig {
+    fn default() -> Self {
+        let defaults = crate::python::PythonOptions::default();
+        Self { enabled: defaults.enabled, eval_frames: defaults.eval_frames }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -252,6 +271,7 @@ impl AgentConfig {
             bpf_stats: self.sampling.bpf_stats,
             bpf_stats_share: self.sampling.bpf_stats_share,
             version_env: self.version_env.clone().unwrap_or_else(crate::process::default_version_env),
+            python: crate::python::PythonOptions { enabled: self.python.enabled, eval_frames: self.python.eval_frames },
             ..SamplerOptions::default()
         }
     }

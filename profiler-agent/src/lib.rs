@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod perf_map;
 pub mod privileges;
 pub mod process;
+pub mod python;
 pub mod record;
 pub mod runs;
 pub mod sample;

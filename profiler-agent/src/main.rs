@@ -14,6 +14,7 @@ use profiler_agent::{
     config::AgentConfig,
     record::{RecordOptions, record},
     session::OffCpuBudget,
+    python::PythonOptions,
     sample::{OffCpuOptions, OffCpuPath, SamplerOptions},
 };
 
@@ -177,6 +178,14 @@ struct RecordArgs {
     /// on and makes the figures exact.
     #[arg(long, default_value_t = SamplerOptions::default().bpf_stats_share)]
     bpf_stats_share: f64,
+    /// Do not read Python frames: CPython processes show only the interpreter's native
+    /// frames.
+    #[arg(long)]
+    no_python: bool,
+    /// Keep the interpreter's eval-loop frames (`_PyEval_EvalFrameDefault`) beside the
+    /// Python frames they ran, instead of folding them away.
+    #[arg(long)]
+    python_eval_frames: bool,
 }
 
 fn main() -> ExitCode {
@@ -275,6 +284,7 @@ fn run_record(args: RecordArgs) -> anyhow::Result<()> {
             ring_buffer_bytes: args.ring_buffer_bytes,
             bpf_stats: !args.no_bpf_stats,
             bpf_stats_share: args.bpf_stats_share,
+            python: PythonOptions { enabled: !args.no_python, eval_frames: args.python_eval_frames },
             ..SamplerOptions::default()
         },
         comm: args.comm,

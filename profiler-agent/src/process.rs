@@ -141,6 +141,11 @@ impl ProcessTable {
         }
     }
 
+    /// The processes snapshotted and still alive.
+    pub fn live_pids(&self) -> Vec<u32> {
+        self.inner.lock().unwrap().processes.iter().filter(|(_, info)| info.alive).map(|(&pid, _)| pid).collect()
+    }
+
     pub fn get(&self, pid: u32) -> Option<ProcessInfo> {
         let mut inner = self.inner.lock().unwrap();
         let found = inner.processes.get(&pid).cloned();

@@ -157,7 +157,7 @@ impl Loaded {
         let Loaded { mut sampler, processes, options, started_off_cpu, off_cpu_budget } = self;
         sampler.start_reading()?;
         let watcher = spawn_process_watcher(processes.clone())?;
-        let symbolizer = Symbolizer::spawn(processes.clone())?;
+        let symbolizer = Symbolizer::spawn(processes.clone(), sampler.python_names())?;
         let rate = RateControl::attached(options.off_cpu.as_ref(), started_off_cpu.as_ref(), off_cpu_budget, &sampler)?;
         // Tests and scripts wait for this line before starting their workload.
         tracing::info!(frequency_hz = options.frequency_hz, off_cpu = options.off_cpu.is_some(), "sampling started");

@@ -25,6 +25,7 @@ use crate::{
     elf_layout::CodeSegments,
     perf_map::PerfMaps,
     process::{ProcessInfo, ProcessTable},
+    python::{self, PythonNames},
     sample::{RawSample, RawValue, SampleKey},
 };
 
@@ -62,10 +63,11 @@ pub struct Symbolizer {
 }
 
 impl Symbolizer {
-    pub fn spawn(processes: ProcessTable) -> anyhow::Result<Self> {
+    /// `python_names` names the Python frames the sampler put in the stacks.
+    pub fn spawn(processes: ProcessTable, python_names: PythonNames) -> anyhow::Result<Self> {
         let (jobs, receiver) = mpsc::channel::<Job>();
         let thread = thread::Builder::new().name("symbolizer".into()).spawn(move || {
-            let mut state = State::new(processes);
+            let mut state = State::new(processes, python_names);
             for (samples, reply) in receiver {
                 let _ = reply.send(state.symbolize(samples));
             }
@@ -101,6 +103,7 @@ struct State {
     blazesym_since: std::time::Instant,
     kernel_names: HashMap<u64, Arc<str>>,
     perf_maps: PerfMaps,
+    python_names: PythonNames,
     /// Separate debug files of stripped binaries, by binary; `None` when there is none.
     debug_files: HashMap<(u64, u64), Option<DebugFile>>,
     unknown: Arc<str>,
@@ -108,8 +111,9 @@ struct State {
 }
 
 impl State {
-    fn new(processes: ProcessTable) -> Self {
+    fn new(processes: ProcessTable, python_names: PythonNames) -> Self {
         Self {
+            python_names,
             blazesym: new_blazesym(),
             processes,
             user_names: HashMap::new(),
@@ -206,6 +210,9 @@ impl State {
             };
             let mut outside_files = false;
             for (depth, &addr) in addrs.iter().enumerate() {
+                if python::is_frame(addr) {
+                    continue;
+                }
                 let addr = call_site(depth, addr);
                 let mapping = info.mapping_for(addr);
                 outside_files |= mapping.is_none();
@@ -277,6 +284,9 @@ impl State {
     }
 
     fn user_name(&self, tgid: u32, info: Option<&ProcessInfo>, addr: u64) -> Arc<str> {
+        if let Some(name) = self.python_names.name(addr) {
+            return name;
+        }
         let Some(mapping) = info.and_then(|info| info.mapping_for(addr)) else {
             return self.perf_maps.lookup(tgid, addr).unwrap_or_else(|| self.unknown.clone());
         };
@@ -313,9 +323,10 @@ fn new_blazesym() -> Blazesym {
 }
 
 /// Return addresses point after the call; look up the call instruction instead, except
-/// for the leaf, which is the interrupted instruction itself.
+/// for the leaf, which is the interrupted instruction itself, and Python frames, which
+/// are names.
 fn call_site(depth: usize, addr: u64) -> u64 {
-    if depth == 0 { addr } else { addr.saturating_sub(1) }
+    if depth == 0 || python::is_frame(addr) { addr } else { addr.saturating_sub(1) }
 }
 
 pub fn comm_name(comm: &[u8]) -> String {

@@ -22,6 +22,7 @@ pub const USER_STACK_CHUNK: usize = 1024;
 pub const EVENT_SAMPLE: u32 = 1;
 pub const EVENT_SWITCH_OUT: u32 = 2;
 pub const EVENT_WAIT_END: u32 = 3;
+pub const EVENT_PYTHON_STACK: u32 = 4;
 
 /// Sizes of user stack a snapshot record can carry. Ring buffer records have a fixed size
 /// per type, so a thread that needs a 3 KiB copy takes a 4 KiB record, not a 16 KiB one:
@@ -156,6 +157,127 @@ pub struct ThreadQuota {
     pub switches: u16,
     /// Switch-outs in the previous epoch; zero when the thread had none, or is new.
     pub last_switches: u16,
+}
+
+/// Python frames read per snapshot at most: deeper recursion is cut at the leaf end's
+/// first this many and marked [`PYTHON_TRUNCATED`].
+pub const MAX_PYTHON_FRAMES: usize = 128;
+/// Threads of one process the kernel looks through for the sampled thread's state when it
+/// is not cached yet.
+pub const MAX_PYTHON_THREADS: u32 = 64;
+/// Set in [`PythonStack::flags`] when the chain went on past [`MAX_PYTHON_FRAMES`]...
+pub const PYTHON_TRUNCATED: u32 = 1;
+/// ...or when a frame could not be read (paged out, freed under us): the frames before it
+/// are sent.
+pub const PYTHON_READ_FAILED: u32 = 2;
+/// Set in [`PythonFrame::tag`] on the last frame (root side) of each run of frames that
+/// one native call of the eval loop executes (the frame it was called for): the native
+/// unwinder finds one eval-loop frame per run.
+pub const PYTHON_ENTRY: u32 = 1 << 31;
+/// No such field in this version.
+pub const PYTHON_NO_FIELD: u16 = u16::MAX;
+/// Bytes of a frame the kernel reads in one go; every field it needs lies within them.
+pub const PYTHON_FRAME_BYTES: usize = 80;
+/// Bytes of a code object folded into its fingerprint, from [`PythonLayout::code_fingerprint`].
+pub const PYTHON_FINGERPRINT_BYTES: usize = 32;
+/// Bytes of a thread state the kernel reads in one go, from its start.
+pub const PYTHON_TSTATE_BYTES: usize = 384;
+/// Bytes of a thread's frame stack (`datastack`) the kernel copies at most at a time:
+/// frames are pushed there one above the other, so one copy holds tens of callers, where
+/// reading each frame on its own costs a read each (about 40 ns).
+pub const PYTHON_STACK_WINDOW: usize = 8192;
+
+/// Where a CPython version keeps what the kernel reads, as offsets in bytes. Written by the
+/// agent per process into `PYTHON_PROCESSES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PythonLayout {
+    /// `PyInterpreterState::threads.head`.
+    pub interp_threads_head: u16,
+    /// `PyThreadState::next`.
+    pub tstate_next: u16,
+    /// `PyThreadState::native_thread_id`: the thread's id in its pid namespace.
+    pub tstate_native_thread_id: u16,
+    /// `PyThreadState::cframe` (3.11, 3.12) or `current_frame` (3.13+).
+    pub tstate_frame: u16,
+    /// `PyThreadState::datastack_chunk`, followed by `datastack_top`: the chunk of the
+    /// frame stack in use and its end.
+    pub tstate_datastack_chunk: u16,
+    /// `_PyStackChunk::data`: where frames start in a chunk.
+    pub chunk_data: u16,
+    /// `_PyCFrame::current_frame`, or [`PYTHON_NO_FIELD`] when `tstate_frame` already
+    /// points at the frame.
+    pub cframe_current_frame: u16,
+    /// `_PyInterpreterFrame::f_code` (`f_executable` from 3.13).
+    pub frame_code: u16,
+    pub frame_previous: u16,
+    /// `prev_instr` (3.11, 3.12) or `instr_ptr` (3.13+).
+    pub frame_instr: u16,
+    /// `is_entry` (3.11), or [`PYTHON_NO_FIELD`].
+    pub frame_is_entry: u16,
+    /// `owner`, or [`PYTHON_NO_FIELD`]; a frame owned by the C stack (3.12+) is a shim
+    /// that marks where a native call of the eval loop began, and is not sent.
+    pub frame_owner: u16,
+    /// The `owner` value of those shims.
+    pub owner_cstack: u16,
+    /// Start of the [`PYTHON_FINGERPRINT_BYTES`] of a code object that identify it
+    /// beside its address (argument counts, first line): a code object freed and its
+    /// address reused by another is told apart.
+    pub code_fingerprint: u16,
+    /// Explicit padding to 8 bytes.
+    pub padding: [u16; 2],
+}
+
+/// A Python process's state the kernel walks from: its layout, where its interpreter list
+/// starts, and its pid namespace (thread ids in thread states are the namespace's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PythonProcess {
+    pub layout: PythonLayout,
+    /// Address of `_PyRuntime.interpreters.head` in the process.
+    pub interpreters_head: u64,
+    /// Device and inode of the process's pid namespace, or zero for the initial one.
+    pub pid_ns_dev: u64,
+    pub pid_ns_ino: u64,
+}
+
+/// One Python frame: its code object, where in it, and the fingerprint to validate it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PythonFrame {
+    pub code: u64,
+    /// Instruction pointer minus the code object's address (clamped to u32).
+    pub instr_offset: u32,
+    /// [`python_fingerprint`] of the code object in the low 31 bits, [`PYTHON_ENTRY`].
+    pub tag: u32,
+}
+
+/// The Python frames of a snapshot, sent just before it with the same (`tid`, `ts_ns`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PythonStack {
+    /// [`EVENT_PYTHON_STACK`].
+    pub kind: u32,
+    pub tid: u32,
+    pub ts_ns: u64,
+    /// Valid entries of `frames`, leaf first.
+    pub depth: u32,
+    /// [`PYTHON_TRUNCATED`], [`PYTHON_READ_FAILED`].
+    pub flags: u32,
+    pub frames: [PythonFrame; MAX_PYTHON_FRAMES],
+}
+
+/// The fingerprint of a code object from its [`PYTHON_FINGERPRINT_BYTES`] as four words:
+/// the same in the kernel and the agent, 31 bits.
+#[inline(always)]
+pub const fn python_fingerprint(words: [u64; 4]) -> u32 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    let mut i = 0;
+    while i < 4 {
+        hash = (hash ^ words[i]).wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    ((hash >> 33) ^ hash) as u32 & !PYTHON_ENTRY
 }
 
 /// Set in [`SnapshotHeader::state`] for a task switched out while still runnable (preempted).
@@ -317,10 +439,19 @@ pub enum Stat {
     /// Waits of at least `offcpu_min_ns` that ended, on the switch-in path: the records
     /// it would take to record every one.
     LongWaitsEnded,
+    /// Snapshots of Python threads that carried Python frames...
+    PythonStacks,
+    /// ...of them, those cut at [`MAX_PYTHON_FRAMES`]...
+    PythonTruncated,
+    /// ...or at a frame that could not be read.
+    PythonReadFailed,
+    /// Snapshots of a Python process whose thread state was not found (a native thread,
+    /// or more than [`MAX_PYTHON_THREADS`] threads).
+    PythonThreadUnknown,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Samples,
         Stat::SampleRingFull,
@@ -336,6 +467,10 @@ impl Stat {
         Stat::KernelStacksNotWalked,
         Stat::SwitchOutsByQuota,
         Stat::LongWaitsEnded,
+        Stat::PythonStacks,
+        Stat::PythonTruncated,
+        Stat::PythonReadFailed,
+        Stat::PythonThreadUnknown,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -354,6 +489,10 @@ impl Stat {
             Stat::KernelStacksNotWalked => "kernel_stacks_not_walked",
             Stat::SwitchOutsByQuota => "switch_outs_by_quota",
             Stat::LongWaitsEnded => "long_waits_ended",
+            Stat::PythonStacks => "python_stacks",
+            Stat::PythonTruncated => "python_truncated",
+            Stat::PythonReadFailed => "python_read_failed",
+            Stat::PythonThreadUnknown => "python_thread_unknown",
         }
     }
 }
@@ -368,6 +507,7 @@ pub mod maps {
     pub const PENDING: &str = "PENDING";
     pub const PARENTS: &str = "PARENTS";
     pub const THREAD_QUOTA: &str = "THREAD_QUOTA";
+    pub const PYTHON_PROCESSES: &str = "PYTHON_PROCESSES";
 }
 
 #[cfg(feature = "user")]
@@ -376,6 +516,7 @@ mod pod {
     // SAFETY: all are #[repr(C)] plain integers with explicit padding.
     unsafe impl aya::Pod for SwitchOut {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for PythonProcess {}
 }
 
 #[cfg(test)]

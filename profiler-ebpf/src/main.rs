@@ -18,12 +18,13 @@ mod programs {
     use core::ffi::c_void;
 
     use aya_ebpf::{
-        bindings::BPF_RB_NO_WAKEUP,
+        bindings::{bpf_pidns_info, BPF_RB_NO_WAKEUP},
         helpers::{
             bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns,
             bpf_probe_read_kernel,
             generated::{
-                bpf_get_current_task, bpf_get_current_task_btf, bpf_get_stack, bpf_jiffies64, bpf_probe_read_user, bpf_task_pt_regs,
+                bpf_get_current_task, bpf_get_current_task_btf, bpf_get_ns_current_pid_tgid, bpf_get_stack, bpf_jiffies64, bpf_loop,
+                bpf_probe_read_user, bpf_task_pt_regs,
             },
         },
         macros::{kprobe, map, perf_event, raw_tracepoint, tracepoint},
@@ -35,7 +36,9 @@ mod programs {
         pending_slot, reported_state, thread_quota_slot, BurstSlot, Config, StackSnapshot, Stat, SwitchOut, ThreadQuota,
         WaitEnd, BURST_SHIFT, BURST_SLOT_NS, QUOTA_BURST_FACTOR, EVENT_SAMPLE, EVENT_SWITCH_OUT, EVENT_WAIT_END, MAX_STACK_DEPTH,
         MAX_USER_STACK, PENDING_SLOTS, RAW_TASK_DEAD, STATE_PREEMPTED, THREAD_QUOTA_SLOTS, UNLEARNT_USER_STACK, thread_quota_tag,
-        USER_STACK_CHUNK, USER_STACK_CLASSES, weight_q16,
+        USER_STACK_CHUNK, USER_STACK_CLASSES, weight_q16, python_fingerprint, PythonFrame, PythonProcess, PythonStack,
+        EVENT_PYTHON_STACK, MAX_PYTHON_FRAMES, MAX_PYTHON_THREADS, PYTHON_ENTRY, PYTHON_FINGERPRINT_BYTES, PYTHON_FRAME_BYTES,
+        PythonLayout, PYTHON_NO_FIELD, PYTHON_READ_FAILED, PYTHON_STACK_WINDOW, PYTHON_TRUNCATED, PYTHON_TSTATE_BYTES,
     };
 
     // Sizes are defaults; the agent overrides them at load time.
@@ -75,6 +78,42 @@ mod programs {
     /// read its /proc entry.
     #[map]
     static PARENTS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(32768, 0);
+
+    /// Python processes the agent found, by tgid: where their frames are and how to read
+    /// them (see `profiler_agent::python`).
+    #[map]
+    static PYTHON_PROCESSES: HashMap<u32, PythonProcess> = HashMap::with_max_entries(4096, 0);
+    /// Each Python thread's `PyThreadState` address, found by walking its interpreter's
+    /// thread list once and checked against the thread's id on every use.
+    #[map]
+    static PYTHON_THREADS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
+    /// Each CPU's walk of a Python stack: the record being built, and room to read one
+    /// frame and one code object's fingerprint into (fields sit at offsets known only at
+    /// run time, which a map value can be indexed by).
+    #[map]
+    static PYTHON_WALK: PerCpuArray<PythonWalk> = PerCpuArray::with_max_entries(1, 0);
+
+    #[repr(C)]
+    struct PythonWalk {
+        stack: PythonStack,
+        layout: PythonLayout,
+        /// The next frame to read; zero once the walk is over.
+        frame: u64,
+        depth: u32,
+        fingerprint: u32,
+        /// The code object `fingerprint` is of: recursion reads it once.
+        last_code: u64,
+        /// Where the thread's current chunk of frames starts, and its top.
+        chunk_start: u64,
+        chunk_top: u64,
+        /// The part of the chunk `window` holds.
+        window_start: u64,
+        window_end: u64,
+        window: [u8; PYTHON_STACK_WINDOW],
+        tstate: [u8; PYTHON_TSTATE_BYTES],
+        scratch: [u8; PYTHON_FRAME_BYTES],
+        fingerprint_bytes: [u8; PYTHON_FINGERPRINT_BYTES],
+    }
 
     const EFAULT: i64 = 14;
     /// Records are consumed by polling; a wake-up per record would cost more than the record.
@@ -143,6 +182,9 @@ mod programs {
     /// inside a syscall or a fault, the kernel stack says where, and is walked.
     #[inline(always)]
     fn emit_snapshot(ctx: *mut c_void, cfg: &Config, subject: &Subject) -> bool {
+        if let Some(process) = unsafe { PYTHON_PROCESSES.get(&subject.tgid) } {
+            emit_python_stack(process, subject);
+        }
         let needed = unsafe { STACK_BYTES.get(&subject.tid) }.copied().unwrap_or(UNLEARNT_USER_STACK);
         let wanted = (cfg.user_stack_bytes.min(needed) as usize).min(MAX_USER_STACK);
         if wanted == 0 {
@@ -210,6 +252,242 @@ mod programs {
         }
         entry.submit(NO_WAKEUP);
         true
+    }
+
+    /// Sends the Python frames of the current thread of a Python process, leaf first, in a
+    /// record of their own just before its snapshot: the frames live in the heap, not on
+    /// the stack the snapshot copies, so they are read now. A thread not running Python
+    /// code sends nothing.
+    #[inline(always)]
+    fn emit_python_stack(process: &PythonProcess, subject: &Subject) {
+        let Some(walk) = PYTHON_WALK.get_ptr_mut(0) else { return };
+        let walk = unsafe { &mut *walk };
+        let layout = process.layout;
+        if !python_thread(process, subject.tid, walk) {
+            count(Stat::PythonThreadUnknown);
+            return;
+        }
+        let tstate = walk.tstate.as_ptr();
+        let Some(mut frame) = scratch_word(tstate, PYTHON_TSTATE_BYTES, layout.tstate_frame) else { return };
+        if layout.cframe_current_frame != PYTHON_NO_FIELD && frame != 0 {
+            let Some(current) = read_user(frame + layout.cframe_current_frame as u64) else { return };
+            frame = current;
+        }
+        if frame == 0 {
+            return;
+        }
+        let chunk = scratch_word(tstate, PYTHON_TSTATE_BYTES, layout.tstate_datastack_chunk).unwrap_or(0);
+        walk.chunk_start = if chunk == 0 { 0 } else { chunk + layout.chunk_data as u64 };
+        walk.chunk_top = scratch_word(tstate, PYTHON_TSTATE_BYTES, layout.tstate_datastack_chunk.saturating_add(8)).unwrap_or(0);
+        walk.window_start = 0;
+        walk.window_end = 0;
+        walk.frame = frame;
+        walk.depth = 0;
+        walk.last_code = 0;
+        walk.fingerprint = 0;
+        walk.layout = layout;
+        walk.stack.kind = EVENT_PYTHON_STACK;
+        walk.stack.tid = subject.tid;
+        walk.stack.ts_ns = subject.ts_ns;
+        walk.stack.flags = 0;
+        // One frame per call of a callback the verifier checks once, where a loop of
+        // 128 steps is checked step by step, past its instruction limit. The callback
+        // gets the walk through its context rather than a lookup per frame.
+        let mut context: *mut PythonWalk = walk;
+        unsafe {
+            bpf_loop(
+                ((MAX_PYTHON_FRAMES + 8) / PYTHON_FRAMES_PER_CALL) as u32,
+                walk_python_frames as *mut c_void,
+                &mut context as *mut *mut PythonWalk as *mut c_void,
+                0,
+            );
+        }
+        let walk = unsafe { &mut *context };
+        if walk.frame != 0 {
+            walk.stack.flags |= PYTHON_TRUNCATED;
+            count(Stat::PythonTruncated);
+        }
+        if walk.stack.flags & PYTHON_READ_FAILED != 0 {
+            count(Stat::PythonReadFailed);
+        }
+        walk.stack.depth = walk.depth;
+        // The whole record, 2 KiB: sending only the frames read costs a microsecond more
+        // here (the helper's copy of a length it cannot tell is whole words).
+        if EVENTS.output::<PythonStack>(&walk.stack, NO_WAKEUP).is_err() {
+            count(Stat::SampleRingFull);
+            return;
+        }
+        count(Stat::PythonStacks);
+    }
+
+    const PYTHON_FRAMES_PER_CALL: usize = 4;
+
+    /// Steps of the walk in `PYTHON_WALK`: each reads the frame at `walk.frame`, appends
+    /// it (or marks the entry frame, for a shim) and moves to its caller. Returns 1 to
+    /// stop.
+    ///
+    /// Frames of the thread's frame stack are taken from a copy of up to
+    /// [`PYTHON_STACK_WINDOW`] bytes ending at the frame, which then holds its callers
+    /// too; frames elsewhere (generators, an older chunk) are read one by one.
+    extern "C" fn walk_python_frames(_index: u32, context: *mut c_void) -> i64 {
+        let walk = unsafe { &mut **(context as *mut *mut PythonWalk) };
+        // A few frames per call: each call costs about as much as a frame read from the
+        // copy.
+        for _ in 0..PYTHON_FRAMES_PER_CALL {
+            if python_frame(walk) != 0 {
+                return 1;
+            }
+        }
+        0
+    }
+
+    #[inline(always)]
+    fn python_frame(walk: &mut PythonWalk) -> i64 {
+        let frame = walk.frame;
+        let depth = walk.depth as usize;
+        if frame == 0 || depth >= MAX_PYTHON_FRAMES {
+            return 1;
+        }
+        let end = frame + PYTHON_FRAME_BYTES as u64;
+        if !(walk.window_start <= frame && end <= walk.window_end) {
+            if walk.chunk_start != 0 && walk.chunk_start <= frame && end <= walk.chunk_top {
+                // From the frame down to the chunk's first frame, or as much as the window
+                // holds: copying costs by the byte (about 0.1 ns here), so no more.
+                let start = walk.chunk_start.max(end.saturating_sub(PYTHON_STACK_WINDOW as u64));
+                let len = ((end - start) as u32).min(PYTHON_STACK_WINDOW as u32);
+                let window = walk.window.as_mut_ptr() as *mut c_void;
+                if unsafe { bpf_probe_read_user(window, len, start as *const c_void) } == 0 {
+                    walk.window_start = start;
+                    walk.window_end = start + len as u64;
+                } else {
+                    walk.window_end = 0;
+                }
+            }
+        }
+        let offset = frame.wrapping_sub(walk.window_start);
+        let header: *const u8 = if walk.window_start <= frame && end <= walk.window_end && offset <= (PYTHON_STACK_WINDOW - PYTHON_FRAME_BYTES) as u64 {
+            unsafe { walk.window.as_ptr().add(offset as usize) }
+        } else {
+            let scratch = walk.scratch.as_mut_ptr();
+            if unsafe { bpf_probe_read_user(scratch as *mut c_void, PYTHON_FRAME_BYTES as u32, frame as *const c_void) } != 0 {
+                walk.stack.flags |= PYTHON_READ_FAILED;
+                walk.frame = 0;
+                return 1;
+            }
+            scratch
+        };
+        let layout = walk.layout;
+        let (Some(code), Some(previous), Some(instr)) = (
+            scratch_word(header, PYTHON_FRAME_BYTES, layout.frame_code),
+            scratch_word(header, PYTHON_FRAME_BYTES, layout.frame_previous),
+            scratch_word(header, PYTHON_FRAME_BYTES, layout.frame_instr),
+        ) else {
+            walk.frame = 0;
+            return 1;
+        };
+        let owner = scratch_byte(header, layout.frame_owner);
+        let is_entry = scratch_byte(header, layout.frame_is_entry).is_some_and(|b| b != 0);
+        walk.frame = previous;
+        // A shim frame of the C stack (3.12+): the frame before it was the one its
+        // native call of the eval loop was made for.
+        if layout.frame_owner != PYTHON_NO_FIELD && owner == Some(layout.owner_cstack as u8) {
+            if let Some(entry_frame) = depth.checked_sub(1).and_then(|i| walk.stack.frames.get_mut(i)) {
+                entry_frame.tag |= PYTHON_ENTRY;
+            }
+            return 0;
+        }
+        // 3.14 tags the low bits of `f_executable`; code objects are 16-byte aligned.
+        let code = code & !15;
+        if code != walk.last_code {
+            let fingerprint = walk.fingerprint_bytes.as_mut_ptr();
+            let read = unsafe {
+                bpf_probe_read_user(
+                    fingerprint as *mut c_void,
+                    PYTHON_FINGERPRINT_BYTES as u32,
+                    (code + layout.code_fingerprint as u64) as *const c_void,
+                )
+            };
+            if read != 0 {
+                walk.stack.flags |= PYTHON_READ_FAILED;
+                walk.frame = 0;
+                return 1;
+            }
+            walk.fingerprint = python_fingerprint(unsafe { (fingerprint as *const [u64; 4]).read_unaligned() });
+            walk.last_code = code;
+        }
+        let tag = walk.fingerprint | if is_entry { PYTHON_ENTRY } else { 0 };
+        if let Some(slot) = walk.stack.frames.get_mut(depth) {
+            *slot = PythonFrame { code, instr_offset: instr.wrapping_sub(code).min(u32::MAX as u64) as u32, tag };
+        }
+        walk.depth = depth as u32 + 1;
+        0
+    }
+
+    /// Reads the `PyThreadState` of thread `tid` into `walk.tstate`: the cached one,
+    /// checked against the thread's id, or the one found in the main interpreter's thread
+    /// list. False when the thread has none (a native thread) or it was not found.
+    #[inline(always)]
+    fn python_thread(process: &PythonProcess, tid: u32, walk: &mut PythonWalk) -> bool {
+        let layout = &process.layout;
+        // Thread states hold the thread's id in the process's own pid namespace.
+        let ns_tid = if process.pid_ns_ino == 0 {
+            tid
+        } else {
+            let mut ns = bpf_pidns_info { pid: 0, tgid: 0 };
+            let size = core::mem::size_of::<bpf_pidns_info>() as u32;
+            if unsafe { bpf_get_ns_current_pid_tgid(process.pid_ns_dev, process.pid_ns_ino, &mut ns, size) } != 0 {
+                return false;
+            }
+            ns.pid
+        } as u64;
+        let tstate = walk.tstate.as_mut_ptr();
+        let read_tstate = |addr: u64| unsafe { bpf_probe_read_user(tstate as *mut c_void, PYTHON_TSTATE_BYTES as u32, addr as *const c_void) } == 0;
+        if let Some(&cached) = unsafe { PYTHON_THREADS.get(&tid) } {
+            if read_tstate(cached) && scratch_word(tstate, PYTHON_TSTATE_BYTES, layout.tstate_native_thread_id) == Some(ns_tid) {
+                return true;
+            }
+        }
+        let Some(interp) = read_user(process.interpreters_head) else { return false };
+        let Some(mut candidate) = read_user(interp + layout.interp_threads_head as u64) else { return false };
+        for _ in 0..MAX_PYTHON_THREADS {
+            if candidate == 0 {
+                return false;
+            }
+            if read_user(candidate + layout.tstate_native_thread_id as u64) == Some(ns_tid) {
+                let _ = PYTHON_THREADS.insert(&tid, &candidate, 0);
+                return read_tstate(candidate);
+            }
+            let Some(next) = read_user(candidate + layout.tstate_next as u64) else { return false };
+            candidate = next;
+        }
+        false
+    }
+
+    #[inline(always)]
+    fn read_user(addr: u64) -> Option<u64> {
+        let mut value = 0u64;
+        let read = unsafe { bpf_probe_read_user(&mut value as *mut u64 as *mut c_void, 8, addr as *const c_void) };
+        (read == 0).then_some(value)
+    }
+
+    /// The word at `offset` of `len` bytes read into a buffer of the walk.
+    #[inline(always)]
+    fn scratch_word(buffer: *const u8, len: usize, offset: u16) -> Option<u64> {
+        let offset = offset as usize;
+        if offset > len - 8 {
+            return None;
+        }
+        Some(unsafe { (buffer.add(offset) as *const u64).read_unaligned() })
+    }
+
+    /// The byte at `offset` of a frame's header; None for [`PYTHON_NO_FIELD`].
+    #[inline(always)]
+    fn scratch_byte(header: *const u8, offset: u16) -> Option<u8> {
+        let offset = offset as usize;
+        if offset >= PYTHON_FRAME_BYTES {
+            return None;
+        }
+        Some(unsafe { *header.add(offset) })
     }
 
     /// Copies `N` bytes from the user stack pointer up. When the range runs past the end

@@ -212,22 +212,29 @@ impl ProfileBuilder {
     }
 
     fn location(&mut self, name: &str) -> u64 {
+        let source = source_of(name);
         let name = self.intern(name);
         if let Some(&id) = self.locations.get(&name) {
             return id;
         }
+        let (filename, line) = match source {
+            Some((file, line)) => (self.intern(file), line),
+            None => (0, 0),
+        };
         // Ids are 1-based: 0 means "unset" in profile.proto.
         let id = self.profile.function.len() as u64 + 1;
         self.profile.function.push(Function {
             id,
             name,
             system_name: name,
+            filename,
             ..Function::default()
         });
         self.profile.location.push(Location {
             id,
             line: vec![Line {
                 function_id: id,
+                line,
                 ..Line::default()
             }],
             ..Location::default()
@@ -235,6 +242,17 @@ impl ProfileBuilder {
         self.locations.insert(name, id);
         id
     }
+}
+
+/// The file and line a frame named like `function (file.py:42)` (the agent's Python
+/// frames) gives. The name stays whole in the profile, so stacks read back the same; the
+/// source fields are for tools that show them (`go tool pprof -lines`, editors).
+pub fn source_of(name: &str) -> Option<(&str, i64)> {
+    let inner = name.strip_suffix(')')?;
+    let open = inner.rfind(" (")?;
+    let (file, line) = inner[open + 2..].rsplit_once(':')?;
+    let line = line.parse().ok().filter(|&n: &i64| n > 0)?;
+    (!file.is_empty() && !inner[..open].is_empty()).then_some((file, line))
 }
 
 /// Builds a single-value profile from folded-style stacks.
@@ -437,6 +455,23 @@ mod tests {
             (s(&["main", "work"]), 5),
             (s(&["main", "idle"]), 7),
         ]
+    }
+
+    #[test]
+    fn python_frames_carry_their_file_and_line() {
+        let frames = vec!["main".to_string(), "handle (app/server.py:12)".to_string(), "Cls.run (x.py:3)".to_string()];
+        let p = from_folded(&[(frames.clone(), 1)], "cpu", "nanoseconds", 1);
+        let function = |name: &str| p.function.iter().find(|f| p.string_table[f.name as usize] == name).unwrap();
+        let handle = function("handle (app/server.py:12)");
+        assert_eq!(p.string_table[handle.filename as usize], "app/server.py");
+        let location = p.location.iter().find(|l| l.line[0].function_id == handle.id).unwrap();
+        assert_eq!(location.line[0].line, 12);
+        assert_eq!(function("main").filename, 0, "a native frame has no source here");
+        // Read back whole: the same stacks.
+        assert_eq!(to_stacks(&p).unwrap()[0].frames, frames);
+        assert_eq!(source_of("operator() (int)"), None);
+        assert_eq!(source_of("f (a.py:0)"), None);
+        assert_eq!(source_of("f (C:\\x.py:7)"), Some(("C:\\x.py", 7)));
     }
 
     #[test]

@@ -40,13 +40,14 @@ use aya::{
 };
 use profiler_pprof::waits::Histogram;
 use profiler_common::{
-    maps, Config, SnapshotHeader, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE, EVENT_SWITCH_OUT, PENDING_SLOTS,
+    maps, Config, PythonProcess, EVENT_PYTHON_STACK, SnapshotHeader, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE, EVENT_SWITCH_OUT, PENDING_SLOTS,
     EVENT_WAIT_END, MAX_STACK_DEPTH, MAX_USER_STACK, TASK_COMM_LEN, USER_STACK_CHUNK,
 };
 
 use crate::{
     cost::{ProgramCost, RunStats, PROGRAMS},
     process::ProcessTable,
+    python::{self, Python, PythonNames, PythonOptions},
     unwind::{Outcome, UnwindCounts, Unwinder},
 };
 
@@ -97,6 +98,8 @@ pub struct SamplerOptions {
     /// Environment variables a process's `version` label is read from, first set wins;
     /// empty reads no process's environment.
     pub version_env: Vec<String>,
+    /// Python frames in the stacks of CPython processes.
+    pub python: PythonOptions,
 }
 
 impl Default for SamplerOptions {
@@ -112,6 +115,7 @@ impl Default for SamplerOptions {
             bpf_stats_share: 0.1,
             max_switched_out: 65536,
             version_env: crate::process::default_version_env(),
+            python: PythonOptions::default(),
         }
     }
 }
@@ -266,6 +270,7 @@ pub struct Sampler {
     /// The kernel's BPF run-time statistics, on a share of the time while the sampler lives.
     run_stats: Option<RunStats>,
     pub period_ns: u64,
+    python_names: PythonNames,
 }
 
 impl Sampler {
@@ -328,9 +333,35 @@ impl Sampler {
             learnt: HashMap::new(),
             max: config.user_stack_bytes,
         };
+        let mut python_map: BpfHashMap<MapData, u32, PythonProcess> = take(&mut bpf, maps::PYTHON_PROCESSES)?;
+        let python_names = PythonNames::default();
+        let mut python = Python::new(
+            options.python,
+            python_names.clone(),
+            Box::new(move |tgid, entry| {
+                let result = match entry {
+                    Some(entry) => python_map.insert(tgid, entry, 0),
+                    None => python_map.remove(&tgid),
+                };
+                if let Err(err) = result {
+                    tracing::debug!(pid = tgid, error = %err, "updating PYTHON_PROCESSES");
+                }
+            }),
+        );
+        // Before the programs attach: the processes already running have their Python
+        // frames from their first sample on.
+        match options.pid {
+            Some(pid) => {
+                processes.refresh(pid);
+                python.observe(pid, &processes);
+            }
+            None => python.observe_all(&processes),
+        }
         let reader = Reader::new(
             ring,
-            Unwinder::new(processes),
+            Unwinder::new(processes.clone()),
+            python,
+            processes,
             stack_bytes,
             options.max_stack_keys as usize,
             options.max_switched_out as usize,
@@ -354,6 +385,7 @@ impl Sampler {
             switch_in_unavailable: None,
             run_stats: None,
             period_ns: 0,
+            python_names,
         };
         sampler.set_frequency(options.frequency_hz)?;
         sampler.set_off_cpu(options.off_cpu.as_ref())?;
@@ -362,6 +394,11 @@ impl Sampler {
             sampler.run_stats = RunStats::start(options.bpf_stats_share, || kernel_costs(bpf));
         }
         Ok(sampler)
+    }
+
+    /// Names of the Python frames in this sampler's stacks, for the symbolizer.
+    pub fn python_names(&self) -> PythonNames {
+        self.python_names.clone()
     }
 
     pub fn start_reading(&mut self) -> anyhow::Result<()> {
@@ -778,8 +815,10 @@ mod tests {
             learnt: HashMap::new(),
             max: MAX_USER_STACK as u32,
         };
-        let unwinder = Unwinder::new(ProcessTable::default());
-        (ReaderState::new(unwinder, stack_bytes, max_keys, 65536, Default::default()), writes)
+        let processes = ProcessTable::default();
+        let unwinder = Unwinder::new(processes.clone());
+        let python = Python::new(PythonOptions::default(), PythonNames::default(), Box::new(|_, _| {}));
+        (ReaderState::new(unwinder, python, processes, stack_bytes, max_keys, 65536, Default::default()), writes)
     }
 
     /// A ring record as the BPF programs write it: the header, then `stack_len` bytes of

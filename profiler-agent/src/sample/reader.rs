@@ -40,12 +40,14 @@ impl Reader {
     pub(super) fn new(
         ring: RingBuf<MapData>,
         unwinder: Unwinder,
+        python: Python,
+        processes: ProcessTable,
         stack_bytes: StackBytes,
         max_keys: usize,
         max_pending: usize,
     ) -> Self {
         let losses = Arc::new(std::sync::Mutex::new(AgentLosses::default()));
-        let state = ReaderState::new(unwinder, stack_bytes, max_keys, max_pending, losses.clone());
+        let state = ReaderState::new(unwinder, python, processes, stack_bytes, max_keys, max_pending, losses.clone());
         Self { idle: Some((ring, state)), requests: None, losses, thread: None }
     }
 
@@ -142,6 +144,8 @@ pub(super) struct PendingWait {
     pub(super) key: SampleKey,
     pub(super) kernel: Option<Addrs>,
     pub(super) user: PendingStack,
+    /// The Python frames of the snapshot, named, until the native stack is unwound.
+    pub(super) python: Option<python::Frames>,
 }
 
 pub(super) enum PendingStack {
@@ -157,6 +161,9 @@ pub(super) enum PendingStack {
 
 pub(super) struct ReaderState {
     pub(super) unwinder: Unwinder,
+    pub(super) python: Python,
+    /// Where the Python support finds processes' mappings.
+    pub(super) processes: ProcessTable,
     pub(super) stack_bytes: StackBytes,
     pub(super) window: Aggregate,
     pub(super) pending: HashMap<u32, PendingWait>,
@@ -176,6 +183,8 @@ pub(super) struct ReaderState {
 impl ReaderState {
     pub(super) fn new(
         unwinder: Unwinder,
+        python: Python,
+        processes: ProcessTable,
         stack_bytes: StackBytes,
         max_keys: usize,
         max_pending: usize,
@@ -183,6 +192,8 @@ impl ReaderState {
     ) -> Self {
         Self {
             unwinder,
+            python,
+            processes,
             stack_bytes,
             window: Aggregate::new(),
             pending: HashMap::new(),
@@ -226,6 +237,10 @@ impl ReaderState {
                     None => self.losses.malformed += 1,
                 }
             }
+            Some(EVENT_PYTHON_STACK) => match python::read_stack(record) {
+                Some(stack) => self.python.stack(stack),
+                None => self.losses.malformed += 1,
+            },
             Some(EVENT_WAIT_END) if record.len() >= size_of::<WaitEnd>() => {
                 // SAFETY: as above; read unaligned since the record is only 8-byte aligned.
                 let end = unsafe { std::ptr::read_unaligned(record.as_ptr() as *const WaitEnd) };
@@ -245,8 +260,11 @@ impl ReaderState {
         let kernel_frames = (snapshot.kernel_len as usize / 8).min(MAX_STACK_DEPTH);
         let kernel: Option<Addrs> =
             (kernel_frames > 0).then(|| Arc::from(&snapshot.kernel[..kernel_frames]));
+        self.python.observe(snapshot.tgid, &self.processes);
+        let python = self.python.take(snapshot.tgid, snapshot.tid, snapshot.ts_ns);
         if snapshot.kind == EVENT_SAMPLE {
             let user = self.unwind(snapshot.tgid, snapshot.tid, snapshot.ip, snapshot.sp, snapshot.bp, stack);
+            let user = self.with_python(snapshot.tgid, user, python.as_ref());
             self.add(key, user, kernel, RawValue::OnCpuSamples(1));
             return;
         }
@@ -264,6 +282,7 @@ impl ReaderState {
             key,
             kernel,
             user: PendingStack::Raw { ip: snapshot.ip, sp: snapshot.sp, bp: snapshot.bp, stack: stack.into() },
+            python,
         };
         if let Some(replaced) = self.pending.insert(snapshot.tid, wait) {
             self.losses.switch_out_without_end += 1;
@@ -291,7 +310,8 @@ impl ReaderState {
         }
         let user = match wait.user {
             PendingStack::Raw { ip, sp, bp, stack } => {
-                self.unwind(wait.key.tgid, end.tid, ip, sp, bp, &stack)
+                let user = self.unwind(wait.key.tgid, end.tid, ip, sp, bp, &stack);
+                self.with_python(wait.key.tgid, user, wait.python.as_ref())
             }
             PendingStack::Unwound(user) => user,
         };
@@ -313,6 +333,12 @@ impl ReaderState {
             Outcome::Truncated | Outcome::Empty => {}
         }
         (outcome != Outcome::Empty).then(|| Arc::from(frames))
+    }
+
+    /// The unwound native stack with the snapshot's Python frames in place.
+    fn with_python(&self, tgid: u32, user: Option<Addrs>, python: Option<&python::Frames>) -> Option<Addrs> {
+        let Some(python) = python else { return user };
+        Some(Arc::from(self.python.merge(tgid, user.as_deref().unwrap_or(&[]), python)))
     }
 
     /// Drops the waits whose thread is gone, found among those pending for over a
@@ -359,8 +385,10 @@ impl ReaderState {
                 unreachable!("checked above");
             };
             let tgid = wait.key.tgid;
+            let python = wait.python.take();
             self.raw_bytes -= stack.len();
             let user = self.unwind(tgid, tid, ip, sp, bp, &stack);
+            let user = self.with_python(tgid, user, python.as_ref());
             if let Some(wait) = self.pending.get_mut(&tid) {
                 wait.user = PendingStack::Unwound(user);
             }
@@ -393,6 +421,7 @@ impl ReaderState {
 
     pub(super) fn take_window(&mut self) -> (Vec<RawSample>, UnwindCounts) {
         self.expire_pending(monotonic_ns());
+        self.python.evict();
         let samples = self
             .window
             .drain()

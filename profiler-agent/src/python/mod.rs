@@ -1,0 +1,545 @@
+//! Python frames in native stacks, for CPython processes, with nothing asked of them.
+//!
+//! For each process the agent finds running a CPython it has a layout for
+//! ([`layout`], found by [`discover`]), it writes into the kernel's `PYTHON_PROCESSES`
+//! where that process's interpreter state is. From then on the BPF programs read, with
+//! every on-CPU sample and recorded wait of its threads, the chain of the thread's
+//! Python frames (code object and instruction of each, leaf first) from its heap, and
+//! send them in a record just before the snapshot.
+//!
+//! Here those frames become names, `qualname (file.py:line)`, from the code objects read
+//! out of the process's memory once each ([`code`]), and take the place of the native
+//! frames of the eval loop (`_PyEval_EvalFrameDefault`) that ran them: each native call
+//! of the loop runs the frames up to the one marked as its entry. So Python frames sit
+//! between the native frames that called into Python and those Python called, in their
+//! true order. A code object whose address now holds another object, or one whose
+//! fingerprint differs from the kernel's, is read afresh: a name is never taken from a
+//! freed object's successor.
+//!
+//! Frames are carried through the rest of the pipeline as tagged addresses
+//! ([`is_frame`]) whose names [`PythonNames`] holds.
+
+pub mod code;
+pub mod discover;
+pub mod layout;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use profiler_common::{PythonFrame, PythonProcess, PythonStack, MAX_PYTHON_FRAMES, PYTHON_ENTRY, PYTHON_READ_FAILED, PYTHON_TRUNCATED};
+
+use crate::process::{Mapping, ProcessTable};
+use code::Code;
+use discover::{Interpreter, NotReadable};
+
+/// What Python support does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PythonOptions {
+    /// Read Python frames at all.
+    pub enabled: bool,
+    /// Keep the interpreter's own eval-loop frames beside the Python frames they ran.
+    pub eval_frames: bool,
+}
+
+impl Default for PythonOptions {
+    fn default() -> Self {
+        Self { enabled: true, eval_frames: false }
+    }
+}
+
+/// Tagged addresses of Python frames: above every user address (47 bits) and below
+/// every kernel one, with the name's index in the low 32 bits.
+const FRAME_TAG: u64 = 0x8000 << 48;
+
+/// Whether an address of a user stack is a Python frame.
+pub fn is_frame(addr: u64) -> bool {
+    addr >> 48 == 0x8000
+}
+
+/// Distinct Python frame names kept; past it, new ones share one name saying so.
+const MAX_NAMES: usize = 262_144;
+/// Decoded code objects cached, over all processes.
+const MAX_CODES: usize = 65_536;
+/// Python stacks waiting for their snapshot: one per thread at most, and a snapshot
+/// follows its stack within the same drain of the ring unless the ring was full.
+const MAX_WAITING_STACKS: usize = 16_384;
+/// How often a process's interpreter is looked for again (it may exec, or load
+/// libpython late)...
+const RECHECK: Duration = Duration::from_secs(2);
+/// ...and how long a process unseen keeps its entry.
+const FORGET_AFTER: Duration = Duration::from_secs(120);
+
+const TABLE_FULL: &str = "[python: frame name table full]";
+const UNREADABLE: &str = "[python: code object unreadable]";
+const CUT: &str = "[python: deeper frames cut]";
+
+/// Names of Python frames, by the index their tagged address carries. Shared by the
+/// reader, which adds them, and the symbolizer, which reads them.
+#[derive(Clone, Default)]
+pub struct PythonNames(Arc<RwLock<NameTable>>);
+
+#[derive(Default)]
+struct NameTable {
+    names: Vec<Arc<str>>,
+    ids: HashMap<Arc<str>, u32>,
+}
+
+impl PythonNames {
+    /// The name of a tagged address, None for any other address.
+    pub fn name(&self, addr: u64) -> Option<Arc<str>> {
+        if !is_frame(addr) {
+            return None;
+        }
+        let table = self.0.read().unwrap();
+        Some(table.names.get(addr as u32 as usize).cloned().unwrap_or_else(|| Arc::from(UNREADABLE)))
+    }
+
+    fn intern(&self, name: &str) -> u64 {
+        if let Some(&id) = self.0.read().unwrap().ids.get(name) {
+            return FRAME_TAG | id as u64;
+        }
+        let mut table = self.0.write().unwrap();
+        if let Some(&id) = table.ids.get(name) {
+            return FRAME_TAG | id as u64;
+        }
+        let name: Arc<str> = if table.names.len() < MAX_NAMES { Arc::from(name) } else { Arc::from(TABLE_FULL) };
+        if let Some(&id) = table.ids.get(&name) {
+            return FRAME_TAG | id as u64;
+        }
+        let id = table.names.len() as u32;
+        table.names.push(name.clone());
+        table.ids.insert(name, id);
+        FRAME_TAG | id as u64
+    }
+}
+
+/// Counts of what Python support met, since start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PythonCounts {
+    /// Processes whose Python frames are read.
+    pub processes: u64,
+    /// Processes running a CPython without a layout here: native stacks only.
+    pub unknown_version: u64,
+    /// Code objects that could not be read or no longer matched their frame.
+    pub code_unreadable: u64,
+    /// Stacks of Python frames sent without their snapshot (a full ring).
+    pub stacks_unmatched: u64,
+}
+
+/// One Python frame of a snapshot, named.
+#[derive(Clone, Copy, Debug)]
+pub struct Frame {
+    addr: u64,
+    entry: bool,
+}
+
+/// The Python frames of one snapshot, named, leaf first.
+#[derive(Clone, Debug, Default)]
+pub struct Frames {
+    frames: Vec<Frame>,
+    cut: bool,
+}
+
+enum Checked {
+    Python(Interpreter),
+    Not,
+}
+
+struct ProcessState {
+    checked: Checked,
+    /// [`signature`] of the mappings it was checked with: a process that exec'd or
+    /// loaded a library since is checked again.
+    mappings: u64,
+    checked_at: Instant,
+    seen_at: Instant,
+}
+
+struct CachedCode {
+    code: Code,
+    lines: HashMap<u32, u64>,
+}
+
+/// The reader's side: finds Python processes, tells the kernel about them, and names
+/// and places the frames the kernel sends.
+pub struct Python {
+    options: PythonOptions,
+    /// Writes (Some) or removes (None) a process's entry in `PYTHON_PROCESSES`.
+    publish: Box<dyn FnMut(u32, Option<PythonProcess>) + Send>,
+    processes: HashMap<u32, ProcessState>,
+    codes: HashMap<(u32, u64), CachedCode>,
+    waiting: HashMap<u32, RawStack>,
+    names: PythonNames,
+    pub counts: PythonCounts,
+}
+
+impl Python {
+    pub fn new(options: PythonOptions, names: PythonNames, publish: Box<dyn FnMut(u32, Option<PythonProcess>) + Send>) -> Self {
+        Self { options, publish, processes: HashMap::new(), codes: HashMap::new(), waiting: HashMap::new(), names, counts: PythonCounts::default() }
+    }
+
+    /// Notes a snapshot of process `tgid`: a process not checked lately is looked at
+    /// (again, if its mappings changed), and the kernel told what was found.
+    pub fn observe(&mut self, tgid: u32, table: &ProcessTable) {
+        if !self.options.enabled || tgid == 0 {
+            return;
+        }
+        let now = Instant::now();
+        if let Some(state) = self.processes.get_mut(&tgid) {
+            state.seen_at = now;
+            if now.duration_since(state.checked_at) < RECHECK {
+                return;
+            }
+            state.checked_at = now;
+        }
+        let Some(info) = table.get(tgid) else { return };
+        let mappings = signature(&info.mappings);
+        if self.processes.get(&tgid).is_some_and(|state| state.mappings == mappings) {
+            return;
+        }
+        let checked = match discover::find(tgid, &info) {
+            Ok(interpreter) => {
+                tracing::info!(pid = tgid, version = %interpreter.version, "reading Python frames");
+                self.counts.processes += 1;
+                (self.publish)(tgid, Some(kernel_entry(&interpreter)));
+                Checked::Python(interpreter)
+            }
+            Err(not) => {
+                if let NotReadable::UnknownVersion(version) = &not {
+                    tracing::info!(pid = tgid, %version, "no layout for this Python version: its stacks stay native");
+                    self.counts.unknown_version += 1;
+                }
+                if matches!(self.processes.get(&tgid).map(|s| &s.checked), Some(Checked::Python(_))) {
+                    (self.publish)(tgid, None);
+                }
+                Checked::Not
+            }
+        };
+        self.processes.insert(tgid, ProcessState { checked, mappings, checked_at: now, seen_at: now });
+    }
+
+    /// Looks at every live process now, so those already running have their Python
+    /// frames from their first sample on.
+    pub fn observe_all(&mut self, table: &ProcessTable) {
+        if !self.options.enabled {
+            return;
+        }
+        table.discover();
+        for pid in table.live_pids() {
+            self.observe(pid, table);
+        }
+    }
+
+    /// Takes a stack of Python frames the kernel sent; it waits for its snapshot.
+    pub fn stack(&mut self, (tid, stack): (u32, RawStack)) {
+        // Stacks whose snapshots never came (a full ring) pile up only to this bound.
+        if self.waiting.len() >= MAX_WAITING_STACKS && !self.waiting.contains_key(&tid) {
+            self.counts.stacks_unmatched += self.waiting.len() as u64;
+            self.waiting.clear();
+        }
+        if self.waiting.insert(tid, stack).is_some() {
+            self.counts.stacks_unmatched += 1;
+        }
+    }
+
+    /// The named Python frames of the snapshot (`tgid`, `tid`, `ts_ns`), if the kernel
+    /// sent any.
+    pub fn take(&mut self, tgid: u32, tid: u32, ts_ns: u64) -> Option<Frames> {
+        let raw = self.waiting.remove(&tid)?;
+        if raw.ts_ns != ts_ns {
+            self.counts.stacks_unmatched += 1;
+            return None;
+        }
+        let Some(ProcessState { checked: Checked::Python(interpreter), .. }) = self.processes.get(&tgid) else { return None };
+        let interpreter = interpreter.clone();
+        if self.codes.len() >= MAX_CODES {
+            self.codes.clear();
+        }
+        let frames = raw
+            .frames
+            .iter()
+            .map(|frame| Frame { addr: self.name(tgid, &interpreter, frame), entry: frame.tag & PYTHON_ENTRY != 0 })
+            .collect();
+        Some(Frames { frames, cut: raw.cut })
+    }
+
+    /// The tagged address naming one frame.
+    fn name(&mut self, tgid: u32, interpreter: &Interpreter, frame: &PythonFrame) -> u64 {
+        let fingerprint = frame.tag & !PYTHON_ENTRY;
+        let key = (tgid, frame.code);
+        if self.codes.get(&key).is_none_or(|cached| cached.code.fingerprint != fingerprint) {
+            let layout = &interpreter.layout;
+            let read = Code::read(tgid, frame.code, interpreter.code_type, &layout.code, &layout.objects, layout.kernel.code_fingerprint as usize);
+            match read {
+                // The object read now must be the one the kernel saw.
+                Some(code) if code.fingerprint == fingerprint => {
+                    self.codes.insert(key, CachedCode { code, lines: HashMap::new() });
+                }
+                _ => {
+                    self.codes.remove(&key);
+                    self.counts.code_unreadable += 1;
+                    return self.names.intern(UNREADABLE);
+                }
+            }
+        }
+        let cached = self.codes.get_mut(&key).expect("inserted above");
+        if let Some(&addr) = cached.lines.get(&frame.instr_offset) {
+            return addr;
+        }
+        let offset = frame.instr_offset as i64 - interpreter.layout.code.code as i64;
+        let code = &cached.code;
+        let name = format!("{} ({}:{})", code.qualname, code.filename, code.line(offset));
+        let addr = self.names.intern(&name);
+        cached.lines.insert(frame.instr_offset, addr);
+        addr
+    }
+
+    /// `native` (leaf first) with each native frame of the eval loop replaced by the
+    /// Python frames it ran (kept beside them with `eval_frames`). Python frames left
+    /// over (a native stack cut short) go at the root end; a cut Python stack is marked
+    /// there.
+    pub fn merge(&self, tgid: u32, native: &[u64], python: &Frames) -> Vec<u64> {
+        let eval = match self.processes.get(&tgid) {
+            Some(ProcessState { checked: Checked::Python(interpreter), .. }) => interpreter.eval.clone(),
+            _ => 0..0,
+        };
+        let mut merged = Vec::with_capacity(native.len() + python.frames.len() + 1);
+        let mut frames = python.frames.iter().peekable();
+        for (depth, &addr) in native.iter().enumerate() {
+            // Return addresses point after the call, which may be the function's end.
+            let at = if depth == 0 { addr } else { addr.saturating_sub(1) };
+            if !eval.contains(&at) || frames.peek().is_none() {
+                merged.push(addr);
+                continue;
+            }
+            for frame in frames.by_ref() {
+                merged.push(frame.addr);
+                if frame.entry {
+                    break;
+                }
+            }
+            if self.options.eval_frames {
+                merged.push(addr);
+            }
+        }
+        merged.extend(frames.map(|frame| frame.addr));
+        if python.cut {
+            merged.push(self.names.intern(CUT));
+        }
+        merged
+    }
+
+    /// Forgets processes unseen for a while, and takes the gone ones out of the kernel's
+    /// map, which has room for a bounded number.
+    pub fn evict(&mut self) {
+        let now = Instant::now();
+        let stale: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|(_, state)| now.duration_since(state.seen_at) > FORGET_AFTER)
+            .map(|(&tgid, _)| tgid)
+            .collect();
+        for tgid in stale {
+            if let Some(ProcessState { checked: Checked::Python(_), .. }) = self.processes.remove(&tgid) {
+                (self.publish)(tgid, None);
+            }
+            self.codes.retain(|&(pid, _), _| pid != tgid);
+        }
+    }
+}
+
+/// A stack of Python frames as the kernel sent it.
+pub struct RawStack {
+    ts_ns: u64,
+    frames: Vec<PythonFrame>,
+    cut: bool,
+}
+
+/// The thread and stack of a [`PythonStack`] record, which carries only the frames read;
+/// None for a record too short for what it says it holds.
+pub fn read_stack(record: &[u8]) -> Option<(u32, RawStack)> {
+    let header_len = std::mem::offset_of!(PythonStack, frames);
+    let header = record.get(..header_len)?;
+    let field = |at: usize| u32::from_ne_bytes(header[at..at + 4].try_into().unwrap());
+    let (tid, ts_ns) = (field(4), u64::from_ne_bytes(header[8..16].try_into().unwrap()));
+    let (depth, flags) = (field(16) as usize, field(20));
+    let frame_len = std::mem::size_of::<PythonFrame>();
+    let frames = record.get(header_len..header_len + depth.min(MAX_PYTHON_FRAMES) * frame_len)?;
+    let frames = frames
+        .chunks_exact(frame_len)
+        .map(|raw| PythonFrame {
+            code: u64::from_ne_bytes(raw[..8].try_into().unwrap()),
+            instr_offset: u32::from_ne_bytes(raw[8..12].try_into().unwrap()),
+            tag: u32::from_ne_bytes(raw[12..16].try_into().unwrap()),
+        })
+        .collect();
+    Some((tid, RawStack { ts_ns, frames, cut: flags & (PYTHON_TRUNCATED | PYTHON_READ_FAILED) != 0 }))
+}
+
+fn signature(mappings: &[Mapping]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for mapping in mappings {
+        (mapping.start, mapping.file.id).hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+fn kernel_entry(interpreter: &Interpreter) -> PythonProcess {
+    let (pid_ns_dev, pid_ns_ino) = interpreter.pid_ns.unwrap_or((0, 0));
+    PythonProcess {
+        layout: interpreter.layout.kernel,
+        interpreters_head: interpreter.runtime + interpreter.layout.runtime_interpreters_head,
+        pid_ns_dev,
+        pid_ns_ino,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{BufRead as _, BufReader},
+        process::{Command, Stdio},
+    };
+
+    use super::*;
+
+    fn read_word(pid: u32, addr: u64) -> u64 {
+        let mut word = [0u8; 8];
+        assert!(code::read_memory(pid, addr, &mut word), "reading {addr:#x} of {pid}");
+        u64::from_le_bytes(word)
+    }
+
+    /// The CPythons of this host: Debian's, and the one first on PATH when it is another
+    /// build (here pyenv's, which runs from libpython3.11.so).
+    fn pythons() -> Vec<String> {
+        let mut found = vec!["/usr/bin/python3.11".to_string()];
+        let on_path = Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output();
+        if let Ok(out) = on_path {
+            let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let same = std::fs::canonicalize(&path).ok() == std::fs::canonicalize(&found[0]).ok();
+            if out.status.success() && !path.is_empty() && !same {
+                found.push(path);
+            }
+        }
+        found
+    }
+
+    /// Walks a live interpreter's thread state and frames with the offsets the kernel
+    /// gets, and decodes its code objects as the agent does, against what the interpreter
+    /// says of itself: a wrong offset for any version run here fails.
+    #[test]
+    fn a_live_interpreter_reads_as_it_describes_itself() {
+        for python in pythons() {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/src/python/live_check.py");
+            let mut child = Command::new(&python)
+                .arg(script)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|err| panic!("{python} is needed for this test: {err}"));
+            let pid = child.id();
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+            let described: serde_json::Value = serde_json::from_str(&line).unwrap();
+            // The main thread is blocked in target() once it printed; give it a moment
+            // to get there.
+            std::thread::sleep(Duration::from_millis(200));
+
+            let table = ProcessTable::default();
+            table.refresh(pid);
+            let info = table.get(pid).expect("snapshot of the interpreter");
+            let interpreter = discover::find(pid, &info).unwrap_or_else(|err| panic!("{python}: {err:?}"));
+            assert_eq!(
+                [interpreter.version.major as u64, interpreter.version.minor as u64],
+                [described["version"][0].as_u64().unwrap(), described["version"][1].as_u64().unwrap()]
+            );
+            let layout = interpreter.layout;
+            let k = layout.kernel;
+            // As `python_thread` in the BPF programs: the thread list, by native id.
+            let interp = read_word(pid, interpreter.runtime + layout.runtime_interpreters_head);
+            let mut tstate = read_word(pid, interp + k.interp_threads_head as u64);
+            let tid = described["tid"].as_u64().unwrap();
+            while tstate != 0 && read_word(pid, tstate + k.tstate_native_thread_id as u64) != tid {
+                tstate = read_word(pid, tstate + k.tstate_next as u64);
+            }
+            assert_ne!(tstate, 0, "{python}: no thread state with the main thread's id");
+            let mut frame = read_word(pid, tstate + k.tstate_frame as u64);
+            if k.cframe_current_frame != profiler_common::PYTHON_NO_FIELD {
+                frame = read_word(pid, frame + k.cframe_current_frame as u64);
+            }
+            // The frames lie in the thread's current chunk of its frame stack.
+            let chunk = read_word(pid, tstate + k.tstate_datastack_chunk as u64) + k.chunk_data as u64;
+            let top = read_word(pid, tstate + k.tstate_datastack_chunk as u64 + 8);
+            let mut walked = Vec::new();
+            while frame != 0 && walked.len() < 3 {
+                assert!((chunk..top).contains(&frame), "{python}: frame {frame:#x} outside {chunk:#x}..{top:#x}");
+                let mut entry = [0u8];
+                assert!(code::read_memory(pid, frame + k.frame_is_entry as u64, &mut entry));
+                walked.push((read_word(pid, frame + k.frame_code as u64), entry[0] != 0));
+                frame = read_word(pid, frame + k.frame_previous as u64);
+            }
+            let stack: Vec<u64> = described["stack"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+            // target() and method() run in the module's native call of the eval loop.
+            assert_eq!(walked, vec![(stack[0], false), (stack[1], false), (stack[2], true)], "{python}");
+
+            for described in described["codes"].as_array().unwrap() {
+                let addr = described["addr"].as_u64().unwrap();
+                let code = Code::read(pid, addr, interpreter.code_type, &layout.code, &layout.objects, k.code_fingerprint as usize)
+                    .unwrap_or_else(|| panic!("{python}: code object at {addr:#x} unreadable"));
+                assert_eq!(code.qualname, described["qualname"].as_str().unwrap(), "{python}");
+                assert_eq!(code.filename, described["filename"].as_str().unwrap(), "{python}");
+                assert_eq!(code.first_line as u64, described["first_line"].as_u64().unwrap(), "{python}");
+                for range in described["lines"].as_array().unwrap() {
+                    let [start, end, line] = [0, 1, 2].map(|i| range[i].as_i64().unwrap());
+                    for offset in (start..end).step_by(2) {
+                        assert_eq!(code.line(offset) as i64, line, "{python}: {} at offset {offset}", code.qualname);
+                    }
+                }
+            }
+            drop(child.stdin.take());
+            child.wait().unwrap();
+        }
+    }
+
+    #[test]
+    fn python_frames_replace_the_eval_loop_frames_that_ran_them() {
+        let names = PythonNames::default();
+        let mut python = Python::new(PythonOptions::default(), names.clone(), Box::new(|_, _| {}));
+        let eval = 0x1000..0x2000;
+        let interpreter = Interpreter {
+            version: layout::Version { major: 3, minor: 11 },
+            layout: layout::for_version(layout::Version { major: 3, minor: 11 }).unwrap(),
+            runtime: 0,
+            code_type: 0,
+            eval: eval.clone(),
+            pid_ns: None,
+        };
+        let now = Instant::now();
+        python.processes.insert(7, ProcessState { checked: Checked::Python(interpreter), mappings: 0, checked_at: now, seen_at: now });
+        let frame = |name: &str, entry| Frame { addr: names.intern(name), entry };
+        // Leaf first: two frames run by the inner eval call, two by the outer.
+        let frames = Frames {
+            frames: vec![frame("leaf (a.py:1)", false), frame("mid (a.py:2)", true), frame("caller (a.py:3)", false), frame("<module> (a.py:4)", true)],
+            cut: false,
+        };
+        // Native, leaf first: a C function, eval, a C call, eval, main.
+        let native = [0x9000, 0x1100, 0x8000, 0x1200, 0x7000];
+        let merged = python.merge(7, &native, &frames);
+        let named: Vec<String> = merged.iter().map(|&a| names.name(a).map_or(format!("{a:#x}"), |n| n.to_string())).collect();
+        assert_eq!(named, ["0x9000", "leaf (a.py:1)", "mid (a.py:2)", "0x8000", "caller (a.py:3)", "<module> (a.py:4)", "0x7000"]);
+
+        python.options.eval_frames = true;
+        let kept = python.merge(7, &native, &frames);
+        assert_eq!(kept.len(), merged.len() + 2, "both eval frames kept");
+        python.options.eval_frames = false;
+        // A native stack cut short: the Python frames left go at the root end, and a
+        // cut Python stack is marked.
+        let cut = Frames { cut: true, ..frames };
+        let merged = python.merge(7, &[0x9000, 0x1100], &cut);
+        let named: Vec<String> = merged.iter().map(|&a| names.name(a).map_or(format!("{a:#x}"), |n| n.to_string())).collect();
+        assert_eq!(named, ["0x9000", "leaf (a.py:1)", "mid (a.py:2)", "caller (a.py:3)", "<module> (a.py:4)", CUT]);
+    }
+}
