@@ -10,6 +10,7 @@ mod cli_errors;
 mod daemon;
 mod off_cpu;
 mod on_cpu;
+mod python;
 mod schedule;
 mod ship_faults;
 mod unwind;

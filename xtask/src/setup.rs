@@ -14,6 +14,7 @@ pub fn run() -> anyhow::Result<()> {
     debian_packages()?;
     python_packages()?;
     pyroscope_sdk()?;
+    py_spy()?;
     tracefs()?;
     println!("setup: done");
     Ok(())
@@ -88,6 +89,8 @@ fn debian_packages() -> anyhow::Result<()> {
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("/usr/share/doc/busybox-static", "busybox-static"),
         ("cpio", "cpio"),
+        // Debian's CPython, whose frames the Python tests read.
+        ("/usr/bin/python3.11", "python3.11"),
     ]
         .into_iter()
         .filter(|(binary, _)| output(Command::new("sh").args(["-c", &format!("command -v {binary} || test -e {binary}")])).is_none())
@@ -118,6 +121,20 @@ fn pyroscope_sdk() -> anyhow::Result<()> {
     println!("setup: installing {PYROSCOPE_SDK} into {}", venv.display());
     exec(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     exec(Command::new(&python).args(["-m", "pip", "install", "--quiet", PYROSCOPE_SDK]))
+}
+
+/// py-spy, the reference the Python frames are compared with, in a virtual environment
+/// of its own (`target/py-spy-venv`).
+const PY_SPY: &str = "py-spy==0.4.3";
+
+fn py_spy() -> anyhow::Result<()> {
+    let venv = crate::root().join("target/py-spy-venv");
+    if venv.join("bin/py-spy").exists() {
+        return Ok(());
+    }
+    println!("setup: installing {PY_SPY} into {}", venv.display());
+    exec(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    exec(Command::new(venv.join("bin/python")).args(["-m", "pip", "install", "--quiet", PY_SPY]))
 }
 
 fn python_packages() -> anyhow::Result<()> {

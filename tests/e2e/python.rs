@@ -1,0 +1,182 @@
+//! Python frames, end to end: Debian's CPython and the one on PATH (a libpython3.11.so
+//! embedding on this machine) under the agent, compared with py-spy on the same run.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+};
+
+use profiler_tests::{Agent, host_alone, parse_folded, read_folded, target_dir};
+
+const SERVICE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/service.py");
+const DEBIAN_PYTHON: &str = "/usr/bin/python3.11";
+
+type Stacks = Vec<(Vec<String>, u64)>;
+
+fn py_spy() -> PathBuf {
+    let path = target_dir().parent().expect("target directory").join("py-spy-venv/bin/py-spy");
+    assert!(path.exists(), "{} is missing: `cargo xtask setup` installs py-spy", path.display());
+    path
+}
+
+/// Starts `service.py SECONDS MODE` under `python` (argv, so a wrapper can come first)
+/// and waits until it serves.
+fn start_service(python: &[&str], seconds: u32, mode: &str) -> Child {
+    let mut child = Command::new(python[0])
+        .args(&python[1..])
+        .args([SERVICE, &seconds.to_string(), mode])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("{python:?} is needed for the Python tests: {err}"));
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "service.py did not start");
+    child
+}
+
+/// py-spy's raw samples of `pid` for `seconds`, at 200 Hz without pausing the process.
+fn start_py_spy(pid: u32, seconds: u32, output: &Path) -> Child {
+    Command::new(py_spy())
+        .args(["record", "--nonblocking", "-r", "200", "-f", "raw", "-d", &seconds.to_string(), "-p", &pid.to_string(), "-o"])
+        .arg(output)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn py-spy")
+}
+
+/// The function of a Python frame, `name (file.py:line)` in our stacks and py-spy's.
+fn python_function(frame: &str) -> Option<&str> {
+    profiler_pprof::source_of(frame).map(|_| &frame[..frame.rfind(" (").unwrap()])
+}
+
+fn python_functions(frames: &[String]) -> Vec<&str> {
+    frames.iter().filter_map(|f| python_function(f)).collect()
+}
+
+/// Share of the value of the stacks running `under` that each leaf Python function has.
+fn leaf_shares(stacks: &Stacks, under: &str) -> (HashMap<String, f64>, u64) {
+    let mut by_leaf: HashMap<String, u64> = HashMap::new();
+    let mut total = 0;
+    for (frames, value) in stacks {
+        let functions = python_functions(frames);
+        if !functions.contains(&under) {
+            continue;
+        }
+        total += value;
+        *by_leaf.entry(functions.last().unwrap().to_string()).or_default() += value;
+    }
+    (by_leaf.into_iter().map(|(f, v)| (f, v as f64 / total.max(1) as f64)).collect(), total)
+}
+
+fn on_cpu(stacks: Stacks) -> Stacks {
+    stacks.into_iter().filter(|(frames, _)| !frames[0].starts_with("[off-cpu")).collect()
+}
+
+fn record_with_py_spy(pid: u32, seconds: u32, dir: &Path) -> (Stacks, Stacks) {
+    let ours = dir.join("ours.folded");
+    let theirs = dir.join("py-spy.txt");
+    let agent = Agent::record(&["--pid", &pid.to_string(), "--frequency", "499", "--duration", &format!("{seconds}s"), "-o", ours.to_str().unwrap()]);
+    let mut spy = start_py_spy(pid, seconds, &theirs);
+    agent.wait();
+    assert!(spy.wait().unwrap().success(), "py-spy failed");
+    (on_cpu(read_folded(&ours)), parse_folded(&std::fs::read_to_string(&theirs).unwrap()))
+}
+
+/// The request handler spends 50/30/20% of its CPU in three functions: our shares per
+/// function, with file and line, within 3 points of py-spy's on the same run (about 6,000
+/// of our samples and 2,400 of py-spy's).
+#[test]
+fn function_shares_agree_with_py_spy() {
+    let _host = host_alone();
+    let dir = tempfile::tempdir().unwrap();
+    let mut service = start_service(&[DEBIAN_PYTHON], 16, "cpu");
+    let (ours, theirs) = record_with_py_spy(service.id(), 12, dir.path());
+    service.wait().unwrap();
+
+    let (our_shares, our_total) = leaf_shares(&ours, "handle_request");
+    let (their_shares, their_total) = leaf_shares(&theirs, "handle_request");
+    eprintln!("ours ({our_total} samples): {our_shares:?}\npy-spy ({their_total} samples): {their_shares:?}");
+    for function in ["parse_request", "render_page", "checksum"] {
+        let (a, b) = (our_shares.get(function).copied().unwrap_or(0.0), their_shares.get(function).copied().unwrap_or(0.0));
+        assert!(b > 0.1, "py-spy saw {function} at {:.1}%", 100.0 * b);
+        assert!((a - b).abs() <= 0.03, "{function}: ours {:.1}%, py-spy {:.1}%", 100.0 * a, 100.0 * b);
+    }
+    // Named like py-spy's, with the file and line of the instruction, in the order of
+    // the calls, under the native frames that started the interpreter.
+    let (frames, _) = ours.iter().find(|(frames, _)| frames.iter().any(|f| f.starts_with("parse_request ("))).unwrap();
+    let parse = frames.iter().find(|f| f.starts_with("parse_request (")).unwrap();
+    assert!(parse.contains("/python/service.py:"), "{parse}");
+    let functions = python_functions(frames);
+    assert_eq!(functions[..4], ["<module>", "main", "handle_request", "parse_request"], "{frames:?}");
+    assert!(frames.iter().position(|f| f == "Py_RunMain") < frames.iter().position(|f| f.starts_with("<module> (")), "{frames:?}");
+    assert!(!frames.iter().any(|f| f == "_PyEval_EvalFrameDefault"), "eval-loop frames are folded away: {frames:?}");
+}
+
+/// A 40-deep recursion, under the CPython on PATH (libpython3.11.so here): our stacks
+/// show all 40 calls as py-spy's do; with `--no-python` they show none.
+#[test]
+fn a_forty_deep_recursion_is_shown_whole() {
+    let _host = host_alone();
+    let dir = tempfile::tempdir().unwrap();
+    let mut service = start_service(&["python3"], 12, "recursive");
+    let (ours, theirs) = record_with_py_spy(service.id(), 8, dir.path());
+    service.wait().unwrap();
+
+    let depth_40_share = |stacks: &Stacks| {
+        let main: Vec<&(Vec<String>, u64)> = stacks.iter().filter(|(f, _)| python_functions(f).contains(&"recurse")).collect();
+        let whole: u64 = main.iter().filter(|(f, _)| python_functions(f).iter().filter(|&&n| n == "recurse").count() == 40).map(|(_, v)| v).sum();
+        whole as f64 / main.iter().map(|(_, v)| v).sum::<u64>().max(1) as f64
+    };
+    let (a, b) = (depth_40_share(&ours), depth_40_share(&theirs));
+    eprintln!("stacks with all 40 recurse frames: ours {:.1}%, py-spy {:.1}%", 100.0 * a, 100.0 * b);
+    assert!(a >= 0.95 && b >= 0.95, "ours {:.1}%, py-spy {:.1}%", 100.0 * a, 100.0 * b);
+    let (our_shares, _) = leaf_shares(&ours, "recurse");
+    let (their_shares, _) = leaf_shares(&theirs, "recurse");
+    let spin = |shares: &HashMap<String, f64>| shares.get("spin").copied().unwrap_or(0.0);
+    assert!((spin(&our_shares) - spin(&their_shares)).abs() <= 0.03, "spin: ours {our_shares:?}, py-spy {their_shares:?}");
+    let deepest = ours.iter().map(|(f, _)| python_functions(f)).find(|f| f.len() == 43).expect("a whole stack");
+    assert_eq!(deepest[..2], ["<module>", "main"]);
+    assert_eq!(deepest[42], "spin");
+
+    // Turned off, the same program is one opaque interpreter loop again.
+    let folded = dir.path().join("off.folded");
+    let mut service = start_service(&["python3"], 3, "recursive");
+    let agent = Agent::record(&["--pid", &service.id().to_string(), "--no-python", "--duration", "2s", "-o", folded.to_str().unwrap()]);
+    agent.wait();
+    service.wait().unwrap();
+    let stacks = read_folded(&folded);
+    assert!(!stacks.is_empty());
+    assert!(stacks.iter().all(|(f, _)| python_functions(f).is_empty()), "Python frames with --no-python");
+}
+
+/// A Python process started after the agent, in a pid namespace of its own (a
+/// container's), whose thread sleeps in `nap()` started after it: that thread's waits are
+/// under `nap` and its caller, above the C library's sleep.
+#[test]
+fn waits_of_a_sleeping_python_function_are_under_it() {
+    let _host = host_alone();
+    let dir = tempfile::tempdir().unwrap();
+    let folded = dir.path().join("waits.folded");
+    let agent = Agent::record(&["--off-cpu", "--duration", "300s", "-o", folded.to_str().unwrap()]);
+    let mut service = start_service(&["unshare", "--pid", "--fork", "--mount-proc", DEBIAN_PYTHON], 5, "cpu");
+    service.wait().unwrap();
+    agent.finish();
+
+    let stacks = read_folded(&folded);
+    // The sleeper is the service's only thread started by `threading`.
+    let sleeper: Vec<&(Vec<String>, u64)> = stacks
+        .iter()
+        .filter(|(f, _)| f[0].starts_with("[off-cpu") && f.get(1).is_some_and(|p| p == "python3.11") && f.iter().any(|x| x == "start_thread"))
+        .collect();
+    let total: u64 = sleeper.iter().map(|(_, v)| v).sum();
+    let under_nap: Vec<&&(Vec<String>, u64)> =
+        sleeper.iter().filter(|(f, _)| python_functions(f).ends_with(&["sleeper", "nap"])).collect();
+    let nap: u64 = under_nap.iter().map(|(_, v)| v).sum();
+    eprintln!("sleeper thread off-CPU {:.2} s, under nap {:.1}%", total as f64 / 1e9, 100.0 * nap as f64 / total.max(1) as f64);
+    assert!(total >= 2_000_000_000, "the sleeper thread waited only {total} ns");
+    assert!(nap as f64 >= 0.9 * total as f64, "only {nap} of {total} ns under nap");
+    assert!(under_nap.iter().any(|(f, _)| f.iter().any(|x| x == "clock_nanosleep")), "nap's waits reach the C library's sleep");
+}
