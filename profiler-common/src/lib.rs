@@ -210,6 +210,8 @@ pub struct PythonLayout {
     pub cframe_current_frame: u16,
     /// `_PyInterpreterFrame::f_code` (`f_executable` from 3.13).
     pub frame_code: u16,
+    /// `f_func` (3.11) or `f_funcobj` (3.12+): the function object the frame runs.
+    pub frame_function: u16,
     pub frame_previous: u16,
     /// `prev_instr` (3.11, 3.12) or `instr_ptr` (3.13+).
     pub frame_instr: u16,
@@ -225,7 +227,7 @@ pub struct PythonLayout {
     /// address reused by another is told apart.
     pub code_fingerprint: u16,
     /// Explicit padding to 8 bytes.
-    pub padding: [u16; 2],
+    pub padding: u16,
 }
 
 /// A Python process's state the kernel walks from: its layout, where its interpreter list

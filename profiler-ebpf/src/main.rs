@@ -113,6 +113,23 @@ mod programs {
         tstate: [u8; PYTHON_TSTATE_BYTES],
         scratch: [u8; PYTHON_FRAME_BYTES],
         fingerprint_bytes: [u8; PYTHON_FINGERPRINT_BYTES],
+        /// When the walk started, for the fingerprints' age.
+        now_ns: u64,
+        /// Fingerprints read lately on this CPU, by hash of the code object's address:
+        /// a stack of distinct functions would cost a read per frame otherwise.
+        fingerprints: [CachedFingerprint; PYTHON_FINGERPRINT_SLOTS],
+    }
+
+    const PYTHON_FINGERPRINT_SLOTS: usize = 256;
+    const PYTHON_FINGERPRINT_TTL_NS: u64 = 1_000_000_000;
+
+    #[repr(C)]
+    struct CachedFingerprint {
+        code: u64,
+        function: u64,
+        read_ns: u64,
+        fingerprint: u32,
+        padding: u32,
     }
 
     const EFAULT: i64 = 14;
@@ -286,6 +303,7 @@ mod programs {
         walk.last_code = 0;
         walk.fingerprint = 0;
         walk.layout = layout;
+        walk.now_ns = subject.ts_ns;
         walk.stack.kind = EVENT_PYTHON_STACK;
         walk.stack.tid = subject.tid;
         walk.stack.ts_ns = subject.ts_ns;
@@ -399,20 +417,13 @@ mod programs {
         // 3.14 tags the low bits of `f_executable`; code objects are 16-byte aligned.
         let code = code & !15;
         if code != walk.last_code {
-            let fingerprint = walk.fingerprint_bytes.as_mut_ptr();
-            let read = unsafe {
-                bpf_probe_read_user(
-                    fingerprint as *mut c_void,
-                    PYTHON_FINGERPRINT_BYTES as u32,
-                    (code + layout.code_fingerprint as u64) as *const c_void,
-                )
-            };
-            if read != 0 {
+            let function = scratch_word(header, PYTHON_FRAME_BYTES, layout.frame_function).unwrap_or(0);
+            let Some(fingerprint) = code_fingerprint(walk, code, function) else {
                 walk.stack.flags |= PYTHON_READ_FAILED;
                 walk.frame = 0;
                 return 1;
-            }
-            walk.fingerprint = python_fingerprint(unsafe { (fingerprint as *const [u64; 4]).read_unaligned() });
+            };
+            walk.fingerprint = fingerprint;
             walk.last_code = code;
         }
         let tag = walk.fingerprint | if is_entry { PYTHON_ENTRY } else { 0 };
@@ -421,6 +432,32 @@ mod programs {
         }
         walk.depth = depth as u32 + 1;
         0
+    }
+
+    /// The fingerprint of the code object at `code`, run by `function`: read from the
+    /// code object, or this CPU's cache of those read in the last
+    /// [`PYTHON_FINGERPRINT_TTL_NS`] for the same code object and function. A code object
+    /// freed and its address reused within that time would also need its function's
+    /// address reused to be taken for the old one; past it, every one is read again.
+    #[inline(always)]
+    fn code_fingerprint(walk: &mut PythonWalk, code: u64, function: u64) -> Option<u32> {
+        let slot = ((code >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as usize & (PYTHON_FINGERPRINT_SLOTS - 1);
+        let now = walk.now_ns;
+        let cached = walk.fingerprints.get_mut(slot)?;
+        if cached.code == code && cached.function == function && now.wrapping_sub(cached.read_ns) < PYTHON_FINGERPRINT_TTL_NS {
+            return Some(cached.fingerprint);
+        }
+        let bytes = walk.fingerprint_bytes.as_mut_ptr();
+        let read = unsafe {
+            bpf_probe_read_user(bytes as *mut c_void, PYTHON_FINGERPRINT_BYTES as u32, (code + walk.layout.code_fingerprint as u64) as *const c_void)
+        };
+        if read != 0 {
+            return None;
+        }
+        let fingerprint = python_fingerprint(unsafe { (bytes as *const [u64; 4]).read_unaligned() });
+        let cached = walk.fingerprints.get_mut(slot)?;
+        *cached = CachedFingerprint { code, function, read_ns: now, fingerprint, padding: 0 };
+        Some(fingerprint)
     }
 
     /// Reads the `PyThreadState` of thread `tid` into `walk.tstate`: the cached one,

@@ -67,6 +67,17 @@ pub enum Bench {
         #[arg(long, default_value_t = 20)]
         thread_quota: u32,
     },
+    /// In-kernel cost per on-CPU sample of CPython processes with Python frames read
+    /// against `--no-python`, by BPF statistics, rounds interleaved: a 40-deep recursion
+    /// and a shallow request handler (`tests/python/service.py`), one process pinned to
+    /// each CPU so nearly every sample is one of theirs.
+    Python {
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Seconds recorded per measurement.
+        #[arg(long, default_value_t = 4)]
+        seconds: u64,
+    },
     /// The collection server's ingest and query benchmark.
     Server,
     /// Change detection on a steady workload (A/A): the agent records `workload serve
@@ -102,12 +113,73 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Bench::Python { rounds, seconds } => python(rounds, seconds),
         Bench::Server => {
             cargo(&["bench", "-p", "profiler-server", "--bench", "server"])?;
             cargo(&["bench", "-p", "profiler-server", "--bench", "real_profiles"])?;
             cargo(&["bench", "-p", "profiler-server", "--bench", "fleet"])
         }
     }
+}
+
+fn python(rounds: usize, seconds: u64) -> anyhow::Result<()> {
+    let (agent, _) = release_binaries()?;
+    let service = root().join("tests/python/service.py");
+    let dir = std::env::temp_dir().join(format!("xtask-bench-python-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let stats = dir.join("stats.json");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("python: {rounds} rounds of {seconds} s at 999 Hz, one service.py per CPU ({cpus}), /usr/bin/python3.11");
+    for mode in ["recursive", "cpu"] {
+        let mut ratios = Vec::new();
+        let (mut with, mut without) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let mut pair = [0.0; 2];
+            for (i, flags) in [&[][..], &["--no-python"][..]].into_iter().enumerate() {
+                let services: Vec<Child> = (0..cpus)
+                    .map(|cpu| {
+                        Command::new("taskset")
+                            .args(["-c", &cpu.to_string(), "/usr/bin/python3.11"])
+                            .arg(&service)
+                            .args([&(seconds + 3).to_string(), mode])
+                            .stdout(Stdio::null())
+                            .spawn()
+                    })
+                    .collect::<Result<_, _>>()?;
+                std::thread::sleep(Duration::from_millis(500));
+                let status = Command::new(&agent)
+                    .args(["record", "--frequency", "999", "--duration", &format!("{seconds}s"), "--bpf-stats-share", "1", "--stats"])
+                    .arg(&stats)
+                    .args(flags)
+                    .stderr(Stdio::null())
+                    .status()?;
+                for mut child in services {
+                    child.wait()?;
+                }
+                if !status.success() {
+                    bail!("the agent failed: {status}");
+                }
+                let counters: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats)?)?;
+                let counter = |name: &str| counters["counters"][name].as_f64().unwrap_or(0.0);
+                pair[i] = counter("bpf_on_cpu_sample_run_time_ns") / counter("bpf_on_cpu_sample_runs").max(1.0);
+                if i == 0 {
+                    println!("  {mode}: {:.0}% of samples carried Python frames", 100.0 * counter("python_stacks") / counter("samples").max(1.0));
+                }
+            }
+            with.push(pair[0]);
+            without.push(pair[1]);
+            ratios.push(pair[0] / pair[1]);
+        }
+        println!(
+            "  {mode}: {:.0} ns per sample with Python frames, {:.0} ns without (medians); ratio {:.2} (median of rounds, {:.2}..{:.2})",
+            median(&mut with),
+            median(&mut without),
+            median(&mut ratios.clone()),
+            ratios.iter().cloned().fold(f64::MAX, f64::min),
+            ratios.iter().cloned().fold(0.0, f64::max),
+        );
+    }
+    Ok(())
 }
 
 fn release_binaries() -> anyhow::Result<(PathBuf, PathBuf)> {

@@ -96,6 +96,7 @@ const V3_11: Layout = Layout {
         chunk_data: 24,
         cframe_current_frame: 8,
         frame_code: 32,
+        frame_function: 0,
         frame_previous: 48,
         frame_instr: 56,
         frame_is_entry: 68,
@@ -103,7 +104,7 @@ const V3_11: Layout = Layout {
         owner_cstack: 0,
         // co_argcount .. co_nplaincellvars: eight ints fixed at creation.
         code_fingerprint: 56,
-        padding: [0; 2],
+        padding: 0,
     },
     runtime_interpreters_head: 40,
     code: CodeLayout {
