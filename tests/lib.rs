@@ -465,6 +465,12 @@ impl Server {
         response.json().expect("JSON reply")
     }
 
+    pub fn get_bytes(&self, path_and_query: &str) -> Vec<u8> {
+        let response = reqwest::blocking::get(format!("{}{path_and_query}", self.url)).expect("query server");
+        assert!(response.status().is_success(), "GET {path_and_query}: {}", response.status());
+        response.bytes().expect("reply body").to_vec()
+    }
+
     /// SIGTERM and wait: the server flushes and exits.
     pub fn stop(mut self) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };

@@ -235,7 +235,12 @@ fn record_drain_metrics(session: &Session, window: &Window, metrics: &Metrics) {
     metrics.off_cpu_switch_in.store(session.off_cpu_switch_in() as u64, Relaxed);
     let off_cpu_lost = stats.get(Stat::OffCpuRingFull) + stats.get(Stat::SwitchOutMapFull) + stats.get(Stat::SwitchInMissed);
     metrics.off_cpu_lost.fetch_add(off_cpu_lost, Relaxed);
-    metrics.off_cpu_waits_expired.store(session.agent_losses().pending_expired, Relaxed);
+    let losses = session.agent_losses();
+    metrics.off_cpu_waits_expired.store(losses.pending_expired, Relaxed);
+    metrics.python_stacks.fetch_add(stats.get(Stat::PythonStacks), Relaxed);
+    metrics.python_processes.store(losses.python.processes, Relaxed);
+    metrics.python_unknown_version.store(losses.python.unknown_version, Relaxed);
+    metrics.python_frames_unnamed.store(losses.python.code_unreadable, Relaxed);
     metrics.map_fill_permille.store((window.map_fill * 1000.0) as u64, Relaxed);
     metrics.stacks_unwound.fetch_add(window.unwind.complete, Relaxed);
     metrics.stacks_truncated.fetch_add(window.unwind.truncated, Relaxed);

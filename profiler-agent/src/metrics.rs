@@ -16,6 +16,13 @@ pub struct Metrics {
     pub off_cpu_lost: AtomicU64,
     /// Pending waits dropped because their thread is gone (their end was lost).
     pub off_cpu_waits_expired: AtomicU64,
+    /// Samples and waits of Python threads that carried Python frames.
+    pub python_stacks: AtomicU64,
+    /// CPython processes whose frames are read, and those whose version has no layout.
+    pub python_processes: AtomicU64,
+    pub python_unknown_version: AtomicU64,
+    /// Python frames not named: a code object unreadable, or no longer the kernel's.
+    pub python_frames_unnamed: AtomicU64,
     pub stacks_unwound: AtomicU64,
     pub stacks_truncated: AtomicU64,
     pub stacks_partly_unknown: AtomicU64,
@@ -71,6 +78,10 @@ impl Metrics {
         metric("switches_recorded_total", "counter", "Context switches recorded (sampled).", get(&self.switches_recorded));
         metric("off_cpu_lost_total", "counter", "Off-CPU waits lost to a full ring buffer or switch-out map, or to a switch-in the kernel did not report.", get(&self.off_cpu_lost));
         metric("off_cpu_waits_expired_total", "counter", "Off-CPU waits dropped because their end was lost and their thread exited.", get(&self.off_cpu_waits_expired));
+        metric("python_stacks_total", "counter", "Samples and waits of Python threads that carried Python frames.", get(&self.python_stacks));
+        metric("python_processes_total", "counter", "CPython processes whose Python frames are read.", get(&self.python_processes));
+        metric("python_unknown_version_total", "counter", "CPython processes of a version without a layout here: native stacks only.", get(&self.python_unknown_version));
+        metric("python_frames_unnamed_total", "counter", "Python frames whose code object could not be read or no longer matched.", get(&self.python_frames_unnamed));
         metric("map_fill_ratio", "gauge", "Share of max_stack_keys used by the last window.", get(&self.map_fill_permille) / 1000.0);
         metric("off_cpu_sampling_ratio", "gauge", "Share of context switches recorded.", get(&self.off_cpu_sampling_permille) / 1000.0);
         metric("off_cpu_switch_in", "gauge", "1 when off-CPU waits get their stacks at switch-in (kprobe on finish_task_switch), 0 at switch-out (sched_switch alone).", get(&self.off_cpu_switch_in));

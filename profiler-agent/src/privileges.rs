@@ -45,7 +45,7 @@ pub fn raise_open_files_limit() -> anyhow::Result<(u64, u64)> {
 pub const RUNTIME_CAPABILITIES: [(Capability, &str); 6] = [
     (Capability::CAP_BPF, "loading the off-CPU program when a deep-profile run first turns it on"),
     (Capability::CAP_PERFMON, "re-attaching the perf events and the sched_switch raw tracepoint when a run changes the settings"),
-    (Capability::CAP_SYS_PTRACE, "reading other processes' /proc/PID/maps, exe and root"),
+    (Capability::CAP_SYS_PTRACE, "reading other processes' /proc/PID/maps, exe and root, and Python code objects from their memory"),
     (Capability::CAP_DAC_READ_SEARCH, "reading binaries and perf maps of other users"),
     // Found missing by testing: with kptr_restrict >= 1, or perf_event_paranoid >= 2 as on
     // most distributions, /proc/kallsyms shows zero addresses to a reader without it, and

@@ -278,6 +278,10 @@ impl Session {
         counters.insert("pending_expired", losses.pending_expired);
         counters.insert("file_pages_truncated", crate::mapped_files::truncated_pages());
         counters.insert("malformed_records", losses.malformed);
+        counters.insert("python_processes", losses.python.processes);
+        counters.insert("python_unknown_version", losses.python.unknown_version);
+        counters.insert("python_frames_unnamed", losses.python.code_unreadable);
+        counters.insert("python_stacks_unmatched", losses.python.stacks_unmatched);
         counters.insert("stacks_unwound", self.unwind.complete);
         counters.insert("stacks_truncated", self.unwind.truncated);
         counters.insert("binaries_unreadable", self.unwind.binaries_unreadable);

@@ -254,10 +254,12 @@ pub struct PythonFrame {
     pub tag: u32,
 }
 
-/// The Python frames of a snapshot, sent just before it with the same (`tid`, `ts_ns`).
+/// The Python frames of a snapshot, sent just before it with the same (`tid`, `ts_ns`),
+/// in a record with room for `N` of them, the smallest of [`PYTHON_STACK_CLASSES`] that
+/// holds them: the copy into the ring costs by the byte.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct PythonStack {
+pub struct PythonStackOf<const N: usize> {
     /// [`EVENT_PYTHON_STACK`].
     pub kind: u32,
     pub tid: u32,
@@ -266,8 +268,14 @@ pub struct PythonStack {
     pub depth: u32,
     /// [`PYTHON_TRUNCATED`], [`PYTHON_READ_FAILED`].
     pub flags: u32,
-    pub frames: [PythonFrame; MAX_PYTHON_FRAMES],
+    pub frames: [PythonFrame; N],
 }
+
+/// The largest record: what the kernel builds before sending the part it needs.
+pub type PythonStack = PythonStackOf<MAX_PYTHON_FRAMES>;
+
+/// Frames a Python stack record has room for.
+pub const PYTHON_STACK_CLASSES: [usize; 3] = [16, 48, MAX_PYTHON_FRAMES];
 
 /// The fingerprint of a code object from its [`PYTHON_FINGERPRINT_BYTES`] as four words:
 /// the same in the kernel and the agent, 31 bits.
@@ -376,6 +384,12 @@ pub struct Config {
     /// agent measures the tick rate), so every thread's epochs are the same length
     /// whatever the agent is doing.
     pub offcpu_quota_epoch_jiffies: u32,
+    /// Non-zero: the time spent reading Python frames is counted (`PythonNs`), at two
+    /// clock reads per Python snapshot; the agent sets it while the kernel's BPF run-time
+    /// statistics are on all the time, so the share of the programs' cost that is
+    /// Python's is measured in the same run.
+    pub python_timing: u32,
+    pub padding: u32,
 }
 
 /// The slot [`Config::offcpu_burst_quota`] counts in. Rate control in the agent adjusts
@@ -450,10 +464,12 @@ pub enum Stat {
     /// Snapshots of a Python process whose thread state was not found (a native thread,
     /// or more than [`MAX_PYTHON_THREADS`] threads).
     PythonThreadUnknown,
+    /// Nanoseconds spent reading Python frames, while [`Config::python_timing`] is on.
+    PythonNs,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Samples,
         Stat::SampleRingFull,
@@ -473,6 +489,7 @@ impl Stat {
         Stat::PythonTruncated,
         Stat::PythonReadFailed,
         Stat::PythonThreadUnknown,
+        Stat::PythonNs,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -495,6 +512,7 @@ impl Stat {
             Stat::PythonTruncated => "python_truncated",
             Stat::PythonReadFailed => "python_read_failed",
             Stat::PythonThreadUnknown => "python_thread_unknown",
+            Stat::PythonNs => "python_ns",
         }
     }
 }

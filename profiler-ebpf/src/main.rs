@@ -36,7 +36,7 @@ mod programs {
         pending_slot, reported_state, thread_quota_slot, BurstSlot, Config, StackSnapshot, Stat, SwitchOut, ThreadQuota,
         WaitEnd, BURST_SHIFT, BURST_SLOT_NS, QUOTA_BURST_FACTOR, EVENT_SAMPLE, EVENT_SWITCH_OUT, EVENT_WAIT_END, MAX_STACK_DEPTH,
         MAX_USER_STACK, PENDING_SLOTS, RAW_TASK_DEAD, STATE_PREEMPTED, THREAD_QUOTA_SLOTS, UNLEARNT_USER_STACK, thread_quota_tag,
-        USER_STACK_CHUNK, USER_STACK_CLASSES, weight_q16, python_fingerprint, PythonFrame, PythonProcess, PythonStack,
+        USER_STACK_CHUNK, USER_STACK_CLASSES, weight_q16, python_fingerprint, PythonFrame, PythonProcess, PythonStack, PythonStackOf, PYTHON_STACK_CLASSES,
         EVENT_PYTHON_STACK, MAX_PYTHON_FRAMES, MAX_PYTHON_THREADS, PYTHON_ENTRY, PYTHON_FINGERPRINT_BYTES, PYTHON_FRAME_BYTES,
         PythonLayout, PYTHON_NO_FIELD, PYTHON_READ_FAILED, PYTHON_STACK_WINDOW, PYTHON_TRUNCATED, PYTHON_TSTATE_BYTES,
     };
@@ -84,9 +84,13 @@ mod programs {
     #[map]
     static PYTHON_PROCESSES: HashMap<u32, PythonProcess> = HashMap::with_max_entries(4096, 0);
     /// Each Python thread's `PyThreadState` address, found by walking its interpreter's
-    /// thread list once and checked against the thread's id on every use.
+    /// thread list once and checked against the thread's id on every use, by hash of
+    /// its id. An array, not an LRU hash map: its lookup is a few instructions, where
+    /// the hash map's cost a tenth of the walk. Two threads of one slot take it from
+    /// each other, and walk the list again.
     #[map]
-    static PYTHON_THREADS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
+    static PYTHON_THREADS: Array<u64> = Array::with_max_entries(PYTHON_THREAD_SLOTS, 0);
+    const PYTHON_THREAD_SLOTS: u32 = 16384;
     /// Each CPU's walk of a Python stack: the record being built, and room to read one
     /// frame and one code object's fingerprint into (fields sit at offsets known only at
     /// run time, which a map value can be indexed by).
@@ -200,7 +204,12 @@ mod programs {
     #[inline(always)]
     fn emit_snapshot(ctx: *mut c_void, cfg: &Config, subject: &Subject) -> bool {
         if let Some(process) = unsafe { PYTHON_PROCESSES.get(&subject.tgid) } {
+            let timed = cfg.python_timing != 0;
+            let start = if timed { unsafe { bpf_ktime_get_ns() } } else { 0 };
             emit_python_stack(process, subject);
+            if timed {
+                add(Stat::PythonNs, unsafe { bpf_ktime_get_ns() }.saturating_sub(start));
+            }
         }
         let needed = unsafe { STACK_BYTES.get(&subject.tid) }.copied().unwrap_or(UNLEARNT_USER_STACK);
         let wanted = (cfg.user_stack_bytes.min(needed) as usize).min(MAX_USER_STACK);
@@ -329,13 +338,29 @@ mod programs {
             count(Stat::PythonReadFailed);
         }
         walk.stack.depth = walk.depth;
-        // The whole record, 2 KiB: sending only the frames read costs a microsecond more
-        // here (the helper's copy of a length it cannot tell is whole words).
-        if EVENTS.output::<PythonStack>(&walk.stack, NO_WAKEUP).is_err() {
+        // The smallest record class that holds the frames: a constant length per class
+        // (a length known only at run time cost more than the bytes it saves here).
+        let sent = if walk.depth as usize <= PYTHON_STACK_CLASSES[0] {
+            send_python_stack::<{ PYTHON_STACK_CLASSES[0] }>(&walk.stack)
+        } else if walk.depth as usize <= PYTHON_STACK_CLASSES[1] {
+            send_python_stack::<{ PYTHON_STACK_CLASSES[1] }>(&walk.stack)
+        } else {
+            send_python_stack::<{ PYTHON_STACK_CLASSES[2] }>(&walk.stack)
+        };
+        if !sent {
             count(Stat::SampleRingFull);
             return;
         }
         count(Stat::PythonStacks);
+    }
+
+    /// Sends the first `N` frames of the record (`N` of [`PYTHON_STACK_CLASSES`]).
+    #[inline(always)]
+    fn send_python_stack<const N: usize>(stack: &PythonStack) -> bool {
+        // SAFETY: both are repr(C) with the same fields up to `frames`, and N is at most
+        // MAX_PYTHON_FRAMES: the smaller record is a prefix of the larger.
+        let prefix = unsafe { &*(stack as *const PythonStack as *const PythonStackOf<N>) };
+        EVENTS.output::<PythonStackOf<N>>(prefix, NO_WAKEUP).is_ok()
     }
 
     const PYTHON_FRAMES_PER_CALL: usize = 4;
@@ -479,7 +504,8 @@ mod programs {
         } as u64;
         let tstate = walk.tstate.as_mut_ptr();
         let read_tstate = |addr: u64| unsafe { bpf_probe_read_user(tstate as *mut c_void, PYTHON_TSTATE_BYTES as u32, addr as *const c_void) } == 0;
-        if let Some(&cached) = unsafe { PYTHON_THREADS.get(&tid) } {
+        let slot = (tid.wrapping_mul(0x9E37_79B9) >> (32 - PYTHON_THREAD_SLOTS.trailing_zeros())) & (PYTHON_THREAD_SLOTS - 1);
+        if let Some(&cached) = PYTHON_THREADS.get(slot) {
             if read_tstate(cached) && scratch_word(tstate, PYTHON_TSTATE_BYTES, layout.tstate_native_thread_id) == Some(ns_tid) {
                 return true;
             }
@@ -491,7 +517,9 @@ mod programs {
                 return false;
             }
             if read_user(candidate + layout.tstate_native_thread_id as u64) == Some(ns_tid) {
-                let _ = PYTHON_THREADS.insert(&tid, &candidate, 0);
+                if let Some(cached) = PYTHON_THREADS.get_ptr_mut(slot) {
+                    unsafe { *cached = candidate };
+                }
                 return read_tstate(candidate);
             }
             let Some(next) = read_user(candidate + layout.tstate_next as u64) else { return false };

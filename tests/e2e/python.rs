@@ -6,9 +6,10 @@ use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    time::Duration,
 };
 
-use profiler_tests::{Agent, host_alone, parse_folded, read_folded, target_dir};
+use profiler_tests::{Agent, Daemon, Server, free_port, host_alone, parse_folded, read_folded, target_dir};
 
 const SERVICE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/service.py");
 const DEBIAN_PYTHON: &str = "/usr/bin/python3.11";
@@ -179,4 +180,63 @@ fn waits_of_a_sleeping_python_function_are_under_it() {
     assert!(total >= 2_000_000_000, "the sleeper thread waited only {total} ns");
     assert!(nap as f64 >= 0.9 * total as f64, "only {nap} of {total} ns under nap");
     assert!(under_nap.iter().any(|(f, _)| f.iter().any(|x| x == "clock_nanosleep")), "nap's waits reach the C library's sleep");
+}
+
+/// The daemon, after dropping its privileges, ships a Python service's frames to a real
+/// server: its flame graph has them, and its pprof export gives their file and line.
+#[test]
+fn the_daemon_ships_python_frames_with_their_source() {
+    let _host = host_alone();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), free_port());
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nurl = \"{}\"\ntimeout = \"2s\"\n\n[sampling]\nwindow = \"2s\"\n\n[spool]\ndir = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+            server.url,
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&config);
+    let started = now_ms();
+    // In a session of its own, the service is named after its script.
+    let mut service = start_service(&["setsid", DEBIAN_PYTHON], 5, "cpu");
+    service.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+
+    let range = format!("service=service&from={}&until={}", started - 20_000, now_ms() + 20_000);
+    let tree = server.get_json(&format!("/api/v1/flamegraph?{range}&kinds=on-cpu&max_nodes=100000"));
+    let mut names = Vec::new();
+    collect_names(&tree, &mut names);
+    let services = server.get_json("/api/v1/services");
+    assert!(
+        names.iter().any(|n| n.starts_with("parse_request (") && n.contains("service.py:")),
+        "no parse_request frame in the flame graph of `service` (services: {services}); frames: {:?}",
+        &names[..names.len().min(40)]
+    );
+    let pprof = server.get_bytes(&format!("/api/v1/pprof?{range}&kinds=on-cpu"));
+    let profile = profiler_pprof::decode_gzip(&pprof, 64 << 20).expect("a pprof export");
+    let function = profile
+        .function
+        .iter()
+        .find(|f| profile.string_table[f.name as usize].starts_with("parse_request ("))
+        .expect("parse_request in the pprof export");
+    assert!(profile.string_table[function.filename as usize].ends_with("/python/service.py"));
+    assert!(daemon.metric("python_stacks_total") > 0.0);
+    daemon.stop();
+}
+
+fn collect_names(node: &serde_json::Value, names: &mut Vec<String>) {
+    if let Some(name) = node["name"].as_str() {
+        names.push(name.to_string());
+    }
+    for child in node["children"].as_array().into_iter().flatten() {
+        collect_names(child, names);
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }

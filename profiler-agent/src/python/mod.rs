@@ -504,6 +504,43 @@ mod tests {
         }
     }
 
+    /// A CPython of a version without a layout (here a stand-in `libpython3.99.so` with the
+    /// symbols a real one exports and `Py_Version` saying 3.99) is counted and left to
+    /// its native stacks: the kernel is told nothing of it.
+    #[test]
+    fn an_unknown_version_is_counted_and_left_native() {
+        let dir = tempfile::tempdir().unwrap();
+        let library = dir.path().join("libpython3.99.so");
+        let program = dir.path().join("embedder");
+        std::fs::write(
+            dir.path().join("lib.c"),
+            "char _PyRuntime[4096]; char PyCode_Type[256];\n\
+             const unsigned long Py_Version = 0x036300f0;\n\
+             int _PyEval_EvalFrameDefault(int x) { return x + 1; }\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("main.c"), "#include <unistd.h>\nint _PyEval_EvalFrameDefault(int);\nint main(void) { pause(); return _PyEval_EvalFrameDefault(0); }\n").unwrap();
+        let gcc = |args: &[&str]| assert!(Command::new("gcc").current_dir(dir.path()).args(args).status().unwrap().success());
+        gcc(&["-shared", "-fPIC", "-o", library.to_str().unwrap(), "lib.c"]);
+        gcc(&["-o", program.to_str().unwrap(), "main.c", "-L.", "-lpython3.99", "-Wl,-rpath,$ORIGIN"]);
+        let mut child = Command::new(&program).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+
+        let table = ProcessTable::default();
+        table.refresh(child.id());
+        let published = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = published.clone();
+        let mut python = Python::new(PythonOptions::default(), PythonNames::default(), Box::new(move |pid, entry: Option<PythonProcess>| seen.lock().unwrap().push((pid, entry.is_some()))));
+        python.observe(child.id(), &table);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(python.counts.unknown_version, 1);
+        assert_eq!(python.counts.processes, 0);
+        assert!(published.lock().unwrap().is_empty(), "the kernel was told of it");
+        let info = table.get(child.id()).unwrap();
+        assert!(matches!(discover::find(child.id(), &info), Err(NotReadable::UnknownVersion(layout::Version { major: 3, minor: 99 }))));
+    }
+
     #[test]
     fn python_frames_replace_the_eval_loop_frames_that_ran_them() {
         let names = PythonNames::default();

@@ -299,6 +299,7 @@ impl Sampler {
             offcpu_quota_epoch_jiffies: quota_epoch_jiffies(),
             user_stack_bytes: user_stack_bytes(options.user_stack_bytes),
             fork_child_pid_offset: fork_child_pid_offset.unwrap_or(0),
+            python_timing: (options.bpf_stats && options.bpf_stats_share >= 1.0) as u32,
             ..Config::default()
         };
         let mut config_map: Array<MapData, Config> = take(&mut bpf, maps::CONFIG)?;

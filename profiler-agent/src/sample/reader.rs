@@ -21,6 +21,8 @@ pub struct AgentLosses {
     /// Records too short for their kind, or whose unwinding panicked (a binary that broke
     /// the unwinder): never expected, counted rather than trusted.
     pub malformed: u64,
+    /// What the Python support met.
+    pub python: python::PythonCounts,
 }
 
 pub(super) type Aggregate = HashMap<(SampleKey, Option<Addrs>, Option<Addrs>), RawValue>;
@@ -216,6 +218,7 @@ impl ReaderState {
             self.handle(&record);
             read += 1;
         }
+        self.losses.python = self.python.counts;
         *self.shared_losses.lock().unwrap() = self.losses;
         read
     }
