@@ -380,16 +380,26 @@ pub struct Config {
     /// task coming back from a wait of at least `offcpu_min_ns`, in its own context: the
     /// wait's length is known before any stack is paid for. Needs a kprobe there.
     pub offcpu_switch_in: u32,
-    /// Jiffies per quota epoch: the kernel's tick count in steps of about 100 ms (the
-    /// agent measures the tick rate), so every thread's epochs are the same length
-    /// whatever the agent is doing.
-    pub offcpu_quota_epoch_jiffies: u32,
+    /// 2^32 / jiffies per quota epoch: the epoch is the kernel's tick count in steps of
+    /// about 100 ms (the agent measures the tick rate), so every thread's epochs are the
+    /// same length whatever the agent is doing. See [`quota_epoch`].
+    pub offcpu_quota_epoch_factor: u32,
     /// Non-zero: the time spent reading Python frames is counted (`PythonNs`), at two
     /// clock reads per Python snapshot; the agent sets it while the kernel's BPF run-time
     /// statistics are on all the time, so the share of the programs' cost that is
     /// Python's is measured in the same run.
     pub python_timing: u32,
     pub padding: u32,
+}
+
+/// The quota epoch of tick count `jiffies`: its low 32 bits times
+/// [`Config::offcpu_quota_epoch_factor`], in 2^-32 units. A multiplication, where a
+/// division by the jiffies per epoch cost a traced switch-out several nanoseconds. The
+/// low 32 bits wrap every 49 days at 1,000 Hz: the epoch then jumps once, which only
+/// starts every thread's count afresh.
+#[inline(always)]
+pub const fn quota_epoch(jiffies: u64, factor: u32) -> u16 {
+    (((jiffies & 0xffff_ffff) * factor as u64) >> 32) as u16
 }
 
 /// The slot [`Config::offcpu_burst_quota`] counts in. Rate control in the agent adjusts
@@ -572,6 +582,20 @@ mod tests {
         // Frozen: stopped by the freezer (a frozen cgroup, suspend), not waiting for a CPU.
         assert_eq!(reported_state(0x8000, false), TASK_STOPPED);
         assert_eq!(reported_state(0x8000 | 0x2000, false), TASK_STOPPED);
+    }
+
+    #[test]
+    fn quota_epochs_step_every_epoch_of_jiffies() {
+        // 250 Hz: 25 jiffies per 100 ms epoch.
+        let factor = ((1u64 << 32) / 25) as u32;
+        let start = 4_294_937_296u64 & 0xffff_ffff; // INITIAL_JIFFIES
+        let mut changes = 0;
+        for jiffies in start..start + 25_000 {
+            if quota_epoch(jiffies + 1, factor) != quota_epoch(jiffies, factor) {
+                changes += 1;
+            }
+        }
+        assert!((999..=1001).contains(&changes), "{changes} epochs in 25,000 jiffies");
     }
 
     #[test]

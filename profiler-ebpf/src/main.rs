@@ -33,7 +33,7 @@ mod programs {
         EbpfContext,
     };
     use profiler_common::{
-        pending_slot, reported_state, thread_quota_slot, BurstSlot, Config, StackSnapshot, Stat, SwitchOut, ThreadQuota,
+        pending_slot, quota_epoch, reported_state, thread_quota_slot, BurstSlot, Config, StackSnapshot, Stat, SwitchOut, ThreadQuota,
         WaitEnd, BURST_SHIFT, BURST_SLOT_NS, QUOTA_BURST_FACTOR, EVENT_SAMPLE, EVENT_SWITCH_OUT, EVENT_WAIT_END, MAX_STACK_DEPTH,
         MAX_USER_STACK, PENDING_SLOTS, RAW_TASK_DEAD, STATE_PREEMPTED, THREAD_QUOTA_SLOTS, UNLEARNT_USER_STACK, thread_quota_tag,
         USER_STACK_CHUNK, USER_STACK_CLASSES, weight_q16, python_fingerprint, PythonFrame, PythonProcess, PythonStack, PythonStackOf, PYTHON_STACK_CLASSES,
@@ -89,8 +89,18 @@ mod programs {
     /// the hash map's cost a tenth of the walk. Two threads of one slot take it from
     /// each other, and walk the list again.
     #[map]
-    static PYTHON_THREADS: Array<u64> = Array::with_max_entries(PYTHON_THREAD_SLOTS, 0);
+    static PYTHON_THREADS: Array<PythonThread> = Array::with_max_entries(PYTHON_THREAD_SLOTS, 0);
     const PYTHON_THREAD_SLOTS: u32 = 16384;
+
+    /// A `PYTHON_THREADS` slot: whose thread state it holds. The process too, so a thread
+    /// id reused by another process never has an address of the first one read in it.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct PythonThread {
+        tstate: u64,
+        tgid: u32,
+        tid: u32,
+    }
     /// Each CPU's walk of a Python stack: the record being built, and room to read one
     /// frame and one code object's fingerprint into (fields sit at offsets known only at
     /// run time, which a map value can be indexed by).
@@ -113,10 +123,10 @@ mod programs {
         /// The part of the chunk `window` holds.
         window_start: u64,
         window_end: u64,
-        window: [u8; PYTHON_STACK_WINDOW],
-        tstate: [u8; PYTHON_TSTATE_BYTES],
-        scratch: [u8; PYTHON_FRAME_BYTES],
-        fingerprint_bytes: [u8; PYTHON_FINGERPRINT_BYTES],
+        window: [u8; PYTHON_STACK_WINDOW + HEADER_ROOM],
+        tstate: [u8; TSTATE_ROOM],
+        scratch: [u8; HEADER_ROOM],
+        fingerprint_words: [u64; PYTHON_FINGERPRINT_BYTES / 8],
         /// When the walk started, for the fingerprints' age.
         now_ns: u64,
         /// Fingerprints read lately on this CPU, by hash of the code object's address:
@@ -289,12 +299,12 @@ mod programs {
         let Some(walk) = PYTHON_WALK.get_ptr_mut(0) else { return };
         let walk = unsafe { &mut *walk };
         let layout = process.layout;
-        if !python_thread(process, subject.tid, walk) {
+        if !python_thread(process, subject.tgid, subject.tid, walk) {
             count(Stat::PythonThreadUnknown);
             return;
         }
         let tstate = walk.tstate.as_ptr();
-        let Some(mut frame) = scratch_word(tstate, PYTHON_TSTATE_BYTES, layout.tstate_frame) else { return };
+        let Some(mut frame) = tstate_word(tstate, layout.tstate_frame) else { return };
         if layout.cframe_current_frame != PYTHON_NO_FIELD && frame != 0 {
             let Some(current) = read_user(frame + layout.cframe_current_frame as u64) else { return };
             frame = current;
@@ -302,9 +312,9 @@ mod programs {
         if frame == 0 {
             return;
         }
-        let chunk = scratch_word(tstate, PYTHON_TSTATE_BYTES, layout.tstate_datastack_chunk).unwrap_or(0);
+        let chunk = tstate_word(tstate, layout.tstate_datastack_chunk).unwrap_or(0);
         walk.chunk_start = if chunk == 0 { 0 } else { chunk + layout.chunk_data as u64 };
-        walk.chunk_top = scratch_word(tstate, PYTHON_TSTATE_BYTES, layout.tstate_datastack_chunk.saturating_add(8)).unwrap_or(0);
+        walk.chunk_top = tstate_word(tstate, layout.tstate_datastack_chunk.saturating_add(8)).unwrap_or(0);
         walk.window_start = 0;
         walk.window_end = 0;
         walk.frame = frame;
@@ -323,7 +333,7 @@ mod programs {
         let mut context: *mut PythonWalk = walk;
         unsafe {
             bpf_loop(
-                ((MAX_PYTHON_FRAMES + 8) / PYTHON_FRAMES_PER_CALL) as u32,
+                (MAX_PYTHON_FRAMES + 8) as u32,
                 walk_python_frames as *mut c_void,
                 &mut context as *mut *mut PythonWalk as *mut c_void,
                 0,
@@ -363,25 +373,15 @@ mod programs {
         EVENTS.output::<PythonStackOf<N>>(prefix, NO_WAKEUP).is_ok()
     }
 
-    const PYTHON_FRAMES_PER_CALL: usize = 4;
-
-    /// Steps of the walk in `PYTHON_WALK`: each reads the frame at `walk.frame`, appends
-    /// it (or marks the entry frame, for a shim) and moves to its caller. Returns 1 to
-    /// stop.
+    /// One step of the walk in `PYTHON_WALK`, reached through the context: reads the frame
+    /// at `walk.frame`, appends it (or marks the entry frame, for a shim) and moves to its
+    /// caller. Returns 1 to stop.
     ///
     /// Frames of the thread's frame stack are taken from a copy of up to
     /// [`PYTHON_STACK_WINDOW`] bytes ending at the frame, which then holds its callers
     /// too; frames elsewhere (generators, an older chunk) are read one by one.
     extern "C" fn walk_python_frames(_index: u32, context: *mut c_void) -> i64 {
-        let walk = unsafe { &mut **(context as *mut *mut PythonWalk) };
-        // A few frames per call: each call costs about as much as a frame read from the
-        // copy.
-        for _ in 0..PYTHON_FRAMES_PER_CALL {
-            if python_frame(walk) != 0 {
-                return 1;
-            }
-        }
-        0
+        python_frame(unsafe { &mut **(context as *mut *mut PythonWalk) })
     }
 
     #[inline(always)]
@@ -397,7 +397,9 @@ mod programs {
                 // From the frame down to the chunk's first frame, or as much as the window
                 // holds: copying costs by the byte (about 0.1 ns here), so no more.
                 let start = walk.chunk_start.max(end.saturating_sub(PYTHON_STACK_WINDOW as u64));
-                let len = ((end - start) as u32).min(PYTHON_STACK_WINDOW as u32);
+                // At most the window, in a form the verifier bounds whatever the compiler
+                // keeps on the stack (start is at most a window below end).
+                let len = (opaque((end - start).wrapping_sub(1) as usize) as u32 & (PYTHON_STACK_WINDOW as u32 - 1)) + 1;
                 let window = walk.window.as_mut_ptr() as *mut c_void;
                 if unsafe { bpf_probe_read_user(window, len, start as *const c_void) } == 0 {
                     walk.window_start = start;
@@ -409,7 +411,7 @@ mod programs {
         }
         let offset = frame.wrapping_sub(walk.window_start);
         let header: *const u8 = if walk.window_start <= frame && end <= walk.window_end && offset <= (PYTHON_STACK_WINDOW - PYTHON_FRAME_BYTES) as u64 {
-            unsafe { walk.window.as_ptr().add(offset as usize) }
+            unsafe { walk.window.as_ptr().add(opaque(offset as usize) & (PYTHON_STACK_WINDOW - 1)) }
         } else {
             let scratch = walk.scratch.as_mut_ptr();
             if unsafe { bpf_probe_read_user(scratch as *mut c_void, PYTHON_FRAME_BYTES as u32, frame as *const c_void) } != 0 {
@@ -419,43 +421,49 @@ mod programs {
             }
             scratch
         };
-        let layout = walk.layout;
+        let layout = &walk.layout;
         let (Some(code), Some(previous), Some(instr)) = (
-            scratch_word(header, PYTHON_FRAME_BYTES, layout.frame_code),
-            scratch_word(header, PYTHON_FRAME_BYTES, layout.frame_previous),
-            scratch_word(header, PYTHON_FRAME_BYTES, layout.frame_instr),
+            header_word(header, layout.frame_code),
+            header_word(header, layout.frame_previous),
+            header_word(header, layout.frame_instr),
         ) else {
             walk.frame = 0;
             return 1;
         };
-        let owner = scratch_byte(header, layout.frame_owner);
-        let is_entry = scratch_byte(header, layout.frame_is_entry).is_some_and(|b| b != 0);
+        let shim = layout.frame_owner != PYTHON_NO_FIELD && header_byte(header, layout.frame_owner) == Some(layout.owner_cstack as u8);
+        let is_entry = header_byte(header, layout.frame_is_entry).is_some_and(|b| b != 0);
         walk.frame = previous;
         // A shim frame of the C stack (3.12+): the frame before it was the one its
         // native call of the eval loop was made for.
-        if layout.frame_owner != PYTHON_NO_FIELD && owner == Some(layout.owner_cstack as u8) {
-            if let Some(entry_frame) = depth.checked_sub(1).and_then(|i| walk.stack.frames.get_mut(i)) {
+        if shim {
+            if let Some(entry_frame) = depth.checked_sub(1).and_then(|i| walk.stack.frames.get_mut(opaque(i) & (MAX_PYTHON_FRAMES - 1))) {
                 entry_frame.tag |= PYTHON_ENTRY;
             }
             return 0;
         }
         // 3.14 tags the low bits of `f_executable`; code objects are 16-byte aligned.
         let code = code & !15;
+        // Stored before the fingerprint's read, so few values live across it: the
+        // callback's stack counts with its caller's against 512 bytes on older kernels.
+        let index = opaque(depth) & (MAX_PYTHON_FRAMES - 1);
+        if let Some(slot) = walk.stack.frames.get_mut(index) {
+            *slot = PythonFrame { code, instr_offset: instr.wrapping_sub(code).min(u32::MAX as u64) as u32, tag: if is_entry { PYTHON_ENTRY } else { 0 } };
+        }
+        walk.depth = depth as u32 + 1;
         if code != walk.last_code {
-            let function = scratch_word(header, PYTHON_FRAME_BYTES, layout.frame_function).unwrap_or(0);
+            let function = header_word(header, walk.layout.frame_function).unwrap_or(0);
             let Some(fingerprint) = code_fingerprint(walk, code, function) else {
                 walk.stack.flags |= PYTHON_READ_FAILED;
                 walk.frame = 0;
+                walk.depth = depth as u32;
                 return 1;
             };
             walk.fingerprint = fingerprint;
             walk.last_code = code;
         }
-        let tag = walk.fingerprint | if is_entry { PYTHON_ENTRY } else { 0 };
-        if let Some(slot) = walk.stack.frames.get_mut(depth) {
-            *slot = PythonFrame { code, instr_offset: instr.wrapping_sub(code).min(u32::MAX as u64) as u32, tag };
+        if let Some(slot) = walk.stack.frames.get_mut(opaque(depth) & (MAX_PYTHON_FRAMES - 1)) {
+            slot.tag |= walk.fingerprint;
         }
-        walk.depth = depth as u32 + 1;
         0
     }
 
@@ -472,16 +480,19 @@ mod programs {
         if cached.code == code && cached.function == function && now.wrapping_sub(cached.read_ns) < PYTHON_FINGERPRINT_TTL_NS {
             return Some(cached.fingerprint);
         }
-        let bytes = walk.fingerprint_bytes.as_mut_ptr();
+        let words = walk.fingerprint_words.as_mut_ptr();
         let read = unsafe {
-            bpf_probe_read_user(bytes as *mut c_void, PYTHON_FINGERPRINT_BYTES as u32, (code + walk.layout.code_fingerprint as u64) as *const c_void)
+            bpf_probe_read_user(words as *mut c_void, PYTHON_FINGERPRINT_BYTES as u32, (code + walk.layout.code_fingerprint as u64) as *const c_void)
         };
         if read != 0 {
             return None;
         }
-        let fingerprint = python_fingerprint(unsafe { (bytes as *const [u64; 4]).read_unaligned() });
+        let fingerprint = python_fingerprint(walk.fingerprint_words);
         let cached = walk.fingerprints.get_mut(slot)?;
-        *cached = CachedFingerprint { code, function, read_ns: now, fingerprint, padding: 0 };
+        cached.code = code;
+        cached.function = function;
+        cached.read_ns = now;
+        cached.fingerprint = fingerprint;
         Some(fingerprint)
     }
 
@@ -489,7 +500,7 @@ mod programs {
     /// checked against the thread's id, or the one found in the main interpreter's thread
     /// list. False when the thread has none (a native thread) or it was not found.
     #[inline(always)]
-    fn python_thread(process: &PythonProcess, tid: u32, walk: &mut PythonWalk) -> bool {
+    fn python_thread(process: &PythonProcess, tgid: u32, tid: u32, walk: &mut PythonWalk) -> bool {
         let layout = &process.layout;
         // Thread states hold the thread's id in the process's own pid namespace.
         let ns_tid = if process.pid_ns_ino == 0 {
@@ -506,7 +517,11 @@ mod programs {
         let read_tstate = |addr: u64| unsafe { bpf_probe_read_user(tstate as *mut c_void, PYTHON_TSTATE_BYTES as u32, addr as *const c_void) } == 0;
         let slot = (tid.wrapping_mul(0x9E37_79B9) >> (32 - PYTHON_THREAD_SLOTS.trailing_zeros())) & (PYTHON_THREAD_SLOTS - 1);
         if let Some(&cached) = PYTHON_THREADS.get(slot) {
-            if read_tstate(cached) && scratch_word(tstate, PYTHON_TSTATE_BYTES, layout.tstate_native_thread_id) == Some(ns_tid) {
+            if cached.tid == tid
+                && cached.tgid == tgid
+                && read_tstate(cached.tstate)
+                && tstate_word(tstate, layout.tstate_native_thread_id) == Some(ns_tid)
+            {
                 return true;
             }
         }
@@ -518,7 +533,7 @@ mod programs {
             }
             if read_user(candidate + layout.tstate_native_thread_id as u64) == Some(ns_tid) {
                 if let Some(cached) = PYTHON_THREADS.get_ptr_mut(slot) {
-                    unsafe { *cached = candidate };
+                    unsafe { *cached = PythonThread { tstate: candidate, tgid, tid } };
                 }
                 return read_tstate(candidate);
             }
@@ -535,24 +550,49 @@ mod programs {
         (read == 0).then_some(value)
     }
 
-    /// The word at `offset` of `len` bytes read into a buffer of the walk.
+    // Offsets into the walk's buffers are checked against what was read, then masked to a
+    // power of two the buffers have room past: the verifier of older kernels (6.1) does
+    // not carry a comparison's bound to a copy the compiler keeps on the stack, and would
+    // see an unbounded offset. The mask goes through `opaque`, or the compiler, knowing
+    // the comparison, drops it.
+
+    /// `value`, unknown to the compiler from here on.
     #[inline(always)]
-    fn scratch_word(buffer: *const u8, len: usize, offset: u16) -> Option<u64> {
-        let offset = offset as usize;
-        if offset > len - 8 {
+    fn opaque(mut value: usize) -> usize {
+        unsafe { core::arch::asm!("{0} = {0}", inout(reg) value, options(nomem, nostack, preserves_flags)) };
+        value
+    }
+
+    /// Room past the start of a frame's header in the buffers it is read from.
+    const HEADER_ROOM: usize = 128 + 8;
+    /// The thread-state buffer: [`PYTHON_TSTATE_BYTES`] read, masked offsets below 512.
+    const TSTATE_ROOM: usize = 512 + 8;
+
+    /// The word at `offset` of the thread state read into `walk.tstate`.
+    #[inline(always)]
+    fn tstate_word(tstate: *const u8, offset: u16) -> Option<u64> {
+        if offset as usize > PYTHON_TSTATE_BYTES - 8 {
             return None;
         }
-        Some(unsafe { (buffer.add(offset) as *const u64).read_unaligned() })
+        Some(unsafe { (tstate.add(opaque(offset as usize) & 511) as *const u64).read_unaligned() })
+    }
+
+    /// The word at `offset` of a frame's header; None past the bytes read of it.
+    #[inline(always)]
+    fn header_word(header: *const u8, offset: u16) -> Option<u64> {
+        if offset as usize > PYTHON_FRAME_BYTES - 8 {
+            return None;
+        }
+        Some(unsafe { (header.add(opaque(offset as usize) & 127) as *const u64).read_unaligned() })
     }
 
     /// The byte at `offset` of a frame's header; None for [`PYTHON_NO_FIELD`].
     #[inline(always)]
-    fn scratch_byte(header: *const u8, offset: u16) -> Option<u8> {
-        let offset = offset as usize;
-        if offset >= PYTHON_FRAME_BYTES {
+    fn header_byte(header: *const u8, offset: u16) -> Option<u8> {
+        if offset as usize >= PYTHON_FRAME_BYTES {
             return None;
         }
-        Some(unsafe { *header.add(offset) })
+        Some(unsafe { *header.add(opaque(offset as usize) & 127) })
     }
 
     /// Copies `N` bytes from the user stack pointer up. When the range runs past the end
@@ -822,7 +862,7 @@ mod programs {
         let slot = unsafe { &mut *THREAD_QUOTA.get_ptr_mut(thread_quota_slot(task))? };
         // Jiffies, not the clock: a read of a variable, where the clock costs tens of
         // nanoseconds on every traced switch-out.
-        let epoch = (unsafe { bpf_jiffies64() } / cfg.offcpu_quota_epoch_jiffies.max(1) as u64) as u16;
+        let epoch = quota_epoch(unsafe { bpf_jiffies64() }, cfg.offcpu_quota_epoch_factor);
         let tag = thread_quota_tag(task);
         if slot.tag != tag {
             *slot = ThreadQuota { tag, epoch, switches: 0, last_switches: 0 };

@@ -1,7 +1,7 @@
 //! Code objects read from a Python process's memory: the function's qualified name, its
 //! file and the line of an instruction, decoded once per code object and cached.
 
-use super::layout::{CodeLayout, LineTable, ObjectLayout};
+use super::layout::{CodeLayout, ObjectLayout};
 
 /// Characters of a name or file name read at most.
 const MAX_STRING: usize = 1024;
@@ -30,9 +30,8 @@ pub struct Code {
     pub qualname: String,
     pub filename: String,
     pub first_line: u32,
-    /// The raw location table, decoded per instruction on demand.
+    /// The raw PEP 657 location table (3.11+), decoded per instruction on demand.
     line_table: Box<[u8]>,
-    line_format: LineTable,
     /// The [`profiler_common::python_fingerprint`] of the object, to tell a reused
     /// address apart.
     pub fingerprint: u32,
@@ -53,7 +52,6 @@ impl Code {
             filename: read_str(pid, word(&header, layout.filename)?, objects)?,
             first_line,
             line_table: read_bytes(pid, word(&header, layout.linetable)?, objects)?.into(),
-            line_format: layout.line_table,
             fingerprint: profiler_common::python_fingerprint(words),
         })
     }
@@ -61,9 +59,7 @@ impl Code {
     /// The line of the instruction at byte offset `offset` of the bytecode; the first
     /// line for an offset before the first instruction (a frame just pushed).
     pub fn line(&self, offset: i64) -> u32 {
-        match self.line_format {
-            LineTable::Locations => location_line(&self.line_table, self.first_line, offset).unwrap_or(self.first_line),
-        }
+        location_line(&self.line_table, self.first_line, offset).unwrap_or(self.first_line)
     }
 }
 

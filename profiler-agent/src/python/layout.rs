@@ -21,14 +21,6 @@ impl std::fmt::Display for Version {
     }
 }
 
-/// How a version maps instruction offsets to lines.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LineTable {
-    /// PEP 626/657 location table (`co_linetable`, 3.11+): one entry per run of code
-    /// units, a line delta in each.
-    Locations,
-}
-
 /// What the agent reads of a code object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CodeLayout {
@@ -41,7 +33,6 @@ pub struct CodeLayout {
     pub code: usize,
     /// Bytes read from the code object's start: every field above lies within them.
     pub header: usize,
-    pub line_table: LineTable,
 }
 
 /// What the agent reads of `str` and `bytes` objects.
@@ -115,7 +106,6 @@ const V3_11: Layout = Layout {
         first_line: 72,
         code: 184,
         header: 184,
-        line_table: LineTable::Locations,
     },
     objects: ObjectLayout {
         str_length: 16,

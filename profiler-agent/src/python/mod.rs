@@ -331,17 +331,20 @@ impl Python {
         merged
     }
 
-    /// Forgets processes unseen for a while, and takes the gone ones out of the kernel's
-    /// map, which has room for a bounded number.
+    /// Forgets processes unseen for a while that are gone, and takes them out of the
+    /// kernel's map, which has room for a bounded number. A live one stays however idle:
+    /// its first sample after a long sleep still has its frames.
     pub fn evict(&mut self) {
         let now = Instant::now();
-        let stale: Vec<u32> = self
-            .processes
-            .iter()
-            .filter(|(_, state)| now.duration_since(state.seen_at) > FORGET_AFTER)
-            .map(|(&tgid, _)| tgid)
-            .collect();
-        for tgid in stale {
+        let mut gone = Vec::new();
+        for (&tgid, state) in self.processes.iter_mut().filter(|(_, state)| now.duration_since(state.seen_at) > FORGET_AFTER) {
+            if std::path::Path::new(&format!("/proc/{tgid}")).exists() {
+                state.seen_at = now;
+            } else {
+                gone.push(tgid);
+            }
+        }
+        for tgid in gone {
             if let Some(ProcessState { checked: Checked::Python(_), .. }) = self.processes.remove(&tgid) {
                 (self.publish)(tgid, None);
             }

@@ -296,7 +296,7 @@ impl Sampler {
         let fork_child_pid_offset = fork_child_pid_offset();
         let config = Config {
             filter_tgid: options.pid.unwrap_or(0),
-            offcpu_quota_epoch_jiffies: quota_epoch_jiffies(),
+            offcpu_quota_epoch_factor: ((1u64 << 32) / quota_epoch_jiffies().max(2) as u64) as u32,
             user_stack_bytes: user_stack_bytes(options.user_stack_bytes),
             fork_child_pid_offset: fork_child_pid_offset.unwrap_or(0),
             python_timing: (options.bpf_stats && options.bpf_stats_share >= 1.0) as u32,
