@@ -333,7 +333,7 @@ mod programs {
         let mut context: *mut PythonWalk = walk;
         unsafe {
             bpf_loop(
-                (MAX_PYTHON_FRAMES + 8) as u32,
+                (MAX_PYTHON_FRAMES + 8) as u32 / 2,
                 walk_python_frames as *mut c_void,
                 &mut context as *mut *mut PythonWalk as *mut c_void,
                 0,
@@ -381,7 +381,12 @@ mod programs {
     /// [`PYTHON_STACK_WINDOW`] bytes ending at the frame, which then holds its callers
     /// too; frames elsewhere (generators, an older chunk) are read one by one.
     extern "C" fn walk_python_frames(_index: u32, context: *mut c_void) -> i64 {
-        python_frame(unsafe { &mut **(context as *mut *mut PythonWalk) })
+        let walk = unsafe { &mut **(context as *mut *mut PythonWalk) };
+        // Two frames a call: a call costs about what a frame read from the copy does.
+        if python_frame(walk) != 0 {
+            return 1;
+        }
+        python_frame(walk)
     }
 
     #[inline(always)]
@@ -762,13 +767,16 @@ mod programs {
         if !sampled && cfg.offcpu_thread_quota == 0 {
             return;
         }
-        let Some((tid, tgid, raw_state)) = traced_switch_out(ctx, cfg) else { return };
         let quota = thread_quota(cfg, threshold, task);
         // Most switch-outs of a busy host end here: a frequent switcher not drawn. The
-        // clock is read only past this point (it costs this VM 60 to 80 ns a read).
+        // clock is read only past this point (it costs this VM 60 to 80 ns a read), and
+        // whose switch-out this is too (a helper call): a task that is not traced (idle,
+        // dying, of another process than `filter_tgid`) only counts in its quota slot,
+        // which costs less than telling it apart first.
         if quota.is_none() && !sampled {
             return;
         }
+        let Some((tid, tgid, raw_state)) = traced_switch_out(ctx, cfg) else { return };
         let now = unsafe { bpf_ktime_get_ns() };
         // The thread's own probability when it is higher than the sampled one and this
         // CPU has room for it; both are known before the draw decides.
