@@ -152,6 +152,20 @@ impl Agent {
     }
 }
 
+/// An `agent.toml` in `dir` for a daemon shipping to `server_url`, its spool in `dir` and
+/// its metrics on a free port: `server` and `sampling` are more lines of those sections
+/// (`sampling` at least the window), `extra` more sections.
+pub fn agent_config(dir: &Path, server_url: &str, server: &str, sampling: &str, extra: &str) -> PathBuf {
+    let path = dir.join("agent.toml");
+    let spool = dir.join("spool");
+    let toml = format!(
+        "[server]\nurl = \"{server_url}\"\n{server}\n[sampling]\n{sampling}\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n{extra}",
+        spool.display()
+    );
+    std::fs::write(&path, toml).expect("write agent.toml");
+    path
+}
+
 /// Runs the test workload to completion and returns its JSON report.
 pub fn run_workload(args: &[&str]) -> serde_json::Value {
     let output = Command::new(binary("workload"))

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use profiler_tests::{binary, cgroup_root, host_alone, free_port, require_root, run_workload, webhook_receiver, Agent, Daemon, Server};
+use profiler_tests::{agent_config, binary, cgroup_root, host_alone, free_port, require_root, run_workload, webhook_receiver, Agent, Daemon, Server};
 
 /// Seconds each compared variant runs; the agent and the server cut them into windows of
 /// `WINDOW_MS`, each an observation of the change detector: 1 s windows give a 14 s run
@@ -63,16 +63,7 @@ fn the_agent_s_profiles_show_a_cpu_shift_and_added_io_as_the_top_changes() {
     let (hook, hooked) = webhook_receiver();
     std::fs::write(&server_toml, format!("[storage]\nwindow_ms = {WINDOW_MS}\n\n[deploys]\ncompare_secs = 10\ncheck_secs = 1\nwebhook = \"{hook}\"\n")).unwrap();
     let server = Server::start_with(&dir.path().join("server"), free_port(), &["--config", server_toml.to_str().unwrap()]);
-    let agent_toml = dir.path().join("agent.toml");
-    std::fs::write(
-        &agent_toml,
-        format!(
-            "[server]\nurl = \"{}\"\n[sampling]\nwindow = \"{WINDOW_MS}ms\"\nfrequency_hz = {HZ}\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
-            server.url,
-            dir.path().join("spool").display()
-        ),
-    )
-    .unwrap();
+    let agent_toml = agent_config(dir.path(), &server.url, "", &format!("window = \"{WINDOW_MS}ms\"\nfrequency_hz = {HZ}"), "");
     let daemon = Daemon::start(&agent_toml);
     // The first run after the agent starts is not compared: it is the only one that shares
     // the host with the agent's start (every binary of the host symbolized and its unwind

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use profiler_tests::{Agent, Daemon, Server, free_port, host_alone, parse_folded, read_folded, target_dir};
+use profiler_tests::{Agent, Daemon, Server, agent_config, free_port, host_alone, parse_folded, read_folded, target_dir};
 
 const SERVICE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/service.py");
 const DEBIAN_PYTHON: &str = "/usr/bin/python3.11";
@@ -189,16 +189,7 @@ fn the_daemon_ships_python_frames_with_their_source() {
     let _host = host_alone();
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("server"), free_port());
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nurl = \"{}\"\ntimeout = \"2s\"\n\n[sampling]\nwindow = \"2s\"\n\n[spool]\ndir = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
-            server.url,
-            dir.path().join("spool").display()
-        ),
-    )
-    .unwrap();
+    let config = agent_config(dir.path(), &server.url, "", "window = \"2s\"", "");
     let daemon = Daemon::start(&config);
     let started = now_ms();
     // In a session of its own, the service is named after its script.

@@ -5,7 +5,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use profiler_tests::{cgroup_root, Daemon, Server, binary, host_alone, free_port, require_root};
+use profiler_tests::{agent_config, cgroup_root, Daemon, Server, binary, host_alone, free_port, require_root};
 
 struct Kill(Child);
 
@@ -45,16 +45,7 @@ fn scheduled_run_raises_the_rate_then_returns_to_baseline() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("server"), free_port());
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nurl = \"{}\"\npoll_interval = \"1s\"\n[sampling]\nwindow = \"2s\"\n[off_cpu]\nenabled = false\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
-            server.url,
-            dir.path().join("spool").display()
-        ),
-    )
-    .unwrap();
+    let config = agent_config(dir.path(), &server.url, "poll_interval = \"1s\"", "window = \"2s\"", "[off_cpu]\nenabled = false\n");
     let daemon = Daemon::start(&config);
 
     // Two threads spinning for the whole test, as the service `deep`: the sample rate is

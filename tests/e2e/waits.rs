@@ -9,7 +9,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use profiler_tests::{cgroup_root, free_port, host_alone, native_workload, require_root, Bpftrace, Daemon, Server};
+use profiler_tests::{agent_config, cgroup_root, free_port, host_alone, native_workload, require_root, Bpftrace, Daemon, Server};
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
@@ -41,16 +41,7 @@ fn a_query_tail_of_three_percent_shows_as_p99_and_p50_stays_at_two_ms() {
     let dir = tempfile::tempdir().unwrap();
     let program = native_workload(dir.path());
     let server = Server::start(&dir.path().join("server"), free_port());
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nurl = \"{}\"\n\n[sampling]\nwindow = \"2s\"\n\n[spool]\ndir = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
-            server.url,
-            dir.path().join("spool").display()
-        ),
-    )
-    .unwrap();
+    let config = agent_config(dir.path(), &server.url, "", "window = \"2s\"", "");
     let daemon = Daemon::start(&config);
     let started = now_ms();
 
