@@ -9,8 +9,8 @@ import time
 
 
 def spin(units):
-    # Pure bytecode: every sample lands in the function that called it... unless
-    # inlined here, so each caller spins in its own loop below.
+    # The recursion's leaf. The handler's three functions each loop on their own rather
+    # than call this, so each one's CPU is its own self time, as py-spy counts it.
     total = 0
     for i in range(units):
         total += i * i
