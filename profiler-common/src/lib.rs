@@ -180,8 +180,8 @@ pub const PYTHON_NO_FIELD: u16 = u16::MAX;
 pub const PYTHON_FRAME_BYTES: usize = 80;
 /// Bytes of a code object folded into its fingerprint, from [`PythonLayout::code_fingerprint`].
 pub const PYTHON_FINGERPRINT_BYTES: usize = 32;
-/// Bytes of a thread state the kernel reads in one go, from its start.
-pub const PYTHON_TSTATE_BYTES: usize = 384;
+/// Most bytes of a thread state the kernel reads in one go, from its start.
+pub const PYTHON_TSTATE_BYTES: usize = 512;
 /// Bytes of a thread's frame stack (`datastack`) the kernel copies at most at a time:
 /// frames are pushed there one above the other, so one copy holds tens of callers, where
 /// reading each frame on its own costs a read each (about 40 ns).
@@ -226,8 +226,9 @@ pub struct PythonLayout {
     /// beside its address (argument counts, first line): a code object freed and its
     /// address reused by another is told apart.
     pub code_fingerprint: u16,
-    /// Explicit padding to 8 bytes.
-    pub padding: u16,
+    /// Bytes of `PyThreadState` read: every field above lies within them, and the
+    /// struct is at least this long. At most [`PYTHON_TSTATE_BYTES`].
+    pub tstate_bytes: u16,
 }
 
 /// A Python process's state the kernel walks from: its layout, where its interpreter list

@@ -519,7 +519,9 @@ mod programs {
             ns.pid
         } as u64;
         let tstate = walk.tstate.as_mut_ptr();
-        let read_tstate = |addr: u64| unsafe { bpf_probe_read_user(tstate as *mut c_void, PYTHON_TSTATE_BYTES as u32, addr as *const c_void) } == 0;
+        // What the version's struct holds, bounded for the verifier (1 to 512 bytes).
+        let tstate_bytes = (opaque((layout.tstate_bytes as usize).wrapping_sub(1)) as u32 & (PYTHON_TSTATE_BYTES as u32 - 1)) + 1;
+        let read_tstate = |addr: u64| unsafe { bpf_probe_read_user(tstate as *mut c_void, tstate_bytes, addr as *const c_void) } == 0;
         let slot = (tid.wrapping_mul(0x9E37_79B9) >> (32 - PYTHON_THREAD_SLOTS.trailing_zeros())) & (PYTHON_THREAD_SLOTS - 1);
         if let Some(&cached) = PYTHON_THREADS.get(slot) {
             if cached.tid == tid
@@ -570,8 +572,8 @@ mod programs {
 
     /// Room past the start of a frame's header in the buffers it is read from.
     const HEADER_ROOM: usize = 128 + 8;
-    /// The thread-state buffer: [`PYTHON_TSTATE_BYTES`] read, masked offsets below 512.
-    const TSTATE_ROOM: usize = 512 + 8;
+    /// The thread-state buffer: up to [`PYTHON_TSTATE_BYTES`] read, masked offsets below it.
+    const TSTATE_ROOM: usize = PYTHON_TSTATE_BYTES + 8;
 
     /// The word at `offset` of the thread state read into `walk.tstate`.
     #[inline(always)]
@@ -579,7 +581,7 @@ mod programs {
         if offset as usize > PYTHON_TSTATE_BYTES - 8 {
             return None;
         }
-        Some(unsafe { (tstate.add(opaque(offset as usize) & 511) as *const u64).read_unaligned() })
+        Some(unsafe { (tstate.add(opaque(offset as usize) & (PYTHON_TSTATE_BYTES - 1)) as *const u64).read_unaligned() })
     }
 
     /// The word at `offset` of a frame's header; None past the bytes read of it.

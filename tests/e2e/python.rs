@@ -231,3 +231,47 @@ fn collect_names(node: &serde_json::Value, names: &mut Vec<String>) {
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
+
+/// pyenv's CPython 3.12 and 3.13 (libpython embeddings, with shim frames where 3.11 has
+/// `is_entry`, and no `_PyCFrame` in 3.13): the 40-deep recursion whole, and the
+/// sleeping thread's waits under `nap`.
+#[test]
+fn newer_cpythons_show_their_frames_too() {
+    let _host = host_alone();
+    let root = Command::new("pyenv").arg("root").output().expect("pyenv, whose CPythons this test runs");
+    let root = PathBuf::from(String::from_utf8_lossy(&root.stdout).trim());
+    let mut checked = Vec::new();
+    for version in ["3.12", "3.13"] {
+        let Some(prefix) = std::fs::read_dir(root.join("versions"))
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d.ok().map(|d| d.path()))
+            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{version}."))))
+        else {
+            continue;
+        };
+        let python = prefix.join(format!("bin/python{version}"));
+        let dir = tempfile::tempdir().unwrap();
+        let folded = dir.path().join("out.folded");
+        let mut service = start_service(&[python.to_str().unwrap()], 5, "recursive");
+        let agent = Agent::record(&["--pid", &service.id().to_string(), "--off-cpu", "--frequency", "499", "--duration", "3s", "-o", folded.to_str().unwrap()]);
+        agent.wait();
+        service.wait().unwrap();
+        let stacks = read_folded(&folded);
+        let on: Stacks = on_cpu(stacks.clone());
+        let recursing: u64 = on.iter().filter(|(f, _)| python_functions(f).contains(&"recurse")).map(|(_, v)| v).sum();
+        let whole: u64 = on
+            .iter()
+            .filter(|(f, _)| python_functions(f).iter().filter(|&&n| n == "recurse").count() == 40)
+            .map(|(_, v)| v)
+            .sum();
+        let sleeper = |f: &[String]| f[0].starts_with("[off-cpu") && f.iter().any(|x| x == "start_thread");
+        let slept: u64 = stacks.iter().filter(|(f, _)| sleeper(f)).map(|(_, v)| v).sum();
+        let napped: u64 = stacks.iter().filter(|(f, _)| sleeper(f) && python_functions(f).ends_with(&["sleeper", "nap"])).map(|(_, v)| v).sum();
+        eprintln!("CPython {version}: {:.1}% of the recursion's samples whole, {:.1}% of the sleeper's waits under nap", 100.0 * whole as f64 / recursing.max(1) as f64, 100.0 * napped as f64 / slept.max(1) as f64);
+        assert!(recursing > 0 && whole as f64 >= 0.95 * recursing as f64, "CPython {version}: {whole} of {recursing} whole");
+        assert!(slept > 0 && napped as f64 >= 0.9 * slept as f64, "CPython {version}: {napped} of {slept} ns under nap");
+        checked.push(version);
+    }
+    assert!(!checked.is_empty(), "no pyenv CPython 3.12 or 3.13 found under {}", root.display());
+}

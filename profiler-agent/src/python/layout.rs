@@ -8,6 +8,9 @@
 
 use profiler_common::{PythonLayout, PYTHON_NO_FIELD};
 
+// A layout's thread-state read must fit the kernel's buffer.
+const _: () = assert!(V3_11.kernel.tstate_bytes as usize <= profiler_common::PYTHON_TSTATE_BYTES);
+
 /// A CPython version, major and minor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Version {
@@ -71,6 +74,8 @@ pub struct Layout {
 pub fn for_version(version: Version) -> Option<Layout> {
     match (version.major, version.minor) {
         (3, 11) => Some(V3_11),
+        (3, 12) => Some(V3_12),
+        (3, 13) => Some(V3_13),
         _ => None,
     }
 }
@@ -95,7 +100,8 @@ const V3_11: Layout = Layout {
         owner_cstack: 0,
         // co_argcount .. co_nplaincellvars: eight ints fixed at creation.
         code_fingerprint: 56,
-        padding: 0,
+        // sizeof(PyThreadState) is 360; the fields read end at 312.
+        tstate_bytes: 320,
     },
     runtime_interpreters_head: 40,
     code: CodeLayout {
@@ -120,6 +126,74 @@ const V3_11: Layout = Layout {
     },
 };
 
+/// CPython 3.12: the code object first in the frame, and `is_entry` gone: a native call of
+/// the eval loop pushes a shim frame owned by the C stack below the frame it runs.
+/// Strings lost `wstr`, so their characters start 8 bytes sooner.
+const V3_12: Layout = Layout {
+    kernel: PythonLayout {
+        interp_threads_head: 72,
+        tstate_next: 8,
+        tstate_native_thread_id: 144,
+        tstate_frame: 56,
+        tstate_datastack_chunk: 232,
+        chunk_data: 24,
+        cframe_current_frame: 0,
+        frame_code: 0,
+        frame_function: 16,
+        frame_previous: 8,
+        frame_instr: 56,
+        frame_is_entry: PYTHON_NO_FIELD,
+        frame_owner: 70,
+        owner_cstack: 3,
+        // co_argcount .. co_nlocals, with co_framesize.
+        code_fingerprint: 52,
+        tstate_bytes: 288,
+    },
+    runtime_interpreters_head: 40,
+    code: CodeLayout { ob_type: 8, filename: 112, qualname: 128, linetable: 136, first_line: 68, code: 192, header: 192 },
+    objects: OBJECTS_3_12,
+};
+
+/// CPython 3.13: `_PyCFrame` gone (the thread state points at its frame), `f_executable`
+/// and `instr_ptr` in the frame, and `_Py_DebugOffsets` at the start of `_PyRuntime`,
+/// which moves the interpreter list.
+const V3_13: Layout = Layout {
+    kernel: PythonLayout {
+        interp_threads_head: 7344,
+        tstate_next: 8,
+        tstate_native_thread_id: 160,
+        tstate_frame: 72,
+        tstate_datastack_chunk: 232,
+        chunk_data: 24,
+        cframe_current_frame: PYTHON_NO_FIELD,
+        frame_code: 0,
+        frame_function: 16,
+        frame_previous: 8,
+        frame_instr: 56,
+        frame_is_entry: PYTHON_NO_FIELD,
+        frame_owner: 70,
+        owner_cstack: 3,
+        code_fingerprint: 52,
+        tstate_bytes: 304,
+    },
+    runtime_interpreters_head: 632,
+    code: CodeLayout { ob_type: 8, filename: 112, qualname: 128, linetable: 136, first_line: 68, code: 200, header: 200 },
+    objects: OBJECTS_3_12,
+};
+
+/// `str` and `bytes` from 3.12 on.
+const OBJECTS_3_12: ObjectLayout = ObjectLayout {
+    str_length: 16,
+    str_state: 32,
+    str_ascii_data: 40,
+    str_compact_data: 56,
+    state_kind_shift: 2,
+    state_compact_bit: 5,
+    state_ascii_bit: 6,
+    bytes_size: 16,
+    bytes_data: 32,
+};
+
 /// The version a binary's file name says it is: `python3.11`, `libpython3.11.so.1.0`,
 /// `libpython3.11d.so`. None for anything else (`python3`, a symlink's target is what
 /// gets mapped).
@@ -141,9 +215,114 @@ pub fn version_from_hex(hex: u32) -> Version {
     Version { major: (hex >> 24) as u8, minor: (hex >> 16) as u8 }
 }
 
+/// Installed CPythons with their headers, `(version, prefix)`: pyenv's, where pyenv is
+/// installed, for the tests that check layouts against the real thing.
+#[cfg(test)]
+pub(crate) fn installed() -> Vec<(Version, std::path::PathBuf)> {
+    let Ok(out) = std::process::Command::new("pyenv").arg("root").output() else { return Vec::new() };
+    let root = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let Ok(dirs) = std::fs::read_dir(root.join("versions")) else { return Vec::new() };
+    let mut found: Vec<(Version, std::path::PathBuf)> = dirs
+        .filter_map(|dir| {
+            let prefix = dir.ok()?.path();
+            let name = prefix.file_name()?.to_str()?.to_string();
+            let mut parts = name.split('.');
+            let version = Version { major: parts.next()?.parse().ok()?, minor: parts.next()?.parse().ok()? };
+            Some((version, prefix))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every offset of the table against CPython's own headers (`offsetof` in
+    /// `layout_check.c`, compiled with `Py_BUILD_CORE`), for each installed version the
+    /// table has.
+    #[test]
+    fn offsets_match_each_installed_cpythons_headers() {
+        let source = concat!(env!("CARGO_MANIFEST_DIR"), "/src/python/layout_check.c");
+        let dir = tempfile::tempdir().unwrap();
+        let mut checked = Vec::new();
+        for (version, prefix) in installed() {
+            let Some(layout) = for_version(version) else { continue };
+            let include = prefix.join(format!("include/python{version}"));
+            let program = dir.path().join(format!("check-{version}"));
+            let status = std::process::Command::new("gcc")
+                .arg(format!("-I{}", include.display()))
+                .arg(format!("-I{}", include.join("internal").display()))
+                .arg("-o")
+                .arg(&program)
+                .arg(source)
+                .status()
+                .unwrap();
+            assert!(status.success(), "compiling the layout check against {}", include.display());
+            let out = std::process::Command::new(&program).output().unwrap();
+            let printed: std::collections::HashMap<String, u64> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|line| {
+                    let (name, value) = line.rsplit_once(' ')?;
+                    Some((name.trim().to_string(), value.parse().ok()?))
+                })
+                .collect();
+            let header = |name: &str| *printed.get(name).unwrap_or_else(|| panic!("{version}: {name} not printed"));
+            let k = layout.kernel;
+            let mut expect = vec![
+                ("runtime.interpreters.head", layout.runtime_interpreters_head),
+                ("interp.threads.head", k.interp_threads_head as u64),
+                ("tstate.next", k.tstate_next as u64),
+                ("tstate.native_thread_id", k.tstate_native_thread_id as u64),
+                ("tstate.datastack_chunk", k.tstate_datastack_chunk as u64),
+                ("tstate.datastack_top", k.tstate_datastack_chunk as u64 + 8),
+                ("chunk.data", k.chunk_data as u64),
+                ("frame.previous", k.frame_previous as u64),
+                ("code.ob_type", layout.code.ob_type as u64),
+                ("code.co_argcount", k.code_fingerprint as u64),
+                ("code.co_firstlineno", layout.code.first_line as u64),
+                ("code.co_filename", layout.code.filename as u64),
+                ("code.co_qualname", layout.code.qualname as u64),
+                ("code.co_linetable", layout.code.linetable as u64),
+                ("code.co_code_adaptive", layout.code.code as u64),
+                ("str.length", layout.objects.str_length as u64),
+                ("str.state", layout.objects.str_state as u64),
+                ("sizeof PyASCIIObject", layout.objects.str_ascii_data as u64),
+                ("sizeof PyCompactUnicodeObject", layout.objects.str_compact_data as u64),
+                ("bytes.ob_size", layout.objects.bytes_size as u64),
+                ("bytes.ob_sval", layout.objects.bytes_data as u64),
+            ];
+            if k.cframe_current_frame == PYTHON_NO_FIELD {
+                expect.push(("tstate.current_frame", k.tstate_frame as u64));
+                expect.push(("frame.f_executable", k.frame_code as u64));
+                expect.push(("frame.instr_ptr", k.frame_instr as u64));
+            } else {
+                expect.push(("tstate.cframe", k.tstate_frame as u64));
+                expect.push(("cframe.current_frame", k.cframe_current_frame as u64));
+                expect.push(("frame.f_code", k.frame_code as u64));
+                expect.push(("frame.prev_instr", k.frame_instr as u64));
+            }
+            if k.frame_owner != PYTHON_NO_FIELD {
+                expect.push(("frame.owner", k.frame_owner as u64));
+                expect.push(("frame.f_funcobj", k.frame_function as u64));
+                expect.push(("FRAME_OWNED_BY_CSTACK", k.owner_cstack as u64));
+            }
+            for (name, ours) in expect {
+                assert_eq!(ours, header(name), "{version}: {name}");
+            }
+            // The fingerprint's 32 bytes are ints fixed at creation: from co_argcount to
+            // co_nlocals or the count after it.
+            let end = k.code_fingerprint as u64 + 32;
+            assert!(end == header("code.co_nlocals") + 4 || end == header("code.co_nlocals") + 8, "{version}: fingerprint bytes end at {end}");
+            // The thread state read holds every field and does not run past the struct.
+            assert!(k.tstate_bytes as u64 <= header("sizeof tstate"), "{version}: tstate_bytes");
+            assert!(k.tstate_bytes as u64 >= header("tstate.datastack_top") + 8, "{version}: tstate_bytes");
+            checked.push(version.to_string());
+        }
+        eprintln!("layouts checked against the headers of CPython {checked:?}");
+        assert!(!checked.is_empty(), "no CPython with headers found (pyenv's): the layouts were not checked");
+    }
 
     #[test]
     fn versions_from_binary_names() {
@@ -160,6 +339,8 @@ mod tests {
     #[test]
     fn only_versions_with_a_layout_are_read() {
         assert!(for_version(Version { major: 3, minor: 11 }).is_some());
+        assert!(for_version(Version { major: 3, minor: 13 }).is_some());
+        assert!(for_version(Version { major: 3, minor: 10 }).is_none());
         assert!(for_version(Version { major: 2, minor: 7 }).is_none());
         assert!(for_version(Version { major: 3, minor: 99 }).is_none());
     }

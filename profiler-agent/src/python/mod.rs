@@ -415,16 +415,13 @@ mod tests {
         u64::from_le_bytes(word)
     }
 
-    /// The CPythons of this host: Debian's, and the one first on PATH when it is another
-    /// build (here pyenv's, which runs from libpython3.11.so).
+    /// The CPythons of this host with a layout: Debian's, and pyenv's (each runs from
+    /// its libpython3.X.so).
     fn pythons() -> Vec<String> {
         let mut found = vec!["/usr/bin/python3.11".to_string()];
-        let on_path = Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output();
-        if let Ok(out) = on_path {
-            let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            let same = std::fs::canonicalize(&path).ok() == std::fs::canonicalize(&found[0]).ok();
-            if out.status.success() && !path.is_empty() && !same {
-                found.push(path);
+        for (version, prefix) in layout::installed() {
+            if layout::for_version(version).is_some() {
+                found.push(prefix.join(format!("bin/python{version}")).display().to_string());
             }
         }
         found
@@ -473,16 +470,33 @@ mod tests {
             if k.cframe_current_frame != profiler_common::PYTHON_NO_FIELD {
                 frame = read_word(pid, frame + k.cframe_current_frame as u64);
             }
-            // The frames lie in the thread's current chunk of its frame stack.
+            // The frames lie in the thread's current chunk of its frame stack; the shims
+            // of 3.12+ (owned by the C stack) mark where a native call of the eval loop
+            // began, as the kernel reads them.
             let chunk = read_word(pid, tstate + k.tstate_datastack_chunk as u64) + k.chunk_data as u64;
             let top = read_word(pid, tstate + k.tstate_datastack_chunk as u64 + 8);
-            let mut walked = Vec::new();
+            let byte = |addr: u64| {
+                let mut byte = [0u8];
+                assert!(code::read_memory(pid, addr, &mut byte));
+                byte[0]
+            };
+            let mut walked: Vec<(u64, bool)> = Vec::new();
             while frame != 0 && walked.len() < 3 {
-                assert!((chunk..top).contains(&frame), "{python}: frame {frame:#x} outside {chunk:#x}..{top:#x}");
-                let mut entry = [0u8];
-                assert!(code::read_memory(pid, frame + k.frame_is_entry as u64, &mut entry));
-                walked.push((read_word(pid, frame + k.frame_code as u64), entry[0] != 0));
+                let shim = k.frame_owner != profiler_common::PYTHON_NO_FIELD && byte(frame + k.frame_owner as u64) == k.owner_cstack as u8;
+                if shim {
+                    if let Some(last) = walked.last_mut() {
+                        last.1 = true;
+                    }
+                } else {
+                    assert!((chunk..top).contains(&frame), "{python}: frame {frame:#x} outside {chunk:#x}..{top:#x}");
+                    let entry = k.frame_is_entry != profiler_common::PYTHON_NO_FIELD && byte(frame + k.frame_is_entry as u64) != 0;
+                    walked.push((read_word(pid, frame + k.frame_code as u64), entry));
+                }
                 frame = read_word(pid, frame + k.frame_previous as u64);
+            }
+            if walked.len() == 3 && !walked[2].1 && frame != 0 && k.frame_owner != profiler_common::PYTHON_NO_FIELD {
+                // The module's shim comes after it.
+                walked[2].1 = byte(frame + k.frame_owner as u64) == k.owner_cstack as u8;
             }
             let stack: Vec<u64> = described["stack"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
             // target() and method() run in the module's native call of the eval loop.
