@@ -9,7 +9,14 @@
 use profiler_common::{PythonLayout, PYTHON_NO_FIELD};
 
 // A layout's thread-state read must fit the kernel's buffer.
-const _: () = assert!(V3_11.kernel.tstate_bytes as usize <= profiler_common::PYTHON_TSTATE_BYTES);
+const _: () = {
+    let mut i = 0;
+    while i < LAYOUTS.len() {
+        assert!(LAYOUTS[i].kernel.tstate_bytes as usize <= profiler_common::PYTHON_TSTATE_BYTES);
+        i += 1;
+    }
+};
+const LAYOUTS: [Layout; 3] = [V3_11, V3_12, V3_13];
 
 /// A CPython version, major and minor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -160,25 +167,15 @@ const V3_12: Layout = Layout {
 const V3_13: Layout = Layout {
     kernel: PythonLayout {
         interp_threads_head: 7344,
-        tstate_next: 8,
         tstate_native_thread_id: 160,
         tstate_frame: 72,
-        tstate_datastack_chunk: 232,
-        chunk_data: 24,
         cframe_current_frame: PYTHON_NO_FIELD,
-        frame_code: 0,
-        frame_function: 16,
-        frame_previous: 8,
-        frame_instr: 56,
-        frame_is_entry: PYTHON_NO_FIELD,
-        frame_owner: 70,
-        owner_cstack: 3,
-        code_fingerprint: 52,
         tstate_bytes: 304,
+        ..V3_12.kernel
     },
     runtime_interpreters_head: 632,
-    code: CodeLayout { ob_type: 8, filename: 112, qualname: 128, linetable: 136, first_line: 68, code: 200, header: 200 },
-    objects: OBJECTS_3_12,
+    code: CodeLayout { code: 200, header: 200, ..V3_12.code },
+    ..V3_12
 };
 
 /// `str` and `bytes` from 3.12 on.
