@@ -29,7 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use profiler_common::{PythonFrame, PythonProcess, PythonStack, MAX_PYTHON_FRAMES, PYTHON_ENTRY, PYTHON_READ_FAILED, PYTHON_TRUNCATED};
+use profiler_common::{PythonFrame, PythonProcess, PythonStackOf, MAX_PYTHON_FRAMES, PYTHON_ENTRY, PYTHON_READ_FAILED, PYTHON_TRUNCATED};
 
 use crate::process::{Mapping, ProcessTable};
 use code::Code;
@@ -360,25 +360,25 @@ pub struct RawStack {
     cut: bool,
 }
 
-/// The thread and stack of a [`PythonStack`] record, which carries only the frames read;
+/// The thread and stack of a [`profiler_common::PythonStack`] record, which carries only the frames read;
 /// None for a record too short for what it says it holds.
 pub fn read_stack(record: &[u8]) -> Option<(u32, RawStack)> {
-    let header_len = std::mem::offset_of!(PythonStack, frames);
-    let header = record.get(..header_len)?;
-    let field = |at: usize| u32::from_ne_bytes(header[at..at + 4].try_into().unwrap());
-    let (tid, ts_ns) = (field(4), u64::from_ne_bytes(header[8..16].try_into().unwrap()));
-    let (depth, flags) = (field(16) as usize, field(20));
-    let frame_len = std::mem::size_of::<PythonFrame>();
-    let frames = record.get(header_len..header_len + depth.min(MAX_PYTHON_FRAMES) * frame_len)?;
+    // The header is the record type with room for no frame.
+    if record.len() < size_of::<PythonStackOf<0>>() {
+        return None;
+    }
+    // SAFETY: plain old data, the record at least as long; read unaligned since records
+    // are only 8-byte aligned.
+    let header = unsafe { std::ptr::read_unaligned(record.as_ptr() as *const PythonStackOf<0>) };
+    let depth = (header.depth as usize).min(MAX_PYTHON_FRAMES);
+    let frames = record.get(size_of::<PythonStackOf<0>>()..size_of::<PythonStackOf<0>>() + depth * size_of::<PythonFrame>())?;
     let frames = frames
-        .chunks_exact(frame_len)
-        .map(|raw| PythonFrame {
-            code: u64::from_ne_bytes(raw[..8].try_into().unwrap()),
-            instr_offset: u32::from_ne_bytes(raw[8..12].try_into().unwrap()),
-            tag: u32::from_ne_bytes(raw[12..16].try_into().unwrap()),
-        })
+        .chunks_exact(size_of::<PythonFrame>())
+        // SAFETY: as above, one frame's bytes each.
+        .map(|raw| unsafe { std::ptr::read_unaligned(raw.as_ptr() as *const PythonFrame) })
         .collect();
-    Some((tid, RawStack { ts_ns, frames, cut: flags & (PYTHON_TRUNCATED | PYTHON_READ_FAILED) != 0 }))
+    let cut = header.flags & (PYTHON_TRUNCATED | PYTHON_READ_FAILED) != 0;
+    Some((header.tid, RawStack { ts_ns: header.ts_ns, frames, cut }))
 }
 
 fn signature(mappings: &[Mapping]) -> u64 {
@@ -556,6 +556,26 @@ mod tests {
         assert!(published.lock().unwrap().is_empty(), "the kernel was told of it");
         let info = table.get(child.id()).unwrap();
         assert!(matches!(discover::find(child.id(), &info), Err(NotReadable::UnknownVersion(layout::Version { major: 3, minor: 99 }))));
+    }
+
+    /// A record of the class that holds its frames, as the kernel sends it.
+    #[test]
+    fn stack_records_read_back_their_frames() {
+        let frame = |code, tag| PythonFrame { code, instr_offset: 200, tag };
+        let record = PythonStackOf::<2> {
+            kind: profiler_common::EVENT_PYTHON_STACK,
+            tid: 42,
+            ts_ns: 7,
+            depth: 2,
+            flags: PYTHON_TRUNCATED,
+            frames: [frame(0x1000, PYTHON_ENTRY | 5), frame(0x2000, 6)],
+        };
+        // SAFETY: plain old data, viewed as its bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(&record as *const _ as *const u8, size_of::<PythonStackOf<2>>()) };
+        let (tid, stack) = read_stack(bytes).unwrap();
+        assert_eq!((tid, stack.ts_ns, stack.cut), (42, 7, true));
+        assert_eq!(stack.frames, vec![frame(0x1000, PYTHON_ENTRY | 5), frame(0x2000, 6)]);
+        assert!(read_stack(&bytes[..bytes.len() - 1]).is_none(), "a record shorter than its depth says");
     }
 
     #[test]
