@@ -152,6 +152,11 @@ impl Agent {
     }
 }
 
+/// Wall-clock milliseconds since the epoch: the server's time ranges.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
 /// An `agent.toml` in `dir` for a daemon shipping to `server_url`, its spool in `dir` and
 /// its metrics on a free port: `server` and `sampling` are more lines of those sections
 /// (`sampling` at least the window), `extra` more sections.

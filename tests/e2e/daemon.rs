@@ -2,14 +2,11 @@
 
 use std::{
     process::Command,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
-use profiler_tests::{cgroup_root, Daemon, Server, binary, host_alone, host_shared, free_port, require_root};
+use profiler_tests::{cgroup_root, now_ms, Daemon, Server, binary, host_alone, host_shared, free_port, require_root};
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
-}
 
 fn config(dir: &std::path::Path, server_url: &str, spool_bytes: u64) -> std::path::PathBuf {
     let path = dir.join("agent.toml");

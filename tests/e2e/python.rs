@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use profiler_tests::{Agent, Daemon, Server, agent_config, free_port, host_alone, parse_folded, read_folded, target_dir};
+use profiler_tests::{Agent, Daemon, Server, agent_config, free_port, host_alone, now_ms, parse_folded, read_folded, target_dir};
 
 const SERVICE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/service.py");
 const DEBIAN_PYTHON: &str = "/usr/bin/python3.11";
@@ -228,9 +228,6 @@ fn collect_names(node: &serde_json::Value, names: &mut Vec<String>) {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
-}
 
 /// pyenv's CPython 3.12 and 3.13 (libpython embeddings, with shim frames where 3.11 has
 /// `is_entry`, and no `_PyCFrame` in 3.13): the 40-deep recursion whole, and the

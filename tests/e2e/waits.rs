@@ -6,14 +6,11 @@
 use std::{
     collections::HashMap,
     process::{Command, Stdio},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
-use profiler_tests::{agent_config, cgroup_root, free_port, host_alone, native_workload, require_root, Bpftrace, Daemon, Server};
+use profiler_tests::{agent_config, cgroup_root, free_port, host_alone, native_workload, now_ms, require_root, Bpftrace, Daemon, Server};
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
-}
 
 /// bpftrace over one process's switch-outs of 1 ms or more: a log2 histogram (µs) for
 /// the record, and how many there were and how many lasted 20 ms or more.
