@@ -702,8 +702,8 @@ mod programs {
     #[inline(always)]
     fn note_switch_out(ctx: &RawTracePointContext, cfg: &Config, task: u64) {
         let Some(pending) = forget_missed_switch_in(task) else { return };
-        let Some((tid, _, raw_state)) = traced_switch_out(ctx, cfg) else { return };
-        let preempted: u64 = ctx.arg(0);
+        let (preempted, raw_state): (u64, u64) = (ctx.arg(0), ctx.arg(3));
+        let Some((tid, _)) = traced_switch_out(cfg, raw_state) else { return };
         let out = SwitchOut { ts_ns: unsafe { bpf_ktime_get_ns() }, weight_q16: 0, tid, state: reported_state(raw_state, preempted & 0xff != 0) };
         if SWITCH_OUT.insert(&task, &out, 0).is_err() {
             count(Stat::SwitchOutMapFull);
@@ -769,27 +769,38 @@ mod programs {
         if !sampled && cfg.offcpu_thread_quota == 0 {
             return;
         }
-        let quota = thread_quota(cfg, threshold, task);
+        // A thread still runnable when it leaves the CPU (preempted, or woken before
+        // it got to sleep) did not block: on a busy host each wakeup can preempt its
+        // waker for microseconds. Its quota records such a switch-out at an eighth of
+        // its own probability, weighted 8: the budget stays with the thread's blocking,
+        // while a run-queue wait still weighs little. (The windows bench recorded half
+        // its switch-outs at p = 1 for waits under 1 ms, and cut the quota for them;
+        // sampled at the host's probability instead, one preemption weighed 400 and
+        // put a window 25% over.)
+        // (The state's other runnable cases, flags without a reported bit, are left to
+        // the quota: computing the whole state here made the verifier see a pointer.)
+        let (preempted, raw_state): (u64, u64) = (ctx.arg(0), ctx.arg(3));
+        let runnable = preempted & 0xff != 0 || raw_state == 0;
+        let (own, own_weight_q16) = thread_quota(cfg, threshold, task, if runnable { RUNNABLE_SHIFT } else { 0 });
         // Most switch-outs of a busy host end here: a frequent switcher not drawn. The
         // clock is read only past this point (it costs this VM 60 to 80 ns a read), and
         // whose switch-out this is too (a helper call): a task that is not traced (idle,
         // dying, of another process than `filter_tgid`) only counts in its quota slot,
         // which costs less than telling it apart first.
-        if quota.is_none() && !sampled {
+        if own == 0 && !sampled {
             return;
         }
-        let Some((tid, tgid, raw_state)) = traced_switch_out(ctx, cfg) else { return };
+        let Some((tid, tgid)) = traced_switch_out(cfg, raw_state) else { return };
         let now = unsafe { bpf_ktime_get_ns() };
         // The thread's own probability when it is higher than the sampled one and this
         // CPU has room for it; both are known before the draw decides.
-        let by_quota = match quota {
-            Some((own, weight_q16)) if own > threshold && burst_room(cfg, now) => {
-                if draw > own {
-                    return;
-                }
-                Some(weight_q16)
+        let by_quota = if own > threshold && burst_room(cfg, now) {
+            if draw > own {
+                return;
             }
-            _ => None,
+            Some(own_weight_q16)
+        } else {
+            None
         };
         let weight_q16 = match by_quota {
             Some(weight_q16) => {
@@ -803,7 +814,6 @@ mod programs {
             }
             None => return,
         };
-        let preempted: u64 = ctx.arg(0);
         let state = reported_state(raw_state, preempted & 0xff != 0);
         let out = SwitchOut { ts_ns: now, weight_q16, tid, state };
         if SWITCH_OUT.insert(&task, &out, 0).is_err() {
@@ -838,22 +848,25 @@ mod programs {
         Some(pending)
     }
 
-    /// (tid, tgid, raw state) of the task switching out, when it is one to trace: not the
+    /// (tid, tgid) of the task switching out, when it is one to trace: not the
     /// idle task (tid 0, which does not wait), in the traced process if one is set, and
     /// not dying (a dying task never comes back). `current` is still `prev`.
     #[inline(always)]
-    fn traced_switch_out(ctx: &RawTracePointContext, cfg: &Config) -> Option<(u32, u32, u64)> {
+    fn traced_switch_out(cfg: &Config, raw_state: u64) -> Option<(u32, u32)> {
         let pid_tgid = bpf_get_current_pid_tgid();
         let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
         if tid == 0 || (cfg.filter_tgid != 0 && cfg.filter_tgid != tgid) {
             return None;
         }
-        let raw_state: u64 = ctx.arg(3);
-        (raw_state & RAW_TASK_DEAD == 0).then_some((tid, tgid, raw_state))
+        (raw_state & RAW_TASK_DEAD == 0).then_some((tid, tgid))
     }
 
+    /// A runnable switch-out's share of its thread's own probability: 2^-3.
+    const RUNNABLE_SHIFT: u32 = 3;
+
     /// Counts the task's switch-out; returns the threshold and weight of its own
-    /// probability: (quota / n)², at most 1, where n is the larger of its switch-outs in
+    /// probability, times 2^-`shift` ((0, 0): none, below the sampled one or no quota):
+    /// (quota / n)², at most 1, where n is the larger of its switch-outs in
     /// the previous epoch and so far in this one, this one included. Squared, so a
     /// thread just over the quota is still recorded nearly whole, while one switching a
     /// hundred times more gets a ten-thousandth and leaves the budget to the others (and
@@ -864,12 +877,13 @@ mod programs {
     /// weight (hundreds) on one long wait is a window's error. A slot of another task
     /// starts afresh for this one, a slot of an earlier epoch rolls over.
     #[inline(always)]
-    fn thread_quota(cfg: &Config, sample_threshold: u32, task: u64) -> Option<(u32, u64)> {
+    fn thread_quota(cfg: &Config, sample_threshold: u32, task: u64, shift: u32) -> (u32, u64) {
         let quota = cfg.offcpu_thread_quota;
         if quota == 0 {
-            return None;
+            return (0, 0);
         }
-        let slot = unsafe { &mut *THREAD_QUOTA.get_ptr_mut(thread_quota_slot(task))? };
+        let Some(slot) = THREAD_QUOTA.get_ptr_mut(thread_quota_slot(task)) else { return (0, 0) };
+        let slot = unsafe { &mut *slot };
         // Jiffies, not the clock: a read of a variable, where the clock costs tens of
         // nanoseconds on every traced switch-out.
         let epoch = quota_epoch(unsafe { bpf_jiffies64() }, cfg.offcpu_quota_epoch_factor);
@@ -884,7 +898,7 @@ mod programs {
         slot.switches = slot.switches.saturating_add(1);
         let n = slot.last_switches.max(slot.switches) as u32;
         if n <= quota {
-            return Some((u32::MAX, 1 << 16));
+            return (u32::MAX >> shift, 1 << (16 + shift));
         }
         // p = (quota / n)²: the threshold rounds down, the weight is its exact inverse.
         // Divisions cost tens of nanoseconds, and a frequent switcher's probability is
@@ -894,11 +908,11 @@ mod programs {
         let quota_squared = (quota.min(1 << 15) as u64) * (quota.min(1 << 15) as u64);
         let n_squared = (n as u64) * (n as u64);
         if quota_squared << 32 <= sample_threshold as u64 * n_squared {
-            return None;
+            return (0, 0);
         }
         // Below 2^32: n > quota here.
-        let threshold = ((quota_squared << 32) / n_squared.max(1)) as u32;
-        Some((threshold, weight_q16(threshold)))
+        let threshold = (((quota_squared << 32) / n_squared.max(1)) as u32) >> shift;
+        (threshold, weight_q16(threshold))
     }
 
     /// This CPU's burst slot at `now`, started afresh when its 10 ms have passed.

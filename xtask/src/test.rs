@@ -43,6 +43,9 @@ struct Step {
     name: String,
     took: Duration,
     passed: bool,
+    /// The first line of why it failed, where the step knows: CI keeps a log's head and
+    /// tail, and a kernel's report sits in the part it cuts.
+    why: Option<String>,
 }
 
 pub fn run_tests(options: Options) -> anyhow::Result<()> {
@@ -52,14 +55,14 @@ pub fn run_tests(options: Options) -> anyhow::Result<()> {
     if let Err(err) = &layers {
         eprintln!("{err:#}");
     }
-    steps.push(Step { name: "module layers".into(), took: started.elapsed(), passed: layers.is_ok() });
+    steps.push(Step { name: "module layers".into(), took: started.elapsed(), passed: layers.is_ok(), why: None });
 
     let build = Instant::now();
     let Built { tests, server } = build_all()?;
     if !options.quick {
         build_workload_without_frame_pointers()?;
     }
-    steps.push(Step { name: "build".into(), took: build.elapsed(), passed: true });
+    steps.push(Step { name: "build".into(), took: build.elapsed(), passed: true, why: None });
 
     for binary in &tests {
         let mut args = options.args.clone();
@@ -180,11 +183,16 @@ fn kernel_matrix() -> Vec<Step> {
     match crate::kernels::run(&options) {
         Ok(reports) => reports
             .iter()
-            .map(|report| Step { name: format!("kernel {}", report.name), took: report.took, passed: report.passed() })
+            .map(|report| Step {
+                name: format!("kernel {}", report.name),
+                took: report.took,
+                passed: report.passed(),
+                why: report.failures.first().and_then(|failure| failure.lines().next()).map(str::to_owned),
+            })
             .collect(),
         Err(err) => {
             eprintln!("kernel matrix: {err:#}");
-            vec![Step { name: "kernel matrix".into(), took: started.elapsed(), passed: false }]
+            vec![Step { name: "kernel matrix".into(), took: started.elapsed(), passed: false, why: Some(format!("{err:#}")) }]
         }
     }
 }
@@ -201,13 +209,14 @@ fn timed(name: &str, command: &mut Command) -> Step {
     println!("\n== {name} ({command:?})");
     let started = Instant::now();
     let passed = run(command).map_err(|e| eprintln!("{e:#}")).is_ok();
-    Step { name: name.to_string(), took: started.elapsed(), passed }
+    Step { name: name.to_string(), took: started.elapsed(), passed, why: None }
 }
 
 fn print_table(steps: &[Step], total: Duration) {
     println!("\nwhere the time went");
     for step in steps {
-        println!("  {:<34} {:>8.1} s  {}", step.name, step.took.as_secs_f64(), if step.passed { "ok" } else { "FAILED" });
+        let why = step.why.as_deref().map(|why| format!(": {why}")).unwrap_or_default();
+        println!("  {:<34} {:>8.1} s  {}{why}", step.name, step.took.as_secs_f64(), if step.passed { "ok" } else { "FAILED" });
     }
     println!("  {:<34} {:>8.1} s", "total", total.as_secs_f64());
 }

@@ -311,14 +311,18 @@ fn each_waiting_threads_time_holds_in_every_window() {
     session.next_window(until, &stop).unwrap();
     let mut bounds = vec![at_ns(until)];
     let mut ours: Vec<HashMap<u32, u64>> = Vec::new();
+    // Waits of 1 ms or more recorded per thread over the windows: how thinly each
+    // thread was sampled, against the waits bpftrace saw.
+    let mut recorded: HashMap<u32, u64> = HashMap::new();
     for _ in 0..windows {
         until += window;
         let drained = session.next_window(until, &stop).unwrap();
         bounds.push(at_ns(until));
         let mut per_thread = HashMap::new();
         for sample in &drained.samples {
-            if let RawValue::OffCpu { ns, .. } = &sample.value {
+            if let RawValue::OffCpu { ns, waits, .. } = &sample.value {
                 *per_thread.entry(sample.key.pid).or_default() += *ns;
+                *recorded.entry(sample.key.pid).or_default() += *waits;
             }
         }
         ours.push(per_thread);
@@ -330,9 +334,11 @@ fn each_waiting_threads_time_holds_in_every_window() {
     drop(workload);
 
     let mut theirs: Vec<HashMap<u32, u64>> = vec![HashMap::new(); windows];
+    let mut their_waits: HashMap<u32, u64> = HashMap::new();
     for (tid, end, length) in theirs_waits {
         if let Some(index) = bounds.windows(2).position(|b| b[0] < end && end <= b[1]) {
             *theirs[index].entry(tid).or_default() += length;
+            *their_waits.entry(tid).or_default() += 1;
         }
     }
     let c = |name| counters.get(name).copied().unwrap_or(0);
@@ -345,7 +351,8 @@ fn each_waiting_threads_time_holds_in_every_window() {
         c("switch_outs_throttled"),
     );
     eprintln!(
-        "lost: {} to a full ring buffer, {} to a full map, {} switch-ins missed, {} wait ends without a snapshot",
+        "{} recorded waits shorter than the floor; lost: {} to a full ring buffer, {} to a full map, {} switch-ins missed, {} wait ends without a snapshot",
+        c("offcpu_below_min"),
         c("offcpu_ring_full"),
         c("switch_out_map_full"),
         c("switch_in_missed"),
@@ -389,6 +396,15 @@ fn each_waiting_threads_time_holds_in_every_window() {
         }
         eprintln!("{row}");
     }
+    let seconds = windows as f64 * window.as_secs_f64();
+    let per_thread: Vec<String> = names
+        .iter()
+        .map(|(tid, name)| {
+            let (a, b) = (recorded.get(tid).copied().unwrap_or(0), their_waits.get(tid).copied().unwrap_or(0));
+            format!("{name} {:.0}/{:.0}", a as f64 / seconds, b as f64 / seconds)
+        })
+        .collect();
+    eprintln!("waits >= {min_block:?} a second, recorded / bpftrace's: {}", per_thread.join(", "));
     eprintln!(
         "worst window: {} (threads marked - are not checked)",
         worst.1
