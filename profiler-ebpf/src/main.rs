@@ -702,8 +702,8 @@ mod programs {
     #[inline(always)]
     fn note_switch_out(ctx: &RawTracePointContext, cfg: &Config, task: u64) {
         let Some(pending) = forget_missed_switch_in(task) else { return };
-        let (preempted, raw_state): (u64, u64) = (ctx.arg(0), ctx.arg(3));
-        let Some((tid, _)) = traced_switch_out(cfg, raw_state) else { return };
+        let Some((tid, _, raw_state)) = traced_switch_out(ctx, cfg) else { return };
+        let preempted: u64 = ctx.arg(0);
         let out = SwitchOut { ts_ns: unsafe { bpf_ktime_get_ns() }, weight_q16: 0, tid, state: reported_state(raw_state, preempted & 0xff != 0) };
         if SWITCH_OUT.insert(&task, &out, 0).is_err() {
             count(Stat::SwitchOutMapFull);
@@ -769,19 +769,7 @@ mod programs {
         if !sampled && cfg.offcpu_thread_quota == 0 {
             return;
         }
-        // A thread still runnable when it leaves the CPU (preempted, or woken before
-        // it got to sleep) did not block: on a busy host each wakeup can preempt its
-        // waker for microseconds. Its quota records such a switch-out at an eighth of
-        // its own probability, weighted 8: the budget stays with the thread's blocking,
-        // while a run-queue wait still weighs little. (The windows bench recorded half
-        // its switch-outs at p = 1 for waits under 1 ms, and cut the quota for them;
-        // sampled at the host's probability instead, one preemption weighed 400 and
-        // put a window 25% over.)
-        // (The state's other runnable cases, flags without a reported bit, are left to
-        // the quota: computing the whole state here made the verifier see a pointer.)
-        let (preempted, raw_state): (u64, u64) = (ctx.arg(0), ctx.arg(3));
-        let runnable = preempted & 0xff != 0 || raw_state == 0;
-        let (own, own_weight_q16) = thread_quota(cfg, threshold, task, if runnable { RUNNABLE_SHIFT } else { 0 });
+        let (own, own_weight_q16) = thread_quota(ctx, cfg, threshold, task);
         // Most switch-outs of a busy host end here: a frequent switcher not drawn. The
         // clock is read only past this point (it costs this VM 60 to 80 ns a read), and
         // whose switch-out this is too (a helper call): a task that is not traced (idle,
@@ -790,7 +778,7 @@ mod programs {
         if own == 0 && !sampled {
             return;
         }
-        let Some((tid, tgid)) = traced_switch_out(cfg, raw_state) else { return };
+        let Some((tid, tgid, raw_state)) = traced_switch_out(ctx, cfg) else { return };
         let now = unsafe { bpf_ktime_get_ns() };
         // The thread's own probability when it is higher than the sampled one and this
         // CPU has room for it; both are known before the draw decides.
@@ -814,6 +802,7 @@ mod programs {
             }
             None => return,
         };
+        let preempted: u64 = ctx.arg(0);
         let state = reported_state(raw_state, preempted & 0xff != 0);
         let out = SwitchOut { ts_ns: now, weight_q16, tid, state };
         if SWITCH_OUT.insert(&task, &out, 0).is_err() {
@@ -848,24 +837,38 @@ mod programs {
         Some(pending)
     }
 
-    /// (tid, tgid) of the task switching out, when it is one to trace: not the
+    /// (tid, tgid, raw state) of the task switching out, when it is one to trace: not the
     /// idle task (tid 0, which does not wait), in the traced process if one is set, and
     /// not dying (a dying task never comes back). `current` is still `prev`.
     #[inline(always)]
-    fn traced_switch_out(cfg: &Config, raw_state: u64) -> Option<(u32, u32)> {
+    fn traced_switch_out(ctx: &RawTracePointContext, cfg: &Config) -> Option<(u32, u32, u64)> {
         let pid_tgid = bpf_get_current_pid_tgid();
         let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
         if tid == 0 || (cfg.filter_tgid != 0 && cfg.filter_tgid != tgid) {
             return None;
         }
-        (raw_state & RAW_TASK_DEAD == 0).then_some((tid, tgid))
+        let raw_state: u64 = ctx.arg(3);
+        (raw_state & RAW_TASK_DEAD == 0).then_some((tid, tgid, raw_state))
     }
 
-    /// A runnable switch-out's share of its thread's own probability: 2^-3.
-    const RUNNABLE_SHIFT: u32 = 3;
+    /// How far a switch-out's own probability is shifted down: by 3 (an eighth,
+    /// weighted 8) for a thread still runnable as it leaves the CPU (preempted, or woken
+    /// before it got to sleep). It did not block: on a busy host each wakeup can preempt
+    /// its waker for microseconds, so the budget stays with the thread's blocking while
+    /// a run-queue wait still weighs little. (The windows bench recorded half its
+    /// switch-outs at p = 1 for waits under 1 ms, and rate control cut the quota for
+    /// them; sampled at the host's probability instead, one preemption weighed 400 and
+    /// put a window 25% over.) Read only for a thread within reach of its quota: a
+    /// frequent switcher not drawn pays none of it. Runnable by the state's other
+    /// cases (flags without a reported bit) is left to the quota.
+    #[inline(always)]
+    fn runnable_shift(ctx: &RawTracePointContext) -> u32 {
+        let (preempted, raw_state): (u64, u64) = (ctx.arg(0), ctx.arg(3));
+        if preempted & 0xff != 0 || raw_state == 0 { 3 } else { 0 }
+    }
 
     /// Counts the task's switch-out; returns the threshold and weight of its own
-    /// probability, times 2^-`shift` ((0, 0): none, below the sampled one or no quota):
+    /// probability, times 2^-[`runnable_shift`] ((0, 0): none, below the sampled one or no quota):
     /// (quota / n)², at most 1, where n is the larger of its switch-outs in
     /// the previous epoch and so far in this one, this one included. Squared, so a
     /// thread just over the quota is still recorded nearly whole, while one switching a
@@ -877,7 +880,7 @@ mod programs {
     /// weight (hundreds) on one long wait is a window's error. A slot of another task
     /// starts afresh for this one, a slot of an earlier epoch rolls over.
     #[inline(always)]
-    fn thread_quota(cfg: &Config, sample_threshold: u32, task: u64, shift: u32) -> (u32, u64) {
+    fn thread_quota(ctx: &RawTracePointContext, cfg: &Config, sample_threshold: u32, task: u64) -> (u32, u64) {
         let quota = cfg.offcpu_thread_quota;
         if quota == 0 {
             return (0, 0);
@@ -898,6 +901,7 @@ mod programs {
         slot.switches = slot.switches.saturating_add(1);
         let n = slot.last_switches.max(slot.switches) as u32;
         if n <= quota {
+            let shift = runnable_shift(ctx);
             return (u32::MAX >> shift, 1 << (16 + shift));
         }
         // p = (quota / n)²: the threshold rounds down, the weight is its exact inverse.
@@ -911,7 +915,7 @@ mod programs {
             return (0, 0);
         }
         // Below 2^32: n > quota here.
-        let threshold = (((quota_squared << 32) / n_squared.max(1)) as u32) >> shift;
+        let threshold = (((quota_squared << 32) / n_squared.max(1)) as u32) >> runnable_shift(ctx);
         (threshold, weight_q16(threshold))
     }
 
