@@ -35,7 +35,27 @@ pub struct AgentConfig {
     #[serde(default)]
     pub python: PythonConfig,
     #[serde(default)]
+    pub custom_labels: CustomLabelsConfig,
+    #[serde(default)]
     pub rules: Vec<RuleConfig>,
+}
+
+/// `[custom_labels]`: labels applications publish per thread (ABI v1 of Parca's
+/// `custom-labels`), made labels of their profiles.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CustomLabelsConfig {
+    /// Read them (on by default; a process that does not publish any costs nothing).
+    pub enabled: bool,
+    /// Keys left out of the profiles' labels: each value would be a series of its own.
+    pub high_cardinality: Vec<String>,
+}
+
+impl Default for CustomLabelsConfig {
+    fn default() -> Self {
+        let defaults = crate::labels::LabelOptions::default();
+        Self { enabled: defaults.enabled, high_cardinality: defaults.high_cardinality }
+    }
 }
 
 /// `[python]`: Python frames in CPython processes' stacks.
@@ -272,6 +292,10 @@ impl AgentConfig {
             bpf_stats_share: self.sampling.bpf_stats_share,
             version_env: self.version_env.clone().unwrap_or_else(crate::process::default_version_env),
             python: crate::python::PythonOptions { enabled: self.python.enabled, eval_frames: self.python.eval_frames },
+            labels: crate::labels::LabelOptions {
+                enabled: self.custom_labels.enabled,
+                high_cardinality: self.custom_labels.high_cardinality.clone(),
+            },
             ..SamplerOptions::default()
         }
     }

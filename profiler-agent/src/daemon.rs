@@ -241,6 +241,9 @@ fn record_drain_metrics(session: &Session, window: &Window, metrics: &Metrics) {
     metrics.python_processes.store(losses.python.processes, Relaxed);
     metrics.python_unknown_version.store(losses.python.unknown_version, Relaxed);
     metrics.python_frames_unnamed.store(losses.python.code_unreadable, Relaxed);
+    metrics.labelled_snapshots.fetch_add(stats.get(Stat::Labelled), Relaxed);
+    metrics.label_processes.store(losses.labels.processes, Relaxed);
+    metrics.labels_high_cardinality_dropped.store(losses.labels.high_cardinality_dropped, Relaxed);
     metrics.map_fill_permille.store((window.map_fill * 1000.0) as u64, Relaxed);
     metrics.stacks_unwound.fetch_add(window.unwind.complete, Relaxed);
     metrics.stacks_truncated.fetch_add(window.unwind.truncated, Relaxed);
@@ -257,10 +260,25 @@ fn record_drain_metrics(session: &Session, window: &Window, metrics: &Metrics) {
     metrics.symbol_cache_misses.store(misses, Relaxed);
 }
 
+/// `identity` with the application's custom labels added: those the identity has
+/// already (and `service`) keep the identity's value, so an application cannot relabel
+/// whose its profiles are.
+fn with_custom_labels(identity: &Identity, labels: &[(String, String)]) -> Identity {
+    let mut labelled = identity.clone();
+    for (key, value) in labels {
+        if key != "service" {
+            labelled.labels.entry(key.clone()).or_insert_with(|| value.clone());
+        }
+    }
+    labelled
+}
+
 /// A window's stacks grouped per (service, labels, kind), values in nanoseconds.
 #[derive(Default)]
 struct WindowGroups {
     identities: HashMap<u32, Arc<Identity>>,
+    /// A process's identity with a set of its custom labels added, by (tgid, set id).
+    labelled: HashMap<(u32, u32), Arc<Identity>>,
     groups: BTreeMap<(Arc<Identity>, Kind), Stacks>,
 }
 
@@ -304,6 +322,14 @@ impl WindowGroups {
                     )
                 })
                 .clone();
+            let identity = match sample.key.labels {
+                0 => identity,
+                set => self
+                    .labelled
+                    .entry((sample.key.tgid, set))
+                    .or_insert_with(|| Arc::new(with_custom_labels(&identity, session.label_sets().get(set).as_deref().unwrap_or(&[]))))
+                    .clone(),
+            };
             let (kind, ns, durations) = match &sample.value {
                 RawValue::OnCpuSamples(count) => (Kind::OnCpu, count * period_ns, None),
                 RawValue::OffCpu { ns, durations, .. } => {

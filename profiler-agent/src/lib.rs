@@ -11,6 +11,8 @@ pub mod cost;
 pub mod daemon;
 pub mod elf_layout;
 pub mod identity;
+pub mod kernel_btf;
+pub mod labels;
 pub mod mapped_files;
 pub mod metrics;
 pub mod perf_map;

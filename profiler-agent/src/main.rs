@@ -14,6 +14,7 @@ use profiler_agent::{
     config::AgentConfig,
     record::{RecordOptions, record},
     session::OffCpuBudget,
+    labels::LabelOptions,
     python::PythonOptions,
     sample::{OffCpuOptions, OffCpuPath, SamplerOptions},
 };
@@ -186,6 +187,10 @@ struct RecordArgs {
     /// Python frames they ran, instead of folding them away.
     #[arg(long)]
     python_eval_frames: bool,
+    /// Do not read the custom labels applications publish per thread (Parca's
+    /// `custom-labels` ABI v1); with them, samples carry them as labels.
+    #[arg(long)]
+    no_custom_labels: bool,
 }
 
 fn main() -> ExitCode {
@@ -285,6 +290,7 @@ fn run_record(args: RecordArgs) -> anyhow::Result<()> {
             bpf_stats: !args.no_bpf_stats,
             bpf_stats_share: args.bpf_stats_share,
             python: PythonOptions { enabled: !args.no_python, eval_frames: args.python_eval_frames },
+            labels: LabelOptions { enabled: !args.no_custom_labels, ..LabelOptions::default() },
             ..SamplerOptions::default()
         },
         comm: args.comm,

@@ -23,6 +23,9 @@ pub struct Metrics {
     pub python_unknown_version: AtomicU64,
     /// Python frames not named: a code object unreadable, or no longer the kernel's.
     pub python_frames_unnamed: AtomicU64,
+    pub labelled_snapshots: AtomicU64,
+    pub label_processes: AtomicU64,
+    pub labels_high_cardinality_dropped: AtomicU64,
     pub stacks_unwound: AtomicU64,
     pub stacks_truncated: AtomicU64,
     pub stacks_partly_unknown: AtomicU64,
@@ -82,6 +85,9 @@ impl Metrics {
         metric("python_processes_total", "counter", "CPython processes whose Python frames are read.", get(&self.python_processes));
         metric("python_unknown_version_total", "counter", "CPython processes of a version without a layout here: native stacks only.", get(&self.python_unknown_version));
         metric("python_frames_unnamed_total", "counter", "Python frames whose code object could not be read or no longer matched.", get(&self.python_frames_unnamed));
+        metric("labelled_snapshots_total", "counter", "Samples and waits that carried the application's custom labels.", get(&self.labelled_snapshots));
+        metric("label_processes_total", "counter", "Processes whose custom labels are read.", get(&self.label_processes));
+        metric("labels_high_cardinality_dropped_total", "counter", "Custom labels of a high-cardinality key left out of the profiles' labels.", get(&self.labels_high_cardinality_dropped));
         metric("map_fill_ratio", "gauge", "Share of max_stack_keys used by the last window.", get(&self.map_fill_permille) / 1000.0);
         metric("off_cpu_sampling_ratio", "gauge", "Share of context switches recorded.", get(&self.off_cpu_sampling_permille) / 1000.0);
         metric("off_cpu_switch_in", "gauge", "1 when off-CPU waits get their stacks at switch-in (kprobe on finish_task_switch), 0 at switch-out (sched_switch alone).", get(&self.off_cpu_switch_in));

@@ -247,6 +247,11 @@ impl Session {
         &self.processes
     }
 
+    /// The custom-label sets samples' `key.labels` stand for.
+    pub fn label_sets(&self) -> crate::labels::LabelSets {
+        self.sampler.label_sets()
+    }
+
     /// The tgid that forked `pid`, if the kernel recorded the fork.
     pub fn parent_of(&self, pid: u32) -> Option<u32> {
         self.sampler.parent_of(pid)
@@ -282,6 +287,10 @@ impl Session {
         counters.insert("python_unknown_version", losses.python.unknown_version);
         counters.insert("python_frames_unnamed", losses.python.code_unreadable);
         counters.insert("python_stacks_unmatched", losses.python.stacks_unmatched);
+        counters.insert("label_processes", losses.labels.processes);
+        counters.insert("labels_high_cardinality_dropped", losses.labels.high_cardinality_dropped);
+        counters.insert("label_sets_dropped", losses.labels.sets_dropped);
+        counters.insert("labels_unmatched", losses.labels.unmatched);
         counters.insert("stacks_unwound", self.unwind.complete);
         counters.insert("stacks_truncated", self.unwind.truncated);
         counters.insert("binaries_unreadable", self.unwind.binaries_unreadable);

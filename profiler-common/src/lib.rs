@@ -23,6 +23,7 @@ pub const EVENT_SAMPLE: u32 = 1;
 pub const EVENT_SWITCH_OUT: u32 = 2;
 pub const EVENT_WAIT_END: u32 = 3;
 pub const EVENT_PYTHON_STACK: u32 = 4;
+pub const EVENT_LABELS: u32 = 5;
 
 /// Sizes of user stack a snapshot record can carry. Ring buffer records have a fixed size
 /// per type, so a thread that needs a 3 KiB copy takes a 4 KiB record, not a 16 KiB one:
@@ -278,6 +279,56 @@ pub type PythonStack = PythonStackOf<MAX_PYTHON_FRAMES>;
 /// Frames a Python stack record has room for.
 pub const PYTHON_STACK_CLASSES: [usize; 3] = [16, 48, MAX_PYTHON_FRAMES];
 
+/// Labels read per snapshot at most; more are cut and marked [`LABELS_CUT`].
+pub const MAX_LABELS: usize = 8;
+/// Bytes of a label's key kept; a longer key is cut and marked [`LABELS_CUT`].
+pub const LABEL_KEY_BYTES: usize = 32;
+/// Bytes of a label's value kept (a UUID or a W3C trace id fits).
+pub const LABEL_VALUE_BYTES: usize = 64;
+/// Some labels, or part of a key or value, did not fit.
+pub const LABELS_CUT: u32 = 1;
+/// A label could not be read (paged out, or the set changing under the read).
+pub const LABELS_READ_FAILED: u32 = 2;
+
+/// A process that publishes custom labels (ABI v1 of Parca's `custom-labels`: the
+/// thread-local `custom_labels_current_set` of its main executable, at a fixed offset
+/// from the thread pointer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LabelsProcess {
+    /// Added (wrapping) to a thread's `fsbase` to get the address of its
+    /// `custom_labels_current_set`: minus the executable's TLS block offset, plus the
+    /// symbol's offset in it.
+    pub tls_offset: u64,
+}
+
+/// One custom label as the kernel copied it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Label {
+    /// Valid bytes of `key` and `value`.
+    pub key_len: u16,
+    pub value_len: u16,
+    pub key: [u8; LABEL_KEY_BYTES],
+    pub value: [u8; LABEL_VALUE_BYTES],
+}
+
+/// The custom labels of a snapshot, sent just before it with the same (`tid`, `ts_ns`).
+/// A thread without a label set sends none.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LabelsRecord {
+    /// [`EVENT_LABELS`].
+    pub kind: u32,
+    pub tid: u32,
+    pub ts_ns: u64,
+    /// Valid entries of `labels`.
+    pub count: u32,
+    /// [`LABELS_CUT`], [`LABELS_READ_FAILED`].
+    pub flags: u32,
+    pub labels: [Label; MAX_LABELS],
+}
+
 /// The fingerprint of a code object from its [`PYTHON_FINGERPRINT_BYTES`] as four words:
 /// the same in the kernel and the agent, 31 bits.
 #[inline(always)]
@@ -390,7 +441,10 @@ pub struct Config {
     /// statistics are on all the time, so the share of the programs' cost that is
     /// Python's is measured in the same run.
     pub python_timing: u32,
-    pub padding: u32,
+    /// Offset of `thread.fsbase` in `task_struct`, from the kernel's BTF: where a thread's
+    /// thread pointer is kept, from which its custom labels are found. Zero: unknown, no
+    /// labels are read.
+    pub fsbase_offset: u32,
 }
 
 /// The quota epoch of tick count `jiffies`: its low 32 bits times
@@ -477,10 +531,14 @@ pub enum Stat {
     PythonThreadUnknown,
     /// Nanoseconds spent reading Python frames, while [`Config::python_timing`] is on.
     PythonNs,
+    /// Snapshots that carried custom labels...
+    Labelled,
+    /// ...of them, those with labels cut ([`LABELS_CUT`]) or unreadable.
+    LabelsCut,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 21;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Samples,
         Stat::SampleRingFull,
@@ -501,6 +559,8 @@ impl Stat {
         Stat::PythonReadFailed,
         Stat::PythonThreadUnknown,
         Stat::PythonNs,
+        Stat::Labelled,
+        Stat::LabelsCut,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -524,6 +584,8 @@ impl Stat {
             Stat::PythonReadFailed => "python_read_failed",
             Stat::PythonThreadUnknown => "python_thread_unknown",
             Stat::PythonNs => "python_ns",
+            Stat::Labelled => "labelled_snapshots",
+            Stat::LabelsCut => "labels_cut",
         }
     }
 }
@@ -539,6 +601,7 @@ pub mod maps {
     pub const PARENTS: &str = "PARENTS";
     pub const THREAD_QUOTA: &str = "THREAD_QUOTA";
     pub const PYTHON_PROCESSES: &str = "PYTHON_PROCESSES";
+    pub const LABEL_PROCESSES: &str = "LABEL_PROCESSES";
 }
 
 #[cfg(feature = "user")]
@@ -548,6 +611,7 @@ mod pod {
     unsafe impl aya::Pod for SwitchOut {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for PythonProcess {}
+    unsafe impl aya::Pod for LabelsProcess {}
 }
 
 #[cfg(test)]

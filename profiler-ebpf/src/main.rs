@@ -39,6 +39,7 @@ mod programs {
         USER_STACK_CHUNK, USER_STACK_CLASSES, weight_q16, python_fingerprint, PythonFrame, PythonProcess, PythonStack, PythonStackOf, PYTHON_STACK_CLASSES,
         EVENT_PYTHON_STACK, MAX_PYTHON_FRAMES, MAX_PYTHON_THREADS, PYTHON_ENTRY, PYTHON_FINGERPRINT_BYTES, PYTHON_FRAME_BYTES,
         PythonLayout, PYTHON_NO_FIELD, PYTHON_READ_FAILED, PYTHON_STACK_WINDOW, PYTHON_TRUNCATED, PYTHON_TSTATE_BYTES,
+        LabelsProcess, LabelsRecord, EVENT_LABELS, LABELS_CUT, LABELS_READ_FAILED, LABEL_KEY_BYTES, LABEL_VALUE_BYTES, MAX_LABELS,
     };
 
     // Sizes are defaults; the agent overrides them at load time.
@@ -83,6 +84,13 @@ mod programs {
     /// them (see `profiler_agent::python`).
     #[map]
     static PYTHON_PROCESSES: HashMap<u32, PythonProcess> = HashMap::with_max_entries(4096, 0);
+    /// Processes that publish custom labels, by tgid (see `profiler_agent::labels`).
+    #[map]
+    static LABEL_PROCESSES: HashMap<u32, LabelsProcess> = HashMap::with_max_entries(4096, 0);
+    /// Each CPU's labels record while it is filled.
+    #[map]
+    static LABELS: PerCpuArray<LabelsRecord> = PerCpuArray::with_max_entries(1, 0);
+
     /// Each Python thread's `PyThreadState` address, found by walking its interpreter's
     /// thread list once and checked against the thread's id on every use, by hash of
     /// its id. An array, not an LRU hash map: its lookup is a few instructions, where
@@ -221,6 +229,9 @@ mod programs {
                 add(Stat::PythonNs, unsafe { bpf_ktime_get_ns() }.saturating_sub(start));
             }
         }
+        if let Some(process) = unsafe { LABEL_PROCESSES.get(&subject.tgid) } {
+            emit_labels(cfg, process, subject);
+        }
         let needed = unsafe { STACK_BYTES.get(&subject.tid) }.copied().unwrap_or(UNLEARNT_USER_STACK);
         let wanted = (cfg.user_stack_bytes.min(needed) as usize).min(MAX_USER_STACK);
         if wanted == 0 {
@@ -288,6 +299,84 @@ mod programs {
         }
         entry.submit(NO_WAKEUP);
         true
+    }
+
+    /// Sends the custom labels of the current thread (ABI v1 of `custom-labels`), in a
+    /// record of their own just before its snapshot: its label set is found from the
+    /// thread pointer, at the offset the agent computed for the process. A thread with no
+    /// set, or an empty one, sends nothing. Keys and values are cut to their room, labels
+    /// past [`MAX_LABELS`] dropped, both marked and counted.
+    #[inline(always)]
+    fn emit_labels(cfg: &Config, process: &LabelsProcess, subject: &Subject) {
+        if cfg.fsbase_offset == 0 {
+            return;
+        }
+        let Some(record) = LABELS.get_ptr_mut(0) else { return };
+        let record = unsafe { &mut *record };
+        let task = unsafe { bpf_get_current_task() };
+        let Ok(fsbase) = (unsafe { bpf_probe_read_kernel((task + cfg.fsbase_offset as u64) as *const u64) }) else { return };
+        if fsbase == 0 {
+            return;
+        }
+        let Some(set) = read_user(fsbase.wrapping_add(process.tls_offset)) else { return };
+        if set == 0 {
+            return;
+        }
+        // custom_labels_labelset_t: storage, count, capacity.
+        let (Some(storage), Some(entries)) = (read_user(set), read_user(set + 8)) else { return };
+        record.kind = EVENT_LABELS;
+        record.tid = subject.tid;
+        record.ts_ns = subject.ts_ns;
+        record.count = 0;
+        record.flags = if entries > MAX_LABELS as u64 { LABELS_CUT } else { 0 };
+        for i in 0..MAX_LABELS {
+            if i as u64 >= entries {
+                break;
+            }
+            // custom_labels_label_t: key {len, buf}, value {len, buf}.
+            let mut raw = [0u64; 4];
+            let at = storage.wrapping_add(i as u64 * 32);
+            if unsafe { bpf_probe_read_user(raw.as_mut_ptr() as *mut c_void, 32, at as *const c_void) } != 0 {
+                record.flags |= LABELS_READ_FAILED;
+                continue;
+            }
+            let [key_len, key_buf, value_len, value_buf] = raw;
+            // An absent key marks an unused slot.
+            if key_buf == 0 || value_buf == 0 {
+                continue;
+            }
+            let slot = record.count as usize;
+            if slot >= MAX_LABELS {
+                break;
+            }
+            let label = &mut record.labels[slot];
+            let key_n = opaque(key_len.min(LABEL_KEY_BYTES as u64) as usize) & (LABEL_KEY_BYTES * 2 - 1);
+            let value_n = opaque(value_len.min(LABEL_VALUE_BYTES as u64) as usize) & (LABEL_VALUE_BYTES * 2 - 1);
+            if key_n > LABEL_KEY_BYTES || value_n > LABEL_VALUE_BYTES {
+                continue;
+            }
+            if key_len as usize > key_n || value_len as usize > value_n {
+                record.flags |= LABELS_CUT;
+            }
+            let read_key = unsafe { bpf_probe_read_user(label.key.as_mut_ptr() as *mut c_void, key_n as u32, key_buf as *const c_void) };
+            let read_value =
+                unsafe { bpf_probe_read_user(label.value.as_mut_ptr() as *mut c_void, value_n as u32, value_buf as *const c_void) };
+            if read_key != 0 || read_value != 0 {
+                record.flags |= LABELS_READ_FAILED;
+                continue;
+            }
+            label.key_len = key_n as u16;
+            label.value_len = value_n as u16;
+            record.count += 1;
+        }
+        if record.count == 0 {
+            return;
+        }
+        count(Stat::Labelled);
+        if record.flags != 0 {
+            count(Stat::LabelsCut);
+        }
+        let _ = EVENTS.output::<LabelsRecord>(record, NO_WAKEUP);
     }
 
     /// Sends the Python frames of the current thread of a Python process, leaf first, in a

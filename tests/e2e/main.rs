@@ -8,6 +8,7 @@
 mod changes;
 mod cli_errors;
 mod daemon;
+mod labels;
 mod off_cpu;
 mod on_cpu;
 mod python;

@@ -68,7 +68,8 @@ fn bpf_linker() -> anyhow::Result<()> {
 /// a separate debug file; e2fsprogs and losetup give the server's durability test an
 /// ext4 file system on a loop device. qemu, a static busybox and cpio boot Debian's
 /// kernels for `cargo xtask kernels` (busybox-static's own doc directory: Debian's other
-/// busybox package installs a `busybox` too, linked dynamically). Each entry is a command
+/// busybox package installs a `busybox` too, linked dynamically). libclang-dev lets
+/// bindgen build the `custom-labels` crate for the custom-labels test app. Each entry is a command
 /// or a path the package installs.
 fn debian_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = [
@@ -91,6 +92,8 @@ fn debian_packages() -> anyhow::Result<()> {
         ("cpio", "cpio"),
         // Debian's CPython, whose frames the Python tests read.
         ("/usr/bin/python3.11", "python3.11"),
+        // bindgen, for the custom-labels crate the request-context test app links.
+        ("/usr/share/doc/libclang-dev", "libclang-dev"),
     ]
         .into_iter()
         .filter(|(binary, _)| output(Command::new("sh").args(["-c", &format!("command -v {binary} || test -e {binary}")])).is_none())

@@ -40,13 +40,14 @@ use aya::{
 };
 use profiler_pprof::waits::Histogram;
 use profiler_common::{
-    maps, Config, PythonProcess, EVENT_PYTHON_STACK, SnapshotHeader, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE, EVENT_SWITCH_OUT, PENDING_SLOTS,
+    maps, Config, LabelsProcess, PythonProcess, EVENT_LABELS, EVENT_PYTHON_STACK, SnapshotHeader, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE, EVENT_SWITCH_OUT, PENDING_SLOTS,
     EVENT_WAIT_END, MAX_STACK_DEPTH, MAX_USER_STACK, TASK_COMM_LEN, USER_STACK_CHUNK,
 };
 
 use crate::{
     cost::{ProgramCost, RunStats, PROGRAMS},
     process::ProcessTable,
+    labels::{LabelOptions, LabelSets, Labels},
     python::{self, Python, PythonNames, PythonOptions},
     unwind::{Outcome, UnwindCounts, Unwinder},
 };
@@ -100,6 +101,8 @@ pub struct SamplerOptions {
     pub version_env: Vec<String>,
     /// Python frames in the stacks of CPython processes.
     pub python: PythonOptions,
+    /// Custom labels of processes that publish them.
+    pub labels: LabelOptions,
 }
 
 impl Default for SamplerOptions {
@@ -116,6 +119,7 @@ impl Default for SamplerOptions {
             max_switched_out: 65536,
             version_env: crate::process::default_version_env(),
             python: PythonOptions::default(),
+            labels: LabelOptions::default(),
         }
     }
 }
@@ -186,6 +190,8 @@ pub struct SampleKey {
     pub state: u32,
     /// The thread's comm at sample time, so exited processes keep a name.
     pub comm: [u8; TASK_COMM_LEN],
+    /// Its custom labels: an id of the sampler's [`LabelSets`], 0 for none.
+    pub labels: u32,
 }
 
 /// One aggregated entry of a window.
@@ -271,6 +277,7 @@ pub struct Sampler {
     run_stats: Option<RunStats>,
     pub period_ns: u64,
     python_names: PythonNames,
+    label_sets: LabelSets,
 }
 
 impl Sampler {
@@ -300,6 +307,8 @@ impl Sampler {
             user_stack_bytes: user_stack_bytes(options.user_stack_bytes),
             fork_child_pid_offset: fork_child_pid_offset.unwrap_or(0),
             python_timing: (options.bpf_stats && options.bpf_stats_share >= 1.0) as u32,
+            // Without it no labels are read; the rest works.
+            fsbase_offset: if options.labels.enabled { crate::kernel_btf::fsbase_offset().unwrap_or(0) } else { 0 },
             ..Config::default()
         };
         let mut config_map: Array<MapData, Config> = take(&mut bpf, maps::CONFIG)?;
@@ -349,19 +358,39 @@ impl Sampler {
                 }
             }),
         );
+        let mut labels_map: BpfHashMap<MapData, u32, LabelsProcess> = take(&mut bpf, maps::LABEL_PROCESSES)?;
+        let label_sets = LabelSets::default();
+        let mut labels = Labels::new(
+            options.labels.clone(),
+            label_sets.clone(),
+            Box::new(move |tgid, entry| {
+                let result = match entry {
+                    Some(entry) => labels_map.insert(tgid, entry, 0),
+                    None => labels_map.remove(&tgid),
+                };
+                if let Err(err) = result {
+                    tracing::debug!(pid = tgid, error = %err, "updating LABEL_PROCESSES");
+                }
+            }),
+        );
         // Before the programs attach: the processes already running have their Python
-        // frames from their first sample on.
+        // frames and labels from their first sample on.
         match options.pid {
             Some(pid) => {
                 processes.refresh(pid);
                 python.observe(pid, &processes);
+                labels.observe(pid, &processes);
             }
-            None => python.observe_all(&processes),
+            None => {
+                python.observe_all(&processes);
+                labels.observe_all(&processes);
+            }
         }
         let reader = Reader::new(
             ring,
             Unwinder::new(processes.clone()),
             python,
+            labels,
             processes,
             stack_bytes,
             options.max_stack_keys as usize,
@@ -387,6 +416,7 @@ impl Sampler {
             run_stats: None,
             period_ns: 0,
             python_names,
+            label_sets,
         };
         sampler.set_frequency(options.frequency_hz)?;
         sampler.set_off_cpu(options.off_cpu.as_ref())?;
@@ -398,6 +428,11 @@ impl Sampler {
     }
 
     /// Names of the Python frames in this sampler's stacks, for the symbolizer.
+    /// The label sets samples' `labels` ids stand for.
+    pub fn label_sets(&self) -> LabelSets {
+        self.label_sets.clone()
+    }
+
     pub fn python_names(&self) -> PythonNames {
         self.python_names.clone()
     }
@@ -819,7 +854,8 @@ mod tests {
         let processes = ProcessTable::default();
         let unwinder = Unwinder::new(processes.clone());
         let python = Python::new(PythonOptions::default(), PythonNames::default(), Box::new(|_, _| {}));
-        (ReaderState::new(unwinder, python, processes, stack_bytes, max_keys, 65536, Default::default()), writes)
+        let labels = Labels::new(LabelOptions::default(), LabelSets::default(), Box::new(|_, _| {}));
+        (ReaderState::new(unwinder, python, labels, processes, stack_bytes, max_keys, 65536, Default::default()), writes)
     }
 
     /// A ring record as the BPF programs write it: the header, then `stack_len` bytes of

@@ -23,6 +23,8 @@ pub struct AgentLosses {
     pub malformed: u64,
     /// What the Python support met.
     pub python: python::PythonCounts,
+    /// What the custom-label support met.
+    pub labels: crate::labels::LabelCounts,
 }
 
 pub(super) type Aggregate = HashMap<(SampleKey, Option<Addrs>, Option<Addrs>), RawValue>;
@@ -43,13 +45,14 @@ impl Reader {
         ring: RingBuf<MapData>,
         unwinder: Unwinder,
         python: Python,
+        labels: Labels,
         processes: ProcessTable,
         stack_bytes: StackBytes,
         max_keys: usize,
         max_pending: usize,
     ) -> Self {
         let losses = Arc::new(std::sync::Mutex::new(AgentLosses::default()));
-        let state = ReaderState::new(unwinder, python, processes, stack_bytes, max_keys, max_pending, losses.clone());
+        let state = ReaderState::new(unwinder, python, labels, processes, stack_bytes, max_keys, max_pending, losses.clone());
         Self { idle: Some((ring, state)), requests: None, losses, thread: None }
     }
 
@@ -164,6 +167,7 @@ pub(super) enum PendingStack {
 pub(super) struct ReaderState {
     pub(super) unwinder: Unwinder,
     pub(super) python: Python,
+    pub(super) labels: Labels,
     /// Where the Python support finds processes' mappings.
     pub(super) processes: ProcessTable,
     pub(super) stack_bytes: StackBytes,
@@ -186,6 +190,7 @@ impl ReaderState {
     pub(super) fn new(
         unwinder: Unwinder,
         python: Python,
+        labels: Labels,
         processes: ProcessTable,
         stack_bytes: StackBytes,
         max_keys: usize,
@@ -195,6 +200,7 @@ impl ReaderState {
         Self {
             unwinder,
             python,
+            labels,
             processes,
             stack_bytes,
             window: Aggregate::new(),
@@ -219,6 +225,7 @@ impl ReaderState {
             read += 1;
         }
         self.losses.python = self.python.counts;
+        self.losses.labels = self.labels.counts;
         *self.shared_losses.lock().unwrap() = self.losses;
         read
     }
@@ -244,6 +251,7 @@ impl ReaderState {
                 Some(stack) => self.python.stack(stack),
                 None => self.losses.malformed += 1,
             },
+            Some(EVENT_LABELS) => self.labels.record(record),
             Some(EVENT_WAIT_END) if record.len() >= size_of::<WaitEnd>() => {
                 // SAFETY: as above; read unaligned since the record is only 8-byte aligned.
                 let end = unsafe { std::ptr::read_unaligned(record.as_ptr() as *const WaitEnd) };
@@ -254,11 +262,13 @@ impl ReaderState {
     }
 
     pub(super) fn snapshot(&mut self, snapshot: &SnapshotHeader, stack: &[u8]) {
+        self.labels.observe(snapshot.tgid, &self.processes);
         let key = SampleKey {
             tgid: snapshot.tgid,
             pid: snapshot.tid,
             state: snapshot.state,
             comm: snapshot.comm,
+            labels: self.labels.take(snapshot.tid, snapshot.ts_ns),
         };
         let kernel_frames = (snapshot.kernel_len as usize / 8).min(MAX_STACK_DEPTH);
         let kernel: Option<Addrs> =
@@ -425,6 +435,7 @@ impl ReaderState {
     pub(super) fn take_window(&mut self) -> (Vec<RawSample>, UnwindCounts) {
         self.expire_pending(monotonic_ns());
         self.python.evict();
+        self.labels.evict();
         let samples = self
             .window
             .drain()

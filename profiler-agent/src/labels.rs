@@ -1,0 +1,326 @@
+//! Request context from the application: custom labels (ABI v1 of Parca's
+//! `custom-labels`, <https://github.com/polarsignals/custom-labels>, crate
+//! `custom-labels` 0.4 and its C library), read with every on-CPU sample and recorded
+//! wait of a thread that has a label set installed.
+//!
+//! An application opts in by linking the library into its main executable, which then
+//! exports `custom_labels_abi_version` (a 4-byte 1) and the thread-local
+//! `custom_labels_current_set`, a pointer to the thread's current set: an array of
+//! (key, value) byte strings. The executable's thread-local block sits at a fixed offset
+//! below the thread pointer (x86-64, TLS variant II), so the agent computes, per process,
+//! the offset from a thread's `fsbase` to its `custom_labels_current_set` and writes it
+//! into the kernel's `LABEL_PROCESSES`; the BPF programs follow it and send the labels in
+//! a record just before the snapshot. A process that does not export the symbols is
+//! never published, and its samples cost one hash lookup that finds nothing.
+//!
+//! Labels become labels of the profile (see `daemon`), except high-cardinality keys
+//! ([`LabelOptions::high_cardinality`]: request or trace ids), which are dropped and
+//! counted so that a million requests do not become a million series.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use object::{
+    read::elf::{ElfFile64, ProgramHeader as _},
+    Object as _, ObjectSection as _, ObjectSymbol as _,
+};
+use profiler_common::{LabelsProcess, LabelsRecord, LABELS_CUT, LABELS_READ_FAILED};
+
+use crate::process::{ProcessInfo, ProcessTable};
+
+/// What custom-label support does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabelOptions {
+    /// Read custom labels at all.
+    pub enabled: bool,
+    /// Keys not made profile labels: each value would be a series of its own.
+    pub high_cardinality: Vec<String>,
+}
+
+impl Default for LabelOptions {
+    fn default() -> Self {
+        Self { enabled: true, high_cardinality: ["request_id", "trace_id", "span_id"].map(String::from).to_vec() }
+    }
+}
+
+/// A snapshot's labels, sorted by key, keys unique (the first of a key wins, as the ABI
+/// says).
+pub type LabelSet = Arc<[(String, String)]>;
+
+/// Distinct label sets kept at most; past it new sets are dropped and counted. Sets
+/// are the low-cardinality labels' combinations, so the bound is far above a service's.
+const MAX_SETS: usize = 16_384;
+/// Label records whose snapshots never came (a full ring) pile up only to this bound.
+const MAX_WAITING: usize = 16_384;
+/// How often a process is looked at again (it may exec)...
+const RECHECK: Duration = Duration::from_secs(2);
+
+/// Label sets by the id snapshots carry (`SampleKey::labels`, 0 for none). Shared by
+/// the reader, which interns, and whoever turns samples into profiles.
+#[derive(Clone, Default)]
+pub struct LabelSets(Arc<RwLock<Interner>>);
+
+#[derive(Default)]
+struct Interner {
+    sets: Vec<LabelSet>,
+    ids: HashMap<LabelSet, u32>,
+}
+
+impl LabelSets {
+    /// The id of `set`; None when the table is full.
+    fn intern(&self, set: LabelSet) -> Option<u32> {
+        if let Some(&id) = self.0.read().unwrap().ids.get(&set) {
+            return Some(id);
+        }
+        let mut interner = self.0.write().unwrap();
+        if let Some(&id) = interner.ids.get(&set) {
+            return Some(id);
+        }
+        if interner.sets.len() >= MAX_SETS {
+            return None;
+        }
+        interner.sets.push(set.clone());
+        let id = interner.sets.len() as u32;
+        interner.ids.insert(set, id);
+        Some(id)
+    }
+
+    /// The set of id `id`; None for 0 (no labels).
+    pub fn get(&self, id: u32) -> Option<LabelSet> {
+        let index = (id as usize).checked_sub(1)?;
+        self.0.read().unwrap().sets.get(index).cloned()
+    }
+}
+
+/// What custom-label support met, since start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LabelCounts {
+    /// Processes whose labels are read.
+    pub processes: u64,
+    /// Labels of a high-cardinality key, left out of the profile's labels.
+    pub high_cardinality_dropped: u64,
+    /// Label sets dropped: the table of distinct sets was full.
+    pub sets_dropped: u64,
+    /// Label records without their snapshot, or malformed.
+    pub unmatched: u64,
+}
+
+struct Checked {
+    /// The executable's (device, inode) it was checked with: an exec is checked again.
+    exe: Option<(u64, u64)>,
+    checked_at: Instant,
+    published: bool,
+}
+
+/// The reader's side: finds processes that publish labels, tells the kernel about them,
+/// and matches the labels the kernel sends with their snapshots.
+pub struct Labels {
+    options: LabelOptions,
+    /// Writes (Some) or removes (None) a process's entry in `LABEL_PROCESSES`.
+    publish: Box<dyn FnMut(u32, Option<LabelsProcess>) + Send>,
+    processes: HashMap<u32, Checked>,
+    /// (snapshot ts, set id) by thread.
+    waiting: HashMap<u32, (u64, u32)>,
+    sets: LabelSets,
+    pub counts: LabelCounts,
+}
+
+impl Labels {
+    pub fn new(options: LabelOptions, sets: LabelSets, publish: Box<dyn FnMut(u32, Option<LabelsProcess>) + Send>) -> Self {
+        Self { options, publish, processes: HashMap::new(), waiting: HashMap::new(), sets, counts: LabelCounts::default() }
+    }
+
+    /// Notes a snapshot of process `tgid`: one not checked lately is looked at (again,
+    /// if its executable changed), and the kernel told what was found.
+    pub fn observe(&mut self, tgid: u32, table: &ProcessTable) {
+        if !self.options.enabled || tgid == 0 {
+            return;
+        }
+        let now = Instant::now();
+        if self.processes.get(&tgid).is_some_and(|checked| now.duration_since(checked.checked_at) < RECHECK) {
+            return;
+        }
+        let Some(info) = table.get(tgid) else { return };
+        let exe = executable(&info).map(|mapping| mapping.file.id);
+        if let Some(checked) = self.processes.get_mut(&tgid) {
+            checked.checked_at = now;
+            if checked.exe == exe {
+                return;
+            }
+        }
+        let found = executable(&info).and_then(|mapping| in_executable(&mapping.file.handle_path));
+        let was_published = self.processes.get(&tgid).is_some_and(|checked| checked.published);
+        match found {
+            Some(entry) => {
+                tracing::info!(pid = tgid, "reading custom labels");
+                self.counts.processes += 1;
+                (self.publish)(tgid, Some(entry));
+            }
+            None if was_published => (self.publish)(tgid, None),
+            None => {}
+        }
+        self.processes.insert(tgid, Checked { exe, checked_at: now, published: found.is_some() });
+    }
+
+    /// Looks at every live process now, so those already running have their labels
+    /// from their first sample on.
+    pub fn observe_all(&mut self, table: &ProcessTable) {
+        if !self.options.enabled {
+            return;
+        }
+        table.discover();
+        for pid in table.live_pids() {
+            self.observe(pid, table);
+        }
+    }
+
+    /// Takes a labels record the kernel sent; it waits for its snapshot.
+    pub fn record(&mut self, record: &[u8]) {
+        if record.len() < size_of::<LabelsRecord>() {
+            self.counts.unmatched += 1;
+            return;
+        }
+        // SAFETY: plain old data, the record at least as long; read unaligned.
+        let record = unsafe { std::ptr::read_unaligned(record.as_ptr() as *const LabelsRecord) };
+        let mut set: Vec<(String, String)> = Vec::with_capacity(record.count as usize);
+        for label in record.labels.iter().take(record.count as usize) {
+            let key = label_name(&label.key[..(label.key_len as usize).min(label.key.len())]);
+            let value: String = String::from_utf8_lossy(&label.value[..(label.value_len as usize).min(label.value.len())])
+                .chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect();
+            if key.is_empty() {
+                continue;
+            }
+            if self.options.high_cardinality.contains(&key) {
+                self.counts.high_cardinality_dropped += 1;
+                continue;
+            }
+            // The first label of a key wins.
+            if !set.iter().any(|(k, _)| *k == key) {
+                set.push((key, value));
+            }
+        }
+        if record.flags & (LABELS_CUT | LABELS_READ_FAILED) != 0 {
+            tracing::debug!(tid = record.tid, flags = record.flags, "custom labels cut or partly unreadable");
+        }
+        if set.is_empty() {
+            return;
+        }
+        set.sort();
+        let Some(id) = self.sets.intern(set.into()) else {
+            self.counts.sets_dropped += 1;
+            return;
+        };
+        if self.waiting.len() >= MAX_WAITING && !self.waiting.contains_key(&record.tid) {
+            self.counts.unmatched += self.waiting.len() as u64;
+            self.waiting.clear();
+        }
+        if self.waiting.insert(record.tid, (record.ts_ns, id)).is_some() {
+            self.counts.unmatched += 1;
+        }
+    }
+
+    /// The label set id of the snapshot (`tid`, `ts_ns`): 0 when it has none.
+    pub fn take(&mut self, tid: u32, ts_ns: u64) -> u32 {
+        match self.waiting.remove(&tid) {
+            Some((ts, id)) if ts == ts_ns => id,
+            Some(_) => {
+                self.counts.unmatched += 1;
+                0
+            }
+            None => 0,
+        }
+    }
+
+    /// Forgets processes that are gone.
+    pub fn evict(&mut self) {
+        self.processes.retain(|tgid, _| std::path::Path::new(&format!("/proc/{tgid}")).exists());
+    }
+}
+
+/// A key as a profile label name: bytes outside `[A-Za-z0-9_./-]` (which the server
+/// refuses) become `_`.
+fn label_name(key: &[u8]) -> String {
+    let name: String = key
+        .iter()
+        .map(|&b| if b.is_ascii_alphanumeric() || b"_./-".contains(&b) { b as char } else { '_' })
+        .collect();
+    debug_assert!(name.is_empty() || profiler_pprof::is_label_name(&name));
+    name
+}
+
+/// The mapping of the process's main executable (the ABI's labels live there).
+fn executable(info: &ProcessInfo) -> Option<&crate::process::Mapping> {
+    // Mappings carry the file's base name.
+    let name = info.exe.rsplit('/').next().filter(|name| !name.is_empty())?;
+    info.mappings.iter().find(|mapping| mapping.file.name == name)
+}
+
+/// The kernel's entry for an executable that exports ABI v1 custom labels: the offset
+/// from a thread's `fsbase` to its `custom_labels_current_set`.
+fn in_executable(path: &std::path::Path) -> Option<LabelsProcess> {
+    let file = std::fs::File::open(path).ok()?;
+    // SAFETY: read-only; a file truncated while mapped reads as zeros (`mapped_files`),
+    // which the ELF parser rejects like any malformed input.
+    let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+    let elf = ElfFile64::<object::Endianness>::parse(&map[..]).ok()?;
+    let symbol = |name: &str| elf.dynamic_symbols().chain(elf.symbols()).find(|s| s.name() == Ok(name));
+    // The version is a constant: read from the file, where it was linked.
+    let version = symbol("custom_labels_abi_version")?;
+    let section = elf.sections().find(|s| (s.address()..s.address() + s.size()).contains(&version.address()))?;
+    let data = section.data().ok()?;
+    let at = (version.address() - section.address()) as usize;
+    let version = u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?);
+    if version != 1 {
+        tracing::info!(path = %path.display(), version, "custom labels of an ABI version other than 1: not read");
+        return None;
+    }
+    let current_set = symbol("custom_labels_current_set")?;
+    if current_set.kind() != object::SymbolKind::Tls {
+        return None;
+    }
+    let endian = elf.endian();
+    let tls = elf.elf_program_headers().iter().find(|header| header.p_type(endian) == object::elf::PT_TLS)?;
+    Some(LabelsProcess {
+        tls_offset: tls_offset(tls.p_memsz(endian), tls.p_align(endian), tls.p_vaddr(endian), current_set.address()),
+    })
+}
+
+/// The offset from the thread pointer to a thread-local variable of the main executable
+/// (at `symbol`, an offset in its TLS segment) under x86-64's TLS variant II: the
+/// executable's block ends at the thread pointer, its start aligned as glibc's
+/// `_dl_determine_tlsoffset` places the first module.
+fn tls_offset(memsz: u64, align: u64, vaddr: u64, symbol: u64) -> u64 {
+    let align = align.max(1);
+    let firstbyte = vaddr.wrapping_neg() & (align - 1);
+    let block = memsz.saturating_sub(firstbyte).div_ceil(align) * align + firstbyte;
+    symbol.wrapping_sub(block)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Placements as glibc computes them (the end-to-end test reads a real one).
+    #[test]
+    fn tls_offsets_match_glibcs_placement() {
+        // A block of 0x48 bytes aligned to 8 ends at the thread pointer: 0x48 below it.
+        assert_eq!(tls_offset(0x48, 8, 0x3df0, 0x10) as i64, 0x10 - 0x48);
+        // Rounded up to the alignment.
+        assert_eq!(tls_offset(0x41, 64, 0x3dc0, 0) as i64, -0x80);
+    }
+
+    #[test]
+    fn label_sets_intern_once() {
+        let sets = LabelSets::default();
+        let a: LabelSet = vec![("endpoint".to_string(), "checkout".to_string())].into();
+        let id = sets.intern(a.clone()).unwrap();
+        assert_eq!(sets.intern(a.clone()), Some(id));
+        assert_eq!(sets.get(id).as_deref(), Some(&a[..]));
+        assert_eq!(sets.get(0), None);
+    }
+}
