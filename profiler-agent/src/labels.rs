@@ -27,7 +27,9 @@ use object::{
     read::elf::{ElfFile64, ProgramHeader as _},
     Object as _, ObjectSection as _, ObjectSymbol as _,
 };
-use profiler_common::{LabelsProcess, LabelsRecord, LABELS_CUT, LABELS_READ_FAILED};
+use std::mem::offset_of;
+
+use profiler_common::{Label, LabelsProcess, LabelsRecord, LABELS_CUT, LABELS_HEADER_BYTES, LABELS_READ_FAILED, MAX_LABELS};
 
 use crate::process::{ProcessInfo, ProcessTable};
 
@@ -179,12 +181,10 @@ impl Labels {
 
     /// Takes a labels record the kernel sent; it waits for its snapshot.
     pub fn record(&mut self, record: &[u8]) {
-        if record.len() < size_of::<LabelsRecord>() {
+        let Some(record) = read_record(record) else {
             self.counts.unmatched += 1;
             return;
-        }
-        // SAFETY: plain old data, the record at least as long; read unaligned.
-        let record = unsafe { std::ptr::read_unaligned(record.as_ptr() as *const LabelsRecord) };
+        };
         let mut set: Vec<(String, String)> = Vec::with_capacity(record.count as usize);
         for label in record.labels.iter().take(record.count as usize) {
             let key = label_name(&label.key[..(label.key_len as usize).min(label.key.len())]);
@@ -240,6 +240,22 @@ impl Labels {
     pub fn evict(&mut self) {
         self.processes.retain(|tgid, _| std::path::Path::new(&format!("/proc/{tgid}")).exists());
     }
+}
+
+/// A labels record as the kernel sent it, cut after its `count` labels.
+fn read_record(bytes: &[u8]) -> Option<LabelsRecord> {
+    let u32_at = |at: usize| Some(u32::from_ne_bytes(bytes.get(at..at + 4)?.try_into().ok()?));
+    let count = (u32_at(offset_of!(LabelsRecord, count))? as usize).min(MAX_LABELS);
+    if bytes.len() < LABELS_HEADER_BYTES + count * size_of::<Label>() {
+        return None;
+    }
+    let mut whole = [0u8; size_of::<LabelsRecord>()];
+    whole[..LABELS_HEADER_BYTES + count * size_of::<Label>()].copy_from_slice(&bytes[..LABELS_HEADER_BYTES + count * size_of::<Label>()]);
+    // SAFETY: plain old data (all bit patterns valid), the buffer exactly as long; read
+    // unaligned. Labels past `count` are zeros and never read.
+    let mut record = unsafe { std::ptr::read_unaligned(whole.as_ptr() as *const LabelsRecord) };
+    record.count = count as u32;
+    Some(record)
 }
 
 /// A key as a profile label name: bytes outside `[A-Za-z0-9_./-]` (which the server
@@ -312,6 +328,37 @@ mod tests {
         assert_eq!(tls_offset(0x48, 8, 0x3df0, 0x10) as i64, 0x10 - 0x48);
         // Rounded up to the alignment.
         assert_eq!(tls_offset(0x41, 64, 0x3dc0, 0) as i64, -0x80);
+    }
+
+    /// A record cut after its labels, as the kernel sends it, reads back whole; one
+    /// shorter than its count says is refused.
+    #[test]
+    fn records_cut_after_their_labels_read_back() {
+        let mut record: LabelsRecord = unsafe { std::mem::zeroed() };
+        record.kind = profiler_common::EVENT_LABELS;
+        record.tid = 7;
+        record.ts_ns = 42;
+        record.count = 2;
+        for (label, (key, value)) in record.labels.iter_mut().zip([("endpoint", "checkout"), ("request_id", "r-1")]) {
+            label.key[..key.len()].copy_from_slice(key.as_bytes());
+            label.key_len = key.len() as u16;
+            label.value[..value.len()].copy_from_slice(value.as_bytes());
+            label.value_len = value.len() as u16;
+        }
+        let whole = unsafe { std::slice::from_raw_parts(&record as *const LabelsRecord as *const u8, size_of::<LabelsRecord>()) };
+        let sent = &whole[..LABELS_HEADER_BYTES + 2 * size_of::<Label>()];
+        let read = read_record(sent).unwrap();
+        assert_eq!((read.tid, read.ts_ns, read.count), (7, 42, 2));
+        assert_eq!(&read.labels[1].value[..read.labels[1].value_len as usize], b"r-1");
+        assert!(read_record(&sent[..sent.len() - 1]).is_none());
+
+        let sets = LabelSets::default();
+        let mut labels = Labels::new(LabelOptions::default(), sets.clone(), Box::new(|_, _| {}));
+        labels.record(sent);
+        let id = labels.take(7, 42);
+        // request_id is high-cardinality: only the endpoint is kept.
+        assert_eq!(sets.get(id).as_deref(), Some(&[("endpoint".to_string(), "checkout".to_string())][..]));
+        assert_eq!(labels.counts.high_cardinality_dropped, 1);
     }
 
     #[test]

@@ -314,7 +314,7 @@ pub struct Label {
 }
 
 /// The custom labels of a snapshot, sent just before it with the same (`tid`, `ts_ns`).
-/// A thread without a label set sends none.
+/// A thread without a label set sends none. Sent cut after its `count` labels.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct LabelsRecord {
@@ -328,6 +328,9 @@ pub struct LabelsRecord {
     pub flags: u32,
     pub labels: [Label; MAX_LABELS],
 }
+
+/// Bytes of a [`LabelsRecord`] before its labels.
+pub const LABELS_HEADER_BYTES: usize = core::mem::offset_of!(LabelsRecord, labels);
 
 /// The fingerprint of a code object from its [`PYTHON_FINGERPRINT_BYTES`] as four words:
 /// the same in the kernel and the agent, 31 bits.

@@ -39,7 +39,7 @@ mod programs {
         USER_STACK_CHUNK, USER_STACK_CLASSES, weight_q16, python_fingerprint, PythonFrame, PythonProcess, PythonStack, PythonStackOf, PYTHON_STACK_CLASSES,
         EVENT_PYTHON_STACK, MAX_PYTHON_FRAMES, MAX_PYTHON_THREADS, PYTHON_ENTRY, PYTHON_FINGERPRINT_BYTES, PYTHON_FRAME_BYTES,
         PythonLayout, PYTHON_NO_FIELD, PYTHON_READ_FAILED, PYTHON_STACK_WINDOW, PYTHON_TRUNCATED, PYTHON_TSTATE_BYTES,
-        LabelsProcess, LabelsRecord, EVENT_LABELS, LABELS_CUT, LABELS_READ_FAILED, LABEL_KEY_BYTES, LABEL_VALUE_BYTES, MAX_LABELS,
+        Label, LabelsProcess, LabelsRecord, EVENT_LABELS, LABELS_HEADER_BYTES, LABELS_CUT, LABELS_READ_FAILED, LABEL_KEY_BYTES, LABEL_VALUE_BYTES, MAX_LABELS,
     };
 
     // Sizes are defaults; the agent overrides them at load time.
@@ -323,7 +323,11 @@ mod programs {
             return;
         }
         // custom_labels_labelset_t: storage, count, capacity.
-        let (Some(storage), Some(entries)) = (read_user(set), read_user(set + 8)) else { return };
+        let mut header = [0u64; 2];
+        if unsafe { bpf_probe_read_user(header.as_mut_ptr() as *mut c_void, 16, set as *const c_void) } != 0 {
+            return;
+        }
+        let [storage, entries] = header;
         record.kind = EVENT_LABELS;
         record.tid = subject.tid;
         record.ts_ns = subject.ts_ns;
@@ -376,7 +380,11 @@ mod programs {
         if record.flags != 0 {
             count(Stat::LabelsCut);
         }
-        let _ = EVENTS.output::<LabelsRecord>(record, NO_WAKEUP);
+        // Only the labels used: the copy into the ring costs by the byte.
+        let used = (record.count as usize).min(MAX_LABELS);
+        let len = LABELS_HEADER_BYTES + used * size_of::<Label>();
+        let bytes = unsafe { core::slice::from_raw_parts(record as *const LabelsRecord as *const u8, len) };
+        let _ = EVENTS.output::<[u8]>(bytes, NO_WAKEUP);
     }
 
     /// Sends the Python frames of the current thread of a Python process, leaf first, in a

@@ -80,6 +80,19 @@ pub enum Bench {
         #[arg(long, default_value_t = 4)]
         seconds: u64,
     },
+    /// In-kernel cost per on-CPU sample of reading custom labels, by BPF statistics:
+    /// `tests/labels-app` (two threads per CPU burning CPU, built on Parca's
+    /// `custom-labels` crate) recorded at 999 Hz in three ways, one after the other each
+    /// round: not published (`--no-custom-labels`: the programs' lookup misses, as for
+    /// any process that does not opt in), published with no label set (`plain`), and
+    /// with its two labels set.
+    Labels {
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Seconds recorded per measurement.
+        #[arg(long, default_value_t = 4)]
+        seconds: u64,
+    },
     /// The collection server's ingest and query benchmark.
     Server,
     /// Change detection on a steady workload (A/A): the agent records `workload serve
@@ -116,6 +129,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
             Ok(())
         }
         Bench::Python { rounds, seconds } => python(rounds, seconds),
+        Bench::Labels { rounds, seconds } => labels(rounds, seconds),
         Bench::Server => {
             cargo(&["bench", "-p", "profiler-server", "--bench", "server"])?;
             cargo(&["bench", "-p", "profiler-server", "--bench", "real_profiles"])?;
@@ -177,6 +191,62 @@ fn python(rounds: usize, seconds: u64) -> anyhow::Result<()> {
             median(&mut ratios.clone()),
             ratios.iter().cloned().fold(f64::MAX, f64::min),
             ratios.iter().cloned().fold(0.0, f64::max),
+        );
+    }
+    Ok(())
+}
+
+fn labels(rounds: usize, seconds: u64) -> anyhow::Result<()> {
+    let (agent, _) = release_binaries()?;
+    let target = root().join("target/labels-app");
+    crate::run(
+        crate::cargo_command()
+            .args(["build", "--release", "--quiet", "--manifest-path"])
+            .arg(root().join("tests/labels-app/Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target),
+    )?;
+    let app = target.join("release/labels-app");
+    let dir = std::env::temp_dir().join(format!("xtask-bench-labels-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let stats = dir.join("stats.json");
+    let threads = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("labels: {rounds} rounds of {seconds} s at 999 Hz, labels-app with {threads} threads");
+    // (name, app mode, agent flags)
+    let variants: [(&str, &str, &[&str]); 3] =
+        [("not published", "plain", &["--no-custom-labels"]), ("published, no label set", "plain", &[]), ("two labels set", "labels", &[])];
+    let mut per_sample: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    let mut labelled: Vec<f64> = vec![0.0; variants.len()];
+    for _ in 0..rounds {
+        for (i, (_, mode, flags)) in variants.iter().enumerate() {
+            let mut child = Command::new(&app)
+                .args([(seconds + 2).to_string().as_str(), threads.to_string().as_str(), mode])
+                .stdout(Stdio::null())
+                .spawn()?;
+            let status = Command::new(&agent)
+                .args(["record", "--pid", &child.id().to_string(), "--frequency", "999", "--duration", &format!("{seconds}s")])
+                .args(*flags)
+                .args(["--bpf-stats-share", "1", "-o", "/dev/null", "--stats"])
+                .arg(&stats)
+                .stderr(Stdio::null())
+                .status()?;
+            child.wait()?;
+            if !status.success() {
+                bail!("the agent failed: {status}");
+            }
+            let counters: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats)?)?;
+            let counter = |name: &str| counters["counters"][name].as_f64().unwrap_or(0.0);
+            per_sample[i].push(counter("bpf_on_cpu_sample_run_time_ns") / counter("bpf_on_cpu_sample_runs").max(1.0));
+            labelled[i] = counter("labelled_snapshots") / counter("samples").max(1.0);
+        }
+    }
+    let baseline = median(&mut per_sample[0].clone());
+    for (i, (name, _, _)) in variants.iter().enumerate() {
+        let ns = median(&mut per_sample[i].clone());
+        println!(
+            "  {name:<24} {ns:>6.0} ns per sample (median of rounds), {:.3}x not published; {:.0}% of the last round's samples carried labels",
+            ns / baseline,
+            labelled[i] * 100.0
         );
     }
     Ok(())
