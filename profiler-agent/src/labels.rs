@@ -167,18 +167,6 @@ impl Labels {
         self.processes.insert(tgid, Checked { exe, checked_at: now, published: found.is_some() });
     }
 
-    /// Looks at every live process now, so those already running have their labels
-    /// from their first sample on.
-    pub fn observe_all(&mut self, table: &ProcessTable) {
-        if !self.options.enabled {
-            return;
-        }
-        table.discover();
-        for pid in table.live_pids() {
-            self.observe(pid, table);
-        }
-    }
-
     /// Takes a labels record the kernel sent; it waits for its snapshot.
     pub fn record(&mut self, record: &[u8]) {
         let Some(record) = read_record(record) else {
@@ -284,7 +272,9 @@ fn in_executable(path: &std::path::Path) -> Option<LabelsProcess> {
     // which the ELF parser rejects like any malformed input.
     let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
     let elf = ElfFile64::<object::Endianness>::parse(&map[..]).ok()?;
-    let symbol = |name: &str| elf.dynamic_symbols().chain(elf.symbols()).find(|s| s.name() == Ok(name));
+    // The ABI asks for dynamic symbols: the full symbol table of a large binary would
+    // cost every new process a scan of it.
+    let symbol = |name: &str| elf.dynamic_symbols().find(|s| s.name() == Ok(name));
     // The version is a constant: read from the file, where it was linked.
     let version = symbol("custom_labels_abi_version")?;
     let section = elf.sections().find(|s| (s.address()..s.address() + s.size()).contains(&version.address()))?;

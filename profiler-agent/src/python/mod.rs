@@ -220,18 +220,6 @@ impl Python {
         self.processes.insert(tgid, ProcessState { checked, mappings, checked_at: now, seen_at: now });
     }
 
-    /// Looks at every live process now, so those already running have their Python
-    /// frames from their first sample on.
-    pub fn observe_all(&mut self, table: &ProcessTable) {
-        if !self.options.enabled {
-            return;
-        }
-        table.discover();
-        for pid in table.live_pids() {
-            self.observe(pid, table);
-        }
-    }
-
     /// Takes a stack of Python frames the kernel sent; it waits for its snapshot.
     pub fn stack(&mut self, (tid, stack): (u32, RawStack)) {
         // Stacks whose snapshots never came (a full ring) pile up only to this bound.

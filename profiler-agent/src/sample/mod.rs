@@ -40,7 +40,7 @@ use aya::{
 };
 use profiler_pprof::waits::Histogram;
 use profiler_common::{
-    maps, Config, LabelsProcess, PythonProcess, EVENT_LABELS, EVENT_PYTHON_STACK, SnapshotHeader, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE, EVENT_SWITCH_OUT, PENDING_SLOTS,
+    maps, Config, EVENT_LABELS, EVENT_PYTHON_STACK, SnapshotHeader, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE, EVENT_SWITCH_OUT, PENDING_SLOTS,
     EVENT_WAIT_END, MAX_STACK_DEPTH, MAX_USER_STACK, TASK_COMM_LEN, USER_STACK_CHUNK,
 };
 
@@ -343,48 +343,30 @@ impl Sampler {
             learnt: HashMap::new(),
             max: config.user_stack_bytes,
         };
-        let mut python_map: BpfHashMap<MapData, u32, PythonProcess> = take(&mut bpf, maps::PYTHON_PROCESSES)?;
         let python_names = PythonNames::default();
-        let mut python = Python::new(
-            options.python,
-            python_names.clone(),
-            Box::new(move |tgid, entry| {
-                let result = match entry {
-                    Some(entry) => python_map.insert(tgid, entry, 0),
-                    None => python_map.remove(&tgid),
-                };
-                if let Err(err) = result {
-                    tracing::debug!(pid = tgid, error = %err, "updating PYTHON_PROCESSES");
-                }
-            }),
-        );
-        let mut labels_map: BpfHashMap<MapData, u32, LabelsProcess> = take(&mut bpf, maps::LABEL_PROCESSES)?;
+        let mut python =
+            Python::new(options.python, python_names.clone(), per_process(take(&mut bpf, maps::PYTHON_PROCESSES)?, maps::PYTHON_PROCESSES));
         let label_sets = LabelSets::default();
         let mut labels = Labels::new(
             options.labels.clone(),
             label_sets.clone(),
-            Box::new(move |tgid, entry| {
-                let result = match entry {
-                    Some(entry) => labels_map.insert(tgid, entry, 0),
-                    None => labels_map.remove(&tgid),
-                };
-                if let Err(err) = result {
-                    tracing::debug!(pid = tgid, error = %err, "updating LABEL_PROCESSES");
-                }
-            }),
+            per_process(take(&mut bpf, maps::LABEL_PROCESSES)?, maps::LABEL_PROCESSES),
         );
         // Before the programs attach: the processes already running have their Python
         // frames and labels from their first sample on.
-        match options.pid {
+        let pids = match options.pid {
             Some(pid) => {
                 processes.refresh(pid);
-                python.observe(pid, &processes);
-                labels.observe(pid, &processes);
+                vec![pid]
             }
             None => {
-                python.observe_all(&processes);
-                labels.observe_all(&processes);
+                processes.discover();
+                processes.live_pids().into_iter().collect()
             }
+        };
+        for pid in pids {
+            python.observe(pid, &processes);
+            labels.observe(pid, &processes);
         }
         let reader = Reader::new(
             ring,
@@ -704,6 +686,20 @@ fn kernel_costs(bpf: &Ebpf) -> [ProgramCost; PROGRAMS.len()] {
             .and_then(|program| program.info().ok())
             .map(|info| ProgramCost { run_time_ns: info.run_time().as_nanos() as u64, runs: info.run_count() })
             .unwrap_or_default()
+    })
+}
+
+/// Writes (Some) or removes (None) a process's entry in `map`, a kernel map by tgid (a
+/// failure only means the process's extra frames or labels are not read).
+fn per_process<V: aya::Pod + Send>(mut map: BpfHashMap<MapData, u32, V>, name: &'static str) -> Box<dyn FnMut(u32, Option<V>) + Send> {
+    Box::new(move |tgid, entry| {
+        let result = match entry {
+            Some(entry) => map.insert(tgid, entry, 0),
+            None => map.remove(&tgid),
+        };
+        if let Err(err) = result {
+            tracing::debug!(pid = tgid, error = %err, map = name, "updating a per-process map");
+        }
     })
 }
 
