@@ -114,6 +114,7 @@ struct Checked {
     /// The executable's (device, inode) it was checked with: an exec is checked again.
     exe: Option<(u64, u64)>,
     checked_at: Instant,
+    seen_at: Instant,
     published: bool,
 }
 
@@ -142,8 +143,11 @@ impl Labels {
             return;
         }
         let now = Instant::now();
-        if self.processes.get(&tgid).is_some_and(|checked| now.duration_since(checked.checked_at) < RECHECK) {
-            return;
+        if let Some(checked) = self.processes.get_mut(&tgid) {
+            checked.seen_at = now;
+            if now.duration_since(checked.checked_at) < RECHECK {
+                return;
+            }
         }
         let Some(info) = table.get(tgid) else { return };
         let exe = executable(&info).map(|mapping| mapping.file.id);
@@ -164,7 +168,7 @@ impl Labels {
             None if was_published => (self.publish)(tgid, None),
             None => {}
         }
-        self.processes.insert(tgid, Checked { exe, checked_at: now, published: found.is_some() });
+        self.processes.insert(tgid, Checked { exe, checked_at: now, seen_at: now, published: found.is_some() });
     }
 
     /// Takes a labels record the kernel sent; it waits for its snapshot.
@@ -224,9 +228,14 @@ impl Labels {
         }
     }
 
-    /// Forgets processes that are gone.
+    /// Forgets processes that are gone, and takes them out of the kernel's map (4,096
+    /// entries) so that exited processes do not fill it.
     pub fn evict(&mut self) {
-        self.processes.retain(|tgid, _| std::path::Path::new(&format!("/proc/{tgid}")).exists());
+        for (tgid, checked) in crate::process::remove_gone(&mut self.processes, |checked| &mut checked.seen_at) {
+            if checked.published {
+                (self.publish)(tgid, None);
+            }
+        }
     }
 }
 

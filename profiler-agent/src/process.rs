@@ -12,6 +12,30 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// How long a process unseen by a per-process reader (Python, custom labels) keeps its
+/// entry before it is looked for in /proc.
+pub const FORGET_UNSEEN_AFTER: Duration = Duration::from_secs(120);
+
+/// Removes and returns the entries of processes that are gone: those unseen for
+/// [`FORGET_UNSEEN_AFTER`] whose /proc entry no longer exists; one unseen but alive is
+/// marked seen now. Per-process readers call it at each window, so only processes
+/// quiet for two minutes cost a look at /proc.
+pub fn remove_gone<S>(entries: &mut HashMap<u32, S>, seen_at: impl Fn(&mut S) -> &mut Instant) -> Vec<(u32, S)> {
+    let now = Instant::now();
+    let mut gone = Vec::new();
+    for (&pid, entry) in entries.iter_mut() {
+        let seen = seen_at(entry);
+        if now.duration_since(*seen) > FORGET_UNSEEN_AFTER {
+            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                *seen = now;
+            } else {
+                gone.push(pid);
+            }
+        }
+    }
+    gone.into_iter().filter_map(|pid| entries.remove_entry(&pid)).collect()
+}
+
 /// One executable, file-backed mapping.
 #[derive(Clone, Debug)]
 pub struct Mapping {
@@ -387,6 +411,21 @@ fn open_mapped_file(pid: u32, line: &MapsLine<'_>) -> Option<MappedFile> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only a process unseen for long and gone from /proc is removed; an unseen live one
+    /// is kept and marked seen, a recently seen one is not looked at.
+    #[test]
+    fn only_processes_gone_from_proc_are_removed() {
+        let long_ago = Instant::now().checked_sub(FORGET_UNSEEN_AFTER * 2).expect("uptime over four minutes");
+        let me = std::process::id();
+        // Above the largest pid_max (2^22): never a live process.
+        let gone = 1 << 23;
+        let mut entries: HashMap<u32, Instant> = [(me, long_ago), (gone, long_ago), (gone + 1, Instant::now())].into();
+        let removed = remove_gone(&mut entries, |seen| seen);
+        assert_eq!(removed.iter().map(|(pid, _)| *pid).collect::<Vec<_>>(), vec![gone]);
+        assert!(entries[&me] > long_ago, "a live process unseen is marked seen");
+        assert!(entries.contains_key(&(gone + 1)), "one seen lately is not looked for");
+    }
 
     #[test]
     fn versions_from_the_environment() {

@@ -67,10 +67,8 @@ const MAX_CODES: usize = 65_536;
 /// follows its stack within the same drain of the ring unless the ring was full.
 const MAX_WAITING_STACKS: usize = 16_384;
 /// How often a process's interpreter is looked for again (it may exec, or load
-/// libpython late)...
+/// libpython late).
 const RECHECK: Duration = Duration::from_secs(2);
-/// ...and how long a process unseen keeps its entry.
-const FORGET_AFTER: Duration = Duration::from_secs(120);
 
 const TABLE_FULL: &str = "[python: frame name table full]";
 const UNREADABLE: &str = "[python: code object unreadable]";
@@ -323,17 +321,8 @@ impl Python {
     /// kernel's map, which has room for a bounded number. A live one stays however idle:
     /// its first sample after a long sleep still has its frames.
     pub fn evict(&mut self) {
-        let now = Instant::now();
-        let mut gone = Vec::new();
-        for (&tgid, state) in self.processes.iter_mut().filter(|(_, state)| now.duration_since(state.seen_at) > FORGET_AFTER) {
-            if std::path::Path::new(&format!("/proc/{tgid}")).exists() {
-                state.seen_at = now;
-            } else {
-                gone.push(tgid);
-            }
-        }
-        for tgid in gone {
-            if let Some(ProcessState { checked: Checked::Python(_), .. }) = self.processes.remove(&tgid) {
+        for (tgid, state) in crate::process::remove_gone(&mut self.processes, |state| &mut state.seen_at) {
+            if let Checked::Python(_) = state.checked {
                 (self.publish)(tgid, None);
             }
             self.codes.retain(|&(pid, _), _| pid != tgid);

@@ -409,12 +409,12 @@ impl Sampler {
         Ok(sampler)
     }
 
-    /// Names of the Python frames in this sampler's stacks, for the symbolizer.
     /// The label sets samples' `labels` ids stand for.
     pub fn label_sets(&self) -> LabelSets {
         self.label_sets.clone()
     }
 
+    /// Names of the Python frames in this sampler's stacks, for the symbolizer.
     pub fn python_names(&self) -> PythonNames {
         self.python_names.clone()
     }
