@@ -93,7 +93,7 @@ mod tests {
 
     fn sample(state: u32, user: &[&str], kernel: &[&str], value: RawValue) -> SymbolizedSample {
         SymbolizedSample {
-            key: SampleKey { tgid: 1, pid: 1, state, comm: *b"worker\0\0\0\0\0\0\0\0\0\0", labels: 0 },
+            key: SampleKey { tgid: 1, pid: 1, state, comm: *b"worker\0\0\0\0\0\0\0\0\0\0", labels: 0, request: 0 },
             process: "app".into(),
             user_frames: user.iter().map(|f| Arc::from(*f)).collect(),
             kernel_frames: kernel.iter().map(|f| Arc::from(*f)).collect(),

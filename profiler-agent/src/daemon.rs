@@ -205,6 +205,7 @@ fn sampling_loop(
         let payload = groups.payload(host_labels, &meta, &run_id);
         *runs.control.services.lock().unwrap() = groups.services();
         metrics.windows.fetch_add(1, Relaxed);
+        metrics.requests_dropped.fetch_add(groups.requests_dropped, Relaxed);
         if let Some(payload) = payload {
             metrics.profiles_produced.fetch_add(1, Relaxed);
             metrics.value_produced_ns.fetch_add(payload.value, Relaxed);
@@ -244,6 +245,7 @@ fn record_drain_metrics(session: &Session, window: &Window, metrics: &Metrics) {
     metrics.labelled_snapshots.fetch_add(stats.get(Stat::Labelled), Relaxed);
     metrics.label_processes.store(losses.labels.processes, Relaxed);
     metrics.labels_high_cardinality_dropped.store(losses.labels.high_cardinality_dropped, Relaxed);
+    metrics.request_snapshots.store(losses.labels.requests, Relaxed);
     metrics.map_fill_permille.store((window.map_fill * 1000.0) as u64, Relaxed);
     metrics.stacks_unwound.fetch_add(window.unwind.complete, Relaxed);
     metrics.stacks_truncated.fetch_add(window.unwind.truncated, Relaxed);
@@ -280,11 +282,21 @@ struct WindowGroups {
     /// A process's identity with a set of its custom labels added, by (tgid, set id).
     labelled: HashMap<(u32, u32), Arc<Identity>>,
     groups: BTreeMap<(Arc<Identity>, Kind), Stacks>,
+    /// (stack, request) pairs held, against [`MAX_REQUEST_ENTRIES`].
+    request_entries: usize,
+    /// Time not attributed to its request: the window held too many pairs already.
+    requests_dropped: u64,
 }
+
+/// (stack, request) pairs one window holds at most (about 100 bytes each): far above
+/// what a host serves in a window (a thousand requests a second of a few stacks each),
+/// and a bound when an application labels every wait with a new id.
+const MAX_REQUEST_ENTRIES: usize = 200_000;
 
 impl WindowGroups {
     fn add(&mut self, session: &Session, drained: &Window, rules: &[Rule]) {
         let period_ns = session.period_ns();
+        let label_sets = session.label_sets();
         for sample in &drained.samples {
             let identity = self
                 .identities
@@ -327,7 +339,7 @@ impl WindowGroups {
                 set => self
                     .labelled
                     .entry((sample.key.tgid, set))
-                    .or_insert_with(|| Arc::new(with_custom_labels(&identity, session.label_sets().get(set).as_deref().unwrap_or(&[]))))
+                    .or_insert_with(|| Arc::new(with_custom_labels(&identity, label_sets.get(set).as_deref().unwrap_or(&[]))))
                     .clone(),
             };
             let (kind, ns, durations) = match &sample.value {
@@ -347,6 +359,16 @@ impl WindowGroups {
             stack.ns += ns;
             if let Some(durations) = durations {
                 stack.durations.merge(durations);
+            }
+            if let Some(request) = label_sets.request(sample.key.request) {
+                match stack.requests.get_mut(&request) {
+                    Some(spent) => *spent += ns,
+                    None if self.request_entries < MAX_REQUEST_ENTRIES => {
+                        self.request_entries += 1;
+                        stack.requests.insert(request, ns);
+                    }
+                    None => self.requests_dropped += 1,
+                }
             }
         }
     }

@@ -14,8 +14,10 @@
 //! never published, and its samples cost one hash lookup that finds nothing.
 //!
 //! Labels become labels of the profile (see `daemon`), except high-cardinality keys
-//! ([`LabelOptions::high_cardinality`]: request or trace ids), which are dropped and
-//! counted so that a million requests do not become a million series.
+//! ([`LabelOptions::high_cardinality`]: request or trace ids), which would make a
+//! million requests a million series. The first of those keys a set has (in the
+//! configured order) names the snapshot's request instead: its time goes to the
+//! server's request table, not to a series.
 
 use std::{
     collections::HashMap,
@@ -38,7 +40,8 @@ use crate::process::{ProcessInfo, ProcessTable};
 pub struct LabelOptions {
     /// Read custom labels at all.
     pub enabled: bool,
-    /// Keys not made profile labels: each value would be a series of its own.
+    /// Keys not made profile labels: each value would be a series of its own. The
+    /// first a label set has names its request.
     pub high_cardinality: Vec<String>,
 }
 
@@ -69,6 +72,60 @@ pub struct LabelSets(Arc<RwLock<Interner>>);
 struct Interner {
     sets: Vec<LabelSet>,
     ids: HashMap<LabelSet, u32>,
+    requests: RequestIds,
+}
+
+/// A request: the key (`request_id`, `trace_id`, ...) and value of the label that
+/// named it.
+pub type Request = Arc<(String, String)>;
+
+/// Requests by the id snapshots carry (`SampleKey::request`, 0 for none). Requests
+/// come and go, so ids are handed out in generations of [`REQUESTS_PER_GENERATION`]:
+/// when one is full the one before it is forgotten. An id outlives at least one whole
+/// generation (more than a window's snapshots waiting to be grouped), and an id of a
+/// forgotten generation resolves to nothing, never to another request.
+#[derive(Default)]
+struct RequestIds {
+    generation: u32,
+    current: Vec<Request>,
+    previous: Vec<Request>,
+    ids: HashMap<Request, u32>,
+}
+
+/// Requests per generation of ids: the low bits of an id hold the index plus one.
+const REQUESTS_PER_GENERATION: usize = (1 << 16) - 1;
+const GENERATION_SHIFT: u32 = 16;
+
+impl RequestIds {
+    fn intern(&mut self, request: Request) -> u32 {
+        // Only the current generation's requests are in `ids`.
+        if let Some(&id) = self.ids.get(&request) {
+            return id;
+        }
+        if self.current.len() >= REQUESTS_PER_GENERATION {
+            self.previous = std::mem::take(&mut self.current);
+            self.generation = self.generation.wrapping_add(1);
+            self.ids.clear();
+        }
+        self.current.push(request.clone());
+        // The index plus one: 0 stays "none".
+        let id = ((self.generation & 0xffff) << GENERATION_SHIFT) | self.current.len() as u32;
+        self.ids.insert(request, id);
+        id
+    }
+
+    fn get(&self, id: u32) -> Option<Request> {
+        let index = ((id & ((1 << GENERATION_SHIFT) - 1)) as usize).checked_sub(1)?;
+        let generation = id >> GENERATION_SHIFT;
+        let list = if generation == self.generation & 0xffff {
+            &self.current
+        } else if generation == self.generation.wrapping_sub(1) & 0xffff {
+            &self.previous
+        } else {
+            return None;
+        };
+        list.get(index).cloned()
+    }
 }
 
 impl LabelSets {
@@ -95,6 +152,15 @@ impl LabelSets {
         let index = (id as usize).checked_sub(1)?;
         self.0.read().unwrap().sets.get(index).cloned()
     }
+
+    fn intern_request(&self, request: Request) -> u32 {
+        self.0.write().unwrap().requests.intern(request)
+    }
+
+    /// The request of id `id`; None for 0 and for an id of a forgotten generation.
+    pub fn request(&self, id: u32) -> Option<Request> {
+        self.0.read().unwrap().requests.get(id)
+    }
 }
 
 /// What custom-label support met, since start.
@@ -102,8 +168,11 @@ impl LabelSets {
 pub struct LabelCounts {
     /// Processes whose labels are read.
     pub processes: u64,
-    /// Labels of a high-cardinality key, left out of the profile's labels.
+    /// Labels of a high-cardinality key, left out of the profile's labels (the first
+    /// of a set names its request).
     pub high_cardinality_dropped: u64,
+    /// Snapshots that carried a request.
+    pub requests: u64,
     /// Label sets dropped: the table of distinct sets was full.
     pub sets_dropped: u64,
     /// Label records without their snapshot, or malformed.
@@ -125,8 +194,8 @@ pub struct Labels {
     /// Writes (Some) or removes (None) a process's entry in `LABEL_PROCESSES`.
     publish: Box<dyn FnMut(u32, Option<LabelsProcess>) + Send>,
     processes: HashMap<u32, Checked>,
-    /// (snapshot ts, set id) by thread.
-    waiting: HashMap<u32, (u64, u32)>,
+    /// (snapshot ts, set id, request id) by thread.
+    waiting: HashMap<u32, (u64, u32, u32)>,
     sets: LabelSets,
     pub counts: LabelCounts,
 }
@@ -178,6 +247,8 @@ impl Labels {
             return;
         };
         let mut set: Vec<(String, String)> = Vec::with_capacity(record.count as usize);
+        // (rank among the high-cardinality keys, key, value)
+        let mut request: Option<(usize, String, String)> = None;
         for label in record.labels.iter().take(record.count as usize) {
             let key = label_name(&label.key[..(label.key_len as usize).min(label.key.len())]);
             let value: String = String::from_utf8_lossy(&label.value[..(label.value_len as usize).min(label.value.len())])
@@ -187,8 +258,11 @@ impl Labels {
             if key.is_empty() {
                 continue;
             }
-            if self.options.high_cardinality.contains(&key) {
+            if let Some(rank) = self.options.high_cardinality.iter().position(|k| *k == key) {
                 self.counts.high_cardinality_dropped += 1;
+                if request.as_ref().is_none_or(|(best, _, _)| rank < *best) {
+                    request = Some((rank, key, value));
+                }
                 continue;
             }
             // The first label of a key wins.
@@ -199,32 +273,45 @@ impl Labels {
         if record.flags & (LABELS_CUT | LABELS_READ_FAILED) != 0 {
             tracing::debug!(tid = record.tid, flags = record.flags, "custom labels cut or partly unreadable");
         }
-        if set.is_empty() {
+        let request = match request {
+            Some((_, key, value)) => {
+                self.counts.requests += 1;
+                self.sets.intern_request(Arc::new((key, value)))
+            }
+            None => 0,
+        };
+        if set.is_empty() && request == 0 {
             return;
         }
         set.sort();
-        let Some(id) = self.sets.intern(set.into()) else {
-            self.counts.sets_dropped += 1;
-            return;
+        let id = match set.is_empty() {
+            true => 0,
+            false => match self.sets.intern(set.into()) {
+                Some(id) => id,
+                None => {
+                    self.counts.sets_dropped += 1;
+                    0
+                }
+            },
         };
         if self.waiting.len() >= MAX_WAITING && !self.waiting.contains_key(&record.tid) {
             self.counts.unmatched += self.waiting.len() as u64;
             self.waiting.clear();
         }
-        if self.waiting.insert(record.tid, (record.ts_ns, id)).is_some() {
+        if self.waiting.insert(record.tid, (record.ts_ns, id, request)).is_some() {
             self.counts.unmatched += 1;
         }
     }
 
-    /// The label set id of the snapshot (`tid`, `ts_ns`): 0 when it has none.
-    pub fn take(&mut self, tid: u32, ts_ns: u64) -> u32 {
+    /// The label set id and request id of the snapshot (`tid`, `ts_ns`): 0 for none.
+    pub fn take(&mut self, tid: u32, ts_ns: u64) -> (u32, u32) {
         match self.waiting.remove(&tid) {
-            Some((ts, id)) if ts == ts_ns => id,
+            Some((ts, id, request)) if ts == ts_ns => (id, request),
             Some(_) => {
                 self.counts.unmatched += 1;
-                0
+                (0, 0)
             }
-            None => 0,
+            None => (0, 0),
         }
     }
 
@@ -354,10 +441,34 @@ mod tests {
         let sets = LabelSets::default();
         let mut labels = Labels::new(LabelOptions::default(), sets.clone(), Box::new(|_, _| {}));
         labels.record(sent);
-        let id = labels.take(7, 42);
-        // request_id is high-cardinality: only the endpoint is kept.
+        let (id, request) = labels.take(7, 42);
+        // request_id is high-cardinality: only the endpoint is a label, the id names
+        // the request.
         assert_eq!(sets.get(id).as_deref(), Some(&[("endpoint".to_string(), "checkout".to_string())][..]));
         assert_eq!(labels.counts.high_cardinality_dropped, 1);
+        assert_eq!(sets.request(request).as_deref(), Some(&("request_id".to_string(), "r-1".to_string())));
+    }
+
+    /// Ids of requests two generations old resolve to nothing, never to a newer
+    /// request; the previous generation's still resolve.
+    #[test]
+    fn request_ids_never_resolve_to_another_request() {
+        let sets = LabelSets::default();
+        let request = |i: usize| Arc::new(("request_id".to_string(), i.to_string()));
+        let first = sets.intern_request(request(0));
+        assert_eq!(sets.intern_request(request(0)), first);
+        for i in 1..REQUESTS_PER_GENERATION + 1 {
+            sets.intern_request(request(i));
+        }
+        // One generation later: still there.
+        assert_eq!(sets.request(first), Some(request(0)));
+        let again = sets.intern_request(request(0));
+        assert_ne!(again, first, "interned anew in the current generation");
+        for i in 0..REQUESTS_PER_GENERATION {
+            sets.intern_request(request(REQUESTS_PER_GENERATION + 1 + i));
+        }
+        assert_eq!(sets.request(first), None, "two generations old");
+        assert_eq!(sets.request(0), None);
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct Metrics {
     pub labelled_snapshots: AtomicU64,
     pub label_processes: AtomicU64,
     pub labels_high_cardinality_dropped: AtomicU64,
+    /// Samples and waits that named a request; those whose time was not attributed to it.
+    pub request_snapshots: AtomicU64,
+    pub requests_dropped: AtomicU64,
     pub stacks_unwound: AtomicU64,
     pub stacks_truncated: AtomicU64,
     pub stacks_partly_unknown: AtomicU64,
@@ -88,6 +91,8 @@ impl Metrics {
         metric("labelled_snapshots_total", "counter", "Samples and waits that carried the application's custom labels.", get(&self.labelled_snapshots));
         metric("label_processes_total", "counter", "Processes whose custom labels are read.", get(&self.label_processes));
         metric("labels_high_cardinality_dropped_total", "counter", "Custom labels of a high-cardinality key left out of the profiles' labels.", get(&self.labels_high_cardinality_dropped));
+        metric("request_snapshots_total", "counter", "Samples and waits whose custom labels named a request (request_id, trace_id, ...).", get(&self.request_snapshots));
+        metric("requests_dropped_total", "counter", "Samples and waits whose time was not attributed to their request: a window held too many (stack, request) pairs.", get(&self.requests_dropped));
         metric("map_fill_ratio", "gauge", "Share of max_stack_keys used by the last window.", get(&self.map_fill_permille) / 1000.0);
         metric("off_cpu_sampling_ratio", "gauge", "Share of context switches recorded.", get(&self.off_cpu_sampling_permille) / 1000.0);
         metric("off_cpu_switch_in", "gauge", "1 when off-CPU waits get their stacks at switch-in (kprobe on finish_task_switch), 0 at switch-out (sched_switch alone).", get(&self.off_cpu_switch_in));

@@ -289,6 +289,7 @@ impl Session {
         counters.insert("python_stacks_unmatched", losses.python.stacks_unmatched);
         counters.insert("label_processes", losses.labels.processes);
         counters.insert("labels_high_cardinality_dropped", losses.labels.high_cardinality_dropped);
+        counters.insert("request_snapshots", losses.labels.requests);
         counters.insert("label_sets_dropped", losses.labels.sets_dropped);
         counters.insert("labels_unmatched", losses.labels.unmatched);
         counters.insert("stacks_unwound", self.unwind.complete);

@@ -80,6 +80,9 @@ pub struct StackValue {
     /// Nanoseconds.
     pub ns: u64,
     pub durations: Histogram,
+    /// The requests (custom labels, see `labels`) `ns` was spent for, and how much of
+    /// it each: the rest was spent for none.
+    pub requests: BTreeMap<crate::labels::Request, u64>,
 }
 
 pub struct WindowMeta {
@@ -100,25 +103,41 @@ pub fn build_payload<'a>(
     batch_id: &str,
 ) -> Payload {
     let mut bundle = stacks::BundleWriter::default();
-    let (mut value, mut with_waits) = (0u64, false);
+    let (mut value, mut with_waits, mut with_requests) = (0u64, false, false);
     for (identity, kind, stacks) in parts {
         let mut window = stacks::Writer::default();
         let mut waits = stacks::WaitsWriter::default();
+        let mut requests: BTreeMap<&crate::labels::Request, Vec<(u64, u64)>> = BTreeMap::new();
         for (index, (frames, stack)) in stacks.iter().enumerate() {
             window.framed(frames, stack.ns as i64);
             waits.histogram(index as u64, &stack.durations);
+            for (request, &ns) in &stack.requests {
+                requests.entry(request).or_default().push((index as u64, ns));
+            }
             value += stack.ns;
         }
+        let mut section = stacks::RequestsWriter::default();
+        for (request, entries) in requests {
+            section.request(&request.0, &request.1, &entries);
+        }
         let labels: Vec<_> = identity.labels.iter().collect();
-        let waits = waits.finish();
+        let (waits, requests) = (waits.finish(), section.finish());
         with_waits |= !waits.is_empty();
-        bundle.part_with_waits(&identity.service, &kind.name(), &labels, &window.finish(), &waits);
+        with_requests |= !requests.is_empty();
+        bundle.part_with_requests(&identity.service, &kind.name(), &labels, &window.finish(), &waits, &requests);
     }
     let mut query = form_urlencoded::Serializer::new(String::new());
     query
         .append_pair("from", &meta.start_ms.to_string())
         .append_pair("batch_id", batch_id)
-        .append_pair("format", if with_waits { WAITS_BUNDLE_FORMAT } else { BUNDLE_FORMAT });
+        .append_pair(
+            "format",
+            match (with_waits, with_requests) {
+                (_, true) => REQUESTS_BUNDLE_FORMAT,
+                (true, false) => WAITS_BUNDLE_FORMAT,
+                (false, false) => BUNDLE_FORMAT,
+            },
+        );
     for (name, label_value) in host_labels {
         query.append_pair("label", &format!("{name}:{label_value}"));
     }
@@ -128,31 +147,44 @@ pub fn build_payload<'a>(
 const BUNDLE_FORMAT: &str = "bundle";
 /// A bundle whose parts may carry wait histograms.
 const WAITS_BUNDLE_FORMAT: &str = "bundle2";
+/// A bundle whose parts may carry wait histograms and requests.
+const REQUESTS_BUNDLE_FORMAT: &str = "bundle3";
 
 fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
     form_urlencoded::parse(query.as_bytes()).into_owned()
 }
 
+fn format(query: &str) -> Option<String> {
+    query_pairs(query).find(|(k, _)| k == "format").map(|(_, v)| v)
+}
+
 fn is_bundle(query: &str) -> bool {
-    query_pairs(query).any(|(k, v)| k == "format" && (v == BUNDLE_FORMAT || v == WAITS_BUNDLE_FORMAT))
+    format(query).is_some_and(|v| [BUNDLE_FORMAT, WAITS_BUNDLE_FORMAT, REQUESTS_BUNDLE_FORMAT].contains(&v.as_str()))
 }
 
 fn has_waits(query: &str) -> bool {
-    query_pairs(query).any(|(k, v)| k == "format" && v == WAITS_BUNDLE_FORMAT)
+    format(query).is_some_and(|v| v == WAITS_BUNDLE_FORMAT || v == REQUESTS_BUNDLE_FORMAT)
 }
 
-/// The window without its wait histograms, as format `bundle`, for a server that
-/// cannot read them.
-fn without_waits(payload: &Payload) -> anyhow::Result<Payload> {
+fn has_requests(query: &str) -> bool {
+    format(query).is_some_and(|v| v == REQUESTS_BUNDLE_FORMAT)
+}
+
+/// The window without its requests (format `bundle2`), or without its requests and
+/// wait histograms (format `bundle`), for a server that cannot read them. The stacks'
+/// values are whole without them.
+fn downgraded(payload: &Payload, keep_waits: bool) -> anyhow::Result<Payload> {
     let raw = bundle_bytes(&payload.body)?;
     let mut bundle = stacks::BundleWriter::default();
     for part in stacks::BundleReader::new(&raw)? {
         let part = part?;
-        bundle.part(part.service, part.kind, &part.labels, part.window);
+        let waits = if keep_waits { part.waits } else { &[] };
+        bundle.part_with_waits(part.service, part.kind, &part.labels, part.window, waits);
     }
+    let format = if keep_waits { WAITS_BUNDLE_FORMAT } else { BUNDLE_FORMAT };
     let mut query = form_urlencoded::Serializer::new(String::new());
     for (k, v) in query_pairs(&payload.query) {
-        query.append_pair(&k, if k == "format" { BUNDLE_FORMAT } else { &v });
+        query.append_pair(&k, if k == "format" { format } else { &v });
     }
     Ok(Payload { query: query.finish(), body: gzip(&bundle.finish()), value: payload.value })
 }
@@ -204,6 +236,8 @@ struct KnownStacks {
     pprof_until: Option<Instant>,
     /// Set when the server refused wait histograms: until then, windows go without.
     no_waits_until: Option<Instant>,
+    /// Set when the server refused requests: until then, windows go without.
+    no_requests_until: Option<Instant>,
 }
 
 /// At most this many ids are remembered (8 bytes each plus the set's overhead).
@@ -215,7 +249,7 @@ const FALLBACK_FOR: Duration = Duration::from_secs(3600);
 
 impl KnownStacks {
     fn new() -> Self {
-        Self { ids: HashSet::new(), since: Instant::now(), pprof_until: None, no_waits_until: None }
+        Self { ids: HashSet::new(), since: Instant::now(), pprof_until: None, no_waits_until: None, no_requests_until: None }
     }
 
     /// The window with the stacks the server has by id (None when it has none of them),
@@ -247,7 +281,7 @@ impl KnownStacks {
                     stacks::Entry::Known { id, value } => window.known(id, value),
                 }
             }
-            bundle.part_with_waits(part.service, part.kind, &part.labels, &window.finish(), part.waits);
+            bundle.part_with_requests(part.service, part.kind, &part.labels, &window.finish(), part.waits, part.requests);
         }
         Ok(ByReference { body: (by_id > 0).then(|| gzip(&bundle.finish())), ids, by_id })
     }
@@ -393,9 +427,14 @@ impl Shipper {
         }
         let mut payload = std::borrow::Cow::Borrowed(payload);
         loop {
-            let no_waits = self.known.lock().unwrap().no_waits_until.is_some_and(|until| Instant::now() < until);
-            if no_waits && has_waits(&payload.query) {
-                let stripped = without_waits(&payload).map_err(|err| ShipError::Rejected(err.context("reading the window")))?;
+            let (no_waits, no_requests) = {
+                let known = self.known.lock().unwrap();
+                let now = Instant::now();
+                (known.no_waits_until.is_some_and(|until| now < until), known.no_requests_until.is_some_and(|until| now < until))
+            };
+            if (no_waits && has_waits(&payload.query)) || (no_requests && has_requests(&payload.query)) {
+                let stripped =
+                    downgraded(&payload, !no_waits).map_err(|err| ShipError::Rejected(err.context("reading the window")))?;
                 payload = std::borrow::Cow::Owned(stripped);
             }
             let prepared = self.known.lock().unwrap().by_reference(&payload.body);
@@ -407,6 +446,11 @@ impl Shipper {
                     self.known.lock().unwrap().forget();
                     by_id = 0;
                     self.post(&payload.query, payload.body.clone(), unanswered_since).await?
+                }
+                Answer::Refused(StatusCode::BAD_REQUEST, why) if why.contains("`format`") && has_requests(&payload.query) => {
+                    tracing::warn!("the server cannot read requests ({why}); sending windows without them for an hour");
+                    self.known.lock().unwrap().no_requests_until = Some(Instant::now() + FALLBACK_FOR);
+                    continue;
                 }
                 Answer::Refused(StatusCode::BAD_REQUEST, why) if why.contains("`format`") && has_waits(&payload.query) => {
                     tracing::warn!("the server cannot read wait histograms ({why}); sending windows without them for an hour");
@@ -549,7 +593,7 @@ mod tests {
         let batch = Identity { service: "batch".into(), labels: BTreeMap::new() };
         let host = [("host".to_string(), "h1".to_string())].into();
         let mut stacks = Stacks::new();
-        let ns = |ns| StackValue { ns, durations: Histogram::default() };
+        let ns = |ns| StackValue { ns, ..Default::default() };
         stacks.insert(vec![Arc::from("app"), Arc::from("main")], ns(30));
         stacks.insert(vec![Arc::from("app"), Arc::from("burn")], ns(70));
         let mut waits = Stacks::new();
@@ -598,8 +642,8 @@ mod tests {
         let mut durations = Histogram::default();
         durations.record(2_000_000, profiler_pprof::waits::ONE);
         durations.record(60_000_000, profiler_pprof::waits::ONE);
-        waits.insert(vec![Arc::from("job"), Arc::from("a")], StackValue { ns: 1, durations: Histogram::default() });
-        waits.insert(vec![Arc::from("job"), Arc::from("b")], StackValue { ns: 62_000_000, durations: durations.clone() });
+        waits.insert(vec![Arc::from("job"), Arc::from("a")], StackValue { ns: 1, ..Default::default() });
+        waits.insert(vec![Arc::from("job"), Arc::from("b")], StackValue { ns: 62_000_000, durations: durations.clone(), ..Default::default() });
         let parts = [(&batch, Kind::OffCpu(profiler_pprof::kind::WaitReason::Sleep), &waits)];
         let payload = build_payload(parts, &BTreeMap::new(), &WindowMeta { start_ms: 0 }, "b-0");
         assert!(has_waits(&payload.query) && is_bundle(&payload.query));
@@ -607,7 +651,7 @@ mod tests {
         let part = stacks::BundleReader::new(&raw).unwrap().next().unwrap().unwrap();
         assert_eq!(stacks::read_waits(part.waits, 2).unwrap(), [(1, durations)], "the second stack's waits");
 
-        let plain = without_waits(&payload).unwrap();
+        let plain = downgraded(&payload, false).unwrap();
         assert!(!has_waits(&plain.query) && is_bundle(&plain.query));
         let raw_plain = profiler_pprof::gunzip(&plain.body, 1 << 20).unwrap();
         let plain_part = stacks::BundleReader::new(&raw_plain).unwrap().next().unwrap().unwrap();
@@ -619,6 +663,43 @@ mod tests {
         let raw_sent = profiler_pprof::gunzip(&sent, 1 << 20).unwrap();
         let sent_part = stacks::BundleReader::new(&raw_sent).unwrap().next().unwrap().unwrap();
         assert_eq!(sent_part.waits, part.waits);
+    }
+
+    /// Time spent for requests travels as `bundle3`, each request's share of each stack
+    /// by the stack's index; a server that cannot read it gets `bundle2` with the same
+    /// stacks and waits.
+    #[test]
+    fn requests_travel_as_bundle3_and_can_be_left_out() {
+        let service = Identity { service: "api".into(), labels: BTreeMap::new() };
+        let request = |id: &str| Arc::new(("request_id".to_string(), id.to_string()));
+        let mut durations = Histogram::default();
+        durations.record(40_000_000, profiler_pprof::waits::ONE);
+        let mut waits = Stacks::new();
+        waits.insert(vec![Arc::from("app"), Arc::from("a")], StackValue { ns: 5, ..Default::default() });
+        waits.insert(
+            vec![Arc::from("app"), Arc::from("b")],
+            StackValue { ns: 50, durations: durations.clone(), requests: [(request("r1"), 40), (request("r2"), 6)].into() },
+        );
+        let parts = [(&service, Kind::OffCpu(profiler_pprof::kind::WaitReason::Sleep), &waits)];
+        let payload = build_payload(parts, &BTreeMap::new(), &WindowMeta { start_ms: 0 }, "b-0");
+        assert!(has_requests(&payload.query) && has_waits(&payload.query) && is_bundle(&payload.query));
+        let raw = profiler_pprof::gunzip(&payload.body, 1 << 20).unwrap();
+        let part = stacks::BundleReader::new(&raw).unwrap().next().unwrap().unwrap();
+        let requests = stacks::read_requests(part.requests, 2).unwrap();
+        let read: Vec<_> = requests.iter().map(|r| (r.key, r.value, r.entries.clone())).collect();
+        assert_eq!(read, [("request_id", "r1", vec![(1, 40)]), ("request_id", "r2", vec![(1, 6)])]);
+
+        let older = downgraded(&payload, true).unwrap();
+        assert!(!has_requests(&older.query) && has_waits(&older.query));
+        let raw_older = profiler_pprof::gunzip(&older.body, 1 << 20).unwrap();
+        let older_part = stacks::BundleReader::new(&raw_older).unwrap().next().unwrap().unwrap();
+        assert_eq!((older_part.window, older_part.waits, older_part.requests), (part.window, part.waits, &[][..]));
+        // By reference, the requests stay with their entries.
+        let mut known = KnownStacks::new();
+        known.learn(vec![stacks::stack_id(&["app", "a"])]);
+        let sent = known.by_reference(&payload.body).unwrap().body.unwrap();
+        let raw_sent = profiler_pprof::gunzip(&sent, 1 << 20).unwrap();
+        assert_eq!(stacks::BundleReader::new(&raw_sent).unwrap().next().unwrap().unwrap().requests, part.requests);
     }
 
     /// A bundle of one part per window given.

@@ -34,6 +34,16 @@
 //! from the previous bucket (the first: the bucket plus one) and the varint
 //! weighted count. Servers that read only `bundle` refuse byte 2, so the agent
 //! sends `bundle2` only to servers that take it.
+//!
+//! A part whose time is also attributed to requests (bundle format `bundle3`)
+//! is byte 3: after its window come, each as varint length and bytes, its
+//! waits section (possibly empty) and its requests section: the varint count
+//! of requests, then for each its key and value (as varint length and UTF-8
+//! bytes), the varint count of its entries and each entry as the varint gap
+//! from the previous entry index (the first: the index plus one) and the
+//! varint value the request holds of that entry. A request's values are part
+//! of the entries' values, not added to them: the window stays the part's
+//! whole profile, and a server that ignores requests reads it right.
 
 use crate::Error;
 
@@ -44,6 +54,7 @@ const FRAMED: u8 = 1;
 const KNOWN: u8 = 2;
 const PART: u8 = 1;
 const PART_WITH_WAITS: u8 = 2;
+const PART_WITH_REQUESTS: u8 = 3;
 
 /// Content hash of a root-first stack; frames are separated by a byte that
 /// cannot occur in UTF-8, so `["a;b"]` and `["a", "b"]` differ.
@@ -223,8 +234,26 @@ impl BundleWriter {
         window: &[u8],
         waits: &[u8],
     ) {
+        self.part_with_requests(service, kind, labels, window, waits, &[]);
+    }
+
+    /// Like [`Self::part_with_waits`], with a requests section
+    /// ([`RequestsWriter`]'s output); an empty one writes a part without.
+    pub fn part_with_requests<K: AsRef<str>, V: AsRef<str>>(
+        &mut self,
+        service: &str,
+        kind: &str,
+        labels: &[(K, V)],
+        window: &[u8],
+        waits: &[u8],
+        requests: &[u8],
+    ) {
         self.parts += 1;
-        self.buf.push(if waits.is_empty() { PART } else { PART_WITH_WAITS });
+        self.buf.push(match (waits.is_empty(), requests.is_empty()) {
+            (_, false) => PART_WITH_REQUESTS,
+            (false, true) => PART_WITH_WAITS,
+            (true, true) => PART,
+        });
         bytes(&mut self.buf, service.as_bytes());
         bytes(&mut self.buf, kind.as_bytes());
         varint(&mut self.buf, labels.len() as u64);
@@ -233,8 +262,11 @@ impl BundleWriter {
             bytes(&mut self.buf, value.as_ref().as_bytes());
         }
         bytes(&mut self.buf, window);
-        if !waits.is_empty() {
+        if !waits.is_empty() || !requests.is_empty() {
             bytes(&mut self.buf, waits);
+        }
+        if !requests.is_empty() {
+            bytes(&mut self.buf, requests);
         }
     }
 
@@ -328,8 +360,97 @@ pub fn read_waits(section: &[u8], entries: u64) -> Result<Vec<(u64, crate::waits
     Ok(out)
 }
 
+/// Builds a part's requests section: per request, its share of entries' values.
+#[derive(Default)]
+pub struct RequestsWriter {
+    buf: Vec<u8>,
+    count: u64,
+}
+
+impl RequestsWriter {
+    /// Request `key`=`value`'s values of entries `(index, value)`, indexes
+    /// ascending. A request without entries is not written.
+    pub fn request(&mut self, key: &str, value: &str, entries: &[(u64, u64)]) {
+        if entries.is_empty() {
+            return;
+        }
+        self.count += 1;
+        bytes(&mut self.buf, key.as_bytes());
+        bytes(&mut self.buf, value.as_bytes());
+        varint(&mut self.buf, entries.len() as u64);
+        let mut next = 0u64;
+        for &(index, v) in entries {
+            assert!(index >= next, "a request's entries must be written in entry order");
+            varint(&mut self.buf, index - next + 1);
+            next = index + 1;
+            varint(&mut self.buf, v);
+        }
+    }
+
+    /// The section; empty when no request was written.
+    pub fn finish(self) -> Vec<u8> {
+        if self.count == 0 {
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(self.buf.len() + 4);
+        varint(&mut out, self.count);
+        out.extend_from_slice(&self.buf);
+        out
+    }
+}
+
+/// One request of a requests section: its key and value and its values of
+/// the part's entries, by entry index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestEntries<'a> {
+    pub key: &'a str,
+    pub value: &'a str,
+    pub entries: Vec<(u64, u64)>,
+}
+
+/// Reads a requests section; entry indexes ascend within a request and are
+/// below `entries` (the part's window's entry count).
+pub fn read_requests(section: &[u8], entries: u64) -> Result<Vec<RequestEntries<'_>>, Error> {
+    let bad = |what: &str| Error::Invalid(format!("requests section: {what}"));
+    let mut rest = section;
+    let count = read_varint(&mut rest).map_err(|e| bad(e))?;
+    // Each request takes at least five bytes.
+    if count > rest.len() as u64 / 5 {
+        return Err(bad("more requests than bytes"));
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    fn text<'a>(rest: &mut &'a [u8]) -> Result<&'a str, Error> {
+        let bad = |what: &str| Error::Invalid(format!("requests section: {what}"));
+        let len = read_varint(rest).map_err(|e| bad(e))? as usize;
+        std::str::from_utf8(take(rest, len).map_err(|e| bad(e))?).map_err(|_| bad("a key or value is not UTF-8"))
+    }
+    for _ in 0..count {
+        let key = text(&mut rest)?;
+        let value = text(&mut rest)?;
+        let n = read_varint(&mut rest).map_err(|e| bad(e))?;
+        if n == 0 || n > rest.len() as u64 / 2 {
+            return Err(bad("a request without entries or with more than bytes"));
+        }
+        let mut list = Vec::with_capacity(n as usize);
+        let mut next = 0u64;
+        for _ in 0..n {
+            let gap = read_varint(&mut rest).map_err(|e| bad(e))?;
+            let index = next.checked_add(gap).and_then(|i| i.checked_sub(1)).filter(|_| gap > 0);
+            let index = index.filter(|&i| i < entries).ok_or_else(|| bad("an entry index out of order or range"))?;
+            next = index + 1;
+            list.push((index, read_varint(&mut rest).map_err(|e| bad(e))?));
+        }
+        out.push(RequestEntries { key, value, entries: list });
+    }
+    if !rest.is_empty() {
+        return Err(bad("bytes after the last request"));
+    }
+    Ok(out)
+}
+
 /// One (service, labels, kind) of a bundle; `window` is read with [`Reader`],
-/// `waits` (empty for a plain part) with [`read_waits`].
+/// `waits` (empty for a plain part) with [`read_waits`], `requests` (empty
+/// for a part without) with [`read_requests`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Part<'a> {
     pub service: &'a str,
@@ -337,6 +458,7 @@ pub struct Part<'a> {
     pub labels: Vec<(&'a str, &'a str)>,
     pub window: &'a [u8],
     pub waits: &'a [u8],
+    pub requests: &'a [u8],
 }
 
 /// Reads the parts of a bundle; a malformed bundle ends in one error.
@@ -364,7 +486,7 @@ impl<'a> BundleReader<'a> {
                 }
                 Ok(None)
             }
-            PART | PART_WITH_WAITS => {
+            PART | PART_WITH_WAITS | PART_WITH_REQUESTS => {
                 self.parts += 1;
                 let service = self.text()?;
                 let kind = self.text()?;
@@ -380,13 +502,16 @@ impl<'a> BundleReader<'a> {
                 }
                 let len = read_varint(&mut self.rest).map_err(invalid_bundle)? as usize;
                 let window = take(&mut self.rest, len).map_err(invalid_bundle)?;
-                let waits = if tag == PART_WITH_WAITS {
+                let mut section = |present: bool| -> Result<&'a [u8], Error> {
+                    if !present {
+                        return Ok(&[]);
+                    }
                     let len = read_varint(&mut self.rest).map_err(invalid_bundle)? as usize;
-                    take(&mut self.rest, len).map_err(invalid_bundle)?
-                } else {
-                    &[]
+                    take(&mut self.rest, len).map_err(invalid_bundle)
                 };
-                Ok(Some(Part { service, kind, labels, window, waits }))
+                let waits = section(tag != PART)?;
+                let requests = section(tag == PART_WITH_REQUESTS)?;
+                Ok(Some(Part { service, kind, labels, window, waits, requests }))
             }
             other => Err(invalid_bundle(&format!("unknown entry type {other}"))),
         }
@@ -530,8 +655,8 @@ mod tests {
         assert_eq!(
             parts,
             [
-                Part { service: "api", kind: "on-cpu", labels: vec![("host", "h1"), ("pid", "7")], window: &window, waits: &[] },
-                Part { service: "db", kind: "off-cpu:io", labels: vec![], window: &window, waits: &waits },
+                Part { service: "api", kind: "on-cpu", labels: vec![("host", "h1"), ("pid", "7")], window: &window, waits: &[], requests: &[] },
+                Part { service: "db", kind: "off-cpu:io", labels: vec![], window: &window, waits: &waits, requests: &[] },
             ]
         );
         assert!(BundleReader::new(&window).is_err(), "a single window is not a bundle");
@@ -568,6 +693,45 @@ mod tests {
         assert!(read_waits(&[1, 1, 1, 1, 0], 1).is_err());
         assert!(read_waits(&[0xff, 0xff, 0xff, 0x0f, 1, 1, 1, 1], 1).is_err());
         assert!(WaitsWriter::default().finish().is_empty());
+    }
+
+    #[test]
+    fn requests_sections_round_trip_and_refuse_forged_ones() {
+        let mut w = RequestsWriter::default();
+        w.request("request_id", "r-1", &[(0, 40_000_000), (2, 7)]);
+        w.request("request_id", "r-2", &[]);
+        w.request("span_id", "s", &[(1, 3)]);
+        let section = w.finish();
+        let read = read_requests(&section, 3).unwrap();
+        assert_eq!(
+            read,
+            [
+                RequestEntries { key: "request_id", value: "r-1", entries: vec![(0, 40_000_000), (2, 7)] },
+                RequestEntries { key: "span_id", value: "s", entries: vec![(1, 3)] },
+            ]
+        );
+        assert!(read_requests(&section, 2).is_err(), "an entry index past the window");
+        for cut in 0..section.len() {
+            assert!(read_requests(&section[..cut], 3).is_err(), "cut at {cut}");
+        }
+        assert!(read_requests(&[section.as_slice(), &[0]].concat(), 3).is_err());
+        // A count far beyond the bytes; a request without entries.
+        assert!(read_requests(&[0xff, 0xff, 0xff, 0x0f, 1, b'k', 1, b'v', 0], 1).is_err());
+        assert!(read_requests(&[1, 1, b'k', 1, b'v', 0, 0], 1).is_err());
+        assert!(RequestsWriter::default().finish().is_empty());
+
+        // In a bundle, with or without waits before it.
+        let mut win = Writer::default();
+        win.framed(&["main"], 9);
+        let window = win.finish();
+        let mut b = BundleWriter::default();
+        b.part_with_requests::<&str, &str>("api", "on-cpu", &[], &window, &[], &section);
+        let body = b.finish();
+        let parts: Vec<Part> = BundleReader::new(&body).unwrap().collect::<Result<_, _>>().unwrap();
+        assert_eq!((parts[0].waits, parts[0].requests), (&[][..], &section[..]));
+        for cut in BUNDLE_MAGIC.len()..body.len() {
+            assert!(BundleReader::new(&body[..cut]).unwrap().last().unwrap().is_err(), "cut at {cut}");
+        }
     }
 
     #[test]

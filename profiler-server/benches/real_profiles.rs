@@ -511,7 +511,7 @@ fn ingest_one(store: &EmbeddedStore, limits: &Limits, wire: Wire, request: &Requ
             let raw = profiler_pprof::gunzip(gz, 256 << 20).unwrap();
             let decode = phase.elapsed();
             let phase = Instant::now();
-            let batches: Vec<Batch> = ingest::bundle(&raw, limits, *ts, labels, store).unwrap().into_iter().map(|(_, b)| b).collect();
+            let batches: Vec<Batch> = ingest::bundle(&raw, limits, *ts, labels, store).unwrap().batches.into_iter().map(|(_, b)| b).collect();
             let build = phase.elapsed();
             let rows = batches.iter().map(|b| b.rows.len()).sum();
             store.append_all(batches).unwrap();

@@ -176,6 +176,9 @@ pub struct Limits {
     pub max_concurrent_queries: usize,
     /// Distinct label sets (series) one request may create.
     pub max_series_per_request: usize,
+    /// Rows of the request table one ingest request may write: one per request and
+    /// part (the agent sends at most 200,000 (stack, request) pairs a window).
+    pub max_request_rows: usize,
     /// Labels one series may carry.
     pub max_labels_per_series: usize,
     pub max_label_name_len: usize,
@@ -259,6 +262,7 @@ impl Default for Limits {
             query_timeout_secs: 30,
             max_concurrent_queries: 8,
             max_series_per_request: 10_000,
+            max_request_rows: 200_000,
             max_labels_per_series: 64,
             max_label_name_len: 128,
             max_label_value_len: 1024,

@@ -9,7 +9,7 @@ use std::mem::size_of;
 use std::sync::Arc;
 
 use crate::config::Limits;
-use crate::store::{series_id, stack_id, Batch, Frames, Labels, Row, Store};
+use crate::store::{series_id, stack_id, Batch, Frames, Labels, RequestRow, Row, Store};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum Rejected {
@@ -448,12 +448,50 @@ fn waits(section: &[u8], ids: &[u64], limits: &Limits, target: &Target) -> Resul
     Ok(b.finish())
 }
 
+/// A bundle once read: its batches, each with its name within the bundle (`i` for
+/// part i, `i/waits` for its histograms), and the rows of the request table its
+/// parts' requests sections make (named `i` in `part`).
+#[derive(Debug, Default)]
+pub struct BundleBatches {
+    pub batches: Vec<(String, Batch)>,
+    pub requests: Vec<RequestRow>,
+}
+
+/// The rows of a part's requests section (see `store::requests`): one per request,
+/// its share of the part's stacks `ids` (by entry index).
+fn requests(section: &[u8], ids: &[u64], limits: &Limits, target: &Target, series_id: u64, part: &str) -> Result<Vec<RequestRow>, Rejected> {
+    let read = stacks::read_requests(section, ids.len() as u64).map_err(|e| bad(e.to_string()))?;
+    let mut rows = Vec::with_capacity(read.len());
+    for request in read {
+        validate_label(limits, request.key, request.value)?;
+        let mut stacks = Vec::with_capacity(request.entries.len());
+        for (index, value) in request.entries {
+            // A window's value is nanoseconds of a host's threads: far below this.
+            if value > MAX_WAIT_COUNT {
+                return Err(bad("a request's value out of range"));
+            }
+            stacks.push((ids[index as usize], value as i64));
+        }
+        rows.push(RequestRow {
+            service: target.service.clone(),
+            ts_ms: target.ts_ms,
+            key: request.key.to_owned(),
+            value: request.value.to_owned(),
+            part: part.to_owned(),
+            series_id,
+            kind: target.kind.clone(),
+            stacks,
+        });
+    }
+    Ok(rows)
+}
+
 /// The batches of a bundle of stacks windows (see `profiler_pprof::stacks`),
 /// one per part and one more per part with wait histograms, each part's labels
-/// over `common`, each with its name within the bundle (`i` for part i, `i/waits`
-/// for its histograms). Refused whole: if any part is malformed or refers to a
-/// stack `store` does not have, nothing of it is stored.
-pub fn bundle(raw: &[u8], limits: &Limits, ts_ms: i64, common: &Labels, store: &dyn Store) -> Result<Vec<(String, Batch)>, Rejected> {
+/// over `common`, and the request rows of parts with requests. Refused whole: if
+/// any part is malformed or refers to a stack `store` does not have, nothing of it
+/// is stored.
+pub fn bundle(raw: &[u8], limits: &Limits, ts_ms: i64, common: &Labels, store: &dyn Store) -> Result<BundleBatches, Rejected> {
     let parts = stacks::BundleReader::new(raw)
         .map_err(|e| bad(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
@@ -464,7 +502,7 @@ pub fn bundle(raw: &[u8], limits: &Limits, ts_ms: i64, common: &Labels, store: &
             limits.max_series_per_request
         )));
     }
-    let mut batches = Vec::with_capacity(parts.len());
+    let mut out = BundleBatches { batches: Vec::with_capacity(parts.len()), requests: Vec::new() };
     let (mut unknown, mut stack_bytes) = (0, 0);
     for (i, part) in parts.into_iter().enumerate() {
         let mut labels = common.clone();
@@ -481,9 +519,18 @@ pub fn bundle(raw: &[u8], limits: &Limits, ts_ms: i64, common: &Labels, store: &
                         limits.max_batch_bytes
                     )));
                 }
-                batches.push((i.to_string(), b.finish()));
+                if !part.requests.is_empty() {
+                    out.requests.extend(requests(part.requests, &ids, limits, &target, b.base_id, &i.to_string())?);
+                    if out.requests.len() > limits.max_request_rows {
+                        return Err(Rejected::TooLarge(format!(
+                            "more than {} (request, part) pairs in one bundle",
+                            limits.max_request_rows
+                        )));
+                    }
+                }
+                out.batches.push((i.to_string(), b.finish()));
                 if !part.waits.is_empty() {
-                    batches.push((format!("{i}/waits"), waits(part.waits, &ids, limits, &target)?));
+                    out.batches.push((format!("{i}/waits"), waits(part.waits, &ids, limits, &target)?));
                 }
             }
             // Counted over every part, for the answer.
@@ -494,7 +541,7 @@ pub fn bundle(raw: &[u8], limits: &Limits, ts_ms: i64, common: &Labels, store: &
     if unknown > 0 {
         return Err(Rejected::UnknownStacks(unknown));
     }
-    Ok(batches)
+    Ok(out)
 }
 
 /// Adds every sample of a pprof profile, value `idx`, converted to

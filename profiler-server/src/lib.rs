@@ -154,8 +154,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             alerts: cfg.alerts.clone(),
         },
     )?);
+    let requests = {
+        let (dir, retention) = (cfg.data_dir.clone(), store_options(&cfg).retention_ms);
+        tokio::task::spawn_blocking(move || store::RequestTable::open(&dir, retention)).await??
+    };
     let state = http::AppState {
         store: store.clone(),
+        requests: Arc::new(requests),
         names: Arc::default(),
         events: events.clone(),
         queries: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_concurrent_queries.max(1))),
@@ -237,9 +242,9 @@ async fn background(s: http::AppState, mut stopped: watch::Receiver<bool>) {
         }
         if last_maintain.elapsed() >= maintain_every {
             last_maintain = Instant::now();
-            let store = s.store.clone();
+            let (store, requests) = (s.store.clone(), s.requests.clone());
             let now = crate::store::now_ms();
-            match tokio::task::spawn_blocking(move || store.maintain(now)).await {
+            match tokio::task::spawn_blocking(move || store.maintain(now).and(requests.maintain(now))).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "maintenance failed"),
                 Err(e) => tracing::error!(error = %e, "maintenance task panicked"),

@@ -192,6 +192,9 @@ pub struct SampleKey {
     pub comm: [u8; TASK_COMM_LEN],
     /// Its custom labels: an id of the sampler's [`LabelSets`], 0 for none.
     pub labels: u32,
+    /// The request its labels named: a request id of the sampler's [`LabelSets`], 0
+    /// for none.
+    pub request: u32,
 }
 
 /// One aggregated entry of a window.

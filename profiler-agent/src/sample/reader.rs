@@ -263,12 +263,14 @@ impl ReaderState {
 
     pub(super) fn snapshot(&mut self, snapshot: &SnapshotHeader, stack: &[u8]) {
         self.labels.observe(snapshot.tgid, &self.processes);
+        let (labels, request) = self.labels.take(snapshot.tid, snapshot.ts_ns);
         let key = SampleKey {
             tgid: snapshot.tgid,
             pid: snapshot.tid,
             state: snapshot.state,
             comm: snapshot.comm,
-            labels: self.labels.take(snapshot.tid, snapshot.ts_ns),
+            labels,
+            request,
         };
         let kernel_frames = (snapshot.kernel_len as usize / 8).min(MAX_STACK_DEPTH);
         let kernel: Option<Addrs> =

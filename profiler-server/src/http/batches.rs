@@ -53,6 +53,11 @@ impl Idempotency {
         }
     }
 
+    /// The batch id, if the client gave one.
+    pub fn name(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+
     pub fn apply(self, batch: &mut Batch) {
         batch.id = self.id;
         batch.maybe_stored_since_ms = self.maybe_stored_since_ms;

@@ -13,6 +13,8 @@ use super::ApiResult;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
+    /// Time per request (see `store::requests`).
+    pub requests: Arc<crate::store::RequestTable>,
     /// Frame names interned for the query routes.
     pub names: Arc<query::Names>,
     pub events: Arc<crate::events::Events>,

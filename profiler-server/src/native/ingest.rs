@@ -52,7 +52,7 @@ async fn ingest_native(
     let body = body_bytes(Bytes::from_request(req, &s).await)?;
     grant.shrink_to(body.len());
     blocking(move || {
-        if matches!(p.get("format"), Some("bundle" | "bundle2")) {
+        if matches!(p.get("format"), Some("bundle" | "bundle2" | "bundle3")) {
             return ingest_bundle(&s, &p, &mut grant, &body, id);
         }
         let service = p.req("service")?.to_owned();
@@ -90,7 +90,7 @@ async fn ingest_native(
             return store_batch(&s, b, body.len(), id);
         }
         if p.get("format").is_some_and(|f| f != "pprof") {
-            return Err(ApiError::bad("`format` must be pprof (default), folded, stacks, bundle or bundle2"));
+            return Err(ApiError::bad("`format` must be pprof (default), folded, stacks, bundle, bundle2 or bundle3"));
         }
         let raw = decompress(&mut grant, &body, limits)?;
         let profile = decode_pprof(&mut grant, body.len(), &raw, limits)?;
@@ -115,7 +115,10 @@ async fn ingest_native(
 /// request, stored with one WAL fsync; the query's labels are common to all
 /// parts. Part `i` is stored under batch id `<batch_id>/<i>`, so a retry of
 /// a bundle that was partly stored counts each part once. `format=bundle2`
-/// is the same with wait histograms on off-CPU parts, stored as `<batch_id>/<i>/waits`.
+/// is the same with wait histograms on off-CPU parts, stored as `<batch_id>/<i>/waits`;
+/// `format=bundle3` adds requests, written to the request table (under part names
+/// `<batch_id>/<i>`, so a retry rewrites them) before the batches are stored: an
+/// acknowledged window has both.
 fn ingest_bundle(s: &AppState, p: &Params, grant: &mut Grant, body: &[u8], key: Idempotency) -> ApiResult<Json<IngestSummary>> {
     if p.get("service").is_some() || p.get("kind").is_some() {
         return Err(ApiError::bad("a bundle names services and kinds in its parts, not in the query"));
@@ -125,19 +128,30 @@ fn ingest_bundle(s: &AppState, p: &Params, grant: &mut Grant, body: &[u8], key: 
     let from = p.time("from", now_ms(), now_ms())?;
     let raw = decompress(grant, body, limits)?;
     // As for one stacks window, plus the batch each part becomes.
-    let (mut parts, mut waits_bytes) = (0, 0);
+    let (mut parts, mut waits_bytes, mut requests_bytes) = (0, 0, 0);
     for part in profiler_pprof::stacks::BundleReader::new(&raw).into_iter().flatten().flatten() {
         parts += 1;
         waits_bytes += part.waits.len();
+        requests_bytes += part.requests.len();
     }
     // A histogram bucket is at least two bytes on the wire and a row of about
-    // sixty bytes once in the batch.
+    // sixty bytes once in the batch; a request at least five bytes and a row of
+    // about 150 (its names, kind and one stack).
     grant
-        .grow_to_blocking(body.len() + 7 * raw.len() + 30 * waits_bytes + parts * 1024)
+        .grow_to_blocking(body.len() + 7 * raw.len() + 30 * waits_bytes + 30 * requests_bytes + parts * 1024)
         .map_err(over_budget)?;
     let ts_ms = align(from, s.config.storage.window_ms);
-    let named = ingest::bundle(&raw, limits, ts_ms, &labels, &*s.store)?;
-    let batches = named
+    let read = ingest::bundle(&raw, limits, ts_ms, &labels, &*s.store)?;
+    let mut rows = read.requests;
+    // Without a batch id a retry cannot be told apart anyway: a name no other request has.
+    static ANONYMOUS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let anonymous = format!("{}-{}", now_ms(), ANONYMOUS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    for row in &mut rows {
+        row.part = key.part(&row.part).name().map_or_else(|| format!("{anonymous}/{}", row.part), str::to_owned);
+    }
+    s.requests.append(&rows)?;
+    let batches = read
+        .batches
         .into_iter()
         .map(|(name, mut batch)| {
             key.part(name).apply(&mut batch);

@@ -17,7 +17,8 @@ const MAX_SPARKLINE_POINTS: i64 = 1_000;
 use crate::http::{auth, blocking, run_query, ApiError, ApiResult, AppState, Params};
 use crate::query::{self, Tree};
 use crate::render;
-use crate::store::{Cancel, GroupBy, Matcher, Selector};
+use crate::query::requests::{Pick, Requests};
+use crate::store::{Aggregate, Cancel, GroupBy, Matcher, Selector, StoreResult};
 
 pub fn routes(state: AppState) -> Router<AppState> {
     Router::new()
@@ -33,6 +34,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/api/v1/diff", get(diff))
         .route("/api/v1/top", get(top))
         .route("/api/v1/waits", get(waits))
+        .route("/api/v1/requests", get(requests))
         .route("/api/v1/changes", get(changes))
         .route("/api/v1/events", get(events))
         .route("/metrics", get(metrics))
@@ -209,11 +211,10 @@ async fn flamegraph(
 ) -> ApiResult<Json<query::FlameNode>> {
     let p = Params::new(q);
     let sel = selector(&p, "from", "until", &s.config.limits)?;
+    let pick = requests_pick(&p, "requests")?;
     let (max_nodes, min_share) = tree_params(&p, &s.config.limits)?;
     run_query(s.clone(), sel.cancel.clone(), move || {
-        let agg = s
-            .store
-            .aggregate(&sel, GroupBy::Stack)?;
+        let agg = stack_aggregate(&s, &sel, pick)?;
         let kind_roots = agg.values().filter(|m| !m.is_empty()).count() > 1;
         let tree = Tree::build(&s.names, &*s.store, &[&agg], kind_roots)?;
         Ok(Json(tree.to_json(max_nodes, min_share, false)))
@@ -224,13 +225,12 @@ async fn flamegraph(
 async fn folded(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Response> {
     let p = Params::new(q);
     let sel = selector(&p, "from", "until", &s.config.limits)?;
+    let pick = requests_pick(&p, "requests")?;
     // Inverse of Pyroscope ingest: nanoseconds back to samples at this rate.
     let rate: i64 = p.num("sample_rate", 0)?;
     let divisor = if rate > 0 { 1_000_000_000 / rate } else { 1 };
     run_query(s.clone(), sel.cancel.clone(), move || {
-        let agg = s
-            .store
-            .aggregate(&sel, GroupBy::Stack)?;
+        let agg = stack_aggregate(&s, &sel, pick)?;
         let (stacks, cut) = query::heaviest(query::stacks(&*s.store, &agg)?, s.config.limits.max_stacks);
         let text = render::folded(&stacks, divisor);
         Ok((truncated(cut), [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
@@ -241,10 +241,9 @@ async fn folded(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<R
 async fn pprof(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Response> {
     let p = Params::new(q);
     let sel = selector(&p, "from", "until", &s.config.limits)?;
+    let pick = requests_pick(&p, "requests")?;
     run_query(s.clone(), sel.cancel.clone(), move || {
-        let agg = s
-            .store
-            .aggregate(&sel, GroupBy::Stack)?;
+        let agg = stack_aggregate(&s, &sel, pick)?;
         let (stacks, cut) = query::heaviest(query::stacks(&*s.store, &agg)?, s.config.limits.max_stacks);
         let bytes = render::pprof(&stacks, sel.until_ms - sel.from_ms, sel.until_ms);
         Ok((
@@ -266,13 +265,12 @@ async fn pprof(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Re
 async fn svg(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Response> {
     let p = Params::new(q);
     let sel = selector(&p, "from", "until", &s.config.limits)?;
+    let pick = requests_pick(&p, "requests")?;
     let title = p
         .get("title")
         .map_or_else(|| sel.service.clone(), str::to_owned);
     run_query(s.clone(), sel.cancel.clone(), move || {
-        let agg = s
-            .store
-            .aggregate(&sel, GroupBy::Stack)?;
+        let agg = stack_aggregate(&s, &sel, pick)?;
         let (stacks, cut) = query::heaviest(query::stacks(&*s.store, &agg)?, s.config.limits.max_stacks);
         let bytes = render::svg(&stacks, &title).map_err(ApiError::internal)?;
         Ok((truncated(cut), [(header::CONTENT_TYPE, "image/svg+xml")], bytes).into_response())
@@ -291,12 +289,13 @@ async fn diff(
     if p.get("base_from").is_none() || p.get("base_until").is_none() {
         return Err(ApiError::bad("diff needs `base_from` and `base_until`"));
     }
+    let (pick, base_pick) = (requests_pick(&p, "requests")?, requests_pick(&p, "base_requests")?);
     let normalize = p.flag("normalize", true)?;
     let (max_nodes, min_share) = tree_params(&p, &s.config.limits)?;
     run_query(s.clone(), target.cancel.clone(), move || {
         let (a, b) = std::thread::scope(|sc| {
-            let h = sc.spawn(|| s.store.aggregate(&base, GroupBy::Stack));
-            let a = s.store.aggregate(&target, GroupBy::Stack);
+            let h = sc.spawn(|| stack_aggregate(&s, &base, base_pick));
+            let a = stack_aggregate(&s, &target, pick);
             (a, h.join().expect("diff scan panicked"))
         });
         let (a, b) = (a?, b?);
@@ -316,6 +315,7 @@ async fn top(
 ) -> ApiResult<Json<serde_json::Value>> {
     let p = Params::new(q);
     let sel = selector(&p, "from", "until", &s.config.limits)?;
+    let pick = requests_pick(&p, "requests")?;
     let limit: usize = p.num::<usize>("limit", 50)?.min(MAX_TOP_LIMIT);
     let by_total = match p.get("by").unwrap_or("self") {
         "self" => false,
@@ -327,7 +327,7 @@ async fn top(
         }
     };
     run_query(s.clone(), sel.cancel.clone(), move || {
-        let agg = s.store.aggregate(&sel, GroupBy::Stack)?;
+        let agg = stack_aggregate(&s, &sel, pick)?;
         let total: i64 = agg.values().flat_map(|m| m.values()).sum();
         let functions = query::top(&s.names, &*s.store, &agg, by_total, limit)?;
         Ok(Json(json!({ "by": if by_total { "total" } else { "self" }, "total": total, "functions": functions })))
@@ -371,6 +371,56 @@ async fn waits(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Js
     .await
 }
 
+fn request_table_metrics(stats: &crate::store::RequestTableStats) -> String {
+    let metric = |name: &str, kind: &str, help: &str, value: u64| format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
+    metric("profiler_request_rows_written_total", "counter", "Rows written to the request table (a request's share of one ingest part).", stats.rows_written)
+        + &metric("profiler_request_rows_deleted_total", "counter", "Request table rows deleted past retention.", stats.rows_deleted)
+        + &metric("profiler_request_table_bytes", "gauge", "Size of the request table's file.", stats.disk_bytes)
+}
+
+/// `requests=slowest:P` (or `rest:P`, see [`Pick`]) of a query: its profile merges
+/// only those requests' stacks.
+fn requests_pick(p: &Params, key: &str) -> ApiResult<Option<Pick>> {
+    p.get(key).map(|text| Pick::parse(text).map_err(ApiError::bad)).transpose()
+}
+
+/// The stacks a profile query merges: the store's, or the picked requests'.
+fn stack_aggregate(s: &AppState, sel: &Selector, pick: Option<Pick>) -> StoreResult<Aggregate> {
+    match pick {
+        None => s.store.aggregate(sel, GroupBy::Stack),
+        Some(pick) => Ok(Requests::read(&s.requests, &*s.store, sel)?.aggregate(pick)),
+    }
+}
+
+#[derive(serde::Serialize)]
+struct RequestsReply {
+    service: String,
+    from: i64,
+    until: i64,
+    /// Requests selected.
+    count: usize,
+    /// Of their total time (on-CPU plus off-CPU), nanoseconds.
+    total_ns: query::requests::Percentiles,
+    /// The slowest `limit`, slowest first.
+    requests: Vec<query::requests::Request>,
+}
+
+/// Requests of a service (custom labels `request_id`, `trace_id`, `span_id`, ...) over
+/// `from`..`until`, whose series match `filter`: the percentiles of their total time
+/// and the slowest `limit` (default 100) with their time per kind and labels.
+async fn requests(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<RequestsReply>> {
+    let p = Params::new(q);
+    let sel = selector(&p, "from", "until", &s.config.limits)?;
+    let limit: usize = p.num::<usize>("limit", 100)?.min(MAX_TOP_LIMIT);
+    run_query(s.clone(), sel.cancel.clone(), move || {
+        let mut read = Requests::read(&s.requests, &*s.store, &sel)?;
+        let (count, total_ns) = (read.requests.len(), read.percentiles());
+        read.requests.truncate(limit);
+        Ok(Json(RequestsReply { service: sel.service.clone(), from: sel.from_ms, until: sel.until_ms, count, total_ns, requests: read.requests }))
+    })
+    .await
+}
+
 /// Most rows `/top` returns.
 const MAX_TOP_LIMIT: usize = 10_000;
 
@@ -388,7 +438,8 @@ async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
             .metrics
             .render(s.store.disk_bytes(), s.store.buffered_rows(), &s.store.stats())
             + &s.events.render_metrics()
-            + &s.names.render_metrics();
+            + &s.names.render_metrics()
+            + &request_table_metrics(&s.requests.stats());
         Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
     })
     .await

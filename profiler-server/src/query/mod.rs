@@ -11,6 +11,7 @@ pub mod changes;
 mod names;
 mod overview;
 mod tree;
+pub mod requests;
 pub mod waits;
 
 use std::collections::BTreeMap;

@@ -12,6 +12,7 @@ mod clickhouse;
 mod embedded;
 mod lru;
 mod recent;
+mod requests;
 mod results;
 mod segment;
 mod totals;
@@ -23,6 +24,7 @@ use std::sync::Arc;
 
 pub use clickhouse::{ClickHouseOptions, ClickHouseStore};
 pub use embedded::{EmbeddedStore, StoreOptions};
+pub use requests::{RequestRow, RequestTable, RequestTableStats};
 
 pub type Labels = BTreeMap<String, String>;
 /// A stack's root-first frame names. Names are `Arc<str>` so that the

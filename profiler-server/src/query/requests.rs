@@ -1,0 +1,193 @@
+//! Requests (see `store::requests`): each request's time merged over the windows it
+//! spanned, ranked by total time (on-CPU plus off-CPU: its latency as its threads
+//! lived it), the percentiles of that distribution, and the merged profile of the
+//! slowest share of them or of the rest.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::store::{series_id, Aggregate, Labels, RequestTable, Selector, Store, StoreResult};
+
+/// Which requests a profile merges: the slowest `percent` of the selected requests
+/// by total time, or all the others.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pick {
+    Slowest(f64),
+    Rest(f64),
+}
+
+impl Pick {
+    /// `slowest:P` or `rest:P`, P in (0, 100].
+    pub fn parse(text: &str) -> Result<Pick, String> {
+        let bad = || format!("`requests` must be slowest:P or rest:P with P a percentage in (0, 100], not {text:?}");
+        let (which, percent) = text.split_once(':').ok_or_else(bad)?;
+        let percent: f64 = percent.parse().map_err(|_| bad())?;
+        if !(percent > 0.0 && percent <= 100.0) {
+            return Err(bad());
+        }
+        match which {
+            "slowest" => Ok(Pick::Slowest(percent)),
+            "rest" => Ok(Pick::Rest(percent)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// One request over the range.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Request {
+    pub key: String,
+    pub value: String,
+    /// On-CPU plus off-CPU nanoseconds.
+    pub total_ns: i64,
+    pub on_cpu_ns: i64,
+    /// Off-CPU nanoseconds per wait reason.
+    pub off_cpu_ns: BTreeMap<String, i64>,
+    /// Starts of the first and last windows it was seen in, unix ms.
+    pub first_ms: i64,
+    pub last_ms: i64,
+    /// The labels of the series its time went to (the first seen, if several).
+    pub labels: Labels,
+    /// (kind, stack id) -> value, for profiles.
+    #[serde(skip)]
+    stacks: HashMap<(Arc<str>, u64), i64>,
+}
+
+/// Percentiles (nearest rank) of requests' total time, nanoseconds.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Percentiles {
+    pub p50: i64,
+    pub p90: i64,
+    pub p99: i64,
+    pub max: i64,
+}
+
+/// The selected requests, slowest first.
+pub struct Requests {
+    pub requests: Vec<Request>,
+}
+
+impl Requests {
+    /// Every request of the selector's service and range whose series match its
+    /// matchers, merged over windows, slowest first (ties by key and value).
+    pub fn read(table: &RequestTable, store: &dyn Store, sel: &Selector) -> StoreResult<Requests> {
+        let labels: HashMap<u64, Arc<Labels>> = store.series(&sel.service)?.into_iter().map(|l| (series_id(&l), l)).collect();
+        let mut kinds: HashMap<String, Arc<str>> = HashMap::new();
+        let mut by_name: HashMap<(String, String), Request> = HashMap::new();
+        table.scan(&sel.service, sel.from_ms, sel.until_ms, &sel.cancel, |row| {
+            let Some(series) = labels.get(&row.series_id) else { return };
+            if !sel.matchers.iter().all(|m| m.matches(series)) {
+                return;
+            }
+            let request = by_name.entry((row.key, row.value)).or_insert_with_key(|(key, value)| Request {
+                key: key.clone(),
+                value: value.clone(),
+                total_ns: 0,
+                on_cpu_ns: 0,
+                off_cpu_ns: BTreeMap::new(),
+                first_ms: row.ts_ms,
+                last_ms: row.ts_ms,
+                labels: series.iter().filter(|(k, _)| *k != "service").map(|(k, v)| (k.clone(), v.clone())).collect(),
+                stacks: HashMap::new(),
+            });
+            request.first_ms = request.first_ms.min(row.ts_ms);
+            request.last_ms = request.last_ms.max(row.ts_ms);
+            let sum: i64 = row.stacks.iter().map(|&(_, v)| v).fold(0i64, |a, v| a.saturating_add(v));
+            let kind = kinds.entry(row.kind.clone()).or_insert_with(|| Arc::from(row.kind.as_str())).clone();
+            if profiler_pprof::kind::is_on_cpu(&row.kind) {
+                request.on_cpu_ns = request.on_cpu_ns.saturating_add(sum);
+            } else if let Some(reason) = profiler_pprof::kind::off_cpu_reason(&row.kind) {
+                let slot = request.off_cpu_ns.entry(reason.to_owned()).or_insert(0);
+                *slot = slot.saturating_add(sum);
+            } else {
+                // Neither time kind (an allocation profile's request, say): not latency.
+                return;
+            }
+            request.total_ns = request.total_ns.saturating_add(sum);
+            if sel.wants_kind(&row.kind) {
+                for (stack, value) in row.stacks {
+                    *request.stacks.entry((kind.clone(), stack)).or_insert(0) += value;
+                }
+            }
+        })?;
+        let mut requests: Vec<Request> = by_name.into_values().collect();
+        requests.sort_unstable_by(|a, b| b.total_ns.cmp(&a.total_ns).then_with(|| (&a.key, &a.value).cmp(&(&b.key, &b.value))));
+        Ok(Requests { requests })
+    }
+
+    pub fn percentiles(&self) -> Percentiles {
+        let n = self.requests.len();
+        if n == 0 {
+            return Percentiles::default();
+        }
+        // Slowest first: the q-quantile by nearest rank is at ascending rank ceil(q n).
+        let at = |q: f64| self.requests[n - ((q * n as f64).ceil() as usize).clamp(1, n)].total_ns;
+        Percentiles { p50: at(0.50), p90: at(0.90), p99: at(0.99), max: self.requests[0].total_ns }
+    }
+
+    /// How many requests the slowest `percent` are: at least one of any.
+    pub fn slowest_count(&self, percent: f64) -> usize {
+        let n = self.requests.len();
+        ((percent / 100.0 * n as f64).ceil() as usize).clamp(n.min(1), n)
+    }
+
+    /// The merged stacks of the picked requests, per kind, like a store's aggregate.
+    pub fn aggregate(&self, pick: Pick) -> Aggregate {
+        let picked = match pick {
+            Pick::Slowest(percent) => &self.requests[..self.slowest_count(percent)],
+            Pick::Rest(percent) => &self.requests[self.slowest_count(percent)..],
+        };
+        let mut agg = Aggregate::new();
+        for request in picked {
+            for ((kind, stack), &value) in &request.stacks {
+                *agg.entry(kind.to_string()).or_default().entry(*stack).or_insert(0) += value;
+            }
+        }
+        agg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(value: &str, total_ns: i64) -> Request {
+        Request {
+            key: "request_id".into(),
+            value: value.into(),
+            total_ns,
+            on_cpu_ns: 0,
+            off_cpu_ns: BTreeMap::new(),
+            first_ms: 0,
+            last_ms: 0,
+            labels: Labels::new(),
+            stacks: [((Arc::from("off-cpu:sleep"), total_ns as u64), total_ns)].into(),
+        }
+    }
+
+    #[test]
+    fn percentiles_by_nearest_rank_and_the_slowest_share() {
+        // 200 requests of 1..=200 ms, slowest first.
+        let requests = Requests { requests: (1..=200).rev().map(|ms| request(&ms.to_string(), ms * 1_000_000)).collect() };
+        let p = requests.percentiles();
+        assert_eq!((p.p50, p.p90, p.p99, p.max), (100_000_000, 180_000_000, 198_000_000, 200_000_000));
+        assert_eq!(requests.slowest_count(1.0), 2);
+        assert_eq!(requests.slowest_count(0.1), 1, "at least one");
+        let slowest = requests.aggregate(Pick::Slowest(1.0));
+        assert_eq!(slowest["off-cpu:sleep"].values().sum::<i64>(), 399_000_000);
+        let rest = requests.aggregate(Pick::Rest(1.0));
+        assert_eq!(rest["off-cpu:sleep"].len(), 198);
+        assert_eq!(Requests { requests: vec![] }.percentiles(), Percentiles::default());
+    }
+
+    #[test]
+    fn picks_parse() {
+        assert_eq!(Pick::parse("slowest:1"), Ok(Pick::Slowest(1.0)));
+        assert_eq!(Pick::parse("rest:0.5"), Ok(Pick::Rest(0.5)));
+        for bad in ["slowest", "slowest:0", "slowest:101", "fastest:1", "slowest:x"] {
+            assert!(Pick::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
