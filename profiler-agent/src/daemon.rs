@@ -250,6 +250,9 @@ fn record_drain_metrics(session: &Session, window: &Window, metrics: &Metrics) {
     metrics.stacks_unwound.fetch_add(window.unwind.complete, Relaxed);
     metrics.stacks_truncated.fetch_add(window.unwind.truncated, Relaxed);
     metrics.stacks_partly_unknown.fetch_add(window.partly_unknown, Relaxed);
+    if let Some(quota) = session.off_cpu_thread_quota() {
+        metrics.off_cpu_thread_quota.store(quota as u64, Relaxed);
+    }
     if let Some(sampling) = session.off_cpu_effective_sampling() {
         metrics.off_cpu_sampling_permille.store((sampling * 1000.0) as u64, Relaxed);
     }

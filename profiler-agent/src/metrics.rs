@@ -34,6 +34,8 @@ pub struct Metrics {
     pub stacks_partly_unknown: AtomicU64,
     /// Share of `max_stack_keys` used by the last window, in 1/1000.
     pub map_fill_permille: AtomicU64,
+    /// The per-thread quota rate control set last.
+    pub off_cpu_thread_quota: AtomicU64,
     /// Off-CPU sampling share in the last window, in 1/1000.
     pub off_cpu_sampling_permille: AtomicU64,
     /// 1 while off-CPU waits get their stacks at switch-in, 0 at switch-out.
@@ -95,6 +97,7 @@ impl Metrics {
         metric("requests_dropped_total", "counter", "Samples and waits whose time was not attributed to their request: a window held too many (stack, request) pairs.", get(&self.requests_dropped));
         metric("map_fill_ratio", "gauge", "Share of max_stack_keys used by the last window.", get(&self.map_fill_permille) / 1000.0);
         metric("off_cpu_sampling_ratio", "gauge", "Share of context switches recorded.", get(&self.off_cpu_sampling_permille) / 1000.0);
+        metric("off_cpu_thread_quota", "gauge", "Switch-outs per 100 ms a thread may have and still have each recorded (rate control lowers it under load).", get(&self.off_cpu_thread_quota));
         metric("off_cpu_switch_in", "gauge", "1 when off-CPU waits get their stacks at switch-in (kprobe on finish_task_switch), 0 at switch-out (sched_switch alone).", get(&self.off_cpu_switch_in));
         metric("switches_recorded_by_quota_total", "counter", "Switch-outs recorded at their thread's own probability (per-thread quota).", get(&self.switches_recorded_by_quota));
         metric("profiles_produced_total", "counter", "Profiles produced: one per window with samples, a part per service, labels and kind.", get(&self.profiles_produced));

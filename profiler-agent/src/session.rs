@@ -313,6 +313,12 @@ impl Session {
     pub fn off_cpu_effective_sampling(&self) -> Option<f64> {
         self.rate.as_ref().map(RateControl::effective)
     }
+
+    /// The per-thread quota rate control set last (switch-outs per 100 ms recorded at
+    /// p = 1); None without rate control.
+    pub fn off_cpu_thread_quota(&self) -> Option<u32> {
+        self.rate.as_ref().map(|rate| rate.rates().thread_quota)
+    }
 }
 
 /// The cumulative kernel counters rate control follows.
