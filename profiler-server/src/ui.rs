@@ -46,6 +46,11 @@ const ASSETS: &[(&str, &str, &str)] = &[
         include_str!("../ui/waits.js"),
     ),
     (
+        "requests.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../ui/requests.js"),
+    ),
+    (
         "deep.js",
         "text/javascript; charset=utf-8",
         include_str!("../ui/deep.js"),

@@ -12,13 +12,14 @@ import { AlertRules } from './alerts.js';
 import { Overview } from './overview.js';
 import { ChangesView } from './changes.js';
 import { WaitsPanel } from './waits.js';
+import { RequestsPanel } from './requests.js';
 
 const $ = (id) => document.getElementById(id);
 
 const DEFAULTS = {
   service: '', from: 'now-15m', until: 'now', view: 'flame', kf: 'both', idle: '1', icicle: '0',
   nodes: '5000', filter: '', q: '', zoom: '', bfrom: '', buntil: '', norm: '1', thr: '0.5',
-  tab: 'top', fn: '', wfn: '', cp99: '0', sort: 'self', minshare: '', page: 'overview', osort: 'cpu', odir: 'desc', oq: '', sig: '1',
+  tab: 'top', req: '', fn: '', wfn: '', cp99: '0', sort: 'self', minshare: '', page: 'overview', osort: 'cpu', odir: 'desc', oq: '', sig: '1',
 };
 const MIN = 60_000;
 const PRESETS = [['15m', 'now-15m'], ['1h', 'now-1h'], ['6h', 'now-6h'], ['24h', 'now-24h'], ['7d', 'now-7d']];
@@ -109,12 +110,14 @@ function selParams(kinds, { from, until } = {}) {
   const p = { service: state.service, from: from ?? state.from, until: until ?? state.until };
   if (state.filter) p.filter = state.filter;
   if (kinds) p.kinds = kinds.join(',');
+  // The profile of some requests only (`slowest:1`); the diff's base is the rest.
+  if (state.req) p.requests = state.req;
   return p;
 }
 
 // ---------------------------------------------------------------- widgets
 
-let flame, timeline, callersG, calleesG, deep, overview, changesView, waitsPanel;
+let flame, timeline, callersG, calleesG, deep, overview, changesView, waitsPanel, requestsPanel;
 let lastKinds = null;
 /** Set while a reload restores the zoom from the URL: not a user's selection. */
 let restoringZoom = false;
@@ -142,6 +145,10 @@ function setupWidgets() {
   waitsPanel = new WaitsPanel($('waits-stats'), $('waits-hist'));
   ui.waits = waitsPanel;
   $('waits-fn').onchange = (e) => openWaits(e.target.value.trim());
+  requestsPanel = new RequestsPanel($('requests-stats'), document.querySelector('#requests-table tbody'), {
+    onDiff: (percent) => { state.req = `slowest:${percent}`; state.view = 'diff'; state.zoom = ''; changed(true); },
+  });
+  ui.requests = requestsPanel;
   timeline = new Timeline($('timeline'), $('legend'), {
     tooltip: $('tooltip'),
     onMarker: openDeploy,
@@ -295,6 +302,17 @@ function syncControls() {
     $('filters').append(el('span', { class: 'chip' }, f, el('button', {
       text: '✕', title: 'remove filter ' + f,
       onclick: () => { state.filter = state.filter.split(',').filter((x) => x !== f).join(','); changed(true); },
+    })));
+  }
+  const chip = $('requests-chip');
+  chip.hidden = !state.req;
+  chip.textContent = '';
+  if (state.req) {
+    const [which, percent] = state.req.split(':');
+    const text = which === 'slowest' ? `slowest ${percent}% of requests` + (state.view === 'diff' ? ' against the rest' : '') : `requests but the slowest ${percent}%`;
+    chip.append(el('span', { class: 'chip' }, text, el('button', {
+      text: '✕', title: 'all requests',
+      onclick: () => { state.req = ''; changed(true); },
     })));
   }
   renderServices();
@@ -481,7 +499,9 @@ async function reload() {
     : (kinds ? available.filter((k) => kinds.includes(k)) : available).length === 1 ? (kinds ? available.filter((k) => kinds.includes(k)) : available)[0] : null;
   const t0 = performance.now();
   const treeP = diff
-    ? getJson('/api/v1/diff', { ...selParams(kinds), base_from: base.from, base_until: base.until, normalize: state.norm === '1', max_nodes: state.nodes, ...(state.minshare ? { min_share: state.minshare } : {}) })
+    ? getJson('/api/v1/diff', { ...selParams(kinds), ...(state.req
+      ? { base_requests: state.req.replace(/^slowest:/, 'rest:'), base_from: from, base_until: until }
+      : { base_from: base.from, base_until: base.until }), normalize: state.norm === '1', max_nodes: state.nodes, ...(state.minshare ? { min_share: state.minshare } : {}) })
     : getJson('/api/v1/flamegraph', { ...selParams(kinds), max_nodes: state.nodes, ...(state.minshare ? { min_share: state.minshare } : {}) });
   // The top table waits for the tree so both don't compete for the server's cores.
   const topP = treeP.then(() => loadTop(kinds, seq), () => loadTop(kinds, seq));
@@ -505,6 +525,7 @@ async function reload() {
     applySearch();
     renderSandwich();
     if (state.tab === 'waits') loadWaits();
+    if (state.tab === 'requests') loadRequests();
   } catch (e) {
     if (seq !== reloadSeq) return;
     flame.setData(flatten({ name: 'root', value: 0, self: 0, children: [] }));
@@ -690,8 +711,24 @@ function renderTabs() {
   $('tab-top').hidden = state.tab !== 'top';
   $('tab-sandwich').hidden = state.tab !== 'sandwich';
   $('tab-waits').hidden = state.tab !== 'waits';
+  $('tab-requests').hidden = state.tab !== 'requests';
   if (state.tab === 'sandwich') renderSandwich();
   if (state.tab === 'waits') loadWaits();
+  if (state.tab === 'requests') loadRequests();
+}
+
+async function loadRequests() {
+  $('tab-info').textContent = '';
+  if (!state.service) return requestsPanel.clear();
+  const seq = reloadSeq;
+  const { requests, ...params } = selParams(null);
+  try {
+    await requestsPanel.load(params);
+  } catch (e) {
+    if (seq !== reloadSeq) return;
+    requestsPanel.clear();
+    showError(e, $('requests-stats'));
+  }
 }
 
 function openWaits(name) {

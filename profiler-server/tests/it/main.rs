@@ -22,6 +22,7 @@ mod otlp;
 mod pyroscope_push;
 mod query_limits;
 mod query_suite;
+mod requests;
 mod roundtrip;
 mod stacks_ingest;
 mod waits;
