@@ -410,6 +410,87 @@ test('timeline: per-kind series and drag to select a range', async () => {
   await page.close();
 });
 
+/** Our agent's bundle3 (see `profiler_pprof::stacks`): parts of (service, kind, labels,
+ *  stacks) whose time is also attributed to requests. parts: [{service, kind, labels,
+ *  stacks: [[frames, value]], requests: [[key, value, [[entry index, value]]]]}] */
+function bundle3(parts) {
+  const out = [];
+  const varint = (v) => { v = BigInt(v); do { let b = Number(v & 0x7fn); v >>= 7n; if (v) b |= 0x80; out.push(b); } while (v); };
+  const bytes = (b) => { varint(b.length); out.push(...b); };
+  const text = (t) => bytes([...Buffer.from(t, 'utf8')]);
+  const section = (fill) => { const start = out.length; fill(); return out.splice(start); };
+  out.push(...Buffer.from('PSB1'));
+  for (const p of parts) {
+    out.push(3);
+    text(p.service); text(p.kind); varint(Object.keys(p.labels).length);
+    for (const [k, v] of Object.entries(p.labels)) { text(k); text(v); }
+    const win = section(() => {
+      out.push(...Buffer.from('PST1'));
+      for (const [frames, value] of p.stacks) { out.push(1); varint(BigInt(value) * 2n); varint(frames.length); frames.forEach(text); }
+      out.push(0); varint(p.stacks.length);
+    });
+    bytes(win);
+    bytes([]);
+    const reqs = section(() => {
+      varint(p.requests.length);
+      for (const [key, value, entries] of p.requests) {
+        text(key); text(value); varint(entries.length);
+        let next = 0;
+        for (const [i, v] of entries) { varint(i - next + 1); next = i + 1; varint(v); }
+      }
+    });
+    bytes(reqs);
+  }
+  out.push(0); varint(parts.length);
+  return Buffer.from(out);
+}
+
+test('slowest requests: the table ranks them and its diff shows the slow ones\' extra wait', async () => {
+  const srv = await spawnServer();
+  try {
+    // 200 requests of 20 ms in base_wait; two of them 40 ms more in slow_dependency.
+    const ms = 1_000_000;
+    const slow = (j) => j % 100 === 99;
+    const requests = [...Array(200).keys()].map((j) => ['request_id', `req-${j}`, [[0, 20 * ms], ...(slow(j) ? [[1, 40 * ms]] : [])]]);
+    const body = bundle3([{
+      service: 'reqsvc', kind: 'off-cpu:sleep', labels: { endpoint: 'checkout' },
+      stacks: [[['main', 'handle', 'base_wait'], 200 * 20 * ms], [['main', 'handle', 'slow_dependency'], 2 * 40 * ms]],
+      requests,
+    }]);
+    const r = await fetch(`${srv.url}/api/v1/ingest?format=bundle3&from=${TARGET_AT}&batch_id=r1&label=host:h1`, { method: 'POST', body });
+    assert.equal(r.status, 200, await r.text());
+
+    const page = await newPage();
+    await page.goto(`${srv.url}/#page=flame&service=reqsvc&from=now-30m&tab=requests`);
+    await settled(page);
+    await page.waitForSelector('#requests-table tbody tr');
+    const stats = await page.locator('#requests-stats').textContent();
+    assert.match(stats, /200 requests/);
+    assert.match(stats, /p99 20(\.0+)? ms · max 60(\.0+)? ms/);
+    const first = await page.locator('#requests-table tbody tr').first().locator('td').allTextContents();
+    assert.match(first[0], /^request_id=req-(99|199)$/);
+    assert.match(first[4], /endpoint=checkout/);
+    await page.screenshot({ path: join(ART, '20-slowest-requests.png'), fullPage: true });
+
+    const n = await loads(page);
+    await page.click('#requests-diff');
+    await settled(page, n);
+    assert.match(decodeURIComponent(page.url()), /req=slowest:1/);
+    assert.match(decodeURIComponent(page.url()), /view=diff/);
+    assert.match(await page.locator('#requests-chip').textContent(), /slowest 1% of requests against the rest/);
+    // The slowest 1% (two requests) waited in slow_dependency; the rest never did.
+    assert.equal((await rects(page, 'slow_dependency')).length, 1);
+    const tree = await page.evaluate(() => { const f = window.__ui.flame.f; const i = f.name.indexOf('slow_dependency'); return { value: f.total[i], base: f.base[i] }; });
+    assert.ok(tree.value > 0, JSON.stringify(tree));
+    assert.ok(!tree.base, `the rest has no slow_dependency: ${JSON.stringify(tree)}`);
+    await page.screenshot({ path: join(ART, '21-slowest-requests-diff.png'), fullPage: true });
+    assert.deepEqual(page.consoleErrors, []);
+    await page.close();
+  } finally {
+    await stopServer(srv);
+  }
+});
+
 test('a failing query shows the error, not a blank page', async () => {
   const page = await newPage();
   await page.goto(`${base}/#service=shop&from=yesterday`);

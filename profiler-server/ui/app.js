@@ -296,7 +296,9 @@ function syncControls() {
   $('custom-until').value = local(until);
   $('range-text').textContent = isFinite(from) && isFinite(until) ? `${fmtTime(from)} → ${fmtTime(until)}` : `${state.from} → ${state.until}`;
   const b = baseRange();
-  $('base-text').textContent = `${fmtTime(b.from)} → ${fmtTime(b.until)}${state.bfrom ? '' : ' (previous period)'}`;
+  $('base-text').textContent = state.req
+    ? 'the other requests of the same range'
+    : `${fmtTime(b.from)} → ${fmtTime(b.until)}${state.bfrom ? '' : ' (previous period)'}`;
   $('filters').textContent = '';
   for (const f of state.filter ? state.filter.split(',') : []) {
     $('filters').append(el('span', { class: 'chip' }, f, el('button', {
