@@ -17,10 +17,12 @@
 //!   the service, the other names are series labels;
 //! - `SelectMergeStacktraces` (flame graph), honouring `max_nodes`;
 //! - `SelectSeries` (time series), with `group_by`, `step` and `limit`;
-//! - `SelectMergeSpanProfile` (span profiles, only for queries from a trace)
-//!   and `SelectHeatmap` (behind a Grafana feature toggle): `unimplemented`,
-//!   as this server keeps no span ids or per-profile values; Grafana shows the
-//!   error on that panel only. So is the rest of the service.
+//! - `SelectMergeSpanProfile` (span profiles, for queries from a trace): the
+//!   merged stacks of the requests whose `span_id` is one of the span ids, from
+//!   the request table (`store::requests`: custom labels read by our agent);
+//! - `SelectHeatmap` (behind a Grafana feature toggle) is `unimplemented`, as
+//!   this server keeps no per-profile values; Grafana shows the error on that
+//!   panel only. So is the rest of the service.
 //!
 //! `Series` is served too, for other clients. Label selectors are described
 //! in [`selector`]. The series dictionary is not indexed by time, so label
@@ -44,8 +46,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use profiler_pprof::pyroscope::querier::v1::{
-    ProfileFormat, ProfileTypesRequest, ProfileTypesResponse, SelectMergeStacktracesRequest,
-    SelectMergeStacktracesResponse, SelectSeriesRequest, SelectSeriesResponse, SeriesRequest,
+    ProfileFormat, ProfileTypesRequest, ProfileTypesResponse, SelectMergeSpanProfileRequest,
+    SelectMergeSpanProfileResponse, SelectMergeStacktracesRequest, SelectMergeStacktracesResponse, SelectSeriesRequest, SelectSeriesResponse, SeriesRequest,
     SeriesResponse,
 };
 use profiler_pprof::pyroscope::types::v1::{
@@ -69,14 +71,21 @@ pub fn routes(state: AppState) -> Router<AppState> {
 }
 
 /// The methods answered; the others are `unimplemented`.
-const SERVED: [&str; 6] = [
+const SERVED: [&str; 7] = [
     "ProfileTypes",
     "LabelNames",
     "LabelValues",
     "Series",
     "SelectMergeStacktraces",
+    "SelectMergeSpanProfile",
     "SelectSeries",
 ];
+
+/// The request key span profiles select by: what the agent's custom labels and
+/// Pyroscope's SDKs call a span's id.
+const SPAN_ID: &str = "span_id";
+/// Most span ids one span profile may name.
+const MAX_SPANS: usize = 10_000;
 
 /// Largest request once decompressed; the requests are a few strings.
 const MAX_REQUEST_BYTES: usize = 1 << 20;
@@ -137,6 +146,7 @@ async fn dispatch(
         "LabelValues" => unary(codec, &body, |r| label_values(s, r)).await,
         "Series" => unary(codec, &body, |r| series(s, r)).await,
         "SelectMergeStacktraces" => unary(codec, &body, |r| select_merge_stacktraces(s, r)).await,
+        "SelectMergeSpanProfile" => unary(codec, &body, |r| select_merge_span_profile(s, r)).await,
         "SelectSeries" => unary(codec, &body, |r| select_series(s, r)).await,
         _ => unreachable!("every served method has a handler"),
     }
@@ -497,6 +507,51 @@ async fn select_merge_stacktraces(
         Ok(SelectMergeStacktracesResponse {
             flamegraph: Some(flamegraph::encode(&tree.to_json(max_nodes, 0.0, false))),
         })
+    })
+    .await
+}
+
+/// Span profiles: the stacks of the requests whose `span_id` is one of
+/// `span_selector`, over the series the label selector matches.
+async fn select_merge_span_profile(
+    s: &AppState,
+    r: SelectMergeSpanProfileRequest,
+) -> Result<SelectMergeSpanProfileResponse, ConnectError> {
+    if !matches!(r.format(), ProfileFormat::Unspecified | ProfileFormat::Flamegraph) {
+        return Err(ConnectError::new(
+            Code::Unimplemented,
+            format!("format {}: only flame graphs are served", r.format().as_str_name()),
+        ));
+    }
+    if r.span_selector.len() > MAX_SPANS {
+        return Err(ConnectError::invalid(format!("more than {MAX_SPANS} span ids")));
+    }
+    let kind = profile_type::kind_of(&r.profile_type_id).map_err(ConnectError::invalid)?;
+    let selector = Selector::parse(&r.label_selector).map_err(ConnectError::invalid)?;
+    let range = range(s, r.start, r.end)?;
+    let max_nodes = match r.max_nodes {
+        None | Some(0) => DEFAULT_MAX_NODES,
+        Some(n) => usize::try_from(n).map_err(|_| ConnectError::invalid("`max_nodes` must not be negative"))?,
+    }
+    .min(s.config.limits.max_nodes);
+    query(s, move |s, cancel| {
+        let spans: std::collections::HashSet<&str> = r.span_selector.iter().map(String::as_str).collect();
+        let catalog = Catalog::load(&*s.store, std::slice::from_ref(&selector))?;
+        let mut stacks = Aggregate::new();
+        for (service, matchers) in catalog.plan(&selector)? {
+            let selection = store::Selector {
+                service,
+                from_ms: range.0,
+                until_ms: range.1,
+                kinds: Some(vec![kind.clone()]),
+                matchers,
+                cancel: cancel.clone(),
+            };
+            let requests = crate::query::requests::Requests::read(&s.requests, &*s.store, &selection).map_err(scan_error)?;
+            store::merge_into(&mut stacks, requests.aggregate_named(SPAN_ID, &spans));
+        }
+        let tree = Tree::build(&s.names, &*s.store, &[&stacks], false).map_err(scan_error)?;
+        Ok(SelectMergeSpanProfileResponse { flamegraph: Some(flamegraph::encode(&tree.to_json(max_nodes, 0.0, false))) })
     })
     .await
 }

@@ -139,14 +139,23 @@ impl Requests {
             Pick::Slowest(percent) => &self.requests[..self.slowest_count(percent)],
             Pick::Rest(percent) => &self.requests[self.slowest_count(percent)..],
         };
-        let mut agg = Aggregate::new();
-        for request in picked {
-            for ((kind, stack), &value) in &request.stacks {
-                *agg.entry(kind.to_string()).or_default().entry(*stack).or_insert(0) += value;
-            }
-        }
-        agg
+        merged(picked)
     }
+
+    /// The merged stacks of the requests named `key`=any of `values` (span ids, say).
+    pub fn aggregate_named(&self, key: &str, values: &std::collections::HashSet<&str>) -> Aggregate {
+        merged(self.requests.iter().filter(|r| r.key == key && values.contains(r.value.as_str())))
+    }
+}
+
+fn merged<'a>(requests: impl IntoIterator<Item = &'a Request>) -> Aggregate {
+    let mut agg = Aggregate::new();
+    for request in requests {
+        for ((kind, stack), &value) in &request.stacks {
+            *agg.entry(kind.to_string()).or_default().entry(*stack).or_insert(0) += value;
+        }
+    }
+    agg
 }
 
 #[cfg(test)]

@@ -10,7 +10,8 @@ use std::io::Write;
 
 use common::{client, now_ms, Proc};
 use profiler_pprof::pyroscope::querier::v1::{
-    FlameGraph, Level, ProfileTypesRequest, ProfileTypesResponse, SelectMergeStacktracesRequest,
+    FlameGraph, Level, ProfileTypesRequest, ProfileTypesResponse, SelectMergeSpanProfileRequest,
+    SelectMergeSpanProfileResponse, SelectMergeStacktracesRequest,
     SelectMergeStacktracesResponse, SelectSeriesRequest, SelectSeriesResponse, SeriesRequest,
     SeriesResponse,
 };
@@ -525,10 +526,8 @@ fn grafana_calls_fail_with_connect_errors() {
         (status, body["code"].as_str()),
         (501, Some("unimplemented"))
     );
-    // Span profiles and heatmaps: nothing to answer them with.
-    for method in ["SelectMergeSpanProfile", "SelectHeatmap"] {
-        assert_eq!(env.error(method, proto, vec![]).0, 501);
-    }
+    // Heatmaps: nothing to answer them with.
+    assert_eq!(env.error("SelectHeatmap", proto, vec![]).0, 501);
 
     let (status, body) = env.error("SelectMergeStacktraces", proto, flame("{host=a}", ON_CPU));
     assert_eq!(
@@ -612,4 +611,55 @@ fn extreme_times_are_refused_on_every_query_route() {
         assert_eq!(r.status(), 400, "{url}: {}", r.text().unwrap());
     }
     assert!(!env.folded("service=shop").is_empty(), "the server stopped answering");
+}
+
+/// Span profiles: requests labelled with a `span_id` (as our agent reads custom labels,
+/// sent as bundle3) answer `SelectMergeSpanProfile` with the stacks of the spans named,
+/// and only theirs; in proto and in JSON.
+#[test]
+fn span_profiles_hold_the_named_spans_stacks() {
+    use profiler_pprof::stacks::{BundleWriter, RequestsWriter, Writer};
+    let env = Env::new();
+    let mut window = Writer::default();
+    window.framed(&["main", "checkout", "charge_card"], 30);
+    window.framed(&["main", "checkout", "render"], 12);
+    let mut requests = RequestsWriter::default();
+    requests.request("span_id", "9a517183f26a089d", &[(0, 30)]);
+    requests.request("span_id", "5a4fe264a9c987fe", &[(1, 12)]);
+    let mut bundle = BundleWriter::default();
+    bundle.part_with_requests("shop", "on-cpu", &[("host", "a")], &window.finish(), &[], &requests.finish());
+    let r = env
+        .http
+        .post(env.srv.url(&format!("/api/v1/ingest?format=bundle3&from={}&batch_id=spans", env.from + 4 * MIN)))
+        .bearer_auth(AGENT)
+        .body(profiler_pprof::gzip(&bundle.finish()))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().unwrap());
+
+    let request = |spans: &[&str]| SelectMergeSpanProfileRequest {
+        profile_type_id: ON_CPU.into(),
+        label_selector: "{service_name=\"shop\"}".into(),
+        span_selector: spans.iter().map(|s| s.to_string()).collect(),
+        start: env.from,
+        end: env.until,
+        ..Default::default()
+    };
+    let names = |r: SelectMergeSpanProfileResponse| {
+        let fg = r.flamegraph.unwrap();
+        (fg.total, fg.names)
+    };
+    let (total, found) = names(env.call("SelectMergeSpanProfile", &request(&["9a517183f26a089d"])));
+    assert_eq!(total, 30);
+    assert!(found.contains(&"charge_card".to_string()) && !found.contains(&"render".to_string()), "{found:?}");
+    let (total, _) = names(env.call("SelectMergeSpanProfile", &request(&["9a517183f26a089d", "5a4fe264a9c987fe", "0000000000000000"])));
+    assert_eq!(total, 42);
+    let (total, _) = names(env.call("SelectMergeSpanProfile", &request(&["0000000000000000"])));
+    assert_eq!(total, 0, "an unknown span has no stacks");
+    // Grafana's JSON codec too.
+    let body = json!({"profileTypeID": ON_CPU, "labelSelector": "{}", "spanSelector": ["5a4fe264a9c987fe"], "start": env.from.to_string(), "end": env.until.to_string()});
+    let r = env.post("SelectMergeSpanProfile", "application/json", body.to_string().into_bytes());
+    assert_eq!(r.status(), 200);
+    let reply: Value = r.json().unwrap();
+    assert_eq!(reply["flamegraph"]["total"], "12", "{reply}");
 }

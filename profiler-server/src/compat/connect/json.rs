@@ -281,6 +281,24 @@ impl FromJson for querier::SelectMergeStacktracesRequest {
     }
 }
 
+impl FromJson for querier::SelectMergeSpanProfileRequest {
+    fn from_json(f: &Fields) -> Result<Self, String> {
+        Ok(Self {
+            profile_type_id: f.string(("profileTypeID", "profile_typeID"))?,
+            label_selector: f.string(("labelSelector", "label_selector"))?,
+            span_selector: f.strings(("spanSelector", "span_selector"))?,
+            start: f.int64(("start", "start"))?.unwrap_or(0),
+            end: f.int64(("end", "end"))?.unwrap_or(0),
+            max_nodes: f.int64(("maxNodes", "max_nodes"))?,
+            format: f
+                .enumeration(("format", "format"), |n| {
+                    querier::ProfileFormat::from_str_name(n).map(|e| e as i32)
+                })?
+                .unwrap_or(0),
+        })
+    }
+}
+
 impl FromJson for querier::SelectSeriesRequest {
     fn from_json(f: &Fields) -> Result<Self, String> {
         Ok(Self {
@@ -344,23 +362,34 @@ impl ToJson for querier::SeriesResponse {
 
 impl ToJson for querier::SelectMergeStacktracesResponse {
     fn to_json(&self) -> Value {
-        let Some(fg) = &self.flamegraph else {
-            return json!({});
-        };
-        let levels: Vec<Value> = fg
-            .levels
-            .iter()
-            .map(|l| json!({ "values": l.values.iter().copied().map(int64).collect::<Vec<_>>() }))
-            .collect();
-        json!({
-            "flamegraph": {
-                "names": fg.names,
-                "levels": levels,
-                "total": int64(fg.total),
-                "maxSelf": int64(fg.max_self),
-            }
-        })
+        flamegraph_json(self.flamegraph.as_ref())
     }
+}
+
+impl ToJson for querier::SelectMergeSpanProfileResponse {
+    fn to_json(&self) -> Value {
+        flamegraph_json(self.flamegraph.as_ref())
+    }
+}
+
+/// `{"flamegraph": …}`, or `{}` without one.
+fn flamegraph_json(fg: Option<&querier::FlameGraph>) -> Value {
+    let Some(fg) = fg else {
+        return json!({});
+    };
+    let levels: Vec<Value> = fg
+        .levels
+        .iter()
+        .map(|l| json!({ "values": l.values.iter().copied().map(int64).collect::<Vec<_>>() }))
+        .collect();
+    json!({
+        "flamegraph": {
+            "names": fg.names,
+            "levels": levels,
+            "total": int64(fg.total),
+            "maxSelf": int64(fg.max_self),
+        }
+    })
 }
 
 impl ToJson for querier::SelectSeriesResponse {
