@@ -179,6 +179,11 @@ pub struct Limits {
     /// Rows of the request table one ingest request may write: one per request and
     /// part (the agent sends at most 200,000 (stack, request) pairs a window).
     pub max_request_rows: usize,
+    /// Sample labels (pprof, OTLP, Pyroscope) that name a request rather than a
+    /// series: a sample's time goes to the request table under each of them it has,
+    /// and its series is the one without them. The request views read one key at a
+    /// time, by default the first of this list a service has.
+    pub request_labels: Vec<String>,
     /// Labels one series may carry.
     pub max_labels_per_series: usize,
     pub max_label_name_len: usize,
@@ -263,6 +268,7 @@ impl Default for Limits {
             max_concurrent_queries: 8,
             max_series_per_request: 10_000,
             max_request_rows: 200_000,
+            request_labels: ["request_id", "trace_id", "span_id"].map(String::from).to_vec(),
             max_labels_per_series: 64,
             max_label_name_len: 128,
             max_label_value_len: 1024,

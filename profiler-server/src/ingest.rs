@@ -105,6 +105,12 @@ pub struct BatchBuilder<'a> {
     /// Summed per (series, stack), for every row of the request: a fast
     /// hasher, seeded at random (see the store's `IdMap`).
     rows: HashMap<(u64, u64), i64, foldhash::fast::RandomState>,
+    /// Samples whose labels name a request (`Limits::request_labels`): (stack,
+    /// value) per (request key, request value, series), for the request table.
+    requests: HashMap<(String, String, u64), HashMap<u64, i64>>,
+    /// Request labels of the whole request (a Pyroscope SDK's tags, say): every
+    /// sample's time goes to them.
+    base_requests: Vec<(String, String)>,
 }
 
 impl<'a> BatchBuilder<'a> {
@@ -117,7 +123,7 @@ impl<'a> BatchBuilder<'a> {
         Self::build(limits, target)
     }
 
-    fn build(limits: &'a Limits, target: Target) -> Result<Self, Rejected> {
+    fn build(limits: &'a Limits, mut target: Target) -> Result<Self, Rejected> {
         if target.service.is_empty() {
             return Err(bad("service name is empty"));
         }
@@ -134,6 +140,10 @@ impl<'a> BatchBuilder<'a> {
         for (k, v) in &target.labels {
             validate_label(limits, k, v)?;
         }
+        // Labels naming a request are not the series'.
+        let base_requests: Vec<(String, String)> =
+            target.labels.iter().filter(|(k, _)| limits.request_labels.contains(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        target.labels.retain(|k, _| !limits.request_labels.contains(k));
         let mut base = target.labels.clone();
         base.insert("service".into(), target.service.clone());
         let base_id = series_id(&base);
@@ -146,6 +156,8 @@ impl<'a> BatchBuilder<'a> {
             stack_bytes: 0,
             series: HashMap::new(),
             rows: HashMap::default(),
+            requests: HashMap::new(),
+            base_requests,
         };
         b.series.insert(base_id, base);
         Ok(b)
@@ -162,9 +174,70 @@ impl<'a> BatchBuilder<'a> {
             return Ok(());
         }
         let stack = self.stack(frames)?;
-        let series = self.series_for(extra)?;
+        let (series, requests) = self.series_and_requests(extra)?;
         self.add_row(series, stack, value);
+        for request in &requests {
+            self.add_request(request, series, stack, value)?;
+        }
         Ok(())
+    }
+
+    /// Like [`Self::series_for`], with the labels that name a request
+    /// (`Limits::request_labels`: a request id, a trace id, a span id) left out of
+    /// the series and returned: the sample's time goes to each of them in the
+    /// request table.
+    pub fn series_and_requests(&mut self, extra: &[(String, String)]) -> Result<(u64, Vec<(String, String)>), Rejected> {
+        let names_request = |key: &str| self.limits.request_labels.iter().any(|k| k == key);
+        if !extra.iter().any(|(k, _)| names_request(k)) {
+            return Ok((self.series_for(extra)?, Vec::new()));
+        }
+        let (requests, rest): (Vec<(String, String)>, Vec<(String, String)>) =
+            extra.iter().cloned().partition(|(k, _)| names_request(k));
+        for (key, value) in &requests {
+            validate_label(self.limits, key, value)?;
+        }
+        Ok((self.series_for(&rest)?, requests))
+    }
+
+    /// Adds `value` of an interned series and stack to `request`'s share.
+    pub fn add_request(&mut self, request: &(String, String), series: u64, stack: u64, value: i64) -> Result<(), Rejected> {
+        if value == 0 {
+            return Ok(());
+        }
+        let key = (request.0.clone(), request.1.clone(), series);
+        if !self.requests.contains_key(&key) && self.requests.len() >= self.limits.max_request_rows {
+            return Err(Rejected::TooLarge(format!(
+                "more than {} (request, series) pairs in one request",
+                self.limits.max_request_rows
+            )));
+        }
+        let slot = self.requests.entry(key).or_default().entry(stack).or_insert(0);
+        *slot = slot.saturating_add(value);
+        Ok(())
+    }
+
+    /// The request table's rows of the samples that named a request, under the
+    /// ingest part name `part`.
+    pub fn take_requests(&mut self, part: &str) -> Vec<RequestRow> {
+        for (key, value) in std::mem::take(&mut self.base_requests) {
+            for (&(series, stack), &v) in &self.rows {
+                let slot = self.requests.entry((key.clone(), value.clone(), series)).or_default().entry(stack).or_insert(0);
+                *slot = slot.saturating_add(v);
+            }
+        }
+        std::mem::take(&mut self.requests)
+            .into_iter()
+            .map(|((key, value, series_id), stacks)| RequestRow {
+                service: self.target.service.clone(),
+                ts_ms: self.target.ts_ms,
+                key,
+                value,
+                part: part.to_owned(),
+                series_id,
+                kind: self.target.kind.clone(),
+                stacks: stacks.into_iter().collect(),
+            })
+            .collect()
     }
 
     /// Interns a root-first stack, returning its id. A sample without
@@ -564,7 +637,7 @@ pub fn pprof(profile: &Profile, idx: usize, b: &mut BatchBuilder) -> Result<(), 
     // Samples repeat location lists and label sets (one per series x stack),
     // so each distinct one is resolved and interned once.
     let mut stacks: HashMap<&[u64], u64> = HashMap::new();
-    let mut series: HashMap<Vec<(i64, i64)>, u64> = HashMap::new();
+    let mut series: HashMap<Vec<(i64, i64)>, (u64, Vec<(String, String)>)> = HashMap::new();
     let mut frames = Vec::new();
     for s in &profile.sample {
         if s.value.len() != types.len() {
@@ -595,16 +668,18 @@ pub fn pprof(profile: &Profile, idx: usize, b: &mut BatchBuilder) -> Result<(), 
             .filter(|l| l.str != 0)
             .map(|l| (l.key, l.str))
             .collect();
-        let series_id = match series.get(&key) {
-            Some(&id) => id,
+        let (series_id, requests) = match series.get(&key) {
+            Some(found) => found,
             None => {
                 let labels = r.labels(s).map_err(|e| bad(e.to_string()))?;
-                let id = b.series_for(&labels)?;
-                series.insert(key, id);
-                id
+                let found = b.series_and_requests(&labels)?;
+                series.entry(key).or_insert(found)
             }
         };
-        b.add_row(series_id, stack, value);
+        b.add_row(*series_id, stack, value);
+        for request in requests {
+            b.add_request(request, *series_id, stack, value)?;
+        }
     }
     Ok(())
 }

@@ -547,8 +547,9 @@ async fn select_merge_span_profile(
                 matchers,
                 cancel: cancel.clone(),
             };
-            let requests = crate::query::requests::Requests::read(&s.requests, &*s.store, &selection).map_err(scan_error)?;
-            store::merge_into(&mut stacks, requests.aggregate_named(SPAN_ID, &spans));
+            let requests = crate::query::requests::Requests::read(&s.requests, &*s.store, &selection, Some(SPAN_ID), &[])
+                .map_err(scan_error)?;
+            store::merge_into(&mut stacks, requests.aggregate_named(&spans));
         }
         let tree = Tree::build(&s.names, &*s.store, &[&stacks], false).map_err(scan_error)?;
         Ok(SelectMergeSpanProfileResponse { flamegraph: Some(flamegraph::encode(&tree.to_json(max_nodes, 0.0, false))) })

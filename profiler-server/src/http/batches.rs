@@ -53,9 +53,15 @@ impl Idempotency {
         }
     }
 
-    /// The batch id, if the client gave one.
-    pub fn name(&self) -> Option<&str> {
-        self.id.as_deref()
+    /// The name request-table rows of this batch are stored under: the batch id, so
+    /// that a retry rewrites them, or without one a name no other request has (a retry
+    /// cannot be told apart then anyway).
+    pub fn part_name(&self) -> String {
+        static ANONYMOUS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        match &self.id {
+            Some(id) => id.clone(),
+            None => format!("{}-{}", crate::store::now_ms(), ANONYMOUS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+        }
     }
 
     pub fn apply(self, batch: &mut Batch) {
@@ -97,10 +103,12 @@ pub struct IngestSummary {
 
 pub fn store_batch(
     s: &AppState,
-    b: BatchBuilder,
+    mut b: BatchBuilder,
     body_len: usize,
     key: Idempotency,
 ) -> ApiResult<Json<IngestSummary>> {
+    // Before the batch, as for bundles: an acknowledged request has both.
+    s.requests.append(&b.take_requests(&key.part_name()))?;
     let mut batch = b.finish();
     key.apply(&mut batch);
     store_batches(s, vec![batch], body_len)

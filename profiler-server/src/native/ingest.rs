@@ -143,11 +143,8 @@ fn ingest_bundle(s: &AppState, p: &Params, grant: &mut Grant, body: &[u8], key: 
     let ts_ms = align(from, s.config.storage.window_ms);
     let read = ingest::bundle(&raw, limits, ts_ms, &labels, &*s.store)?;
     let mut rows = read.requests;
-    // Without a batch id a retry cannot be told apart anyway: a name no other request has.
-    static ANONYMOUS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let anonymous = format!("{}-{}", now_ms(), ANONYMOUS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     for row in &mut rows {
-        row.part = key.part(&row.part).name().map_or_else(|| format!("{anonymous}/{}", row.part), str::to_owned);
+        row.part = key.part(&row.part).part_name();
     }
     s.requests.append(&rows)?;
     let batches = read

@@ -379,17 +379,24 @@ fn request_table_metrics(stats: &crate::store::RequestTableStats) -> String {
 }
 
 /// `requests=slowest:P` (or `rest:P`, see [`Pick`]) of a query: its profile merges
-/// only those requests' stacks.
-fn requests_pick(p: &Params, key: &str) -> ApiResult<Option<Pick>> {
-    p.get(key).map(|text| Pick::parse(text).map_err(ApiError::bad)).transpose()
+/// only those requests' stacks; `request_key=` names the label requests are told
+/// apart by (default: the first of the server's `request_labels` the service has).
+fn requests_pick(p: &Params, param: &str) -> ApiResult<Option<(Pick, Option<String>)>> {
+    let Some(text) = p.get(param) else { return Ok(None) };
+    let pick = Pick::parse(text).map_err(ApiError::bad)?;
+    Ok(Some((pick, p.get("request_key").map(str::to_owned))))
 }
 
 /// The stacks a profile query merges: the store's, or the picked requests'.
-fn stack_aggregate(s: &AppState, sel: &Selector, pick: Option<Pick>) -> StoreResult<Aggregate> {
+fn stack_aggregate(s: &AppState, sel: &Selector, pick: Option<(Pick, Option<String>)>) -> StoreResult<Aggregate> {
     match pick {
         None => s.store.aggregate(sel, GroupBy::Stack),
-        Some(pick) => Ok(Requests::read(&s.requests, &*s.store, sel)?.aggregate(pick)),
+        Some((pick, key)) => Ok(read_requests(s, sel, key.as_deref())?.aggregate(pick)),
     }
+}
+
+fn read_requests(s: &AppState, sel: &Selector, key: Option<&str>) -> StoreResult<Requests> {
+    Requests::read(&s.requests, &*s.store, sel, key, &s.config.limits.request_labels)
 }
 
 #[derive(serde::Serialize)]
@@ -407,13 +414,16 @@ struct RequestsReply {
 
 /// Requests of a service (custom labels `request_id`, `trace_id`, `span_id`, ...) over
 /// `from`..`until`, whose series match `filter`: the percentiles of their total time
-/// and the slowest `limit` (default 100) with their time per kind and labels.
+/// and the slowest `limit` (default 100) with their time per kind and labels. One key
+/// at a time: `request_key`, by default the first of the server's `request_labels`
+/// the service has.
 async fn requests(State(s): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<RequestsReply>> {
     let p = Params::new(q);
     let sel = selector(&p, "from", "until", &s.config.limits)?;
     let limit: usize = p.num::<usize>("limit", 100)?.min(MAX_TOP_LIMIT);
+    let key = p.get("request_key").map(str::to_owned);
     run_query(s.clone(), sel.cancel.clone(), move || {
-        let mut read = Requests::read(&s.requests, &*s.store, &sel)?;
+        let mut read = read_requests(&s, &sel, key.as_deref())?;
         let (count, total_ns) = (read.requests.len(), read.percentiles());
         read.requests.truncate(limit);
         Ok(Json(RequestsReply { service: sel.service.clone(), from: sel.from_ms, until: sel.until_ms, count, total_ns, requests: read.requests }))

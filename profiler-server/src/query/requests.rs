@@ -69,10 +69,17 @@ pub struct Requests {
     pub requests: Vec<Request>,
 }
 
+/// The request key a view reads when none is asked for: the first of `order` (the
+/// server's `request_labels`) that the table has in the range, else the first it has.
+fn main_key<'a>(keys: &std::collections::BTreeSet<&'a str>, order: &[String]) -> Option<&'a str> {
+    order.iter().find_map(|k| keys.get(k.as_str()).copied()).or_else(|| keys.first().copied())
+}
+
 impl Requests {
-    /// Every request of the selector's service and range whose series match its
-    /// matchers, merged over windows, slowest first (ties by key and value).
-    pub fn read(table: &RequestTable, store: &dyn Store, sel: &Selector) -> StoreResult<Requests> {
+    /// Every request named by `key` (None: the main key, see [`main_key`], of
+    /// `order`) of the selector's service and range whose series match its matchers,
+    /// merged over windows, slowest first (ties by value).
+    pub fn read(table: &RequestTable, store: &dyn Store, sel: &Selector, key: Option<&str>, order: &[String]) -> StoreResult<Requests> {
         let labels: HashMap<u64, Arc<Labels>> = store.series(&sel.service)?.into_iter().map(|l| (series_id(&l), l)).collect();
         let mut kinds: HashMap<String, Arc<str>> = HashMap::new();
         let mut by_name: HashMap<(String, String), Request> = HashMap::new();
@@ -112,7 +119,11 @@ impl Requests {
                 }
             }
         })?;
-        let mut requests: Vec<Request> = by_name.into_values().collect();
+        let keys: std::collections::BTreeSet<&str> = by_name.keys().map(|(k, _)| k.as_str()).collect();
+        let Some(key) = key.or_else(|| main_key(&keys, order)).map(str::to_owned) else {
+            return Ok(Requests { requests: Vec::new() });
+        };
+        let mut requests: Vec<Request> = by_name.into_values().filter(|r| r.key == key).collect();
         requests.sort_unstable_by(|a, b| b.total_ns.cmp(&a.total_ns).then_with(|| (&a.key, &a.value).cmp(&(&b.key, &b.value))));
         Ok(Requests { requests })
     }
@@ -142,9 +153,9 @@ impl Requests {
         merged(picked)
     }
 
-    /// The merged stacks of the requests named `key`=any of `values` (span ids, say).
-    pub fn aggregate_named(&self, key: &str, values: &std::collections::HashSet<&str>) -> Aggregate {
-        merged(self.requests.iter().filter(|r| r.key == key && values.contains(r.value.as_str())))
+    /// The merged stacks of the requests named any of `values` (span ids, say).
+    pub fn aggregate_named(&self, values: &std::collections::HashSet<&str>) -> Aggregate {
+        merged(self.requests.iter().filter(|r| values.contains(r.value.as_str())))
     }
 }
 
@@ -189,6 +200,15 @@ mod tests {
         let rest = requests.aggregate(Pick::Rest(1.0));
         assert_eq!(rest["off-cpu:sleep"].len(), 198);
         assert_eq!(Requests { requests: vec![] }.percentiles(), Percentiles::default());
+    }
+
+    #[test]
+    fn the_main_key_follows_the_configured_order() {
+        let order = ["request_id", "trace_id", "span_id"].map(String::from);
+        let keys = |ks: &[&'static str]| ks.iter().copied().collect::<std::collections::BTreeSet<&str>>();
+        assert_eq!(main_key(&keys(&["span_id", "trace_id"]), &order), Some("trace_id"));
+        assert_eq!(main_key(&keys(&["job_id"]), &order), Some("job_id"));
+        assert_eq!(main_key(&keys(&[]), &order), None);
     }
 
     #[test]

@@ -41,7 +41,7 @@ fn gzip_bomb() -> Vec<u8> {
 fn many_labels(n: usize) -> Vec<u8> {
     let mut b = ProfileBuilder::new(&[("cpu", "nanoseconds")]);
     for i in 0..n {
-        b.add(&["main", "f"], &[1], &[("request_id", &i.to_string())]);
+        b.add(&["main", "f"], &[1], &[("worker", &i.to_string())]);
     }
     let raw = prost::Message::encode_to_vec(&b.build());
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());

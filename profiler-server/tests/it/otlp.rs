@@ -211,14 +211,25 @@ fn otlp_profiles_over_http_and_grpc() {
     assert_eq!(get("service=otel-counts&kinds=samples"), "main;handle 2\nmain;handle;db_query 3\n");
     let trace: String = TRACE.iter().map(|b| format!("{b:02x}")).collect();
     let span: String = SPAN.iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(
-        get(&format!("service=otel-http&filter=trace_id={trace}")),
-        "main;handle;db_query 30000000\n"
-    );
-    assert_eq!(
-        get(&format!("service=otel-http&filter=span_id={span}")),
-        "main;handle;db_query 30000000\n"
-    );
+    // Trace links name requests, not series: each id is a request of the request
+    // table, with the linked samples' time and stacks.
+    for (key, id) in [("trace_id", &trace), ("span_id", &span)] {
+        let table: serde_json::Value = c
+            .get(srv.url(&format!("/api/v1/requests?service=otel-http&{range}&request_key={key}")))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        assert_eq!(table["count"], 1, "{table}");
+        assert_eq!(table["requests"][0]["value"], id.as_str());
+        assert_eq!(table["requests"][0]["total_ns"], 30_000_000);
+        assert_eq!(
+            get(&format!("service=otel-http&requests=slowest:100&request_key={key}")),
+            "main;handle;db_query 30000000\n"
+        );
+    }
+    let names: Vec<String> = c.get(srv.url("/api/v1/labels?service=otel-http")).send().unwrap().json().unwrap();
+    assert!(!names.iter().any(|n| n == "trace_id" || n == "span_id"), "{names:?}");
     assert_eq!(
         get("service=otel-http&filter=thread.name=worker-1"),
         "main;handle;db_query 30000000\n"

@@ -117,6 +117,75 @@ fn the_pyroscope_python_sdk_pushes_to_us() {
     );
 }
 
+const SPANS_APP: &str = r#"
+import sys, time, pyroscope
+pyroscope.configure(application_name="pyspans", server_address=sys.argv[1], sample_rate=100)
+def checkout_total():
+    x = 0
+    for i in range(200_000):
+        x += i * i
+    return x
+def search_total():
+    x = 0
+    for i in range(200_000):
+        x ^= i * 7
+    return x
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    with pyroscope.tag_wrapper({"span_id": "aaaaaaaaaaaaaaaa"}):
+        checkout_total()
+    with pyroscope.tag_wrapper({"span_id": "bbbbbbbbbbbbbbbb"}):
+        search_total()
+pyroscope.shutdown()
+"#;
+
+/// Span ids the real Python SDK sends as tags name requests, not series: each span is a
+/// request of the request table, and Grafana's span profile of one holds its function
+/// only.
+#[test]
+fn the_python_sdks_span_ids_answer_span_profiles() {
+    let python = venv_python();
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Proc::spawn(dir.path(), &[]);
+    let script = dir.path().join("spans.py");
+    std::fs::write(&script, SPANS_APP).unwrap();
+    let t0 = now_ms();
+    let status = Command::new(python).arg(&script).arg(&srv.base).arg("8").status().unwrap();
+    assert!(status.success());
+    let c = client();
+    let (from, until) = (t0 - 20_000, now_ms() + 20_000);
+    let names: Vec<String> = c.get(srv.url("/api/v1/labels?service=pyspans")).send().unwrap().json().unwrap();
+    assert!(!names.iter().any(|n| n == "span_id"), "span ids became series: {names:?}");
+    let table: serde_json::Value = c
+        .get(srv.url(&format!("/api/v1/requests?service=pyspans&from={from}&until={until}")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(table["count"], 2, "{table}");
+    for (span, mine, other) in [("aaaaaaaaaaaaaaaa", "checkout_total", "search_total"), ("bbbbbbbbbbbbbbbb", "search_total", "checkout_total")] {
+        let body = serde_json::json!({
+            "profileTypeID": "cpu:cpu:nanoseconds:cpu:nanoseconds",
+            "labelSelector": "{service_name=\"pyspans\"}",
+            "spanSelector": [span],
+            "start": from.to_string(),
+            "end": until.to_string(),
+        });
+        let r = c
+            .post(srv.url("/querier.v1.QuerierService/SelectMergeSpanProfile"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let reply: serde_json::Value = r.json().unwrap();
+        let names: Vec<&str> = reply["flamegraph"]["names"].as_array().unwrap().iter().filter_map(|n| n.as_str()).collect();
+        println!("span {span}: {} ns, {} names", reply["flamegraph"]["total"], names.len());
+        assert!(names.iter().any(|n| n.contains(mine)), "span {span}: {names:?}");
+        assert!(!names.iter().any(|n| n.contains(other)), "span {span} has {other}: {names:?}");
+    }
+}
+
 fn pprof(stacks: &[(&[&str], i64)], types: &[(&str, &str)]) -> Vec<u8> {
     let mut b =
         profiler_pprof::ProfileBuilder::new(types).time(now_ms() * 1_000_000, 10_000_000_000);
