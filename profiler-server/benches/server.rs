@@ -1,6 +1,7 @@
 //! `cargo bench -p profiler-server --bench server`: ingest throughput of the
 //! embedded store and query latency on one hour of one service
-//! (100 series x 250 stacks every 10 s, about 9M rows), plus bytes per row.
+//! (100 series x 250 stacks every 10 s, about 9M rows), plus bytes per row, and the
+//! request table with 100k request ids in an hour (`BENCH_ONLY=requests` for it alone).
 //!
 //! `BENCH_CLICKHOUSE=1 cargo bench -p profiler-server --bench server` also
 //! loads the same hour into ClickHouse (chdb behind tests/chdb_bridge, needs
@@ -211,6 +212,11 @@ fn measure(store: &dyn Store) -> Figures {
 }
 
 fn main() {
+    // `BENCH_ONLY=requests`: the request table's figures alone.
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("requests") {
+        request_table();
+        return;
+    }
     // `cargo bench` passes --bench; any other argument is a filter we ignore.
     let mut rng = Rng(0x9e3779b97f4a7c15);
     let stacks = stacks(&mut rng);
@@ -356,11 +362,90 @@ fn main() {
     );
     rt.block_on(srv.shutdown()).unwrap();
 
+    request_table();
+
     if std::env::var_os("BENCH_CLICKHOUSE").is_some_and(|v| v != "0") {
         clickhouse(&stacks, &series, total_rows, &f);
     } else {
         println!("(ClickHouse figures: BENCH_CLICKHOUSE=1, needs python3 with chdb)");
     }
+}
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix(" kB")?.parse::<u64>().ok()).unwrap_or(0) * 1024
+}
+
+/// The request table over an hour: 100,080 distinct request ids of one series (278
+/// per 10 s window, an on-CPU and two off-CPU stacks each), as the agent's windows
+/// write them. The series count does not move; the table's disk, the memory a
+/// query over the hour holds, and the query times are printed.
+fn request_table() {
+    use profiler_server::query::requests::{Pick, Requests};
+    use profiler_server::store::{RequestRow, RequestTable};
+    const WINDOWS: i64 = 360;
+    const PER_WINDOW: u64 = 278;
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path(), opts()).unwrap();
+    let labels = Labels::from([("service".to_string(), "shop".to_string()), ("endpoint".to_string(), "checkout".to_string())]);
+    let series = series_id(&labels);
+    let frames: Vec<Frames> = ["work", "base_wait", "slow_dependency"].iter().map(|f| Arc::from([Arc::from("main"), Arc::from(*f)])).collect();
+    let ids: Vec<u64> = frames.iter().map(|f| stack_id(f)).collect();
+    for w in 0..WINDOWS {
+        store
+            .append(Batch {
+                service: "shop".into(),
+                kind: "off-cpu:sleep".into(),
+                stacks: ids.iter().copied().zip(frames.iter().cloned()).collect(),
+                series: vec![(series, labels.clone())],
+                rows: ids.iter().map(|&stack_id| Row { ts_ms: T0 + w * WINDOW_MS, series_id: series, stack_id, value: 1 }).collect(),
+                ..Batch::default()
+            })
+            .unwrap();
+    }
+    let series_before = store.series("shop").unwrap().len();
+    let table = RequestTable::open(dir.path(), None).unwrap();
+    let ms = 1_000_000i64;
+    let t = Instant::now();
+    for w in 0..WINDOWS {
+        let mut rows = Vec::new();
+        for j in w as u64 * PER_WINDOW..(w as u64 + 1) * PER_WINDOW {
+            let row = |kind: &str, stacks: Vec<(u64, i64)>| RequestRow {
+                service: "shop".into(),
+                ts_ms: T0 + w * WINDOW_MS,
+                key: "request_id".into(),
+                value: format!("{j:016x}"),
+                part: format!("run-{w}/0"),
+                series_id: series,
+                kind: kind.into(),
+                stacks,
+            };
+            rows.push(row("on-cpu", vec![(ids[0], ms)]));
+            let extra = if j % 100 == 99 { vec![(ids[2], 40 * ms)] } else { vec![] };
+            rows.push(row("off-cpu:sleep", [vec![(ids[1], (20 + (j % 20) as i64) * ms)], extra].concat()));
+        }
+        table.append(&rows).unwrap();
+    }
+    let append = t.elapsed();
+    let n = WINDOWS as u64 * PER_WINDOW;
+    let sel = Selector { service: "shop".into(), ..sel(T0, T0 + HOUR_MS) };
+    let order = ["request_id".to_string()];
+    // Resident memory grown by one read, its answer alive: an upper bound of what it
+    // holds (the allocator keeps what the scan freed).
+    let rss = rss_bytes();
+    let requests = Requests::read(&table, &store, &sel, None, &order, usize::MAX).unwrap();
+    let held = rss_bytes().saturating_sub(rss);
+    let (read, _) = time(3, || Requests::read(&table, &store, &sel, None, &order, usize::MAX).unwrap().requests.len());
+    let (slowest, agg) = time(3, || requests.aggregate(Pick::Slowest(1.0)));
+    assert_eq!(requests.requests.len() as u64, n);
+    assert_eq!(store.series("shop").unwrap().len(), series_before, "request ids made series");
+    assert!(agg["off-cpu:sleep"].contains_key(&ids[2]));
+    let disk = table.stats().disk_bytes;
+    println!("\nrequest table, {n} request ids in an hour (2 rows each), series before/after: {series_before}/{}", store.series("shop").unwrap().len());
+    println!("  append, 360 windows:       {append:>10.2?}  ({:.1} µs a request)", append.as_secs_f64() * 1e6 / n as f64);
+    println!("  on disk:                   {:>10.1} MB  ({:.0} B a request)", disk as f64 / 1e6, disk as f64 / n as f64);
+    println!("  /requests over the hour:   {read:>10.2?}  (resident memory grew {:.1} MB: {:.0} B a request)", held as f64 / 1e6, held as f64 / n as f64);
+    println!("  slowest 1% aggregate:      {slowest:>10.2?}  p99 {:.1} ms", requests.percentiles().p99 as f64 / 1e6);
 }
 
 /// The same hour in ClickHouse (real engine: chdb behind the test bridge,

@@ -184,6 +184,9 @@ pub struct Limits {
     /// and its series is the one without them. The request views read one key at a
     /// time, by default the first of this list a service has.
     pub request_labels: Vec<String>,
+    /// Requests one query over the request table may gather (a few hundred bytes
+    /// each); more are refused (413) with a hint to narrow the range.
+    pub max_query_requests: usize,
     /// Labels one series may carry.
     pub max_labels_per_series: usize,
     pub max_label_name_len: usize,
@@ -269,6 +272,7 @@ impl Default for Limits {
             max_series_per_request: 10_000,
             max_request_rows: 200_000,
             request_labels: ["request_id", "trace_id", "span_id"].map(String::from).to_vec(),
+            max_query_requests: 1_000_000,
             max_labels_per_series: 64,
             max_label_name_len: 128,
             max_label_value_len: 1024,

@@ -547,7 +547,8 @@ async fn select_merge_span_profile(
                 matchers,
                 cancel: cancel.clone(),
             };
-            let requests = crate::query::requests::Requests::read(&s.requests, &*s.store, &selection, Some(SPAN_ID), &[])
+            let max = s.config.limits.max_query_requests;
+            let requests = crate::query::requests::Requests::read(&s.requests, &*s.store, &selection, Some(SPAN_ID), &[], max)
                 .map_err(scan_error)?;
             store::merge_into(&mut stacks, requests.aggregate_named(&spans));
         }

@@ -396,7 +396,8 @@ fn stack_aggregate(s: &AppState, sel: &Selector, pick: Option<(Pick, Option<Stri
 }
 
 fn read_requests(s: &AppState, sel: &Selector, key: Option<&str>) -> StoreResult<Requests> {
-    Requests::read(&s.requests, &*s.store, sel, key, &s.config.limits.request_labels)
+    let limits = &s.config.limits;
+    Requests::read(&s.requests, &*s.store, sel, key, &limits.request_labels, limits.max_query_requests)
 }
 
 #[derive(serde::Serialize)]

@@ -104,8 +104,9 @@ impl RequestTable {
         Ok(())
     }
 
-    /// Calls `each` with every row of `service` in `from_ms..until_ms`, in window order.
-    pub fn scan(&self, service: &str, from_ms: i64, until_ms: i64, cancel: &Cancel, mut each: impl FnMut(RequestRow)) -> StoreResult<()> {
+    /// Calls `each` with every row of `service` in `from_ms..until_ms`, in window order,
+    /// until it returns false.
+    pub fn scan(&self, service: &str, from_ms: i64, until_ms: i64, cancel: &Cancel, mut each: impl FnMut(RequestRow) -> bool) -> StoreResult<()> {
         let txn = self.db.begin_read().context("reading the request table")?;
         let table = txn.open_table(ROWS).context("reading the request table")?;
         let range = table
@@ -120,7 +121,9 @@ impl RequestTable {
             let (key, value_of_key) = request.split_once('\0').unwrap_or((request, ""));
             let row = decode(value.value(), service, ts_ms, key, value_of_key, part)
                 .ok_or_else(|| anyhow::anyhow!("a corrupt row in the request table at {ts_ms}"))?;
-            each(row);
+            if !each(row) {
+                break;
+            }
         }
         Ok(())
     }
@@ -228,7 +231,12 @@ mod tests {
 
     fn scanned(table: &RequestTable, service: &str, from: i64, until: i64) -> Vec<RequestRow> {
         let mut rows = Vec::new();
-        table.scan(service, from, until, &Cancel::default(), |r| rows.push(r)).unwrap();
+        table
+            .scan(service, from, until, &Cancel::default(), |r| {
+                rows.push(r);
+                true
+            })
+            .unwrap();
         rows
     }
 
