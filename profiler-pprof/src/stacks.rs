@@ -308,13 +308,7 @@ impl WaitsWriter {
 
     /// The section; empty when no histogram was written.
     pub fn finish(self) -> Vec<u8> {
-        if self.count == 0 {
-            return Vec::new();
-        }
-        let mut out = Vec::with_capacity(self.buf.len() + 4);
-        varint(&mut out, self.count);
-        out.extend_from_slice(&self.buf);
-        out
+        counted(self.count, &self.buf)
     }
 }
 
@@ -331,10 +325,7 @@ pub fn read_waits(section: &[u8], entries: u64) -> Result<Vec<(u64, crate::waits
     let mut out = Vec::with_capacity(count as usize);
     let mut next_entry = 0u64;
     for _ in 0..count {
-        let gap = read_varint(&mut rest).map_err(|e| bad(e))?;
-        let index = next_entry.checked_add(gap).and_then(|i| i.checked_sub(1)).filter(|_| gap > 0);
-        let index = index.filter(|&i| i < entries).ok_or_else(|| bad("an entry index out of order or range"))?;
-        next_entry = index + 1;
+        let index = next_index(&mut rest, &mut next_entry, entries).map_err(|e| bad(e))?;
         let buckets = read_varint(&mut rest).map_err(|e| bad(e))?;
         if buckets == 0 || buckets > crate::waits::BUCKETS as u64 {
             return Err(bad("a histogram without buckets or with too many"));
@@ -389,13 +380,7 @@ impl RequestsWriter {
 
     /// The section; empty when no request was written.
     pub fn finish(self) -> Vec<u8> {
-        if self.count == 0 {
-            return Vec::new();
-        }
-        let mut out = Vec::with_capacity(self.buf.len() + 4);
-        varint(&mut out, self.count);
-        out.extend_from_slice(&self.buf);
-        out
+        counted(self.count, &self.buf)
     }
 }
 
@@ -434,10 +419,7 @@ pub fn read_requests(section: &[u8], entries: u64) -> Result<Vec<RequestEntries<
         let mut list = Vec::with_capacity(n as usize);
         let mut next = 0u64;
         for _ in 0..n {
-            let gap = read_varint(&mut rest).map_err(|e| bad(e))?;
-            let index = next.checked_add(gap).and_then(|i| i.checked_sub(1)).filter(|_| gap > 0);
-            let index = index.filter(|&i| i < entries).ok_or_else(|| bad("an entry index out of order or range"))?;
-            next = index + 1;
+            let index = next_index(&mut rest, &mut next, entries).map_err(|e| bad(e))?;
             list.push((index, read_varint(&mut rest).map_err(|e| bad(e))?));
         }
         out.push(RequestEntries { key, value, entries: list });
@@ -544,6 +526,27 @@ fn invalid(what: &str) -> Error {
 
 fn invalid_bundle(what: &str) -> Error {
     Error::Invalid(format!("bundle of stacks windows: {what}"))
+}
+
+/// A section: the varint count of its items, then their bytes; nothing without items.
+fn counted(count: u64, items: &[u8]) -> Vec<u8> {
+    if count == 0 {
+        return Vec::new();
+    }
+    let mut out = Vec::with_capacity(items.len() + 4);
+    varint(&mut out, count);
+    out.extend_from_slice(items);
+    out
+}
+
+/// Reads an entry index written as the gap from `next` (the previous index plus one;
+/// the first: the index plus one), which must ascend and stay below `entries`.
+fn next_index(rest: &mut &[u8], next: &mut u64, entries: u64) -> Result<u64, &'static str> {
+    let gap = read_varint(rest)?;
+    let index = next.checked_add(gap).and_then(|i| i.checked_sub(1)).filter(|_| gap > 0);
+    let index = index.filter(|&i| i < entries).ok_or("an entry index out of order or range")?;
+    *next = index + 1;
+    Ok(index)
 }
 
 fn zigzag(v: i64) -> u64 {

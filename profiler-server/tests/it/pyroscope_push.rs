@@ -179,10 +179,27 @@ fn the_python_sdks_span_ids_answer_span_profiles() {
             .unwrap();
         assert_eq!(r.status(), 200);
         let reply: serde_json::Value = r.json().unwrap();
-        let names: Vec<&str> = reply["flamegraph"]["names"].as_array().unwrap().iter().filter_map(|n| n.as_str()).collect();
-        println!("span {span}: {} ns, {} names", reply["flamegraph"]["total"], names.len());
-        assert!(names.iter().any(|n| n.contains(mine)), "span {span}: {names:?}");
-        assert!(!names.iter().any(|n| n.contains(other)), "span {span} has {other}: {names:?}");
+        let fg = &reply["flamegraph"];
+        let names: Vec<&str> = fg["names"].as_array().unwrap().iter().filter_map(|n| n.as_str()).collect();
+        // Levels hold (x offset, total, self, name index) per bar: each function's total.
+        let under = |function: &str| -> f64 {
+            let mut sum = 0.0;
+            for level in fg["levels"].as_array().unwrap() {
+                let values: Vec<f64> = level["values"].as_array().unwrap().iter().map(|v| v.as_str().map_or_else(|| v.as_f64().unwrap(), |s| s.parse().unwrap())).collect();
+                for bar in values.chunks(4) {
+                    if names[bar[3] as usize].contains(function) {
+                        sum += bar[1];
+                    }
+                }
+            }
+            sum
+        };
+        let total: f64 = fg["total"].as_str().unwrap().parse().unwrap();
+        let (share, wrong) = (under(mine) / total, under(other) / total);
+        println!("span {span}: {:.2} s, {:.1}% under {mine}, {:.1}% under {other}", total / 1e9, share * 100.0, wrong * 100.0);
+        // The SDK's sampler reads the tags apart from the thread that sets them: a few
+        // samples near a switch land in the other span.
+        assert!(share >= 0.9 && wrong <= 0.1, "span {span}: {:.1}% under {mine}, {:.1}% under {other}", share * 100.0, wrong * 100.0);
     }
 }
 
