@@ -268,17 +268,18 @@ impl FromJson for querier::SelectMergeStacktracesRequest {
             start: f.int64(("start", "start"))?.unwrap_or(0),
             end: f.int64(("end", "end"))?.unwrap_or(0),
             max_nodes: f.int64(("maxNodes", "max_nodes"))?,
-            format: f
-                .enumeration(("format", "format"), |n| {
-                    querier::ProfileFormat::from_str_name(n).map(|e| e as i32)
-                })?
-                .unwrap_or(0),
+            format: profile_format(f)?,
             stack_trace_selector: stack_trace_selector(f)?,
             profile_id_selector: f.strings(("profileIdSelector", "profile_id_selector"))?,
             trace_id_selector: f.strings(("traceIdSelector", "trace_id_selector"))?,
             span_selector: f.strings(("spanSelector", "span_selector"))?,
         })
     }
+}
+
+/// A request's `format` (a `ProfileFormat` name); unspecified when absent.
+fn profile_format(f: &Fields) -> Result<i32, String> {
+    Ok(f.enumeration(("format", "format"), |n| querier::ProfileFormat::from_str_name(n).map(|e| e as i32))?.unwrap_or(0))
 }
 
 impl FromJson for querier::SelectMergeSpanProfileRequest {
@@ -290,11 +291,7 @@ impl FromJson for querier::SelectMergeSpanProfileRequest {
             start: f.int64(("start", "start"))?.unwrap_or(0),
             end: f.int64(("end", "end"))?.unwrap_or(0),
             max_nodes: f.int64(("maxNodes", "max_nodes"))?,
-            format: f
-                .enumeration(("format", "format"), |n| {
-                    querier::ProfileFormat::from_str_name(n).map(|e| e as i32)
-                })?
-                .unwrap_or(0),
+            format: profile_format(f)?,
         })
     }
 }
