@@ -177,8 +177,9 @@ pub const PYTHON_READ_FAILED: u32 = 2;
 pub const PYTHON_ENTRY: u32 = 1 << 31;
 /// No such field in this version.
 pub const PYTHON_NO_FIELD: u16 = u16::MAX;
-/// Bytes of a frame the kernel reads in one go; every field it needs lies within them.
-pub const PYTHON_FRAME_BYTES: usize = 80;
+/// Bytes of a frame the kernel reads in one go; every field it needs lies within them
+/// (up to 3.10's `f_lasti`, 104 bytes into a `PyFrameObject`).
+pub const PYTHON_FRAME_BYTES: usize = 112;
 /// Bytes of a code object folded into its fingerprint, from [`PythonLayout::code_fingerprint`].
 pub const PYTHON_FINGERPRINT_BYTES: usize = 32;
 /// Most bytes of a thread state the kernel reads in one go, from its start.
@@ -197,32 +198,39 @@ pub struct PythonLayout {
     pub interp_threads_head: u16,
     /// `PyThreadState::next`.
     pub tstate_next: u16,
-    /// `PyThreadState::native_thread_id`: the thread's id in its pid namespace.
+    /// `PyThreadState::native_thread_id`: the thread's id in its pid namespace; with
+    /// [`PythonLayout::legacy_frames`], `thread_id`: its `pthread_self()`.
     pub tstate_native_thread_id: u16,
-    /// `PyThreadState::cframe` (3.11, 3.12) or `current_frame` (3.13+).
+    /// `PyThreadState::frame` (3.8-3.10), `cframe` (3.11, 3.12) or `current_frame` (3.13+).
     pub tstate_frame: u16,
     /// `PyThreadState::datastack_chunk`, followed by `datastack_top`: the chunk of the
-    /// frame stack in use and its end.
+    /// frame stack in use and its end; [`PYTHON_NO_FIELD`] before 3.11, whose frames
+    /// are objects of their own.
     pub tstate_datastack_chunk: u16,
     /// `_PyStackChunk::data`: where frames start in a chunk.
     pub chunk_data: u16,
     /// `_PyCFrame::current_frame`, or [`PYTHON_NO_FIELD`] when `tstate_frame` already
     /// points at the frame.
     pub cframe_current_frame: u16,
-    /// `_PyInterpreterFrame::f_code` (`f_executable` from 3.13).
+    /// `_PyInterpreterFrame::f_code` (`f_executable` from 3.13), `PyFrameObject::f_code`
+    /// before 3.11.
     pub frame_code: u16,
-    /// `f_func` (3.11) or `f_funcobj` (3.12+): the function object the frame runs.
+    /// `f_func` (3.11) or `f_funcobj` (3.12+): the function object the frame runs;
+    /// `f_globals` before 3.11, which has none. Keys the fingerprint cache with the code.
     pub frame_function: u16,
+    /// `previous`, or `f_back` before 3.11.
     pub frame_previous: u16,
-    /// `prev_instr` (3.11, 3.12) or `instr_ptr` (3.13+).
+    /// `prev_instr` (3.11, 3.12) or `instr_ptr` (3.13+), pointers into the bytecode;
+    /// `f_lasti` before 3.11, an int (see [`PythonLayout::legacy_frames`]).
     pub frame_instr: u16,
     /// `is_entry` (3.11), or [`PYTHON_NO_FIELD`].
     pub frame_is_entry: u16,
-    /// `owner`, or [`PYTHON_NO_FIELD`]; a frame owned by the C stack (3.12+) is a shim
-    /// that marks where a native call of the eval loop began, and is not sent.
+    /// `owner`, or [`PYTHON_NO_FIELD`]; a frame owned by the C stack (3.12, 3.13) or the
+    /// interpreter (3.14) is a shim that marks where a native call of the eval loop
+    /// began, and is not sent.
     pub frame_owner: u16,
-    /// The `owner` value of those shims.
-    pub owner_cstack: u16,
+    /// The first `owner` value of those shims (the values after it are shims too).
+    pub owner_shim: u16,
     /// Start of the [`PYTHON_FINGERPRINT_BYTES`] of a code object that identify it
     /// beside its address (argument counts, first line): a code object freed and its
     /// address reused by another is told apart.
@@ -230,6 +238,12 @@ pub struct PythonLayout {
     /// Bytes of `PyThreadState` read: every field above lies within them, and the
     /// struct is at least this long. At most [`PYTHON_TSTATE_BYTES`].
     pub tstate_bytes: u16,
+    /// Zero from 3.11. Before, frames are `PyFrameObject`s in the heap, and this is the
+    /// unit of their `f_lasti` in bytes (1 in 3.8 and 3.9, 2 in 3.10); with them, each
+    /// frame is run by a native call of the eval loop of its own (every frame is an
+    /// entry), and the thread state holds `pthread_self()`, which is the thread pointer
+    /// (`fsbase`) on x86-64, instead of a native thread id.
+    pub legacy_frames: u16,
 }
 
 /// A Python process's state the kernel walks from: its layout, where its interpreter list
@@ -250,7 +264,8 @@ pub struct PythonProcess {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PythonFrame {
     pub code: u64,
-    /// Instruction pointer minus the code object's address (clamped to u32).
+    /// Instruction pointer minus the code object's address (clamped to u32); before
+    /// 3.11, `f_lasti` as it is.
     pub instr_offset: u32,
     /// [`python_fingerprint`] of the code object in the low 31 bits, [`PYTHON_ENTRY`].
     pub tag: u32,

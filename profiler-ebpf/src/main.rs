@@ -224,7 +224,7 @@ mod programs {
         if let Some(process) = unsafe { PYTHON_PROCESSES.get(&subject.tgid) } {
             let timed = cfg.python_timing != 0;
             let start = if timed { unsafe { bpf_ktime_get_ns() } } else { 0 };
-            emit_python_stack(process, subject);
+            emit_python_stack(cfg, process, subject);
             if timed {
                 add(Stat::PythonNs, unsafe { bpf_ktime_get_ns() }.saturating_sub(start));
             }
@@ -308,16 +308,9 @@ mod programs {
     /// past [`MAX_LABELS`] dropped, both marked and counted.
     #[inline(always)]
     fn emit_labels(cfg: &Config, process: &LabelsProcess, subject: &Subject) {
-        if cfg.fsbase_offset == 0 {
-            return;
-        }
+        let Some(fsbase) = thread_pointer(cfg) else { return };
         let Some(record) = LABELS.get_ptr_mut(0) else { return };
         let record = unsafe { &mut *record };
-        let task = unsafe { bpf_get_current_task() };
-        let Ok(fsbase) = (unsafe { bpf_probe_read_kernel((task + cfg.fsbase_offset as u64) as *const u64) }) else { return };
-        if fsbase == 0 {
-            return;
-        }
         let Some(set) = read_user(fsbase.wrapping_add(process.tls_offset)) else { return };
         if set == 0 {
             return;
@@ -392,11 +385,11 @@ mod programs {
     /// the stack the snapshot copies, so they are read now. A thread not running Python
     /// code sends nothing.
     #[inline(always)]
-    fn emit_python_stack(process: &PythonProcess, subject: &Subject) {
+    fn emit_python_stack(cfg: &Config, process: &PythonProcess, subject: &Subject) {
         let Some(walk) = PYTHON_WALK.get_ptr_mut(0) else { return };
         let walk = unsafe { &mut *walk };
         let layout = process.layout;
-        if !python_thread(process, subject.tgid, subject.tid, walk) {
+        if !python_thread(cfg, process, subject.tgid, subject.tid, walk) {
             count(Stat::PythonThreadUnknown);
             return;
         }
@@ -532,11 +525,13 @@ mod programs {
             walk.frame = 0;
             return 1;
         };
-        let shim = layout.frame_owner != PYTHON_NO_FIELD && header_byte(header, layout.frame_owner) == Some(layout.owner_cstack as u8);
-        let is_entry = header_byte(header, layout.frame_is_entry).is_some_and(|b| b != 0);
+        let shim = layout.frame_owner != PYTHON_NO_FIELD && header_byte(header, layout.frame_owner).is_some_and(|owner| owner >= layout.owner_shim as u8);
+        let legacy = layout.legacy_frames != 0;
+        let is_entry = legacy || header_byte(header, layout.frame_is_entry).is_some_and(|b| b != 0);
         walk.frame = previous;
-        // A shim frame of the C stack (3.12+): the frame before it was the one its
-        // native call of the eval loop was made for.
+        // A shim frame of the C stack (3.12, 3.13) or the interpreter's entry frame
+        // (3.14): the frame before it was the one its native call of the eval loop was
+        // made for.
         if shim {
             if let Some(entry_frame) = depth.checked_sub(1).and_then(|i| walk.stack.frames.get_mut(opaque(i) & (MAX_PYTHON_FRAMES - 1))) {
                 entry_frame.tag |= PYTHON_ENTRY;
@@ -549,7 +544,8 @@ mod programs {
         // callback's stack counts with its caller's against 512 bytes on older kernels.
         let index = opaque(depth) & (MAX_PYTHON_FRAMES - 1);
         if let Some(slot) = walk.stack.frames.get_mut(index) {
-            *slot = PythonFrame { code, instr_offset: instr.wrapping_sub(code).min(u32::MAX as u64) as u32, tag: if is_entry { PYTHON_ENTRY } else { 0 } };
+            let instr_offset = if legacy { instr as u32 } else { instr.wrapping_sub(code).min(u32::MAX as u64) as u32 };
+            *slot = PythonFrame { code, instr_offset, tag: if is_entry { PYTHON_ENTRY } else { 0 } };
         }
         walk.depth = depth as u32 + 1;
         if code != walk.last_code {
@@ -602,19 +598,23 @@ mod programs {
     /// checked against the thread's id, or the one found in the main interpreter's thread
     /// list. False when the thread has none (a native thread) or it was not found.
     #[inline(always)]
-    fn python_thread(process: &PythonProcess, tgid: u32, tid: u32, walk: &mut PythonWalk) -> bool {
+    fn python_thread(cfg: &Config, process: &PythonProcess, tgid: u32, tid: u32, walk: &mut PythonWalk) -> bool {
         let layout = &process.layout;
-        // Thread states hold the thread's id in the process's own pid namespace.
-        let ns_tid = if process.pid_ns_ino == 0 {
-            tid
+        // Thread states hold the thread's id in the process's own pid namespace, or
+        // before 3.11 its thread pointer.
+        let ns_tid = if layout.legacy_frames != 0 {
+            let Some(fsbase) = thread_pointer(cfg) else { return false };
+            fsbase
+        } else if process.pid_ns_ino == 0 {
+            tid as u64
         } else {
             let mut ns = bpf_pidns_info { pid: 0, tgid: 0 };
             let size = core::mem::size_of::<bpf_pidns_info>() as u32;
             if unsafe { bpf_get_ns_current_pid_tgid(process.pid_ns_dev, process.pid_ns_ino, &mut ns, size) } != 0 {
                 return false;
             }
-            ns.pid
-        } as u64;
+            ns.pid as u64
+        };
         let tstate = walk.tstate.as_mut_ptr();
         // What the version's struct holds, bounded for the verifier (1 to 512 bytes).
         let tstate_bytes = (opaque((layout.tstate_bytes as usize).wrapping_sub(1)) as u32 & (PYTHON_TSTATE_BYTES as u32 - 1)) + 1;
@@ -645,6 +645,18 @@ mod programs {
             candidate = next;
         }
         false
+    }
+
+    /// The current thread's thread pointer (`task_struct.thread.fsbase`, set when the
+    /// thread was created), None when the kernel's offset is unknown or it has none.
+    #[inline(always)]
+    fn thread_pointer(cfg: &Config) -> Option<u64> {
+        if cfg.fsbase_offset == 0 {
+            return None;
+        }
+        let task = unsafe { bpf_get_current_task() };
+        let fsbase = unsafe { bpf_probe_read_kernel((task + cfg.fsbase_offset as u64) as *const u64) }.ok()?;
+        (fsbase != 0).then_some(fsbase)
     }
 
     #[inline(always)]

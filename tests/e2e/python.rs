@@ -229,16 +229,19 @@ fn collect_names(node: &serde_json::Value, names: &mut Vec<String>) {
 }
 
 
-/// pyenv's CPython 3.12 and 3.13 (libpython embeddings, with shim frames where 3.11 has
-/// `is_entry`, and no `_PyCFrame` in 3.13): the 40-deep recursion whole, and the
-/// sleeping thread's waits under `nap`.
+/// pyenv's other CPythons (libpython embeddings): 3.8 to 3.10, whose frames are objects
+/// linked by `f_back`, each run by its own native call of the eval loop; 3.12 and 3.13,
+/// with shim frames where 3.11 has `is_entry` (and no `_PyCFrame` in 3.13); 3.14 where
+/// one is installed. For each, the 40-deep recursion whole, the sleeping thread's waits
+/// under `nap`, and no frame of the interpreter's call machinery between two Python
+/// frames.
 #[test]
-fn newer_cpythons_show_their_frames_too() {
+fn other_cpythons_show_their_frames_too() {
     let _host = host_alone();
     let root = Command::new("pyenv").arg("root").output().expect("pyenv, whose CPythons this test runs");
     let root = PathBuf::from(String::from_utf8_lossy(&root.stdout).trim());
     let mut checked = Vec::new();
-    for version in ["3.12", "3.13"] {
+    for version in ["3.8", "3.9", "3.10", "3.12", "3.13", "3.14"] {
         let Some(prefix) = std::fs::read_dir(root.join("versions"))
             .into_iter()
             .flatten()
@@ -268,7 +271,21 @@ fn newer_cpythons_show_their_frames_too() {
         eprintln!("CPython {version}: {:.1}% of the recursion's samples whole, {:.1}% of the sleeper's waits under nap", 100.0 * whole as f64 / recursing.max(1) as f64, 100.0 * napped as f64 / slept.max(1) as f64);
         assert!(recursing > 0 && whole as f64 >= 0.95 * recursing as f64, "CPython {version}: {whole} of {recursing} whole");
         assert!(slept > 0 && napped as f64 >= 0.9 * slept as f64, "CPython {version}: {napped} of {slept} ns under nap");
+        // Between main() and the leaf, Python frames only: the call machinery
+        // (`call_function`, `_PyFunction_Vectorcall`, ...) between them is left out.
+        let between: u64 = on
+            .iter()
+            .filter(|(f, _)| {
+                let python: Vec<usize> = (0..f.len()).filter(|&i| python_function(&f[i]).is_some()).collect();
+                python.windows(2).any(|w| w[1] != w[0] + 1)
+            })
+            .map(|(_, v)| v)
+            .sum();
+        assert!(between as f64 <= 0.01 * recursing as f64, "CPython {version}: {between} ns with native frames between Python frames");
         checked.push(version);
     }
-    assert!(!checked.is_empty(), "no pyenv CPython 3.12 or 3.13 found under {}", root.display());
+    eprintln!("CPythons checked: {checked:?}");
+    for wanted in ["3.8", "3.9", "3.10", "3.12", "3.13"] {
+        assert!(checked.contains(&wanted), "pyenv's CPython {wanted} not found under {}: this test runs each", root.display());
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -79,6 +79,9 @@ pub enum Bench {
         /// Seconds recorded per measurement.
         #[arg(long, default_value_t = 4)]
         seconds: u64,
+        /// The CPython to run (another version: `$(pyenv root)/versions/3.9.18/bin/python3.9`).
+        #[arg(long, default_value = "/usr/bin/python3.11")]
+        python: PathBuf,
     },
     /// In-kernel cost per on-CPU sample of reading custom labels, by BPF statistics:
     /// `tests/labels-app` (two threads per CPU burning CPU, built on Parca's
@@ -128,7 +131,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Bench::Python { rounds, seconds } => python(rounds, seconds),
+        Bench::Python { rounds, seconds, python: interpreter } => python(rounds, seconds, &interpreter),
         Bench::Labels { rounds, seconds } => labels(rounds, seconds),
         Bench::Server => {
             cargo(&["bench", "-p", "profiler-server", "--bench", "server"])?;
@@ -138,21 +141,22 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
     }
 }
 
-fn python(rounds: usize, seconds: u64) -> anyhow::Result<()> {
+fn python(rounds: usize, seconds: u64, interpreter: &Path) -> anyhow::Result<()> {
     let (agent, _) = release_binaries()?;
     let service = root().join("tests/python/service.py");
     let dir = std::env::temp_dir().join(format!("xtask-bench-python-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let stats = dir.join("stats.json");
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("python: {rounds} rounds of {seconds} s at 999 Hz, one service.py per CPU ({cpus}), /usr/bin/python3.11");
+    println!("python: {rounds} rounds of {seconds} s at 999 Hz, one service.py per CPU ({cpus}), {}", interpreter.display());
     for mode in ["recursive", "cpu"] {
         let (mut python_ns, mut native_ns, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             let services: Vec<Child> = (0..cpus)
                 .map(|cpu| {
                     Command::new("taskset")
-                        .args(["-c", &cpu.to_string(), "/usr/bin/python3.11"])
+                        .args(["-c", &cpu.to_string()])
+                        .arg(interpreter)
                         .arg(&service)
                         .args([&(seconds + 3).to_string(), mode])
                         .stdout(Stdio::null())

@@ -1,7 +1,7 @@
 //! Code objects read from a Python process's memory: the function's qualified name, its
 //! file and the line of an instruction, decoded once per code object and cached.
 
-use super::layout::{CodeLayout, ObjectLayout};
+use super::layout::{CodeLayout, LineTable, ObjectLayout};
 
 /// Characters of a name or file name read at most.
 const MAX_STRING: usize = 1024;
@@ -30,8 +30,9 @@ pub struct Code {
     pub qualname: String,
     pub filename: String,
     pub first_line: u32,
-    /// The raw PEP 657 location table (3.11+), decoded per instruction on demand.
+    /// The raw line table, decoded per instruction on demand.
     line_table: Box<[u8]>,
+    lines: LineTable,
     /// The [`profiler_common::python_fingerprint`] of the object, to tell a reused
     /// address apart.
     pub fingerprint: u32,
@@ -52,6 +53,7 @@ impl Code {
             filename: read_str(pid, word(&header, layout.filename)?, objects)?,
             first_line,
             line_table: read_bytes(pid, word(&header, layout.linetable)?, objects)?.into(),
+            lines: layout.lines,
             fingerprint: profiler_common::python_fingerprint(words),
         })
     }
@@ -59,8 +61,56 @@ impl Code {
     /// The line of the instruction at byte offset `offset` of the bytecode; the first
     /// line for an offset before the first instruction (a frame just pushed).
     pub fn line(&self, offset: i64) -> u32 {
-        location_line(&self.line_table, self.first_line, offset).unwrap_or(self.first_line)
+        let line = match self.lines {
+            LineTable::Lnotab => lnotab_line(&self.line_table, self.first_line, offset),
+            LineTable::Ranges => range_line(&self.line_table, self.first_line, offset),
+            LineTable::Locations => location_line(&self.line_table, self.first_line, offset),
+        };
+        line.unwrap_or(self.first_line)
     }
+}
+
+/// The line of byte offset `offset` in a `co_lnotab` (CPython 3.8, 3.9,
+/// `Objects/lnotab_notes.txt`): pairs of an unsigned bytecode increment and a signed line
+/// increment, the line changing once the offset is reached.
+fn lnotab_line(table: &[u8], first_line: u32, offset: i64) -> Option<u32> {
+    if offset < 0 {
+        return None;
+    }
+    let mut line = first_line as i64;
+    let mut addr = 0i64;
+    for pair in table.chunks_exact(2) {
+        addr += pair[0] as i64;
+        if addr > offset {
+            break;
+        }
+        line += pair[1] as i8 as i64;
+    }
+    Some(line.max(0) as u32)
+}
+
+/// The line of byte offset `offset` in a 3.10 `co_linetable` (PEP 626): pairs of an
+/// unsigned range length in bytes and a signed line increment, -128 for a range with
+/// no line.
+fn range_line(table: &[u8], first_line: u32, offset: i64) -> Option<u32> {
+    if offset < 0 {
+        return None;
+    }
+    let mut line = first_line as i64;
+    let mut end = 0i64;
+    for pair in table.chunks_exact(2) {
+        let start = end;
+        end += pair[0] as i64;
+        let delta = pair[1] as i8;
+        let has_line = delta != -128;
+        if has_line {
+            line += delta as i64;
+        }
+        if start <= offset && offset < end {
+            return has_line.then_some(line.max(0) as u32);
+        }
+    }
+    None
 }
 
 /// A `str` object's text: compact ASCII, Latin-1, UCS-2 or UCS-4, at most [`MAX_STRING`]
@@ -182,5 +232,33 @@ mod tests {
         let table = [0x80 | (13 << 3), 3, 0x80 | (15 << 3)];
         assert_eq!(location_line(&table, 20, 0), Some(19));
         assert_eq!(location_line(&table, 20, 2), None);
+    }
+
+    #[test]
+    fn lnotabs_give_each_offset_its_line() {
+        // Line 10 from offset 0, +2 at offset 6, -1 at 6+4 (a loop's jump back), and a
+        // bytecode increment past 255 split as (255, 0), (5, 3).
+        let table = [6, 2, 4, 0xff, 255, 0, 5, 3];
+        assert_eq!(lnotab_line(&table, 10, 0), Some(10));
+        assert_eq!(lnotab_line(&table, 10, 5), Some(10));
+        assert_eq!(lnotab_line(&table, 10, 6), Some(12));
+        assert_eq!(lnotab_line(&table, 10, 10), Some(11));
+        assert_eq!(lnotab_line(&table, 10, 269), Some(11));
+        assert_eq!(lnotab_line(&table, 10, 270), Some(14));
+        assert_eq!(lnotab_line(&table, 10, -1), None);
+    }
+
+    #[test]
+    fn pep_626_ranges_give_each_offset_its_line() {
+        // 4 bytes on line 5 (+0), an empty range (+1, skipped), 6 bytes on line 7 (+1),
+        // 2 bytes with no line, 2 bytes on line 4 (-3).
+        let table = [4, 0, 0, 1, 6, 1, 2, 0x80, 2, 0xfd];
+        assert_eq!(range_line(&table, 5, 0), Some(5));
+        assert_eq!(range_line(&table, 5, 3), Some(5));
+        assert_eq!(range_line(&table, 5, 4), Some(7));
+        assert_eq!(range_line(&table, 5, 9), Some(7));
+        assert_eq!(range_line(&table, 5, 10), None, "no line");
+        assert_eq!(range_line(&table, 5, 12), Some(4));
+        assert_eq!(range_line(&table, 5, 14), None, "past the table");
     }
 }

@@ -8,6 +8,7 @@ use object::{Object as _, ObjectSymbol as _};
 
 use super::{
     code::read_memory,
+    debug_offsets::{self, Refused},
     layout::{self, Layout, Version},
 };
 use crate::{elf_layout::CodeSegments, process::ProcessInfo};
@@ -24,8 +25,14 @@ pub struct Interpreter {
     /// Where `_PyEval_EvalFrameDefault`'s code lies: each native frame in it ran a run of
     /// Python frames.
     pub eval: std::ops::Range<u64>,
+    /// The interpreter binary's code: its frames between two Python frames are its call
+    /// machinery.
+    pub text: std::ops::Range<u64>,
     /// (device, inode) of the process's pid namespace when it is not the agent's.
     pub pid_ns: Option<(u64, u64)>,
+    /// For a version that describes itself (`_Py_DebugOffsets`, 3.13+): the fields whose
+    /// description differed from the table, and were taken from it.
+    pub described: Option<Vec<&'static str>>,
 }
 
 /// Why a process's Python frames cannot be read.
@@ -37,6 +44,8 @@ pub enum NotReadable {
     UnknownVersion(Version),
     /// The binary lacks the symbols the walk starts from, or could not be read.
     NoSymbols,
+    /// Its description of itself (`_Py_DebugOffsets`) is missing or does not hold.
+    BadDescription(Version, Refused),
 }
 
 /// Looks for a CPython in process `pid` from its snapshot.
@@ -77,14 +86,29 @@ fn in_binary(pid: u32, mapping: &crate::process::Mapping, named: Version) -> Res
             read_memory(pid, bias.wrapping_add(addr), &mut hex).then(|| layout::version_from_hex(u32::from_le_bytes(hex)))
         })
         .unwrap_or(named);
-    let layout = layout::for_version(version).ok_or(NotReadable::UnknownVersion(version))?;
+    let table = layout::for_version(version).ok_or(NotReadable::UnknownVersion(version))?;
+    let runtime = bias.wrapping_add(runtime.0);
+    // `_Py_DebugOffsets` starts `_PyRuntime`: its values over the table's.
+    let (layout, described) = match debug_offsets::bytes_for(version) {
+        None => (table, None),
+        Some(bytes) => {
+            let mut raw = vec![0u8; bytes];
+            if !read_memory(pid, runtime, &mut raw) {
+                return Err(NotReadable::NoSymbols);
+            }
+            let (layout, differed) = debug_offsets::apply(version, &table, &raw).map_err(|refused| NotReadable::BadDescription(version, refused))?;
+            (layout, Some(differed))
+        }
+    };
     let eval_start = bias.wrapping_add(eval.0);
     Ok(Interpreter {
         version,
         layout,
-        runtime: bias.wrapping_add(runtime.0),
+        described,
+        runtime,
         code_type: bias.wrapping_add(code_type.0),
         eval: eval_start..eval_start + eval.1.max(1),
+        text: mapping.start..mapping.end,
         pid_ns: pid_namespace(pid),
     })
 }

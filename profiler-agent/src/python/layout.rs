@@ -16,7 +16,7 @@ const _: () = {
         i += 1;
     }
 };
-const LAYOUTS: [Layout; 3] = [V3_11, V3_12, V3_13];
+const LAYOUTS: [Layout; 7] = [V3_8, V3_9, V3_10, V3_11, V3_12, V3_13, V3_14];
 
 /// A CPython version, major and minor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -31,15 +31,30 @@ impl std::fmt::Display for Version {
     }
 }
 
+/// How a code object maps instructions to lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LineTable {
+    /// `co_lnotab` (3.8, 3.9): (bytes, lines) increments.
+    Lnotab,
+    /// `co_linetable` of 3.10 (PEP 626): (bytes, lines) increments, -128 lines for none.
+    Ranges,
+    /// `co_linetable` from 3.11 (PEP 657): locations with columns, in code units.
+    Locations,
+}
+
 /// What the agent reads of a code object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CodeLayout {
     pub ob_type: usize,
     pub filename: usize,
+    /// `co_qualname`, or `co_name` before 3.11, which has no qualified name.
     pub qualname: usize,
+    /// `co_linetable`, or `co_lnotab` before 3.10; read as `lines` says.
     pub linetable: usize,
+    pub lines: LineTable,
     pub first_line: usize,
-    /// Start of the bytecode: instruction offsets are counted from here.
+    /// Start of the bytecode: instruction pointers are counted from here (3.11+; before,
+    /// frames hold an offset into it).
     pub code: usize,
     /// Bytes read from the code object's start: every field above lies within them.
     pub header: usize,
@@ -80,12 +95,67 @@ pub struct Layout {
 /// keep their native stacks, and are counted.
 pub fn for_version(version: Version) -> Option<Layout> {
     match (version.major, version.minor) {
+        (3, 8) => Some(V3_8),
+        (3, 9) => Some(V3_9),
+        (3, 10) => Some(V3_10),
         (3, 11) => Some(V3_11),
         (3, 12) => Some(V3_12),
         (3, 13) => Some(V3_13),
+        (3, 14) => Some(V3_14),
         _ => None,
     }
 }
+
+/// CPython 3.8: frames are `PyFrameObject`s linked by `f_back`, each run by a native call
+/// of the eval loop of its own; `f_lasti` is a byte offset into the bytecode, lines come
+/// from `co_lnotab`, and thread states know their thread by `pthread_self()`.
+const V3_8: Layout = Layout {
+    kernel: PythonLayout {
+        interp_threads_head: 8,
+        tstate_next: 8,
+        // `thread_id`.
+        tstate_native_thread_id: 176,
+        tstate_frame: 24,
+        tstate_datastack_chunk: PYTHON_NO_FIELD,
+        chunk_data: 0,
+        cframe_current_frame: PYTHON_NO_FIELD,
+        frame_code: 32,
+        // `f_globals`: no function object in the frame.
+        frame_function: 48,
+        frame_previous: 24,
+        frame_instr: 104,
+        frame_is_entry: PYTHON_NO_FIELD,
+        frame_owner: PYTHON_NO_FIELD,
+        owner_shim: 0,
+        // co_argcount .. co_firstlineno: seven ints fixed at creation, up to co_code.
+        code_fingerprint: 16,
+        // sizeof(PyThreadState) is 264; `thread_id` ends at 184.
+        tstate_bytes: 184,
+        legacy_frames: 1,
+    },
+    runtime_interpreters_head: 32,
+    code: CodeLayout {
+        ob_type: 8,
+        filename: 104,
+        qualname: 112,
+        linetable: 120,
+        lines: LineTable::Lnotab,
+        first_line: 40,
+        code: 0,
+        header: 128,
+    },
+    objects: V3_11.objects,
+};
+
+/// CPython 3.9: as 3.8 where the profiler reads.
+const V3_9: Layout = V3_8;
+
+/// CPython 3.10: `f_lasti` counts code units (2 bytes), and PEP 626's line table.
+const V3_10: Layout = Layout {
+    kernel: PythonLayout { frame_instr: 96, legacy_frames: 2, ..V3_8.kernel },
+    code: CodeLayout { lines: LineTable::Ranges, ..V3_8.code },
+    ..V3_8
+};
 
 /// CPython 3.11: `_PyCFrame` between the thread state and the frame, `is_entry` on the
 /// frame a native call of the eval loop was made for.
@@ -104,11 +174,12 @@ const V3_11: Layout = Layout {
         frame_instr: 56,
         frame_is_entry: 68,
         frame_owner: PYTHON_NO_FIELD,
-        owner_cstack: 0,
+        owner_shim: 0,
         // co_argcount .. co_nplaincellvars: eight ints fixed at creation.
         code_fingerprint: 56,
         // sizeof(PyThreadState) is 360; the fields read end at 312.
         tstate_bytes: 320,
+        legacy_frames: 0,
     },
     runtime_interpreters_head: 40,
     code: CodeLayout {
@@ -116,6 +187,7 @@ const V3_11: Layout = Layout {
         filename: 112,
         qualname: 128,
         linetable: 136,
+        lines: LineTable::Locations,
         first_line: 72,
         code: 184,
         header: 184,
@@ -151,13 +223,14 @@ const V3_12: Layout = Layout {
         frame_instr: 56,
         frame_is_entry: PYTHON_NO_FIELD,
         frame_owner: 70,
-        owner_cstack: 3,
+        owner_shim: 3,
         // co_argcount .. co_nlocals, with co_framesize.
         code_fingerprint: 52,
         tstate_bytes: 288,
+        legacy_frames: 0,
     },
     runtime_interpreters_head: 40,
-    code: CodeLayout { ob_type: 8, filename: 112, qualname: 128, linetable: 136, first_line: 68, code: 192, header: 192 },
+    code: CodeLayout { first_line: 68, code: 192, header: 192, ..V3_11.code },
     objects: OBJECTS_3_12,
 };
 
@@ -176,6 +249,17 @@ const V3_13: Layout = Layout {
     runtime_interpreters_head: 632,
     code: CodeLayout { code: 200, header: 200, ..V3_12.code },
     ..V3_12
+};
+
+/// CPython 3.14: `f_executable` a tagged reference (the low bits, masked by the kernel),
+/// the native call of the eval loop's entry frame owned by the interpreter (owner 3, the
+/// C stack's 4), and the remote debugger's state in `_PyRuntime` before the interpreter
+/// list.
+const V3_14: Layout = Layout {
+    kernel: PythonLayout { frame_owner: 74, owner_shim: 3, ..V3_13.kernel },
+    runtime_interpreters_head: 808,
+    code: CodeLayout { code: 208, header: 208, ..V3_13.code },
+    ..V3_13
 };
 
 /// `str` and `bytes` from 3.12 on.
@@ -272,9 +356,6 @@ mod tests {
                 ("interp.threads.head", k.interp_threads_head as u64),
                 ("tstate.next", k.tstate_next as u64),
                 ("tstate.native_thread_id", k.tstate_native_thread_id as u64),
-                ("tstate.datastack_chunk", k.tstate_datastack_chunk as u64),
-                ("tstate.datastack_top", k.tstate_datastack_chunk as u64 + 8),
-                ("chunk.data", k.chunk_data as u64),
                 ("frame.previous", k.frame_previous as u64),
                 ("code.ob_type", layout.code.ob_type as u64),
                 ("code.co_argcount", k.code_fingerprint as u64),
@@ -282,7 +363,6 @@ mod tests {
                 ("code.co_filename", layout.code.filename as u64),
                 ("code.co_qualname", layout.code.qualname as u64),
                 ("code.co_linetable", layout.code.linetable as u64),
-                ("code.co_code_adaptive", layout.code.code as u64),
                 ("str.length", layout.objects.str_length as u64),
                 ("str.state", layout.objects.str_state as u64),
                 ("sizeof PyASCIIObject", layout.objects.str_ascii_data as u64),
@@ -290,6 +370,30 @@ mod tests {
                 ("bytes.ob_size", layout.objects.bytes_size as u64),
                 ("bytes.ob_sval", layout.objects.bytes_data as u64),
             ];
+            if k.legacy_frames != 0 {
+                expect.push(("tstate.frame", k.tstate_frame as u64));
+                expect.push(("frame.f_code", k.frame_code as u64));
+                expect.push(("frame.f_globals", k.frame_function as u64));
+                expect.push(("frame.f_lasti", k.frame_instr as u64));
+                for (name, ours) in expect {
+                    assert_eq!(ours, header(name), "{version}: {name}");
+                }
+                // The fingerprint's 32 bytes are the ints fixed at creation, up to the
+                // first pointer; the thread state read holds `thread_id`, and the code
+                // object read every field.
+                assert_eq!(k.code_fingerprint as u64 + 32, header("code.co_code"), "{version}: fingerprint");
+                assert!(k.tstate_bytes as u64 <= header("sizeof tstate") && k.tstate_bytes >= k.tstate_native_thread_id + 8, "{version}: tstate_bytes");
+                assert!(layout.code.header as u64 >= header("code.co_linetable") + 8 && layout.code.header as u64 <= header("sizeof code"), "{version}: code header");
+                assert_eq!(k.legacy_frames, if version.minor >= 10 { 2 } else { 1 }, "{version}: f_lasti's unit");
+                checked.push(version.to_string());
+                continue;
+            }
+            expect.extend([
+                ("tstate.datastack_chunk", k.tstate_datastack_chunk as u64),
+                ("tstate.datastack_top", k.tstate_datastack_chunk as u64 + 8),
+                ("chunk.data", k.chunk_data as u64),
+                ("code.co_code_adaptive", layout.code.code as u64),
+            ]);
             if k.cframe_current_frame == PYTHON_NO_FIELD {
                 expect.push(("tstate.current_frame", k.tstate_frame as u64));
                 expect.push(("frame.f_executable", k.frame_code as u64));
@@ -303,7 +407,7 @@ mod tests {
             if k.frame_owner != PYTHON_NO_FIELD {
                 expect.push(("frame.owner", k.frame_owner as u64));
                 expect.push(("frame.f_funcobj", k.frame_function as u64));
-                expect.push(("FRAME_OWNED_BY_CSTACK", k.owner_cstack as u64));
+                expect.push(("first shim owner", k.owner_shim as u64));
             }
             for (name, ours) in expect {
                 assert_eq!(ours, header(name), "{version}: {name}");
@@ -337,7 +441,8 @@ mod tests {
     fn only_versions_with_a_layout_are_read() {
         assert!(for_version(Version { major: 3, minor: 11 }).is_some());
         assert!(for_version(Version { major: 3, minor: 13 }).is_some());
-        assert!(for_version(Version { major: 3, minor: 10 }).is_none());
+        assert!(for_version(Version { major: 3, minor: 8 }).is_some());
+        assert!(for_version(Version { major: 3, minor: 7 }).is_none());
         assert!(for_version(Version { major: 2, minor: 7 }).is_none());
         assert!(for_version(Version { major: 3, minor: 99 }).is_none());
     }

@@ -3,12 +3,45 @@
 #define Py_BUILD_CORE 1
 #include <Python.h>
 #include <stddef.h>
+#include <stdio.h>
+#define P(name, expr) printf("%-32s %zu\n", name, (size_t)(expr))
+#if PY_VERSION_HEX < 0x030B0000
+/* 3.8 to 3.10: frames are objects (`PyFrameObject`); printed under the names of the
+ * fields that play their part in later versions. */
+#include <frameobject.h>
+#include "internal/pycore_pystate.h"
+#if PY_VERSION_HEX >= 0x03090000
+#include "internal/pycore_runtime.h"
+#include "internal/pycore_interp.h"
+#endif
+int main(void) {
+  P("runtime.interpreters.head", offsetof(_PyRuntimeState, interpreters.head));
+  P("interp.threads.head", offsetof(PyInterpreterState, tstate_head));
+  P("tstate.next", offsetof(PyThreadState, next));
+  P("tstate.native_thread_id", offsetof(PyThreadState, thread_id));
+  P("tstate.frame", offsetof(PyThreadState, frame));
+  P("sizeof tstate", sizeof(PyThreadState));
+  P("frame.f_code", offsetof(PyFrameObject, f_code));
+  P("frame.previous", offsetof(PyFrameObject, f_back));
+  P("frame.f_globals", offsetof(PyFrameObject, f_globals));
+  P("frame.f_lasti", offsetof(PyFrameObject, f_lasti));
+  P("code.ob_type", offsetof(PyCodeObject, ob_base.ob_type));
+  P("code.co_argcount", offsetof(PyCodeObject, co_argcount));
+  P("code.co_firstlineno", offsetof(PyCodeObject, co_firstlineno));
+  P("code.co_code", offsetof(PyCodeObject, co_code));
+  P("code.co_filename", offsetof(PyCodeObject, co_filename));
+  P("code.co_qualname", offsetof(PyCodeObject, co_name));
+#if PY_VERSION_HEX >= 0x030A0000
+  P("code.co_linetable", offsetof(PyCodeObject, co_linetable));
+#else
+  P("code.co_linetable", offsetof(PyCodeObject, co_lnotab));
+#endif
+  P("sizeof code", sizeof(PyCodeObject));
+#else
 #include "internal/pycore_runtime.h"
 #include "internal/pycore_interp.h"
 #include "internal/pycore_frame.h"
 #include "internal/pycore_code.h"
-#include <stdio.h>
-#define P(name, expr) printf("%-32s %zu\n", name, (size_t)(expr))
 int main(void) {
   P("runtime.interpreters.head", offsetof(_PyRuntimeState, interpreters.head));
   P("interp.threads.head", offsetof(PyInterpreterState, threads.head));
@@ -35,7 +68,12 @@ int main(void) {
 #if PY_VERSION_HEX >= 0x030C0000
   P("frame.f_funcobj", offsetof(_PyInterpreterFrame, f_funcobj));
   P("frame.owner", offsetof(_PyInterpreterFrame, owner));
-  P("FRAME_OWNED_BY_CSTACK", FRAME_OWNED_BY_CSTACK);
+#if PY_VERSION_HEX >= 0x030E0000
+  /* 3.14's entry frames, and the C stack's after them. */
+  P("first shim owner", FRAME_OWNED_BY_INTERPRETER);
+#else
+  P("first shim owner", FRAME_OWNED_BY_CSTACK);
+#endif
 #endif
   P("code.ob_type", offsetof(PyCodeObject, ob_base.ob_base.ob_type));
   P("code.co_flags", offsetof(PyCodeObject, co_flags));
@@ -51,6 +89,7 @@ int main(void) {
   P("code.co_qualname", offsetof(PyCodeObject, co_qualname));
   P("code.co_linetable", offsetof(PyCodeObject, co_linetable));
   P("code.co_code_adaptive", offsetof(PyCodeObject, co_code_adaptive));
+#endif
   P("str.length", offsetof(PyASCIIObject, length));
   P("str.state", offsetof(PyASCIIObject, state));
   P("sizeof PyASCIIObject", sizeof(PyASCIIObject));

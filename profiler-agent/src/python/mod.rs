@@ -20,6 +20,7 @@
 //! ([`is_frame`]) whose names [`PythonNames`] holds.
 
 pub mod code;
+pub mod debug_offsets;
 pub mod discover;
 pub mod layout;
 
@@ -200,14 +201,24 @@ impl Python {
         let checked = match discover::find(tgid, &info) {
             Ok(interpreter) => {
                 tracing::info!(pid = tgid, version = %interpreter.version, "reading Python frames");
+                if let Some(differed) = interpreter.described.as_ref().filter(|d| !d.is_empty()) {
+                    tracing::info!(pid = tgid, fields = ?differed, "the interpreter's own debug offsets differ from the table's: reading with its own");
+                }
                 self.counts.processes += 1;
                 (self.publish)(tgid, Some(kernel_entry(&interpreter)));
                 Checked::Python(interpreter)
             }
             Err(not) => {
-                if let NotReadable::UnknownVersion(version) = &not {
-                    tracing::info!(pid = tgid, %version, "no layout for this Python version: its stacks stay native");
-                    self.counts.unknown_version += 1;
+                match &not {
+                    NotReadable::UnknownVersion(version) => {
+                        tracing::info!(pid = tgid, %version, "no layout for this Python version: its stacks stay native");
+                        self.counts.unknown_version += 1;
+                    }
+                    NotReadable::BadDescription(version, refused) => {
+                        tracing::info!(pid = tgid, %version, ?refused, "the interpreter's debug offsets cannot be used: its stacks stay native");
+                        self.counts.unknown_version += 1;
+                    }
+                    NotReadable::NotPython | NotReadable::NoSymbols => {}
                 }
                 if matches!(self.processes.get(&tgid).map(|s| &s.checked), Some(Checked::Python(_))) {
                     (self.publish)(tgid, None);
@@ -274,32 +285,38 @@ impl Python {
         if let Some(&addr) = cached.lines.get(&frame.instr_offset) {
             return addr;
         }
-        let offset = frame.instr_offset as i64 - interpreter.layout.code.code as i64;
         let code = &cached.code;
-        let name = format!("{} ({}:{})", code.qualname, code.filename, code.line(offset));
+        let line = code.line(bytecode_offset(&interpreter.layout, frame.instr_offset));
+        let name = format!("{} ({}:{})", code.qualname, code.filename, line);
         let addr = self.names.intern(&name);
         cached.lines.insert(frame.instr_offset, addr);
         addr
     }
 
     /// `native` (leaf first) with each native frame of the eval loop replaced by the
-    /// Python frames it ran (kept beside them with `eval_frames`). Python frames left
-    /// over (a native stack cut short) go at the root end; a cut Python stack is marked
-    /// there.
+    /// Python frames it ran, and the interpreter's own frames between two Python frames
+    /// (its call machinery: `call_function`, `_PyFunction_Vectorcall`, ...) left out;
+    /// both kept with `eval_frames`. Python frames left over (a native stack cut short)
+    /// go at the root end; a cut Python stack is marked there.
     pub fn merge(&self, tgid: u32, native: &[u64], python: &Frames) -> Vec<u64> {
-        let eval = match self.processes.get(&tgid) {
-            Some(ProcessState { checked: Checked::Python(interpreter), .. }) => interpreter.eval.clone(),
-            _ => 0..0,
+        let (eval, text) = match self.processes.get(&tgid) {
+            Some(ProcessState { checked: Checked::Python(interpreter), .. }) => (interpreter.eval.clone(), interpreter.text.clone()),
+            _ => (0..0, 0..0),
         };
         let mut merged = Vec::with_capacity(native.len() + python.frames.len() + 1);
         let mut frames = python.frames.iter().peekable();
+        let mut placed = false;
         for (depth, &addr) in native.iter().enumerate() {
             // Return addresses point after the call, which may be the function's end.
             let at = if depth == 0 { addr } else { addr.saturating_sub(1) };
             if !eval.contains(&at) || frames.peek().is_none() {
-                merged.push(addr);
+                let machinery = placed && frames.peek().is_some() && text.contains(&at);
+                if !machinery || self.options.eval_frames {
+                    merged.push(addr);
+                }
                 continue;
             }
+            placed = true;
             for frame in frames.by_ref() {
                 merged.push(frame.addr);
                 if frame.entry {
@@ -356,6 +373,16 @@ pub fn read_stack(record: &[u8]) -> Option<(u32, RawStack)> {
         .collect();
     let cut = header.flags & (PYTHON_TRUNCATED | PYTHON_READ_FAILED) != 0;
     Some((header.tid, RawStack { ts_ns: header.ts_ns, frames, cut }))
+}
+
+/// The byte offset into its bytecode of the instruction a frame is at, from what the
+/// kernel sent.
+fn bytecode_offset(layout: &layout::Layout, instr_offset: u32) -> i64 {
+    match layout.kernel.legacy_frames {
+        0 => instr_offset as i64 - layout.code.code as i64,
+        // `f_lasti`, -1 before the first instruction.
+        units => instr_offset as i32 as i64 * units as i64,
+    }
 }
 
 fn signature(mappings: &[Mapping]) -> u64 {
@@ -433,12 +460,15 @@ mod tests {
                 [interpreter.version.major as u64, interpreter.version.minor as u64],
                 [described["version"][0].as_u64().unwrap(), described["version"][1].as_u64().unwrap()]
             );
+            // From 3.13 the interpreter describes its layout itself, as the table does.
+            assert_eq!(interpreter.described, (interpreter.version.minor >= 13).then(Vec::new), "{python}: its debug offsets against the table");
             let layout = interpreter.layout;
             let k = layout.kernel;
             // As `python_thread` in the BPF programs: the thread list, by native id.
             let interp = read_word(pid, interpreter.runtime + layout.runtime_interpreters_head);
             let mut tstate = read_word(pid, interp + k.interp_threads_head as u64);
-            let tid = described["tid"].as_u64().unwrap();
+            // Before 3.11, by `pthread_self()`.
+            let tid = described[if k.legacy_frames != 0 { "ident" } else { "tid" }].as_u64().unwrap();
             while tstate != 0 && read_word(pid, tstate + k.tstate_native_thread_id as u64) != tid {
                 tstate = read_word(pid, tstate + k.tstate_next as u64);
             }
@@ -447,37 +477,55 @@ mod tests {
             if k.cframe_current_frame != profiler_common::PYTHON_NO_FIELD {
                 frame = read_word(pid, frame + k.cframe_current_frame as u64);
             }
-            // The frames lie in the thread's current chunk of its frame stack; the shims
-            // of 3.12+ (owned by the C stack) mark where a native call of the eval loop
-            // began, as the kernel reads them.
-            let chunk = read_word(pid, tstate + k.tstate_datastack_chunk as u64) + k.chunk_data as u64;
-            let top = read_word(pid, tstate + k.tstate_datastack_chunk as u64 + 8);
+            // The frames lie in the thread's current chunk of its frame stack (3.11+); the
+            // shims of 3.12+ (owned by the C stack) mark where a native call of the eval
+            // loop began, as the kernel reads them.
+            let (chunk, top) = if k.legacy_frames != 0 {
+                (0, 0)
+            } else {
+                (read_word(pid, tstate + k.tstate_datastack_chunk as u64) + k.chunk_data as u64, read_word(pid, tstate + k.tstate_datastack_chunk as u64 + 8))
+            };
             let byte = |addr: u64| {
                 let mut byte = [0u8];
                 assert!(code::read_memory(pid, addr, &mut byte));
                 byte[0]
             };
             let mut walked: Vec<(u64, bool)> = Vec::new();
+            let mut instrs = Vec::new();
             while frame != 0 && walked.len() < 3 {
-                let shim = k.frame_owner != profiler_common::PYTHON_NO_FIELD && byte(frame + k.frame_owner as u64) == k.owner_cstack as u8;
+                let shim = k.frame_owner != profiler_common::PYTHON_NO_FIELD && byte(frame + k.frame_owner as u64) >= k.owner_shim as u8;
                 if shim {
                     if let Some(last) = walked.last_mut() {
                         last.1 = true;
                     }
                 } else {
-                    assert!((chunk..top).contains(&frame), "{python}: frame {frame:#x} outside {chunk:#x}..{top:#x}");
-                    let entry = k.frame_is_entry != profiler_common::PYTHON_NO_FIELD && byte(frame + k.frame_is_entry as u64) != 0;
-                    walked.push((read_word(pid, frame + k.frame_code as u64), entry));
+                    // Frames are objects of their own before 3.11, each an entry.
+                    assert!(k.legacy_frames != 0 || (chunk..top).contains(&frame), "{python}: frame {frame:#x} outside {chunk:#x}..{top:#x}");
+                    let entry = k.legacy_frames != 0 || (k.frame_is_entry != profiler_common::PYTHON_NO_FIELD && byte(frame + k.frame_is_entry as u64) != 0);
+                    // 3.14 tags the low bits, as the kernel masks them.
+                    let code = read_word(pid, frame + k.frame_code as u64) & !15;
+                    walked.push((code, entry));
+                    // As the kernel sends it.
+                    let instr = read_word(pid, frame + k.frame_instr as u64);
+                    instrs.push(if k.legacy_frames != 0 { instr as u32 } else { instr.wrapping_sub(code) as u32 });
                 }
                 frame = read_word(pid, frame + k.frame_previous as u64);
             }
             if walked.len() == 3 && !walked[2].1 && frame != 0 && k.frame_owner != profiler_common::PYTHON_NO_FIELD {
                 // The module's shim comes after it.
-                walked[2].1 = byte(frame + k.frame_owner as u64) == k.owner_cstack as u8;
+                walked[2].1 = byte(frame + k.frame_owner as u64) >= k.owner_shim as u8;
             }
             let stack: Vec<u64> = described["stack"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
-            // target() and method() run in the module's native call of the eval loop.
-            assert_eq!(walked, vec![(stack[0], false), (stack[1], false), (stack[2], true)], "{python}");
+            // target() and method() run in the module's native call of the eval loop
+            // (from 3.11; before, each frame had its own).
+            let legacy = k.legacy_frames != 0;
+            assert_eq!(walked, vec![(stack[0], legacy), (stack[1], legacy), (stack[2], true)], "{python}");
+            // The instruction each frame is at reads as the line it is on: target()'s
+            // return, method()'s call, the module's last line.
+            for (((code, _), instr), line) in walked.iter().zip(&instrs).zip(described["stack_lines"].as_array().unwrap()) {
+                let read = Code::read(pid, *code, interpreter.code_type, &layout.code, &layout.objects, k.code_fingerprint as usize).unwrap();
+                assert_eq!(read.line(bytecode_offset(&layout, *instr)) as u64, line.as_u64().unwrap(), "{python}: the line {} is at", read.qualname);
+            }
 
             for described in described["codes"].as_array().unwrap() {
                 let addr = described["addr"].as_u64().unwrap();
@@ -495,6 +543,7 @@ mod tests {
             }
             drop(child.stdin.take());
             child.wait().unwrap();
+            eprintln!("{python} {}: read as it describes itself", interpreter.version);
         }
     }
 
@@ -566,7 +615,9 @@ mod tests {
             runtime: 0,
             code_type: 0,
             eval: eval.clone(),
+            text: 0x1000..0x8000,
             pid_ns: None,
+            described: None,
         };
         let now = Instant::now();
         python.processes.insert(7, ProcessState { checked: Checked::Python(interpreter), mappings: 0, checked_at: now, seen_at: now });
@@ -576,15 +627,16 @@ mod tests {
             frames: vec![frame("leaf (a.py:1)", false), frame("mid (a.py:2)", true), frame("caller (a.py:3)", false), frame("<module> (a.py:4)", true)],
             cut: false,
         };
-        // Native, leaf first: a C function, eval, a C call, eval, main.
-        let native = [0x9000, 0x1100, 0x8000, 0x1200, 0x7000];
+        // Native, leaf first: a C function, eval, the interpreter's call machinery, a C
+        // extension's call, eval, the interpreter's main.
+        let native = [0x9000, 0x1100, 0x7800, 0xa000, 0x1200, 0x7000];
         let merged = python.merge(7, &native, &frames);
         let named: Vec<String> = merged.iter().map(|&a| names.name(a).map_or(format!("{a:#x}"), |n| n.to_string())).collect();
-        assert_eq!(named, ["0x9000", "leaf (a.py:1)", "mid (a.py:2)", "0x8000", "caller (a.py:3)", "<module> (a.py:4)", "0x7000"]);
+        assert_eq!(named, ["0x9000", "leaf (a.py:1)", "mid (a.py:2)", "0xa000", "caller (a.py:3)", "<module> (a.py:4)", "0x7000"]);
 
         python.options.eval_frames = true;
         let kept = python.merge(7, &native, &frames);
-        assert_eq!(kept.len(), merged.len() + 2, "both eval frames kept");
+        assert_eq!(kept.len(), merged.len() + 3, "both eval frames and the machinery kept");
         python.options.eval_frames = false;
         // A native stack cut short: the Python frames left go at the root end, and a
         // cut Python stack is marked.

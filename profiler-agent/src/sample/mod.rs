@@ -310,8 +310,9 @@ impl Sampler {
             user_stack_bytes: user_stack_bytes(options.user_stack_bytes),
             fork_child_pid_offset: fork_child_pid_offset.unwrap_or(0),
             python_timing: (options.bpf_stats && options.bpf_stats_share >= 1.0) as u32,
-            // Without it no labels are read; the rest works.
-            fsbase_offset: if options.labels.enabled { crate::kernel_btf::fsbase_offset().unwrap_or(0) } else { 0 },
+            // Without it no labels, and no frames of CPython before 3.11 (whose thread
+            // states are found by thread pointer), are read; the rest works.
+            fsbase_offset: if options.labels.enabled || options.python.enabled { crate::kernel_btf::fsbase_offset().unwrap_or(0) } else { 0 },
             ..Config::default()
         };
         let mut config_map: Array<MapData, Config> = take(&mut bpf, maps::CONFIG)?;
