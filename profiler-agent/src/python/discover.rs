@@ -22,9 +22,10 @@ pub struct Interpreter {
     pub runtime: u64,
     /// `PyCode_Type`'s address: a code object's `ob_type`.
     pub code_type: u64,
-    /// Where `_PyEval_EvalFrameDefault`'s code lies: each native frame in it ran a run of
+    /// Where `_PyEval_EvalFrameDefault`'s code lies (its symbol, and the part the
+    /// compiler split off it, if any: [`eval_loop`]): each native frame in it ran a run of
     /// Python frames.
-    pub eval: std::ops::Range<u64>,
+    pub eval: Vec<std::ops::Range<u64>>,
     /// The interpreter binary's code: its frames between two Python frames are its call
     /// machinery.
     pub text: std::ops::Range<u64>,
@@ -100,17 +101,101 @@ fn in_binary(pid: u32, mapping: &crate::process::Mapping, named: Version) -> Res
             (layout, Some(differed))
         }
     };
-    let eval_start = bias.wrapping_add(eval.0);
+    let eval = eval_loop(&elf, eval)
+        .into_iter()
+        .map(|range| bias.wrapping_add(range.start)..bias.wrapping_add(range.end))
+        .collect();
     Ok(Interpreter {
         version,
         layout,
         described,
         runtime,
         code_type: bias.wrapping_add(code_type.0),
-        eval: eval_start..eval_start + eval.1.max(1),
+        eval,
         text: mapping.start..mapping.end,
         pid_ns: pid_namespace(pid),
     })
+}
+
+/// An eval loop's symbol shorter than this is not the whole loop (CPython's are
+/// 50 to 200 KiB).
+const SPLIT_LOOP_BELOW: u64 = 16 << 10;
+
+/// Where the eval loop's code lies, as addresses of the binary: its symbol's range
+/// (`(address, size)`), and, when the symbol is too short to hold the loop, the function
+/// body its jumps lead into (the compiler partitioned the loop and put its bulk in
+/// another section, with no symbol: Debian's 3.14 exports a 1,184-byte
+/// `_PyEval_EvalFrameDefault` that jumps into an 84 KiB part). That part is the unwind
+/// entry (`.eh_frame`) of at least [`SPLIT_LOOP_BELOW`] bytes that most of the symbol's
+/// direct jumps land in, two at least. Both parts share one stack frame, so a native
+/// call of the loop has one frame in either.
+fn eval_loop(elf: &object::File, (address, size): (u64, u64)) -> Vec<std::ops::Range<u64>> {
+    use object::ObjectSection as _;
+    let mut ranges = vec![address..address + size.max(1)];
+    if size >= SPLIT_LOOP_BELOW {
+        return ranges;
+    }
+    let Some(code) = elf
+        .sections()
+        .find(|s| (s.address()..s.address() + s.size()).contains(&address))
+        .and_then(|s| Some(s.data().ok()?.get((address - s.address()) as usize..)?.get(..size as usize)?.to_vec()))
+    else {
+        return ranges;
+    };
+    let targets = jump_targets(address, &code);
+    let Some(entries) = unwind_entries(elf) else { return ranges };
+    let mut hits: std::collections::HashMap<(u64, u64), usize> = std::collections::HashMap::new();
+    for target in targets.into_iter().filter(|t| !ranges[0].contains(t)) {
+        if let Some(&entry) = entries.iter().find(|(start, len)| (*start..start + len).contains(&target)) {
+            *hits.entry(entry).or_default() += 1;
+        }
+    }
+    if let Some(((start, len), _)) = hits.into_iter().filter(|&((_, len), n)| len >= SPLIT_LOOP_BELOW && n >= 2).max_by_key(|&(entry, n)| (n, entry)) {
+        ranges.push(start..start + len);
+    }
+    ranges
+}
+
+/// Targets of the direct near jumps (`jmp rel32`, `jcc rel32`) in x86-64 `code` at
+/// `address`, read at every byte: a false one from the middle of another instruction is
+/// weeded out by the unwind entries it must land in.
+fn jump_targets(address: u64, code: &[u8]) -> Vec<u64> {
+    let rel32 = |at: usize| code.get(at..at + 4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as i64);
+    let mut targets = Vec::new();
+    for i in 0..code.len() {
+        let (len, rel) = match code[i] {
+            0xe9 => (5, rel32(i + 1)),
+            0x0f if code.get(i + 1).is_some_and(|b| (0x80..=0x8f).contains(b)) => (6, rel32(i + 2)),
+            _ => continue,
+        };
+        if let Some(rel) = rel {
+            targets.push((address as i64 + i as i64 + len + rel) as u64);
+        }
+    }
+    targets
+}
+
+/// `(start, length)` of every function's unwind entry in `.eh_frame`.
+fn unwind_entries(elf: &object::File) -> Option<Vec<(u64, u64)>> {
+    use gimli::UnwindSection as _;
+    use object::ObjectSection as _;
+    let section = elf.section_by_name(".eh_frame")?;
+    let data = section.data().ok()?;
+    let eh_frame = gimli::EhFrame::new(data, gimli::LittleEndian);
+    let mut bases = gimli::BaseAddresses::default().set_eh_frame(section.address());
+    if let Some(text) = elf.section_by_name(".text") {
+        bases = bases.set_text(text.address());
+    }
+    let mut entries = eh_frame.entries(&bases);
+    let mut found = Vec::new();
+    while let Ok(Some(entry)) = entries.next() {
+        if let gimli::CieOrFde::Fde(partial) = entry {
+            if let Ok(fde) = partial.parse(gimli::EhFrame::cie_from_offset) {
+                found.push((fde.initial_address(), fde.len()));
+            }
+        }
+    }
+    Some(found)
 }
 
 /// The process's pid namespace when it differs from the agent's: thread states hold
@@ -119,4 +204,46 @@ fn pid_namespace(pid: u32) -> Option<(u64, u64)> {
     let theirs = std::fs::metadata(format!("/proc/{pid}/ns/pid")).ok()?;
     let ours = std::fs::metadata("/proc/self/ns/pid").ok()?;
     (theirs.ino() != ours.ino() || theirs.dev() != ours.dev()).then(|| (theirs.dev(), theirs.ino()))
+}
+
+#[cfg(test)]
+mod tests {
+    use object::{Object as _, ObjectSymbol as _};
+
+    /// A function whose bulk gcc partitions off into a `.cold` part of its own (three
+    /// branches that end in a call of a cold function, 35 KiB of code): the loop's range is its symbol and that part,
+    /// found from the symbol's jumps and the part's unwind entry, as with Debian's 3.14.
+    #[test]
+    fn an_eval_loop_split_by_the_compiler_is_found_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut source = String::from("volatile long sink;\n__attribute__((cold, noinline)) void rare(void) { sink = 0; }\n__attribute__((noinline)) long eval(long x) {\n");
+        for branch in 0..3 {
+            source.push_str(&format!("  if (x == {branch}) {{\n"));
+            for i in 0..700 {
+                source.push_str(&format!("    sink = sink * 3 + {};\n", branch * 1000 + i));
+            }
+            source.push_str("    rare();\n  }\n");
+        }
+        source.push_str("  return x + 1;\n}\n");
+        std::fs::write(dir.path().join("loop.c"), source).unwrap();
+        let library = dir.path().join("libloop.so");
+        let status = std::process::Command::new("gcc")
+            .args(["-O2", "-shared", "-fPIC", "-o"])
+            .arg(&library)
+            .arg(dir.path().join("loop.c"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let data = std::fs::read(&library).unwrap();
+        let elf = object::File::parse(&data[..]).unwrap();
+        let symbol = |name: &str| elf.symbols().find(|s| s.name() == Ok(name)).map(|s| (s.address(), s.size())).unwrap_or_else(|| panic!("{name} in the test library"));
+        let (eval, cold) = (symbol("eval"), symbol("eval.cold"));
+        assert!(eval.1 < super::SPLIT_LOOP_BELOW && cold.1 >= super::SPLIT_LOOP_BELOW, "gcc split it as expected: {eval:?} {cold:?}");
+        let ranges = super::eval_loop(&elf, eval);
+        assert_eq!(ranges.len(), 2, "{ranges:x?}");
+        assert_eq!(ranges[0], eval.0..eval.0 + eval.1);
+        assert!(ranges[1].contains(&cold.0) && ranges[1].contains(&(cold.0 + cold.1 - 1)), "{ranges:x?} against the cold part {cold:x?}");
+        // A whole loop is left as its symbol says.
+        assert_eq!(super::eval_loop(&elf, cold), vec![cold.0..cold.0 + cold.1]);
+    }
 }

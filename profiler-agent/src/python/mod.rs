@@ -301,7 +301,7 @@ impl Python {
     pub fn merge(&self, tgid: u32, native: &[u64], python: &Frames) -> Vec<u64> {
         let (eval, text) = match self.processes.get(&tgid) {
             Some(ProcessState { checked: Checked::Python(interpreter), .. }) => (interpreter.eval.clone(), interpreter.text.clone()),
-            _ => (0..0, 0..0),
+            _ => (Vec::new(), 0..0),
         };
         let mut merged = Vec::with_capacity(native.len() + python.frames.len() + 1);
         let mut frames = python.frames.iter().peekable();
@@ -309,7 +309,7 @@ impl Python {
         for (depth, &addr) in native.iter().enumerate() {
             // Return addresses point after the call, which may be the function's end.
             let at = if depth == 0 { addr } else { addr.saturating_sub(1) };
-            if !eval.contains(&at) || frames.peek().is_none() {
+            if !eval.iter().any(|range| range.contains(&at)) || frames.peek().is_none() {
                 let machinery = placed && frames.peek().is_some() && text.contains(&at);
                 if !machinery || self.options.eval_frames {
                     merged.push(addr);
@@ -614,7 +614,7 @@ mod tests {
             layout: layout::for_version(layout::Version { major: 3, minor: 11 }).unwrap(),
             runtime: 0,
             code_type: 0,
-            eval: eval.clone(),
+            eval: vec![eval.clone()],
             text: 0x1000..0x8000,
             pid_ns: None,
             described: None,
