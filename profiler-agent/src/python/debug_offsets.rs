@@ -264,6 +264,61 @@ mod tests {
         raw
     }
 
+    /// 3.14's positions against its header (compiled, recorded: no 3.14 runs here; 3.13's
+    /// are checked against a live interpreter by the tests in `python`), and the
+    /// values it recorded against the table.
+    #[test]
+    fn positions_of_3_14_match_its_header() {
+        let recorded: std::collections::HashMap<&str, (usize, u64)> = include_str!("debug_offsets_3.14.txt")
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| {
+                let (name, rest) = line.split_once(' ')?;
+                let offset = rest.split("offset=").nth(1)?.split_whitespace().next()?.parse().ok()?;
+                let value = rest.split("value=").nth(1)?.split_whitespace().next()?.parse().unwrap_or(0);
+                Some((name, (offset, value)))
+            })
+            .collect();
+        let p = &V3_14;
+        let version = Version { major: 3, minor: 14 };
+        let mut raw = vec![0u8; p.size];
+        raw[..8].copy_from_slice(COOKIE);
+        put(&mut raw, 8, 0x030e0af0);
+        for (name, at) in [
+            ("runtime_state.interpreters_head", p.interpreters_head),
+            ("interpreter_state.threads_head", p.threads_head),
+            ("thread_state.size", p.tstate_size),
+            ("thread_state.next", p.tstate_next),
+            ("thread_state.current_frame", p.tstate_current_frame),
+            ("thread_state.native_thread_id", p.tstate_native_thread_id),
+            ("thread_state.datastack_chunk", p.tstate_datastack_chunk),
+            ("interpreter_frame.previous", p.frame_previous),
+            ("interpreter_frame.executable", p.frame_executable),
+            ("interpreter_frame.instr_ptr", p.frame_instr_ptr),
+            ("interpreter_frame.owner", p.frame_owner),
+            ("code_object.size", p.code_size),
+            ("code_object.filename", p.code_filename),
+            ("code_object.qualname", p.code_qualname),
+            ("code_object.linetable", p.code_linetable),
+            ("code_object.firstlineno", p.code_firstlineno),
+            ("code_object.argcount", p.code_argcount),
+            ("code_object.co_code_adaptive", p.code_adaptive),
+            ("pyobject.ob_type", p.ob_type),
+            ("bytes_object.ob_size", p.bytes_ob_size),
+            ("bytes_object.ob_sval", p.bytes_ob_sval),
+            ("unicode_object.state", p.str_state),
+            ("unicode_object.length", p.str_length),
+            ("unicode_object.asciiobject_size", p.str_ascii_size),
+        ] {
+            let (offset, value) = recorded.get(name).copied().unwrap_or_else(|| panic!("{name} not recorded"));
+            assert_eq!(at, offset, "{name}");
+            put(&mut raw, at, value);
+        }
+        // The description the header's initializer fills in agrees with the table.
+        let table = for_version(version).unwrap();
+        assert_eq!(apply(version, &table, &raw), Ok((table, vec![])));
+    }
+
     #[test]
     fn a_description_is_taken_where_it_differs_from_the_table_and_refused_where_it_cannot_be_read() {
         for minor in [13, 14] {
