@@ -9,7 +9,10 @@
 //! (key, value) byte strings. The executable's thread-local block sits at a fixed offset
 //! below the thread pointer (x86-64, TLS variant II), so the agent computes, per process,
 //! the offset from a thread's `fsbase` to its `custom_labels_current_set` and writes it
-//! into the kernel's `LABEL_PROCESSES`; the BPF programs follow it and send the labels in
+//! into the kernel's `LABEL_PROCESSES`. Or by linking the C library, `libcustomlabels.so`,
+//! which reaches the variable through a TLS descriptor (`R_X86_64_TLSDESC`, as the ABI
+//! asks of a library): once the dynamic linker resolved it for a library loaded at
+//! start, the descriptor's argument is that same offset, read from the process; the BPF programs follow it and send the labels in
 //! a record just before the snapshot. A process that does not export the symbols is
 //! never published, and its samples cost one hash lookup that finds nothing.
 //!
@@ -177,11 +180,18 @@ pub struct LabelCounts {
     pub sets_dropped: u64,
     /// Label records without their snapshot, or malformed.
     pub unmatched: u64,
+    /// Checks of a process whose `libcustomlabels.so` descriptor was not resolved to a
+    /// static offset (not used yet, or a library loaded with `dlopen`): not read, checked
+    /// again.
+    pub libraries_pending: u64,
 }
 
 struct Checked {
-    /// The executable's (device, inode) it was checked with: an exec is checked again.
-    exe: Option<(u64, u64)>,
+    /// The mappings it was checked with ([`mappings_key`]): an exec, or a library
+    /// loaded since, is checked again.
+    mappings: u64,
+    /// A library's descriptor was not resolved yet: checked again until it is.
+    pending: bool,
     checked_at: Instant,
     seen_at: Instant,
     published: bool,
@@ -194,6 +204,7 @@ pub struct Labels {
     /// Writes (Some) or removes (None) a process's entry in `LABEL_PROCESSES`.
     publish: Box<dyn FnMut(u32, Option<LabelsProcess>) + Send>,
     processes: HashMap<u32, Checked>,
+    libraries: Libraries,
     /// (snapshot ts, set id, request id) by thread.
     waiting: HashMap<u32, (u64, u32, u32)>,
     sets: LabelSets,
@@ -202,7 +213,7 @@ pub struct Labels {
 
 impl Labels {
     pub fn new(options: LabelOptions, sets: LabelSets, publish: Box<dyn FnMut(u32, Option<LabelsProcess>) + Send>) -> Self {
-        Self { options, publish, processes: HashMap::new(), waiting: HashMap::new(), sets, counts: LabelCounts::default() }
+        Self { options, publish, processes: HashMap::new(), libraries: Libraries::default(), waiting: HashMap::new(), sets, counts: LabelCounts::default() }
     }
 
     /// Notes a snapshot of process `tgid`: one not checked lately is looked at (again,
@@ -219,14 +230,23 @@ impl Labels {
             }
         }
         let Some(info) = table.get(tgid) else { return };
-        let exe = executable(&info).map(|mapping| mapping.file.id);
+        let mappings = mappings_key(&info);
         if let Some(checked) = self.processes.get_mut(&tgid) {
             checked.checked_at = now;
-            if checked.exe == exe {
+            if checked.mappings == mappings && !checked.pending {
                 return;
             }
         }
-        let found = executable(&info).and_then(|mapping| in_executable(&mapping.file.handle_path));
+        let mut pending = false;
+        let found = executable(&info).and_then(|mapping| in_executable(&mapping.file.handle_path)).or_else(|| {
+            let library = self.libraries.find(&info)?;
+            let resolved = library.resolved(tgid);
+            pending = resolved.is_none();
+            if pending {
+                self.counts.libraries_pending += 1;
+            }
+            resolved
+        });
         let was_published = self.processes.get(&tgid).is_some_and(|checked| checked.published);
         match found {
             Some(entry) => {
@@ -237,7 +257,7 @@ impl Labels {
             None if was_published => (self.publish)(tgid, None),
             None => {}
         }
-        self.processes.insert(tgid, Checked { exe, checked_at: now, seen_at: now, published: found.is_some() });
+        self.processes.insert(tgid, Checked { mappings, pending, checked_at: now, seen_at: now, published: found.is_some() });
     }
 
     /// Takes a labels record the kernel sent; it waits for its snapshot.
@@ -360,18 +380,84 @@ fn executable(info: &ProcessInfo) -> Option<&crate::process::Mapping> {
     info.mappings.iter().find(|mapping| mapping.file.name == name)
 }
 
-/// The kernel's entry for an executable that exports ABI v1 custom labels: the offset
-/// from a thread's `fsbase` to its `custom_labels_current_set`.
-fn in_executable(path: &std::path::Path) -> Option<LabelsProcess> {
+/// Hashes the mappings' (start, file): changes with an exec or a library loaded.
+fn mappings_key(info: &ProcessInfo) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for mapping in info.mappings.iter() {
+        (mapping.start, mapping.file.id).hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+/// Libraries' descriptors of `custom_labels_current_set`, by (file, file offset of the
+/// mapping): each library is parsed once, however many processes map it.
+#[derive(Default)]
+struct Libraries(HashMap<((u64, u64), u64), Option<u64>>);
+
+/// Libraries remembered at most; past it the cache starts over.
+const MAX_LIBRARIES: usize = 4096;
+
+/// A library of a process whose TLS descriptor for the labels is at `descriptor`.
+struct LibraryLabels {
+    descriptor: u64,
+}
+
+impl Libraries {
+    /// The first library mapped by the process that exports ABI v1 custom labels.
+    fn find(&mut self, info: &ProcessInfo) -> Option<LibraryLabels> {
+        if self.0.len() >= MAX_LIBRARIES {
+            self.0.clear();
+        }
+        info.mappings.iter().find_map(|mapping| {
+            let from_mapping = *self
+                .0
+                .entry((mapping.file.id, mapping.file_offset))
+                .or_insert_with(|| descriptor_in_library(&mapping.file.handle_path, mapping.file_offset));
+            Some(LibraryLabels { descriptor: mapping.start.wrapping_add(from_mapping?) })
+        })
+    }
+}
+
+impl LibraryLabels {
+    /// The kernel's entry, once the dynamic linker resolved the descriptor to a static
+    /// offset: its two words are the resolver and its argument, which for a library
+    /// loaded at start (`_dl_tlsdesc_return`) is the variable's offset from the thread
+    /// pointer, negative under variant II. Anything else (lazy resolution not done yet,
+    /// or a `dlopen`ed library's dynamic descriptor, a pointer) is None.
+    fn resolved(&self, pid: u32) -> Option<LabelsProcess> {
+        let mut words = [0u8; 16];
+        if !crate::python::code::read_memory(pid, self.descriptor, &mut words) {
+            return None;
+        }
+        let argument = i64::from_le_bytes(words[8..].try_into().unwrap());
+        (-(1i64 << 32)..0).contains(&argument).then_some(LabelsProcess { tls_offset: argument as u64 })
+    }
+}
+
+/// Where, from the start of the library's mapping at `file_offset`, its TLS descriptor of
+/// `custom_labels_current_set` lies: None unless it exports ABI v1 and has one.
+fn descriptor_in_library(path: &std::path::Path, file_offset: u64) -> Option<u64> {
     let file = std::fs::File::open(path).ok()?;
-    // SAFETY: read-only; a file truncated while mapped reads as zeros (`mapped_files`),
-    // which the ELF parser rejects like any malformed input.
+    // SAFETY: as in `in_executable`.
     let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
-    let elf = ElfFile64::<object::Endianness>::parse(&map[..]).ok()?;
+    let elf = object::File::parse(&map[..]).ok()?;
+    let current_set = exported_abi(&elf, path)?;
+    let symbol_index = current_set.index();
+    let (offset, _) = elf.dynamic_relocations()?.find(|(_, relocation)| {
+        matches!(relocation.flags(), object::RelocationFlags::Elf { r_type: object::elf::R_X86_64_TLSDESC })
+            && relocation.target() == object::RelocationTarget::Symbol(symbol_index)
+    })?;
+    let vaddr = crate::elf_layout::CodeSegments::of(&elf).virtual_address(file_offset)?;
+    Some(offset.wrapping_sub(vaddr))
+}
+
+/// The ABI's thread-local symbol, if the binary exports ABI v1 (its version is read from
+/// the file, where it was linked).
+fn exported_abi<'data, 'file>(elf: &'file object::File<'data>, path: &std::path::Path) -> Option<object::Symbol<'data, 'file>> {
     // The ABI asks for dynamic symbols: the full symbol table of a large binary would
     // cost every new process a scan of it.
     let symbol = |name: &str| elf.dynamic_symbols().find(|s| s.name() == Ok(name));
-    // The version is a constant: read from the file, where it was linked.
     let version = symbol("custom_labels_abi_version")?;
     let section = elf.sections().find(|s| (s.address()..s.address() + s.size()).contains(&version.address()))?;
     let data = section.data().ok()?;
@@ -382,13 +468,22 @@ fn in_executable(path: &std::path::Path) -> Option<LabelsProcess> {
         return None;
     }
     let current_set = symbol("custom_labels_current_set")?;
-    if current_set.kind() != object::SymbolKind::Tls {
-        return None;
-    }
+    (current_set.kind() == object::SymbolKind::Tls).then_some(current_set)
+}
+
+/// The kernel's entry for an executable that exports ABI v1 custom labels: the offset
+/// from a thread's `fsbase` to its `custom_labels_current_set`.
+fn in_executable(path: &std::path::Path) -> Option<LabelsProcess> {
+    let file = std::fs::File::open(path).ok()?;
+    // SAFETY: read-only; a file truncated while mapped reads as zeros (`mapped_files`),
+    // which the ELF parser rejects like any malformed input.
+    let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+    let current_set = exported_abi(&object::File::parse(&map[..]).ok()?, path)?.address();
+    let elf = ElfFile64::<object::Endianness>::parse(&map[..]).ok()?;
     let endian = elf.endian();
     let tls = elf.elf_program_headers().iter().find(|header| header.p_type(endian) == object::elf::PT_TLS)?;
     Some(LabelsProcess {
-        tls_offset: tls_offset(tls.p_memsz(endian), tls.p_align(endian), tls.p_vaddr(endian), current_set.address()),
+        tls_offset: tls_offset(tls.p_memsz(endian), tls.p_align(endian), tls.p_vaddr(endian), current_set),
     })
 }
 
@@ -406,6 +501,83 @@ fn tls_offset(memsz: u64, align: u64, vaddr: u64, symbol: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The C library of the custom-labels crate, built as its Makefile builds
+    /// `libcustomlabels.so` (TLS descriptors), linked into a program that sets a label
+    /// and prints where its thread's `custom_labels_current_set` lies from the thread
+    /// pointer: the reader publishes that offset, read from the process's resolved
+    /// descriptor.
+    #[test]
+    fn a_libcustomlabels_so_is_read_through_its_tls_descriptor() {
+        let metadata = std::process::Command::new(env!("CARGO"))
+            .args(["metadata", "--format-version", "1", "--filter-platform", "x86_64-unknown-linux-gnu", "--manifest-path"])
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/labels-app/Cargo.toml"))
+            .output()
+            .unwrap();
+        let metadata: serde_json::Value = serde_json::from_slice(&metadata.stdout).expect("cargo metadata");
+        let crate_dir = metadata["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "custom-labels")
+            .map(|p| std::path::PathBuf::from(p["manifest_path"].as_str().unwrap()).parent().unwrap().to_path_buf())
+            .expect("the custom-labels crate (tests/labels-app depends on it)");
+        let dir = tempfile::tempdir().unwrap();
+        let library = dir.path().join("libcustomlabels.so");
+        let built = std::process::Command::new("g++")
+            .args(["-O2", "-ftls-model=global-dynamic", "-mtls-dialect=gnu2", "-fPIC", "-shared", "-o"])
+            .arg(&library)
+            .arg(crate_dir.join("src/customlabels.cpp"))
+            .status()
+            .unwrap();
+        assert!(built.success(), "building libcustomlabels.so");
+        std::fs::write(
+            dir.path().join("app.c"),
+            r#"#include <stdio.h>
+#include <string.h>
+#include "customlabels.h"
+int main(void) {
+    custom_labels_labelset_t *set = custom_labels_new(4);
+    custom_labels_string_t key = {8, (const unsigned char *)"endpoint"}, value = {8, (const unsigned char *)"checkout"};
+    custom_labels_set(set, key, value, NULL);
+    custom_labels_replace(set);
+    printf("%ld\n", (long)((char *)&custom_labels_current_set - (char *)__builtin_thread_pointer()));
+    fflush(stdout);
+    return getchar() == EOF ? 0 : 1;
+}
+"#,
+        )
+        .unwrap();
+        let app = dir.path().join("app");
+        let built = std::process::Command::new("gcc")
+            .arg(format!("-I{}", crate_dir.join("src").display()))
+            .arg("-o")
+            .arg(&app)
+            .arg(dir.path().join("app.c"))
+            .arg(format!("-L{}", dir.path().display()))
+            .arg(format!("-Wl,-rpath,{}", dir.path().display()))
+            .arg("-lcustomlabels")
+            .status()
+            .unwrap();
+        assert!(built.success(), "building the app");
+        let mut child = std::process::Command::new(&app).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        let offset: i64 = line.trim().parse().unwrap();
+
+        let table = ProcessTable::default();
+        table.refresh(child.id());
+        let published = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = published.clone();
+        let mut labels = Labels::new(LabelOptions::default(), LabelSets::default(), Box::new(move |pid, entry| sink.lock().unwrap().push((pid, entry))));
+        labels.observe(child.id(), &table);
+        drop(child.stdin.take());
+        child.wait().unwrap();
+        let published = published.lock().unwrap();
+        assert_eq!(published.len(), 1, "published once: {published:?}");
+        assert_eq!(published[0].1.map(|entry| entry.tls_offset as i64), Some(offset), "the variable's offset from the thread pointer");
+        assert_eq!(labels.counts.libraries_pending, 0);
+    }
 
     /// Placements as glibc computes them (the end-to-end test reads a real one).
     #[test]
