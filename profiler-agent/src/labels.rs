@@ -12,8 +12,8 @@
 //! into the kernel's `LABEL_PROCESSES`. Or by linking the C library, `libcustomlabels.so`,
 //! which reaches the variable through a TLS descriptor (`R_X86_64_TLSDESC`, as the ABI
 //! asks of a library): once the dynamic linker resolved it for a library loaded at
-//! start, the descriptor's argument is that same offset, read from the process; the BPF programs follow it and send the labels in
-//! a record just before the snapshot. A process that does not export the symbols is
+//! start, the descriptor's argument is that same offset, read from the process. The BPF
+//! programs follow it and send the labels in a record just before the snapshot. A process that does not export the symbols is
 //! never published, and its samples cost one hash lookup that finds nothing.
 //!
 //! Labels become labels of the profile (see `daemon`), except high-cardinality keys
@@ -250,8 +250,11 @@ impl Labels {
         let was_published = self.processes.get(&tgid).is_some_and(|checked| checked.published);
         match found {
             Some(entry) => {
-                tracing::info!(pid = tgid, "reading custom labels");
-                self.counts.processes += 1;
+                // Checked again after a library was loaded: counted and logged once.
+                if !was_published {
+                    tracing::info!(pid = tgid, "reading custom labels");
+                    self.counts.processes += 1;
+                }
                 (self.publish)(tgid, Some(entry));
             }
             None if was_published => (self.publish)(tgid, None),
