@@ -187,8 +187,8 @@ pub struct LabelCounts {
 }
 
 struct Checked {
-    /// The mappings it was checked with ([`mappings_key`]): an exec, or a library
-    /// loaded since, is checked again.
+    /// The mappings it was checked with ([`crate::process::signature`]): an exec, or a
+    /// library loaded since, is checked again.
     mappings: u64,
     /// A library's descriptor was not resolved yet: checked again until it is.
     pending: bool,
@@ -230,7 +230,7 @@ impl Labels {
             }
         }
         let Some(info) = table.get(tgid) else { return };
-        let mappings = mappings_key(&info);
+        let mappings = crate::process::signature(&info.mappings);
         if let Some(checked) = self.processes.get_mut(&tgid) {
             checked.checked_at = now;
             if checked.mappings == mappings && !checked.pending {
@@ -381,16 +381,6 @@ fn executable(info: &ProcessInfo) -> Option<&crate::process::Mapping> {
     // Mappings carry the file's base name.
     let name = info.exe.rsplit('/').next().filter(|name| !name.is_empty())?;
     info.mappings.iter().find(|mapping| mapping.file.name == name)
-}
-
-/// Hashes the mappings' (start, file): changes with an exec or a library loaded.
-fn mappings_key(info: &ProcessInfo) -> u64 {
-    use std::hash::{Hash as _, Hasher as _};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    for mapping in info.mappings.iter() {
-        (mapping.start, mapping.file.id).hash(&mut hasher);
-    }
-    hasher.finish()
 }
 
 /// Libraries' descriptors of `custom_labels_current_set`, by (file, file offset of the

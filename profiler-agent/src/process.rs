@@ -358,6 +358,17 @@ struct MapsLine<'a> {
     path: &'a str,
 }
 
+/// A hash of the mappings' (start, file): it changes with an exec or a library loaded,
+/// when what was found in a process is looked for again.
+pub fn signature(mappings: &[Mapping]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for mapping in mappings {
+        (mapping.start, mapping.file.id).hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
 /// Parses an executable, file-backed line of /proc/PID/maps.
 fn parse_maps_line(line: &str) -> Option<MapsLine<'_>> {
     let mut fields = line.splitn(6, ' ');

@@ -32,7 +32,7 @@ use std::{
 
 use profiler_common::{PythonFrame, PythonProcess, PythonStackOf, MAX_PYTHON_FRAMES, PYTHON_ENTRY, PYTHON_READ_FAILED, PYTHON_TRUNCATED};
 
-use crate::process::{Mapping, ProcessTable};
+use crate::process::ProcessTable;
 use code::Code;
 use discover::{Interpreter, NotReadable};
 
@@ -149,8 +149,8 @@ enum Checked {
 
 struct ProcessState {
     checked: Checked,
-    /// [`signature`] of the mappings it was checked with: a process that exec'd or
-    /// loaded a library since is checked again.
+    /// [`crate::process::signature`] of the mappings it was checked with: a process
+    /// that exec'd or loaded a library since is checked again.
     mappings: u64,
     checked_at: Instant,
     seen_at: Instant,
@@ -194,7 +194,7 @@ impl Python {
             state.checked_at = now;
         }
         let Some(info) = table.get(tgid) else { return };
-        let mappings = signature(&info.mappings);
+        let mappings = crate::process::signature(&info.mappings);
         if self.processes.get(&tgid).is_some_and(|state| state.mappings == mappings) {
             return;
         }
@@ -383,15 +383,6 @@ fn bytecode_offset(layout: &layout::Layout, instr_offset: u32) -> i64 {
         // `f_lasti`, -1 before the first instruction.
         units => instr_offset as i32 as i64 * units as i64,
     }
-}
-
-fn signature(mappings: &[Mapping]) -> u64 {
-    use std::hash::{Hash as _, Hasher as _};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    for mapping in mappings {
-        (mapping.start, mapping.file.id).hash(&mut hasher);
-    }
-    hasher.finish()
 }
 
 fn kernel_entry(interpreter: &Interpreter) -> PythonProcess {
