@@ -420,7 +420,7 @@ impl LibraryLabels {
     /// or a `dlopen`ed library's dynamic descriptor, a pointer) is None.
     fn resolved(&self, pid: u32) -> Option<LabelsProcess> {
         let mut words = [0u8; 16];
-        if !crate::python::code::read_memory(pid, self.descriptor, &mut words) {
+        if !crate::process::read_memory(pid, self.descriptor, &mut words) {
             return None;
         }
         let argument = i64::from_le_bytes(words[8..].try_into().unwrap());

@@ -358,6 +358,19 @@ struct MapsLine<'a> {
     path: &'a str,
 }
 
+/// Reads `buf.len()` bytes at `addr` of process `pid` (`process_vm_readv`); false
+/// unless all were read.
+pub fn read_memory(pid: u32, addr: u64, buf: &mut [u8]) -> bool {
+    if buf.is_empty() {
+        return true;
+    }
+    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: buf.len() };
+    // SAFETY: `local` covers `buf`, which outlives the call; the remote side is only read.
+    let read = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+    read == buf.len() as isize
+}
+
 /// A hash of the mappings' (start, file): it changes with an exec or a library loaded,
 /// when what was found in a process is looked for again.
 pub fn signature(mappings: &[Mapping]) -> u64 {

@@ -2,23 +2,12 @@
 //! file and the line of an instruction, decoded once per code object and cached.
 
 use super::layout::{CodeLayout, LineTable, ObjectLayout};
+use crate::process::read_memory;
 
 /// Characters of a name or file name read at most.
 const MAX_STRING: usize = 1024;
 /// Bytes of a line table read at most (a function of tens of thousands of lines).
 const MAX_LINE_TABLE: usize = 64 << 10;
-
-/// Reads `buf.len()` bytes at `addr` of process `pid`; false unless all were read.
-pub fn read_memory(pid: u32, addr: u64, buf: &mut [u8]) -> bool {
-    if buf.is_empty() {
-        return true;
-    }
-    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-    let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: buf.len() };
-    // SAFETY: `local` covers `buf`, which outlives the call; the remote side is only read.
-    let read = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
-    read == buf.len() as isize
-}
 
 fn word(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))

@@ -143,76 +143,59 @@ pub fn apply(version: Version, layout: &Layout, raw: &[u8]) -> Result<(Layout, V
     }
     let mut out = *layout;
     let mut differed = Vec::new();
-    // Each value into its field, if it lies below `limit` (a value past the bytes read
-    // of its structure would be read from the wrong place, or not at all).
-    let mut take = |name: &'static str, at: usize, limit: u64, field: &mut u64| -> Result<(), Refused> {
+    // The description's value at `at` in place of the table's `current`, if it lies below
+    // `limit` (a value past the bytes read of its structure would be read from the wrong
+    // place, or not at all).
+    let mut take = |name: &'static str, at: usize, limit: u64, current: u64| -> Result<u64, Refused> {
         let v = value(at);
         if v >= limit {
             return Err(Refused::OutOfRange(name));
         }
-        if v != *field {
+        if v != current {
             differed.push(name);
-            *field = v;
         }
-        Ok(())
+        Ok(v)
     };
     let tstate_size = value(p.tstate_size);
     let code_size = value(p.code_size);
     let k = &mut out.kernel;
-    // The kernel's fields are u16: go through a u64 and back.
-    macro_rules! kernel {
-        ($name:literal, $at:expr, $limit:expr, $field:expr) => {{
-            let mut v = $field as u64;
-            take($name, $at, $limit, &mut v)?;
-            $field = v as u16;
-        }};
-    }
+    // The kernel's fields are u16, every limit below one.
     let tstate_limit = tstate_size.min(PYTHON_TSTATE_BYTES as u64).saturating_sub(8);
-    kernel!("thread_state.next", p.tstate_next, tstate_limit, k.tstate_next);
-    kernel!("thread_state.current_frame", p.tstate_current_frame, tstate_limit, k.tstate_frame);
-    kernel!("thread_state.native_thread_id", p.tstate_native_thread_id, tstate_limit, k.tstate_native_thread_id);
+    k.tstate_next = take("thread_state.next", p.tstate_next, tstate_limit, k.tstate_next as u64)? as u16;
+    k.tstate_frame = take("thread_state.current_frame", p.tstate_current_frame, tstate_limit, k.tstate_frame as u64)? as u16;
+    k.tstate_native_thread_id = take("thread_state.native_thread_id", p.tstate_native_thread_id, tstate_limit, k.tstate_native_thread_id as u64)? as u16;
     // `datastack_top` follows the chunk.
-    kernel!("thread_state.datastack_chunk", p.tstate_datastack_chunk, tstate_limit.saturating_sub(8), k.tstate_datastack_chunk);
-    kernel!("interpreter_state.threads_head", p.threads_head, u16::MAX as u64, k.interp_threads_head);
+    k.tstate_datastack_chunk = take("thread_state.datastack_chunk", p.tstate_datastack_chunk, tstate_limit.saturating_sub(8), k.tstate_datastack_chunk as u64)? as u16;
+    k.interp_threads_head = take("interpreter_state.threads_head", p.threads_head, u16::MAX as u64, k.interp_threads_head as u64)? as u16;
     let frame_limit = PYTHON_FRAME_BYTES as u64 - 8;
-    kernel!("interpreter_frame.previous", p.frame_previous, frame_limit, k.frame_previous);
-    kernel!("interpreter_frame.executable", p.frame_executable, frame_limit, k.frame_code);
-    kernel!("interpreter_frame.instr_ptr", p.frame_instr_ptr, frame_limit, k.frame_instr);
-    kernel!("interpreter_frame.owner", p.frame_owner, PYTHON_FRAME_BYTES as u64, k.frame_owner);
+    k.frame_previous = take("interpreter_frame.previous", p.frame_previous, frame_limit, k.frame_previous as u64)? as u16;
+    k.frame_code = take("interpreter_frame.executable", p.frame_executable, frame_limit, k.frame_code as u64)? as u16;
+    k.frame_instr = take("interpreter_frame.instr_ptr", p.frame_instr_ptr, frame_limit, k.frame_instr as u64)? as u16;
+    k.frame_owner = take("interpreter_frame.owner", p.frame_owner, PYTHON_FRAME_BYTES as u64, k.frame_owner as u64)? as u16;
     // The fingerprint is 32 bytes from the argument count.
-    kernel!("code_object.argcount", p.code_argcount, code_size.saturating_sub(32), k.code_fingerprint);
+    k.code_fingerprint = take("code_object.argcount", p.code_argcount, code_size.saturating_sub(32).min(u16::MAX as u64), k.code_fingerprint as u64)? as u16;
     // What the kernel reads of a thread state: up to its last field, within the struct.
     let fields_end = [k.tstate_next, k.tstate_frame, k.tstate_native_thread_id].iter().map(|&f| f as u64 + 8).chain([k.tstate_datastack_chunk as u64 + 16]).max().unwrap();
     k.tstate_bytes = (k.tstate_bytes as u64).max(fields_end).min(tstate_size) as u16;
-    take("runtime_state.interpreters_head", p.interpreters_head, 1 << 20, &mut out.runtime_interpreters_head)?;
-    let mut code_fields = [out.code.filename, out.code.qualname, out.code.linetable, out.code.first_line, out.code.code, out.code.ob_type].map(|f| f as u64);
-    let [filename, qualname, linetable, first_line, adaptive, ob_type] = &mut code_fields;
-    take("code_object.filename", p.code_filename, code_size.saturating_sub(8), filename)?;
-    take("code_object.qualname", p.code_qualname, code_size.saturating_sub(8), qualname)?;
-    take("code_object.linetable", p.code_linetable, code_size.saturating_sub(8), linetable)?;
-    take("code_object.firstlineno", p.code_firstlineno, code_size.saturating_sub(4), first_line)?;
-    take("code_object.co_code_adaptive", p.code_adaptive, code_size.saturating_add(1), adaptive)?;
-    take("pyobject.ob_type", p.ob_type, 64, ob_type)?;
-    let [filename, qualname, linetable, first_line, adaptive, ob_type] = code_fields.map(|f| f as usize);
-    out.code.filename = filename;
-    out.code.qualname = qualname;
-    out.code.linetable = linetable;
-    out.code.first_line = first_line;
-    out.code.code = adaptive;
-    out.code.ob_type = ob_type;
-    out.code.header = out.code.header.max([filename, qualname, linetable].into_iter().max().unwrap() + 8).max(adaptive);
-    let mut object_fields = [out.objects.bytes_size, out.objects.bytes_data, out.objects.str_state, out.objects.str_length, out.objects.str_ascii_data].map(|f| f as u64);
-    let [bytes_size, bytes_data, str_state, str_length, str_ascii] = &mut object_fields;
-    take("bytes_object.ob_size", p.bytes_ob_size, 64, bytes_size)?;
-    take("bytes_object.ob_sval", p.bytes_ob_sval, 64, bytes_data)?;
-    take("unicode_object.state", p.str_state, 60, str_state)?;
-    take("unicode_object.length", p.str_length, 56, str_length)?;
-    take("unicode_object.asciiobject_size", p.str_ascii_size, 64, str_ascii)?;
-    let [bytes_size, bytes_data, str_state, str_length, str_ascii] = object_fields.map(|f| f as usize);
+    out.runtime_interpreters_head = take("runtime_state.interpreters_head", p.interpreters_head, 1 << 20, out.runtime_interpreters_head)?;
+    let c = &mut out.code;
+    c.filename = take("code_object.filename", p.code_filename, code_size.saturating_sub(8), c.filename as u64)? as usize;
+    c.qualname = take("code_object.qualname", p.code_qualname, code_size.saturating_sub(8), c.qualname as u64)? as usize;
+    c.linetable = take("code_object.linetable", p.code_linetable, code_size.saturating_sub(8), c.linetable as u64)? as usize;
+    c.first_line = take("code_object.firstlineno", p.code_firstlineno, code_size.saturating_sub(4), c.first_line as u64)? as usize;
+    c.code = take("code_object.co_code_adaptive", p.code_adaptive, code_size.saturating_add(1), c.code as u64)? as usize;
+    c.ob_type = take("pyobject.ob_type", p.ob_type, 64, c.ob_type as u64)? as usize;
+    c.header = c.header.max(c.filename.max(c.qualname).max(c.linetable) + 8).max(c.code);
+    let o = &mut out.objects;
+    o.bytes_size = take("bytes_object.ob_size", p.bytes_ob_size, 64, o.bytes_size as u64)? as usize;
+    o.bytes_data = take("bytes_object.ob_sval", p.bytes_ob_sval, 64, o.bytes_data as u64)? as usize;
+    o.str_state = take("unicode_object.state", p.str_state, 60, o.str_state as u64)? as usize;
+    o.str_length = take("unicode_object.length", p.str_length, 56, o.str_length as u64)? as usize;
+    let str_ascii = take("unicode_object.asciiobject_size", p.str_ascii_size, 64, o.str_ascii_data as u64)? as usize;
     // A compact non-ASCII string's characters follow its own header, which grows with
     // the ASCII one.
-    out.objects.str_compact_data = out.objects.str_compact_data + str_ascii - out.objects.str_ascii_data;
-    out.objects = super::layout::ObjectLayout { bytes_size, bytes_data, str_state, str_length, str_ascii_data: str_ascii, ..out.objects };
+    o.str_compact_data = o.str_compact_data + str_ascii - o.str_ascii_data;
+    o.str_ascii_data = str_ascii;
     Ok((out, differed))
 }
 

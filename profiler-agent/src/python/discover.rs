@@ -7,11 +7,13 @@ use std::os::unix::fs::MetadataExt as _;
 use object::{Object as _, ObjectSymbol as _};
 
 use super::{
-    code::read_memory,
     debug_offsets::{self, Refused},
     layout::{self, Layout, Version},
 };
-use crate::{elf_layout::CodeSegments, process::ProcessInfo};
+use crate::{
+    elf_layout::CodeSegments,
+    process::{read_memory, ProcessInfo},
+};
 
 /// What the agent knows of one process's interpreter.
 #[derive(Clone, Debug)]

@@ -406,7 +406,7 @@ mod tests {
 
     fn read_word(pid: u32, addr: u64) -> u64 {
         let mut word = [0u8; 8];
-        assert!(code::read_memory(pid, addr, &mut word), "reading {addr:#x} of {pid}");
+        assert!(crate::process::read_memory(pid, addr, &mut word), "reading {addr:#x} of {pid}");
         u64::from_le_bytes(word)
     }
 
@@ -478,7 +478,7 @@ mod tests {
             };
             let byte = |addr: u64| {
                 let mut byte = [0u8];
-                assert!(code::read_memory(pid, addr, &mut byte));
+                assert!(crate::process::read_memory(pid, addr, &mut byte));
                 byte[0]
             };
             let mut walked: Vec<(u64, bool)> = Vec::new();
