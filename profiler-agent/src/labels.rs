@@ -9,12 +9,15 @@
 //! (key, value) byte strings. The executable's thread-local block sits at a fixed offset
 //! below the thread pointer (x86-64, TLS variant II), so the agent computes, per process,
 //! the offset from a thread's `fsbase` to its `custom_labels_current_set` and writes it
-//! into the kernel's `LABEL_PROCESSES`. Or by linking the C library, `libcustomlabels.so`,
-//! which reaches the variable through a TLS descriptor (`R_X86_64_TLSDESC`, as the ABI
-//! asks of a library): once the dynamic linker resolved it for a library loaded at
-//! start, the descriptor's argument is that same offset, read from the process. The BPF
-//! programs follow it and send the labels in a record just before the snapshot. A process that does not export the symbols is
-//! never published, and its samples cost one hash lookup that finds nothing.
+//! into the kernel's `LABEL_PROCESSES`. Or by using the C library, `libcustomlabels.so`,
+//! linked or loaded with `dlopen`, which reaches the variable through a TLS descriptor
+//! (`R_X86_64_TLSDESC`, as the ABI asks of a library) or `__tls_get_addr`'s GOT pair.
+//! What the dynamic linker wrote there, read from the process, is either that same
+//! static offset or (a library `dlopen`ed past glibc's room for static TLS) a module id
+//! and an offset in the module's block, which the kernel finds through the thread's
+//! dynamic thread vector. The BPF programs follow it and send the labels in a record
+//! just before the snapshot. A process that does not export the symbols is never
+//! published, and its samples cost one hash lookup that finds nothing.
 //!
 //! Labels become labels of the profile (see `daemon`), except high-cardinality keys
 //! ([`LabelOptions::high_cardinality`]: request or trace ids), which would make a
@@ -180,9 +183,8 @@ pub struct LabelCounts {
     pub sets_dropped: u64,
     /// Label records without their snapshot, or malformed.
     pub unmatched: u64,
-    /// Checks of a process whose `libcustomlabels.so` descriptor was not resolved to a
-    /// static offset (not used yet, or a library loaded with `dlopen`): not read, checked
-    /// again.
+    /// Checks of a process whose `libcustomlabels.so` reference was not resolved yet (a
+    /// lazy descriptor): not read, checked again.
     pub libraries_pending: u64,
 }
 
@@ -239,8 +241,7 @@ impl Labels {
         }
         let mut pending = false;
         let found = executable(&info).and_then(|mapping| in_executable(&mapping.file.handle_path)).or_else(|| {
-            let library = self.libraries.find(&info)?;
-            let resolved = library.resolved(tgid);
+            let resolved = self.libraries.find(&info)?.resolved(tgid);
             pending = resolved.is_none();
             if pending {
                 self.counts.libraries_pending += 1;
@@ -383,22 +384,32 @@ fn executable(info: &ProcessInfo) -> Option<&crate::process::Mapping> {
     info.mappings.iter().find(|mapping| mapping.file.name == name)
 }
 
-/// Libraries' descriptors of `custom_labels_current_set`, by (file, file offset of the
+/// How libraries reach their `custom_labels_current_set`, by (file, file offset of the
 /// mapping): each library is parsed once, however many processes map it.
 #[derive(Default)]
-struct Libraries(HashMap<((u64, u64), u64), Option<u64>>);
+struct Libraries(HashMap<((u64, u64), u64), Option<Reference>>);
 
 /// Libraries remembered at most; past it the cache starts over.
 const MAX_LIBRARIES: usize = 4096;
 
-/// A library of a process whose TLS descriptor for the labels is at `descriptor`.
-struct LibraryLabels {
-    descriptor: u64,
+/// Where a library's code finds its thread's `custom_labels_current_set`: words the
+/// dynamic linker fills in when it loads the library, at these offsets from the start of
+/// its mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reference {
+    /// A TLS descriptor (`R_X86_64_TLSDESC`, what the ABI asks of a library, gcc's
+    /// `-mtls-dialect=gnu2`): the resolver, then its argument.
+    Descriptor(u64),
+    /// The traditional general-dynamic argument of `__tls_get_addr` (gcc's default
+    /// dialect), a `tls_index` in the GOT: the module id (`R_X86_64_DTPMOD64`), then the
+    /// offset in its block (`R_X86_64_DTPOFF64`, or written at link time).
+    TlsIndex(u64),
 }
 
 impl Libraries {
-    /// The first library mapped by the process that exports ABI v1 custom labels.
-    fn find(&mut self, info: &ProcessInfo) -> Option<LibraryLabels> {
+    /// The first library mapped by the process that exports ABI v1 custom labels, with
+    /// the address of its reference in the process.
+    fn find(&mut self, info: &ProcessInfo) -> Option<Reference> {
         if self.0.len() >= MAX_LIBRARIES {
             self.0.clear();
         }
@@ -406,43 +417,73 @@ impl Libraries {
             let from_mapping = *self
                 .0
                 .entry((mapping.file.id, mapping.file_offset))
-                .or_insert_with(|| descriptor_in_library(&mapping.file.handle_path, mapping.file_offset));
-            Some(LibraryLabels { descriptor: mapping.start.wrapping_add(from_mapping?) })
+                .or_insert_with(|| reference_in_library(&mapping.file.handle_path, mapping.file_offset));
+            Some(match from_mapping? {
+                Reference::Descriptor(at) => Reference::Descriptor(mapping.start.wrapping_add(at)),
+                Reference::TlsIndex(at) => Reference::TlsIndex(mapping.start.wrapping_add(at)),
+            })
         })
     }
 }
 
-impl LibraryLabels {
-    /// The kernel's entry, once the dynamic linker resolved the descriptor to a static
-    /// offset: its two words are the resolver and its argument, which for a library
-    /// loaded at start (`_dl_tlsdesc_return`) is the variable's offset from the thread
-    /// pointer, negative under variant II. Anything else (lazy resolution not done yet,
-    /// or a `dlopen`ed library's dynamic descriptor, a pointer) is None.
+impl Reference {
+    /// The kernel's entry, read from the words the dynamic linker filled in (`self` holds
+    /// their addresses in process `pid`). A descriptor resolved to static TLS (a library
+    /// loaded at start, or `dlopen`ed into the room glibc keeps for that,
+    /// `_dl_tlsdesc_return`) holds the variable's offset from the thread pointer, negative
+    /// under variant II. One resolved to dynamic TLS (`_dl_tlsdesc_dynamic`) points to
+    /// the module id and offset, which the kernel follows through the thread's dynamic
+    /// thread vector, as the `__tls_get_addr` pair does. Anything else (not resolved
+    /// yet) is None.
     fn resolved(&self, pid: u32) -> Option<LabelsProcess> {
-        let mut words = [0u8; 16];
-        if !crate::process::read_memory(pid, self.descriptor, &mut words) {
-            return None;
+        let word = |at: u64| {
+            let mut bytes = [0u8; 8];
+            crate::process::read_memory(pid, at, &mut bytes).then(|| u64::from_le_bytes(bytes))
+        };
+        match *self {
+            Reference::Descriptor(at) => {
+                let argument = word(at.wrapping_add(8))?;
+                if (-(1i64 << 32)..0).contains(&(argument as i64)) {
+                    return Some(LabelsProcess { tls_offset: argument, tls_module: 0 });
+                }
+                // struct tlsdesc_dynamic_arg: tls_index { ti_module, ti_offset }, gen_count.
+                in_module(word(argument)?, word(argument.wrapping_add(8))?)
+            }
+            Reference::TlsIndex(at) => in_module(word(at)?, word(at.wrapping_add(8))?),
         }
-        let argument = i64::from_le_bytes(words[8..].try_into().unwrap());
-        (-(1i64 << 32)..0).contains(&argument).then_some(LabelsProcess { tls_offset: argument as u64 })
     }
 }
 
-/// Where, from the start of the library's mapping at `file_offset`, its TLS descriptor of
-/// `custom_labels_current_set` lies: None unless it exports ABI v1 and has one.
-fn descriptor_in_library(path: &std::path::Path, file_offset: u64) -> Option<u64> {
+/// The kernel's entry for a variable at `offset` in the TLS block of `module`, if both
+/// are believable (a lazy descriptor's argument, a relocation, reads as neither).
+fn in_module(module: u64, offset: u64) -> Option<LabelsProcess> {
+    ((1..=profiler_common::MAX_TLS_MODULE).contains(&module) && offset < 1 << 32)
+        .then_some(LabelsProcess { tls_offset: offset, tls_module: module })
+}
+
+/// How the library's code, from the start of its mapping at `file_offset`, reaches
+/// `custom_labels_current_set`: None unless it exports ABI v1 and has a dynamic
+/// relocation of it.
+fn reference_in_library(path: &std::path::Path, file_offset: u64) -> Option<Reference> {
     let file = std::fs::File::open(path).ok()?;
     // SAFETY: as in `in_executable`.
     let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
     let elf = object::File::parse(&map[..]).ok()?;
     let current_set = exported_abi(&elf, path)?;
     let symbol_index = current_set.index();
-    let (offset, _) = elf.dynamic_relocations()?.find(|(_, relocation)| {
-        matches!(relocation.flags(), object::RelocationFlags::Elf { r_type: object::elf::R_X86_64_TLSDESC })
-            && relocation.target() == object::RelocationTarget::Symbol(symbol_index)
-    })?;
+    let slot = |wanted: u32| {
+        elf.dynamic_relocations()?.find_map(|(offset, relocation)| {
+            let matches = matches!(relocation.flags(), object::RelocationFlags::Elf { r_type } if r_type == wanted)
+                && relocation.target() == object::RelocationTarget::Symbol(symbol_index);
+            matches.then_some(offset)
+        })
+    };
     let vaddr = crate::elf_layout::CodeSegments::of(&elf).virtual_address(file_offset)?;
-    Some(offset.wrapping_sub(vaddr))
+    let from_mapping = |offset: u64| offset.wrapping_sub(vaddr);
+    if let Some(descriptor) = slot(object::elf::R_X86_64_TLSDESC) {
+        return Some(Reference::Descriptor(from_mapping(descriptor)));
+    }
+    slot(object::elf::R_X86_64_DTPMOD64).map(|index| Reference::TlsIndex(from_mapping(index)))
 }
 
 /// The ABI's thread-local symbol, if the binary exports ABI v1 (its version is read from
@@ -477,6 +518,7 @@ fn in_executable(path: &std::path::Path) -> Option<LabelsProcess> {
     let tls = elf.elf_program_headers().iter().find(|header| header.p_type(endian) == object::elf::PT_TLS)?;
     Some(LabelsProcess {
         tls_offset: tls_offset(tls.p_memsz(endian), tls.p_align(endian), tls.p_vaddr(endian), current_set),
+        tls_module: 0,
     })
 }
 
@@ -495,68 +537,76 @@ fn tls_offset(memsz: u64, align: u64, vaddr: u64, symbol: u64) -> u64 {
 mod tests {
     use super::*;
 
-    /// The C library of the custom-labels crate, built as its Makefile builds
-    /// `libcustomlabels.so` (TLS descriptors), linked into a program that sets a label
-    /// and prints where its thread's `custom_labels_current_set` lies from the thread
-    /// pointer: the reader publishes that offset, read from the process's resolved
-    /// descriptor.
-    #[test]
-    fn a_libcustomlabels_so_is_read_through_its_tls_descriptor() {
+    /// The custom-labels crate's own C source (`src/customlabels.cpp`, `customlabels.h`).
+    fn crate_sources() -> std::path::PathBuf {
         let metadata = std::process::Command::new(env!("CARGO"))
             .args(["metadata", "--format-version", "1", "--filter-platform", "x86_64-unknown-linux-gnu", "--manifest-path"])
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/labels-app/Cargo.toml"))
             .output()
             .unwrap();
         let metadata: serde_json::Value = serde_json::from_slice(&metadata.stdout).expect("cargo metadata");
-        let crate_dir = metadata["packages"]
+        metadata["packages"]
             .as_array()
             .unwrap()
             .iter()
             .find(|p| p["name"] == "custom-labels")
-            .map(|p| std::path::PathBuf::from(p["manifest_path"].as_str().unwrap()).parent().unwrap().to_path_buf())
-            .expect("the custom-labels crate (tests/labels-app depends on it)");
+            .map(|p| std::path::PathBuf::from(p["manifest_path"].as_str().unwrap()).parent().unwrap().join("src"))
+            .expect("the custom-labels crate (tests/labels-app depends on it)")
+    }
+
+    /// How a test program gets the library.
+    #[derive(Clone, Copy, Debug)]
+    enum Load {
+        /// Linked, so loaded at start (static TLS).
+        Linked,
+        /// `dlopen`ed, with glibc's defaults (a small TLS block gets static TLS).
+        Dlopen,
+        /// `dlopen`ed with no room left for static TLS: the block is allocated per thread.
+        DlopenDynamic,
+    }
+
+    /// Runs a program that uses `libcustomlabels.so` built with `dialect` (`gnu2`, TLS
+    /// descriptors, as the library's Makefile builds it; `gnu`, `__tls_get_addr`, gcc's
+    /// default) and loaded as `load`, and sets a label; returns what the reader published,
+    /// the address of the program's thread's `custom_labels_current_set` that entry leads
+    /// to when followed as the kernel follows it, and the variable's real address (and
+    /// module id) as the program prints them.
+    fn published_for(dialect: &str, load: Load) -> (LabelsProcess, Option<u64>, u64, u64) {
+        let sources = crate_sources();
         let dir = tempfile::tempdir().unwrap();
         let library = dir.path().join("libcustomlabels.so");
         let built = std::process::Command::new("g++")
-            .args(["-O2", "-ftls-model=global-dynamic", "-mtls-dialect=gnu2", "-fPIC", "-shared", "-o"])
+            .args(["-O2", "-ftls-model=global-dynamic", &format!("-mtls-dialect={dialect}"), "-fPIC", "-shared", "-o"])
             .arg(&library)
-            .arg(crate_dir.join("src/customlabels.cpp"))
+            .arg(sources.join("customlabels.cpp"))
             .status()
             .unwrap();
         assert!(built.success(), "building libcustomlabels.so");
-        std::fs::write(
-            dir.path().join("app.c"),
-            r#"#include <stdio.h>
-#include <string.h>
-#include "customlabels.h"
-int main(void) {
-    custom_labels_labelset_t *set = custom_labels_new(4);
-    custom_labels_string_t key = {8, (const unsigned char *)"endpoint"}, value = {8, (const unsigned char *)"checkout"};
-    custom_labels_set(set, key, value, NULL);
-    custom_labels_replace(set);
-    printf("%ld\n", (long)((char *)&custom_labels_current_set - (char *)__builtin_thread_pointer()));
-    fflush(stdout);
-    return getchar() == EOF ? 0 : 1;
-}
-"#,
-        )
-        .unwrap();
         let app = dir.path().join("app");
-        let built = std::process::Command::new("gcc")
-            .arg(format!("-I{}", crate_dir.join("src").display()))
+        let mut build = std::process::Command::new("gcc");
+        build
+            .arg(format!("-I{}", sources.display()))
             .arg("-o")
             .arg(&app)
-            .arg(dir.path().join("app.c"))
-            .arg(format!("-L{}", dir.path().display()))
-            .arg(format!("-Wl,-rpath,{}", dir.path().display()))
-            .arg("-lcustomlabels")
-            .status()
-            .unwrap();
-        assert!(built.success(), "building the app");
-        let mut child = std::process::Command::new(&app).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/labels-app/c/app.c"));
+        if matches!(load, Load::Linked) {
+            build.arg("-DLINKED").arg(format!("-L{}", dir.path().display())).arg(format!("-Wl,-rpath,{}", dir.path().display())).arg("-lcustomlabels");
+        } else {
+            build.arg("-ldl");
+        }
+        assert!(build.status().unwrap().success(), "building the app");
+        let mut run = std::process::Command::new(&app);
+        if !matches!(load, Load::Linked) {
+            run.arg(&library);
+        }
+        if matches!(load, Load::DlopenDynamic) {
+            run.env("GLIBC_TUNABLES", "glibc.rtld.optional_static_tls=0");
+        }
+        let mut child = run.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
         let mut line = String::new();
         std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-        let offset: i64 = line.trim().parse().unwrap();
+        let printed: Vec<u64> = line.split_whitespace().map(|word| word.parse().unwrap()).collect();
+        let [thread_pointer, variable, module] = printed[..] else { panic!("the app printed {line:?}") };
 
         let table = ProcessTable::default();
         table.refresh(child.id());
@@ -564,12 +614,61 @@ int main(void) {
         let sink = published.clone();
         let mut labels = Labels::new(LabelOptions::default(), LabelSets::default(), Box::new(move |pid, entry| sink.lock().unwrap().push((pid, entry))));
         labels.observe(child.id(), &table);
+        let entry = {
+            let published = published.lock().unwrap();
+            assert_eq!(published.len(), 1, "published once: {published:?}");
+            published[0].1.expect("an entry")
+        };
+        let followed = follow(child.id(), thread_pointer, entry);
         drop(child.stdin.take());
         child.wait().unwrap();
-        let published = published.lock().unwrap();
-        assert_eq!(published.len(), 1, "published once: {published:?}");
-        assert_eq!(published[0].1.map(|entry| entry.tls_offset as i64), Some(offset), "the variable's offset from the thread pointer");
         assert_eq!(labels.counts.libraries_pending, 0);
+        (entry, followed, variable, module)
+    }
+
+    /// The kernel's `labels_variable`, on the process's memory.
+    fn follow(pid: u32, thread_pointer: u64, entry: LabelsProcess) -> Option<u64> {
+        use profiler_common::{DTV_ENTRY_BYTES, DTV_OFFSET, DTV_UNALLOCATED};
+        if entry.tls_module == 0 {
+            return Some(thread_pointer.wrapping_add(entry.tls_offset));
+        }
+        let word = |at: u64| {
+            let mut bytes = [0u8; 8];
+            crate::process::read_memory(pid, at, &mut bytes).then(|| u64::from_le_bytes(bytes))
+        };
+        let dtv = word(thread_pointer + DTV_OFFSET)?;
+        let room = word(dtv - DTV_ENTRY_BYTES)?;
+        if entry.tls_module > room {
+            return None;
+        }
+        let block = word(dtv + entry.tls_module * DTV_ENTRY_BYTES)?;
+        (block != 0 && block != DTV_UNALLOCATED).then(|| block + entry.tls_offset)
+    }
+
+    /// The library built as its Makefile builds it (TLS descriptors) and linked: the
+    /// resolved descriptor holds the variable's static offset from the thread pointer.
+    #[test]
+    fn a_linked_libcustomlabels_so_is_read_through_its_tls_descriptor() {
+        let (entry, followed, variable, _) = published_for("gnu2", Load::Linked);
+        assert_eq!(entry.tls_module, 0, "static TLS: {entry:?}");
+        assert_eq!(followed, Some(variable), "the variable's address from the thread pointer: {entry:?}");
+    }
+
+    /// Loaded with `dlopen`: in glibc's room for static TLS by default (a static
+    /// offset, as linked), or, once that room is gone, in a block of its own per thread
+    /// (a dynamic descriptor: module id and offset, found through the dynamic thread
+    /// vector); and built with gcc's default dialect, through `__tls_get_addr`'s GOT pair.
+    #[test]
+    fn a_dlopened_libcustomlabels_so_is_read_in_static_or_dynamic_tls() {
+        let (entry, followed, variable, _) = published_for("gnu2", Load::Dlopen);
+        assert_eq!(entry.tls_module, 0, "static TLS: {entry:?}");
+        assert_eq!(followed, Some(variable), "dlopen, static TLS: {entry:?}");
+        for dialect in ["gnu2", "gnu"] {
+            let (entry, followed, variable, module) = published_for(dialect, Load::DlopenDynamic);
+            assert!(module > 0, "dlinfo gave no module id");
+            assert_eq!(entry.tls_module, module, "{dialect}: the library's module: {entry:?}");
+            assert_eq!(followed, Some(variable), "{dialect}: the variable through the dynamic thread vector: {entry:?}");
+        }
     }
 
     /// Placements as glibc computes them (the end-to-end test reads a real one).

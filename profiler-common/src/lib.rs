@@ -306,16 +306,33 @@ pub const LABELS_CUT: u32 = 1;
 pub const LABELS_READ_FAILED: u32 = 2;
 
 /// A process that publishes custom labels (ABI v1 of Parca's `custom-labels`: the
-/// thread-local `custom_labels_current_set` of its main executable, at a fixed offset
-/// from the thread pointer).
+/// thread-local `custom_labels_current_set`, of its main executable or of a library).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LabelsProcess {
-    /// Added (wrapping) to a thread's `fsbase` to get the address of its
-    /// `custom_labels_current_set`: minus the executable's TLS block offset, plus the
-    /// symbol's offset in it.
+    /// With `tls_module` 0, added (wrapping) to a thread's `fsbase` to get the address of
+    /// its `custom_labels_current_set` (static TLS: the executable's, or a library's
+    /// loaded at start): minus the module's TLS block offset, plus the symbol's offset in
+    /// it. Otherwise the symbol's offset in the module's own block.
     pub tls_offset: u64,
+    /// 0, or the TLS module id of a library whose block glibc allocates per thread on
+    /// first use (one loaded by `dlopen`): the block is then found through the thread's
+    /// dynamic thread vector (see [`DTV_OFFSET`]).
+    pub tls_module: u64,
 }
+
+/// glibc's dynamic thread vector on x86-64: its address is the word at the thread
+/// pointer plus this (`tcbhead_t.dtv`); entry `m` (16 bytes: the block's address, then
+/// what to free) is module `m`'s block, and entry -1's first word is the number of
+/// modules the vector has room for. A block not allocated yet reads as
+/// [`DTV_UNALLOCATED`].
+pub const DTV_OFFSET: u64 = 8;
+/// Bytes of one entry of the dynamic thread vector.
+pub const DTV_ENTRY_BYTES: u64 = 16;
+/// glibc's `TLS_DTV_UNALLOCATED`.
+pub const DTV_UNALLOCATED: u64 = u64::MAX;
+/// Module ids past this are not believed (glibc counts modules with TLS from 1).
+pub const MAX_TLS_MODULE: u64 = 1 << 16;
 
 /// One custom label as the kernel copied it.
 #[repr(C)]

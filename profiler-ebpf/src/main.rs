@@ -40,6 +40,7 @@ mod programs {
         EVENT_PYTHON_STACK, MAX_PYTHON_FRAMES, MAX_PYTHON_THREADS, PYTHON_ENTRY, PYTHON_FINGERPRINT_BYTES, PYTHON_FRAME_BYTES,
         PythonLayout, PYTHON_NO_FIELD, PYTHON_READ_FAILED, PYTHON_STACK_WINDOW, PYTHON_TRUNCATED, PYTHON_TSTATE_BYTES,
         Label, LabelsProcess, LabelsRecord, EVENT_LABELS, LABELS_HEADER_BYTES, LABELS_CUT, LABELS_READ_FAILED, LABEL_KEY_BYTES, LABEL_VALUE_BYTES, MAX_LABELS,
+        DTV_ENTRY_BYTES, DTV_OFFSET, DTV_UNALLOCATED, MAX_TLS_MODULE,
     };
 
     // Sizes are defaults; the agent overrides them at load time.
@@ -311,7 +312,8 @@ mod programs {
         let Some(fsbase) = thread_pointer(cfg) else { return };
         let Some(record) = LABELS.get_ptr_mut(0) else { return };
         let record = unsafe { &mut *record };
-        let Some(set) = read_user(fsbase.wrapping_add(process.tls_offset)) else { return };
+        let Some(variable) = labels_variable(fsbase, process) else { return };
+        let Some(set) = read_user(variable) else { return };
         if set == 0 {
             return;
         }
@@ -378,6 +380,27 @@ mod programs {
         let len = LABELS_HEADER_BYTES + used * size_of::<Label>();
         let bytes = unsafe { core::slice::from_raw_parts(record as *const LabelsRecord as *const u8, len) };
         let _ = EVENTS.output::<[u8]>(bytes, NO_WAKEUP);
+    }
+
+    /// Where the thread's `custom_labels_current_set` lies: at a fixed offset from the
+    /// thread pointer (static TLS), or in the block of a `dlopen`ed library's module,
+    /// which glibc allocates on the thread's first use of it and lists in its dynamic
+    /// thread vector. None when the thread has no block for that module yet: it never
+    /// touched the library's thread-locals, so has set no labels through it.
+    #[inline(always)]
+    fn labels_variable(fsbase: u64, process: &LabelsProcess) -> Option<u64> {
+        let module = process.tls_module;
+        if module == 0 {
+            return Some(fsbase.wrapping_add(process.tls_offset));
+        }
+        let dtv = read_user(fsbase.wrapping_add(DTV_OFFSET))?;
+        // A vector not grown since the library was loaded has no entry for it.
+        let room = read_user(dtv.wrapping_sub(DTV_ENTRY_BYTES))?;
+        if module > room || module > MAX_TLS_MODULE {
+            return None;
+        }
+        let block = read_user(dtv.wrapping_add(module * DTV_ENTRY_BYTES))?;
+        (block != 0 && block != DTV_UNALLOCATED).then(|| block.wrapping_add(process.tls_offset))
     }
 
     /// Sends the Python frames of the current thread of a Python process, leaf first, in a

@@ -148,3 +148,76 @@ fn the_slowest_requests_profile_shows_their_extra_wait() {
     assert!(daemon.metric("request_snapshots_total") > 0.0);
     daemon.stop();
 }
+
+/// The C library of the custom-labels crate (`libcustomlabels.so`, built as its Makefile
+/// builds it: TLS descriptors) loaded with `dlopen` by a C program, with glibc left no
+/// room for static TLS, so each thread's block of the library is allocated on first use
+/// and found through its dynamic thread vector: the kernel reads the labels of (nearly)
+/// every sample of the program's labelled thread.
+#[test]
+fn labels_of_a_dlopened_library_are_read_from_dynamic_tls() {
+    let _host = profiler_tests::host_shared();
+    let sources = custom_labels_sources();
+    let dir = tempfile::tempdir().unwrap();
+    let library = dir.path().join("libcustomlabels.so");
+    let built = Command::new("g++")
+        .args(["-O2", "-ftls-model=global-dynamic", "-mtls-dialect=gnu2", "-fPIC", "-shared", "-o"])
+        .arg(&library)
+        .arg(sources.join("customlabels.cpp"))
+        .status()
+        .unwrap();
+    assert!(built.success(), "building libcustomlabels.so");
+    let app = dir.path().join("app");
+    let built = Command::new("gcc")
+        .args(["-O2", "-fno-omit-frame-pointer", &format!("-I{}", sources.display()), "-o"])
+        .arg(&app)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/labels-app/c/app.c"))
+        .arg("-ldl")
+        .status()
+        .unwrap();
+    assert!(built.success(), "building the C app");
+    let mut child = Command::new(&app)
+        .arg(&library)
+        .env("GLIBC_TUNABLES", "glibc.rtld.optional_static_tls=0")
+        .env("SPIN_SECONDS", "6")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let module: u64 = line.split_whitespace().nth(2).and_then(|m| m.parse().ok()).unwrap_or_else(|| panic!("the app printed {line:?}"));
+    assert!(module > 0, "the library has no TLS module id: {line:?}");
+
+    let stats = dir.path().join("stats.json");
+    let pid = child.id().to_string();
+    let agent = profiler_tests::Agent::record(&["--pid", &pid, "--duration", "3s", "-o", "/dev/null", "--stats", stats.to_str().unwrap()]);
+    agent.wait();
+    child.kill().ok();
+    child.wait().unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+    let counter = |name: &str| stats["counters"][name].as_u64().unwrap_or_else(|| panic!("no counter {name} in {stats}"));
+    let (samples, labelled) = (counter("samples"), counter("labelled_snapshots"));
+    eprintln!("module {module}: {labelled} of {samples} samples labelled, {} pending", counter("label_libraries_pending"));
+    assert_eq!(counter("label_processes"), 1, "the process was not found to publish labels");
+    assert!(samples >= 100, "only {samples} samples");
+    // The first samples come before the agent has looked at the process.
+    assert!(labelled as f64 >= 0.9 * samples as f64, "{labelled} of {samples} samples labelled");
+}
+
+/// The custom-labels crate's C sources (`customlabels.cpp`, `customlabels.h`), from the
+/// copy cargo fetched for the test app.
+fn custom_labels_sources() -> PathBuf {
+    let metadata = Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--filter-platform", "x86_64-unknown-linux-gnu", "--manifest-path"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/labels-app/Cargo.toml"))
+        .output()
+        .unwrap();
+    let metadata: serde_json::Value = serde_json::from_slice(&metadata.stdout).expect("cargo metadata");
+    metadata["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "custom-labels")
+        .map(|p| PathBuf::from(p["manifest_path"].as_str().unwrap()).parent().unwrap().join("src"))
+        .expect("the custom-labels crate (tests/labels-app depends on it)")
+}
