@@ -233,6 +233,8 @@ fn record_drain_metrics(session: &Session, window: &Window, metrics: &Metrics) {
     metrics.switches.fetch_add(window.switches, Relaxed);
     metrics.switches_recorded.fetch_add(stats.get(Stat::SwitchOutsRecorded), Relaxed);
     metrics.switches_recorded_by_quota.fetch_add(stats.get(Stat::SwitchOutsByQuota), Relaxed);
+    metrics.kernel_stacks_reused.fetch_add(stats.get(Stat::KernelStacksReused), Relaxed);
+    metrics.kernel_stacks_changed.fetch_add(stats.get(Stat::KernelStacksChanged), Relaxed);
     metrics.off_cpu_switch_in.store(session.off_cpu_switch_in() as u64, Relaxed);
     let off_cpu_lost = stats.get(Stat::OffCpuRingFull) + stats.get(Stat::SwitchOutMapFull) + stats.get(Stat::SwitchInMissed);
     metrics.off_cpu_lost.fetch_add(off_cpu_lost, Relaxed);

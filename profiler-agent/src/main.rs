@@ -148,6 +148,13 @@ struct RecordArgs {
     /// rate control lowers it when their records would take over 9/10 of the budget.
     #[arg(long, default_value_t = OffCpuOptions::default().thread_quota)]
     off_cpu_thread_quota: u32,
+    /// A thread switching out again from the same place (the same system call from the
+    /// same user code, stack pointer and state) takes the kernel stack walked at the
+    /// first of these many switch-outs instead of walking it again, the one after walks
+    /// anew (`kernel_stacks_changed` counts walks that found another stack). Walking is
+    /// most of a record's in-kernel cost; 0 walks every time.
+    #[arg(long, default_value_t = OffCpuOptions::default().kernel_stack_reuses)]
+    off_cpu_kernel_stack_reuses: u32,
     /// Where waits get their stacks: at switch-in where the kernel takes a kprobe on the
     /// scheduler's finish_task_switch (only waits of at least --off-cpu-min-block pay for
     /// stacks), else at switch-out; `switch-out` or `switch-in` forces one (the latter
@@ -281,6 +288,7 @@ fn run_record(args: RecordArgs) -> anyhow::Result<()> {
                 min_block: args.off_cpu_min_block,
                 sample_probability: args.off_cpu_sampling,
                 thread_quota: args.off_cpu_thread_quota,
+                kernel_stack_reuses: args.off_cpu_kernel_stack_reuses,
                 path: args.off_cpu_path,
                 ..OffCpuOptions::default()
             }),

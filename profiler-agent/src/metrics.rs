@@ -42,6 +42,8 @@ pub struct Metrics {
     pub off_cpu_switch_in: AtomicU64,
     /// Switch-outs recorded at their thread's own probability (quota).
     pub switches_recorded_by_quota: AtomicU64,
+    pub kernel_stacks_reused: AtomicU64,
+    pub kernel_stacks_changed: AtomicU64,
     pub profiles_produced: AtomicU64,
     pub profiles_shipped: AtomicU64,
     pub profiles_spooled: AtomicU64,
@@ -100,6 +102,8 @@ impl Metrics {
         metric("off_cpu_thread_quota", "gauge", "Switch-outs per 100 ms a thread may have and still have each recorded (rate control lowers it under load).", get(&self.off_cpu_thread_quota));
         metric("off_cpu_switch_in", "gauge", "1 when off-CPU waits get their stacks at switch-in (kprobe on finish_task_switch), 0 at switch-out (sched_switch alone).", get(&self.off_cpu_switch_in));
         metric("switches_recorded_by_quota_total", "counter", "Switch-outs recorded at their thread's own probability (per-thread quota).", get(&self.switches_recorded_by_quota));
+        metric("kernel_stacks_reused_total", "counter", "Recorded waits that took their thread's kernel stack walked at an earlier wait from the same place.", get(&self.kernel_stacks_reused));
+        metric("kernel_stacks_changed_total", "counter", "Kernel stack walks after reuses that found another stack: reused stacks that may have been wrong.", get(&self.kernel_stacks_changed));
         metric("profiles_produced_total", "counter", "Profiles produced: one per window with samples, a part per service, labels and kind.", get(&self.profiles_produced));
         metric("profiles_shipped_total", "counter", "Profiles acknowledged by the server.", get(&self.profiles_shipped));
         metric("profiles_spooled_total", "counter", "Profiles written to the on-disk spool.", get(&self.profiles_spooled));

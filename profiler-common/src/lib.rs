@@ -480,6 +480,55 @@ pub struct Config {
     /// thread pointer is kept, from which its custom labels are found. Zero: unknown, no
     /// labels are read.
     pub fsbase_offset: u32,
+    /// How many switch-outs in a row of one thread, from the same place (see
+    /// [`KernelStackCache`]), take the kernel stack walked for the first of them instead
+    /// of walking it again. Zero: every one is walked.
+    pub kernel_stack_reuses: u32,
+    pub _pad: u32,
+}
+
+/// Threads whose last walked wait stack the kernel keeps (an LRU map, about 1 KiB each).
+pub const KERNEL_STACK_CACHE_ENTRIES: u32 = 1024;
+
+/// The x86-64 system calls whose waits block in one place in the kernel, so that a
+/// thread's switch-outs from one call site of theirs share one kernel stack: sleeps,
+/// futexes, polls and waits for children or signals (`nanosleep`, `clock_nanosleep`,
+/// `futex`, `futex_waitv`, `poll`, `ppoll`, `select`, `pselect6`, `epoll_wait`,
+/// `epoll_pwait`, `epoll_pwait2`, `pause`, `rt_sigsuspend`, `rt_sigtimedwait`, `wait4`,
+/// `waitid`). I/O is not among them: one `read` may wait for the pipe, its lock or a page
+/// fault, one `fdatasync` for writeback, then the device's cache flush.
+pub const SINGLE_WAIT_SYSCALLS: [u64; 16] = [35, 230, 202, 449, 7, 271, 23, 270, 232, 281, 441, 34, 130, 128, 61, 247];
+
+/// A thread's kernel stack as walked at one of its switch-outs, with the place it
+/// switched out from: its process, the state it left in, and the user registers it
+/// entered the kernel with (the system call's number and where in user code it was
+/// made, stack pointer included). Walking the kernel stack is most of what a record
+/// costs, and a later blocking switch-out of the same thread from the same place, in
+/// one of [`SINGLE_WAIT_SYSCALLS`] made in 64-bit mode, waits in the same kernel code.
+/// As a guard for what that list does not foresee, a place earns reuse walk by walk: after k walks in a row from it
+/// found the same stack (the first not counted), its next k switch-outs, at most
+/// [`Config::kernel_stack_reuses`], take that stack, and the one after walks again. A
+/// walk that finds another stack takes the place back to walking every time
+/// (`kernel_stacks_changed` counts those that followed reuses: the measured rate of
+/// places that stopped holding).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct KernelStackCache {
+    pub tgid: u32,
+    pub state: u32,
+    pub syscall: u64,
+    pub ip: u64,
+    pub sp: u64,
+    /// Switch-outs that took this stack since it was walked.
+    pub uses: u32,
+    /// Bytes of `frames`; zero: none.
+    pub len: u32,
+    /// Walks in a row from this place that found this stack, after the first.
+    pub agreed: u32,
+    pub _pad: u32,
+    /// Hash of the frames, to tell a walk that differs from the last one.
+    pub hash: u64,
+    pub frames: [u64; MAX_STACK_DEPTH],
 }
 
 /// The quota epoch of tick count `jiffies`: its low 32 bits times
@@ -570,10 +619,16 @@ pub enum Stat {
     Labelled,
     /// ...of them, those with labels cut ([`LABELS_CUT`]) or unreadable.
     LabelsCut,
+    /// Recorded switch-outs that took their thread's last walked kernel stack (see
+    /// [`KernelStackCache`]).
+    KernelStacksReused,
+    /// Walks after [`Config::kernel_stack_reuses`] reuses that found another stack than
+    /// the one reused.
+    KernelStacksChanged,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 23;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Samples,
         Stat::SampleRingFull,
@@ -596,6 +651,8 @@ impl Stat {
         Stat::PythonNs,
         Stat::Labelled,
         Stat::LabelsCut,
+        Stat::KernelStacksReused,
+        Stat::KernelStacksChanged,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -621,6 +678,8 @@ impl Stat {
             Stat::PythonNs => "python_ns",
             Stat::Labelled => "labelled_snapshots",
             Stat::LabelsCut => "labels_cut",
+            Stat::KernelStacksReused => "kernel_stacks_reused",
+            Stat::KernelStacksChanged => "kernel_stacks_changed",
         }
     }
 }

@@ -24,7 +24,7 @@ mod programs {
             bpf_probe_read_kernel,
             generated::{
                 bpf_get_current_task, bpf_get_current_task_btf, bpf_get_ns_current_pid_tgid, bpf_get_stack, bpf_jiffies64, bpf_loop,
-                bpf_probe_read_user, bpf_task_pt_regs,
+                bpf_probe_read_kernel as probe_read_kernel_raw, bpf_probe_read_user, bpf_task_pt_regs,
             },
         },
         macros::{kprobe, map, perf_event, raw_tracepoint, tracepoint},
@@ -40,7 +40,8 @@ mod programs {
         EVENT_PYTHON_STACK, MAX_PYTHON_FRAMES, MAX_PYTHON_THREADS, PYTHON_ENTRY, PYTHON_FINGERPRINT_BYTES, PYTHON_FRAME_BYTES,
         PythonLayout, PYTHON_NO_FIELD, PYTHON_READ_FAILED, PYTHON_STACK_WINDOW, PYTHON_TRUNCATED, PYTHON_TSTATE_BYTES,
         Label, LabelsProcess, LabelsRecord, EVENT_LABELS, LABELS_HEADER_BYTES, LABELS_CUT, LABELS_READ_FAILED, LABEL_KEY_BYTES, LABEL_VALUE_BYTES, MAX_LABELS,
-        DTV_ENTRY_BYTES, DTV_OFFSET, DTV_UNALLOCATED, MAX_TLS_MODULE,
+        DTV_ENTRY_BYTES, DTV_OFFSET, DTV_UNALLOCATED, MAX_TLS_MODULE, KernelStackCache, KERNEL_STACK_CACHE_ENTRIES,
+        SINGLE_WAIT_SYSCALLS,
     };
 
     // Sizes are defaults; the agent overrides them at load time.
@@ -56,6 +57,13 @@ mod programs {
     /// (and `PENDING`) when it detaches the program.
     #[map]
     static SWITCH_OUT: HashMap<u64, SwitchOut> = HashMap::with_max_entries(32768, 0);
+    /// Threads' last walked wait stacks (see [`KernelStackCache`]), by tid.
+    #[map]
+    static KERNEL_STACKS: LruHashMap<u32, KernelStackCache> = LruHashMap::with_max_entries(KERNEL_STACK_CACHE_ENTRIES, 0);
+    /// One entry never written: the zeroes a thread's first `KERNEL_STACKS` entry starts
+    /// from (a value of 1 KiB does not fit the program's stack).
+    #[map]
+    static KERNEL_STACK_BLANK: Array<KernelStackCache> = Array::with_max_entries(1, 0);
     /// Each CPU's count of switch-outs recorded in its current burst slot.
     #[map]
     static BURST: PerCpuArray<BurstSlot> = PerCpuArray::with_max_entries(1, 0);
@@ -168,6 +176,8 @@ mod programs {
     const REG_IP: usize = 16;
     const REG_CS: usize = 17;
     const REG_SP: usize = 19;
+    /// `__USER_CS`: the code segment of a 64-bit task in user mode.
+    const USER_CS_64: u64 = 0x33;
 
     #[inline(always)]
     fn count(stat: Stat) {
@@ -235,23 +245,27 @@ mod programs {
         }
         let needed = unsafe { STACK_BYTES.get(&subject.tid) }.copied().unwrap_or(UNLEARNT_USER_STACK);
         let wanted = (cfg.user_stack_bytes.min(needed) as usize).min(MAX_USER_STACK);
+        // On-CPU samples and preemptions are taken wherever the thread is: only a thread
+        // that blocks repeats a place.
+        let blocked = subject.kind == EVENT_SWITCH_OUT && subject.state & STATE_PREEMPTED == 0;
+        let reuses = if blocked { cfg.kernel_stack_reuses } else { 0 };
         if wanted == 0 {
-            emit::<0>(ctx, subject)
+            emit::<0>(ctx, subject, reuses)
         } else if wanted <= USER_STACK_CLASSES[0] {
-            emit::<{ USER_STACK_CLASSES[0] }>(ctx, subject)
+            emit::<{ USER_STACK_CLASSES[0] }>(ctx, subject, reuses)
         } else if wanted <= USER_STACK_CLASSES[1] {
-            emit::<{ USER_STACK_CLASSES[1] }>(ctx, subject)
+            emit::<{ USER_STACK_CLASSES[1] }>(ctx, subject, reuses)
         } else if wanted <= USER_STACK_CLASSES[2] {
-            emit::<{ USER_STACK_CLASSES[2] }>(ctx, subject)
+            emit::<{ USER_STACK_CLASSES[2] }>(ctx, subject, reuses)
         } else {
-            emit::<{ USER_STACK_CLASSES[3] }>(ctx, subject)
+            emit::<{ USER_STACK_CLASSES[3] }>(ctx, subject, reuses)
         }
     }
 
     /// Copies exactly the class size `N`: a constant length the verifier can check against
     /// the record (a variable one, merged across classes by the compiler, it cannot).
     #[inline(always)]
-    fn emit<const N: usize>(ctx: *mut c_void, subject: &Subject) -> bool {
+    fn emit<const N: usize>(ctx: *mut c_void, subject: &Subject, reuses: u32) -> bool {
         let Some(mut entry) = EVENTS.reserve::<StackSnapshot<N>>(0) else { return false };
         let snapshot = unsafe { &mut *entry.as_mut_ptr() };
         let header = &mut snapshot.header;
@@ -275,8 +289,10 @@ mod programs {
         if preempted_in_user_mode {
             count(Stat::KernelStacksNotWalked);
         } else {
-            let kernel_len = unsafe {
-                bpf_get_stack(ctx, header.kernel.as_mut_ptr() as *mut c_void, (MAX_STACK_DEPTH * 8) as u32, 0)
+            let kernel_len = if reuses == 0 {
+                walk_kernel_stack(ctx, header.kernel.as_mut_ptr())
+            } else {
+                wait_kernel_stack(ctx, subject, &regs, reuses, &mut header.kernel)
             };
             header.kernel_len = if kernel_len > 0 { kernel_len as u32 } else { 0 };
             if kernel_len < 0 && -kernel_len != EFAULT {
@@ -300,6 +316,97 @@ mod programs {
         }
         entry.submit(NO_WAKEUP);
         true
+    }
+
+    /// Walks the current task's kernel stack into `frames` (room for
+    /// [`MAX_STACK_DEPTH`]); returns its bytes, or `bpf_get_stack`'s error.
+    #[inline(always)]
+    fn walk_kernel_stack(ctx: *mut c_void, frames: *mut u64) -> i64 {
+        unsafe { bpf_get_stack(ctx, frames as *mut c_void, (MAX_STACK_DEPTH * 8) as u32, 0) }
+    }
+
+    /// The kernel stack of a recorded wait, into `frames`: the thread's last walked one
+    /// when it switched out from the same place, fewer times since it was walked than
+    /// the walks in a row from there found that stack (after the first), and than
+    /// `reuses` (see [`KernelStackCache`]); otherwise walked now and kept for the next
+    /// ones. Returns its bytes, or `bpf_get_stack`'s error.
+    #[inline(always)]
+    fn wait_kernel_stack(
+        ctx: *mut c_void,
+        subject: &Subject,
+        regs: &[u64; PT_REGS_WORDS],
+        reuses: u32,
+        frames: &mut [u64; MAX_STACK_DEPTH],
+    ) -> i64 {
+        let syscall = regs[REG_ORIG_AX];
+        // 64-bit user code segment: the numbers are x86-64's.
+        if regs[REG_CS] != USER_CS_64 || !SINGLE_WAIT_SYSCALLS.contains(&syscall) {
+            return walk_kernel_stack(ctx, frames.as_mut_ptr());
+        }
+        let Some(kept) = kernel_stack_entry(subject.tid) else { return walk_kernel_stack(ctx, frames.as_mut_ptr()) };
+        let (ip, sp) = (regs[REG_IP], regs[REG_SP]);
+        let same_place = kept.len > 0
+            && kept.tgid == subject.tgid
+            && kept.state == subject.state
+            && kept.syscall == syscall
+            && kept.ip == ip
+            && kept.sp == sp;
+        let whole = (MAX_STACK_DEPTH * 8) as u32;
+        if same_place && kept.uses < reuses.min(kept.agreed) {
+            let copied = unsafe {
+                probe_read_kernel_raw(frames.as_mut_ptr() as *mut c_void, whole, kept.frames.as_ptr() as *const c_void)
+            };
+            if copied == 0 {
+                kept.uses += 1;
+                count(Stat::KernelStacksReused);
+                return kept.len as i64;
+            }
+        }
+        let len = walk_kernel_stack(ctx, kept.frames.as_mut_ptr());
+        if len <= 0 {
+            kept.len = 0;
+            return len;
+        }
+        let hash = frames_hash(&kept.frames, len);
+        kept.agreed = if same_place && hash == kept.hash {
+            kept.agreed.saturating_add(1)
+        } else {
+            if same_place && kept.uses > 0 {
+                count(Stat::KernelStacksChanged);
+            }
+            0
+        };
+        // Field by field: the frames are already in place, and a whole value would not
+        // fit the program's stack.
+        (kept.tgid, kept.state, kept.syscall, kept.ip, kept.sp) = (subject.tgid, subject.state, syscall, ip, sp);
+        (kept.uses, kept.len, kept.hash) = (0, len as u32, hash);
+        let copied =
+            unsafe { probe_read_kernel_raw(frames.as_mut_ptr() as *mut c_void, whole, kept.frames.as_ptr() as *const c_void) };
+        if copied == 0 { len } else { walk_kernel_stack(ctx, frames.as_mut_ptr()) }
+    }
+
+    /// The thread's `KERNEL_STACKS` entry, made (empty) if it has none.
+    #[inline(always)]
+    fn kernel_stack_entry(tid: u32) -> Option<&'static mut KernelStackCache> {
+        if let Some(kept) = KERNEL_STACKS.get_ptr_mut(&tid) {
+            return Some(unsafe { &mut *kept });
+        }
+        let blank = KERNEL_STACK_BLANK.get(0)?;
+        KERNEL_STACKS.insert(&tid, blank, 0).ok()?;
+        KERNEL_STACKS.get_ptr_mut(&tid).map(|kept| unsafe { &mut *kept })
+    }
+
+    /// FNV-1a over the first `len` bytes of `frames`, a word at a time.
+    #[inline(always)]
+    fn frames_hash(frames: &[u64; MAX_STACK_DEPTH], len: i64) -> u64 {
+        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        for (i, frame) in frames.iter().enumerate() {
+            if (i * 8) as i64 >= len {
+                break;
+            }
+            hash = (hash ^ frame).wrapping_mul(0x100_0000_01b3);
+        }
+        hash
     }
 
     /// Sends the custom labels of the current thread (ABI v1 of `custom-labels`), in a

@@ -66,6 +66,10 @@ pub enum Bench {
         /// Per-thread quota (0: uniform sampling, as before quotas).
         #[arg(long, default_value_t = 20)]
         thread_quota: u32,
+        /// Switch-outs from one place that reuse its walked kernel stack (0: every one
+        /// walked, as before reuse; the agent's default is 7).
+        #[arg(long, default_value_t = 7)]
+        kernel_stack_reuses: u32,
     },
     /// In-kernel cost per on-CPU sample of CPython processes, by BPF statistics: the
     /// program's run time without reading Python frames and the time reading them,
@@ -118,13 +122,14 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::SchedPipe { rounds, loops, runs, baseline_agent } => sched_pipe(rounds, loops, runs, baseline_agent),
         Bench::Daemon { minutes } => daemon(minutes),
         Bench::ChangesAa { comparisons, minutes } => changes_aa(comparisons, minutes),
-        Bench::OffCpuWindows { windows, window_seconds, cpu_budget_ms, thread_quota } => {
+        Bench::OffCpuWindows { windows, window_seconds, cpu_budget_ms, thread_quota, kernel_stack_reuses } => {
             let status = crate::cargo_command()
                 .args(["test", "-p", "profiler-agent", "--test", "it", "off_cpu_windows", "--", "--nocapture"])
                 .env("OFFCPU_WINDOWS", windows.to_string())
                 .env("OFFCPU_WINDOW_S", window_seconds.to_string())
                 .env("OFFCPU_CPU_BUDGET_MS", cpu_budget_ms.to_string())
                 .env("OFFCPU_THREAD_QUOTA", thread_quota.to_string())
+                .env("OFFCPU_KERNEL_STACK_REUSES", kernel_stack_reuses.to_string())
                 .status()?;
             if !status.success() {
                 bail!("a window was off by more than the tolerance (the table above says which)");

@@ -274,9 +274,10 @@ fn each_waiting_threads_time_holds_in_every_window() {
     let window = Duration::from_secs_f64(env_or("OFFCPU_WINDOW_S", 4.0));
     let off_cpu = OffCpuOptions {
         thread_quota: env_or("OFFCPU_THREAD_QUOTA", OffCpuOptions::default().thread_quota),
+        kernel_stack_reuses: env_or("OFFCPU_KERNEL_STACK_REUSES", OffCpuOptions::default().kernel_stack_reuses),
         ..OffCpuOptions::default()
     };
-    let min_block = off_cpu.min_block;
+    let (min_block, kernel_stack_reuses) = (off_cpu.min_block, off_cpu.kernel_stack_reuses);
 
     let _busy = BusyLoops::start(env_or("OFFCPU_BUSY_LOOPS", 2));
     let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
@@ -351,6 +352,12 @@ fn each_waiting_threads_time_holds_in_every_window() {
         c("switch_outs_throttled"),
     );
     eprintln!(
+        "kernel stacks: {} reused, {} walks after reuses found another stack, {} not walked (preempted in user mode)",
+        c("kernel_stacks_reused"),
+        c("kernel_stacks_changed"),
+        c("kernel_stacks_not_walked"),
+    );
+    eprintln!(
         "{} recorded waits shorter than the floor; lost: {} to a full ring buffer, {} to a full map, {} switch-ins missed, {} wait ends without a snapshot",
         c("offcpu_below_min"),
         c("offcpu_ring_full"),
@@ -415,4 +422,11 @@ fn each_waiting_threads_time_holds_in_every_window() {
         TOLERANCE * 100.0,
         failures.join("\n")
     );
+    // The sleeps and lock waits of the checked threads repeat their places: most of
+    // their records take a kept kernel stack, and the walks between them find the same.
+    if kernel_stack_reuses > 0 {
+        let (reused, changed) = (c("kernel_stacks_reused"), c("kernel_stacks_changed"));
+        assert!(reused * 4 >= c("switch_outs_by_quota"), "only {reused} kernel stacks reused");
+        assert!(changed * 100 <= reused, "{changed} walks after {reused} reuses found another stack");
+    }
 }
