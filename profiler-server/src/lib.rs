@@ -71,21 +71,32 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
             EmbeddedStore::open(&cfg.data_dir, store_options(cfg))
                 .with_context(|| format!("opening store in {}", cfg.data_dir.display()))?,
         ),
-        config::Backend::ClickHouse => {
-            let ch = &cfg.clickhouse;
-            let s = &cfg.storage;
-            let hours = |h: u64| (h as i64).saturating_mul(3_600_000);
-            Arc::new(ClickHouseStore::open(ClickHouseOptions {
-                url: ch.url.clone(),
-                database: ch.database.clone(),
-                user: (!ch.user.is_empty()).then(|| ch.user.clone()),
-                password: (!ch.password.is_empty()).then(|| ch.password.clone()),
-                retention_ms: (s.retention_hours > 0).then(|| hours(s.retention_hours)),
-                rollup_retention_ms: (ch.rollup_retention_days > 0)
-                    .then(|| hours(ch.rollup_retention_days.saturating_mul(24))),
-                async_insert: ch.async_insert,
-            })?)
-        }
+        config::Backend::ClickHouse => Arc::new(ClickHouseStore::open(clickhouse_options(cfg))?),
+    })
+}
+
+fn clickhouse_options(cfg: &Config) -> ClickHouseOptions {
+    let ch = &cfg.clickhouse;
+    let s = &cfg.storage;
+    let hours = |h: u64| (h as i64).saturating_mul(3_600_000);
+    ClickHouseOptions {
+        url: ch.url.clone(),
+        database: ch.database.clone(),
+        user: (!ch.user.is_empty()).then(|| ch.user.clone()),
+        password: (!ch.password.is_empty()).then(|| ch.password.clone()),
+        retention_ms: (s.retention_hours > 0).then(|| hours(s.retention_hours)),
+        rollup_retention_ms: (ch.rollup_retention_days > 0).then(|| hours(ch.rollup_retention_days.saturating_mul(24))),
+        async_insert: ch.async_insert,
+    }
+}
+
+/// Opens the request table next to the profiles: in the data directory with the
+/// embedded store, in ClickHouse (shared by every instance) with it. The store's
+/// migrations, which make ClickHouse's table, must have run.
+pub fn open_requests(cfg: &Config) -> anyhow::Result<store::RequestTable> {
+    Ok(match cfg.storage.backend {
+        config::Backend::Embedded => store::RequestTable::open(&cfg.data_dir, store_options(cfg).retention_ms)?,
+        config::Backend::ClickHouse => store::RequestTable::shared(store::ClickHouseRequests::open(&clickhouse_options(cfg))?),
     })
 }
 
@@ -155,8 +166,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         },
     )?);
     let requests = {
-        let (dir, retention) = (cfg.data_dir.clone(), store_options(&cfg).retention_ms);
-        tokio::task::spawn_blocking(move || store::RequestTable::open(&dir, retention)).await??
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || open_requests(&cfg)).await??
     };
     let state = http::AppState {
         store: store.clone(),

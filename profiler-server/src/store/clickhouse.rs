@@ -125,6 +125,26 @@ const MIGRATIONS: &[(u32, &[&str])] = &[
                 MODIFY SETTING non_replicated_deduplication_window = {dedup_window}",
         ],
     ),
+    // The request table (see `requests`), shared by every instance like the
+    // profiles: one row per (service, window, request, ingest part), a
+    // retried part replacing its rows on merge (readers ask for FINAL).
+    (
+        3,
+        &["CREATE TABLE IF NOT EXISTS {db}.request_rows (
+                service LowCardinality(String),
+                ts_ms Int64 CODEC(Delta, ZSTD(1)),
+                key LowCardinality(String),
+                value String,
+                part String,
+                series_id UInt64,
+                kind LowCardinality(String),
+                stack_ids Array(UInt64),
+                stack_values Array(Int64)
+            ) ENGINE = ReplacingMergeTree
+            PARTITION BY toDate(toDateTime(intDiv(ts_ms, 1000)))
+            ORDER BY (service, ts_ms, key, value, part)
+            {requests_ttl}"],
+    ),
 ];
 
 #[derive(Row, Serialize)]
@@ -367,6 +387,61 @@ fn matcher_sql(sql: &mut Sql, m: &Matcher) {
         .push(")");
 }
 
+/// The runtime a connection's futures run on, from plain threads and
+/// `spawn_blocking` alike.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("clickhouse")
+        .enable_all()
+        .build()
+}
+
+/// A client for queries, and one with the insert settings.
+fn clients(opts: &ClickHouseOptions) -> (Client, Client) {
+    let mut client = Client::default().with_url(&opts.url);
+    if let Some(u) = &opts.user {
+        client = client.with_user(u);
+    }
+    if let Some(p) = &opts.password {
+        client = client.with_password(p);
+    }
+    let insert_client = if opts.async_insert {
+        // `async_insert_deduplicate` is for servers older than the
+        // `deduplicate_insert` setting: they deduplicate async inserts
+        // only with it. Nothing asks the rollup view to deduplicate:
+        // servers before 26.1 refuse that for async inserts, later ones
+        // do it by default.
+        client
+            .clone()
+            .with_setting("async_insert", "1")
+            .with_setting("wait_for_async_insert", "1")
+            .with_setting("async_insert_deduplicate", "1")
+    } else {
+        // `async_insert=0` because async inserts are the default since
+        // 26.2. From 24.7 on, a block `samples` drops as a duplicate
+        // still goes through the rollup view, and only this setting (off
+        // by default on older servers) makes the view's table drop it.
+        client
+            .clone()
+            .with_setting("async_insert", "0")
+            .with_setting("deduplicate_blocks_in_dependent_materialized_views", "1")
+    };
+    (client, insert_client)
+}
+
+/// Runs a future on `rt` and waits for it.
+fn run_on<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    f: impl Future<Output = anyhow::Result<T>> + Send + 'static,
+) -> anyhow::Result<T> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    rt.spawn(async move {
+        let _ = tx.send(f.await);
+    });
+    rx.recv().context("ClickHouse task was dropped")?
+}
+
 impl ClickHouseStore {
     /// Connects, creates the database and runs pending migrations.
     pub fn open(opts: ClickHouseOptions) -> anyhow::Result<ClickHouseStore> {
@@ -375,39 +450,8 @@ impl ClickHouseStore {
             "clickhouse.database {:?} must be letters, digits and _",
             opts.database
         );
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("clickhouse")
-            .enable_all()
-            .build()?;
-        let mut client = Client::default().with_url(&opts.url);
-        if let Some(u) = &opts.user {
-            client = client.with_user(u);
-        }
-        if let Some(p) = &opts.password {
-            client = client.with_password(p);
-        }
-        let insert_client = if opts.async_insert {
-            // `async_insert_deduplicate` is for servers older than the
-            // `deduplicate_insert` setting: they deduplicate async inserts
-            // only with it. Nothing asks the rollup view to deduplicate:
-            // servers before 26.1 refuse that for async inserts, later ones
-            // do it by default.
-            client
-                .clone()
-                .with_setting("async_insert", "1")
-                .with_setting("wait_for_async_insert", "1")
-                .with_setting("async_insert_deduplicate", "1")
-        } else {
-            // `async_insert=0` because async inserts are the default since
-            // 26.2. From 24.7 on, a block `samples` drops as a duplicate
-            // still goes through the rollup view, and only this setting (off
-            // by default on older servers) makes the view's table drop it.
-            client
-                .clone()
-                .with_setting("async_insert", "0")
-                .with_setting("deduplicate_blocks_in_dependent_materialized_views", "1")
-        };
+        let rt = runtime()?;
+        let (client, insert_client) = clients(&opts);
         let store = ClickHouseStore {
             client,
             insert_client,
@@ -434,14 +478,7 @@ impl ClickHouseStore {
         &self,
         f: impl Future<Output = anyhow::Result<T>> + Send + 'static,
     ) -> anyhow::Result<T> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.rt
-            .as_ref()
-            .expect("runtime lives until drop")
-            .spawn(async move {
-                let _ = tx.send(f.await);
-            });
-        rx.recv().context("ClickHouse task was dropped")?
+        run_on(self.rt.as_ref().expect("runtime lives until drop"), f)
     }
 
     fn execute(&self, sql: String) -> anyhow::Result<()> {
@@ -467,6 +504,7 @@ impl ClickHouseStore {
         let current = self.run(async move { Ok(c.query(&q).fetch_all::<VersionRow>().await?) })?;
         let current = current.first().map_or(0, |r| r.version);
         let samples_ttl = ttl("ts", self.opts.retention_ms);
+        let requests_ttl = ttl("intDiv(ts_ms, 1000)", self.opts.retention_ms);
         let rollup_ttl = ttl("minute", self.opts.rollup_retention_ms);
         for (version, stmts) in MIGRATIONS {
             if *version <= current {
@@ -477,6 +515,7 @@ impl ClickHouseStore {
                     .replace("{db}", db)
                     .replace("{samples_ttl}", &samples_ttl)
                     .replace("{rollup_ttl}", &rollup_ttl)
+                    .replace("{requests_ttl}", &requests_ttl)
                     .replace("{dedup_window}", &DEDUPLICATION_WINDOW.to_string());
                 self.execute(sql)?;
             }
@@ -966,6 +1005,152 @@ fn must_start_over(len: usize, adding: usize) -> bool {
         tracing::info!(entries = len, "ClickHouse cache full; starting it over");
     }
     full
+}
+
+/// The request table in ClickHouse (`request_rows`, see [`super::requests`]),
+/// shared by every instance on the database, as the profiles are: whichever
+/// instance ingested a request's windows, any instance lists it. Retention is
+/// the table's TTL, the samples' own.
+pub struct ClickHouseRequests {
+    client: Client,
+    insert_client: Client,
+    db: String,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+#[derive(Row, Serialize, Deserialize)]
+struct RequestRowCh {
+    service: String,
+    ts_ms: i64,
+    key: String,
+    value: String,
+    part: String,
+    series_id: u64,
+    kind: String,
+    stack_ids: Vec<u64>,
+    stack_values: Vec<i64>,
+}
+
+/// Rows a scan has read ahead of the caller at most.
+const SCAN_AHEAD: usize = 1024;
+
+impl ClickHouseRequests {
+    /// Connects; the table is made by the store's migrations, which run first.
+    pub fn open(opts: &ClickHouseOptions) -> anyhow::Result<Self> {
+        anyhow::ensure!(valid_ident(&opts.database), "clickhouse.database {:?} must be letters, digits and _", opts.database);
+        let (client, insert_client) = clients(opts);
+        Ok(Self { client, insert_client, db: opts.database.clone(), rt: Some(runtime()?) })
+    }
+
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt.as_ref().expect("runtime lives until drop")
+    }
+
+    /// Inserts `rows`; returns once ClickHouse acknowledged them.
+    pub(super) fn append(&self, rows: &[super::RequestRow]) -> StoreResult<()> {
+        let rows: Vec<RequestRowCh> = rows
+            .iter()
+            .map(|r| RequestRowCh {
+                service: r.service.clone(),
+                ts_ms: r.ts_ms,
+                key: r.key.clone(),
+                value: r.value.clone(),
+                part: r.part.clone(),
+                series_id: r.series_id,
+                kind: r.kind.clone(),
+                stack_ids: r.stacks.iter().map(|&(id, _)| id).collect(),
+                stack_values: r.stacks.iter().map(|&(_, v)| v).collect(),
+            })
+            .collect();
+        let (c, table) = (self.insert_client.clone(), format!("{}.request_rows", self.db));
+        run_on(self.rt(), async move {
+            let mut ins = c.insert_unescaped::<RequestRowCh>(&table).await?;
+            for row in &rows {
+                ins.write(row).await?;
+            }
+            ins.end().await.context("inserting request rows")
+        })?;
+        Ok(())
+    }
+
+    /// Calls `each` with the rows of `service` in `from_ms..until_ms`, in window
+    /// order, until it returns false. Rows stream from ClickHouse at most
+    /// [`SCAN_AHEAD`] ahead of `each`; a retried part's rows count once (FINAL).
+    pub(super) fn scan(
+        &self,
+        service: &str,
+        from_ms: i64,
+        until_ms: i64,
+        cancel: &Cancel,
+        mut each: impl FnMut(super::RequestRow) -> bool,
+    ) -> StoreResult<()> {
+        let mut sql = Sql::default();
+        sql.push(&format!(
+            "SELECT service, ts_ms, key, value, part, series_id, toString(kind) AS kind, stack_ids, stack_values \
+             FROM {}.request_rows FINAL WHERE service = ",
+            self.db
+        ))
+        .s(service)
+        .push(" AND ts_ms >= ")
+        .i(from_ms)
+        .push(" AND ts_ms < ")
+        .i(until_ms)
+        .push(" ORDER BY ts_ms, key, value, part");
+        let query = sql.query(&self.client);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<RequestRowCh>>(SCAN_AHEAD);
+        self.rt().spawn(async move {
+            let mut cursor = match query.fetch::<RequestRowCh>() {
+                Ok(cursor) => cursor,
+                Err(err) => {
+                    let _ = tx.send(Err(err.into())).await;
+                    return;
+                }
+            };
+            loop {
+                let next = match cursor.next().await {
+                    Ok(Some(row)) => Ok(row),
+                    Ok(None) => return,
+                    Err(err) => Err(err.into()),
+                };
+                // The reader stopped (or failed): so does the query.
+                if tx.send(next).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut n = 0usize;
+        while let Some(row) = rx.blocking_recv() {
+            n += 1;
+            if n % 4096 == 0 {
+                cancel.check()?;
+            }
+            let row = row.context("reading the request table")?;
+            let stacks = row.stack_ids.into_iter().zip(row.stack_values).collect();
+            let row = super::RequestRow {
+                service: row.service,
+                ts_ms: row.ts_ms,
+                key: row.key,
+                value: row.value,
+                part: row.part,
+                series_id: row.series_id,
+                kind: row.kind,
+                stacks,
+            };
+            if !each(row) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ClickHouseRequests {
+    fn drop(&mut self) {
+        // As the store's: may be dropped inside an async context.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 #[cfg(test)]

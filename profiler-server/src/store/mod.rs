@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-pub use clickhouse::{ClickHouseOptions, ClickHouseStore};
+pub use clickhouse::{ClickHouseOptions, ClickHouseRequests, ClickHouseStore};
 pub use embedded::{EmbeddedStore, StoreOptions};
 pub use requests::{RequestRow, RequestTable, RequestTableStats};
 

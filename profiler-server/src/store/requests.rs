@@ -10,9 +10,11 @@
 //! One row is one request's share of one ingest part: keyed by (service, window,
 //! request, part), so that a retried window writes the same keys again and is never
 //! counted twice; its value is the part's series id, kind and (stack id, value) pairs.
-//! Rows are appended in one redb transaction per ingest request, committed (fsync'd)
-//! before the ingest is acknowledged. The table lives in the server's data directory
-//! whatever the backend of the profiles.
+//! With the embedded store, rows are appended in one redb transaction per ingest
+//! request, committed (fsync'd) before the ingest is acknowledged, in the server's
+//! data directory. With ClickHouse, they go to its `request_rows` table, acknowledged by
+//! ClickHouse before the ingest is, so every instance on the database sees every
+//! request (see `clickhouse::ClickHouseRequests`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -56,12 +58,21 @@ pub struct RequestTableStats {
 }
 
 pub struct RequestTable {
-    db: Database,
-    path: PathBuf,
-    /// Rows older than this are deleted by [`Self::maintain`].
-    retention_ms: Option<i64>,
+    backend: Backend,
     rows_written: AtomicU64,
     rows_deleted: AtomicU64,
+}
+
+enum Backend {
+    /// `requests.redb` in the data directory.
+    Local {
+        db: Database,
+        path: PathBuf,
+        /// Rows older than this are deleted by [`RequestTable::maintain`].
+        retention_ms: Option<i64>,
+    },
+    /// ClickHouse's `request_rows`, shared by the instances on its database.
+    Shared(super::clickhouse::ClickHouseRequests),
 }
 
 impl RequestTable {
@@ -73,7 +84,16 @@ impl RequestTable {
         let txn = db.begin_write()?;
         txn.open_table(ROWS)?;
         txn.commit()?;
-        Ok(Self { db, path, retention_ms, rows_written: AtomicU64::new(0), rows_deleted: AtomicU64::new(0) })
+        Ok(Self::with(Backend::Local { db, path, retention_ms }))
+    }
+
+    /// The table in ClickHouse, next to the profiles of a [`super::ClickHouseStore`].
+    pub fn shared(table: super::clickhouse::ClickHouseRequests) -> Self {
+        Self::with(Backend::Shared(table))
+    }
+
+    fn with(backend: Backend) -> Self {
+        Self { backend, rows_written: AtomicU64::new(0), rows_deleted: AtomicU64::new(0) }
     }
 
     /// Durably stores `rows`: when this returns Ok they survive a crash. Rows of a part
@@ -82,8 +102,16 @@ impl RequestTable {
         if rows.is_empty() {
             return Ok(());
         }
+        let db = match &self.backend {
+            Backend::Local { db, .. } => db,
+            Backend::Shared(table) => {
+                table.append(rows)?;
+                self.rows_written.fetch_add(rows.len() as u64, Relaxed);
+                return Ok(());
+            }
+        };
         let write = || -> Result<(), redb::Error> {
-            let txn = self.db.begin_write()?;
+            let txn = db.begin_write()?;
             {
                 let mut table = txn.open_table(ROWS)?;
                 let mut request = String::new();
@@ -107,7 +135,11 @@ impl RequestTable {
     /// Calls `each` with every row of `service` in `from_ms..until_ms`, in window order,
     /// until it returns false.
     pub fn scan(&self, service: &str, from_ms: i64, until_ms: i64, cancel: &Cancel, mut each: impl FnMut(RequestRow) -> bool) -> StoreResult<()> {
-        let txn = self.db.begin_read().context("reading the request table")?;
+        let db = match &self.backend {
+            Backend::Local { db, .. } => db,
+            Backend::Shared(table) => return table.scan(service, from_ms, until_ms, cancel, each),
+        };
+        let txn = db.begin_read().context("reading the request table")?;
         let table = txn.open_table(ROWS).context("reading the request table")?;
         let range = table
             .range((service, from_ms, "", "")..(service, until_ms, "", ""))
@@ -128,13 +160,14 @@ impl RequestTable {
         Ok(())
     }
 
-    /// Deletes rows past retention, relative to `now_ms`.
+    /// Deletes rows past retention, relative to `now_ms` (ClickHouse's TTL does it
+    /// for the shared table).
     pub fn maintain(&self, now_ms: i64) -> StoreResult<()> {
-        let Some(retention) = self.retention_ms else { return Ok(()) };
-        let cutoff = now_ms.saturating_sub(retention);
+        let Backend::Local { db, retention_ms: Some(retention), .. } = &self.backend else { return Ok(()) };
+        let cutoff = now_ms.saturating_sub(*retention);
         // Per service, the range before the cutoff: no pass over the rows kept.
         let delete = || -> Result<u64, redb::Error> {
-            let txn = self.db.begin_write()?;
+            let txn = db.begin_write()?;
             let mut deleted = 0u64;
             {
                 let mut table = txn.open_table(ROWS)?;
@@ -168,7 +201,11 @@ impl RequestTable {
         RequestTableStats {
             rows_written: self.rows_written.load(Relaxed),
             rows_deleted: self.rows_deleted.load(Relaxed),
-            disk_bytes: std::fs::metadata(&self.path).map_or(0, |m| m.len()),
+            // The shared table's size is ClickHouse's to tell (system.parts).
+            disk_bytes: match &self.backend {
+                Backend::Local { path, .. } => std::fs::metadata(path).map_or(0, |m| m.len()),
+                Backend::Shared(_) => 0,
+            },
         }
     }
 }

@@ -146,6 +146,62 @@ fn two_instances_share_one_database() {
     b.terminate();
 }
 
+/// The request table lives in ClickHouse with the profiles: windows of requests
+/// ingested through one instance, one of them retried through the other, are listed,
+/// ranked and profiled alike by both, each request once, and neither instance keeps a
+/// table of its own.
+#[test]
+fn requests_are_shared_across_instances() {
+    use crate::requests::{request, window, PER_WINDOW};
+    let bridge = chdb_bridge::shared();
+    let db = chdb_bridge::fresh_database("requests");
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let cfg = write_config(dirs[0].path(), bridge, &db, "");
+    let a = Proc::spawn(dirs[0].path(), &["--config", &cfg]);
+    let b = Proc::spawn(dirs[1].path(), &["--config", &cfg]);
+    let windows = 6u64;
+    let start = (now_ms() - 10 * MIN) / 10_000 * 10_000;
+    let post = |p: &Proc, w: u64| {
+        let at = start + w as i64 * 10_000;
+        let r = client()
+            .post(p.url(&format!("/api/v1/ingest?format=bundle3&from={at}&batch_id=r{w}&label=host:h1")))
+            .body(window(w * PER_WINDOW))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().unwrap());
+    };
+    for w in 0..windows {
+        post(&a, w);
+    }
+    post(&b, 0);
+    let range = format!("service=api&from={start}&until={}", start + windows as i64 * 10_000);
+    let tables: Vec<Value> = [&a, &b]
+        .iter()
+        .map(|p| serde_json::from_str(&get(p, &format!("/api/v1/requests?{range}&limit=3"))).unwrap())
+        .collect();
+    let n = windows * PER_WINDOW;
+    assert_eq!(tables[0]["count"], n, "{}", tables[0]);
+    assert_eq!(tables[0], tables[1], "the instances disagree");
+    let mut totals: Vec<u64> = (0..n).map(|j| request(j).0 + request(j).1 + request(j).2).collect();
+    totals.sort_unstable();
+    let rank = |q: f64| totals[((q * n as f64).ceil() as usize).clamp(1, n as usize) - 1];
+    assert_eq!(tables[1]["total_ns"]["p99"], rank(0.99));
+    assert_eq!(tables[1]["total_ns"]["p50"], rank(0.5));
+    // Every slow request (every 100th: 16 of them) is among the slowest 1%, with its
+    // 40 ms extra wait; none of the rest has one.
+    let slow_wait = |pick: &str| {
+        let text = get(&b, &format!("/api/v1/folded?{range}&kinds=off-cpu:sleep&requests={pick}"));
+        text.lines().filter_map(|l| l.rsplit_once(' ')).filter(|(stack, _)| stack.ends_with("slow_dependency")).map(|(_, v)| v.parse::<i64>().unwrap()).sum::<i64>()
+    };
+    assert_eq!(slow_wait("slowest:1"), 16 * 40_000_000);
+    assert_eq!(slow_wait("rest:1"), 0);
+    for dir in &dirs {
+        assert!(!dir.path().join("requests.redb").exists(), "an instance kept a local request table");
+    }
+    a.terminate();
+    b.terminate();
+}
+
 struct InProc {
     rt: tokio::runtime::Runtime,
     srv: Option<profiler_server::Server>,
@@ -227,7 +283,7 @@ fn restart_keeps_data_and_migrations_run_once() {
             &format!("SELECT count(), max(version) FROM {db}.schema_migrations")
         )
         .trim(),
-        "2\t2"
+        "3\t3"
     );
     let tables = sql(
         bridge,
@@ -235,7 +291,7 @@ fn restart_keeps_data_and_migrations_run_once() {
     );
     assert_eq!(
         tables,
-        "samples\tMergeTree\nsamples_1m\tSummingMergeTree\nsamples_1m_mv\tMaterializedView\n\
+        "request_rows\tReplacingMergeTree\nsamples\tMergeTree\nsamples_1m\tSummingMergeTree\nsamples_1m_mv\tMaterializedView\n\
          schema_migrations\tReplacingMergeTree\nseries\tReplacingMergeTree\nstacks\tReplacingMergeTree\n"
     );
     let ddl = sql(

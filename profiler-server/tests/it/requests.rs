@@ -13,16 +13,16 @@ use common::{client, now_ms, Proc};
 use profiler_pprof::stacks::{BundleWriter, RequestsWriter, Writer};
 
 const WINDOWS: u64 = 360;
-const PER_WINDOW: u64 = 278;
+pub(crate) const PER_WINDOW: u64 = 278;
 const MS: u64 = 1_000_000;
 
 /// Request `j`'s (on-CPU, base wait, extra wait) in ns: every 100th waits 40 ms more.
-fn request(j: u64) -> (u64, u64, u64) {
+pub(crate) fn request(j: u64) -> (u64, u64, u64) {
     (MS, (20 + j % 20) * MS, if j % 100 == 99 { 40 * MS } else { 0 })
 }
 
 /// One window of bundle3: an on-CPU part and an off-CPU part, each with its requests.
-fn window(first: u64) -> Vec<u8> {
+pub(crate) fn window(first: u64) -> Vec<u8> {
     let ids = first..first + PER_WINDOW;
     let name = |j: u64| format!("req-{j}");
     let mut bundle = BundleWriter::default();
