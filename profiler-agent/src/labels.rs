@@ -68,6 +68,12 @@ const MAX_SETS: usize = 16_384;
 const MAX_WAITING: usize = 16_384;
 /// How often a process is looked at again (it may exec)...
 const RECHECK: Duration = Duration::from_secs(2);
+/// ...and how often one that published nothing is asked for its process context again:
+/// an SDK publishes it when it starts, which may be after the agent first saw the
+/// process, and the mapping it lives in is not among those whose change triggers a look.
+/// Every [`RECHECK`] in a process's first [`YOUNG`], when SDKs start.
+const CONTEXT_RECHECK: Duration = Duration::from_secs(30);
+const YOUNG: Duration = Duration::from_secs(10);
 
 /// Label sets by the id snapshots carry (`SampleKey::labels`, 0 for none). Shared by
 /// the reader, which interns, and whoever turns samples into profiles.
@@ -186,15 +192,21 @@ pub struct LabelCounts {
     /// Checks of a process whose `libcustomlabels.so` reference was not resolved yet (a
     /// lazy descriptor): not read, checked again.
     pub libraries_pending: u64,
+    /// Thread-context attributes whose key index the process's key map lacked.
+    pub thread_keys_unknown: u64,
 }
 
 struct Checked {
     /// The mappings it was checked with ([`crate::process::signature`]): an exec, or a
     /// library loaded since, is checked again.
     mappings: u64,
-    /// A library's descriptor was not resolved yet: checked again until it is.
+    /// A library's descriptor was not resolved yet, or the process context was being
+    /// written or lacks a key: checked again until it is.
     pending: bool,
     checked_at: Instant,
+    /// When its process context was last looked for.
+    context_checked_at: Instant,
+    first_checked_at: Instant,
     seen_at: Instant,
     published: bool,
 }
@@ -207,6 +219,8 @@ pub struct Labels {
     publish: Box<dyn FnMut(u32, Option<LabelsProcess>) + Send>,
     processes: HashMap<u32, Checked>,
     libraries: Libraries,
+    /// Thread-context attribute names by key index, of the processes that publish one.
+    thread_keys: HashMap<u32, Vec<String>>,
     /// (snapshot ts, set id, request id) by thread.
     waiting: HashMap<u32, (u64, u32, u32)>,
     sets: LabelSets,
@@ -215,7 +229,16 @@ pub struct Labels {
 
 impl Labels {
     pub fn new(options: LabelOptions, sets: LabelSets, publish: Box<dyn FnMut(u32, Option<LabelsProcess>) + Send>) -> Self {
-        Self { options, publish, processes: HashMap::new(), libraries: Libraries::default(), waiting: HashMap::new(), sets, counts: LabelCounts::default() }
+        Self {
+            options,
+            publish,
+            processes: HashMap::new(),
+            libraries: Libraries::default(),
+            thread_keys: HashMap::new(),
+            waiting: HashMap::new(),
+            sets,
+            counts: LabelCounts::default(),
+        }
     }
 
     /// Notes a snapshot of process `tgid`: one not checked lately is looked at (again,
@@ -233,21 +256,21 @@ impl Labels {
         }
         let Some(info) = table.get(tgid) else { return };
         let mappings = crate::process::signature(&info.mappings);
+        let (mut context_checked_at, mut first_checked_at) = (now, now);
         if let Some(checked) = self.processes.get_mut(&tgid) {
             checked.checked_at = now;
-            if checked.mappings == mappings && !checked.pending {
+            first_checked_at = checked.first_checked_at;
+            let every = if now.duration_since(first_checked_at) < YOUNG { RECHECK } else { CONTEXT_RECHECK };
+            let context_due = !checked.published && now.duration_since(checked.context_checked_at) >= every;
+            if checked.mappings == mappings && !checked.pending && !context_due {
                 return;
+            }
+            if !context_due {
+                context_checked_at = checked.context_checked_at;
             }
         }
         let mut pending = false;
-        let found = executable(&info).and_then(|mapping| in_executable(&mapping.file.handle_path)).or_else(|| {
-            let resolved = self.libraries.find(&info)?.resolved(tgid);
-            pending = resolved.is_none();
-            if pending {
-                self.counts.libraries_pending += 1;
-            }
-            resolved
-        });
+        let found = self.find(Abi::CustomLabels, &info, tgid, &mut pending).or_else(|| self.find_thread_context(&info, tgid, &mut pending));
         let was_published = self.processes.get(&tgid).is_some_and(|checked| checked.published);
         match found {
             Some(entry) => {
@@ -261,7 +284,44 @@ impl Labels {
             None if was_published => (self.publish)(tgid, None),
             None => {}
         }
-        self.processes.insert(tgid, Checked { mappings, pending, checked_at: now, seen_at: now, published: found.is_some() });
+        self.processes.insert(
+            tgid,
+            Checked { mappings, pending, checked_at: now, context_checked_at, first_checked_at, seen_at: now, published: found.is_some() },
+        );
+    }
+
+    /// The kernel's entry for the process's thread-local of `abi`, in its executable or
+    /// a library; `pending` set when a library's reference is not resolved yet.
+    fn find(&mut self, abi: Abi, info: &ProcessInfo, tgid: u32, pending: &mut bool) -> Option<LabelsProcess> {
+        executable(info).and_then(|mapping| in_executable(&mapping.file.handle_path, abi)).or_else(|| {
+            let resolved = self.libraries.find(info, abi)?.resolved(tgid);
+            *pending = resolved.is_none();
+            if *pending {
+                self.counts.libraries_pending += 1;
+            }
+            resolved.map(|entry| LabelsProcess { format: abi.format(), ..entry })
+        })
+    }
+
+    /// The kernel's entry for an OpenTelemetry thread context: the process context must
+    /// publish one this reader decodes (its key map is kept for the records), and a
+    /// binary export `otel_thread_ctx_v1`.
+    fn find_thread_context(&mut self, info: &ProcessInfo, tgid: u32, pending: &mut bool) -> Option<LabelsProcess> {
+        let context = match crate::thread_context::process_context(tgid) {
+            Ok(context) => context,
+            Err(crate::thread_context::Unreadable::Busy) => {
+                *pending = true;
+                return None;
+            }
+            Err(crate::thread_context::Unreadable::Schema(schema)) => {
+                tracing::info!(pid = tgid, schema, "an OpenTelemetry thread context of another schema: not read");
+                return None;
+            }
+            Err(crate::thread_context::Unreadable::Absent) => return None,
+        };
+        let found = self.find(Abi::ThreadContext, info, tgid, pending)?;
+        self.thread_keys.insert(tgid, context.thread_keys);
+        Some(found)
     }
 
     /// Takes a labels record the kernel sent; it waits for its snapshot.
@@ -270,15 +330,57 @@ impl Labels {
             self.counts.unmatched += 1;
             return;
         };
-        let mut set: Vec<(String, String)> = Vec::with_capacity(record.count as usize);
-        // (rank among the high-cardinality keys, key, value)
-        let mut request: Option<(usize, String, String)> = None;
-        for label in record.labels.iter().take(record.count as usize) {
+        if record.flags & (LABELS_CUT | LABELS_READ_FAILED) != 0 {
+            tracing::debug!(tid = record.tid, flags = record.flags, "custom labels cut or partly unreadable");
+        }
+        let labels = record.labels.iter().take(record.count as usize).map(|label| {
             let key = label_name(&label.key[..(label.key_len as usize).min(label.key.len())]);
             let value: String = String::from_utf8_lossy(&label.value[..(label.value_len as usize).min(label.value.len())])
                 .chars()
                 .map(|c| if c.is_control() { '?' } else { c })
                 .collect();
+            (key, value)
+        });
+        let labels: Vec<(String, String)> = labels.collect();
+        self.note(record.tid, record.ts_ns, labels);
+    }
+
+    /// Takes a thread-context record the kernel sent: its trace and span ids and its
+    /// attributes, named from the process's key map, become its labels. An index the
+    /// map lacks (keys are appended as an SDK meets them) is dropped, and the process
+    /// context read again.
+    pub fn thread_context(&mut self, record: &[u8]) {
+        let Some(context) = crate::thread_context::decode(record) else {
+            self.counts.unmatched += 1;
+            return;
+        };
+        let keys = self.thread_keys.get(&context.tgid);
+        let mut labels: Vec<(String, String)> = Vec::with_capacity(2 + context.attributes.len());
+        labels.extend(context.trace_id.map(|id| ("trace_id".to_owned(), id)));
+        labels.extend(context.span_id.map(|id| ("span_id".to_owned(), id)));
+        let mut unknown = false;
+        for (index, value) in context.attributes {
+            match keys.and_then(|keys| keys.get(index as usize)).filter(|key| !key.is_empty()) {
+                Some(key) => labels.push((label_name(key.as_bytes()), value)),
+                None => unknown = true,
+            }
+        }
+        if unknown {
+            self.counts.thread_keys_unknown += 1;
+            if let Some(checked) = self.processes.get_mut(&context.tgid) {
+                checked.pending = true;
+            }
+        }
+        self.note(context.tid, context.ts_ns, labels);
+    }
+
+    /// Notes the labels of the snapshot (`tid`, `ts_ns`) to come: high-cardinality keys
+    /// name its request, the others make its label set.
+    fn note(&mut self, tid: u32, ts_ns: u64, labels: Vec<(String, String)>) {
+        let mut set: Vec<(String, String)> = Vec::with_capacity(labels.len());
+        // (rank among the high-cardinality keys, key, value)
+        let mut request: Option<(usize, String, String)> = None;
+        for (key, value) in labels {
             if key.is_empty() {
                 continue;
             }
@@ -293,9 +395,6 @@ impl Labels {
             if !set.iter().any(|(k, _)| *k == key) {
                 set.push((key, value));
             }
-        }
-        if record.flags & (LABELS_CUT | LABELS_READ_FAILED) != 0 {
-            tracing::debug!(tid = record.tid, flags = record.flags, "custom labels cut or partly unreadable");
         }
         let request = match request {
             Some((_, key, value)) => {
@@ -318,11 +417,11 @@ impl Labels {
                 }
             },
         };
-        if self.waiting.len() >= MAX_WAITING && !self.waiting.contains_key(&record.tid) {
+        if self.waiting.len() >= MAX_WAITING && !self.waiting.contains_key(&tid) {
             self.counts.unmatched += self.waiting.len() as u64;
             self.waiting.clear();
         }
-        if self.waiting.insert(record.tid, (record.ts_ns, id, request)).is_some() {
+        if self.waiting.insert(tid, (ts_ns, id, request)).is_some() {
             self.counts.unmatched += 1;
         }
     }
@@ -343,6 +442,7 @@ impl Labels {
     /// entries) so that exited processes do not fill it.
     pub fn evict(&mut self) {
         for (tgid, checked) in crate::process::remove_gone(&mut self.processes, |checked| &mut checked.seen_at) {
+            self.thread_keys.remove(&tgid);
             if checked.published {
                 (self.publish)(tgid, None);
             }
@@ -387,7 +487,7 @@ fn executable(info: &ProcessInfo) -> Option<&crate::process::Mapping> {
 /// How libraries reach their `custom_labels_current_set`, by (file, file offset of the
 /// mapping): each library is parsed once, however many processes map it.
 #[derive(Default)]
-struct Libraries(HashMap<((u64, u64), u64), Option<Reference>>);
+struct Libraries(HashMap<((u64, u64), u64, Abi), Option<Reference>>);
 
 /// Libraries remembered at most; past it the cache starts over.
 const MAX_LIBRARIES: usize = 4096;
@@ -407,17 +507,17 @@ enum Reference {
 }
 
 impl Libraries {
-    /// The first library mapped by the process that exports ABI v1 custom labels, with
+    /// The first library mapped by the process that exports `abi`'s thread-local, with
     /// the address of its reference in the process.
-    fn find(&mut self, info: &ProcessInfo) -> Option<Reference> {
+    fn find(&mut self, info: &ProcessInfo, abi: Abi) -> Option<Reference> {
         if self.0.len() >= MAX_LIBRARIES {
             self.0.clear();
         }
         info.mappings.iter().find_map(|mapping| {
             let from_mapping = *self
                 .0
-                .entry((mapping.file.id, mapping.file_offset))
-                .or_insert_with(|| reference_in_library(&mapping.file.handle_path, mapping.file_offset));
+                .entry((mapping.file.id, mapping.file_offset, abi))
+                .or_insert_with(|| reference_in_library(&mapping.file.handle_path, mapping.file_offset, abi));
             Some(match from_mapping? {
                 Reference::Descriptor(at) => Reference::Descriptor(mapping.start.wrapping_add(at)),
                 Reference::TlsIndex(at) => Reference::TlsIndex(mapping.start.wrapping_add(at)),
@@ -444,7 +544,7 @@ impl Reference {
             Reference::Descriptor(at) => {
                 let argument = word(at.wrapping_add(8))?;
                 if (-(1i64 << 32)..0).contains(&(argument as i64)) {
-                    return Some(LabelsProcess { tls_offset: argument, tls_module: 0 });
+                    return Some(LabelsProcess { tls_offset: argument, ..LabelsProcess::default() });
                 }
                 // struct tlsdesc_dynamic_arg: tls_index { ti_module, ti_offset }, gen_count.
                 in_module(word(argument)?, word(argument.wrapping_add(8))?)
@@ -458,19 +558,18 @@ impl Reference {
 /// are believable (a lazy descriptor's argument, a relocation, reads as neither).
 fn in_module(module: u64, offset: u64) -> Option<LabelsProcess> {
     ((1..=profiler_common::MAX_TLS_MODULE).contains(&module) && offset < 1 << 32)
-        .then_some(LabelsProcess { tls_offset: offset, tls_module: module })
+        .then_some(LabelsProcess { tls_offset: offset, tls_module: module, ..LabelsProcess::default() })
 }
 
 /// How the library's code, from the start of its mapping at `file_offset`, reaches
 /// `custom_labels_current_set`: None unless it exports ABI v1 and has a dynamic
 /// relocation of it.
-fn reference_in_library(path: &std::path::Path, file_offset: u64) -> Option<Reference> {
+fn reference_in_library(path: &std::path::Path, file_offset: u64, abi: Abi) -> Option<Reference> {
     let file = std::fs::File::open(path).ok()?;
     // SAFETY: as in `in_executable`.
     let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
     let elf = object::File::parse(&map[..]).ok()?;
-    let current_set = exported_abi(&elf, path)?;
-    let symbol_index = current_set.index();
+    let symbol_index = abi.symbol(&elf, path)?.index();
     let slot = |wanted: u32| {
         elf.dynamic_relocations()?.find_map(|(offset, relocation)| {
             let matches = matches!(relocation.flags(), object::RelocationFlags::Elf { r_type } if r_type == wanted)
@@ -486,38 +585,72 @@ fn reference_in_library(path: &std::path::Path, file_offset: u64) -> Option<Refe
     slot(object::elf::R_X86_64_DTPMOD64).map(|index| Reference::TlsIndex(from_mapping(index)))
 }
 
-/// The ABI's thread-local symbol, if the binary exports ABI v1 (its version is read from
-/// the file, where it was linked).
-fn exported_abi<'data, 'file>(elf: &'file object::File<'data>, path: &std::path::Path) -> Option<object::Symbol<'data, 'file>> {
-    // The ABI asks for dynamic symbols: the full symbol table of a large binary would
-    // cost every new process a scan of it.
-    let symbol = |name: &str| elf.dynamic_symbols().find(|s| s.name() == Ok(name));
-    let version = symbol("custom_labels_abi_version")?;
-    let section = elf.sections().find(|s| (s.address()..s.address() + s.size()).contains(&version.address()))?;
-    let data = section.data().ok()?;
-    let at = (version.address() - section.address()) as usize;
-    let version = u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?);
-    if version != 1 {
-        tracing::info!(path = %path.display(), version, "custom labels of an ABI version other than 1: not read");
-        return None;
-    }
-    let current_set = symbol("custom_labels_current_set")?;
-    (current_set.kind() == object::SymbolKind::Tls).then_some(current_set)
+/// What a process publishes through a thread-local.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Abi {
+    /// Custom labels, ABI v1: `custom_labels_current_set`.
+    CustomLabels,
+    /// OpenTelemetry's thread context: `otel_thread_ctx_v1` (see `thread_context`).
+    ThreadContext,
 }
 
-/// The kernel's entry for an executable that exports ABI v1 custom labels: the offset
-/// from a thread's `fsbase` to its `custom_labels_current_set`.
-fn in_executable(path: &std::path::Path) -> Option<LabelsProcess> {
+impl Abi {
+    fn format(self) -> u32 {
+        match self {
+            Abi::CustomLabels => profiler_common::LABELS_FORMAT_CUSTOM,
+            Abi::ThreadContext => profiler_common::LABELS_FORMAT_OTEL,
+        }
+    }
+
+    /// The ABI's thread-local symbol, if the binary exports it (custom labels: and ABI
+    /// v1, its version read from the file, where it was linked). Both ABIs ask for
+    /// dynamic symbols: the full symbol table of a large binary would cost every new
+    /// process a scan of it.
+    fn symbol<'data, 'file>(self, elf: &'file object::File<'data>, path: &std::path::Path) -> Option<object::Symbol<'data, 'file>> {
+        let symbol = |name: &str| elf.dynamic_symbols().find(|s| s.name() == Ok(name));
+        let variable = match self {
+            Abi::CustomLabels if custom_labels_v1(elf, path, symbol("custom_labels_abi_version")?) => symbol("custom_labels_current_set")?,
+            Abi::CustomLabels => return None,
+            Abi::ThreadContext => symbol(crate::thread_context::SYMBOL)?,
+        };
+        (variable.kind() == object::SymbolKind::Tls).then_some(variable)
+    }
+}
+
+/// Whether `version` (custom labels' `custom_labels_abi_version`) says ABI v1, as
+/// read from the file, where it was linked.
+fn custom_labels_v1(elf: &object::File<'_>, path: &std::path::Path, version: object::Symbol<'_, '_>) -> bool {
+    let read = || {
+        let section = elf.sections().find(|s| (s.address()..s.address() + s.size()).contains(&version.address()))?;
+        let data = section.data().ok()?;
+        let at = (version.address() - section.address()) as usize;
+        Some(u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?))
+    };
+    match read() {
+        Some(1) => true,
+        Some(version) => {
+            tracing::info!(path = %path.display(), version, "custom labels of an ABI version other than 1: not read");
+            false
+        }
+        None => false,
+    }
+}
+
+/// The kernel's entry for an executable that exports `abi`'s thread-local: the offset
+/// from a thread's `fsbase` to it.
+fn in_executable(path: &std::path::Path, abi: Abi) -> Option<LabelsProcess> {
     let file = std::fs::File::open(path).ok()?;
     // SAFETY: read-only; a file truncated while mapped reads as zeros (`mapped_files`),
     // which the ELF parser rejects like any malformed input.
     let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
-    let current_set = exported_abi(&object::File::parse(&map[..]).ok()?, path)?.address();
+    let variable = abi.symbol(&object::File::parse(&map[..]).ok()?, path)?.address();
     let elf = ElfFile64::<object::Endianness>::parse(&map[..]).ok()?;
     let endian = elf.endian();
     let tls = elf.elf_program_headers().iter().find(|header| header.p_type(endian) == object::elf::PT_TLS)?;
     Some(LabelsProcess {
-        tls_offset: tls_offset(tls.p_memsz(endian), tls.p_align(endian), tls.p_vaddr(endian), current_set),
+        format: abi.format(),
+        _pad: 0,
+        tls_offset: tls_offset(tls.p_memsz(endian), tls.p_align(endian), tls.p_vaddr(endian), variable),
         tls_module: 0,
     })
 }
@@ -669,6 +802,46 @@ mod tests {
             assert_eq!(entry.tls_module, module, "{dialect}: the library's module: {entry:?}");
             assert_eq!(followed, Some(variable), "{dialect}: the variable through the dynamic thread vector: {entry:?}");
         }
+    }
+
+    /// A service publishing OpenTelemetry's thread context (`tests/labels-app/c/otel.c`):
+    /// its process context is read (schema, key map, resource attributes), and its
+    /// executable's `otel_thread_ctx_v1` is published to the kernel as a thread context.
+    #[test]
+    fn an_opentelemetry_thread_context_is_found_with_its_key_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = dir.path().join("otel-app");
+        let built = std::process::Command::new("gcc")
+            .args(["-O2", "-pthread", "-Wl,--export-dynamic-symbol=otel_thread_ctx_v1", "-o"])
+            .arg(&app)
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/labels-app/c/otel.c"))
+            .status()
+            .unwrap();
+        assert!(built.success(), "building otel.c");
+        let mut child = std::process::Command::new(&app).args(["1", "5"]).stdout(std::process::Stdio::null()).spawn().unwrap();
+        let pid = child.id();
+        let context = (0..100)
+            .find_map(|_| {
+                std::thread::sleep(Duration::from_millis(20));
+                crate::thread_context::process_context(pid).ok()
+            })
+            .expect("the process context");
+        assert_eq!(context.thread_schema.as_deref(), Some("tls_v1"));
+        assert_eq!(context.thread_keys, ["http_route"]);
+        assert_eq!(context.attributes, [("service.name".to_owned(), "otel-app".to_owned())]);
+
+        let table = ProcessTable::default();
+        table.refresh(pid);
+        let published = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = published.clone();
+        let mut labels = Labels::new(LabelOptions::default(), LabelSets::default(), Box::new(move |pid, entry| sink.lock().unwrap().push((pid, entry))));
+        labels.observe(pid, &table);
+        let _ = child.kill();
+        child.wait().unwrap();
+        let published = published.lock().unwrap();
+        let entry = published.first().and_then(|(_, entry)| *entry).expect("published");
+        assert_eq!((entry.format, entry.tls_module), (profiler_common::LABELS_FORMAT_OTEL, 0), "{entry:?}");
+        assert_eq!(labels.thread_keys.get(&pid).map(Vec::as_slice), Some(&["http_route".to_owned()][..]));
     }
 
     /// Placements as glibc computes them (the end-to-end test reads a real one).

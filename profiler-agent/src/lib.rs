@@ -26,4 +26,5 @@ pub mod session;
 pub mod ship;
 pub mod spool;
 pub mod symbolize;
+pub mod thread_context;
 pub mod unwind;

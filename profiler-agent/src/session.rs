@@ -293,6 +293,7 @@ impl Session {
         counters.insert("label_sets_dropped", losses.labels.sets_dropped);
         counters.insert("labels_unmatched", losses.labels.unmatched);
         counters.insert("label_libraries_pending", losses.labels.libraries_pending);
+        counters.insert("thread_context_keys_unknown", losses.labels.thread_keys_unknown);
         counters.insert("stacks_unwound", self.unwind.complete);
         counters.insert("stacks_truncated", self.unwind.truncated);
         counters.insert("binaries_unreadable", self.unwind.binaries_unreadable);

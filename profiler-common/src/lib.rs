@@ -24,6 +24,7 @@ pub const EVENT_SWITCH_OUT: u32 = 2;
 pub const EVENT_WAIT_END: u32 = 3;
 pub const EVENT_PYTHON_STACK: u32 = 4;
 pub const EVENT_LABELS: u32 = 5;
+pub const EVENT_THREAD_CONTEXT: u32 = 6;
 
 /// Sizes of user stack a snapshot record can carry. Ring buffer records have a fixed size
 /// per type, so a thread that needs a 3 KiB copy takes a 4 KiB record, not a 16 KiB one:
@@ -305,11 +306,16 @@ pub const LABELS_CUT: u32 = 1;
 /// A label could not be read (paged out, or the set changing under the read).
 pub const LABELS_READ_FAILED: u32 = 2;
 
-/// A process that publishes custom labels (ABI v1 of Parca's `custom-labels`: the
-/// thread-local `custom_labels_current_set`, of its main executable or of a library).
+/// A process that publishes request context in thread-local storage: custom labels (ABI
+/// v1 of Parca's `custom-labels`: the thread-local `custom_labels_current_set`, of its
+/// main executable or of a library), or OpenTelemetry's thread context (`format`
+/// [`LABELS_FORMAT_OTEL`]: the thread-local `otel_thread_ctx_v1`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LabelsProcess {
+    /// [`LABELS_FORMAT_CUSTOM`] or [`LABELS_FORMAT_OTEL`].
+    pub format: u32,
+    pub _pad: u32,
     /// With `tls_module` 0, added (wrapping) to a thread's `fsbase` to get the address of
     /// its `custom_labels_current_set` (static TLS: the executable's, or a library's
     /// loaded at start): minus the module's TLS block offset, plus the symbol's offset in
@@ -363,6 +369,40 @@ pub struct LabelsRecord {
 
 /// Bytes of a [`LabelsRecord`] before its labels.
 pub const LABELS_HEADER_BYTES: usize = core::mem::offset_of!(LabelsRecord, labels);
+
+/// [`LabelsProcess::format`]: the variable points to a custom-labels set.
+pub const LABELS_FORMAT_CUSTOM: u32 = 0;
+/// [`LabelsProcess::format`]: the variable points to an OpenTelemetry thread-context
+/// record (OTEP 4947, `otel_thread_ctx_v1`).
+pub const LABELS_FORMAT_OTEL: u32 = 1;
+/// Bytes of a thread-context record before its attributes: trace id (16), span id
+/// (8), valid (1), trace flags (1), attributes' size (2, native order).
+pub const THREAD_CONTEXT_HEADER_BYTES: usize = 28;
+/// Bytes of a record's attributes read at most (the OTEP recommends records of at most
+/// 640 bytes; keys are one byte, values at most 255).
+pub const THREAD_CONTEXT_ATTR_BYTES: usize = 256;
+
+/// A thread's OpenTelemetry thread context, sent just before its snapshot with the same
+/// (`tid`, `ts_ns`) when the thread has a valid record. Sent cut after `attrs_len`
+/// bytes of `attrs`; the agent names the attributes' keys from the process context's
+/// key map.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ThreadContextRecord {
+    /// [`EVENT_THREAD_CONTEXT`].
+    pub kind: u32,
+    pub tid: u32,
+    pub ts_ns: u64,
+    pub tgid: u32,
+    /// Bytes of `attrs` valid.
+    pub attrs_len: u32,
+    /// The record's first [`THREAD_CONTEXT_HEADER_BYTES`] as read.
+    pub header: [u8; THREAD_CONTEXT_HEADER_BYTES],
+    pub attrs: [u8; THREAD_CONTEXT_ATTR_BYTES],
+}
+
+/// Bytes of a [`ThreadContextRecord`] before its attributes.
+pub const THREAD_CONTEXT_RECORD_HEADER_BYTES: usize = core::mem::offset_of!(ThreadContextRecord, attrs);
 
 /// The fingerprint of a code object from its [`PYTHON_FINGERPRINT_BYTES`] as four words:
 /// the same in the kernel and the agent, 31 bits.

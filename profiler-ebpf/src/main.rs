@@ -41,7 +41,8 @@ mod programs {
         PythonLayout, PYTHON_NO_FIELD, PYTHON_READ_FAILED, PYTHON_STACK_WINDOW, PYTHON_TRUNCATED, PYTHON_TSTATE_BYTES,
         Label, LabelsProcess, LabelsRecord, EVENT_LABELS, LABELS_HEADER_BYTES, LABELS_CUT, LABELS_READ_FAILED, LABEL_KEY_BYTES, LABEL_VALUE_BYTES, MAX_LABELS,
         DTV_ENTRY_BYTES, DTV_OFFSET, DTV_UNALLOCATED, MAX_TLS_MODULE, KernelStackCache, KERNEL_STACK_CACHE_ENTRIES,
-        SINGLE_WAIT_SYSCALLS,
+        SINGLE_WAIT_SYSCALLS, ThreadContextRecord, EVENT_THREAD_CONTEXT, LABELS_FORMAT_OTEL, THREAD_CONTEXT_ATTR_BYTES,
+        THREAD_CONTEXT_HEADER_BYTES, THREAD_CONTEXT_RECORD_HEADER_BYTES,
     };
 
     // Sizes are defaults; the agent overrides them at load time.
@@ -99,6 +100,9 @@ mod programs {
     /// Each CPU's labels record while it is filled.
     #[map]
     static LABELS: PerCpuArray<LabelsRecord> = PerCpuArray::with_max_entries(1, 0);
+    /// Each CPU's thread-context record while it is filled.
+    #[map]
+    static THREAD_CONTEXT: PerCpuArray<ThreadContextRecord> = PerCpuArray::with_max_entries(1, 0);
 
     /// Each Python thread's `PyThreadState` address, found by walking its interpreter's
     /// thread list once and checked against the thread's id on every use, by hash of
@@ -241,7 +245,11 @@ mod programs {
             }
         }
         if let Some(process) = unsafe { LABEL_PROCESSES.get(&subject.tgid) } {
-            emit_labels(cfg, process, subject);
+            if process.format == LABELS_FORMAT_OTEL {
+                emit_thread_context(cfg, process, subject);
+            } else {
+                emit_labels(cfg, process, subject);
+            }
         }
         let needed = unsafe { STACK_BYTES.get(&subject.tid) }.copied().unwrap_or(UNLEARNT_USER_STACK);
         let wanted = (cfg.user_stack_bytes.min(needed) as usize).min(MAX_USER_STACK);
@@ -486,6 +494,57 @@ mod programs {
         let used = (record.count as usize).min(MAX_LABELS);
         let len = LABELS_HEADER_BYTES + used * size_of::<Label>();
         let bytes = unsafe { core::slice::from_raw_parts(record as *const LabelsRecord as *const u8, len) };
+        let _ = EVENTS.output::<[u8]>(bytes, NO_WAKEUP);
+    }
+
+    /// Sends the OpenTelemetry thread context of the current thread (OTEP 4947), in a
+    /// record of its own just before its snapshot: `otel_thread_ctx_v1` points to the
+    /// thread's record, whose fixed part (trace and span ids, valid, flags, attributes'
+    /// size) and first [`THREAD_CONTEXT_ATTR_BYTES`] of attributes are copied as they
+    /// are; the agent decodes them. No record, or one not marked valid (being written),
+    /// sends nothing.
+    #[inline(always)]
+    fn emit_thread_context(cfg: &Config, process: &LabelsProcess, subject: &Subject) {
+        let Some(fsbase) = thread_pointer(cfg) else { return };
+        let Some(variable) = labels_variable(fsbase, process) else { return };
+        let Some(at) = read_user(variable) else { return };
+        if at == 0 {
+            return;
+        }
+        let Some(record) = THREAD_CONTEXT.get_ptr_mut(0) else { return };
+        let record = unsafe { &mut *record };
+        let header = record.header.as_mut_ptr() as *mut c_void;
+        if unsafe { bpf_probe_read_user(header, THREAD_CONTEXT_HEADER_BYTES as u32, at as *const c_void) } != 0 {
+            return;
+        }
+        // valid: 1, anything else is being written or reserved.
+        if record.header[24] != 1 {
+            return;
+        }
+        let size = u16::from_ne_bytes([record.header[26], record.header[27]]) as usize;
+        let n = opaque(size.min(THREAD_CONTEXT_ATTR_BYTES)) & (THREAD_CONTEXT_ATTR_BYTES * 2 - 1);
+        if n > THREAD_CONTEXT_ATTR_BYTES {
+            return;
+        }
+        record.attrs_len = 0;
+        if n > 0 {
+            let attrs = record.attrs.as_mut_ptr() as *mut c_void;
+            let from = at.wrapping_add(THREAD_CONTEXT_HEADER_BYTES as u64) as *const c_void;
+            if unsafe { bpf_probe_read_user(attrs, n as u32, from) } == 0 {
+                record.attrs_len = n as u32;
+            }
+        }
+        record.kind = EVENT_THREAD_CONTEXT;
+        record.tid = subject.tid;
+        record.tgid = subject.tgid;
+        record.ts_ns = subject.ts_ns;
+        count(Stat::Labelled);
+        // Only the attributes read: the copy into the ring costs by the byte.
+        let len = opaque(THREAD_CONTEXT_RECORD_HEADER_BYTES + record.attrs_len as usize) & 1023;
+        if len > size_of::<ThreadContextRecord>() {
+            return;
+        }
+        let bytes = unsafe { core::slice::from_raw_parts(record as *const ThreadContextRecord as *const u8, len) };
         let _ = EVENTS.output::<[u8]>(bytes, NO_WAKEUP);
     }
 

@@ -323,3 +323,46 @@ fn any_value(v: &AnyValue, strings: &[String]) -> Option<String> {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// A process context (OTEP 4719: an `opentelemetry.proto.resource.v1.Resource` an SDK
+/// publishes in memory for readers outside the process), as a profiler reads it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ProcessContext {
+    /// Scalar resource attributes as text (`service.name`, ...), `threadlocal.*` left out.
+    pub attributes: Vec<(String, String)>,
+    /// `threadlocal.schema_version` (OTEP 4947): how threads publish their context.
+    pub thread_schema: Option<String>,
+    /// `threadlocal.attribute_key_map`: thread-context attribute names by key index.
+    pub thread_keys: Vec<String>,
+}
+
+/// Decodes a process context's payload.
+pub fn process_context(payload: &[u8]) -> Result<ProcessContext, Error> {
+    use prost::Message as _;
+    let resource = opentelemetry_proto::tonic::resource::v1::Resource::decode(payload)?;
+    let mut context = ProcessContext::default();
+    for kv in resource.attributes {
+        let Some(value) = kv.value else { continue };
+        match (kv.key.as_str(), value.value) {
+            ("threadlocal.schema_version", Some(Value::StringValue(schema))) => context.thread_schema = Some(schema),
+            ("threadlocal.attribute_key_map", Some(Value::ArrayValue(keys))) => {
+                // A key that is not a string keeps its index, named by nothing.
+                context.thread_keys = keys
+                    .values
+                    .iter()
+                    .map(|v| match &v.value {
+                        Some(Value::StringValue(s)) => s.clone(),
+                        _ => String::new(),
+                    })
+                    .collect();
+            }
+            (key, _) if key.starts_with("threadlocal.") => {}
+            (key, value) => {
+                if let Some(text) = any_value(&AnyValue { value }, &[]) {
+                    context.attributes.push((key.to_owned(), text));
+                }
+            }
+        }
+    }
+    Ok(context)
+}

@@ -204,6 +204,58 @@ fn labels_of_a_dlopened_library_are_read_from_dynamic_tls() {
     assert!(labelled as f64 >= 0.9 * samples as f64, "{labelled} of {samples} samples labelled");
 }
 
+/// OpenTelemetry's thread context (OTEP 4947) with the process context it relies on
+/// (OTEP 4719), published by a C service as the two documents specify
+/// (`labels-app/c/otel.c`: two threads serving `/checkout` and `/search` in turn, each
+/// request with its own trace and span ids, the route an attribute named by the
+/// process context's key map). Under the daemon at default settings, filtered by
+/// `http_route=/checkout`, at least 95% of the on-CPU time is under `checkout_work`,
+/// and the same for `/search`; trace and span ids are not series labels, and the trace
+/// names each request in the request table.
+#[test]
+fn opentelemetry_thread_context_labels_profiles_and_requests() {
+    let _host = host_alone();
+    let dir = tempfile::tempdir().unwrap();
+    let app = dir.path().join("otel-app");
+    let built = Command::new("gcc")
+        .args(["-O2", "-pthread", "-Wl,--export-dynamic-symbol=otel_thread_ctx_v1", "-o"])
+        .arg(&app)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/labels-app/c/otel.c"))
+        .status()
+        .unwrap();
+    assert!(built.success(), "building the OpenTelemetry thread-context app");
+    let server = Server::start(&dir.path().join("server"), free_port());
+    let config = agent_config(dir.path(), &server.url, "", "window = \"2s\"", "");
+    let daemon = Daemon::start(&config);
+    let started = now_ms();
+    // In a session of its own, the service is named after its binary.
+    let output = Command::new("setsid").arg(&app).args(["2", "6"]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    std::thread::sleep(Duration::from_secs(5));
+
+    let range = format!("service=otel-app&from={}&until={}", started - 20_000, now_ms() + 20_000);
+    let names = server.get_json("/api/v1/labels?service=otel-app");
+    let names: Vec<&str> = names.as_array().unwrap().iter().filter_map(|n| n.as_str()).collect();
+    assert!(names.contains(&"http_route"), "no http_route label on otel-app's profiles: {names:?}");
+    assert!(!names.contains(&"trace_id") && !names.contains(&"span_id"), "ids became series labels: {names:?}");
+    for (route, function, other) in [("/checkout", "checkout_work", "search_work"), ("/search", "search_work", "checkout_work")] {
+        let text = String::from_utf8(server.get_bytes(&format!("/api/v1/folded?{range}&kinds=on-cpu&filter=http_route={route}"))).unwrap();
+        let stacks = parse_folded(&text);
+        let (share, ns) = share_through(&stacks, function);
+        let (wrong, _) = share_through(&stacks, other);
+        eprintln!("http_route={route}: {:.2} s on-CPU, {:.1}% under {function}, {:.1}% under {other}", ns as f64 / 1e9, share * 100.0, wrong * 100.0);
+        assert!(ns >= 2_000_000_000, "only {:.2} s on-CPU with http_route={route}", ns as f64 / 1e9);
+        assert!(share >= 0.95, "http_route={route}: {:.1}% of on-CPU time under {function}", share * 100.0);
+    }
+    let table = server.get_json(&format!("/api/v1/requests?{range}&limit=3"));
+    let served: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    eprintln!("{} requests served, {} in the request table", served["served"], table["count"]);
+    assert!(table["count"].as_u64().unwrap() > 100, "{table}");
+    assert_eq!(table["requests"][0]["key"], "trace_id");
+    assert!(daemon.metric("labelled_snapshots_total") > 0.0);
+    daemon.stop();
+}
+
 /// The custom-labels crate's C sources (`customlabels.cpp`, `customlabels.h`), from the
 /// copy cargo fetched for the test app.
 fn custom_labels_sources() -> PathBuf {

@@ -40,7 +40,7 @@ use aya::{
 };
 use profiler_pprof::waits::Histogram;
 use profiler_common::{
-    maps, Config, EVENT_LABELS, EVENT_PYTHON_STACK, SnapshotHeader, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE, EVENT_SWITCH_OUT, PENDING_SLOTS,
+    maps, Config, EVENT_LABELS, EVENT_PYTHON_STACK, EVENT_THREAD_CONTEXT, SnapshotHeader, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE, EVENT_SWITCH_OUT, PENDING_SLOTS,
     EVENT_WAIT_END, MAX_STACK_DEPTH, MAX_USER_STACK, TASK_COMM_LEN, USER_STACK_CHUNK,
 };
 

@@ -252,6 +252,7 @@ impl ReaderState {
                 None => self.losses.malformed += 1,
             },
             Some(EVENT_LABELS) => self.labels.record(record),
+            Some(EVENT_THREAD_CONTEXT) => self.labels.thread_context(record),
             Some(EVENT_WAIT_END) if record.len() >= size_of::<WaitEnd>() => {
                 // SAFETY: as above; read unaligned since the record is only 8-byte aligned.
                 let end = unsafe { std::ptr::read_unaligned(record.as_ptr() as *const WaitEnd) };
