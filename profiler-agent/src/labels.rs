@@ -314,7 +314,10 @@ impl Labels {
                 return None;
             }
             Err(crate::thread_context::Unreadable::Schema(schema)) => {
-                tracing::info!(pid = tgid, schema, "an OpenTelemetry thread context of another schema: not read");
+                // Once per process: it is asked again every 30 s.
+                if !self.processes.contains_key(&tgid) {
+                    tracing::info!(pid = tgid, schema, "an OpenTelemetry thread context of another schema: not read");
+                }
                 return None;
             }
             Err(crate::thread_context::Unreadable::Absent) => return None,
