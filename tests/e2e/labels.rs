@@ -91,11 +91,12 @@ fn heaviest_first(text: &str) -> Vec<(Vec<String>, u64)> {
 /// rest has it under 5% of their off-CPU time. The request ids make no series.
 ///
 /// The off-CPU CPU budget is 20 ms/s, not the default 5: on this VM a recorded
-/// switch-out costs 10 to 25 µs, and at 5 ms/s rate control lowers the per-thread
+/// switch-out costs 10 to 25 µs, and at 5 ms/s rate control may lower the per-thread
 /// quota below the workers' switch rate, so some waits are sampled and weighted. The
 /// totals stay unbiased, but one request's total is then its waits times their weights
-/// (a 30 ms sleep counted 150 ms), which no per-request percentile survives (README,
-/// "Slowest requests").
+/// (a 30 ms sleep counted 150 ms), which no per-request percentile survives. With
+/// kernel stacks reused this test passed 5 of 7 runs at 5 ms/s (README, "Slowest
+/// requests"): not reliably enough for the suite.
 #[test]
 fn the_slowest_requests_profile_shows_their_extra_wait() {
     let app = labels_app();
