@@ -636,9 +636,10 @@ fn boot_vm(kernel: &Kernel, initrd: &Path, work: &Path) -> (Report, Option<Strin
         let qemu_text = fs::read_to_string(&qemu_log).unwrap_or_default();
         let stall = guest_stall(&console_text).map(str::to_owned);
         let failure = format!(
-            "{err:#}\nqemu said: {}\nthe guest reported: {}\nlast console lines:\n{}",
+            "{err:#}\nqemu said: {}\nthe guest reported: {}\n{}last console lines:\n{}",
             qemu_text.trim(),
             stall.as_deref().unwrap_or("no stall"),
+            first_oops(&console_text),
             last_lines(&console_text, 30)
         );
         let hang = stall.unwrap_or_else(|| "no stall on the console".to_owned());
@@ -726,6 +727,17 @@ fn run_bounded(command: &mut Command, stderr: &Path, give_up: impl Fn() -> Optio
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The console from the guest kernel's first oops, warning or BUG on, up to 60 lines
+/// (with a newline after), or nothing: its first lines say where it happened, which
+/// the console's last lines, a later stall's dump, no longer show.
+fn first_oops(console: &str) -> String {
+    let lines: Vec<&str> = console.lines().collect();
+    let Some(start) = lines.iter().position(|line| ["BUG:", "Oops", "WARNING:", "general protection fault"].iter().any(|needle| line.contains(needle))) else {
+        return String::new();
+    };
+    format!("its first oops:\n{}\n", lines[start..lines.len().min(start + 60)].join("\n"))
 }
 
 fn last_lines(text: &str, n: usize) -> String {
