@@ -106,8 +106,13 @@ fn function_shares_agree_with_py_spy() {
         assert!((a - b).abs() <= 0.03, "{function}: ours {:.1}%, py-spy {:.1}%", 100.0 * a, 100.0 * b);
     }
     // Named like py-spy's, with the file and line of the instruction, in the order of
-    // the calls, under the native frames that started the interpreter.
-    let (frames, _) = ours.iter().find(|(frames, _)| frames.iter().any(|f| f.starts_with("parse_request ("))).unwrap();
+    // the calls, under the native frames that started the interpreter: the heaviest such
+    // stack, and nearly all samples (a clean-clone run had one stack of a few samples
+    // with the Python frames at the root, the first in the folded file's order).
+    let under_native: u64 = ours.iter().filter(|(frames, _)| !frames.get(1).is_some_and(|f| f.starts_with("<module> ("))).map(|(_, n)| n).sum();
+    let all: u64 = ours.iter().map(|(_, n)| n).sum();
+    assert!(under_native as f64 >= 0.99 * all as f64, "{} of {all} samples have their Python frames at the root", all - under_native);
+    let (frames, _) = ours.iter().filter(|(frames, _)| frames.iter().any(|f| f.starts_with("parse_request ("))).max_by_key(|(_, n)| *n).unwrap();
     let parse = frames.iter().find(|f| f.starts_with("parse_request (")).unwrap();
     assert!(parse.contains("/python/service.py:"), "{parse}");
     let functions = python_functions(frames);
