@@ -588,8 +588,11 @@ fn run_vm(kernel: &Kernel, initrd: &Path, work: &Path) -> Report {
 
 /// Boots of a kernel that hangs or dies before its check ends, at most: a clean-clone run
 /// saw 6.1 go quiet in its cost recordings twice in a row (before they had progress
-/// lines and a watchdog), then pass twice in 60 s.
-const BOOTS: u32 = 3;
+/// lines and a watchdog), then pass twice in 60 s; a later one saw three soft lockups
+/// in a row in the agent (given up within 17 s each). 6.1 under a loaded emulation host
+/// is not understood yet (README, "An oops on 6.1"); a boot that does finish is checked
+/// in full.
+const BOOTS: u32 = 5;
 
 /// The first console line of a guest kernel reporting a stall: a soft lockup, an RCU
 /// stall, an IPI not answered, a hung task.
