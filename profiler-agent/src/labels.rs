@@ -539,10 +539,7 @@ impl Reference {
     /// thread vector, as the `__tls_get_addr` pair does. Anything else (not resolved
     /// yet) is None.
     fn resolved(&self, pid: u32) -> Option<LabelsProcess> {
-        let word = |at: u64| {
-            let mut bytes = [0u8; 8];
-            crate::process::read_memory(pid, at, &mut bytes).then(|| u64::from_le_bytes(bytes))
-        };
+        let word = |at: u64| crate::process::read_word(pid, at);
         match *self {
             Reference::Descriptor(at) => {
                 let argument = word(at.wrapping_add(8))?;
@@ -768,10 +765,7 @@ mod tests {
         if entry.tls_module == 0 {
             return Some(thread_pointer.wrapping_add(entry.tls_offset));
         }
-        let word = |at: u64| {
-            let mut bytes = [0u8; 8];
-            crate::process::read_memory(pid, at, &mut bytes).then(|| u64::from_le_bytes(bytes))
-        };
+        let word = |at: u64| crate::process::read_word(pid, at);
         let dtv = word(thread_pointer + DTV_OFFSET)?;
         let room = word(dtv - DTV_ENTRY_BYTES)?;
         if entry.tls_module > room {

@@ -371,6 +371,12 @@ pub fn read_memory(pid: u32, addr: u64, buf: &mut [u8]) -> bool {
     read == buf.len() as isize
 }
 
+/// The 8-byte little-endian word at `addr` in process `pid`, if readable.
+pub fn read_word(pid: u32, addr: u64) -> Option<u64> {
+    let mut bytes = [0u8; 8];
+    read_memory(pid, addr, &mut bytes).then(|| u64::from_le_bytes(bytes))
+}
+
 /// A hash of the mappings' (start, file): it changes with an exec or a library loaded,
 /// when what was found in a process is looked for again.
 pub fn signature(mappings: &[Mapping]) -> u64 {
