@@ -149,9 +149,11 @@ fn the_agent_s_profiles_show_a_cpu_shift_and_added_io_as_the_top_changes() {
 }
 
 /// `profiler-agent record` of one run of the workload variant, at 997 Hz: about 16,000
-/// samples a run, so two runs of the same variant differ by about 0.6 points of a 50%
-/// share (one standard deviation) and the gate's 2 points is over 3 of them. At 499 Hz
-/// a clean-clone run saw step_a move by 2.01 points between two runs of the same build.
+/// samples a run, so sampling alone moves a 50% share by about 0.6 points (one standard
+/// deviation) between two runs of the same variant. The workload moves it more: a
+/// clean-clone run saw step_a at 48.8% then 51.3% at 997 Hz (and 2.01 points at 499 Hz),
+/// so the gate is set at 4 points, which the `cpu` variant's step_c (20% to 27%) passes
+/// by 3.
 fn record(dir: &std::path::Path, variant: &str, n: usize) -> String {
     let out = dir.join(format!("{variant}-{n}.folded"));
     let agent = Agent::record(&["-F", "997", "--comm", "wl-serve", "--duration", "60s", "-o", out.to_str().unwrap()]);
@@ -162,7 +164,7 @@ fn record(dir: &std::path::Path, variant: &str, n: usize) -> String {
 
 fn compare(base: &str, target: &str, svg: &std::path::Path) -> (i32, String) {
     let out = Command::new(binary("profiler-agent"))
-        .args(["compare", base, target, "--max-growth", "2", "--svg", svg.to_str().unwrap()])
+        .args(["compare", base, target, "--max-growth", "4", "--svg", svg.to_str().unwrap()])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();

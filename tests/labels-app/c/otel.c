@@ -13,7 +13,8 @@
  *
  * Usage: otel THREADS SECONDS. Each thread serves requests of about 10 ms in turn,
  * /checkout burning CPU in checkout_work and /search in search_work, each request
- * with its own trace and span ids; it prints the requests served. Build with
+ * with its own trace and span ids; it prints the requests served and the CPU time it
+ * used. Build with
  * -Wl,--export-dynamic-symbol=otel_thread_ctx_v1 (the OTEP asks the symbol in .dynsym). */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -164,6 +165,9 @@ int main(int argc, char **argv) {
     for (long i = 0; i < threads; i++) pthread_create(&ids[i], NULL, serve, (void *)i);
     uint64_t total = 0;
     for (long i = 0; i < threads; i++) { pthread_join(ids[i], NULL); total += served[i]; }
-    printf("{\"served\": %llu}\n", (unsigned long long)total);
+    struct timespec cpu;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &cpu);
+    printf("{\"served\": %llu, \"cpu_ns\": %llu}\n", (unsigned long long)total,
+           (unsigned long long)cpu.tv_sec * 1000000000ull + (unsigned long long)cpu.tv_nsec);
     return 0;
 }
