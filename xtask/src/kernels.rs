@@ -594,6 +594,10 @@ fn run_vm(kernel: &Kernel, initrd: &Path, work: &Path) -> Report {
 /// in full.
 const BOOTS: u32 = 5;
 
+/// How long a guest keeps printing after its soft lockup line before it is given up: the
+/// kernel's dump of the stuck CPU (registers, call trace) follows the line.
+const LOCKUP_GRACE: Duration = Duration::from_secs(5);
+
 /// The first console line of a guest kernel reporting a stall: a soft lockup, an RCU
 /// stall, an IPI not answered, a hung task.
 fn guest_stall(console: &str) -> Option<&str> {
@@ -615,6 +619,16 @@ fn boot_vm(kernel: &Kernel, initrd: &Path, work: &Path) -> (Report, Option<Strin
     println!("kernels: booting {} ({})", kernel.name, image.describe());
     let console = work.join(format!("console-{}.log", kernel.name));
     let qemu_log = work.join(format!("qemu-{}.log", kernel.name));
+    // The last boot's console goes first: the watch below reads it from the first second,
+    // before qemu has truncated it, and a clean-clone run gave up four boots at once on
+    // the first one's soft lockup.
+    for stale in [&console, &qemu_log] {
+        if let Err(err) = fs::remove_file(stale) {
+            if err.kind() != std::io::ErrorKind::NotFound {
+                return (Report::failed(kernel.name, None, Duration::ZERO, format!("removing {}: {err}", stale.display())), None);
+            }
+        }
+    }
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048"])
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none", "-no-reboot"])
@@ -630,8 +644,16 @@ fn boot_vm(kernel: &Kernel, initrd: &Path, work: &Path) -> (Report, Option<Strin
     let (load, started) = (host_load(), Instant::now());
     // A soft lockup (a CPU stuck for over 20 s: seen in the agent's perf_event_open under
     // emulation) never recovered in any run: the boot is given up then, not at the
-    // timeout, and booted once more 80 s sooner.
-    let locked_up = || console_line(&fs::read_to_string(&console).unwrap_or_default(), &["soft lockup"]).map(str::to_owned);
+    // timeout, and booted once more 80 s sooner. Given up [`LOCKUP_GRACE`] after its
+    // line, so the console also holds the registers and call trace the kernel prints
+    // after it (a clean-clone run killed the guest on the line alone).
+    let seen = std::cell::Cell::new(None::<Instant>);
+    let locked_up = || {
+        let line = console_line(&fs::read_to_string(&console).unwrap_or_default(), &["soft lockup"]).map(str::to_owned)?;
+        let since = seen.get().unwrap_or_else(Instant::now);
+        seen.set(Some(since));
+        (since.elapsed() >= LOCKUP_GRACE).then_some(line)
+    };
     let outcome = run_bounded(&mut qemu, &qemu_log, locked_up);
     let took = started.elapsed();
     let console_text = fs::read_to_string(&console).unwrap_or_default();
