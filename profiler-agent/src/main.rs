@@ -156,8 +156,9 @@ struct RecordArgs {
     #[arg(long, default_value_t = OffCpuOptions::default().kernel_stack_reuses)]
     off_cpu_kernel_stack_reuses: u32,
     /// Where waits get their stacks: at switch-in where the kernel takes a kprobe on the
-    /// scheduler's finish_task_switch (only waits of at least --off-cpu-min-block pay for
-    /// stacks), else at switch-out; `switch-out` or `switch-in` forces one (the latter
+    /// scheduler's finish_task_switch and is Linux 6.12 or newer (only waits of at least
+    /// --off-cpu-min-block pay for stacks; Debian's 6.1 oopsed under that kprobe in
+    /// emulation), else at switch-out; `switch-out` or `switch-in` forces one (the latter
     /// fails where it is not available).
     #[arg(long, value_enum, default_value_t = OffCpuPath::Auto)]
     off_cpu_path: OffCpuPath,

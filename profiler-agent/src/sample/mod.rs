@@ -153,7 +153,8 @@ pub struct OffCpuOptions {
 #[serde(rename_all = "kebab-case")]
 pub enum OffCpuPath {
     /// At switch-in where the kernel allows a kprobe on the scheduler's
-    /// `finish_task_switch`, else at switch-out.
+    /// `finish_task_switch` and is Linux 6.12 or newer (see [`SWITCH_IN_SINCE`]), else at
+    /// switch-out.
     #[default]
     Auto,
     /// At switch-out, from `sched_switch` alone: the stacks of a sampled share of all
@@ -476,7 +477,13 @@ impl Sampler {
         // The switch-in program goes first: once the config says so, `sched_switch` only
         // notes switch-outs, and they need it to end.
         let switch_in = match options.map(|off| off.path) {
-            Some(OffCpuPath::Auto) => self.attach_switch_in().is_ok(),
+            Some(OffCpuPath::Auto) => match switch_in_refused(&kernel_release()) {
+                Some(reason) => {
+                    tracing::info!(%reason, "off-CPU waits get their stacks at switch-out (sched_switch alone); --off-cpu-path switch-in forces the kprobe");
+                    false
+                }
+                None => self.attach_switch_in().is_ok(),
+            },
             Some(OffCpuPath::SwitchIn) => {
                 self.attach_switch_in().map_err(|reason| anyhow!("off-CPU at switch-in is not available here: {reason}"))?;
                 true
@@ -747,6 +754,36 @@ const QUOTA_EPOCH: Duration = Duration::from_millis(100);
 /// The scheduler's switch-in function as this kernel names it: compilers clone it
 /// (`finish_task_switch.isra.0` on Debian's 6.1 and 6.12), so the name is read from
 /// /proc/kallsyms rather than assumed.
+/// The oldest kernel release on which `auto` takes the switch-in kprobe. Debian's 6.1
+/// (6.1.192) under the kernel matrix's emulation oopsed in the scheduler while the kprobe
+/// on `finish_task_switch` was attached or detached, several boots in ten on a loaded
+/// host: the ftrace trampoline returned to address 0 (`RIP: 0010:0x0`, called from
+/// `__schedule` where it calls `finish_task_switch.isra.0`), and a CPU then stuck holding
+/// its run queue. Debian's 6.12 never did in the same harness. A kprobe on the
+/// scheduler's hottest function is only worth it where it cannot take the host down, so
+/// older kernels stay on the switch-out path unless asked.
+const SWITCH_IN_SINCE: (u32, u32) = (6, 12);
+
+/// The running kernel's release (`uname -r`), or empty when it cannot be read.
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|release| release.trim().to_owned()).unwrap_or_default()
+}
+
+/// Why `auto` keeps off the switch-in kprobe on a kernel of this release, if it does.
+fn switch_in_refused(release: &str) -> Option<String> {
+    let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(str::parse::<u32>);
+    let version = match (numbers.next(), numbers.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor),
+        _ => return Some(format!("kernel release {release:?} not understood")),
+    };
+    (version < SWITCH_IN_SINCE).then(|| {
+        format!(
+            "Linux {}.{} is older than {}.{}, the oldest kernel the switch-in kprobe is used on by default (6.1 oopsed under it in emulation)",
+            version.0, version.1, SWITCH_IN_SINCE.0, SWITCH_IN_SINCE.1
+        )
+    })
+}
+
 fn switch_in_symbol() -> Result<String, String> {
     let symbols = std::fs::read_to_string("/proc/kallsyms").map_err(|err| format!("reading /proc/kallsyms: {err}"))?;
     let mut found = None;
@@ -851,6 +888,16 @@ mod tests {
         assert_eq!((child_pid_offset(new), child_pid_offset(old)), (Some(20), Some(44)));
         assert_eq!(child_pid_offset("field:pid_t parent_pid;\toffset:12;\tsize:4;"), None);
         assert!(fork_child_pid_offset().is_some(), "this host's tracefs has the fork tracepoint");
+    }
+
+    #[test]
+    fn auto_takes_the_switch_in_kprobe_from_6_12_on() {
+        for release in ["6.1.0-57-cloud-amd64", "5.15.0-100-generic", "6.11.9", "4.19.0", "", "linux"] {
+            assert!(switch_in_refused(release).is_some(), "{release}");
+        }
+        for release in ["6.12.118+deb12-cloud-amd64", "6.18.0", "7.0.1-arch1"] {
+            assert_eq!(switch_in_refused(release), None, "{release}");
+        }
     }
 
     /// (tid, bytes) written to the kernel's `STACK_BYTES`, in order.
