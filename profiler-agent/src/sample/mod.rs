@@ -751,9 +751,6 @@ fn quota_epoch_jiffies() -> u32 {
 /// How long a thread's switch-outs count towards its quota.
 const QUOTA_EPOCH: Duration = Duration::from_millis(100);
 
-/// The scheduler's switch-in function as this kernel names it: compilers clone it
-/// (`finish_task_switch.isra.0` on Debian's 6.1 and 6.12), so the name is read from
-/// /proc/kallsyms rather than assumed.
 /// The oldest kernel release on which `auto` takes the switch-in kprobe. Debian's 6.1
 /// (6.1.192) under the kernel matrix's emulation oopsed in the scheduler while the kprobe
 /// on `finish_task_switch` was attached or detached, several boots in ten on a loaded
@@ -784,6 +781,9 @@ fn switch_in_refused(release: &str) -> Option<String> {
     })
 }
 
+/// The scheduler's switch-in function as this kernel names it: compilers clone it
+/// (`finish_task_switch.isra.0` on Debian's 6.1 and 6.12), so the name is read from
+/// /proc/kallsyms rather than assumed.
 fn switch_in_symbol() -> Result<String, String> {
     let symbols = std::fs::read_to_string("/proc/kallsyms").map_err(|err| format!("reading /proc/kallsyms: {err}"))?;
     let mut found = None;
