@@ -589,10 +589,10 @@ fn run_vm(kernel: &Kernel, initrd: &Path, work: &Path) -> Report {
 /// Boots of a kernel that hangs or dies before its check ends, at most: a clean-clone run
 /// saw 6.1 go quiet in its cost recordings twice in a row (before they had progress
 /// lines and a watchdog), then pass twice in 60 s; a later one saw three soft lockups
-/// in a row in the agent (given up within 17 s each). Those are 6.1's ftrace-based kprobe
-/// on `finish_task_switch` sending a task to address 0 while it is attached or detached
-/// (README, "The oops on 6.1"), which only the cost run still attaches there; a boot that
-/// does finish is checked in full.
+/// in a row in the agent (given up within 17 s each). They came with the kprobe on
+/// `finish_task_switch` attached or detached, and one boot printed the oops behind them:
+/// 6.1's ftrace-based kprobe sending a task to address 0 (README, "The oops on 6.1").
+/// Only the cost run still attaches it there; a boot that does finish is checked in full.
 const BOOTS: u32 = 5;
 
 /// How long a guest keeps printing after its soft lockup line before it is given up: the
