@@ -229,8 +229,6 @@ fn the_daemon_ships_python_frames_with_their_source() {
     daemon.stop();
 }
 
-
-
 /// pyenv's other CPythons (libpython embeddings): 3.8 to 3.10, whose frames are objects
 /// linked by `f_back`, each run by its own native call of the eval loop; 3.12 and 3.13,
 /// with shim frames where 3.11 has `is_entry` (and no `_PyCFrame` in 3.13); 3.14 where
