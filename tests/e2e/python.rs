@@ -37,10 +37,10 @@ fn start_service(python: &[&str], seconds: u32, mode: &str) -> Child {
     child
 }
 
-/// py-spy's raw samples of `pid` for `seconds`, at 200 Hz without pausing the process.
+/// py-spy's raw samples of `pid` for `seconds`, at 400 Hz without pausing the process.
 fn start_py_spy(pid: u32, seconds: u32, output: &Path) -> Child {
     Command::new(py_spy())
-        .args(["record", "--nonblocking", "-r", "200", "-f", "raw", "-d", &seconds.to_string(), "-p", &pid.to_string(), "-o"])
+        .args(["record", "--nonblocking", "-r", "400", "-f", "raw", "-d", &seconds.to_string(), "-p", &pid.to_string(), "-o"])
         .arg(output)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -76,6 +76,14 @@ fn on_cpu(stacks: Stacks) -> Stacks {
     stacks.into_iter().filter(|(frames, _)| !frames[0].starts_with("[off-cpu")).collect()
 }
 
+/// Standard error of the difference of two shares measured by independent samplings of
+/// `n` and `m` samples, from their pooled share.
+fn difference_error(a: f64, n: u64, b: f64, m: u64) -> f64 {
+    let (n, m) = (n.max(1) as f64, m.max(1) as f64);
+    let pooled = (a * n + b * m) / (n + m);
+    (pooled * (1.0 - pooled) * (1.0 / n + 1.0 / m)).sqrt()
+}
+
 fn record_with_py_spy(pid: u32, seconds: u32, dir: &Path) -> (Stacks, Stacks) {
     let ours = dir.join("ours.folded");
     let theirs = dir.join("py-spy.txt");
@@ -87,8 +95,12 @@ fn record_with_py_spy(pid: u32, seconds: u32, dir: &Path) -> (Stacks, Stacks) {
 }
 
 /// The request handler spends 50/30/20% of its CPU in three functions: our shares per
-/// function, with file and line, within 3 points of py-spy's on the same run (about 6,000
-/// of our samples and 2,400 of py-spy's).
+/// function, with file and line, within 3 points of py-spy's on the same run, or within
+/// four standard errors of the two samplings' difference where that is wider (about
+/// 6,000 of our samples and 4,800 of py-spy's: 3.9 points at a half). A clean-clone run
+/// at 200 Hz (2,382 of py-spy's, 4.9 points) saw 52.8% against 49.1%: 3.1 standard
+/// errors, which a fixed 3 points fails about once in 40 runs (three functions). Three
+/// runs at 400 Hz here: within 1.6 points, both sides of py-spy.
 #[test]
 fn function_shares_agree_with_py_spy() {
     let _host = host_alone();
@@ -103,7 +115,8 @@ fn function_shares_agree_with_py_spy() {
     for function in ["parse_request", "render_page", "checksum"] {
         let (a, b) = (our_shares.get(function).copied().unwrap_or(0.0), their_shares.get(function).copied().unwrap_or(0.0));
         assert!(b > 0.1, "py-spy saw {function} at {:.1}%", 100.0 * b);
-        assert!((a - b).abs() <= 0.03, "{function}: ours {:.1}%, py-spy {:.1}%", 100.0 * a, 100.0 * b);
+        let tolerance = 0.03f64.max(4.0 * difference_error(a, our_total, b, their_total));
+        assert!((a - b).abs() <= tolerance, "{function}: ours {:.1}%, py-spy {:.1}% (tolerance {:.1} points)", 100.0 * a, 100.0 * b, 100.0 * tolerance);
     }
     // Named like py-spy's, with the file and line of the instruction, in the order of
     // the calls, under the native frames that started the interpreter: the heaviest such
