@@ -527,8 +527,10 @@ pub struct Config {
     pub _pad: u32,
 }
 
-/// Threads whose last walked wait stack the kernel keeps (an LRU map, about 1 KiB each).
-pub const KERNEL_STACK_CACHE_ENTRIES: u32 = 1024;
+/// Places whose last walked wait stack the kernel keeps (an LRU map, about 1 KiB each):
+/// a thread that waits in turns at a lock and a sleep (the windows bench's holder and
+/// locker) keeps one for each.
+pub const KERNEL_STACK_CACHE_ENTRIES: u32 = 2048;
 
 /// The x86-64 system calls whose waits block in one place in the kernel, so that a
 /// thread's switch-outs from one call site of theirs share one kernel stack: sleeps,
@@ -539,13 +541,50 @@ pub const KERNEL_STACK_CACHE_ENTRIES: u32 = 1024;
 /// fault, one `fdatasync` for writeback, then the device's cache flush.
 pub const SINGLE_WAIT_SYSCALLS: [u64; 16] = [35, 230, 202, 449, 7, 271, 23, 270, 232, 281, 441, 34, 130, 128, 61, 247];
 
-/// A thread's kernel stack as walked at one of its switch-outs, with the place it
-/// switched out from: its process, the state it left in, and the user registers it
-/// entered the kernel with (the system call's number and where in user code it was
-/// made, stack pointer included). Walking the kernel stack is most of what a record
-/// costs, and a later blocking switch-out of the same thread from the same place, in
-/// one of [`SINGLE_WAIT_SYSCALLS`] made in 64-bit mode, waits in the same kernel code.
-/// As a guard for what that list does not foresee, a place earns reuse walk by walk: after k walks in a row from it
+/// Whether a blocking switch-out in x86-64 system call `syscall`, in reported `state`,
+/// may take its place's kept kernel stack (see [`KernelStackCache`]): any wait of one of
+/// [`SINGLE_WAIT_SYSCALLS`], and an interruptible sleep (S) in any other call. What makes
+/// one I/O call wait in several places is uninterruptible (D): a pipe's or socket's lock
+/// (`mutex_lock`, `lock_sock`), a page fault on the user's buffer, writeback and the
+/// device's flush under `fdatasync`. The S sleeps are a call's wait for its event (a
+/// pipe's or socket's data or room, a connection), one place each. Pipe reads and writes
+/// walked every time before: on this VM half of the windows bench's walks.
+#[inline(always)]
+pub const fn reusable_wait(syscall: u64, state: u32) -> bool {
+    if state == TASK_INTERRUPTIBLE {
+        return true;
+    }
+    let mut i = 0;
+    while i < SINGLE_WAIT_SYSCALLS.len() {
+        if SINGLE_WAIT_SYSCALLS[i] == syscall {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Where a thread switched out from, the key of its [`KernelStackCache`]: the state it
+/// left in and the user registers it entered the kernel with (the system call's number
+/// and where in user code it was made, stack pointer included). Keyed by place, not by
+/// thread: a thread kept one stack before, and one alternating between two places (a
+/// mutex and a sleep) walked every time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WaitPlace {
+    pub tid: u32,
+    pub state: u32,
+    pub syscall: u64,
+    pub ip: u64,
+    pub sp: u64,
+}
+
+/// A place's kernel stack as walked at one of its thread's switch-outs from there, with
+/// the process the thread was in (a tid reused by another process starts afresh).
+/// Walking the kernel stack is most of what a record costs, and a later blocking
+/// switch-out of the same thread from the same place, in a call [`reusable_wait`]
+/// allows, made in 64-bit mode, waits in the same kernel code. As a guard for what that
+/// rule does not foresee, a place earns reuse walk by walk: after k walks in a row from it
 /// found the same stack (the first not counted), its next k switch-outs, at most
 /// [`Config::kernel_stack_reuses`], take that stack, and the one after walks again. A
 /// walk that finds another stack takes the place back to walking every time
@@ -555,17 +594,12 @@ pub const SINGLE_WAIT_SYSCALLS: [u64; 16] = [35, 230, 202, 449, 7, 271, 23, 270,
 #[derive(Clone, Copy)]
 pub struct KernelStackCache {
     pub tgid: u32,
-    pub state: u32,
-    pub syscall: u64,
-    pub ip: u64,
-    pub sp: u64,
     /// Switch-outs that took this stack since it was walked.
     pub uses: u32,
     /// Bytes of `frames`; zero: none.
     pub len: u32,
     /// Walks in a row from this place that found this stack, after the first.
     pub agreed: u32,
-    pub _pad: u32,
     /// Hash of the frames, to tell a walk that differs from the last one.
     pub hash: u64,
     pub frames: [u64; MAX_STACK_DEPTH],
@@ -766,6 +800,25 @@ mod tests {
         assert_eq!(reported_state(0x0, false), STATE_PREEMPTED);
         // Preempted while setting up a sleep: still runnable.
         assert_eq!(reported_state(0x1, true), STATE_PREEMPTED);
+    }
+
+    #[test]
+    fn kept_kernel_stacks_serve_single_place_waits_only() {
+        const READ: u64 = 0;
+        const WRITE: u64 = 1;
+        const FDATASYNC: u64 = 75;
+        const FUTEX: u64 = 202;
+        const NANOSLEEP: u64 = 35;
+        // A pipe's or socket's wait for data or room.
+        assert!(reusable_wait(READ, TASK_INTERRUPTIBLE));
+        assert!(reusable_wait(WRITE, TASK_INTERRUPTIBLE));
+        // Its lock, a page fault, a disk: several places from one call.
+        assert!(!reusable_wait(READ, TASK_UNINTERRUPTIBLE));
+        assert!(!reusable_wait(FDATASYNC, TASK_UNINTERRUPTIBLE));
+        assert!(!reusable_wait(READ, TASK_REPORT_IDLE));
+        // The listed calls in any state: a futex's wait is the same, S or D.
+        assert!(reusable_wait(FUTEX, TASK_UNINTERRUPTIBLE));
+        assert!(reusable_wait(NANOSLEEP, TASK_INTERRUPTIBLE));
     }
 
     /// Since 6.1 a sleep may carry TASK_FREEZABLE (0x2000), and a task entering the

@@ -41,7 +41,7 @@ mod programs {
         PythonLayout, PYTHON_NO_FIELD, PYTHON_READ_FAILED, PYTHON_STACK_WINDOW, PYTHON_TRUNCATED, PYTHON_TSTATE_BYTES,
         Label, LabelsProcess, LabelsRecord, EVENT_LABELS, LABELS_HEADER_BYTES, LABELS_CUT, LABELS_READ_FAILED, LABEL_KEY_BYTES, LABEL_VALUE_BYTES, MAX_LABELS,
         DTV_ENTRY_BYTES, DTV_OFFSET, DTV_UNALLOCATED, MAX_TLS_MODULE, KernelStackCache, KERNEL_STACK_CACHE_ENTRIES,
-        SINGLE_WAIT_SYSCALLS, ThreadContextRecord, EVENT_THREAD_CONTEXT, LABELS_FORMAT_OTEL, THREAD_CONTEXT_ATTR_BYTES,
+        reusable_wait, WaitPlace, ThreadContextRecord, EVENT_THREAD_CONTEXT, LABELS_FORMAT_OTEL, THREAD_CONTEXT_ATTR_BYTES,
         THREAD_CONTEXT_HEADER_BYTES, THREAD_CONTEXT_RECORD_HEADER_BYTES,
     };
 
@@ -58,9 +58,9 @@ mod programs {
     /// (and `PENDING`) when it detaches the program.
     #[map]
     static SWITCH_OUT: HashMap<u64, SwitchOut> = HashMap::with_max_entries(32768, 0);
-    /// Threads' last walked wait stacks (see [`KernelStackCache`]), by tid.
+    /// Places' last walked wait stacks (see [`KernelStackCache`]).
     #[map]
-    static KERNEL_STACKS: LruHashMap<u32, KernelStackCache> = LruHashMap::with_max_entries(KERNEL_STACK_CACHE_ENTRIES, 0);
+    static KERNEL_STACKS: LruHashMap<WaitPlace, KernelStackCache> = LruHashMap::with_max_entries(KERNEL_STACK_CACHE_ENTRIES, 0);
     /// One entry never written: the zeroes a thread's first `KERNEL_STACKS` entry starts
     /// from (a value of 1 KiB does not fit the program's stack).
     #[map]
@@ -333,8 +333,8 @@ mod programs {
         unsafe { bpf_get_stack(ctx, frames as *mut c_void, (MAX_STACK_DEPTH * 8) as u32, 0) }
     }
 
-    /// The kernel stack of a recorded wait, into `frames`: the thread's last walked one
-    /// when it switched out from the same place, fewer times since it was walked than
+    /// The kernel stack of a recorded wait, into `frames`: the one last walked at the
+    /// same place of the thread (see [`WaitPlace`]), fewer times since it was walked than
     /// the walks in a row from there found that stack (after the first), and than
     /// `reuses` (see [`KernelStackCache`]); otherwise walked now and kept for the next
     /// ones. Returns its bytes, or `bpf_get_stack`'s error.
@@ -348,17 +348,12 @@ mod programs {
     ) -> i64 {
         let syscall = regs[REG_ORIG_AX];
         // 64-bit user code segment: the numbers are x86-64's.
-        if regs[REG_CS] != USER_CS_64 || !SINGLE_WAIT_SYSCALLS.contains(&syscall) {
+        if regs[REG_CS] != USER_CS_64 || !reusable_wait(syscall, subject.state) {
             return walk_kernel_stack(ctx, frames.as_mut_ptr());
         }
-        let Some(kept) = kernel_stack_entry(subject.tid) else { return walk_kernel_stack(ctx, frames.as_mut_ptr()) };
-        let (ip, sp) = (regs[REG_IP], regs[REG_SP]);
-        let same_place = kept.len > 0
-            && kept.tgid == subject.tgid
-            && kept.state == subject.state
-            && kept.syscall == syscall
-            && kept.ip == ip
-            && kept.sp == sp;
+        let place = WaitPlace { tid: subject.tid, state: subject.state, syscall, ip: regs[REG_IP], sp: regs[REG_SP] };
+        let Some(kept) = kernel_stack_entry(&place) else { return walk_kernel_stack(ctx, frames.as_mut_ptr()) };
+        let same_place = kept.len > 0 && kept.tgid == subject.tgid;
         let whole = (MAX_STACK_DEPTH * 8) as u32;
         if same_place && kept.uses < reuses.min(kept.agreed) {
             let copied = unsafe {
@@ -386,22 +381,21 @@ mod programs {
         };
         // Field by field: the frames are already in place, and a whole value would not
         // fit the program's stack.
-        (kept.tgid, kept.state, kept.syscall, kept.ip, kept.sp) = (subject.tgid, subject.state, syscall, ip, sp);
-        (kept.uses, kept.len, kept.hash) = (0, len as u32, hash);
+        (kept.tgid, kept.uses, kept.len, kept.hash) = (subject.tgid, 0, len as u32, hash);
         let copied =
             unsafe { probe_read_kernel_raw(frames.as_mut_ptr() as *mut c_void, whole, kept.frames.as_ptr() as *const c_void) };
         if copied == 0 { len } else { walk_kernel_stack(ctx, frames.as_mut_ptr()) }
     }
 
-    /// The thread's `KERNEL_STACKS` entry, made (empty) if it has none.
+    /// The place's `KERNEL_STACKS` entry, made (empty) if it has none.
     #[inline(always)]
-    fn kernel_stack_entry(tid: u32) -> Option<&'static mut KernelStackCache> {
-        if let Some(kept) = KERNEL_STACKS.get_ptr_mut(&tid) {
+    fn kernel_stack_entry(place: &WaitPlace) -> Option<&'static mut KernelStackCache> {
+        if let Some(kept) = KERNEL_STACKS.get_ptr_mut(place) {
             return Some(unsafe { &mut *kept });
         }
         let blank = KERNEL_STACK_BLANK.get(0)?;
-        KERNEL_STACKS.insert(&tid, blank, 0).ok()?;
-        KERNEL_STACKS.get_ptr_mut(&tid).map(|kept| unsafe { &mut *kept })
+        KERNEL_STACKS.insert(place, blank, 0).ok()?;
+        KERNEL_STACKS.get_ptr_mut(place).map(|kept| unsafe { &mut *kept })
     }
 
     /// FNV-1a over the first `len` bytes of `frames`, a word at a time.

@@ -67,8 +67,8 @@ pub enum Bench {
         #[arg(long, default_value_t = 20)]
         thread_quota: u32,
         /// Switch-outs from one place that reuse its walked kernel stack (0: every one
-        /// walked, as before reuse; the agent's default is 7).
-        #[arg(long, default_value_t = 7)]
+        /// walked, as before reuse; the agent's default is 15).
+        #[arg(long, default_value_t = 15)]
         kernel_stack_reuses: u32,
     },
     /// In-kernel cost per on-CPU sample of CPython processes, by BPF statistics: the

@@ -422,11 +422,13 @@ fn each_waiting_threads_time_holds_in_every_window() {
         TOLERANCE * 100.0,
         failures.join("\n")
     );
-    // The sleeps and lock waits of the checked threads repeat their places: most of
+    // The sleeps, lock waits and pipe waits of the checked threads repeat their places,
+    // two of them in turns (the holder and the locker: a mutex and a sleep): most of
     // their records take a kept kernel stack, and the walks between them find the same.
+    // With one kept stack per thread, and pipes walked every time, half were reused.
     if kernel_stack_reuses > 0 {
         let (reused, changed) = (c("kernel_stacks_reused"), c("kernel_stacks_changed"));
-        assert!(reused * 4 >= c("switch_outs_by_quota"), "only {reused} kernel stacks reused");
+        assert!(reused * 3 >= c("switch_outs_by_quota") * 2, "only {reused} kernel stacks reused of {} records by quota", c("switch_outs_by_quota"));
         assert!(changed * 100 <= reused, "{changed} walks after {reused} reuses found another stack");
     }
 }
