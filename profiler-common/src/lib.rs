@@ -547,8 +547,8 @@ pub const SINGLE_WAIT_SYSCALLS: [u64; 16] = [35, 230, 202, 449, 7, 271, 23, 270,
 /// one I/O call wait in several places is uninterruptible (D): a pipe's or socket's lock
 /// (`mutex_lock`, `lock_sock`), a page fault on the user's buffer, writeback and the
 /// device's flush under `fdatasync`. The S sleeps are a call's wait for its event (a
-/// pipe's or socket's data or room, a connection), one place each. Pipe reads and writes
-/// walked every time before: on this VM half of the windows bench's walks.
+/// pipe's or socket's data or room, a connection), one place each. Before, pipe reads and
+/// writes walked every time (the windows bench's pipe reader and writer).
 #[inline(always)]
 pub const fn reusable_wait(syscall: u64, state: u32) -> bool {
     if state == TASK_INTERRUPTIBLE {

@@ -172,9 +172,9 @@ pub const DEFAULT_THREAD_QUOTA: u32 = 20;
 /// At most 15 switch-outs from one place take the stack walked before them, the 16th
 /// walks again: a kernel stack walk was two thirds of a record's in-kernel cost on this
 /// project's VMs (11 of 16.5 µs; 22 to 31 µs a walk on slow days, against about 2 µs a
-/// reuse), while a place that stops holding is found within 16 records. At 7, the
-/// windows bench's walks between reuses still cost its rarely-blocking threads a third of
-/// their long waits on a slow day (README, "Kernel stacks reused").
+/// reuse), while a place that stops holding is found within 16 records. On a slow day of
+/// the windows bench, at 7 the locker had 32 and 57 of its 97 long waits a second
+/// recorded (two runs), at 15 it had 90 (README, "Kernel stacks reused").
 pub const DEFAULT_KERNEL_STACK_REUSES: u32 = 15;
 
 impl Default for OffCpuOptions {
