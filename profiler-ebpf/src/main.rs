@@ -1112,11 +1112,7 @@ mod programs {
         // number of entries it covers (the switch-in decrements what it removes).
         atomic_add(pending, 1);
         count(Stat::SwitchOutsRecorded);
-        let spent = unsafe { bpf_ktime_get_ns() }.saturating_sub(now);
-        add(Stat::SwitchOutRecordNs, spent);
-        if by_quota.is_some() {
-            add(Stat::SwitchOutQuotaRecordNs, spent);
-        }
+        add(Stat::SwitchOutRecordNs, unsafe { bpf_ktime_get_ns() }.saturating_sub(now));
     }
 
     /// The task's `PENDING` slot, once an entry left by its last switch-out is dropped.
