@@ -550,18 +550,8 @@ pub const SINGLE_WAIT_SYSCALLS: [u64; 16] = [35, 230, 202, 449, 7, 271, 23, 270,
 /// pipe's or socket's data or room, a connection), one place each. Before, pipe reads and
 /// writes walked every time (the windows bench's pipe reader and writer).
 #[inline(always)]
-pub const fn reusable_wait(syscall: u64, state: u32) -> bool {
-    if state == TASK_INTERRUPTIBLE {
-        return true;
-    }
-    let mut i = 0;
-    while i < SINGLE_WAIT_SYSCALLS.len() {
-        if SINGLE_WAIT_SYSCALLS[i] == syscall {
-            return true;
-        }
-        i += 1;
-    }
-    false
+pub fn reusable_wait(syscall: u64, state: u32) -> bool {
+    state == TASK_INTERRUPTIBLE || SINGLE_WAIT_SYSCALLS.contains(&syscall)
 }
 
 /// Where a thread switched out from, the key of its [`KernelStackCache`]: the state it
