@@ -69,6 +69,8 @@ const COMPACT_AFTER: Duration = Duration::from_millis(200);
 /// ...and sooner when their stack copies add up to this much (many threads blocking at
 /// once), so the agent's memory stays bounded whatever the host does.
 const MAX_RAW_BYTES: usize = 16 << 20;
+/// The perf PMU aya opens kprobes with (kernels built without kprobes have none).
+const KPROBE_PMU_TYPE: &str = "/sys/bus/event_source/devices/kprobe/type";
 
 /// What to sample and how much memory the agent and the kernel may use for it.
 #[derive(Clone, Debug)]
@@ -556,6 +558,12 @@ impl Sampler {
             return Err(reason.clone());
         }
         let attached = (|| {
+            // aya attaches kprobes through this PMU alone. Without it the attach fails, but
+            // only after the program was verified (most of a second) and kallsyms read: a
+            // deep-profile run's start would wait that long for nothing.
+            if !Path::new(KPROBE_PMU_TYPE).exists() {
+                return Err(format!("no kprobe PMU (`{KPROBE_PMU_TYPE}` is missing)"));
+            }
             let symbol = switch_in_symbol()?;
             let program: &mut KProbe = self
                 .bpf
