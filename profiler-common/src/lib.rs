@@ -689,10 +689,14 @@ pub enum Stat {
     /// Walks after [`Config::kernel_stack_reuses`] reuses that found another stack than
     /// the one reused.
     KernelStacksChanged,
+    /// The part of `SwitchOutRecordNs` spent on switch-outs recorded within their
+    /// thread's quota: those are mostly sleeps and lock waits that take a kept kernel
+    /// stack, the sampled ones often a frequent switcher's I/O, walked every time.
+    SwitchOutQuotaRecordNs,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 23;
+    pub const COUNT: u32 = 24;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Samples,
         Stat::SampleRingFull,
@@ -717,6 +721,7 @@ impl Stat {
         Stat::LabelsCut,
         Stat::KernelStacksReused,
         Stat::KernelStacksChanged,
+        Stat::SwitchOutQuotaRecordNs,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -744,6 +749,7 @@ impl Stat {
             Stat::LabelsCut => "labels_cut",
             Stat::KernelStacksReused => "kernel_stacks_reused",
             Stat::KernelStacksChanged => "kernel_stacks_changed",
+            Stat::SwitchOutQuotaRecordNs => "switch_out_quota_record_ns",
         }
     }
 }

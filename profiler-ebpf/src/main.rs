@@ -1112,7 +1112,11 @@ mod programs {
         // number of entries it covers (the switch-in decrements what it removes).
         atomic_add(pending, 1);
         count(Stat::SwitchOutsRecorded);
-        add(Stat::SwitchOutRecordNs, unsafe { bpf_ktime_get_ns() }.saturating_sub(now));
+        let spent = unsafe { bpf_ktime_get_ns() }.saturating_sub(now);
+        add(Stat::SwitchOutRecordNs, spent);
+        if by_quota.is_some() {
+            add(Stat::SwitchOutQuotaRecordNs, spent);
+        }
     }
 
     /// The task's `PENDING` slot, once an entry left by its last switch-out is dropped.
