@@ -106,9 +106,10 @@ fn scheduled_run_raises_the_rate_then_returns_to_baseline() {
 
     // Measured from the first window end after the agent reports the run running: it
     // reports that once the run's settings are in place, which takes it a poll (1 s) and
-    // their application (loading the off-CPU program: about a second here), so a fixed
-    // delay after the start could take in the window they were applied in, late by that
-    // second, and count its samples over half its length (10.7× measured).
+    // their application (loading the off-CPU program: 0.6 to 0.8 s here, 1.7 s before
+    // the kprobe PMU was checked first), so a fixed delay after the start could take in
+    // the window they were applied in, late by that time, and count its samples over
+    // half its length (10.7× measured).
     let run_id = wait_for_host_state(&server, &schedule["id"], "running");
     let during = sample_rate(&daemon, 2);
     // The same after the agent reports it done, which it does back at baseline settings.
@@ -118,7 +119,7 @@ fn scheduled_run_raises_the_rate_then_returns_to_baseline() {
     let ratio = during / baseline;
     // 499 against 99 Hz is 5.04×; a window whose end is drained late shortens the
     // measured time (the first with off-CPU records symbolizes every process on the host:
-    // 0.6 s late here, 5.8×).
+    // its end was drained 0.6 s late here, which would read 5.9×).
     assert!((4.0..=6.5).contains(&ratio), "run rate {during:.0}/s is {ratio:.2}× baseline {baseline:.0}/s, want ~5×");
     assert!((0.7..=1.4).contains(&(after / baseline)), "after the run {after:.0}/s vs baseline {baseline:.0}/s");
 
