@@ -181,6 +181,12 @@ impl ProcessTable {
         found
     }
 
+    /// What the process has mapped, as last read: no strings copied, no look-up counted
+    /// (for a caller that looks at every record, such as the labels reader).
+    pub fn mappings(&self, pid: u32) -> Option<Arc<[Mapping]>> {
+        self.inner.lock().unwrap().processes.get(&pid).map(|info| info.mappings.clone())
+    }
+
     /// (hits, misses) of snapshot look-ups.
     pub fn cache_stats(&self) -> (u64, u64) {
         let inner = self.inner.lock().unwrap();
@@ -379,13 +385,54 @@ pub fn read_word(pid: u32, addr: u64) -> Option<u64> {
 
 /// A hash of the mappings' (start, file): it changes with an exec or a library loaded,
 /// when what was found in a process is looked for again.
-pub fn signature(mappings: &[Mapping]) -> u64 {
+fn signature(mappings: &[Mapping]) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     for mapping in mappings {
         (mapping.start, mapping.file.id).hash(&mut hasher);
     }
     hasher.finish()
+}
+
+/// What a process had mapped when a reader last looked at it. The Python and labels
+/// readers look at a process on its records, again every few seconds, and at once when
+/// this tells an exec or a library loaded since: a process first seen between its fork
+/// and its exec has its parent's mappings, and a runtime or an SDK is ready within
+/// milliseconds of the exec.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MappingsSeen {
+    signature: u64,
+    /// Address of the table's list last compared: the table makes a new list whenever it
+    /// reads the process again, so only then is one hashed. (An address reused by a later
+    /// list leaves that change to the reader's next periodic look.)
+    at: usize,
+}
+
+impl MappingsSeen {
+    pub fn of(mappings: &Arc<[Mapping]>) -> Self {
+        Self { signature: signature(mappings), at: list_address(mappings) }
+    }
+
+    /// Whether `other` maps what these did.
+    pub fn same(&self, other: &MappingsSeen) -> bool {
+        self.signature == other.signature
+    }
+
+    /// Whether the table's mappings of `pid` differ from these: a look-up, and a hash
+    /// only of a list not compared before.
+    pub fn changed(&mut self, table: &ProcessTable, pid: u32) -> bool {
+        table.mappings(pid).is_some_and(|current| {
+            let at = list_address(&current);
+            at != self.at && {
+                self.at = at;
+                signature(&current) != self.signature
+            }
+        })
+    }
+}
+
+fn list_address(mappings: &Arc<[Mapping]>) -> usize {
+    Arc::as_ptr(mappings) as *const Mapping as usize
 }
 
 /// Parses an executable, file-backed line of /proc/PID/maps.

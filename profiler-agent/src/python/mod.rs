@@ -32,7 +32,7 @@ use std::{
 
 use profiler_common::{PythonFrame, PythonProcess, PythonStackOf, MAX_PYTHON_FRAMES, PYTHON_ENTRY, PYTHON_READ_FAILED, PYTHON_TRUNCATED};
 
-use crate::process::ProcessTable;
+use crate::process::{MappingsSeen, ProcessTable};
 use code::Code;
 use discover::{Interpreter, NotReadable};
 
@@ -149,9 +149,9 @@ enum Checked {
 
 struct ProcessState {
     checked: Checked,
-    /// [`crate::process::signature`] of the mappings it was checked with: a process
-    /// that exec'd or loaded a library since is checked again.
-    mappings: u64,
+    /// The mappings it was checked with: a process that exec'd or loaded a library
+    /// since is checked again at once.
+    mappings: MappingsSeen,
     checked_at: Instant,
     seen_at: Instant,
 }
@@ -188,14 +188,14 @@ impl Python {
         let now = Instant::now();
         if let Some(state) = self.processes.get_mut(&tgid) {
             state.seen_at = now;
-            if now.duration_since(state.checked_at) < RECHECK {
+            if !state.mappings.changed(table, tgid) && now.duration_since(state.checked_at) < RECHECK {
                 return;
             }
             state.checked_at = now;
         }
         let Some(info) = table.get(tgid) else { return };
-        let mappings = crate::process::signature(&info.mappings);
-        if self.processes.get(&tgid).is_some_and(|state| state.mappings == mappings) {
+        let mappings = MappingsSeen::of(&info.mappings);
+        if self.processes.get(&tgid).is_some_and(|state| state.mappings.same(&mappings)) {
             return;
         }
         let checked = match discover::find(tgid, &info) {
@@ -575,6 +575,47 @@ mod tests {
         assert!(matches!(discover::find(child.id(), &info), Err(NotReadable::UnknownVersion(layout::Version { major: 3, minor: 99 }))));
     }
 
+    /// A process first looked at before it exec'd the interpreter (a shell, or any
+    /// launcher's fork) is looked at again once the table has read its new image, not at
+    /// the next recheck 2 s later: its first seconds get Python frames too.
+    #[test]
+    fn an_exec_of_python_is_looked_at_before_the_next_recheck() {
+        use std::io::Write as _;
+        let mut child = Command::new("sh")
+            .args(["-c", "read line; exec python3 -c 'import time; time.sleep(5)'"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let table = ProcessTable::default();
+        table.refresh(pid);
+        let published = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = published.clone();
+        let mut python = Python::new(PythonOptions::default(), PythonNames::default(), Box::new(move |pid, entry: Option<PythonProcess>| seen.lock().unwrap().push((pid, entry.is_some()))));
+        python.observe(pid, &table);
+        assert!(published.lock().unwrap().is_empty(), "the shell was taken for Python");
+
+        let looked_at = Instant::now();
+        writeln!(child.stdin.as_mut().unwrap()).unwrap();
+        let exec = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+        // Until the interpreter runs its loop: its thread state is there by then.
+        (0..100)
+            .find(|_| {
+                std::thread::sleep(Duration::from_millis(20));
+                std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe != exec)
+                    && std::fs::read_to_string(format!("/proc/{pid}/wchan")).is_ok_and(|wchan| wchan.contains("nanosleep") || wchan.contains("hrtimer"))
+            })
+            .expect("python3 sleeping");
+        // What the unwinder does when a sample's address is in none of the known mappings.
+        table.refresh(pid);
+        python.observe(pid, &table);
+        let elapsed = looked_at.elapsed();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(elapsed < RECHECK, "the exec took {elapsed:?}: the test proves nothing past the recheck");
+        assert_eq!(*published.lock().unwrap(), [(pid, true)], "not found right after the exec");
+    }
+
     /// A record of the class that holds its frames, as the kernel sends it.
     #[test]
     fn stack_records_read_back_their_frames() {
@@ -611,7 +652,7 @@ mod tests {
             described: None,
         };
         let now = Instant::now();
-        python.processes.insert(7, ProcessState { checked: Checked::Python(interpreter), mappings: 0, checked_at: now, seen_at: now });
+        python.processes.insert(7, ProcessState { checked: Checked::Python(interpreter), mappings: MappingsSeen::default(), checked_at: now, seen_at: now });
         let frame = |name: &str, entry| Frame { addr: names.intern(name), entry };
         // Leaf first: two frames run by the inner eval call, two by the outer.
         let frames = Frames {
