@@ -65,8 +65,13 @@ const WORKLOAD_SECONDS: u32 = 5;
 /// workload is released, the workload, and a margin.
 const RECORD_SECONDS: u32 = WORKLOAD_SECONDS + 3;
 
-/// How long each of the two cost recordings records the workload.
-const COST_SECONDS: u32 = 2;
+/// How long the workload of each of the two cost recordings runs (between SECONDS - 1
+/// and SECONDS, as above)...
+const COST_WORKLOAD_SECONDS: u32 = 3;
+
+/// ...and how long its agent records, from when its programs are attached: the
+/// workload, released then, has ended before they are detached.
+const COST_RECORD_SECONDS: u32 = COST_WORKLOAD_SECONDS + 2;
 
 /// Records that may be between the switch-in path's two counters when they are read: one
 /// per CPU of the VMs.
@@ -351,15 +356,19 @@ cost_run() {
     name=$1; shift
     progress "cost recording $name"
     # The waits, and a ping-pong pair switching thousands of times a second with
-    # waits of microseconds, as a host's frequent switchers do. They outlive the recording
-    # (the agent takes seconds to load under emulation), and are ended after it.
-    "$KERNELS_WORKLOAD" waits 60 "$dir" pingpong >/dev/null &
+    # waits of microseconds, as a host's frequent switchers do. Released once the
+    # programs are attached, and over before they are detached: Debian's 6.1 under
+    # emulation soft-locked a CPU in some boots while the kprobe was attached or detached
+    # under the ping-pong (the oops below), a boot lost each time.
+    rm -f "$dir/go-$name"; mkfifo "$dir/go-$name"
+    exec 4<>"$dir/go-$name"
+    "$KERNELS_WORKLOAD" --wait waits "$KERNELS_COST_WORKLOAD_SECONDS" "$dir" pingpong <"$dir/go-$name" >/dev/null 4<&- &
     w=$!
     # A 64 MiB ring (8 MiB by default on 2 CPUs): under emulation the ping-pong starves
     # the agent's reader for seconds, and the waits recorded meanwhile must wait there.
-    RUST_LOG=warn NO_COLOR=1 "$KERNELS_AGENT" record --pid "$w" --duration "${KERNELS_COST_SECONDS}s" --off-cpu \
+    RUST_LOG=info NO_COLOR=1 "$KERNELS_AGENT" record --pid "$w" --duration "${KERNELS_COST_RECORD_SECONDS}s" --off-cpu \
         --off-cpu-sampling 1 --off-cpu-budget 100000000 --off-cpu-cpu-budget 1000s --bpf-stats-share 1 \
-        --ring-buffer-bytes 67108864 -o /dev/null --stats "$dir/stats-$name.json" "$@" 2>"$dir/agent-$name.log" &
+        --ring-buffer-bytes 67108864 -o /dev/null --stats "$dir/stats-$name.json" "$@" 2>"$dir/agent-$name.log" 4<&- &
     cost_agent=$!
     # Ahead of the ping-pong: with every switch-out recorded under emulation, it kept the
     # agent off the CPUs for a minute or more in some boots (the cost recording done
@@ -368,14 +377,22 @@ cost_run() {
     # Like the main recording's: an agent that outlives its deadline by far is killed,
     # so the VM ends with its log instead of hanging until the host gives up on it.
     (
-        left=$((KERNELS_COST_SECONDS + 60))
+        left=$((KERNELS_COST_RECORD_SECONDS + 60))
         while [ $left -gt 0 ] && kill -0 "$cost_agent" 2>/dev/null; do sleep 1; left=$((left - 1)); done
         kill -KILL "$cost_agent" 2>/dev/null
     ) &
+    tries=0
+    while kill -0 "$cost_agent" 2>/dev/null && [ $tries -lt 600 ]; do
+        if grep -q "sampling started" "$dir/agent-$name.log"; then break; fi
+        sleep 0.1; tries=$((tries + 1))
+    done
+    progress "cost recording $name: workload released"
+    echo go >&4
+    exec 4>&-
     wait "$cost_agent"
     echo "status=$?" >>"$dir/stats-$name.json.status"
     progress "cost recording $name done"
-    kill "$w"; wait "$w"
+    kill "$w" 2>/dev/null; wait "$w"
     section "stats-$name" "$dir/stats-$name.json"
     section "status-$name" "$dir/stats-$name.json.status"
     tail -n 20 "$dir/agent-$name.log" >"$dir/agent-$name.tail"
@@ -412,11 +429,12 @@ poweroff -f
 "#;
 
 /// The check script's settings other than paths, as environment variables.
-fn script_settings() -> [(&'static str, String); 3] {
+fn script_settings() -> [(&'static str, String); 4] {
     [
         ("KERNELS_WORKLOAD_SECONDS", WORKLOAD_SECONDS.to_string()),
         ("KERNELS_RECORD_SECONDS", RECORD_SECONDS.to_string()),
-        ("KERNELS_COST_SECONDS", COST_SECONDS.to_string()),
+        ("KERNELS_COST_WORKLOAD_SECONDS", COST_WORKLOAD_SECONDS.to_string()),
+        ("KERNELS_COST_RECORD_SECONDS", COST_RECORD_SECONDS.to_string()),
     ]
 }
 
