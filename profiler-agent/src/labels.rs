@@ -251,7 +251,7 @@ impl Labels {
         if let Some(checked) = self.processes.get_mut(&tgid) {
             checked.seen_at = now;
             // A service's first requests are labelled: the recheck alone left the e2e
-            // test's app, first seen before its exec, unlabelled for 2 s in one run of five.
+            // test's app, first seen before its exec, unlabelled for 2 s (4 runs of 26).
             let remapped = checked.mappings.changed(table, tgid);
             if !remapped && now.duration_since(checked.checked_at) < RECHECK {
                 return;
@@ -289,15 +289,7 @@ impl Labels {
         }
         self.processes.insert(
             tgid,
-            Checked {
-                mappings,
-                pending,
-                checked_at: now,
-                context_checked_at,
-                first_checked_at,
-                seen_at: now,
-                published: found.is_some(),
-            },
+            Checked { mappings, pending, checked_at: now, context_checked_at, first_checked_at, seen_at: now, published: found.is_some() },
         );
     }
 
