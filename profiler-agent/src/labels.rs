@@ -744,11 +744,7 @@ mod tests {
         let printed: Vec<u64> = line.split_whitespace().map(|word| word.parse().unwrap()).collect();
         let [thread_pointer, variable, module] = printed[..] else { panic!("the app printed {line:?}") };
 
-        let table = ProcessTable::default();
-        table.refresh(child.id());
-        let published = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = published.clone();
-        let mut labels = Labels::new(LabelOptions::default(), LabelSets::default(), Box::new(move |pid, entry| sink.lock().unwrap().push((pid, entry))));
+        let (table, mut labels, published) = reader_of(child.id());
         labels.observe(child.id(), &table);
         let entry = {
             let published = published.lock().unwrap();
@@ -823,11 +819,7 @@ mod tests {
         assert_eq!(context.thread_keys, ["http_route"]);
         assert_eq!(context.attributes, [("service.name".to_owned(), "otel-app".to_owned())]);
 
-        let table = ProcessTable::default();
-        table.refresh(pid);
-        let published = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = published.clone();
-        let mut labels = Labels::new(LabelOptions::default(), LabelSets::default(), Box::new(move |pid, entry| sink.lock().unwrap().push((pid, entry))));
+        let (table, mut labels, published) = reader_of(pid);
         labels.observe(pid, &table);
         let _ = child.kill();
         child.wait().unwrap();
@@ -835,6 +827,20 @@ mod tests {
         let entry = published.first().and_then(|(_, entry)| *entry).expect("published");
         assert_eq!((entry.format, entry.tls_module), (profiler_common::LABELS_FORMAT_OTEL, 0), "{entry:?}");
         assert_eq!(labels.thread_keys.get(&pid).map(Vec::as_slice), Some(&["http_route".to_owned()][..]));
+    }
+
+    /// What a reader told the kernel, in order.
+    type Published = Arc<std::sync::Mutex<Vec<(u32, Option<LabelsProcess>)>>>;
+
+    /// A table holding `pid` as it is now, and a reader whose entries for the kernel are
+    /// kept in the list returned.
+    fn reader_of(pid: u32) -> (ProcessTable, Labels, Published) {
+        let table = ProcessTable::default();
+        table.refresh(pid);
+        let published = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = published.clone();
+        let labels = Labels::new(LabelOptions::default(), LabelSets::default(), Box::new(move |pid, entry| sink.lock().unwrap().push((pid, entry))));
+        (table, labels, published)
     }
 
     /// `tests/labels-app/c/otel.c`, built into `dir`.
@@ -867,11 +873,7 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id();
-        let table = ProcessTable::default();
-        table.refresh(pid);
-        let published = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = published.clone();
-        let mut labels = Labels::new(LabelOptions::default(), LabelSets::default(), Box::new(move |pid, entry| sink.lock().unwrap().push((pid, entry))));
+        let (table, mut labels, published) = reader_of(pid);
         labels.observe(pid, &table);
         assert!(published.lock().unwrap().is_empty(), "the shell published something");
 
