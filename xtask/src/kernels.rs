@@ -359,7 +359,7 @@ cost_run() {
     # waits of microseconds, as a host's frequent switchers do. Released once the
     # programs are attached, and over before they are detached: Debian's 6.1 under
     # emulation soft-locked a CPU in some boots while the kprobe was attached or detached
-    # under the ping-pong (the oops below), a boot lost each time.
+    # under the ping-pong (README, "The oops on 6.1"), a boot lost each time.
     rm -f "$dir/go-$name"; mkfifo "$dir/go-$name"
     exec 4<>"$dir/go-$name"
     "$KERNELS_WORKLOAD" --wait waits "$KERNELS_COST_WORKLOAD_SECONDS" "$dir" pingpong <"$dir/go-$name" >/dev/null 4<&- &
