@@ -252,8 +252,7 @@ impl Labels {
             checked.seen_at = now;
             // A service's first requests are labelled: the recheck alone left the e2e
             // test's app, first seen before its exec, unlabelled for 2 s (4 runs of 26).
-            let remapped = checked.mappings.changed(table, tgid);
-            if !remapped && now.duration_since(checked.checked_at) < RECHECK {
+            if now.duration_since(checked.checked_at) < RECHECK && !checked.mappings.changed(table, tgid) {
                 return;
             }
         }

@@ -304,6 +304,16 @@ dir=$KERNELS_DIR
 section() { echo "==> kernels: begin $1"; cat "$2"; echo; echo "==> kernels: end $1"; }
 # Progress lines with the time since boot, so a run that stalls shows where and when.
 progress() { echo "==> kernels: $* (at $(cut -d' ' -f1 /proc/uptime) s since boot)"; }
+# Whether agent $1 logged to $2 that its programs are attached, waiting up to 60 s while
+# it runs.
+attached() {
+    tries=0
+    while kill -0 "$1" 2>/dev/null && [ $tries -lt 600 ]; do
+        if grep -q "sampling started" "$2"; then return 0; fi
+        sleep 0.1; tries=$((tries + 1))
+    done
+    return 1
+}
 rm -f "$dir/go"; mkfifo "$dir/go"
 # Open for reading and writing, so the workload's open does not wait for a writer.
 exec 3<>"$dir/go"
@@ -322,11 +332,8 @@ agent=$!
 ) &
 # Progress lines, so that a run the host kills shows where it stopped.
 progress "waiting for the agent"
-started=no tries=0
-while kill -0 "$agent" 2>/dev/null && [ $tries -lt 600 ]; do
-    if grep -q "sampling started" "$dir/agent.log"; then started=yes; break; fi
-    sleep 0.1; tries=$((tries + 1))
-done
+started=no
+if attached "$agent" "$dir/agent.log"; then started=yes; fi
 # A second for the agent's first rate-control ticks and, under emulation, for the first
 # runs of its programs to be translated, before the waits measured begin.
 sleep 1
@@ -381,11 +388,7 @@ cost_run() {
         while [ $left -gt 0 ] && kill -0 "$cost_agent" 2>/dev/null; do sleep 1; left=$((left - 1)); done
         kill -KILL "$cost_agent" 2>/dev/null
     ) &
-    tries=0
-    while kill -0 "$cost_agent" 2>/dev/null && [ $tries -lt 600 ]; do
-        if grep -q "sampling started" "$dir/agent-$name.log"; then break; fi
-        sleep 0.1; tries=$((tries + 1))
-    done
+    attached "$cost_agent" "$dir/agent-$name.log"
     progress "cost recording $name: workload released"
     echo go >&4
     exec 4>&-

@@ -188,7 +188,7 @@ impl Python {
         let now = Instant::now();
         if let Some(state) = self.processes.get_mut(&tgid) {
             state.seen_at = now;
-            if !state.mappings.changed(table, tgid) && now.duration_since(state.checked_at) < RECHECK {
+            if now.duration_since(state.checked_at) < RECHECK && !state.mappings.changed(table, tgid) {
                 return;
             }
             state.checked_at = now;
