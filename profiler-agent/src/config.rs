@@ -162,6 +162,9 @@ pub struct OffCpuConfig {
     /// Threads that switched out at most this many times in the last 100 ms have every
     /// switch-out recorded; the others are sampled.
     pub thread_quota: u32,
+    /// Threads over their quota that switched out at most this many times in the last
+    /// 100 ms and waited long lately have every long wait counted whole (0: none).
+    pub stamp_limit: u32,
     /// Switch-outs of a thread from the same place that take the kernel stack walked at
     /// the first one, before it is walked again (0: every one is walked).
     pub kernel_stack_reuses: u32,
@@ -180,6 +183,7 @@ impl Default for OffCpuConfig {
             budget: budget.switches_per_s,
             cpu_budget: budget.kernel_cpu_per_s,
             thread_quota: defaults.thread_quota,
+            stamp_limit: defaults.stamp_limit,
             kernel_stack_reuses: defaults.kernel_stack_reuses,
             path: defaults.path,
         }
@@ -286,6 +290,7 @@ impl AgentConfig {
                 min_block: self.off_cpu.min_block,
                 sample_probability: self.off_cpu.sampling,
                 thread_quota: self.off_cpu.thread_quota,
+                stamp_limit: self.off_cpu.stamp_limit,
                 kernel_stack_reuses: self.off_cpu.kernel_stack_reuses,
                 path: self.off_cpu.path,
                 ..OffCpuOptions::default()

@@ -148,6 +148,14 @@ struct RecordArgs {
     /// rate control lowers it when their records would take over 9/10 of the budget.
     #[arg(long, default_value_t = OffCpuOptions::default().thread_quota)]
     off_cpu_thread_quota: u32,
+    /// A thread over its quota that switched out at most this many times in the last
+    /// 100 ms, and had a wait of --off-cpu-min-block or more lately, has its switch-outs
+    /// stamped: each notes when it left (two clock reads a switch), so every long wait of
+    /// it is counted whole, shown at the stack of its latest recorded wait. Above it,
+    /// waits are only sampled. Rate control lowers it when stamps would take over 4/10 of
+    /// --off-cpu-cpu-budget. 0: no stamps.
+    #[arg(long, default_value_t = OffCpuOptions::default().stamp_limit)]
+    off_cpu_stamp_limit: u32,
     /// A thread switching out again from the same place (the same system call from the
     /// same user code, stack pointer and state) takes the kernel stack walked at the
     /// first of these many switch-outs instead of walking it again, the one after walks
@@ -289,6 +297,7 @@ fn run_record(args: RecordArgs) -> anyhow::Result<()> {
                 min_block: args.off_cpu_min_block,
                 sample_probability: args.off_cpu_sampling,
                 thread_quota: args.off_cpu_thread_quota,
+                stamp_limit: args.off_cpu_stamp_limit,
                 kernel_stack_reuses: args.off_cpu_kernel_stack_reuses,
                 path: args.off_cpu_path,
                 ..OffCpuOptions::default()

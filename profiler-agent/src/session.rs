@@ -192,7 +192,7 @@ impl Session {
                     let before = rate.rates();
                     let rates = rate.tick(RateCounters::read(&self.sampler)?, Instant::now());
                     if rates != before {
-                        self.sampler.set_off_cpu_rates(rates.probability, rates.thread_quota)?;
+                        self.sampler.set_off_cpu_rates(rates.probability, rates.thread_quota, rates.stamp_limit)?;
                     }
                 }
             }
@@ -281,6 +281,7 @@ impl Session {
         counters.insert("wait_without_snapshot", losses.wait_without_snapshot);
         counters.insert("switch_out_without_end", losses.switch_out_without_end);
         counters.insert("pending_expired", losses.pending_expired);
+        counters.insert("stamped_without_stack", losses.stamped_without_stack);
         counters.insert("file_pages_truncated", crate::mapped_files::truncated_pages());
         counters.insert("malformed_records", losses.malformed);
         counters.insert("python_processes", losses.python.processes);
@@ -333,6 +334,8 @@ struct RateCounters {
     by_quota: u64,
     /// The part of `record_ns` spent on the quotas' records.
     quota_record_ns: u64,
+    /// Switch-outs stamped.
+    stamped: u64,
 }
 
 impl RateCounters {
@@ -346,6 +349,7 @@ impl RateCounters {
                 recorded: sampler.stat_total(Stat::SwitchOutsRecorded)?,
                 by_quota: 0,
                 quota_record_ns: 0,
+                stamped: 0,
             });
         }
         Ok(Self {
@@ -354,6 +358,7 @@ impl RateCounters {
             recorded: sampler.stat_total(Stat::SwitchOutsRecorded)?,
             by_quota: sampler.stat_total(Stat::SwitchOutsByQuota)?,
             quota_record_ns: sampler.stat_total(Stat::SwitchOutQuotaRecordNs)?,
+            stamped: sampler.stat_total(Stat::SwitchOutsStamped)?,
         })
     }
 }
@@ -391,6 +396,8 @@ struct RateControl {
     probability: f64,
     max_thread_quota: u32,
     thread_quota: u32,
+    max_stamp_limit: u32,
+    stamp_limit: u32,
     /// Smoothed share of the budget the quotas' records take (NaN before the first tick).
     quota_load: f64,
     /// Smoothed in-kernel cost of a record within the quotas, ns (NaN before the first).
@@ -406,6 +413,7 @@ struct RateControl {
 struct Rates {
     probability: f64,
     thread_quota: u32,
+    stamp_limit: u32,
 }
 
 /// The lowest probability rate control goes to: one switch in 10,000.
@@ -419,6 +427,13 @@ const RAISE_PER_TICK: f64 = 1.25;
 const QUOTA_SHARE: f64 = 0.9;
 /// Weight of a tick in the smoothed quota load.
 const QUOTA_SMOOTHING: f64 = 0.1;
+/// The share of the CPU budget stamps may take (see `OffCpuOptions::stamp_limit`); the
+/// quotas' share is of what they leave.
+const STAMP_SHARE: f64 = 0.4;
+/// What a stamped switch-out costs in the kernel: a clock read as it leaves, one at its
+/// switch-in, and a slot's update (the README's figures). Not measured per stamp: that
+/// would take a third clock read.
+const STAMP_NS: f64 = 150.0;
 /// Weight of a tick in the smoothed cost of a record: about five seconds.
 const COST_SMOOTHING: f64 = 0.02;
 
@@ -457,6 +472,8 @@ impl RateControl {
             probability,
             max_thread_quota: options.thread_quota,
             thread_quota: options.thread_quota,
+            max_stamp_limit: options.stamp_limit,
+            stamp_limit: options.stamp_limit,
             quota_load: f64::NAN,
             quota_record_ns: f64::NAN,
             last: Instant::now(),
@@ -485,6 +502,7 @@ impl RateControl {
         let recorded = delta(counters.recorded, self.last_counters.recorded);
         let by_quota = delta(counters.by_quota, self.last_counters.by_quota).min(recorded);
         let quota_ns = delta(counters.quota_record_ns, self.last_counters.quota_record_ns).min(record_ns);
+        let stamped = delta(counters.stamped, self.last_counters.stamped);
         self.weighted += by_quota + (switches - by_quota).max(0.0) * self.probability;
         self.switches_total += switches;
         self.last_counters = counters;
@@ -498,7 +516,11 @@ impl RateControl {
         let quota_rate = by_quota / elapsed;
         let quota_cpu_rate = quota_ns / elapsed;
         let count_budget = self.budget.switches_per_s as f64;
+        let stamp_cpu_rate = stamped * STAMP_NS / elapsed;
+        self.stamp_limit = self.next_stamp_limit(stamp_cpu_rate);
+        // Stamps are paid first: the quotas and sampling share what they leave.
         let cpu_budget = self.budget.kernel_cpu_per_s.as_nanos() as f64;
+        let cpu_budget = cpu_budget - stamp_cpu_rate.min(cpu_budget * STAMP_SHARE);
         // The quotas' cost at their record's cost averaged over seconds: it swings from
         // tick to tick (ticks on a VM here measured 7 to 25 µs a record for the same
         // threads), and each quota step down on a costly tick thins the rarely-blocking
@@ -565,10 +587,26 @@ impl RateControl {
         self.rates()
     }
 
+    /// The stamp limit for the next tick, from this tick's stamps' cost: cut at once in
+    /// proportion when over their share of the CPU budget, raised by a quarter a tick when
+    /// even that would stay within it. A thread whose rate is just over a cut limit loses
+    /// its stamps, its long waits are then sampled like its short ones.
+    fn next_stamp_limit(&self, stamp_cpu_rate: f64) -> u32 {
+        let share = self.budget.kernel_cpu_per_s.as_nanos() as f64 * STAMP_SHARE;
+        if stamp_cpu_rate > share {
+            (self.stamp_limit as f64 * share / stamp_cpu_rate) as u32
+        } else if stamp_cpu_rate * RAISE_PER_TICK <= share {
+            ((self.stamp_limit as f64 * RAISE_PER_TICK) as u32).max(self.stamp_limit + 1).min(self.max_stamp_limit)
+        } else {
+            self.stamp_limit
+        }
+    }
+
     fn rates(&self) -> Rates {
         Rates {
             probability: self.probability,
             thread_quota: self.thread_quota,
+            stamp_limit: self.stamp_limit,
         }
     }
 
@@ -611,7 +649,7 @@ impl Drop for WatcherGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sample::DEFAULT_THREAD_QUOTA;
+    use crate::sample::{DEFAULT_STAMP_LIMIT, DEFAULT_THREAD_QUOTA};
 
     fn every_switch() -> OffCpuOptions {
         OffCpuOptions { sample_probability: 1.0, ..OffCpuOptions::default() }
@@ -625,6 +663,7 @@ mod tests {
             recorded,
             by_quota,
             quota_record_ns: record_ns * by_quota / recorded.max(1),
+            stamped: 0,
         }
     }
 
@@ -732,9 +771,52 @@ mod tests {
             rates,
             Rates {
                 probability: 1.0,
-                thread_quota: DEFAULT_THREAD_QUOTA
+                thread_quota: DEFAULT_THREAD_QUOTA,
+                stamp_limit: DEFAULT_STAMP_LIMIT,
             }
         );
+    }
+
+    /// Stamps over their share of the CPU budget (2 ms/s of a 5 ms/s budget): the limit is
+    /// cut at once in proportion, and raised back a quarter a tick once they fit again.
+    /// Their cost comes off what the quotas and sampling get.
+    #[test]
+    fn stamps_are_held_to_their_share_of_the_budget() {
+        let mut rate = RateControl::new(&every_switch(), OffCpuBudget::default(), RateCounters::default(), 1.0);
+        let tick = |rate: &mut RateControl, stamps: u64| {
+            let last = rate.last_counters;
+            let next = RateCounters { switches: last.switches + 10_000, stamped: last.stamped + stamps, ..last };
+            rate.tick(next, rate.last + TICK)
+        };
+        // 4 ms/s of stamps: twice their share.
+        let rates = tick(&mut rate, 2_666);
+        assert_eq!(rates.stamp_limit, DEFAULT_STAMP_LIMIT / 2);
+        let mut limits = Vec::new();
+        for _ in 0..10 {
+            limits.push(tick(&mut rate, 100).stamp_limit);
+        }
+        assert!(limits.windows(2).all(|pair| pair[0] < pair[1] || pair[1] == DEFAULT_STAMP_LIMIT), "{limits:?}");
+        assert_eq!(limits.last(), Some(&DEFAULT_STAMP_LIMIT));
+        // Stamps at their whole share leave the quotas and sampling 3 ms/s, not 5.
+        let by_cpu_alone = OffCpuBudget { switches_per_s: u64::MAX, ..OffCpuBudget::default() };
+        let stamped = RateControl::new(&every_switch(), by_cpu_alone, RateCounters::default(), 1.0);
+        let mut without = RateControl::new(&every_switch(), by_cpu_alone, RateCounters::default(), 1.0);
+        let mut with = stamped;
+        let sampled = |rate: &mut RateControl, stamps: u64| {
+            let last = rate.last_counters;
+            // 400 µs of sampled records in 100 ms: 4 ms/s.
+            let next = RateCounters {
+                switches: last.switches + 10_000,
+                record_ns: last.record_ns + 400_000,
+                recorded: last.recorded + 40,
+                stamped: last.stamped + stamps,
+                ..last
+            };
+            rate.tick(next, rate.last + TICK).probability
+        };
+        let (p_without, p_with) = (sampled(&mut without, 0), sampled(&mut with, 1_333));
+        assert!((p_without - 1.0).abs() < 1e-9, "4 ms/s fits 5: {p_without}");
+        assert!((p_with - 0.75).abs() < 0.01, "3 ms/s left for 4: {p_with}");
     }
 
     /// Thousands of threads each within their quota: the quota comes down at once to
@@ -820,6 +902,7 @@ mod tests {
                 recorded: last.recorded + 44,
                 by_quota: last.by_quota + 40,
                 quota_record_ns: last.quota_record_ns + 40 * 10_000,
+                stamped: 0,
             };
             rates = rate.tick(next, rate.last + TICK);
         }

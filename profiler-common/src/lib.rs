@@ -25,6 +25,7 @@ pub const EVENT_WAIT_END: u32 = 3;
 pub const EVENT_PYTHON_STACK: u32 = 4;
 pub const EVENT_LABELS: u32 = 5;
 pub const EVENT_THREAD_CONTEXT: u32 = 6;
+pub const EVENT_STAMPED_WAIT: u32 = 7;
 
 /// Sizes of user stack a snapshot record can carry. Ring buffer records have a fixed size
 /// per type, so a thread that needs a 3 KiB copy takes a 4 KiB record, not a 16 KiB one:
@@ -83,6 +84,31 @@ pub struct WaitEnd {
     pub elapsed_ns: u64,
     /// Weight of this wait in 1/65536 units: 65536 / sampling probability.
     pub weight_q16: u64,
+    /// Non-zero when the thread's waits were stamped as it switched out (see
+    /// [`StampedWait`]): its snapshot is the stack its stamped waits are shown at, even
+    /// when this wait was short.
+    pub stamped: u32,
+    pub _pad: u32,
+}
+
+/// A wait of at least `offcpu_min_ns` of a stamped thread whose switch-out was not
+/// recorded: its exact length, without stacks. A thread switching out more often than its
+/// quota allows (a disk syncer, thousands of times a second) has its switch-outs sampled,
+/// and its rare long waits with them; while its switch-outs are stamped (see
+/// [`Config::offcpu_stamp_limit`]), each one notes only when it left, and every wait of
+/// it that turns out long is counted whole, this record for those not recorded with
+/// their stacks. The agent shows it at the stack of the thread's latest recorded wait.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StampedWait {
+    /// [`EVENT_STAMPED_WAIT`].
+    pub kind: u32,
+    pub tid: u32,
+    pub tgid: u32,
+    /// [`reported_state`] of the switch-out.
+    pub state: u32,
+    pub out_ts_ns: u64,
+    pub elapsed_ns: u64,
 }
 
 /// What the kernel keeps per recorded switch-out until the thread comes back, keyed by
@@ -97,6 +123,9 @@ pub struct SwitchOut {
     pub tid: u32,
     /// [`reported_state`] of the switch-out, for the snapshot the switch-in path takes.
     pub state: u32,
+    /// Non-zero when the thread's switch-outs are stamped (see [`WaitEnd::stamped`]).
+    pub stamped: u32,
+    pub _pad: u32,
 }
 
 /// Slots of the `PENDING` pre-check: counts of recorded switch-outs per hash of the task
@@ -110,9 +139,16 @@ pub const fn pending_slot(task: u64) -> u32 {
     task_hash(task, PENDING_SLOTS)
 }
 
+/// Added to a task's `PENDING` slot for a stamp in flight (see [`StampedWait`]): the low
+/// 32 bits count `SWITCH_OUT` entries, the high ones stamps, so a switch-in whose slot is
+/// zero still has nothing to look up.
+pub const PENDING_STAMP: u64 = 1 << 32;
+
 /// Slots of the `THREAD_QUOTA` map: one per hash of the task address. Two threads that
 /// share a slot take it from each other, which only gives them more switch-outs at p = 1.
-pub const THREAD_QUOTA_SLOTS: u32 = 32768;
+/// Twice [`PENDING_SLOTS`]: a slot's `PENDING` slot is its index halved (both are the
+/// top bits of one hash), which a slot's stamp in flight is counted in.
+pub const THREAD_QUOTA_SLOTS: u32 = 2 * PENDING_SLOTS;
 
 /// The `THREAD_QUOTA` slot of a task, from the address of its `task_struct`.
 #[inline(always)]
@@ -159,7 +195,28 @@ pub struct ThreadQuota {
     pub switches: u16,
     /// Switch-outs in the previous epoch; zero when the thread had none, or is new.
     pub last_switches: u16,
+    /// The epoch (low 16 bits) up to which the thread's switch-outs are stamped, renewed
+    /// by each long wait a stamp or a record of it finds (see
+    /// [`Config::offcpu_stamp_limit`]).
+    pub stamp_until: u16,
+    /// Switch-outs stamped this epoch while not stamping: up to [`STAMP_PROBES`] look for
+    /// long waits in a thread not known to have any.
+    pub stamp_probes: u16,
+    /// The stamp in flight: [`reported_state`], thread and process of the switch-out...
+    pub stamp_state: u32,
+    pub stamp_tid: u32,
+    pub stamp_tgid: u32,
+    /// ...and when it was (`bpf_ktime_get_ns`); zero: none.
+    pub stamp_out_ns: u64,
 }
+
+/// Switch-outs each quota epoch (about 100 ms) of a thread over its quota and within the
+/// stamp limit that are stamped while it is not known to have long waits: a thread
+/// whose waits are 0.4% long (the windows bench's syncer) shows one within about a
+/// second, and one with none costs 16 stamps an epoch.
+pub const STAMP_PROBES: u16 = 16;
+/// Epochs a thread's switch-outs stay stamped after a long wait of it was found.
+pub const STAMP_EPOCHS: u16 = 20;
 
 /// Python frames read per snapshot at most: deeper recursion is cut at the leaf end's
 /// first this many and marked [`PYTHON_TRUNCATED`].
@@ -524,7 +581,12 @@ pub struct Config {
     /// [`KernelStackCache`]), take the kernel stack walked for the first of them instead
     /// of walking it again. Zero: every one is walked.
     pub kernel_stack_reuses: u32,
-    pub _pad: u32,
+    /// Switch-outs an epoch up to which a thread over its quota has them stamped, once a
+    /// long wait of it was found: each notes when it left (a clock read), and its switch-in
+    /// measures the wait, so every long wait of it is counted whole (see [`StampedWait`])
+    /// and its records only give the stacks. Above it, a thread is only sampled: stamps
+    /// cost two clock reads a switch. Zero: no stamps.
+    pub offcpu_stamp_limit: u32,
 }
 
 /// Places whose last walked wait stack the kernel keeps (an LRU map, about 1 KiB each):
@@ -693,10 +755,14 @@ pub enum Stat {
     /// thread's quota: those are mostly sleeps and lock waits that take a kept kernel
     /// stack, the sampled ones often a frequent switcher's I/O, walked every time.
     SwitchOutQuotaRecordNs,
+    /// Switch-outs stamped (see [`Config::offcpu_stamp_limit`]).
+    SwitchOutsStamped,
+    /// Stamped waits of at least `offcpu_min_ns`, sent as [`StampedWait`].
+    StampedLongWaits,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 26;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Samples,
         Stat::SampleRingFull,
@@ -722,6 +788,8 @@ impl Stat {
         Stat::KernelStacksReused,
         Stat::KernelStacksChanged,
         Stat::SwitchOutQuotaRecordNs,
+        Stat::SwitchOutsStamped,
+        Stat::StampedLongWaits,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -750,6 +818,8 @@ impl Stat {
             Stat::KernelStacksReused => "kernel_stacks_reused",
             Stat::KernelStacksChanged => "kernel_stacks_changed",
             Stat::SwitchOutQuotaRecordNs => "switch_out_quota_record_ns",
+            Stat::SwitchOutsStamped => "switch_outs_stamped",
+            Stat::StampedLongWaits => "stamped_long_waits",
         }
     }
 }
@@ -773,6 +843,7 @@ mod pod {
     use super::*;
     // SAFETY: all are #[repr(C)] plain integers with explicit padding.
     unsafe impl aya::Pod for SwitchOut {}
+    unsafe impl aya::Pod for ThreadQuota {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for PythonProcess {}
     unsafe impl aya::Pod for LabelsProcess {}
@@ -844,6 +915,14 @@ mod tests {
             }
         }
         assert!((999..=1001).contains(&changes), "{changes} epochs in 25,000 jiffies");
+    }
+
+    #[test]
+    fn a_quota_slot_halved_is_its_tasks_pending_slot() {
+        for i in 0..100_000u64 {
+            let task = 0xffff_8880_0000_0000 + i * 0x2c40;
+            assert_eq!(thread_quota_slot(task) >> 1, pending_slot(task));
+        }
     }
 
     #[test]

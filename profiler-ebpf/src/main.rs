@@ -34,7 +34,7 @@ mod programs {
     };
     use profiler_common::{
         pending_slot, quota_epoch, reported_state, thread_quota_slot, BurstSlot, Config, StackSnapshot, Stat, SwitchOut, ThreadQuota,
-        WaitEnd, BURST_SHIFT, BURST_SLOT_NS, QUOTA_BURST_FACTOR, EVENT_SAMPLE, EVENT_SWITCH_OUT, EVENT_WAIT_END, MAX_STACK_DEPTH,
+        WaitEnd, StampedWait, EVENT_STAMPED_WAIT, PENDING_STAMP, STAMP_EPOCHS, STAMP_PROBES, BURST_SHIFT, BURST_SLOT_NS, QUOTA_BURST_FACTOR, EVENT_SAMPLE, EVENT_SWITCH_OUT, EVENT_WAIT_END, MAX_STACK_DEPTH,
         MAX_USER_STACK, PENDING_SLOTS, RAW_TASK_DEAD, STATE_PREEMPTED, THREAD_QUOTA_SLOTS, UNLEARNT_USER_STACK, thread_quota_tag,
         USER_STACK_CHUNK, USER_STACK_CLASSES, weight_q16, python_fingerprint, PythonFrame, PythonProcess, PythonStack, PythonStackOf, PYTHON_STACK_CLASSES,
         EVENT_PYTHON_STACK, MAX_PYTHON_FRAMES, MAX_PYTHON_THREADS, PYTHON_ENTRY, PYTHON_FINGERPRINT_BYTES, PYTHON_FRAME_BYTES,
@@ -996,7 +996,14 @@ mod programs {
         let Some(pending) = forget_missed_switch_in(task) else { return };
         let Some((tid, _, raw_state)) = traced_switch_out(ctx, cfg) else { return };
         let preempted: u64 = ctx.arg(0);
-        let out = SwitchOut { ts_ns: unsafe { bpf_ktime_get_ns() }, weight_q16: 0, tid, state: reported_state(raw_state, preempted & 0xff != 0) };
+        let out = SwitchOut {
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            weight_q16: 0,
+            tid,
+            state: reported_state(raw_state, preempted & 0xff != 0),
+            stamped: 0,
+            _pad: 0,
+        };
         if SWITCH_OUT.insert(&task, &out, 0).is_err() {
             count(Stat::SwitchOutMapFull);
             return;
@@ -1039,7 +1046,7 @@ mod programs {
             count(Stat::OffCpuRingFull);
             return;
         }
-        let end = WaitEnd { kind: EVENT_WAIT_END, tid: out.tid, out_ts_ns: out.ts_ns, elapsed_ns: elapsed, weight_q16 };
+        let end = WaitEnd { kind: EVENT_WAIT_END, tid: out.tid, out_ts_ns: out.ts_ns, elapsed_ns: elapsed, weight_q16, stamped: 0, _pad: 0 };
         if EVENTS.output::<WaitEnd>(&end, NO_WAKEUP).is_err() {
             count(Stat::OffCpuRingFull);
             return;
@@ -1050,35 +1057,45 @@ mod programs {
 
     /// Records the switch-out of the current task (`prev`): at p = 1 while the thread is
     /// within its quota (see [`Config::offcpu_thread_quota`]), otherwise with the sampled
-    /// probability p; its stacks now, the length of the wait at its switch-in. The agent
-    /// counts switches from /proc/stat, so an unrecorded one costs no counter here.
+    /// probability p; its stacks now, the length of the wait at its switch-in. A thread
+    /// over its quota whose switch-outs are stamped (see [`Config::offcpu_stamp_limit`])
+    /// has this one stamped when it is not recorded, and weighted 1 when it is: either
+    /// way, a long wait of it counts once, whole. The agent counts switches from
+    /// /proc/stat, so an unrecorded one costs no counter here.
     #[inline(always)]
     fn switch_out(ctx: &RawTracePointContext, cfg: &Config, task: u64) {
         let Some(pending) = forget_missed_switch_in(task) else { return };
         let draw = unsafe { bpf_get_prandom_u32() };
         let threshold = sample_threshold(cfg);
         let sampled = draw <= threshold;
-        if !sampled && cfg.offcpu_thread_quota == 0 {
+        if !sampled && cfg.offcpu_thread_quota == 0 && cfg.offcpu_stamp_limit == 0 {
             return;
         }
-        let (own, own_weight_q16) = thread_quota(ctx, cfg, threshold, task);
+        let quota = thread_quota(ctx, cfg, threshold, task, pending);
         // Most switch-outs of a busy host end here: a frequent switcher not drawn. The
         // clock is read only past this point (it costs this VM 60 to 80 ns a read), and
         // whose switch-out this is too (a helper call): a task that is not traced (idle,
         // dying, of another process than `filter_tgid`) only counts in its quota slot,
         // which costs less than telling it apart first.
-        if own == 0 && !sampled {
+        if quota.own == 0 && !sampled && quota.stamp.is_null() {
             return;
         }
         let Some((tid, tgid, raw_state)) = traced_switch_out(ctx, cfg) else { return };
         let now = unsafe { bpf_ktime_get_ns() };
+        let preempted: u64 = ctx.arg(0);
+        let state = reported_state(raw_state, preempted & 0xff != 0);
+        let unrecorded = |quota: &Quota| {
+            if !quota.stamp.is_null() {
+                stamp(unsafe { &mut *quota.stamp }, pending, tid, tgid, state, now);
+            }
+        };
         // The thread's own probability when it is higher than the sampled one and this
         // CPU has room for it; both are known before the draw decides.
-        let by_quota = if own > threshold && burst_room(cfg, now) {
-            if draw > own {
-                return;
+        let by_quota = if quota.own > threshold && burst_room(cfg, now) {
+            if draw > quota.own {
+                return unrecorded(&quota);
             }
-            Some(own_weight_q16)
+            Some(quota.own_weight_q16)
         } else {
             None
         };
@@ -1089,14 +1106,14 @@ mod programs {
                 weight_q16
             }
             None if sampled => {
-                let Some(weight_q16) = burst_weight(cfg, threshold, draw, now) else { return };
+                let Some(weight_q16) = burst_weight(cfg, threshold, draw, now) else { return unrecorded(&quota) };
                 weight_q16
             }
-            None => return,
+            None => return unrecorded(&quota),
         };
-        let preempted: u64 = ctx.arg(0);
-        let state = reported_state(raw_state, preempted & 0xff != 0);
-        let out = SwitchOut { ts_ns: now, weight_q16, tid, state };
+        let stamped = !quota.stamp.is_null();
+        let weight_q16 = if stamped { 1 << 16 } else { weight_q16 };
+        let out = SwitchOut { ts_ns: now, weight_q16, tid, state, stamped: stamped as u32, _pad: 0 };
         if SWITCH_OUT.insert(&task, &out, 0).is_err() {
             count(Stat::SwitchOutMapFull);
             return;
@@ -1119,6 +1136,15 @@ mod programs {
         }
     }
 
+    /// Notes in the thread's slot when it switched out, for its switch-in to measure the
+    /// wait (see [`StampedWait`]).
+    #[inline(always)]
+    fn stamp(slot: &mut ThreadQuota, pending: *mut u64, tid: u32, tgid: u32, state: u32, now: u64) {
+        (slot.stamp_state, slot.stamp_tid, slot.stamp_tgid, slot.stamp_out_ns) = (state, tid, tgid, now);
+        atomic_add(pending, PENDING_STAMP);
+        count(Stat::SwitchOutsStamped);
+    }
+
     /// The task's `PENDING` slot, once an entry left by its last switch-out is dropped.
     /// The kernel does not always report a switch-in (about one in 10,000 under heavy
     /// switching here, bpftrace misses it too): such an entry would later end as a wait
@@ -1126,7 +1152,7 @@ mod programs {
     #[inline(always)]
     fn forget_missed_switch_in(task: u64) -> Option<*mut u64> {
         let pending = PENDING.get_ptr_mut(pending_slot(task))?;
-        if unsafe { core::ptr::read_volatile(pending) } != 0 && SWITCH_OUT.remove(&task).is_ok() {
+        if unsafe { core::ptr::read_volatile(pending) } & RECORDS_PENDING != 0 && SWITCH_OUT.remove(&task).is_ok() {
             atomic_add(pending, u64::MAX);
             count(Stat::SwitchInMissed);
         }
@@ -1163,8 +1189,22 @@ mod programs {
         if preempted & 0xff != 0 || raw_state == 0 { 3 } else { 0 }
     }
 
+    /// What a switch-out's thread quota decides: the threshold and weight of its own
+    /// probability ((0, 0): none, below the sampled one or no quota), and its slot when
+    /// the switch-out is stamped (null: not).
+    struct Quota {
+        own: u32,
+        own_weight_q16: u64,
+        stamp: *mut ThreadQuota,
+    }
+
+    const NO_QUOTA: Quota = Quota { own: 0, own_weight_q16: 0, stamp: core::ptr::null_mut() };
+
+    /// The low half of a `PENDING` slot: its `SWITCH_OUT` entries (see [`PENDING_STAMP`]).
+    const RECORDS_PENDING: u64 = 0xffff_ffff;
+
     /// Counts the task's switch-out; returns the threshold and weight of its own
-    /// probability, times 2^-[`runnable_shift`] ((0, 0): none, below the sampled one or no quota):
+    /// probability, times 2^-[`runnable_shift`]:
     /// (quota / n)², at most 1, where n is the larger of its switch-outs in
     /// the previous epoch and so far in this one, this one included. Squared, so a
     /// thread just over the quota is still recorded nearly whole, while one switching a
@@ -1174,32 +1214,55 @@ mod programs {
     /// about twice its quota of records an epoch, and its probability falls smoothly:
     /// a hard cap would leave the rest of its epoch to the sampled probability, whose
     /// weight (hundreds) on one long wait is a window's error. A slot of another task
-    /// starts afresh for this one, a slot of an earlier epoch rolls over.
+    /// starts afresh for this one, a slot of an earlier epoch rolls over; a slot with
+    /// another task's stamp in flight is left to it. A thread over its quota and at most
+    /// at the stamp limit has the switch-out stamped while a long wait of it was found
+    /// lately, and for [`STAMP_PROBES`] of its switch-outs an epoch otherwise.
     #[inline(always)]
-    fn thread_quota(ctx: &RawTracePointContext, cfg: &Config, sample_threshold: u32, task: u64) -> (u32, u64) {
+    fn thread_quota(ctx: &RawTracePointContext, cfg: &Config, sample_threshold: u32, task: u64, pending: *mut u64) -> Quota {
         let quota = cfg.offcpu_thread_quota;
-        if quota == 0 {
-            return (0, 0);
-        }
-        let Some(slot) = THREAD_QUOTA.get_ptr_mut(thread_quota_slot(task)) else { return (0, 0) };
+        let Some(slot) = THREAD_QUOTA.get_ptr_mut(thread_quota_slot(task)) else { return NO_QUOTA };
+        let slot_ptr = slot;
         let slot = unsafe { &mut *slot };
         // Jiffies, not the clock: a read of a variable, where the clock costs tens of
         // nanoseconds on every traced switch-out.
         let epoch = quota_epoch(unsafe { bpf_jiffies64() }, cfg.offcpu_quota_epoch_factor);
         let tag = thread_quota_tag(task);
         if slot.tag != tag {
-            *slot = ThreadQuota { tag, epoch, switches: 0, last_switches: 0 };
-        } else if slot.epoch != epoch {
-            slot.last_switches = if slot.epoch.wrapping_add(1) == epoch { slot.switches } else { 0 };
-            slot.epoch = epoch;
-            slot.switches = 0;
+            if slot.stamp_out_ns != 0 {
+                return NO_QUOTA;
+            }
+            *slot = ThreadQuota { tag, epoch, stamp_until: epoch.wrapping_sub(1), ..ThreadQuota::default() };
+        } else {
+            if slot.stamp_out_ns != 0 {
+                // Its own stamp, whose switch-in the kernel did not report.
+                slot.stamp_out_ns = 0;
+                atomic_add(pending, PENDING_STAMP.wrapping_neg());
+                count(Stat::SwitchInMissed);
+            }
+            if slot.epoch != epoch {
+                slot.last_switches = if slot.epoch.wrapping_add(1) == epoch { slot.switches } else { 0 };
+                slot.epoch = epoch;
+                slot.switches = 0;
+                slot.stamp_probes = 0;
+            }
         }
         slot.switches = slot.switches.saturating_add(1);
         let n = slot.last_switches.max(slot.switches) as u32;
         if n <= quota {
             let shift = runnable_shift(ctx);
-            return (u32::MAX >> shift, 1 << (16 + shift));
+            return Quota { own: u32::MAX >> shift, own_weight_q16: 1 << (16 + shift), stamp: core::ptr::null_mut() };
         }
+        let stamp = if n > cfg.offcpu_stamp_limit {
+            core::ptr::null_mut()
+        } else if slot.stamp_until.wrapping_sub(epoch) as i16 >= 0 {
+            slot_ptr
+        } else if slot.stamp_probes < STAMP_PROBES {
+            slot.stamp_probes += 1;
+            slot_ptr
+        } else {
+            core::ptr::null_mut()
+        };
         // p = (quota / n)²: the threshold rounds down, the weight is its exact inverse.
         // Divisions cost tens of nanoseconds, and a frequent switcher's probability is
         // below the sampled one: tell that by multiplying first. The counts saturate at
@@ -1208,11 +1271,11 @@ mod programs {
         let quota_squared = (quota.min(1 << 15) as u64) * (quota.min(1 << 15) as u64);
         let n_squared = (n as u64) * (n as u64);
         if quota_squared << 32 <= sample_threshold as u64 * n_squared {
-            return (0, 0);
+            return Quota { stamp, ..NO_QUOTA };
         }
         // Below 2^32: n > quota here.
         let threshold = (((quota_squared << 32) / n_squared.max(1)) as u32) >> runnable_shift(ctx);
-        (threshold, weight_q16(threshold))
+        Quota { own: threshold, own_weight_q16: weight_q16(threshold), stamp }
     }
 
     /// This CPU's burst slot at `now`, started afresh when its 10 ms have passed.
@@ -1263,19 +1326,32 @@ mod programs {
         Some(weight_q16)
     }
 
+    /// The switch-in of `task` (`next`): the end of its recorded wait, or of its stamped one.
     #[inline(always)]
     fn switch_in(cfg: &Config, task: u64) {
         let Some(pending) = PENDING.get_ptr_mut(pending_slot(task)) else { return };
-        if unsafe { core::ptr::read_volatile(pending) } == 0 {
+        let in_flight = unsafe { core::ptr::read_volatile(pending) };
+        if in_flight == 0 {
             return;
         }
-        let Some(out) = (unsafe { SWITCH_OUT.get(&task) }) else {
+        if in_flight & RECORDS_PENDING != 0 && recorded_switch_in(cfg, task, pending) {
             return;
+        }
+        if in_flight >= PENDING_STAMP {
+            stamped_switch_in(cfg, task, pending);
+        }
+    }
+
+    /// Ends the task's recorded wait, if it has one.
+    #[inline(always)]
+    fn recorded_switch_in(cfg: &Config, task: u64, pending: *mut u64) -> bool {
+        let Some(out) = (unsafe { SWITCH_OUT.get(&task) }) else {
+            return false;
         };
         let out = *out;
         // Only the program that removes the entry closes the wait and gives the slot back.
         if SWITCH_OUT.remove(&task).is_err() {
-            return;
+            return false;
         }
         atomic_add(pending, u64::MAX);
         let now = unsafe { bpf_ktime_get_ns() };
@@ -1283,6 +1359,13 @@ mod programs {
         if elapsed < cfg.offcpu_min_ns {
             count(Stat::OffCpuBelowMin);
             elapsed = 0;
+        } else if let Some(slot) = THREAD_QUOTA.get_ptr_mut(thread_quota_slot(task)) {
+            // A long wait found by a record: the thread's switch-outs are stamped from now
+            // on, when within the limit.
+            let slot = unsafe { &mut *slot };
+            if slot.tag == thread_quota_tag(task) {
+                slot.stamp_until = stamp_until(cfg);
+            }
         }
         let end = WaitEnd {
             kind: EVENT_WAIT_END,
@@ -1290,10 +1373,50 @@ mod programs {
             out_ts_ns: out.ts_ns,
             elapsed_ns: elapsed,
             weight_q16: out.weight_q16,
+            stamped: out.stamped,
+            _pad: 0,
         };
         if EVENTS.output::<WaitEnd>(&end, NO_WAKEUP).is_err() {
             count(Stat::OffCpuRingFull);
         }
+        true
+    }
+
+    /// Ends the task's stamped wait, if it has one: sends it when long, and keeps the
+    /// thread's switch-outs stamped.
+    #[inline(always)]
+    fn stamped_switch_in(cfg: &Config, task: u64, pending: *mut u64) {
+        let Some(slot) = THREAD_QUOTA.get_ptr_mut(thread_quota_slot(task)) else { return };
+        let slot = unsafe { &mut *slot };
+        if slot.tag != thread_quota_tag(task) || slot.stamp_out_ns == 0 {
+            return;
+        }
+        let out_ns = slot.stamp_out_ns;
+        slot.stamp_out_ns = 0;
+        atomic_add(pending, PENDING_STAMP.wrapping_neg());
+        let elapsed = unsafe { bpf_ktime_get_ns() }.saturating_sub(out_ns);
+        if elapsed < cfg.offcpu_min_ns {
+            return;
+        }
+        slot.stamp_until = stamp_until(cfg);
+        count(Stat::StampedLongWaits);
+        let wait = StampedWait {
+            kind: EVENT_STAMPED_WAIT,
+            tid: slot.stamp_tid,
+            tgid: slot.stamp_tgid,
+            state: slot.stamp_state,
+            out_ts_ns: out_ns,
+            elapsed_ns: elapsed,
+        };
+        if EVENTS.output::<StampedWait>(&wait, NO_WAKEUP).is_err() {
+            count(Stat::OffCpuRingFull);
+        }
+    }
+
+    /// The epoch up to which a thread with a long wait now has its switch-outs stamped.
+    #[inline(always)]
+    fn stamp_until(cfg: &Config) -> u16 {
+        quota_epoch(unsafe { bpf_jiffies64() }, cfg.offcpu_quota_epoch_factor).wrapping_add(STAMP_EPOCHS)
     }
 
     #[unsafe(link_section = "license")]

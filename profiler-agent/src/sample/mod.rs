@@ -41,6 +41,7 @@ use aya::{
 use profiler_pprof::waits::Histogram;
 use profiler_common::{
     maps, Config, EVENT_LABELS, EVENT_PYTHON_STACK, EVENT_THREAD_CONTEXT, SnapshotHeader, Stat, SwitchOut, WaitEnd, EVENT_SAMPLE, EVENT_SWITCH_OUT, PENDING_SLOTS,
+    StampedWait, ThreadQuota, EVENT_STAMPED_WAIT, THREAD_QUOTA_SLOTS,
     EVENT_WAIT_END, MAX_STACK_DEPTH, MAX_USER_STACK, TASK_COMM_LEN, USER_STACK_CHUNK,
 };
 
@@ -143,6 +144,11 @@ pub struct OffCpuOptions {
     /// 0: all are sampled alike. Rate control lowers it when these records would take
     /// more than 9/10 of the budget.
     pub thread_quota: u32,
+    /// A thread over `thread_quota` that switched out at most this many times in the
+    /// last 100 ms has its switch-outs stamped once a long wait of it was found (see
+    /// `Config::offcpu_stamp_limit`): each of its long waits then counts whole. 0: none.
+    /// Rate control lowers it when stamps would take more than 4/10 of the budget.
+    pub stamp_limit: u32,
     /// How many switch-outs in a row of one thread from the same place (system call,
     /// user code address and stack pointer, state) take the kernel stack walked for the
     /// first (see `KernelStackCache`); the next is walked again. 0: every one is walked.
@@ -171,6 +177,12 @@ pub enum OffCpuPath {
 /// that wakes more than once per acquisition) is recorded.
 pub const DEFAULT_THREAD_QUOTA: u32 = 20;
 
+/// 2,500 switch-outs per 100 ms: a thread switching up to 25,000 times a second (the
+/// windows bench's disk syncer, about 16,000) can have its long waits counted whole.
+/// Stamps cost about 150 ns a switch-out on this project's VMs (two clock reads): one
+/// such thread at the limit takes 3.8 ms/s, within the default budget's 5.
+pub const DEFAULT_STAMP_LIMIT: u32 = 2_500;
+
 /// At most 15 switch-outs from one place take the stack walked before them, the 16th
 /// walks again: a kernel stack walk was two thirds of a record's in-kernel cost on this
 /// project's VMs (11 of 16.5 µs; 22 to 31 µs a walk on slow days, against about 2 µs a
@@ -186,6 +198,7 @@ impl Default for OffCpuOptions {
             sample_probability: 1.0,
             burst_quota: 0,
             thread_quota: DEFAULT_THREAD_QUOTA,
+            stamp_limit: DEFAULT_STAMP_LIMIT,
             kernel_stack_reuses: DEFAULT_KERNEL_STACK_REUSES,
             path: OffCpuPath::Auto,
         }
@@ -281,6 +294,7 @@ pub struct Sampler {
     stats: PerCpuArray<MapData, u64>,
     switched_out: BpfHashMap<MapData, u64, SwitchOut>,
     pending: Array<MapData, u64>,
+    thread_quota: Array<MapData, ThreadQuota>,
     /// Child pid -> the tgid that forked it; None where tracefs gives no fork record layout.
     parents: Option<BpfHashMap<MapData, u32, u32>>,
     reader: Reader,
@@ -405,6 +419,7 @@ impl Sampler {
             stats: take(&mut bpf, maps::STATS)?,
             switched_out: take(&mut bpf, maps::SWITCH_OUT)?,
             pending: take(&mut bpf, maps::PENDING)?,
+            thread_quota: take(&mut bpf, maps::THREAD_QUOTA)?,
             parents,
             reader,
             bpf,
@@ -510,6 +525,8 @@ impl Sampler {
                 self.config.offcpu_min_ns = off.min_block.as_nanos() as u64;
                 self.config.offcpu_burst_quota = off.burst_quota;
                 self.config.offcpu_thread_quota = off.thread_quota;
+                // The switch-in path measures every wait already.
+                self.config.offcpu_stamp_limit = if switch_in { 0 } else { off.stamp_limit };
                 self.config.kernel_stack_reuses = off.kernel_stack_reuses;
                 self.config_map.set(0, self.config, 0)?;
                 if self.off_cpu_link.is_none() {
@@ -603,9 +620,9 @@ impl Sampler {
         Ok(())
     }
 
-    /// Empties `SWITCH_OUT` and `PENDING` once the program is detached: threads switched
-    /// out before the detach would otherwise, after a re-attach, count the whole time in
-    /// between as one wait.
+    /// Empties `SWITCH_OUT`, `PENDING` and the quota slots (their stamps) once the program
+    /// is detached: threads switched out before the detach would otherwise, after a
+    /// re-attach, count the whole time in between as one wait.
     fn forget_switch_outs(&mut self) -> anyhow::Result<()> {
         let tasks: Vec<u64> = self.switched_out.keys().filter_map(Result::ok).collect();
         for task in tasks {
@@ -614,15 +631,21 @@ impl Sampler {
         for slot in 0..PENDING_SLOTS {
             self.pending.set(slot, 0, 0).context("clearing PENDING")?;
         }
+        for slot in 0..THREAD_QUOTA_SLOTS {
+            self.thread_quota.set(slot, ThreadQuota::default(), 0).context("clearing THREAD_QUOTA")?;
+        }
         Ok(())
     }
 
     /// Sets the share of switch-outs that are sampled and the threads' quota (rate
     /// control).
-    pub fn set_off_cpu_rates(&mut self, probability: f64, thread_quota: u32) -> anyhow::Result<()> {
+    pub fn set_off_cpu_rates(&mut self, probability: f64, thread_quota: u32, stamp_limit: u32) -> anyhow::Result<()> {
         let threshold = sampling_threshold(probability)?;
         self.config.offcpu_sample_threshold = threshold;
         self.config.offcpu_thread_quota = thread_quota;
+        if self.config.offcpu_switch_in == 0 {
+            self.config.offcpu_stamp_limit = stamp_limit;
+        }
         self.config_map.set(0, self.config, 0)?;
         Ok(())
     }
@@ -951,7 +974,7 @@ mod tests {
     }
 
     fn wait_end(tid: u32, out_ts_ns: u64, elapsed_ns: u64, weight_q16: u64) -> Vec<u64> {
-        let end = WaitEnd { kind: EVENT_WAIT_END, tid, out_ts_ns, elapsed_ns, weight_q16 };
+        let end = WaitEnd { kind: EVENT_WAIT_END, tid, out_ts_ns, elapsed_ns, weight_q16, stamped: 0, _pad: 0 };
         let mut record = vec![0u64; size_of::<WaitEnd>() / 8];
         unsafe { std::ptr::write(record.as_mut_ptr() as *mut WaitEnd, end) };
         record
@@ -992,6 +1015,58 @@ mod tests {
         assert_eq!(state.losses.malformed, 1);
         assert!(state.pending.is_empty());
         assert_eq!(state.raw_bytes, 0);
+    }
+
+    fn stamped_end(tid: u32, out_ts_ns: u64, elapsed_ns: u64) -> Vec<u64> {
+        let mut record = wait_end(tid, out_ts_ns, elapsed_ns, 1 << 16);
+        unsafe { (*(record.as_mut_ptr() as *mut WaitEnd)).stamped = 1 };
+        record
+    }
+
+    fn stamped_wait(tid: u32, state: u32, elapsed_ns: u64) -> Vec<u64> {
+        let wait = StampedWait { kind: EVENT_STAMPED_WAIT, tid, tgid: tid, state, out_ts_ns: 1, elapsed_ns };
+        let mut record = vec![0u64; size_of::<StampedWait>() / 8];
+        unsafe { std::ptr::write(record.as_mut_ptr() as *mut StampedWait, wait) };
+        record
+    }
+
+    /// A stamped thread's long waits count whole at weight 1, each at the stack of its
+    /// latest recorded wait in the same state: a short one until a long one is recorded,
+    /// then the long one's. One in a state no record gave a stack yet is shown at the
+    /// thread alone, and counted.
+    #[test]
+    fn stamped_waits_take_the_threads_latest_recorded_stack() {
+        let (mut state, _) = state(100);
+        let sleeping = profiler_common::TASK_INTERRUPTIBLE;
+        state.handle(bytes(&stamped_wait(7, sleeping, 4_000_000)));
+        state.handle(bytes(&snapshot(EVENT_SWITCH_OUT, 7, 1000, &[0xffff_1000], 0)));
+        state.handle(bytes(&stamped_end(7, 1000, 0)));
+        state.handle(bytes(&stamped_wait(7, sleeping, 2_000_000)));
+        state.handle(bytes(&snapshot(EVENT_SWITCH_OUT, 7, 2000, &[0xffff_2000], 0)));
+        state.handle(bytes(&stamped_end(7, 2000, 3_000_000)));
+        // A later short wait does not replace the long one's stack.
+        state.handle(bytes(&snapshot(EVENT_SWITCH_OUT, 7, 3000, &[0xffff_3000], 0)));
+        state.handle(bytes(&stamped_end(7, 3000, 0)));
+        state.handle(bytes(&stamped_wait(7, sleeping, 5_000_000)));
+        // Not stamped: a short wait gives no stack.
+        state.handle(bytes(&snapshot(EVENT_SWITCH_OUT, 8, 1000, &[0xffff_1000], 0)));
+        state.handle(bytes(&wait_end(8, 1000, 0, 1 << 16)));
+
+        let (samples, _) = state.take_window();
+        let at = |frame: Option<u64>| -> RawValue {
+            let matching: Vec<_> = samples.iter().filter(|s| s.kernel.as_deref().map(|k| k[0]) == frame).collect();
+            assert_eq!(matching.len(), 1, "{samples:?}");
+            matching[0].value.clone()
+        };
+        let RawValue::OffCpu { ns, waits: 1, .. } = at(None) else { panic!("{samples:?}") };
+        assert_eq!(ns, 4_000_000, "before any record, at the thread alone");
+        let RawValue::OffCpu { ns, waits: 1, .. } = at(Some(0xffff_1000)) else { panic!("{samples:?}") };
+        assert_eq!(ns, 2_000_000, "at the short wait's stack until a long one's");
+        let RawValue::OffCpu { ns, waits: 2, .. } = at(Some(0xffff_2000)) else { panic!("{samples:?}") };
+        assert_eq!(ns, 8_000_000, "the recorded long wait and the stamped one after it");
+        assert_eq!(samples.len(), 3, "{samples:?}");
+        assert_eq!(state.losses.stamped_without_stack, 1);
+        assert!(!state.latest.contains_key(&(8, sleeping)));
     }
 
     /// A wait whose end was lost and whose thread exited is dropped and counted once it

@@ -18,6 +18,9 @@ pub struct AgentLosses {
     /// buffer, a switch-in the kernel did not report) and it exited before switching
     /// out again.
     pub pending_expired: u64,
+    /// Stamped waits of a thread and state no recorded wait had given a stack yet: shown
+    /// at the thread alone.
+    pub stamped_without_stack: u64,
     /// Records too short for their kind, or whose unwinding panicked (a binary that broke
     /// the unwinder): never expected, counted rather than trusted.
     pub malformed: u64,
@@ -153,6 +156,16 @@ pub(super) struct PendingWait {
     pub(super) python: Option<python::Frames>,
 }
 
+/// A stamped thread's latest recorded wait in one state: the stack its stamped waits in
+/// that state are shown at (see [`StampedWait`]). A long one is kept over a later short
+/// one: its own long waits are what stamped ones are.
+pub(super) struct LatestStack {
+    pub(super) key: SampleKey,
+    pub(super) user: Option<Addrs>,
+    pub(super) kernel: Option<Addrs>,
+    pub(super) long: bool,
+}
+
 pub(super) enum PendingStack {
     /// The registers and stack copy, not unwound yet: most waits are short and dropped.
     Raw {
@@ -173,6 +186,10 @@ pub(super) struct ReaderState {
     pub(super) stack_bytes: StackBytes,
     pub(super) window: Aggregate,
     pub(super) pending: HashMap<u32, PendingWait>,
+    /// The stack each stamped thread's stamped waits are shown at, by (tid, state).
+    pub(super) latest: HashMap<(u32, u32), LatestStack>,
+    /// When `latest` was last cleared of gone threads (`bpf_ktime_get_ns` clock).
+    pub(super) latest_checked_ns: u64,
     /// Pending waits still holding a stack copy, oldest first: (arrival, tid, ts_ns).
     /// Entries whose wait ended or was compacted are skipped when reached.
     pub(super) raw_order: std::collections::VecDeque<(Instant, u32, u64)>,
@@ -205,6 +222,8 @@ impl ReaderState {
             stack_bytes,
             window: Aggregate::new(),
             pending: HashMap::new(),
+            latest: HashMap::new(),
+            latest_checked_ns: 0,
             raw_order: std::collections::VecDeque::new(),
             raw_bytes: 0,
             max_keys,
@@ -257,6 +276,11 @@ impl ReaderState {
                 // SAFETY: as above; read unaligned since the record is only 8-byte aligned.
                 let end = unsafe { std::ptr::read_unaligned(record.as_ptr() as *const WaitEnd) };
                 self.wait_end(&end);
+            }
+            Some(EVENT_STAMPED_WAIT) if record.len() >= size_of::<StampedWait>() => {
+                // SAFETY: as above.
+                let wait = unsafe { std::ptr::read_unaligned(record.as_ptr() as *const StampedWait) };
+                self.stamped_wait(&wait);
             }
             _ => self.losses.malformed += 1,
         }
@@ -321,7 +345,10 @@ impl ReaderState {
         }
         let wait = self.pending.remove(&end.tid).expect("checked above");
         self.release(&wait);
-        if end.elapsed_ns == 0 {
+        let long = end.elapsed_ns != 0;
+        // A short wait is dropped, unless it is the first stack of a stamped thread's state.
+        let latest_key = (end.tid, wait.key.state);
+        if !long && (end.stamped == 0 || self.latest.contains_key(&latest_key)) {
             return;
         }
         let user = match wait.user {
@@ -331,7 +358,40 @@ impl ReaderState {
             }
             PendingStack::Unwound(user) => user,
         };
-        self.add(wait.key, user, wait.kernel, RawValue::wait(end.elapsed_ns, end.weight_q16));
+        if end.stamped != 0 && (self.latest.len() < self.max_pending || self.latest.contains_key(&latest_key)) {
+            let kept_long = self.latest.get(&latest_key).is_some_and(|latest| latest.long);
+            if long || !kept_long {
+                let latest = LatestStack { key: wait.key, user: user.clone(), kernel: wait.kernel.clone(), long };
+                self.latest.insert(latest_key, latest);
+            }
+        }
+        if long {
+            self.add(wait.key, user, wait.kernel, RawValue::wait(end.elapsed_ns, end.weight_q16));
+        }
+    }
+
+    /// A stamped thread's long wait that was not recorded: counted whole, at the stack of
+    /// the thread's latest recorded wait in the same state (without the request that one
+    /// served), or at the thread alone before it has one.
+    pub(super) fn stamped_wait(&mut self, wait: &StampedWait) {
+        let value = RawValue::wait(wait.elapsed_ns, 1 << 16);
+        match self.latest.get(&(wait.tid, wait.state)) {
+            Some(latest) => {
+                let key = SampleKey { request: 0, ..latest.key };
+                let (user, kernel) = (latest.user.clone(), latest.kernel.clone());
+                self.add(key, user, kernel, value);
+            }
+            None => {
+                self.losses.stamped_without_stack += 1;
+                let comm = self
+                    .latest
+                    .iter()
+                    .find_map(|(&(tid, _), latest)| (tid == wait.tid).then_some(latest.key.comm))
+                    .unwrap_or_default();
+                let key = SampleKey { tgid: wait.tgid, pid: wait.tid, state: wait.state, comm, labels: 0, request: 0 };
+                self.add(key, None, None, value);
+            }
+        }
     }
 
     pub(super) fn unwind(&mut self, tgid: u32, tid: u32, ip: u64, sp: u64, bp: u64, stack: &[u8]) -> Option<Addrs> {
@@ -377,6 +437,13 @@ impl ReaderState {
                 self.release(&wait);
                 self.losses.pending_expired += 1;
             }
+        }
+        // Stacks of stamped threads that are gone. Their task directories are looked at
+        // once per check period, like the pending waits'.
+        if now_ns >= self.latest_checked_ns.saturating_add(PENDING_CHECK_NS) {
+            self.latest_checked_ns = now_ns;
+            self.latest
+                .retain(|&(tid, _), latest| std::path::Path::new(&format!("/proc/{}/task/{tid}", latest.key.tgid)).exists());
         }
     }
 

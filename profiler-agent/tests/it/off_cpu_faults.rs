@@ -267,18 +267,19 @@ fn heavy_switching_loses_no_wait_across_drains() {
 fn rapid_rate_changes_never_weight_a_record_for_another_probability() {
     let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let off_cpu = OffCpuOptions { thread_quota: 0, ..every_switch(Duration::ZERO) };
+    let stamp_limit = off_cpu.stamp_limit;
     let mut sampler = start(own_process(off_cpu));
     let players = ping_pong(40_000, Duration::from_micros(5));
     let (mut windows, mut flips) = (Vec::new(), 0u64);
     while !players.iter().all(thread::JoinHandle::is_finished) {
         for _ in 0..500 {
-            sampler.set_off_cpu_rates(1.0, 0).unwrap();
-            sampler.set_off_cpu_rates(1e-9, 0).unwrap();
+            sampler.set_off_cpu_rates(1.0, 0, stamp_limit).unwrap();
+            sampler.set_off_cpu_rates(1e-9, 0, stamp_limit).unwrap();
         }
         flips += 1000;
         windows.push(sampler.drain().unwrap());
     }
-    sampler.set_off_cpu_rates(1.0, 0).unwrap();
+    sampler.set_off_cpu_rates(1.0, 0, stamp_limit).unwrap();
     thread::sleep(Duration::from_millis(100));
     windows.push(sampler.drain().unwrap());
     let recorded: u64 = windows.iter().map(|w| w.stats.get(Stat::SwitchOutsRecorded)).sum();
