@@ -235,11 +235,14 @@ fn record_drain_metrics(session: &Session, window: &Window, metrics: &Metrics) {
     metrics.switches_recorded_by_quota.fetch_add(stats.get(Stat::SwitchOutsByQuota), Relaxed);
     metrics.kernel_stacks_reused.fetch_add(stats.get(Stat::KernelStacksReused), Relaxed);
     metrics.kernel_stacks_changed.fetch_add(stats.get(Stat::KernelStacksChanged), Relaxed);
+    metrics.switches_stamped.fetch_add(stats.get(Stat::SwitchOutsStamped), Relaxed);
+    metrics.stamped_long_waits.fetch_add(stats.get(Stat::StampedLongWaits), Relaxed);
     metrics.off_cpu_switch_in.store(session.off_cpu_switch_in() as u64, Relaxed);
     let off_cpu_lost = stats.get(Stat::OffCpuRingFull) + stats.get(Stat::SwitchOutMapFull) + stats.get(Stat::SwitchInMissed);
     metrics.off_cpu_lost.fetch_add(off_cpu_lost, Relaxed);
     let losses = session.agent_losses();
     metrics.off_cpu_waits_expired.store(losses.pending_expired, Relaxed);
+    metrics.stamped_without_stack.store(losses.stamped_without_stack, Relaxed);
     metrics.python_stacks.fetch_add(stats.get(Stat::PythonStacks), Relaxed);
     metrics.python_processes.store(losses.python.processes, Relaxed);
     metrics.python_unknown_version.store(losses.python.unknown_version, Relaxed);
@@ -254,6 +257,9 @@ fn record_drain_metrics(session: &Session, window: &Window, metrics: &Metrics) {
     metrics.stacks_partly_unknown.fetch_add(window.partly_unknown, Relaxed);
     if let Some(quota) = session.off_cpu_thread_quota() {
         metrics.off_cpu_thread_quota.store(quota as u64, Relaxed);
+    }
+    if let Some(limit) = session.off_cpu_stamp_limit() {
+        metrics.off_cpu_stamp_limit.store(limit as u64, Relaxed);
     }
     if let Some(sampling) = session.off_cpu_effective_sampling() {
         metrics.off_cpu_sampling_permille.store((sampling * 1000.0) as u64, Relaxed);

@@ -36,6 +36,12 @@ pub struct Metrics {
     pub map_fill_permille: AtomicU64,
     /// The per-thread quota rate control set last.
     pub off_cpu_thread_quota: AtomicU64,
+    /// The stamp limit rate control set last; stamped switch-outs, stamped long waits,
+    /// and those of them shown without a stack.
+    pub off_cpu_stamp_limit: AtomicU64,
+    pub switches_stamped: AtomicU64,
+    pub stamped_long_waits: AtomicU64,
+    pub stamped_without_stack: AtomicU64,
     /// Off-CPU sampling share in the last window, in 1/1000.
     pub off_cpu_sampling_permille: AtomicU64,
     /// 1 while off-CPU waits get their stacks at switch-in, 0 at switch-out.
@@ -100,6 +106,10 @@ impl Metrics {
         metric("map_fill_ratio", "gauge", "Share of max_stack_keys used by the last window.", get(&self.map_fill_permille) / 1000.0);
         metric("off_cpu_sampling_ratio", "gauge", "Share of context switches recorded.", get(&self.off_cpu_sampling_permille) / 1000.0);
         metric("off_cpu_thread_quota", "gauge", "Switch-outs per 100 ms a thread may have and still have each recorded (rate control lowers it under load).", get(&self.off_cpu_thread_quota));
+        metric("off_cpu_stamp_limit", "gauge", "Switch-outs per 100 ms up to which a thread over its quota that waits long has every switch-out stamped, its long waits counted whole (rate control lowers it under load).", get(&self.off_cpu_stamp_limit));
+        metric("switches_stamped_total", "counter", "Switch-outs stamped: their wait measured at switch-in, without stacks.", get(&self.switches_stamped));
+        metric("stamped_long_waits_total", "counter", "Stamped waits of at least min_block, counted whole at their thread's latest recorded stack.", get(&self.stamped_long_waits));
+        metric("stamped_waits_without_stack_total", "counter", "Stamped long waits of a thread and state no recorded wait had given a stack yet: shown at the thread alone.", get(&self.stamped_without_stack));
         metric("off_cpu_switch_in", "gauge", "1 when off-CPU waits get their stacks at switch-in (kprobe on finish_task_switch), 0 at switch-out (sched_switch alone).", get(&self.off_cpu_switch_in));
         metric("switches_recorded_by_quota_total", "counter", "Switch-outs recorded at their thread's own probability (per-thread quota).", get(&self.switches_recorded_by_quota));
         metric("kernel_stacks_reused_total", "counter", "Recorded waits that took their thread's kernel stack walked at an earlier wait from the same place.", get(&self.kernel_stacks_reused));

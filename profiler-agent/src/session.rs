@@ -322,6 +322,11 @@ impl Session {
     pub fn off_cpu_thread_quota(&self) -> Option<u32> {
         self.rate.as_ref().map(|rate| rate.rates().thread_quota)
     }
+
+    /// The stamp limit rate control set last, while off-CPU tracing is on.
+    pub fn off_cpu_stamp_limit(&self) -> Option<u32> {
+        self.rate.as_ref().map(|rate| rate.rates().stamp_limit)
+    }
 }
 
 /// The cumulative kernel counters rate control follows.
