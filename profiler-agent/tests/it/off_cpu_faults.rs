@@ -50,17 +50,34 @@ fn off_cpu_of(window: &RawWindow, tid: u32) -> (u64, u64) {
 }
 
 /// A thread that was switched out when tracing was turned off, and wakes up after it was
-/// turned on again, was not traced for the time in between: no wait may span it.
+/// turned on again, was not traced for the time in between: no wait may span it. Its
+/// two 5 ms sleeps after the re-attach are counted.
 #[test]
 fn detach_and_reattach_add_no_phantom_wait() {
+    phantom_wait_across_a_detach(every_switch(Duration::from_millis(1)));
+}
+
+/// The same for a stamped switch-out (see `OffCpuOptions::stamp_limit`): with quotas off
+/// and a probability that draws nothing, the thread's blocking switch-out is stamped (a
+/// probe), and its stamp must not outlive the detach either: left in the thread's slot,
+/// the thread's next switch-out would take it for a switch-in the kernel did not report
+/// and take it off a `PENDING` slot the detach had emptied, and the stamps of its
+/// sleeps would no longer be seen at their switch-ins.
+#[test]
+fn detach_and_reattach_add_no_phantom_stamped_wait() {
+    phantom_wait_across_a_detach(OffCpuOptions { sample_probability: 1e-9, thread_quota: 0, ..every_switch(Duration::from_millis(1)) });
+}
+
+fn phantom_wait_across_a_detach(off_cpu: OffCpuOptions) {
     let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let off_cpu = every_switch(Duration::from_millis(1));
     let mut sampler = start(own_process(off_cpu.clone()));
     let (tid_tx, tid_rx) = mpsc::channel();
     let (wake_tx, wake_rx) = mpsc::channel::<()>();
     let sleeper = thread::spawn(move || {
         tid_tx.send(gettid()).unwrap();
         wake_rx.recv().unwrap();
+        thread::sleep(Duration::from_millis(5));
+        thread::sleep(Duration::from_millis(5));
     });
     let tid = tid_rx.recv().unwrap();
     thread::sleep(Duration::from_millis(200));
@@ -78,6 +95,11 @@ fn detach_and_reattach_add_no_phantom_wait() {
     assert!(
         Duration::from_nanos(ns) <= traced,
         "thread {tid}: {waits} waits of {:?} in total, but it was only traced for {traced:?} since the re-attach",
+        Duration::from_nanos(ns)
+    );
+    assert!(
+        Duration::from_nanos(ns) >= Duration::from_millis(10),
+        "thread {tid}: its sleeps after the re-attach were not counted: {waits} waits of {:?}",
         Duration::from_nanos(ns)
     );
 }
