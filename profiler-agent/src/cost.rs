@@ -62,6 +62,13 @@ pub fn serve_helper_if_started_as_one() -> Option<anyhow::Result<()>> {
     None
 }
 
+/// Whether the kernel's BPF run-time statistics are on for the whole host (the sysctl,
+/// not a descriptor): then every program's counters count all the time, exact, and a
+/// helper toggling its own share would only estimate them.
+fn on_host_wide() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|value| value.trim() == "1")
+}
+
 /// Turns the kernel's BPF run-time statistics on: they stay on while the returned
 /// descriptor is open.
 fn enable() -> anyhow::Result<OwnedFd> {
@@ -85,6 +92,8 @@ enum Switch {
     /// On for good (share 1): the counters are exact. The statistics stay on while the
     /// descriptor is open.
     Held { _fd: OwnedFd },
+    /// On host-wide already (`kernel.bpf_stats_enabled`): exact, and left alone.
+    Host,
     Helper(Helper),
     /// The helper failed: the estimate stays where it was.
     Failed,
@@ -94,7 +103,12 @@ impl RunStats {
     /// Statistics on for `share` of the time (1: always), starting now; None, after a
     /// warning, when the kernel or the helper refuses.
     pub fn start(share: f64, read: impl FnOnce() -> [ProgramCost; PROGRAMS.len()]) -> Option<Self> {
-        let switch = if share >= 1.0 { enable().map(|fd| Switch::Held { _fd: fd }) } else { Helper::spawn().map(Switch::Helper) };
+        let switch = if on_host_wide() {
+            // Someone turned them on for the whole host (bpftool, an SRE): the counters
+            // are exact while they stay on, and turning them off is not ours to do.
+            tracing::info!("BPF run-time statistics are on host-wide (kernel.bpf_stats_enabled): the programs' cost is read, not estimated");
+            Ok(Switch::Host)
+        } else if share >= 1.0 { enable().map(|fd| Switch::Held { _fd: fd }) } else { Helper::spawn().map(Switch::Helper) };
         let switch = match switch {
             Ok(switch) => switch,
             Err(err) => {
@@ -143,7 +157,7 @@ impl RunStats {
     /// otherwise estimated from the cycles completed so far.
     pub fn costs(&self, read: impl FnOnce() -> [ProgramCost; PROGRAMS.len()]) -> [ProgramCost; PROGRAMS.len()] {
         match self.switch {
-            Switch::Held { .. } => read(),
+            Switch::Held { .. } | Switch::Host => read(),
             Switch::Helper(_) | Switch::Failed => self.estimate,
         }
     }

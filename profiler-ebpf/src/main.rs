@@ -1114,16 +1114,18 @@ mod programs {
         let stamped = !quota.stamp.is_null();
         let weight_q16 = if stamped { 1 << 16 } else { weight_q16 };
         let out = SwitchOut { ts_ns: now, weight_q16, tid, state, stamped: stamped as u32, _pad: 0 };
+        // A stamped thread's wait that cannot be recorded is stamped instead: it still
+        // counts, without its stacks.
         if SWITCH_OUT.insert(&task, &out, 0).is_err() {
             count(Stat::SwitchOutMapFull);
-            return;
+            return unrecorded(&quota);
         }
         let subject = Subject { kind: EVENT_SWITCH_OUT, tid, tgid, state, ts_ns: now };
         if !emit_snapshot(ctx.as_ptr(), cfg, &subject) {
             // Without its snapshot the wait cannot be attributed: forget it.
             let _ = SWITCH_OUT.remove(&task);
             count(Stat::OffCpuRingFull);
-            return;
+            return unrecorded(&quota);
         }
         // Counted only once the entry is sure to stay, so a slot is never below the
         // number of entries it covers (the switch-in decrements what it removes).

@@ -104,6 +104,12 @@ fn in_kernel_cost_is_reported() {
 #[test]
 fn in_kernel_cost_is_estimated_from_a_share_of_the_time() {
     let _host = host_alone();
+    let host_wide = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    assert_eq!(
+        host_wide.trim(),
+        "0",
+        "kernel.bpf_stats_enabled is on host-wide (bpftool or a `sysctl -w`): the agent then reads exact costs instead of estimating them, which this test checks; `sysctl -w kernel.bpf_stats_enabled=0` first"
+    );
     let (runs, time_ns, samples) = recorded_cost(&["--duration", "20s"], &["burn", "21", "2"], |agent| {
         std::thread::sleep(Duration::from_secs(3));
         let early = agent.bpf_runs();

@@ -375,7 +375,8 @@ impl ReaderState {
     /// served), or at the thread alone before it has one.
     pub(super) fn stamped_wait(&mut self, wait: &StampedWait) {
         let value = RawValue::wait(wait.elapsed_ns, 1 << 16);
-        match self.latest.get(&(wait.tid, wait.state)) {
+        // Of the same process: a thread id reused since by another is not its stack.
+        match self.latest.get(&(wait.tid, wait.state)).filter(|latest| latest.key.tgid == wait.tgid) {
             Some(latest) => {
                 let key = SampleKey { request: 0, ..latest.key };
                 let (user, kernel) = (latest.user.clone(), latest.kernel.clone());
@@ -386,7 +387,7 @@ impl ReaderState {
                 let comm = self
                     .latest
                     .iter()
-                    .find_map(|(&(tid, _), latest)| (tid == wait.tid).then_some(latest.key.comm))
+                    .find_map(|(&(tid, _), latest)| (tid == wait.tid && latest.key.tgid == wait.tgid).then_some(latest.key.comm))
                     .unwrap_or_default();
                 let key = SampleKey { tgid: wait.tgid, pid: wait.tid, state: wait.state, comm, labels: 0, request: 0 };
                 self.add(key, None, None, value);
