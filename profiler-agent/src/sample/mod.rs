@@ -1067,6 +1067,17 @@ mod tests {
         assert_eq!(samples.len(), 3, "{samples:?}");
         assert_eq!(state.losses.stamped_without_stack, 1);
         assert!(!state.latest.contains_key(&(8, sleeping)));
+
+        // Without a record, a thread's waits are named by its comm from /proc, read once.
+        let own = std::process::id();
+        state.handle(bytes(&stamped_wait(own, sleeping, 2_000_000)));
+        state.handle(bytes(&stamped_wait(own, sleeping, 3_000_000)));
+        let (samples, _) = state.take_window();
+        assert_eq!(samples.len(), 1, "{samples:?}");
+        let comm = std::fs::read_to_string(format!("/proc/{own}/task/{own}/comm")).unwrap();
+        assert_eq!(crate::symbolize::comm_name(&samples[0].key.comm), comm.trim());
+        assert!(matches!(samples[0].value, RawValue::OffCpu { ns: 5_000_000, waits: 2, .. }), "{samples:?}");
+        assert_eq!(state.losses.stamped_without_stack, 3);
     }
 
     /// A wait whose end was lost and whose thread exited is dropped and counted once it

@@ -156,14 +156,32 @@ pub(super) struct PendingWait {
     pub(super) python: Option<python::Frames>,
 }
 
+/// A thread's comm from /proc (empty when it is gone), for a wait no record named.
+fn thread_comm(tgid: u32, tid: u32) -> [u8; TASK_COMM_LEN] {
+    let mut comm = [0u8; TASK_COMM_LEN];
+    if let Ok(name) = std::fs::read(format!("/proc/{tgid}/task/{tid}/comm")) {
+        let name = name.strip_suffix(b"\n").unwrap_or(&name);
+        let len = name.len().min(TASK_COMM_LEN - 1);
+        comm[..len].copy_from_slice(&name[..len]);
+    }
+    comm
+}
+
 /// A stamped thread's latest recorded wait in one state: the stack its stamped waits in
 /// that state are shown at (see [`StampedWait`]). A long one is kept over a later short
-/// one: its own long waits are what stamped ones are.
+/// one: its own long waits are what stamped ones are. Before any record, only the key
+/// (its comm read from /proc once), without stacks.
 pub(super) struct LatestStack {
     pub(super) key: SampleKey,
     pub(super) user: Option<Addrs>,
     pub(super) kernel: Option<Addrs>,
     pub(super) long: bool,
+}
+
+impl LatestStack {
+    fn has_stack(&self) -> bool {
+        self.user.is_some() || self.kernel.is_some()
+    }
 }
 
 pub(super) enum PendingStack {
@@ -348,7 +366,8 @@ impl ReaderState {
         let long = end.elapsed_ns != 0;
         // A short wait is dropped, unless it is the first stack of a stamped thread's state.
         let latest_key = (end.tid, wait.key.state);
-        if !long && (end.stamped == 0 || self.latest.contains_key(&latest_key)) {
+        let has_stack = self.latest.get(&latest_key).is_some_and(LatestStack::has_stack);
+        if !long && (end.stamped == 0 || has_stack) {
             return;
         }
         let user = match wait.user {
@@ -375,24 +394,27 @@ impl ReaderState {
     /// served), or at the thread alone before it has one.
     pub(super) fn stamped_wait(&mut self, wait: &StampedWait) {
         let value = RawValue::wait(wait.elapsed_ns, 1 << 16);
+        let latest_key = (wait.tid, wait.state);
         // Of the same process: a thread id reused since by another is not its stack.
-        match self.latest.get(&(wait.tid, wait.state)).filter(|latest| latest.key.tgid == wait.tgid) {
-            Some(latest) => {
-                let key = SampleKey { request: 0, ..latest.key };
-                let (user, kernel) = (latest.user.clone(), latest.kernel.clone());
-                self.add(key, user, kernel, value);
-            }
-            None => {
-                self.losses.stamped_without_stack += 1;
-                let comm = self
-                    .latest
-                    .iter()
-                    .find_map(|(&(tid, _), latest)| (tid == wait.tid && latest.key.tgid == wait.tgid).then_some(latest.key.comm))
-                    .unwrap_or_default();
-                let key = SampleKey { tgid: wait.tgid, pid: wait.tid, state: wait.state, comm, labels: 0, request: 0 };
-                self.add(key, None, None, value);
-            }
+        let latest = self.latest.get(&latest_key).filter(|latest| latest.key.tgid == wait.tgid);
+        if let Some(latest) = latest.filter(|latest| latest.has_stack()) {
+            let key = SampleKey { request: 0, ..latest.key };
+            let (user, kernel) = (latest.user.clone(), latest.kernel.clone());
+            self.add(key, user, kernel, value);
+            return;
         }
+        self.losses.stamped_without_stack += 1;
+        let key = match latest {
+            Some(latest) => latest.key,
+            None => {
+                let key = SampleKey { tgid: wait.tgid, pid: wait.tid, state: wait.state, comm: thread_comm(wait.tgid, wait.tid), labels: 0, request: 0 };
+                if self.latest.len() < self.max_pending {
+                    self.latest.insert(latest_key, LatestStack { key, user: None, kernel: None, long: false });
+                }
+                key
+            }
+        };
+        self.add(key, None, None, value);
     }
 
     pub(super) fn unwind(&mut self, tgid: u32, tid: u32, ip: u64, sp: u64, bp: u64, stack: &[u8]) -> Option<Addrs> {
