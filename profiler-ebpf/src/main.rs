@@ -963,6 +963,20 @@ mod programs {
     /// after reading the arguments, one random number and two array slots.
     #[raw_tracepoint(tracepoint = "sched_switch")]
     pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
+        off_cpu::<false>(ctx)
+    }
+
+    /// The same with stamps (see [`Config::offcpu_stamp_limit`]): a build of its own,
+    /// which the agent loads where the kernel verifies it fast enough. Debian's 6.1
+    /// under the kernel matrix's emulation took over 50 s to load it, against seconds
+    /// for the build without.
+    #[raw_tracepoint(tracepoint = "sched_switch")]
+    pub fn sched_switch_stamps(ctx: RawTracePointContext) -> i32 {
+        off_cpu::<true>(ctx)
+    }
+
+    #[inline(always)]
+    fn off_cpu<const STAMPS: bool>(ctx: RawTracePointContext) -> i32 {
         let Some(cfg) = config() else { return 0 };
         let prev: u64 = ctx.arg(1);
         if cfg.offcpu_switch_in != 0 {
@@ -970,8 +984,8 @@ mod programs {
             return 0;
         }
         let next: u64 = ctx.arg(2);
-        switch_out(&ctx, cfg, prev);
-        switch_in(cfg, next);
+        switch_out::<STAMPS>(&ctx, cfg, prev);
+        switch_in::<STAMPS>(cfg, next);
         0
     }
 
@@ -1063,15 +1077,15 @@ mod programs {
     /// way, a long wait of it counts once, whole. The agent counts switches from
     /// /proc/stat, so an unrecorded one costs no counter here.
     #[inline(always)]
-    fn switch_out(ctx: &RawTracePointContext, cfg: &Config, task: u64) {
+    fn switch_out<const STAMPS: bool>(ctx: &RawTracePointContext, cfg: &Config, task: u64) {
         let Some(pending) = forget_missed_switch_in(task) else { return };
         let draw = unsafe { bpf_get_prandom_u32() };
         let threshold = sample_threshold(cfg);
         let sampled = draw <= threshold;
-        if !sampled && cfg.offcpu_thread_quota == 0 && cfg.offcpu_stamp_limit == 0 {
+        if !sampled && cfg.offcpu_thread_quota == 0 && (!STAMPS || cfg.offcpu_stamp_limit == 0) {
             return;
         }
-        let quota = thread_quota(ctx, cfg, threshold, task, pending);
+        let quota = thread_quota::<STAMPS>(ctx, cfg, threshold, task, pending);
         // Most switch-outs of a busy host end here: a frequent switcher not drawn. The
         // clock is read only past this point (it costs this VM 60 to 80 ns a read), and
         // whose switch-out this is too (a helper call): a task that is not traced (idle,
@@ -1085,7 +1099,7 @@ mod programs {
         let preempted: u64 = ctx.arg(0);
         let state = reported_state(raw_state, preempted & 0xff != 0);
         let unrecorded = |quota: &Quota| {
-            if !quota.stamp.is_null() {
+            if STAMPS && !quota.stamp.is_null() {
                 stamp(unsafe { &mut *quota.stamp }, pending, tid, tgid, state, now);
             }
         };
@@ -1111,7 +1125,7 @@ mod programs {
             }
             None => return unrecorded(&quota),
         };
-        let stamped = !quota.stamp.is_null();
+        let stamped = STAMPS && !quota.stamp.is_null();
         let weight_q16 = if stamped { 1 << 16 } else { weight_q16 };
         let out = SwitchOut { ts_ns: now, weight_q16, tid, state, stamped: stamped as u32, _pad: 0 };
         // A stamped thread's wait that cannot be recorded is stamped instead: it still
@@ -1221,8 +1235,11 @@ mod programs {
     /// at the stamp limit has the switch-out stamped while a long wait of it was found
     /// lately, and for [`STAMP_PROBES`] of its switch-outs an epoch otherwise.
     #[inline(always)]
-    fn thread_quota(ctx: &RawTracePointContext, cfg: &Config, sample_threshold: u32, task: u64, pending: *mut u64) -> Quota {
+    fn thread_quota<const STAMPS: bool>(ctx: &RawTracePointContext, cfg: &Config, sample_threshold: u32, task: u64, pending: *mut u64) -> Quota {
         let quota = cfg.offcpu_thread_quota;
+        if !STAMPS && quota == 0 {
+            return NO_QUOTA;
+        }
         let Some(slot) = THREAD_QUOTA.get_ptr_mut(thread_quota_slot(task)) else { return NO_QUOTA };
         let slot_ptr = slot;
         let slot = unsafe { &mut *slot };
@@ -1231,12 +1248,12 @@ mod programs {
         let epoch = quota_epoch(unsafe { bpf_jiffies64() }, cfg.offcpu_quota_epoch_factor);
         let tag = thread_quota_tag(task);
         if slot.tag != tag {
-            if slot.stamp_out_ns != 0 {
+            if STAMPS && slot.stamp_out_ns != 0 {
                 return NO_QUOTA;
             }
             *slot = ThreadQuota { tag, epoch, stamp_until: epoch.wrapping_sub(1), ..ThreadQuota::default() };
         } else {
-            if slot.stamp_out_ns != 0 {
+            if STAMPS && slot.stamp_out_ns != 0 {
                 // Its own stamp, whose switch-in the kernel did not report.
                 slot.stamp_out_ns = 0;
                 atomic_add(pending, PENDING_STAMP.wrapping_neg());
@@ -1255,7 +1272,7 @@ mod programs {
             let shift = runnable_shift(ctx);
             return Quota { own: u32::MAX >> shift, own_weight_q16: 1 << (16 + shift), stamp: core::ptr::null_mut() };
         }
-        let stamp = if n > cfg.offcpu_stamp_limit {
+        let stamp = if !STAMPS || n > cfg.offcpu_stamp_limit {
             core::ptr::null_mut()
         } else if slot.stamp_until.wrapping_sub(epoch) as i16 >= 0 {
             slot_ptr
@@ -1330,23 +1347,23 @@ mod programs {
 
     /// The switch-in of `task` (`next`): the end of its recorded wait, or of its stamped one.
     #[inline(always)]
-    fn switch_in(cfg: &Config, task: u64) {
+    fn switch_in<const STAMPS: bool>(cfg: &Config, task: u64) {
         let Some(pending) = PENDING.get_ptr_mut(pending_slot(task)) else { return };
         let in_flight = unsafe { core::ptr::read_volatile(pending) };
         if in_flight == 0 {
             return;
         }
-        if in_flight & RECORDS_PENDING != 0 && recorded_switch_in(cfg, task, pending) {
+        if in_flight & RECORDS_PENDING != 0 && recorded_switch_in::<STAMPS>(cfg, task, pending) {
             return;
         }
-        if in_flight >= PENDING_STAMP {
+        if STAMPS && in_flight >= PENDING_STAMP {
             stamped_switch_in(cfg, task, pending);
         }
     }
 
     /// Ends the task's recorded wait, if it has one.
     #[inline(always)]
-    fn recorded_switch_in(cfg: &Config, task: u64, pending: *mut u64) -> bool {
+    fn recorded_switch_in<const STAMPS: bool>(cfg: &Config, task: u64, pending: *mut u64) -> bool {
         let Some(out) = (unsafe { SWITCH_OUT.get(&task) }) else {
             return false;
         };
@@ -1361,12 +1378,14 @@ mod programs {
         if elapsed < cfg.offcpu_min_ns {
             count(Stat::OffCpuBelowMin);
             elapsed = 0;
-        } else if let Some(slot) = THREAD_QUOTA.get_ptr_mut(thread_quota_slot(task)) {
+        } else if STAMPS {
             // A long wait found by a record: the thread's switch-outs are stamped from now
             // on, when within the limit.
-            let slot = unsafe { &mut *slot };
-            if slot.tag == thread_quota_tag(task) {
-                slot.stamp_until = stamp_until(cfg);
+            if let Some(slot) = THREAD_QUOTA.get_ptr_mut(thread_quota_slot(task)) {
+                let slot = unsafe { &mut *slot };
+                if slot.tag == thread_quota_tag(task) {
+                    slot.stamp_until = stamp_until(cfg);
+                }
             }
         }
         let end = WaitEnd {
