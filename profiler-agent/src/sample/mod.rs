@@ -303,6 +303,9 @@ pub struct Sampler {
     perf_links: Vec<PerfEventLinkId>,
     off_cpu_link: Option<RawTracePointLinkId>,
     off_cpu_loaded: bool,
+    /// Whether stamps may be on: the build with them loaded, the switch-out path, and a
+    /// floor of at least [`STAMPS_MIN_BLOCK`].
+    stamps: bool,
     /// The switch-in program's link while that path is on; why it cannot be, once tried.
     switch_in_link: Option<KProbeLinkId>,
     switch_in_unavailable: Option<String>,
@@ -428,6 +431,7 @@ impl Sampler {
             perf_links: Vec::new(),
             off_cpu_link: None,
             off_cpu_loaded: false,
+            stamps: false,
             switch_in_link: None,
             switch_in_unavailable: None,
             run_stats: None,
@@ -527,8 +531,9 @@ impl Sampler {
                 self.config.offcpu_burst_quota = off.burst_quota;
                 self.config.offcpu_thread_quota = off.thread_quota;
                 // The switch-in path measures every wait already; the build without stamps
-                // has none.
-                self.config.offcpu_stamp_limit = if switch_in || name != STAMPS_PROGRAM { 0 } else { off.stamp_limit };
+                // has none; under the floor, a stamped thread's every wait would be a record.
+                self.stamps = !switch_in && name == STAMPS_PROGRAM && off.min_block >= STAMPS_MIN_BLOCK;
+                self.config.offcpu_stamp_limit = if self.stamps { off.stamp_limit } else { 0 };
                 self.config.kernel_stack_reuses = off.kernel_stack_reuses;
                 self.config_map.set(0, self.config, 0)?;
                 if self.off_cpu_link.is_none() {
@@ -652,7 +657,7 @@ impl Sampler {
         let threshold = sampling_threshold(probability)?;
         self.config.offcpu_sample_threshold = threshold;
         self.config.offcpu_thread_quota = thread_quota;
-        if self.config.offcpu_switch_in == 0 {
+        if self.stamps {
             self.config.offcpu_stamp_limit = stamp_limit;
         }
         self.config_map.set(0, self.config, 0)?;
@@ -811,6 +816,12 @@ const SWITCH_IN_SINCE: (u32, u32) = (6, 12);
 /// 48 s), where the build without stamps loads in seconds; 6.12 and this host's 6.18 load
 /// it as fast as the other. Older kernels get `sched_switch`, without stamps.
 const STAMPS_PROGRAM: &str = "sched_switch_stamps";
+/// The lowest `min_block` stamps run with. A stamped wait of at least `min_block` is a
+/// record without stacks, and stamps are for the rare long waits of a thread that
+/// switches thousands of times a second: with a floor of zero every wait of it is one (the
+/// fault tests' ping-pong at `--off-cpu-min-block 0s` filled the ring buffer with them
+/// and lost a third of its waits).
+const STAMPS_MIN_BLOCK: Duration = Duration::from_millis(1);
 const STAMPS_SINCE: (u32, u32) = (6, 12);
 
 /// The off-CPU program to load on a kernel of this release.
