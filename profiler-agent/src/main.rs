@@ -152,7 +152,7 @@ struct RecordArgs {
     /// 100 ms, and had a wait of --off-cpu-min-block or more lately, has its switch-outs
     /// stamped: each notes when it left (two clock reads a switch), so every long wait of
     /// it is counted whole, shown at the stack of its latest recorded wait. Above it,
-    /// waits are only sampled. Rate control lowers it when stamps would take over 4/10 of
+    /// waits are only sampled. Rate control lowers it when stamps would take over half of
     /// --off-cpu-cpu-budget. 0: no stamps.
     #[arg(long, default_value_t = OffCpuOptions::default().stamp_limit)]
     off_cpu_stamp_limit: u32,

@@ -147,7 +147,7 @@ pub struct OffCpuOptions {
     /// A thread over `thread_quota` that switched out at most this many times in the
     /// last 100 ms has its switch-outs stamped once a long wait of it was found (see
     /// `Config::offcpu_stamp_limit`): each of its long waits then counts whole. 0: none.
-    /// Rate control lowers it when stamps would take more than 4/10 of the budget.
+    /// Rate control lowers it when stamps would take more than half of the CPU budget.
     pub stamp_limit: u32,
     /// How many switch-outs in a row of one thread from the same place (system call,
     /// user code address and stack pointer, state) take the kernel stack walked for the
@@ -180,7 +180,8 @@ pub const DEFAULT_THREAD_QUOTA: u32 = 20;
 /// 2,500 switch-outs per 100 ms: a thread switching up to 25,000 times a second (the
 /// windows bench's disk syncer, about 16,000) can have its long waits counted whole.
 /// Stamps cost about 150 ns a switch-out on this project's VMs (two clock reads): one
-/// such thread at the limit takes 3.8 ms/s, within the default budget's 5.
+/// such thread at the limit takes 3.8 ms/s, over the stamps' half of the default 5 ms/s,
+/// and rate control then lowers the limit; the syncer takes about 2.1.
 pub const DEFAULT_STAMP_LIMIT: u32 = 2_500;
 
 /// At most 15 switch-outs from one place take the stack walked before them, the 16th
@@ -812,8 +813,8 @@ const SWITCH_IN_SINCE: (u32, u32) = (6, 12);
 
 /// The off-CPU program's build with stamps (see `OffCpuOptions::stamp_limit`), and the
 /// oldest kernel release it is loaded on. Debian's 6.1 under the kernel matrix's
-/// emulation took over 50 s to verify it (no boot of five started recording within its
-/// 48 s), where the build without stamps loads in seconds; 6.12 and this host's 6.18 load
+/// emulation took over 50 s to verify it (seven boots of nine never started recording
+/// within its 48 s), where the build without stamps loads in seconds; 6.12 and this host's 6.18 load
 /// it as fast as the other. Older kernels get `sched_switch`, without stamps.
 const STAMPS_PROGRAM: &str = "sched_switch_stamps";
 /// The lowest `min_block` stamps run with. A stamped wait of at least `min_block` is a
@@ -826,10 +827,18 @@ const STAMPS_SINCE: (u32, u32) = (6, 12);
 
 /// The off-CPU program to load on a kernel of this release.
 fn off_cpu_program(release: &str) -> &'static str {
+    match release_version(release) {
+        Some(version) if version >= STAMPS_SINCE => STAMPS_PROGRAM,
+        _ => "sched_switch",
+    }
+}
+
+/// (major, minor) of a kernel release string, None when it does not start with them.
+fn release_version(release: &str) -> Option<(u32, u32)> {
     let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(str::parse::<u32>);
     match (numbers.next(), numbers.next()) {
-        (Some(Ok(major)), Some(Ok(minor))) if (major, minor) >= STAMPS_SINCE => STAMPS_PROGRAM,
-        _ => "sched_switch",
+        (Some(Ok(major)), Some(Ok(minor))) => Some((major, minor)),
+        _ => None,
     }
 }
 
@@ -840,10 +849,8 @@ fn kernel_release() -> String {
 
 /// Why `auto` keeps off the switch-in kprobe on a kernel of this release, if it does.
 fn switch_in_refused(release: &str) -> Option<String> {
-    let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(str::parse::<u32>);
-    let version = match (numbers.next(), numbers.next()) {
-        (Some(Ok(major)), Some(Ok(minor))) => (major, minor),
-        _ => return Some(format!("kernel release {release:?} not understood")),
+    let Some(version) = release_version(release) else {
+        return Some(format!("kernel release {release:?} not understood"));
     };
     (version < SWITCH_IN_SINCE).then(|| {
         format!(
